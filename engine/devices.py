@@ -1,0 +1,100 @@
+"""Device and dtype selection: DirectML, then CUDA, then MPS, then CPU."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.errors import DeviceUnavailable, InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "directml", "mps")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    kind: str  # cpu | cuda | directml | mps
+    device: torch.device
+    name: str
+    reason: str
+
+
+def _directml() -> DeviceInfo | None:
+    try:
+        import torch_directml  # type: ignore[import-not-found]
+    except Exception as exc:  # ImportError, or a DLL load failure on Windows
+        logger.debug("torch_directml not usable: %s", exc)
+        return None
+    try:
+        if torch_directml.device_count() < 1:
+            return None
+        dev = torch_directml.device()
+        return DeviceInfo("directml", dev, torch_directml.device_name(0), "torch_directml reports a device")
+    except Exception as exc:
+        logger.warning("torch_directml imported but has no usable device: %s", exc)
+        return None
+
+
+def _cuda() -> DeviceInfo | None:
+    if torch.cuda.is_available():
+        return DeviceInfo("cuda", torch.device("cuda"), torch.cuda.get_device_name(0), "torch.cuda.is_available()")
+    return None
+
+
+def _mps() -> DeviceInfo | None:
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return DeviceInfo("mps", torch.device("mps"), "Apple GPU", "torch.backends.mps.is_available()")
+    return None
+
+
+def _cpu() -> DeviceInfo:
+    import platform
+
+    return DeviceInfo("cpu", torch.device("cpu"), platform.processor() or platform.machine(), "no GPU backend found")
+
+
+_PROBES = {"directml": _directml, "cuda": _cuda, "mps": _mps}
+
+
+def resolve_device(name: str = "auto") -> DeviceInfo:
+    """Pick a device. ``auto`` tries DirectML, CUDA, MPS, then CPU and logs the choice."""
+    name = (name or "auto").lower()
+    if name not in DEVICE_CHOICES:
+        raise InvalidRequest(f"unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+    if name == "cpu":
+        info = DeviceInfo("cpu", torch.device("cpu"), _cpu().name, "asked for")
+    elif name == "auto":
+        info = _cpu()
+        for probe in (_directml, _cuda, _mps):
+            found = probe()
+            if found is not None:
+                info = found
+                break
+    else:
+        info = _PROBES[name]()
+        if info is None:
+            hint = {
+                "directml": "install the directml extra on Windows: pip install helix-desktop[directml]",
+                "cuda": "install a CUDA build of torch and an NVIDIA driver",
+                "mps": "MPS needs Apple silicon with macOS 12.3+",
+            }[name]
+            raise DeviceUnavailable(f"device {name!r} is not available on this machine ({hint}); use --device auto or cpu")
+    logger.info("device: %s (%s) - %s", info.kind, info.name, info.reason)
+    return info
+
+
+def resolve_dtype(dtype: str | None, device: DeviceInfo) -> torch.dtype:
+    """float16 on GPUs and DirectML, float32 on CPU, unless overridden."""
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.kind == "cpu" else torch.float16
+    if dtype not in DTYPES:
+        raise InvalidRequest(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

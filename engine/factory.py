@@ -1,0 +1,42 @@
+"""Build an engine from an :class:`EngineConfig`: device, models, tokenizer check, warm-up."""
+
+from __future__ import annotations
+
+import logging
+
+from engine.config import EngineConfig
+from engine.devices import dtype_name, resolve_device, resolve_dtype
+from engine.llm_engine import LLMEngine
+from engine.loader import Progress, check_tokenizers_compatible, load_model
+
+logger = logging.getLogger(__name__)
+
+
+def build_engine(config: EngineConfig, progress: Progress | None = None, warmup: bool = True) -> LLMEngine:
+    """Load target (and draft) and return a ready engine. Raises HelixError subclasses."""
+    report = progress or (lambda stage, frac: None)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    share = 0.5 if config.draft else 0.9
+
+    def scaled(offset: float):
+        return lambda stage, frac: report(stage, offset + share * frac)
+
+    target = load_model(config.target, device, dtype, "target", scaled(0.0), config.attn_implementation,
+                        config.trust_remote_code)
+    draft = None
+    if config.draft:
+        draft = load_model(config.draft, device, dtype, "draft", scaled(0.45), config.attn_implementation,
+                           config.trust_remote_code)
+        check_tokenizers_compatible(target.tokenizer, draft.tokenizer)
+    max_ctx = target.max_context if draft is None else min(target.max_context, draft.max_context)
+    report("allocating KV cache", 0.92)
+    engine = LLMEngine(target.model, target.tokenizer, draft.model if draft else None, config, max_ctx,
+                       device.kind, (target.name, draft.name if draft else None))
+    engine.device_name = device.name
+    engine.dtype_name = dtype_name(dtype)
+    if warmup:
+        report("warming up", 0.95)
+        engine.warmup()
+    report("ready", 1.0)
+    return engine

@@ -1,0 +1,409 @@
+"""The engine: requests in, token events out, one ``step()`` at a time.
+
+A step either prefills the newly admitted requests (one batched forward per model) or
+advances every running request by one decode step: plain rows take one target token,
+speculative rows take K draft proposals (batched across rows) and one batched target
+verification. Rows of both kinds share the same target forward pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+
+import torch
+
+from engine import cleanup
+from engine.adaptive import best_k
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, SamplingParams
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import EngineStopped, InvalidRequest, KVCacheExhausted, PromptTooLong, QueueFull
+from engine.kv_pool import KVPool, KVShape, num_blocks_for
+from engine.model_runner import ModelRunner, RowInput
+from engine.rejection import verify_greedy, verify_sampled
+from engine.sampler import probs_from_logits, sample, top_logprobs
+from engine.scheduler import Scheduler
+from engine.sequence import FinishEvent, Request, Status, TokenEvent
+from engine.stats import SpecDecodingStats
+
+logger = logging.getLogger(__name__)
+
+EMA = 0.9
+
+
+class LLMEngine:
+    """Synchronous core. Thread-safe entry points: ``add_request`` and ``abort``."""
+
+    def __init__(self, target_model, tokenizer, draft_model=None, config: EngineConfig | None = None,
+                 max_context: int | None = None, device_kind: str = "cpu", names: tuple[str, str | None] = ("target", None)):
+        self.config = config or EngineConfig(target="<in-memory>", draft=None)
+        self.tokenizer = tokenizer
+        self.device_kind = device_kind
+        self.target_name, self.draft_name = names
+        self.max_context = max_context or getattr(target_model.config, "max_position_embeddings", 2048)
+        self.vocab_size = len(tokenizer)
+        self.eos_ids = self._eos_ids(target_model)
+        self.target = self._runner(target_model)
+        self.draft = self._runner(draft_model) if draft_model is not None else None
+        self.scheduler = Scheduler(self.target, self.draft, self.config.max_running, self.config.max_waiting,
+                                   lookahead=8)
+        self.spec_stats = SpecDecodingStats()
+        self.requests_served = 0
+        self.tokens_generated = 0
+        self._recent_tokens: deque[tuple[float, int]] = deque()
+        self._seq_ids = itertools.count()
+        self._lock = threading.Lock()
+        self._inbox: deque[Request] = deque()
+        self._aborts: set[str] = set()
+        self._live: dict[str, Request] = {}
+        self.fault_hook = None  # tests inject device faults here: callable(stage, rows)
+        # step-time model for adaptive K (single target step = 1): measured by warm-up and each step
+        self.t_target1 = 0.0
+        self.draft_cost = 0.1
+        self.verify_cost = 0.1
+        self.alpha_prior = 0.6
+        self.stopped = False
+        self.device_name = device_kind
+        self.dtype_name = str(next(target_model.parameters()).dtype).removeprefix("torch.")
+
+    # ------------------------------------------------------------------ setup
+    def _eos_ids(self, model) -> set[int]:
+        ids = set()
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        for e in (eos if isinstance(eos, list) else [eos]):
+            if e is not None:
+                ids.add(int(e))
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    def _runner(self, model) -> ModelRunner:
+        param = next(model.parameters())
+        shape = KVShape.from_config(model.config)
+        n_blocks = num_blocks_for(shape, param.dtype, param.device, self.config.block_size,
+                                  self.config.kv_cache_tokens, self.config.kv_cache_memory_fraction)
+        pool = KVPool(n_blocks, self.config.block_size, shape, param.dtype, param.device)
+        return ModelRunner(model, pool, BlockManager(n_blocks, self.config.block_size), self.vocab_size)
+
+    @property
+    def has_draft(self) -> bool:
+        return self.draft is not None
+
+    def warmup(self) -> None:
+        """Run a few steps on a dummy sequence: loads kernels and measures step costs for adaptive K."""
+        ids = list(range(1, 9))
+        sid = -1
+
+        def timed(runner: ModelRunner, toks: list[int], reps: int = 3) -> float:
+            best = float("inf")
+            for _ in range(reps):
+                runner.forward([RowInput(sid, ids)])
+                t0 = time.perf_counter()
+                runner.forward([RowInput(sid, toks, len(toks))])
+                best = min(best, time.perf_counter() - t0)
+                runner.free(sid)
+            return best
+
+        t1 = timed(self.target, [1])
+        t5 = timed(self.target, [1, 2, 3, 4, 5])
+        self.t_target1 = t1
+        self.verify_cost = max(0.0, (t5 / t1 - 1.0) / 4.0)
+        if self.draft is not None:
+            self.draft_cost = timed(self.draft, [1]) / t1
+        logger.info("warm-up: target step %.2f ms, draft/target cost %.3f, verify cost per token %.3f",
+                    t1 * 1e3, self.draft_cost, self.verify_cost)
+
+    def recommended_k(self) -> tuple[int, float]:
+        return best_k(self.alpha_prior, self.draft_cost, self.verify_cost)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, sink=None) -> Request:
+        """Queue a request. Raises InvalidRequest / PromptTooLong / QueueFull / EngineStopped."""
+        if self.stopped:
+            raise EngineStopped("the engine is shutting down")
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InvalidRequest("prompt must be a non-empty string")
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            prompt_ids = [int(t) for t in prompt]
+        if not prompt_ids:
+            raise InvalidRequest("prompt must contain at least one token")
+        if any(not 0 <= t < self.vocab_size for t in prompt_ids):
+            raise InvalidRequest(f"prompt token ids must be in 0..{self.vocab_size - 1}")
+        if len(prompt_ids) >= self.max_context:
+            raise PromptTooLong(
+                f"prompt is {len(prompt_ids)} tokens; this model's context is {self.max_context} tokens "
+                f"(prompt + generated). Shorten the prompt to under {self.max_context} tokens."
+            )
+        req = Request(
+            request_id=request_id or uuid.uuid4().hex[:12],
+            seq_id=next(self._seq_ids),
+            prompt_ids=prompt_ids,
+            params=params,
+            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
+            sink=sink,
+            use_draft=self.draft is not None and params.speculative,
+        )
+        if not self.scheduler.fits_alone(req):
+            raise PromptTooLong(f"prompt of {len(prompt_ids)} tokens does not fit the KV cache; raise the KV budget")
+        with self._lock:
+            if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
+                raise QueueFull(f"the queue is full ({self.config.max_waiting} waiting requests); retry shortly")
+            self._inbox.append(req)
+            self._live[req.request_id] = req
+        logger.debug("[%s] queued: %d prompt tokens, %s", req.request_id, len(prompt_ids), params)
+        return req
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; it finishes with reason ``cancelled`` at the next step."""
+        with self._lock:
+            self._aborts.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._inbox or self._aborts or len(self.scheduler))
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._inbox)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> None:
+        """Advance: cancellations, then a prefill step if anyone was admitted, else a decode step."""
+        with self._lock:
+            while self._inbox:
+                self.scheduler.waiting.append(self._inbox.popleft())
+            aborts, self._aborts = self._aborts, set()
+        for rid in aborts:
+            req = self._live.get(rid)
+            if req is not None and req.status is not Status.FINISHED:
+                self._finish(req, "cancelled")
+        self._fail_unfittable()
+        admitted = self.scheduler.admit()
+        if admitted:
+            self._guarded(admitted, self._prefill)
+        elif self.scheduler.running:
+            rows = list(self.scheduler.running)
+            self._guarded(rows, self._decode)
+
+    def _fail_unfittable(self) -> None:
+        if not self.scheduler.running and self.scheduler.waiting:
+            head = self.scheduler.waiting[0]
+            if not self.scheduler.fits_alone(head):
+                self._finish(head, "error", "the request no longer fits the KV cache; raise the KV budget")
+
+    def _guarded(self, reqs: list[Request], fn) -> None:
+        """Run a step; a device OOM or unexpected error fails only these requests."""
+        try:
+            fn(reqs)
+        except Exception as exc:
+            oom = cleanup.is_out_of_memory(exc)
+            logger.error("step failed for %s: %s", [r.request_id for r in reqs], exc, exc_info=not oom)
+            cleanup.cleanup_memory(self.target.device)
+            msg = ("device out of memory: lower max_new_tokens or batch size, or use a smaller model"
+                   if oom else f"internal error: {type(exc).__name__}: {exc}")
+            for req in reqs:
+                if req.status is not Status.FINISHED:
+                    self._finish(req, "error", msg)
+
+    def _fault(self, stage: str, reqs: list[Request]) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(stage, reqs)
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        self._fault("prefill", reqs)
+        runners = [(self.target, reqs)]
+        if self.draft is not None:
+            runners.append((self.draft, [r for r in reqs if r.use_draft]))
+        target_logits = None
+        for runner, group in runners:
+            if not group:
+                continue
+            rows = []
+            for req in group:
+                ids = req.all_ids[:-1] if req.output_ids else req.prompt_ids
+                if req.seq_id not in runner.blocks.tables:
+                    runner.blocks.allocate(req.seq_id)
+                    cached = runner.blocks.match_prefix(req.seq_id, ids)
+                    if runner is self.target and not req.output_ids:
+                        req.stats.num_cached_prompt_tokens = cached
+                rows.append(RowInput(req.seq_id, ids[runner.cached_len(req.seq_id):], 1))
+            logits = runner.forward(rows)
+            for req in group:
+                runner.blocks.register_prefix(req.seq_id, req.prompt_ids)
+            if runner is self.target:
+                target_logits = logits
+        for req, logits in zip(reqs, target_logits):
+            if not req.output_ids:  # fresh request: its first token comes from the prompt's last logits
+                self._emit(req, [self._sample_plain(req, logits[-1])], [logits[-1]], "target")
+
+    def _sample_plain(self, req: Request, logits: torch.Tensor) -> int:
+        if req.params.greedy:
+            return int(logits.argmax())
+        return sample(probs_from_logits(logits, req.params), req.generator)
+
+    def _choose_k(self, req: Request) -> int:
+        if not req.use_draft or self.draft is None:
+            return 0
+        if req.params.num_draft_tokens is not None:
+            k = req.params.num_draft_tokens
+        else:
+            k = req.adaptive.choose(self.alpha_prior, self.draft_cost, self.verify_cost)
+            if k == 0:
+                logger.info("[%s] adaptive K: speculation predicted not to pay, switching to plain", req.request_id)
+                req.use_draft = False
+                self.draft.free(req.seq_id)
+                return 0
+        room = min(req.remaining - 1, self.max_context - req.num_tokens - 1)
+        return max(0, min(k, room))
+
+    def _make_room(self, plan: dict[Request, int]) -> dict[Request, int]:
+        """Preempt newest requests until this step's writes fit the KV pools."""
+        while True:
+            need_t = sum(self.target.blocks_for(r.seq_id, r.num_tokens - self.target.cached_len(r.seq_id) + k)
+                         for r, k in plan.items())
+            need_d = sum(self.draft.blocks_for(r.seq_id, r.num_tokens - self.draft.cached_len(r.seq_id) + k)
+                         for r, k in plan.items() if k > 0) if self.draft is not None else 0
+            fits = need_t <= self.target.blocks.num_free and (
+                self.draft is None or need_d <= self.draft.blocks.num_free)
+            if fits:
+                return plan
+            victim = self.scheduler.preempt_newest()
+            if victim is None:
+                raise KVCacheExhausted("the KV cache is full even for this request alone; raise the KV budget")
+            logger.info("[%s] preempted: KV cache full", victim.request_id)
+            plan.pop(victim, None)
+
+    def _decode(self, reqs: list[Request]) -> None:
+        plan = self._make_room({r: self._choose_k(r) for r in reqs})
+        self._fault("decode", list(plan))
+        spec = [r for r, k in plan.items() if k > 0]
+        drafts: dict[Request, list[int]] = {r: [] for r in spec}
+        draft_probs: dict[Request, list[torch.Tensor]] = {r: [] for r in spec}
+        t0 = time.perf_counter()
+        for j in range(max((plan[r] for r in spec), default=0)):
+            active = [r for r in spec if plan[r] > j]
+            rows = []
+            for r in active:
+                feed = r.all_ids[self.draft.cached_len(r.seq_id):] if j == 0 else [drafts[r][-1]]
+                rows.append(RowInput(r.seq_id, feed, 1))
+            for r, logits in zip(active, self.draft.forward(rows)):
+                q = probs_from_logits(logits[-1], r.params)
+                tok = int(q.argmax()) if r.params.greedy else sample(q, r.generator)
+                drafts[r].append(tok)
+                draft_probs[r].append(q)
+        t_draft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        rows = [RowInput(r.seq_id, r.all_ids[self.target.cached_len(r.seq_id):] + drafts.get(r, []), plan[r] + 1)
+                for r in plan]
+        target_logits = self.target.forward(rows)
+        t_target = time.perf_counter() - t1
+        self._observe_times(plan, t_draft, t_target)
+        share = 1.0 / max(1, len(plan))
+        for r, logits in zip(plan, target_logits):
+            k = plan[r]
+            if k == 0:
+                self._emit(r, [self._sample_plain(r, logits[-1])], [logits[-1]], "target")
+                continue
+            if r.params.greedy:
+                accepted, nxt = verify_greedy(drafts[r], logits)
+            else:
+                p = probs_from_logits(logits, r.params)
+                accepted, nxt = verify_sampled(drafts[r], torch.stack(draft_probs[r]), p, r.generator)
+            n = r.num_tokens
+            r.stats.observe_draft(k, accepted)
+            r.stats.draft_time_s += t_draft * share
+            r.stats.target_time_s += t_target * share
+            self.spec_stats.observe_draft(k, accepted)
+            r.adaptive.observe(k, accepted)
+            self.alpha_prior = EMA * self.alpha_prior + (1 - EMA) * r.adaptive.alpha(self.alpha_prior)
+            self.target.truncate(r.seq_id, n + accepted)
+            self.draft.truncate(r.seq_id, min(n + accepted, n + k - 1))
+            tokens = drafts[r][:accepted] + [nxt]
+            sources = ["draft"] * accepted + ["target" if accepted < k else "bonus"]
+            self._emit(r, tokens, [logits[i] for i in range(accepted + 1)], sources)
+        self.spec_stats.draft_time_s += t_draft
+        self.spec_stats.target_time_s += t_target
+
+    def _observe_times(self, plan: dict[Request, int], t_draft: float, t_target: float) -> None:
+        kmax = max(plan.values())
+        if kmax == 0:
+            self.t_target1 = EMA * self.t_target1 + (1 - EMA) * t_target if self.t_target1 else t_target
+        elif self.t_target1 > 0:
+            self.draft_cost = EMA * self.draft_cost + (1 - EMA) * (t_draft / kmax / self.t_target1)
+            self.verify_cost = EMA * self.verify_cost + (1 - EMA) * max(0.0, (t_target / self.t_target1 - 1) / kmax)
+
+    # ------------------------------------------------------------------ output
+    def _emit(self, req: Request, tokens: list[int], logits: list[torch.Tensor], sources) -> None:
+        if isinstance(sources, str):
+            sources = [sources] * len(tokens)
+        now = time.perf_counter()
+        for tok, row_logits, source in zip(tokens, logits, sources):
+            if req.status is Status.FINISHED:
+                return
+            req.output_ids.append(tok)
+            req.stats.num_generated_tokens += 1
+            self.tokens_generated += 1
+            self._recent_tokens.append((now, 1))
+            if req.stats.ttft_s is None:
+                req.stats.ttft_s = now - req.arrival
+            is_eos = tok in self.eos_ids and not req.params.ignore_eos
+            text = "" if is_eos else req.detok.add(tok)
+            lp = top = None
+            if req.params.logprobs is not None:
+                lp, top = top_logprobs(row_logits, tok, req.params.logprobs)
+            req.emit(TokenEvent(req.request_id, tok, text, len(req.output_ids) - 1, source, now - req.arrival, lp, top))
+            if is_eos:
+                self._finish(req, "eos")
+            elif req.detok.stopped:
+                self._finish(req, "stop")
+            elif req.remaining <= 0 or req.num_tokens >= self.max_context:
+                self._finish(req, "length")
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        self.scheduler.remove(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.error = error
+        req.stats.total_s = time.perf_counter() - req.arrival
+        tail = req.detok.flush() if reason != "stop" else ""
+        self._live.pop(req.request_id, None)
+        self.requests_served += 1
+        if error:
+            logger.warning("[%s] finished with error: %s", req.request_id, error)
+        else:
+            logger.info("[%s] finished (%s): %d tokens, %.1f tok/s, acceptance %.2f", req.request_id, reason,
+                        req.stats.num_generated_tokens, req.stats.tokens_per_second, req.stats.acceptance_rate)
+        req.emit(FinishEvent(req.request_id, reason, req.detok.text, list(req.output_ids), req.stats, error, tail))
+
+    # ------------------------------------------------------------------ sync helpers
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> FinishEvent:
+        """Run one request to completion on the calling thread (tests, CLI, bench)."""
+        done: list[FinishEvent] = []
+        req = self.add_request(prompt, params, sink=lambda ev: done.append(ev) if isinstance(ev, FinishEvent) else None)
+        while not done:
+            self.step()
+        assert req.status is Status.FINISHED
+        return done[0]
+
+    def tokens_per_second_recent(self, window_s: float = 60.0) -> float:
+        now = time.perf_counter()
+        while self._recent_tokens and self._recent_tokens[0][0] < now - window_s:
+            self._recent_tokens.popleft()
+        if not self._recent_tokens:
+            return 0.0
+        span = max(1.0, now - self._recent_tokens[0][0]) if len(self._recent_tokens) > 1 else window_s
+        return sum(n for _, n in self._recent_tokens) / min(window_s, span)

@@ -1,0 +1,150 @@
+"""Loading models and tokenizers (local folder or hub id) with errors a user can act on."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.devices import DeviceInfo
+from engine.errors import ModelLoadError, TokenizerMismatch
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    max_context: int
+
+
+def _is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", "0"
+    ) not in ("0", "", "false")
+
+
+def _resolve_source(name: str) -> tuple[str, bool]:
+    """Return (path or hub id, is_local). A path that looks local but is missing is an error."""
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"model path '{name}' is a file; give the folder that holds config.json")
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(
+                f"model folder '{name}' has no config.json; give a Hugging Face model folder "
+                "(config.json, tokenizer files and *.safetensors)"
+            )
+        return str(p), True
+    is_hub_id = (
+        name.count("/") <= 1
+        and "\\" not in name
+        and not name.startswith((".", "/", "~"))
+        and not (len(name) > 1 and name[1] == ":")
+    )
+    if not is_hub_id:
+        raise ModelLoadError(f"model folder '{name}' does not exist; check the path")
+    return name, False
+
+
+def max_context_of(config) -> int:
+    """Longest sequence the paged cache serves correctly for this model.
+
+    Our attention mask is full causal, so a sliding-window model is limited to its window
+    (beyond it the model would attend differently): a clear limit, never wrong output.
+    """
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True):
+        limit = min(limit, int(window))
+    return int(limit)
+
+
+def load_model(
+    name: str, device: DeviceInfo, dtype: torch.dtype, role: str = "target",
+    progress: Progress | None = None, attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load tokenizer + causal LM; raise :class:`ModelLoadError` with the fix on failure."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, local = _resolve_source(name)
+    report = progress or (lambda stage, frac: None)
+    kw = {"trust_remote_code": trust_remote_code}
+    if not local and _is_offline():
+        kw["local_files_only"] = True
+    report(f"{role}: reading config", 0.0)
+    try:
+        config = AutoConfig.from_pretrained(source, **kw)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        if local:
+            raise ModelLoadError(f"{role} model '{name}': config.json is unreadable ({exc})") from exc
+        raise ModelLoadError(
+            f"{role} model '{name}' is not a local folder and could not be fetched from the Hugging Face hub "
+            f"or found in its local cache. Download it while online with `hf download {name}` "
+            "(or `huggingface-cli download`), or give a local folder."
+        ) from exc
+    report(f"{role}: loading tokenizer", 0.2)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    except Exception as exc:
+        raise ModelLoadError(f"{role} model '{name}': tokenizer could not be loaded ({exc})") from exc
+    report(f"{role}: loading weights", 0.4)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation, **kw
+        )
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc) or "not a causal" in str(exc).lower():
+            raise ModelLoadError(
+                f"{role} model '{name}' ({config.model_type}) is not a causal language model; "
+                "Helix needs a text-generation model (AutoModelForCausalLM)"
+            ) from exc
+        raise ModelLoadError(f"{role} model '{name}' could not be loaded: {exc}") from exc
+    except Exception as exc:  # corrupt safetensors, missing shards, out of memory...
+        raise ModelLoadError(f"{role} model '{name}' could not be loaded: {type(exc).__name__}: {exc}") from exc
+    report(f"{role}: moving to {device.kind}", 0.8)
+    model.to(device.device)
+    model.eval()
+    report(f"{role}: ready", 1.0)
+    logger.info("loaded %s model %s (%s, %s) on %s", role, name, config.model_type, dtype, device.kind)
+    return LoadedModel(name, model, tokenizer, max_context_of(config))
+
+
+def _specials(tok) -> dict[str, object]:
+    return {
+        "bos": tok.bos_token_id,
+        "eos": tok.eos_token_id,
+        "unk": tok.unk_token_id,
+        "pad": getattr(tok, "pad_token_id", None),
+    }
+
+
+def check_tokenizers_compatible(target_tok, draft_tok) -> None:
+    """Speculative decoding compares token ids: both sides must mean the same thing by them."""
+    problems: list[str] = []
+    if len(target_tok) != len(draft_tok):
+        problems.append(f"vocabulary size {len(target_tok)} (target) vs {len(draft_tok)} (draft)")
+    else:
+        tv, dv = target_tok.get_vocab(), draft_tok.get_vocab()
+        if tv != dv:
+            diff = sorted(set(tv.items()) ^ set(dv.items()))[:3]
+            problems.append(f"{len(set(tv.items()) ^ set(dv.items()))} vocabulary entries differ (e.g. {diff})")
+    ts, ds = _specials(target_tok), _specials(draft_tok)
+    for key in ("bos", "eos", "unk"):
+        if ts[key] != ds[key]:
+            problems.append(f"{key} token id {ts[key]} (target) vs {ds[key]} (draft)")
+    if problems:
+        raise TokenizerMismatch(
+            "draft and target tokenizers are incompatible: " + "; ".join(problems)
+            + ". Pick a draft from the same model family (same tokenizer), or run without a draft."
+        )

@@ -1,0 +1,136 @@
+"""Runs one model's forward pass over a ragged batch on the paged cache.
+
+Each row brings the tokens the model has not seen yet (1 for a decode step, K+1 for a
+speculative verification, a whole prompt for prefill). Rows are left-padded to the
+longest, so every row's last real tokens line up at the end and ``logits_to_keep``
+returns exactly the positions the caller needs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.compat import forward_with_cache
+from engine.kv_pool import KVPool
+from engine.paged_cache import ForwardBatch, PagedCache
+
+
+@dataclass
+class RowInput:
+    seq_id: int
+    token_ids: list[int]
+    num_logits: int = 1
+
+
+class ModelRunner:
+    """One model + its KV pool + its block accounting."""
+
+    def __init__(self, model, pool: KVPool, blocks: BlockManager, vocab_size: int):
+        self.model = model
+        self.pool = pool
+        self.blocks = blocks
+        self.cache = PagedCache(pool)
+        self.device = pool.device
+        self.vocab_size = vocab_size  # logits past the tokenizer's vocabulary are dropped
+        self.last_forward_s = 0.0
+
+    # ------------------------------------------------------------- accounting
+    def cached_len(self, seq_id: int) -> int:
+        t = self.blocks.tables.get(seq_id)
+        return 0 if t is None else t.num_tokens
+
+    def blocks_for(self, seq_id: int, num_new: int) -> int:
+        """Blocks that appending ``num_new`` tokens would take (copy-on-write included)."""
+        t = self.blocks.tables.get(seq_id)
+        cur_tokens = 0 if t is None else t.num_tokens
+        cur_blocks = 0 if t is None else len(t.blocks)
+        need = max(0, self.blocks.blocks_needed(cur_tokens + num_new) - cur_blocks)
+        if t is not None and num_new and cur_tokens // self.blocks.block_size < cur_blocks:
+            if self.blocks.ref_counts[t.blocks[cur_tokens // self.blocks.block_size]] > 1:
+                need += 1
+        return need
+
+    # ------------------------------------------------------------- forward
+    @torch.inference_mode()
+    def forward(self, rows: list[RowInput]) -> list[torch.Tensor]:
+        """Write the rows' new tokens to the cache and return each row's last logits.
+
+        Returns one ``[num_logits, vocab]`` float tensor per row. On any error (no free
+        block, device OOM) every row is left exactly as it was before the call.
+        """
+        t0 = time.perf_counter()
+        bs = self.blocks.block_size
+        starts: list[int] = []
+        grown: list[int] = []
+        try:
+            for row in rows:
+                if row.seq_id not in self.blocks.tables:
+                    self.blocks.allocate(row.seq_id)
+                starts.append(self.blocks.tables[row.seq_id].num_tokens)
+                self.pool.copy_blocks(self.blocks.prepare_append(row.seq_id, len(row.token_ids)))
+                grown.append(row.seq_id)
+            logits = self._run(rows, starts, bs)
+        except BaseException:
+            for seq_id, start in zip(grown, starts):
+                self.blocks.truncate(seq_id, start)
+            raise
+        for row, start in zip(rows, starts):
+            self.blocks.commit(row.seq_id, start + len(row.token_ids))
+        self.last_forward_s = time.perf_counter() - t0
+        return logits
+
+    def _run(self, rows: list[RowInput], starts: list[int], bs: int) -> list[torch.Tensor]:
+        dev = self.device
+        b = len(rows)
+        lens = [len(r.token_ids) for r in rows]
+        n = max(lens)
+        ends = [s + k for s, k in zip(starts, lens)]
+        t_len = max(ends)
+        all_real = all(k == n for k in lens)
+
+        ids = [[0] * (n - len(r.token_ids)) + r.token_ids for r in rows]
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # [B, N]
+        start_t = torch.tensor(starts, dtype=torch.long, device=dev)
+        pad_t = torch.tensor([n - k for k in lens], dtype=torch.long, device=dev)
+        q_idx = torch.arange(n, device=dev)
+        positions = start_t[:, None] + q_idx[None, :] - pad_t[:, None]  # [B, N]; < start on padding
+        real_q = q_idx[None, :] >= pad_t[:, None]  # [B, N]
+        position_ids = torch.where(real_q, positions, torch.zeros_like(positions))
+
+        max_blocks = -(-t_len // bs)
+        tables = [self.blocks.tables[r.seq_id].blocks for r in rows]
+        table_t = torch.tensor([t + [t[0]] * (max_blocks - len(t)) for t in tables], dtype=torch.long, device=dev)
+        k_pos = torch.arange(t_len, device=dev)
+        gather = table_t[:, k_pos // bs] * bs + (k_pos % bs)[None, :]  # [B, T]
+
+        flat_slots = torch.gather(gather, 1, position_ids)  # [B, N] slot of each query token
+        write_rows = real_q.reshape(-1).nonzero().squeeze(1)
+        write_slots = flat_slots.reshape(-1).index_select(0, write_rows)
+
+        allowed = (k_pos[None, None, :] <= positions[:, :, None]) & real_q[:, :, None]  # [B, N, T]
+        allowed[:, :, 0] |= ~real_q  # padding queries see one harmless key, never a fully masked row
+        dtype = self.pool.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        mask = mask[:, None, :, :]  # [B, 1, N, T]
+
+        self.cache.batch = ForwardBatch(write_rows, write_slots, gather, all_real, t_len)
+        keep = max(r.num_logits for r in rows)
+        try:
+            logits = forward_with_cache(self.model, input_ids, position_ids, mask, self.cache, keep)
+        finally:
+            self.cache.batch = None
+        logits = logits[..., : self.vocab_size].float()  # [B, keep, V]
+        return [logits[i, keep - r.num_logits :] for i, r in enumerate(rows)]
+
+    # ------------------------------------------------------------- lifecycle
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        if seq_id in self.blocks.tables:
+            self.blocks.truncate(seq_id, num_tokens)
+
+    def free(self, seq_id: int) -> None:
+        self.blocks.free(seq_id)

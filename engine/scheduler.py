@@ -1,0 +1,86 @@
+"""FIFO admission under a bound on running sequences and on KV blocks, with preemption.
+
+The scheduler never deadlocks when blocks run out: a step that cannot fit preempts the
+newest running request (its blocks are freed and it goes back to the front of the queue,
+keeping the tokens it already produced), and a request that cannot fit even alone fails
+with a clear error.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from engine.model_runner import ModelRunner
+from engine.sequence import Request, Status
+
+
+class Scheduler:
+    def __init__(self, target: ModelRunner, draft: ModelRunner | None, max_running: int, max_waiting: int, lookahead: int):
+        self.target = target
+        self.draft = draft
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.lookahead = lookahead  # room kept per admitted request for one speculative step
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def _prefill_ids(self, req: Request) -> list[int]:
+        # a resumed request re-computes everything but its last token, which stays pending
+        return req.all_ids[:-1] if req.output_ids else req.prompt_ids
+
+    def _fits(self, req: Request, runner: ModelRunner, reserved: int) -> bool:
+        need = runner.blocks.blocks_needed(len(self._prefill_ids(req)) + self.lookahead + 1)
+        return need + reserved <= runner.blocks.num_free
+
+    def fits_alone(self, req: Request) -> bool:
+        n = len(self._prefill_ids(req)) + self.lookahead + 1
+        ok = self.target.blocks.blocks_needed(n) <= self.target.blocks.num_blocks
+        if ok and req.use_draft and self.draft is not None:
+            ok = self.draft.blocks.blocks_needed(n) <= self.draft.blocks.num_blocks
+        return ok
+
+    def admit(self) -> list[Request]:
+        """Pop waiting requests, oldest first, while they fit; stop at the first that doesn't."""
+        admitted: list[Request] = []
+        reserved_t = reserved_d = 0
+        while self.waiting and len(self.running) + len(admitted) < self.max_running:
+            req = self.waiting[0]
+            if not self._fits(req, self.target, reserved_t):
+                break
+            if req.use_draft and self.draft is not None and not self._fits(req, self.draft, reserved_d):
+                break
+            self.waiting.popleft()
+            n = len(self._prefill_ids(req)) + self.lookahead + 1
+            reserved_t += self.target.blocks.blocks_needed(n)
+            if req.use_draft and self.draft is not None:
+                reserved_d += self.draft.blocks.blocks_needed(n)
+            req.status = Status.RUNNING
+            admitted.append(req)
+        self.running.extend(admitted)
+        return admitted
+
+    def preempt_newest(self) -> Request | None:
+        """Free the newest running request's blocks and put it back at the head of the queue."""
+        if len(self.running) <= 1:
+            return None
+        req = self.running.pop()
+        self.release(req)
+        req.status = Status.WAITING
+        req.stats.num_preemptions += 1
+        self.waiting.appendleft(req)
+        return req
+
+    def release(self, req: Request) -> None:
+        self.target.free(req.seq_id)
+        if self.draft is not None:
+            self.draft.free(req.seq_id)
+
+    def remove(self, req: Request) -> None:
+        self.release(req)
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
