@@ -81,13 +81,14 @@ class Config:
     min_lr_frac: float = 0.1
     eval_every: int = 100
     patience: int = 6  # evals without held-out improvement before stopping
+    target_max_minutes: float = 0.0  # >0: wall-clock safety stop for the target phase
     # on-policy distillation data written by the target
     gen_openings: int = 0  # 0 = every train story; else the first N
     gen_greedy: bool = True  # greedy continuation of 1-sentence and 2-sentence openings
     gen_samples: int = 1  # temperature samples per story opening
     gen_temperature: float = 0.8
     gen_new_tokens: int = 256
-    gen_batch: int = 512
+    gen_batch: int = 1024
     # draft distillation
     draft_steps: int = 3000
     draft_batch: int = 64
@@ -96,6 +97,7 @@ class Config:
     draft_real_frac: float = 0.2  # fraction of windows from real train text (rest: generated)
     draft_argmax_ce: float = 0.0  # extra CE on the target's argmax token
     draft_eval_every: int = 250
+    draft_max_minutes: float = 0.0  # >0: wall-clock safety stop for the draft phase
     # evaluation
     eval_prompts: int = 50
     eval_new_tokens: int = 128
@@ -419,7 +421,12 @@ def train_target(cfg: Config, streams: dict, device):
     prog = Progress("target", cfg.target_steps, cfg.log_every)
     model.train()
     history = []
+    t0 = time.time()
+    done = 0
     for step in range(cfg.target_steps):
+        if cfg.target_max_minutes and time.time() - t0 > 60 * cfg.target_max_minutes:
+            log(f"target: time budget of {cfg.target_max_minutes} min reached at step {step}")
+            break
         lr = lr_at(step, cfg.target_steps, cfg.target_lr, cfg.warmup, cfg.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -448,6 +455,8 @@ def train_target(cfg: Config, streams: dict, device):
             prog.update(done, loss=loss.item(), lr=lr)
     for h in hooks:
         h.remove()
+    if best[2] is None:  # stopped (time budget) before the first evaluation
+        best = (heldout_loss(model, streams["valid"], cfg.ctx, device), done, model.state_dict())
     model.load_state_dict(best[2])
     model.eval()
     log(f"target: best held-out loss {best[0]:.4f} (ppl {math.exp(best[0]):.2f}) at step {best[1]}")
@@ -576,8 +585,9 @@ def train_draft(cfg: Config, target, streams: dict, gen_seqs: list[list[int]], d
     draft = init_draft_from_target(target, cfg)
     log(f"draft: {cfg.draft_layers} layers, {n_params(draft):,} parameters (initialised from the target)")
     n_hold = max(1, len(gen_seqs) // 50)
-    gen_train = build_stream([s[1:] for s in gen_seqs[n_hold:]])  # sequences already start with EOS
-    gen_hold = build_stream([s[1:] for s in gen_seqs[:n_hold]])
+    strip = lambda s: s[1:-1] if s[-1] == EOS_ID else s[1:]  # noqa: E731  (build_stream adds the EOSes)
+    gen_train = build_stream([strip(s) for s in gen_seqs[n_hold:]])
+    gen_hold = build_stream([strip(s) for s in gen_seqs[:n_hold]])
     hold_x, _ = fixed_windows(gen_hold, cfg.ctx, max_windows=64) if len(gen_hold) > cfg.ctx + 1 else (None, None)
     if hold_x is None:  # tiny runs: use short windows
         hold_x = gen_hold[: (len(gen_hold) // 8) * 8].reshape(-1, 8)
@@ -591,7 +601,11 @@ def train_draft(cfg: Config, target, streams: dict, gen_seqs: list[list[int]], d
     prog = Progress("draft", cfg.draft_steps, cfg.log_every)
     draft.train()
     history = [(0, round(a0, 4))]
+    t0 = time.time()
     for step in range(cfg.draft_steps):
+        if cfg.draft_max_minutes and time.time() - t0 > 60 * cfg.draft_max_minutes:
+            log(f"draft: time budget of {cfg.draft_max_minutes} min reached at step {step}")
+            break
         lr = lr_at(step, cfg.draft_steps, cfg.draft_lr, cfg.warmup, cfg.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -853,8 +867,10 @@ def main(argv=None) -> dict:
     results_path = args.results or (out / "demo_results.json")
     device = pick_device(args.device)
 
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     import torch
 
+    torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
