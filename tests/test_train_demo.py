@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.skipif(
 def _load_script():
     spec = importlib.util.spec_from_file_location("helix_train_demo", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses need the module registered
     spec.loader.exec_module(mod)
     return mod
 
