@@ -82,6 +82,7 @@ class EngineWorker:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="helix-engine", daemon=True)
         self.step_listeners: list = []  # called after every step on the engine thread (charts, metrics)
+        self.latest_snapshot: dict = engine.snapshot()  # replaced (never mutated) after each step
         self._thread.start()
 
     def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
@@ -120,6 +121,7 @@ class EngineWorker:
                     break
             try:
                 self.engine.step()
+                self.latest_snapshot = self.engine.snapshot()
             except Exception:  # the engine guards its steps; this is a last line of defence
                 logger.exception("engine step crashed")
             for listener in list(self.step_listeners):
@@ -144,6 +146,10 @@ class EngineWorker:
         self._stop = True
         self.wake()
         self._thread.join(timeout)
+
+    def snapshot(self) -> dict:
+        """The engine's state after its last step; safe to read from any thread."""
+        return self.latest_snapshot
 
     @property
     def alive(self) -> bool:

@@ -89,6 +89,7 @@ class Config:
     gen_temperature: float = 0.8
     gen_new_tokens: int = 256
     gen_batch: int = 1024
+    gen_max_minutes: float = 0.0  # >0: wall-clock safety stop for generation
     # draft distillation
     draft_steps: int = 3000
     draft_batch: int = 64
@@ -517,9 +518,13 @@ def make_distill_data(model, hf_tok, ts_docs: list[str], cfg: Config, device):
     prog = Progress("generate", total, 1)
     k = 0
     torch.manual_seed(cfg.seed + 2)
+    t0 = time.time()
     for t, ps in groups.items():
         ps = sorted(ps, key=len)
         for i in range(0, len(ps), cfg.gen_batch):
+            if cfg.gen_max_minutes and time.time() - t0 > 60 * cfg.gen_max_minutes:
+                log(f"generate: time budget of {cfg.gen_max_minutes} min reached")
+                break
             seqs += generate_batch(model, ps[i : i + cfg.gen_batch], device, new_tokens, t)
             k += 1
             prog.update(k, mode="greedy" if t is None else f"T={t}", seqs=len(seqs))
