@@ -17,7 +17,7 @@ def build_engine(config: EngineConfig, progress: Progress | None = None, warmup:
     report = progress or (lambda stage, frac: None)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    share = 0.5 if config.draft else 0.9
+    share = 0.45 if config.draft else 0.9
 
     def scaled(offset: float):
         return lambda stage, frac: report(stage, offset + share * frac)

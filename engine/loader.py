@@ -93,6 +93,7 @@ def load_model(
             f"or found in its local cache. Download it while online with `hf download {name}` "
             "(or `huggingface-cli download`), or give a local folder."
         ) from exc
+    _check_causal(config, role, name)
     report(f"{role}: loading tokenizer", 0.2)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
@@ -118,6 +119,19 @@ def load_model(
     report(f"{role}: ready", 1.0)
     logger.info("loaded %s model %s (%s, %s) on %s", role, name, config.model_type, dtype, device.kind)
     return LoadedModel(name, model, tokenizer, max_context_of(config))
+
+
+def _check_causal(config, role: str, name: str) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = getattr(config, "architectures", None) or []
+    causal_arch = any("CausalLM" in a or "LMHead" in a for a in archs)
+    if (config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False)
+            or (archs and not causal_arch)):
+        raise ModelLoadError(
+            f"{role} model '{name}' ({config.model_type}, {', '.join(archs) or 'no architecture listed'}) is not a "
+            "causal language model; Helix needs a text-generation model (AutoModelForCausalLM)"
+        )
 
 
 def _specials(tok) -> dict[str, object]:

@@ -57,3 +57,41 @@ def tiny_engine(draft: bool = True, kv_tokens: int = 4096, dtype=torch.float32, 
     d = tiny_llama(len(tok), layers=1, seed=draft_seed, dtype=dtype) if draft else None
     config = EngineConfig(target="tiny-target", draft="tiny-draft" if draft else None, kv_cache_tokens=kv_tokens, **cfg)
     return LLMEngine(target, tok, d, config, max_context=256, names=("tiny-target", "tiny-draft" if draft else None))
+
+
+@functools.lru_cache(maxsize=None)
+def word_tokenizer(vocab_size: int = 8):
+    """A word-level tokenizer over ``vocab_size`` single-letter words (token 0 is eos)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<eos>"] + [chr(ord("a") + i) for i in range(vocab_size - 1)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>")
+
+
+def truncated_draft(target, layers: int = 1):
+    """A draft that is the target's first ``layers`` layers (+ its norm and head): a real,
+    cheaper model that agrees with the target often but not always."""
+    import copy
+
+    draft = copy.deepcopy(target)
+    draft.model.layers = draft.model.layers[:layers]
+    draft.config.num_hidden_layers = layers
+    return draft
+
+
+def tiny_pair_engine(kv_tokens: int = 4096, layers: int = 3, dtype=torch.float32, **cfg):
+    """Target + truncated draft sharing the tiny BPE tokenizer: non-trivial acceptance."""
+    from engine import EngineConfig, LLMEngine
+
+    tok = tiny_tokenizer()
+    target = tiny_llama(len(tok), layers=layers, seed=3, dtype=dtype)
+    with torch.no_grad():  # damp the upper layers so the 1-layer draft often agrees with the target
+        for layer in target.model.layers[1:]:
+            layer.mlp.down_proj.weight.mul_(0.3)
+            layer.self_attn.o_proj.weight.mul_(0.3)
+    draft = truncated_draft(target)
+    config = EngineConfig(target="tiny-target", draft="tiny-draft", kv_cache_tokens=kv_tokens, **cfg)
+    return LLMEngine(target, tok, draft, config, max_context=256, names=("tiny-target", "tiny-draft"))

@@ -1,0 +1,131 @@
+"""Block accounting invariants: no leak, no double free, refcounts never negative, copy-on-write."""
+
+import random
+
+import pytest
+
+from engine.block_manager import BlockManager
+from engine.errors import KVCacheExhausted
+
+
+def _grow(bm: BlockManager, seq: int, n: int) -> list[tuple[int, int]]:
+    copies = bm.prepare_append(seq, n)
+    bm.commit(seq, bm.tables[seq].num_tokens + n)
+    return copies
+
+
+def test_allocate_append_free_returns_every_block():
+    bm = BlockManager(8, block_size=16)
+    bm.allocate(1)
+    _grow(bm, 1, 40)
+    assert len(bm.tables[1].blocks) == 3 and bm.num_free == 5
+    bm.free(1)
+    bm.check_invariants()
+    assert bm.num_free == 8
+
+
+def test_truncate_frees_whole_blocks_at_once():
+    bm = BlockManager(8, block_size=16)
+    bm.allocate(1)
+    _grow(bm, 1, 50)  # 4 blocks
+    bm.truncate(1, 17)  # keeps 2 blocks
+    assert len(bm.tables[1].blocks) == 2 and bm.tables[1].num_tokens == 17 and bm.num_free == 6
+    bm.truncate(1, 16)
+    assert len(bm.tables[1].blocks) == 1
+    bm.check_invariants()
+
+
+def test_fork_shares_blocks_and_copy_on_write_splits_the_partial_block():
+    bm = BlockManager(8, block_size=16)
+    bm.allocate(1)
+    _grow(bm, 1, 20)  # blocks: full + partial
+    bm.fork(1, 2)
+    assert bm.stats().shared == 2
+    copies = _grow(bm, 2, 1)  # child writes into the shared partial block
+    assert len(copies) == 1 and copies[0][0] == bm.tables[1].blocks[1]
+    assert bm.tables[2].blocks[0] == bm.tables[1].blocks[0]  # full block still shared
+    assert bm.tables[2].blocks[1] != bm.tables[1].blocks[1]
+    assert bm.stats().shared == 1
+    bm.free(1)
+    bm.free(2)
+    bm.check_invariants()
+    assert bm.num_free == 8
+
+
+def test_prefix_blocks_are_reused_and_keep_one_token_to_compute():
+    bm = BlockManager(16, block_size=4)
+    prompt = list(range(10))
+    bm.allocate(1)
+    assert bm.match_prefix(1, prompt) == 0
+    _grow(bm, 1, len(prompt))
+    bm.register_prefix(1, prompt)
+    bm.allocate(2)
+    assert bm.match_prefix(2, prompt) == 8  # two full blocks shared, the rest recomputed
+    assert bm.tables[2].blocks == bm.tables[1].blocks[:2]
+    bm.allocate(3)
+    assert bm.match_prefix(3, list(range(8))) == 4  # at least one token is left to run the model on
+    for s in (1, 2, 3):
+        bm.free(s)
+    bm.check_invariants()
+    bm.allocate(4)  # a freed block keeps its hash until it is handed out again
+    assert bm.match_prefix(4, prompt) == 8
+    bm.free(4)
+    bm.check_invariants()
+
+
+def test_exhaustion_is_a_clear_error_and_changes_nothing():
+    bm = BlockManager(2, block_size=4)
+    bm.allocate(1)
+    _grow(bm, 1, 6)
+    with pytest.raises(KVCacheExhausted, match="KV cache is full"):
+        bm.prepare_append(1, 8)
+    assert len(bm.tables[1].blocks) == 2 and bm.tables[1].num_tokens == 6
+    bm.check_invariants()
+
+
+def test_double_free_is_caught():
+    bm = BlockManager(2, block_size=4)
+    bm.allocate(1)
+    _grow(bm, 1, 3)
+    block = bm.tables[1].blocks[0]
+    bm.free(1)
+    with pytest.raises(AssertionError, match="double free"):
+        bm._release(block)
+
+
+def test_random_operations_keep_invariants():
+    rng = random.Random(0)
+    bm = BlockManager(64, block_size=4)
+    live: list[int] = []
+    next_id = 0
+    for _ in range(3000):
+        op = rng.random()
+        try:
+            if op < 0.3 or not live:
+                sid, next_id = next_id, next_id + 1
+                bm.allocate(sid)
+                live.append(sid)
+                toks = [rng.randrange(5) for _ in range(rng.randrange(1, 20))]
+                bm.match_prefix(sid, toks)
+                _grow(bm, sid, len(toks) - bm.tables[sid].num_tokens)
+                bm.register_prefix(sid, toks)
+            elif op < 0.55:
+                _grow(bm, rng.choice(live), rng.randrange(1, 9))
+            elif op < 0.7:
+                s = rng.choice(live)
+                bm.truncate(s, rng.randrange(0, bm.tables[s].num_tokens + 1))
+            elif op < 0.8:
+                bm.fork(rng.choice(live), next_id)
+                live.append(next_id)
+                next_id += 1
+            else:
+                s = live.pop(rng.randrange(len(live)))
+                bm.free(s)
+        except KVCacheExhausted:
+            s = live.pop(0)
+            bm.free(s)
+        bm.check_invariants()
+    for s in live:
+        bm.free(s)
+    bm.check_invariants()
+    assert bm.num_free == 64
