@@ -1,0 +1,183 @@
+"""Timers around the engine's phases, installed on one engine for the length of a measurement.
+
+The engine is not edited: bound methods are shadowed by instance attributes (and a few
+module-level functions the engine calls are swapped) inside a ``with Instrument(engine):``
+block, then restored. Timers cost about a microsecond each; on CUDA the forward timers
+synchronise so a forward's time is its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from engine import llm_engine, model_runner
+
+# phases of a step, as reported by the profile (seconds)
+PHASES = ("draft_forward", "target_forward", "paged_cache", "batch_prep", "sampling", "scheduling", "emit",
+          "python_other")
+
+
+@dataclass
+class ForwardLog:
+    """Forward-pass times keyed by (role, stage, rows, tokens per row)."""
+
+    times: dict[tuple[str, str, int, int], list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, role: str, stage: str, rows: int, tokens: int, seconds: float) -> None:
+        self.times[(role, stage, rows, tokens)].append(seconds)
+
+    def mean(self, role: str, stage: str = "decode", rows: int = 1, tokens: int | None = None) -> float | None:
+        vals = [t for (r, s, b, n), ts in self.times.items() if r == role and s == stage and b == rows
+                and (tokens is None or n == tokens) for t in ts]
+        return sum(vals) / len(vals) if vals else None
+
+    def count(self, role: str, stage: str = "decode") -> int:
+        return sum(len(ts) for (r, s, _b, _n), ts in self.times.items() if r == role and s == stage)
+
+
+class Instrument:
+    """Context manager that times one engine's forwards, verifications and (``profile=True``) every phase.
+
+    ``forwards``  per-shape forward times (for the cost model of the predicted speed-up);
+    ``drafts``    (K, accepted) of every verification (for the geometric estimate of α);
+    ``raw``       (``profile=True``) seconds inside steps, forwards, model calls, paged-cache updates,
+                  sampling/verification, scheduling and emitting; :meth:`phase_seconds` splits them.
+    """
+
+    def __init__(self, engine, profile: bool = False):
+        self.engine = engine
+        self.profile = profile
+        self.forwards = ForwardLog()
+        self.drafts: list[tuple[int, int]] = []
+        # raw accumulators (seconds); phase_seconds() turns them into the PHASES split
+        self.raw: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        self._stage = "decode"
+        self._role = "target"
+        self._saved_attrs: list[tuple[object, str]] = []
+        self._saved_globals: list[tuple[object, str, object]] = []
+        self._cuda = engine.target.device.type == "cuda"
+
+    # ------------------------------------------------------------------ install / remove
+    def _shadow(self, obj, name: str, wrapper) -> None:
+        setattr(obj, name, wrapper)
+        self._saved_attrs.append((obj, name))
+
+    def _swap(self, module, name: str, wrapper) -> None:
+        self._saved_globals.append((module, name, getattr(module, name)))
+        setattr(module, name, wrapper)
+
+    def __enter__(self) -> "Instrument":
+        eng = self.engine
+        runners = [("target", eng.target)] + ([("draft", eng.draft)] if eng.draft is not None else [])
+        for role, runner in runners:
+            self._shadow(runner, "forward", self._timed_forward(role, runner.forward))
+        self._shadow(eng, "_prefill", self._staged("prefill", eng._prefill))
+        self._shadow(eng, "_decode", self._staged("decode", eng._decode))
+        self._swap(llm_engine, "verify_greedy", self._logged_verify(llm_engine.verify_greedy))
+        self._swap(llm_engine, "verify_sampled", self._logged_verify(llm_engine.verify_sampled))
+        if self.profile:
+            self._shadow(eng, "step", self._phase("step", eng.step))
+            for role, runner in runners:
+                self._shadow(runner.cache, "update", self._phase(f"cache_{role}", runner.cache.update))
+            self._swap(model_runner, "forward_with_cache", self._model_call(model_runner.forward_with_cache))
+            for name in ("probs_from_logits", "sample", "verify_greedy", "verify_sampled", "top_logprobs"):
+                self._swap(llm_engine, name, self._phase("sampling", getattr(llm_engine, name)))
+            for name in ("_make_room", "_choose_k", "_fail_unfittable"):
+                self._shadow(eng, name, self._phase("scheduling", getattr(eng, name)))
+            self._shadow(eng.scheduler, "admit", self._phase("scheduling", eng.scheduler.admit))
+            self._shadow(eng, "_emit", self._phase("emit", eng._emit))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for obj, name in reversed(self._saved_attrs):
+            delattr(obj, name)
+        for module, name, original in reversed(self._saved_globals):
+            setattr(module, name, original)
+        self._saved_attrs.clear()
+        self._saved_globals.clear()
+
+    # ------------------------------------------------------------------ wrappers
+    def _sync(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+
+    def _timed_forward(self, role: str, fn):
+        def forward(rows):
+            self._role = role
+            self._sync()
+            t0 = time.perf_counter()
+            out = fn(rows)
+            self._sync()
+            dt = time.perf_counter() - t0
+            self.forwards.add(role, self._stage, len(rows), max(len(r.token_ids) for r in rows), dt)
+            self.raw[f"forward_{role}"] += dt
+            return out
+        return forward
+
+    def _staged(self, stage: str, fn):
+        def run(reqs):
+            self._stage = stage
+            try:
+                return fn(reqs)
+            finally:
+                self._stage = "decode"
+        return run
+
+    def _logged_verify(self, fn):
+        def verify(draft_tokens, *args):
+            accepted, nxt = fn(draft_tokens, *args)
+            self.drafts.append((len(draft_tokens), accepted))
+            return accepted, nxt
+        return verify
+
+    def _phase(self, key: str, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.raw[key] += time.perf_counter() - t0
+                if key == "step":
+                    self.steps += 1
+        return timed
+
+    def _model_call(self, fn):
+        """The model's own forward: what remains of ModelRunner.forward is batch preparation."""
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self._sync()
+            self.raw[f"model_{self._role}"] += time.perf_counter() - t0
+            return out
+        return call
+
+    # ------------------------------------------------------------------ results
+    def alpha(self) -> float | None:
+        """Geometric maximum-likelihood α: accepted / (accepted + rejections), as engine.adaptive uses."""
+        accepted = sum(a for _k, a in self.drafts)
+        rejections = sum(1 for k, a in self.drafts if a < k)
+        return accepted / (accepted + rejections) if accepted + rejections else None
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Seconds per phase of :data:`PHASES` (profile mode); they add up to the steps' wall time.
+
+        A forward is batch preparation (block tables, index tensors, mask) + the model call;
+        the model call holds the paged-cache scatter/gather, reported apart as ``paged_cache``.
+        """
+        r = self.raw
+        out = dict.fromkeys(PHASES, 0.0)
+        for role in ("draft", "target"):
+            out[f"{role}_forward"] = r[f"model_{role}"] - r[f"cache_{role}"]
+            out["paged_cache"] += r[f"cache_{role}"]
+            out["batch_prep"] += r[f"forward_{role}"] - r[f"model_{role}"]
+        out["sampling"] = r["sampling"]
+        out["scheduling"] = r["scheduling"]
+        out["emit"] = r["emit"]
+        out["python_other"] = max(0.0, r["step"] - r["forward_draft"] - r["forward_target"] - r["sampling"]
+                                  - r["scheduling"] - r["emit"])
+        return out

@@ -1,0 +1,100 @@
+"""The one place where failures become HTTP responses.
+
+Every route answers errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``,
+so Helix and OpenAI clients parse the same thing. 503s carry ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.errors import HelixError
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "1"
+_FIELD_IN_MESSAGE = re.compile(r"^([a-z_]+) must")
+
+
+class ServerError(Exception):
+    """A request the server turns down before the engine sees it (too large, unauthorised)."""
+
+    def __init__(self, status_code: int, message: str, code: str, param: str | None = None):
+        super().__init__(message)
+        self.status_code, self.code, self.param = status_code, code, param
+
+
+def error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 503:
+        return "service_unavailable"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = dict(headers or {})
+    if status == 503:
+        headers.setdefault("Retry-After", RETRY_AFTER_S)
+    return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def helix_error_response(exc: HelixError) -> JSONResponse:
+    match = _FIELD_IN_MESSAGE.match(str(exc))
+    return error_response(exc.status_code, str(exc), _snake(type(exc).__name__), match.group(1) if match else None)
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        return error_response(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                              "invalid_json")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    message = f"{param}: {first['msg']}" if param else str(first["msg"])
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return error_response(422, message, "invalid_value", param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_helix(request: Request, exc: HelixError) -> JSONResponse:
+        return helix_error_response(exc)
+
+    async def on_server(request: Request, exc: ServerError) -> JSONResponse:
+        return error_response(exc.status_code, str(exc), exc.code, exc.param)
+
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(exc)
+
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+        rid = getattr(request.state, "request_id", "-")
+        logger.error("[%s] %s %s crashed", rid, request.method, request.url.path, exc_info=exc)
+        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+
+    app.add_exception_handler(HelixError, on_helix)
+    app.add_exception_handler(ServerError, on_server)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_crash)

@@ -1,0 +1,165 @@
+"""Bodies of the OpenAI-compatible routes (/v1). Fields OpenAI defines and Helix does not use
+(``user``, ``presence_penalty``, ``logit_bias``, ...) are accepted and ignored, as are unknown fields."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.server.schemas import (
+    MAX_BATCH_PROMPTS,
+    MAX_STOP_STRINGS,
+    IgnoreEos,
+    MaxNewTokens,
+    NumDraftTokens,
+    Prompt,
+    Seed,
+    Speculative,
+    StopString,
+    Temperature,
+    TopK,
+    TopP,
+)
+
+MAX_CHOICES = 8
+MAX_TOP_LOGPROBS = 20
+
+N = Annotated[int, Field(ge=1, le=MAX_CHOICES, description=f"Completions per prompt (1..{MAX_CHOICES}).")]
+Stop = Annotated[StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None,
+                 Field(description=f"A stop string or a list of up to {MAX_STOP_STRINGS}.")]
+ModelName = Annotated[str | None, Field(description="Accepted and ignored: Helix serves the loaded model pair.")]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(default=False, description="Send a last chunk with usage before [DONE].")
+
+
+class OpenAIFields(BaseModel):
+    """Settings shared by /v1/completions and /v1/chat/completions, plus Helix extras."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: ModelName = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    n: N = 1
+    stop: Stop = None
+    seed: Seed = None
+    stream: bool = Field(default=False, description="Answer with server-sent chunks ending in `data: [DONE]`.")
+    stream_options: StreamOptions | None = None
+    # Helix extras
+    top_k: TopK = 0
+    speculative: Speculative = True
+    num_draft_tokens: NumDraftTokens = None
+    ignore_eos: IgnoreEos = False
+
+    @property
+    def stop_tuple(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(OpenAIFields):
+    prompt: Annotated[Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)],
+                      Field(description=f"A prompt or a list of up to {MAX_BATCH_PROMPTS} prompts.")]
+    max_tokens: MaxNewTokens = 16
+    logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS, description="Return log probabilities of "
+                                          "each token and of this many most likely tokens (target model).")] = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[str | list[TextPart] | None, Field(description="Text, or a list of text parts.")] = None
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(OpenAIFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
+    max_tokens: Annotated[MaxNewTokens | None, Field(description="Most tokens to generate (default 128).")] = None
+    max_completion_tokens: Annotated[MaxNewTokens | None, Field(description="Same as max_tokens; wins if both "
+                                                                "are set.")] = None
+    logprobs: bool = Field(default=False, description="Return the log probability of each output token.")
+    top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: also the "
+                                              "this many most likely tokens at each position.")] = None
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or 128
+
+
+# ---------------------------------------------------------------- responses
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "helix"
+    helix: dict[str, Any] = Field(default_factory=dict, description="Role (target or draft), device, dtype, "
+                                  "context length.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: dict[str, Any] | None = None
+    helix: dict[str, Any] | None = Field(default=None, description="This choice's speculative-decoding stats.")
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    helix: dict[str, Any] = Field(description="Speculative-decoding stats over all choices (Helix extra).")
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: dict[str, Any] | None = None
+    helix: dict[str, Any] | None = Field(default=None, description="This choice's speculative-decoding stats.")
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    helix: dict[str, Any] = Field(description="Speculative-decoding stats over all choices (Helix extra).")

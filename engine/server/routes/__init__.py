@@ -1,0 +1,1 @@
+"""One router per resource: generate (Helix routes), openai (/v1), system (health, ping, metrics)."""

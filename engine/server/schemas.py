@@ -1,0 +1,197 @@
+"""Request and response bodies of the Helix routes, built from reusable field types.
+
+Bounds come from ``engine.config`` so the docs, the validation and the engine agree; the
+engine's ``SamplingParams`` still has the last word. Unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.config import MAX_DRAFT_TOKENS, MAX_NEW_TOKENS_CAP, SamplingParams
+
+MAX_BATCH_PROMPTS = 64
+MAX_STOP_STRINGS = 16
+MAX_SEED = 2**63 - 1
+
+# ---------------------------------------------------------------- reusable fields
+Prompt = Annotated[str, Field(min_length=1, description="The text to continue. Must not be empty.")]
+MaxNewTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS_CAP,
+                                    description=f"Most tokens to generate (1..{MAX_NEW_TOKENS_CAP}). Generation also "
+                                    "stops at the model's context length.")]
+Temperature = Annotated[float, Field(ge=0, le=2, description="Sampling temperature in [0, 2]; 0 = greedy.")]
+TopP = Annotated[float, Field(gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens whose "
+                              "probability adds up to top_p; 1 = off.")]
+TopK = Annotated[int, Field(ge=0, description="Keep only the k most likely tokens; 0 = off.")]
+Seed = Annotated[int | None, Field(ge=0, le=MAX_SEED, description="Random seed for reproducible sampling; null = "
+                                   "random.")]
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS,
+                                             description="Strings that end generation; the stop string itself is "
+                                             f"not returned. At most {MAX_STOP_STRINGS}.")]
+Speculative = Annotated[bool, Field(description="Use the draft model (speculative decoding) when one is loaded. "
+                                    "Greedy output is identical either way; only the speed differs.")]
+NumDraftTokens = Annotated[int | None, Field(ge=1, le=MAX_DRAFT_TOKENS,
+                                             description=f"Draft tokens proposed per step (1..{MAX_DRAFT_TOKENS}); "
+                                             "null = adaptive.")]
+IgnoreEos = Annotated[bool, Field(description="Keep generating past the end-of-sequence token (benchmarks).")]
+FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
+Source = Literal["draft", "target", "bonus"]
+
+
+class SamplingFields(BaseModel):
+    """The decoding settings every generate route accepts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    max_new_tokens: MaxNewTokens = 128
+    temperature: Temperature = 0.7
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    seed: Seed = None
+    stop: StopList = []
+    speculative: Speculative = True
+    num_draft_tokens: NumDraftTokens = None
+    ignore_eos: IgnoreEos = False
+
+    def sampling_params(self) -> SamplingParams:
+        """Raises ``InvalidRequest`` (422) for anything the schema let through but the engine refuses."""
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, seed=self.seed, stop=tuple(self.stop), speculative=self.speculative,
+                              num_draft_tokens=self.num_draft_tokens, ignore_eos=self.ignore_eos)
+
+
+class GenerateRequest(SamplingFields):
+    prompt: Prompt
+
+
+class BatchGenerateRequest(SamplingFields):
+    prompts: Annotated[list[Prompt], Field(min_length=1, max_length=MAX_BATCH_PROMPTS,
+                                           description=f"1..{MAX_BATCH_PROMPTS} prompts, run as one batch.")]
+
+
+class Stats(BaseModel):
+    """Per-request statistics; names follow vLLM / llama.cpp."""
+
+    num_prompt_tokens: int = Field(description="Tokens in the prompt.")
+    num_generated_tokens: int = Field(description="Tokens generated.")
+    num_drafts: int = Field(description="Speculative steps (draft proposals verified by the target).")
+    num_draft_tokens: int = Field(description="Draft tokens proposed.")
+    num_accepted_tokens: int = Field(description="Draft tokens the target accepted.")
+    acceptance_rate: float = Field(description="num_accepted_tokens / num_draft_tokens.")
+    mean_acceptance_length: float = Field(description="1 + num_accepted_tokens / num_drafts: tokens per target pass.")
+    accepted_per_position: list[int] = Field(description="Accepted draft tokens at each draft position (1st, 2nd...).")
+    ttft_s: float | None = Field(description="Seconds to the first token.")
+    total_s: float = Field(description="Seconds from arrival to finish.")
+    tokens_per_second: float = Field(description="num_generated_tokens / total_s.")
+    draft_time_s: float = Field(description="Seconds spent in draft forward passes (shared steps split evenly).")
+    target_time_s: float = Field(description="Seconds spent in target forward passes (shared steps split evenly).")
+
+
+class GenerateResponse(BaseModel):
+    request_id: str = Field(description="The engine's id for this request (also in logs).")
+    text: str = Field(description="The generated text (stop string excluded).")
+    token_ids: list[int] = Field(description="The generated token ids.")
+    sources: list[Source] = Field(description="Where each token came from: draft (accepted draft token), target "
+                                  "(plain step or correction) or bonus (extra token after a fully accepted draft).")
+    finish_reason: FinishReason = Field(description="length | stop | eos | cancelled | error")
+    error: str | None = Field(default=None, description="What went wrong when finish_reason is error.")
+    stats: Stats
+
+
+class BatchGenerateResponse(BaseModel):
+    results: list[GenerateResponse] = Field(description="One result per prompt, in order.")
+
+
+# ---------------------------------------------------------------- stream events (documented, sent as SSE)
+class TokenEventData(BaseModel):
+    """Data of a `token` event."""
+
+    text: str = Field(description="Text this token adds (may be empty while a stop string is held back).")
+    id: int = Field(description="Token id.")
+    index: int = Field(description="Position in the output, from 0.")
+    source: Source
+    t_s: float = Field(description="Seconds since the request arrived.")
+
+
+class DoneEventData(BaseModel):
+    """Data of the final `done` event."""
+
+    finish_reason: FinishReason
+    tail: str = Field(description="Text held back at the end (a partial stop string that never completed). "
+                      "Append it: the token texts plus tail equal the full text.")
+    stats: Stats
+
+
+# ---------------------------------------------------------------- system
+class KVStats(BaseModel):
+    total: int = Field(description="KV blocks in the target's pool.")
+    used: int = Field(description="Blocks holding tokens.")
+    free: int = Field(description="Blocks free.")
+    shared: int = Field(description="Blocks shared by several sequences (common prompt prefix).")
+    usage: float = Field(description="used / total, 0..1.")
+    block_size: int = Field(description="Tokens per block.")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "empty", "loading", "failed"] = Field(
+        description="ok when models are loaded and serving; otherwise the host's state (answered with 503).")
+    reason: str | None = Field(default=None, description="Why models are not (or not newly) loaded.")
+    target: str | None = None
+    draft: str | None = None
+    has_draft: bool | None = None
+    device: str | None = None
+    dtype: str | None = None
+    max_context: int | None = None
+    kv: KVStats | None = None
+
+
+class SpecMetrics(BaseModel):
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    acceptance_rate: float
+    mean_acceptance_length: float
+    accepted_per_position: list[int]
+
+
+class MetricsResponse(BaseModel):
+    requests_served: int
+    requests_running: int
+    requests_waiting: int
+    tokens_generated: int
+    tokens_per_second_1m: float = Field(description="Generated tokens per second over the last minute.")
+    spec: SpecMetrics
+    kv: KVStats
+
+
+class PingResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, on every route, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+def _error(description: str) -> dict:
+    return {"model": ErrorResponse, "description": description}
+
+
+ERROR_RESPONSES = {
+    400: _error("Malformed body, or the prompt is longer than the model's context."),
+    401: _error("Missing or wrong API key (only when the server has one)."),
+    413: _error("Request body too large."),
+    422: _error("A field is out of range; the message names it."),
+    503: _error("Models are not loaded, or the queue is full (see Retry-After)."),
+}
