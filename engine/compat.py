@@ -1,7 +1,7 @@
 """The one place that knows how transformers versions differ.
 
 - transformers >= 5.2x names the cache argument ``cache=``; older 4.x/5.x name it
-  ``past_key_values=`` (the DirectML stack pins transformers <= 5.14).
+  ``past_key_values=`` (the DirectML stack pins transformers < 5.14, see pyproject.toml).
 - ``logits_to_keep`` exists on most causal LMs, not all.
 - ``DynamicCache.crop`` took the kept length (positive) in old releases and takes the
   number of tokens to remove (negative) in new ones; only the benchmark's HF baseline
