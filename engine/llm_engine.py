@@ -17,7 +17,7 @@ from collections import deque
 
 import torch
 
-from engine import cleanup
+from engine import cleanup, observe
 from engine.adaptive import best_k
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, SamplingParams
@@ -410,53 +410,8 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ observation
     def info(self) -> dict:
-        return {
-            "target": self.target_name,
-            "draft": self.draft_name,
-            "has_draft": self.draft is not None,
-            "device": self.device_kind,
-            "device_name": self.device_name,
-            "dtype": self.dtype_name,
-            "max_context": self.max_context,
-            "block_size": self.config.block_size,
-        }
+        return observe.engine_info(self)
 
     def snapshot(self) -> dict:
         """Everything the API, UI and charts show, as plain data. Call on the engine thread."""
-        tb = self.target.blocks
-        st = tb.stats()
-        seq_to_req = {r.seq_id: r.request_id for r in list(self.scheduler.running)}
-        owners = tb.owners()
-        spec = self.spec_stats
-        return {
-            "requests_served": self.requests_served,
-            "requests_running": self.num_running,
-            "requests_waiting": self.num_waiting,
-            "tokens_generated": self.tokens_generated,
-            "tokens_per_second_1m": round(self.tokens_per_second_recent(), 3),
-            "spec": {
-                "num_drafts": spec.num_drafts,
-                "num_draft_tokens": spec.num_draft_tokens,
-                "num_accepted_tokens": spec.num_accepted_tokens,
-                "accepted_per_position": list(spec.accepted_per_position),
-                "drafts_per_position": list(spec.drafts_per_position),
-                "acceptance_rate": round(spec.acceptance_rate, 4),
-                "mean_acceptance_length": round(spec.mean_acceptance_length, 4),
-                "draft_time_s": round(spec.draft_time_s, 6),
-                "target_time_s": round(spec.target_time_s, 6),
-            },
-            "adaptive": {"alpha_prior": round(self.alpha_prior, 4), "draft_cost": round(self.draft_cost, 4),
-                         "verify_cost": round(self.verify_cost, 4), "recommended_k": self.recommended_k()[0]},
-            "kv": {
-                "total": st.total, "used": st.used, "free": st.free, "shared": st.shared,
-                "tokens_stored": st.tokens_stored, "slots_allocated": st.slots_allocated,
-                "fragmentation": round(st.fragmentation, 4), "block_size": tb.block_size,
-                "usage": round(st.used / st.total, 4) if st.total else 0.0,
-                "bytes_allocated": self.target.pool.bytes_allocated(),
-                # block index -> request ids holding it (several = shared prefix block)
-                "owners": {b: [seq_to_req.get(s, str(s)) for s in seqs] for b, seqs in owners.items()},
-            },
-            "draft_kv": None if self.draft is None else {
-                "total": self.draft.blocks.num_blocks, "used": self.draft.blocks.num_blocks - self.draft.blocks.num_free,
-            },
-        }
+        return observe.engine_snapshot(self)

@@ -85,7 +85,6 @@ class ModelRunner:
 
     def _run(self, rows: list[RowInput], starts: list[int], bs: int) -> list[torch.Tensor]:
         dev = self.device
-        b = len(rows)
         lens = [len(r.token_ids) for r in rows]
         n = max(lens)
         ends = [s + k for s, k in zip(starts, lens)]

@@ -3,7 +3,14 @@
 import pytest
 import torch
 from transformers import (
-    AutoModelForCausalLM, DynamicCache, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+    AutoModelForCausalLM,
+    DynamicCache,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
 )
 
 from engine.block_manager import BlockManager

@@ -9,7 +9,7 @@ from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.config import DEMO_DRAFT, DEMO_TARGET
 from engine.sampler import probs_from_logits
 from engine.sequence import FinishEvent, TokenEvent
-from tests.tiny import tiny_engine, tiny_llama, tiny_pair_engine, tiny_tokenizer, truncated_draft, word_tokenizer
+from tests.tiny import tiny_engine, tiny_llama, tiny_pair_engine, tiny_tokenizer, word_tokenizer
 
 PROMPTS = ["Once", "The cat sat on the mat and looked at", "Tom found a red ball under the big tree. They",
            "Lily loved to play"]

@@ -1,0 +1,62 @@
+"""Read-only views of an engine for the API, the UI and the charts: plain dicts, no behaviour."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
+
+
+def engine_info(engine: LLMEngine) -> dict:
+    return {
+        "target": engine.target_name,
+        "draft": engine.draft_name,
+        "has_draft": engine.draft is not None,
+        "device": engine.device_kind,
+        "device_name": engine.device_name,
+        "dtype": engine.dtype_name,
+        "max_context": engine.max_context,
+        "block_size": engine.config.block_size,
+    }
+
+
+def engine_snapshot(engine: LLMEngine) -> dict:
+    """Everything the API, UI and charts show, as plain data. Call on the engine thread."""
+    tb = engine.target.blocks
+    st = tb.stats()
+    seq_to_req = {r.seq_id: r.request_id for r in list(engine.scheduler.running)}
+    owners = tb.owners()
+    spec = engine.spec_stats
+    return {
+        "requests_served": engine.requests_served,
+        "requests_running": engine.num_running,
+        "requests_waiting": engine.num_waiting,
+        "tokens_generated": engine.tokens_generated,
+        "tokens_per_second_1m": round(engine.tokens_per_second_recent(), 3),
+        "spec": {
+            "num_drafts": spec.num_drafts,
+            "num_draft_tokens": spec.num_draft_tokens,
+            "num_accepted_tokens": spec.num_accepted_tokens,
+            "accepted_per_position": list(spec.accepted_per_position),
+            "drafts_per_position": list(spec.drafts_per_position),
+            "acceptance_rate": round(spec.acceptance_rate, 4),
+            "mean_acceptance_length": round(spec.mean_acceptance_length, 4),
+            "draft_time_s": round(spec.draft_time_s, 6),
+            "target_time_s": round(spec.target_time_s, 6),
+        },
+        "adaptive": {"alpha_prior": round(engine.alpha_prior, 4), "draft_cost": round(engine.draft_cost, 4),
+                     "verify_cost": round(engine.verify_cost, 4), "recommended_k": engine.recommended_k()[0]},
+        "kv": {
+            "total": st.total, "used": st.used, "free": st.free, "shared": st.shared,
+            "tokens_stored": st.tokens_stored, "slots_allocated": st.slots_allocated,
+            "fragmentation": round(st.fragmentation, 4), "block_size": tb.block_size,
+            "usage": round(st.used / st.total, 4) if st.total else 0.0,
+            "bytes_allocated": engine.target.pool.bytes_allocated(),
+            # block index -> request ids holding it (several = shared prefix block)
+            "owners": {b: [seq_to_req.get(s, str(s)) for s in seqs] for b, seqs in owners.items()},
+        },
+        "draft_kv": None if engine.draft is None else {
+            "total": engine.draft.blocks.num_blocks, "used": engine.draft.blocks.num_blocks - engine.draft.blocks.num_free,
+        },
+    }
