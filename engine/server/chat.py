@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from engine.errors import InvalidRequest
+
 PLAIN_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 
 
@@ -25,7 +27,10 @@ def plain_template(messages: Sequence[tuple[str, str]]) -> str:
 def chat_prompt(tokenizer, messages: Sequence[tuple[str, str]]) -> str | list[int]:
     """Token ids rendered by the chat template (its own special tokens, none added twice), or plain text."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": r, "content": t} for r, t in messages], tokenize=False,
-                                             add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template([{"role": r, "content": t} for r, t in messages], tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as exc:  # templates raise on role orders they do not support
+            raise InvalidRequest(f"messages: the model's chat template refused them: {exc}") from exc
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return plain_template(messages)

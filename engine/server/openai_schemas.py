@@ -47,7 +47,7 @@ class OpenAIFields(BaseModel):
     stop: Stop = None
     seed: Seed = None
     stream: bool = Field(default=False, description="Answer with server-sent chunks ending in `data: [DONE]`.")
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(default=None, description="With stream: include_usage.")
     # Helix extras
     top_k: TopK = 0
     speculative: Speculative = True
@@ -72,14 +72,14 @@ class CompletionRequest(OpenAIFields):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    type: Literal["text"] = "text"
-    text: str
+    type: Literal["text"] = Field(default="text", description="Only text parts are supported.")
+    text: str = Field(description="The text.")
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="Who wrote the message.")
     content: Annotated[str | list[TextPart] | None, Field(description="Text, or a list of text parts.")] = None
 
     @property
@@ -90,7 +90,8 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(OpenAIFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256, description="The conversation "
+                                                 "so far (1..256 messages).")]
     max_tokens: Annotated[MaxNewTokens | None, Field(description="Most tokens to generate (default 128).")] = None
     max_completion_tokens: Annotated[MaxNewTokens | None, Field(description="Same as max_tokens; wins if both "
                                                                 "are set.")] = None

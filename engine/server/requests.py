@@ -59,17 +59,17 @@ async def follow(handles: Sequence[RequestHandle], request: Request | None = Non
             queue.put_nowait((i, ev))
 
     tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
-    remaining = len(handles)
+    finished: set[int] = set()
     try:
-        while remaining:
+        while len(finished) < len(handles):
             i, ev = await queue.get()
             if isinstance(ev, FinishEvent):
-                remaining -= 1
-                if request is not None:
-                    request.state.tokens = getattr(request.state, "tokens", 0) + len(ev.token_ids)
+                finished.add(i)
+            elif request is not None:  # counted as delivered, so the request log is right after a disconnect
+                request.state.tokens = getattr(request.state, "tokens", 0) + 1
             yield i, ev
     finally:
-        unfinished = [h for h in handles if not h.done.is_set()]
+        unfinished = [h for i, h in enumerate(handles) if i not in finished]
         for h in unfinished:
             h.cancel()
         for t in tasks:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from engine.sequence import FinishEvent
 from engine.server.deps import WorkerDep
 from engine.server.requests import Outcome, complete, follow, sse, submit
 from engine.server.schemas import (
@@ -18,7 +19,6 @@ from engine.server.schemas import (
     GenerateResponse,
     TokenEventData,
 )
-from engine.sequence import FinishEvent
 
 router = APIRouter(prefix="/generate", tags=["generate"], responses=ERROR_RESPONSES)
 
