@@ -1,0 +1,163 @@
+"""``bench`` and ``doctor`` subcommands; main.py discovers ``add_parsers``. Heavy imports stay in the
+functions so ``--help`` is fast."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from engine import cli
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def add_parsers(sub) -> None:
+    b = sub.add_parser(
+        "bench", help="benchmark Helix against Hugging Face generate()",
+        description="Plain vs speculative (K=1..8, adaptive) vs HF generate() and assisted generation on held-out "
+                    "story openings, then concurrency, KV memory and a time profile. Table on stdout, progress on "
+                    "stderr. Default: the bundled demo pair, ~10 minutes on a 2-core CPU.")
+    b.add_argument("--quick", action="store_true", help="tiny run for CI: K in {1,2}, 1 repeat, 12 tokens")
+    b.add_argument("--json", metavar="PATH", help="write every number and the machine description as JSON")
+    b.add_argument("--plot", metavar="PATH.png", help="save speed-up vs K and throughput vs concurrency (matplotlib)")
+    b.add_argument("--markdown", action="store_true", help="print the tables as Markdown (for BENCHMARKS.md)")
+    b.add_argument("--prompts", type=int, default=None, dest="num_prompts", help="prompts per pass (default 4)")
+    b.add_argument("--prompts-file", default=None, help="one prompt per line (default: 50 held-out story openings)")
+    b.add_argument("--repeats", type=int, default=None, help="timed rounds per configuration; the median is reported")
+    b.add_argument("--temperatures", type=_floats, default=None, help="comma-separated (default 0,0.8)")
+    b.add_argument("--lengths", type=_ints, default=None, help="new tokens per request, comma-separated (default 128,256)")
+    b.add_argument("--ks", type=_ints, default=None, help="fixed draft lengths to sweep (default 1..8)")
+    b.add_argument("--concurrency", type=_ints, default=None, help="concurrent requests (default 1,2,4,8,16)")
+    b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() comparisons")
+    b.add_argument("--strict", action="store_true", help="exit with code 1 when a target is missed")
+    cli.add_common_args(b)
+    b.set_defaults(func=run_bench_command)
+
+    d = sub.add_parser(
+        "doctor", help="check a draft/target pair and recommend K",
+        description="Check that the draft's tokenizer matches the target's, measure draft and target step times on "
+                    "the device, calibrate the acceptance rate per position over a few prompts, and recommend a "
+                    "draft length K (or say why speculation will not pay here).")
+    d.add_argument("--prompts", type=int, default=4, dest="num_prompts", help="calibration prompts (default 4)")
+    d.add_argument("--max-new-tokens", type=int, default=64, help="tokens per calibration prompt (default 64)")
+    d.add_argument("--temperature", type=float, default=None,
+                   help="calibration temperature (default: the app's default sampling temperature)")
+    d.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    cli.add_common_args(d)
+    d.set_defaults(func=run_doctor_command)
+
+
+def _usage_problem(args) -> str | None:
+    for name in ("num_prompts", "repeats"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            return f"--{name.replace('num_', '').replace('_', '-')} must be >= 1"
+    for name in ("lengths", "ks", "concurrency"):
+        value = getattr(args, name, None)
+        if value is not None and (not value or min(value) < 1):
+            return f"--{name} must be a comma-separated list of integers >= 1"
+    if getattr(args, "ks", None) and max(args.ks) > 8:
+        return "--ks must be in 1..8"
+    return None
+
+
+def _check_tokenizers_first(args) -> None:
+    """Fast tokenizer check before loading weights; load problems are left to the engine build."""
+    from engine.loader import check_tokenizers_compatible
+
+    try:
+        from transformers import AutoTokenizer
+
+        target = AutoTokenizer.from_pretrained(args.target)
+        draft = AutoTokenizer.from_pretrained(args.draft)
+    except Exception:
+        return
+    check_tokenizers_compatible(target, draft)
+    print("tokenizers: compatible", file=sys.stderr)
+
+
+def run_doctor_command(args) -> int:
+    from engine.bench.doctor import diagnose, format_report
+    from engine.bench.prompts import load_prompts
+    from engine.config import SamplingParams
+    from engine.errors import HelixError
+
+    if args.no_draft or (args.target is not None and not args.draft):
+        return cli.usage_error("doctor checks a draft/target pair: give --draft (and --target)")
+    if args.num_prompts < 1 or args.max_new_tokens < 1:
+        return cli.usage_error("--prompts and --max-new-tokens must be >= 1")
+    temperature = SamplingParams().temperature if args.temperature is None else args.temperature
+    try:
+        if args.target and args.draft:
+            _check_tokenizers_first(args)
+        engine = cli.build_engine_from_args(args)
+        report = diagnose(engine, load_prompts()[-args.num_prompts:], temperature=temperature,
+                          max_new_tokens=args.max_new_tokens)
+    except HelixError as exc:
+        return cli.usage_error(str(exc))
+    print(f"{engine.target_name} + {engine.draft_name} on {engine.device_kind} ({engine.device_name}), "
+          f"{engine.dtype_name}")
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    return 0
+
+
+def run_bench_command(args) -> int:
+    from engine.bench.prompts import load_prompts
+    from engine.bench.report import format_results
+    from engine.bench.suite import config_for, run_bench
+    from engine.errors import HelixError
+
+    problem = _usage_problem(args)
+    if problem:
+        return cli.usage_error(problem)
+    if args.no_draft:
+        return cli.usage_error("bench compares speculative decoding: it needs a draft model (drop --no-draft)")
+    if args.target is not None and not args.draft:
+        return cli.usage_error("bench needs a draft model: give --draft with --target")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return cli.usage_error("--plot needs matplotlib: pip install matplotlib (or the dev extra)")
+    cfg = config_for(args.quick, num_prompts=args.num_prompts, repeats=args.repeats, temperatures=args.temperatures,
+                     lengths=args.lengths, ks=args.ks, concurrency=args.concurrency,
+                     hf=False if args.no_hf else None)
+    if args.lengths and not set(cfg.sweep_lengths) & set(cfg.lengths):
+        from dataclasses import replace
+
+        cfg = replace(cfg, sweep_lengths=(min(cfg.lengths),))
+    try:
+        prompts = load_prompts(args.prompts_file)
+    except (OSError, ValueError) as exc:
+        return cli.usage_error(f"cannot read prompts: {exc}")
+    try:
+        engine = cli.build_engine_from_args(args)
+        results = run_bench(engine, prompts, cfg)
+    except HelixError as exc:
+        return cli.usage_error(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    results["command"] = "python main.py " + " ".join(sys.argv[1:])
+    print(format_results(results, markdown=args.markdown))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        from engine.bench.plot import save_plot
+
+        save_plot(results, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    if args.strict and any(t["result"] == "MISS" for t in results["targets"]):
+        return 1
+    return 0
+

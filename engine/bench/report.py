@@ -1,0 +1,180 @@
+"""Bench results as tables (plain text for the terminal, Markdown for BENCHMARKS.md) and the
+issue-7 targets with a PASS/MISS verdict each."""
+
+from __future__ import annotations
+
+from engine.bench.machine import describe
+
+# (id, what, threshold, direction): direction ">=" or "<="
+TARGETS = {
+    "spec_vs_plain": ("speculative (adaptive K) / Helix plain, greedy, batch 1", 1.5, ">="),
+    "spec_vs_hf_assisted": ("speculative (adaptive K) / best HF assisted generation, greedy", 1.2, ">="),
+    "plain_vs_hf": ("Helix plain / HF generate() plain, greedy (paged cache costs <= 15%)", 0.85, ">="),
+    "measured_vs_predicted": ("measured / predicted speed-up (adaptive K, greedy)", 0.85, ">="),
+    "concurrency_8": ("throughput at 8 concurrent / at 1", 3.0, ">="),
+    "paged_over_stored": ("paged KV bytes / bytes of stored tokens (mixed batch, peak)", 1.1, "<="),
+}
+
+
+def _method(scen: dict, name: str) -> dict | None:
+    return next((m for m in scen["methods"] if m["name"] == name), None)
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    out = []
+
+    def add(key: str, where: str, value) -> None:
+        what, goal, op = TARGETS[key]
+        if value is None:
+            return
+        ok = value >= goal if op == ">=" else value <= goal
+        out.append({"target": key, "what": what, "where": where, "measured": round(value, 3),
+                    "goal": f"{op} {goal:g}", "result": "PASS" if ok else "MISS"})
+
+    for scen in results["scenarios"]:
+        if scen["temperature"] != 0:
+            continue
+        where = f"T=0, {scen['max_new_tokens']} tokens"
+        adaptive = _method(scen, "helix spec adaptive")
+        plain_hf = _method(scen, "hf generate plain")
+        plain = _method(scen, "helix plain")
+        if adaptive:
+            add("spec_vs_plain", where, adaptive["speedup_vs_plain"])
+            add("spec_vs_hf_assisted", where, adaptive["speedup_vs_hf_assisted"])
+            add("measured_vs_predicted", where, adaptive["measured_over_predicted"])
+        if plain and plain_hf and plain_hf["tokens_per_second"]:
+            add("plain_vs_hf", where, plain["tokens_per_second"] / plain_hf["tokens_per_second"])
+    for row in results.get("concurrency", []):
+        if row["concurrency"] == 8:
+            add("concurrency_8", row["mode"], row["speedup_vs_1"])
+    mem = results.get("memory")
+    if mem:
+        add("paged_over_stored", f"{mem['requests']} requests, {mem['models']}", mem["peak_paged_over_stored"])
+    return out
+
+
+# --------------------------------------------------------------------------- rendering
+def _fmt(v, spec: str = ".2f", suffix: str = "") -> str:
+    if v is None:
+        return "-"
+    return f"{v:{spec}}{suffix}"
+
+
+def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if i == 0 else "---:"
+                                                                  for i in range(len(headers))) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(headers), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+
+
+def scenario_table(scen: dict, markdown: bool = False) -> str:
+    headers = ["method", "tok/s", "TTFT ms", "accept", "mean len", "vs plain", "vs HF asst", "predicted",
+               "meas/pred"]
+    rows = []
+    for m in scen["methods"]:
+        name = m["name"] + (f" (K~{m['mean_k']:.1f})" if m["k"] is None and m["mean_k"] else "")
+        rows.append([name, _fmt(m["tokens_per_second"], ".1f"), _fmt(m["ttft_ms"], ".1f"),
+                     _fmt(m["acceptance_rate"], ".2f"), _fmt(m["mean_acceptance_length"], ".2f"),
+                     _fmt(m["speedup_vs_plain"], ".2f", "x"), _fmt(m["speedup_vs_hf_assisted"], ".2f", "x"),
+                     _fmt(m["predicted_speedup"], ".2f", "x"), _fmt(m["measured_over_predicted"], ".2f")])
+    return _table(headers, rows, markdown)
+
+
+def concurrency_table(rows: list[dict], markdown: bool = False) -> str:
+    levels = sorted({r["concurrency"] for r in rows})
+    headers = ["mode"] + [f"{n} req" for n in levels] + [f"x at {levels[-1]}"]
+    out = []
+    for mode in ("plain", "speculative"):
+        by = {r["concurrency"]: r for r in rows if r["mode"] == mode}
+        if by:
+            out.append([mode] + [_fmt(by[n]["tokens_per_second"], ".1f") for n in levels]
+                       + [_fmt(by[levels[-1]]["speedup_vs_1"], ".2f", "x")])
+    return _table(headers, out, markdown) + ("\n" if not markdown else "") + (
+        "" if markdown else "(tokens/s summed over all requests; x = over 1 request)")
+
+
+def memory_table(mem: dict, markdown: bool = False) -> str:
+    mib = 2**20
+    rows = [
+        ["paged cache, blocks in use at peak", f"{mem['peak_paged_bytes'] / mib:.2f} MiB",
+         f"{mem['peak_paged_over_stored']:.3f}x"],
+        ["tokens actually stored at peak", f"{mem['peak_stored_bytes'] / mib:.2f} MiB", "1.000x"],
+        [f"contiguous, preallocated to max length ({mem['max_context']})",
+         f"{mem['contiguous_max_length_bytes'] / mib:.2f} MiB",
+         f"{mem['contiguous_max_length_bytes'] / mem['peak_stored_bytes']:.2f}x"],
+        ["contiguous, preallocated to the batch's longest request",
+         f"{mem['contiguous_batch_longest_bytes'] / mib:.2f} MiB",
+         f"{mem['contiguous_batch_longest_bytes'] / mem['peak_stored_bytes']:.2f}x"],
+    ]
+    note = (f"{mem['requests']} requests ({mem['models']}), prompts {mem['prompt_tokens']} tokens, outputs "
+            f"{mem['max_new_tokens']} tokens; fragmentation at peak {mem['peak_fragmentation']:.1%}, "
+            f"paged/stored mean over steps {mem['mean_paged_over_stored']:.3f}x, worst step "
+            f"{mem['max_paged_over_stored']:.3f}x")
+    return _table(["KV cache", "bytes", "vs stored"], rows, markdown) + "\n" + note
+
+
+PHASE_NAMES = {
+    "target_forward": "target model compute", "draft_forward": "draft model compute",
+    "paged_cache": "paged-cache scatter/gather", "batch_prep": "batch prep (block tables, masks)",
+    "sampling": "sampling + verification", "scheduling": "scheduling (admit, K choice, room)",
+    "emit": "emit (detokenize, events)", "python_other": "other Python in step()",
+    "outside_steps": "outside step() (add_request)",
+}
+
+
+def profile_table(prof: dict, markdown: bool = False) -> str:
+    modes = list(prof["modes"])
+    headers = ["phase"] + [f"{m} ms/tok" for m in modes] + [f"{m} share" for m in modes]
+    rows = []
+    for key, label in PHASE_NAMES.items():
+        rows.append([label] + [_fmt(prof["modes"][m]["ms_per_token"].get(key), ".3f") for m in modes]
+                    + [_fmt(100 * prof["modes"][m]["share"].get(key, 0), ".1f", "%") for m in modes])
+    rows.append(["total (wall)"] + [_fmt(prof["modes"][m]["wall_s"] / prof["modes"][m]["tokens"] * 1e3, ".3f")
+                                    for m in modes] + ["100%"] * len(modes))
+    extra = ""
+    if "hf_generate_plain_ms_per_token" in prof:
+        extra = f"\nHF generate() plain, same scenario: {prof['hf_generate_plain_ms_per_token']:.3f} ms/token"
+    return _table(headers, rows, markdown) + extra
+
+
+def targets_table(targets: list[dict], markdown: bool = False) -> str:
+    rows = [[t["what"], t["where"], f"{t['measured']:.3f}", t["goal"], t["result"]] for t in targets]
+    return _table(["target", "where", "measured", "goal", "result"], rows, markdown)
+
+
+def format_results(results: dict, markdown: bool = False) -> str:
+    h = "### " if markdown else "== "
+    mach = results["machine"]
+    parts = [f"{h}Helix bench: {mach.get('target')} + {mach.get('draft')}",
+             describe(mach), ""]
+    for scen in results["scenarios"]:
+        parts.append(f"{h}batch 1, temperature {scen['temperature']:g}, {scen['max_new_tokens']} new tokens "
+                     f"({scen['num_prompts']} prompts, median of {scen['repeats']}; best fixed K = {scen['best_k']})")
+        parts.append(scenario_table(scen, markdown))
+        cal = scen["calibration"]
+        checks = ", ".join(f"{k}: {v}" for k, v in scen["checks"].items())
+        parts.append(f"adaptive K starts from the doctor: alpha {cal['alpha']:.2f}, c {cal['draft_cost']:.3f}, "
+                     f"gamma {cal['verify_cost']:.3f}, recommended K {cal['recommended_k']}"
+                     + (f"; {checks}" if checks else ""))
+        parts.append("")
+    if results.get("concurrency"):
+        c0 = results["concurrency"][0]
+        parts.append(f"{h}concurrency (scheduler, temperature {c0['temperature']:g}, {c0['max_new_tokens']} "
+                     "new tokens each, throughput in tokens/s)")
+        parts += [concurrency_table(results["concurrency"], markdown), ""]
+    if results.get("memory"):
+        parts += [f"{h}KV memory (mixed batch)", memory_table(results["memory"], markdown), ""]
+    if results.get("profile"):
+        p = results["profile"]
+        parts += [f"{h}where the time goes (batch 1, greedy, {p['max_new_tokens']} tokens, {p['num_prompts']} prompts)",
+                  profile_table(p, markdown), ""]
+    parts += [f"{h}targets", targets_table(results["targets"], markdown)]
+    misses = [t for t in results["targets"] if t["result"] == "MISS"]
+    parts.append(f"{len(results['targets']) - len(misses)} PASS, {len(misses)} MISS"
+                 + (": " + "; ".join(f"{t['target']} ({t['where']})" for t in misses) if misses else ""))
+    return "\n".join(parts)

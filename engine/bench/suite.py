@@ -1,0 +1,332 @@
+"""The benchmark: every configuration of issue 7 on one engine, as plain data.
+
+Order of work per scenario (temperature x new tokens, batch 1): a doctor calibration at that
+temperature (what adaptive K starts from), one untimed warm-up pass per method, then
+``repeats`` rounds in which every method runs once over the same prompts (round-robin, so
+load drift on a shared machine hits all methods alike). A method's tokens/s is the median
+over rounds. HF assisted generation at Helix's best K runs after the K sweep has found it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+from engine.adaptive import expected_tokens
+from engine.bench.doctor import diagnose
+from engine.bench.instrument import Instrument
+from engine.bench.machine import machine_info
+from engine.bench.memory import memory_bench
+from engine.bench.runs import Method, PassResult, helix_concurrent, helix_pass, hf_pass
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    temperatures: tuple[float, ...] = (0.0, 0.8)
+    lengths: tuple[int, ...] = (128, 256)
+    ks: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    sweep_lengths: tuple[int, ...] = (128,)  # other lengths run plain, best K and adaptive only
+    num_prompts: int = 4
+    repeats: int = 3
+    warmup_runs: int = 1
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
+    concurrency_tokens: int = 128
+    concurrency_repeats: int = 2
+    memory_requests: int = 8
+    memory_lengths: tuple[int, ...] = (16, 48, 96, 160, 256)
+    profile_prompts: int = 2
+    calibration_prompts: int = 4
+    calibration_tokens: int = 64
+    hf: bool = True
+    seed: int = 0
+    quick: bool = False
+
+
+QUICK = BenchConfig(lengths=(12,), ks=(1, 2), sweep_lengths=(12,), num_prompts=2, repeats=1, warmup_runs=1,
+                    concurrency=(1, 2, 4), concurrency_tokens=8, concurrency_repeats=1, memory_requests=4,
+                    memory_lengths=(4, 12, 20), profile_prompts=1, calibration_prompts=2, calibration_tokens=8,
+                    quick=True)
+
+
+@dataclass
+class _Tracked:
+    method: Method
+    passes: list[PassResult] = field(default_factory=list)
+    inst: Instrument | None = None
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="bench", file=sys.stderr, unit="run", dynamic_ncols=True)
+
+    def step(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(what[:60], refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _helix_methods(ks) -> list[Method]:
+    return ([Method("helix plain", "helix")] + [Method(f"helix spec K={k}", "helix", True, k) for k in ks]
+            + [Method("helix spec adaptive", "helix", True, None)])
+
+
+def _hf_methods(best_k: int | None) -> list[Method]:
+    out = [Method("hf generate plain", "hf"), Method("hf assisted default", "hf", True, None, "default")]
+    if best_k:
+        out.append(Method(f"hf assisted constant K={best_k}", "hf", True, best_k, "constant"))
+    return out
+
+
+def _count_passes(cfg: BenchConfig, has_draft: bool) -> int:
+    total = 0
+    for length in cfg.lengths:
+        n_helix = 2 + (len(cfg.ks) if length in cfg.sweep_lengths else 1) if has_draft else 1
+        n_hf = (3 if has_draft else 1) if cfg.hf else 0
+        total += len(cfg.temperatures) * (n_helix + n_hf) * (cfg.warmup_runs + cfg.repeats)
+    modes = 2 if has_draft else 1
+    total += len(cfg.concurrency) * modes * cfg.concurrency_repeats + 1
+    return total + 3  # memory + profile (2)
+
+
+def run_bench(engine, prompts: list[str], cfg: BenchConfig = BenchConfig(), progress: bool = True) -> dict:
+    """Run everything; return a JSON-ready dict (see :mod:`engine.bench.report` for the tables)."""
+    if engine.draft is None:
+        raise ValueError("the bench compares speculative decoding and needs a draft model")
+    t_start = time.perf_counter()
+    ids = [engine.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    bench_ids = ids[: cfg.num_prompts]
+    cal_ids = ids[cfg.num_prompts: cfg.num_prompts + cfg.calibration_prompts] or bench_ids
+    prog = _Progress(_count_passes(cfg, True), progress)
+    results: dict = {"machine": machine_info(engine), "config": asdict(cfg), "prompts": prompts[: cfg.num_prompts],
+                     "scenarios": []}
+    try:
+        for temp in cfg.temperatures:
+            report = diagnose(engine, cal_ids, temperature=temp, max_new_tokens=cfg.calibration_tokens)
+            best_k = None
+            for length in sorted(cfg.lengths, key=lambda n: n not in cfg.sweep_lengths):
+                scen = _scenario(engine, bench_ids, temp, length, cfg, report, best_k, prog)
+                best_k = best_k or scen["best_k"]
+                results["scenarios"].append(scen)
+        results["concurrency"] = _concurrency(engine, bench_ids, cfg, prog)
+        results["memory"] = memory_bench(engine, ids, cfg.memory_requests, cfg.memory_lengths)
+        prog.step("memory")
+        results["profile"] = _profile(engine, bench_ids[: cfg.profile_prompts], cfg, results, prog)
+    finally:
+        prog.close()
+    results["machine"]["load_average_end"] = machine_info()["load_average_1_5_15"]
+    results["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    from engine.bench.report import evaluate_targets
+
+    results["targets"] = evaluate_targets(results)
+    return results
+
+
+# --------------------------------------------------------------------------- batch-1 scenarios
+def _run_group(engine, prompts, tracked: list[_Tracked], temp: float, length: int, cfg: BenchConfig,
+               adaptive_state: dict, best_k: int | None, prog: _Progress) -> None:
+    def once(t: _Tracked, record: bool) -> None:
+        m = t.method
+        if m.backend == "helix":
+            state = adaptive_state if (m.speculative and m.k is None) else None
+            if record:
+                with t.inst:
+                    t.passes.append(helix_pass(engine, prompts, m, temp, length, cfg.seed, state))
+            else:
+                helix_pass(engine, prompts[:1], m, temp, length, cfg.seed, state)
+        else:
+            res = hf_pass(engine, prompts if record else prompts[:1], m, temp, length, cfg.seed, best_k)
+            if record:
+                t.passes.append(res)
+        prog.step(f"T={temp:g} n={length} {m.name}")
+
+    for _ in range(cfg.warmup_runs):
+        for t in tracked:
+            once(t, record=False)
+    for _ in range(cfg.repeats):
+        for t in tracked:
+            once(t, record=True)
+
+
+def _scenario(engine, prompts, temp: float, length: int, cfg: BenchConfig, report, best_k: int | None,
+              prog: _Progress) -> dict:
+    # every adaptive request starts from the doctor's calibration, as in the app
+    adaptive_state = {"alpha_prior": report.alpha or engine.alpha_prior, "draft_cost": report.draft_cost,
+                      "verify_cost": report.verify_cost, "t_target1": report.target_step_ms / 1e3}
+    sweep = length in cfg.sweep_lengths or best_k is None
+    helix = _helix_methods(cfg.ks if sweep else [best_k])
+    first = [_Tracked(m, inst=Instrument(engine)) for m in helix]
+    if cfg.hf:
+        first += [_Tracked(m) for m in _hf_methods(None if sweep else best_k)]
+    _run_group(engine, prompts, first, temp, length, cfg, adaptive_state, best_k, prog)
+    tracked = list(first)
+    if sweep:
+        fixed = [t for t in first if t.method.backend == "helix" and t.method.k]
+        best_k = max(fixed, key=lambda t: _median_tps(t.passes)).method.k
+        if cfg.hf:
+            late = [_Tracked(m) for m in _hf_methods(best_k)[2:]]
+            _run_group(engine, prompts, late, temp, length, cfg, adaptive_state, best_k, prog)
+            tracked += late
+    methods = _summaries(tracked)
+    checks = {}
+    if temp == 0:
+        plain_out = tracked[0].passes[-1].outputs
+        spec_outs = [t.passes[-1].outputs for t in tracked if t.method.backend == "helix" and t.method.speculative]
+        checks["speculative_greedy_equals_plain"] = all(o == plain_out for o in spec_outs)
+        hf_plain = next((t for t in tracked if t.method.name == "hf generate plain"), None)
+        if hf_plain is not None:
+            same = sum(a == b for a, b in zip(plain_out, hf_plain.passes[-1].outputs))
+            checks["helix_greedy_equals_hf_prompts"] = f"{same}/{len(plain_out)}"
+    return {
+        "temperature": temp, "max_new_tokens": length, "num_prompts": len(prompts), "repeats": cfg.repeats,
+        "best_k": best_k, "calibration": report.to_dict(), "adaptive_start": adaptive_state,
+        "cost_model": _cost_model(tracked), "methods": methods, "checks": checks,
+    }
+
+
+def _median_tps(passes: list[PassResult]) -> float:
+    return statistics.median(p.tokens_per_second for p in passes) if passes else 0.0
+
+
+def _t1(tracked: list[_Tracked]) -> float | None:
+    plain = next((t for t in tracked if t.method.name == "helix plain"), None)
+    return plain.inst.forwards.mean("target", tokens=1) if plain and plain.inst else None
+
+
+def _cost_model(tracked: list[_Tracked]) -> dict:
+    t1 = _t1(tracked)
+    out: dict = {"target_step_ms": None if t1 is None else round(t1 * 1e3, 4), "by_method": {}}
+    for t in tracked:
+        if t.inst is None or not t.method.speculative or t1 is None:
+            continue
+        drafts = t.inst.drafts
+        if not drafts:
+            continue
+        k_mean = sum(k for k, _a in drafts) / len(drafts)
+        t_draft = t.inst.forwards.mean("draft") or 0.0
+        verify = [x for (r, s, b, n), ts in t.inst.forwards.times.items() if r == "target" and s == "decode"
+                  and b == 1 and n > 1 for x in ts]
+        t_verify = sum(verify) / len(verify) if verify else t1
+        c = t_draft / t1
+        gamma = max(0.0, (t_verify / t1 - 1.0) / k_mean)
+        alpha = t.inst.alpha() or 0.0
+        pred = expected_tokens(alpha, k_mean) / (1 + (c + gamma) * k_mean)
+        out["by_method"][t.method.name] = {
+            "alpha": round(alpha, 4), "mean_k": round(k_mean, 3), "draft_cost": round(c, 4),
+            "verify_cost": round(gamma, 4), "draft_step_ms": round(t_draft * 1e3, 4),
+            "verify_step_ms": round(t_verify * 1e3, 4), "predicted_speedup": round(pred, 4),
+        }
+    return out
+
+
+def _summaries(tracked: list[_Tracked]) -> list[dict]:
+    cost = _cost_model(tracked)["by_method"]
+    rows = []
+    for t in tracked:
+        m, passes = t.method, t.passes
+        tok = sum(p.tokens for p in passes)
+        drafts = sum(p.num_drafts for p in passes)
+        drafted = sum(p.num_draft_tokens for p in passes)
+        accepted = sum(p.num_accepted_tokens for p in passes)
+        ttft = [x for p in passes for x in p.ttft_s]
+        row = {
+            "name": m.name, "backend": m.backend, "speculative": m.speculative, "k": m.k, "assist": m.assist,
+            "tokens_per_second": round(_median_tps(passes), 3),
+            "tokens_per_second_runs": [round(p.tokens_per_second, 3) for p in passes],
+            "ttft_ms": round(statistics.median(ttft) * 1e3, 3) if ttft else None,
+            "tokens_per_pass": passes[0].tokens if passes else 0, "total_tokens": tok,
+            "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+            "mean_acceptance_length": round(1 + accepted / drafts, 4) if drafts else None,
+            "num_drafts": drafts, "num_draft_tokens": drafted, "num_accepted_tokens": accepted,
+            "alpha": None, "mean_k": None, "predicted_speedup": None,
+        }
+        if m.backend == "hf" and m.assist:
+            row["acceptance_note"] = "estimated from forward-pass counts"
+        if m.name in cost:
+            row.update(alpha=cost[m.name]["alpha"], mean_k=cost[m.name]["mean_k"],
+                       predicted_speedup=cost[m.name]["predicted_speedup"])
+        rows.append(row)
+    base = next(r["tokens_per_second"] for r in rows if r["name"] == "helix plain")
+    assisted = [r["tokens_per_second"] for r in rows if r["backend"] == "hf" and r["assist"]]
+    best_hf = max(assisted) if assisted else None
+    for r in rows:
+        r["speedup_vs_plain"] = round(r["tokens_per_second"] / base, 4) if base else None
+        r["speedup_vs_hf_assisted"] = round(r["tokens_per_second"] / best_hf, 4) if best_hf else None
+        if r["predicted_speedup"]:
+            r["measured_over_predicted"] = round(r["speedup_vs_plain"] / r["predicted_speedup"], 4)
+        else:
+            r["measured_over_predicted"] = None
+    return rows
+
+
+# --------------------------------------------------------------------------- concurrency
+def _concurrency(engine, prompts, cfg: BenchConfig, prog: _Progress) -> list[dict]:
+    temp = 0.0
+    helix_concurrent(engine, prompts, 2, True, temp, min(8, cfg.concurrency_tokens), cfg.seed)  # warm-up
+    prog.step("concurrency warm-up")
+    runs: dict[tuple[int, bool], list[PassResult]] = {}
+    for _ in range(cfg.concurrency_repeats):
+        for n in cfg.concurrency:
+            for spec in (False, True):
+                res = helix_concurrent(engine, prompts, n, spec, temp, cfg.concurrency_tokens, cfg.seed)
+                runs.setdefault((n, spec), []).append(res)
+                prog.step(f"concurrency {n} {'spec' if spec else 'plain'}")
+    out = []
+    for spec in (False, True):
+        base = None
+        for n in cfg.concurrency:
+            passes = runs[(n, spec)]
+            tps = _median_tps(passes)
+            base = tps if base is None else base
+            drafts = sum(p.num_drafts for p in passes)
+            out.append({
+                "concurrency": n, "mode": "speculative" if spec else "plain", "tokens_per_second": round(tps, 3),
+                "tokens_per_second_runs": [round(p.tokens_per_second, 3) for p in passes],
+                "speedup_vs_1": round(tps / base, 4) if base else None,
+                "ttft_ms": round(statistics.median(x for p in passes for x in p.ttft_s) * 1e3, 3),
+                "mean_acceptance_length": round(1 + sum(p.num_accepted_tokens for p in passes) / drafts, 4)
+                if drafts else None,
+                "temperature": temp, "max_new_tokens": cfg.concurrency_tokens,
+            })
+    return out
+
+
+# --------------------------------------------------------------------------- profile
+def _profile(engine, prompts, cfg: BenchConfig, results: dict, prog: _Progress) -> dict:
+    """Where a greedy batch-1 request's time goes, speculative (adaptive) and plain."""
+    length = cfg.lengths[0]
+    scen = next((s for s in results["scenarios"] if s["temperature"] == 0 and s["max_new_tokens"] == length), None)
+    out: dict = {"temperature": 0.0, "max_new_tokens": length, "num_prompts": len(prompts), "modes": {}}
+    for name, method in (("speculative adaptive", Method("adaptive", "helix", True, None)),
+                         ("plain", Method("plain", "helix"))):
+        state = scen["adaptive_start"] if scen else None
+        with Instrument(engine, profile=True) as inst:
+            res = helix_pass(engine, prompts, method, 0.0, length, cfg.seed, state if method.speculative else None)
+        phases = inst.phase_seconds()
+        wall = res.seconds
+        phases["outside_steps"] = max(0.0, wall - inst.raw["step"])  # add_request, tokenising, bookkeeping
+        out["modes"][name] = {
+            "wall_s": round(wall, 4), "tokens": res.tokens, "steps": inst.steps,
+            "ms_per_token": {k: round(v / res.tokens * 1e3, 4) for k, v in phases.items()},
+            "share": {k: round(v / wall, 4) for k, v in phases.items()},
+        }
+        prog.step(f"profile {name}")
+    if scen:
+        hf = next((m for m in scen["methods"] if m["name"] == "hf generate plain"), None)
+        if hf:
+            out["hf_generate_plain_ms_per_token"] = round(1e3 / hf["tokens_per_second"], 4)
+    return out
+
+
+def config_for(quick: bool, **overrides) -> BenchConfig:
+    cfg = QUICK if quick else BenchConfig()
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
