@@ -1,0 +1,139 @@
+"""Live charts: acceptance rate, tokens/s, KV blocks used vs total, and per-position acceptance.
+
+Curves are created once; a 50 ms timer samples the engine snapshot into ring buffers
+(:class:`LiveMetrics`) and refreshes them with ``setData``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QGridLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+
+from engine.host import EngineHost
+from helix_desktop.metrics import LiveMetrics
+from helix_desktop.theme import ACCENT, is_dark, token_colours
+
+REFRESH_MS = 50
+WINDOW_S = 60.0
+
+
+def _plot(title: str, left: str, dark: bool) -> pg.PlotWidget:
+    widget = pg.PlotWidget(background="#16181b" if dark else "#ffffff")
+    item = widget.getPlotItem()
+    fg = "#d0d3d8" if dark else "#33363b"
+    item.setTitle(title, color=fg, size="10pt")
+    item.setLabel("left", left, color=fg)
+    item.showGrid(x=True, y=True, alpha=0.15)
+    item.setMenuEnabled(False)
+    item.hideButtons()
+    widget.setMouseEnabled(x=False, y=False)
+    widget.setMinimumHeight(150)
+    for axis in ("left", "bottom"):
+        item.getAxis(axis).setTextPen(fg)
+        item.getAxis(axis).setPen(fg)
+    return widget
+
+
+class ChartsTab(QWidget):
+    def __init__(self, host: EngineHost, metrics: LiveMetrics, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.host = host
+        self.metrics = metrics
+        dark = is_dark()
+        colours = token_colours()
+        pg.setConfigOptions(antialias=True)
+
+        self.acceptance_plot = _plot("Acceptance rate (last 3 s)", "accepted / drafted", dark)
+        self.acceptance_plot.setYRange(0, 1.02)
+        self.tps_plot = _plot("Tokens per second (all clients)", "tok/s", dark)
+        self.kv_plot = _plot("KV cache blocks", "blocks", dark)
+        self.hist_plot = _plot("Acceptance by draft position (since load)", "accepted share", dark)
+        self.hist_plot.setYRange(0, 1.02)
+        for plot in (self.acceptance_plot, self.tps_plot, self.kv_plot):
+            plot.setXRange(-WINDOW_S, 0, padding=0)
+            plot.getPlotItem().setLabel("bottom", "seconds ago")
+            plot.getPlotItem().setClipToView(True)
+            plot.getPlotItem().setDownsampling(auto=True, mode="peak")
+        self.hist_plot.getPlotItem().setLabel("bottom", "draft position")
+
+        self.acceptance_curve = self.acceptance_plot.plot(pen=pg.mkPen(colours.draft, width=2), connect="finite")
+        self.tps_curve = self.tps_plot.plot(pen=pg.mkPen(ACCENT, width=2), fillLevel=0,
+                                            brush=pg.mkBrush(124, 58, 237, 50))
+        self.kv_used_curve = self.kv_plot.plot(pen=pg.mkPen(colours.target, width=2), fillLevel=0,
+                                               brush=pg.mkBrush(245, 158, 11, 60), name="used")
+        self.kv_total_curve = self.kv_plot.plot(pen=pg.mkPen(colours.bonus, width=2, style=pg.QtCore.Qt.PenStyle.DashLine),
+                                                name="total")
+        self.bars = pg.BarGraphItem(x=[], height=[], width=0.6, brush=colours.draft)
+        self.hist_plot.addItem(self.bars)
+
+        self.now_label = QLabel("Waiting for the engine…")
+        self.now_label.setObjectName("statsLine")
+        self.adaptive_label = QLabel("")
+        self.adaptive_label.setWordWrap(True)
+
+        grid = QGridLayout()
+        grid.addWidget(self.acceptance_plot, 0, 0)
+        grid.addWidget(self.tps_plot, 0, 1)
+        grid.addWidget(self.kv_plot, 1, 0)
+        grid.addWidget(self.hist_plot, 1, 1)
+        header = QHBoxLayout()
+        header.addWidget(self.now_label, 1)
+        layout = QVBoxLayout(self)
+        layout.addLayout(header)
+        layout.addWidget(self.adaptive_label)
+        layout.addLayout(grid, 1)
+
+        self.timer = QTimer(self)
+        self.timer.setInterval(REFRESH_MS)
+        self.timer.timeout.connect(self.tick)
+        self.timer.start()
+
+    def tick(self) -> None:
+        worker = self.host.worker
+        self.metrics.sample(worker.snapshot() if worker is not None else None, time.monotonic())
+        if self.isVisible():
+            self.refresh()
+
+    def refresh(self) -> None:
+        m = self.metrics
+        if not m.t:
+            return
+        t = np.fromiter(m.t, dtype=float, count=len(m.t))
+        x = t - t[-1]
+        self.acceptance_curve.setData(x, np.fromiter(m.acceptance, dtype=float, count=len(t)))
+        self.tps_curve.setData(x, np.fromiter(m.tokens_per_s, dtype=float, count=len(t)))
+        used = np.fromiter(m.kv_used, dtype=float, count=len(t))
+        total = np.fromiter(m.kv_total, dtype=float, count=len(t))
+        self.kv_used_curve.setData(x, used)
+        self.kv_total_curve.setData(x, total)
+        self.kv_plot.setYRange(0, max(1.0, float(total[-1])) * 1.05, padding=0)
+        positions = m.accepted_per_position
+        self.bars.setOpts(x=np.arange(1, len(positions) + 1), height=np.array(positions, dtype=float), width=0.6)
+        self.hist_plot.setXRange(0.4, max(len(positions), 4) + 0.6, padding=0)
+
+        snap = m.latest or {}
+        kv = snap.get("kv", {})
+        spec = snap.get("spec", {})
+        self.now_label.setText(
+            f"{m.tokens_per_s[-1]:.1f} tok/s now  ·  {snap.get('tokens_generated', 0)} tokens generated  ·  "
+            f"{snap.get('requests_running', 0)} running, {snap.get('requests_waiting', 0)} waiting  ·  "
+            f"acceptance {spec.get('acceptance_rate', 0.0) * 100:.0f}% since load  ·  "
+            f"KV {kv.get('used', 0)}/{kv.get('total', 0)} blocks")
+        adaptive = snap.get("adaptive")
+        if adaptive:
+            self.adaptive_label.setText(
+                f"Adaptive draft length: the engine recommends K = {adaptive.get('recommended_k')} "
+                f"(acceptance prior α = {adaptive.get('alpha_prior', 0):.2f}, draft cost "
+                f"{adaptive.get('draft_cost', 0):.2f} and verify cost {adaptive.get('verify_cost', 0):.2f} "
+                "of a target step).")
+
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt override)
+        super().showEvent(event)
+        self.refresh()
+
+    def stop(self) -> None:
+        self.timer.stop()

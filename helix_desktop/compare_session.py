@@ -1,0 +1,127 @@
+"""Compare runs: the same prompt and seed through plain then speculative decoding, N times.
+
+Runs go one after the other (never concurrently) so timings are fair. This is the
+state machine only; the widgets live in ``compare_tab``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, replace
+
+from PySide6.QtCore import QObject, Signal
+
+from engine.config import SamplingParams
+from engine.errors import HelixError
+from engine.sequence import FinishEvent
+from helix_desktop.bridge import EngineBridge
+
+MODES = ("plain", "speculative")
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token, or None when the sequences are identical."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@dataclass
+class RunResult:
+    index: int
+    plain: FinishEvent
+    speculative: FinishEvent
+
+    @property
+    def speedup(self) -> float:
+        p = self.plain.stats.tokens_per_second
+        return self.speculative.stats.tokens_per_second / p if p > 0 else 0.0
+
+    @property
+    def first_difference(self) -> int | None:
+        return first_difference(self.plain.token_ids, self.speculative.token_ids)
+
+
+def median_speedup(results: list[RunResult]) -> float:
+    return statistics.median(r.speedup for r in results) if results else 0.0
+
+
+class CompareSession(QObject):
+    run_started = Signal(int, str)  # run index (0-based), mode
+    tokens = Signal(str, list)  # mode, [TokenEvent]
+    mode_finished = Signal(int, str, object)  # run index, mode, FinishEvent
+    run_finished = Signal(object)  # RunResult
+    done = Signal(list)  # [RunResult] (fewer than asked if stopped or failed)
+    failed = Signal(str)
+
+    def __init__(self, bridge: EngineBridge, parent: QObject | None = None):
+        super().__init__(parent)
+        self.bridge = bridge
+        self.results: list[RunResult] = []
+        self.runs = 0
+        self.greedy = False
+        self._queue: list[tuple[int, str]] = []
+        self._params: dict[str, SamplingParams] = {}
+        self._prompt = ""
+        self._current: tuple[int, str, str] | None = None  # run, mode, request id
+        self._pending_plain: FinishEvent | None = None
+        bridge.token_batch.connect(self._on_tokens)
+        bridge.finished.connect(self._on_finished)
+
+    @property
+    def running(self) -> bool:
+        return self._current is not None
+
+    def start(self, prompt: str, params: SamplingParams, runs: int) -> None:
+        """Queue ``runs`` x (plain, speculative); raises HelixError if the first request is refused."""
+        self.results, self.runs, self.greedy = [], runs, params.greedy
+        self._prompt = prompt
+        self._params = {"plain": replace(params, speculative=False), "speculative": replace(params, speculative=True)}
+        self._queue = [(i, mode) for i in range(runs) for mode in MODES]
+        self._next()
+
+    def stop(self) -> None:
+        self._queue.clear()
+        if self._current is not None:
+            self.bridge.cancel(self._current[2])
+
+    def _next(self) -> None:
+        if not self._queue:
+            self._current = None
+            self.done.emit(self.results)
+            return
+        run, mode = self._queue.pop(0)
+        try:
+            request_id = self.bridge.submit(self._prompt, self._params[mode])
+        except HelixError as exc:
+            self._queue.clear()
+            self._current = None
+            if run == 0 and mode == "plain":
+                raise
+            self.failed.emit(str(exc))
+            self.done.emit(self.results)
+            return
+        self._current = (run, mode, request_id)
+        self.run_started.emit(run, mode)
+
+    def _on_tokens(self, request_id: str, events: list) -> None:
+        if self._current is not None and request_id == self._current[2]:
+            self.tokens.emit(self._current[1], events)
+
+    def _on_finished(self, request_id: str, final: FinishEvent) -> None:
+        if self._current is None or request_id != self._current[2]:
+            return
+        run, mode, _ = self._current
+        self.mode_finished.emit(run, mode, final)
+        if final.finish_reason in ("cancelled", "error"):
+            self._queue.clear()
+            if final.finish_reason == "error":
+                self.failed.emit(final.error or "the run failed")
+        elif mode == "plain":
+            self._pending_plain = final
+        else:
+            result = RunResult(run, self._pending_plain, final)
+            self.results.append(result)
+            self.run_finished.emit(result)
+        self._next()

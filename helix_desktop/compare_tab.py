@@ -1,0 +1,244 @@
+"""Compare: plain vs speculative decoding on one prompt and seed, side by side, with speed-up and a verdict."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from engine.errors import HelixError
+from engine.sequence import FinishEvent
+from helix_desktop.bridge import EngineBridge
+from helix_desktop.compare_session import CompareSession, RunResult, median_speedup
+from helix_desktop.formatting import format_stats
+from helix_desktop.params_form import ParamsForm
+from helix_desktop.settings import AppSettings
+from helix_desktop.theme import token_colours
+from helix_desktop.widgets import Legend, TokenView, caption, monospace_font
+
+TITLES = {"plain": "Plain decoding (target only)", "speculative": "Speculative decoding (draft + target)"}
+COLUMNS = ("Run", "Plain tok/s", "Spec. tok/s", "Speed-up", "Plain TTFT", "Spec. TTFT", "Acceptance", "Same output")
+
+
+class ComparePane(QGroupBox):
+    def __init__(self, mode: str, parent: QWidget | None = None):
+        super().__init__(TITLES[mode], parent)
+        self.view = TokenView()
+        self.stats = QLabel("–")
+        self.stats.setObjectName("statsLine")
+        self.stats.setWordWrap(True)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.view, 1)
+        layout.addWidget(self.stats)
+
+
+class CompareTab(QWidget):
+    message = Signal(str, str)
+
+    def __init__(self, bridge: EngineBridge, settings: AppSettings, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.settings = settings
+        self.session = CompareSession(bridge, self)
+        self.prompt = QPlainTextEdit()
+        self.prompt.setFont(monospace_font())
+        self.prompt.setPlainText(settings.get_str("compare/prompt", "The little girl named Lily"))
+        self.prompt.setMaximumHeight(90)
+        self.form = ParamsForm(with_speculative=False)
+        self.form.load(settings, "compare")
+        if settings.qsettings.value("compare/temperature") is None:
+            self.form.temperature.setValue(0.0)  # identical-output check by default
+        self.runs = QSpinBox()
+        self.runs.setRange(1, 50)
+        self.runs.setValue(settings.get_int("compare/runs", 3, 1, 50))
+        self.runs.setPrefix("Runs: ")
+        self.run_button = QPushButton("Compare")
+        self.run_button.setObjectName("primary")
+        self.run_button.setToolTip("Run plain then speculative decoding (Ctrl+Enter)")
+        self.run_button.clicked.connect(self.run)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.stop_button.clicked.connect(self.stop)
+
+        self.panes = {mode: ComparePane(mode) for mode in TITLES}
+        self.speedup = QLabel("Speed-up –")
+        self.speedup.setObjectName("bigNumber")
+        self.verdict = QLabel("Run a comparison: temperature 0 checks that both outputs are identical.")
+        self.verdict.setWordWrap(True)
+        self.verdict.setObjectName("verdict")
+        self.progress = QLabel("")
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.verticalHeader().hide()
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.table.setMaximumHeight(150)
+
+        top = QHBoxLayout()
+        prompt_col = QVBoxLayout()
+        prompt_col.addWidget(caption("Prompt (same prompt and seed for both runs)"))
+        prompt_col.addWidget(self.prompt)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.stop_button)
+        buttons.addWidget(self.runs)
+        buttons.addWidget(self.progress, 1)
+        prompt_col.addLayout(buttons)
+        top.addLayout(prompt_col, 3)
+        params_box = QGroupBox("Parameters")
+        QVBoxLayout(params_box).addWidget(self.form)
+        params_box.setMaximumWidth(360)
+        top.addWidget(params_box, 2)
+
+        panes = QSplitter(Qt.Orientation.Horizontal)
+        for pane in self.panes.values():
+            panes.addWidget(pane)
+        panes.setChildrenCollapsible(False)
+
+        summary = QHBoxLayout()
+        summary.addWidget(self.speedup)
+        summary.addWidget(self.verdict, 1)
+        self.legend = Legend()
+        self.legend.toggled.connect(lambda on: [p.view.set_colouring(on) for p in self.panes.values()])
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(top)
+        layout.addLayout(summary)
+        layout.addWidget(panes, 1)
+        layout.addWidget(self.legend)
+        layout.addWidget(self.table)
+
+        for keys in ("Ctrl+Return", "Ctrl+Enter"):
+            QShortcut(QKeySequence(keys), self, self.run, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
+        QShortcut(QKeySequence("Escape"), self, self.stop, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
+
+        self.session.run_started.connect(self._on_run_started)
+        self.session.tokens.connect(lambda mode, events: self.panes[mode].view.append_tokens(events))
+        self.session.mode_finished.connect(self._on_mode_finished)
+        self.session.run_finished.connect(self._on_run_finished)
+        self.session.done.connect(self._on_done)
+        self.session.failed.connect(lambda text: self.message.emit("error", f"Compare failed: {text}"))
+
+    # ---------------------------------------------------------------- actions
+    def run(self) -> None:
+        if self.session.running:
+            return
+        try:
+            params = self.form.params(seed=self.form.concrete_seed())
+            self.table.setRowCount(0)
+            self.speedup.setText("Speed-up –")
+            self.verdict.setText("Running…")
+            self._set_verdict_style("")
+            self._greedy = params.greedy
+            self.session.start(self.prompt.toPlainText(), params, self.runs.value())
+        except HelixError as exc:
+            self.verdict.setText("")
+            self.message.emit("error", str(exc))
+            return
+        self._set_running(True)
+
+    def stop(self) -> None:
+        if self.session.running:
+            self.session.stop()
+            self.stop_button.setEnabled(False)
+
+    # ---------------------------------------------------------------- session signals
+    def _on_run_started(self, run: int, mode: str) -> None:
+        if mode == "plain":
+            for pane in self.panes.values():
+                pane.view.reset()
+                pane.stats.setText("waiting…")
+        self.panes[mode].stats.setText("generating…")
+        self.progress.setText(f"Run {run + 1} of {self.session.runs}: {mode}")
+
+    def _on_mode_finished(self, run: int, mode: str, final: FinishEvent) -> None:
+        pane = self.panes[mode]
+        pane.view.append_text(final.tail)
+        pane.stats.setText(format_stats(final.stats.to_dict(), final.finish_reason, mode == "speculative"))
+
+    def _on_run_finished(self, result: RunResult) -> None:
+        results = self.session.results
+        row = self.table.rowCount()
+        self.table.insertRow(row)
+        p, s = result.plain.stats, result.speculative.stats
+        same = "–" if not self._greedy else ("yes" if result.first_difference is None else
+                                             f"no (token {result.first_difference})")
+        cells = (str(result.index + 1), f"{p.tokens_per_second:.1f}", f"{s.tokens_per_second:.1f}",
+                 f"{result.speedup:.2f}×", _ms(p.ttft_s), _ms(s.ttft_s), f"{s.acceptance_rate * 100:.0f}%", same)
+        for col, text in enumerate(cells):
+            item = QTableWidgetItem(text)
+            item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
+            self.table.setItem(row, col, item)
+        self.table.scrollToBottom()
+        label = f"Speed-up {result.speedup:.2f}×"
+        if len(results) > 1:
+            label += f"  ·  median {median_speedup(results):.2f}× over {len(results)} runs"
+        self.speedup.setText(label)
+        self._show_verdict(result)
+
+    def _show_verdict(self, result: RunResult) -> None:
+        if not self._greedy:
+            self.verdict.setText("Temperature > 0: both runs sample with the same seed but take different random "
+                                 "paths, so the texts may differ; both follow the target model's distribution.")
+            self._set_verdict_style("")
+            return
+        diff = result.first_difference
+        n = len(result.plain.token_ids)
+        if diff is None:
+            self.verdict.setText(f"✔ Identical outputs: speculative decoding produced exactly the same {n} tokens "
+                                 "as plain decoding.")
+            self._set_verdict_style("ok")
+        else:
+            tok = self.session.bridge.host.engine.tokenizer if self.session.bridge.host.engine else None
+            a, b = result.plain.token_ids, result.speculative.token_ids
+
+            def show(ids: list[int]) -> str:
+                if diff >= len(ids):
+                    return "(end)"
+                return repr(tok.decode([ids[diff]])) if tok is not None else str(ids[diff])
+
+            self.verdict.setText(f"✘ Outputs differ first at token {diff}: plain {show(a)} vs speculative {show(b)}.")
+            self._set_verdict_style("bad")
+
+    def _set_verdict_style(self, kind: str) -> None:
+        colours = token_colours()
+        colour = {"ok": colours.draft, "bad": "#dc2626"}.get(kind)
+        self.verdict.setStyleSheet(f"color: {colour}; font-weight: 600;" if colour else "")
+
+    def _on_done(self, results: list) -> None:
+        self._set_running(False)
+        if len(results) < self.session.runs:
+            self.progress.setText(f"Stopped after {len(results)} of {self.session.runs} runs")
+            if not results:
+                self.verdict.setText("Stopped.")
+        else:
+            self.progress.setText(f"Done: {len(results)} run{'s' if len(results) != 1 else ''}")
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.stop_button.setEnabled(running)
+
+    def set_has_draft(self, has_draft: bool) -> None:
+        self.form.set_has_draft(has_draft)
+
+    def save(self) -> None:
+        self.form.save(self.settings, "compare")
+        self.settings.set("compare/runs", self.runs.value())
+        self.settings.set("compare/prompt", self.prompt.toPlainText()[:20000])
+
+
+def _ms(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds * 1000:.0f} ms"

@@ -1,0 +1,224 @@
+"""The main window: lays out the tabs, the message banner and the status bar; owns shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from PySide6.QtCore import QTimer
+from PySide6.QtGui import QCloseEvent, QGuiApplication
+from PySide6.QtWidgets import QLabel, QMainWindow, QTabWidget, QVBoxLayout, QWidget
+
+from engine.config import EngineConfig
+from engine.host import EngineHost
+from helix_desktop import APP_NAME
+from helix_desktop.bridge import EngineBridge
+from helix_desktop.charts_tab import ChartsTab
+from helix_desktop.compare_tab import CompareTab
+from helix_desktop.formatting import format_bytes, short_model_name
+from helix_desktop.generate_tab import GenerateTab
+from helix_desktop.kv_view import KVTab
+from helix_desktop.metrics import LiveMetrics
+from helix_desktop.model_catalog import demo_pair_present, is_demo
+from helix_desktop.models_tab import DEVICE_WORDS, ModelsTab
+from helix_desktop.server_control import ServerController
+from helix_desktop.server_tab import ServerTab
+from helix_desktop.settings import AppSettings
+from helix_desktop.theme import app_icon
+from helix_desktop.widgets import Banner
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SIZE = (1280, 800)
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, host: EngineHost, settings: AppSettings, own_host: bool = True):
+        super().__init__()
+        self.host = host
+        self.settings = settings
+        self.own_host = own_host
+        self._shut_down = False
+        self.setWindowTitle(APP_NAME)
+        self.setWindowIcon(app_icon())
+        self.setMinimumSize(900, 560)
+
+        self.bridge = EngineBridge(host, self)
+        self.metrics = LiveMetrics()
+        self.server = ServerController(host, self)
+
+        self.banner = Banner()
+        self.generate_tab = GenerateTab(self.bridge, settings)
+        self.compare_tab = CompareTab(self.bridge, settings)
+        self.charts_tab = ChartsTab(host, self.metrics)
+        self.kv_tab = KVTab(host)
+        self.server_tab = ServerTab(self.server, settings)
+        self.models_tab = ModelsTab(self.bridge, settings)
+        self.tabs = QTabWidget()
+        self.tabs.setDocumentMode(True)
+        for widget, title in ((self.generate_tab, "Generate"), (self.compare_tab, "Compare"),
+                              (self.charts_tab, "Live charts"), (self.kv_tab, "KV cache"),
+                              (self.server_tab, "Server"), (self.models_tab, "Models")):
+            self.tabs.addTab(widget, title)
+            if hasattr(widget, "message"):
+                widget.message.connect(self.show_message)
+
+        central = QWidget()
+        layout = QVBoxLayout(central)
+        layout.setContentsMargins(8, 8, 8, 4)
+        layout.addWidget(self.banner)
+        layout.addWidget(self.tabs, 1)
+        self.setCentralWidget(central)
+
+        self.device_label = QLabel()
+        self.models_label = QLabel()
+        self.memory_label = QLabel()
+        self.server_label = QLabel()
+        for label in (self.models_label, self.device_label, self.memory_label, self.server_label):
+            self.statusBar().addPermanentWidget(label)
+        self.server.started.connect(lambda url: self.server_label.setText(f"API: {url}"))
+        self.server.stopped.connect(lambda: self.server_label.setText("API: off"))
+        self.server_label.setText("API: off")
+
+        self.bridge.state_changed.connect(self._on_state)
+        self.status_timer = QTimer(self)
+        self.status_timer.setInterval(1000)
+        self.status_timer.timeout.connect(self.refresh_status)
+        self.status_timer.start()
+
+        self._restore_geometry()
+        self.tabs.setCurrentIndex(settings.get_int("window/tab", 0, 0, self.tabs.count() - 1))
+        if settings.reset_message:
+            self.show_message("warning", settings.reset_message)
+        self._on_state(host.state, host.reason or "")
+
+    # ---------------------------------------------------------------- messages and state
+    def show_message(self, level: str, text: str) -> None:
+        self.banner.show_message(level, text)
+
+    def load_models(self, config: EngineConfig) -> None:
+        """Load a pair in the background, or explain why it can't be (missing demo models)."""
+        self.models_tab.show_config(config)
+        if is_demo(config.target) and not demo_pair_present():
+            self.show_message("warning", "The demo models are not installed in this copy of Helix yet "
+                              "(resources/models/demo-target is missing). Choose a model on the Models tab: "
+                              "a local folder, a Hugging Face hub id, or one from your local cache.")
+            self.tabs.setCurrentWidget(self.models_tab)
+            return
+        self.bridge.load(config)
+
+    def _on_state(self, state: str, reason: str) -> None:
+        engine = self.host.engine
+        has_draft = engine is not None and engine.has_draft
+        self.generate_tab.set_has_draft(has_draft)
+        self.compare_tab.set_has_draft(has_draft)
+        if state == "loading":
+            self.statusBar().showMessage("Loading models…")
+        elif state == "ready" and reason:
+            self.statusBar().clearMessage()
+            self.show_message("error", f"Could not load the new models: {self.host.last_error or reason}  "
+                              f"Still using {self._pair_text()}.")
+        elif state == "ready":
+            self.statusBar().showMessage(f"Models ready: {self._pair_text()}", 5000)
+            if self.banner.level == "error":
+                self.banner.dismiss()
+            self._remember_models()
+        elif state == "failed":
+            self.statusBar().clearMessage()
+            self.show_message("error", f"Could not load models: {reason}  Choose other models on the Models tab.")
+            self.tabs.setCurrentWidget(self.models_tab)
+        self.refresh_status()
+
+    def _pair_text(self) -> str:
+        engine = self.host.engine
+        if engine is None:
+            return "no models"
+        info = engine.info()
+        draft = short_model_name(info["draft"]) if info["has_draft"] else "no draft"
+        return f"{short_model_name(info['target'])} + {draft}"
+
+    def _remember_models(self) -> None:
+        config = self.host.config
+        if config is None:  # adopted in-memory engine (tests): nothing to remember
+            return
+        self.settings.set("models/target", config.target)
+        self.settings.set("models/draft", config.draft or "")
+        self.settings.set("models/no_draft", config.draft is None)
+        self.settings.set("models/device", config.device)
+        self.settings.set("models/dtype", config.dtype or "auto")
+        self.settings.set("models/kv_cache_tokens", config.kv_cache_tokens or 0)
+        self.settings.sync()
+
+    def refresh_status(self) -> None:
+        engine = self.host.engine
+        if engine is None:
+            self.device_label.setText("Device: –")
+            self.models_label.setText("No models loaded")
+        else:
+            info = engine.info()
+            self.device_label.setText(f"{DEVICE_WORDS.get(info['device'], info['device'])} · {info['dtype']}")
+            self.device_label.setToolTip(info["device_name"])
+            self.models_label.setText(self._pair_text())
+        self.memory_label.setText(memory_text(engine))
+
+    # ---------------------------------------------------------------- geometry and shutdown
+    def _restore_geometry(self) -> None:
+        geometry = self.settings.get_bytes("window/geometry")
+        if geometry is None or not self.restoreGeometry(geometry):
+            screen = QGuiApplication.primaryScreen()
+            width, height = DEFAULT_SIZE
+            if screen is not None:
+                avail = screen.availableGeometry()
+                width, height = min(width, avail.width()), min(height, avail.height() - 40)
+            self.resize(width, height)
+
+    def save_settings(self) -> None:
+        self.settings.set("window/geometry", self.saveGeometry())
+        self.settings.set("window/tab", self.tabs.currentIndex())
+        for tab in (self.generate_tab, self.compare_tab, self.server_tab):
+            tab.save()
+        self.settings.sync()
+
+    def shutdown(self) -> None:
+        """Stop timers, the server and the engine; safe to call twice."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        try:
+            self.save_settings()
+        except Exception:
+            logger.exception("could not save settings")
+        for timer_owner in (self.charts_tab, self.kv_tab):
+            timer_owner.stop()
+        self.status_timer.stop()
+        if self.compare_tab.session.running:
+            self.compare_tab.session.stop()
+        self.server.shutdown()
+        self.bridge.shutdown()
+        if self.own_host:
+            if self.host.state == "loading":
+                self.host.wait_loaded(5.0)
+            self.host.shutdown()
+
+    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
+        self.shutdown()
+        super().closeEvent(event)
+
+
+def memory_text(engine) -> str:
+    """Process RSS, plus CUDA memory when the engine runs on CUDA."""
+    parts = []
+    try:
+        import psutil
+
+        parts.append(f"RAM {format_bytes(psutil.Process(os.getpid()).memory_info().rss)}")
+    except Exception:  # psutil missing or denied
+        pass
+    if engine is not None and engine.device_kind == "cuda":
+        try:
+            import torch
+
+            parts.append(f"GPU {format_bytes(torch.cuda.memory_allocated())}")
+        except Exception:
+            pass
+    return " · ".join(parts)

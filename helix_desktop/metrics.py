@@ -1,0 +1,73 @@
+"""Live metrics sampled from engine snapshots into ring buffers (no Qt): the charts read these.
+
+Sampling is separate from drawing: :meth:`LiveMetrics.sample` runs from a timer and
+turns cumulative counters into rates over a short window, so requests from any source
+(the window, the API server, other tools) show up alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+HISTORY_S = 120.0
+RATE_WINDOW_S = 1.0
+ACCEPT_WINDOW_S = 3.0
+
+
+class LiveMetrics:
+    def __init__(self, capacity: int = 2400):
+        self.t: deque[float] = deque(maxlen=capacity)
+        self.tokens_per_s: deque[float] = deque(maxlen=capacity)
+        self.acceptance: deque[float] = deque(maxlen=capacity)  # NaN where nothing was drafted
+        self.kv_used: deque[float] = deque(maxlen=capacity)
+        self.kv_total: deque[float] = deque(maxlen=capacity)
+        self._window: deque[tuple[float, int, int, int]] = deque()  # (t, tokens, drafted, accepted)
+        self._last_tokens: int | None = None
+        self.tokens_seen = 0  # tokens generated while we watched, from any client
+        self.accepted_per_position: list[float] = []
+        self.drafts_at_position: list[int] = []
+        self.latest: dict | None = None
+        self._t0: float | None = None
+
+    def sample(self, snapshot: dict | None, now: float) -> None:
+        if snapshot is None:
+            return
+        if self._t0 is None:
+            self._t0 = now
+        tokens = int(snapshot.get("tokens_generated", 0))
+        spec = snapshot.get("spec", {})
+        drafted, accepted = int(spec.get("num_draft_tokens", 0)), int(spec.get("num_accepted_tokens", 0))
+        if self._last_tokens is not None and tokens < self._last_tokens:  # a new engine: counters restarted
+            self._window.clear()
+            self._last_tokens = 0
+        if self._last_tokens is not None:
+            self.tokens_seen += tokens - self._last_tokens
+        self._last_tokens = tokens
+        self._window.append((now, tokens, drafted, accepted))
+        while len(self._window) > 1 and self._window[0][0] < now - ACCEPT_WINDOW_S:
+            self._window.popleft()
+
+        rate_base = next((w for w in self._window if w[0] >= now - RATE_WINDOW_S), self._window[0])
+        dt = now - rate_base[0]
+        tps = (tokens - rate_base[1]) / dt if dt > 0 else 0.0
+        base = self._window[0]
+        d_drafted, d_accepted = drafted - base[2], accepted - base[3]
+        acc = d_accepted / d_drafted if d_drafted > 0 else math.nan
+
+        kv = snapshot.get("kv", {})
+        self.t.append(now - self._t0)
+        self.tokens_per_s.append(max(0.0, tps))
+        self.acceptance.append(acc)
+        self.kv_used.append(float(kv.get("used", 0)))
+        self.kv_total.append(float(kv.get("total", 0)))
+        drafts = list(spec.get("drafts_per_position", []))
+        accepted_pos = list(spec.get("accepted_per_position", []))
+        used = max((i + 1 for i, d in enumerate(drafts) if d), default=0)
+        self.drafts_at_position = drafts[:used]
+        self.accepted_per_position = [a / d if d else 0.0 for a, d in zip(accepted_pos[:used], drafts[:used], strict=False)]
+        self.latest = snapshot
+
+    @property
+    def peak_tokens_per_s(self) -> float:
+        return max(self.tokens_per_s, default=0.0)
