@@ -14,22 +14,25 @@ def _runner_bytes(runner) -> tuple[int, int, int, int]:
         st.tokens_stored
 
 
-def mixed_batch(prompts: list[list[int]], n: int, max_new: list[int]) -> tuple[list[list[int]], list[int]]:
-    """``n`` prompts of 1-4 concatenated openings and output lengths cycling through ``max_new``."""
+def mixed_batch(prompts: list[list[int]], n: int, max_new: list[int], max_context: int
+                ) -> tuple[list[list[int]], list[int]]:
+    """``n`` prompts of 1-4 concatenated openings and output lengths cycling through ``max_new``,
+    each request kept within the model's context."""
     out, lengths = [], []
     for i in range(n):
         joined: list[int] = []
         for j in range(1 + i % 4):
             joined += prompts[(i + j) % len(prompts)]
-        out.append(joined)
-        lengths.append(max_new[i % len(max_new)])
+        new = min(max_new[i % len(max_new)], max_context // 2)
+        out.append(joined[: max_context - new - 16])
+        lengths.append(new)
     return out, lengths
 
 
 def memory_bench(engine, prompts: list[list[int]], n: int = 8, max_new: tuple[int, ...] = (16, 48, 96, 160, 256),
                  speculative: bool = True) -> dict:
     """Run the mixed batch concurrently (greedy, adaptive K) and sample the block tables after every step."""
-    batch, lengths = mixed_batch(prompts, n, list(max_new))
+    batch, lengths = mixed_batch(prompts, n, list(max_new), engine.max_context)
     runners = [engine.target] + ([engine.draft] if engine.draft is not None and speculative else [])
     per_token = sum(r.pool.shape.bytes_per_token(r.pool.dtype) for r in runners)
     samples: list[tuple[int, int, int, int]] = []

@@ -114,7 +114,7 @@ def memory_table(mem: dict, markdown: bool = False) -> str:
     note = (f"{mem['requests']} requests ({mem['models']}), prompts {mem['prompt_tokens']} tokens, outputs "
             f"{mem['max_new_tokens']} tokens; fragmentation at peak {mem['peak_fragmentation']:.1%}, "
             f"paged/stored mean over steps {mem['mean_paged_over_stored']:.3f}x, worst step "
-            f"{mem['max_paged_over_stored']:.3f}x")
+            f"{mem['max_paged_over_stored']:.3f}x; under 1x means prompt-prefix blocks are shared")
     return _table(["KV cache", "bytes", "vs stored"], rows, markdown) + "\n" + note
 
 

@@ -159,6 +159,7 @@ def hf_pass(engine, prompts: list[list[int]], method: Method, temperature: float
     ``constant_k`` tokens (num_assistant_tokens_schedule="constant", confidence stop off).
     """
     from transformers.generation.streamers import BaseStreamer
+    from transformers.utils import logging as hf_logging
 
     target = engine.target.model
     draft = engine.draft.model if (method.assist and engine.draft is not None) else None
@@ -180,6 +181,8 @@ def hf_pass(engine, prompts: list[list[int]], method: Method, temperature: float
     class Clock(_FirstTokenClock, BaseStreamer):
         pass
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # assisted generation warns about its own internal arguments
     try:
         for i, ids in enumerate(prompts):
             input_ids = torch.tensor([ids], dtype=torch.long, device=device)
@@ -206,6 +209,7 @@ def hf_pass(engine, prompts: list[list[int]], method: Method, temperature: float
             res.target_calls += counts["target"] - before["target"]
             res.draft_calls += counts["draft"] - before["draft"]
     finally:
+        hf_logging.set_verbosity(verbosity)
         for h in hooks:
             h.remove()
         if saved_config is not None:

@@ -1,0 +1,177 @@
+"""The bench and the doctor on tiny models: end to end in seconds, every JSON field, clear user errors."""
+
+import json
+
+import pytest
+
+import main
+from engine.bench import instrument as instrument_mod
+from engine.bench.doctor import DoctorReport, diagnose
+from engine.bench.instrument import Instrument
+from engine.bench.prompts import load_prompts
+from engine.bench.report import evaluate_targets, format_results
+from engine.bench.suite import QUICK, run_bench
+from tests.tiny import tiny_engine, tiny_llama, tiny_tokenizer, word_tokenizer
+
+MACHINE_FIELDS = {"cpu_model", "logical_cores", "torch", "transformers", "torch_threads", "device", "dtype",
+                  "date_utc", "load_average_1_5_15"}
+METHOD_FIELDS = {"name", "backend", "k", "tokens_per_second", "tokens_per_second_runs", "ttft_ms", "acceptance_rate",
+                 "mean_acceptance_length", "speedup_vs_plain", "speedup_vs_hf_assisted", "predicted_speedup",
+                 "measured_over_predicted", "alpha", "mean_k"}
+EXPECTED_METHODS = {"helix plain", "helix spec K=1", "helix spec K=2", "helix spec adaptive", "hf generate plain",
+                    "hf assisted default"}
+
+
+@pytest.fixture(scope="module")
+def quick_results():
+    engine = tiny_engine()
+    engine.warmup()
+    return run_bench(engine, load_prompts(), QUICK, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_models")
+    tok = tiny_tokenizer()
+    for name, layers in (("target", 2), ("draft", 1)):
+        tiny_llama(len(tok), layers=layers, seed=layers).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    tiny_llama(8, layers=1).save_pretrained(root / "other")
+    word_tokenizer(8).save_pretrained(root / "other")
+    return root
+
+
+def _assert_method_fields(method: dict) -> None:
+    missing = METHOD_FIELDS - set(method)
+    assert not missing, f"{method['name']} lacks {missing}"
+    assert method["tokens_per_second"] > 0 and method["ttft_ms"] > 0
+
+
+def test_quick_bench_json_has_every_field(quick_results):
+    r = json.loads(json.dumps(quick_results))  # JSON-ready
+    assert MACHINE_FIELDS <= set(r["machine"])
+    assert {s["temperature"] for s in r["scenarios"]} == {0.0, 0.8}
+    for scen in r["scenarios"]:
+        names = {m["name"] for m in scen["methods"]}
+        assert EXPECTED_METHODS <= names
+        assert any(n.startswith("hf assisted constant K=") for n in names)
+        for m in scen["methods"]:
+            _assert_method_fields(m)
+        spec = [m for m in scen["methods"] if m["backend"] == "helix" and m["speculative"]]
+        assert all(m["predicted_speedup"] is not None and m["alpha"] is not None for m in spec)
+        assert {"alpha", "alpha_per_position", "recommended_k", "draft_cost", "verify_cost"} <= set(scen["calibration"])
+    assert {(c["concurrency"], c["mode"]) for c in r["concurrency"]} == {
+        (n, mode) for n in QUICK.concurrency for mode in ("plain", "speculative")}
+    mem = r["memory"]
+    assert mem["contiguous_max_length_bytes"] > mem["peak_paged_bytes"] > 0
+    assert 0 <= mem["peak_fragmentation"] < 1
+    for mode in ("speculative adaptive", "plain"):
+        prof = r["profile"]["modes"][mode]
+        assert prof["tokens"] > 0 and prof["ms_per_token"]["target_forward"] > 0
+        assert sum(prof["share"].values()) == pytest.approx(1.0, abs=0.05)
+    assert {t["result"] for t in r["targets"]} <= {"PASS", "MISS"}
+    assert {t["target"] for t in r["targets"]} >= {"spec_vs_plain", "plain_vs_hf", "paged_over_stored"}
+
+
+def test_speculative_greedy_output_equals_plain_in_the_bench(quick_results):
+    greedy = next(s for s in quick_results["scenarios"] if s["temperature"] == 0)
+    assert greedy["checks"]["speculative_greedy_equals_plain"] is True
+
+
+def test_tables_name_every_target_with_pass_or_miss(quick_results):
+    text = format_results(quick_results)
+    for t in quick_results["targets"]:
+        assert t["what"] in text
+    assert "PASS" in text or "MISS" in text
+    assert "| method |" in format_results(quick_results, markdown=True)
+
+
+def test_targets_say_miss_plainly():
+    results = {"scenarios": [{"temperature": 0.0, "max_new_tokens": 128, "methods": [
+        {"name": "helix plain", "tokens_per_second": 100.0, "speedup_vs_plain": 1.0},
+        {"name": "helix spec adaptive", "tokens_per_second": 120.0, "speedup_vs_plain": 1.2,
+         "speedup_vs_hf_assisted": 1.3, "measured_over_predicted": 0.9},
+        {"name": "hf generate plain", "tokens_per_second": 125.0},
+    ]}], "concurrency": [{"concurrency": 8, "mode": "plain", "speedup_vs_1": 3.5}],
+        "memory": {"requests": 8, "models": "target", "peak_paged_over_stored": 1.2}}
+    got = {t["target"]: t["result"] for t in evaluate_targets(results)}
+    assert got == {"spec_vs_plain": "MISS", "spec_vs_hf_assisted": "PASS", "measured_vs_predicted": "PASS",
+                   "plain_vs_hf": "MISS", "concurrency_8": "PASS", "paged_over_stored": "MISS"}
+
+
+def test_instrument_leaves_the_engine_as_it_found_it():
+    engine = tiny_engine()
+    originals = {name: getattr(instrument_mod.llm_engine, name) for name in ("verify_greedy", "sample")}
+    with Instrument(engine, profile=True) as inst:
+        engine.generate("Once upon a time", _params(temperature=0.0))
+    assert inst.steps > 0 and inst.drafts
+    for obj in (engine, engine.target, engine.draft, engine.target.cache, engine.scheduler):
+        assert not {"forward", "step", "_decode", "_emit", "update", "admit"} & set(vars(obj))
+    for name, fn in originals.items():
+        assert getattr(instrument_mod.llm_engine, name) is fn
+    assert instrument_mod.model_runner.forward_with_cache.__name__ == "forward_with_cache"
+
+
+def _params(**kw):
+    from engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=12, ignore_eos=True, **kw)
+
+
+def test_doctor_measures_and_sets_the_adaptive_prior():
+    engine = tiny_engine()
+    report = diagnose(engine, load_prompts()[:2], temperature=0.0, max_new_tokens=12)
+    assert isinstance(report, DoctorReport)
+    assert 0 <= report.alpha <= 1 and report.draft_cost > 0 and report.target_step_ms > 0
+    assert 0 <= report.recommended_k <= 8 and report.verdict
+    assert report.alpha_per_position and all(0 <= a <= 1 for a in report.alpha_per_position)
+    if report.alpha > 0:
+        assert engine.alpha_prior == report.alpha
+    assert engine.draft_cost == report.draft_cost or abs(engine.draft_cost - report.draft_cost) < 1e-3
+
+
+def test_bench_cli_quick_end_to_end(model_dirs, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--quick", "--target", str(model_dirs / "target"), "--draft", str(model_dirs / "draft"),
+            "--device", "cpu", "--json", str(out), "--no-hf", "--ks", "2", "--concurrency", "1,2"]
+    try:
+        import matplotlib  # noqa: F401
+
+        args += ["--plot", str(tmp_path / "bench.png")]
+    except ImportError:
+        pass
+    assert main.main(args) == 0
+    captured = capsys.readouterr()
+    assert "helix spec adaptive" in captured.out and "targets" in captured.out
+    data = json.loads(out.read_text())
+    assert MACHINE_FIELDS <= set(data["machine"]) and data["targets"] and data["command"].startswith("python main.py")
+    if "--plot" in args:
+        assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_doctor_cli_recommends_k(model_dirs, capsys):
+    rc = main.main(["doctor", "--target", str(model_dirs / "target"), "--draft", str(model_dirs / "draft"),
+                    "--device", "cpu", "--prompts", "2", "--max-new-tokens", "8"])
+    out = capsys.readouterr()
+    assert rc == 0
+    assert "tokenizers: compatible" in out.err
+    assert "recommended K" in out.out and "per position" in out.out
+
+
+def test_doctor_rejects_an_incompatible_pair_with_exit_code_2(model_dirs, capsys):
+    rc = main.main(["doctor", "--target", str(model_dirs / "target"), "--draft", str(model_dirs / "other"),
+                    "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "tokenizers are incompatible" in err and "vocabulary size" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--ks", "9"], "--ks must be in 1..8"),
+    (["bench", "--repeats", "0"], "--repeats must be >= 1"),
+    (["bench", "--no-draft"], "needs a draft model"),
+    (["doctor", "--no-draft"], "give --draft"),
+])
+def test_bench_and_doctor_usage_errors_exit_2(args, message, capsys):
+    assert main.main(args) == 2
+    assert message in capsys.readouterr().err
