@@ -59,6 +59,7 @@ class ChartsTab(QWidget):
             plot.getPlotItem().setClipToView(True)
             plot.getPlotItem().setDownsampling(auto=True, mode="peak")
         self.hist_plot.getPlotItem().setLabel("bottom", "draft position")
+        self.hist_plot.getPlotItem().getAxis("bottom").setTickSpacing(major=1, minor=1)
 
         self.acceptance_curve = self.acceptance_plot.plot(pen=pg.mkPen(colours.draft, width=2), connect="finite")
         self.tps_curve = self.tps_plot.plot(pen=pg.mkPen(ACCENT, width=2), fillLevel=0,

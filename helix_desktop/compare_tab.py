@@ -85,7 +85,7 @@ class CompareTab(QWidget):
         self.table.verticalHeader().hide()
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.table.setMaximumHeight(150)
+        self.table.setMinimumHeight(90)
 
         top = QHBoxLayout()
         prompt_col = QVBoxLayout()
@@ -97,6 +97,7 @@ class CompareTab(QWidget):
         buttons.addWidget(self.runs)
         buttons.addWidget(self.progress, 1)
         prompt_col.addLayout(buttons)
+        prompt_col.addStretch(1)
         top.addLayout(prompt_col, 3)
         params_box = QGroupBox("Parameters")
         QVBoxLayout(params_box).addWidget(self.form)
@@ -114,12 +115,22 @@ class CompareTab(QWidget):
         self.legend = Legend()
         self.legend.toggled.connect(lambda on: [p.view.set_colouring(on) for p in self.panes.values()])
 
+        results = QWidget()
+        rl = QVBoxLayout(results)
+        rl.setContentsMargins(0, 0, 0, 0)
+        rl.addWidget(panes, 1)
+        rl.addWidget(self.legend)
+        body = QSplitter(Qt.Orientation.Vertical)
+        body.addWidget(results)
+        body.addWidget(self.table)
+        body.setStretchFactor(0, 3)
+        body.setStretchFactor(1, 1)
+        body.setChildrenCollapsible(False)
+
         layout = QVBoxLayout(self)
         layout.addLayout(top)
         layout.addLayout(summary)
-        layout.addWidget(panes, 1)
-        layout.addWidget(self.legend)
-        layout.addWidget(self.table)
+        layout.addWidget(body, 1)
 
         for keys in ("Ctrl+Return", "Ctrl+Enter"):
             QShortcut(QKeySequence(keys), self, self.run, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)

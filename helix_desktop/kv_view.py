@@ -13,13 +13,34 @@ from engine.host import EngineHost
 from helix_desktop.theme import is_dark
 
 REFRESH_MS = 200
-MAX_CELL, MIN_CELL, GAP = 22, 5, 2
+MAX_CELL, MIN_CELL, GAP = 36, 5, 2
+# Tableau 10: distinct on light and dark backgrounds
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7", "#9c755f",
+           "#bab0ac")
+_assigned: dict[str, QColor] = {}
 
 
 def request_colour(request_id: str) -> QColor:
-    """A stable, well-spread hue per request id."""
-    hue = (zlib.crc32(request_id.encode()) * 0.618033988749895) % 1.0
-    return QColor.fromHsvF(hue, 0.55, 0.92 if is_dark() else 0.85)
+    """A distinct colour per request: palette colours in order of first sight, then hashed hues."""
+    colour = _assigned.get(request_id)
+    if colour is None:
+        if len(_assigned) > 4096:
+            _assigned.clear()
+        used = {c.name() for c in _assigned.values()}
+        free = [c for c in PALETTE if c not in used]
+        if free:
+            colour = QColor(free[0])
+        else:
+            hue = (zlib.crc32(request_id.encode()) * 0.618033988749895) % 1.0
+            colour = QColor.fromHsvF(hue, 0.55, 0.85)
+        _assigned[request_id] = colour
+    return colour
+
+
+def forget_requests(live: set[str]) -> None:
+    """Free the colours of requests that no longer hold blocks, so palette colours get reused."""
+    for request_id in [r for r in _assigned if r not in live]:
+        del _assigned[request_id]
 
 
 def cell_size(total: int, width: int, height: int) -> int:
@@ -129,6 +150,7 @@ class KVTab(QWidget):
         for holders in owners.values():
             for rid in holders:
                 requests[rid] = requests.get(rid, 0) + 1
+        forget_requests(set(requests))
         if requests:
             parts = [f'<span style="color:{request_colour(rid).name()}; font-size:14px">■</span> {rid}: {n} blocks'
                      for rid, n in sorted(requests.items(), key=lambda kv_: -kv_[1])[:12]]

@@ -86,6 +86,9 @@ class MainWindow(QMainWindow):
         self.status_timer.timeout.connect(self.refresh_status)
         self.status_timer.start()
 
+        hints = QGuiApplication.styleHints()
+        if hints is not None:
+            hints.colorSchemeChanged.connect(self._on_scheme_changed)
         self._restore_geometry()
         self.tabs.setCurrentIndex(settings.get_int("window/tab", 0, 0, self.tabs.count() - 1))
         if settings.reset_message:
@@ -112,6 +115,7 @@ class MainWindow(QMainWindow):
         has_draft = engine is not None and engine.has_draft
         self.generate_tab.set_has_draft(has_draft)
         self.compare_tab.set_has_draft(has_draft)
+        self.models_tab.refresh_info()
         if state == "loading":
             self.statusBar().showMessage("Loading models…")
         elif state == "ready" and reason:
@@ -128,6 +132,13 @@ class MainWindow(QMainWindow):
             self.show_message("error", f"Could not load models: {reason}  Choose other models on the Models tab.")
             self.tabs.setCurrentWidget(self.models_tab)
         self.refresh_status()
+
+    def _on_scheme_changed(self, _scheme) -> None:
+        """Re-colour streamed text and legends for the new light/dark palette."""
+        for view in (self.generate_tab.output, *(p.view for p in self.compare_tab.panes.values())):
+            view.set_colouring(view.colouring)
+        for legend in (self.generate_tab.legend, self.compare_tab.legend):
+            legend.refresh()
 
     def _pair_text(self) -> str:
         engine = self.host.engine

@@ -10,13 +10,12 @@ from __future__ import annotations
 import math
 from collections import deque
 
-HISTORY_S = 120.0
 RATE_WINDOW_S = 1.0
 ACCEPT_WINDOW_S = 3.0
 
 
 class LiveMetrics:
-    def __init__(self, capacity: int = 2400):
+    def __init__(self, capacity: int = 1300):  # ~65 s at 20 Hz: the charts show the last 60 s
         self.t: deque[float] = deque(maxlen=capacity)
         self.tokens_per_s: deque[float] = deque(maxlen=capacity)
         self.acceptance: deque[float] = deque(maxlen=capacity)  # NaN where nothing was drafted

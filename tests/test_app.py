@@ -268,3 +268,37 @@ def test_open_and_close_three_times_leaks_no_threads(qtbot, settings_dir):
     leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     assert not leaked, leaked
     assert QThreadPool.globalInstance().activeThreadCount() == 0
+
+
+def test_run_app_opens_window_reports_bad_models_and_quits(qtbot, settings_dir, tmp_path):
+    import argparse
+    import signal
+
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from helix_desktop.app import run_app
+    from helix_desktop.main_window import MainWindow
+
+    args = argparse.Namespace(target=str(tmp_path / "missing"), draft=None, no_draft=True, device="cpu",
+                              dtype="auto", kv_cache_tokens=None, log_level="WARNING")
+    seen: dict = {}
+
+    def check() -> None:
+        windows = [w for w in QApplication.topLevelWidgets() if isinstance(w, MainWindow) and w.isVisible()]
+        if windows and windows[0].banner.level == "error":
+            seen["banner"] = windows[0].banner.text()
+            windows[0].close()
+            QApplication.quit()
+        elif time.monotonic() - seen.setdefault("t0", time.monotonic()) > 20:
+            QApplication.quit()
+        else:
+            QTimer.singleShot(50, check)
+
+    previous = signal.getsignal(signal.SIGINT)
+    QTimer.singleShot(50, check)
+    try:
+        assert run_app(args) == 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert "does not exist" in seen.get("banner", "")

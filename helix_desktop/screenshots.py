@@ -1,0 +1,190 @@
+"""Take the README screenshots from the real app (Generate, Compare, Server, Live charts, KV cache).
+
+Run under a virtual display:  ``xvfb-run -a python -m helix_desktop.screenshots``
+Uses the demo models when they are installed (else the tiny test models; ``--tiny`` forces
+them) and a throw-away settings folder, so your own settings are untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from helix_desktop.paths import resource_path
+
+logger = logging.getLogger("helix.screenshots")
+
+STORY_PROMPT = "Once upon a time, there was a little girl named Lily. One day"
+COMPARE_PROMPT = "Tom and his dog went to the park. They"
+KV_PROMPT = ("The sun was bright and the birds sang in the big tree. Lily and Tom went to the park with "
+             "their dog to play with a red ball. ")
+
+
+def wait(seconds: float) -> None:
+    from PySide6.QtWidgets import QApplication
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        QApplication.processEvents()
+        time.sleep(0.01)
+
+
+def wait_until(condition, timeout: float = 120.0) -> None:
+    from PySide6.QtWidgets import QApplication
+
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise TimeoutError("the app did not reach the expected state in time")
+        QApplication.processEvents()
+        time.sleep(0.01)
+
+
+def build_host(tiny: bool):
+    from engine.config import DEMO_DRAFT, DEMO_TARGET, EngineConfig
+    from engine.host import EngineHost
+    from helix_desktop.model_catalog import demo_pair_present
+
+    host = EngineHost()
+    if not tiny and demo_pair_present():
+        host.load(EngineConfig(target=str(DEMO_TARGET), draft=str(DEMO_DRAFT), device="cpu"), wait=True)
+        if host.worker is not None:
+            return host, "demo"
+        logger.warning("demo models failed to load (%s); using tiny models", host.last_error)
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))
+    from tests.tiny import tiny_engine
+
+    host.adopt(tiny_engine())
+    return host, "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shoot(window, name: str, out: Path) -> None:
+    wait(0.3)
+    path = out / f"{name}.png"
+    window.grab().save(str(path))
+    logger.info("wrote %s", path)
+
+
+def call_server(url: str) -> None:
+    import httpx
+
+    with httpx.Client(timeout=120) as client:
+        client.get(f"{url}/health")
+        client.post(f"{url}/generate", json={"prompt": STORY_PROMPT, "max_new_tokens": 48, "temperature": 0.7})
+        with client.stream("POST", f"{url}/generate/stream",
+                           json={"prompt": "Lily found a red ball", "max_new_tokens": 32}) as r:
+            for _ in r.iter_lines():
+                pass
+        client.post(f"{url}/v1/chat/completions", json={
+            "model": "helix", "max_tokens": 32, "messages": [{"role": "user", "content": "Tell me about the cat."}]})
+        client.post(f"{url}/generate", json={"prompt": "", "max_new_tokens": 8})  # a 422, as real logs have
+        client.get(f"{url}/v1/models")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=str(resource_path("screenshots")))
+    parser.add_argument("--tiny", action="store_true", help="use the tiny test models even if the demo pair exists")
+    parser.add_argument("--size", default="1280x800")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["HELIX_SETTINGS_DIR"] = tempfile.mkdtemp(prefix="helix-shots-")
+
+    from helix_desktop.app import ensure_app
+    from helix_desktop.main_window import MainWindow
+    from helix_desktop.settings import AppSettings
+
+    ensure_app()
+    host, which = build_host(args.tiny)
+    window = MainWindow(host, AppSettings())
+    width, height = (int(v) for v in args.size.split("x"))
+    window.resize(width, height)
+    window.show()
+    wait(0.5)
+
+    # Generate
+    gen = window.generate_tab
+    window.tabs.setCurrentWidget(gen)
+    gen.prompt.setPlainText(STORY_PROMPT)
+    gen.form.temperature.setValue(0.7)
+    gen.form.seed.setValue(7)
+    gen.form.max_new_tokens.setValue(160 if which == "demo" else 200)
+    gen.run()
+    wait_until(lambda: gen.last_final is not None)
+    shoot(window, "generate", out)
+
+    # Compare
+    cmp_tab = window.compare_tab
+    window.tabs.setCurrentWidget(cmp_tab)
+    cmp_tab.prompt.setPlainText(COMPARE_PROMPT)
+    cmp_tab.form.temperature.setValue(0.0)
+    cmp_tab.form.max_new_tokens.setValue(96)
+    cmp_tab.runs.setValue(5)
+    cmp_tab.run()
+    wait_until(lambda: not cmp_tab.session.running, timeout=600)
+    shoot(window, "compare", out)
+
+    # Server: real HTTP requests from another thread while the window runs
+    srv = window.server_tab
+    window.tabs.setCurrentWidget(srv)
+    srv.port.setValue(free_port())
+    srv.switch.click()
+    wait_until(lambda: window.server.running and srv.url.text() != "")
+    client = threading.Thread(target=call_server, args=(srv.url.text(),))
+    client.start()
+    wait_until(lambda: not client.is_alive(), timeout=600)
+    wait_until(lambda: srv.log_model.rowCount() >= 6, timeout=30)
+    shoot(window, "server", out)
+
+    # Live charts after some traffic
+    window.tabs.setCurrentWidget(window.charts_tab)
+    for i in range(3):
+        gen.form.seed.setValue(100 + i)
+        gen.run()
+        wait_until(lambda: gen.request_id is None)
+    wait(1.0)
+    shoot(window, "charts", out)
+
+    # KV cache with requests in flight; three share a prompt prefix
+    from engine.config import SamplingParams
+
+    window.tabs.setCurrentWidget(window.kv_tab)
+    engine = host.engine
+    if which == "tiny":  # tiny models finish in milliseconds: slow steps so the blocks can be seen
+        engine.fault_hook = lambda stage, rows: time.sleep(0.05)
+    params = SamplingParams(max_new_tokens=200 if which == "tiny" else 400, temperature=0.8)
+    ids = [window.bridge.submit(KV_PROMPT, params)]
+    wait(0.5)
+    ids += [window.bridge.submit(KV_PROMPT + extra, params) for extra in ("Lily", "Tom")]
+    ids.append(window.bridge.submit("A different story about a cat and the moon.", params))
+    wait(2.0)
+    window.kv_tab.refresh()
+    shoot(window, "kv-cache", out)
+    for rid in ids:
+        window.bridge.cancel(rid)
+    engine.fault_hook = None
+    wait(0.5)
+
+    window.close()
+    logger.info("screenshots taken on the %s models", which)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
