@@ -1,0 +1,268 @@
+"""Entry script of the frozen Helix app: per-user logs, a readable error window, and GPU-to-CPU fallback.
+
+PyInstaller builds ``Helix`` (windowed) and ``helix-cli`` (console) from this file. Before any Helix
+code runs it points a windowed exe's missing stdout/stderr at a log file, logs to the per-user app-data
+folder (never next to the executable), and, when the window is about to open, checks the GPU it would
+use with one tiny tensor op; if that fails it runs on the CPU (``--device cpu``) and says so. Any
+exception while starting shows a message box with the error and the log folder. Then ``main.main()``.
+
+``HELIX_SMOKE_QUIT_AFTER`` / ``HELIX_SMOKE_REPORT`` / ``HELIX_SMOKE_FAULT`` exist for packaging/smoke.py:
+close the window after N seconds and write what was on screen as JSON, or simulate a failure.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import threading
+import time
+import traceback
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+
+# Qt's AppDataLocation is <data>/<organisation>/<application>; these match helix_desktop.ORG_NAME / APP_NAME
+# so the launcher's log lands next to the app's own helix.log and settings.ini.
+ORG_NAME = "Helix"
+APP_NAME = "Helix Desktop"
+TITLE = "Helix Desktop"
+
+logger = logging.getLogger("helix.launcher")
+_keep_open: list = []  # streams and Qt objects that must live as long as the process
+
+
+def app_data_dir() -> Path:
+    """Where helix_desktop.paths.app_data_dir() points once Qt knows the app's names, computed without Qt."""
+    override = os.environ.get("HELIX_SETTINGS_DIR")
+    if override:
+        return Path(override).expanduser()
+    if sys.platform == "win32":  # Qt: %APPDATA% (Roaming)
+        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        xdg = os.environ.get("XDG_DATA_HOME", "")
+        base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share"
+    return base / ORG_NAME / APP_NAME
+
+
+def start_logging() -> Path:
+    """Log the launcher to <app data>/logs/launcher.log; give a windowed exe a stdout/stderr; catch hard crashes."""
+    log_dir = app_data_dir() / "logs"
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = RotatingFileHandler(log_dir / "launcher.log", maxBytes=1_000_000, backupCount=2,
+                                                       encoding="utf-8")
+    except OSError:  # read-only profile: keep going without a file
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logger.addHandler(handler)  # not the root logger: engine.cli.setup_logging() resets that one
+    logger.setLevel(logging.INFO)
+    if sys.stdout is None or sys.stderr is None:  # windowed exe on Windows: print() and tqdm would crash
+        try:
+            console = open(log_dir / "console.log", "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        except OSError:
+            console = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+        _keep_open.append(console)
+        sys.stdout = sys.stdout or console
+        sys.stderr = sys.stderr or console
+    try:
+        crash = open(log_dir / "crash.log", "a", encoding="utf-8")  # noqa: SIM115
+        _keep_open.append(crash)
+        faulthandler.enable(crash)  # a native crash (GPU driver, DLL) still leaves a Python traceback
+    except (OSError, ValueError):
+        pass
+    logger.info("start: %s %s (frozen=%s, bundle=%s)", sys.executable, sys.argv[1:], getattr(sys, "frozen", False),
+                getattr(sys, "_MEIPASS", "-"))
+    return log_dir
+
+
+# --------------------------------------------------------------------------- GPU check
+def _expected_gpu() -> str | None:
+    """The GPU backend this build was made for: DirectML if torch_directml is bundled, CUDA for a CUDA torch."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("torch_directml") is not None:
+        return "DirectML"
+    return "CUDA" if torch.version.cuda else None
+
+
+def check_device(requested: str, log_dir: Path) -> tuple[str, str | None]:
+    """Try the device the window would use with one tiny op: ``(device to pass, notice to show or None)``."""
+    if requested == "cpu":
+        return requested, None
+    try:
+        if os.environ.get("HELIX_SMOKE_FAULT") == "device":
+            raise RuntimeError("simulated GPU driver failure (HELIX_SMOKE_FAULT=device)")
+        import torch
+
+        from engine.devices import resolve_device
+
+        info = resolve_device(requested)
+        if info.kind == "cpu":
+            expected = _expected_gpu()
+            if expected is None:
+                return requested, None  # a CPU build on purpose
+            logger.warning("no usable %s GPU; running on CPU", expected)
+            return requested, (f"No {expected} GPU could be used (no compatible GPU or driver was found), so Helix "
+                               f"runs on the CPU. That works, only slower. Updating the graphics driver may help.\n\n"
+                               f"Logs: {log_dir}")
+        x = torch.arange(16, dtype=torch.float32, device=info.device)
+        float((x * x).sum().cpu())
+        logger.info("device check passed: %s (%s)", info.kind, info.name)
+        return requested, None
+    except Exception as exc:
+        logger.exception("device check failed for --device %s; falling back to CPU", requested)
+        return "cpu", (f"Helix could not use the GPU ({type(exc).__name__}: {exc}), so it runs on the CPU instead. "
+                       f"That works, only slower. Updating the graphics driver may help.\n\nLogs: {log_dir}")
+
+
+def with_device(argv: list[str], device: str) -> list[str]:
+    """``argv`` with every ``--device X`` / ``--device=X`` replaced by ``device``."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--device":
+            skip = True
+        elif not arg.startswith("--device="):
+            out.append(arg)
+    return [*out, "--device", device]
+
+
+# --------------------------------------------------------------------------- windows we show ourselves
+def _smoke_quit_after() -> float | None:
+    value = os.environ.get("HELIX_SMOKE_QUIT_AFTER")
+    return float(value) if value else None
+
+
+def _write_smoke_report(update: dict) -> None:
+    path = os.environ.get("HELIX_SMOKE_REPORT")
+    if not path:
+        return
+    report = json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else {}
+    report.update(update)
+    Path(path).write_text(json.dumps(report, indent=2), encoding="utf-8")
+
+
+def start_ui_hooks(notice: str | None) -> object | None:
+    """Once the window is up, show ``notice`` (non-modal); under the smoke test, also close the app after N s.
+
+    A watcher thread waits for the QApplication and emits a signal; the slot runs on the GUI thread
+    (queued connection), so the window code needs no hook of its own.
+    """
+    quit_after = _smoke_quit_after()
+    if notice is None and quit_after is None:
+        return None
+    from PySide6.QtCore import QObject, Signal, Slot
+    from PySide6.QtWidgets import QApplication, QMessageBox
+
+    class UiHooks(QObject):
+        fire = Signal(str)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fire.connect(self.on_fire)
+            self.box: QMessageBox | None = None
+
+        @Slot(str)
+        def on_fire(self, what: str) -> None:
+            windows = [w for w in QApplication.topLevelWidgets() if w.isWindow() and w.isVisible()]
+            main_window = next((w for w in windows if hasattr(w, "show_message")), windows[0] if windows else None)
+            if what == "notice":
+                self.box = QMessageBox(QMessageBox.Icon.Warning, TITLE, notice or "", QMessageBox.StandardButton.Ok,
+                                       main_window)
+                self.box.setModal(False)
+                self.box.show()
+                return
+            shot = os.environ.get("HELIX_SMOKE_REPORT", "") + ".png"
+            _write_smoke_report({
+                "windows": [{"class": type(w).__name__, "title": w.windowTitle(), "width": w.width(),
+                             "height": w.height()} for w in windows],
+                "notice": self.box.text() if self.box is not None else None,
+                "screenshot": shot if main_window is not None and main_window.grab().save(shot) else None,
+            })
+            QApplication.quit()
+
+    hooks = UiHooks()
+    _keep_open.append(hooks)
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while QApplication.instance() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # let app.exec() start and the window show
+        if notice:
+            hooks.fire.emit("notice")
+        if quit_after is not None:
+            time.sleep(quit_after)
+            hooks.fire.emit("quit")
+
+    threading.Thread(target=watch, name="helix-ui-hooks", daemon=True).start()
+    return hooks
+
+
+def show_error(text: str, details: str) -> None:
+    """A message box the user can read: Qt if it works, else the Windows MessageBox, else stderr."""
+    quit_after = _smoke_quit_after()
+    _write_smoke_report({"error_window": text})
+    try:
+        from PySide6.QtCore import Qt, QTimer
+        from PySide6.QtWidgets import QApplication, QMessageBox
+
+        _keep_open.append(QApplication.instance() or QApplication([sys.argv[0]]))
+        box = QMessageBox(QMessageBox.Icon.Critical, TITLE, text, QMessageBox.StandardButton.Close)
+        box.setDetailedText(details)
+        box.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        if quit_after is not None:
+            QTimer.singleShot(int(quit_after * 1000), box.accept)
+        box.exec()
+        return
+    except Exception:
+        logger.exception("could not show the Qt error window")
+    if sys.platform == "win32" and quit_after is None:
+        import ctypes
+
+        ctypes.windll.user32.MessageBoxW(None, text, TITLE, 0x10 | 0x40000)  # MB_ICONERROR | MB_TOPMOST
+    else:
+        print(f"{TITLE}: {text}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- entry
+def run(argv: list[str]) -> int:
+    log_dir = start_logging()
+    try:
+        import main as helix_main
+
+        args = helix_main.build_parser().parse_args(argv)  # --help and bad flags exit here, as from source
+        if args.command is not None:
+            return helix_main.main(argv)  # headless subcommands: errors and exit codes as from source
+        if os.environ.get("HELIX_SMOKE_FAULT") == "startup":
+            raise RuntimeError("simulated startup failure (HELIX_SMOKE_FAULT=startup)")
+        device, notice = check_device(args.device, log_dir)
+        if device != args.device:
+            argv = with_device(argv, device)
+        hooks = start_ui_hooks(notice)
+        code = helix_main.main(argv)
+        del hooks
+        logger.info("exit %s", code)
+        return code
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        details = traceback.format_exc()
+        logger.error("Helix could not start:\n%s", details)
+        show_error(f"Helix could not start.\n\n{type(exc).__name__}: {exc}\n\n"
+                   f"The log files are in:\n{log_dir}", details)
+        return 1
+
+
+if __name__ == "__main__":
+    multiprocessing.freeze_support()
+    sys.exit(run(sys.argv[1:]))

@@ -1,0 +1,249 @@
+"""Packaging: fast checks of packaging/ (spec, launcher, Windows scripts, README) on every run; the full
+PyInstaller build + smoke test of the frozen app only with HELIX_PACKAGING_TESTS=1 (several minutes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGING = ROOT / "packaging"
+
+
+def _load(name: str):
+    """Import packaging/<name>.py by path: the folder is no package (it would shadow PyPI's ``packaging``)."""
+    spec = importlib.util.spec_from_file_location(f"helix_packaging_{name}", PACKAGING / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _make_demo_pair(folder: Path) -> Path:
+    for name in ("demo-target", "demo-draft"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "config.json").write_text("{}")
+    return folder
+
+
+class _Recorder:
+    """Stands in for PyInstaller's Analysis/PYZ/EXE/COLLECT and records what the spec asked for."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def factory(self, kind: str):
+        def make(*args, **kwargs):
+            self.calls.append((kind, args, kwargs))
+            return types.SimpleNamespace(kind=kind, args=args, kwargs=kwargs, pure=[], scripts=[],
+                                         binaries=[("torch/lib/libtorch_cpu.so", "src", "BINARY"),
+                                                   ("nvidia/cublas/lib/libcublas.so.12", "src", "BINARY"),
+                                                   ("torch/lib/libtorch_cuda.so", "src", "BINARY")],
+                                         datas=[("torch/testing/x.txt", "s", "DATA"), ("numpy/tests/a.py", "s", "DATA")])
+        return make
+
+    def of(self, kind: str) -> list[tuple[tuple, dict]]:
+        return [(a, k) for c, a, k in self.calls if c == kind]
+
+
+def _run_spec(monkeypatch, variant: str, demo: Path) -> tuple[_Recorder, dict]:
+    hooks = types.ModuleType("PyInstaller.utils.hooks")
+    hooks.collect_data_files = lambda package, **kw: [(f"{package}/data.txt", package)]
+    hooks.collect_submodules = lambda package, filter=None: [m for m in (package, f"{package}.models.llama.x",
+                                                                         f"{package}.models.bert.x")
+                                                             if filter is None or filter(m)]
+    hooks.copy_metadata = lambda dist: [(f"{dist}.dist-info", f"{dist}.dist-info")]
+    for name in ("PyInstaller", "PyInstaller.utils"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "PyInstaller.utils.hooks", hooks)
+    monkeypatch.setenv("HELIX_BUILD_VARIANT", variant)
+    monkeypatch.setenv("HELIX_DEMO_MODELS", str(demo))
+    rec = _Recorder()
+    spec_globals = {"SPECPATH": str(PACKAGING), "__file__": str(PACKAGING / "helix.spec"),
+                    **{k: rec.factory(k) for k in ("Analysis", "PYZ", "EXE", "COLLECT")}}
+    exec(compile((PACKAGING / "helix.spec").read_text(), "helix.spec", "exec"), spec_globals)
+    return rec, spec_globals
+
+
+# --------------------------------------------------------------------------- the spec
+def test_spec_builds_one_folder_with_windowed_app_and_console_cli(monkeypatch, tmp_path):
+    rec, _ = _run_spec(monkeypatch, "cpu", _make_demo_pair(tmp_path))
+    exes = {k["name"]: k for _, k in rec.of("EXE")}
+    assert exes["Helix"]["console"] is False and exes["helix-cli"]["console"] is True
+    assert all(k["exclude_binaries"] for k in exes.values())  # one folder, not one file
+    (collect_args, collect_kwargs), = rec.of("COLLECT")
+    assert collect_kwargs["name"] == "Helix"
+    (analysis_args, analysis_kwargs), = rec.of("Analysis")
+    assert analysis_args[0] == [str(PACKAGING / "launcher.py")]
+
+
+def test_spec_bundles_resources_demo_models_and_lazy_modules(monkeypatch, tmp_path):
+    demo = _make_demo_pair(tmp_path)
+    rec, _ = _run_spec(monkeypatch, "cpu", demo)
+    (_, kwargs), = rec.of("Analysis")
+    datas = {dest: src for src, dest in kwargs["datas"]}
+    assert datas["resources/icons"] == str(ROOT / "resources" / "icons")
+    assert datas["resources/styles"] == str(ROOT / "resources" / "styles")
+    assert datas["resources/models/demo-target"] == str(demo / "demo-target")
+    assert datas["resources/models/demo-draft"] == str(demo / "demo-draft")
+    assert "transformers.dist-info" in datas and "tokenizers.dist-info" in datas
+    hidden = kwargs["hiddenimports"]
+    assert "transformers.models.llama.x" in hidden and "transformers.models.bert.x" not in hidden
+    assert "engine" in hidden and "helix_desktop" in hidden
+    assert {"tkinter", "pytest", "torch.testing._internal"} <= set(kwargs["excludes"])
+
+
+def test_spec_cpu_variant_drops_cuda_libraries_and_test_data(monkeypatch, tmp_path):
+    demo = _make_demo_pair(tmp_path)
+    rec, g = _run_spec(monkeypatch, "cpu", demo)
+    assert [b[0] for b in g["a"].binaries] == ["torch/lib/libtorch_cpu.so"]
+    assert g["a"].datas == [("torch/testing/x.txt", "s", "DATA")]
+    rec, g = _run_spec(monkeypatch, "cuda", demo)
+    assert len(g["a"].binaries) == 3
+
+
+def test_spec_refuses_unknown_variant_and_missing_demo_models(monkeypatch, tmp_path):
+    with pytest.raises(SystemExit, match="cpu, cuda or directml"):
+        _run_spec(monkeypatch, "rocm", _make_demo_pair(tmp_path / "a"))
+    with pytest.raises(SystemExit, match="demo model folder"):
+        _run_spec(monkeypatch, "cpu", tmp_path / "empty")
+
+
+def test_spec_icon_and_resources_exist():
+    assert (ROOT / "resources" / "icons" / "helix.ico").is_file()
+    assert (ROOT / "resources" / "styles").is_dir()
+    assert (PACKAGING / "launcher.py").is_file()
+
+
+# --------------------------------------------------------------------------- the launcher
+def test_launcher_app_data_dir_matches_qt_layout(monkeypatch, tmp_path):
+    launcher = _load("launcher")
+    monkeypatch.delenv("HELIX_SETTINGS_DIR", raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert launcher.app_data_dir() == tmp_path / "Helix" / "Helix Desktop"
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setenv("APPDATA", str(tmp_path / "Roaming"))
+    assert launcher.app_data_dir() == tmp_path / "Roaming" / "Helix" / "Helix Desktop"
+    monkeypatch.setenv("HELIX_SETTINGS_DIR", str(tmp_path / "override"))
+    assert launcher.app_data_dir() == tmp_path / "override"
+
+
+def test_launcher_names_match_the_app():
+    import helix_desktop
+
+    launcher = _load("launcher")
+    assert (launcher.ORG_NAME, launcher.APP_NAME) == (helix_desktop.ORG_NAME, helix_desktop.APP_NAME)
+
+
+def test_launcher_with_device_replaces_every_device_flag():
+    launcher = _load("launcher")
+    assert launcher.with_device([], "cpu") == ["--device", "cpu"]
+    assert launcher.with_device(["--device", "directml", "--no-draft"], "cpu") == ["--no-draft", "--device", "cpu"]
+    assert launcher.with_device(["--device=cuda", "--target", "x"], "cpu") == ["--target", "x", "--device", "cpu"]
+
+
+def test_launcher_device_check_falls_back_to_cpu_with_a_notice(monkeypatch, tmp_path):
+    launcher = _load("launcher")
+    assert launcher.check_device("cpu", tmp_path) == ("cpu", None)
+    assert launcher.check_device("auto", tmp_path) == ("auto", None)  # CPU torch here: a CPU build on purpose
+    monkeypatch.setenv("HELIX_SMOKE_FAULT", "device")
+    device, notice = launcher.check_device("directml", tmp_path)
+    assert device == "cpu" and "runs on the CPU" in notice and str(tmp_path) in notice
+
+
+def test_launcher_gives_a_windowed_exe_stdout_and_logs_to_app_data(monkeypatch, tmp_path):
+    launcher = _load("launcher")
+    monkeypatch.setenv("HELIX_SETTINGS_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "stdout", None)
+    monkeypatch.setattr(sys, "stderr", None)
+    try:
+        log_dir = launcher.start_logging()
+        print("hello from a windowed exe")
+        sys.stdout.flush()
+    finally:
+        import faulthandler
+
+        faulthandler.disable()
+        for handler in list(launcher.logger.handlers):
+            handler.close()
+            launcher.logger.removeHandler(handler)
+    monkeypatch.undo()
+    for stream in launcher._keep_open:
+        stream.close()
+    assert log_dir == tmp_path / "logs"
+    assert "hello from a windowed exe" in (log_dir / "console.log").read_text()
+    assert "start:" in (log_dir / "launcher.log").read_text()
+
+
+# --------------------------------------------------------------------------- build scripts
+def test_build_script_options():
+    build = _load("build")
+    assert build.VARIANTS == ("cpu", "cuda", "directml")
+    args = build.parse_args([])
+    assert args.variant == "cpu" and not args.smoke and args.venv == PACKAGING / ".build-venv"
+    assert build.parse_args(["--variant", "directml", "--smoke"]).variant == "directml"
+    with pytest.raises(SystemExit):
+        build.parse_args(["--variant", "rocm"])
+    proc = subprocess.run([sys.executable, str(PACKAGING / "build.py"), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--variant" in proc.stdout and "--smoke" in proc.stdout
+
+
+def test_smoke_script_help():
+    proc = subprocess.run([sys.executable, str(PACKAGING / "smoke.py"), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--app" in proc.stdout
+
+
+def test_windows_build_script_documents_its_options():
+    text = (PACKAGING / "build_windows.ps1").read_text()
+    assert re.search(r"\[ValidateSet\('directml', 'cuda', 'cpu'\)\]\s*\[string\]\$Variant = 'directml'", text)
+    for option in ("Variant", "Python", "TorchIndexUrl", "Smoke", "SkipInstaller"):
+        assert f".PARAMETER {option}" in text and f"${option}" in text
+    assert "build.py" in text and "helix.iss" in text and "ISCC.exe" in text
+    assert text.count("{") == text.count("}") and text.count("(") == text.count(")")
+
+
+def test_inno_setup_script_references_what_the_build_makes():
+    text = (PACKAGING / "helix.iss").read_text()
+    defines = dict(re.findall(r'#define (\w+) "([^"]*)"', text))
+    assert defines["AppFolder"] == r"dist\Helix" and defines["AppExe"] == "Helix.exe"  # COLLECT "Helix", EXE "Helix"
+    icon = re.search(r"^SetupIconFile=(.+)$", text, re.MULTILINE).group(1)
+    assert (PACKAGING / icon.replace("\\", "/")).resolve().is_file()
+    for section in ("[Setup]", "[Files]", "[Icons]", "[Tasks]", "[Run]", "[Code]"):
+        assert section in text
+    assert "{autoprograms}" in text  # Start-menu entry
+    assert "{autodesktop}" in text and "Tasks: desktopicon" in text  # optional desktop icon
+    assert "usPostUninstall" in text and "{userappdata}\\Helix\\Helix Desktop" in text
+    assert "x64compatible" in text
+
+
+def test_build_outputs_are_ignored_by_git():
+    ignored = (ROOT / ".gitignore").read_text().split()
+    for path in ("packaging/.build-venv/", "packaging/build/", "packaging/dist/"):
+        assert path in ignored
+
+
+def test_readme_documents_install_build_and_the_smoke_command():
+    text = (ROOT / "README.md").read_text()
+    assert "## Install on Windows" in text and "## Build the installer" in text
+    assert "python packaging/build.py --smoke" in text
+    for row in ("DirectML", "CUDA", "CPU", "Windows on ARM"):
+        assert row in text
+
+
+# --------------------------------------------------------------------------- the real build (slow)
+@pytest.mark.skipif(os.environ.get("HELIX_PACKAGING_TESTS") != "1",
+                    reason="full PyInstaller build + smoke test: set HELIX_PACKAGING_TESTS=1 (several minutes)")
+def test_build_and_smoke_frozen_app():
+    cmd = [sys.executable, str(PACKAGING / "build.py"), "--smoke"]
+    if os.environ.get("HELIX_PACKAGING_REUSE_VENV") == "1":
+        cmd.append("--reuse-venv")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "checks passed" in proc.stdout and "FAIL " not in proc.stdout
