@@ -300,11 +300,16 @@ class LLMEngine:
             for r in active:
                 feed = r.all_ids[self.draft.cached_len(r.seq_id):] if j == 0 else [drafts[r][-1]]
                 rows.append(RowInput(r.seq_id, feed, 1))
-            for r, logits in zip(active, self.draft.forward(rows)):
-                q = probs_from_logits(logits[-1], r.params)
-                tok = int(q.argmax()) if r.params.greedy else sample(q, r.generator)
-                drafts[r].append(tok)
-                draft_probs[r].append(q)
+            last = [logits[-1] for logits in self.draft.forward(rows)]
+            greedy = [i for i, r in enumerate(active) if r.params.greedy]
+            if greedy:  # one argmax and one device sync for all greedy rows
+                for i, tok in zip(greedy, torch.stack([last[i] for i in greedy]).argmax(-1).tolist()):
+                    drafts[active[i]].append(tok)
+            for r, logits in zip(active, last):
+                if not r.params.greedy:  # sampled rows keep q for the rejection test
+                    q = probs_from_logits(logits, r.params)
+                    drafts[r].append(sample(q, r.generator))
+                    draft_probs[r].append(q)
         t_draft = time.perf_counter() - t0
         t1 = time.perf_counter()
         rows = [RowInput(r.seq_id, r.all_ids[self.target.cached_len(r.seq_id):] + drafts.get(r, []), plan[r] + 1)
