@@ -179,6 +179,20 @@ def test_client_disconnect_cancels_request_and_frees_blocks(server, client):
     assert 0 < entry["tokens"] < 200  # cancelled early, not run to the end
 
 
+def test_client_leaving_a_non_streaming_request_cancels_it(server, client):
+    engine = server.host.engine
+    engine.fault_hook = lambda stage, rows: time.sleep(0.01)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 200, "ignore_eos": True},
+                        headers={"X-Request-ID": "impatient"}, timeout=0.3)
+        m = _wait_idle(client)
+    finally:
+        engine.fault_hook = None
+    assert m["requests_running"] == 0 and m["kv"]["used"] == 0
+    assert _wait_log(server, "impatient")["tokens"] < 200
+
+
 def test_metrics_json_and_prometheus(client):
     _generate(client, num_draft_tokens=2)
     m = client.get("/metrics").json()
@@ -256,6 +270,13 @@ def test_malformed_bodies_are_4xx_not_500(client):
     _assert_error(client.post("/generate", json={"prompt": 5}), 422, "prompt")
     _assert_error(client.post("/generate", content=b"x" * ((1 << 20) + 1)), 413, "larger than")
     _assert_error(client.get("/nope"), 404)
+
+
+def test_tiny_temperature_and_top_p_are_greedy_not_a_crash(client):
+    # found by the fuzz test: logits / 1e-205 overflow to inf; top_p 5e-324 rounds to 0 and drops every token
+    greedy = _generate(client)["text"]
+    assert _generate(client, temperature=1e-205)["text"] == greedy
+    assert _generate(client, temperature=1.0, top_p=5e-324)["text"] == greedy
 
 
 def test_unknown_fields_are_ignored_and_unmatched_stop_strings_are_fine(client):

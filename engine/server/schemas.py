@@ -15,13 +15,16 @@ from engine.config import MAX_DRAFT_TOKENS, MAX_NEW_TOKENS_CAP, SamplingParams
 MAX_BATCH_PROMPTS = 64
 MAX_STOP_STRINGS = 16
 MAX_SEED = 2**63 - 1
+GREEDY_BELOW = 1e-5  # as vLLM: smaller temperatures are greedy (dividing logits by them overflows to inf)
+MIN_TOP_P = 1e-6  # smaller top_p rounds to 0 in float32 and drops every token; 1e-6 keeps just the top one
 
 # ---------------------------------------------------------------- reusable fields
 Prompt = Annotated[str, Field(min_length=1, description="The text to continue. Must not be empty.")]
 MaxNewTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS_CAP,
                                     description=f"Most tokens to generate (1..{MAX_NEW_TOKENS_CAP}). Generation also "
                                     "stops at the model's context length.")]
-Temperature = Annotated[float, Field(ge=0, le=2, description="Sampling temperature in [0, 2]; 0 = greedy.")]
+Temperature = Annotated[float, Field(ge=0, le=2, description=f"Sampling temperature in [0, 2]; 0 (or below "
+                                     f"{GREEDY_BELOW:g}) = greedy.")]
 TopP = Annotated[float, Field(gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens whose "
                               "probability adds up to top_p; 1 = off.")]
 TopK = Annotated[int, Field(ge=0, description="Keep only the k most likely tokens; 0 = off.")]
@@ -41,6 +44,14 @@ FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
 Source = Literal["draft", "target", "bonus"]
 
 
+def temperature(value: float) -> float:
+    return 0.0 if value < GREEDY_BELOW else value
+
+
+def top_p(value: float) -> float:
+    return max(value, MIN_TOP_P)
+
+
 class SamplingFields(BaseModel):
     """The decoding settings every generate route accepts."""
 
@@ -58,7 +69,8 @@ class SamplingFields(BaseModel):
 
     def sampling_params(self) -> SamplingParams:
         """Raises ``InvalidRequest`` (422) for anything the schema let through but the engine refuses."""
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=temperature(self.temperature),
+                              top_p=top_p(self.top_p),
                               top_k=self.top_k, seed=self.seed, stop=tuple(self.stop), speculative=self.speculative,
                               num_draft_tokens=self.num_draft_tokens, ignore_eos=self.ignore_eos)
 
@@ -182,6 +194,14 @@ class ErrorResponse(BaseModel):
     """Every error, on every route, in OpenAI's shape."""
 
     error: ErrorDetail
+
+
+def sse_schema(*events: str) -> dict:
+    """OpenAPI schema of one server-sent event (as FastAPI and OpenAPI 3.2 describe them); data is JSON text."""
+    return {"type": "object", "properties": {
+        "event": {"type": "string", "enum": list(events)} if events else {"type": "string"},
+        "data": {"type": "string", "description": "JSON"}, "id": {"type": "string"},
+        "retry": {"type": "integer", "minimum": 0}}}
 
 
 def _error(description: str) -> dict:

@@ -18,6 +18,7 @@ from engine.server.schemas import (
     GenerateRequest,
     GenerateResponse,
     TokenEventData,
+    sse_schema,
 )
 
 router = APIRouter(prefix="/generate", tags=["generate"], responses=ERROR_RESPONSES)
@@ -58,7 +59,7 @@ async def generate_batch(body: BatchGenerateRequest, request: Request, worker: W
 @router.post("/stream", summary="Stream a completion token by token",
              response_class=StreamingResponse,
              responses={200: {"description": STREAM_DESCRIPTION,
-                              "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+                              "content": {"text/event-stream": {"schema": sse_schema("token", "done", "error")}}}})
 async def generate_stream(body: GenerateRequest, request: Request, worker: WorkerDep) -> StreamingResponse:
     """Same body as /generate; answers `text/event-stream` (see the 200 response for the events)."""
     handles = submit(request, worker, [body.prompt], [body.sampling_params()])

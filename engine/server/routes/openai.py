@@ -28,7 +28,7 @@ from engine.server.openai_schemas import (
     OpenAIFields,
 )
 from engine.server.requests import Outcome, complete, follow, sse, submit
-from engine.server.schemas import ERROR_RESPONSES, MAX_BATCH_PROMPTS, MAX_SEED
+from engine.server.schemas import ERROR_RESPONSES, MAX_BATCH_PROMPTS, MAX_SEED, sse_schema, temperature, top_p
 from engine.stats import RequestStats
 from engine.worker import EngineWorker
 
@@ -37,13 +37,14 @@ router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 
 def _stream_doc(kind: str) -> dict:
     return {200: {"description": f"A {kind} object, or with `stream: true` server-sent `data:` chunks ending in "
-                  "`data: [DONE]`.", "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                  "`data: [DONE]`.", "content": {"text/event-stream": {"schema": sse_schema()}}}}
 
 
 # ---------------------------------------------------------------- shared helpers
 def sampling_params(body: OpenAIFields, max_new_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
     seed = None if body.seed is None else (body.seed + choice) % (MAX_SEED + 1)  # n choices must differ
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=body.temperature, top_p=body.top_p,
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature(body.temperature),
+                          top_p=top_p(body.top_p),
                           top_k=body.top_k, seed=seed, stop=body.stop_tuple, speculative=body.speculative,
                           num_draft_tokens=body.num_draft_tokens, ignore_eos=body.ignore_eos, logprobs=logprobs)
 
