@@ -85,6 +85,7 @@ class CompareTab(QWidget):
         self.table.verticalHeader().hide()
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
         self.table.setMinimumHeight(90)
 
         top = QHBoxLayout()
@@ -123,8 +124,8 @@ class CompareTab(QWidget):
         body = QSplitter(Qt.Orientation.Vertical)
         body.addWidget(results)
         body.addWidget(self.table)
-        body.setStretchFactor(0, 3)
-        body.setStretchFactor(1, 1)
+        body.setStretchFactor(0, 5)
+        body.setStretchFactor(1, 2)
         body.setChildrenCollapsible(False)
 
         layout = QVBoxLayout(self)

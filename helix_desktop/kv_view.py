@@ -6,7 +6,7 @@ import math
 import zlib
 
 from PySide6.QtCore import QRectF, Qt, QTimer
-from PySide6.QtGui import QColor, QPainter, QPen
+from PySide6.QtGui import QBrush, QColor, QPainter, QPen
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 
 from engine.host import EngineHost
@@ -86,7 +86,8 @@ class KVGrid(QWidget):
         size, cols = self._layout()
         gap = GAP if size >= 8 else 1
         free = QColor("#2a2d33") if is_dark() else QColor("#e3e5e9")
-        mark = QPen(QColor("#ffffff") if is_dark() else QColor("#111111"), max(1.0, size / 8))
+        hatch = QBrush(QColor(255, 255, 255, 170), Qt.BrushStyle.BDiagPattern)
+        outline = QPen(QColor("#ffffff") if is_dark() else QColor("#1c1e21"), max(1.0, size / 12))
         for index in range(self.total):
             row, col = divmod(index, cols)
             rect = QRectF(col * size, row * size, size - gap, size - gap)
@@ -95,10 +96,10 @@ class KVGrid(QWidget):
                 painter.fillRect(rect, free)
                 continue
             painter.fillRect(rect, request_colour(holders[0]))
-            if len(holders) > 1:  # shared prefix block: a diagonal mark across it
-                painter.setPen(mark)
-                painter.drawLine(rect.topLeft(), rect.bottomRight())
-                painter.drawLine(rect.topRight(), rect.bottomLeft())
+            if len(holders) > 1:  # shared prefix block: hatched and outlined
+                painter.fillRect(rect, hatch)
+                painter.setPen(outline)
+                painter.drawRect(rect.adjusted(0.5, 0.5, -0.5, -0.5))
         painter.end()
 
 
@@ -113,8 +114,8 @@ class KVTab(QWidget):
         self.owners_label.setWordWrap(True)
         self.owners_label.setTextFormat(Qt.TextFormat.RichText)
         explain = QLabel("Each square is one KV block (16 tokens by default) of the target model's cache. "
-                         "Colour = the request that owns it; a cross marks a shared prompt-prefix block held "
-                         "by several requests. Grey blocks are free.")
+                         "Colour = the request that owns it; hatched, outlined blocks are shared prompt-prefix "
+                         "blocks held by several requests. Grey blocks are free.")
         explain.setWordWrap(True)
         explain.setObjectName("hint")
         self.scroll = QScrollArea()
