@@ -27,7 +27,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--json", metavar="PATH", help="write every number and the machine description as JSON")
     b.add_argument("--plot", metavar="PATH.png", help="save speed-up vs K and throughput vs concurrency (matplotlib)")
     b.add_argument("--markdown", action="store_true", help="print the tables as Markdown (for BENCHMARKS.md)")
-    b.add_argument("--prompts", type=int, default=None, dest="num_prompts", help="prompts per pass (default 4)")
+    b.add_argument("--prompts", type=int, default=None, dest="num_prompts", help="prompts per pass (default 3)")
     b.add_argument("--prompts-file", default=None, help="one prompt per line (default: 50 held-out story openings)")
     b.add_argument("--repeats", type=int, default=None, help="timed rounds per configuration; the median is reported")
     b.add_argument("--temperatures", type=_floats, default=None, help="comma-separated (default 0,0.8)")
@@ -36,6 +36,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--concurrency", type=_ints, default=None, help="concurrent requests (default 1,2,4,8,16)")
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() comparisons")
     b.add_argument("--strict", action="store_true", help="exit with code 1 when a target is missed")
+    _add_threads(b)
     cli.add_common_args(b)
     b.set_defaults(func=run_bench_command)
 
@@ -49,8 +50,25 @@ def add_parsers(sub) -> None:
     d.add_argument("--temperature", type=float, default=None,
                    help="calibration temperature (default: the app's default sampling temperature)")
     d.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    _add_threads(d)
     cli.add_common_args(d)
     d.set_defaults(func=run_doctor_command)
+
+
+def _add_threads(parser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own default; recorded in the output)")
+
+
+def _apply_threads(args) -> str | None:
+    if args.threads is None:
+        return None
+    if args.threads < 1:
+        return "--threads must be >= 1"
+    import torch
+
+    torch.set_num_threads(args.threads)
+    return None
 
 
 def _usage_problem(args) -> str | None:
@@ -92,6 +110,9 @@ def run_doctor_command(args) -> int:
         return cli.usage_error("doctor checks a draft/target pair: give --draft (and --target)")
     if args.num_prompts < 1 or args.max_new_tokens < 1:
         return cli.usage_error("--prompts and --max-new-tokens must be >= 1")
+    problem = _apply_threads(args)
+    if problem:
+        return cli.usage_error(problem)
     temperature = SamplingParams().temperature if args.temperature is None else args.temperature
     try:
         if args.target and args.draft:
@@ -135,6 +156,9 @@ def run_bench_command(args) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, sweep_lengths=(min(cfg.lengths),))
+    problem = _apply_threads(args)
+    if problem:
+        return cli.usage_error(problem)
     try:
         prompts = load_prompts(args.prompts_file)
     except (OSError, ValueError) as exc:

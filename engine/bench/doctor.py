@@ -64,9 +64,9 @@ def diagnose(engine, prompts: list[str] | list[list[int]], temperature: float = 
     k_cal = MAX_DRAFT_TOKENS
     with spec:
         res = helix_pass(engine, ids, Method(f"K={k_cal}", "helix", True, k_cal), temperature, max_new_tokens)
-    t1 = plain.forwards.mean("target", tokens=1) or engine.t_target1
-    t_draft = spec.forwards.mean("draft") or 0.0
-    t_verify = spec.forwards.mean("target", tokens=k_cal + 1)
+    t1 = plain.forwards.median("target", tokens=1) or engine.t_target1
+    t_draft = spec.forwards.median("draft") or 0.0
+    t_verify = spec.forwards.median("target", tokens=k_cal + 1)
     draft_cost = t_draft / t1
     verify_cost = max(0.0, (t_verify / t1 - 1.0) / k_cal) if t_verify else engine.verify_cost
     alpha = spec.alpha() or 0.0

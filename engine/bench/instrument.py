@@ -8,6 +8,7 @@ synchronise so a forward's time is its own.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -30,10 +31,16 @@ class ForwardLog:
     def add(self, role: str, stage: str, rows: int, tokens: int, seconds: float) -> None:
         self.times[(role, stage, rows, tokens)].append(seconds)
 
-    def mean(self, role: str, stage: str = "decode", rows: int = 1, tokens: int | None = None) -> float | None:
-        vals = [t for (r, s, b, n), ts in self.times.items() if r == role and s == stage and b == rows
-                and (tokens is None or n == tokens) for t in ts]
-        return sum(vals) / len(vals) if vals else None
+    def select(self, role: str, stage: str = "decode", rows: int = 1, tokens: int | None = None,
+               min_tokens: int = 1) -> list[float]:
+        return [t for (r, s, b, n), ts in self.times.items() if r == role and s == stage and b == rows
+                and (tokens is None or n == tokens) and n >= min_tokens for t in ts]
+
+    def median(self, role: str, stage: str = "decode", rows: int = 1, tokens: int | None = None,
+               min_tokens: int = 1) -> float | None:
+        """Median forward time: robust to the stalls a shared machine adds to a few steps."""
+        vals = self.select(role, stage, rows, tokens, min_tokens)
+        return statistics.median(vals) if vals else None
 
     def count(self, role: str, stage: str = "decode") -> int:
         return sum(len(ts) for (r, s, _b, _n), ts in self.times.items() if r == role and s == stage)

@@ -38,7 +38,8 @@ def save_plot(results: dict, path: str) -> None:
     ax_k.set_xlabel("draft length K")
     ax_k.set_ylabel("speed-up over Helix plain (tokens/s)")
     ax_k.set_title("speed-up vs K (batch 1)")
-    ax_k.legend(fontsize=7)
+    if ax_k.get_legend_handles_labels()[0]:
+        ax_k.legend(fontsize=7)
     for mode in ("plain", "speculative"):
         rows = [r for r in results.get("concurrency", []) if r["mode"] == mode]
         if rows:

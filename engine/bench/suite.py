@@ -28,7 +28,7 @@ class BenchConfig:
     lengths: tuple[int, ...] = (128, 256)
     ks: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     sweep_lengths: tuple[int, ...] = (128,)  # other lengths run plain, best K and adaptive only
-    num_prompts: int = 4
+    num_prompts: int = 3
     repeats: int = 3
     warmup_runs: int = 1
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -199,7 +199,7 @@ def _median_tps(passes: list[PassResult]) -> float:
 
 def _t1(tracked: list[_Tracked]) -> float | None:
     plain = next((t for t in tracked if t.method.name == "helix plain"), None)
-    return plain.inst.forwards.mean("target", tokens=1) if plain and plain.inst else None
+    return plain.inst.forwards.median("target", tokens=1) if plain and plain.inst else None
 
 
 def _cost_model(tracked: list[_Tracked]) -> dict:
@@ -212,10 +212,8 @@ def _cost_model(tracked: list[_Tracked]) -> dict:
         if not drafts:
             continue
         k_mean = sum(k for k, _a in drafts) / len(drafts)
-        t_draft = t.inst.forwards.mean("draft") or 0.0
-        verify = [x for (r, s, b, n), ts in t.inst.forwards.times.items() if r == "target" and s == "decode"
-                  and b == 1 and n > 1 for x in ts]
-        t_verify = sum(verify) / len(verify) if verify else t1
+        t_draft = t.inst.forwards.median("draft") or 0.0
+        t_verify = t.inst.forwards.median("target", min_tokens=2) or t1
         c = t_draft / t1
         gamma = max(0.0, (t_verify / t1 - 1.0) / k_mean)
         alpha = t.inst.alpha() or 0.0
