@@ -147,6 +147,8 @@ def test_bench_cli_quick_end_to_end(model_dirs, tmp_path, capsys):
     assert MACHINE_FIELDS <= set(data["machine"]) and data["targets"] and data["command"].startswith("python main.py")
     if "--plot" in args:
         assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert main.main(["bench", "--from-json", str(out), "--markdown"]) == 0
+    assert "| helix spec adaptive" in capsys.readouterr().out
 
 
 def test_doctor_cli_recommends_k(model_dirs, capsys):

@@ -27,6 +27,8 @@ def add_parsers(sub) -> None:
     b.add_argument("--json", metavar="PATH", help="write every number and the machine description as JSON")
     b.add_argument("--plot", metavar="PATH.png", help="save speed-up vs K and throughput vs concurrency (matplotlib)")
     b.add_argument("--markdown", action="store_true", help="print the tables as Markdown (for BENCHMARKS.md)")
+    b.add_argument("--from-json", metavar="PATH", help="print the tables (and --plot) of an earlier --json run; "
+                   "runs nothing")
     b.add_argument("--prompts", type=int, default=None, dest="num_prompts", help="prompts per pass (default 3)")
     b.add_argument("--prompts-file", default=None, help="one prompt per line (default: 50 held-out story openings)")
     b.add_argument("--repeats", type=int, default=None, help="timed rounds per configuration; the median is reported")
@@ -133,22 +135,28 @@ def run_doctor_command(args) -> int:
 
 def run_bench_command(args) -> int:
     from engine.bench.prompts import load_prompts
-    from engine.bench.report import format_results
     from engine.bench.suite import config_for, run_bench
     from engine.errors import HelixError
 
     problem = _usage_problem(args)
     if problem:
         return cli.usage_error(problem)
-    if args.no_draft:
-        return cli.usage_error("bench compares speculative decoding: it needs a draft model (drop --no-draft)")
-    if args.target is not None and not args.draft:
-        return cli.usage_error("bench needs a draft model: give --draft with --target")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             return cli.usage_error("--plot needs matplotlib: pip install matplotlib (or the dev extra)")
+    if args.from_json:
+        try:
+            with open(args.from_json, encoding="utf-8") as f:
+                results = json.load(f)
+        except (OSError, ValueError) as exc:
+            return cli.usage_error(f"cannot read {args.from_json}: {exc}")
+        return _output(results, args)
+    if args.no_draft:
+        return cli.usage_error("bench compares speculative decoding: it needs a draft model (drop --no-draft)")
+    if args.target is not None and not args.draft:
+        return cli.usage_error("bench needs a draft model: give --draft with --target")
     cfg = config_for(args.quick, num_prompts=args.num_prompts, repeats=args.repeats, temperatures=args.temperatures,
                      lengths=args.lengths, ks=args.ks, concurrency=args.concurrency,
                      hf=False if args.no_hf else None)
@@ -171,8 +179,14 @@ def run_bench_command(args) -> int:
     except KeyboardInterrupt:
         return 130
     results["command"] = "python main.py " + " ".join(sys.argv[1:])
+    return _output(results, args)
+
+
+def _output(results: dict, args) -> int:
+    from engine.bench.report import format_results
+
     print(format_results(results, markdown=args.markdown))
-    if args.json:
+    if args.json and not args.from_json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
         print(f"wrote {args.json}", file=sys.stderr)
