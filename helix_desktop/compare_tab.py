@@ -195,10 +195,10 @@ class CompareTab(QWidget):
             item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
             self.table.setItem(row, col, item)
         self.table.scrollToBottom()
-        label = f"Speed-up {result.speedup:.2f}×"
         if len(results) > 1:
-            label += f"  ·  median {median_speedup(results):.2f}× over {len(results)} runs"
-        self.speedup.setText(label)
+            self.speedup.setText(f"Speed-up {median_speedup(results):.2f}× (median of {len(results)} runs)")
+        else:
+            self.speedup.setText(f"Speed-up {result.speedup:.2f}×")
         self._show_verdict(result)
 
     def _show_verdict(self, result: RunResult) -> None:

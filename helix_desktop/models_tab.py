@@ -283,7 +283,12 @@ class ModelsTab(QWidget):
             f"<b>Device</b> {device} ({info['device_name']}) · <b>Precision</b> {info['dtype']} · "
             f"<b>Context</b> {info['max_context']} tokens")
         worker = self.bridge.host.worker
-        adaptive = worker.snapshot().get("adaptive", {}) if worker is not None else {}
+        snapshot = worker.snapshot() if worker is not None else {}
+        kv = snapshot.get("kv", {})
+        if kv:
+            self.loaded.setText(self.loaded.text() + f"<br><b>KV cache</b> {kv.get('total', 0)} blocks of "
+                                f"{kv.get('block_size', 16)} tokens ({format_bytes(kv.get('bytes_allocated', 0))})")
+        adaptive = snapshot.get("adaptive", {})
         if info["has_draft"] and adaptive:
             self.advice.setText(
                 f"Adaptive draft length currently recommends K = {adaptive.get('recommended_k')} for this pair "

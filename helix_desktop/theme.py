@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from PySide6.QtCore import Qt
@@ -27,9 +28,22 @@ SOURCE_LABELS = {"draft": "accepted draft", "target": "target / correction", "bo
 ACCENT = "#7c3aed"
 
 
-def is_dark() -> bool:
+def forced_scheme() -> str | None:
+    """``HELIX_THEME=dark`` or ``light`` overrides the system scheme (screenshots, user preference)."""
+    value = os.environ.get("HELIX_THEME", "").strip().lower()
+    return value if value in ("dark", "light") else None
+
+
+def system_is_dark() -> bool:
+    forced = forced_scheme()
+    if forced is not None:
+        return forced == "dark"
     hints = QGuiApplication.styleHints()
-    if hints is not None and hints.colorScheme() == Qt.ColorScheme.Dark:
+    return hints is not None and hints.colorScheme() == Qt.ColorScheme.Dark
+
+
+def is_dark() -> bool:
+    if system_is_dark():
         return True
     app = QGuiApplication.instance()
     return app is not None and QGuiApplication.palette().color(QPalette.ColorRole.Window).lightness() < 128
@@ -77,9 +91,7 @@ def apply_theme(app: QApplication) -> None:
     app.setStyle("Fusion")
 
     def refresh() -> None:
-        hints = QGuiApplication.styleHints()
-        dark = hints is not None and hints.colorScheme() == Qt.ColorScheme.Dark
-        app.setPalette(_palette(dark))
+        app.setPalette(_palette(system_is_dark()))
         qss = resource_path("styles", "helix.qss")
         app.setStyleSheet(qss.read_text(encoding="utf-8") if qss.is_file() else "")
 

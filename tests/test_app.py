@@ -124,7 +124,7 @@ def test_compare_greedy_is_identical_and_shows_speedup(qtbot, window):
     assert all(r.first_difference is None for r in results)
     assert results[0].plain.token_ids == results[0].speculative.token_ids
     assert "Identical" in tab.verdict.text()
-    assert "×" in tab.speedup.text() and "median" in tab.speedup.text()
+    assert "×" in tab.speedup.text() and "median of 2 runs" in tab.speedup.text()
     assert tab.table.rowCount() == 2
     assert tab.panes["plain"].view.text() and tab.panes["speculative"].view.text()
     assert tab.panes["plain"].view.text() == tab.panes["speculative"].view.text()
