@@ -154,7 +154,8 @@ class HealthResponse(BaseModel):
     target: str | None = None
     draft: str | None = None
     has_draft: bool | None = None
-    device: str | None = None
+    device: str | None = Field(default=None, description="cpu, cuda, directml or mps.")
+    device_name: str | None = Field(default=None, description="The device's own name (GPU model, CPU).")
     dtype: str | None = None
     max_context: int | None = None
     kv: KVStats | None = None

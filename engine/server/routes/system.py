@@ -34,7 +34,8 @@ async def health(host: HostDep):
     info = worker.engine.info()
     kv = metrics_json(worker.snapshot())["kv"]
     return HealthResponse(status="ok", reason=host.reason, target=info["target"], draft=info["draft"],
-                          has_draft=info["has_draft"], device=info["device_name"], dtype=info["dtype"],
+                          has_draft=info["has_draft"], device=info["device"], device_name=info["device_name"],
+                          dtype=info["dtype"],
                           max_context=info["max_context"], kv=kv)
 
 
