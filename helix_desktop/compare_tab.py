@@ -245,6 +245,11 @@ class CompareTab(QWidget):
 
     def set_has_draft(self, has_draft: bool) -> None:
         self.form.set_has_draft(has_draft)
+        if not has_draft and not self.session.running:
+            self.verdict.setText("No draft model is loaded, so both runs would decode plainly. "
+                                 "Load a draft on the Models tab to compare.")
+        elif self.verdict.text().startswith("No draft model"):
+            self.verdict.setText("Run a comparison: temperature 0 checks that both outputs are identical.")
 
     def save(self) -> None:
         self.form.save(self.settings, "compare")

@@ -116,6 +116,7 @@ class MainWindow(QMainWindow):
         self.generate_tab.set_has_draft(has_draft)
         self.compare_tab.set_has_draft(has_draft)
         self.models_tab.refresh_info()
+        self.setWindowTitle(f"{APP_NAME} — {self._pair_text()}" if engine is not None else APP_NAME)
         if state == "loading":
             self.statusBar().showMessage("Loading models…")
         elif state == "ready" and reason:

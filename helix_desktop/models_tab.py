@@ -247,6 +247,7 @@ class ModelsTab(QWidget):
         super().showEvent(event)
         if not self._scanned:
             self.scan_cache()
+        self.refresh_info()
 
     # ---------------------------------------------------------------- loading
     def _on_progress(self, stage: str, frac: float) -> None:
