@@ -206,6 +206,7 @@ class MainWindow(QMainWindow):
         if self.compare_tab.session.running:
             self.compare_tab.session.stop()
         self.server.shutdown()
+        self.models_tab.doctor.stop()
         self.bridge.shutdown()
         if self.own_host:
             if self.host.state == "loading":

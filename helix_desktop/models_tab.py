@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
 from engine.config import DEMO_DRAFT, DEMO_TARGET, EngineConfig
 from engine.errors import HelixError
 from helix_desktop.bridge import EngineBridge
+from helix_desktop.doctor_run import DoctorRun
 from helix_desktop.formatting import format_bytes
 from helix_desktop.model_catalog import cached_models, demo_pair_present
 from helix_desktop.settings import AppSettings
@@ -84,10 +85,23 @@ class ModelsTab(QWidget):
         self.loaded.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.advice = QLabel("")
         self.advice.setWordWrap(True)
+        self.doctor = DoctorRun(self)
+        self.doctor.finished.connect(self._on_doctor)
+        self.doctor_button = QPushButton("Check this pair (doctor)")
+        self.doctor_button.setToolTip("Measure acceptance and step costs for the loaded pair in a separate process "
+                                      "and recommend a draft length (python main.py doctor)")
+        self.doctor_button.clicked.connect(self.run_doctor)
+        self.doctor_result = QLabel("")
+        self.doctor_result.setWordWrap(True)
+        self.doctor_result.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         loaded_box = QGroupBox("In use now")
         lb = QVBoxLayout(loaded_box)
         lb.addWidget(self.loaded)
         lb.addWidget(self.advice)
+        doctor_row = QHBoxLayout()
+        doctor_row.addWidget(self.doctor_button)
+        doctor_row.addWidget(self.doctor_result, 1)
+        lb.addLayout(doctor_row)
 
         # --- choose
         self.target = ModelPicker("folder or hub id, e.g. HuggingFaceTB/SmolLM2-360M")
@@ -270,8 +284,32 @@ class ModelsTab(QWidget):
             self.stage.setText("Last load failed; see the message above." if reason else "")
         self.refresh_info()
 
+    def run_doctor(self) -> None:
+        config = self.bridge.host.config
+        if config is None or not config.draft:
+            return
+        self.doctor_button.setEnabled(False)
+        self.doctor_result.setText("Checking the pair in a separate process (it loads the models again)…")
+        self.doctor.start(config)
+
+    def _on_doctor(self, report, message: str) -> None:
+        self.doctor_button.setEnabled(self._doctor_possible())
+        if report is None:
+            self.doctor_result.setText("")
+            self.message.emit("error", f"Pair check: {message}")
+            return
+        k = report.get("recommended_k") or "none (plain decoding)"
+        self.doctor_result.setText(f"<b>Doctor:</b> {message} Recommended K: {k}, predicted speed-up "
+                                   f"{report.get('predicted_speedup', 0):.2f}×, acceptance "
+                                   f"{report.get('alpha', 0):.2f}.")
+
+    def _doctor_possible(self) -> bool:
+        config = self.bridge.host.config
+        return config is not None and bool(config.draft) and not self.doctor.running
+
     def refresh_info(self) -> None:
         engine = self.bridge.host.engine
+        self.doctor_button.setEnabled(self._doctor_possible())
         if engine is None:
             self.loaded.setText("No models loaded.")
             self.advice.setText("")
@@ -294,7 +332,6 @@ class ModelsTab(QWidget):
             self.advice.setText(
                 f"Adaptive draft length currently recommends K = {adaptive.get('recommended_k')} for this pair "
                 f"(acceptance prior {adaptive.get('alpha_prior', 0):.2f}, draft costs "
-                f"{adaptive.get('draft_cost', 0):.2f} of a target step). Run `python main.py doctor` for a full "
-                "check of this pair.")
+                f"{adaptive.get('draft_cost', 0):.2f} of a target step).")
         else:
             self.advice.setText("")
