@@ -3,6 +3,7 @@ Helix routes, streaming, cancellation on disconnect, errors, metrics, docs and t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -83,6 +84,16 @@ def _wait_log(server, request_id: str, timeout: float = 5.0) -> dict:
     raise AssertionError(f"no request log entry for {request_id}")
 
 
+@contextlib.contextmanager
+def _slow_steps(server, seconds: float = 0.01):
+    """Slow every engine step so a request outlives its client."""
+    server.host.engine.fault_hook = lambda stage, rows: time.sleep(seconds)
+    try:
+        yield
+    finally:
+        server.host.engine.fault_hook = None
+
+
 def _assert_error(r: httpx.Response, status: int, *words: str) -> dict:
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -161,34 +172,26 @@ def test_stream_sends_held_back_tail_of_unfinished_stop_string(client):
 
 
 def test_client_disconnect_cancels_request_and_frees_blocks(server, client):
-    engine = server.host.engine
-    engine.fault_hook = lambda stage, rows: time.sleep(0.01)  # slow steps so the request outlives the client
-    try:
+    with _slow_steps(server):
         body = {"prompt": PROMPT, "max_new_tokens": 200, "temperature": 0, "ignore_eos": True}
         with client.stream("POST", "/generate/stream", json=body, headers={"X-Request-ID": "leaver"}) as r:
             lines = r.iter_lines()
-            while sum(line.startswith("event: token") for line in [next(lines)]) == 0:
+            while not next(lines).startswith("event: token"):
                 pass
             busy = client.get("/metrics").json()
             assert busy["requests_running"] == 1 and busy["kv"]["used"] > 0
         m = _wait_idle(client)
-    finally:
-        engine.fault_hook = None
     assert m["requests_running"] == 0 and m["kv"]["used"] == 0
     entry = _wait_log(server, "leaver")
     assert 0 < entry["tokens"] < 200  # cancelled early, not run to the end
 
 
 def test_client_leaving_a_non_streaming_request_cancels_it(server, client):
-    engine = server.host.engine
-    engine.fault_hook = lambda stage, rows: time.sleep(0.01)
-    try:
+    with _slow_steps(server):
         with pytest.raises(httpx.ReadTimeout):
             client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 200, "ignore_eos": True},
                         headers={"X-Request-ID": "impatient"}, timeout=0.3)
         m = _wait_idle(client)
-    finally:
-        engine.fault_hook = None
     assert m["requests_running"] == 0 and m["kv"]["used"] == 0
     assert _wait_log(server, "impatient")["tokens"] < 200
 
@@ -220,6 +223,18 @@ def test_request_id_round_trips_to_logs_and_hook(server, client, caplog):
     assert entry["method"] == "POST" and entry["path"] == "/generate" and entry["status"] == 200
     assert entry["tokens"] == 3 and entry["duration_s"] > 0
     assert client.get("/ping", headers={"X-Request-ID": "bad id/../x"}).headers["x-request-id"] != "bad id/../x"
+
+
+def test_a_request_id_already_in_flight_gets_a_suffix(server, client):
+    with _slow_steps(server):
+        body = {"prompt": PROMPT, "max_new_tokens": 200, "ignore_eos": True}
+        with client.stream("POST", "/generate/stream", json=body, headers={"X-Request-ID": "twin"}) as first:
+            assert first.headers["x-request-id"] == "twin"
+            second = client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 2},
+                                 headers={"X-Request-ID": "twin"})
+            assert second.headers["x-request-id"].startswith("twin-")
+            assert second.json()["request_id"] == second.headers["x-request-id"]
+    _wait_idle(client)
 
 
 # ---------------------------------------------------------------- errors and limits
@@ -266,7 +281,11 @@ def test_malformed_bodies_are_4xx_not_500(client):
     _assert_error(client.post("/generate", content=b"{not json", headers={"content-type": "application/json"}), 400)
     r = client.post("/generate", content=b'{"prompt": "\xff\xfe"}', headers={"content-type": "application/json"})
     assert 400 <= r.status_code < 500
-    _assert_error(client.post("/generate", json=["a list"]), 422, "request body")
+    _assert_error(client.post("/generate", json=["a list"]), 422, "JSON object")
+    form = client.post("/generate", content=b'{"prompt": "x"}', headers={"content-type": "application/x-www-form-urlencoded"})
+    _assert_error(form, 422, "Content-Type: application/json")
+    bare = client.post("/generate", content=json.dumps({"prompt": PROMPT, "max_new_tokens": 2}).encode())
+    assert bare.status_code == 200  # no Content-Type at all: read as JSON
     _assert_error(client.post("/generate", json={"prompt": 5}), 422, "prompt")
     _assert_error(client.post("/generate", content=b"x" * ((1 << 20) + 1)), 413, "larger than")
     _assert_error(client.get("/nope"), 404)

@@ -27,7 +27,8 @@ DESCRIPTION = """Local LLM inference with speculative decoding and a paged KV ca
 def create_app(host: EngineHost, api_key: str | None = None, cors_origins: Sequence[str] = (),
                on_request: Callable[[dict], None] | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
     """Build the API around ``host``; ``on_request(entry)`` is called for every finished HTTP request."""
-    app = FastAPI(title="Helix", version="0.1.0", description=DESCRIPTION)
+    # strict_content_type=False: a JSON body without any Content-Type is read as JSON (curl --data-raw habits)
+    app = FastAPI(title="Helix", version="0.1.0", description=DESCRIPTION, strict_content_type=False)
     app.state.host = host
     app.state.registry = make_registry(host)
     for module in (generate, openai, system):

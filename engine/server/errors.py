@@ -69,7 +69,10 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
                               "invalid_json")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
-    message = f"{param}: {first['msg']}" if param else f"request body: {first['msg']} (send a JSON object)"
+    if param:
+        message = f"{param}: {first['msg']}"
+    else:
+        message = f"request body must be a JSON object (Content-Type: application/json): {first['msg']}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return error_response(422, message, "invalid_value", param)

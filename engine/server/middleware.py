@@ -29,12 +29,13 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class RequestLogMiddleware:
-    """Gives each request an id (the client's ``X-Request-ID`` when safe, else a fresh one), returns it
-    in ``X-Request-ID``, logs one line per request and calls ``on_request`` with the same facts."""
+    """Gives each request an id (the client's ``X-Request-ID`` when safe and not already in flight, else a
+    fresh one), returns it in ``X-Request-ID``, logs one line per request and calls ``on_request`` with it."""
 
     def __init__(self, app: ASGIApp, on_request: Callable[[dict], None] | None = None):
         self.app = app
         self.on_request = on_request
+        self._live: set[str] = set()  # ids of requests in flight (all on the server's event loop)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,6 +43,9 @@ class RequestLogMiddleware:
             return
         given = (_header(scope, REQUEST_ID_HEADER) or b"").decode("latin-1")
         rid = given if _SAFE_ID.match(given) else uuid.uuid4().hex[:12]
+        if rid in self._live:  # the same id twice at once would cancel the wrong engine request
+            rid = f"{rid[:55]}-{uuid.uuid4().hex[:8]}"
+        self._live.add(rid)
         state = scope.setdefault("state", {})
         state["request_id"] = rid
         status = 500
@@ -58,6 +62,7 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            self._live.discard(rid)
             entry = {"method": scope["method"], "path": scope["path"], "status": status,
                      "tokens": int(state.get("tokens", 0)), "duration_s": round(time.perf_counter() - t0, 6),
                      "request_id": rid}
