@@ -20,7 +20,8 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     if params.temperature == 0:
         out = torch.zeros_like(logits)
         return out.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / params.temperature
+    # subtract the max first: tiny temperatures then give -inf for the rest, never inf - inf = nan
+    logits = (logits - logits.max(-1, keepdim=True).values) / params.temperature
     vocab = logits.shape[-1]
     if 0 < params.top_k < vocab:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
@@ -31,6 +32,7 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
         # drop a token when the tokens strictly before it already reach top_p
         before = sorted_probs.cumsum(-1) - sorted_probs
         drop_sorted = before >= params.top_p
+        drop_sorted[..., 0] = False  # the most likely token always stays, however small top_p is
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.softmax(-1)

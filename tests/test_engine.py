@@ -239,3 +239,14 @@ def test_loaded_model_folder_runs_end_to_end(tmp_path):
     assert stages[-1] == ("ready", 1.0) and all(b[1] >= a[1] for a, b in zip(stages, stages[1:]))
     out = eng.generate("Once upon", SamplingParams(max_new_tokens=12, temperature=0))
     assert out.stats.num_generated_tokens >= 1 and eng.info()["has_draft"]
+
+
+def test_extreme_sampling_values_stay_valid_distributions():
+    from engine.sampler import probs_from_logits
+
+    logits = torch.randn(3, 50) * 30
+    for params in (SamplingParams(temperature=1e-30), SamplingParams(temperature=1e-6, top_p=1e-45),
+                   SamplingParams(temperature=2.0, top_k=1), SamplingParams(temperature=0.5, top_p=1e-30, top_k=3)):
+        probs = probs_from_logits(logits, params)
+        assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(3))
+        assert (probs.argmax(-1) == logits.argmax(-1)).all()
