@@ -18,6 +18,7 @@ from helix_desktop.metrics import LiveMetrics
 from helix_desktop.theme import ACCENT, is_dark, token_colours
 
 REFRESH_MS = 50
+IDLE_REFRESH_S = 1.0
 WINDOW_S = 60.0
 
 
@@ -88,6 +89,8 @@ class ChartsTab(QWidget):
         layout.addWidget(self.adaptive_label)
         layout.addLayout(grid, 1)
 
+        self._last_activity: tuple | None = None
+        self._last_refresh = 0.0
         self.timer = QTimer(self)
         self.timer.setInterval(REFRESH_MS)
         self.timer.timeout.connect(self.tick)
@@ -95,8 +98,15 @@ class ChartsTab(QWidget):
 
     def tick(self) -> None:
         worker = self.host.worker
-        self.metrics.sample(worker.snapshot() if worker is not None else None, time.monotonic())
-        if self.isVisible():
+        snapshot = worker.snapshot() if worker is not None else None
+        now = time.monotonic()
+        self.metrics.sample(snapshot, now)
+        if not self.isVisible() or snapshot is None:
+            return
+        # redraw at full rate while tokens flow; once a second when idle (laptop batteries)
+        activity = (snapshot.get("tokens_generated"), snapshot.get("requests_running"), snapshot.get("kv", {}).get("used"))
+        if activity != self._last_activity or now - self._last_refresh >= IDLE_REFRESH_S:
+            self._last_activity, self._last_refresh = activity, now
             self.refresh()
 
     def refresh(self) -> None:
