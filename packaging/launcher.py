@@ -29,6 +29,8 @@ from pathlib import Path
 ORG_NAME = "Helix"
 APP_NAME = "Helix Desktop"
 TITLE = "Helix Desktop"
+MODEL_WAIT_S = 120  # smoke test: how long the window may still be loading models before it is closed anyway
+SUBCOMMANDS = ("serve", "generate", "bench", "doctor")  # main.py's; with one of these, errors go to stderr
 
 logger = logging.getLogger("helix.launcher")
 _keep_open: list = []  # streams and Qt objects that must live as long as the process
@@ -170,6 +172,8 @@ def start_ui_hooks(notice: str | None) -> object | None:
             super().__init__()
             self.fire.connect(self.on_fire)
             self.box: QMessageBox | None = None
+            self.deadline = time.monotonic() + MODEL_WAIT_S
+            self.done = False
 
         @Slot(str)
         def on_fire(self, what: str) -> None:
@@ -181,13 +185,22 @@ def start_ui_hooks(notice: str | None) -> object | None:
                 self.box.setModal(False)
                 self.box.show()
                 return
+            # smoke test: wait (up to MODEL_WAIT_S) for the first model load to settle, then record and quit
+            host = getattr(main_window, "host", None)
+            state = getattr(host, "state", None)
+            if state == "loading" and time.monotonic() < self.deadline:
+                return
             shot = os.environ.get("HELIX_SMOKE_REPORT", "") + ".png"
+            config = getattr(host, "config", None)
             _write_smoke_report({
                 "windows": [{"class": type(w).__name__, "title": w.windowTitle(), "width": w.width(),
                              "height": w.height()} for w in windows],
+                "models": {"state": state, "reason": getattr(host, "reason", None),
+                           "target": getattr(config, "target", None), "device": getattr(config, "device", None)},
                 "notice": self.box.text() if self.box is not None else None,
                 "screenshot": shot if main_window is not None and main_window.grab().save(shot) else None,
             })
+            self.done = True
             QApplication.quit()
 
     hooks = UiHooks()
@@ -202,7 +215,9 @@ def start_ui_hooks(notice: str | None) -> object | None:
             hooks.fire.emit("notice")
         if quit_after is not None:
             time.sleep(quit_after)
-            hooks.fire.emit("quit")
+            while not hooks.done:
+                hooks.fire.emit("quit")
+                time.sleep(1.0)
 
     threading.Thread(target=watch, name="helix-ui-hooks", daemon=True).start()
     return hooks
@@ -234,9 +249,17 @@ def show_error(text: str, details: str) -> None:
         print(f"{TITLE}: {text}", file=sys.stderr)
 
 
+def can_show_window() -> bool:
+    """False where Qt would abort for want of a display (a Linux console without X11/Wayland)."""
+    if sys.platform in ("win32", "darwin") or os.environ.get("QT_QPA_PLATFORM"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
 # --------------------------------------------------------------------------- entry
 def run(argv: list[str]) -> int:
     log_dir = start_logging()
+    headless = any(arg in SUBCOMMANDS or arg in ("-h", "--help") for arg in argv)
     try:
         import main as helix_main
 
@@ -258,8 +281,11 @@ def run(argv: list[str]) -> int:
     except BaseException as exc:
         details = traceback.format_exc()
         logger.error("Helix could not start:\n%s", details)
-        show_error(f"Helix could not start.\n\n{type(exc).__name__}: {exc}\n\n"
-                   f"The log files are in:\n{log_dir}", details)
+        if headless or not can_show_window():
+            print(f"helix: error: could not start: {type(exc).__name__}: {exc} (details in {log_dir})", file=sys.stderr)
+        else:
+            show_error(f"Helix could not start.\n\n{type(exc).__name__}: {exc}\n\n"
+                       f"The log files are in:\n{log_dir}", details)
         return 1
 
 

@@ -120,8 +120,12 @@ def smoke(app: Path, root: Path) -> None:
     proc = run([str(gui)], env, 300)
     report = box.read_report()
     titles = [w["title"] for w in report.get("windows", [])]
-    check("window opens offscreen and closes cleanly", proc.returncode == 0 and "Helix Desktop" in titles,
-          f"windows={titles}" if proc.returncode == 0 else tail(proc.stderr))
+    check("window opens offscreen and closes cleanly", proc.returncode == 0
+          and any(t.startswith("Helix Desktop") for t in titles), f"windows={titles}" if proc.returncode == 0 else
+          tail(proc.stderr))
+    models = report.get("models") or {}
+    check("window loads the bundled demo pair", models.get("state") == "ready" and models.get("target") == bundled,
+          f"{models.get('state')}: {models.get('target')}" + (f" ({models['reason']})" if models.get("reason") else ""))
     shot = report.get("screenshot")
     if check("window screenshot taken", bool(shot) and Path(shot).is_file(), str(app.parent / "smoke-window.png")):
         shutil.copyfile(shot, app.parent / "smoke-window.png")

@@ -44,7 +44,11 @@ class _Recorder:
             return types.SimpleNamespace(kind=kind, args=args, kwargs=kwargs, pure=[], scripts=[],
                                          binaries=[("torch/lib/libtorch_cpu.so", "src", "BINARY"),
                                                    ("nvidia/cublas/lib/libcublas.so.12", "src", "BINARY"),
-                                                   ("torch/lib/libtorch_cuda.so", "src", "BINARY")],
+                                                   ("torch/lib/libtorch_cuda.so", "src", "BINARY"),
+                                                   ("torch/test/Dict_test", "src", "BINARY"),
+                                                   ("torch/bin/protoc", "src", "BINARY"),
+                                                   ("torch/bin/torch_shm_manager", "src", "BINARY"),
+                                                   ("torch\\lib\\torchbind_test.dll", "src", "BINARY")],
                                          datas=[("torch/testing/x.txt", "s", "DATA"), ("numpy/tests/a.py", "s", "DATA")])
         return make
 
@@ -96,16 +100,18 @@ def test_spec_bundles_resources_demo_models_and_lazy_modules(monkeypatch, tmp_pa
     hidden = kwargs["hiddenimports"]
     assert "transformers.models.llama.x" in hidden and "transformers.models.bert.x" not in hidden
     assert "engine" in hidden and "helix_desktop" in hidden
-    assert {"tkinter", "pytest", "torch.testing._internal"} <= set(kwargs["excludes"])
+    assert {"tkinter", "pytest"} <= set(kwargs["excludes"])
+    assert "torch.testing._internal" not in kwargs["excludes"]  # torch.utils.checkpoint imports it
 
 
-def test_spec_cpu_variant_drops_cuda_libraries_and_test_data(monkeypatch, tmp_path):
+def test_spec_drops_test_suites_and_on_cpu_the_cuda_libraries(monkeypatch, tmp_path):
     demo = _make_demo_pair(tmp_path)
     rec, g = _run_spec(monkeypatch, "cpu", demo)
-    assert [b[0] for b in g["a"].binaries] == ["torch/lib/libtorch_cpu.so"]
+    assert [b[0] for b in g["a"].binaries] == ["torch/lib/libtorch_cpu.so", "torch/bin/torch_shm_manager"]
     assert g["a"].datas == [("torch/testing/x.txt", "s", "DATA")]
     rec, g = _run_spec(monkeypatch, "cuda", demo)
-    assert len(g["a"].binaries) == 3
+    assert [b[0] for b in g["a"].binaries] == ["torch/lib/libtorch_cpu.so", "nvidia/cublas/lib/libcublas.so.12",
+                                               "torch/lib/libtorch_cuda.so", "torch/bin/torch_shm_manager"]
 
 
 def test_spec_refuses_unknown_variant_and_missing_demo_models(monkeypatch, tmp_path):
