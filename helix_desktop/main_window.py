@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 
-from PySide6.QtCore import QTimer
 from PySide6.QtGui import QCloseEvent, QGuiApplication
-from PySide6.QtWidgets import QLabel, QMainWindow, QTabWidget, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QMainWindow, QTabWidget, QVBoxLayout, QWidget
 
 from engine.config import EngineConfig
 from engine.host import EngineHost
@@ -15,15 +13,15 @@ from helix_desktop import APP_NAME
 from helix_desktop.bridge import EngineBridge
 from helix_desktop.charts_tab import ChartsTab
 from helix_desktop.compare_tab import CompareTab
-from helix_desktop.formatting import format_bytes, short_model_name
 from helix_desktop.generate_tab import GenerateTab
 from helix_desktop.kv_view import KVTab
 from helix_desktop.metrics import LiveMetrics
 from helix_desktop.model_catalog import demo_pair_present, is_demo
-from helix_desktop.models_tab import DEVICE_WORDS, ModelsTab
+from helix_desktop.models_tab import ModelsTab
 from helix_desktop.server_control import ServerController
 from helix_desktop.server_tab import ServerTab
 from helix_desktop.settings import AppSettings
+from helix_desktop.status_bar import HelixStatusBar, pair_text
 from helix_desktop.theme import app_icon
 from helix_desktop.widgets import Banner
 
@@ -70,21 +68,12 @@ class MainWindow(QMainWindow):
         layout.addWidget(self.tabs, 1)
         self.setCentralWidget(central)
 
-        self.device_label = QLabel()
-        self.models_label = QLabel()
-        self.memory_label = QLabel()
-        self.server_label = QLabel()
-        for label in (self.models_label, self.device_label, self.memory_label, self.server_label):
-            self.statusBar().addPermanentWidget(label)
-        self.server.started.connect(lambda url: self.server_label.setText(f"API: {url}"))
-        self.server.stopped.connect(lambda: self.server_label.setText("API: off"))
-        self.server_label.setText("API: off")
+        self.status = HelixStatusBar(host)
+        self.setStatusBar(self.status)
+        self.server.started.connect(self.status.set_server)
+        self.server.stopped.connect(lambda: self.status.set_server(None))
 
         self.bridge.state_changed.connect(self._on_state)
-        self.status_timer = QTimer(self)
-        self.status_timer.setInterval(1000)
-        self.status_timer.timeout.connect(self.refresh_status)
-        self.status_timer.start()
 
         hints = QGuiApplication.styleHints()
         if hints is not None:
@@ -116,23 +105,24 @@ class MainWindow(QMainWindow):
         self.generate_tab.set_has_draft(has_draft)
         self.compare_tab.set_has_draft(has_draft)
         self.models_tab.refresh_info()
-        self.setWindowTitle(f"{APP_NAME} — {self._pair_text()}" if engine is not None else APP_NAME)
+        self.setWindowTitle(f"{APP_NAME} — {pair_text(self.host.engine)}" if engine is not None else APP_NAME)
         if state == "loading":
             self.statusBar().showMessage("Loading models…")
         elif state == "ready" and reason:
             self.statusBar().clearMessage()
             self.show_message("error", f"Could not load the new models: {self.host.last_error or reason}  "
-                              f"Still using {self._pair_text()}.")
+                              f"Still using {pair_text(self.host.engine)}.")
         elif state == "ready":
-            self.statusBar().showMessage(f"Models ready: {self._pair_text()}", 5000)
+            self.statusBar().showMessage(f"Models ready: {pair_text(self.host.engine)}", 5000)
             if self.banner.level == "error":
                 self.banner.dismiss()
-            self._remember_models()
+            if self.host.config is not None:  # an adopted in-memory engine (tests) has nothing to remember
+                self.settings.remember_models(self.host.config)
         elif state == "failed":
             self.statusBar().clearMessage()
             self.show_message("error", f"Could not load models: {reason}  Choose other models on the Models tab.")
             self.tabs.setCurrentWidget(self.models_tab)
-        self.refresh_status()
+        self.status.refresh()
 
     def _on_scheme_changed(self, _scheme) -> None:
         """Re-colour streamed text and legends for the new light/dark palette."""
@@ -140,38 +130,6 @@ class MainWindow(QMainWindow):
             view.set_colouring(view.colouring)
         for legend in (self.generate_tab.legend, self.compare_tab.legend):
             legend.refresh()
-
-    def _pair_text(self) -> str:
-        engine = self.host.engine
-        if engine is None:
-            return "no models"
-        info = engine.info()
-        draft = short_model_name(info["draft"]) if info["has_draft"] else "no draft"
-        return f"{short_model_name(info['target'])} + {draft}"
-
-    def _remember_models(self) -> None:
-        config = self.host.config
-        if config is None:  # adopted in-memory engine (tests): nothing to remember
-            return
-        self.settings.set("models/target", config.target)
-        self.settings.set("models/draft", config.draft or "")
-        self.settings.set("models/no_draft", config.draft is None)
-        self.settings.set("models/device", config.device)
-        self.settings.set("models/dtype", config.dtype or "auto")
-        self.settings.set("models/kv_cache_tokens", config.kv_cache_tokens or 0)
-        self.settings.sync()
-
-    def refresh_status(self) -> None:
-        engine = self.host.engine
-        if engine is None:
-            self.device_label.setText("Device: –")
-            self.models_label.setText("No models loaded")
-        else:
-            info = engine.info()
-            self.device_label.setText(f"{DEVICE_WORDS.get(info['device'], info['device'])} · {info['dtype']}")
-            self.device_label.setToolTip(info["device_name"])
-            self.models_label.setText(self._pair_text())
-        self.memory_label.setText(memory_text(engine))
 
     # ---------------------------------------------------------------- geometry and shutdown
     def _restore_geometry(self) -> None:
@@ -202,7 +160,7 @@ class MainWindow(QMainWindow):
             logger.exception("could not save settings")
         for timer_owner in (self.charts_tab, self.kv_tab):
             timer_owner.stop()
-        self.status_timer.stop()
+        self.status.stop()
         if self.compare_tab.session.running:
             self.compare_tab.session.stop()
         self.server.shutdown()
@@ -216,22 +174,3 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
         self.shutdown()
         super().closeEvent(event)
-
-
-def memory_text(engine) -> str:
-    """Process RSS, plus CUDA memory when the engine runs on CUDA."""
-    parts = []
-    try:
-        import psutil
-
-        parts.append(f"RAM {format_bytes(psutil.Process(os.getpid()).memory_info().rss)}")
-    except Exception:  # psutil missing or denied
-        pass
-    if engine is not None and engine.device_kind == "cuda":
-        try:
-            import torch
-
-            parts.append(f"GPU {format_bytes(torch.cuda.memory_allocated())}")
-        except Exception:
-            pass
-    return " · ".join(parts)

@@ -27,10 +27,10 @@ from helix_desktop.doctor_run import DoctorRun
 from helix_desktop.formatting import format_bytes
 from helix_desktop.model_catalog import cached_models, demo_pair_present
 from helix_desktop.settings import AppSettings
+from helix_desktop.status_bar import DEVICE_WORDS
 
 DEVICES = ("auto", "cpu", "cuda", "directml", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-DEVICE_WORDS = {"directml": "DirectML", "cuda": "CUDA", "cpu": "CPU", "mps": "Apple MPS"}
 
 
 class ModelPicker(QWidget):

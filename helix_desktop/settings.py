@@ -98,6 +98,16 @@ class AppSettings:
     def remove(self, key: str) -> None:
         self.qsettings.remove(key)
 
+    def remember_models(self, config) -> None:
+        """Keep the pair that just loaded, so the next start opens on it."""
+        self.set("models/target", config.target)
+        self.set("models/draft", config.draft or "")
+        self.set("models/no_draft", config.draft is None)
+        self.set("models/device", config.device)
+        self.set("models/dtype", config.dtype or "auto")
+        self.set("models/kv_cache_tokens", config.kv_cache_tokens or 0)
+        self.sync()
+
     def sync(self) -> None:
         self.qsettings.sync()
         if self.qsettings.status() != QSettings.Status.NoError:
