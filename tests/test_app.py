@@ -255,13 +255,19 @@ def test_open_and_close_three_times_leaks_no_threads(qtbot, settings_dir):
     from helix_desktop.app import ensure_app
 
     ensure_app()
+    from helix_desktop.server_control import server_available
+
     before = set(threading.enumerate())
-    for _ in range(3):
+    for i in range(3):
         w = _make_window(settings_dir)
         gen = w.generate_tab
         _greedy(gen.form, 8)
         with qtbot.waitSignal(w.bridge.finished, timeout=20000):
             gen.run_button.click()
+        if i == 1 and server_available() is None:  # quitting with the server on stops it too
+            w.server_tab.port.setValue(_free_port())
+            with qtbot.waitSignal(w.server.started, timeout=20000):
+                w.server_tab.switch.click()
         w.close()
         w.deleteLater()
         qtbot.wait(10)

@@ -79,3 +79,24 @@ def test_doctor_reports_a_verdict_for_the_loaded_pair(qtbot, window, tiny_pair):
     assert report is not None, message
     assert "recommended_k" in report and message
     assert "Doctor:" in tab.doctor_result.text()
+
+
+def test_hf_cache_scan_tolerates_missing_and_empty_caches(tmp_path):
+    from helix_desktop.model_catalog import cached_models
+
+    assert cached_models(tmp_path / "no-cache") == ([], None)
+    (tmp_path / "empty").mkdir()
+    models, note = cached_models(tmp_path / "empty")
+    assert models == [] and note is None
+
+
+def test_hf_cache_scan_lists_models(tmp_path):
+    from helix_desktop.model_catalog import cached_models
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--acme--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-llama" / "refs" / "main").write_text("abc123")
+    models, note = cached_models(tmp_path / "hub")
+    assert [m.repo_id for m in models] == ["acme/tiny-llama"] and note is None
