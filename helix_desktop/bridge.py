@@ -15,6 +15,7 @@ import threading
 from PySide6.QtCore import QObject, QTimer, Signal
 
 from engine.config import EngineConfig, SamplingParams
+from engine.errors import EngineStopped
 from engine.host import EngineHost
 from engine.sequence import FinishEvent, TokenEvent
 from engine.worker import RequestHandle
@@ -48,6 +49,11 @@ class EngineBridge(QObject):
     # ---------------------------------------------------------------- requests (UI thread)
     def submit(self, prompt: str, params: SamplingParams) -> str:
         """Queue a request and return its id. Raises HelixError (bad input, no models) synchronously."""
+        if self.host.worker is None:
+            if self.host.state == "loading":
+                raise EngineStopped("The models are still loading; try again in a moment.")
+            raise EngineStopped("No models are loaded. Choose a target (and a draft) on the Models tab and press "
+                                "Load models.")
         worker = self.host.require_worker()
         handle = worker.submit(prompt, params, on_event=self._on_event)
         self._handles[handle.request_id] = handle

@@ -217,6 +217,17 @@ def test_missing_demo_models_explained(qtbot, window, monkeypatch):
     assert window.tabs.currentWidget() is window.models_tab
 
 
+def test_generate_without_models_says_what_to_do(qtbot, settings_dir):
+    from helix_desktop.app import create_window
+    from helix_desktop.settings import AppSettings
+
+    w = create_window(EngineHost(), AppSettings(settings_dir))
+    w.show()
+    w.generate_tab.run_button.click()
+    assert w.banner.level == "error" and "Models tab" in w.banner.text()
+    w.close()
+
+
 def test_charts_and_kv_view_follow_the_engine(qtbot, window):
     window.tabs.setCurrentWidget(window.charts_tab)
     gen = window.generate_tab
