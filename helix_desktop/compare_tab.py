@@ -85,8 +85,9 @@ class CompareTab(QWidget):
         self.table.verticalHeader().hide()
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
-        self.table.setMinimumHeight(90)
+        row = self.fontMetrics().height() + 8
+        self.table.verticalHeader().setDefaultSectionSize(row)
+        self.table.setMinimumHeight(self.table.horizontalHeader().sizeHint().height() + 5 * row + 6)  # 5 runs
 
         top = QHBoxLayout()
         prompt_col = QVBoxLayout()

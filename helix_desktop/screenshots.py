@@ -47,12 +47,17 @@ def wait_until(condition, timeout: float = 120.0) -> None:
         time.sleep(0.01)
 
 
-def build_host(tiny: bool):
+def build_host(tiny: bool, target: str | None = None, draft: str | None = None):
     from engine.config import DEMO_DRAFT, DEMO_TARGET, EngineConfig
     from engine.host import EngineHost
     from helix_desktop.model_catalog import demo_pair_present
 
     host = EngineHost()
+    if target is not None:
+        host.load(EngineConfig(target=target, draft=draft, device="cpu"), wait=True)
+        if host.worker is not None:
+            return host, "chosen"
+        raise SystemExit(f"could not load {target}: {host.last_error}")
     if not tiny and demo_pair_present():
         host.load(EngineConfig(target=str(DEMO_TARGET), draft=str(DEMO_DRAFT), device="cpu"), wait=True)
         if host.worker is not None:
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(resource_path("screenshots")))
     parser.add_argument("--tiny", action="store_true", help="use the tiny test models even if the demo pair exists")
     parser.add_argument("--size", default="1280x800")
+    parser.add_argument("--target", help="a model folder to use instead of the demo pair")
+    parser.add_argument("--draft", help="the draft for --target")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from helix_desktop.settings import AppSettings
 
     ensure_app()
-    host, which = build_host(args.tiny)
+    host, which = build_host(args.tiny, args.target, args.draft)
     window = MainWindow(host, AppSettings())
     width, height = (int(v) for v in args.size.split("x"))
     window.resize(width, height)
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.prompt.setPlainText(STORY_PROMPT)
     gen.form.temperature.setValue(0.7)
     gen.form.seed.setValue(7)
-    gen.form.max_new_tokens.setValue(160 if which == "demo" else 200)
+    gen.form.max_new_tokens.setValue(200 if which == "tiny" else 160)
     gen.run()
     wait_until(lambda: gen.last_final is not None)
     shoot(window, "generate", out)
