@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (
@@ -51,6 +53,9 @@ class ServerTab(QWidget):
         self.api_key = QLineEdit()
         self.api_key.setEchoMode(QLineEdit.EchoMode.PasswordEchoOnEdit)
         self.api_key.setPlaceholderText("optional on 127.0.0.1; required beyond it")
+        self.new_key = QPushButton("New key")
+        self.new_key.setToolTip("Fill in a random API key; clients send it as 'Authorization: Bearer <key>'")
+        self.new_key.clicked.connect(lambda: self.api_key.setText(secrets.token_urlsafe(24)))
         self.warning = QLabel()
         self.warning.setObjectName("warning")
         self.warning.setWordWrap(True)
@@ -73,7 +78,10 @@ class ServerTab(QWidget):
         form = QFormLayout(settings_box)
         form.addRow("Host", self.host)
         form.addRow("Port", self.port)
-        form.addRow("API key", self.api_key)
+        key_row = QHBoxLayout()
+        key_row.addWidget(self.api_key, 1)
+        key_row.addWidget(self.new_key)
+        form.addRow("API key", key_row)
         form.addRow(self.warning)
 
         url_box = QGroupBox("Endpoint")
@@ -146,8 +154,10 @@ class ServerTab(QWidget):
     def _on_started(self, url: str) -> None:
         self._set_running(True)
         self.url.setText(url)
-        self.docs_link.setText(f'<a href="{url}/docs">Open the API docs ({url}/docs)</a>')
-        self.example.setText(f"curl {url}/generate -H 'Content-Type: application/json' "
+        local = url.replace("://0.0.0.0", "://127.0.0.1").replace("://[::]", "://[::1]")  # browsers can't open 0.0.0.0
+        self.docs_link.setText(f'<a href="{local}/docs">Open the API docs ({local}/docs)</a>')
+        auth = " -H 'Authorization: Bearer <key>'" if self.api_key.text().strip() else ""
+        self.example.setText(f"curl {local}/generate -H 'Content-Type: application/json'{auth} "
                              "-d '{\"prompt\": \"Once upon a time\", \"max_new_tokens\": 32}'")
         where = "on this PC only" if is_loopback(self.host.currentText()) else "ON YOUR NETWORK"
         self.state_label.setText(f"Serving at {url} ({where}).")
@@ -171,7 +181,7 @@ class ServerTab(QWidget):
         self.switch.setChecked(running)
         self.switch.setEnabled(True)
         self.switch.setText("Stop server" if running else "Start server")
-        for w in (self.host, self.port, self.api_key):
+        for w in (self.host, self.port, self.api_key, self.new_key):
             w.setEnabled(not running)
         self.copy_button.setEnabled(running)
         if not running:
