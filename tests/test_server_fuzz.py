@@ -39,8 +39,8 @@ def _cap(body) -> None:
         value = body.get(key)
         if key not in body:
             body[key] = cap  # routes ignore the keys they do not know
-        elif isinstance(value, int) and not isinstance(value, bool) and value > cap:
-            body[key] = cap  # other bad values stay: they are the negative tests
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value > cap:
+            body[key] = cap  # 2180.0 counts as an int; other bad values stay: they are the negative tests
     for key in ("prompts", "prompt"):
         if isinstance(body.get(key), list):
             body[key] = body[key][:3]

@@ -11,6 +11,7 @@ import logging
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import uvicorn
@@ -129,12 +130,12 @@ class ServerRunner:
 
     @staticmethod
     def _wait(condition: Callable[[], bool], timeout: float) -> bool:
-        done = threading.Event()
-        for _ in range(int(timeout / 0.01)):
-            if condition():
-                return True
-            done.wait(0.01)
-        return condition()
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, finish or cancel open requests (streams are cancelled), free the port."""
