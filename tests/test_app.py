@@ -92,14 +92,19 @@ def test_ctrl_enter_runs_and_escape_stops_mid_stream(qtbot, slow_window):
     assert "stopped" in tab.stats.text()
 
 
-def test_stop_button_cancels(qtbot, slow_window):
+def test_stop_button_cancels_within_one_engine_step(qtbot, slow_window):
+    engine = slow_window.host.engine
+    steps: list[str] = []
+    engine.fault_hook = lambda stage, rows: (steps.append(stage), time.sleep(0.01))
     tab = slow_window.generate_tab
     _greedy(tab.form, 240)
     with qtbot.waitSignal(slow_window.bridge.token_batch, timeout=20000):
         tab.run_button.click()
     with qtbot.waitSignal(slow_window.bridge.finished, timeout=20000):
         tab.stop_button.click()
+        steps_at_stop = len(steps)
     assert tab.last_final.finish_reason == "cancelled"
+    assert len(steps) - steps_at_stop <= 1  # at most the step already running when Stop was pressed
     assert tab.run_button.isEnabled()
 
 
