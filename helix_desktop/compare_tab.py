@@ -223,8 +223,11 @@ class CompareTab(QWidget):
                     return "(end)"
                 return repr(tok.decode([ids[diff]])) if tok is not None else str(ids[diff])
 
-            self.verdict.setText(f"✘ Outputs differ first at token {diff}: plain {show(a)} vs speculative {show(b)}.")
+            self.verdict.setText(f"✘ Outputs differ first at token {diff} (highlighted): plain {show(a)} vs "
+                                 f"speculative {show(b)}.")
             self._set_verdict_style("bad")
+            for pane in self.panes.values():
+                pane.view.mark_token(diff)
 
     def _set_verdict_style(self, kind: str) -> None:
         colours = token_colours()

@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QPlainTextEdit,
     QSizePolicy,
+    QTextEdit,
     QToolButton,
     QWidget,
 )
@@ -83,10 +84,15 @@ class TokenView(QPlainTextEdit):
         self._segments: list[list[str]] = []  # [text, source]; source "" = uncoloured (held-back tail)
         self.colouring = True
         self.token_count = 0
+        self._offsets: list[int] = []  # character offset where each token's text starts
+        self._length = 0
 
     def reset(self) -> None:
         self._segments.clear()
+        self._offsets.clear()
+        self._length = 0
         self.token_count = 0
+        self.setExtraSelections([])
         self.clear()
 
     def _format(self, source: str) -> QTextCharFormat:
@@ -111,6 +117,8 @@ class TokenView(QPlainTextEdit):
         self.token_count += len(events)
         runs: list[list[str]] = []
         for ev in events:
+            self._offsets.append(self._length)
+            self._length += len(ev.text)
             if not ev.text:
                 continue
             if runs and runs[-1][1] == ev.source:
@@ -122,7 +130,24 @@ class TokenView(QPlainTextEdit):
 
     def append_text(self, text: str, source: str = "") -> None:
         if text:
+            self._length += len(text)
             self._add_segment(text, source)
+
+    def mark_token(self, index: int) -> None:
+        """Highlight token ``index`` (e.g. where two outputs first differ)."""
+        if not 0 <= index < len(self._offsets):
+            return
+        end = self._offsets[index + 1] if index + 1 < len(self._offsets) else self._length
+        cursor = QTextCursor(self.document())
+        cursor.setPosition(self._offsets[index])
+        cursor.setPosition(max(end, self._offsets[index] + 1), QTextCursor.MoveMode.KeepAnchor)
+        mark = QTextEdit.ExtraSelection()
+        mark.cursor = cursor
+        mark.format.setBackground(QColor("#dc2626"))
+        mark.format.setForeground(QColor("#ffffff"))
+        self.setExtraSelections([mark])
+        self.setTextCursor(cursor)
+        self.ensureCursorVisible()
 
     def _add_segment(self, text: str, source: str) -> None:
         if self._segments and self._segments[-1][1] == source:

@@ -348,3 +348,23 @@ def test_server_beyond_loopback_warns_and_needs_a_key(qtbot, window):
     assert not window.server.running and tab.switch.text() == "Start server" and tab.host.isEnabled()
     tab.host.setCurrentText("127.0.0.1")
     assert "Only programs on this PC" in tab.warning.text()
+
+
+def test_compare_points_at_the_first_difference(qtbot, window):
+    from PySide6.QtGui import QTextCursor
+
+    from engine.sequence import FinishEvent, TokenEvent
+    from engine.stats import RequestStats
+    from helix_desktop.compare_session import RunResult
+
+    tab = window.compare_tab
+    tab._greedy = True
+    views = {mode: tab.panes[mode].view for mode in ("plain", "speculative")}
+    for mode, ids in (("plain", [5, 6, 7]), ("speculative", [5, 6, 9])):
+        views[mode].append_tokens([TokenEvent("r", t, f"<{t}>", i, "target", 0.0) for i, t in enumerate(ids)])
+    finals = [FinishEvent("r", "length", "", ids, RequestStats()) for ids in ([5, 6, 7], [5, 6, 9])]
+    tab._show_verdict(RunResult(0, *finals))
+    assert "differ first at token 2" in tab.verdict.text()
+    selections = views["speculative"].extraSelections()
+    cursor = QTextCursor(selections[0].cursor)
+    assert cursor.selectedText() == "<9>"
