@@ -36,6 +36,12 @@ class ForwardLog:
         return [t for (r, s, b, n), ts in self.times.items() if r == role and s == stage and b == rows
                 and (tokens is None or n == tokens) and n >= min_tokens for t in ts]
 
+    def mean(self, role: str, stage: str = "decode", rows: int = 1, tokens: int | None = None,
+             min_tokens: int = 1) -> float | None:
+        """Mean forward time: what the run actually spent, stalls included."""
+        vals = self.select(role, stage, rows, tokens, min_tokens)
+        return sum(vals) / len(vals) if vals else None
+
     def median(self, role: str, stage: str = "decode", rows: int = 1, tokens: int | None = None,
                min_tokens: int = 1) -> float | None:
         """Median forward time: robust to the stalls a shared machine adds to a few steps."""

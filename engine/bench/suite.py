@@ -199,7 +199,7 @@ def _median_tps(passes: list[PassResult]) -> float:
 
 def _t1(tracked: list[_Tracked]) -> float | None:
     plain = next((t for t in tracked if t.method.name == "helix plain"), None)
-    return plain.inst.forwards.median("target", tokens=1) if plain and plain.inst else None
+    return plain.inst.forwards.mean("target", tokens=1) if plain and plain.inst else None
 
 
 def _cost_model(tracked: list[_Tracked]) -> dict:
@@ -212,8 +212,10 @@ def _cost_model(tracked: list[_Tracked]) -> dict:
         if not drafts:
             continue
         k_mean = sum(k for k, _a in drafts) / len(drafts)
-        t_draft = t.inst.forwards.median("draft") or 0.0
-        t_verify = t.inst.forwards.median("target", min_tokens=2) or t1
+        # means, not medians: the prediction should cost the forwards as this run paid for them, so that
+        # measured / predicted isolates what the cost model leaves out (sampling, scheduling, Python)
+        t_draft = t.inst.forwards.mean("draft") or 0.0
+        t_verify = t.inst.forwards.mean("target", min_tokens=2) or t1
         c = t_draft / t1
         gamma = max(0.0, (t_verify / t1 - 1.0) / k_mean)
         alpha = t.inst.alpha() or 0.0
