@@ -263,6 +263,13 @@ def test_out_of_range_fields_are_422_naming_the_field(client, body, field):
     assert field in _assert_error(r, 422)["message"]
 
 
+def test_union_field_errors_name_the_real_problem(client):
+    err = _assert_error(client.post("/v1/completions", json={"prompt": ["a", ""]}), 422, "at least 1 character")
+    assert err["param"] == "prompt.1"
+    err = _assert_error(client.post("/v1/completions", json={"prompt": "a", "stop": ["x"] * 17}), 422, "at most 16")
+    assert err["param"] == "stop"
+
+
 def test_caps_on_batch_size_and_n_are_422(client):
     _assert_error(client.post("/generate/batch", json={"prompts": ["a"] * 65}), 422, "prompts")
     _assert_error(client.post("/generate/batch", json={"prompts": []}), 422, "prompts")
@@ -335,6 +342,15 @@ def test_openai_completion_matches_generate_and_carries_stats(client, oai):
     lp = c.choices[0].logprobs
     assert len(lp.token_logprobs) == len(lp.tokens) == c.usage.completion_tokens
     assert all(len(top) <= 2 for top in lp.top_logprobs)
+
+
+def test_openai_completion_accepts_token_id_prompts(oai):
+    ids = oai.completions.create(model="m", prompt=[[5, 6, 7], [8, 9]], max_tokens=2, temperature=0)
+    assert [c.index for c in ids.choices] == [0, 1] and ids.usage.prompt_tokens == 5
+    one = oai.completions.create(model="m", prompt=[5, 6, 7], max_tokens=2, temperature=0)
+    assert one.choices[0].text == ids.choices[0].text
+    with pytest.raises(openai.UnprocessableEntityError):
+        oai.completions.create(model="m", prompt=[10**6], max_tokens=2)
 
 
 def test_openai_completion_stream(client, oai):

@@ -37,7 +37,7 @@ def _cap(body) -> None:
         return
     for key, cap in CAPS.items():
         value = body.get(key)
-        if key not in body:
+        if value is None:  # absent or null: the route's default (up to 128) would be too long here
             body[key] = cap  # routes ignore the keys they do not know
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and value > cap:
             body[key] = cap  # 2180.0 counts as an int; other bad values stay: they are the negative tests

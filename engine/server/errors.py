@@ -61,20 +61,31 @@ def helix_error_response(exc: HelixError) -> JSONResponse:
     return error_response(exc.status_code, str(exc), _snake(type(exc).__name__), match.group(1) if match else None)
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _field_path(loc) -> list[str]:
+    """A pydantic error location without ``body`` and union branch tags (``constrained-str``, ``list[int]``)."""
+    return [str(p) for p in loc if isinstance(p, int) or (p != "body" and p.isidentifier() and p not in _TYPE_TAGS)]
+
+
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    if first.get("type") == "json_invalid":
-        return error_response(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
-                              "invalid_json")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    errors = exc.errors() or [{"loc": (), "msg": "invalid request", "type": "invalid"}]
+    if errors[0].get("type") == "json_invalid":
+        detail = errors[0].get("ctx", {}).get("error", errors[0]["msg"])
+        return error_response(400, f"request body is not valid JSON: {detail}", "invalid_json")
+    # of a union's failed branches, the deepest error that is not a plain type mismatch is the one the
+    # client needs ("List should have at most 16 items", not "Input should be a valid string")
+    first = max(errors, key=lambda e: (len(_field_path(e.get("loc", ()))), not e.get("type", "").endswith("_type")))
+    param = ".".join(_field_path(first.get("loc", ()))) or None
     if param:
         message = f"{param}: {first['msg']}"
     else:
         message = f"request body must be a JSON object (Content-Type: application/json): {first['msg']}"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    others = {_field_path(e.get("loc", ()))[:1][0] if _field_path(e.get("loc", ())) else "" for e in errors}
+    others.discard(param.split(".")[0] if param else "")
+    if others:
+        message += f" (and problems with: {', '.join(sorted(o or 'body' for o in others))})"
     return error_response(422, message, "invalid_value", param)
 
 

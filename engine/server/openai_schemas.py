@@ -28,6 +28,7 @@ MAX_TOP_LOGPROBS = 20
 N = Annotated[int, Field(ge=1, le=MAX_CHOICES, description=f"Completions per prompt (1..{MAX_CHOICES}).")]
 Stop = Annotated[StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None,
                  Field(description=f"A stop string or a list of up to {MAX_STOP_STRINGS}.")]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, description="A prompt as token ids.")]
 ModelName = Annotated[str | None, Field(description="Accepted and ignored: Helix serves the loaded model pair.")]
 
 
@@ -62,8 +63,10 @@ class OpenAIFields(BaseModel):
 
 
 class CompletionRequest(OpenAIFields):
-    prompt: Annotated[Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)],
-                      Field(description=f"A prompt or a list of up to {MAX_BATCH_PROMPTS} prompts.")]
+    prompt: Annotated[Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)]
+                      | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)],
+                      Field(description=f"A prompt, a list of up to {MAX_BATCH_PROMPTS} prompts, or the same as "
+                      "token ids.")]
     max_tokens: MaxNewTokens = 16
     logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS, description="Return log probabilities of "
                                           "each token and of this many most likely tokens (target model).")] = None

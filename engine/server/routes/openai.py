@@ -176,7 +176,8 @@ async def list_models(worker: WorkerDep) -> ModelList:
              responses=_stream_doc("text_completion"))
 async def completions(body: CompletionRequest, request: Request, worker: WorkerDep):
     """OpenAI's legacy completions. `prompt` may be a list; `n` completions per prompt."""
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    single = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)
+    prompts = [body.prompt] if single else body.prompt
     expanded, params = fan_out(prompts, body, body.max_tokens, body.logprobs)
     handles = submit(request, worker, expanded, params)
     cid = f"cmpl-{request.state.request_id}"
