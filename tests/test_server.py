@@ -3,6 +3,7 @@ Helix routes, streaming, cancellation on disconnect, errors, metrics, docs and t
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import time
@@ -282,6 +283,20 @@ def test_prompt_past_context_is_400_with_the_limit(client):
         _assert_error(client.post(path, json={"prompt": "the cat " * 300}), 400, "256")
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "the cat " * 300}]})
     _assert_error(r, 400, "256")
+
+
+def test_tokenizing_a_huge_prompt_does_not_stall_other_requests(client):
+    huge = "the cat sat on the mat. " * 40_000  # just under 1 MiB: seconds of tokenizing, then 400 (too long)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        t0 = time.monotonic()
+        slow = pool.submit(lambda: (client.post("/generate", json={"prompt": huge}), time.monotonic()))
+        time.sleep(0.2)
+        assert client.get("/ping").status_code == 200
+        pinged = time.monotonic()
+        response, finished = slow.result()
+    _assert_error(response, 400, "256")
+    if finished - t0 > 0.5:  # on a machine fast enough to tokenize it in a blink there is nothing to show
+        assert pinged < finished  # /ping answered while the huge prompt was still being tokenized
 
 
 def test_malformed_bodies_are_4xx_not_500(client):

@@ -31,11 +31,8 @@ class Outcome:
     final: FinishEvent | None = None
 
 
-def submit(request: Request, worker: EngineWorker, prompts: Sequence[str | list[int]],
-           params: Sequence[SamplingParams]) -> list[RequestHandle]:
-    """Queue every prompt or none: a refusal (queue full, prompt too long) cancels those already queued."""
-    rid = request.state.request_id
-    loop = asyncio.get_running_loop()
+def _submit_all(worker: EngineWorker, rid: str, prompts: Sequence[str | list[int]], params: Sequence[SamplingParams],
+                loop: asyncio.AbstractEventLoop) -> list[RequestHandle]:
     handles: list[RequestHandle] = []
     try:
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
@@ -44,6 +41,24 @@ def submit(request: Request, worker: EngineWorker, prompts: Sequence[str | list[
     except BaseException:
         for h in handles:
             h.cancel()
+        raise
+    return handles
+
+
+async def submit(request: Request, worker: EngineWorker, prompts: Sequence[str | list[int]],
+                 params: Sequence[SamplingParams]) -> list[RequestHandle]:
+    """Queue every prompt or none: a refusal (queue full, prompt too long) cancels those already queued.
+
+    Tokenizing runs on a worker thread (a 1 MiB prompt takes seconds) so other streams keep flowing.
+    """
+    rid = request.state.request_id
+    loop = asyncio.get_running_loop()
+    queued = loop.run_in_executor(None, _submit_all, worker, rid, prompts, params, loop)
+    try:
+        handles = await asyncio.shield(queued)
+    except asyncio.CancelledError:  # the client left while we tokenized: cancel what gets queued
+        queued.add_done_callback(lambda f: [h.cancel() for h in f.result()]
+                                 if not f.cancelled() and f.exception() is None else None)
         raise
     logger.info("[%s] %s %s: %d engine request(s)", rid, request.method, request.url.path, len(handles))
     return handles

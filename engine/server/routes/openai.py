@@ -6,6 +6,7 @@ ignore_eos) are extra body fields, and speculative stats come back under ``helix
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -179,7 +180,7 @@ async def completions(body: CompletionRequest, request: Request, worker: WorkerD
     single = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)
     prompts = [body.prompt] if single else body.prompt
     expanded, params = fan_out(prompts, body, body.max_tokens, body.logprobs)
-    handles = submit(request, worker, expanded, params)
+    handles = await submit(request, worker, expanded, params)
     cid = f"cmpl-{request.state.request_id}"
     if body.stream:
         return _streaming(openai_stream(request, worker, handles, body, False, cid))
@@ -198,10 +199,11 @@ async def completions(body: CompletionRequest, request: Request, worker: WorkerD
 async def chat_completions(body: ChatCompletionRequest, request: Request, worker: WorkerDep):
     """Messages are rendered with the tokenizer's chat template, or Helix's plain template when it has
     none (`Role: text` paragraphs, then `Assistant:`)."""
-    prompt = chat_prompt(worker.engine.tokenizer, [(m.role, m.text) for m in body.messages])
+    messages = [(m.role, m.text) for m in body.messages]
+    prompt = await asyncio.to_thread(chat_prompt, worker.engine.tokenizer, messages)  # templating tokenizes
     top = (body.top_logprobs or 0) if body.logprobs else None
     expanded, params = fan_out([prompt], body, body.max_new_tokens, top)
-    handles = submit(request, worker, expanded, params)
+    handles = await submit(request, worker, expanded, params)
     cid = f"chatcmpl-{request.state.request_id}"
     if body.stream:
         return _streaming(openai_stream(request, worker, handles, body, True, cid))
