@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", choices=VARIANTS, default="cpu",
                    help="cpu: torch without GPU libraries; cuda: NVIDIA GPUs; directml: any DirectX 12 GPU on "
-                   "Windows (AMD, Intel, Qualcomm, NVIDIA) via the directml extra (default: cpu)")
+                   "Windows (AMD, Intel, NVIDIA) via the directml extra (default: cpu)")
     p.add_argument("--python", default=sys.executable, help="interpreter that makes the venv (default: this one)")
     p.add_argument("--venv", type=Path, default=HERE / ".build-venv", help="build venv (default: %(default)s)")
     p.add_argument("--reuse-venv", action="store_true", help="keep an existing build venv instead of recreating it")
@@ -63,7 +63,7 @@ def make_venv(args: argparse.Namespace) -> Path:
     if not (args.reuse_venv and py.is_file()):
         shutil.rmtree(args.venv, ignore_errors=True)
         run([args.python, "-m", "venv", args.venv])
-    pip = [py, "-m", "pip", "install", "--disable-pip-version-check"]
+    pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
     index = args.torch_index_url or (DEFAULT_CUDA_INDEX if args.variant == "cuda" else None)
     if index:
         run([*pip, "torch", "--index-url", index])

@@ -9,7 +9,7 @@
        with a Start-menu entry, an optional desktop icon and an uninstaller.
 
 .PARAMETER Variant
-    directml (default): any DirectX 12 GPU (AMD, Intel, Qualcomm, NVIDIA) through torch-directml; needs Python 3.10-3.12.
+    directml (default): any DirectX 12 GPU (AMD, Intel, NVIDIA) through torch-directml; needs Python 3.10-3.12.
     cuda: NVIDIA GPUs with a CUDA build of torch (from -TorchIndexUrl, default the cu128 index of download.pytorch.org).
     cpu: no GPU libraries; the smallest bundle.
 

@@ -276,9 +276,9 @@ def run(argv: list[str]) -> int:
         del hooks
         logger.info("exit %s", code)
         return code
-    except SystemExit:
-        raise
-    except BaseException as exc:
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
         details = traceback.format_exc()
         logger.error("Helix could not start:\n%s", details)
         if headless or not can_show_window():

@@ -4,6 +4,7 @@
 
 Each check runs the frozen executables with a throwaway HOME / app-data folder and prints PASS or FAIL:
 help texts; ``generate`` at temperature 0 loads the demo pair from inside the bundle and prints text;
+``serve`` answers /health;
 the window opens offscreen, shows "Helix Desktop", writes its logs to the user's app-data folder and
 closes after a few seconds (launcher's HELIX_SMOKE_QUIT_AFTER); a simulated GPU failure falls back to
 CPU with a notice; a simulated startup failure shows the error window; nothing is written into the app folder.
@@ -16,10 +17,12 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -113,6 +116,31 @@ def smoke(app: Path, root: Path) -> None:
     proc2 = run([str(cli), "generate", prompt, "--temperature", "0", "--max-new-tokens", "16"], box.env(), 300)
     check("helix-cli generate is deterministic at temperature 0", proc2.returncode == 0 and proc2.stdout.strip() == text,
           f"{proc2.stdout.strip()[:80]!r}")
+
+    # 2b. the API server answers /health with the demo pair loaded
+    box = Sandbox(root, "serve")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(cli), "serve", "--port", str(port)], env=box.env(), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    health: dict = {}
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and server.poll() is None and health.get("status") != "ok":
+        time.sleep(1.0)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                health = json.loads(response.read())
+        except (OSError, ValueError) as exc:
+            health = {"error": str(getattr(exc, "reason", exc))}
+    server.terminate()
+    try:
+        out, _ = server.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        out, _ = server.communicate()
+    check("helix-cli serve answers /health with the demo pair", health.get("status") == "ok"
+          and health.get("target") == bundled, json.dumps(health)[:160] if health.get("status") == "ok" else tail(out))
 
     # 3. the window, offscreen, closed after a few seconds by the launcher
     box = Sandbox(root, "window")

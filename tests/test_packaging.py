@@ -63,6 +63,7 @@ def _run_spec(monkeypatch, variant: str, demo: Path) -> tuple[_Recorder, dict]:
                                                                          f"{package}.models.bert.x")
                                                              if filter is None or filter(m)]
     hooks.copy_metadata = lambda dist: [(f"{dist}.dist-info", f"{dist}.dist-info")]
+    hooks.collect_dynamic_libs = lambda package: [(f"{package}/DirectML.dll", package)]
     for name in ("PyInstaller", "PyInstaller.utils"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "PyInstaller.utils.hooks", hooks)
@@ -112,6 +113,14 @@ def test_spec_drops_test_suites_and_on_cpu_the_cuda_libraries(monkeypatch, tmp_p
     rec, g = _run_spec(monkeypatch, "cuda", demo)
     assert [b[0] for b in g["a"].binaries] == ["torch/lib/libtorch_cpu.so", "nvidia/cublas/lib/libcublas.so.12",
                                                "torch/lib/libtorch_cuda.so", "torch/bin/torch_shm_manager"]
+
+
+def test_spec_directml_variant_bundles_torch_directml(monkeypatch, tmp_path):
+    rec, _ = _run_spec(monkeypatch, "directml", _make_demo_pair(tmp_path))
+    (_, kwargs), = rec.of("Analysis")
+    assert kwargs["binaries"] == [("torch_directml/DirectML.dll", "torch_directml")]
+    assert "torch_directml" in kwargs["hiddenimports"]
+    assert ("torch-directml.dist-info", "torch-directml.dist-info") in kwargs["datas"]
 
 
 def test_spec_refuses_unknown_variant_and_missing_demo_models(monkeypatch, tmp_path):
