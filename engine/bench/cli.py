@@ -171,19 +171,26 @@ def run_bench_command(args) -> int:
         prompts = load_prompts(args.prompts_file)
     except (OSError, ValueError) as exc:
         return cli.usage_error(f"cannot read prompts: {exc}")
+    command = "python main.py " + " ".join(sys.argv[1:])
+
+    def save_partial(results: dict) -> None:
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(dict(results, command=command, partial=True), f, indent=2)
+
     try:
         engine = cli.build_engine_from_args(args)
-        results = run_bench(engine, prompts, cfg)
+        results = run_bench(engine, prompts, cfg, on_section=save_partial)
     except HelixError as exc:
         return cli.usage_error(str(exc))
     except KeyboardInterrupt:
         return 130
-    results["command"] = "python main.py " + " ".join(sys.argv[1:])
+    results["command"] = command
     return _output(results, args)
 
 
 def _output(results: dict, args) -> int:
-    from engine.bench.report import format_results
+    from engine.bench.report import evaluate_targets, format_results
 
     print(format_results(results, markdown=args.markdown))
     if args.json and not args.from_json:
@@ -195,7 +202,7 @@ def _output(results: dict, args) -> int:
 
         save_plot(results, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
-    if args.strict and any(t["result"] == "MISS" for t in results["targets"]):
+    if args.strict and any(t["result"] == "MISS" for t in results.get("targets") or evaluate_targets(results)):
         return 1
     return 0
 

@@ -173,8 +173,9 @@ def format_results(results: dict, markdown: bool = False) -> str:
         p = results["profile"]
         parts += [f"{h}where the time goes (batch 1, greedy, {p['max_new_tokens']} tokens, {p['num_prompts']} prompts)",
                   profile_table(p, markdown), ""]
-    parts += [f"{h}targets", targets_table(results["targets"], markdown)]
-    misses = [t for t in results["targets"] if t["result"] == "MISS"]
-    parts.append(f"{len(results['targets']) - len(misses)} PASS, {len(misses)} MISS"
+    targets = results.get("targets") or evaluate_targets(results)  # a partial run has none saved
+    parts += [f"{h}targets", targets_table(targets, markdown)]
+    misses = [t for t in targets if t["result"] == "MISS"]
+    parts.append(f"{len(targets) - len(misses)} PASS, {len(misses)} MISS"
                  + (": " + "; ".join(f"{t['target']} ({t['where']})" for t in misses) if misses else ""))
     return "\n".join(parts)

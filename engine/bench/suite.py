@@ -98,8 +98,13 @@ def _count_passes(cfg: BenchConfig, has_draft: bool) -> int:
     return total + 3  # memory + profile (2)
 
 
-def run_bench(engine, prompts: list[str], cfg: BenchConfig = BenchConfig(), progress: bool = True) -> dict:
-    """Run everything; return a JSON-ready dict (see :mod:`engine.bench.report` for the tables)."""
+def run_bench(engine, prompts: list[str], cfg: BenchConfig = BenchConfig(), progress: bool = True,
+              on_section=None) -> dict:
+    """Run everything; return a JSON-ready dict (see :mod:`engine.bench.report` for the tables).
+
+    ``on_section(results)`` is called after each finished section with the results so far (the CLI
+    saves them, so a run cut short still leaves its numbers)."""
+    checkpoint = on_section or (lambda _results: None)
     if engine.draft is None:
         raise ValueError("the bench compares speculative decoding and needs a draft model")
     t_start = time.perf_counter()
@@ -117,9 +122,12 @@ def run_bench(engine, prompts: list[str], cfg: BenchConfig = BenchConfig(), prog
                 scen = _scenario(engine, bench_ids, temp, length, cfg, report, best_k, prog)
                 best_k = best_k or scen["best_k"]
                 results["scenarios"].append(scen)
+                checkpoint(results)
         results["concurrency"] = _concurrency(engine, bench_ids, cfg, prog)
+        checkpoint(results)
         results["memory"] = memory_bench(engine, ids, cfg.memory_requests, cfg.memory_lengths)
         prog.step("memory")
+        checkpoint(results)
         results["profile"] = _profile(engine, bench_ids[: cfg.profile_prompts], cfg, results, prog)
     finally:
         prog.close()
