@@ -55,7 +55,8 @@ def engine_config_from_args(args, **overrides):
         draft = str(DEMO_DRAFT) if args.target is None else None
     return EngineConfig(target=target, draft=draft, device=args.device,
                         dtype=None if args.dtype == "auto" else args.dtype,
-                        kv_cache_tokens=args.kv_cache_tokens, **overrides)
+                        kv_cache_tokens=args.kv_cache_tokens,
+                        num_threads=getattr(args, "threads", None), **overrides)
 
 
 class ProgressLine:

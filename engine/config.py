@@ -78,6 +78,7 @@ class EngineConfig:
     max_running: int = 16
     max_waiting: int = 256
     default_num_draft_tokens: int = 4
+    num_threads: int | None = None  # CPU threads for torch; None: all cores but one (at least 1)
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
     extra: dict = field(default_factory=dict, hash=False, compare=False)

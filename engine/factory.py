@@ -12,11 +12,26 @@ from engine.loader import Progress, check_tokenizers_compatible, load_model
 logger = logging.getLogger(__name__)
 
 
+def configure_cpu_threads(num_threads: int | None) -> int:
+    """Leave one core to the UI and the server: OpenMP threads that share a core with
+    another busy thread wait on each other, and small models gain little from a second thread."""
+    import os
+
+    import torch
+
+    n = num_threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(n)
+    logger.info("CPU: %d torch threads", n)
+    return n
+
+
 def build_engine(config: EngineConfig, progress: Progress | None = None, warmup: bool = True) -> LLMEngine:
     """Load target (and draft) and return a ready engine. Raises HelixError subclasses."""
     report = progress or (lambda stage, frac: None)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    if device.kind == "cpu":
+        configure_cpu_threads(config.num_threads)
     share = 0.45 if config.draft else 0.9
 
     def scaled(offset: float):

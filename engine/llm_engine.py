@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import statistics
 import threading
 import time
 import uuid
@@ -95,29 +96,41 @@ class LLMEngine:
     def has_draft(self) -> bool:
         return self.draft is not None
 
-    def warmup(self) -> None:
-        """Run a few steps on a dummy sequence: loads kernels and measures step costs for adaptive K."""
-        ids = list(range(1, 9))
+    def warmup(self, context: int = 128, reps: int = 5) -> None:
+        """Load kernels and measure the step costs adaptive K starts from.
+
+        Mimics the decode loop: a sequence with ``context`` tokens in both caches, then
+        alternating draft step / target step / (K+1)-token verification, medians of ``reps``.
+        """
         sid = -1
+        n = max(8, min(context, self.max_context - 16))
+        ids = [i % max(2, self.vocab_size - 1) + 1 for i in range(n)]
+        runners = [r for r in (self.target, self.draft) if r is not None]
+        for r in runners:
+            r.forward([RowInput(sid, ids)])
 
-        def timed(runner: ModelRunner, toks: list[int], reps: int = 3) -> float:
-            best = float("inf")
-            for _ in range(reps):
-                runner.forward([RowInput(sid, ids)])
-                t0 = time.perf_counter()
-                runner.forward([RowInput(sid, toks, len(toks))])
-                best = min(best, time.perf_counter() - t0)
-                runner.free(sid)
-            return best
+        def timed(runner: ModelRunner, toks: list[int]) -> float:
+            t0 = time.perf_counter()
+            runner.forward([RowInput(sid, toks, len(toks))])
+            dt = time.perf_counter() - t0
+            runner.truncate(sid, n)
+            return dt
 
-        t1 = timed(self.target, [1])
-        t5 = timed(self.target, [1, 2, 3, 4, 5])
-        self.t_target1 = t1
-        self.verify_cost = max(0.0, (t5 / t1 - 1.0) / 4.0)
-        if self.draft is not None:
-            self.draft_cost = timed(self.draft, [1]) / t1
+        t1, t5, td = [], [], []
+        for _ in range(reps):
+            if self.draft is not None:
+                td.append(timed(self.draft, [1]))
+            t1.append(timed(self.target, [1]))
+            t5.append(timed(self.target, [1, 2, 3, 4, 5]))
+        for r in runners:
+            r.free(sid)
+        med = statistics.median
+        self.t_target1 = med(t1)
+        self.verify_cost = max(0.0, (med(t5) / self.t_target1 - 1.0) / 4.0)
+        if td:
+            self.draft_cost = med(td) / self.t_target1
         logger.info("warm-up: target step %.2f ms, draft/target cost %.3f, verify cost per token %.3f",
-                    t1 * 1e3, self.draft_cost, self.verify_cost)
+                    self.t_target1 * 1e3, self.draft_cost, self.verify_cost)
 
     def recommended_k(self) -> tuple[int, float]:
         return best_k(self.alpha_prior, self.draft_cost, self.verify_cost)
@@ -344,12 +357,13 @@ class LLMEngine:
         self.spec_stats.target_time_s += t_target
 
     def _observe_times(self, plan: dict[Request, int], t_draft: float, t_target: float) -> None:
+        """Track the single-step target time (from plain steps, or verify steps through the
+        verify-cost model measured at warm-up) and the draft/target cost ratio."""
         kmax = max(plan.values())
-        if kmax == 0:
-            self.t_target1 = EMA * self.t_target1 + (1 - EMA) * t_target if self.t_target1 else t_target
-        elif self.t_target1 > 0:
+        t1 = t_target / (1.0 + self.verify_cost * kmax)
+        self.t_target1 = EMA * self.t_target1 + (1 - EMA) * t1 if self.t_target1 else t1
+        if kmax > 0:
             self.draft_cost = EMA * self.draft_cost + (1 - EMA) * (t_draft / kmax / self.t_target1)
-            self.verify_cost = EMA * self.verify_cost + (1 - EMA) * max(0.0, (t_target / self.t_target1 - 1) / kmax)
 
     # ------------------------------------------------------------------ output
     def _emit(self, req: Request, tokens: list[int], logits: list[torch.Tensor], sources) -> None:

@@ -53,8 +53,10 @@ class PagedCache(Cache):
             new_v = new_v.index_select(0, batch.write_rows)
         k_pool.index_copy_(0, batch.write_slots, new_k.to(k_pool.dtype))
         v_pool.index_copy_(0, batch.write_slots, new_v.to(v_pool.dtype))
-        keys = k_pool[batch.gather].permute(0, 2, 1, 3)  # [B, H, T, D]
-        values = v_pool[batch.gather].permute(0, 2, 1, 3)
+        # index_select on the flat index is several times faster than advanced indexing on CPU
+        flat = batch.gather.view(-1)
+        keys = k_pool.index_select(0, flat).view(b, -1, h, d).permute(0, 2, 1, 3)  # [B, H, T, D]
+        values = v_pool.index_select(0, flat).view(b, -1, h, d).permute(0, 2, 1, 3)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
