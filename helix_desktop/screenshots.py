@@ -24,7 +24,11 @@ logger = logging.getLogger("helix.screenshots")
 STORY_PROMPT = "Once upon a time, there was a little girl named Lily. One day"
 COMPARE_PROMPT = "Tom and his dog went to the park. They"
 KV_PROMPT = ("The sun was bright and the birds sang in the big tree. Lily and Tom went to the park with "
-             "their dog to play with a red ball. ")
+             "their dog to play with a red ball. They ran and ran until they were tired, and then they sat "
+             "under the tree to eat apples. Mom came with a big basket of bread and milk, and they all had "
+             "a picnic on the green grass while the dog chased a butterfly. ")
+OTHER_PROMPTS = ("A different story about a cat and the moon.", "The old man had a small boat.",
+                 "Sara liked to paint.")
 
 
 def wait(seconds: float) -> None:
@@ -175,12 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     engine = host.engine
     if which == "tiny":  # tiny models finish in milliseconds: slow steps so the blocks can be seen
         engine.fault_hook = lambda stage, rows: time.sleep(0.05)
-    params = SamplingParams(max_new_tokens=200 if which == "tiny" else 400, temperature=0.8)
+    params = SamplingParams(max_new_tokens=200 if which == "tiny" else 400, temperature=0.8, ignore_eos=True)
     ids = [window.bridge.submit(KV_PROMPT, params)]
     wait(0.5)
     ids += [window.bridge.submit(KV_PROMPT + extra, params) for extra in ("Lily", "Tom")]
-    ids.append(window.bridge.submit("A different story about a cat and the moon.", params))
-    wait(2.0)
+    ids += [window.bridge.submit(prompt, params) for prompt in OTHER_PROMPTS]
+    wait(1.5)
     window.kv_tab.refresh()
     shoot(window, "kv-cache", out)
     for rid in ids:
