@@ -171,7 +171,8 @@ def run_bench_command(args) -> int:
         prompts = load_prompts(args.prompts_file)
     except (OSError, ValueError) as exc:
         return cli.usage_error(f"cannot read prompts: {exc}")
-    command = "python main.py " + " ".join(sys.argv[1:])
+    entry = "python main.py" if sys.argv[0].endswith("main.py") else "python -m engine.bench.cli"
+    command = f"{entry} {' '.join(sys.argv[1:])}"
 
     def save_partial(results: dict) -> None:
         if args.json:
@@ -206,3 +207,18 @@ def _output(results: dict, args) -> int:
         return 1
     return 0
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.bench.cli bench|doctor ...``: the same subcommands without main.py's other ones."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m engine.bench.cli")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    cli.setup_logging(args.log_level)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
