@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from engine.cli import add_common_args, usage_error
 
@@ -44,7 +45,10 @@ def run_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         app = create_app(host, api_key=args.api_key, cors_origins=args.cors_origin)
-        uvicorn.Server(uvicorn_config(app, args.host, sock.getsockname()[1])).run(sockets=[sock])
+        port = sock.getsockname()[1]
+        url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{port}"
+        sys.stderr.write(f"helix: serving on {url} (docs: {url}/docs); Ctrl+C stops\n")
+        uvicorn.Server(uvicorn_config(app, args.host, port)).run(sockets=[sock])
     except HelixError as exc:
         return usage_error(str(exc))
     except KeyboardInterrupt:

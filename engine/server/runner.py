@@ -73,9 +73,10 @@ class _ThreadServer(uvicorn.Server):
 
 
 def uvicorn_config(app, host: str, port: int, **kwargs) -> uvicorn.Config:
-    # log_config=None: leave the application's logging alone; the request log middleware logs requests
+    # log_config=None: leave the application's logging alone; the request log middleware logs requests.
+    # lifespan="off": the app has no startup work, and a lifespan task cancelled by Ctrl+C logs a traceback.
     return uvicorn.Config(app, host=host, port=port, loop="asyncio", log_config=None, access_log=False,
-                          timeout_graceful_shutdown=2, **kwargs)
+                          lifespan="off", timeout_graceful_shutdown=2, **kwargs)
 
 
 class ServerRunner:
