@@ -310,6 +310,8 @@ def test_malformed_bodies_are_4xx_not_500(client):
     assert bare.status_code == 200  # no Content-Type at all: read as JSON
     _assert_error(client.post("/generate", json={"prompt": 5}), 422, "prompt")
     _assert_error(client.post("/generate", content=b"x" * ((1 << 20) + 1)), 413, "larger than")
+    chunked = (b"x" * 65536 for _ in range(17))  # no Content-Length: counted as it arrives
+    _assert_error(client.post("/generate", content=chunked, headers={"content-type": "application/json"}), 413)
     _assert_error(client.get("/nope"), 404)
 
 
