@@ -172,7 +172,7 @@ def run_bench_command(args) -> int:
     except (OSError, ValueError) as exc:
         return cli.usage_error(f"cannot read prompts: {exc}")
     entry = "python main.py" if sys.argv[0].endswith("main.py") else "python -m engine.bench.cli"
-    command = f"{entry} {' '.join(sys.argv[1:])}"
+    command = f"{entry} {' '.join(sys.argv[1:])}" if "bench" in sys.argv[1:] else None  # None: called in-process
 
     def save_partial(results: dict) -> None:
         if args.json:
