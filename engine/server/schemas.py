@@ -44,12 +44,13 @@ FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
 Source = Literal["draft", "target", "bonus"]
 
 
-def temperature(value: float) -> float:
-    return 0.0 if value < GREEDY_BELOW else value
-
-
-def top_p(value: float) -> float:
-    return max(value, MIN_TOP_P)
+def make_sampling_params(**fields) -> SamplingParams:
+    """The engine's ``SamplingParams`` from API fields, with two numeric guards (GREEDY_BELOW, MIN_TOP_P).
+    Raises ``InvalidRequest`` (422) for anything the schema let through but the engine refuses."""
+    if fields["temperature"] < GREEDY_BELOW:
+        fields["temperature"] = 0.0
+    fields["top_p"] = max(fields["top_p"], MIN_TOP_P)
+    return SamplingParams(**fields)
 
 
 class SamplingFields(BaseModel):
@@ -68,11 +69,7 @@ class SamplingFields(BaseModel):
     ignore_eos: IgnoreEos = False
 
     def sampling_params(self) -> SamplingParams:
-        """Raises ``InvalidRequest`` (422) for anything the schema let through but the engine refuses."""
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=temperature(self.temperature),
-                              top_p=top_p(self.top_p),
-                              top_k=self.top_k, seed=self.seed, stop=tuple(self.stop), speculative=self.speculative,
-                              num_draft_tokens=self.num_draft_tokens, ignore_eos=self.ignore_eos)
+        return make_sampling_params(**self.model_dump(include=set(SamplingFields.model_fields)))
 
 
 class GenerateRequest(SamplingFields):

@@ -29,7 +29,7 @@ from engine.server.openai_schemas import (
     OpenAIFields,
 )
 from engine.server.requests import Outcome, complete, follow, sse, submit
-from engine.server.schemas import ERROR_RESPONSES, MAX_BATCH_PROMPTS, MAX_SEED, sse_schema, temperature, top_p
+from engine.server.schemas import ERROR_RESPONSES, MAX_BATCH_PROMPTS, MAX_SEED, make_sampling_params, sse_schema
 from engine.stats import RequestStats
 from engine.worker import EngineWorker
 
@@ -44,10 +44,9 @@ def _stream_doc(kind: str) -> dict:
 # ---------------------------------------------------------------- shared helpers
 def sampling_params(body: OpenAIFields, max_new_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
     seed = None if body.seed is None else (body.seed + choice) % (MAX_SEED + 1)  # n choices must differ
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature(body.temperature),
-                          top_p=top_p(body.top_p),
-                          top_k=body.top_k, seed=seed, stop=body.stop_tuple, speculative=body.speculative,
-                          num_draft_tokens=body.num_draft_tokens, ignore_eos=body.ignore_eos, logprobs=logprobs)
+    return make_sampling_params(max_new_tokens=max_new_tokens, temperature=body.temperature, top_p=body.top_p,
+                                top_k=body.top_k, seed=seed, stop=body.stop_tuple, speculative=body.speculative,
+                                num_draft_tokens=body.num_draft_tokens, ignore_eos=body.ignore_eos, logprobs=logprobs)
 
 
 def fan_out(prompts: Sequence, body: OpenAIFields, max_new_tokens: int, logprobs: int | None):
