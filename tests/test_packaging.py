@@ -173,6 +173,26 @@ def test_launcher_device_check_falls_back_to_cpu_with_a_notice(monkeypatch, tmp_
     assert device == "cpu" and "runs on the CPU" in notice and str(tmp_path) in notice
 
 
+def test_launcher_says_so_when_a_gpu_build_finds_no_gpu(monkeypatch, tmp_path):
+    launcher = _load("launcher")
+    monkeypatch.setattr(launcher, "_expected_gpu", lambda: "DirectML")
+    device, notice = launcher.check_device("auto", tmp_path)
+    assert device == "auto" and "No DirectML GPU could be used" in notice and "runs on the CPU" in notice
+
+
+def test_launcher_shows_no_window_without_a_display(monkeypatch):
+    launcher = _load("launcher")
+    monkeypatch.setattr(sys, "platform", "linux")
+    for name in ("QT_QPA_PLATFORM", "DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(name, raising=False)
+    assert not launcher.can_show_window()
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    assert launcher.can_show_window()
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.delenv("QT_QPA_PLATFORM")
+    assert launcher.can_show_window()
+
+
 def test_launcher_gives_a_windowed_exe_stdout_and_logs_to_app_data(monkeypatch, tmp_path):
     launcher = _load("launcher")
     monkeypatch.setenv("HELIX_SETTINGS_DIR", str(tmp_path))
