@@ -196,6 +196,8 @@ def test_launcher_shows_no_window_without_a_display(monkeypatch):
 def test_launcher_gives_a_windowed_exe_stdout_and_logs_to_app_data(monkeypatch, tmp_path):
     launcher = _load("launcher")
     monkeypatch.setenv("HELIX_SETTINGS_DIR", str(tmp_path))
+    crash_files = []
+    monkeypatch.setattr(launcher, "faulthandler", types.SimpleNamespace(enable=crash_files.append))  # keep pytest's
     monkeypatch.setattr(sys, "stdout", None)
     monkeypatch.setattr(sys, "stderr", None)
     try:
@@ -203,9 +205,6 @@ def test_launcher_gives_a_windowed_exe_stdout_and_logs_to_app_data(monkeypatch, 
         print("hello from a windowed exe")
         sys.stdout.flush()
     finally:
-        import faulthandler
-
-        faulthandler.disable()
         for handler in list(launcher.logger.handlers):
             handler.close()
             launcher.logger.removeHandler(handler)
@@ -215,6 +214,7 @@ def test_launcher_gives_a_windowed_exe_stdout_and_logs_to_app_data(monkeypatch, 
     assert log_dir == tmp_path / "logs"
     assert "hello from a windowed exe" in (log_dir / "console.log").read_text()
     assert "start:" in (log_dir / "launcher.log").read_text()
+    assert [Path(f.name).name for f in crash_files] == ["crash.log"]
 
 
 # --------------------------------------------------------------------------- build scripts
