@@ -107,3 +107,13 @@ def test_opening_and_draft_init():
     assert mod.opening(story) == "Once upon a time, there was a dog."
     assert mod.opening("Tom ran. He fell. Then he cried.") == "Tom ran. He fell."
     assert mod.eval_story_indices(800, 50)[:2] == [8, 24]
+
+
+def test_cpu_step_timer_runs(tiny_run):
+    mod, out, _, _ = tiny_run
+    import torch
+
+    _, target, draft = mod.load_pair(out / "demo-target", out / "demo-draft", torch.device("cpu"))
+    t = mod.cpu_step_times(target, draft, ctx_len=8, reps=3)
+    assert t["target_1_ms"] > 0 and t["draft_1_ms"] > 0 and t["ratio_draft_over_target"] > 0
+    assert set(t["draft_depth_variants_1_ms"]) == {"1", "2", "3"}

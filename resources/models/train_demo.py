@@ -726,7 +726,9 @@ def speculative_acceptance(target, draft, prompts: list[list[int]], n_new: int, 
     drafted = accepted = steps = 0
     pos_hits = [0] * k
     conts = []
-    for p in prompts:
+    prog = Progress("spec-eval", len(prompts), 10)
+    for j, p in enumerate(prompts):
+        prog.update(j, acc=accepted / max(1, drafted))
         ref = greedy_continue(target, p, n_new + k + 1, device)
         conts.append(ref[:n_new])
         pos = 0
@@ -750,6 +752,7 @@ def speculative_acceptance(target, draft, prompts: list[list[int]], n_new: int, 
     return {
         "k": k,
         "prompts": len(prompts),
+        "target_tokens": sum(len(c) for c in conts),
         "new_tokens_per_prompt": n_new,
         "steps": steps,
         "drafted": drafted,
@@ -760,34 +763,53 @@ def speculative_acceptance(target, draft, prompts: list[list[int]], n_new: int, 
     }, conts
 
 
-def cpu_step_times(target, draft, threads: int = 2, ctx_len: int = 64, reps: int = 200):
-    """Median CPU time of one KV-cached decoding step: 1 token (draft and target) and 5 tokens (target
-    scoring k+1 tokens), after a ctx_len-token prompt, torch.set_num_threads(threads)."""
+def cpu_step_times(target, draft, threads: int = 2, ctx_len: int = 64, reps: int = 200, variants=(1, 2, 3)):
+    """CPU time of one KV-cached decoding step, torch.set_num_threads(threads): 1 token (draft and
+    target) and k+1=5 tokens (the target scoring a draft), after a ctx_len-token prompt; each model
+    then keeps decoding on its own cache (context grows by 1 or 5 tokens a step, as in real use).
+    The models are timed round-robin, step by step, so that load from other processes hits them all
+    alike; we report the median and the minimum per model and the median of the per-round ratio.
+    Drafts of other depths (same width, random weights: the step time does not depend on the
+    weights) are timed as well, to show how the draft depth was chosen."""
     import statistics
 
     import torch
+    from transformers import LlamaForCausalLM
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     target, draft = target.to("cpu").float(), draft.to("cpu").float()
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, target.config.vocab_size, (1, ctx_len), generator=g)
-    res = {}
+    V = target.config.vocab_size
+    prompt = torch.randint(3, V, (1, ctx_len), generator=g)
+    runs = {"target_1": (target, 1), "target_5": (target, 5), "draft_1": (draft, 1)}
+    for n in variants:
+        c = copy.deepcopy(target.config)
+        c.num_hidden_layers = n
+        runs[f"draft_{n}layer_1"] = (LlamaForCausalLM(c).eval(), 1)
+    times = {k: [] for k in runs}
     with torch.no_grad():
-        for name, m, n in [("target_1", target, 1), ("target_5", target, 5), ("draft_1", draft, 1)]:
-            times = []
-            for r in range(reps + 20):
-                _, past = step(m, prompt)
-                x = torch.randint(3, m.config.vocab_size, (1, n), generator=g)
+        caches = {k: step(m, prompt)[1] for k, (m, _) in runs.items()}
+        for r in range(reps + 10):
+            for k, (m, n) in runs.items():
+                x = torch.randint(3, V, (1, n), generator=g)
                 t0 = time.perf_counter()
-                step(m, x, past)
-                dt = time.perf_counter() - t0
-                if r >= 20:
-                    times.append(dt)
-            res[name + "_ms"] = 1000 * statistics.median(times)
+                _, caches[k] = step(m, x, caches[k])
+                if r >= 10:
+                    times[k].append(1000 * (time.perf_counter() - t0))
     torch.set_num_threads(old)
-    res["ratio_draft_over_target"] = res["draft_1_ms"] / res["target_1_ms"]
-    res["threads"] = threads
+    res = {}
+    for k in ("target_1", "target_5", "draft_1"):
+        res[k + "_ms"] = statistics.median(times[k])
+        res[k + "_min_ms"] = min(times[k])
+    res["ratio_draft_over_target"] = statistics.median(d / t for d, t in zip(times["draft_1"], times["target_1"]))
+    res["draft_depth_variants_1_ms"] = {str(n): statistics.median(times[f"draft_{n}layer_1"]) for n in variants}
+    res["draft_depth_variants_1_min_ms"] = {str(n): min(times[f"draft_{n}layer_1"]) for n in variants}
+    res.update(threads=threads, ctx_len=ctx_len, reps=reps)
+    try:
+        res["loadavg_1min"] = os.getloadavg()[0]
+    except OSError:
+        pass
     return res
 
 
@@ -855,6 +877,7 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     ap.add_argument("--eval-only", action="store_true", help="only evaluate the saved folders in OUT")
     ap.add_argument("--skip-eval", action="store_true", help="train and save only (evaluate later with --eval-only)")
+    ap.add_argument("--time-only", action="store_true", help="only time CPU decoding steps of the saved folders (prints JSON)")
     ap.add_argument("--time-cpu", action="store_true", help="also time single decoding steps on CPU (2 threads)")
     ap.add_argument("--results", type=Path, default=None, help="write metrics JSON here (default OUT/demo_results.json)")
     for f in fields(Config):
@@ -890,6 +913,12 @@ def main(argv=None) -> dict:
     log(f"device {device}, torch {torch.__version__}")
     t_start = time.time()
     summary = {"config": dataclasses.asdict(cfg), "preset": args.preset, "argv": list(argv if argv is not None else sys.argv[1:])}
+
+    if args.time_only:
+        _, target, draft = load_pair(target_dir, draft_dir, torch.device("cpu"))
+        t = cpu_step_times(target, draft)
+        log("cpu step times " + json.dumps(t))
+        return {"cpu_step_times": t}
 
     if not args.eval_only:
         set_seed(cfg.seed)
