@@ -36,6 +36,7 @@ class RequestHandle:
     def _deliver(self, event: Event) -> None:  # engine thread
         if isinstance(event, FinishEvent):
             self.final = event
+            self.done.set()  # before the event is queued: whoever reads it sees the handle done
         for cb in self.callbacks:
             cb(event)
         if self._aqueue is not None:
@@ -45,8 +46,6 @@ class RequestHandle:
                 pass
         else:
             self._queue.put(event)
-        if isinstance(event, FinishEvent):
-            self.done.set()
 
     def cancel(self) -> None:
         self.worker.engine.abort(self.request_id)
