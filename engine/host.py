@@ -30,6 +30,7 @@ class EngineHost:
         self.listeners: list[Callable[[str, str | None], None]] = []  # (state, reason) on change
         self._lock = threading.Lock()
         self._load_thread: threading.Thread | None = None
+        self._closed = False
 
     # the worker's engine, for whoever needs direct facts (model names, tokenizer)
     @property
@@ -62,6 +63,8 @@ class EngineHost:
             if progress is not None:
                 progress(stage, frac)
 
+        self._closed = False
+
         def job() -> None:
             self._set_state("loading")
             try:
@@ -76,6 +79,8 @@ class EngineHost:
                     self._set_state("ready", f"last load failed: {message}")
                 else:
                     self._set_state("failed", message)
+                return
+            if self._closed:  # the app quit while this load ran: drop the new engine quietly
                 return
             new = EngineWorker(engine)
             with self._lock:
@@ -105,6 +110,8 @@ class EngineHost:
         return True
 
     def shutdown(self) -> None:
+        """Stop the engine now; a load still running is discarded when it finishes (not waited for)."""
+        self._closed = True
         w, self.worker = self.worker, None
         if w is not None:
             w.shutdown()
