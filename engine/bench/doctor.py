@@ -57,11 +57,12 @@ def diagnose(engine, prompts: list[str] | list[list[int]], temperature: float = 
            for p in prompts]
     plain = Instrument(engine)
     spec = Instrument(engine)
-    # one short untimed pass loads kernels at these shapes
+    k_cal = MAX_DRAFT_TOKENS
+    # short untimed passes load kernels (and on GPUs pick GEMM algorithms) at these shapes
     helix_pass(engine, ids[:1], Method("plain", "helix"), temperature, min(8, max_new_tokens))
+    helix_pass(engine, ids[:1], Method("warm-up", "helix", True, k_cal), temperature, min(2 * k_cal, max_new_tokens))
     with plain:
         helix_pass(engine, ids, Method("plain", "helix"), temperature, max_new_tokens)
-    k_cal = MAX_DRAFT_TOKENS
     with spec:
         res = helix_pass(engine, ids, Method(f"K={k_cal}", "helix", True, k_cal), temperature, max_new_tokens)
     t1 = plain.forwards.median("target", tokens=1) or engine.t_target1

@@ -154,7 +154,8 @@ def format_results(results: dict, markdown: bool = False) -> str:
              describe(mach), ""]
     for scen in results["scenarios"]:
         parts.append(f"{h}batch 1, temperature {scen['temperature']:g}, {scen['max_new_tokens']} new tokens "
-                     f"({scen['num_prompts']} prompts, median of {scen['repeats']}; best fixed K = {scen['best_k']})")
+                     f"({scen['num_prompts']} prompts, median of {scen['repeats']}; best fixed K measured: "
+                     f"{scen.get('best_k_measured', scen['best_k'])}, HF constant schedule at K = {scen['best_k']})")
         parts.append(scenario_table(scen, markdown))
         cal = scen["calibration"]
         checks = ", ".join(f"{k}: {v}" for k, v in scen["checks"].items())

@@ -55,6 +55,16 @@ class PassResult:
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
+    def merge(self, other: "PassResult") -> None:
+        """Add another pass (over other prompts) to this one."""
+        self.tokens += other.tokens
+        self.seconds += other.seconds
+        self.ttft_s += other.ttft_s
+        self.outputs += other.outputs
+        self.add_stats(other)
+        self.target_calls += other.target_calls
+        self.draft_calls += other.draft_calls
+
     def add_stats(self, stats) -> None:
         self.num_drafts += stats.num_drafts
         self.num_draft_tokens += stats.num_draft_tokens

@@ -87,14 +87,17 @@ def _hf_methods(best_k: int | None) -> list[Method]:
     return out
 
 
-def _count_passes(cfg: BenchConfig, has_draft: bool) -> int:
+def _count_passes(cfg: BenchConfig, num_prompts: int) -> int:
+    """Progress-bar total: one step per (method, prompt) run."""
     total = 0
     for length in cfg.lengths:
-        n_helix = 2 + (len(cfg.ks) if length in cfg.sweep_lengths else 1) if has_draft else 1
-        n_hf = (3 if has_draft else 1) if cfg.hf else 0
-        total += len(cfg.temperatures) * (n_helix + n_hf) * (cfg.warmup_runs + cfg.repeats)
-    modes = 2 if has_draft else 1
-    total += len(cfg.concurrency) * modes * cfg.concurrency_repeats + 1
+        sweep = length in cfg.sweep_lengths
+        n_helix = 2 + (len(cfg.ks) if sweep else 1)
+        n_hf = 3 if cfg.hf else 0
+        warm = (n_helix + n_hf - (1 if cfg.hf else 0)) * cfg.warmup_runs * (num_prompts if sweep else 1) + (
+            1 if cfg.hf else 0)
+        total += len(cfg.temperatures) * (warm + (n_helix + n_hf) * cfg.repeats * num_prompts)
+    total += len(cfg.concurrency) * 2 * cfg.concurrency_repeats + 1
     return total + 3  # memory + profile (2)
 
 
@@ -111,7 +114,7 @@ def run_bench(engine, prompts: list[str], cfg: BenchConfig = BenchConfig(), prog
     ids = [engine.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     bench_ids = ids[: cfg.num_prompts]
     cal_ids = ids[cfg.num_prompts: cfg.num_prompts + cfg.calibration_prompts] or bench_ids
-    prog = _Progress(_count_passes(cfg, True), progress)
+    prog = _Progress(_count_passes(cfg, len(bench_ids)), progress)
     results: dict = {"machine": machine_info(engine), "config": asdict(cfg), "prompts": prompts[: cfg.num_prompts],
                      "scenarios": []}
     try:
@@ -120,7 +123,7 @@ def run_bench(engine, prompts: list[str], cfg: BenchConfig = BenchConfig(), prog
             best_k = None
             for length in sorted(cfg.lengths, key=lambda n: n not in cfg.sweep_lengths):
                 scen = _scenario(engine, bench_ids, temp, length, cfg, report, best_k, prog)
-                best_k = best_k or scen["best_k"]
+                best_k = best_k or scen["best_k_measured"]
                 results["scenarios"].append(scen)
                 checkpoint(results)
         results["concurrency"] = _concurrency(engine, bench_ids, cfg, prog)
@@ -140,29 +143,37 @@ def run_bench(engine, prompts: list[str], cfg: BenchConfig = BenchConfig(), prog
 
 
 # --------------------------------------------------------------------------- batch-1 scenarios
-def _run_group(engine, prompts, tracked: list[_Tracked], temp: float, length: int, cfg: BenchConfig,
-               adaptive_state: dict, best_k: int | None, prog: _Progress) -> None:
-    def once(t: _Tracked, record: bool) -> None:
-        m = t.method
-        if m.backend == "helix":
-            state = adaptive_state if (m.speculative and m.k is None) else None
-            if record:
-                with t.inst:
-                    t.passes.append(helix_pass(engine, prompts, m, temp, length, cfg.seed, state))
-            else:
-                helix_pass(engine, prompts[:1], m, temp, length, cfg.seed, state)
-        else:
-            res = hf_pass(engine, prompts if record else prompts[:1], m, temp, length, cfg.seed, best_k)
-            if record:
-                t.passes.append(res)
-        prog.step(f"T={temp:g} n={length} {m.name}")
+def _run_one(engine, t: _Tracked, ids: list[int], index: int, temp: float, length: int, cfg: BenchConfig,
+             adaptive_state: dict, record: bool) -> PassResult:
+    """One prompt through one method; ``index`` keeps the prompt's seed the same for every method."""
+    m = t.method
+    seed = cfg.seed + index
+    if m.backend == "hf":
+        return hf_pass(engine, [ids], m, temp, length, seed, m.k)
+    state = adaptive_state if (m.speculative and m.k is None) else None
+    if not record:
+        return helix_pass(engine, [ids], m, temp, length, seed, state)
+    with t.inst:
+        return helix_pass(engine, [ids], m, temp, length, seed, state)
 
-    for _ in range(cfg.warmup_runs):
-        for t in tracked:
-            once(t, record=False)
-    for _ in range(cfg.repeats):
-        for t in tracked:
-            once(t, record=True)
+
+def _run_rounds(engine, prompts, tracked: list[_Tracked], temp: float, length: int, cfg: BenchConfig,
+                adaptive_state: dict, prog: _Progress, rounds: int, record: bool = True) -> list[dict[int, PassResult]]:
+    """``rounds`` passes of every method over ``prompts``, interleaved per prompt (and the method order
+    rotated each round) so that a change in machine load hits every method alike."""
+    out = []
+    for r in range(rounds):
+        acc = {id(t): PassResult() for t in tracked}
+        order = tracked[r % len(tracked):] + tracked[: r % len(tracked)]
+        for i, ids in enumerate(prompts):
+            for t in order:
+                acc[id(t)].merge(_run_one(engine, t, ids, i, temp, length, cfg, adaptive_state, record))
+                prog.step(f"T={temp:g} n={length} {t.method.name}")
+        if record:
+            for t in tracked:
+                t.passes.append(acc[id(t)])
+        out.append(acc)
+    return out
 
 
 def _scenario(engine, prompts, temp: float, length: int, cfg: BenchConfig, report, best_k: int | None,
@@ -171,20 +182,23 @@ def _scenario(engine, prompts, temp: float, length: int, cfg: BenchConfig, repor
     adaptive_state = {"alpha_prior": report.alpha or engine.alpha_prior, "draft_cost": report.draft_cost,
                       "verify_cost": report.verify_cost, "t_target1": report.target_step_ms / 1e3}
     sweep = length in cfg.sweep_lengths or best_k is None
-    helix = _helix_methods(cfg.ks if sweep else [best_k])
-    first = [_Tracked(m, inst=Instrument(engine)) for m in helix]
+    tracked = [_Tracked(m, inst=Instrument(engine)) for m in _helix_methods(cfg.ks if sweep else [best_k])]
     if cfg.hf:
-        first += [_Tracked(m) for m in _hf_methods(None if sweep else best_k)]
-    _run_group(engine, prompts, first, temp, length, cfg, adaptive_state, best_k, prog)
-    tracked = list(first)
+        tracked += [_Tracked(m) for m in _hf_methods(None)]
+    # warm-up; on a K sweep it covers every prompt and picks "Helix's best K" for HF's constant schedule
+    warm = _run_rounds(engine, prompts if sweep else prompts[:1], tracked, temp, length, cfg, adaptive_state, prog,
+                       rounds=cfg.warmup_runs, record=False)
     if sweep:
-        fixed = [t for t in first if t.method.backend == "helix" and t.method.k]
-        best_k = max(fixed, key=lambda t: _median_tps(t.passes)).method.k
-        if cfg.hf:
-            late = [_Tracked(m) for m in _hf_methods(best_k)[2:]]
-            _run_group(engine, prompts, late, temp, length, cfg, adaptive_state, best_k, prog)
-            tracked += late
+        fixed = [t for t in tracked if t.method.backend == "helix" and t.method.k]
+        best_k = max(fixed, key=lambda t: statistics.median(w[id(t)].tokens_per_second for w in warm)).method.k
+    if cfg.hf:
+        const = [_Tracked(m) for m in _hf_methods(best_k)[2:]]
+        _run_rounds(engine, prompts[:1], const, temp, length, cfg, adaptive_state, prog, rounds=1, record=False)
+        tracked += const
+    _run_rounds(engine, prompts, tracked, temp, length, cfg, adaptive_state, prog, rounds=cfg.repeats)
     methods = _summaries(tracked)
+    fixed_rows = [m for m in methods if m["backend"] == "helix" and m["k"]]
+    measured_best = max(fixed_rows, key=lambda m: m["tokens_per_second"])["k"] if fixed_rows else best_k
     checks = {}
     if temp == 0:
         plain_out = tracked[0].passes[-1].outputs
@@ -196,8 +210,8 @@ def _scenario(engine, prompts, temp: float, length: int, cfg: BenchConfig, repor
             checks["helix_greedy_equals_hf_prompts"] = f"{same}/{len(plain_out)}"
     return {
         "temperature": temp, "max_new_tokens": length, "num_prompts": len(prompts), "repeats": cfg.repeats,
-        "best_k": best_k, "calibration": report.to_dict(), "adaptive_start": adaptive_state,
-        "cost_model": _cost_model(tracked), "methods": methods, "checks": checks,
+        "best_k": best_k, "best_k_measured": measured_best, "calibration": report.to_dict(),
+        "adaptive_start": adaptive_state, "cost_model": _cost_model(tracked), "methods": methods, "checks": checks,
     }
 
 
