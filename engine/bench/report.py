@@ -179,4 +179,6 @@ def format_results(results: dict, markdown: bool = False) -> str:
     misses = [t for t in targets if t["result"] == "MISS"]
     parts.append(f"{len(targets) - len(misses)} PASS, {len(misses)} MISS"
                  + (": " + "; ".join(f"{t['target']} ({t['where']})" for t in misses) if misses else ""))
+    if markdown:  # blank lines keep tables and the notes after them apart
+        return "\n\n".join(p for p in parts if p)
     return "\n".join(parts)
