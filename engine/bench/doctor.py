@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from engine.adaptive import best_k, expected_tokens
 from engine.bench.instrument import Instrument
-from engine.bench.runs import Method, helix_pass
+from engine.bench.runs import Method, PassResult, helix_pass
 from engine.config import MAX_DRAFT_TOKENS
 
 
@@ -61,10 +61,15 @@ def diagnose(engine, prompts: list[str] | list[list[int]], temperature: float = 
     # short untimed passes load kernels (and on GPUs pick GEMM algorithms) at these shapes
     helix_pass(engine, ids[:1], Method("plain", "helix"), temperature, min(8, max_new_tokens))
     helix_pass(engine, ids[:1], Method("warm-up", "helix", True, k_cal), temperature, min(2 * k_cal, max_new_tokens))
-    with plain:
-        helix_pass(engine, ids, Method("plain", "helix"), temperature, max_new_tokens)
-    with spec:
-        res = helix_pass(engine, ids, Method(f"K={k_cal}", "helix", True, k_cal), temperature, max_new_tokens)
+    # plain and speculative passes alternate prompt by prompt, so a change in machine load between them
+    # cannot skew the draft/target cost ratio
+    res = PassResult()
+    for i, prompt in enumerate(ids):
+        with plain:
+            helix_pass(engine, [prompt], Method("plain", "helix"), temperature, max_new_tokens, seed=i)
+        with spec:
+            res.merge(helix_pass(engine, [prompt], Method(f"K={k_cal}", "helix", True, k_cal), temperature,
+                                 max_new_tokens, seed=i))
     t1 = plain.forwards.median("target", tokens=1) or engine.t_target1
     t_draft = spec.forwards.median("draft") or 0.0
     t_verify = spec.forwards.median("target", tokens=k_cal + 1)
