@@ -766,7 +766,8 @@ def speculative_acceptance(target, draft, prompts: list[list[int]], n_new: int, 
 def cpu_step_times(target, draft, threads: int = 2, ctx_len: int = 64, reps: int = 200, variants=(1, 2, 3)):
     """CPU time of one KV-cached decoding step, torch.set_num_threads(threads): 1 token (draft and
     target) and k+1=5 tokens (the target scoring a draft), after a ctx_len-token prompt; each model
-    then keeps decoding on its own cache (context grows by 1 or 5 tokens a step, as in real use).
+    then keeps decoding on its own cache (context grows by 1 or 5 tokens a step, as in real use, and
+    is reset to the prompt once it passes ctx_len + 128 tokens).
     The models are timed round-robin, step by step, so that load from other processes hits them all
     alike; we report the median and the minimum per model and the median of the per-round ratio.
     Drafts of other depths (same width, random weights: the step time does not depend on the
@@ -790,8 +791,12 @@ def cpu_step_times(target, draft, threads: int = 2, ctx_len: int = 64, reps: int
     times = {k: [] for k in runs}
     with torch.no_grad():
         caches = {k: step(m, prompt)[1] for k, (m, _) in runs.items()}
+        lens = {k: ctx_len for k in runs}
         for r in range(reps + 10):
             for k, (m, n) in runs.items():
+                if lens[k] + n > ctx_len + 128:  # keep contexts in [ctx_len, ctx_len + 128]
+                    caches[k], lens[k] = step(m, prompt)[1], ctx_len
+                lens[k] += n
                 x = torch.randint(3, V, (1, n), generator=g)
                 t0 = time.perf_counter()
                 _, caches[k] = step(m, x, caches[k])
@@ -813,7 +818,7 @@ def cpu_step_times(target, draft, threads: int = 2, ctx_len: int = 64, reps: int
     return res
 
 
-def evaluate(target_dir: Path, draft_dir: Path, corpus: Path, cfg: Config, device, time_cpu: bool = False):
+def evaluate(target_dir: Path, draft_dir: Path, corpus: Path, cfg: Config, device, time_cpu: bool = False, threads: int = 2):
     tok, target, draft = load_pair(target_dir, draft_dir, device)
     valid_docs = read_docs(Path(corpus) / VALID_FILE, cfg.max_docs, cfg.max_doc_chars)
     valid_stream = build_stream(encode_docs(tok, valid_docs))
@@ -845,7 +850,7 @@ def evaluate(target_dir: Path, draft_dir: Path, corpus: Path, cfg: Config, devic
         for i in range(min(3, len(conts)))
     ]
     if time_cpu:
-        t = cpu_step_times(target, draft)
+        t = cpu_step_times(target, draft, threads=threads)
         k = cfg.spec_k
         L = acc["mean_acceptance_length"]
         t["estimated_speedup_k4"] = L * t["target_1_ms"] / (k * t["draft_1_ms"] + t["target_5_ms"])
@@ -878,6 +883,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-only", action="store_true", help="only evaluate the saved folders in OUT")
     ap.add_argument("--skip-eval", action="store_true", help="train and save only (evaluate later with --eval-only)")
     ap.add_argument("--time-only", action="store_true", help="only time CPU decoding steps of the saved folders (prints JSON)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for the CPU step timing (default 2)")
     ap.add_argument("--time-cpu", action="store_true", help="also time single decoding steps on CPU (2 threads)")
     ap.add_argument("--results", type=Path, default=None, help="write metrics JSON here (default OUT/demo_results.json)")
     for f in fields(Config):
@@ -916,7 +922,7 @@ def main(argv=None) -> dict:
 
     if args.time_only:
         _, target, draft = load_pair(target_dir, draft_dir, torch.device("cpu"))
-        t = cpu_step_times(target, draft)
+        t = cpu_step_times(target, draft, threads=args.threads)
         log("cpu step times " + json.dumps(t))
         return {"cpu_step_times": t}
 
@@ -957,7 +963,7 @@ def main(argv=None) -> dict:
         results_path.write_text(json.dumps(summary, indent=1) + "\n")
         log(f"results written to {results_path} (evaluation skipped)")
         return summary
-    summary["eval"] = evaluate(target_dir, draft_dir, args.corpus, cfg, device, time_cpu=args.time_cpu)
+    summary["eval"] = evaluate(target_dir, draft_dir, args.corpus, cfg, device, time_cpu=args.time_cpu, threads=args.threads)
     if args.eval_only and results_path.exists():  # keep the training record, refresh the metrics
         try:
             old = json.loads(results_path.read_text())
