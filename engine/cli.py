@@ -65,12 +65,13 @@ class ProgressLine:
     def __init__(self, desc: str = "loading"):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=100, desc=desc, file=sys.stderr, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}",
+        self.desc = desc
+        self.bar = tqdm(total=100, desc=desc, file=sys.stderr, bar_format="{desc} {percentage:3.0f}%|{bar:20}|",
                         leave=True)
 
     def __call__(self, stage: str, frac: float) -> None:
         self.bar.n = int(frac * 100)
-        self.bar.set_postfix_str(stage)
+        self.bar.set_description_str(f"{self.desc}: {stage:<28}", refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:
