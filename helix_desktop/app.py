@@ -86,6 +86,23 @@ def _windows_taskbar_identity() -> None:
             pass
 
 
+def _usable_device(config, window):
+    """A saved or requested GPU that is gone (driver update, eGPU unplugged) falls back to auto, with a notice."""
+    import dataclasses
+
+    from engine.devices import resolve_device
+    from engine.errors import DeviceUnavailable
+
+    if config.device in ("auto", "cpu"):
+        return config
+    try:
+        resolve_device(config.device)
+    except DeviceUnavailable as exc:
+        window.show_message("warning", f"{exc}. Using the best available device instead.")
+        return dataclasses.replace(config, device="auto")
+    return config
+
+
 def run_app(args) -> int:
     """``python main.py`` with no subcommand: open the window and load the models."""
     from engine.errors import HelixError
@@ -104,6 +121,7 @@ def run_app(args) -> int:
     window.show()
     try:
         config = initial_config(args, settings)
+        config = _usable_device(config, window)
     except HelixError as exc:
         window.show_message("error", str(exc))
     else:

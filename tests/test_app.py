@@ -368,3 +368,13 @@ def test_compare_points_at_the_first_difference(qtbot, window):
     selections = views["speculative"].extraSelections()
     cursor = QTextCursor(selections[0].cursor)
     assert cursor.selectedText() == "<9>"
+
+
+def test_missing_gpu_falls_back_to_auto_with_a_notice(window):
+    from engine import EngineConfig
+    from helix_desktop.app import _usable_device
+
+    config = _usable_device(EngineConfig(device="cuda"), window)  # this machine has no CUDA
+    assert config.device == "auto"
+    assert window.banner.level == "warning" and "not available" in window.banner.text()
+    assert _usable_device(EngineConfig(device="cpu"), window).device == "cpu"
