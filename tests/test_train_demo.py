@@ -10,7 +10,6 @@ import importlib.util
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -46,9 +45,6 @@ def tiny_run(tmp_path_factory):
 
 def test_pipeline_writes_complete_hf_folders(tiny_run):
     mod, out, summary, seconds = tiny_run
-    # ~4 s on an idle 2-core CPU; only warn (not fail) when a loaded machine makes it slower
-    if seconds > 30:
-        warnings.warn(f"tiny train_demo run took {seconds:.1f}s (budget 30 s)")
     for name in ("demo-target", "demo-draft"):
         d = out / name
         for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
