@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from engine.config import MAX_DRAFT_TOKENS
 
 PRIOR_WEIGHT = 8.0  # pseudo-trials of the prior α
-MIN_DRAFTS_BEFORE_OFF = 4
+MIN_DRAFTS_BEFORE_OFF = 8  # enough evidence that one noisy step time cannot switch speculation off
 
 
 def expected_tokens(alpha: float, k: int) -> float:

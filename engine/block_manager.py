@@ -61,6 +61,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
+        self.num_shared = 0  # blocks with more than one owner, kept up to date (pools can have 100k+ blocks)
         self._free: deque[int] = deque(range(num_blocks))
         self._hash_to_block: dict[int, int] = {}
         self._block_to_hash: dict[int, int] = {}
@@ -82,7 +83,7 @@ class BlockManager:
 
     def stats(self) -> BlockStats:
         used = self.num_blocks - len(self._free)
-        shared = sum(1 for r in self.ref_counts if r > 1)
+        shared = self.num_shared
         tokens = sum(t.num_tokens for t in self.tables.values())
         slots = sum(len(t.blocks) for t in self.tables.values()) * self.block_size
         return BlockStats(self.num_blocks, used, len(self._free), shared, tokens, slots)
@@ -109,10 +110,17 @@ class BlockManager:
         self.ref_counts[block] = 1
         return block
 
+    def _incref(self, block: int) -> None:
+        self.ref_counts[block] += 1
+        if self.ref_counts[block] == 2:
+            self.num_shared += 1
+
     def _release(self, block: int) -> None:
         if self.ref_counts[block] <= 0:
             raise AssertionError(f"double free of block {block}")
         self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 1:
+            self.num_shared -= 1
         if self.ref_counts[block] == 0:
             # Hashed blocks go to the back so their contents survive longest for reuse.
             if block in self._block_to_hash:
@@ -145,7 +153,7 @@ class BlockManager:
                 break
             if self.ref_counts[block] == 0:
                 self._free.remove(block)  # O(n), but only on a cache hit of a freed block
-            self.ref_counts[block] += 1
+            self._incref(block)
             table.blocks.append(block)
         table.num_tokens = len(table.blocks) * self.block_size
         return table.num_tokens
@@ -213,7 +221,7 @@ class BlockManager:
         if child_id in self.tables:
             raise ValueError(f"sequence {child_id} already has a block table")
         for block in parent.blocks:
-            self.ref_counts[block] += 1
+            self._incref(block)
         child = BlockTable(list(parent.blocks), parent.num_tokens)
         self.tables[child_id] = child
         return child
@@ -234,6 +242,7 @@ class BlockManager:
                 counted[b] += 1
             assert t.num_tokens <= len(t.blocks) * self.block_size
         assert counted == self.ref_counts, "reference counts do not match the block tables"
+        assert self.num_shared == sum(1 for r in self.ref_counts if r > 1), "shared-block count is off"
         free = set(self._free)
         assert len(free) == len(self._free), "a block is on the free list twice"
         for b in range(self.num_blocks):

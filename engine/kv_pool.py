@@ -34,6 +34,9 @@ class KVShape:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+MAX_AUTO_TOKENS = 262144
+
+
 def num_blocks_for(
     shape: KVShape, dtype: torch.dtype, device: torch.device, block_size: int,
     tokens: int | None, memory_fraction: float,
@@ -43,7 +46,8 @@ def num_blocks_for(
         per_token = shape.bytes_per_token(dtype)
         if device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(device)
-            tokens = int(free * memory_fraction) // per_token
+            # a desktop serves a handful of requests: more than this only costs memory and bookkeeping
+            tokens = min(int(free * memory_fraction) // per_token, MAX_AUTO_TOKENS)
         else:
             # CPU, DirectML, MPS: no portable free-memory query; a budget that suits a desktop.
             tokens = min(32768, max(4096, (512 << 20) // per_token))

@@ -272,7 +272,7 @@ def test_adaptive_k_turns_speculation_off_when_it_cannot_pay(pair):
     pair.draft_cost = 5.0  # a "draft" slower than the target
     try:
         res = pair.generate(PROMPTS[1], _greedy(None, n=40))
-        assert res.stats.num_drafts <= 6  # a few drafts to measure, then plain
+        assert res.stats.num_drafts <= 10  # a few drafts to measure, then plain
         assert pair.draft.blocks.num_free == pair.draft.blocks.num_blocks
     finally:
         pair.draft_cost = saved
