@@ -123,24 +123,19 @@ def run_generate(args) -> int:
                                 speculative=not args.no_speculative, num_draft_tokens=args.num_draft_tokens)
         engine = build_engine_from_args(args)
         colour = args.show_sources and sys.stdout.isatty()
-        done: list[FinishEvent] = []
 
-        def sink(ev) -> None:
+        def show(ev) -> None:
             if isinstance(ev, FinishEvent):
-                done.append(ev)
                 sys.stdout.write(ev.tail)
             elif ev.text:
                 sys.stdout.write(f"{COLOURS[ev.source]}{ev.text}\033[0m" if colour else ev.text)
             sys.stdout.flush()
 
-        engine.add_request(prompt, params, sink=sink)
-        while not done:
-            engine.step()
+        final = engine.generate(prompt, params, on_event=show)
     except HelixError as exc:
         return usage_error(str(exc))
     except KeyboardInterrupt:
         return 130
-    final = done[0]
     s = final.stats.to_dict()
     print(file=sys.stdout)
     print(f"[{final.finish_reason}] {s['num_generated_tokens']} tokens in {s['total_s']:.2f} s "

@@ -247,7 +247,7 @@ class LLMEngine:
                 continue
             rows = []
             for req in group:
-                ids = req.all_ids[:-1] if req.output_ids else req.prompt_ids
+                ids = req.prefill_ids
                 if req.seq_id not in runner.blocks.tables:
                     runner.blocks.allocate(req.seq_id)
                     cached = runner.blocks.match_prefix(req.seq_id, ids)
@@ -409,10 +409,18 @@ class LLMEngine:
         req.emit(FinishEvent(req.request_id, reason, req.detok.text, list(req.output_ids), req.stats, error, tail))
 
     # ------------------------------------------------------------------ sync helpers
-    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> FinishEvent:
-        """Run one request to completion on the calling thread (tests, CLI, bench)."""
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None, on_event=None) -> FinishEvent:
+        """Run one request to completion on the calling thread (tests, CLI, bench); ``on_event``
+        sees every event as it happens."""
         done: list[FinishEvent] = []
-        req = self.add_request(prompt, params, sink=lambda ev: done.append(ev) if isinstance(ev, FinishEvent) else None)
+
+        def sink(ev) -> None:
+            if on_event is not None:
+                on_event(ev)
+            if isinstance(ev, FinishEvent):
+                done.append(ev)
+
+        req = self.add_request(prompt, params, sink=sink)
         while not done:
             self.step()
         assert req.status is Status.FINISHED

@@ -80,10 +80,12 @@ class ModelRunner:
             raise
         for row, start in zip(rows, starts):
             self.blocks.commit(row.seq_id, start + len(row.token_ids))
-        if self.device.type in ("cuda", "mps"):
-            # the caller reads these logits at once anyway; syncing here makes step timers (and
-            # with them adaptive K's cost model) measure the device's work, not just its launch
-            torch.cuda.synchronize(self.device) if self.device.type == "cuda" else torch.mps.synchronize()
+        # the caller reads these logits at once anyway; syncing here makes step timers (and with
+        # them adaptive K's cost model) measure the device's work, not just its launch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
         self.last_forward_s = time.perf_counter() - t0
         return logits
 

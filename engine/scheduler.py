@@ -27,16 +27,12 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def _prefill_ids(self, req: Request) -> list[int]:
-        # a resumed request re-computes everything but its last token, which stays pending
-        return req.all_ids[:-1] if req.output_ids else req.prompt_ids
-
     def _fits(self, req: Request, runner: ModelRunner, reserved: int) -> bool:
-        need = runner.blocks.blocks_needed(len(self._prefill_ids(req)) + self.lookahead + 1)
+        need = runner.blocks.blocks_needed(len(req.prefill_ids) + self.lookahead + 1)
         return need + reserved <= runner.blocks.num_free
 
     def fits_alone(self, req: Request) -> bool:
-        n = len(self._prefill_ids(req)) + self.lookahead + 1
+        n = len(req.prefill_ids) + self.lookahead + 1
         ok = self.target.blocks.blocks_needed(n) <= self.target.blocks.num_blocks
         if ok and req.use_draft and self.draft is not None:
             ok = self.draft.blocks.blocks_needed(n) <= self.draft.blocks.num_blocks
@@ -53,7 +49,7 @@ class Scheduler:
             if req.use_draft and self.draft is not None and not self._fits(req, self.draft, reserved_d):
                 break
             self.waiting.popleft()
-            n = len(self._prefill_ids(req)) + self.lookahead + 1
+            n = len(req.prefill_ids) + self.lookahead + 1
             reserved_t += self.target.blocks.blocks_needed(n)
             if req.use_draft and self.draft is not None:
                 reserved_d += self.draft.blocks.blocks_needed(n)

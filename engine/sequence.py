@@ -82,6 +82,12 @@ class Request:
         return self.prompt_ids + self.output_ids
 
     @property
+    def prefill_ids(self) -> list[int]:
+        """What a (re-)admitted request runs through the models: the prompt, or after a
+        preemption everything but the last token, which stays pending as in any decode step."""
+        return self.all_ids[:-1] if self.output_ids else self.prompt_ids
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
