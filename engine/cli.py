@@ -23,7 +23,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "directml", "mps"],
                    help="compute device (auto: DirectML, then CUDA, then MPS, then CPU)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="weights and KV dtype (auto: float16 on GPU, float32 on CPU)")
+                   help="weights and KV dtype (auto: bfloat16 where the GPU supports it, else float16 with an overflow check; fp16 checkpoints in fp16; float32 on CPU)")
     g.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (default: from memory)")
     g.add_argument("--log-level", default=os.environ.get("HELIX_LOG_LEVEL", "WARNING"),
                    help="DEBUG, INFO, WARNING or ERROR (default: $HELIX_LOG_LEVEL or WARNING)")

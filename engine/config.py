@@ -71,7 +71,7 @@ class EngineConfig:
     target: str = str(DEMO_TARGET)
     draft: str | None = str(DEMO_DRAFT)
     device: str = "auto"
-    dtype: str | None = None  # None: float16 on GPU/DirectML, float32 on CPU
+    dtype: str | None = None  # None: automatic (engine.dtypes): the checkpoint's bf16/fp16 on GPU, float32 on CPU
     block_size: int = 16
     kv_cache_tokens: int | None = None  # None: sized from device memory
     kv_cache_memory_fraction: float = 0.3

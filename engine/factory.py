@@ -29,7 +29,8 @@ def build_engine(config: EngineConfig, progress: Progress | None = None, warmup:
     """Load target (and draft) and return a ready engine. Raises HelixError subclasses."""
     report = progress or (lambda stage, frac: None)
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    # automatic (None): each checkpoint's own dtype where the device runs it (engine.dtypes); the draft follows the target
+    dtype = None if config.dtype in (None, "auto") else resolve_dtype(config.dtype, device)
     if device.kind == "cpu":
         configure_cpu_threads(config.num_threads)
     share = 0.45 if config.draft else 0.9
@@ -41,7 +42,7 @@ def build_engine(config: EngineConfig, progress: Progress | None = None, warmup:
                         config.trust_remote_code)
     draft = None
     if config.draft:
-        draft = load_model(config.draft, device, dtype, "draft", scaled(0.45), config.attn_implementation,
+        draft = load_model(config.draft, device, target.dtype, "draft", scaled(0.45), config.attn_implementation,
                            config.trust_remote_code)
         check_tokenizers_compatible(target.tokenizer, draft.tokenizer)
     max_ctx = target.max_context if draft is None else min(target.max_context, draft.max_context)
@@ -49,7 +50,7 @@ def build_engine(config: EngineConfig, progress: Progress | None = None, warmup:
     engine = LLMEngine(target.model, target.tokenizer, draft.model if draft else None, config, max_ctx,
                        device.kind, (target.name, draft.name if draft else None))
     engine.device_name = device.name
-    engine.dtype_name = dtype_name(dtype)
+    engine.dtype_name = dtype_name(target.dtype)
     if warmup:
         report("warming up", 0.95)
         engine.warmup()

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from engine.devices import DeviceInfo
+from engine.dtypes import auto_dtype, fp16_overflow
 from engine.errors import ModelLoadError, TokenizerMismatch
 
 logger = logging.getLogger(__name__)
@@ -21,10 +22,11 @@ Progress = Callable[[str, float], None]
 
 @dataclass
 class LoadedModel:
-    name: str
+    name: str  # the short id (hub id or folder name) that the API and the UI show; never a local path
     model: torch.nn.Module
     tokenizer: object
     max_context: int
+    dtype: torch.dtype = torch.float32
 
 
 def _is_offline() -> bool:
@@ -56,6 +58,22 @@ def _resolve_source(name: str) -> tuple[str, bool]:
     return name, False
 
 
+def model_id(name: str) -> str:
+    """The name to show for a model: its hub id, or for a local folder its folder name.
+
+    A folder inside the Hugging Face cache (``models--Qwen--Qwen2.5-0.5B/snapshots/<rev>``) is
+    named by its hub id. Local paths never leave the machine this way (they include the user's home).
+    """
+    path = Path(name).expanduser()
+    if not path.exists():
+        return name.strip().rstrip("/")  # a hub id
+    parts = path.resolve().parts
+    for i, part in enumerate(parts):
+        if part.startswith("models--") and i + 2 < len(parts) and parts[i + 1] == "snapshots":
+            return part.removeprefix("models--").replace("--", "/")
+    return path.resolve().name
+
+
 def max_context_of(config) -> int:
     """Longest sequence the paged cache serves correctly for this model.
 
@@ -71,10 +89,14 @@ def max_context_of(config) -> int:
 
 
 def load_model(
-    name: str, device: DeviceInfo, dtype: torch.dtype, role: str = "target",
+    name: str, device: DeviceInfo, dtype: torch.dtype | None = None, role: str = "target",
     progress: Progress | None = None, attn_implementation: str = "sdpa", trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load tokenizer + causal LM; raise :class:`ModelLoadError` with the fix on failure."""
+    """Load tokenizer + causal LM; raise :class:`ModelLoadError` with the fix on failure.
+
+    ``dtype`` None picks it from the checkpoint and the device (:func:`engine.dtypes.auto_dtype`);
+    an fp16 choice for a checkpoint saved otherwise is checked, and reloaded in float32 if it overflows.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source, local = _resolve_source(name)
@@ -90,8 +112,8 @@ def load_model(
             raise ModelLoadError(f"{role} model '{name}': config.json is unreadable ({exc})") from exc
         raise ModelLoadError(
             f"{role} model '{name}' is not a local folder and could not be fetched from the Hugging Face hub "
-            f"or found in its local cache. Download it while online with `hf download {name}` "
-            "(or `huggingface-cli download`), or give a local folder."
+            f"or found in its local cache. Download it while online on the Models tab's Download panel or "
+            f"with `hf download {name}`, or give a local folder."
         ) from exc
     _check_causal(config, role, name)
     report(f"{role}: loading tokenizer", 0.2)
@@ -99,11 +121,33 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     except Exception as exc:
         raise ModelLoadError(f"{role} model '{name}': tokenizer could not be loaded ({exc})") from exc
+    check_fp16 = False
+    if dtype is None:
+        dtype, check_fp16 = auto_dtype(config, device)
     report(f"{role}: loading weights", 0.4)
+    model = _load_weights(AutoModelForCausalLM, source, dtype, attn_implementation, kw, role, name, config)
+    report(f"{role}: moving to {device.kind}", 0.8)
+    model.to(device.device)
+    model.eval()
+    if check_fp16:
+        problem = fp16_overflow(model, len(tokenizer))
+        if problem is not None:
+            logger.warning("%s model %s: %s; loading it in float32 instead", role, name, problem)
+            report(f"{role}: float16 overflows, reloading in float32", 0.85)
+            del model
+            dtype = torch.float32
+            model = _load_weights(AutoModelForCausalLM, source, dtype, attn_implementation, kw, role, name, config)
+            model.to(device.device)
+            model.eval()
+    report(f"{role}: ready", 1.0)
+    logger.info("loaded %s model %s (%s, %s) on %s", role, name, config.model_type, dtype, device.kind)
+    return LoadedModel(model_id(name), model, tokenizer, max_context_of(config), dtype)
+
+
+def _load_weights(auto_cls, source: str, dtype: torch.dtype, attn_implementation: str, kw: dict, role: str,
+                  name: str, config):
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn_implementation, **kw
-        )
+        return auto_cls.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **kw)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc) or "not a causal" in str(exc).lower():
             raise ModelLoadError(
@@ -113,12 +157,6 @@ def load_model(
         raise ModelLoadError(f"{role} model '{name}' could not be loaded: {exc}") from exc
     except Exception as exc:  # corrupt safetensors, missing shards, out of memory...
         raise ModelLoadError(f"{role} model '{name}' could not be loaded: {type(exc).__name__}: {exc}") from exc
-    report(f"{role}: moving to {device.kind}", 0.8)
-    model.to(device.device)
-    model.eval()
-    report(f"{role}: ready", 1.0)
-    logger.info("loaded %s model %s (%s, %s) on %s", role, name, config.model_type, dtype, device.kind)
-    return LoadedModel(name, model, tokenizer, max_context_of(config))
 
 
 def _check_causal(config, role: str, name: str) -> None:

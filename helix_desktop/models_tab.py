@@ -113,7 +113,7 @@ class ModelsTab(QWidget):
             self.device.addItem("Automatic (DirectML, CUDA, MPS, then CPU)" if d == "auto" else DEVICE_WORDS[d], d)
         self.dtype = QComboBox()
         for d in DTYPES:
-            self.dtype.addItem("Automatic (float16 on GPU, float32 on CPU)" if d == "auto" else d, d)
+            self.dtype.addItem("Automatic (the checkpoint's bf16/fp16 on GPU, float32 on CPU)" if d == "auto" else d, d)
         self.kv_tokens = QSpinBox()
         self.kv_tokens.setRange(0, 10_000_000)
         self.kv_tokens.setSingleStep(1024)

@@ -53,7 +53,7 @@ def test_load_pair_from_folders_with_progress_and_remember_it(qtbot, window, tin
         tab.load_button.click()
     qtbot.waitUntil(lambda: window.host.state == "ready" and window.host.config is not None, timeout=60000)
     assert progress and max(progress) == pytest.approx(1.0)
-    assert window.host.engine.target_name == str(target)
+    assert window.host.engine.target_name == "target"  # the folder name, never the local path
     assert "target" in tab.loaded.text() and "KV cache" in tab.loaded.text()
     assert window.settings.get_str("models/target") == str(target)
     assert window.settings.get_str("models/draft") == str(draft)

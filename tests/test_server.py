@@ -349,6 +349,16 @@ def test_openai_models(oai):
     assert [m.id for m in oai.models.list().data] == ["tiny-target"]
 
 
+def test_openai_model_names_the_loaded_model_or_is_refused(oai):
+    ok = oai.completions.create(model="helix", prompt=PROMPT, max_tokens=2, temperature=0)
+    assert ok.model == "tiny-target"
+    with pytest.raises(openai.NotFoundError) as exc:
+        oai.completions.create(model="gpt-4o", prompt=PROMPT, max_tokens=2)
+    assert exc.value.body["param"] == "model" and "tiny-target" in exc.value.message
+    with pytest.raises(openai.BadRequestError, match="draft model"):
+        oai.chat.completions.create(model="tiny-draft", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+
+
 def test_openai_completion_matches_generate_and_carries_stats(client, oai):
     expected = _generate(client, max_new_tokens=6)
     c = oai.completions.create(model="tiny-target", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2,
@@ -362,17 +372,17 @@ def test_openai_completion_matches_generate_and_carries_stats(client, oai):
 
 
 def test_openai_completion_accepts_token_id_prompts(oai):
-    ids = oai.completions.create(model="m", prompt=[[5, 6, 7], [8, 9]], max_tokens=2, temperature=0)
+    ids = oai.completions.create(model="tiny-target", prompt=[[5, 6, 7], [8, 9]], max_tokens=2, temperature=0)
     assert [c.index for c in ids.choices] == [0, 1] and ids.usage.prompt_tokens == 5
-    one = oai.completions.create(model="m", prompt=[5, 6, 7], max_tokens=2, temperature=0)
+    one = oai.completions.create(model="tiny-target", prompt=[5, 6, 7], max_tokens=2, temperature=0)
     assert one.choices[0].text == ids.choices[0].text
     with pytest.raises(openai.UnprocessableEntityError):
-        oai.completions.create(model="m", prompt=[10**6], max_tokens=2)
+        oai.completions.create(model="tiny-target", prompt=[10**6], max_tokens=2)
 
 
 def test_openai_completion_stream(client, oai):
     expected = _generate(client, max_new_tokens=6)
-    chunks = list(oai.completions.create(model="m", prompt=PROMPT, max_tokens=6, temperature=0, stream=True,
+    chunks = list(oai.completions.create(model="tiny-target", prompt=PROMPT, max_tokens=6, temperature=0, stream=True,
                                          stream_options={"include_usage": True}))
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert text == expected["text"]
@@ -383,8 +393,8 @@ def test_openai_completion_stream(client, oai):
 
 
 def test_openai_chat_with_n_and_logprobs(oai):
-    c = oai.chat.completions.create(model="m", messages=[{"role": "system", "content": "Be brief."},
-                                                         {"role": "user", "content": "Hi"}],
+    c = oai.chat.completions.create(model="tiny-target", messages=[{"role": "system", "content": "Be brief."},
+                                                                   {"role": "user", "content": "Hi"}],
                                     max_tokens=5, n=2, seed=7, logprobs=True, top_logprobs=3)
     assert [ch.index for ch in c.choices] == [0, 1]
     assert all(ch.message.role == "assistant" and isinstance(ch.message.content, str) for ch in c.choices)
@@ -394,7 +404,7 @@ def test_openai_chat_with_n_and_logprobs(oai):
 
 
 def test_openai_chat_stream_matches_non_stream(oai):
-    kwargs = {"model": "m", "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 8,
+    kwargs = {"model": "tiny-target", "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 8,
               "temperature": 0}
     full = oai.chat.completions.create(**kwargs).choices[0].message.content
     chunks = list(oai.chat.completions.create(stream=True, **kwargs))
@@ -405,10 +415,10 @@ def test_openai_chat_stream_matches_non_stream(oai):
 
 def test_openai_errors_in_openai_shape(server, oai):
     with pytest.raises(openai.UnprocessableEntityError) as exc:
-        oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], n=9)
+        oai.chat.completions.create(model="tiny-target", messages=[{"role": "user", "content": "x"}], n=9)
     assert exc.value.body["param"] == "n" and exc.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as exc:
-        oai.completions.create(model="m", prompt="the cat " * 300)
+        oai.completions.create(model="tiny-target", prompt="the cat " * 300)
     assert "256" in exc.value.message
     bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

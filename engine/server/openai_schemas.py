@@ -29,7 +29,8 @@ N = Annotated[int, Field(ge=1, le=MAX_CHOICES, description=f"Completions per pro
 Stop = Annotated[StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None,
                  Field(description=f"A stop string or a list of up to {MAX_STOP_STRINGS}.")]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, description="A prompt as token ids.")]
-ModelName = Annotated[str | None, Field(description="Accepted and ignored: Helix serves the loaded model pair.")]
+ModelName = Annotated[str | None, Field(description="The loaded model's id from GET /v1/models (e.g. `demo-target`), or "
+                                                    "`helix` or nothing for whatever is loaded; any other name is a 404.")]
 
 
 class StreamOptions(BaseModel):

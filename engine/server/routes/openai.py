@@ -118,8 +118,24 @@ def chat_logprobs(tokenizer, events: Sequence[TokenEvent]) -> dict | None:
                          "top_logprobs": [entry(t, lp) for t, lp in ev.top_logprobs or ()]} for ev in events]}
 
 
+MODEL_ALIAS = "helix"  # "whatever Helix serves", for clients that must send some name
+
+
 def model_name(worker: EngineWorker) -> str:
     return worker.engine.target_name
+
+
+def check_model(worker: EngineWorker, requested: str | None) -> str:
+    """The served model's id if ``requested`` names it (or nothing, or the alias); a clear 4xx otherwise."""
+    served, draft = worker.engine.target_name, worker.engine.draft_name
+    if requested is None or requested.strip() in ("", served, MODEL_ALIAS):
+        return served
+    if requested == draft:
+        raise ServerError(400, f"model '{requested}' is the draft model, which only proposes tokens for '{served}'; "
+                          f"ask for model '{served}'", "model_not_servable", "model")
+    raise ServerError(404, f"model '{requested}' is not loaded; this server serves '{served}' (see GET /v1/models). "
+                      "Ask for that model, or load another one in Helix (Models tab, or serve --target).",
+                      "model_not_found", "model")
 
 
 async def openai_stream(request: Request, worker: EngineWorker, handles, body: OpenAIFields, chat: bool,
@@ -176,6 +192,7 @@ async def list_models(worker: WorkerDep) -> ModelList:
              responses=_stream_doc("text_completion"))
 async def completions(body: CompletionRequest, request: Request, worker: WorkerDep):
     """OpenAI's legacy completions. `prompt` may be a list; `n` completions per prompt."""
+    check_model(worker, body.model)
     single = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)
     prompts = [body.prompt] if single else body.prompt
     expanded, params = fan_out(prompts, body, body.max_tokens, body.logprobs)
@@ -198,6 +215,7 @@ async def completions(body: CompletionRequest, request: Request, worker: WorkerD
 async def chat_completions(body: ChatCompletionRequest, request: Request, worker: WorkerDep):
     """Messages are rendered with the tokenizer's chat template, or Helix's plain template when it has
     none (`Role: text` paragraphs, then `Assistant:`)."""
+    check_model(worker, body.model)
     messages = [(m.role, m.text) for m in body.messages]
     prompt = await asyncio.to_thread(chat_prompt, worker.engine.tokenizer, messages)  # templating tokenizes
     top = (body.top_logprobs or 0) if body.logprobs else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -13,6 +14,12 @@ from engine.server.metrics import metrics_json, prometheus_text
 from engine.server.schemas import ERROR_RESPONSES, HealthResponse, MetricsResponse, PingResponse
 
 router = APIRouter(tags=["system"])
+
+
+def without_home(text: str | None) -> str | None:
+    """``text`` with the user's home folder written as ``~``: local paths say who the user is."""
+    home = str(Path.home())
+    return text.replace(home, "~") if text and len(home) > 1 else text
 
 
 @router.get("/ping", response_model=PingResponse, summary="Liveness check",
@@ -28,12 +35,13 @@ async def ping() -> PingResponse:
 async def health(host: HostDep):
     """200 with model names, device, dtype and KV pool stats while models serve; 503 (with the reason) before."""
     worker = host.worker
+    reason = without_home(host.reason)  # a failed load's message may quote the folder the user typed
     if worker is None:
-        body = HealthResponse(status=host.state if host.state != "ready" else "loading", reason=host.reason)
+        body = HealthResponse(status=host.state if host.state != "ready" else "loading", reason=reason)
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
     info = worker.engine.info()
     kv = metrics_json(worker.snapshot())["kv"]
-    return HealthResponse(status="ok", reason=host.reason, target=info["target"], draft=info["draft"],
+    return HealthResponse(status="ok", reason=reason, target=info["target"], draft=info["draft"],
                           has_draft=info["has_draft"], device=info["device"], device_name=info["device_name"],
                           dtype=info["dtype"],
                           max_context=info["max_context"], kv=kv)
