@@ -1,8 +1,11 @@
 """The tensor pool: K and V of every layer of one model, in fixed-size blocks.
 
-Layout per layer: ``[num_blocks * block_size, num_kv_heads, head_dim]`` so a token's
-slot is ``block * block_size + offset``. Layers are allocated on first write, with the
-shape the model actually produces (GQA, odd head dims and GPT-2 all just work).
+Layout per layer: ``[(num_blocks + 1) * block_size, num_kv_heads, head_dim]`` so a token's
+slot is ``block * block_size + offset``. The extra last block is scratch: padding tokens
+write there and gathers past a row's end read from there, so no step needs a data-dependent
+index (and none syncs the device). Layers are allocated on first write, with the shape the
+model actually produces (GQA, odd head dims and GPT-2 all just work), or up front by
+:meth:`KVPool.allocate` for the lean forward.
 """
 
 from __future__ import annotations
@@ -65,10 +68,22 @@ class KVPool:
         self.device = device
         self.keys: list[torch.Tensor | None] = [None] * shape.num_layers
         self.values: list[torch.Tensor | None] = [None] * shape.num_layers
+        self.scratch_block = num_blocks  # never handed out by the block manager
 
     @property
     def num_slots(self) -> int:
-        return self.num_blocks * self.block_size
+        return (self.num_blocks + 1) * self.block_size
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.scratch_block * self.block_size
+
+    def allocate(self, heads: int, head_dim: int) -> None:
+        """Allocate every layer now (the lean forward knows its shapes before the first write)."""
+        for idx in range(self.shape.num_layers):
+            if self.keys[idx] is None:
+                self.keys[idx] = torch.zeros(self.num_slots, heads, head_dim, dtype=self.dtype, device=self.device)
+                self.values[idx] = torch.zeros_like(self.keys[idx])
 
     def bytes_allocated(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)

@@ -4,19 +4,30 @@ Each row brings the tokens the model has not seen yet (1 for a decode step, K+1 
 speculative verification, a whole prompt for prefill). Rows are left-padded to the
 longest, so every row's last real tokens line up at the end and ``logits_to_keep``
 returns exactly the positions the caller needs.
+
+Two paths: the Llama family runs the engine's lean forward (:mod:`engine.models.llama`,
+attention in place on the pool, per-forward host work proportional to the new tokens);
+every other architecture runs transformers' own modeling code on :class:`PagedCache`,
+which is also the reference the lean forward is tested against.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 
+from engine.attention import AttnBatch
 from engine.block_manager import BlockManager
+from engine.block_tables import DeviceBlockTables
 from engine.compat import forward_with_cache
 from engine.kv_pool import KVPool
 from engine.paged_cache import ForwardBatch, PagedCache
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,7 +40,8 @@ class RowInput:
 class ModelRunner:
     """One model + its KV pool + its block accounting."""
 
-    def __init__(self, model, pool: KVPool, blocks: BlockManager, vocab_size: int):
+    def __init__(self, model, pool: KVPool, blocks: BlockManager, vocab_size: int, lean: bool | None = None,
+                 max_context: int | None = None):
         self.model = model
         self.pool = pool
         self.blocks = blocks
@@ -37,6 +49,30 @@ class ModelRunner:
         self.device = pool.device
         self.vocab_size = vocab_size  # logits past the tokenizer's vocabulary are dropped
         self.last_forward_s = 0.0
+        self.lean = self._build_lean(model, lean)
+        self.forward_path = "lean" if self.lean is not None else "transformers"
+        if self.lean is not None:
+            pool.allocate(self.lean.n_kv, self.lean.head_dim)
+            ctx = max_context or getattr(model.config, "max_position_embeddings", 2048) or 2048
+            self.tables = DeviceBlockTables(-(-ctx // blocks.block_size) + 1, pool.scratch_block, self.device)
+            self.lean.ensure_positions(ctx)
+
+    @staticmethod
+    def _build_lean(model, lean: bool | None):
+        """The lean forward when the model's family has one (``lean=False`` or HELIX_LEAN=0 forces
+        transformers' path; ``lean=True`` makes an unsupported model an error)."""
+        from engine.models import lean_model_for
+
+        if lean is None:
+            lean = None if os.environ.get("HELIX_LEAN", "1") != "0" else False
+        if lean is False:
+            return None
+        built, reason = lean_model_for(model)
+        if built is None:
+            if lean:
+                raise ValueError(f"the lean forward cannot run this model: {reason}")
+            logger.info("lean forward not used (%s); running transformers' modeling code", reason)
+        return built
 
     # ------------------------------------------------------------- accounting
     def cached_len(self, seq_id: int) -> int:
@@ -73,7 +109,7 @@ class ModelRunner:
                 starts.append(self.blocks.tables[row.seq_id].num_tokens)
                 self.pool.copy_blocks(self.blocks.prepare_append(row.seq_id, len(row.token_ids)))
                 grown.append(row.seq_id)
-            logits = self._run(rows, starts, bs)
+            logits = self._run_lean(rows, starts, bs) if self.lean is not None else self._run(rows, starts, bs)
         except BaseException:
             for seq_id, start in zip(grown, starts):
                 self.blocks.truncate(seq_id, start)
@@ -132,6 +168,43 @@ class ModelRunner:
         logits = logits[..., : self.vocab_size].float()  # [B, keep, V]
         return [logits[i, keep - r.num_logits :] for i, r in enumerate(rows)]
 
+    def _run_lean(self, rows: list[RowInput], starts: list[int], bs: int) -> list[torch.Tensor]:
+        dev = self.device
+        b = len(rows)
+        lens = [len(r.token_ids) for r in rows]
+        n = max(lens)
+        ends = [s + k for s, k in zip(starts, lens)]
+        t_len = max(ends)
+        scratch = self.pool.scratch_slot
+        # host work is O(new tokens): ids, positions and write slots of the new tokens only
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        table_rows: list[int] = []
+        for row, start, k in zip(rows, starts, lens):
+            blocks = self.blocks.tables[row.seq_id].blocks
+            table_rows.append(self.tables.sync(row.seq_id, blocks))
+            pad = n - k
+            ids += [0] * pad + row.token_ids
+            positions += [0] * pad + list(range(start, start + k))
+            slots += [scratch] * pad + [blocks[p // bs] * bs + p % bs for p in range(start, start + k)]
+        meta = torch.tensor(ids + positions + slots + table_rows, dtype=torch.long).to(dev, non_blocking=True)
+        input_ids = meta[: b * n].view(b, n)
+        pos_t = meta[b * n: 2 * b * n].view(b, n)
+        slot_t = meta[2 * b * n: 3 * b * n]
+        row_t = meta[3 * b * n:]
+        n_blocks = -(-t_len // bs)
+        table = self.tables.table.index_select(0, row_t)[:, :n_blocks]  # [B, nb]
+        gather = (table[:, :, None] * bs + torch.arange(bs, device=dev)).view(b, n_blocks * bs)[:, :t_len]
+        mask = None
+        if n > 1 or min(ends) < t_len:  # a lone decode row (or equal-length rows) sees every key
+            mask = (torch.arange(t_len, device=dev)[None, None, :] <= pos_t[:, :, None])[:, None]  # [B, 1, N, T]
+        batch = AttnBatch(slot_t, gather.reshape(-1), mask, t_len)
+        keep = max(r.num_logits for r in rows)
+        logits = self.lean.forward(input_ids, pos_t, batch, self.pool, keep)
+        logits = logits[..., : self.vocab_size].float()  # [B, keep, V]
+        return [logits[i, keep - r.num_logits:] for i, r in enumerate(rows)]
+
     # ------------------------------------------------------------- lifecycle
     def truncate(self, seq_id: int, num_tokens: int) -> None:
         if seq_id in self.blocks.tables:
@@ -139,3 +212,5 @@ class ModelRunner:
 
     def free(self, seq_id: int) -> None:
         self.blocks.free(seq_id)
+        if self.lean is not None:
+            self.tables.release(seq_id)

@@ -1,4 +1,8 @@
-"""The paged cache must give the default cache's logits, for every architecture users pair."""
+"""The paged cache must give the default cache's logits, for every architecture users pair.
+
+These runners use transformers' modeling code on the paged cache (``lean=False``): that path
+serves every family the lean forward does not, and is the lean forward's reference
+(tests/test_lean_forward.py)."""
 
 import pytest
 import torch
@@ -43,7 +47,7 @@ def _make_model(name: str):
 def _make_runner(model, blocks: int = 64, block_size: int = 16) -> ModelRunner:
     shape = KVShape.from_config(model.config)
     pool = KVPool(blocks, block_size, shape, torch.float32, torch.device("cpu"))
-    return ModelRunner(model, pool, BlockManager(blocks, block_size), VOCAB)
+    return ModelRunner(model, pool, BlockManager(blocks, block_size), VOCAB, lean=False)
 
 
 @torch.inference_mode()

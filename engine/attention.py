@@ -1,0 +1,60 @@
+"""Paged attention for the lean forward: write the new K/V into their slots, attend over each
+row's own blocks.
+
+The metadata (:class:`AttnBatch`) is built once per forward and shared by every layer:
+where each new token's K/V goes, which pool slot holds key position ``t`` of each row, and
+a boolean mask only when one is needed. A batch of one decoding row needs no mask at all.
+
+Why a gather and SDPA (measured, see BENCHMARKS.md): on the CPU the per-layer gather of a
+row's history is a few microseconds for the context lengths a desktop serves, far less
+than the kernel launches around it; on CUDA the gather index has a static shape, so the
+whole step can be captured in a CUDA graph. Keys and values are read straight from the
+pool's ``[slots, kv_heads, head_dim]`` layout, never rebuilt per query head: the query
+heads of one KV group are folded into the query dimension (GQA without
+``repeat_interleave``, which DirectML runs on the CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttnBatch:
+    """One forward's attention metadata for ``B`` rows of ``N`` (left-padded) new tokens.
+
+    slot_mapping: [B * N]   pool slot of each new token (padding writes to the scratch block)
+    gather:       [B * T]   pool slot of key position ``t`` of each row (past a row's end: scratch)
+    mask:         [B, 1, N, T] bool, True = may attend; None when every query sees every key
+    """
+
+    slot_mapping: torch.Tensor
+    gather: torch.Tensor
+    mask: torch.Tensor | None
+    num_keys: int
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                    batch: AttnBatch, scale: float) -> torch.Tensor:
+    """q: [B, N, Hq, D]; k, v: [B, N, Hkv, D] (new tokens); pools: [slots, Hkv, D]. Returns [B, N, Hq * D]."""
+    b, n, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    t = batch.num_keys
+    k_pool.index_copy_(0, batch.slot_mapping, k.reshape(b * n, hkv, d))
+    v_pool.index_copy_(0, batch.slot_mapping, v.reshape(b * n, hkv, d))
+    keys = k_pool.index_select(0, batch.gather).view(b, t, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
+    values = v_pool.index_select(0, batch.gather).view(b, t, hkv, d).transpose(1, 2)
+    if g == 1:
+        qh = q.transpose(1, 2)  # [B, H, N, D]
+        mask = batch.mask
+    else:  # fold the G query heads of each KV head into the query dimension
+        qh = q.view(b, n, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * n, d)
+        mask = None if batch.mask is None else batch.mask.expand(b, g, n, t).reshape(b, 1, g * n, t)
+    out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=scale)
+    if g == 1:
+        return out.transpose(1, 2).reshape(b, n, hq * d)
+    return out.view(b, hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, hq * d)

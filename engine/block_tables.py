@@ -1,0 +1,64 @@
+"""A device-side mirror of the block manager's tables, kept up to date incrementally.
+
+Each sequence owns one row of a persistent ``[rows, max_blocks]`` index tensor on the
+model's device; only entries that changed since the last forward are written (a new block
+every ``block_size`` tokens, a copy-on-write replacement, a rollback). Per-forward host
+work is therefore proportional to the new tokens, not to the context, and a CUDA graph can
+read the table from a fixed address.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class DeviceBlockTables:
+    def __init__(self, max_blocks_per_seq: int, scratch_block: int, device: torch.device, capacity: int = 32):
+        self.max_blocks = max_blocks_per_seq
+        self.scratch = scratch_block
+        self.device = device
+        self.table = torch.full((capacity, max_blocks_per_seq), scratch_block, dtype=torch.long, device=device)
+        self._row: dict[int, int] = {}
+        self._synced: dict[int, list[int]] = {}
+        self._free_rows = list(range(capacity - 1, -1, -1))
+
+    def _grow(self) -> None:
+        old = self.table.shape[0]
+        with torch.inference_mode(False):  # a normal tensor: released rows are reset outside inference mode
+            extra = torch.full((old, self.max_blocks), self.scratch, dtype=torch.long, device=self.device)
+            self.table = torch.cat([self.table, extra], 0)
+        self._free_rows.extend(range(2 * old - 1, old - 1, -1))
+
+    def sync(self, seq_id: int, blocks: list[int]) -> int:
+        """Bring ``seq_id``'s row up to date with ``blocks``; return the row index."""
+        row = self._row.get(seq_id)
+        if row is None:
+            if not self._free_rows:
+                self._grow()
+            row = self._free_rows.pop()
+            self._row[seq_id] = row
+            self._synced[seq_id] = []
+        old = self._synced[seq_id]
+        if blocks != old:
+            if len(blocks) > self.max_blocks:
+                raise ValueError(f"sequence needs {len(blocks)} blocks; the table holds {self.max_blocks}")
+            first = 0
+            for a, b in zip(old, blocks):
+                if a != b:
+                    break
+                first += 1
+            if first < len(blocks):
+                self.table[row, first:len(blocks)] = torch.tensor(blocks[first:], dtype=torch.long).to(self.device)
+            if len(old) > len(blocks):
+                self.table[row, len(blocks):len(old)] = self.scratch
+            self._synced[seq_id] = list(blocks)
+        return row
+
+    def release(self, seq_id: int) -> None:
+        row = self._row.pop(seq_id, None)
+        if row is None:
+            return
+        n = len(self._synced.pop(seq_id))
+        if n:
+            self.table[row, :n] = self.scratch
+        self._free_rows.append(row)
