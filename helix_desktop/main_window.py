@@ -12,6 +12,7 @@ from engine.host import EngineHost
 from helix_desktop import APP_NAME
 from helix_desktop.bridge import EngineBridge
 from helix_desktop.charts_tab import ChartsTab
+from helix_desktop.chat_tab import ChatTab, has_chat_template
 from helix_desktop.compare_tab import CompareTab
 from helix_desktop.generate_tab import GenerateTab
 from helix_desktop.kv_view import KVTab
@@ -47,6 +48,7 @@ class MainWindow(QMainWindow):
 
         self.banner = Banner()
         self.generate_tab = GenerateTab(self.bridge, settings)
+        self.chat_tab = ChatTab(self.bridge, settings)
         self.compare_tab = CompareTab(self.bridge, settings)
         self.charts_tab = ChartsTab(host, self.metrics)
         self.kv_tab = KVTab(host)
@@ -54,7 +56,7 @@ class MainWindow(QMainWindow):
         self.models_tab = ModelsTab(self.bridge, settings)
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
-        for widget, title in ((self.generate_tab, "Generate"), (self.compare_tab, "Compare"),
+        for widget, title in ((self.generate_tab, "Generate"), (self.chat_tab, "Chat"), (self.compare_tab, "Compare"),
                               (self.charts_tab, "Live charts"), (self.kv_tab, "KV cache"),
                               (self.server_tab, "Server"), (self.models_tab, "Models")):
             self.tabs.addTab(widget, title)
@@ -103,6 +105,9 @@ class MainWindow(QMainWindow):
         engine = self.host.engine
         has_draft = engine is not None and engine.has_draft
         self.generate_tab.set_has_draft(has_draft)
+        self.chat_tab.set_has_draft(has_draft)
+        if state == "ready":
+            self._place_chat_tab(has_chat_template(engine))
         self.compare_tab.set_has_draft(has_draft)
         self.models_tab.refresh_info()
         self.setWindowTitle(f"{APP_NAME} — {pair_text(self.host.engine)}" if engine is not None else APP_NAME)
@@ -124,11 +129,21 @@ class MainWindow(QMainWindow):
             self.tabs.setCurrentWidget(self.models_tab)
         self.status.refresh()
 
+    def _place_chat_tab(self, instruct: bool) -> None:
+        """Chat is the first tab (and shown) for an instruct model; otherwise it follows Generate."""
+        bar, at = self.tabs.tabBar(), self.tabs.indexOf(self.chat_tab)
+        if instruct and at != 0:
+            bar.moveTab(at, 0)
+            self.tabs.setCurrentWidget(self.chat_tab)
+        elif not instruct and at == 0:
+            bar.moveTab(at, self.tabs.indexOf(self.generate_tab))
+
     def _on_scheme_changed(self, _scheme) -> None:
         """Re-colour streamed text and legends for the new light/dark palette."""
-        for view in (self.generate_tab.output, *(p.view for p in self.compare_tab.panes.values())):
+        for view in (self.generate_tab.output, self.chat_tab.transcript,
+                     *(p.view for p in self.compare_tab.panes.values())):
             view.set_colouring(view.colouring)
-        for legend in (self.generate_tab.legend, self.compare_tab.legend):
+        for legend in (self.generate_tab.legend, self.chat_tab.legend, self.compare_tab.legend):
             legend.refresh()
 
     # ---------------------------------------------------------------- geometry and shutdown
@@ -145,7 +160,7 @@ class MainWindow(QMainWindow):
     def save_settings(self) -> None:
         self.settings.set("window/geometry", self.saveGeometry())
         self.settings.set("window/tab", self.tabs.currentIndex())
-        for tab in (self.generate_tab, self.compare_tab, self.server_tab):
+        for tab in (self.generate_tab, self.chat_tab, self.compare_tab, self.server_tab):
             tab.save()
         self.settings.sync()
 
@@ -166,6 +181,7 @@ class MainWindow(QMainWindow):
         self.server.shutdown()
         self.models_tab.doctor.stop()
         self.bridge.shutdown()
+        self.chat_tab.shutdown()
         if self.own_host:
             if self.host.state == "loading":
                 self.host.wait_loaded(5.0)
