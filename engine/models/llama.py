@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from engine.attention import AttnBatch, paged_attention
 
+_HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 
@@ -50,34 +51,50 @@ def _rope_parameters(cfg) -> dict:
     return params if isinstance(params, dict) else {}
 
 
-def _fuse(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate the weights (and biases) of ``mods`` and re-point each module at its view."""
+def _fuse(mods: list[torch.nn.Linear], transposed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight for ``mods`` (``[out, in]``, or ``[in, out]`` when ``transposed``), and the HF modules
+    re-pointed at views of it, so both forwards share the memory."""
+    if len(mods) == 1 and not transposed:
+        return mods[0].weight, mods[0].bias
     with torch.no_grad():
-        weight = torch.cat([m.weight for m in mods], 0)
+        weight = torch.cat([m.weight.t() if transposed else m.weight for m in mods], 1 if transposed else 0)
+        weight = weight.contiguous()
         bias = torch.cat([m.bias for m in mods], 0) if mods[0].bias is not None else None
         row = 0
         for m in mods:
             n = m.weight.shape[0]
-            m.weight.data = weight[row: row + n]
+            m.weight.data = weight[:, row: row + n].t() if transposed else weight[row: row + n]
             if bias is not None:
                 m.bias.data = bias[row: row + n]
             row += n
     return weight, bias
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ b) (+ residual)`` for 2-D ``x``; the residual add is fused into the GEMM."""
+    if not transposed:
+        out = F.linear(x, w, b)
+        return out if residual is None else residual + out
+    if residual is None:
+        return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
+    out = torch.addmm(residual, x, w)
+    return out if b is None else out + b
+
+
 class _Layer:
-    def __init__(self, hf_layer, cfg, n_heads: int, n_kv: int, head_dim: int):
+    def __init__(self, hf_layer, n_heads: int, n_kv: int, head_dim: int, transposed: bool):
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
-        self.qkv_w, self.qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.o_w, self.o_b = attn.o_proj.weight, attn.o_proj.bias
-        self.gate_up_w, self.gate_up_b = _fuse([mlp.gate_proj, mlp.up_proj])
-        self.down_w, self.down_b = mlp.down_proj.weight, mlp.down_proj.bias
+        self.qkv_w, self.qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], transposed)
+        self.o_w, self.o_b = _fuse([attn.o_proj], transposed)
+        self.gate_up_w, self.gate_up_b = _fuse([mlp.gate_proj, mlp.up_proj], transposed)
+        self.down_w, self.down_b = _fuse([mlp.down_proj], transposed)
         self.in_norm = hf_layer.input_layernorm.weight
         self.post_norm = hf_layer.post_attention_layernorm.weight
         self.q_norm = getattr(getattr(attn, "q_norm", None), "weight", None)  # Qwen3
         self.k_norm = getattr(getattr(attn, "k_norm", None), "weight", None)
-        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
-        self.split = (n_heads * head_dim, n_kv * head_dim, n_kv * head_dim)
+        self.qk = (n_heads + n_kv) * head_dim
+        self.v = n_kv * head_dim
         self.inter = mlp.gate_proj.weight.shape[0]
 
 
@@ -98,13 +115,22 @@ class LeanCausalLM:
         self.scale = self.head_dim ** -0.5
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
-        self.lm_head = model.lm_head.weight
-        self.layers = [_Layer(layer, cfg, self.n_heads, self.n_kv, self.head_dim) for layer in inner.layers]
+        # On the CPU a GEMM over a [in, out] weight streams it about twice as fast as over [out, in]
+        # (measured on the 2-core EPYC here: 51 vs 98 us for a 256x768 fp32 weight at one row), and the
+        # decode step is bound by streaming the weights. GPUs keep the usual layout.
+        self.transposed = self.embed.device.type == "cpu"
+        self.layers = [_Layer(layer, self.n_heads, self.n_kv, self.head_dim, self.transposed) for layer in inner.layers]
+        tied = model.lm_head.weight.data_ptr() == self.embed.data_ptr()
+        self.lm_head, _ = _fuse([model.lm_head], self.transposed)
+        # a tied embedding is the head's storage: rows are then read as columns of the [H, V] matrix
+        self.embed_t = self.lm_head if tied and self.transposed else None
+        if self.embed_t is not None:
+            self.embed = None
         rotary = inner.rotary_emb
         self.inv_freq = rotary.inv_freq.detach().float().clone()
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
-        self.dtype = self.embed.dtype
-        self.device = self.embed.device
+        self.dtype = self.lm_head.dtype
+        self.device = self.lm_head.device
         self._cos = self._sin = None
         self._grow_rope(min(4096, int(getattr(cfg, "max_position_embeddings", 2048) or 2048)))
 
@@ -135,32 +161,39 @@ class LeanCausalLM:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and _HAS_RMS_NORM:
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+        return self._rms(x, w)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttnBatch, pool, keep: int,
                 return_hidden: bool = False):
         b, n = input_ids.shape
-        x = F.embedding(input_ids, self.embed)  # [B, N, H]
-        cos = self._cos[positions].unsqueeze(2)  # [B, N, 1, D]
-        sin = self._sin[positions].unsqueeze(2)
-        fp32 = x.dtype == torch.float32
+        hq, hkv, d, tr = self.n_heads, self.n_kv, self.head_dim, self.transposed
+        ids = input_ids.reshape(-1)
+        if self.embed_t is None:
+            x = F.embedding(ids, self.embed)  # [B*N, H]: every GEMM is 2-D
+        else:
+            x = self.embed_t.index_select(1, ids).t().contiguous()
+        cos = self._cos[positions].view(b, n, 1, d)
+        sin = self._sin[positions].view(b, n, 1, d)
         for i, layer in enumerate(self.layers):
-            h = F.rms_norm(x, (x.shape[-1],), layer.in_norm, self.eps) if fp32 else self._rms(x, layer.in_norm)
-            qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
-            q, k, v = qkv.split(layer.split, dim=-1)
-            q = q.view(b, n, self.n_heads, self.head_dim)
-            k = k.view(b, n, self.n_kv, self.head_dim)
-            v = v.view(b, n, self.n_kv, self.head_dim)
-            if layer.q_norm is not None:
-                q = self._rms(q, layer.q_norm)
-                k = self._rms(k, layer.k_norm)
-            q = self._rope(q, cos, sin)
-            k = self._rope(k, cos, sin)
-            k_pool, v_pool = pool.keys[i], pool.values[i]
-            attn = paged_attention(q, k, v, k_pool, v_pool, batch, self.scale)  # [B, N, Hq*D]
-            x = x + F.linear(attn, layer.o_w, layer.o_b)
-            h = F.rms_norm(x, (x.shape[-1],), layer.post_norm, self.eps) if fp32 else self._rms(x, layer.post_norm)
-            gate, up = F.linear(h, layer.gate_up_w, layer.gate_up_b).split(layer.inter, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down_w, layer.down_b)
-        x = x[:, n - keep:]
-        x = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps) if fp32 else self._rms(x, self.norm)
-        logits = F.linear(x, self.lm_head)  # [B, keep, V]
-        return (logits, x) if return_hidden else logits
+            qkv = _linear(self._norm(x, layer.in_norm), layer.qkv_w, layer.qkv_b, tr)  # [B*N, (Hq+2Hkv)*D]
+            qk = qkv[:, : layer.qk].view(b, n, hq + hkv, d)
+            v = qkv[:, layer.qk:].view(b, n, hkv, d)
+            if layer.q_norm is None:
+                qk = self._rope(qk, cos, sin)  # q and k in one go
+                q, k = qk[:, :, :hq], qk[:, :, hq:]
+            else:  # Qwen3 normalises q and k per head before the rotation
+                q = self._rope(self._rms(qk[:, :, :hq], layer.q_norm), cos, sin)
+                k = self._rope(self._rms(qk[:, :, hq:], layer.k_norm), cos, sin)
+            attn = paged_attention(q, k, v, pool.keys[i], pool.values[i], batch, self.scale)  # [B, N, Hq*D]
+            x = _linear(attn.view(b * n, hq * d), layer.o_w, layer.o_b, tr, residual=x)
+            gate_up = _linear(self._norm(x, layer.post_norm), layer.gate_up_w, layer.gate_up_b, tr)
+            gate, up = gate_up.split(layer.inter, dim=-1)
+            x = _linear(F.silu(gate) * up, layer.down_w, layer.down_b, tr, residual=x)
+        x = x.view(b, n, -1)[:, n - keep:].reshape(b * keep, -1)
+        x = self._norm(x, self.norm)
+        logits = _linear(x, self.lm_head, None, tr)
+        logits = logits.view(b, keep, -1)  # [B, keep, V]
+        return (logits, x.view(b, keep, -1)) if return_hidden else logits
