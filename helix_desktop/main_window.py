@@ -180,6 +180,7 @@ class MainWindow(QMainWindow):
             self.compare_tab.session.stop()
         self.server.shutdown()
         self.models_tab.doctor.stop()
+        self.models_tab.downloads.stop()
         self.bridge.shutdown()
         self.chat_tab.shutdown()
         if self.own_host:

@@ -16,14 +16,18 @@ from PySide6.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
 
+from engine import hub
 from engine.config import DEMO_DRAFT, DEMO_TARGET, EngineConfig
 from engine.errors import HelixError
+from engine.loader import model_id
 from helix_desktop.bridge import EngineBridge
 from helix_desktop.doctor_run import DoctorRun
+from helix_desktop.download_panel import DownloadPanel
 from helix_desktop.formatting import format_bytes
 from helix_desktop.model_catalog import cached_models, demo_pair_present
 from helix_desktop.settings import AppSettings
@@ -159,7 +163,7 @@ class ModelsTab(QWidget):
         as_draft.clicked.connect(lambda: self._use_cached(self.draft))
         refresh = QPushButton("Rescan")
         refresh.clicked.connect(self.scan_cache)
-        cache_box = QGroupBox("Found in your Hugging Face cache")
+        cache_box = QWidget()
         cl = QVBoxLayout(cache_box)
         cl.addWidget(self.cache_list, 1)
         cl.addWidget(self.cache_note)
@@ -170,13 +174,23 @@ class ModelsTab(QWidget):
         cache_buttons.addWidget(refresh)
         cl.addLayout(cache_buttons)
 
+        # --- get models: download from the hub, or pick from the local cache
+        self.downloads = DownloadPanel()
+        self.downloads.message.connect(self.message)
+        self.downloads.downloaded.connect(self._on_downloaded)
+        self.sources = QTabWidget()
+        self.sources.addTab(self.downloads, "Download")
+        self.sources.addTab(cache_box, "Local cache")
+        if hub.is_offline():
+            self.sources.setCurrentWidget(cache_box)
+
         left = QVBoxLayout()
         left.addWidget(loaded_box)
         left.addWidget(choose_box)
         left.addStretch(1)
         layout = QHBoxLayout(self)
         layout.addLayout(left, 3)
-        layout.addWidget(cache_box, 2)
+        layout.addWidget(self.sources, 2)
 
         self._scanned = False
         self.load_settings()
@@ -242,7 +256,8 @@ class ModelsTab(QWidget):
         self.cache_list.clear()
         for m in models:
             item = QListWidgetItem(f"{m.repo_id}   ({format_bytes(m.size_on_disk)})")
-            item.setData(Qt.ItemDataRole.UserRole, m.repo_id)
+            # the snapshot folder loads without the network; the list shows the hub id it is named by
+            item.setData(Qt.ItemDataRole.UserRole, m.snapshot or m.repo_id)
             self.cache_list.addItem(item)
         names = [m.repo_id for m in models]
         if demo_pair_present():
@@ -252,8 +267,8 @@ class ModelsTab(QWidget):
         if note:
             self.cache_note.setText(note)
         elif not models:
-            self.cache_note.setText("No models in the Hugging Face cache yet. Download one while online with "
-                                    "`hf download <model id>`, or pick a local folder.")
+            self.cache_note.setText("No models in the Hugging Face cache yet. Download one on the Download tab "
+                                    "while online (or with `hf download <model id>`), or pick a local folder.")
         else:
             self.cache_note.setText("Double-click a model to use it as the target.")
 
@@ -262,6 +277,16 @@ class ModelsTab(QWidget):
         if not self._scanned:
             self.scan_cache()
         self.refresh_info()
+
+    def _on_downloaded(self, role: str, folder: str) -> None:
+        """A finished download fills the Target or Draft field; Load models then uses it."""
+        picker = self.target if role == "target" else self.draft
+        picker.set_text(folder)
+        if role == "draft":
+            self.no_draft.setChecked(False)
+        self.scan_cache()
+        self.message.emit("info", f"Downloaded {model_id(folder)}; it is set as the {role}. Press Load models to "
+                          "use it.")
 
     # ---------------------------------------------------------------- loading
     def _on_progress(self, stage: str, frac: float) -> None:

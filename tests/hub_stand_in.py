@@ -178,3 +178,13 @@ class StandInHub:
                     time.sleep(CHUNK / self.slow_bytes_per_s)
         except (BrokenPipeError, ConnectionResetError):  # the client cancelled mid-file
             pass
+
+
+def point_hub_at(server: StandInHub, cache: Path, monkeypatch) -> None:
+    """Send engine.hub (and huggingface_hub) to ``server`` with an empty cache at ``cache``, online."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # tests run offline by default (conftest); this hub is local
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)

@@ -12,21 +12,16 @@ import pytest
 from engine import hub
 from engine.config import DEMO_DRAFT, DEMO_TARGET
 from engine.loader import model_id
-from tests.hub_stand_in import StandInHub
+from tests.hub_stand_in import StandInHub, point_hub_at
 
 pytestmark = pytest.mark.skipif(not (DEMO_TARGET / "model.safetensors").is_file(), reason="demo pair not present")
 
 
 @pytest.fixture
 def stand_in(tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
     with StandInHub({"helix/demo-target": DEMO_TARGET, "helix/demo-draft": DEMO_DRAFT},
                     slow_bytes_per_s=40e6) as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # tests run offline by default (conftest); this hub is local
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        point_hub_at(server, tmp_path / "hub-cache", monkeypatch)
         yield server
 
 
