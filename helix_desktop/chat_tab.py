@@ -71,6 +71,8 @@ class ChatTab(QWidget):
         self.search.setClearButtonEnabled(True)
         self.search.textChanged.connect(self.refresh_list)
         self.conversations = QListWidget()
+        self.conversations.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.conversations.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.conversations.itemClicked.connect(self._on_pick)
         new_button = QPushButton("New chat")
         new_button.clicked.connect(self.new_chat)
@@ -175,8 +177,10 @@ class ChatTab(QWidget):
     # ---------------------------------------------------------------- conversations
     def refresh_list(self) -> None:
         self.conversations.clear()
-        for s in self.store.list(self.search.text()):
-            item = QListWidgetItem(f"{s.title}\n{s.snippet}" if s.snippet and s.snippet != s.title else s.title)
+        query = self.search.text().strip()
+        for s in self.store.list(query):
+            # while searching, the second line shows where the text matched
+            item = QListWidgetItem(f"{s.title}\n{s.snippet}" if query and s.snippet else s.title)
             item.setData(Qt.ItemDataRole.UserRole, s.id)
             item.setToolTip(f"{s.num_messages} messages")
             self.conversations.addItem(item)

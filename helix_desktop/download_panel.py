@@ -30,10 +30,19 @@ def describe(model: hub.HubModel) -> str:
     size = f"{format_bytes(model.size_bytes)}" if model.size_bytes else "size unknown"
     if model.size_bytes and not model.files:
         size = "≈" + size  # estimated from the parameter count until details are fetched
-    parts = [model.repo_id, model.architecture or "architecture unknown", model.licence or "no licence given", size]
+    parts = [model.architecture or "architecture unknown", model.licence or "no licence given", size]
     if model.gated:
         parts.append("gated")
-    return "  ·  ".join(parts)
+    return model.repo_id + "\n" + "  ·  ".join(parts)
+
+
+def _list() -> QListWidget:
+    """A list of two-line items that elides instead of scrolling sideways."""
+    widget = QListWidget()
+    widget.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    widget.setTextElideMode(Qt.TextElideMode.ElideRight)
+    widget.setSpacing(2)
+    return widget
 
 
 class DownloadPanel(QWidget):
@@ -49,8 +58,8 @@ class DownloadPanel(QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.status.setObjectName("hint")
-        self.curated = QListWidget()
-        self.curated.setMaximumHeight(120)
+        self.curated = _list()
+        self.curated.setMaximumHeight(170)
         for pair in CURATED_PAIRS:
             item = QListWidgetItem(pair.label)
             item.setData(MODEL_ROLE, pair)
@@ -64,7 +73,7 @@ class DownloadPanel(QWidget):
         self.query.returnPressed.connect(self.run_search)
         self.search_button = QPushButton("Search")
         self.search_button.clicked.connect(self.run_search)
-        self.results = QListWidget()
+        self.results = _list()
         self.as_target = QPushButton("Download as target")
         self.as_target.clicked.connect(lambda: self._download_selected("target"))
         self.as_draft = QPushButton("Download as draft")

@@ -36,8 +36,8 @@ class CuratedPair:
 
     @property
     def label(self) -> str:
-        return (f"{self.target} + {self.draft.split('/')[-1]}  ·  ≈{self.memory_gb(2):.1f} GB on a GPU (bf16/fp16), "
-                f"≈{self.memory_gb(4):.1f} GB on the CPU (float32)" + (f"  ·  {self.note}" if self.note else ""))
+        return (f"{self.target} + {self.draft.split('/')[-1]}\n≈{self.memory_gb(2):.1f} GB on a GPU (bf16/fp16), "
+                f"≈{self.memory_gb(4):.1f} GB on the CPU (float32)" + (f"; {self.note}" if self.note else ""))
 
 
 CURATED_PAIRS = (

@@ -1,8 +1,10 @@
-"""Take the README screenshots from the real app (Generate, Compare, Server, Live charts, KV cache).
+"""Take the README screenshots from the real app (Generate, Chat, Compare, Server, Live charts, KV cache, Models).
 
-Run under a virtual display:  ``xvfb-run -a python -m helix_desktop.screenshots``
+Run under a virtual display:  ``xvfb-run -a python -m helix_desktop.screenshots [--only chat,models]``
 Uses the demo models when they are installed (else the tiny test models; ``--tiny`` forces
-them) and a throw-away settings folder, so your own settings are untouched.
+them) and a throw-away settings folder, so your own settings are untouched. The Models view
+searches a stand-in hub on loopback that serves the demo pair (tests/hub_stand_in.py), so it
+needs no network.
 """
 
 from __future__ import annotations
@@ -104,6 +106,57 @@ def call_server(url: str) -> None:
         client.get(f"{url}/v1/models")
 
 
+VIEWS = ("generate", "chat", "compare", "server", "charts", "kv-cache", "models")
+CHAT_TURNS = ("Tell me a short story about a cat who finds a red ball.", "What did the cat do next?")
+
+
+def shoot_chat(window, out: Path) -> None:
+    """Two turns of a conversation with a system prompt, plus an earlier one in the list."""
+    chat = window.chat_tab
+    window.tabs.setCurrentWidget(chat)
+    chat.form.temperature.setValue(0.7)
+    chat.form.seed.setValue(11)
+    chat.form.max_new_tokens.setValue(72)
+    chat.system_prompt.setPlainText("You are a storyteller for small children.")
+    chat.input.setPlainText("Write about a dog and the sea.")
+    chat.send()
+    wait_until(lambda: chat.request_id is None)
+    chat.new_chat()
+    for turn in CHAT_TURNS:
+        chat.input.setPlainText(turn)
+        chat.send()
+        wait_until(lambda: chat.request_id is None)
+    shoot(window, "chat", out)
+
+
+def shoot_models(window, out: Path) -> None:
+    """The Download panel: curated pairs, a search with drafts marked, and a download in progress."""
+    from engine.config import DEMO_DRAFT, DEMO_TARGET
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.hub_stand_in import StandInHub
+
+    with StandInHub({"helix/demo-target": DEMO_TARGET, "helix/demo-draft": DEMO_DRAFT},
+                    slow_bytes_per_s=4e6) as server:
+        os.environ.update(HF_ENDPOINT=server.url, HF_HUB_OFFLINE="0",
+                          HF_HUB_CACHE=tempfile.mkdtemp(prefix="helix-shots-hub-"))
+        tab, panel = window.models_tab, window.models_tab.downloads
+        window.tabs.setCurrentWidget(tab)
+        panel.refresh_mode()
+        panel.curated.setCurrentRow(0)
+        panel.query.setText("demo")
+        panel.run_search()
+        wait_until(lambda: not panel.search_job.running and panel.results.count() > 0, timeout=30)
+        panel.results.setCurrentRow(0)
+        panel.find_drafts()
+        wait_until(lambda: not panel.drafts_job.running, timeout=30)
+        panel._download_selected("target")
+        wait_until(lambda: panel.progress.value() > 400, timeout=60)
+        shoot(window, "models-download", out)
+        panel.cancel()
+        wait_until(lambda: not panel.download_job.running, timeout=30)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=str(resource_path("screenshots")))
@@ -111,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="1280x800")
     parser.add_argument("--target", help="a model folder to use instead of the demo pair")
     parser.add_argument("--draft", help="the draft for --target")
+    parser.add_argument("--only", default=",".join(VIEWS), help=f"comma-separated views to take, of {', '.join(VIEWS)}")
     args = parser.parse_args(argv)
+    only = {v.strip() for v in args.only.split(",") if v.strip()}
+    if not only <= set(VIEWS):
+        parser.error(f"--only takes views from {', '.join(VIEWS)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     window.resize(width, height)
     window.show()
     wait(0.5)
+
+    if "chat" in only:
+        shoot_chat(window, out)
+    if "models" in only:
+        shoot_models(window, out)
+    if only <= {"chat", "models"}:
+        window.close()
+        return 0
 
     # Generate
     gen = window.generate_tab
