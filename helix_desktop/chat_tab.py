@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 
 from engine.errors import HelixError
 from engine.sequence import FinishEvent
+from engine.server.chat import PLAIN_TEMPLATE_STOPS
 from helix_desktop.bridge import EngineBridge
 from helix_desktop.chat_view import TranscriptView
 from helix_desktop.conversation_store import Conversation, ConversationStore, Message, export, title_from
@@ -42,9 +43,6 @@ logger = logging.getLogger(__name__)
 
 STORE_FILE = "conversations.sqlite3"
 NEW_TITLE = "New chat"
-# Helix's plain template writes "User: ..." turns; a model without a chat template would otherwise go on
-# to write the user's next turn itself
-PLAIN_TEMPLATE_STOPS = ("\nUser:", "\nSystem:")
 
 
 def has_chat_template(engine) -> bool:

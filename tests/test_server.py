@@ -359,6 +359,19 @@ def test_openai_model_names_the_loaded_model_or_is_refused(oai):
         oai.chat.completions.create(model="tiny-draft", messages=[{"role": "user", "content": "x"}], max_tokens=2)
 
 
+def test_openai_chat_without_a_template_stops_at_the_next_turn(client, oai, monkeypatch):
+    from engine.server.chat import plain_template
+    from engine.server.routes import openai as openai_routes
+
+    full = _generate(client, prompt=plain_template([("user", "Tell me a story")]), max_new_tokens=24)["text"]
+    marker = full[6:10]  # stands in for "\nUser:", which a tiny random model never writes
+    assert marker.strip()
+    monkeypatch.setattr(openai_routes, "PLAIN_TEMPLATE_STOPS", (marker,))
+    c = oai.chat.completions.create(model="tiny-target", messages=[{"role": "user", "content": "Tell me a story"}],
+                                    max_tokens=24, temperature=0)
+    assert c.choices[0].message.content == full[:full.index(marker)]
+
+
 def test_openai_completion_matches_generate_and_carries_stats(client, oai):
     expected = _generate(client, max_new_tokens=6)
     c = oai.completions.create(model="tiny-target", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2,

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from engine.errors import InvalidRequest
 
 PLAIN_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+# a model without a chat template would otherwise go on to write the user's next turn itself
+PLAIN_TEMPLATE_STOPS = ("\nUser:", "\nSystem:")
 
 
 def plain_template(messages: Sequence[tuple[str, str]]) -> str:

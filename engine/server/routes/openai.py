@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from engine.config import SamplingParams
 from engine.errors import InvalidRequest
 from engine.sequence import FinishEvent, TokenEvent
-from engine.server.chat import chat_prompt
+from engine.server.chat import PLAIN_TEMPLATE_STOPS, chat_prompt
 from engine.server.deps import WorkerDep
 from engine.server.errors import ServerError, error_body
 from engine.server.openai_schemas import (
@@ -29,7 +29,14 @@ from engine.server.openai_schemas import (
     OpenAIFields,
 )
 from engine.server.requests import Outcome, complete, follow, sse, submit
-from engine.server.schemas import ERROR_RESPONSES, MAX_BATCH_PROMPTS, MAX_SEED, make_sampling_params, sse_schema
+from engine.server.schemas import (
+    ERROR_RESPONSES,
+    MAX_BATCH_PROMPTS,
+    MAX_SEED,
+    MAX_STOP_STRINGS,
+    make_sampling_params,
+    sse_schema,
+)
 from engine.stats import RequestStats
 from engine.worker import EngineWorker
 
@@ -42,20 +49,24 @@ def _stream_doc(kind: str) -> dict:
 
 
 # ---------------------------------------------------------------- shared helpers
-def sampling_params(body: OpenAIFields, max_new_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+def sampling_params(body: OpenAIFields, max_new_tokens: int, logprobs: int | None, choice: int,
+                    extra_stop: tuple[str, ...] = ()) -> SamplingParams:
     seed = None if body.seed is None else (body.seed + choice) % (MAX_SEED + 1)  # n choices must differ
+    stop = tuple(dict.fromkeys(body.stop_tuple + extra_stop))
+    stop = stop if len(stop) <= MAX_STOP_STRINGS else body.stop_tuple  # the client's own stops come first
     return make_sampling_params(max_new_tokens=max_new_tokens, temperature=body.temperature, top_p=body.top_p,
-                                top_k=body.top_k, seed=seed, stop=body.stop_tuple, speculative=body.speculative,
+                                top_k=body.top_k, seed=seed, stop=stop, speculative=body.speculative,
                                 num_draft_tokens=body.num_draft_tokens, ignore_eos=body.ignore_eos, logprobs=logprobs)
 
 
-def fan_out(prompts: Sequence, body: OpenAIFields, max_new_tokens: int, logprobs: int | None):
+def fan_out(prompts: Sequence, body: OpenAIFields, max_new_tokens: int, logprobs: int | None,
+            extra_stop: tuple[str, ...] = ()):
     """Every prompt n times, choice index = prompt index * n + j (OpenAI's order)."""
     if len(prompts) * body.n > MAX_BATCH_PROMPTS:
         raise InvalidRequest(f"n must be at most {MAX_BATCH_PROMPTS // len(prompts)} for {len(prompts)} prompt(s): "
                              f"at most {MAX_BATCH_PROMPTS} completions per request")
     expanded = [p for p in prompts for _ in range(body.n)]
-    params = [sampling_params(body, max_new_tokens, logprobs, j) for _ in prompts for j in range(body.n)]
+    params = [sampling_params(body, max_new_tokens, logprobs, j, extra_stop) for _ in prompts for j in range(body.n)]
     return expanded, params
 
 
@@ -219,7 +230,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, worker
     messages = [(m.role, m.text) for m in body.messages]
     prompt = await asyncio.to_thread(chat_prompt, worker.engine.tokenizer, messages)  # templating tokenizes
     top = (body.top_logprobs or 0) if body.logprobs else None
-    expanded, params = fan_out([prompt], body, body.max_new_tokens, top)
+    plain = isinstance(prompt, str)  # Helix's plain template: stop where the model starts the next turn
+    expanded, params = fan_out([prompt], body, body.max_new_tokens, top, PLAIN_TEMPLATE_STOPS if plain else ())
     handles = await submit(request, worker, expanded, params)
     cid = f"chatcmpl-{request.state.request_id}"
     if body.stream:
