@@ -1,4 +1,4 @@
-"""Device and dtype selection: DirectML, then CUDA, then MPS, then CPU."""
+"""Device and dtype selection: DirectML, then CUDA or ROCm (AMD GPUs through torch.cuda), then MPS, then CPU."""
 
 from __future__ import annotations
 
@@ -39,10 +39,21 @@ def _directml() -> DeviceInfo | None:
         return None
 
 
+def gpu_runtime() -> str | None:
+    """The GPU runtime this torch was built for: ``"ROCm 6.4"`` (AMD, HIP), ``"CUDA 12.8"`` or None."""
+    hip = getattr(torch.version, "hip", None)
+    if hip:  # ROCm builds answer through torch.cuda, so torch.version.hip is the only way to tell them apart
+        return f"ROCm {'.'.join(str(hip).split('.')[:2])}"
+    return f"CUDA {torch.version.cuda}" if torch.version.cuda else None
+
+
 def _cuda() -> DeviceInfo | None:
-    if torch.cuda.is_available():
-        return DeviceInfo("cuda", torch.device("cuda"), torch.cuda.get_device_name(0), "torch.cuda.is_available()")
-    return None
+    """NVIDIA through CUDA, or AMD through ROCm/HIP (its GPUs appear as ``cuda`` devices); the name says which."""
+    if not torch.cuda.is_available():
+        return None
+    runtime = gpu_runtime() or "CUDA"
+    name = f"{torch.cuda.get_device_name(0)} ({runtime})"
+    return DeviceInfo("cuda", torch.device("cuda"), name, f"torch.cuda.is_available() on {runtime}")
 
 
 def _mps() -> DeviceInfo | None:
@@ -79,7 +90,8 @@ def resolve_device(name: str = "auto") -> DeviceInfo:
         if info is None:
             hint = {
                 "directml": "install the directml extra on Windows: pip install helix-desktop[directml]",
-                "cuda": "install a CUDA build of torch and an NVIDIA driver",
+                "cuda": "install a CUDA build of torch and an NVIDIA driver, or for AMD RDNA3/RDNA4 a ROCm build "
+                        "of torch (README: Install on Windows)",
                 "mps": "MPS needs Apple silicon with macOS 12.3+",
             }[name]
             raise DeviceUnavailable(f"device {name!r} is not available on this machine ({hint}); use --device auto or cpu")
