@@ -255,12 +255,19 @@ def _fetch(model: HubModel, name: str, root: Path, on_bytes: Callable[[int], Non
                 have = 0
             with partial.open("ab" if have else "wb") as out:
                 on_bytes(have)
-                for chunk in r.iter_bytes(64 * 1024):
-                    if cancel.is_set():
-                        raise DownloadCancelled(f"download of '{model.repo_id}' cancelled; start it again to resume")
-                    out.write(chunk)
-                    have += len(chunk)
-                    on_bytes(have)
+                try:
+                    for chunk in r.iter_bytes(64 * 1024):
+                        if cancel.is_set():
+                            raise DownloadCancelled(f"download of '{model.repo_id}' cancelled; start it again to "
+                                                    "resume")
+                        out.write(chunk)
+                        have += len(chunk)
+                        on_bytes(have)
+                except DownloadCancelled:
+                    raise
+                except Exception as exc:  # the connection dropped: what arrived is kept for the next try
+                    raise HubError(f"{name}: the connection dropped after {have} of {meta.size} bytes "
+                                   f"({type(exc).__name__}); download again to resume") from exc
         if meta.size is not None and have != meta.size:
             raise HubError(f"{name}: got {have} of {meta.size} bytes; start the download again to resume")
         if len(meta.etag) == 64 and _sha256(partial) != meta.etag:  # LFS files are named by their sha256

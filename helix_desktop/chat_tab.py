@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QGuiApplication, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QFileDialog,
@@ -33,7 +33,7 @@ from engine.sequence import FinishEvent
 from engine.server.chat import PLAIN_TEMPLATE_STOPS
 from helix_desktop.bridge import EngineBridge
 from helix_desktop.chat_view import TranscriptView
-from helix_desktop.conversation_store import Conversation, ConversationStore, Message, export, title_from
+from helix_desktop.conversation_store import Conversation, Message, export, open_store, title_from
 from helix_desktop.formatting import format_stats
 from helix_desktop.params_form import ParamsForm
 from helix_desktop.settings import AppSettings
@@ -58,7 +58,9 @@ class ChatTab(QWidget):
         super().__init__(parent)
         self.bridge = bridge
         self.settings = settings
-        self.store = ConversationStore(settings.path.parent / STORE_FILE)
+        self.store, notice = open_store(settings.path.parent / STORE_FILE)
+        if notice:  # after the window has connected ``message``
+            QTimer.singleShot(0, lambda: self.message.emit("warning", notice))
         self.conv = Conversation(None)
         self.request_id: str | None = None
         self._speculative = True

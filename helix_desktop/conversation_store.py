@@ -71,7 +71,8 @@ def title_from(text: str, limit: int = 48) -> str:
 class ConversationStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         # the UI thread is the only user; check_same_thread off only so tests may close it from a fixture
         self._db = sqlite3.connect(str(self.path), check_same_thread=False)
         self._db.execute("PRAGMA foreign_keys = ON")
@@ -136,6 +137,30 @@ class ConversationStore:
             "  OR ? = '%%' "
             "ORDER BY c.updated DESC, c.id DESC", (pattern, pattern, pattern, pattern, pattern, pattern))
         return [Summary(cid, title, updated, n, _snippet(text, query)) for cid, title, updated, n, text in rows]
+
+
+def open_store(path: str | Path) -> tuple[ConversationStore, str | None]:
+    """The store at ``path`` and a notice for the user, if it could not be used as it was.
+
+    A file that is not a database is moved aside and a new one started; a folder that cannot be
+    written gives an in-memory store, so the chat still works (without saving).
+    """
+    path = Path(path)
+    try:
+        return ConversationStore(path), None
+    except (OSError, sqlite3.OperationalError) as exc:  # read-only or missing folder, locked file
+        return ConversationStore(":memory:"), (f"Conversations cannot be saved in {path.parent} ({exc}); "
+                                               "this session's chats will be lost when Helix closes.")
+    except sqlite3.DatabaseError as exc:  # "file is not a database": a damaged file
+        backup = path.with_name(f"{path.stem}.corrupt-{int(time.time())}{path.suffix}")
+        try:
+            path.replace(backup)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+        except OSError:
+            return ConversationStore(":memory:"), f"Your conversations file is unreadable ({exc}) and could not be moved."
+        return ConversationStore(path), (f"Your conversations file was unreadable ({exc}); it was kept as "
+                                         f"{backup.name} and a new one started.")
 
 
 # ---------------------------------------------------------------- export

@@ -3,7 +3,8 @@
 Enough of the API for ``HfApi.list_models`` / ``model_info`` and ``hf_hub_download``: ``/api/models``,
 ``/api/models/{id}[/revision/{rev}]`` and ``/{id}/resolve/{rev}/{file}`` with HEAD, ETag / X-Linked-Etag,
 X-Repo-Commit and byte ranges. ``*.safetensors`` files are served as LFS files (sha256 etag), the
-rest as plain git files. ``slow_bytes_per_s`` throttles file bodies so a test can cancel mid-file.
+rest as plain git files. ``slow_bytes_per_s`` throttles file bodies so a test can cancel mid-file;
+``drop_once_at`` breaks the connection off mid-file once.
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ class Repo:
 class StandInHub:
     """``with StandInHub({"helix/demo-target": folder}) as hub:`` then ``HF_ENDPOINT=hub.url``."""
 
-    def __init__(self, repos: dict[str, Path], slow_bytes_per_s: float | None = None):
+    def __init__(self, repos: dict[str, Path], slow_bytes_per_s: float | None = None, drop_once_at: int | None = None):
         self.repos = {rid: Repo(rid, folder) for rid, folder in repos.items()}
         self.slow_bytes_per_s = slow_bytes_per_s
+        self.drop_once_at = drop_once_at  # the first full GET of an LFS file breaks off after this many bytes
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         hub = self
 
@@ -170,6 +172,13 @@ class StandInHub:
             h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         h.end_headers()
         if head:
+            return
+        if self.drop_once_at is not None and repo.is_lfs(name) and not rng:
+            cut, self.drop_once_at = self.drop_once_at, None
+            h.wfile.write(body[:cut])
+            h.wfile.flush()
+            h.close_connection = True  # the network goes away mid-file
+            h.connection.shutdown(2)
             return
         try:
             for i in range(0, len(body), CHUNK):

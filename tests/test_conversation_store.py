@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from helix_desktop.conversation_store import Conversation, ConversationStore, Message, export, title_from
+from helix_desktop.conversation_store import (
+    Conversation,
+    ConversationStore,
+    Message,
+    export,
+    open_store,
+    title_from,
+)
 
 
 @pytest.fixture
@@ -69,3 +76,20 @@ def test_export_writes_markdown_or_json_and_refuses_other_suffixes(tmp_path):
         export(conv, tmp_path / "out.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.md"]  # no temp files left
     assert title_from("  a  long\nmessage " * 10).endswith("…") and len(title_from("x" * 100)) == 48
+
+
+def test_a_damaged_file_is_moved_aside_and_an_unwritable_folder_still_chats(tmp_path):
+    damaged = tmp_path / "conversations.sqlite3"
+    damaged.write_bytes(b"this is not a database" * 100)
+    store, notice = open_store(damaged)
+    assert "kept as conversations.corrupt-" in notice and store.list() == []
+    assert len(list(tmp_path.glob("conversations.corrupt-*.sqlite3"))) == 1
+    store.save(_conv("New", "hi", "hello"))
+    store.close()
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    store, notice = open_store(blocked / "conversations.sqlite3")
+    assert "cannot be saved" in notice
+    assert store.load(store.save(_conv("Memory", "hi", "hello")).id).title == "Memory"
+    store.close()

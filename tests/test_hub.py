@@ -77,6 +77,20 @@ def test_download_interrupted_halfway_resumes_with_a_range_request(stand_in, tmp
     assert model_id(str(snapshot)) == "helix/demo-target"  # the app and the API name it by its hub id
 
 
+def test_a_connection_dropped_mid_file_resumes_on_the_next_try(tmp_path, monkeypatch):
+    with StandInHub({"helix/demo-draft": DEMO_DRAFT}, drop_once_at=2_000_000) as server:
+        point_hub_at(server, tmp_path / "hub-cache", monkeypatch)
+        model = hub.details("helix/demo-draft")
+        with pytest.raises(hub.HubError, match="connection dropped after .* download again to resume"):
+            hub.download(model)
+        kept = hub.bytes_present(model)
+        snapshot = hub.download(model)
+    ranges = [rng for method, _path, rng in server.requests if method == "GET" and rng]
+    assert len(ranges) == 1 and 1_000_000 < int(ranges[0][6:-1]) <= 2_000_000  # what arrived was kept
+    assert kept > 1_000_000
+    assert (snapshot / "model.safetensors").read_bytes() == (DEMO_DRAFT / "model.safetensors").read_bytes()
+
+
 def test_not_enough_disk_space_is_refused_before_downloading(stand_in, monkeypatch):
     model = hub.details("helix/demo-draft")
     usage = namedtuple("usage", "total used free")
