@@ -359,6 +359,16 @@ def test_openai_model_names_the_loaded_model_or_is_refused(oai):
         oai.chat.completions.create(model="tiny-draft", messages=[{"role": "user", "content": "x"}], max_tokens=2)
 
 
+def test_health_reason_writes_the_home_folder_as_tilde():
+    from pathlib import Path
+
+    from engine.server.routes.system import without_home
+
+    home = str(Path.home())
+    assert without_home(f"model folder '{home}/models/x' does not exist") == "model folder '~/models/x' does not exist"
+    assert without_home(None) is None
+
+
 def test_openai_chat_without_a_template_stops_at_the_next_turn(client, oai, monkeypatch):
     from engine.server.chat import plain_template
     from engine.server.routes import openai as openai_routes
