@@ -29,12 +29,14 @@ class AttnBatch:
     slot_mapping: [B * N]   pool slot of each new token (padding writes to the scratch block)
     gather:       [B * T]   pool slot of key position ``t`` of each row (past a row's end: scratch)
     mask:         [B, 1, N, T] bool, True = may attend; None when every query sees every key
+    causal:       a fresh prompt (N == T): plain causal attention, which picks the fused kernels
     """
 
     slot_mapping: torch.Tensor
     gather: torch.Tensor
     mask: torch.Tensor | None
     num_keys: int
+    causal: bool = False
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -48,6 +50,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     v_pool.index_copy_(0, batch.slot_mapping, v.reshape(b * n, hkv, d))
     keys = k_pool.index_select(0, batch.gather).view(b, t, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
     values = v_pool.index_select(0, batch.gather).view(b, t, hkv, d).transpose(1, 2)
+    if batch.causal:  # prefill from position 0: share K/V across the group by a view, not a copy per head
+        if g > 1:
+            keys = keys[:, :, None].expand(b, hkv, g, t, d).reshape(b, hq, t, d)
+            values = values[:, :, None].expand(b, hkv, g, t, d).reshape(b, hq, t, d)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True, scale=scale)
+        return out.transpose(1, 2).reshape(b, n, hq * d)
     if g == 1:
         qh = q.transpose(1, 2)  # [B, H, N, D]
         mask = batch.mask

@@ -55,7 +55,12 @@ class ModelRunner:
             pool.allocate(self.lean.n_kv, self.lean.head_dim)
             ctx = max_context or getattr(model.config, "max_position_embeddings", 2048) or 2048
             self.tables = DeviceBlockTables(-(-ctx // blocks.block_size) + 1, pool.scratch_block, self.device)
-            self.lean.ensure_positions(ctx)
+            self.lean.ensure_positions(ctx + blocks.block_size)
+        self.graphs = None
+        if self.lean is not None and self.device.type == "cuda" and os.environ.get("HELIX_CUDA_GRAPHS", "1") != "0":
+            from engine.cuda_graphs import GraphRunner
+
+            self.graphs = GraphRunner(self.lean, pool, self.tables.max_blocks * blocks.block_size)
 
     @staticmethod
     def _build_lean(model, lean: bool | None):
@@ -193,14 +198,24 @@ class ModelRunner:
         pos_t = meta[b * n: 2 * b * n].view(b, n)
         slot_t = meta[2 * b * n: 3 * b * n]
         row_t = meta[3 * b * n:]
+        keep = max(r.num_logits for r in rows)
+        if self.graphs is not None and self.graphs.fits(b, n, t_len):
+            try:
+                table = self.tables.table.index_select(0, row_t)
+                logits = self.graphs.run(input_ids, pos_t, slot_t, table, t_len, keep)
+                logits = logits[..., : self.vocab_size].float().clone()  # the graph's output buffer is reused
+                return [logits[i, keep - r.num_logits:] for i, r in enumerate(rows)]
+            except Exception:
+                if self.graphs.failed is None:
+                    raise
         n_blocks = -(-t_len // bs)
         table = self.tables.table.index_select(0, row_t)[:, :n_blocks]  # [B, nb]
         gather = (table[:, :, None] * bs + torch.arange(bs, device=dev)).view(b, n_blocks * bs)[:, :t_len]
         mask = None
-        if n > 1 or min(ends) < t_len:  # a lone decode row (or equal-length rows) sees every key
+        causal = b == 1 and n > 1 and starts[0] == 0
+        if not causal and (n > 1 or min(ends) < t_len):  # a lone decode row (or equal-length rows) sees every key
             mask = (torch.arange(t_len, device=dev)[None, None, :] <= pos_t[:, :, None])[:, None]  # [B, 1, N, T]
-        batch = AttnBatch(slot_t, gather.reshape(-1), mask, t_len)
-        keep = max(r.num_logits for r in rows)
+        batch = AttnBatch(slot_t, gather.reshape(-1), mask, t_len, causal)
         logits = self.lean.forward(input_ids, pos_t, batch, self.pool, keep)
         logits = logits[..., : self.vocab_size].float()  # [B, keep, V]
         return [logits[i, keep - r.num_logits:] for i, r in enumerate(rows)]

@@ -1,0 +1,122 @@
+"""CUDA graphs for the lean forward's small steps: decode, draft and verification.
+
+A step of a few rows and a few tokens is bound by kernel launches, not by the GPU (a 1B
+model runs ~300 kernels in well under a millisecond of GPU time). Each graph is captured
+once per (rows bucket, tokens per row, key-length bucket) over static input buffers and
+replayed with new contents, as nano-vllm's ``capture_cudagraph`` does for decode. Rows are
+padded up to the bucket: padding rows write their K/V to the pool's scratch block and read
+one harmless key. Graphs are captured lazily, the first time a shape is used, into one
+shared memory pool. Prefill (long rows) and anything beyond the buckets run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttnBatch
+
+logger = logging.getLogger(__name__)
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
+MAX_TOKENS_PER_ROW = 9  # verification of K = 8 draft tokens
+MIN_KEY_BUCKET = 256
+
+
+def bucket(value: int, buckets) -> int | None:
+    for b in buckets:
+        if value <= b:
+            return b
+    return None
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor  # [R, N]
+    positions: torch.Tensor  # [R, N]
+    slots: torch.Tensor  # [R * N]
+    gather: torch.Tensor  # [R * T]
+    mask: torch.Tensor  # [R, 1, N, T]
+    logits: torch.Tensor  # [R, N, V]
+
+
+class GraphRunner:
+    """Replays captured graphs of ``lean.forward`` for small batches on one CUDA device."""
+
+    def __init__(self, lean, pool, max_keys: int):
+        self.lean = lean
+        self.pool = pool
+        self.device = pool.device
+        self.max_keys = max_keys
+        buckets, size = [], MIN_KEY_BUCKET
+        while size < max_keys:
+            buckets.append(size)
+            size *= 2
+        self.key_buckets = tuple(buckets) + (max_keys,)
+        self.graphs: dict[tuple[int, int, int], _Graph] = {}
+        self.mempool = None
+        self.stream = None
+        self.failed: str | None = None
+        self.replays = 0
+
+    def fits(self, rows: int, tokens: int, keys: int) -> bool:
+        return (self.failed is None and tokens <= MAX_TOKENS_PER_ROW and bucket(rows, ROW_BUCKETS) is not None
+                and bucket(keys, self.key_buckets) is not None)
+
+    def _capture(self, r: int, n: int, t: int) -> _Graph:
+        dev = self.device
+        scratch = self.pool.scratch_slot
+        input_ids = torch.zeros(r, n, dtype=torch.long, device=dev)
+        positions = torch.zeros(r, n, dtype=torch.long, device=dev)
+        slots = torch.full((r * n,), scratch, dtype=torch.long, device=dev)
+        gather = torch.full((r * t,), scratch, dtype=torch.long, device=dev)
+        mask = torch.zeros(r, 1, n, t, dtype=torch.bool, device=dev)
+        mask[..., 0] = True
+        batch = AttnBatch(slots, gather, mask, t)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(dev)
+            self.mempool = torch.cuda.graph_pool_handle()
+        self.stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(self.stream):  # warm up allocations and lazy kernel loads off the capture
+            for _ in range(2):
+                self.lean.forward(input_ids, positions, batch, self.pool, n)
+        torch.cuda.current_stream(dev).wait_stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool, stream=self.stream):
+            logits = self.lean.forward(input_ids, positions, batch, self.pool, n)
+        logger.debug("captured a CUDA graph: %d rows x %d tokens, %d keys", r, n, t)
+        return _Graph(graph, input_ids, positions, slots, gather, mask, logits)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, table: torch.Tensor,
+            num_keys: int, keep: int) -> torch.Tensor:
+        """Same contract as ``lean.forward``; ``table`` is the rows' ``[B, blocks]`` block table."""
+        b, n = input_ids.shape
+        r = bucket(b, ROW_BUCKETS)
+        t = bucket(num_keys, self.key_buckets)
+        key = (r, n, t)
+        g = self.graphs.get(key)
+        if g is None:
+            try:
+                g = self.graphs[key] = self._capture(r, n, t)
+            except Exception as exc:  # an op that cannot be captured: stay eager from now on
+                self.failed = f"{type(exc).__name__}: {exc}"
+                logger.warning("CUDA graph capture failed, running eagerly: %s", self.failed)
+                raise
+        bs = self.pool.block_size
+        nb = -(-t // bs)
+        if table.shape[1] < nb:  # key bucket past the row's table: the rest is the scratch block
+            pad = torch.full((b, nb - table.shape[1]), self.pool.scratch_block, dtype=table.dtype, device=table.device)
+            table = torch.cat([table, pad], 1)
+        gather = (table[:, :nb, None] * bs + torch.arange(bs, device=self.device)).view(b, nb * bs)[:, :t]
+        g.input_ids[:b].copy_(input_ids)
+        g.positions[:b].copy_(positions)
+        g.slots[: b * n].copy_(slots)
+        g.slots[b * n:].fill_(self.pool.scratch_slot)  # padding rows must never write a live slot
+        g.gather.view(r, t)[:b].copy_(gather)
+        g.mask[:b].copy_((torch.arange(t, device=self.device)[None, None, :] <= positions[:, :, None])[:, None])
+        g.graph.replay()
+        self.replays += 1
+        return g.logits[:b, n - keep:]
