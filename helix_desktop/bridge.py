@@ -9,6 +9,7 @@ as signals, which Qt queues to the UI thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import uuid
@@ -21,7 +22,7 @@ from engine.config import EngineConfig, SamplingParams
 from engine.errors import EngineStopped, HelixError, InvalidRequest
 from engine.host import EngineHost
 from engine.sequence import FinishEvent, TokenEvent
-from engine.server.chat import chat_prompt
+from engine.server.chat import PLAIN_TEMPLATE_STOPS, chat_prompt
 from engine.stats import RequestStats
 from engine.worker import RequestHandle
 
@@ -64,22 +65,37 @@ class EngineBridge(QObject):
         """
         if isinstance(prompt, str) and not prompt.strip():
             raise InvalidRequest("prompt must be a non-empty string; write a prompt first")
-        return self._submit(lambda engine: prompt, params)
+        return self._submit(lambda engine: (prompt, params))
 
     def submit_chat(self, messages: Sequence[tuple[str, str]], params: SamplingParams) -> str:
         """Like :meth:`submit` for (role, text) messages, rendered with the model's chat template (or Helix's plain
-        one) off the UI thread. The narrow interface a chat view needs: messages + params in, events out."""
+        one, which also stops at the next ``User:`` turn) off the UI thread. The narrow interface a chat view
+        needs: messages + params in, ``token_batch`` / ``finished`` out."""
         if not messages:
             raise InvalidRequest("a conversation needs at least one message")
         frozen = tuple((str(r), str(t)) for r, t in messages)
-        return self._submit(lambda engine: chat_prompt(engine.tokenizer, frozen), params)
 
-    def _submit(self, build: Callable[[object], str | list[int]], params: SamplingParams) -> str:
+        def build(engine):
+            prompt = chat_prompt(engine.tokenizer, frozen)
+            if isinstance(prompt, str):  # the plain template
+                stop = tuple(dict.fromkeys(params.stop + PLAIN_TEMPLATE_STOPS))
+                return prompt, dataclasses.replace(params, stop=stop if len(stop) <= 16 else params.stop)
+            return prompt, params
+
+        return self._submit(build)
+
+    @property
+    def model_name(self) -> str:
+        """The short id (hub id or folder name) of the model that answers, or "" when none is loaded."""
+        return getattr(self.host.engine, "target_name", None) or ""
+
+    def _submit(self, build: Callable[[object], tuple[str | list[int], SamplingParams]]) -> str:
+        """``build(engine)`` -> (prompt, params) runs on the tokenizer thread."""
         worker = self._require_worker()
         request_id = uuid.uuid4().hex[:12]
         with self._lock:
             self._live.add(request_id)
-        self._prep.submit(self._prepare, worker, request_id, build, params)
+        self._prep.submit(self._prepare, worker, request_id, build)
         self.started.emit(request_id)
         if not self._timer.isActive():
             self._timer.start()
@@ -112,9 +128,10 @@ class EngineBridge(QObject):
         self.host.load(config, progress=self._on_progress, builder=builder)
 
     # ---------------------------------------------------------------- tokenizer / engine / loader threads
-    def _prepare(self, worker, request_id: str, build, params: SamplingParams) -> None:
+    def _prepare(self, worker, request_id: str, build) -> None:
         try:
-            handle = worker.submit(build(worker.engine), params, request_id=request_id, on_event=self._on_event)
+            prompt, params = build(worker.engine)
+            handle = worker.submit(prompt, params, request_id=request_id, on_event=self._on_event)
         except Exception as exc:  # HelixError says what to change; anything else must still end the request
             message = str(exc) if isinstance(exc, HelixError) else f"{type(exc).__name__}: {exc}"
             self._on_event(FinishEvent(request_id, "error", "", [], RequestStats(), error=message))

@@ -7,7 +7,6 @@ It talks to the engine only through the bridge's ``submit_chat(messages, params)
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from PySide6.QtCore import Qt, QTimer, Signal
@@ -30,7 +29,6 @@ from PySide6.QtWidgets import (
 
 from engine.errors import HelixError
 from engine.sequence import FinishEvent
-from engine.server.chat import PLAIN_TEMPLATE_STOPS
 from helix_desktop.bridge import EngineBridge
 from helix_desktop.chat_view import TranscriptView
 from helix_desktop.conversation_store import Conversation, Message, export, open_store, title_from
@@ -305,8 +303,6 @@ class ChatTab(QWidget):
         self.conv.system_prompt = self.system_prompt.toPlainText()
         try:
             params = self.form.params()
-            if not has_chat_template(self.bridge.host.engine):
-                params = dataclasses.replace(params, stop=tuple(dict.fromkeys(params.stop + PLAIN_TEMPLATE_STOPS)))
             request_id = self.bridge.submit_chat(self.conv.chat_messages(), params)
         except HelixError as exc:
             self.message.emit("error", str(exc))
@@ -340,8 +336,7 @@ class ChatTab(QWidget):
         else:
             reply = Message("assistant", final.text + final.tail, runs, stats, final.finish_reason)
             self.conv.messages.append(reply)
-            engine = self.bridge.host.engine
-            self.conv.model = getattr(engine, "target_name", "") or self.conv.model
+            self.conv.model = self.bridge.model_name or self.conv.model
             self.transcript.show_stats(text)
             self._save()
         self.stats.setText(text)

@@ -59,9 +59,15 @@ def test_send_streams_a_coloured_reply_with_stats_and_keeps_it(qtbot, window):
     tab = _chat(window)
     assert window.tabs.indexOf(tab) == 1  # the demo-like tiny model has no chat template: Chat follows Generate
     tab.system_prompt.setPlainText("You are terse.")
-    batches: list = []
+    batches, sent = [], []
     window.bridge.token_batch.connect(lambda rid, events: batches.append(events))
+    engine = window.host.engine
+    original = engine.add_request
+    engine.add_request = lambda prompt, params, **kw: (sent.append((prompt, params)), original(prompt, params, **kw))[1]
     reply = _send(qtbot, tab, "Tell me about the cat")
+    # no chat template: Helix's plain one, stopping where the model would start the user's next turn
+    assert sent[0][0] == "System: You are terse.\n\nUser: Tell me about the cat\n\nAssistant:"
+    assert "\nUser:" in sent[0][1].stop
     assert batches and reply is not None and reply.role == "assistant"
     assert [m.role for m in tab.conv.messages] == ["user", "assistant"]
     assert "".join(t for t, _ in reply.segments) == reply.content
