@@ -94,6 +94,19 @@ def is_offline() -> bool:
                for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def unreachable(timeout: float = 4.0) -> str | None:
+    """Why the hub cannot be used right now (offline mode, no connection), or None when it answers."""
+    if is_offline():
+        return "offline mode is on (HF_HUB_OFFLINE)"
+    from huggingface_hub.utils import get_session
+
+    try:
+        r = get_session().get(f"{endpoint()}/api/models", params={"limit": 1}, timeout=timeout)
+    except Exception as exc:  # no network, DNS failure, proxy refusing
+        return f"could not reach {endpoint()} ({type(exc).__name__})"
+    return None if r.status_code < 500 else f"{endpoint()} answered HTTP {r.status_code}"
+
+
 def _api():
     from huggingface_hub import HfApi
 

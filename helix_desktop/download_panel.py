@@ -48,6 +48,7 @@ def _list() -> QListWidget:
 class DownloadPanel(QWidget):
     message = Signal(str, str)  # level, text for the window's banner
     downloaded = Signal(str, str)  # role (target | draft), snapshot folder to load
+    offline = Signal(str)  # why the hub cannot be used: show the local cache instead
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -115,6 +116,9 @@ class DownloadPanel(QWidget):
         layout.addLayout(progress_row)
         layout.addWidget(self.progress_text)
 
+        self._probed = False
+        self.probe_job = HubJob(self)
+        self.probe_job.done.connect(self._on_probe)
         self.search_job.done.connect(self._on_results)
         self.search_job.failed.connect(self._on_search_failed)
         self.drafts_job.done.connect(self._on_drafts)
@@ -135,6 +139,22 @@ class DownloadPanel(QWidget):
         else:
             self.status.setText(f"Downloads go to your Hugging Face cache ({hub.cache_dir()}); a cancelled download "
                                 "resumes where it stopped.")
+
+    def probe(self) -> None:
+        """Check once, in the background, that the hub answers; if not, say so and point at the local cache."""
+        if not self._probed and not hub.is_offline():
+            self._probed = True
+            self.probe_job.start(lambda progress, cancel: hub.unreachable())
+
+    def _on_probe(self, reason) -> None:
+        if reason:
+            self.status.setText(f"Offline: {reason}. Search and downloads need the internet; the models already on "
+                                "this PC are listed under Local cache.")
+            self.offline.emit(reason)
+
+    def showEvent(self, event) -> None:  # noqa: N802
+        super().showEvent(event)
+        self.probe()
 
     # ---------------------------------------------------------------- search and drafts
     def run_search(self) -> None:
@@ -250,5 +270,5 @@ class DownloadPanel(QWidget):
             self.message.emit("error", f"Download failed: {text}")
 
     def stop(self) -> None:
-        for job in (self.search_job, self.download_job, self.drafts_job):
+        for job in (self.search_job, self.download_job, self.drafts_job, self.probe_job):
             job.stop()

@@ -181,6 +181,7 @@ class ModelsTab(QWidget):
         self.sources = QTabWidget()
         self.sources.addTab(self.downloads, "Download")
         self.sources.addTab(cache_box, "Local cache")
+        self.downloads.offline.connect(lambda _reason: self.sources.setCurrentWidget(cache_box))
         if hub.is_offline():
             self.sources.setCurrentWidget(cache_box)
 

@@ -105,3 +105,17 @@ def test_curated_pairs_show_expected_memory(qtbot, window):
     assert all("GB on a GPU" in label and "GB on the CPU" in label for label in labels)
     panel.download_pair()  # nothing selected: a clear message, no download
     assert window.banner.level == "error" and "pairs" in window.banner.text()
+
+
+def test_an_unreachable_hub_says_offline_and_shows_the_local_cache(qtbot, window, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    tab, panel = window.models_tab, window.models_tab.downloads
+    with qtbot.waitSignal(panel.offline, timeout=10000):
+        window.tabs.setCurrentWidget(tab)  # showing the panel probes the hub once
+    assert "Offline: could not reach" in panel.status.text() and "Local cache" in panel.status.text()
+    assert tab.sources.currentIndex() == 1
