@@ -34,6 +34,7 @@ from engine.server.schemas import (
     MAX_BATCH_PROMPTS,
     MAX_SEED,
     MAX_STOP_STRINGS,
+    ErrorResponse,
     make_sampling_params,
     sse_schema,
 )
@@ -43,8 +44,12 @@ from engine.worker import EngineWorker
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 
 
+MODEL_NOT_FOUND = {404: {"model": ErrorResponse, "description": "`model` names a model this server does not serve "
+                                                                "(the message names the one it does)."}}
+
+
 def _stream_doc(kind: str) -> dict:
-    return {200: {"description": f"A {kind} object, or with `stream: true` server-sent `data:` chunks ending in "
+    return {**MODEL_NOT_FOUND, 200: {"description": f"A {kind} object, or with `stream: true` server-sent `data:` chunks ending in "
                   "`data: [DONE]`.", "content": {"text/event-stream": {"schema": sse_schema()}}}}
 
 
