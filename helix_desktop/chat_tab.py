@@ -334,6 +334,8 @@ class ChatTab(QWidget):
             self.transcript.show_conversation(self.conv)
             text += f" — {final.error}"
         else:
+            if final.finish_reason == "error":  # keep what was written, and say why it ended
+                self.message.emit("error", f"The reply stopped with an error: {final.error}")
             reply = Message("assistant", final.text + final.tail, runs, stats, final.finish_reason)
             self.conv.messages.append(reply)
             self.conv.model = self.bridge.model_name or self.conv.model
