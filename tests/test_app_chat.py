@@ -223,3 +223,13 @@ def test_prompts_are_tokenized_off_the_ui_thread(qtbot, window):
         tab.run_button.click()
     assert tab.last_final.finish_reason == "error" and "context" in window.banner.text()
     assert tab.run_button.isEnabled()
+
+
+def test_a_conversation_longer_than_the_context_fails_with_a_message(qtbot, window):
+    tab = _chat(window, max_new_tokens=4)
+    tab.input.setPlainText("the cat " * 300)
+    with qtbot.waitSignal(tab.reply_finished, timeout=20000) as blocker:
+        tab.send_button.click()
+    assert blocker.args[0] is None and window.banner.level == "error" and "context" in window.banner.text()
+    assert [m.role for m in tab.conv.messages] == ["user"]  # kept, to shorten with Edit last
+    assert tab.edit_button.isEnabled() and tab.send_button.isEnabled()
