@@ -23,21 +23,26 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PYINSTALLER = "pyinstaller==6.22.0"
-VARIANTS = ("cpu", "cuda", "directml")
+VARIANTS = ("cpu", "cuda", "rocm", "directml")
 # Where pip finds a CUDA torch: PyPI's Windows wheels are CPU-only; its Linux wheels already use CUDA.
 DEFAULT_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
+# AMD's ROCm torch for Windows is per GPU family and has no default: TheRock's index for RDNA4 is
+# https://rocm.nightlies.amd.com/v2/gfx120X-all/ and for RDNA3 .../v2/gfx110X-all/ (README: Install on Windows).
+ROCM_INDEX_EXAMPLE = "https://rocm.nightlies.amd.com/v2/gfx120X-all/"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", choices=VARIANTS, default="cpu",
-                   help="cpu: torch without GPU libraries; cuda: NVIDIA GPUs; directml: any DirectX 12 GPU on "
-                   "Windows (AMD, Intel, NVIDIA) via the directml extra (default: cpu)")
+                   help="cpu: torch without GPU libraries; cuda: NVIDIA GPUs; rocm: AMD RDNA3/RDNA4 GPUs with AMD's "
+                   "ROCm torch (needs --torch-index-url); directml: any DirectX 12 GPU on Windows (AMD, Intel, "
+                   "NVIDIA) via the directml extra (default: cpu)")
     p.add_argument("--python", default=sys.executable, help="interpreter that makes the venv (default: this one)")
     p.add_argument("--venv", type=Path, default=HERE / ".build-venv", help="build venv (default: %(default)s)")
     p.add_argument("--reuse-venv", action="store_true", help="keep an existing build venv instead of recreating it")
     p.add_argument("--torch-index-url", default=None,
-                   help=f"install torch from this index first (cuda default: {DEFAULT_CUDA_INDEX}; "
+                   help=f"install torch from this index first (cuda default: {DEFAULT_CUDA_INDEX}; rocm: required, "
+                   f"e.g. {ROCM_INDEX_EXAMPLE}; "
                    "for a CPU-only torch on Linux: https://download.pytorch.org/whl/cpu)")
     p.add_argument("--demo-models", type=Path, default=None,
                    help="folder with demo-target/ and demo-draft/ (default: resources/models; if those are not "
@@ -45,7 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dist", type=Path, default=HERE / "dist", help="output folder (default: %(default)s)")
     p.add_argument("--work", type=Path, default=HERE / "build", help="PyInstaller work folder (default: %(default)s)")
     p.add_argument("--smoke", action="store_true", help="run packaging/smoke.py on the built app afterwards")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.variant == "rocm" and not args.torch_index_url:
+        p.error(f"the rocm variant needs --torch-index-url: AMD's ROCm torch index for your GPU family, e.g. "
+                f"{ROCM_INDEX_EXAMPLE} (RDNA4) or .../v2/gfx110X-all/ (RDNA3)")
+    return args
 
 
 def venv_python(venv: Path) -> Path:
@@ -69,6 +78,14 @@ def make_venv(args: argparse.Namespace) -> Path:
         run([*pip, "torch", "--index-url", index])
     target = f"{REPO}[directml]" if args.variant == "directml" else str(REPO)
     run([*pip, target, PYINSTALLER])
+    if args.variant == "rocm":  # a ROCm torch reports HIP; one without it came from the wrong index
+        hip = subprocess.run([py, "-c", "import torch; print(getattr(torch.version, 'hip', None) or '')"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        if not hip:
+            raise SystemExit(f"the rocm variant got a torch without ROCm (no torch.version.hip); check "
+                             f"--torch-index-url {args.torch_index_url}")
+        print(f"build venv: torch with ROCm/HIP {hip}", flush=True)
+        return py
     probe = subprocess.run([py, "-c", "import torch; print(torch.__version__, torch.version.cuda or '')"],
                            capture_output=True, text=True, check=True).stdout.split()
     cuda = probe[1] if len(probe) > 1 else None

@@ -4,7 +4,9 @@
 ;   iscc /DAppVersion=0.1.0 /DVariant=directml packaging\helix.iss          (this script alone)
 ; Installs per user by default (no admin prompt; the wizard offers all users), adds a Start-menu entry,
 ; an optional desktop icon and an uninstaller. Settings and logs live in %APPDATA%\Helix\Helix Desktop;
-; the uninstaller asks before deleting them (a silent uninstall keeps them).
+; the uninstaller asks before deleting them (a silent uninstall keeps them, without asking).
+; Variant (directml | rocm | cuda | cpu) only names the installer: the torch inside is whatever build.py put in
+; the folder (rocm: AMD's ROCm torch from the index given to build_windows.ps1 -TorchIndexUrl).
 
 #ifndef AppVersion
   #define AppVersion "0.1.0"
@@ -65,11 +67,13 @@ Name: "{autodesktop}\{#AppName}"; Filename: "{app}\{#AppExe}"; WorkingDir: "{app
 Filename: "{app}\{#AppExe}"; Description: "{cm:LaunchProgram,{#AppName}}"; Flags: nowait postinstall skipifsilent
 
 [Code]
-// Settings and logs are the user's, not the install's: ask before deleting them (IDNO when silent).
+// Settings and logs are the user's, not the install's: ask before deleting them. A silent uninstall
+// (/SILENT, /VERYSILENT: upgrades, scripted removal) keeps them and never stops at a prompt.
 procedure CurUninstallStepChanged(CurUninstallStep: TUninstallStep);
 var
   DataDir: String;
 begin
+  if UninstallSilent then Exit;
   if CurUninstallStep = usPostUninstall then
   begin
     DataDir := ExpandConstant('{userappdata}\Helix\Helix Desktop');

@@ -1,10 +1,12 @@
 """Entry script of the frozen Helix app: per-user logs, a readable error window, and GPU-to-CPU fallback.
 
 PyInstaller builds ``Helix`` (windowed) and ``helix-cli`` (console) from this file. Before any Helix
-code runs it points a windowed exe's missing stdout/stderr at a log file, logs to the per-user app-data
-folder (never next to the executable), and, when the window is about to open, checks the GPU it would
-use with one tiny tensor op; if that fails it runs on the CPU (``--device cpu``) and says so. Any
-exception while starting shows a message box with the error and the log folder. Then ``main.main()``.
+code runs it forces UTF-8 on stdout/stderr, points a windowed exe's missing stdout/stderr at a log file,
+and logs to the per-user app-data folder (never next to the executable; one log per kind of process).
+When the window is about to open, a child ``helix-cli --gpu-check DEVICE`` tries the GPU with one tiny
+tensor op under a timeout; if the child fails, crashes (a native fault in DirectML.dll or the driver)
+or hangs, the app runs on the CPU (``--device cpu``) and says so. Any exception while starting shows a
+message box with the error and the log folder. Then ``main.main()``.
 
 ``HELIX_SMOKE_QUIT_AFTER`` / ``HELIX_SMOKE_REPORT`` / ``HELIX_SMOKE_FAULT`` exist for packaging/smoke.py:
 close the window after N seconds and write what was on screen as JSON, or simulate a failure.
@@ -17,11 +19,11 @@ import json
 import logging
 import multiprocessing
 import os
+import subprocess
 import sys
 import threading
 import time
 import traceback
-from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 # Qt's AppDataLocation is <data>/<organisation>/<application>; these match helix_desktop.ORG_NAME / APP_NAME
@@ -31,6 +33,10 @@ APP_NAME = "Helix Desktop"
 TITLE = "Helix Desktop"
 MODEL_WAIT_S = 120  # smoke test: how long the window may still be loading models before it is closed anyway
 SUBCOMMANDS = ("serve", "generate", "bench", "doctor")  # main.py's; with one of these, errors go to stderr
+GPU_CHECK = "--gpu-check"  # argv[0] of the child that tries the GPU (handled here, before main.py's parser)
+# torch import + first DirectML/ROCm context on a cold disk take ~10-30 s; a driver that hangs is cut off here
+GPU_CHECK_TIMEOUT_S = float(os.environ.get("HELIX_GPU_CHECK_TIMEOUT_S") or 90.0)
+LOG_BYTES = 1_000_000  # a log past this size is rotated when its process starts, never while it runs
 
 logger = logging.getLogger("helix.launcher")
 _keep_open: list = []  # streams and Qt objects that must live as long as the process
@@ -51,13 +57,47 @@ def app_data_dir() -> Path:
     return base / ORG_NAME / APP_NAME
 
 
-def start_logging() -> Path:
-    """Log the launcher to <app data>/logs/launcher.log; give a windowed exe a stdout/stderr; catch hard crashes."""
+def force_utf8() -> None:
+    """UTF-8 on stdout/stderr: piped output of helix-cli.exe is cp1252 on Windows, where any non-Latin text in a
+    prompt or a model's reply raised UnicodeEncodeError. (The spec also starts both exes in UTF-8 mode.)"""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if stream is not None and encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors="backslashreplace")
+
+
+def log_name(argv: list[str]) -> str:
+    """One log file per kind of process, so the app, a doctor or CLI run beside it, and the GPU-check child
+    never write (or rotate) the same file: on Windows a file another process holds open cannot be renamed
+    (WinError 32), which is what rotating a shared launcher.log ran into."""
+    if argv[:1] == [GPU_CHECK]:
+        return "gpu-check.log"
+    command = next((arg for arg in argv if arg in SUBCOMMANDS), None)
+    return f"cli-{command}.log" if command else "launcher.log"
+
+
+def rotate_log(path: Path, keep: int = 2) -> None:
+    """At start only: move a full ``path`` to ``path.1`` (and ``.1`` to ``.2``). A file that another instance
+    still holds open stays as it is and is appended to; rotation is a nicety, never a reason not to start."""
+    try:
+        if not path.is_file() or path.stat().st_size < LOG_BYTES:
+            return
+        for i in range(keep, 0, -1):
+            older = path.with_name(f"{path.name}.{i - 1}") if i > 1 else path
+            if older.is_file():
+                os.replace(older, path.with_name(f"{path.name}.{i}"))
+    except OSError as exc:  # WinError 32: the other process keeps its file; we append to it
+        logger.debug("log %s not rotated: %s", path, exc)
+
+
+def start_logging(argv: list[str] | None = None) -> Path:
+    """Log to <app data>/logs/<log_name(argv)>; give a windowed exe a stdout/stderr; catch hard crashes."""
     log_dir = app_data_dir() / "logs"
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = RotatingFileHandler(log_dir / "launcher.log", maxBytes=1_000_000, backupCount=2,
-                                                       encoding="utf-8")
+        path = log_dir / log_name(argv if argv is not None else sys.argv[1:])
+        rotate_log(path)
+        handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
     except OSError:  # read-only profile: keep going without a file
         handler = logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
@@ -84,44 +124,96 @@ def start_logging() -> Path:
 
 # --------------------------------------------------------------------------- GPU check
 def _expected_gpu() -> str | None:
-    """The GPU backend this build was made for: DirectML if torch_directml is bundled, CUDA for a CUDA torch."""
+    """The GPU backend this build was made for: DirectML if torch_directml is bundled, else ROCm or CUDA by torch."""
     import importlib.util
 
     import torch
 
     if importlib.util.find_spec("torch_directml") is not None:
         return "DirectML"
+    if getattr(torch.version, "hip", None):
+        return "ROCm"
     return "CUDA" if torch.version.cuda else None
 
 
-def check_device(requested: str, log_dir: Path) -> tuple[str, str | None]:
-    """Try the device the window would use with one tiny op: ``(device to pass, notice to show or None)``."""
-    if requested == "cpu":
-        return requested, None
+def gpu_check_child(device: str) -> int:
+    """In the child: resolve ``device``, run one tiny op on it, print one JSON line. A native crash or a hang here
+    ends only this process; the app reads the exit code, or cuts the child off after GPU_CHECK_TIMEOUT_S."""
+    result: dict = {"device": device}
     try:
-        if os.environ.get("HELIX_SMOKE_FAULT") == "device":
+        fault = os.environ.get("HELIX_SMOKE_FAULT", "")
+        if fault == "device":
             raise RuntimeError("simulated GPU driver failure (HELIX_SMOKE_FAULT=device)")
+        if fault == "device-crash":  # what an access violation in DirectML.dll looks like from outside
+            os.abort()
+        if fault == "device-hang":
+            time.sleep(3600)
         import torch
 
         from engine.devices import resolve_device
 
-        info = resolve_device(requested)
-        if info.kind == "cpu":
-            expected = _expected_gpu()
-            if expected is None:
-                return requested, None  # a CPU build on purpose
-            logger.warning("no usable %s GPU; running on CPU", expected)
-            return requested, (f"No {expected} GPU could be used (no compatible GPU or driver was found), so Helix "
-                               f"runs on the CPU. That works, only slower. Updating the graphics driver may help.\n\n"
-                               f"Logs: {log_dir}")
-        x = torch.arange(16, dtype=torch.float32, device=info.device)
-        float((x * x).sum().cpu())
-        logger.info("device check passed: %s (%s)", info.kind, info.name)
-        return requested, None
+        info = resolve_device(device)
+        result.update(kind=info.kind, name=info.name, expected=_expected_gpu())
+        if info.kind != "cpu":
+            x = torch.arange(16, dtype=torch.float32, device=info.device)
+            result["sum"] = float((x * x).sum().cpu())
+        code = 0
     except Exception as exc:
-        logger.exception("device check failed for --device %s; falling back to CPU", requested)
-        return "cpu", (f"Helix could not use the GPU ({type(exc).__name__}: {exc}), so it runs on the CPU instead. "
-                       f"That works, only slower. Updating the graphics driver may help.\n\nLogs: {log_dir}")
+        logger.exception("GPU check failed for --device %s", device)
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        code = 1
+    print(json.dumps(result), flush=True)
+    return code
+
+
+def gpu_check_command(device: str) -> list[str]:
+    """The child's argv: helix-cli next to the frozen app (console exe, so its output can be read), else this
+    interpreter on this file."""
+    if getattr(sys, "frozen", False):
+        cli = Path(sys.executable).with_name("helix-cli" + (".exe" if sys.platform == "win32" else ""))
+        return [str(cli), GPU_CHECK, device]
+    return [sys.executable, str(Path(__file__).resolve()), GPU_CHECK, device]
+
+
+def _exit_code_text(code: int) -> str:
+    # Windows reports a native crash as an NTSTATUS (0xC0000005 access violation); POSIX as a negative signal
+    return f"0x{code & 0xFFFFFFFF:08X}" if (sys.platform == "win32" and code < 0) or code > 255 else str(code)
+
+
+def check_device(requested: str, log_dir: Path, timeout_s: float = GPU_CHECK_TIMEOUT_S) -> tuple[str, str | None]:
+    """Try the device the window would use in a child process: ``(device to pass, notice to show or None)``."""
+    if requested == "cpu":
+        return requested, None
+    fallback = "so it runs on the CPU instead. That works, only slower. Updating the graphics driver may help."
+    cmd = gpu_check_command(requested)
+    flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # no console window flashing up over the windowed app
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                              timeout=timeout_s, creationflags=flags, env=env)
+    except subprocess.TimeoutExpired:  # subprocess.run has killed the child
+        logger.error("GPU check for --device %s did not answer within %.0f s; falling back to CPU", requested,
+                     timeout_s)
+        return "cpu", (f"The GPU check did not finish within {timeout_s:.0f} s (the graphics driver may be hanging), "
+                       f"{fallback}\n\nLogs: {log_dir}")
+    except OSError as exc:
+        logger.error("GPU check could not start (%s): %s; falling back to CPU", cmd[0], exc)
+        return "cpu", f"The GPU check could not start ({exc}), {fallback}\n\nLogs: {log_dir}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {}
+    logger.info("GPU check: exit %s, %s", proc.returncode, result or proc.stderr[-2000:])
+    if proc.returncode != 0 or "error" in result or not result:
+        why = result.get("error") or f"the check process stopped with exit code {_exit_code_text(proc.returncode)}"
+        logger.error("GPU check failed for --device %s (%s); falling back to CPU", requested, why)
+        return "cpu", f"Helix could not use the GPU ({why}), {fallback}\n\nLogs: {log_dir}"
+    if result.get("kind") == "cpu" and result.get("expected"):
+        expected = result["expected"]
+        logger.warning("no usable %s GPU; running on CPU", expected)
+        return requested, (f"No {expected} GPU could be used (no compatible GPU or driver was found), so Helix "
+                           f"runs on the CPU. That works, only slower. Updating the graphics driver may help.\n\n"
+                           f"Logs: {log_dir}")
+    logger.info("device check passed: %s (%s)", result.get("kind"), result.get("name"))
+    return requested, None
 
 
 def with_device(argv: list[str], device: str) -> list[str]:
@@ -258,7 +350,10 @@ def can_show_window() -> bool:
 
 # --------------------------------------------------------------------------- entry
 def run(argv: list[str]) -> int:
-    log_dir = start_logging()
+    force_utf8()
+    log_dir = start_logging(argv)
+    if argv[:1] == [GPU_CHECK]:
+        return gpu_check_child(argv[1] if len(argv) > 1 else "auto")
     headless = any(arg in SUBCOMMANDS or arg in ("-h", "--help") for arg in argv)
     try:
         import main as helix_main
@@ -291,4 +386,6 @@ def run(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     multiprocessing.freeze_support()
+    if not getattr(sys, "frozen", False):  # from source (tests, the GPU-check child): the repo's packages
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.exit(run(sys.argv[1:]))

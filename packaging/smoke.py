@@ -7,7 +7,8 @@ help texts; ``generate`` at temperature 0 loads the demo pair from inside the bu
 ``serve`` answers /health;
 the window opens offscreen, shows "Helix Desktop", writes its logs to the user's app-data folder and
 closes after a few seconds (launcher's HELIX_SMOKE_QUIT_AFTER); a simulated GPU failure falls back to
-CPU with a notice; a simulated startup failure shows the error window; nothing is written into the app folder.
+CPU with a notice, and so does a GPU-check child that crashes or hangs; helix-cli's piped output is UTF-8;
+a simulated startup failure shows the error window; nothing is written into the app folder.
 Exit code 0 only if every check passed.
 """
 
@@ -178,6 +179,25 @@ def smoke(app: Path, root: Path) -> None:
     notice = box.read_report().get("notice") or ""
     check("GPU failure falls back to CPU with a notice", proc.returncode == 0 and "runs on the CPU" in notice
           and "falling back to CPU" in box.logs(), notice[:160] or tail(proc.stderr))
+
+    # 4b. a GPU check that crashes natively or hangs: the child dies or is cut off, the window still opens on CPU
+    for fault, timeout in (("device-crash", "120"), ("device-hang", "5")):
+        box = Sandbox(root, fault)
+        env = box.env(HELIX_SMOKE_QUIT_AFTER=str(WINDOW_SECONDS), HELIX_SMOKE_REPORT=str(box.report),
+                      HELIX_SMOKE_FAULT=fault, HELIX_GPU_CHECK_TIMEOUT_S=timeout)
+        proc = run([str(gui), "--device", "directml"], env, 300)
+        notice = box.read_report().get("notice") or ""
+        check(f"GPU check child {fault.split('-')[1]}: app falls back to CPU", proc.returncode == 0
+              and "runs on the CPU" in notice and (box.app_data / "logs" / "gpu-check.log").is_file(),
+              notice[:160] or tail(proc.stderr))
+
+    # 4c. helix-cli output piped: UTF-8 whatever the console code page (cp1252 raised UnicodeEncodeError)
+    box = Sandbox(root, "utf8")
+    missing = str(root / "モデル-missing")  # the error message names it: non-Latin text through a pipe
+    proc = subprocess.run([str(cli), "generate", "hi", "--target", missing, "--no-draft"], env=box.env(),
+                          capture_output=True, timeout=300)
+    check("helix-cli piped output is UTF-8", proc.returncode == 2 and "モデル-missing".encode() in proc.stderr,
+          tail(proc.stderr.decode("utf-8", "replace")))
 
     # 5. a startup failure: a readable error window naming the log folder, exit 1
     box = Sandbox(root, "startup-fault")

@@ -35,8 +35,9 @@ def _make_demo_pair(folder: Path) -> Path:
 class _Recorder:
     """Stands in for PyInstaller's Analysis/PYZ/EXE/COLLECT and records what the spec asked for."""
 
-    def __init__(self):
+    def __init__(self, extra_datas: tuple = ()):
         self.calls: list[tuple[str, tuple, dict]] = []
+        self.extra_datas = list(extra_datas)
 
     def factory(self, kind: str):
         def make(*args, **kwargs):
@@ -49,14 +50,16 @@ class _Recorder:
                                                    ("torch/bin/protoc", "src", "BINARY"),
                                                    ("torch/bin/torch_shm_manager", "src", "BINARY"),
                                                    ("torch\\lib\\torchbind_test.dll", "src", "BINARY")],
-                                         datas=[("torch/testing/x.txt", "s", "DATA"), ("numpy/tests/a.py", "s", "DATA")])
+                                         datas=[("torch/testing/x.txt", "s", "DATA"), ("numpy/tests/a.py", "s", "DATA"),
+                                                ("torch-2.13.0.dist-info/licenses/third_party/kineto/LICENSE", "s",
+                                                 "DATA"), *self.extra_datas])
         return make
 
     def of(self, kind: str) -> list[tuple[tuple, dict]]:
         return [(a, k) for c, a, k in self.calls if c == kind]
 
 
-def _run_spec(monkeypatch, variant: str, demo: Path) -> tuple[_Recorder, dict]:
+def _run_spec(monkeypatch, variant: str, demo: Path, extra_datas: tuple = ()) -> tuple[_Recorder, dict]:
     hooks = types.ModuleType("PyInstaller.utils.hooks")
     hooks.collect_data_files = lambda package, **kw: [(f"{package}/data.txt", package)]
     hooks.collect_submodules = lambda package, filter=None: [m for m in (package, f"{package}.models.llama.x",
@@ -69,7 +72,7 @@ def _run_spec(monkeypatch, variant: str, demo: Path) -> tuple[_Recorder, dict]:
     monkeypatch.setitem(sys.modules, "PyInstaller.utils.hooks", hooks)
     monkeypatch.setenv("HELIX_BUILD_VARIANT", variant)
     monkeypatch.setenv("HELIX_DEMO_MODELS", str(demo))
-    rec = _Recorder()
+    rec = _Recorder(extra_datas)
     spec_globals = {"SPECPATH": str(PACKAGING), "__file__": str(PACKAGING / "helix.spec"),
                     **{k: rec.factory(k) for k in ("Analysis", "PYZ", "EXE", "COLLECT")}}
     exec(compile((PACKAGING / "helix.spec").read_text(), "helix.spec", "exec"), spec_globals)
@@ -115,6 +118,27 @@ def test_spec_drops_test_suites_and_on_cpu_the_cuda_libraries(monkeypatch, tmp_p
                                                "torch/lib/libtorch_cuda.so", "torch/bin/torch_shm_manager"]
 
 
+def test_spec_drops_dist_info_licences_and_refuses_paths_too_long_for_windows(monkeypatch, tmp_path):
+    demo = _make_demo_pair(tmp_path)
+    rec, g = _run_spec(monkeypatch, "cpu", demo)
+    assert not [d for d in g["a"].datas if "licenses" in d[0]]  # torch's ~180-character licence tree is gone
+    assert ("torch.dist-info", "torch.dist-info") in rec.of("Analysis")[0][1]["datas"]  # metadata itself stays
+    deep = ("transformers/" + "x" * 200 + ".py", "s", "DATA")
+    with pytest.raises(SystemExit, match="too long for Windows"):
+        _run_spec(monkeypatch, "cpu", demo, extra_datas=(deep,))
+
+
+def test_spec_starts_both_exes_in_utf8_mode(monkeypatch, tmp_path):
+    rec, _ = _run_spec(monkeypatch, "cpu", _make_demo_pair(tmp_path))
+    for args, _kwargs in rec.of("EXE"):
+        assert ("X utf8_mode=1", None, "OPTION") in args[2]
+
+
+def test_spec_rocm_variant_keeps_the_gpu_libraries(monkeypatch, tmp_path):
+    rec, g = _run_spec(monkeypatch, "rocm", _make_demo_pair(tmp_path))
+    assert "torch/lib/libtorch_cuda.so" in [b[0] for b in g["a"].binaries]  # HIP builds keep torch's GPU libraries
+
+
 def test_spec_directml_variant_bundles_torch_directml(monkeypatch, tmp_path):
     rec, _ = _run_spec(monkeypatch, "directml", _make_demo_pair(tmp_path))
     (_, kwargs), = rec.of("Analysis")
@@ -124,8 +148,8 @@ def test_spec_directml_variant_bundles_torch_directml(monkeypatch, tmp_path):
 
 
 def test_spec_refuses_unknown_variant_and_missing_demo_models(monkeypatch, tmp_path):
-    with pytest.raises(SystemExit, match="cpu, cuda or directml"):
-        _run_spec(monkeypatch, "rocm", _make_demo_pair(tmp_path / "a"))
+    with pytest.raises(SystemExit, match="cpu, cuda, rocm or directml"):
+        _run_spec(monkeypatch, "vulkan", _make_demo_pair(tmp_path / "a"))
     with pytest.raises(SystemExit, match="demo model folder"):
         _run_spec(monkeypatch, "cpu", tmp_path / "empty")
 
@@ -136,96 +160,19 @@ def test_spec_icon_and_resources_exist():
     assert (PACKAGING / "launcher.py").is_file()
 
 
-# --------------------------------------------------------------------------- the launcher
-def test_launcher_app_data_dir_matches_qt_layout(monkeypatch, tmp_path):
-    launcher = _load("launcher")
-    monkeypatch.delenv("HELIX_SETTINGS_DIR", raising=False)
-    monkeypatch.setattr(sys, "platform", "linux")
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
-    assert launcher.app_data_dir() == tmp_path / "Helix" / "Helix Desktop"
-    monkeypatch.setattr(sys, "platform", "win32")
-    monkeypatch.setenv("APPDATA", str(tmp_path / "Roaming"))
-    assert launcher.app_data_dir() == tmp_path / "Roaming" / "Helix" / "Helix Desktop"
-    monkeypatch.setenv("HELIX_SETTINGS_DIR", str(tmp_path / "override"))
-    assert launcher.app_data_dir() == tmp_path / "override"
-
-
-def test_launcher_names_match_the_app():
-    import helix_desktop
-
-    launcher = _load("launcher")
-    assert (launcher.ORG_NAME, launcher.APP_NAME) == (helix_desktop.ORG_NAME, helix_desktop.APP_NAME)
-
-
-def test_launcher_with_device_replaces_every_device_flag():
-    launcher = _load("launcher")
-    assert launcher.with_device([], "cpu") == ["--device", "cpu"]
-    assert launcher.with_device(["--device", "directml", "--no-draft"], "cpu") == ["--no-draft", "--device", "cpu"]
-    assert launcher.with_device(["--device=cuda", "--target", "x"], "cpu") == ["--target", "x", "--device", "cpu"]
-
-
-def test_launcher_device_check_falls_back_to_cpu_with_a_notice(monkeypatch, tmp_path):
-    launcher = _load("launcher")
-    assert launcher.check_device("cpu", tmp_path) == ("cpu", None)
-    assert launcher.check_device("auto", tmp_path) == ("auto", None)  # CPU torch here: a CPU build on purpose
-    monkeypatch.setenv("HELIX_SMOKE_FAULT", "device")
-    device, notice = launcher.check_device("directml", tmp_path)
-    assert device == "cpu" and "runs on the CPU" in notice and str(tmp_path) in notice
-
-
-def test_launcher_says_so_when_a_gpu_build_finds_no_gpu(monkeypatch, tmp_path):
-    launcher = _load("launcher")
-    monkeypatch.setattr(launcher, "_expected_gpu", lambda: "DirectML")
-    device, notice = launcher.check_device("auto", tmp_path)
-    assert device == "auto" and "No DirectML GPU could be used" in notice and "runs on the CPU" in notice
-
-
-def test_launcher_shows_no_window_without_a_display(monkeypatch):
-    launcher = _load("launcher")
-    monkeypatch.setattr(sys, "platform", "linux")
-    for name in ("QT_QPA_PLATFORM", "DISPLAY", "WAYLAND_DISPLAY"):
-        monkeypatch.delenv(name, raising=False)
-    assert not launcher.can_show_window()
-    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
-    assert launcher.can_show_window()
-    monkeypatch.setattr(sys, "platform", "win32")
-    monkeypatch.delenv("QT_QPA_PLATFORM")
-    assert launcher.can_show_window()
-
-
-def test_launcher_gives_a_windowed_exe_stdout_and_logs_to_app_data(monkeypatch, tmp_path):
-    launcher = _load("launcher")
-    monkeypatch.setenv("HELIX_SETTINGS_DIR", str(tmp_path))
-    crash_files = []
-    monkeypatch.setattr(launcher, "faulthandler", types.SimpleNamespace(enable=crash_files.append))  # keep pytest's
-    monkeypatch.setattr(sys, "stdout", None)
-    monkeypatch.setattr(sys, "stderr", None)
-    try:
-        log_dir = launcher.start_logging()
-        print("hello from a windowed exe")
-        sys.stdout.flush()
-    finally:
-        for handler in list(launcher.logger.handlers):
-            handler.close()
-            launcher.logger.removeHandler(handler)
-    monkeypatch.undo()
-    for stream in launcher._keep_open:
-        stream.close()
-    assert log_dir == tmp_path / "logs"
-    assert "hello from a windowed exe" in (log_dir / "console.log").read_text()
-    assert "start:" in (log_dir / "launcher.log").read_text()
-    assert [Path(f.name).name for f in crash_files] == ["crash.log"]
-
-
 # --------------------------------------------------------------------------- build scripts
 def test_build_script_options():
     build = _load("build")
-    assert build.VARIANTS == ("cpu", "cuda", "directml")
+    assert build.VARIANTS == ("cpu", "cuda", "rocm", "directml")
     args = build.parse_args([])
     assert args.variant == "cpu" and not args.smoke and args.venv == PACKAGING / ".build-venv"
     assert build.parse_args(["--variant", "directml", "--smoke"]).variant == "directml"
     with pytest.raises(SystemExit):
+        build.parse_args(["--variant", "vulkan"])
+    with pytest.raises(SystemExit):  # rocm has no default index: AMD's differs per GPU family
         build.parse_args(["--variant", "rocm"])
+    rocm = build.parse_args(["--variant", "rocm", "--torch-index-url", build.ROCM_INDEX_EXAMPLE])
+    assert rocm.torch_index_url == "https://rocm.nightlies.amd.com/v2/gfx120X-all/"
     proc = subprocess.run([sys.executable, str(PACKAGING / "build.py"), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--variant" in proc.stdout and "--smoke" in proc.stdout
 
@@ -237,11 +184,28 @@ def test_smoke_script_help():
 
 def test_windows_build_script_documents_its_options():
     text = (PACKAGING / "build_windows.ps1").read_text()
-    assert re.search(r"\[ValidateSet\('directml', 'cuda', 'cpu'\)\]\s*\[string\]\$Variant = 'directml'", text)
-    for option in ("Variant", "Python", "TorchIndexUrl", "Smoke", "SkipInstaller"):
+    assert re.search(r"\[ValidateSet\('directml', 'rocm', 'cuda', 'cpu'\)\]\s*\[string\]\$Variant = 'directml'", text)
+    for option in ("Variant", "Python", "TorchIndexUrl", "IsccPath", "Smoke", "SkipInstaller"):
         assert f".PARAMETER {option}" in text and f"${option}" in text
     assert "build.py" in text and "helix.iss" in text and "ISCC.exe" in text
     assert text.count("{") == text.count("}") and text.count("(") == text.count(")")
+
+
+def test_windows_build_script_checks_python_long_paths_and_inno_setup():
+    text = (PACKAGING / "build_windows.ps1").read_text()
+    # Python: run each candidate once, check the exit code (the Store stub: 9009, no output) before using the
+    # output, and require 64-bit 3.10-3.12 (3.12 for rocm)
+    assert "$LASTEXITCODE -ne 0 -or $out.Count -lt 3" in text and "9009" in text
+    assert "@('3.12', '3.11', '3.10')" in text and "if ($Variant -eq 'rocm') { @('3.12') }" in text
+    assert "struct.calcsize('P') * 8" in text and "$info.Bits -ne '64'" in text
+    assert ".Trim()" not in text.split("function Test-Python")[0]  # no .Trim() on output that may be $null
+    # long paths: checked before the install for every torch >= 2.13 variant
+    assert "LongPathsEnabled" in text and "$Variant -ne 'directml' -and -not (Test-LongPathsEnabled)" in text
+    # Inno Setup: found (or -IsccPath) before the build, and missing means failure unless -SkipInstaller
+    checks = text.index("# 1. the app folder")
+    assert text.index("if (-not $SkipInstaller)") < checks and "throw 'Inno Setup 6 not found" in text
+    assert text.count("exit 0") == 1 and "installer skipped: -SkipInstaller)\"\n    exit 0" in text
+    assert "$Variant -eq 'rocm' -and -not $TorchIndexUrl" in text
 
 
 def test_inno_setup_script_references_what_the_build_makes():
@@ -255,6 +219,8 @@ def test_inno_setup_script_references_what_the_build_makes():
     assert "{autoprograms}" in text  # Start-menu entry
     assert "{autodesktop}" in text and "Tasks: desktopicon" in text  # optional desktop icon
     assert "usPostUninstall" in text and "{userappdata}\\Helix\\Helix Desktop" in text
+    code = text.split("[Code]")[1]
+    assert code.index("if UninstallSilent then Exit;") < code.index("SuppressibleMsgBox")  # a quiet uninstall asks nothing
     assert "x64compatible" in text
 
 
