@@ -74,8 +74,10 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed
             residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W^T (+ b) (+ residual)`` for 2-D ``x``; the residual add is fused into the GEMM."""
     if not transposed:
-        out = F.linear(x, w, b)
-        return out if residual is None else residual + out
+        if residual is None:
+            return F.linear(x, w, b)
+        out = torch.addmm(residual, x, w.t())
+        return out if b is None else out + b
     if residual is None:
         return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
     out = torch.addmm(residual, x, w)
@@ -162,7 +164,8 @@ class LeanCausalLM:
         return x * cos + rotated * sin
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and _HAS_RMS_NORM:
+        # the fused kernel: one launch instead of eight (on a GPU each small kernel costs microseconds)
+        if _HAS_RMS_NORM and (x.dtype == torch.float32 or x.is_cuda):
             return F.rms_norm(x, (x.shape[-1],), w, self.eps)
         return self._rms(x, w)
 
@@ -185,8 +188,8 @@ class LeanCausalLM:
                 qk = self._rope(qk, cos, sin)  # q and k in one go
                 q, k = qk[:, :, :hq], qk[:, :, hq:]
             else:  # Qwen3 normalises q and k per head before the rotation
-                q = self._rope(self._rms(qk[:, :, :hq], layer.q_norm), cos, sin)
-                k = self._rope(self._rms(qk[:, :, hq:], layer.k_norm), cos, sin)
+                q = self._rope(self._norm(qk[:, :, :hq], layer.q_norm), cos, sin)
+                k = self._rope(self._norm(qk[:, :, hq:], layer.k_norm), cos, sin)
             attn = paged_attention(q, k, v, pool.keys[i], pool.values[i], batch, self.scale)  # [B, N, Hq*D]
             x = _linear(attn.view(b * n, hq * d), layer.o_w, layer.o_b, tr, residual=x)
             gate_up = _linear(self._norm(x, layer.post_norm), layer.gate_up_w, layer.gate_up_b, tr)
