@@ -234,8 +234,11 @@ def test_readme_documents_install_build_and_the_smoke_command():
     text = (ROOT / "README.md").read_text()
     assert "## Install on Windows" in text and "## Build the installer" in text
     assert "python packaging/build.py --smoke" in text
-    for row in ("DirectML", "CUDA", "CPU", "Windows on ARM"):
+    for row in ("DirectML", "CUDA", "CPU", "Windows on ARM", "| `rocm` |", "| `directml` |"):
         assert row in text
+    install = text.split("## Install on Windows")[1].split("## Build the installer")[0]
+    assert "RDNA3" in install and "RDNA4" in install and "engine/directml_ops.py" in install
+    assert "**Not run:**" in text.split("## Build the installer")[1]  # honest about what never ran on Windows
 
 
 # --------------------------------------------------------------------------- the real build (slow)
