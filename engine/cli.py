@@ -104,6 +104,11 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--no-speculative", action="store_true", help="plain decoding even with a draft model")
     p.add_argument("--num-draft-tokens", type=int, default=None, help="fixed draft length K (1..8); default adaptive")
     p.add_argument("--show-sources", action="store_true", help="colour tokens by source (draft/target/bonus) on a tty")
+    p.add_argument("--endpoint", default=None, metavar="URL",
+                   help="generate on a remote OpenAI-compatible server (Helix, vLLM) at URL instead of this PC; "
+                   "the model flags are then ignored")
+    p.add_argument("--api-key", default=os.environ.get("HELIX_API_KEY") or None,
+                   help="the remote server's API key, sent as Authorization: Bearer (default: $HELIX_API_KEY)")
     add_common_args(p)
     p.set_defaults(func=run_generate)
 
@@ -121,8 +126,10 @@ def run_generate(args) -> int:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
                                 speculative=not args.no_speculative, num_draft_tokens=args.num_draft_tokens)
-        engine = build_engine_from_args(args)
         colour = args.show_sources and sys.stdout.isatty()
+        if args.endpoint:
+            return _generate_remote(args, prompt, params, colour)
+        engine = build_engine_from_args(args)
 
         def show(ev) -> None:
             if isinstance(ev, FinishEvent):
@@ -136,13 +143,36 @@ def run_generate(args) -> int:
         return usage_error(str(exc))
     except KeyboardInterrupt:
         return 130
+    return _report(final)
+
+
+def _report(final) -> int:
+    """The stats line on stderr; exit 1 when the request failed."""
     s = final.stats.to_dict()
     print(file=sys.stdout)
+    spec = ("acceptance not reported by this server" if s["acceptance_rate"] is None else
+            f"acceptance {s['acceptance_rate']:.2f}, mean acceptance length {s['mean_acceptance_length']:.2f}")
     print(f"[{final.finish_reason}] {s['num_generated_tokens']} tokens in {s['total_s']:.2f} s "
-          f"({s['tokens_per_second']:.1f} tok/s, first token {s['ttft_s'] or 0:.3f} s); "
-          f"acceptance {s['acceptance_rate']:.2f}, mean acceptance length {s['mean_acceptance_length']:.2f}",
-          file=sys.stderr)
+          f"({s['tokens_per_second']:.1f} tok/s, first token {s['ttft_s'] or 0:.3f} s); {spec}", file=sys.stderr)
     if final.finish_reason == "error":
         print(f"helix: error: {final.error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _generate_remote(args, prompt: str, params, colour: bool) -> int:
+    """``generate --endpoint``: the same stream from a remote server; an unreachable server or a wrong key exit 2."""
+    from engine.remote import Endpoint, RemoteClient
+    from engine.sequence import FinishEvent
+
+    final = None
+    with RemoteClient(Endpoint(args.endpoint, args.api_key)) as client:
+        for ev in client.stream(prompt, params):  # RemoteError (a HelixError) before the first event -> exit 2
+            if isinstance(ev, FinishEvent):
+                final = ev
+                sys.stdout.write(ev.tail)
+            elif ev.text:
+                sys.stdout.write(f"{COLOURS[ev.source]}{ev.text}\033[0m" if colour and ev.source in COLOURS
+                                 else ev.text)
+            sys.stdout.flush()
+    return _report(final)
