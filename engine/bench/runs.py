@@ -109,11 +109,11 @@ def helix_pass(engine, prompts: list[list[int]], method: Method, temperature: fl
 
 
 def helix_concurrent(engine, prompts: list[list[int]], n: int, speculative: bool, temperature: float,
-                     max_new_tokens: int, seed: int = 0, on_step=None) -> PassResult:
-    """``n`` requests added at once and stepped together through the scheduler."""
+                     max_new_tokens: int, seed: int = 0, on_step=None, k: int | None = None) -> PassResult:
+    """``n`` requests added at once and stepped together through the scheduler (``k`` None: adaptive)."""
     res = PassResult()
     done: list[FinishEvent] = []
-    method = Method("concurrent", "helix", speculative=speculative)
+    method = Method("concurrent", "helix", speculative=speculative, k=k if speculative else None)
     t0 = time.perf_counter()
     for i in range(n):
         params = sampling_params(method, temperature, max_new_tokens, seed + i)
@@ -161,12 +161,13 @@ def _counting_hook(counter: dict, key: str):
 
 
 def hf_pass(engine, prompts: list[list[int]], method: Method, temperature: float, max_new_tokens: int,
-            seed: int = 0, constant_k: int | None = None) -> PassResult:
+            seed: int = 0, constant_k: int | None = None, extra: dict | None = None) -> PassResult:
     """HF ``generate()`` on the engine's own target (and draft) modules.
 
     ``assist="default"`` keeps the assistant's generation config as shipped (transformers 5:
     20 tokens, constant schedule, dynamic stop at confidence 0.4); ``"constant"`` drafts exactly
     ``constant_k`` tokens (num_assistant_tokens_schedule="constant", confidence stop off).
+    ``extra`` goes to ``generate()`` as is (e.g. ``cache_implementation="static"``).
     """
     from transformers.generation.streamers import BaseStreamer
     from transformers.utils import logging as hf_logging
@@ -203,6 +204,7 @@ def hf_pass(engine, prompts: list[list[int]], method: Method, temperature: float
                 torch.manual_seed(seed + i)
             if draft is not None:
                 kwargs["assistant_model"] = draft
+            kwargs.update(extra or {})
             clock = Clock()
             before = dict(counts)
             _sync(device)

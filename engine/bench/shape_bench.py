@@ -1,0 +1,240 @@
+"""``bench --shape NAME``: Helix on models of real shapes with random weights (issue 15) against HF
+``generate()`` (eager, static cache, assisted), at short and long prompts, batch 1 and n concurrent,
+speculation at controlled acceptance (≈0, ≈0.5, ≈0.8), and each plain rate as % of the bandwidth limit."""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from engine.bench import shapes as sh
+from engine.bench.runs import Method, helix_concurrent, helix_pass, hf_pass
+
+
+@dataclass(frozen=True)
+class ShapeConfig:
+    shapes: tuple[str, ...] = ("tinyllama-1.1b", "llama-3.1-8b")
+    prompt_lengths: tuple[int, ...] = (32, 1536)
+    max_new_tokens: int = 128
+    num_prompts: int = 2
+    concurrency: int = 8
+    ks: tuple[int, ...] = (2, 4, 6)
+    acceptance: tuple[float, ...] = (0.0, 0.5, 0.8)  # 0.0: ε = 1, the useless draft
+    draft_layers: int | None = None  # None: layers // 8, at least 1
+    calibration_k: int = 4
+    calibration_tokens: int = 48
+    hf: bool = True
+    hf_static: bool = True
+    device: str = "auto"
+    dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
+    seed: int = 0
+    quick: bool = False
+
+
+QUICK_SHAPES = ShapeConfig(shapes=("tiny",), prompt_lengths=(8, 40), max_new_tokens=12, num_prompts=1, concurrency=4,
+                           ks=(2,), acceptance=(0.0, 0.8), calibration_tokens=16, quick=True)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _device(cfg: ShapeConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _dtype(cfg: ShapeConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def measure_acceptance(engine, prompts, k: int, tokens: int) -> float:
+    res = helix_pass(engine, prompts, Method("cal", "helix", True, k), 0.0, tokens)
+    return res.num_accepted_tokens / res.num_draft_tokens if res.num_draft_tokens else 0.0
+
+
+def calibrate_eps(engine, knob: sh.AcceptanceKnob, prompts, goal: float, k: int, tokens: int,
+                  steps: int = 7) -> tuple[float, float]:
+    """ε whose acceptance is nearest ``goal`` (bisection on log ε in [1e-4, 1]; acceptance falls as ε grows)."""
+    lo, hi = math.log10(1e-4), 0.0
+    best = (1.0, -1.0)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        knob.set(10 ** mid)
+        acc = measure_acceptance(engine, prompts, k, tokens)
+        if best[1] < 0 or abs(acc - goal) < abs(best[1] - goal):
+            best = (10 ** mid, acc)
+        lo, hi = (mid, hi) if acc > goal else (lo, mid)
+    return best
+
+
+def _row(method: str, batch: int, res, level: float | None = None, eps: float | None = None,
+         k: int | None = None) -> dict:
+    drafted = res.num_draft_tokens
+    return {"method": method, "batch": batch, "acceptance_level": level, "eps": eps, "k": k,
+            "tokens_per_second": round(res.tokens_per_second, 2), "tokens": res.tokens,
+            "acceptance_rate": round(res.num_accepted_tokens / drafted, 3) if drafted else None}
+
+
+def _build(name: str, cfg: ShapeConfig, device, dtype, max_ctx: int):
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    shape = sh.SHAPES[name]
+    layers = cfg.draft_layers or max(1, shape.layers // 8)
+    target = sh.build_target(shape, device, dtype, max_positions=max(4096, max_ctx), seed=cfg.seed)
+    draft = sh.truncated_draft(target, layers)
+    knob = sh.AcceptanceKnob(target, layers)
+    kv_tokens = cfg.concurrency * (max_ctx + 32) + 256
+    config = EngineConfig(target=name, draft=f"{name} first {layers} layers", kv_cache_tokens=kv_tokens,
+                          device=device.type, num_threads=torch.get_num_threads())
+    engine = LLMEngine(target, sh.id_tokenizer(shape.vocab), draft, config, max_ctx, device.type,
+                       (name, f"{name}[:{layers}]"))
+    engine.dtype_name = str(dtype).removeprefix("torch.")
+    engine.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    engine.warmup()
+    return shape, layers, target, engine, knob
+
+
+def run_shape(name: str, cfg: ShapeConfig, bandwidth: float, progress=_say) -> dict:
+    device = _device(cfg)
+    dtype = _dtype(cfg, device)
+    n, c = cfg.max_new_tokens, cfg.concurrency
+    max_ctx = max(cfg.prompt_lengths) + n + 16
+    t0 = time.perf_counter()
+    shape, layers, target, engine, knob = _build(name, cfg, device, dtype, max_ctx)
+    wbytes = sh.weight_bytes(target)
+    kv_pos = sh.kv_bytes_per_position(shape, dtype)
+    out = {"shape": name, "config": asdict(shape), "draft_layers": layers, "weight_bytes": wbytes,
+           "kv_bytes_per_position": kv_pos, "dtype": engine.dtype_name, "device": engine.device_name,
+           "build_s": round(time.perf_counter() - t0, 1), "levels": {}, "prompts": {}}
+    progress(f"{name}: built in {out['build_s']} s ({wbytes / 2**30:.2f} GiB of weights, draft = first {layers} "
+             f"layers)")
+    cal = sh.random_prompts(shape.vocab, min(cfg.prompt_lengths), 2, seed=cfg.seed + 99)
+    for level in cfg.acceptance:  # ε per acceptance level, calibrated once on short prompts
+        if level <= 0:
+            knob.set(1.0)
+            eps, acc = 1.0, measure_acceptance(engine, cal, cfg.calibration_k, cfg.calibration_tokens)
+        else:
+            eps, acc = calibrate_eps(engine, knob, cal, level, cfg.calibration_k, cfg.calibration_tokens)
+        out["levels"][str(level)] = {"eps": eps, "calibrated_acceptance": round(acc, 3)}
+        progress(f"{name}: acceptance level {level}: eps {eps:.4g} gives {acc:.2f} at K={cfg.calibration_k}")
+    for plen in cfg.prompt_lengths:
+        prompts = sh.random_prompts(shape.vocab, plen, cfg.num_prompts, seed=cfg.seed + plen)
+        out["prompts"][str(plen)] = _one_length(engine, knob, prompts, cfg, out, progress)
+        ctx = plen + n / 2
+        for row in out["prompts"][str(plen)]["rows"]:
+            per_step = wbytes + row["batch"] * kv_pos * ctx
+            limit = row["batch"] * bandwidth / per_step
+            row["pct_of_bandwidth_limit"] = round(100 * row["tokens_per_second"] / limit, 1)
+        out["prompts"][str(plen)]["bandwidth_limit_tokens_per_second_b1"] = round(bandwidth / (wbytes + kv_pos * ctx), 1)
+    del engine, target
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    out["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def _one_length(engine, knob, prompts, cfg: ShapeConfig, info: dict, progress) -> dict:
+    n, c = cfg.max_new_tokens, cfg.concurrency
+    plen = len(prompts[0])
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+
+    def timed(label: str, fn, warm):
+        warm()  # untimed: CUDA graph capture, HF's compile, allocator growth
+        res = fn()
+        progress(f"{info['shape']} prompt {plen}: {label}: {res.tokens_per_second:.1f} tok/s "
+                 f"({time.perf_counter() - t0:.0f} s)")
+        return res
+
+    plain = Method("helix plain", "helix")
+    knob.set(1.0)
+    r = timed("helix plain b1", lambda: helix_pass(engine, prompts, plain, 0.0, n),
+              lambda: helix_pass(engine, prompts[:1], plain, 0.0, 16))
+    rows.append(_row("helix plain", 1, r))
+    plain_out = r.outputs
+    r = timed(f"helix plain b{c}", lambda: helix_concurrent(engine, prompts, c, False, 0.0, n),
+              lambda: helix_concurrent(engine, prompts, c, False, 0.0, 16))
+    rows.append(_row("helix plain", c, r))
+    hfm = Method("hf generate plain", "hf")
+    if cfg.hf:
+        r = timed("hf eager b1", lambda: hf_pass(engine, prompts, hfm, 0.0, n), lambda: hf_pass(engine, prompts[:1], hfm, 0.0, 8))
+        rows.append(_row("hf generate eager", 1, r))
+    if cfg.hf_static:
+        static = {"cache_implementation": "static"}
+        r = timed("hf static b1", lambda: hf_pass(engine, prompts, hfm, 0.0, n, extra=static),
+                  lambda: hf_pass(engine, prompts[:1], hfm, 0.0, n, extra=static))
+        rows.append(_row("hf generate static cache", 1, r))
+    identical = {}
+    for level in cfg.acceptance:
+        eps = info["levels"][str(level)]["eps"]
+        knob.set(eps)
+        for k in cfg.ks:
+            m = Method(f"helix K={k}", "helix", True, k)
+            r = timed(f"acc~{level} helix K={k} b1", lambda: helix_pass(engine, prompts, m, 0.0, n),
+                      lambda: helix_pass(engine, prompts[:1], m, 0.0, 16))
+            rows.append(_row(m.name, 1, r, level, eps, k))
+            identical[f"{level} K={k}"] = sum(a == b for a, b in zip(r.outputs, plain_out))
+        ad = Method("helix adaptive", "helix", True, None)
+        r = timed(f"acc~{level} helix adaptive b1", lambda: helix_pass(engine, prompts, ad, 0.0, n),
+                  lambda: helix_pass(engine, prompts[:1], ad, 0.0, 16))
+        rows.append(_row("helix adaptive", 1, r, level, eps))
+        best_row = max((x for x in rows if x["acceptance_level"] == level and x["batch"] == 1 and x["k"]),
+                       key=lambda x: x["tokens_per_second"])
+        r = timed(f"acc~{level} helix K={best_row['k']} b{c}",
+                  lambda: helix_concurrent(engine, prompts, c, True, 0.0, n, k=best_row["k"]),
+                  lambda: helix_concurrent(engine, prompts, c, True, 0.0, 16, k=best_row["k"]))
+        rows.append(_row(f"helix K={best_row['k']}", c, r, level, eps, best_row["k"]))
+        r = timed(f"acc~{level} helix adaptive b{c}", lambda: helix_concurrent(engine, prompts, c, True, 0.0, n),
+                  lambda: helix_concurrent(engine, prompts, c, True, 0.0, 16))
+        rows.append(_row("helix adaptive", c, r, level, eps))
+        if cfg.hf and level > 0:
+            hm = Method("hf assisted", "hf", True, best_row["k"], "constant")
+            r = timed(f"acc~{level} hf assisted K={best_row['k']} b1",
+                      lambda: hf_pass(engine, prompts, hm, 0.0, n, constant_k=best_row["k"]),
+                      lambda: hf_pass(engine, prompts[:1], hm, 0.0, 8, constant_k=best_row["k"]))
+            rows.append(_row(f"hf assisted K={best_row['k']}", 1, r, level, eps, best_row["k"]))
+            hd = Method("hf assisted default", "hf", True, None, "default")
+            r = timed(f"acc~{level} hf assisted default b1", lambda: hf_pass(engine, prompts, hd, 0.0, n),
+                      lambda: hf_pass(engine, prompts[:1], hd, 0.0, 8))
+            rows.append(_row("hf assisted default", 1, r, level, eps))
+    knob.set(1.0)
+    return {"prompt_tokens": plen, "rows": rows, "greedy_identical_to_plain": identical,
+            "num_prompts": len(prompts)}
+
+
+def run_shapes(cfg: ShapeConfig = ShapeConfig(), progress=_say, on_section=None) -> dict:
+    """Every shape in ``cfg``; ``on_section(results)`` after each shape (a run cut short keeps its numbers)."""
+    from engine.bench.machine import machine_info
+    from engine.bench.shape_report import shape_targets
+
+    device = _device(cfg)
+    t0 = time.perf_counter()
+    bandwidth = sh.copy_bandwidth(device, mib=1024 if device.type == "cuda" else 64)
+    progress(f"device copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + write)")
+    results = {"kind": "shapes", "config": asdict(cfg), "machine": machine_info(),
+               "copy_bandwidth_bytes_per_s": bandwidth, "shapes": []}
+    results["machine"].update(device=device.type, dtype=str(_dtype(cfg, device)).removeprefix("torch."))
+    for name in cfg.shapes:
+        results["shapes"].append(run_shape(name, cfg, bandwidth, progress))
+        results["targets"] = shape_targets(results)
+        if on_section:
+            on_section(results)
+    results["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    results["targets"] = shape_targets(results)
+    return results
+
+
+def config_for_shapes(quick: bool, **overrides) -> ShapeConfig:
+    base = QUICK_SHAPES if quick else ShapeConfig()
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
