@@ -126,6 +126,19 @@ def test_decode_step_uses_no_directml_cpu_fallback_op(engines, case):
     assert_no_fallback(recorder)
 
 
+def test_prefill_step_uses_no_directml_cpu_fallback_op(engines):
+    """The first step (prompt prefill of target and draft, first token sampled) runs on DirectML too."""
+    engine = engines[True]
+    engine.add_request("Once upon a time", SamplingParams(max_new_tokens=4, temperature=0.8, seed=4))
+    recorder = OpRecorder()
+    with recorder, CallRecorder(recorder.sites):
+        engine.step()
+    while engine.has_work():
+        engine.step()
+    assert "aten::mm" in recorder.ops or "aten::addmm" in recorder.ops
+    assert_no_fallback(recorder)
+
+
 def test_recorder_catches_a_fallback_op_and_names_the_line():
     """The check can fail: a step that calls torch.multinomial and repeat_interleave is reported with its line."""
     recorder = OpRecorder()
