@@ -60,11 +60,14 @@ class RemoteStats(RequestStats):
     """Per-request stats of a remote request; ``spec_reported`` False means the server sent no spec stats."""
 
     spec_reported: bool = False
+    reported_per_position: list[int] | None = None  # as the server sent it (it sends no drafts per position)
 
     def to_dict(self) -> dict:
         d = super().to_dict()
         if not self.spec_reported:
             d.update({k: None for k in SPEC_FIELDS})
+        elif self.reported_per_position is not None:
+            d["accepted_per_position"] = list(self.reported_per_position)
         d["spec_reported"] = self.spec_reported
         return d
 
@@ -82,9 +85,9 @@ def _stats_from(d: dict, ttft_s: float | None, total_s: float, generated: int) -
         s.spec_reported = True
         s.num_drafts, s.num_draft_tokens = int(d["num_drafts"]), int(d["num_draft_tokens"])
         s.num_accepted_tokens = int(d["num_accepted_tokens"])
-        for i, a in enumerate(d.get("accepted_per_position") or []):
-            if i < len(s.accepted_per_position):
-                s.accepted_per_position[i] = int(a)
+        s.reported_per_position = [int(a) for a in d.get("accepted_per_position") or []]
+        for i, a in enumerate(s.reported_per_position[:len(s.accepted_per_position)]):
+            s.accepted_per_position[i] = a
     s.num_prompt_tokens = int(d.get("num_prompt_tokens", 0))
     s.num_generated_tokens = int(d.get("num_generated_tokens", generated))
     return s
@@ -135,6 +138,11 @@ class RemoteClient:
                 card = cards[0]
                 self._info = ServerInfo("helix" if "helix" in card else "openai", str(card["id"]))
             return self._info
+
+    @property
+    def known_model(self) -> str | None:
+        """The served model if :meth:`info` has answered already (never touches the network)."""
+        return self._info.model if self._info is not None else None
 
     def metrics(self) -> RemoteMetrics:
         """One scrape of the Prometheus metrics (Helix serves them at ``/metrics?format=prometheus``)."""

@@ -15,6 +15,7 @@ from PySide6.QtWidgets import QGridLayout, QHBoxLayout, QLabel, QVBoxLayout, QWi
 
 from engine.host import EngineHost
 from helix_desktop.metrics import LiveMetrics
+from helix_desktop.remote_watch import MetricsWatcher, summary
 from helix_desktop.theme import ACCENT, is_dark, token_colours
 
 REFRESH_MS = 50
@@ -45,6 +46,7 @@ class ChartsTab(QWidget):
         self.host = host
         self.metrics = metrics
         dark = is_dark()
+        self._fg = "#d0d3d8" if dark else "#33363b"
         colours = token_colours()
         pg.setConfigOptions(antialias=True)
 
@@ -89,6 +91,7 @@ class ChartsTab(QWidget):
         layout.addWidget(self.adaptive_label)
         layout.addLayout(grid, 1)
 
+        self.remote: MetricsWatcher | None = None  # set while a remote connection is chosen
         self._last_activity: tuple | None = None
         self._last_refresh = 0.0
         self.timer = QTimer(self)
@@ -96,9 +99,27 @@ class ChartsTab(QWidget):
         self.timer.timeout.connect(self.tick)
         self.timer.start()
 
+    def set_remote(self, watcher: MetricsWatcher | None) -> None:
+        """Chart a remote's Prometheus metrics (None: this PC's engine again); the old curves are cleared."""
+        if self.remote is not None:
+            self.remote.stop()
+        self.remote = watcher
+        self.metrics.__init__(self.metrics.t.maxlen)  # another server's counters: start the curves afresh
+        remote = watcher is not None
+        self.kv_plot.getPlotItem().setTitle("KV cache usage (% of the server's cache)" if remote else
+                                            "KV cache blocks", color=self._fg, size="10pt")
+        self.kv_plot.getPlotItem().setLabel("left", "%" if remote else "blocks", color=self._fg)
+        self.now_label.setText("Waiting for the server's metrics…" if remote else "Waiting for the engine…")
+        self._last_activity = None
+
     def tick(self) -> None:
-        worker = self.host.worker
-        snapshot = worker.snapshot() if worker is not None else None
+        if self.remote is not None:
+            snapshot = self.remote.snapshot()
+            if snapshot is None and self.remote.error:
+                self.now_label.setText(f"Cannot read the server's metrics: {self.remote.error}")
+        else:
+            worker = self.host.worker
+            snapshot = worker.snapshot() if worker is not None else None
         now = time.monotonic()
         self.metrics.sample(snapshot, now)
         if not self.isVisible() or snapshot is None:
@@ -127,6 +148,9 @@ class ChartsTab(QWidget):
         self.hist_plot.setXRange(0.4, max(len(positions), 4) + 0.6, padding=0)
 
         snap = m.latest or {}
+        if snap.get("remote") is not None:
+            self.now_label.setText(summary(snap["remote"], m.tokens_per_s[-1]))
+            return
         kv = snap.get("kv", {})
         spec = snap.get("spec", {})
         self.now_label.setText(

@@ -1,4 +1,5 @@
-"""Compare runs: the same prompt and seed through plain then speculative decoding, N times.
+"""Compare runs: the same prompt and seed through two engines (A then B), N times. By default A is this
+PC's plain decoding and B its speculative decoding; either side may be a remote connection.
 
 Runs go one after the other (never concurrently) so timings are fair. This is the
 state machine only; the widgets live in ``compare_tab``.
@@ -14,9 +15,28 @@ from PySide6.QtCore import QObject, Signal
 from engine.config import SamplingParams
 from engine.errors import HelixError
 from engine.sequence import FinishEvent
-from helix_desktop.bridge import EngineBridge
+from helix_desktop.connections import LOCAL, Connection
+from helix_desktop.remote_bridge import EngineSwitch
 
-MODES = ("plain", "speculative")
+SLOTS = ("a", "b")
+
+
+@dataclass(frozen=True)
+class Side:
+    """One engine of a comparison: a connection and, on this PC, plain or speculative decoding (a remote
+    Helix server gets the same flag; other servers decode as they were started)."""
+
+    connection: Connection = LOCAL
+    speculative: bool = True
+
+    @property
+    def label(self) -> str:
+        if self.connection.is_local:
+            return f"This PC, {'speculative' if self.speculative else 'plain'} decoding"
+        return f"{self.connection.name} (remote)"
+
+
+DEFAULT_SIDES = {"a": Side(LOCAL, False), "b": Side(LOCAL, True)}
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -30,17 +50,26 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 @dataclass
 class RunResult:
     index: int
-    plain: FinishEvent
-    speculative: FinishEvent
+    a: FinishEvent
+    b: FinishEvent
 
     @property
     def speedup(self) -> float:
-        p = self.plain.stats.tokens_per_second
-        return self.speculative.stats.tokens_per_second / p if p > 0 else 0.0
+        """B's tokens/s over A's."""
+        p = self.a.stats.tokens_per_second
+        return self.b.stats.tokens_per_second / p if p > 0 else 0.0
+
+    @property
+    def by_token(self) -> bool:
+        """Both sides sent token ids (servers that don't send them are compared by text)."""
+        return bool(self.a.token_ids) and bool(self.b.token_ids)
 
     @property
     def first_difference(self) -> int | None:
-        return first_difference(self.plain.token_ids, self.speculative.token_ids)
+        """The first differing token (or character, when a side sent no token ids); None if identical."""
+        if self.by_token or not (self.a.text or self.b.text):
+            return first_difference(self.a.token_ids, self.b.token_ids)
+        return first_difference(list(self.a.text + self.a.tail), list(self.b.text + self.b.tail))
 
 
 def median_speedup(results: list[RunResult]) -> float:
@@ -48,14 +77,14 @@ def median_speedup(results: list[RunResult]) -> float:
 
 
 class CompareSession(QObject):
-    run_started = Signal(int, str)  # run index (0-based), mode
-    tokens = Signal(str, list)  # mode, [TokenEvent]
-    mode_finished = Signal(int, str, object)  # run index, mode, FinishEvent
+    run_started = Signal(int, str)  # run index (0-based), slot (a or b)
+    tokens = Signal(str, list)  # slot, [TokenEvent]
+    mode_finished = Signal(int, str, object)  # run index, slot, FinishEvent
     run_finished = Signal(object)  # RunResult
     done = Signal(list)  # [RunResult] (fewer than asked if stopped or failed)
     failed = Signal(str)
 
-    def __init__(self, bridge: EngineBridge, parent: QObject | None = None):
+    def __init__(self, bridge: EngineSwitch, parent: QObject | None = None):
         super().__init__(parent)
         self.bridge = bridge
         self.results: list[RunResult] = []
@@ -63,9 +92,10 @@ class CompareSession(QObject):
         self.greedy = False
         self._queue: list[tuple[int, str]] = []
         self._params: dict[str, SamplingParams] = {}
+        self.sides: dict[str, Side] = dict(DEFAULT_SIDES)
         self._prompt = ""
         self._current: tuple[int, str, str] | None = None  # run, mode, request id
-        self._pending_plain: FinishEvent | None = None
+        self._pending_a: FinishEvent | None = None
         bridge.token_batch.connect(self._on_tokens)
         bridge.finished.connect(self._on_finished)
 
@@ -73,12 +103,13 @@ class CompareSession(QObject):
     def running(self) -> bool:
         return self._current is not None
 
-    def start(self, prompt: str, params: SamplingParams, runs: int) -> None:
-        """Queue ``runs`` x (plain, speculative); raises HelixError if the first request is refused."""
+    def start(self, prompt: str, params: SamplingParams, runs: int, sides: dict[str, Side] | None = None) -> None:
+        """Queue ``runs`` x (A, B); raises HelixError if the first request is refused."""
         self.results, self.runs, self.greedy = [], runs, params.greedy
+        self.sides = dict(sides or DEFAULT_SIDES)
         self._prompt = prompt
-        self._params = {"plain": replace(params, speculative=False), "speculative": replace(params, speculative=True)}
-        self._queue = [(i, mode) for i in range(runs) for mode in MODES]
+        self._params = {slot: replace(params, speculative=side.speculative) for slot, side in self.sides.items()}
+        self._queue = [(i, slot) for i in range(runs) for slot in SLOTS]
         self._next()
 
     def stop(self) -> None:
@@ -93,11 +124,11 @@ class CompareSession(QObject):
             return
         run, mode = self._queue.pop(0)
         try:
-            request_id = self.bridge.submit(self._prompt, self._params[mode])
+            request_id = self.bridge.submit(self._prompt, self._params[mode], connection=self.sides[mode].connection)
         except HelixError as exc:
             self._queue.clear()
             self._current = None
-            if run == 0 and mode == "plain":
+            if run == 0 and mode == "a":
                 raise
             self.failed.emit(str(exc))
             self.done.emit(self.results)
@@ -118,10 +149,10 @@ class CompareSession(QObject):
             self._queue.clear()
             if final.finish_reason == "error":
                 self.failed.emit(final.error or "the run failed")
-        elif mode == "plain":
-            self._pending_plain = final
+        elif mode == "a":
+            self._pending_a = final
         else:
-            result = RunResult(run, self._pending_plain, final)
+            result = RunResult(run, self._pending_a, final)
             self.results.append(result)
             self.run_finished.emit(result)
         self._next()

@@ -1,4 +1,5 @@
-"""Compare: plain vs speculative decoding on one prompt and seed, side by side, with speed-up and a verdict."""
+"""Compare: two engines (this PC plain or speculative, or a remote) on one prompt and seed, side by side,
+with speed-up and a verdict."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QAbstractItemView,
+    QComboBox,
     QGroupBox,
     QHBoxLayout,
     QHeaderView,
@@ -22,21 +24,20 @@ from PySide6.QtWidgets import (
 
 from engine.errors import HelixError
 from engine.sequence import FinishEvent
-from helix_desktop.bridge import EngineBridge
-from helix_desktop.compare_session import CompareSession, RunResult, median_speedup
+from helix_desktop.compare_session import DEFAULT_SIDES, SLOTS, CompareSession, RunResult, Side, median_speedup
+from helix_desktop.connections import Connection
 from helix_desktop.formatting import format_stats
 from helix_desktop.params_form import ParamsForm
 from helix_desktop.settings import AppSettings
 from helix_desktop.theme import token_colours
 from helix_desktop.widgets import Legend, TokenView, caption, monospace_font
 
-TITLES = {"plain": "Plain decoding (target only)", "speculative": "Speculative decoding (draft + target)"}
-COLUMNS = ("Run", "Plain tok/s", "Spec. tok/s", "Speed-up", "Plain TTFT", "Spec. TTFT", "Acceptance", "Same output")
+COLUMNS = ("Run", "A tok/s", "B tok/s", "Speed-up (B ÷ A)", "A TTFT", "B TTFT", "B acceptance", "Same output")
 
 
 class ComparePane(QGroupBox):
-    def __init__(self, mode: str, parent: QWidget | None = None):
-        super().__init__(TITLES[mode], parent)
+    def __init__(self, slot: str, parent: QWidget | None = None):
+        super().__init__(f"{slot.upper()}: {DEFAULT_SIDES[slot].label}", parent)
         self.view = TokenView()
         self.stats = QLabel("–")
         self.stats.setObjectName("statsLine")
@@ -49,10 +50,15 @@ class ComparePane(QGroupBox):
 class CompareTab(QWidget):
     message = Signal(str, str)
 
-    def __init__(self, bridge: EngineBridge, settings: AppSettings, parent: QWidget | None = None):
+    def __init__(self, bridge, settings: AppSettings, parent: QWidget | None = None):
+        """``bridge``: the window's EngineSwitch, so either side can be any connection."""
         super().__init__(parent)
         self.settings = settings
         self.session = CompareSession(bridge, self)
+        self.side_boxes = {slot: QComboBox() for slot in SLOTS}
+        for slot, box in self.side_boxes.items():
+            box.setToolTip(f"Engine {slot.upper()}: this PC plain or speculative, or a remote connection")
+        self.set_connections([DEFAULT_SIDES["a"].connection])
         self.prompt = QPlainTextEdit()
         self.prompt.setFont(monospace_font())
         self.prompt.setPlainText(settings.get_str("compare/prompt", "The little girl named Lily"))
@@ -67,13 +73,13 @@ class CompareTab(QWidget):
         self.runs.setPrefix("Runs: ")
         self.run_button = QPushButton("Compare")
         self.run_button.setObjectName("primary")
-        self.run_button.setToolTip("Run plain then speculative decoding (Ctrl+Enter)")
+        self.run_button.setToolTip("Run engine A then engine B (Ctrl+Enter)")
         self.run_button.clicked.connect(self.run)
         self.stop_button = QPushButton("Stop")
         self.stop_button.setEnabled(False)
         self.stop_button.clicked.connect(self.stop)
 
-        self.panes = {mode: ComparePane(mode) for mode in TITLES}
+        self.panes = {slot: ComparePane(slot) for slot in SLOTS}
         self.speedup = QLabel("Speed-up –")
         self.speedup.setObjectName("bigNumber")
         self.verdict = QLabel("Run a comparison: temperature 0 checks that both outputs are identical.")
@@ -93,6 +99,11 @@ class CompareTab(QWidget):
         prompt_col = QVBoxLayout()
         prompt_col.addWidget(caption("Prompt (same prompt and seed for both runs)"))
         prompt_col.addWidget(self.prompt)
+        sides = QHBoxLayout()
+        for slot, box in self.side_boxes.items():
+            sides.addWidget(QLabel(f"{slot.upper()}:"))
+            sides.addWidget(box, 1)
+        prompt_col.addLayout(sides)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.stop_button)
@@ -156,7 +167,10 @@ class CompareTab(QWidget):
             self.verdict.setText("Running…")
             self._set_verdict_style("")
             self._greedy = params.greedy
-            self.session.start(self.prompt.toPlainText(), params, self.runs.value())
+            sides = {slot: box.currentData() or DEFAULT_SIDES[slot] for slot, box in self.side_boxes.items()}
+            for slot, side in sides.items():
+                self.panes[slot].setTitle(f"{slot.upper()}: {side.label}")
+            self.session.start(self.prompt.toPlainText(), params, self.runs.value(), sides)
         except HelixError as exc:
             self.verdict.setText("")
             self.message.emit("error", str(exc))
@@ -170,27 +184,32 @@ class CompareTab(QWidget):
 
     # ---------------------------------------------------------------- session signals
     def _on_run_started(self, run: int, mode: str) -> None:
-        if mode == "plain":
+        if mode == "a":
             for pane in self.panes.values():
                 pane.view.reset()
                 pane.stats.setText("waiting…")
         self.panes[mode].stats.setText("generating…")
-        self.progress.setText(f"Run {run + 1} of {self.session.runs}: {mode}")
+        self.progress.setText(f"Run {run + 1} of {self.session.runs}: {self.session.sides[mode].label}")
 
     def _on_mode_finished(self, run: int, mode: str, final: FinishEvent) -> None:
         pane = self.panes[mode]
         pane.view.append_text(final.tail)
-        pane.stats.setText(format_stats(final.stats.to_dict(), final.finish_reason, mode == "speculative"))
+        side = self.session.sides[mode]
+        pane.stats.setText(format_stats(final.stats.to_dict(), final.finish_reason,
+                                        side.speculative or not side.connection.is_local))
 
     def _on_run_finished(self, result: RunResult) -> None:
         results = self.session.results
         row = self.table.rowCount()
         self.table.insertRow(row)
-        p, s = result.plain.stats, result.speculative.stats
+        p, s = result.a.stats, result.b.stats
+        unit = "token" if result.by_token else "character"
         same = "–" if not self._greedy else ("yes" if result.first_difference is None else
-                                             f"no (token {result.first_difference})")
+                                             f"no ({unit} {result.first_difference})")
+        rate = s.to_dict()["acceptance_rate"]
+        acceptance = "not reported" if rate is None else f"{rate * 100:.0f}%"
         cells = (str(result.index + 1), f"{p.tokens_per_second:.1f}", f"{s.tokens_per_second:.1f}",
-                 f"{result.speedup:.2f}×", _ms(p.ttft_s), _ms(s.ttft_s), f"{s.acceptance_rate * 100:.0f}%", same)
+                 f"{result.speedup:.2f}×", _ms(p.ttft_s), _ms(s.ttft_s), acceptance, same)
         for col, text in enumerate(cells):
             item = QTableWidgetItem(text)
             item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
@@ -209,22 +228,30 @@ class CompareTab(QWidget):
             self._set_verdict_style("")
             return
         diff = result.first_difference
-        n = len(result.plain.token_ids)
+        sides = self.session.sides
         if diff is None:
-            self.verdict.setText(f"✔ Identical outputs: speculative decoding produced exactly the same {n} tokens "
-                                 "as plain decoding.")
+            n = f"{len(result.a.token_ids)} tokens" if result.by_token else "text"
+            self.verdict.setText(f"✔ Identical outputs: {sides['b'].label} produced exactly the same {n} as "
+                                 f"{sides['a'].label}.")
             self._set_verdict_style("ok")
+        elif not result.by_token:  # a server that sends no token ids: compare the text
+            a, b = result.a.text + result.a.tail, result.b.text + result.b.tail
+            self.verdict.setText(f"✘ Outputs differ first at character {diff}: A {a[diff:diff + 12]!r} vs "
+                                 f"B {b[diff:diff + 12]!r} (the servers sent no token ids).")
+            self._set_verdict_style("bad")
         else:
-            tok = self.session.bridge.host.engine.tokenizer if self.session.bridge.host.engine else None
-            a, b = result.plain.token_ids, result.speculative.token_ids
+            engine = self.session.bridge.host.engine
+            local = all(side.connection.is_local for side in sides.values())
+            tok = engine.tokenizer if engine is not None and local else None
+            a, b = result.a.token_ids, result.b.token_ids
 
             def show(ids: list[int]) -> str:
                 if diff >= len(ids):
                     return "(end)"
                 return repr(tok.decode([ids[diff]])) if tok is not None else str(ids[diff])
 
-            self.verdict.setText(f"✘ Outputs differ first at token {diff} (highlighted): plain {show(a)} vs "
-                                 f"speculative {show(b)}.")
+            self.verdict.setText(f"✘ Outputs differ first at token {diff} (highlighted): A {show(a)} vs "
+                                 f"B {show(b)}.")
             self._set_verdict_style("bad")
             for pane in self.panes.values():
                 pane.view.mark_token(diff)
@@ -255,7 +282,20 @@ class CompareTab(QWidget):
         elif self.verdict.text().startswith("No draft model"):
             self.verdict.setText("Run a comparison: temperature 0 checks that both outputs are identical.")
 
+    def set_connections(self, connections: list[Connection]) -> None:
+        """Offer this PC (plain and speculative) and each remote on both sides, keeping the choices that remain."""
+        sides = [Side(c, spec) for c in connections for spec in ((False, True) if c.is_local else (True,))]
+        for slot, box in self.side_boxes.items():
+            chosen = box.currentText() or self.settings.get_str(f"compare/side_{slot}", DEFAULT_SIDES[slot].label)
+            box.clear()
+            for side in sides:
+                box.addItem(side.label, side)
+            at = box.findText(chosen)
+            box.setCurrentIndex(at if at >= 0 else box.findText(DEFAULT_SIDES[slot].label))
+
     def save(self) -> None:
+        for slot, box in self.side_boxes.items():
+            self.settings.set(f"compare/side_{slot}", box.currentText())
         self.form.save(self.settings, "compare")
         self.settings.set("compare/runs", self.runs.value())
         self.settings.set("compare/prompt", self.prompt.toPlainText()[:20000])

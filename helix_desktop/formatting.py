@@ -11,7 +11,9 @@ def format_stats(stats: dict, finish_reason: str | None = None, speculative: boo
     ttft = stats.get("ttft_s")
     parts.append(f"first token {ttft * 1000:.0f} ms" if ttft is not None else "first token –")
     parts.append(f"{stats.get('tokens_per_second', 0.0):.1f} tok/s")
-    if speculative and stats.get("num_drafts", 0):
+    if speculative and "num_drafts" in stats and stats["num_drafts"] is None:  # a remote that sends no spec stats
+        parts.append("acceptance not reported by this server")
+    elif speculative and stats.get("num_drafts", 0):
         parts.append(f"acceptance {stats.get('acceptance_rate', 0.0) * 100:.0f}%")
         parts.append(f"mean acceptance length {stats.get('mean_acceptance_length', 0.0):.2f}")
     elif speculative:

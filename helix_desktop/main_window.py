@@ -8,17 +8,22 @@ from PySide6.QtGui import QCloseEvent, QGuiApplication
 from PySide6.QtWidgets import QMainWindow, QTabWidget, QVBoxLayout, QWidget
 
 from engine.config import EngineConfig
+from engine.errors import HelixError
 from engine.host import EngineHost
 from helix_desktop import APP_NAME
 from helix_desktop.bridge import EngineBridge
 from helix_desktop.charts_tab import ChartsTab
 from helix_desktop.chat_tab import ChatTab, has_chat_template
 from helix_desktop.compare_tab import CompareTab
+from helix_desktop.connection_bar import ConnectionBar
+from helix_desktop.connections import Connection, ConnectionStore
 from helix_desktop.generate_tab import GenerateTab
 from helix_desktop.kv_view import KVTab
 from helix_desktop.metrics import LiveMetrics
 from helix_desktop.model_catalog import demo_pair_present, is_demo
 from helix_desktop.models_tab import ModelsTab
+from helix_desktop.remote_bridge import EngineSwitch
+from helix_desktop.remote_watch import MetricsWatcher
 from helix_desktop.server_control import ServerController
 from helix_desktop.server_tab import ServerTab
 from helix_desktop.settings import AppSettings
@@ -46,10 +51,13 @@ class MainWindow(QMainWindow):
         self.metrics = LiveMetrics()
         self.server = ServerController(host, self)
 
+        # Generate, Chat and Compare talk to the switch: this PC's engine or the chosen remote
+        self.switch = EngineSwitch(self.bridge, self)
+        self.connections = ConnectionStore(settings)
         self.banner = Banner()
-        self.generate_tab = GenerateTab(self.bridge, settings)
-        self.chat_tab = ChatTab(self.bridge, settings)
-        self.compare_tab = CompareTab(self.bridge, settings)
+        self.generate_tab = GenerateTab(self.switch, settings)
+        self.chat_tab = ChatTab(self.switch, settings)
+        self.compare_tab = CompareTab(self.switch, settings)
         self.charts_tab = ChartsTab(host, self.metrics)
         self.kv_tab = KVTab(host)
         self.server_tab = ServerTab(self.server, settings)
@@ -66,6 +74,12 @@ class MainWindow(QMainWindow):
         central = QWidget()
         layout = QVBoxLayout(central)
         layout.setContentsMargins(8, 8, 8, 4)
+        self.connection_bar = ConnectionBar(self.connections)
+        self.connection_bar.message.connect(self.show_message)
+        self.connection_bar.connections_changed.connect(self.compare_tab.set_connections)
+        self.connection_bar.chosen.connect(self.use_connection)
+        self.compare_tab.set_connections(self.connections.all)
+        layout.addWidget(self.connection_bar)
         layout.addWidget(self.banner)
         layout.addWidget(self.tabs, 1)
         self.setCentralWidget(central)
@@ -85,6 +99,8 @@ class MainWindow(QMainWindow):
         if settings.reset_message:
             self.show_message("warning", settings.reset_message)
         self._on_state(host.state, host.reason or "")
+        if not self.connections.current.is_local:
+            self.use_connection(self.connections.current)
 
     # ---------------------------------------------------------------- messages and state
     def show_message(self, level: str, text: str) -> None:
@@ -101,14 +117,29 @@ class MainWindow(QMainWindow):
             return
         self.bridge.load(config)
 
+    def use_connection(self, connection: Connection) -> None:
+        """Point Generate, Chat and the live charts at ``connection`` (Compare picks its own two engines)."""
+        try:
+            self.switch.use(connection)
+        except HelixError as exc:  # a saved URL that no longer validates
+            self.show_message("error", f"Remote engine '{connection.name}': {exc}")
+            return
+        remote = None if connection.is_local else MetricsWatcher(self.switch.current.client).start()
+        self.charts_tab.set_remote(remote)
+        engine = self.host.engine
+        has_draft = not connection.is_local or (engine is not None and engine.has_draft)
+        self.generate_tab.set_has_draft(has_draft)
+        self.chat_tab.set_has_draft(has_draft)
+
     def _on_state(self, state: str, reason: str) -> None:
         engine = self.host.engine
-        has_draft = engine is not None and engine.has_draft
+        # a remote decides its own decoding; Helix remotes take the speculative flag, so leave it on offer
+        has_draft = self.switch.is_remote or (engine is not None and engine.has_draft)
         self.generate_tab.set_has_draft(has_draft)
         self.chat_tab.set_has_draft(has_draft)
         if state == "ready":
             self._place_chat_tab(has_chat_template(engine))
-        self.compare_tab.set_has_draft(has_draft)
+        self.compare_tab.set_has_draft(engine is not None and engine.has_draft)
         self.models_tab.refresh_info()
         self.setWindowTitle(f"{APP_NAME} — {pair_text(self.host.engine)}" if engine is not None else APP_NAME)
         if state == "loading":
@@ -175,6 +206,8 @@ class MainWindow(QMainWindow):
             logger.exception("could not save settings")
         for timer_owner in (self.charts_tab, self.kv_tab):
             timer_owner.stop()
+        self.charts_tab.set_remote(None)
+        self.switch.shutdown()
         self.status.stop()
         if self.compare_tab.session.running:
             self.compare_tab.session.stop()

@@ -127,12 +127,12 @@ def test_compare_greedy_is_identical_and_shows_speedup(qtbot, window):
     results = tab.session.results
     assert len(results) == 2
     assert all(r.first_difference is None for r in results)
-    assert results[0].plain.token_ids == results[0].speculative.token_ids
+    assert results[0].a.token_ids == results[0].b.token_ids
     assert "Identical" in tab.verdict.text()
     assert "×" in tab.speedup.text() and "median of 2 runs" in tab.speedup.text()
     assert tab.table.rowCount() == 2
-    assert tab.panes["plain"].view.text() and tab.panes["speculative"].view.text()
-    assert tab.panes["plain"].view.text() == tab.panes["speculative"].view.text()
+    assert tab.panes["a"].view.text() and tab.panes["b"].view.text()  # A: this PC plain, B: speculative
+    assert tab.panes["a"].view.text() == tab.panes["b"].view.text()
 
 
 def _free_port() -> int:
@@ -359,13 +359,13 @@ def test_compare_points_at_the_first_difference(qtbot, window):
 
     tab = window.compare_tab
     tab._greedy = True
-    views = {mode: tab.panes[mode].view for mode in ("plain", "speculative")}
-    for mode, ids in (("plain", [5, 6, 7]), ("speculative", [5, 6, 9])):
-        views[mode].append_tokens([TokenEvent("r", t, f"<{t}>", i, "target", 0.0) for i, t in enumerate(ids)])
+    views = {slot: tab.panes[slot].view for slot in ("a", "b")}
+    for slot, ids in (("a", [5, 6, 7]), ("b", [5, 6, 9])):
+        views[slot].append_tokens([TokenEvent("r", t, f"<{t}>", i, "target", 0.0) for i, t in enumerate(ids)])
     finals = [FinishEvent("r", "length", "", ids, RequestStats()) for ids in ([5, 6, 7], [5, 6, 9])]
     tab._show_verdict(RunResult(0, *finals))
     assert "differ first at token 2" in tab.verdict.text()
-    selections = views["speculative"].extraSelections()
+    selections = views["b"].extraSelections()
     cursor = QTextCursor(selections[0].cursor)
     assert cursor.selectedText() == "<9>"
 
