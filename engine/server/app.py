@@ -9,6 +9,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from engine.host import EngineHost
 from engine.server.errors import install_error_handlers
+from engine.server.js_example import DOCS_MARKDOWN
 from engine.server.metrics import make_registry
 from engine.server.middleware import APIKeyMiddleware, BodyLimitMiddleware, RequestLogMiddleware
 from engine.server.routes import generate, openai, system
@@ -21,7 +22,7 @@ DESCRIPTION = """Local LLM inference with speculative decoding and a paged KV ca
 * **Errors** use OpenAI's shape `{"error": {"message", "type", "param", "code"}}` on every route.
 * **Unknown body fields are ignored.** With an API key set, every route but `/ping` needs
   `Authorization: Bearer <key>`. Send `X-Request-ID` to name a request in the logs; it is echoed back.
-"""
+""" + DOCS_MARKDOWN
 
 
 def create_app(host: EngineHost, api_key: str | None = None, cors_origins: Sequence[str] = (),
