@@ -31,7 +31,7 @@ from helix_desktop.download_panel import DownloadPanel
 from helix_desktop.formatting import format_bytes
 from helix_desktop.model_catalog import cached_models, demo_pair_present
 from helix_desktop.settings import AppSettings
-from helix_desktop.status_bar import DEVICE_WORDS
+from helix_desktop.status_bar import DEVICE_WORDS, device_words
 
 DEVICES = ("auto", "cpu", "cuda", "directml", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -341,7 +341,7 @@ class ModelsTab(QWidget):
             self.advice.setText("")
             return
         info = engine.info()
-        device = DEVICE_WORDS.get(info["device"], info["device"])
+        device = device_words(info)
         draft = info["draft"] if info["has_draft"] else "none (plain decoding only)"
         self.loaded.setText(
             f"<b>Target</b> {info['target']}<br><b>Draft</b> {draft}<br>"

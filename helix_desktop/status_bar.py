@@ -13,6 +13,13 @@ from helix_desktop.formatting import format_bytes, short_model_name
 DEVICE_WORDS = {"directml": "DirectML", "cuda": "CUDA", "cpu": "CPU", "mps": "Apple MPS"}
 
 
+def device_words(info: dict) -> str:
+    """The device for people: an AMD GPU on a ROCm torch is a ``cuda`` device to torch, but says ROCm here."""
+    if info["device"] == "cuda" and "(ROCm" in (info.get("device_name") or ""):
+        return "ROCm"
+    return DEVICE_WORDS.get(info["device"], info["device"])
+
+
 def pair_text(engine) -> str:
     if engine is None:
         return "no models"
@@ -66,7 +73,7 @@ class HelixStatusBar(QStatusBar):
             self.models_label.setText("No models loaded")
         else:
             info = engine.info()
-            self.device_label.setText(f"{DEVICE_WORDS.get(info['device'], info['device'])} · {info['dtype']}")
+            self.device_label.setText(f"{device_words(info)} · {info['dtype']}")
             self.device_label.setToolTip(info["device_name"])
             self.models_label.setText(pair_text(engine))
         self.memory_label.setText(memory_text(engine))

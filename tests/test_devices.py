@@ -37,3 +37,12 @@ def test_no_gpu_says_which_torch_to_install(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", None, raising=False)
     monkeypatch.setattr(torch.version, "cuda", None)
     assert devices.gpu_runtime() is None  # a CPU-only torch
+
+
+def test_app_says_rocm_for_an_amd_gpu():
+    from helix_desktop.status_bar import device_words
+
+    amd = {"device": "cuda", "device_name": "AMD Radeon RX 7900 XTX (ROCm 6.4)"}
+    assert device_words(amd) == "ROCm"
+    assert device_words({"device": "cuda", "device_name": "NVIDIA GeForce RTX 4090 (CUDA 12.8)"}) == "CUDA"
+    assert device_words({"device": "directml", "device_name": "AMD Radeon RX 6800"}) == "DirectML"
