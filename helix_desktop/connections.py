@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 
 from engine.remote import Endpoint
@@ -92,3 +93,8 @@ class ConnectionStore:
     def _save(self) -> None:
         self.settings.set(REMOTES_KEY, json.dumps([asdict(c) for c in self.remotes]))
         self.settings.sync()
+        if os.name == "posix" and any(c.api_key for c in self.remotes):
+            try:  # the file now holds API keys: readable by this user only
+                self.settings.path.chmod(0o600)
+            except OSError as exc:
+                logger.warning("could not restrict %s to your user (%s)", self.settings.path, exc)

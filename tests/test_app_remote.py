@@ -3,7 +3,9 @@ this PC vs the remote, live charts from its /metrics, and a wrong key or a dead 
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 
 import pytest
 
@@ -57,6 +59,8 @@ def test_every_view_works_against_a_remote_helix(qtbot, settings_dir, remote):
         box = make_remote("box", remote.url + "/v1", KEY)
         choose(qtbot, window, box)
         assert "tiny-target" in window.connection_bar.status.text()
+        if os.name == "posix":  # the settings file now holds a key
+            assert stat.S_IMODE(window.settings.path.stat().st_mode) == 0o600
         generate(qtbot, window, provenance=True)
         chat(qtbot, window)
         compare_local_vs_remote(qtbot, window, box, same_model=True)
