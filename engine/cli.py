@@ -167,6 +167,9 @@ def _generate_remote(args, prompt: str, params, colour: bool) -> int:
 
     final = None
     with RemoteClient(Endpoint(args.endpoint, args.api_key)) as client:
+        if client.info().kind != "helix" and (args.no_speculative or args.num_draft_tokens):
+            print("helix: note: this server decodes as it was started; --no-speculative and --num-draft-tokens "
+                  "apply to Helix servers only", file=sys.stderr)
         for ev in client.stream(prompt, params):  # RemoteError (a HelixError) before the first event -> exit 2
             if isinstance(ev, FinishEvent):
                 final = ev

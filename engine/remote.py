@@ -9,6 +9,7 @@ Provenance (draft/target/bonus) and speculative stats come only from servers tha
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -192,13 +193,33 @@ class RemoteClient:
             resp = ctx.__enter__()
         except httpx.HTTPError as exc:
             raise RemoteError(self._transport_message(exc)) from None
+        finished = threading.Event()
+        if cancel is not None:  # Stop must work while the server is silent too: closing the socket ends the read
+            threading.Thread(target=self._close_on_cancel, args=(resp, cancel, finished), daemon=True,
+                             name="helix-remote-cancel").start()
         try:
             if resp.status_code != 200:
                 resp.read()
                 raise RemoteError(self._status_message(resp.status_code, resp.text, path))
             yield from self._events(resp, request_id, chat, t0, cancel)
         finally:
+            finished.set()
             ctx.__exit__(None, None, None)
+
+    @staticmethod
+    def _close_on_cancel(resp: httpx.Response, cancel: threading.Event, finished: threading.Event) -> None:
+        while not finished.is_set():
+            if cancel.wait(0.1):
+                if not finished.is_set():
+                    # closing the response does not wake a thread blocked in recv(); shutting the socket down does
+                    stream = resp.extensions.get("network_stream")
+                    sock = stream.get_extra_info("socket") if stream is not None else None
+                    try:
+                        if sock is not None:
+                            sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                return
 
     def _events(self, resp: httpx.Response, request_id: str, chat: bool, t0: float,
                 cancel: threading.Event | None) -> Iterator[TokenEvent | FinishEvent]:
@@ -245,7 +266,10 @@ class RemoteClient:
                         texts.append(text or "")
                         yield TokenEvent(request_id, int(extra.get("token_id", -1)), text or "", len(texts) - 1,
                                          str(extra.get("source", "")), time.perf_counter() - t0)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.StreamError, OSError) as exc:
+            if cancel is not None and cancel.is_set():  # we closed it: Stop
+                yield final("cancelled")
+                return
             yield final("error", f"the connection to {self.endpoint.url} broke mid-stream after {len(texts)} "
                         f"tokens ({self._transport_message(exc)})")
             return

@@ -129,6 +129,23 @@ def test_server_dying_or_silent_mid_stream_ends_with_an_error(mode):
         server.close()
 
 
+def test_stop_while_the_server_is_silent_ends_at_once():
+    server = DyingServer("silent")
+    try:
+        cancel = threading.Event()
+        with RemoteClient(Endpoint(server.url, read_timeout_s=30.0)) as client:
+            events = []
+            for ev in client.stream("Once", SamplingParams(max_new_tokens=8), cancel=cancel):
+                events.append(ev)
+                if len(events) == 2:  # both tokens in; the server now sends nothing
+                    t0 = time.monotonic()
+                    threading.Timer(0.2, cancel.set).start()
+        assert events[-1].finish_reason == "cancelled" and events[-1].text == "Once upon"
+        assert time.monotonic() - t0 < 2  # not the 30 s read timeout
+    finally:
+        server.close()
+
+
 VLLM_TEXT = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
