@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import time
 
 import pytest
 
@@ -102,6 +103,31 @@ def test_wrong_key_and_dead_remote_are_explained(qtbot, settings_dir, remote):
         qtbot.waitUntil(lambda: "Cannot read the server's metrics" in window.charts_tab.now_label.text()
                         or not window.charts_tab.isVisible(), timeout=5000)
     finally:
+        window.close()
+
+
+def test_stop_mid_stream_on_a_remote(qtbot, settings_dir, remote):
+    from helix_desktop.connections import make_remote
+
+    engine = remote.host.engine
+    engine.fault_hook = lambda stage, rows: time.sleep(0.02)  # a slow remote, so Stop lands mid-stream
+    window = _window(settings_dir)
+    try:
+        choose(qtbot, window, make_remote("box", remote.url, KEY))
+        tab = window.generate_tab
+        tab.form.max_new_tokens.setValue(400)
+        tab.form.temperature.setValue(0.8)
+        with qtbot.waitSignal(window.switch.token_batch, timeout=20000):
+            tab.run_button.click()
+        t0 = time.monotonic()
+        with qtbot.waitSignal(window.switch.finished, timeout=5000):
+            tab.stop_button.click()
+        assert tab.last_final.finish_reason == "cancelled" and time.monotonic() - t0 < 2
+        assert 0 < tab.output.token_count < 400 and tab.run_button.isEnabled()
+        # the server saw the client go and freed the request
+        qtbot.waitUntil(lambda: remote.host.worker.snapshot()["requests_running"] == 0, timeout=5000)
+    finally:
+        engine.fault_hook = None
         window.close()
 
 
