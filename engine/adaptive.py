@@ -1,34 +1,36 @@
-"""Adaptive draft length.
+"""Adaptive draft length and method: pick, per request and batch size, the K that gives the most
+tokens per second by this device's measured step times, switching speculation off when it does not pay.
 
-Policy. Let α be the probability that a draft token is accepted (assumed independent
-per position), c the draft step time over the target's single-token step time, and γ
-the extra target time per verified token (verifying K+1 tokens costs ``1 + γK`` single
-steps). One speculative step of length K then yields on average
-
-    E[tokens](K) = (1 - α^(K+1)) / (1 - α)
-
-tokens for a cost of ``1 + γK + cK`` single target steps, while plain decoding yields one
-token per step of cost 1. We pick K in 1..8 maximising the ratio (the predicted
-speed-up); when even the best K is predicted to be slower than plain decoding (ratio
-< 1) the request drops speculation and runs the plain path.
-
-α is estimated per request as a geometric maximum-likelihood estimate,
-accepted / (accepted + rejections), shrunk towards the engine-wide prior until the
-request has a few drafts of its own; c and γ are measured by the engine (moving
-averages of real step times).
+Policy. For a request r at batch bucket b, the expected tokens of one step at K is
+E_r(K) = 1 + sum_{i<K} s_i, with s_i the probability that the first i+1 draft tokens are all
+accepted (per-position counts, as SpecDecodingStats keeps them, of the request shrunk towards
+the shared counts of its method, and towards α^(i+1) before any exist). T(b, K) is the moving
+average of real step wall times at (method, b, K); K = 0 is plain decoding. Unmeasured K is
+predicted from the measured ones (or from the warm-up/doctor cost ratios c + γ per token).
+We run argmax_K E_r(K) / T(b, K). When plain wins, the request decodes plain and probes its
+best K once every ``probe_every`` steps, doubling the interval after each failed probe, so a
+useless draft costs well under 2% of plain speed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.config import MAX_DRAFT_TOKENS
+from engine.stats import SpecDecodingStats
 
-PRIOR_WEIGHT = 8.0  # pseudo-trials of the prior α
-MIN_DRAFTS_BEFORE_OFF = 8  # enough evidence that one noisy step time cannot switch speculation off
+EMA = 0.8  # weight of the past in step-time averages
+PRIOR_WEIGHT = 8.0  # pseudo-drafts of the shared prior in a request's acceptance estimate
+PROBE_FIRST, PROBE_MAX = 16, 512  # steps of plain decoding between probes of speculation
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def bucket(batch: int) -> int:
+    return next((b for b in BUCKETS if b >= batch), BUCKETS[-1])
 
 
 def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens per step at K with independent per-token acceptance α (the textbook model)."""
     if alpha >= 1.0:
         return k + 1.0
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
@@ -39,33 +41,124 @@ def predicted_speedup(alpha: float, k: int, draft_cost: float, verify_cost: floa
 
 
 def best_k(alpha: float, draft_cost: float, verify_cost: float, max_k: int = MAX_DRAFT_TOKENS) -> tuple[int, float]:
-    """(K, predicted speed-up) maximising the ratio above."""
-    return max(
-        ((k, predicted_speedup(alpha, k, draft_cost, verify_cost)) for k in range(1, max_k + 1)),
-        key=lambda kv: kv[1],
-    )
+    """(K, predicted speed-up) maximising the textbook ratio; the doctor's recommendation."""
+    return max(((k, predicted_speedup(alpha, k, draft_cost, verify_cost)) for k in range(1, max_k + 1)),
+               key=lambda kv: kv[1])
+
+
+class StepTimes:
+    """Moving averages of real step wall times per (method, batch bucket, K); K = 0 is plain."""
+
+    def __init__(self) -> None:
+        self.avg: dict[tuple[str, int, int], float] = {}
+
+    def observe(self, method: str, batch: int, k: int, seconds: float) -> None:
+        key = ("plain", bucket(batch), 0) if k == 0 else (method, bucket(batch), k)
+        old = self.avg.get(key)
+        self.avg[key] = seconds if old is None else EMA * old + (1 - EMA) * seconds
+
+    def plain(self, batch: int) -> float | None:
+        return self.avg.get(("plain", bucket(batch), 0))
+
+    def predict(self, method: str, batch: int, k: int, slope_prior: float) -> float | None:
+        """Seconds for one step at K: measured, else interpolated from the nearest measured K."""
+        b = bucket(batch)
+        t0 = self.avg.get(("plain", b, 0))
+        if k == 0 or t0 is None:
+            return t0 if k == 0 else self.avg.get((method, b, k))
+        if (method, b, k) in self.avg:
+            return self.avg[(method, b, k)]
+        measured = [(kk, t) for (m, bb, kk), t in self.avg.items() if m == method and bb == b and kk > 0]
+        if not measured:
+            return t0 * (1.0 + slope_prior * k)
+        kk, t = min(measured, key=lambda kt: abs(kt[0] - k))
+        return t0 + max(0.0, t - t0) / kk * k
+
+
+@dataclass
+class Decision:
+    """What adaptive K chose last, and why (shown by the snapshot and the charts tab)."""
+
+    k: int = 0
+    method: str = ""
+    reason: str = "no decision yet"
+    gains: dict[int, float] = field(default_factory=dict)  # K -> predicted tokens/s relative to plain
 
 
 @dataclass
 class AdaptiveState:
-    """Per-request acceptance evidence."""
+    """Per-request acceptance evidence per method, and the request's probing schedule."""
 
-    accepted: int = 0
-    rejections: int = 0
-    drafts: int = 0
+    stats: dict[str, SpecDecodingStats] = field(default_factory=dict)
+    plain_steps: int = 0
+    probe_every: int = PROBE_FIRST
+    probing: bool = False
 
-    def observe(self, k: int, accepted: int) -> None:
-        self.drafts += 1
-        self.accepted += accepted
-        self.rejections += int(accepted < k)
+    def observe(self, method: str, k: int, accepted: int) -> None:
+        self.stats.setdefault(method, SpecDecodingStats()).observe_draft(k, accepted)
+        if self.probing:  # a probe that speculation then keeps resets the schedule (see Policy.choose)
+            self.probing = False
 
-    def alpha(self, prior: float) -> float:
-        a = self.accepted + PRIOR_WEIGHT * prior
-        return a / (a + self.rejections + PRIOR_WEIGHT * (1.0 - prior))
 
-    def choose(self, prior: float, draft_cost: float, verify_cost: float) -> int:
-        """K to use next; 0 means "speculation will not pay: go plain"."""
-        k, gain = best_k(self.alpha(prior), draft_cost, verify_cost)
-        if gain < 1.0 and self.drafts >= MIN_DRAFTS_BEFORE_OFF:
-            return 0
-        return k
+def survival(stats: SpecDecodingStats | None, prior: list[float], weight: float) -> list[float]:
+    """s_i = P(first i+1 drafts all accepted), counts shrunk towards ``prior``, non-increasing."""
+    out, last = [], 1.0
+    for i in range(MAX_DRAFT_TOKENS):
+        a = stats.accepted_per_position[i] if stats else 0
+        d = stats.drafts_per_position[i] if stats else 0
+        s = (a + weight * prior[i]) / (d + weight)
+        last = min(last, s)
+        out.append(last)
+    return out
+
+
+class Policy:
+    """Engine-wide: step times, shared acceptance per method, the last decision."""
+
+    def __init__(self) -> None:
+        self.times = StepTimes()
+        self.shared: dict[str, SpecDecodingStats] = {}
+        self.decision = Decision()
+
+    def observe(self, method: str, k: int, accepted: int) -> None:
+        self.shared.setdefault(method, SpecDecodingStats()).observe_draft(k, accepted)
+
+    def gains(self, state: AdaptiveState, method: str, batch: int, alpha: float, slope: float) -> dict[int, float]:
+        """K -> predicted speed relative to plain (1.0 at K = 0); empty until plain was timed."""
+        t0 = self.times.plain(batch)
+        if t0 is None:
+            return {}
+        prior = survival(self.shared.get(method), [alpha ** (i + 1) for i in range(MAX_DRAFT_TOKENS)], PRIOR_WEIGHT)
+        s = survival(state.stats.get(method), prior, PRIOR_WEIGHT)
+        out = {0: 1.0}
+        for k in range(1, MAX_DRAFT_TOKENS + 1):
+            t = self.times.predict(method, batch, k, slope)
+            out[k] = (1.0 + sum(s[:k])) * t0 / t if t else 0.0
+        return out
+
+    def choose(self, state: AdaptiveState, method: str, batch: int, alpha: float, slope: float) -> Decision:
+        """K for this request's next step (0 = plain) and the reason."""
+        gains = self.gains(state, method, batch, alpha, slope)
+        if not gains:
+            d = Decision(0, method, f"timing plain decoding at batch {batch} first")
+        else:
+            k = max(gains, key=gains.get)
+            if k > 0:
+                state.plain_steps = 0
+                if not state.probing:
+                    state.probe_every = PROBE_FIRST
+                d = Decision(k, method, f"K={k} predicted {gains[k]:.2f}x plain at batch {batch}", gains)
+            else:
+                state.plain_steps += 1
+                best = max((kk for kk in gains if kk), key=gains.get)
+                if state.plain_steps >= state.probe_every:  # look again: acceptance or timings may have changed
+                    state.plain_steps = 0
+                    state.probe_every = min(PROBE_MAX, state.probe_every * 2)
+                    state.probing = True
+                    d = Decision(best, method, f"probing K={best} (predicted {gains[best]:.2f}x plain)", gains)
+                else:
+                    d = Decision(0, method, f"plain: best K={best} predicted {gains[best]:.2f}x plain at "
+                                            f"batch {batch}; next probe in {state.probe_every - state.plain_steps} steps",
+                                 gains)
+        self.decision = d
+        return d

@@ -14,6 +14,7 @@ DEMO_DRAFT = DEMO_MODELS_DIR / "demo-draft"
 
 MAX_DRAFT_TOKENS = 8
 MAX_NEW_TOKENS_CAP = 4096
+DRAFT_METHODS = ("auto", "model", "ngram")
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,8 @@ class SamplingParams:
     """Per-request decoding settings.
 
     temperature 0 means greedy. ``num_draft_tokens`` None means adaptive K.
-    ``speculative`` False runs the plain path even when a draft model is loaded.
+    ``speculative`` False runs the plain path even when a draft model is loaded. ``draft_method``:
+    the draft model, n-gram prompt lookup (no model needed), or auto (adaptive picks by measured gain).
     """
 
     max_new_tokens: int = 128
@@ -34,6 +36,7 @@ class SamplingParams:
     num_draft_tokens: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    draft_method: str = "auto"  # model | ngram | auto (the best measured gain among what is loaded)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -56,6 +59,8 @@ class SamplingParams:
             raise InvalidRequest("stop must be a list of non-empty strings")
         if len(self.stop) > 16:
             raise InvalidRequest("at most 16 stop strings")
+        if self.draft_method not in DRAFT_METHODS:
+            raise InvalidRequest(f"draft_method must be one of {', '.join(DRAFT_METHODS)}, got {self.draft_method!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequest(f"logprobs must be in 0..20, got {self.logprobs!r}")
 

@@ -56,6 +56,10 @@ class IncrementalDetokenizer:
         """At the end of the request: release anything still held back."""
         if self.stopped:
             return ""
+        if self.read_offset < len(self.ids):  # ends inside a multi-byte character: keep its bytes as decode() does
+            prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            self.text += self._decode(self.ids[self.prefix_offset :])[len(prefix_text) :]
+            self.prefix_offset = self.read_offset = len(self.ids)
         out = self.text[self.emitted :]
         self.emitted = len(self.text)
         return out

@@ -19,16 +19,18 @@ from collections import deque
 import torch
 
 from engine import cleanup, observe
-from engine.adaptive import best_k
+from engine.adaptive import Policy, best_k
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, SamplingParams
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import EngineStopped, InvalidRequest, KVCacheExhausted, PromptTooLong, QueueFull
 from engine.kv_pool import KVPool, KVShape, num_blocks_for
 from engine.model_runner import ModelRunner, RowInput
-from engine.rejection import verify_greedy, verify_sampled
-from engine.sampler import probs_from_logits, sample, top_logprobs
+from engine.proposers import DraftModelProposer, NgramProposer
+from engine.rejection import verify
+from engine.sampler import top_logprobs
 from engine.scheduler import Scheduler
+from engine.spec_decode import StepTiming, decode_step, row_params, sampling_keys
 from engine.sequence import FinishEvent, Request, Status, TokenEvent
 from engine.stats import SpecDecodingStats
 
@@ -53,6 +55,10 @@ class LLMEngine:
         self.draft = self._runner(draft_model) if draft_model is not None else None
         self.scheduler = Scheduler(self.target, self.draft, self.config.max_running, self.config.max_waiting,
                                    lookahead=8)
+        self.proposers = {"ngram": NgramProposer()}
+        if self.draft is not None:
+            self.proposers = {"model": DraftModelProposer(self.draft), **self.proposers}
+        self.policy = Policy()
         self.spec_stats = SpecDecodingStats()
         self.requests_served = 0
         self.tokens_generated = 0
@@ -164,7 +170,7 @@ class LLMEngine:
             params=params,
             detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
             sink=sink,
-            use_draft=self.draft is not None and params.speculative,
+            use_draft=self.draft is not None and params.speculative and params.draft_method in ("model", "auto"),
         )
         if not self.scheduler.fits_alone(req):
             raise PromptTooLong(f"prompt of {len(prompt_ids)} tokens does not fit the KV cache; raise the KV budget")
@@ -261,109 +267,106 @@ class LLMEngine:
                 target_logits = logits
         for req, logits in zip(reqs, target_logits):
             if not req.output_ids:  # fresh request: its first token comes from the prompt's last logits
-                self._emit(req, [self._sample_plain(req, logits[-1])], [logits[-1]], "target")
+                self._emit(req, [self._first_token(req, logits)], logits[-1:], "target")
 
-    def _sample_plain(self, req: Request, logits: torch.Tensor) -> int:
+    def _first_token(self, req: Request, logits: torch.Tensor) -> int:
+        """The token after the prompt, drawn exactly as a plain decode step draws (keyed by its position)."""
         if req.params.greedy:
-            return int(logits.argmax())
-        return sample(probs_from_logits(logits, req.params), req.generator)
+            return int(logits[-1].argmax())
+        rp, coupled = row_params([req], logits.device)
+        sample_keys, _ = sampling_keys([req], 0, logits.device)
+        no_draft = torch.zeros(1, 0, dtype=torch.long, device=logits.device)
+        _, tokens = verify(logits[None, -1:], no_draft, torch.zeros(1, dtype=torch.long, device=logits.device),
+                           None, rp, sample_keys, None, coupled)
+        return int(tokens[0, 0])
 
-    def _choose_k(self, req: Request) -> int:
-        if not req.use_draft or self.draft is None:
-            return 0
+    def _methods(self, req: Request) -> list[str]:
+        """Proposers this request may use, by its draft_method and what is loaded."""
+        if not req.params.speculative:
+            return []
+        m = req.params.draft_method
+        if m == "auto":
+            return [name for name in self.proposers if name != "model" or req.use_draft]
+        return [m] if m in self.proposers and (m != "model" or req.use_draft) else []
+
+    def _choose(self, req: Request, batch: int) -> tuple[int, str]:
+        """(K, method) for this request's next step; K 0 = plain."""
+        methods = self._methods(req)
+        if not methods:
+            return 0, ""
+        room = max(0, min(req.remaining - 1, self.max_context - req.num_tokens - 1))
         if req.params.num_draft_tokens is not None:
-            k = req.params.num_draft_tokens
-        else:
-            k = req.adaptive.choose(self.alpha_prior, self.draft_cost, self.verify_cost)
-            if k == 0:
-                logger.info("[%s] adaptive K: speculation predicted not to pay, switching to plain", req.request_id)
-                req.use_draft = False
-                self.draft.free(req.seq_id)
-                return 0
-        room = min(req.remaining - 1, self.max_context - req.num_tokens - 1)
-        return max(0, min(k, room))
+            return min(req.params.num_draft_tokens, room), methods[0]
+        best = None
+        for m in methods:
+            slope = self.verify_cost + (self.draft_cost if m == "model" else 0.0)
+            d = self.policy.choose(req.adaptive, m, batch, self.alpha_prior, slope)
+            gain = d.gains.get(d.k, 0.0)
+            if best is None or gain > best[0]:
+                best = (gain, d)
+        d = best[1]
+        self.policy.decision = d
+        if d.k == 0 and req.use_draft and self.draft is not None and self.draft.cached_len(req.seq_id):
+            self.proposers["model"].release(req)  # plain for now: give the draft's blocks back
+        return min(d.k, room), d.method
 
-    def _make_room(self, plan: dict[Request, int]) -> dict[Request, int]:
+    def _make_room(self, plan: dict[Request, tuple[int, str]]) -> dict[Request, tuple[int, str]]:
         """Preempt newest requests until this step's writes fit the KV pools."""
         while True:
-            need_t = sum(self.target.blocks_for(r.seq_id, r.num_tokens - self.target.cached_len(r.seq_id) + k)
-                         for r, k in plan.items())
-            need_d = sum(self.draft.blocks_for(r.seq_id, r.num_tokens - self.draft.cached_len(r.seq_id) + k)
-                         for r, k in plan.items() if k > 0) if self.draft is not None else 0
-            fits = need_t <= self.target.blocks.num_free and (
-                self.draft is None or need_d <= self.draft.blocks.num_free)
+            need = sum(self.target.blocks_for(r.seq_id, r.num_tokens - self.target.cached_len(r.seq_id) + k)
+                       for r, (k, _) in plan.items())
+            fits = need <= self.target.blocks.num_free and all(
+                p.fits({r: k for r, (k, m) in plan.items() if m == name}) for name, p in self.proposers.items())
             if fits:
                 return plan
             victim = self.scheduler.preempt_newest()
             if victim is None:
-                raise KVCacheExhausted("the KV cache is full even for this request alone; raise the KV budget")
+                raise KVCacheExhausted("the KV cache is full even for this request alone; raise the KV budget "
+                                       "(--kv-cache-tokens) or lower max_new_tokens")
+            self._release_proposers(victim)
             logger.info("[%s] preempted: KV cache full", victim.request_id)
             plan.pop(victim, None)
 
-    def _decode(self, reqs: list[Request]) -> None:
-        plan = self._make_room({r: self._choose_k(r) for r in reqs})
-        self._fault("decode", list(plan))
-        spec = [r for r, k in plan.items() if k > 0]
-        drafts: dict[Request, list[int]] = {r: [] for r in spec}
-        draft_probs: dict[Request, list[torch.Tensor]] = {r: [] for r in spec}
-        t0 = time.perf_counter()
-        for j in range(max((plan[r] for r in spec), default=0)):
-            active = [r for r in spec if plan[r] > j]
-            rows = []
-            for r in active:
-                feed = r.all_ids[self.draft.cached_len(r.seq_id):] if j == 0 else [drafts[r][-1]]
-                rows.append(RowInput(r.seq_id, feed, 1))
-            last = [logits[-1] for logits in self.draft.forward(rows)]
-            greedy = [i for i, r in enumerate(active) if r.params.greedy]
-            if greedy:  # one argmax and one device sync for all greedy rows
-                for i, tok in zip(greedy, torch.stack([last[i] for i in greedy]).argmax(-1).tolist()):
-                    drafts[active[i]].append(tok)
-            for r, logits in zip(active, last):
-                if not r.params.greedy:  # sampled rows keep q for the rejection test
-                    q = probs_from_logits(logits, r.params)
-                    drafts[r].append(sample(q, r.generator))
-                    draft_probs[r].append(q)
-        t_draft = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        rows = [RowInput(r.seq_id, r.all_ids[self.target.cached_len(r.seq_id):] + drafts.get(r, []), plan[r] + 1)
-                for r in plan]
-        target_logits = self.target.forward(rows)
-        t_target = time.perf_counter() - t1
-        self._observe_times(plan, t_draft, t_target)
-        share = 1.0 / max(1, len(plan))
-        for r, logits in zip(plan, target_logits):
-            k = plan[r]
-            if k == 0:
-                self._emit(r, [self._sample_plain(r, logits[-1])], [logits[-1]], "target")
-                continue
-            if r.params.greedy:
-                accepted, nxt = verify_greedy(drafts[r], logits)
-            else:
-                p = probs_from_logits(logits, r.params)
-                accepted, nxt = verify_sampled(drafts[r], torch.stack(draft_probs[r]), p, r.generator)
-            n = r.num_tokens
-            r.stats.observe_draft(k, accepted)
-            r.stats.draft_time_s += t_draft * share
-            r.stats.target_time_s += t_target * share
-            self.spec_stats.observe_draft(k, accepted)
-            r.adaptive.observe(k, accepted)
-            self.alpha_prior = EMA * self.alpha_prior + (1 - EMA) * r.adaptive.alpha(self.alpha_prior)
-            self.target.truncate(r.seq_id, n + accepted)
-            self.draft.truncate(r.seq_id, min(n + accepted, n + k - 1))
-            tokens = drafts[r][:accepted] + [nxt]
-            sources = ["draft"] * accepted + ["target" if accepted < k else "bonus"]
-            self._emit(r, tokens, [logits[i] for i in range(accepted + 1)], sources)
-        self.spec_stats.draft_time_s += t_draft
-        self.spec_stats.target_time_s += t_target
+    def _release_proposers(self, req: Request) -> None:
+        for p in self.proposers.values():
+            p.release(req)
 
-    def _observe_times(self, plan: dict[Request, int], t_draft: float, t_target: float) -> None:
-        """Track the single-step target time (from plain steps, or verify steps through the
-        verify-cost model measured at warm-up) and the draft/target cost ratio."""
-        kmax = max(plan.values())
-        t1 = t_target / (1.0 + self.verify_cost * kmax)
+    def _decode(self, reqs: list[Request]) -> None:
+        plan = self._make_room({r: self._choose(r, len(reqs)) for r in reqs})
+        self._fault("decode", list(plan))
+        results, timing = decode_step(self.target, self.proposers, plan)
+        kmax = max(r.k for r in results)
+        methods = {r.method for r in results if r.k}
+        if len(methods) <= 1:  # a step mixing methods times neither
+            self.policy.times.observe(next(iter(methods), ""), len(results), kmax, timing.total_s)
+        self._observe_times(kmax, timing)
+        share = 1.0 / max(1, len(results))
+        for res in results:
+            r, k, accepted = res.req, res.k, res.accepted
+            n = r.num_tokens
+            if k:
+                r.stats.observe_draft(k, accepted)
+                r.stats.draft_time_s += timing.propose_s * share
+                r.stats.target_time_s += timing.target_s * share
+                self.spec_stats.observe_draft(k, accepted)
+                r.adaptive.observe(res.method, k, accepted)
+                self.policy.observe(res.method, k, accepted)
+                if r.params.num_draft_tokens is None:
+                    self.alpha_prior = EMA * self.alpha_prior + (1 - EMA) * (accepted / k)
+            self.target.truncate(r.seq_id, n + accepted)
+            for p in self.proposers.values():
+                p.rollback(r, n + accepted)
+            sources = ["draft"] * accepted + ["target" if accepted < k else ("bonus" if k else "target")]
+            self._emit(r, res.tokens, res.logits, sources)
+        self.spec_stats.draft_time_s += timing.propose_s
+        self.spec_stats.target_time_s += timing.target_s
+
+    def _observe_times(self, kmax: int, timing: StepTiming) -> None:
+        """Track the single-step target time and the draft/target cost ratio (the doctor's model)."""
+        t1 = timing.target_s / (1.0 + self.verify_cost * kmax)
         self.t_target1 = EMA * self.t_target1 + (1 - EMA) * t1 if self.t_target1 else t1
-        if kmax > 0:
-            self.draft_cost = EMA * self.draft_cost + (1 - EMA) * (t_draft / kmax / self.t_target1)
+        if kmax > 0 and timing.propose_s > 0:
+            self.draft_cost = EMA * self.draft_cost + (1 - EMA) * (timing.propose_s / kmax / self.t_target1)
 
     # ------------------------------------------------------------------ output
     def _emit(self, req: Request, tokens: list[int], logits: list[torch.Tensor], sources) -> None:
@@ -394,6 +397,7 @@ class LLMEngine:
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         self.scheduler.remove(req)
+        self._release_proposers(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.error = error

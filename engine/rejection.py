@@ -1,70 +1,129 @@
-"""Speculative sampling (Leviathan et al. 2023, arXiv 2211.17192; Chen et al. 2023).
+"""Verifying proposed tokens against the target, batched over ``[B, K+1, V]``.
 
-Terms, as in vLLM's rejection sampler:
-- *accepted* tokens: draft tokens the target keeps;
-- the *recovered* (here: ``target``) token: drawn at the first rejection from the
-  normalised residual ``max(0, p - q)``;
-- the *bonus* token: drawn from the target's distribution after all K were accepted.
+Terms, as in vLLM's rejection sampler: *accepted* tokens are draft tokens the target
+keeps; the *recovered* token (source ``target``) replaces the first rejected one; the
+*bonus* token follows a fully accepted draft. Three rules, chosen per row:
 
-With p the target's and q the draft's transformed distribution at a position and x the
-draft token there: q(x) <= p(x): always accept; q(x) > p(x): accept with probability
-p(x)/q(x). This keeps the output distribution exactly p. At temperature 0 both are
-one-hot, so a draft token is accepted iff it equals the target's argmax and the
-correction is that argmax.
+- greedy (temperature 0): accept while the draft token is the target's argmax; the
+  recovered/bonus token is the argmax.
+- unseeded sampling, standard rejection sampling (Leviathan et al. 2023, arXiv 2211.17192):
+  accept x with probability min(1, p(x)/q(x)), tested as ``u*q(x) < p(x)`` (strict, so a
+  token with p = 0 is never kept); at the first rejection draw from the normalised
+  residual max(0, p - q); after K acceptances draw the bonus from p. Acceptance 1 - TV(p, q),
+  the most any exact rule can reach.
+- seeded sampling, drafter-invariant Gumbel coupling (Daliri, Musco, Suresh 2024,
+  "Coupling without communication and drafter-invariant speculative decoding"): with
+  E_t the Exp(1) noise keyed by (seed, position t), the draft proposes argmax(q_t / E_t),
+  the target's token is argmax(p_t / E_t); accept while they agree, then emit the target's.
+  Every output token is exactly the seeded plain sample of p, so a seeded request gives the
+  same tokens whatever K, proposer, batch or load. The price: acceptance is
+  P(argmaxes agree) >= (1 - TV)/(1 + TV), a little below rejection sampling's 1 - TV.
+
+Deterministic proposals (n-gram) pass ``draft_probs=None``: q is one-hot on the token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from engine.sampler import sample
+from engine import rng
+from engine.sampler import RowParams, draw, probs_batch, race
 
 
-def verify_greedy(draft_tokens: list[int], target_logits: torch.Tensor) -> tuple[int, int]:
-    """``target_logits``: ``[K + 1, V]``. Returns (number accepted, next token)."""
-    target_choice = target_logits.argmax(-1).tolist()  # [K + 1]
-    accepted = 0
-    for drafted, wanted in zip(draft_tokens, target_choice):
-        if drafted != wanted:
-            break
-        accepted += 1
-    return accepted, target_choice[accepted]
+def accepted_prefix(ok: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` per-position accept flags -> ``[B]`` length of the all-accepted prefix."""
+    # index of the first rejection (argmax returns the first maximum); no cumprod, a DirectML CPU fallback
+    stop = torch.cat([~ok, torch.ones(ok.shape[0], 1, dtype=torch.bool, device=ok.device)], 1)
+    return stop.to(torch.uint8).argmax(1)
 
 
-def verify_sampled(
-    draft_tokens: list[int],
-    draft_probs: torch.Tensor,
-    target_probs: torch.Tensor,
-    generator: torch.Generator,
-) -> tuple[int, int]:
-    """Exact rejection sampling.
+def next_token_dist(p_at: torch.Tensor, q_at: torch.Tensor | None, tok_at: torch.Tensor,
+                    rejected: torch.Tensor) -> torch.Tensor:
+    """What the token after the accepted prefix is drawn from (``[B, V]``, unnormalised is fine
+    for the exponential race): the residual max(0, p - q) where a draft token was rejected,
+    p itself (the bonus) where all were accepted."""
+    if q_at is None:  # one-hot q: the residual is p without the rejected token
+        residual = p_at.scatter(-1, tok_at[:, None], 0.0)
+    else:
+        residual = (p_at - q_at).clamp_min_(0.0)
+    # the residual is all-zero only through rounding when p == q; then p is the right law
+    use_residual = rejected & (residual.sum(-1) > 0)
+    return torch.where(use_residual[:, None], residual, p_at)
 
-    draft_probs:  [K, V]      q at each drafted position
-    target_probs: [K + 1, V]  p at each drafted position, plus one for the bonus
-    Returns (number accepted, next token): the recovered token at the first rejection,
-    or the bonus token when all K were accepted.
+
+NextDist = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def verify_sampled(draft_tokens: torch.Tensor, num_draft: torch.Tensor, draft_probs: torch.Tensor | None,
+                   target_probs: torch.Tensor, sample_keys: torch.Tensor, accept_keys: torch.Tensor,
+                   next_dist: NextDist | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard rejection sampling for a batch; model-free.
+
+    draft_tokens [B, K] (padding past ``num_draft`` [B] is ignored), draft_probs [B, K, V]
+    or None (one-hot), target_probs [B, K+1, V]; sample_keys [B, K+1] and accept_keys [B, K]
+    key the draws at each position (engine.rng.key). Returns (accepted [B], next token [B]).
+    ``next_dist`` exists so tests can prove the distribution tests catch broken rules.
     """
-    k = len(draft_tokens)
-    draft_probs = draft_probs.cpu()
-    target_probs = target_probs.cpu()
-    idx = torch.tensor(draft_tokens, dtype=torch.long)
-    p = target_probs[torch.arange(k), idx]  # [K]
-    q = draft_probs[torch.arange(k), idx]  # [K]
-    u = torch.rand(k, generator=generator)
-    accept = (u * q) <= p  # u < p/q without dividing by a zero q
-    rejected = (~accept).nonzero()
-    if rejected.numel() == 0:
-        return k, sample(target_probs[k], generator)
-    first = int(rejected[0])
-    residual = (target_probs[first] - draft_probs[first]).clamp_(min=0)
-    total = float(residual.sum())
-    if total <= 0:  # only reachable through rounding: p == q everywhere
-        residual = target_probs[first]
-        total = float(residual.sum())
-    return first, sample(residual / total, generator)
+    b, k = draft_tokens.shape
+    rows = torch.arange(b, device=draft_tokens.device)
+    tok = draft_tokens.clamp_min(0)
+    j = torch.arange(k, device=tok.device)
+    p_x = target_probs[:, :k].gather(-1, tok[..., None]).squeeze(-1)  # [B, K]
+    q_x = torch.ones_like(p_x) if draft_probs is None else draft_probs.gather(-1, tok[..., None]).squeeze(-1)
+    u = rng.uniform(accept_keys)  # [B, K]
+    ok = (u * q_x < p_x) & (j[None, :] < num_draft[:, None])  # strict: p(x) = 0 is never accepted
+    accepted = accepted_prefix(ok)  # [B]
+    at = accepted.clamp(max=max(k - 1, 0))
+    tok_at = tok[rows, at] if k else torch.zeros_like(accepted)
+    q_at = None if draft_probs is None or k == 0 else draft_probs[rows, at]
+    dist = (next_dist or next_token_dist)(target_probs[rows, accepted], q_at, tok_at, accepted < num_draft)
+    nxt = draw(dist, sample_keys[rows, accepted])
+    return accepted, nxt
 
 
-def verify_always_accept(draft_tokens, draft_probs, target_probs, generator) -> tuple[int, int]:
-    """A deliberately wrong rule (keeps every draft token). The test suite proves the
-    distribution test catches it; never used by the engine."""
-    return len(draft_tokens), sample(target_probs[len(draft_tokens)].cpu(), generator)
+def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, num_draft: torch.Tensor,
+           draft_probs: torch.Tensor | None, rp: RowParams, sample_keys: torch.Tensor,
+           accept_keys: torch.Tensor | None, coupled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verify a whole step's rows (plain rows are rows with ``num_draft`` 0).
+
+    target_logits [B, K+1, V]; draft_tokens [B, K]; num_draft [B]; draft_probs [B, K, V] or
+    None (all proposals one-hot; only unseeded sampled rows read q); rp: per-row params;
+    sample_keys [B, K+1], accept_keys [B, K] (None when no unseeded sampled row drafted);
+    coupled [B] bool: seeded sampled rows (Gumbel coupling). Returns (accepted [B],
+    tokens [B, K+1]: the accepted draft tokens then the recovered/bonus token).
+    """
+    b, k1, _ = target_logits.shape
+    k = k1 - 1
+    dev = target_logits.device
+    greedy = rp.temperature == 0
+    choice = target_logits.argmax(-1)  # [B, K+1]: greedy rows' tokens
+    sampled = (~greedy).nonzero().squeeze(1)
+    if k == 0:  # a plain step: no acceptance to decide
+        if sampled.numel():
+            choice[sampled] = draw(probs_batch(target_logits[sampled], rp.select(sampled)), sample_keys[sampled])
+        return torch.zeros(b, dtype=torch.long, device=dev), choice
+    j = torch.arange(k1, device=dev)
+    accepted = torch.zeros(b, dtype=torch.long, device=dev)
+    nxt = torch.zeros(b, dtype=torch.long, device=dev)
+    if sampled.numel():
+        p = probs_batch(target_logits[sampled], rp.select(sampled))  # [S, K+1, V]
+        # seeded rows: the target's own Gumbel-max sample at every position
+        choice[sampled] = draw(p, sample_keys[sampled])
+        plain_rule = (~coupled[sampled]).nonzero().squeeze(1)
+        if plain_rule.numel():
+            rows = sampled[plain_rule]
+            q = None if draft_probs is None else draft_probs[rows]
+            a, t = verify_sampled(draft_tokens[rows], num_draft[rows], q, p[plain_rule], sample_keys[rows],
+                                  accept_keys[rows])
+            accepted[rows] = a
+            nxt[rows] = t
+    by_choice = greedy | coupled
+    ok = (draft_tokens == choice[:, :k]) & (j[None, :k] < num_draft[:, None])
+    acc_choice = accepted_prefix(ok)
+    accepted = torch.where(by_choice, acc_choice, accepted)
+    nxt = torch.where(by_choice, choice.gather(1, acc_choice[:, None]).squeeze(1), nxt)
+    tokens = torch.cat([draft_tokens.clamp_min(0), torch.zeros_like(nxt)[:, None]], 1)
+    tokens.scatter_(1, accepted[:, None], nxt[:, None])
+    return accepted, tokens

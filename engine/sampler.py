@@ -1,46 +1,90 @@
-"""Turning logits into a distribution and drawing from it.
+"""Turning logits into distributions and drawing from them, batched, on the logits' device.
 
-The same transform (temperature, then top-k, then top-p) is applied to the target's and
-the draft's logits, so speculative sampling compares like with like.
+One transform (temperature, then top-k, then top-p) is applied to the target's and the
+draft's logits alike, so speculative sampling compares like with like. Draws are
+exponential races, argmax(p / E) with E ~ Exp(1) from :mod:`engine.rng`: no multinomial.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from engine import rng
 from engine.config import SamplingParams
 
 
-def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """``[..., V]`` logits -> ``[..., V]`` float32 probabilities after the request's transform.
+@dataclass
+class RowParams:
+    """Per-row sampling settings as tensors: ``[B]`` each (rows of a step, on one device)."""
 
-    Temperature 0 gives a one-hot distribution on the argmax (greedy).
+    temperature: torch.Tensor  # float32; 0 = greedy
+    top_p: torch.Tensor  # float32
+    top_k: torch.Tensor  # int64; 0 = off
+    seeds: torch.Tensor  # int64
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], seeds: list[int], device) -> RowParams:
+        t = torch.tensor([[p.temperature, p.top_p] for p in params], dtype=torch.float32).to(device)
+        i = torch.tensor([[p.top_k, s] for p, s in zip(params, seeds)], dtype=torch.int64).to(device)
+        return cls(t[:, 0], t[:, 1], i[:, 0], i[:, 1])
+
+    def select(self, idx: torch.Tensor) -> RowParams:
+        return RowParams(self.temperature[idx], self.top_p[idx], self.top_k[idx], self.seeds[idx])
+
+    def needs_sort(self, vocab: int) -> bool:
+        return bool(((self.top_p < 1.0) | ((self.top_k > 0) & (self.top_k < vocab))).any())
+
+
+def probs_batch(logits: torch.Tensor, rp: RowParams, sort: bool | None = None) -> torch.Tensor:
+    """``[B, ..., V]`` logits -> ``[B, ..., V]`` float32 probabilities under each row's transform.
+
+    Rows must have temperature > 0 (greedy rows are an argmax and never come here).
+    ``sort``: whether any row truncates (top-k / top-p); None works it out (one host sync).
     """
+    shape = logits.shape
+    vocab = shape[-1]
+    b = shape[0]
+    extra = logits[0].numel() // vocab  # positions per row
+    x = logits.reshape(b * extra, vocab).float()
+    per = lambda t: t[:, None].expand(b, extra).reshape(-1, 1)  # noqa: E731  [B] -> [B*extra, 1]
+    # subtract the max first: tiny temperatures then give -inf for the rest, never inf - inf = nan
+    x = (x - x.max(-1, keepdim=True).values) / per(rp.temperature)
+    if sort is None:
+        sort = rp.needs_sort(vocab)
+    if sort:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        k = per(torch.where((rp.top_k > 0) & (rp.top_k < vocab), rp.top_k, vocab))
+        kth = sorted_x.gather(-1, k - 1)
+        ranks = torch.arange(vocab, device=x.device)[None, :]
+        sorted_x = sorted_x.masked_fill(sorted_x < kth, float("-inf"))
+        sorted_p = sorted_x.softmax(-1)
+        # drop a token when the tokens strictly before it already reach top_p (the first always stays)
+        drop_sorted = ((sorted_p.cumsum(-1) - sorted_p) >= per(rp.top_p)) & (ranks > 0)
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        x = x.masked_fill(drop | (x < kth), float("-inf"))
+    return x.softmax(-1).view(shape)
+
+
+def race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The exponential race: argmax(p / E) over the last dim is a draw from p (p need not sum to 1)."""
+    return (probs / noise).argmax(-1)
+
+
+def draw(probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` ``[..., V]``, keyed by ``keys`` ``[...]`` (see engine.rng.key)."""
+    return race(probs, rng.exponentials(keys, probs.shape[-1]))
+
+
+def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """``[..., V]`` logits -> probabilities for one request's settings (temperature 0: one-hot argmax)."""
     logits = logits.float()
     if params.temperature == 0:
-        out = torch.zeros_like(logits)
-        return out.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    # subtract the max first: tiny temperatures then give -inf for the rest, never inf - inf = nan
-    logits = (logits - logits.max(-1, keepdim=True).values) / params.temperature
-    vocab = logits.shape[-1]
-    if 0 < params.top_k < vocab:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens strictly before it already reach top_p
-        before = sorted_probs.cumsum(-1) - sorted_probs
-        drop_sorted = before >= params.top_p
-        drop_sorted[..., 0] = False  # the most likely token always stays, however small top_p is
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits.softmax(-1)
-
-
-def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """Draw one token id from a ``[V]`` distribution (on CPU, with the request's generator)."""
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    flat = logits.reshape(-1, logits.shape[-1])
+    rp = RowParams.build([params] * flat.shape[0], [0] * flat.shape[0], logits.device)
+    return probs_batch(flat, rp).view(logits.shape)
 
 
 def top_logprobs(logits: torch.Tensor, token_id: int, k: int) -> tuple[float, list[tuple[int, float]]]:

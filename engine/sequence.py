@@ -7,11 +7,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.adaptive import AdaptiveState
 from engine.config import SamplingParams
 from engine.detokenizer import IncrementalDetokenizer
+from engine.rng import new_seed
 from engine.stats import RequestStats
 
 
@@ -67,14 +66,11 @@ class Request:
     stats: RequestStats = field(default_factory=RequestStats)
     adaptive: AdaptiveState = field(default_factory=AdaptiveState)
     arrival: float = field(default_factory=time.perf_counter)
-    generator: torch.Generator = field(default_factory=torch.Generator)
+    seed: int = 0  # keys every random draw of this request (engine.rng); the user's seed or a fresh one
     cancel_requested: bool = False
 
     def __post_init__(self) -> None:
-        if self.params.seed is not None:
-            self.generator.manual_seed(self.params.seed)
-        else:
-            self.generator.seed()
+        self.seed = new_seed() if self.params.seed is None else self.params.seed & ((1 << 63) - 1)
         self.stats.num_prompt_tokens = len(self.prompt_ids)
 
     @property

@@ -48,7 +48,9 @@ def test_batched_requests_of_different_lengths_match_running_alone(engine):
 
 def test_stream_events_carry_text_source_and_time(engine):
     events = []
-    engine.add_request("Héllo wörld", SamplingParams(max_new_tokens=30, temperature=0.9, seed=3), sink=events.append)
+    # speculative=False: without it, n-gram lookup may draft even with no draft model loaded
+    engine.add_request("Héllo wörld", SamplingParams(max_new_tokens=30, temperature=0.9, seed=3, speculative=False),
+                       sink=events.append)
     while engine.has_work():
         engine.step()
     tokens = [e for e in events if isinstance(e, TokenEvent)]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import llm_engine, model_runner
+from engine import llm_engine, model_runner, spec_decode
 
 # phases of a step, as reported by the profile (seconds)
 PHASES = ("draft_forward", "target_forward", "paged_cache", "batch_prep", "sampling", "scheduling", "emit",
@@ -91,16 +91,15 @@ class Instrument:
             self._shadow(runner, "forward", self._timed_forward(role, runner.forward))
         self._shadow(eng, "_prefill", self._staged("prefill", eng._prefill))
         self._shadow(eng, "_decode", self._staged("decode", eng._decode))
-        self._swap(llm_engine, "verify_greedy", self._logged_verify(llm_engine.verify_greedy))
-        self._swap(llm_engine, "verify_sampled", self._logged_verify(llm_engine.verify_sampled))
+        self._swap(llm_engine, "decode_step", self._logged_step(llm_engine.decode_step))
         if self.profile:
             self._shadow(eng, "step", self._phase("step", eng.step))
             for role, runner in runners:
                 self._shadow(runner.cache, "update", self._phase(f"cache_{role}", runner.cache.update))
             self._swap(model_runner, "forward_with_cache", self._model_call(model_runner.forward_with_cache))
-            for name in ("probs_from_logits", "sample", "verify_greedy", "verify_sampled", "top_logprobs"):
-                self._swap(llm_engine, name, self._phase("sampling", getattr(llm_engine, name)))
-            for name in ("_make_room", "_choose_k", "_fail_unfittable"):
+            self._swap(llm_engine, "top_logprobs", self._phase("sampling", llm_engine.top_logprobs))
+            self._swap(spec_decode, "verify", self._phase("sampling", spec_decode.verify))
+            for name in ("_make_room", "_choose", "_fail_unfittable"):
                 self._shadow(eng, name, self._phase("scheduling", getattr(eng, name)))
             self._shadow(eng.scheduler, "admit", self._phase("scheduling", eng.scheduler.admit))
             self._shadow(eng, "_emit", self._phase("emit", eng._emit))
@@ -141,12 +140,12 @@ class Instrument:
                 self._stage = "decode"
         return run
 
-    def _logged_verify(self, fn):
-        def verify(draft_tokens, *args):
-            accepted, nxt = fn(draft_tokens, *args)
-            self.drafts.append((len(draft_tokens), accepted))
-            return accepted, nxt
-        return verify
+    def _logged_step(self, fn):
+        def step(*args, **kwargs):
+            results, timing = fn(*args, **kwargs)
+            self.drafts.extend((r.k, r.accepted) for r in results if r.k)
+            return results, timing
+        return step
 
     def _phase(self, key: str, fn):
         def timed(*args, **kwargs):

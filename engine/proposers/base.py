@@ -1,0 +1,54 @@
+"""The Proposer protocol: propose up to K tokens per row, with their draft probabilities q."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from engine.sampler import RowParams
+
+if TYPE_CHECKING:
+    from engine.sequence import Request
+
+
+@dataclass
+class StepRows:
+    """The rows a proposer drafts for in one step: row i drafts up to ``ks[i]`` tokens from absolute
+    position ``reqs[i].num_tokens``. ``rp``: their sampling tensors (None when every row is greedy).
+    Seeded sampled rows must draw with the target's own noise (see engine.rejection)."""
+
+    reqs: list[Request]
+    ks: list[int]
+    rp: RowParams | None
+
+
+@dataclass
+class Proposal:
+    """Up to K tokens per row. ``token_lists[i]`` may be shorter than asked (even empty: the row
+    then decodes plain this step). ``probs``: q ``[B, K, V]`` for rows that sampled from a
+    distribution, or None when every proposal is deterministic (q one-hot on the token)."""
+
+    token_lists: list[list[int]]
+    probs: torch.Tensor | None = None
+
+
+class Proposer(Protocol):
+    name: str
+
+    def propose(self, rows: StepRows) -> Proposal:
+        """Draft for ``rows``. Changes state: a draft model's KV cache grows by what it read."""
+        ...
+
+    def fits(self, plan: dict[Request, int]) -> bool:
+        """Whether this step's drafting fits the proposer's memory. Reads only."""
+        ...
+
+    def rollback(self, req: Request, num_tokens: int) -> None:
+        """Forget everything past the first ``num_tokens`` tokens of ``req`` (the verified ones)."""
+        ...
+
+    def release(self, req: Request) -> None:
+        """Drop all state held for ``req`` (finished, preempted or switched to plain)."""
+        ...

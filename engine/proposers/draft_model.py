@@ -1,0 +1,67 @@
+"""The draft-model proposer: a small model with its own paged KV cache drafts K tokens autoregressively."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine import rng
+from engine.model_runner import ModelRunner, RowInput
+from engine.proposers.base import Proposal, StepRows
+from engine.sampler import draw, probs_batch
+
+if TYPE_CHECKING:
+    from engine.sequence import Request
+
+
+class DraftModelProposer:
+    name = "model"
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.last_time_s = 0.0
+
+    def propose(self, rows: StepRows) -> Proposal:
+        """K draft forwards, batched over the rows still drafting; one small host copy per forward."""
+        b, kmax = len(rows.reqs), max(rows.ks, default=0)
+        dev = self.runner.device
+        sampled = [i for i, r in enumerate(rows.reqs) if not r.params.greedy]
+        keep_q = any(rows.reqs[i].params.seed is None for i in sampled)
+        q = torch.zeros(b, kmax, self.runner.vocab_size, device=dev) if keep_q else None
+        # seeded rows draw with the target's own stream (the coupling); unseeded ones with the draft's
+        streams = {i: rng.SAMPLE if rows.reqs[i].params.seed is not None else rng.DRAFT for i in sampled}
+        lists: list[list[int]] = [[] for _ in range(b)]
+        for j in range(kmax):
+            active = [i for i in range(b) if rows.ks[i] > j]
+            feed = []
+            for i in active:
+                req = rows.reqs[i]
+                ids = req.all_ids[self.runner.cached_len(req.seq_id):] if j == 0 else [lists[i][-1]]
+                feed.append(RowInput(req.seq_id, ids, 1))
+            logits = torch.stack([out[-1] for out in self.runner.forward(feed)])  # [A, V]
+            tokens = logits.argmax(-1)
+            s_rows = [(n, i) for n, i in enumerate(active) if i in streams]
+            if s_rows:
+                local = torch.tensor([n for n, _ in s_rows], device=dev)
+                s = torch.tensor([i for _, i in s_rows], device=dev)
+                probs = probs_batch(logits[local], rows.rp.select(s))  # [S, V]
+                keys = torch.tensor([rng.key(rows.reqs[i].seed, rows.reqs[i].num_tokens + j, streams[i])
+                                     for _, i in s_rows], dtype=torch.int64).to(dev)
+                tokens[local] = draw(probs, keys)
+                if q is not None:
+                    q[s, j] = probs
+            for i, t in zip(active, tokens.tolist()):
+                lists[i].append(t)
+        return Proposal(lists, q)
+
+    def fits(self, plan: dict[Request, int]) -> bool:
+        r = self.runner
+        need = sum(r.blocks_for(q.seq_id, q.num_tokens - r.cached_len(q.seq_id) + k) for q, k in plan.items() if k)
+        return need <= r.blocks.num_free
+
+    def rollback(self, req: Request, num_tokens: int) -> None:
+        self.runner.truncate(req.seq_id, min(num_tokens, self.runner.cached_len(req.seq_id)))
+
+    def release(self, req: Request) -> None:
+        self.runner.free(req.seq_id)

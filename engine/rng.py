@@ -1,0 +1,75 @@
+"""Counter-based randomness: uniforms that are a pure hash of (seed, position, stream, vocab index).
+
+A draw depends on its key, never on how many draws came before, so a seeded request
+reproduces whatever K, proposer, batch or load. Keys are hashed on the host (a few per
+row: small ints); the per-token stage is plain int64 tensor ops on the logits' device (no
+torch.Generator, no multinomial), so it runs unchanged on CUDA, MPS, DirectML.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+# purposes of a draw: each has its own stream, so no two decisions share noise
+SAMPLE, DRAFT, ACCEPT = 1, 2, 3
+
+_U64 = (1 << 64) - 1
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_GOLDEN, _STREAM = 0x9E3779B97F4A7C15, 0xD6E8FEB86659FD93
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser on Python ints (mod 2^64)."""
+    x &= _U64
+    x = ((x ^ (x >> 30)) * _M1) & _U64
+    x = ((x ^ (x >> 27)) * _M2) & _U64
+    return x ^ (x >> 31)
+
+
+def key(seed: int, position: int, stream: int) -> int:
+    """The int64 key of one draw: (request seed, absolute token position, purpose)."""
+    return _signed(_mix(_mix(seed * _GOLDEN + stream * _STREAM) + position * _GOLDEN))
+
+
+def keys(seeds: list[int], positions: list[list[int]], stream: int, device=None) -> torch.Tensor:
+    """``[B, N]`` keys for row b's ``positions[b]`` (rows padded with their last position)."""
+    n = max(len(p) for p in positions)
+    rows = [[key(s, q, stream) for q in (p + p[-1:] * (n - len(p)))] for s, p in zip(seeds, positions)]
+    return torch.tensor(rows, dtype=torch.int64).to(device)
+
+
+def new_seed() -> int:
+    """A fresh 62-bit seed for an unseeded request."""
+    return int.from_bytes(os.urandom(8), "little") >> 2
+
+
+@functools.lru_cache(maxsize=16)
+def _offsets(vocab: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(vocab, dtype=torch.int64, device=device) * _signed(_GOLDEN)
+
+
+def uniform(k: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
+    """Uniforms in (0, 1) from keys ``[...]``: ``[...]`` or, with ``vocab``, ``[..., vocab]`` (one per token id).
+
+    The per-token stage is two xorshift-multiply rounds over the (already mixed) key plus the
+    token's offset: few ops, since it runs over the whole vocabulary. 24 bits, centred, so
+    never 0 or 1: -log(u) is finite and positive.
+    """
+    if vocab is not None:
+        x = k[..., None] + _offsets(vocab, k.device)
+        x = (x ^ (x >> 32)) * _signed(_M1)
+        k = (x ^ (x >> 29)) * _signed(_M2)  # the product's top bits, which depend on every input bit
+    # arithmetic shift: the top 24 bits as a signed number in [-2^23, 2^23)
+    return ((k >> 40).to(torch.float32) + (8388608.0 + 0.5)) * (1.0 / (1 << 24))
+
+
+def exponentials(k: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise ``[..., vocab]`` from keys ``[...]``: argmax(p / E) is a draw from p (the exponential race)."""
+    return uniform(k, vocab).log_().neg_()

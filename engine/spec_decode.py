@@ -1,0 +1,142 @@
+"""One decode step for every running row: propose (per row's method), verify on the target in one
+batched forward, and return what each row keeps. Plain rows are rows that propose nothing."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine import rng
+from engine.model_runner import ModelRunner, RowInput
+from engine.proposers.base import Proposal, Proposer, StepRows
+from engine.rejection import verify
+from engine.sampler import RowParams
+from engine.sequence import Request
+
+
+@dataclass
+class RowResult:
+    req: Request
+    method: str  # the proposer that drafted ("" for a plain row)
+    k: int  # tokens proposed (may be fewer than planned)
+    accepted: int
+    tokens: list[int]  # accepted draft tokens, then the recovered or bonus token
+    logits: torch.Tensor  # [k + 1, V] target logits (for logprobs)
+
+
+@dataclass
+class StepTiming:
+    propose_s: float
+    target_s: float
+    total_s: float
+
+
+def sampling_keys(reqs: list[Request], k: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Keys of the target's draws at each row's next K+1 positions, and of the acceptance tests
+    at the next K (None when no unseeded sampled row needs them)."""
+    positions = [[r.num_tokens + j for j in range(k + 1)] for r in reqs]
+    seeds = [r.seed for r in reqs]
+    sample = rng.keys(seeds, positions, rng.SAMPLE, device)
+    need_accept = k > 0 and any(not r.params.greedy and r.params.seed is None for r in reqs)
+    accept = rng.keys(seeds, [p[:k] for p in positions], rng.ACCEPT, device) if need_accept else None
+    return sample, accept
+
+
+def row_params(reqs: list[Request], device) -> tuple[RowParams, torch.Tensor]:
+    """Per-row sampling tensors and the coupled flags (seeded sampled rows)."""
+    rp = RowParams.build([r.params for r in reqs], [r.seed for r in reqs], device)
+    coupled = torch.tensor([r.params.seed is not None for r in reqs]).to(device)
+    return rp, coupled
+
+
+def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    """list of [n_i, V] -> [B, max n, V], zero-padded at the end (padding is never read)."""
+    n = max(r.shape[0] for r in rows)
+    if all(r.shape[0] == n for r in rows):
+        return torch.stack(rows)
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+
+
+def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[Request, tuple[int, str]]
+                ) -> tuple[list[RowResult], StepTiming]:
+    """plan: request -> (K, method). Changes state: the target's and proposers' caches grow by what
+    they read (the caller rolls them back to the verified tokens)."""
+    t0 = time.perf_counter()
+    reqs = list(plan)
+    dev = target.device
+    greedy = all(r.params.greedy for r in reqs)
+    # all-greedy steps need no sampling tensors at all: the plain path stays as lean as before
+    rp, coupled = (None, None) if greedy else row_params(reqs, dev)
+    lists: list[list[int]] = [[] for _ in reqs]
+    q_parts: list[tuple[list[int], Proposal]] = []
+    for name, proposer in proposers.items():
+        idx = [i for i, r in enumerate(reqs) if plan[r][0] > 0 and plan[r][1] == name]
+        if not idx:
+            continue
+        sub = None if greedy else rp.select(torch.tensor(idx, device=dev))
+        prop = proposer.propose(StepRows([reqs[i] for i in idx], [plan[reqs[i]][0] for i in idx], sub))
+        for i, toks in zip(idx, prop.token_lists):
+            lists[i] = toks
+        q_parts.append((idx, prop))
+    t1 = time.perf_counter()
+    rows_in = [RowInput(r.seq_id, r.all_ids[target.cached_len(r.seq_id):] + lists[i], len(lists[i]) + 1)
+               for i, r in enumerate(reqs)]
+    per_row = target.forward(rows_in)
+    t2 = time.perf_counter()
+    if greedy:
+        verified = _verify_greedy_host(per_row, lists)
+    else:
+        logits = _stack_padded(per_row)  # [B, K+1, V]
+        kmax = logits.shape[1] - 1
+        draft = torch.tensor([toks + [-1] * (kmax - len(toks)) for toks in lists], dtype=torch.long).to(dev)  # [B, K]
+        num_draft = torch.tensor([len(t) for t in lists], dtype=torch.long).to(dev)
+        q = _gather_q(q_parts, draft, len(reqs), kmax, logits.shape[-1])
+        sample_keys, accept_keys = sampling_keys(reqs, kmax, dev)
+        accepted, tokens = verify(logits, draft, num_draft, q, rp, sample_keys, accept_keys, coupled)
+        host = torch.cat([accepted[:, None], tokens], 1).tolist()  # the step's one host copy
+        verified = [(h[0], h[1: h[0] + 2]) for h in host]
+    out = []
+    for i, r in enumerate(reqs):
+        a, tokens = verified[i]
+        k = len(lists[i])
+        out.append(RowResult(r, plan[r][1] if k else "", k, a, tokens, per_row[i]))
+    t3 = time.perf_counter()
+    return out, StepTiming(t1 - t0, t2 - t1, t3 - t0)
+
+
+def _verify_greedy_host(per_row: list[torch.Tensor], lists: list[list[int]]) -> list[tuple[int, list[int]]]:
+    """Greedy rows: one argmax over the step and one host copy; accept while the draft is the argmax."""
+    n = max(x.shape[0] for x in per_row)
+    if all(x.shape[0] == n for x in per_row):
+        choices = torch.stack(per_row).argmax(-1).tolist()
+    else:
+        choices = torch.cat(per_row).argmax(-1).tolist()
+        lens, choices_flat, choices = [x.shape[0] for x in per_row], choices, []
+        start = 0
+        for m in lens:
+            choices.append(choices_flat[start: start + m])
+            start += m
+    out = []
+    for toks, choice in zip(lists, choices):
+        a = 0
+        while a < len(toks) and toks[a] == choice[a]:
+            a += 1
+        out.append((a, toks[:a] + [choice[a]]))
+    return out
+
+
+def _gather_q(parts: list[tuple[list[int], Proposal]], draft: torch.Tensor, b: int, kmax: int, vocab: int
+              ) -> torch.Tensor | None:
+    """One q [B, K, V] when some proposer sampled from a distribution; deterministic rows get one-hot."""
+    if kmax == 0 or all(p.probs is None for _, p in parts):
+        return None
+    q = torch.zeros(b, kmax, vocab, device=draft.device)
+    for idx, prop in parts:
+        sel = torch.tensor(idx, device=draft.device)
+        if prop.probs is not None:
+            q[sel, : prop.probs.shape[1]] = prop.probs[:, :kmax]
+        else:
+            q[sel] = torch.nn.functional.one_hot(draft[sel].clamp_min(0), vocab).float() * (draft[sel] >= 0)[..., None]
+    return q

@@ -1,0 +1,132 @@
+"""Model-free tests of the rejection rule: 10^5 draws per case on crafted p and q, and proof
+that the test fails under each of three classic broken rules."""
+
+import pytest
+import torch
+
+from engine import rng
+from engine.rejection import next_token_dist, verify_sampled
+from engine.sampler import RowParams, draw, probs_batch
+from engine.config import SamplingParams
+
+N = 100_000
+K = 2
+
+
+def _case_overlapping() -> tuple[torch.Tensor, torch.Tensor]:
+    """p [K+1, V] with zeros, q [K, V] overlapping it, different per position."""
+    p = torch.tensor([[0.30, 0.00, 0.25, 0.20, 0.25, 0.00],
+                      [0.05, 0.40, 0.00, 0.15, 0.10, 0.30],
+                      [0.10, 0.10, 0.30, 0.00, 0.20, 0.30]])
+    q = torch.tensor([[0.10, 0.30, 0.30, 0.10, 0.10, 0.10],
+                      [0.25, 0.15, 0.20, 0.15, 0.25, 0.00]])
+    return p, q
+
+
+def _case_truncated() -> tuple[torch.Tensor, torch.Tensor]:
+    """p and q from logits under top-k 4 and top-p 0.8 (truncation zeros in both, not the same ones)."""
+    g = torch.Generator().manual_seed(3)
+    logits_p = torch.randn(K + 1, 8, generator=g) * 1.5
+    logits_q = logits_p[:K] + torch.randn(K, 8, generator=g)
+    params = SamplingParams(temperature=0.9, top_k=4, top_p=0.8)
+    rp = lambda n: RowParams.build([params] * n, [0] * n, "cpu")  # noqa: E731
+    return probs_batch(logits_p, rp(K + 1)), probs_batch(logits_q, rp(K))
+
+
+def _case_one_hot() -> tuple[torch.Tensor, None]:
+    """A deterministic proposer (n-gram): q one-hot on the proposed token."""
+    p, _ = _case_overlapping()
+    return p, None
+
+
+def _keys(stream: int, n: int) -> torch.Tensor:
+    """[N, n] keys: row i is request seed i at positions 40.. (the engine's keying, in bulk)."""
+    return torch.tensor([[rng.key(i, 40 + j, stream) for j in range(n)] for i in range(N)], dtype=torch.int64)
+
+
+KEYS = {}
+
+
+def _run(p: torch.Tensor, q: torch.Tensor | None, rule=None) -> tuple[list[torch.Tensor], list[int]]:
+    """Empirical law of the emitted token at each position j, among rows that reached j."""
+    if not KEYS:
+        KEYS.update(draft=_keys(rng.DRAFT, K), sample=_keys(rng.SAMPLE, K + 1), accept=_keys(rng.ACCEPT, K))
+    if q is None:
+        draft = torch.tensor([[0, 3]]).repeat(N, 1)  # fixed proposals; 3 has p = 0.15 at position 1
+        q_b = None
+    else:
+        q_b = q[None].expand(N, K, q.shape[-1])
+        draft = draw(q_b, KEYS["draft"])  # [N, K]
+    p_b = p[None].expand(N, K + 1, p.shape[-1])
+    accepted, nxt = verify_sampled(draft, torch.full((N,), K), q_b, p_b, KEYS["sample"], KEYS["accept"], rule)
+    out = torch.cat([draft, torch.zeros(N, 1, dtype=torch.long)], 1)
+    out[torch.arange(N), accepted] = nxt
+    laws = []
+    for j in range(K + 1):
+        reached = accepted >= j
+        laws.append(torch.bincount(out[reached, j], minlength=p.shape[-1]).double() / int(reached.sum()))
+    return laws, [int((accepted >= j).sum()) for j in range(K + 1)]
+
+
+def _worst_excess(p: torch.Tensor, q: torch.Tensor | None, rule=None) -> float:
+    """Largest TV(empirical_j, p_j) over positions, in units of a generous sampling bound."""
+    laws, counts = _run(p, q, rule)
+    v = p.shape[-1]
+    return max(0.5 * float((law - p[j].double()).abs().sum()) / (4 * 0.5 * (v / n) ** 0.5)
+               for j, (law, n) in enumerate(zip(laws, counts)))
+
+
+CASES = {"overlapping": _case_overlapping, "truncated": _case_truncated, "one_hot": _case_one_hot}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_verify_sampled_keeps_the_target_law_at_every_position(case):
+    p, q = CASES[case]()
+    assert _worst_excess(p, q) < 1.0
+
+
+# --- three classic mistakes, kept here only to prove the test above would catch them
+def residual_not_normalised(p_at, q_at, tok_at, rejected):
+    """Inverse-CDF draw over max(0, p - q) without normalising: the missing mass lands on the last id."""
+    right = next_token_dist(p_at, q_at, tok_at, rejected)
+    unnormalised = right.clone()
+    unnormalised[:, -1] += 1.0 - right.sum(-1)
+    return torch.where(rejected[:, None], unnormalised, right)
+
+
+def residual_from_q(p_at, q_at, tok_at, rejected):
+    q_at = torch.zeros_like(p_at).scatter_(-1, tok_at[:, None], 1.0) if q_at is None else q_at
+    return torch.where(rejected[:, None], q_at, p_at)
+
+
+def bonus_from_q(p_at, q_at, tok_at, rejected):
+    q_at = torch.zeros_like(p_at).scatter_(-1, tok_at[:, None], 1.0) if q_at is None else q_at
+    return torch.where(rejected[:, None], next_token_dist(p_at, q_at, tok_at, rejected), q_at)
+
+
+@pytest.mark.parametrize("rule", [residual_not_normalised, residual_from_q, bonus_from_q], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_test_catches_a_broken_rule(case, rule):
+    p, q = CASES[case]()
+    assert _worst_excess(p, q, rule) > 1.0, f"{rule.__name__} went unnoticed"
+
+
+def test_strict_acceptance_never_keeps_a_token_the_target_rules_out():
+    p = torch.tensor([[0.0, 1.0], [0.5, 0.5]])[None].expand(N, 2, 2)
+    q = torch.tensor([[1.0, 0.0]])[None].expand(N, 1, 2)
+    keys = torch.arange(2 * N).view(N, 2) * 0x9E3779B97F4A7C1  # any keys: u > 0 everywhere matters here
+    accepted, nxt = verify_sampled(torch.zeros(N, 1, dtype=torch.long), torch.ones(N, dtype=torch.long), q, p,
+                                   keys, keys[:, :1] + 1)
+    assert int(accepted.sum()) == 0 and bool((nxt == 1).all())
+
+
+def test_uniforms_are_keyed_not_sequenced():
+    k = rng.keys([5, 5, 6], [[10], [10], [10]], rng.SAMPLE)
+    u = rng.uniform(k, 1000)
+    assert torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    big = rng.uniform(rng.keys([1], [list(range(200_000))], rng.ACCEPT))
+    assert abs(float(big.mean()) - 0.5) < 0.005 and abs(float(big.var()) - 1 / 12) < 0.002
+    per_token = rng.uniform(rng.keys([3], [list(range(500))], rng.SAMPLE), 400)  # [1, 500, 400]
+    assert abs(float(per_token.mean()) - 0.5) < 0.005
+    assert rng.key(5, 10, rng.SAMPLE) != rng.key(5, 10, rng.DRAFT) != rng.key(5, 11, rng.DRAFT)
