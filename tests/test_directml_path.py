@@ -17,11 +17,9 @@ from tests.tiny import tiny_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 # Fallback ops the current path still uses on purpose, with why; while non-empty, the cases that hit only these
-# are xfail (never a pass). Empty: every case is a hard assertion.
-PENDING: dict[str, str] = {
-    "multinomial": "engine/sampler.py still draws with torch.multinomial; the exponential race (speculative-step "
-                   "issue, engine/sampler.py) replaces it",
-}
+# are xfail (never a pass). Empty since the exponential race replaced torch.multinomial (engine/sampler.py):
+# every case is a hard assertion.
+PENDING: dict[str, str] = {}
 
 
 def _where() -> str:
@@ -106,6 +104,9 @@ CASES = {
                                                              num_draft_tokens=3), ["Once upon", "Tom found"]),
     "speculative-greedy": (dict(draft=True), SamplingParams(max_new_tokens=12, temperature=0.0, num_draft_tokens=3),
                            ["Once upon"]),
+    "speculative-ngram": (dict(draft=True), SamplingParams(max_new_tokens=12, temperature=0.7, seed=5,
+                                                           num_draft_tokens=3, draft_method="ngram"),
+                          ["the cat the cat the cat", "Tom found a red ball. Tom found"]),
 }
 
 
