@@ -17,7 +17,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    kind: str  # cpu | cuda | directml | mps
+    kind: str  # cpu | cuda (NVIDIA, or AMD through ROCm: torch.cuda either way) | directml | mps
     device: torch.device
     name: str
     reason: str
