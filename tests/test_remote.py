@@ -95,18 +95,37 @@ class DyingServer:
 
     def _handle(self, conn: socket.socket) -> None:
         with conn:
-            request = conn.recv(65536)
+            request = self._read_request(conn)  # all of it: closing on unread bytes would reset the connection
             if request.startswith(b"GET /v1/models"):
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                             % (len(self.MODELS), self.MODELS))
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(self.MODELS), self.MODELS))
                 return
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                         b"connection: close\r\n\r\n")
             for word in (b"Once", b" upon"):
                 event = b'data: {"choices": [{"index": 0, "text": "%s", "finish_reason": null}]}\n\n' % word
                 conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
             if self.mode == "silent":
                 self.release.wait(10)  # holds the connection open, sending nothing
             # "die": the socket closes mid-body, as when the server process is killed
+
+    @staticmethod
+    def _read_request(conn: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return data
 
     def close(self) -> None:
         self.release.set()
