@@ -232,7 +232,8 @@ class RemoteClient:
             generated = int(usage["completion_tokens"]) if usage else len(texts)
             s = _stats_from(stats, ttft, time.perf_counter() - t0, generated)
             ids = token_ids if len(token_ids) == len(texts) else []
-            return FinishEvent(request_id, reason, "".join(texts), ids, s, error=error, tail=tail)
+            # as the engine's: text is everything, tail the part no token event carried
+            return FinishEvent(request_id, reason, "".join(texts) + tail, ids, s, error=error, tail=tail)
 
         try:
             for line in resp.iter_lines():

@@ -69,7 +69,7 @@ class RunResult:
         """The first differing token (or character, when a side sent no token ids); None if identical."""
         if self.by_token or not (self.a.text or self.b.text):
             return first_difference(self.a.token_ids, self.b.token_ids)
-        return first_difference(list(self.a.text + self.a.tail), list(self.b.text + self.b.tail))
+        return first_difference(list(self.a.text), list(self.b.text))
 
 
 def median_speedup(results: list[RunResult]) -> float:

@@ -235,7 +235,7 @@ class CompareTab(QWidget):
                                  f"{sides['a'].label}.")
             self._set_verdict_style("ok")
         elif not result.by_token:  # a server that sends no token ids: compare the text
-            a, b = result.a.text + result.a.tail, result.b.text + result.b.tail
+            a, b = result.a.text, result.b.text
             self.verdict.setText(f"✘ Outputs differ first at character {diff}: A {a[diff:diff + 12]!r} vs "
                                  f"B {b[diff:diff + 12]!r} (the servers sent no token ids).")
             self._set_verdict_style("bad")

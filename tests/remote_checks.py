@@ -19,7 +19,7 @@ def check_stream(url: str, key: str | None, provenance: bool) -> FinishEvent:
     assert tokens and all(isinstance(t, TokenEvent) for t in tokens)
     assert final.stats.num_generated_tokens == 12
     assert final.stats.ttft_s is not None and 0 < final.stats.ttft_s <= final.stats.total_s
-    assert final.text == "".join(t.text for t in tokens)
+    assert final.text == "".join(t.text for t in tokens) + final.tail
     sources = {t.source for t in tokens}
     if provenance:  # Helix sends each token's source and the request's spec stats
         assert sources <= {"draft", "target", "bonus"} and len(final.token_ids) == len(tokens)
