@@ -22,6 +22,7 @@ from engine.stats import SpecDecodingStats
 EMA = 0.8  # weight of the past in step-time averages
 PRIOR_WEIGHT = 8.0  # pseudo-drafts of the shared prior in a request's acceptance estimate
 PROBE_FIRST, PROBE_MAX = 16, 512  # steps of plain decoding between probes of speculation
+RECHECK = 8  # while plain, steps between re-evaluations (each costs ~25 us per method)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -55,6 +56,8 @@ class StepTimes:
     def observe(self, method: str, batch: int, k: int, seconds: float) -> None:
         key = ("plain", bucket(batch), 0) if k == 0 else (method, bucket(batch), k)
         old = self.avg.get(key)
+        if old is not None:  # one stall (another process, a page fault) must not flip the decision
+            seconds = min(max(seconds, 0.5 * old), 2.0 * old)
         self.avg[key] = seconds if old is None else EMA * old + (1 - EMA) * seconds
 
     def plain(self, batch: int) -> float | None:
@@ -62,17 +65,23 @@ class StepTimes:
 
     def predict(self, method: str, batch: int, k: int, slope_prior: float) -> float | None:
         """Seconds for one step at K: measured, else interpolated from the nearest measured K."""
+        return self.predict_all(method, batch, slope_prior)[k]
+
+    def predict_all(self, method: str, batch: int, slope_prior: float) -> list[float | None]:
+        """``predict`` for K = 0..MAX_DRAFT_TOKENS in one pass (None while plain is untimed)."""
         b = bucket(batch)
         t0 = self.avg.get(("plain", b, 0))
-        if k == 0 or t0 is None:
-            return t0 if k == 0 else self.avg.get((method, b, k))
-        if (method, b, k) in self.avg:
-            return self.avg[(method, b, k)]
+        if t0 is None:
+            return [None] * (MAX_DRAFT_TOKENS + 1)
         measured = [(kk, t) for (m, bb, kk), t in self.avg.items() if m == method and bb == b and kk > 0]
-        if not measured:
-            return t0 * (1.0 + slope_prior * k)
-        kk, t = min(measured, key=lambda kt: abs(kt[0] - k))
-        return t0 + max(0.0, t - t0) / kk * k
+        out: list[float | None] = [t0]
+        for k in range(1, MAX_DRAFT_TOKENS + 1):
+            if not measured:
+                out.append(t0 * (1.0 + slope_prior * k))
+                continue
+            kk, t = min(measured, key=lambda kt: abs(kt[0] - k))
+            out.append(t if kk == k else t0 + max(0.0, t - t0) / kk * k)
+        return out
 
 
 @dataclass
@@ -93,6 +102,7 @@ class AdaptiveState:
     plain_steps: int = 0
     probe_every: int = PROBE_FIRST
     probing: bool = False
+    last: Decision | None = None
 
     def observe(self, method: str, k: int, accepted: int) -> None:
         self.stats.setdefault(method, SpecDecodingStats()).observe_draft(k, accepted)
@@ -130,35 +140,50 @@ class Policy:
             return {}
         prior = survival(self.shared.get(method), [alpha ** (i + 1) for i in range(MAX_DRAFT_TOKENS)], PRIOR_WEIGHT)
         s = survival(state.stats.get(method), prior, PRIOR_WEIGHT)
-        out = {0: 1.0}
+        times = self.times.predict_all(method, batch, slope)
+        out, expected = {0: 1.0}, 1.0
         for k in range(1, MAX_DRAFT_TOKENS + 1):
-            t = self.times.predict(method, batch, k, slope)
-            out[k] = (1.0 + sum(s[:k])) * t0 / t if t else 0.0
+            expected += s[k - 1]
+            out[k] = expected * t0 / times[k] if times[k] else 0.0
         return out
 
-    def choose(self, state: AdaptiveState, method: str, batch: int, alpha: float, slope: float) -> Decision:
-        """K for this request's next step (0 = plain) and the reason."""
-        gains = self.gains(state, method, batch, alpha, slope)
-        if not gains:
-            d = Decision(0, method, f"timing plain decoding at batch {batch} first")
+    def choose(self, state: AdaptiveState, methods: dict[str, float], batch: int, alpha: float) -> Decision:
+        """K and method for this request's next step (K 0 = plain) and the reason.
+
+        ``methods``: the proposers the request may use, each with its prior cost slope per drafted
+        token (in plain steps). While plain, the decision is re-evaluated every RECHECK steps only.
+        """
+        if state.last is not None and state.last.k == 0 and state.plain_steps % RECHECK and \
+                state.plain_steps + 1 < state.probe_every:
+            state.plain_steps += 1
+            self.decision = state.last
+            return state.last
+        options = {m: self.gains(state, m, batch, alpha, slope) for m, slope in methods.items()}
+        options = {m: g for m, g in options.items() if g}
+        if not options:
+            d = Decision(0, next(iter(methods)), f"timing plain decoding at batch {batch} first")
         else:
-            k = max(gains, key=gains.get)
+            method, k = max(((m, k) for m, g in options.items() for k in g), key=lambda mk: options[mk[0]][mk[1]])
+            gains = options[method]
             if k > 0:
                 state.plain_steps = 0
                 if not state.probing:
                     state.probe_every = PROBE_FIRST
-                d = Decision(k, method, f"K={k} predicted {gains[k]:.2f}x plain at batch {batch}", gains)
+                d = Decision(k, method, f"{method} K={k} predicted {gains[k]:.2f}x plain at batch {batch}", gains)
             else:
                 state.plain_steps += 1
-                best = max((kk for kk in gains if kk), key=gains.get)
+                method, best = max(((m, kk) for m, g in options.items() for kk in g if kk),
+                                   key=lambda mk: options[mk[0]][mk[1]])
+                gains = options[method]
                 if state.plain_steps >= state.probe_every:  # look again: acceptance or timings may have changed
                     state.plain_steps = 0
                     state.probe_every = min(PROBE_MAX, state.probe_every * 2)
                     state.probing = True
-                    d = Decision(best, method, f"probing K={best} (predicted {gains[best]:.2f}x plain)", gains)
+                    d = Decision(best, method, f"probing {method} K={best} (predicted {gains[best]:.2f}x plain)", gains)
                 else:
-                    d = Decision(0, method, f"plain: best K={best} predicted {gains[best]:.2f}x plain at "
-                                            f"batch {batch}; next probe in {state.probe_every - state.plain_steps} steps",
-                                 gains)
+                    d = Decision(0, method, f"plain: best is {method} K={best}, predicted {gains[best]:.2f}x plain "
+                                            f"at batch {batch}; next probe in {state.probe_every - state.plain_steps} "
+                                            f"steps", gains)
+        state.last = d
         self.decision = d
         return d

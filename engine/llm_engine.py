@@ -28,9 +28,9 @@ from engine.kv_pool import KVPool, KVShape, num_blocks_for
 from engine.model_runner import ModelRunner, RowInput
 from engine.proposers import DraftModelProposer, NgramProposer
 from engine.rejection import verify
-from engine.sampler import top_logprobs
+from engine.sampler import RowParams, top_logprobs
 from engine.scheduler import Scheduler
-from engine.spec_decode import StepTiming, decode_step, row_params, sampling_keys
+from engine.spec_decode import StepTiming, decode_step, sampling_keys
 from engine.sequence import FinishEvent, Request, Status, TokenEvent
 from engine.stats import SpecDecodingStats
 
@@ -273,11 +273,11 @@ class LLMEngine:
         """The token after the prompt, drawn exactly as a plain decode step draws (keyed by its position)."""
         if req.params.greedy:
             return int(logits[-1].argmax())
-        rp, coupled = row_params([req], logits.device)
+        rp = RowParams.build([req.params], logits.device)
         sample_keys, _ = sampling_keys([req], 0, logits.device)
         no_draft = torch.zeros(1, 0, dtype=torch.long, device=logits.device)
         _, tokens = verify(logits[None, -1:], no_draft, torch.zeros(1, dtype=torch.long, device=logits.device),
-                           None, rp, sample_keys, None, coupled)
+                           None, rp, sample_keys, None)
         return int(tokens[0, 0])
 
     def _methods(self, req: Request) -> list[str]:
@@ -297,15 +297,8 @@ class LLMEngine:
         room = max(0, min(req.remaining - 1, self.max_context - req.num_tokens - 1))
         if req.params.num_draft_tokens is not None:
             return min(req.params.num_draft_tokens, room), methods[0]
-        best = None
-        for m in methods:
-            slope = self.verify_cost + (self.draft_cost if m == "model" else 0.0)
-            d = self.policy.choose(req.adaptive, m, batch, self.alpha_prior, slope)
-            gain = d.gains.get(d.k, 0.0)
-            if best is None or gain > best[0]:
-                best = (gain, d)
-        d = best[1]
-        self.policy.decision = d
+        slopes = {m: self.verify_cost + (self.draft_cost if m == "model" else 0.0) for m in methods}
+        d = self.policy.choose(req.adaptive, slopes, batch, self.alpha_prior)
         if d.k == 0 and req.use_draft and self.draft is not None and self.draft.cached_len(req.seq_id):
             self.proposers["model"].release(req)  # plain for now: give the draft's blocks back
         return min(d.k, room), d.method

@@ -46,7 +46,8 @@ def engine_snapshot(engine: LLMEngine) -> dict:
             "target_time_s": round(spec.target_time_s, 6),
         },
         "adaptive": {"alpha_prior": round(engine.alpha_prior, 4), "draft_cost": round(engine.draft_cost, 4),
-                     "verify_cost": round(engine.verify_cost, 4), "recommended_k": engine.recommended_k()[0]},
+                     "verify_cost": round(engine.verify_cost, 4), "recommended_k": engine.recommended_k()[0],
+                     **adaptive_view(engine)},
         "kv": {
             "total": st.total, "used": st.used, "free": st.free, "shared": st.shared,
             "tokens_stored": st.tokens_stored, "slots_allocated": st.slots_allocated,
@@ -59,4 +60,16 @@ def engine_snapshot(engine: LLMEngine) -> dict:
         "draft_kv": None if engine.draft is None else {
             "total": engine.draft.blocks.num_blocks, "used": engine.draft.blocks.num_blocks - engine.draft.blocks.num_free,
         },
+    }
+
+
+def adaptive_view(engine: LLMEngine) -> dict:
+    """The last adaptive decision and why, and the measured step times it decided from."""
+    policy = engine.policy
+    d = policy.decision
+    return {
+        "decision": {"k": d.k, "method": d.method, "reason": d.reason,
+                     "gains": {str(k): round(g, 3) for k, g in d.gains.items()}},
+        "step_ms": {f"{m or 'plain'}/b{b}/k{k}": round(t * 1e3, 3) for (m, b, k), t in sorted(policy.times.avg.items())},
+        "acceptance_by_method": {m: round(s.acceptance_rate, 4) for m, s in policy.shared.items()},
     }

@@ -85,45 +85,52 @@ def verify_sampled(draft_tokens: torch.Tensor, num_draft: torch.Tensor, draft_pr
 
 def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, num_draft: torch.Tensor,
            draft_probs: torch.Tensor | None, rp: RowParams, sample_keys: torch.Tensor,
-           accept_keys: torch.Tensor | None, coupled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+           accept_keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Verify a whole step's rows (plain rows are rows with ``num_draft`` 0).
 
     target_logits [B, K+1, V]; draft_tokens [B, K]; num_draft [B]; draft_probs [B, K, V] or
-    None (all proposals one-hot; only unseeded sampled rows read q); rp: per-row params;
-    sample_keys [B, K+1], accept_keys [B, K] (None when no unseeded sampled row drafted);
-    coupled [B] bool: seeded sampled rows (Gumbel coupling). Returns (accepted [B],
-    tokens [B, K+1]: the accepted draft tokens then the recovered/bonus token).
+    None (all proposals one-hot; only unseeded sampled rows read q); rp: per-row params (a
+    row's seed decides its rule: seeded sampled rows use the Gumbel coupling);
+    sample_keys [B, K+1], accept_keys [B, K] (None when no unseeded sampled row drafted).
+    Returns (accepted [B], tokens [B, K+1]: the accepted draft tokens then the recovered or
+    bonus token).
     """
     b, k1, _ = target_logits.shape
     k = k1 - 1
     dev = target_logits.device
-    greedy = rp.temperature == 0
-    choice = target_logits.argmax(-1)  # [B, K+1]: greedy rows' tokens
-    sampled = (~greedy).nonzero().squeeze(1)
-    if k == 0:  # a plain step: no acceptance to decide
-        if sampled.numel():
-            choice[sampled] = draw(probs_batch(target_logits[sampled], rp.select(sampled)), sample_keys[sampled])
+    sampled = rp.rows(lambda p: not p.greedy)
+    greedy = len(sampled) < b
+    if len(sampled) == b:
+        choice = torch.empty(b, k1, dtype=torch.long, device=dev)
+    else:
+        choice = target_logits.argmax(-1)  # [B, K+1]: greedy rows' tokens
+    if sampled:
+        s_idx = torch.tensor(sampled, device=dev) if greedy else slice(None)
+        sub = rp.select(sampled) if greedy else rp
+        p = probs_batch(target_logits[s_idx], sub)  # [S, K+1, V]
+        if k == 0:  # a plain step: one draw per row, no acceptance to decide
+            choice[s_idx] = draw(p, sample_keys[s_idx])
+            return torch.zeros(b, dtype=torch.long, device=dev), choice
+        # seeded rows: the target's own Gumbel-max sample at every position (the coupling)
+        seeded = [n for n, i in enumerate(sampled) if rp.host[i].seed is not None]
+        if seeded:
+            rows_t = torch.tensor([sampled[n] for n in seeded], device=dev)
+            choice[rows_t] = draw(p[torch.tensor(seeded, device=dev)], sample_keys[rows_t])
+    if k == 0:
         return torch.zeros(b, dtype=torch.long, device=dev), choice
     j = torch.arange(k1, device=dev)
-    accepted = torch.zeros(b, dtype=torch.long, device=dev)
-    nxt = torch.zeros(b, dtype=torch.long, device=dev)
-    if sampled.numel():
-        p = probs_batch(target_logits[sampled], rp.select(sampled))  # [S, K+1, V]
-        # seeded rows: the target's own Gumbel-max sample at every position
-        choice[sampled] = draw(p, sample_keys[sampled])
-        plain_rule = (~coupled[sampled]).nonzero().squeeze(1)
-        if plain_rule.numel():
-            rows = sampled[plain_rule]
-            q = None if draft_probs is None else draft_probs[rows]
-            a, t = verify_sampled(draft_tokens[rows], num_draft[rows], q, p[plain_rule], sample_keys[rows],
-                                  accept_keys[rows])
-            accepted[rows] = a
-            nxt[rows] = t
-    by_choice = greedy | coupled
     ok = (draft_tokens == choice[:, :k]) & (j[None, :k] < num_draft[:, None])
-    acc_choice = accepted_prefix(ok)
-    accepted = torch.where(by_choice, acc_choice, accepted)
-    nxt = torch.where(by_choice, choice.gather(1, acc_choice[:, None]).squeeze(1), nxt)
+    accepted = accepted_prefix(ok)
+    nxt = choice.gather(1, accepted[:, None]).squeeze(1)
+    by_rule = [n for n, i in enumerate(sampled) if rp.host[i].seed is None]  # unseeded: rejection sampling
+    if by_rule:
+        rows = [sampled[n] for n in by_rule]
+        r_idx = torch.tensor(rows, device=dev)
+        q = None if draft_probs is None else draft_probs[r_idx]
+        a, t = verify_sampled(draft_tokens[r_idx], num_draft[r_idx], q, p[torch.tensor(by_rule, device=dev)],
+                              sample_keys[r_idx], accept_keys[r_idx])
+        accepted[r_idx] = a
+        nxt[r_idx] = t
     tokens = torch.cat([draft_tokens.clamp_min(0), torch.zeros_like(nxt)[:, None]], 1)
     tokens.scatter_(1, accepted[:, None], nxt[:, None])
     return accepted, tokens

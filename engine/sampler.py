@@ -17,31 +17,35 @@ from engine.config import SamplingParams
 
 @dataclass
 class RowParams:
-    """Per-row sampling settings as tensors: ``[B]`` each (rows of a step, on one device)."""
+    """Per-row sampling settings as tensors ``[B]`` (rows of a step, on one device), with the
+    host-side settings they came from so that row selections never need a device sync."""
 
     temperature: torch.Tensor  # float32; 0 = greedy
     top_p: torch.Tensor  # float32
     top_k: torch.Tensor  # int64; 0 = off
-    seeds: torch.Tensor  # int64
+    host: list[SamplingParams]
 
     @classmethod
-    def build(cls, params: list[SamplingParams], seeds: list[int], device) -> RowParams:
-        t = torch.tensor([[p.temperature, p.top_p] for p in params], dtype=torch.float32).to(device)
-        i = torch.tensor([[p.top_k, s] for p, s in zip(params, seeds)], dtype=torch.int64).to(device)
-        return cls(t[:, 0], t[:, 1], i[:, 0], i[:, 1])
+    def build(cls, params: list[SamplingParams], device) -> RowParams:
+        t = torch.tensor([[p.temperature, p.top_p, p.top_k] for p in params], dtype=torch.float32).to(device)
+        return cls(t[:, 0], t[:, 1], t[:, 2].long(), list(params))
 
-    def select(self, idx: torch.Tensor) -> RowParams:
-        return RowParams(self.temperature[idx], self.top_p[idx], self.top_k[idx], self.seeds[idx])
+    def select(self, rows: list[int]) -> RowParams:
+        idx = torch.tensor(rows, device=self.temperature.device)
+        return RowParams(self.temperature[idx], self.top_p[idx], self.top_k[idx], [self.host[i] for i in rows])
 
-    def needs_sort(self, vocab: int) -> bool:
-        return bool(((self.top_p < 1.0) | ((self.top_k > 0) & (self.top_k < vocab))).any())
+    def rows(self, predicate) -> list[int]:
+        return [i for i, p in enumerate(self.host) if predicate(p)]
+
+    def truncates(self, vocab: int) -> bool:
+        return any(p.top_p < 1.0 or 0 < p.top_k < vocab for p in self.host)
 
 
-def probs_batch(logits: torch.Tensor, rp: RowParams, sort: bool | None = None) -> torch.Tensor:
+def probs_batch(logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
     """``[B, ..., V]`` logits -> ``[B, ..., V]`` float32 probabilities under each row's transform.
 
-    Rows must have temperature > 0 (greedy rows are an argmax and never come here).
-    ``sort``: whether any row truncates (top-k / top-p); None works it out (one host sync).
+    Rows must have temperature > 0 (greedy rows are an argmax and never come here); the sort
+    that top-k / top-p need runs only when some row truncates.
     """
     shape = logits.shape
     vocab = shape[-1]
@@ -51,9 +55,7 @@ def probs_batch(logits: torch.Tensor, rp: RowParams, sort: bool | None = None) -
     per = lambda t: t[:, None].expand(b, extra).reshape(-1, 1)  # noqa: E731  [B] -> [B*extra, 1]
     # subtract the max first: tiny temperatures then give -inf for the rest, never inf - inf = nan
     x = (x - x.max(-1, keepdim=True).values) / per(rp.temperature)
-    if sort is None:
-        sort = rp.needs_sort(vocab)
-    if sort:
+    if rp.truncates(vocab):
         sorted_x, order = torch.sort(x, dim=-1, descending=True)
         k = per(torch.where((rp.top_k > 0) & (rp.top_k < vocab), rp.top_k, vocab))
         kth = sorted_x.gather(-1, k - 1)
@@ -83,7 +85,7 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     if params.temperature == 0:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     flat = logits.reshape(-1, logits.shape[-1])
-    rp = RowParams.build([params] * flat.shape[0], [0] * flat.shape[0], logits.device)
+    rp = RowParams.build([params] * flat.shape[0], logits.device)
     return probs_batch(flat, rp).view(logits.shape)
 
 

@@ -44,16 +44,11 @@ def sampling_keys(reqs: list[Request], k: int, device) -> tuple[torch.Tensor, to
     return sample, accept
 
 
-def row_params(reqs: list[Request], device) -> tuple[RowParams, torch.Tensor]:
-    """Per-row sampling tensors and the coupled flags (seeded sampled rows)."""
-    rp = RowParams.build([r.params for r in reqs], [r.seed for r in reqs], device)
-    coupled = torch.tensor([r.params.seed is not None for r in reqs]).to(device)
-    return rp, coupled
-
-
 def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
     """list of [n_i, V] -> [B, max n, V], zero-padded at the end (padding is never read)."""
     n = max(r.shape[0] for r in rows)
+    if len(rows) == 1:
+        return rows[0][None]
     if all(r.shape[0] == n for r in rows):
         return torch.stack(rows)
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
@@ -68,14 +63,14 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     dev = target.device
     greedy = all(r.params.greedy for r in reqs)
     # all-greedy steps need no sampling tensors at all: the plain path stays as lean as before
-    rp, coupled = (None, None) if greedy else row_params(reqs, dev)
+    rp = None if greedy else RowParams.build([r.params for r in reqs], dev)
     lists: list[list[int]] = [[] for _ in reqs]
     q_parts: list[tuple[list[int], Proposal]] = []
     for name, proposer in proposers.items():
         idx = [i for i, r in enumerate(reqs) if plan[r][0] > 0 and plan[r][1] == name]
         if not idx:
             continue
-        sub = None if greedy else rp.select(torch.tensor(idx, device=dev))
+        sub = None if greedy else rp.select(idx)
         prop = proposer.propose(StepRows([reqs[i] for i in idx], [plan[reqs[i]][0] for i in idx], sub))
         for i, toks in zip(idx, prop.token_lists):
             lists[i] = toks
@@ -94,7 +89,7 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         num_draft = torch.tensor([len(t) for t in lists], dtype=torch.long).to(dev)
         q = _gather_q(q_parts, draft, len(reqs), kmax, logits.shape[-1])
         sample_keys, accept_keys = sampling_keys(reqs, kmax, dev)
-        accepted, tokens = verify(logits, draft, num_draft, q, rp, sample_keys, accept_keys, coupled)
+        accepted, tokens = verify(logits, draft, num_draft, q, rp, sample_keys, accept_keys)
         host = torch.cat([accepted[:, None], tokens], 1).tolist()  # the step's one host copy
         verified = [(h[0], h[1: h[0] + 2]) for h in host]
     out = []

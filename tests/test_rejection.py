@@ -29,7 +29,7 @@ def _case_truncated() -> tuple[torch.Tensor, torch.Tensor]:
     logits_p = torch.randn(K + 1, 8, generator=g) * 1.5
     logits_q = logits_p[:K] + torch.randn(K, 8, generator=g)
     params = SamplingParams(temperature=0.9, top_k=4, top_p=0.8)
-    rp = lambda n: RowParams.build([params] * n, [0] * n, "cpu")  # noqa: E731
+    rp = lambda n: RowParams.build([params] * n, "cpu")  # noqa: E731
     return probs_batch(logits_p, rp(K + 1)), probs_batch(logits_q, rp(K))
 
 

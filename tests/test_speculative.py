@@ -225,9 +225,9 @@ def test_rejection_rule_on_crafted_logits():
     from engine.sampler import RowParams
 
     logits = torch.tensor([[[0.0, 9.0, 0.0], [0.0, 0.0, 9.0], [9.0, 0.0, 0.0]]]).repeat(2, 1, 1)  # argmax 1, 2, 0
-    rp = RowParams.build([SamplingParams(temperature=0)] * 2, [0, 0], "cpu")
-    keys, coupled, k = torch.zeros(2, 3, dtype=torch.long), torch.tensor([False, False]), torch.tensor([2, 2])
-    accepted, tokens = verify(logits, torch.tensor([[1, 2], [1, 0]]), k, None, rp, keys, None, coupled)
+    rp = RowParams.build([SamplingParams(temperature=0)] * 2, "cpu")
+    keys, k = torch.zeros(2, 3, dtype=torch.long), torch.tensor([2, 2])
+    accepted, tokens = verify(logits, torch.tensor([[1, 2], [1, 0]]), k, None, rp, keys, None)
     assert accepted.tolist() == [2, 1]  # all accepted + bonus; early mismatch at position 1
     assert tokens.tolist() == [[1, 2, 0], [1, 2, 0]]
 

@@ -44,13 +44,13 @@ class DraftModelProposer:
             s_rows = [(n, i) for n, i in enumerate(active) if i in streams]
             if s_rows:
                 local = torch.tensor([n for n, _ in s_rows], device=dev)
-                s = torch.tensor([i for _, i in s_rows], device=dev)
+                s = [i for _, i in s_rows]
                 probs = probs_batch(logits[local], rows.rp.select(s))  # [S, V]
                 keys = torch.tensor([rng.key(rows.reqs[i].seed, rows.reqs[i].num_tokens + j, streams[i])
                                      for _, i in s_rows], dtype=torch.int64).to(dev)
                 tokens[local] = draw(probs, keys)
                 if q is not None:
-                    q[s, j] = probs
+                    q[torch.tensor(s, device=dev), j] = probs
             for i, t in zip(active, tokens.tolist()):
                 lists[i].append(t)
         return Proposal(lists, q)
