@@ -336,7 +336,7 @@ class ChatTab(QWidget):
         else:
             if final.finish_reason == "error":  # keep what was written, and say why it ended
                 self.message.emit("error", f"The reply stopped with an error: {final.error}")
-            reply = Message("assistant", final.text + final.tail, runs, stats, final.finish_reason)
+            reply = Message("assistant", final.text, runs, stats, final.finish_reason)  # final.text includes the tail
             self.conv.messages.append(reply)
             self.conv.model = self.bridge.model_name or self.conv.model
             self.transcript.show_stats(text)
