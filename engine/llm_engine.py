@@ -18,7 +18,7 @@ from collections import deque
 
 import torch
 
-from engine import cleanup, observe
+from engine import cleanup, observe, prefill
 from engine.adaptive import Policy, best_k
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, SamplingParams
@@ -75,6 +75,8 @@ class LLMEngine:
         self.verify_cost = 0.1
         self.alpha_prior = 0.6
         self.stopped = False
+        self._prefilled_last = False
+        self._first_logits: dict[Request, torch.Tensor] = {}  # prompt's last logits until the draft catches up
         self.device_name = device_kind
         self.dtype_name = str(next(target_model.parameters()).dtype).removeprefix("torch.")
 
@@ -172,8 +174,7 @@ class LLMEngine:
             sink=sink,
             use_draft=self.draft is not None and params.speculative and params.draft_method in ("model", "auto"),
         )
-        if not self.scheduler.fits_alone(req):
-            raise PromptTooLong(f"prompt of {len(prompt_ids)} tokens does not fit the KV cache; raise the KV budget")
+        self._admit_or_refuse(req)
         with self._lock:
             if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
                 raise QueueFull(f"the queue is full ({self.config.max_waiting} waiting requests); retry shortly")
@@ -181,6 +182,23 @@ class LLMEngine:
             self._live[req.request_id] = req
         logger.debug("[%s] queued: %d prompt tokens, %s", req.request_id, len(prompt_ids), params)
         return req
+
+    def _admit_or_refuse(self, req: Request) -> None:
+        """Refuse up front a request that could not finish even alone in the KV cache (4xx naming the
+        limit) instead of failing it mid-way; a draft pool too small for it just means no model drafting."""
+        n, m = len(req.prompt_ids), req.params.max_new_tokens
+        extra = self.scheduler.lookahead + 1  # room for one speculative step past the last token
+        need = min(n + m, self.max_context) + extra
+        blocks = self.target.blocks
+        if blocks.blocks_needed(need) > blocks.num_blocks:
+            cap = blocks.num_blocks * blocks.block_size
+            fix = (f"lower max_new_tokens to at most {cap - n - extra}" if cap - n - extra >= 1
+                   else f"shorten the prompt to under {cap - extra} tokens")
+            raise PromptTooLong(
+                f"prompt ({n} tokens) + max_new_tokens ({m}) needs {need} tokens of KV cache, but it holds {cap} "
+                f"tokens; {fix}, or raise the KV budget (--kv-cache-tokens)")
+        if req.use_draft and self.draft.blocks.blocks_needed(need) > self.draft.blocks.num_blocks:
+            req.use_draft = False
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; it finishes with reason ``cancelled`` at the next step."""
@@ -201,7 +219,7 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> None:
-        """Advance: cancellations, then a prefill step if anyone was admitted, else a decode step."""
+        """Advance: cancellations, admission, then a prefill chunk or a decode step (alternating)."""
         with self._lock:
             while self._inbox:
                 self.scheduler.waiting.append(self._inbox.popleft())
@@ -211,12 +229,17 @@ class LLMEngine:
             if req is not None and req.status is not Status.FINISHED:
                 self._finish(req, "cancelled")
         self._fail_unfittable()
-        admitted = self.scheduler.admit()
-        if admitted:
-            self._guarded(admitted, self._prefill)
-        elif self.scheduler.running:
-            rows = list(self.scheduler.running)
-            self._guarded(rows, self._decode)
+        for req in self.scheduler.admit():
+            req.prefilled = False
+        prefilling = [r for r in self.scheduler.running if not r.prefilled]
+        decoding = [r for r in self.scheduler.running if r.prefilled]
+        # prefill chunks and decode steps alternate, so a long prompt never stalls the others
+        if prefilling and (not decoding or not self._prefilled_last):
+            self._prefilled_last = True
+            self._guarded(prefilling, self._prefill)
+        elif decoding:
+            self._prefilled_last = False
+            self._guarded(decoding, self._decode)
 
     def _fail_unfittable(self) -> None:
         if not self.scheduler.running and self.scheduler.waiting:
@@ -232,8 +255,13 @@ class LLMEngine:
             oom = cleanup.is_out_of_memory(exc)
             logger.error("step failed for %s: %s", [r.request_id for r in reqs], exc, exc_info=not oom)
             cleanup.cleanup_memory(self.target.device)
-            msg = ("device out of memory: lower max_new_tokens or batch size, or use a smaller model"
-                   if oom else f"internal error: {type(exc).__name__}: {exc}")
+            msg = f"internal error: {type(exc).__name__}: {exc}"
+            if oom and fn == self._prefill:
+                msg = (f"device out of memory while reading the prompt (up to {prefill.CHUNK} tokens a step): "
+                       "lower the KV budget (--kv-cache-tokens) or use a smaller model or dtype")
+            elif oom:
+                msg = (f"device out of memory decoding {len(reqs)} requests at once: send fewer at a time, "
+                       "lower max_new_tokens, or use a smaller model or dtype")
             for req in reqs:
                 if req.status is not Status.FINISHED:
                     self._finish(req, "error", msg)
@@ -243,31 +271,30 @@ class LLMEngine:
             self.fault_hook(stage, reqs)
 
     def _prefill(self, reqs: list[Request]) -> None:
+        """One chunk of every prefilling request (oldest first, CHUNK tokens per model); a request whose
+        prompt is complete gets its first token, drawn as a decode step would draw it."""
         self._fault("prefill", reqs)
-        runners = [(self.target, reqs)]
-        if self.draft is not None:
-            runners.append((self.draft, [r for r in reqs if r.use_draft]))
-        target_logits = None
-        for runner, group in runners:
-            if not group:
-                continue
-            rows = []
-            for req in group:
-                ids = req.prefill_ids
-                if req.seq_id not in runner.blocks.tables:
-                    runner.blocks.allocate(req.seq_id)
-                    cached = runner.blocks.match_prefix(req.seq_id, ids)
-                    if runner is self.target and not req.output_ids:
-                        req.stats.num_cached_prompt_tokens = cached
-                rows.append(RowInput(req.seq_id, ids[runner.cached_len(req.seq_id):], 1))
-            logits = runner.forward(rows)
-            for req in group:
-                runner.blocks.register_prefix(req.seq_id, req.prompt_ids)
-            if runner is self.target:
-                target_logits = logits
-        for req, logits in zip(reqs, target_logits):
-            if not req.output_ids:  # fresh request: its first token comes from the prompt's last logits
-                self._emit(req, [self._first_token(req, logits)], logits[-1:], "target")
+        drafting = [r for r in reqs if r.use_draft and self.draft is not None]
+        plans = [(self.target, prefill.plan_chunks(self.target, reqs, record_cached=True)),
+                 (self.draft, prefill.plan_chunks(self.draft, drafting) if drafting else {})]
+        while any(prefill.blocks_needed(runner, plan) > runner.blocks.num_free for runner, plan in plans if plan):
+            victim = self.scheduler.preempt_newest()
+            if victim is None:
+                raise KVCacheExhausted("the KV cache cannot hold this prompt; raise the KV budget (--kv-cache-tokens)")
+            self._release_proposers(victim)
+            self._first_logits.pop(victim, None)
+            for _, plan in plans:
+                plan.pop(victim, None)
+        self._first_logits.update(prefill.run_chunks(self.target, plans[0][1]))
+        if plans[1][1]:
+            prefill.run_chunks(self.draft, plans[1][1])
+        for req in reqs:
+            if req.status is Status.RUNNING and prefill.complete(self.target, req) and \
+                    (not req.use_draft or prefill.complete(self.draft, req)):
+                req.prefilled = True
+                logits = self._first_logits.pop(req, None)
+                if not req.output_ids and logits is not None:  # fresh request: its first token
+                    self._emit(req, [self._first_token(req, logits)], logits[-1:], "target")
 
     def _first_token(self, req: Request, logits: torch.Tensor) -> int:
         """The token after the prompt, drawn exactly as a plain decode step draws (keyed by its position)."""
@@ -391,6 +418,7 @@ class LLMEngine:
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         self.scheduler.remove(req)
         self._release_proposers(req)
+        self._first_logits.pop(req, None)
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.error = error

@@ -66,6 +66,7 @@ class Request:
     stats: RequestStats = field(default_factory=RequestStats)
     adaptive: AdaptiveState = field(default_factory=AdaptiveState)
     arrival: float = field(default_factory=time.perf_counter)
+    prefilled: bool = False  # the whole prompt (or, after a preemption, all but the last token) is cached
     seed: int = 0  # keys every random draw of this request (engine.rng); the user's seed or a fresh one
     cancel_requested: bool = False
 
