@@ -160,11 +160,14 @@ class ChartsTab(QWidget):
             f"KV {kv.get('used', 0)}/{kv.get('total', 0)} blocks")
         adaptive = snap.get("adaptive")
         if adaptive:
+            decision = adaptive.get("decision") or {}
+            why = f" Last decision: {decision['reason']}." if decision.get("reason") else ""
+            by_method = ", ".join(f"{m} {a * 100:.0f}%" for m, a in (adaptive.get("acceptance_by_method") or {}).items())
             self.adaptive_label.setText(
                 f"Adaptive draft length: the engine recommends K = {adaptive.get('recommended_k')} "
                 f"(acceptance prior α = {adaptive.get('alpha_prior', 0):.2f}, draft cost "
                 f"{adaptive.get('draft_cost', 0):.2f} and verify cost {adaptive.get('verify_cost', 0):.2f} "
-                "of a target step).")
+                f"of a target step).{why}" + (f" Acceptance by method: {by_method}." if by_method else ""))
 
     def showEvent(self, event) -> None:  # noqa: N802 (Qt override)
         super().showEvent(event)

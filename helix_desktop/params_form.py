@@ -10,6 +10,7 @@ from engine.config import MAX_DRAFT_TOKENS, MAX_NEW_TOKENS_CAP, SamplingParams
 from helix_desktop.settings import AppSettings
 
 ADAPTIVE = "Adaptive"
+METHODS = (("Auto", "auto"), ("Draft model", "model"), ("N-gram lookup", "ngram"))
 
 
 class ParamsForm(QWidget):
@@ -44,6 +45,12 @@ class ParamsForm(QWidget):
         for k in range(1, MAX_DRAFT_TOKENS + 1):
             self.draft_len.addItem(str(k), k)
         self.draft_len.setToolTip("Tokens the draft proposes per step; Adaptive picks K from measured acceptance")
+        self.draft_method = QComboBox()
+        for label, method in METHODS:
+            self.draft_method.addItem(label, method)
+        self.draft_method.setToolTip("What proposes the draft tokens: the draft model, n-gram lookup (repeats text "
+                                     "already in the prompt or reply; needs no draft model), or Auto (the faster, "
+                                     "as measured)")
         form.addRow("Max new tokens", self.max_new_tokens)
         form.addRow("Temperature", self.temperature)
         form.addRow("Top-p", self.top_p)
@@ -55,6 +62,7 @@ class ParamsForm(QWidget):
         else:
             self.speculative.hide()
         form.addRow("Draft length", self.draft_len)
+        form.addRow("Draft method", self.draft_method)
 
     def params(self, speculative: bool | None = None, seed: int | None = None) -> SamplingParams:
         """Validated parameters; raises InvalidRequest with a message fit for the banner."""
@@ -68,6 +76,7 @@ class ParamsForm(QWidget):
             seed=seed,
             speculative=self.speculative.isChecked() if speculative is None else speculative,
             num_draft_tokens=self.draft_len.currentData(),
+            draft_method=self.draft_method.currentData(),
         )
 
     def concrete_seed(self) -> int:
@@ -87,6 +96,8 @@ class ParamsForm(QWidget):
         self.speculative.setChecked(settings.get_bool(f"{prefix}/speculative", True))
         k = settings.get_int(f"{prefix}/num_draft_tokens", 0, 0, MAX_DRAFT_TOKENS)
         self.draft_len.setCurrentIndex(k)
+        method = settings.get_str(f"{prefix}/draft_method", "auto")
+        self.draft_method.setCurrentIndex(max(0, self.draft_method.findData(method)))
 
     def save(self, settings: AppSettings, prefix: str) -> None:
         settings.set(f"{prefix}/max_new_tokens", self.max_new_tokens.value())
@@ -96,3 +107,4 @@ class ParamsForm(QWidget):
         settings.set(f"{prefix}/seed", self.seed.value())
         settings.set(f"{prefix}/speculative", self.speculative.isChecked())
         settings.set(f"{prefix}/num_draft_tokens", self.draft_len.currentData() or 0)
+        settings.set(f"{prefix}/draft_method", self.draft_method.currentData())

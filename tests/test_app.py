@@ -242,6 +242,7 @@ def test_charts_and_kv_view_follow_the_engine(qtbot, window):
     qtbot.waitUntil(lambda: window.metrics.tokens_seen >= 1, timeout=5000)
     assert window.metrics.kv_total[-1] > 0
     assert "recommends K" in window.charts_tab.adaptive_label.text()
+    assert "Last decision:" in window.charts_tab.adaptive_label.text()  # the adaptive choice and why
     window.tabs.setCurrentWidget(window.kv_tab)
     window.kv_tab.refresh()
     assert window.kv_tab.grid.total > 0 and "free" in window.kv_tab.counts.text()
@@ -251,11 +252,13 @@ def test_settings_persist_and_corrupt_file_is_reset(qtbot, settings_dir):
     w = _make_window(settings_dir)
     w.generate_tab.form.max_new_tokens.setValue(77)
     w.generate_tab.form.draft_len.setCurrentIndex(3)
+    w.generate_tab.form.draft_method.setCurrentIndex(w.generate_tab.form.draft_method.findData("ngram"))
     w.server_tab.port.setValue(8123)
     w.close()
     w = _make_window(settings_dir)
     assert w.generate_tab.form.max_new_tokens.value() == 77
     assert w.generate_tab.form.draft_len.currentData() == 3
+    assert w.generate_tab.form.params().draft_method == "ngram"
     assert w.server_tab.port.value() == 8123
     w.close()
     (settings_dir / "settings.ini").write_bytes(b"\xff\xfe\x00garbage")

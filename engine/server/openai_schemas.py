@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.server.schemas import (
     MAX_BATCH_PROMPTS,
     MAX_STOP_STRINGS,
+    DraftMethod,
     IgnoreEos,
     MaxNewTokens,
     NumDraftTokens,
@@ -54,6 +55,7 @@ class OpenAIFields(BaseModel):
     top_k: TopK = 0
     speculative: Speculative = True
     num_draft_tokens: NumDraftTokens = None
+    draft_method: DraftMethod = "auto"
     ignore_eos: IgnoreEos = False
 
     @property

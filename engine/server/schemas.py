@@ -39,6 +39,10 @@ Speculative = Annotated[bool, Field(description="Use the draft model (speculativ
 NumDraftTokens = Annotated[int | None, Field(ge=1, le=MAX_DRAFT_TOKENS,
                                              description=f"Draft tokens proposed per step (1..{MAX_DRAFT_TOKENS}); "
                                              "null = adaptive.")]
+DraftMethod = Annotated[Literal["auto", "model", "ngram"],
+                        Field(description="What proposes draft tokens: the draft model, n-gram prompt lookup (repeats "
+                              "text already in the prompt or output; needs no draft model), or auto (adaptive picks "
+                              "by measured speed).")]
 IgnoreEos = Annotated[bool, Field(description="Keep generating past the end-of-sequence token (benchmarks).")]
 FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
 Source = Literal["draft", "target", "bonus"]
@@ -66,6 +70,7 @@ class SamplingFields(BaseModel):
     stop: StopList = []
     speculative: Speculative = True
     num_draft_tokens: NumDraftTokens = None
+    draft_method: DraftMethod = "auto"
     ignore_eos: IgnoreEos = False
 
     def sampling_params(self) -> SamplingParams:

@@ -61,7 +61,8 @@ def sampling_params(body: OpenAIFields, max_new_tokens: int, logprobs: int | Non
     stop = stop if len(stop) <= MAX_STOP_STRINGS else body.stop_tuple  # the client's own stops come first
     return make_sampling_params(max_new_tokens=max_new_tokens, temperature=body.temperature, top_p=body.top_p,
                                 top_k=body.top_k, seed=seed, stop=stop, speculative=body.speculative,
-                                num_draft_tokens=body.num_draft_tokens, ignore_eos=body.ignore_eos, logprobs=logprobs)
+                                num_draft_tokens=body.num_draft_tokens, draft_method=body.draft_method,
+                                ignore_eos=body.ignore_eos, logprobs=logprobs)
 
 
 def fan_out(prompts: Sequence, body: OpenAIFields, max_new_tokens: int, logprobs: int | None,

@@ -1,0 +1,64 @@
+"""Proposers: n-gram prompt lookup (unit), an engine with no draft model drafting by n-gram, and the
+draft_method field over the API. Exactness per proposer is in test_speculative.py."""
+
+import httpx
+import pytest
+
+from engine import SamplingParams
+from engine.errors import InvalidRequest
+from engine.proposers.ngram import lookup
+from tests.tiny import tiny_engine
+
+
+def test_lookup_takes_the_longest_most_recent_match():
+    ids = [1, 2, 3, 9, 1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
+    assert lookup(ids, 3) == [4, 5, 6]  # "1 2 3" last seen before 4 5 6 (not before 9)
+    assert lookup([5, 6, 7, 8, 9, 6, 7], 2) == [8, 9]  # n = 2 beats n = 1 ("7" alone also matches)
+    assert lookup([1, 2, 3, 4], 3) == []  # nothing repeats
+    assert lookup([7], 3) == []
+
+
+def test_lookup_continues_a_repeating_pattern_past_the_end():
+    assert lookup([1, 2, 1, 2, 1], 5) == [2, 1, 2, 1, 2]  # period 2, carried on
+
+
+def test_engine_without_a_draft_model_drafts_by_ngram_exactly():
+    eng = tiny_engine(draft=False)
+    prompt = "The cat sat on the mat and looked at the moon. The cat sat on the mat and"
+    plain = eng.generate(prompt, SamplingParams(max_new_tokens=60, temperature=0, speculative=False,
+                                                ignore_eos=True))
+    for method, k in (("ngram", 4), ("ngram", None), ("auto", None)):
+        res = eng.generate(prompt, SamplingParams(max_new_tokens=60, temperature=0, num_draft_tokens=k,
+                                                  draft_method=method, ignore_eos=True))
+        assert res.token_ids == plain.token_ids, (method, k)
+    fixed = eng.generate(prompt, SamplingParams(max_new_tokens=60, temperature=0, num_draft_tokens=4,
+                                                draft_method="ngram", ignore_eos=True))
+    assert fixed.stats.num_drafts > 0 and fixed.stats.num_accepted_tokens > 0
+    model_only = eng.generate(prompt, SamplingParams(max_new_tokens=10, temperature=0, draft_method="model"))
+    assert model_only.stats.num_drafts == 0  # no draft model: plain, never an error
+    with pytest.raises(InvalidRequest, match="draft_method must be one of"):
+        SamplingParams(draft_method="eagle")
+
+
+def test_draft_method_over_the_api():
+    from engine.host import EngineHost
+    from engine.server import ServerRunner
+
+    host = EngineHost()
+    host.adopt(tiny_engine(draft=False))
+    runner = ServerRunner(host, port=0)
+    runner.start()
+    try:
+        body = {"prompt": "Once upon a time. Once upon a time. Once upon", "max_new_tokens": 24, "temperature": 0,
+                "ignore_eos": True, "num_draft_tokens": 3}
+        plain = httpx.post(f"{runner.url}/generate", json={**body, "speculative": False}, timeout=30).json()
+        ngram = httpx.post(f"{runner.url}/generate", json={**body, "draft_method": "ngram"}, timeout=30).json()
+        assert ngram["token_ids"] == plain["token_ids"] and ngram["stats"]["num_drafts"] > 0
+        bad = httpx.post(f"{runner.url}/generate", json={**body, "draft_method": "eagle"}, timeout=30)
+        assert bad.status_code == 422 and "draft_method" in bad.text
+        chat = httpx.post(f"{runner.url}/v1/completions", json={"prompt": body["prompt"], "max_tokens": 8,
+                                                                "temperature": 0, "draft_method": "ngram"}, timeout=30)
+        assert chat.status_code == 200
+    finally:
+        runner.stop()
+        host.shutdown()
