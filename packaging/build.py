@@ -57,6 +57,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def lock_for(variant: str, platform: str = sys.platform) -> Path:
+    """The lock the build installs through (README: Reproducible installs): the tested versions, not today's."""
+    if platform.startswith("win"):
+        return REPO / "requirements" / ("lock-windows-directml.txt" if variant == "directml" else "lock-windows-cpu.txt")
+    return REPO / "requirements" / "lock-linux-cpu.txt"
+
+
+def constraints_for(args: argparse.Namespace) -> Path:
+    """The variant's lock; rocm drops its torch pin (AMD's index has its own torch versions)."""
+    lock = lock_for(args.variant)
+    if args.variant != "rocm":
+        return lock
+    args.work.mkdir(parents=True, exist_ok=True)
+    kept = [ln for ln in lock.read_text(encoding="utf-8").splitlines() if not ln.startswith("torch==")]
+    rocm = args.work / "constraints-rocm.txt"
+    rocm.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    return rocm
+
+
 def venv_python(venv: Path) -> Path:
     return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
@@ -73,11 +92,13 @@ def make_venv(args: argparse.Namespace) -> Path:
         shutil.rmtree(args.venv, ignore_errors=True)
         run([args.python, "-m", "venv", args.venv])
     pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
+    constraints = constraints_for(args)
     index = args.torch_index_url or (DEFAULT_CUDA_INDEX if args.variant == "cuda" else None)
-    if index:
-        run([*pip, "torch", "--index-url", index])
+    if index:  # only torch's pin here: the torch index need not carry the locked versions of everything else
+        pins = [ln for ln in constraints.read_text(encoding="utf-8").splitlines() if ln.startswith("torch==")]
+        run([*pip, pins[0] if pins else "torch", "--index-url", index])
     target = f"{REPO}[directml]" if args.variant == "directml" else str(REPO)
-    run([*pip, target, PYINSTALLER])
+    run([*pip, "-c", constraints, target, PYINSTALLER])
     if args.variant == "rocm":  # a ROCm torch reports HIP; one without it came from the wrong index
         hip = subprocess.run([py, "-c", "import torch; print(getattr(torch.version, 'hip', None) or '')"],
                              capture_output=True, text=True, check=True).stdout.strip()

@@ -6,6 +6,15 @@ import main
 from tests.tiny import tiny_llama, tiny_tokenizer, word_tokenizer
 
 
+def _unavailable_device() -> str:
+    from engine.devices import _PROBES
+
+    return next(name for name in ("mps", "directml", "cuda") if _PROBES[name]() is None)  # no machine has all three
+
+
+UNAVAILABLE_DEVICE = _unavailable_device()
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -44,7 +53,7 @@ def test_generate_streams_text_and_stats(model_dirs, capsys):
         (["--top-p", "2"], "top_p"),
         (["--target", "/no/such/folder"], "does not exist"),
         (["--draft", "OTHER"], "tokenizers are incompatible"),
-        (["--device", "cuda"], "not available"),
+        (["--device", UNAVAILABLE_DEVICE], "not available"),
     ],
 )
 def test_generate_user_errors_exit_2_with_a_message(model_dirs, capsys, args, message):

@@ -44,6 +44,7 @@ def test_launcher_with_device_replaces_every_device_flag():
     assert launcher.with_device(["--device=cuda", "--target", "x"], "cpu") == ["--target", "x", "--device", "cpu"]
 
 
+@pytest.mark.slow  # a child Python that imports torch: 10-15 s on a busy 2-core machine
 def test_launcher_gpu_check_runs_in_a_child_process(monkeypatch, tmp_path):
     """The real child (this interpreter on launcher.py --gpu-check): a CPU torch here, so a CPU build on purpose;
     the child logs to its own gpu-check.log."""
@@ -148,6 +149,7 @@ def test_launcher_forces_utf8_on_a_cp1252_stream(monkeypatch):
     assert "日本語 ✓".encode() in raw.getvalue()
 
 
+@pytest.mark.slow  # a child Python that imports torch: 10-15 s on a busy 2-core machine
 def test_cli_output_is_utf8_when_the_console_is_cp1252(tmp_path):
     """helix-cli from source with Windows' pipe encoding: the error names a non-Latin path, in UTF-8, exit 2."""
     env = {**os.environ, "PYTHONIOENCODING": "cp1252", "HELIX_SETTINGS_DIR": str(tmp_path)}

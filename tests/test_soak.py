@@ -1,10 +1,13 @@
 """A short soak in CI: concurrent mixed clients, 20% of streams disconnecting, nothing leaks."""
 
+import pytest
+
 from engine.host import EngineHost
 from engine.server.soak import run_soak
 from tests.tiny import tiny_pair_engine
 
 
+@pytest.mark.slow
 def test_short_soak_leaves_no_blocks_no_requests_and_no_5xx():
     host = EngineHost()
     host.adopt(tiny_pair_engine(kv_tokens=2048, max_running=8, max_waiting=64))

@@ -12,6 +12,7 @@ from engine.server.errors import install_error_handlers
 from engine.server.js_example import DOCS_MARKDOWN
 from engine.server.metrics import make_registry
 from engine.server.middleware import APIKeyMiddleware, BodyLimitMiddleware, RequestLogMiddleware
+from engine.server.openai_schemas import openapi_with_vocab_bound
 from engine.server.routes import generate, openai, system
 
 DESCRIPTION = """Local LLM inference with speculative decoding and a paged KV cache.
@@ -35,6 +36,8 @@ def create_app(host: EngineHost, api_key: str | None = None, cors_origins: Seque
     for module in (generate, openai, system):
         app.include_router(module.router)
     install_error_handlers(app)
+    # token ids' maximum is the served model's vocabulary, so /openapi.json states what the server enforces
+    app.openapi = openapi_with_vocab_bound(app.openapi, lambda: getattr(host.engine, "vocab_size", None))
     # add_middleware wraps: the last added runs first. Order seen by a request:
     # request log (ids, timing, hook) -> CORS (answers preflights) -> body limit -> API key -> routes
     if api_key:

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from engine.server.schemas import (
     MAX_BATCH_PROMPTS,
@@ -13,6 +15,7 @@ from engine.server.schemas import (
     DraftMethod,
     IgnoreEos,
     MaxNewTokens,
+    NotBool,
     NumDraftTokens,
     Prompt,
     Seed,
@@ -29,13 +32,17 @@ MAX_TOP_LOGPROBS = 20
 N = Annotated[int, Field(ge=1, le=MAX_CHOICES, description=f"Completions per prompt (1..{MAX_CHOICES}).")]
 Stop = Annotated[StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None,
                  Field(description=f"A stop string or a list of up to {MAX_STOP_STRINGS}.")]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, description="A prompt as token ids.")]
+TOKEN_ID = "TokenId"  # the title that marks token ids in the OpenAPI document (see openapi_with_vocab_bound)
+TokenId = Annotated[int, Field(ge=0, title=TOKEN_ID, description="A token id of the served model: "
+                                        "0..vocab_size-1 (the document's maximum); any other is a 422.")]
+N, TokenId = Annotated[N, NotBool], Annotated[TokenId, NotBool]  # after the bounds: see schemas.py
+TokenIds = Annotated[list[TokenId], Field(min_length=1, description="A prompt as token ids.")]
 ModelName = Annotated[str | None, Field(description="The loaded model's id from GET /v1/models (e.g. `demo-target`), or "
                                                     "`helix` or nothing for whatever is loaded; any other name is a 404.")]
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = Field(default=False, description="Send a last chunk with usage before [DONE].")
+    include_usage: StrictBool = Field(default=False, description="Send a last chunk with usage before [DONE].")
 
 
 class OpenAIFields(BaseModel):
@@ -49,7 +56,7 @@ class OpenAIFields(BaseModel):
     n: N = 1
     stop: Stop = None
     seed: Seed = None
-    stream: bool = Field(default=False, description="Answer with server-sent chunks ending in `data: [DONE]`.")
+    stream: StrictBool = Field(default=False, description="Answer with server-sent chunks ending in `data: [DONE]`.")
     stream_options: StreamOptions | None = Field(default=None, description="With stream: include_usage.")
     # Helix extras
     top_k: TopK = 0
@@ -71,8 +78,9 @@ class CompletionRequest(OpenAIFields):
                       Field(description=f"A prompt, a list of up to {MAX_BATCH_PROMPTS} prompts, or the same as "
                       "token ids.")]
     max_tokens: MaxNewTokens = 16
-    logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS, description="Return log probabilities of "
-                                          "each token and of this many most likely tokens (target model).")] = None
+    logprobs: Annotated[Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), NotBool] | None,
+                        Field(description="Return log probabilities of each token and of this many most likely "
+                              "tokens (target model).")] = None
 
 
 class TextPart(BaseModel):
@@ -101,13 +109,38 @@ class ChatCompletionRequest(OpenAIFields):
     max_tokens: Annotated[MaxNewTokens | None, Field(description="Most tokens to generate (default 128).")] = None
     max_completion_tokens: Annotated[MaxNewTokens | None, Field(description="Same as max_tokens; wins if both "
                                                                 "are set.")] = None
-    logprobs: bool = Field(default=False, description="Return the log probability of each output token.")
-    top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: also the "
-                                              "this many most likely tokens at each position.")] = None
+    logprobs: StrictBool = Field(default=False, description="Return the log probability of each output token.")
+    top_logprobs: Annotated[Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), NotBool] | None,
+                            Field(description="With logprobs: also this many most likely tokens at each "
+                                  "position.")] = None
 
     @property
     def max_new_tokens(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 128
+
+
+def openapi_with_vocab_bound(base: Callable[[], dict], vocab_size: Callable[[], int | None]) -> Callable[[], dict]:
+    """An ``app.openapi`` whose token ids say the served model's bound (``maximum: vocab_size - 1``), so the
+    document tells the truth the server enforces; the bound follows the model when the desktop app swaps it."""
+
+    def openapi() -> dict:
+        document = base()  # FastAPI builds it once and caches it
+        size = vocab_size()
+        if not size:
+            return document
+        document = copy.deepcopy(document)
+        stack: list = [document]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                if node.get("title") == TOKEN_ID and node.get("type") == "integer":
+                    node["maximum"] = size - 1
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+        return document
+
+    return openapi
 
 
 # ---------------------------------------------------------------- responses

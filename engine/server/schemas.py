@@ -8,15 +8,27 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from engine.config import MAX_DRAFT_TOKENS, MAX_NEW_TOKENS_CAP, SamplingParams
 
 MAX_BATCH_PROMPTS = 64
 MAX_STOP_STRINGS = 16
-MAX_SEED = 2**63 - 1
+# 2**53 - 1: exact as a JSON/JavaScript number, so validators that compare in floats agree with the server
+MAX_SEED = 2**53 - 1
 GREEDY_BELOW = 1e-5  # as vLLM: smaller temperatures are greedy (dividing logits by them overflows to inf)
 MIN_TOP_P = 1e-6  # smaller top_p rounds to 0 in float32 and drops every token; 1e-6 keeps just the top one
+
+
+
+def _not_a_bool(value):
+    """JSON Schema's integer and number exclude true/false; pydantic's lax mode would read them as 1/0."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+NotBool = BeforeValidator(_not_a_bool)
 
 # ---------------------------------------------------------------- reusable fields
 Prompt = Annotated[str, Field(min_length=1, description="The text to continue. Must not be empty.")]
@@ -28,22 +40,23 @@ Temperature = Annotated[float, Field(ge=0, le=2, description=f"Sampling temperat
 TopP = Annotated[float, Field(gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens whose "
                               "probability adds up to top_p; 1 = off.")]
 TopK = Annotated[int, Field(ge=0, description="Keep only the k most likely tokens; 0 = off.")]
-Seed = Annotated[int | None, Field(ge=0, le=MAX_SEED, description="Random seed for reproducible sampling; null = "
-                                   "random.")]
+Seed = Annotated[Annotated[int, Field(ge=0, le=MAX_SEED), NotBool] | None,
+                 Field(description="Random seed for reproducible sampling; null = random.")]
+# NotBool after the bounds, or pydantic writes them as `ge`/`le` instead of JSON Schema's minimum/maximum
+MaxNewTokens, Temperature, TopP, TopK = (Annotated[t, NotBool] for t in (MaxNewTokens, Temperature, TopP, TopK))
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS,
                                              description="Strings that end generation; the stop string itself is "
                                              f"not returned. At most {MAX_STOP_STRINGS}.")]
-Speculative = Annotated[bool, Field(description="Use the draft model (speculative decoding) when one is loaded. "
+Speculative = Annotated[StrictBool, Field(description="Use the draft model (speculative decoding) when one is loaded. "
                                     "Greedy output is identical either way; only the speed differs.")]
-NumDraftTokens = Annotated[int | None, Field(ge=1, le=MAX_DRAFT_TOKENS,
-                                             description=f"Draft tokens proposed per step (1..{MAX_DRAFT_TOKENS}); "
-                                             "null = adaptive.")]
+NumDraftTokens = Annotated[Annotated[int, Field(ge=1, le=MAX_DRAFT_TOKENS), NotBool] | None,
+                           Field(description=f"Draft tokens proposed per step (1..{MAX_DRAFT_TOKENS}); null = adaptive.")]
 DraftMethod = Annotated[Literal["auto", "model", "ngram"],
                         Field(description="What proposes draft tokens: the draft model, n-gram prompt lookup (repeats "
                               "text already in the prompt or output; needs no draft model), or auto (adaptive picks "
                               "by measured speed).")]
-IgnoreEos = Annotated[bool, Field(description="Keep generating past the end-of-sequence token (benchmarks).")]
+IgnoreEos = Annotated[StrictBool, Field(description="Keep generating past the end-of-sequence token (benchmarks).")]
 FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
 Source = Literal["draft", "target", "bonus"]
 
