@@ -22,6 +22,7 @@ from engine.stats import SpecDecodingStats
 EMA = 0.8  # weight of the past in step-time averages
 PRIOR_WEIGHT = 8.0  # pseudo-drafts of the shared prior in a request's acceptance estimate
 PROBE_FIRST, PROBE_MAX = 16, 512  # steps of plain decoding between probes of speculation
+EXPLORE_EVERY = 16  # speculative steps between one-step tries of K+1
 RECHECK = 8  # while plain, steps between re-evaluations (each costs ~25 us per method)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -102,6 +103,7 @@ class AdaptiveState:
     plain_steps: int = 0
     probe_every: int = PROBE_FIRST
     probing: bool = False
+    spec_steps: int = 0
     last: Decision | None = None
 
     def observe(self, method: str, k: int, accepted: int) -> None:
@@ -111,12 +113,20 @@ class AdaptiveState:
 
 
 def survival(stats: SpecDecodingStats | None, prior: list[float], weight: float) -> list[float]:
-    """s_i = P(first i+1 drafts all accepted), counts shrunk towards ``prior``, non-increasing."""
-    out, last = [], 1.0
+    """s_i = P(first i+1 drafts all accepted), counts shrunk towards ``prior``, non-increasing.
+
+    Past the last position ever drafted, s continues geometrically with the conditional
+    acceptance measured at the last drafted position (drafting K never shows position K+1)."""
+    out, last, ratio = [], 1.0, None
     for i in range(MAX_DRAFT_TOKENS):
         a = stats.accepted_per_position[i] if stats else 0
         d = stats.drafts_per_position[i] if stats else 0
-        s = (a + weight * prior[i]) / (d + weight)
+        if d == 0 and ratio is not None:
+            s = last * ratio
+        else:
+            s = (a + weight * prior[i]) / (d + weight)
+            if d:
+                ratio = min(1.0, s / last) if last > 0 else 0.0
         last = min(last, s)
         out.append(last)
     return out
@@ -167,9 +177,13 @@ class Policy:
             gains = options[method]
             if k > 0:
                 state.plain_steps = 0
+                state.spec_steps += 1
                 if not state.probing:
                     state.probe_every = PROBE_FIRST
                 d = Decision(k, method, f"{method} K={k} predicted {gains[k]:.2f}x plain at batch {batch}", gains)
+                if state.spec_steps % EXPLORE_EVERY == 0 and k < MAX_DRAFT_TOKENS:
+                    # now and then one step at K+1: times and acceptance past K are otherwise never measured
+                    d = Decision(k + 1, method, f"exploring {method} K={k + 1} (best predicted K={k})", gains)
             else:
                 state.plain_steps += 1
                 method, best = max(((m, kk) for m, g in options.items() for kk in g if kk),
