@@ -127,9 +127,16 @@ def run_shape(name: str, cfg: ShapeConfig, bandwidth: float, progress=_say) -> d
             eps, acc = calibrate_eps(engine, knob, cal, level, cfg.calibration_k, cfg.calibration_tokens)
         out["levels"][str(level)] = {"eps": eps, "calibrated_acceptance": round(acc, 3)}
         progress(f"{name}: acceptance level {level}: eps {eps:.4g} gives {acc:.2f} at K={cfg.calibration_k}")
+    # every Helix run first, then Hugging Face's: HF's static cache compiles (and graphs) its decode step,
+    # and nothing of Helix's runs after that in this process's shape
+    sets = {plen: sh.random_prompts(shape.vocab, plen, cfg.num_prompts, seed=cfg.seed + plen)
+            for plen in cfg.prompt_lengths}
+    for plen, prompts in sets.items():
+        out["prompts"][str(plen)] = _helix_rows(engine, knob, prompts, cfg, out, progress)
+    if cfg.hf or cfg.hf_static:
+        for plen, prompts in sets.items():
+            _hf_rows(engine, knob, prompts, cfg, out, out["prompts"][str(plen)], progress)
     for plen in cfg.prompt_lengths:
-        prompts = sh.random_prompts(shape.vocab, plen, cfg.num_prompts, seed=cfg.seed + plen)
-        out["prompts"][str(plen)] = _one_length(engine, knob, prompts, cfg, out, progress)
         ctx = plen + n / 2
         for row in out["prompts"][str(plen)]["rows"]:
             per_step = wbytes + row["batch"] * kv_pos * ctx
@@ -144,10 +151,7 @@ def run_shape(name: str, cfg: ShapeConfig, bandwidth: float, progress=_say) -> d
     return out
 
 
-def _one_length(engine, knob, prompts, cfg: ShapeConfig, info: dict, progress) -> dict:
-    n, c = cfg.max_new_tokens, cfg.concurrency
-    plen = len(prompts[0])
-    rows: list[dict] = []
+def _timer(info: dict, plen: int, progress):
     t0 = time.perf_counter()
 
     def timed(label: str, fn, warm):
@@ -156,7 +160,13 @@ def _one_length(engine, knob, prompts, cfg: ShapeConfig, info: dict, progress) -
         progress(f"{info['shape']} prompt {plen}: {label}: {res.tokens_per_second:.1f} tok/s "
                  f"({time.perf_counter() - t0:.0f} s)")
         return res
+    return timed
 
+
+def _helix_rows(engine, knob, prompts, cfg: ShapeConfig, info: dict, progress) -> dict:
+    n, c = cfg.max_new_tokens, cfg.concurrency
+    timed = _timer(info, len(prompts[0]), progress)
+    rows: list[dict] = []
     plain = Method("helix plain", "helix")
     knob.set(1.0)
     r = timed("helix plain b1", lambda: helix_pass(engine, prompts, plain, 0.0, n),
@@ -166,15 +176,6 @@ def _one_length(engine, knob, prompts, cfg: ShapeConfig, info: dict, progress) -
     r = timed(f"helix plain b{c}", lambda: helix_concurrent(engine, prompts, c, False, 0.0, n),
               lambda: helix_concurrent(engine, prompts, c, False, 0.0, 16))
     rows.append(_row("helix plain", c, r))
-    hfm = Method("hf generate plain", "hf")
-    if cfg.hf:
-        r = timed("hf eager b1", lambda: hf_pass(engine, prompts, hfm, 0.0, n), lambda: hf_pass(engine, prompts[:1], hfm, 0.0, 8))
-        rows.append(_row("hf generate eager", 1, r))
-    if cfg.hf_static:
-        static = {"cache_implementation": "static"}
-        r = timed("hf static b1", lambda: hf_pass(engine, prompts, hfm, 0.0, n, extra=static),
-                  lambda: hf_pass(engine, prompts[:1], hfm, 0.0, n, extra=static))
-        rows.append(_row("hf generate static cache", 1, r))
     identical = {}
     for level in cfg.acceptance:
         eps = info["levels"][str(level)]["eps"]
@@ -189,28 +190,51 @@ def _one_length(engine, knob, prompts, cfg: ShapeConfig, info: dict, progress) -
         r = timed(f"acc~{level} helix adaptive b1", lambda: helix_pass(engine, prompts, ad, 0.0, n),
                   lambda: helix_pass(engine, prompts[:1], ad, 0.0, 16))
         rows.append(_row("helix adaptive", 1, r, level, eps))
-        best_row = max((x for x in rows if x["acceptance_level"] == level and x["batch"] == 1 and x["k"]),
-                       key=lambda x: x["tokens_per_second"])
-        r = timed(f"acc~{level} helix K={best_row['k']} b{c}",
-                  lambda: helix_concurrent(engine, prompts, c, True, 0.0, n, k=best_row["k"]),
-                  lambda: helix_concurrent(engine, prompts, c, True, 0.0, 16, k=best_row["k"]))
-        rows.append(_row(f"helix K={best_row['k']}", c, r, level, eps, best_row["k"]))
+        bk = _best_k(rows, level)
+        r = timed(f"acc~{level} helix K={bk} b{c}", lambda: helix_concurrent(engine, prompts, c, True, 0.0, n, k=bk),
+                  lambda: helix_concurrent(engine, prompts, c, True, 0.0, 16, k=bk))
+        rows.append(_row(f"helix K={bk}", c, r, level, eps, bk))
         r = timed(f"acc~{level} helix adaptive b{c}", lambda: helix_concurrent(engine, prompts, c, True, 0.0, n),
                   lambda: helix_concurrent(engine, prompts, c, True, 0.0, 16))
         rows.append(_row("helix adaptive", c, r, level, eps))
-        if cfg.hf and level > 0:
-            hm = Method("hf assisted", "hf", True, best_row["k"], "constant")
-            r = timed(f"acc~{level} hf assisted K={best_row['k']} b1",
-                      lambda: hf_pass(engine, prompts, hm, 0.0, n, constant_k=best_row["k"]),
-                      lambda: hf_pass(engine, prompts[:1], hm, 0.0, 8, constant_k=best_row["k"]))
-            rows.append(_row(f"hf assisted K={best_row['k']}", 1, r, level, eps, best_row["k"]))
+    knob.set(1.0)
+    return {"prompt_tokens": len(prompts[0]), "rows": rows, "greedy_identical_to_plain": identical,
+            "num_prompts": len(prompts)}
+
+
+def _best_k(rows: list[dict], level: float) -> int:
+    """Helix's fastest fixed K at batch 1 at this acceptance level (HF's constant schedule uses it too)."""
+    return max((x for x in rows if x["acceptance_level"] == level and x["batch"] == 1 and x["k"]),
+               key=lambda x: x["tokens_per_second"])["k"]
+
+
+def _hf_rows(engine, knob, prompts, cfg: ShapeConfig, info: dict, part: dict, progress) -> None:
+    n, rows = cfg.max_new_tokens, part["rows"]
+    timed = _timer(info, len(prompts[0]), progress)
+    hfm = Method("hf generate plain", "hf")
+    knob.set(1.0)
+    if cfg.hf:
+        r = timed("hf eager b1", lambda: hf_pass(engine, prompts, hfm, 0.0, n),
+                  lambda: hf_pass(engine, prompts[:1], hfm, 0.0, 8))
+        rows.append(_row("hf generate eager", 1, r))
+        for level in [lv for lv in cfg.acceptance if lv > 0]:
+            eps = info["levels"][str(level)]["eps"]
+            knob.set(eps)
+            bk = _best_k(rows, level)
+            hm = Method("hf assisted", "hf", True, bk, "constant")
+            r = timed(f"acc~{level} hf assisted K={bk} b1", lambda: hf_pass(engine, prompts, hm, 0.0, n, constant_k=bk),
+                      lambda: hf_pass(engine, prompts[:1], hm, 0.0, 8, constant_k=bk))
+            rows.append(_row(f"hf assisted K={bk}", 1, r, level, eps, bk))
             hd = Method("hf assisted default", "hf", True, None, "default")
             r = timed(f"acc~{level} hf assisted default b1", lambda: hf_pass(engine, prompts, hd, 0.0, n),
                       lambda: hf_pass(engine, prompts[:1], hd, 0.0, 8))
             rows.append(_row("hf assisted default", 1, r, level, eps))
-    knob.set(1.0)
-    return {"prompt_tokens": plen, "rows": rows, "greedy_identical_to_plain": identical,
-            "num_prompts": len(prompts)}
+        knob.set(1.0)
+    if cfg.hf_static:  # last: it compiles the model's decode step
+        static = {"cache_implementation": "static"}
+        r = timed("hf static b1", lambda: hf_pass(engine, prompts, hfm, 0.0, n, extra=static),
+                  lambda: hf_pass(engine, prompts[:1], hfm, 0.0, n, extra=static))
+        rows.append(_row("hf generate static cache", 1, r))
 
 
 def run_shapes(cfg: ShapeConfig = ShapeConfig(), progress=_say, on_section=None) -> dict:
@@ -226,7 +250,14 @@ def run_shapes(cfg: ShapeConfig = ShapeConfig(), progress=_say, on_section=None)
                "copy_bandwidth_bytes_per_s": bandwidth, "shapes": []}
     results["machine"].update(device=device.type, dtype=str(_dtype(cfg, device)).removeprefix("torch."))
     for name in cfg.shapes:
-        results["shapes"].append(run_shape(name, cfg, bandwidth, progress))
+        try:
+            results["shapes"].append(run_shape(name, cfg, bandwidth, progress))
+        except Exception as exc:  # a device fault poisons the process: keep what was measured, say what failed
+            results["error"] = f"{name}: {type(exc).__name__}: {str(exc)[:500]}"
+            results["targets"] = shape_targets(results)
+            if on_section:
+                on_section(results)
+            raise
         results["targets"] = shape_targets(results)
         if on_section:
             on_section(results)
