@@ -179,3 +179,56 @@ def test_doctor_rejects_an_incompatible_pair_with_exit_code_2(model_dirs, capsys
 def test_bench_and_doctor_usage_errors_exit_2(args, message, capsys):
     assert main.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_shape_bench_quick_cli_end_to_end(tmp_path, capsys):
+    """``bench --shape tiny --quick`` on the CPU: calibrated acceptance levels, Helix and HF rows,
+    % of the bandwidth limit, issue 15/14 targets, JSON plus a Markdown copy."""
+    import torch
+
+    torch.set_num_threads(1)
+    out = tmp_path / "shapes.json"
+    assert main.main(["bench", "--shape", "tiny", "--quick", "--threads", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "targets (issues 15 and 14)" in text and "hf generate static cache" in text
+    r = json.loads(out.read_text())
+    assert r["copy_bandwidth_bytes_per_s"] > 0 and "error" not in r
+    (s,) = r["shapes"]
+    assert s["levels"]["0.0"]["eps"] == 1.0 and s["levels"]["0.8"]["eps"] < 1.0
+    # a smaller epsilon makes the truncated draft agree more: that is the knob
+    assert s["levels"]["0.8"]["calibrated_acceptance"] > s["levels"]["0.0"]["calibrated_acceptance"]
+    for part in s["prompts"].values():
+        methods = {(row["method"], row["batch"]) for row in part["rows"]}
+        assert {("helix plain", 1), ("helix plain", 4), ("helix adaptive", 4), ("hf generate eager", 1),
+                ("hf generate static cache", 1), ("hf assisted default", 1)} <= methods
+        assert all(row["tokens_per_second"] > 0 and row["pct_of_bandwidth_limit"] > 0 for row in part["rows"])
+    keys = {t["target"] for t in r["targets"]}
+    assert {"plain_vs_hf_static", "concurrency", "adaptive_vs_best_k", "adaptive_vs_plain"} <= keys
+    assert "| helix plain |" in (tmp_path / "shapes.md").read_text()
+
+
+def test_truncated_draft_shares_the_targets_weights():
+    import torch
+
+    from engine.bench import shapes as sh
+
+    target = sh.build_target(sh.SHAPES["tiny"], torch.device("cpu"), torch.float32)
+    draft = sh.truncated_draft(target, 1)
+    assert len(draft.model.layers) == 1 and draft.config.num_hidden_layers == 1
+    assert draft.model.layers[0].self_attn.q_proj.weight is target.model.layers[0].self_attn.q_proj.weight
+    knob = sh.AcceptanceKnob(target, 1)
+    w = target.model.layers[2].mlp.down_proj.weight
+    before = w.detach().clone()
+    knob.set(0.25)
+    assert (w - before * 0.25).abs().max() < 1e-6
+    assert sh.weight_bytes(target) < sum(p.numel() * 4 for p in target.parameters()) + 1  # shared counted once
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--shape", "gpt-9"], "unknown shape 'gpt-9'"),
+    (["--shape", "tiny", "--draft-layers", "9"], "--draft-layers must be in 1..3"),
+    (["--shape", "tiny", "--device", "mps"], "--shape runs on cpu or cuda"),
+])
+def test_shape_bench_usage_errors_exit_2(args, message, capsys):
+    assert main.main(["bench", *args]) == 2
+    assert message in capsys.readouterr().err
