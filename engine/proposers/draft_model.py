@@ -9,7 +9,7 @@ import torch
 from engine import rng
 from engine.model_runner import ModelRunner, RowInput
 from engine.proposers.base import Proposal, StepRows
-from engine.sampler import draw, probs_batch
+from engine.sampler import probs_batch, race
 
 if TYPE_CHECKING:
     from engine.sequence import Request
@@ -29,8 +29,15 @@ class DraftModelProposer:
         sampled = [i for i, r in enumerate(rows.reqs) if not r.params.greedy]
         keep_q = any(rows.reqs[i].params.seed is None for i in sampled)
         q = torch.zeros(b, kmax, self.runner.vocab_size, device=dev) if keep_q else None
-        # seeded rows draw with the target's own stream (the coupling); unseeded ones with the draft's
-        streams = {i: rng.SAMPLE if rows.reqs[i].params.seed is not None else rng.DRAFT for i in sampled}
+        # seeded rows draw with the target's own stream (the coupling); unseeded ones with the draft's.
+        # All K positions' noise in one call: [S, K, V]
+        noise = None
+        if sampled:
+            keys = [[rng.key(rows.reqs[i].seed, rows.reqs[i].num_tokens + j,
+                             rng.SAMPLE if rows.reqs[i].params.seed is not None else rng.DRAFT)
+                     for j in range(kmax)] for i in sampled]
+            noise = rng.exponentials(torch.tensor(keys, dtype=torch.int64).to(dev), self.runner.vocab_size)
+        slot = {i: n for n, i in enumerate(sampled)}
         lists: list[list[int]] = [[] for _ in range(b)]
         for j in range(kmax):
             active = [i for i in range(b) if rows.ks[i] > j]
@@ -41,14 +48,17 @@ class DraftModelProposer:
                 feed.append(RowInput(req.seq_id, ids, 1))
             logits = torch.stack([out[-1] for out in self.runner.forward(feed)])  # [A, V]
             tokens = logits.argmax(-1)
-            s_rows = [(n, i) for n, i in enumerate(active) if i in streams]
-            if s_rows:
+            s_rows = [(n, i) for n, i in enumerate(active) if i in slot]
+            if len(s_rows) == len(active) == b:  # every row sampled and still drafting: no index tensors
+                probs = probs_batch(logits, rows.rp)  # [B, V]
+                tokens = race(probs, noise[:, j])
+                if q is not None:
+                    q[:, j] = probs
+            elif s_rows:
                 local = torch.tensor([n for n, _ in s_rows], device=dev)
                 s = [i for _, i in s_rows]
                 probs = probs_batch(logits[local], rows.rp.select(s))  # [S, V]
-                keys = torch.tensor([rng.key(rows.reqs[i].seed, rows.reqs[i].num_tokens + j, streams[i])
-                                     for _, i in s_rows], dtype=torch.int64).to(dev)
-                tokens[local] = draw(probs, keys)
+                tokens[local] = race(probs, noise[torch.tensor([slot[i] for i in s], device=dev), j])
                 if q is not None:
                     q[torch.tensor(s, device=dev), j] = probs
             for i, t in zip(active, tokens.tolist()):
