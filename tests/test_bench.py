@@ -98,7 +98,18 @@ def test_targets_say_miss_plainly():
         "memory": {"requests": 8, "models": "target", "peak_paged_over_stored": 1.2}}
     got = {t["target"]: t["result"] for t in evaluate_targets(results)}
     assert got == {"spec_vs_plain": "MISS", "spec_vs_hf_assisted": "PASS", "measured_vs_predicted": "PASS",
-                   "plain_vs_hf": "MISS", "concurrency_8": "PASS", "paged_over_stored": "MISS"}
+                   "plain_vs_hf": "MISS", "concurrency_8": "PASS", "paged_over_stored": "MISS",
+                   "adaptive_vs_plain": "PASS"}
+    results["scenarios"][0]["methods"] += [
+        {"name": "helix spec K=2", "backend": "helix", "k": 2, "tokens_per_second": 110.0},
+        {"name": "helix spec K=4", "backend": "helix", "k": 4, "tokens_per_second": 130.0}]
+    results["concurrency"].append({"concurrency": 8, "mode": "speculative", "speedup_vs_1": 3.0,
+                                   "tokens_per_second": 300.0, "temperature": 0.0})
+    results["concurrency"][0]["tokens_per_second"] = 320.0
+    checks = [(t["target"], t["where"], t["result"]) for t in evaluate_targets(results) if "adaptive" in t["target"]]
+    assert checks == [("adaptive_vs_best_k", "T=0, 128 tokens, batch 1, best K=4", "MISS"),  # 120 / 130
+                      ("adaptive_vs_plain", "T=0, 128 tokens, batch 1", "PASS"),
+                      ("adaptive_vs_plain", "T=0, 8 concurrent", "MISS")]  # 300 / 320
 
 
 def test_instrument_leaves_the_engine_as_it_found_it():
@@ -151,6 +162,18 @@ def test_bench_cli_quick_end_to_end(model_dirs, tmp_path, capsys):
         assert (tmp_path / "bench.png").stat().st_size > 1000
     assert main.main(["bench", "--from-json", str(out), "--markdown"]) == 0
     assert "| helix spec adaptive" in capsys.readouterr().out
+
+
+def test_bench_cli_draft_random_is_a_useless_draft(model_dirs, tmp_path):
+    out = tmp_path / "useless.json"
+    assert main.main(["bench", "--quick", "--target", str(model_dirs / "target"), "--draft", str(model_dirs / "draft"),
+                      "--device", "cpu", "--json", str(out), "--no-hf", "--ks", "2", "--concurrency", "1",
+                      "--temperatures", "0", "--draft-random"]) == 0
+    data = json.loads(out.read_text())
+    assert data["machine"]["draft"].endswith("(random weights)")
+    assert {t["target"] for t in data["targets"]} >= {"adaptive_vs_plain"}
+    k2 = next(m for m in data["scenarios"][0]["methods"] if m["name"] == "helix spec K=2")
+    assert k2["acceptance_rate"] is not None and k2["acceptance_rate"] < 0.5
 
 
 def test_doctor_cli_recommends_k(model_dirs, capsys):

@@ -38,6 +38,8 @@ def add_parsers(sub) -> None:
     b.add_argument("--concurrency", type=_ints, default=None, help="concurrent requests (default 1,2,4,8,16)")
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() comparisons")
     b.add_argument("--strict", action="store_true", help="exit with code 1 when a target is missed")
+    b.add_argument("--draft-random", action="store_true", help="give the draft random weights of its own shape (a "
+                   "useless draft: adaptive K should fall back to plain)")
     shp = b.add_argument_group("real shapes with random weights (GPU; no download)")
     shp.add_argument("--shape", metavar="NAME[,NAME]", help="tinyllama-1.1b, qwen2.5-1.5b, llama-3.1-8b, tiny (CPU "
                      "tests) or 'gpu' (tinyllama-1.1b,llama-3.1-8b): Helix vs HF generate() eager, static cache and "
@@ -207,6 +209,12 @@ def run_bench_command(args) -> int:
 
     try:
         engine = cli.build_engine_from_args(args)
+        if args.draft_random:
+            from engine.bench.shapes import randomize_weights
+
+            randomize_weights(engine.draft.model, seed=1234)
+            engine.draft_name = f"{engine.draft_name} (random weights)"
+            engine.warmup()  # step costs again; acceptance is the doctor's to measure
         results = run_bench(engine, prompts, cfg, on_section=save_partial)
     except HelixError as exc:
         return cli.usage_error(str(exc))

@@ -12,6 +12,8 @@ TARGETS = {
     "plain_vs_hf": ("Helix plain / HF generate() plain, greedy (paged cache costs <= 15%)", 0.85, ">="),
     "measured_vs_predicted": ("measured / predicted speed-up (adaptive K, greedy)", 0.85, ">="),
     "concurrency_8": ("throughput at 8 concurrent / at 1", 3.0, ">="),
+    "adaptive_vs_best_k": ("adaptive K / best fixed K (issue 14)", 0.97, ">="),
+    "adaptive_vs_plain": ("adaptive K / Helix plain (issue 14)", 0.98, ">="),
     "paged_over_stored": ("paged KV bytes / bytes of stored tokens (mixed batch, peak)", 1.1, "<="),
 }
 
@@ -44,9 +46,24 @@ def evaluate_targets(results: dict) -> list[dict]:
             add("measured_vs_predicted", where, adaptive["measured_over_predicted"])
         if plain and plain_hf and plain_hf["tokens_per_second"]:
             add("plain_vs_hf", where, plain["tokens_per_second"] / plain_hf["tokens_per_second"])
-    for row in results.get("concurrency", []):
+    for scen in results["scenarios"]:  # issue 14: adaptive never loses to what it chooses between
+        where = f"T={scen['temperature']:g}, {scen['max_new_tokens']} tokens, batch 1"
+        adaptive, plain = _method(scen, "helix spec adaptive"), _method(scen, "helix plain")
+        fixed = [m for m in scen["methods"] if m.get("backend") == "helix" and m.get("k")]
+        if adaptive and fixed and len(fixed) > 1:
+            best = max(fixed, key=lambda m: m["tokens_per_second"])
+            add("adaptive_vs_best_k", f"{where}, best K={best['k']}",
+                adaptive["tokens_per_second"] / best["tokens_per_second"] if best["tokens_per_second"] else None)
+        if adaptive and plain and plain["tokens_per_second"]:
+            add("adaptive_vs_plain", where, adaptive["tokens_per_second"] / plain["tokens_per_second"])
+    conc = results.get("concurrency", [])
+    for row in conc:
         if row["concurrency"] == 8:
             add("concurrency_8", row["mode"], row["speedup_vs_1"])
+            plain8 = next((r for r in conc if r["concurrency"] == 8 and r["mode"] == "plain"), None)
+            if row["mode"] == "speculative" and plain8 and plain8["tokens_per_second"]:
+                add("adaptive_vs_plain", f"T={row['temperature']:g}, 8 concurrent",
+                    row["tokens_per_second"] / plain8["tokens_per_second"])
     mem = results.get("memory")
     if mem:
         add("paged_over_stored", f"{mem['requests']} requests, {mem['models']}", mem["peak_paged_over_stored"])

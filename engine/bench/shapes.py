@@ -186,3 +186,19 @@ def id_tokenizer(vocab: int):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1",
                                    eos_token="t2")
+
+
+@torch.no_grad()
+def randomize_weights(model, seed: int = 0) -> None:
+    """Overwrite a loaded model's weights in place with a fresh random initialisation of the same
+    shapes (linear and embedding weights ~ N(0, initializer_range), norms 1): the useless draft of
+    issue 14. In place, because the lean forward reads these same tensors."""
+    std = getattr(model.config, "initializer_range", 0.02)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(std).to(p.dtype))
