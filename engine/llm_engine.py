@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import statistics
 import threading
 import time
 import uuid
@@ -25,14 +24,14 @@ from engine.config import EngineConfig, SamplingParams
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import EngineStopped, InvalidRequest, KVCacheExhausted, PromptTooLong, QueueFull
 from engine.kv_pool import KVPool, KVShape, num_blocks_for
-from engine.model_runner import ModelRunner, RowInput
+from engine.model_runner import ModelRunner
 from engine.proposers import DraftModelProposer, NgramProposer
-from engine.rejection import verify
-from engine.sampler import RowParams, top_logprobs
+from engine.sampler import top_logprobs
 from engine.scheduler import Scheduler
-from engine.spec_decode import StepTiming, decode_step, sampling_keys
 from engine.sequence import FinishEvent, Request, Status, TokenEvent
+from engine.spec_decode import StepTiming, decode_step, first_token
 from engine.stats import SpecDecodingStats
+from engine.warmup import warmup
 
 logger = logging.getLogger(__name__)
 
@@ -105,40 +104,8 @@ class LLMEngine:
         return self.draft is not None
 
     def warmup(self, context: int = 128, reps: int = 5) -> None:
-        """Load kernels and measure the step costs adaptive K starts from.
-
-        Mimics the decode loop: a sequence with ``context`` tokens in both caches, then
-        alternating draft step / target step / (K+1)-token verification, medians of ``reps``.
-        """
-        sid = -1
-        n = max(8, min(context, self.max_context - 16))
-        ids = [i % max(2, self.vocab_size - 1) + 1 for i in range(n)]
-        runners = [r for r in (self.target, self.draft) if r is not None]
-        for r in runners:
-            r.forward([RowInput(sid, ids)])
-
-        def timed(runner: ModelRunner, toks: list[int]) -> float:
-            t0 = time.perf_counter()
-            runner.forward([RowInput(sid, toks, len(toks))])
-            dt = time.perf_counter() - t0
-            runner.truncate(sid, n)
-            return dt
-
-        t1, t5, td = [], [], []
-        for _ in range(reps):
-            if self.draft is not None:
-                td.append(timed(self.draft, [1]))
-            t1.append(timed(self.target, [1]))
-            t5.append(timed(self.target, [1, 2, 3, 4, 5]))
-        for r in runners:
-            r.free(sid)
-        med = statistics.median
-        self.t_target1 = med(t1)
-        self.verify_cost = max(0.0, (med(t5) / self.t_target1 - 1.0) / 4.0)
-        if td:
-            self.draft_cost = med(td) / self.t_target1
-        logger.info("warm-up: target step %.2f ms, draft/target cost %.3f, verify cost per token %.3f",
-                    self.t_target1 * 1e3, self.draft_cost, self.verify_cost)
+        """Load kernels and measure the step costs adaptive K starts from (engine.warmup)."""
+        warmup(self, context, reps)
 
     def recommended_k(self) -> tuple[int, float]:
         return best_k(self.alpha_prior, self.draft_cost, self.verify_cost)
@@ -174,7 +141,7 @@ class LLMEngine:
             sink=sink,
             use_draft=self.draft is not None and params.speculative and params.draft_method in ("model", "auto"),
         )
-        self._admit_or_refuse(req)
+        self.scheduler.refuse_unfittable(req, self.max_context)
         with self._lock:
             if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
                 raise QueueFull(f"the queue is full ({self.config.max_waiting} waiting requests); retry shortly")
@@ -182,23 +149,6 @@ class LLMEngine:
             self._live[req.request_id] = req
         logger.debug("[%s] queued: %d prompt tokens, %s", req.request_id, len(prompt_ids), params)
         return req
-
-    def _admit_or_refuse(self, req: Request) -> None:
-        """Refuse up front a request that could not finish even alone in the KV cache (4xx naming the
-        limit) instead of failing it mid-way; a draft pool too small for it just means no model drafting."""
-        n, m = len(req.prompt_ids), req.params.max_new_tokens
-        extra = self.scheduler.lookahead + 1  # room for one speculative step past the last token
-        need = min(n + m, self.max_context) + extra
-        blocks = self.target.blocks
-        if blocks.blocks_needed(need) > blocks.num_blocks:
-            cap = blocks.num_blocks * blocks.block_size
-            fix = (f"lower max_new_tokens to at most {cap - n - extra}" if cap - n - extra >= 1
-                   else f"shorten the prompt to under {cap - extra} tokens")
-            raise PromptTooLong(
-                f"prompt ({n} tokens) + max_new_tokens ({m}) needs {need} tokens of KV cache, but it holds {cap} "
-                f"tokens; {fix}, or raise the KV budget (--kv-cache-tokens)")
-        if req.use_draft and self.draft.blocks.blocks_needed(need) > self.draft.blocks.num_blocks:
-            req.use_draft = False
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; it finishes with reason ``cancelled`` at the next step."""
@@ -294,18 +244,7 @@ class LLMEngine:
                 req.prefilled = True
                 logits = self._first_logits.pop(req, None)
                 if not req.output_ids and logits is not None:  # fresh request: its first token
-                    self._emit(req, [self._first_token(req, logits)], logits[-1:], "target")
-
-    def _first_token(self, req: Request, logits: torch.Tensor) -> int:
-        """The token after the prompt, drawn exactly as a plain decode step draws (keyed by its position)."""
-        if req.params.greedy:
-            return int(logits[-1].argmax())
-        rp = RowParams.build([req.params], logits.device)
-        sample_keys, _ = sampling_keys([req], 0, logits.device)
-        no_draft = torch.zeros(1, 0, dtype=torch.long, device=logits.device)
-        _, tokens = verify(logits[None, -1:], no_draft, torch.zeros(1, dtype=torch.long, device=logits.device),
-                           None, rp, sample_keys, None)
-        return int(tokens[0, 0])
+                    self._emit(req, [first_token(req, logits)], logits[-1:], "target")
 
     def _methods(self, req: Request) -> list[str]:
         """Proposers this request may use, by its draft_method and what is loaded."""

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 from engine import rng
-from engine.sampler import RowParams, draw, probs_batch, race
+from engine.sampler import RowParams, draw, probs_batch
 
 
 def accepted_prefix(ok: torch.Tensor) -> torch.Tensor:

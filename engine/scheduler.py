@@ -1,4 +1,5 @@
-"""FIFO admission under a bound on running sequences and on KV blocks, with preemption.
+"""FIFO admission under a bound on running sequences and on KV blocks, with preemption; requests
+that could never fit are refused when they arrive.
 
 The scheduler never deadlocks when blocks run out: a step that cannot fit preempts the
 newest running request (its blocks are freed and it goes back to the front of the queue,
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from engine.errors import PromptTooLong
 from engine.model_runner import ModelRunner
 from engine.sequence import Request, Status
 
@@ -37,6 +39,23 @@ class Scheduler:
         if ok and req.use_draft and self.draft is not None:
             ok = self.draft.blocks.blocks_needed(n) <= self.draft.blocks.num_blocks
         return ok
+
+    def refuse_unfittable(self, req: Request, max_context: int) -> None:
+        """Refuse up front a request that could not finish even alone in the KV cache (4xx naming the
+        limit) instead of failing it mid-way; a draft pool too small for it just means no model drafting."""
+        n, m = len(req.prompt_ids), req.params.max_new_tokens
+        extra = self.lookahead + 1  # room for one speculative step past the last token
+        need = min(n + m, max_context) + extra
+        blocks = self.target.blocks
+        if blocks.blocks_needed(need) > blocks.num_blocks:
+            cap = blocks.num_blocks * blocks.block_size
+            fix = (f"lower max_new_tokens to at most {cap - n - extra}" if cap - n - extra >= 1
+                   else f"shorten the prompt to under {cap - extra} tokens")
+            raise PromptTooLong(
+                f"prompt ({n} tokens) + max_new_tokens ({m}) needs {need} tokens of KV cache, but it holds {cap} "
+                f"tokens; {fix}, or raise the KV budget (--kv-cache-tokens)")
+        if req.use_draft and self.draft is not None and self.draft.blocks.blocks_needed(need) > self.draft.blocks.num_blocks:
+            req.use_draft = False
 
     def admit(self) -> list[Request]:
         """Pop waiting requests, oldest first, while they fit; stop at the first that doesn't."""

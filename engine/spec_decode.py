@@ -135,3 +135,15 @@ def _gather_q(parts: list[tuple[list[int], Proposal]], draft: torch.Tensor, b: i
         else:
             q[sel] = torch.nn.functional.one_hot(draft[sel].clamp_min(0), vocab).float() * (draft[sel] >= 0)[..., None]
     return q
+
+
+def first_token(req: Request, logits: torch.Tensor) -> int:
+    """The token after the prompt (``logits`` [n, V], last row used), drawn exactly as a plain decode step draws it."""
+    if req.params.greedy:
+        return int(logits[-1].argmax())
+    rp = RowParams.build([req.params], logits.device)
+    sample_keys, _ = sampling_keys([req], 0, logits.device)
+    no_draft = torch.zeros(1, 0, dtype=torch.long, device=logits.device)
+    _, tokens = verify(logits[None, -1:], no_draft, torch.zeros(1, dtype=torch.long, device=logits.device), None, rp,
+                       sample_keys, None)
+    return int(tokens[0, 0])

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from engine import rng
+from engine.config import SamplingParams
 from engine.rejection import next_token_dist, verify_sampled
 from engine.sampler import RowParams, draw, probs_batch
-from engine.config import SamplingParams
 
 N = 100_000
 K = 2

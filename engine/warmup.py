@@ -1,0 +1,54 @@
+"""Warm-up: load kernels and measure the step costs adaptive K starts from."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import TYPE_CHECKING
+
+from engine.model_runner import ModelRunner, RowInput
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+
+def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
+    """Mimic the decode loop: a sequence with ``context`` tokens in both caches, then alternating
+    draft step / target step / 5-token verification, medians of ``reps``. Sets the engine's cost
+    ratios and seeds adaptive K's step-time table at batch 1 (real steps refine both)."""
+    sid = -1
+    n = max(8, min(context, engine.max_context - 16))
+    ids = [i % max(2, engine.vocab_size - 1) + 1 for i in range(n)]
+    runners = [r for r in (engine.target, engine.draft) if r is not None]
+    for r in runners:
+        r.forward([RowInput(sid, ids)])
+
+    def timed(runner: ModelRunner, toks: list[int]) -> float:
+        t0 = time.perf_counter()
+        runner.forward([RowInput(sid, toks, len(toks))])
+        dt = time.perf_counter() - t0
+        runner.truncate(sid, n)
+        return dt
+
+    t1, t5, td = [], [], []
+    for _ in range(reps):
+        if engine.draft is not None:
+            td.append(timed(engine.draft, [1]))
+        t1.append(timed(engine.target, [1]))
+        t5.append(timed(engine.target, [1, 2, 3, 4, 5]))
+    for r in runners:
+        r.free(sid)
+    med = statistics.median
+    engine.t_target1 = med(t1)
+    engine.verify_cost = max(0.0, (med(t5) / engine.t_target1 - 1.0) / 4.0)
+    times = engine.policy.times
+    times.observe("", 1, 0, med(t1))
+    times.observe("ngram", 1, 4, med(t5))
+    if td:
+        engine.draft_cost = med(td) / engine.t_target1
+        times.observe("model", 1, 4, med(t5) + 4 * med(td))
+    logger.info("warm-up: target step %.2f ms, draft/target cost %.3f, verify cost per token %.3f",
+                engine.t_target1 * 1e3, engine.draft_cost, engine.verify_cost)
