@@ -176,6 +176,26 @@ def test_bench_cli_draft_random_is_a_useless_draft(model_dirs, tmp_path):
     assert k2["acceptance_rate"] is not None and k2["acceptance_rate"] < 0.5
 
 
+def test_repeat_prompt_set_drives_ngram_drafting(model_dirs, tmp_path):
+    from engine.bench.prompts import repeat_prompts
+    from engine.bench.runs import supports_draft_method
+
+    p = repeat_prompts(["One day a cat sat. It was big.", "Tom ran.", "The sun shone."])
+    assert p == ["One day a cat sat. It was big. Tom ran. The sun shone.\n\nOne day a cat sat."]
+    out = tmp_path / "repeat.json"
+    assert main.main(["bench", "--quick", "--target", str(model_dirs / "target"), "--draft", str(model_dirs / "draft"),
+                      "--device", "cpu", "--json", str(out), "--no-hf", "--ks", "2", "--concurrency", "1",
+                      "--temperatures", "0", "--prompt-set", "repeat"]) == 0
+    data = json.loads(out.read_text())
+    assert data["prompt_set"] == "repeat" and data["prompts"][0].count("\n\n") == 1
+    if not supports_draft_method():
+        pytest.skip("this engine's SamplingParams has no draft_method yet")
+    scen = data["scenarios"][0]
+    assert "helix spec ngram" in {m["name"] for m in scen["methods"]}
+    assert scen["checks"]["speculative_greedy_equals_plain"]  # n-gram drafts are verified like any other
+    assert "ngram_vs_plain_repeat" in {t["target"] for t in data["targets"]}
+
+
 def test_doctor_cli_recommends_k(model_dirs, capsys):
     rc = main.main(["doctor", "--target", str(model_dirs / "target"), "--draft", str(model_dirs / "draft"),
                     "--device", "cpu", "--prompts", "2", "--max-new-tokens", "8"])

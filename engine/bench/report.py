@@ -14,6 +14,8 @@ TARGETS = {
     "concurrency_8": ("throughput at 8 concurrent / at 1", 3.0, ">="),
     "adaptive_vs_best_k": ("adaptive K / best fixed K (issue 14)", 0.97, ">="),
     "adaptive_vs_plain": ("adaptive K / Helix plain (issue 14)", 0.98, ">="),
+    "ngram_vs_plain_repeat": ("n-gram drafting / Helix plain, prompts that repeat (issue 16)", 1.5, ">="),
+    "ngram_vs_plain": ("n-gram drafting / Helix plain, nothing repeats (issue 16)", 0.98, ">="),
     "paged_over_stored": ("paged KV bytes / bytes of stored tokens (mixed batch, peak)", 1.1, "<="),
 }
 
@@ -56,6 +58,10 @@ def evaluate_targets(results: dict) -> list[dict]:
                 adaptive["tokens_per_second"] / best["tokens_per_second"] if best["tokens_per_second"] else None)
         if adaptive and plain and plain["tokens_per_second"]:
             add("adaptive_vs_plain", where, adaptive["tokens_per_second"] / plain["tokens_per_second"])
+        ngram = _method(scen, "helix spec ngram")
+        if ngram and plain and plain["tokens_per_second"] and scen["temperature"] == 0:
+            key = "ngram_vs_plain_repeat" if results.get("prompt_set") == "repeat" else "ngram_vs_plain"
+            add(key, where, ngram["tokens_per_second"] / plain["tokens_per_second"])
     conc = results.get("concurrency", [])
     for row in conc:
         if row["concurrency"] == 8:

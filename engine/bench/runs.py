@@ -27,6 +27,7 @@ class Method:
     speculative: bool = False
     k: int | None = None
     assist: str | None = None  # hf: None (plain) | "default" | "constant"
+    draft_method: str | None = None  # helix: None (the engine's default) | "model" | "ngram" | "auto"
 
     @property
     def label(self) -> str:
@@ -78,10 +79,18 @@ class PassResult:
         self.target_time_s += stats.target_time_s
 
 
+def supports_draft_method() -> bool:
+    """Whether this engine's SamplingParams takes ``draft_method`` (model | ngram | auto)."""
+    import dataclasses
+
+    return any(f.name == "draft_method" for f in dataclasses.fields(SamplingParams))
+
+
 def sampling_params(method: Method, temperature: float, max_new_tokens: int, seed: int) -> SamplingParams:
+    extra = {"draft_method": method.draft_method} if method.draft_method and supports_draft_method() else {}
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0, seed=seed,
                           speculative=method.speculative, num_draft_tokens=method.k if method.speculative else None,
-                          ignore_eos=True)
+                          ignore_eos=True, **extra)
 
 
 # --------------------------------------------------------------------------- Helix

@@ -19,7 +19,7 @@ from engine.bench.doctor import diagnose
 from engine.bench.instrument import Instrument
 from engine.bench.machine import machine_info
 from engine.bench.memory import memory_bench
-from engine.bench.runs import Method, PassResult, helix_concurrent, helix_pass, hf_pass
+from engine.bench.runs import Method, PassResult, helix_concurrent, helix_pass, hf_pass, supports_draft_method
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,15 @@ class _Progress:
 
 
 def _helix_methods(ks) -> list[Method]:
-    return ([Method("helix plain", "helix")] + [Method(f"helix spec K={k}", "helix", True, k) for k in ks]
-            + [Method("helix spec adaptive", "helix", True, None)])
+    """Plain, the draft model at each fixed K, adaptive (the engine's default method), and n-gram
+    drafting (issue 16) where the engine takes ``draft_method``."""
+    if not supports_draft_method():
+        return ([Method("helix plain", "helix")] + [Method(f"helix spec K={k}", "helix", True, k) for k in ks]
+                + [Method("helix spec adaptive", "helix", True, None)])
+    return ([Method("helix plain", "helix")]
+            + [Method(f"helix spec K={k}", "helix", True, k, draft_method="model") for k in ks]
+            + [Method("helix spec adaptive", "helix", True, None),
+               Method("helix spec ngram", "helix", True, None, draft_method="ngram")])
 
 
 def _hf_methods(best_k: int | None) -> list[Method]:
@@ -92,7 +99,7 @@ def _count_passes(cfg: BenchConfig, num_prompts: int) -> int:
     total = 0
     for length in cfg.lengths:
         sweep = length in cfg.sweep_lengths
-        n_helix = 2 + (len(cfg.ks) if sweep else 1)
+        n_helix = 2 + (len(cfg.ks) if sweep else 1) + (1 if supports_draft_method() else 0)
         n_hf = 3 if cfg.hf else 0
         warm = (n_helix + n_hf - (1 if cfg.hf else 0)) * cfg.warmup_runs * (num_prompts if sweep else 1) + (
             1 if cfg.hf else 0)
