@@ -37,6 +37,18 @@ class AttnBatch:
     mask: torch.Tensor | None
     num_keys: int
     causal: bool = False
+    folded: torch.Tensor | None = None  # the mask as the layers use it, built by the first layer only
+
+    def layer_mask(self, groups: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """``mask`` as an additive ``[B, 1, G * N, T]`` bias (G query heads per KV head folded into
+        the query dimension), made once per forward instead of once per layer."""
+        if self.mask is None:
+            return None
+        if self.folded is None:
+            b, _, n, t = self.mask.shape
+            m = self.mask if groups == 1 else self.mask.expand(b, groups, n, t).reshape(b, 1, groups * n, t)
+            self.folded = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+        return self.folded
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -58,11 +70,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
         return out.transpose(1, 2).reshape(b, n, hq * d)
     if g == 1:
         qh = q.transpose(1, 2)  # [B, H, N, D]
-        mask = batch.mask
     else:  # fold the G query heads of each KV head into the query dimension
         qh = q.view(b, n, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * n, d)
-        mask = None if batch.mask is None else batch.mask.expand(b, g, n, t).reshape(b, 1, g * n, t)
-    out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=batch.layer_mask(g, q.dtype), scale=scale)
     if g == 1:
         return out.transpose(1, 2).reshape(b, n, hq * d)
     return out.view(b, hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, hq * d)

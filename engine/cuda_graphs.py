@@ -85,6 +85,7 @@ class GraphRunner:
                 self.lean.forward(input_ids, positions, batch, self.pool, n)
         torch.cuda.current_stream(dev).wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
+        batch.folded = None  # the graph must rebuild the layer mask from the static mask on every replay
         with torch.cuda.graph(graph, pool=self.mempool, stream=self.stream):
             logits = self.lean.forward(input_ids, positions, batch, self.pool, n)
         logger.debug("captured a CUDA graph: %d rows x %d tokens, %d keys", r, n, t)
