@@ -92,6 +92,7 @@ def helix_server(tmp_path_factory):
         tok.save_pretrained(f"{root}/{name}")
     with HelixServer(f"{root}/target", f"{root}/draft", device="cpu", threads=1, api_key="sekrit",
                      progress=lambda m: None) as s:
+        s.models = root
         yield s
 
 
@@ -121,6 +122,23 @@ def test_compare_times_every_mode_against_a_peer_over_http(helix_server):
     assert all(t["result"] in ("PASS", "MISS") for t in r["targets"])
     text = format_peer(r, markdown=True)
     assert "| helix K=2 |" in text and "targets (issue 13)" in text
+
+
+def test_bench_endpoint_cli_times_a_remote_against_local_helix(helix_server, tmp_path, capsys):
+    """``bench --endpoint URL``: a second Helix server of the same pair is started for the local side."""
+    import main
+
+    out = tmp_path / "endpoint.json"
+    root = helix_server.models
+    assert main.main(["bench", "--endpoint", helix_server.url, "--api-key", "sekrit", "--quick", "--threads", "1",
+                      "--target", f"{root}/target", "--draft", f"{root}/draft", "--device", "cpu",
+                      "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["systems"][-1]["name"] == f"endpoint {helix_server.url}" and r["machine"]["device"] == "cpu"
+    assert all(row["greedy_identical_to_peer"] == QUICK_PEER.num_prompts for row in r["systems"])
+    assert "Helix vs endpoint" in capsys.readouterr().out
+    assert main.main(["bench", "--endpoint", helix_server.url, "--api-key", "wrong", "--quick"]) == 2
+    assert "HTTP 401 (check --api-key)" in capsys.readouterr().err
 
 
 def test_bench_cli_rejects_bad_peer_arguments(capsys):

@@ -41,6 +41,10 @@ def run_peer_bench(args) -> int:
     config = cli.engine_config_from_args(args)
     threads = getattr(args, "threads", None)
     try:
+        if args.endpoint:  # asked first: a wrong URL or key fails before any server starts
+            peer = Endpoint("endpoint", args.endpoint.rstrip("/"), api_key=args.api_key)
+            peer = Endpoint(f"endpoint {peer.url}", peer.url, model=args.endpoint_model or served_model(peer),
+                            api_key=args.api_key)
         with contextlib.ExitStack() as stack:
             # Helix first: it starts in seconds, so a broken setup fails before vLLM's minute-long start
             helix = stack.enter_context(HelixServer(config.target, config.draft, dtype=args.dtype,
@@ -51,10 +55,6 @@ def run_peer_bench(args) -> int:
                                                         threads=threads))
                 peer = Endpoint(f"vllm {vllm_version(python) or ''} K={cfg.k}".replace("  ", " "), server.url,
                                 model=server.model_name)
-            else:
-                peer = Endpoint("endpoint", args.endpoint.rstrip("/"), api_key=args.api_key)
-                peer = Endpoint(f"endpoint {peer.url}", peer.url, model=args.endpoint_model or served_model(peer),
-                                api_key=args.api_key)
             base_ep = Endpoint("helix", helix.url)
             health = get_json(base_ep, "/health")
             results = compare(helix_modes(base_ep, cfg.k) + [peer], prompts, cfg)

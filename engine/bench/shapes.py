@@ -64,7 +64,7 @@ def hf_config(shape: Shape, max_positions: int):
     cfg.rope_theta = shape.rope_theta
     if hasattr(cfg, "rope_parameters"):
         cfg.rope_parameters = rope
-    if shape.rope_scaling:
+    elif shape.rope_scaling:
         cfg.rope_scaling = rope
     return cfg
 
