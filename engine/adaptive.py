@@ -21,6 +21,7 @@ from engine.stats import SpecDecodingStats
 
 EMA = 0.8  # weight of the past in step-time averages
 PRIOR_WEIGHT = 8.0  # pseudo-drafts of the shared prior in a request's acceptance estimate
+ALPHA_WEIGHT = 2.0  # pseudo-drafts of the α prior in the shared estimate: engine-wide evidence wins fast
 PROBE_FIRST, PROBE_MAX = 16, 512  # steps of plain decoding between probes of speculation
 EXPLORE_EVERY = 16  # speculative steps between one-step tries of K+1
 RECHECK = 8  # while plain, steps between re-evaluations (each costs ~25 us per method)
@@ -148,7 +149,7 @@ class Policy:
         t0 = self.times.plain(batch)
         if t0 is None:
             return {}
-        prior = survival(self.shared.get(method), [alpha ** (i + 1) for i in range(MAX_DRAFT_TOKENS)], PRIOR_WEIGHT)
+        prior = survival(self.shared.get(method), [alpha ** (i + 1) for i in range(MAX_DRAFT_TOKENS)], ALPHA_WEIGHT)
         s = survival(state.stats.get(method), prior, PRIOR_WEIGHT)
         times = self.times.predict_all(method, batch, slope)
         out, expected = {0: 1.0}, 1.0
