@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine import llm_engine, model_runner, spec_decode
+from engine.models import llama as lean_llama
 
 # phases of a step, as reported by the profile (seconds)
 PHASES = ("draft_forward", "target_forward", "paged_cache", "batch_prep", "sampling", "scheduling", "emit",
@@ -96,7 +97,10 @@ class Instrument:
             self._shadow(eng, "step", self._phase("step", eng.step))
             for role, runner in runners:
                 self._shadow(runner.cache, "update", self._phase(f"cache_{role}", runner.cache.update))
+                if runner.lean is not None:  # the engine's lean forward: its attention reads the pool in place
+                    self._shadow(runner.lean, "forward", self._model_call(runner.lean.forward))
             self._swap(model_runner, "forward_with_cache", self._model_call(model_runner.forward_with_cache))
+            self._swap(lean_llama, "paged_attention", self._role_phase("cache", lean_llama.paged_attention))
             self._swap(llm_engine, "top_logprobs", self._phase("sampling", llm_engine.top_logprobs))
             self._swap(spec_decode, "verify", self._phase("sampling", spec_decode.verify))
             for name in ("_make_room", "_choose", "_fail_unfittable"):
@@ -158,6 +162,16 @@ class Instrument:
                     self.steps += 1
         return timed
 
+    def _role_phase(self, key: str, fn):
+        """Like :meth:`_phase`, booked to the model (draft or target) whose forward is running."""
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.raw[f"{key}_{self._role}"] += time.perf_counter() - t0
+        return timed
+
     def _model_call(self, fn):
         """The model's own forward: what remains of ModelRunner.forward is batch preparation."""
         def call(*args, **kwargs):
@@ -179,7 +193,8 @@ class Instrument:
         """Seconds per phase of :data:`PHASES` (profile mode); they add up to the steps' wall time.
 
         A forward is batch preparation (block tables, index tensors, mask) + the model call;
-        the model call holds the paged-cache scatter/gather, reported apart as ``paged_cache``.
+        the model call holds the paged-cache scatter/gather, reported apart as ``paged_cache`` (on the lean
+        forward: the whole paged attention, i.e. write, gather and attention over the pool).
         """
         r = self.raw
         out = dict.fromkeys(PHASES, 0.0)
