@@ -265,8 +265,8 @@ class LLMEngine:
             return min(req.params.num_draft_tokens, room), methods[0]
         slopes = {m: self.verify_cost + (self.draft_cost if m == "model" else 0.0) for m in methods}
         d = self.policy.choose(req.adaptive, slopes, batch, self.alpha_prior)
-        if d.k == 0 and req.use_draft and self.draft is not None and self.draft.cached_len(req.seq_id):
-            self.proposers["model"].release(req)  # plain for now: give the draft's blocks back
+        # plain for now: the draft keeps its cache, so a later probe only catches up the tokens since
+        # (a released cache would make every probe re-read the whole context)
         return min(d.k, room), d.method
 
     def _make_room(self, plan: dict[Request, tuple[int, str]]) -> dict[Request, tuple[int, str]]:

@@ -109,3 +109,24 @@ def test_server_refuses_an_unfittable_request_with_a_4xx_that_names_the_limit():
     finally:
         runner.stop()
         host.shutdown()
+
+
+def test_a_draft_that_sat_out_catches_up_in_bounded_chunks():
+    from engine.proposers.draft_model import CATCH_UP
+
+    eng = _long_context_engine()
+    prompt = [3 + (i * 11) % 300 for i in range(3 * CATCH_UP + 40)]
+    req = eng.add_request(prompt, SamplingParams(max_new_tokens=8, temperature=0, draft_method="ngram"))
+    while not req.prefilled:
+        eng.step()
+    assert eng.draft.cached_len(req.seq_id) == 0  # n-gram only: the draft model never read it
+    widths = []
+    forward = eng.draft.forward
+    eng.draft.forward = lambda rows: widths.append(max(len(r.token_ids) for r in rows)) or forward(rows)
+    eng.proposers["model"]._catch_up([req])
+    del eng.draft.forward
+    assert widths and max(widths) <= CATCH_UP
+    assert 0 < len(req.all_ids) - eng.draft.cached_len(req.seq_id) <= CATCH_UP  # the rest: the first draft step
+    while eng.has_work():
+        eng.step()
+    _assert_all_free(eng)

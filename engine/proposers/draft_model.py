@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from engine.sequence import Request
 
 
+CATCH_UP = 512  # tokens per catch-up forward (as prefill chunks)
+
+
 class DraftModelProposer:
     name = "model"
 
@@ -38,6 +41,7 @@ class DraftModelProposer:
                      for j in range(kmax)] for i in sampled]
             noise = rng.exponentials(torch.tensor(keys, dtype=torch.int64).to(dev), self.runner.vocab_size)
         slot = {i: n for n, i in enumerate(sampled)}
+        self._catch_up(rows.reqs)
         lists: list[list[int]] = [[] for _ in range(b)]
         for j in range(kmax):
             active = [i for i in range(b) if rows.ks[i] > j]
@@ -64,6 +68,17 @@ class DraftModelProposer:
             for i, t in zip(active, tokens.tolist()):
                 lists[i].append(t)
         return Proposal(lists, q)
+
+    def _catch_up(self, reqs: list[Request]) -> None:
+        """A draft that sat out plain steps first reads what it missed, at most CATCH_UP tokens per
+        forward, so that its first draft step feeds no more than that either."""
+        while True:
+            behind = [(r, len(r.all_ids) - self.runner.cached_len(r.seq_id)) for r in reqs]
+            feed = [RowInput(r.seq_id, r.all_ids[self.runner.cached_len(r.seq_id):][:CATCH_UP], 1)
+                    for r, gap in behind if gap > CATCH_UP]
+            if not feed:
+                return
+            self.runner.forward(feed)
 
     def fits(self, plan: dict[Request, int]) -> bool:
         r = self.runner
