@@ -94,6 +94,7 @@ class Decision:
     method: str = ""
     reason: str = "no decision yet"
     gains: dict[int, float] = field(default_factory=dict)  # K -> predicted tokens/s relative to plain
+    fallback_k: int = 0  # for n-gram: the draft model's best K, used where n-gram finds no match
 
 
 @dataclass
@@ -106,6 +107,7 @@ class AdaptiveState:
     probing: bool = False
     spec_steps: int = 0
     last: Decision | None = None
+    fallback_k: int = 0  # the draft model's K where n-gram finds no match (auto requests only)
 
     def observe(self, method: str, k: int, accepted: int) -> None:
         self.stats.setdefault(method, SpecDecodingStats()).observe_draft(k, accepted)
@@ -199,6 +201,9 @@ class Policy:
                     d = Decision(0, method, f"plain: best is {method} K={best}, predicted {gains[best]:.2f}x plain "
                                             f"at batch {batch}; next probe in {state.probe_every - state.plain_steps} "
                                             f"steps", gains)
+        if d.method == "ngram" and d.k and "model" in options:
+            model_k = max(options["model"], key=options["model"].get)
+            d.fallback_k = model_k if options["model"][model_k] > 1.0 else 0
         state.last = d
         self.decision = d
         return d

@@ -265,6 +265,7 @@ class LLMEngine:
             return min(req.params.num_draft_tokens, room), methods[0]
         slopes = {m: self.verify_cost + (self.draft_cost if m == "model" else 0.0) for m in methods}
         d = self.policy.choose(req.adaptive, slopes, batch, self.alpha_prior)
+        req.adaptive.fallback_k = d.fallback_k if "model" in methods else 0
         # plain for now: the draft keeps its cache, so a later probe only catches up the tokens since
         # (a released cache would make every probe re-read the whole context)
         return min(d.k, room), d.method
@@ -293,7 +294,8 @@ class LLMEngine:
     def _decode(self, reqs: list[Request]) -> None:
         plan = self._make_room({r: self._choose(r, len(reqs)) for r in reqs})
         self._fault("decode", list(plan))
-        results, timing = decode_step(self.target, self.proposers, plan)
+        fallback = {r: r.adaptive.fallback_k for r, (k, m) in plan.items() if m == "ngram" and r.adaptive.fallback_k}
+        results, timing = decode_step(self.target, self.proposers, plan, fallback)
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}
         if len(methods) <= 1:  # a step mixing methods times neither

@@ -54,10 +54,11 @@ def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
 
-def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[Request, tuple[int, str]]
-                ) -> tuple[list[RowResult], StepTiming]:
-    """plan: request -> (K, method). Changes state: the target's and proposers' caches grow by what
-    they read (the caller rolls them back to the verified tokens)."""
+def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[Request, tuple[int, str]],
+                fallback_k: dict[Request, int] | None = None) -> tuple[list[RowResult], StepTiming]:
+    """plan: request -> (K, method); fallback_k: K for the draft model where n-gram finds no match.
+    Changes state: the target's and proposers' caches grow by what they read (the caller rolls them
+    back to the verified tokens)."""
     t0 = time.perf_counter()
     reqs = list(plan)
     dev = target.device
@@ -66,15 +67,20 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     rp = None if greedy else RowParams.build([r.params for r in reqs], dev)
     lists: list[list[int]] = [[] for _ in reqs]
     q_parts: list[tuple[list[int], Proposal]] = []
-    for name, proposer in proposers.items():
-        idx = [i for i, r in enumerate(reqs) if plan[r][0] > 0 and plan[r][1] == name]
+    used = [plan[r][1] for r in reqs]
+    ks = [plan[r][0] for r in reqs]
+    # n-gram first: where it finds no match, an auto row may draft with the model in the same step
+    for name in sorted(proposers, key=lambda n: n != "ngram"):
+        idx = [i for i in range(len(reqs)) if ks[i] > 0 and used[i] == name]
         if not idx:
             continue
         sub = None if greedy else rp.select(idx)
-        prop = proposer.propose(StepRows([reqs[i] for i in idx], [plan[reqs[i]][0] for i in idx], sub))
+        prop = proposers[name].propose(StepRows([reqs[i] for i in idx], [ks[i] for i in idx], sub))
         for i, toks in zip(idx, prop.token_lists):
             lists[i] = toks
         q_parts.append((idx, prop))
+        if name == "ngram" and "model" in proposers:
+            _fall_back(reqs, idx, lists, used, ks, fallback_k, proposers["model"])
     t1 = time.perf_counter()
     rows_in = [RowInput(r.seq_id, r.all_ids[target.cached_len(r.seq_id):] + lists[i], len(lists[i]) + 1)
                for i, r in enumerate(reqs)]
@@ -96,9 +102,25 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     for i, r in enumerate(reqs):
         a, tokens = verified[i]
         k = len(lists[i])
-        out.append(RowResult(r, plan[r][1] if k else "", k, a, tokens, per_row[i]))
+        out.append(RowResult(r, used[i] if k else "", k, a, tokens, per_row[i]))
     t3 = time.perf_counter()
     return out, StepTiming(t1 - t0, t2 - t1, t3 - t0)
+
+
+def _fall_back(reqs: list[Request], idx: list[int], lists: list[list[int]], used: list[str], ks: list[int],
+               fallback_k: dict[Request, int] | None, model: Proposer) -> None:
+    """Rows n-gram had nothing for draft with the model instead, when their plan allows and the draft
+    cache has room for them as well as for the model's own rows."""
+    if not fallback_k:
+        return
+    rows = [i for i in idx if not lists[i] and fallback_k.get(reqs[i], 0) > 0]
+    if not rows:
+        return
+    wanted = {reqs[i]: ks[i] for i in range(len(reqs)) if used[i] == "model" and ks[i] > 0}
+    wanted.update({reqs[i]: fallback_k[reqs[i]] for i in rows})
+    if model.fits(wanted):
+        for i in rows:
+            used[i], ks[i] = "model", min(ks[i], fallback_k[reqs[i]])  # never more than the target made room for
 
 
 def _verify_greedy_host(per_row: list[torch.Tensor], lists: list[list[int]]) -> list[tuple[int, list[int]]]:

@@ -62,3 +62,22 @@ def test_draft_method_over_the_api():
     finally:
         runner.stop()
         host.shutdown()
+
+
+def test_auto_drafts_with_the_model_where_ngram_finds_no_match():
+    from engine.spec_decode import decode_step
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine()
+    req = eng.add_request([5, 9, 17, 33, 65, 129], SamplingParams(max_new_tokens=20, temperature=0))  # no repeats
+    while not req.prefilled:
+        eng.step()
+    n = req.num_tokens
+    (res,), _ = decode_step(eng.target, eng.proposers, {req: (4, "ngram")}, {req: 3})
+    assert (res.method, res.k) == ("model", 3)  # at most the K the target made room for
+    assert res.tokens[-1] == int(res.logits[res.accepted].argmax())  # greedy: the correction is the argmax
+    assert eng.draft.cached_len(req.seq_id) == n + 2  # the draft read the context and its first two drafts
+    eng.abort(req.request_id)
+    eng.step()
+    for runner in (eng.target, eng.draft):
+        assert runner.blocks.num_free == runner.blocks.num_blocks
