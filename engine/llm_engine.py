@@ -270,6 +270,23 @@ class LLMEngine:
         # (a released cache would make every probe re-read the whole context)
         return min(d.k, room), d.method
 
+    def _one_k_per_method(self, plan: dict[Request, tuple[int, str]]) -> dict[Request, tuple[int, str]]:
+        """Adaptive rows of one method share the K with the highest summed predicted gain: a step costs
+        what its longest row costs, and step times are measured (and keyed) that way."""
+        groups: dict[str, list[Request]] = {}
+        for r in plan:
+            d = r.adaptive.last
+            if r.params.num_draft_tokens is None and d is not None and d.gains and plan[r][1]:
+                groups.setdefault(d.method, []).append(r)
+        for method, rows in groups.items():
+            if len(rows) < 2:
+                continue
+            k = max(rows[0].adaptive.last.gains, key=lambda kk: sum(r.adaptive.last.gains.get(kk, 0.0) for r in rows))
+            for r in rows:
+                room = max(0, min(r.remaining - 1, self.max_context - r.num_tokens - 1))
+                plan[r] = (min(k, room), method)
+        return plan
+
     def _make_room(self, plan: dict[Request, tuple[int, str]]) -> dict[Request, tuple[int, str]]:
         """Preempt newest requests until this step's writes fit the KV pools."""
         while True:
@@ -292,7 +309,7 @@ class LLMEngine:
             p.release(req)
 
     def _decode(self, reqs: list[Request]) -> None:
-        plan = self._make_room({r: self._choose(r, len(reqs)) for r in reqs})
+        plan = self._make_room(self._one_k_per_method({r: self._choose(r, len(reqs)) for r in reqs}))
         self._fault("decode", list(plan))
         fallback = {r: r.adaptive.fallback_k for r, (k, m) in plan.items() if m == "ngram" and r.adaptive.fallback_k}
         results, timing = decode_step(self.target, self.proposers, plan, fallback)

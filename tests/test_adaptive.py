@@ -107,3 +107,25 @@ def test_fixed_k_is_respected():
                                               draft_method="model", ignore_eos=True))
     assert res.stats.drafts_per_position[2] >= res.stats.num_drafts - 2 > 0  # K shrinks only at the very end
     assert res.stats.drafts_per_position[3] == 0
+
+
+def test_adaptive_rows_of_a_batch_share_one_k_per_method(monkeypatch):
+    import engine.llm_engine as llm
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine()
+    steps = []
+    real = llm.decode_step
+
+    def spy(target, proposers, plan, fallback=None):
+        if all(r.remaining > 9 for r in plan):  # near the end, room caps K row by row
+            steps.append({m: {k for k, mm in plan.values() if mm == m and k} for _, m in plan.values()})
+        return real(target, proposers, plan, fallback)
+
+    monkeypatch.setattr(llm, "decode_step", spy)
+    for prompt in ("Once", "The cat sat on the mat", "Tom found a red ball", "Lily loved to play"):
+        eng.add_request(prompt, SamplingParams(max_new_tokens=40, temperature=0.8, ignore_eos=True,
+                                               draft_method="model"))
+    while eng.has_work():
+        eng.step()
+    assert steps and all(len(ks) <= 1 for step in steps for ks in step.values())
