@@ -22,7 +22,8 @@ from engine.stats import SpecDecodingStats
 EMA = 0.8  # weight of the past in step-time averages
 PRIOR_WEIGHT = 8.0  # pseudo-drafts of the shared prior in a request's acceptance estimate
 ALPHA_WEIGHT = 2.0  # pseudo-drafts of the α prior in the shared estimate: engine-wide evidence wins fast
-PROBE_FIRST, PROBE_MAX = 16, 512  # steps of plain decoding between probes of speculation
+PROBE_FIRST, PROBE_MAX = 32, 512  # steps of plain decoding between probes of speculation
+SHARED_MEMORY = 64  # drafts: the shared estimate follows the recent workload (another model, other prompts)
 EXPLORE_EVERY = 16  # speculative steps between one-step tries of K+1
 RECHECK = 8  # while plain, steps between re-evaluations (each costs ~25 us per method)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -115,7 +116,7 @@ class AdaptiveState:
             self.probing = False
 
 
-def survival(stats: SpecDecodingStats | None, prior: list[float], weight: float) -> list[float]:
+def survival(stats: SpecDecodingStats | RecentAcceptance | None, prior: list[float], weight: float) -> list[float]:
     """s_i = P(first i+1 drafts all accepted), counts shrunk towards ``prior``, non-increasing.
 
     Past the last position ever drafted, s continues geometrically with the conditional
@@ -135,16 +136,39 @@ def survival(stats: SpecDecodingStats | None, prior: list[float], weight: float)
     return out
 
 
+class RecentAcceptance:
+    """Per-position acceptance counts that forget: each draft scales the past by 1 - 1/SHARED_MEMORY.
+
+    All-time counts would let thousands of old drafts (a useless draft earlier in the session, a
+    different kind of prompt) outvote what drafting achieves now, and requests would then start plain
+    and rarely find their way back."""
+
+    def __init__(self) -> None:
+        self.drafts_per_position = [0.0] * MAX_DRAFT_TOKENS
+        self.accepted_per_position = [0.0] * MAX_DRAFT_TOKENS
+
+    def observe_draft(self, k: int, accepted: int) -> None:
+        keep = 1.0 - 1.0 / SHARED_MEMORY
+        for i in range(MAX_DRAFT_TOKENS):
+            self.drafts_per_position[i] = self.drafts_per_position[i] * keep + (i < k)
+            self.accepted_per_position[i] = self.accepted_per_position[i] * keep + (i < accepted)
+
+    @property
+    def acceptance_rate(self) -> float:
+        drafted = sum(self.drafts_per_position)
+        return sum(self.accepted_per_position) / drafted if drafted else 0.0
+
+
 class Policy:
-    """Engine-wide: step times, shared acceptance per method, the last decision."""
+    """Engine-wide: step times, recent shared acceptance per method, the last decision."""
 
     def __init__(self) -> None:
         self.times = StepTimes()
-        self.shared: dict[str, SpecDecodingStats] = {}
+        self.shared: dict[str, RecentAcceptance] = {}
         self.decision = Decision()
 
     def observe(self, method: str, k: int, accepted: int) -> None:
-        self.shared.setdefault(method, SpecDecodingStats()).observe_draft(k, accepted)
+        self.shared.setdefault(method, RecentAcceptance()).observe_draft(k, accepted)
 
     def gains(self, state: AdaptiveState, method: str, batch: int, alpha: float, slope: float) -> dict[int, float]:
         """K -> predicted speed relative to plain (1.0 at K = 0); empty until plain was timed."""

@@ -129,3 +129,18 @@ def test_adaptive_rows_of_a_batch_share_one_k_per_method(monkeypatch):
     while eng.has_work():
         eng.step()
     assert steps and all(len(ks) <= 1 for step in steps for ks in step.values())
+
+
+def test_shared_acceptance_follows_a_change_of_workload():
+    """Thousands of rejected drafts (a useless draft earlier in the session) must not outvote what
+    drafting achieves now: after a few dozen good drafts the shared estimate says speculation pays."""
+    from engine.adaptive import RecentAcceptance, survival
+
+    recent = RecentAcceptance()
+    for _ in range(5000):
+        recent.observe_draft(4, 0)
+    assert recent.acceptance_rate < 0.01
+    for _ in range(64):
+        recent.observe_draft(4, 4)
+    assert recent.acceptance_rate > 0.6
+    assert survival(recent, [0.0] * 8, 2.0)[0] > 0.6
