@@ -108,7 +108,7 @@ def _build(name: str, cfg: ShapeConfig, device, dtype, max_ctx: int):
 def run_shape(name: str, cfg: ShapeConfig, bandwidth: float, progress=_say) -> dict:
     device = _device(cfg)
     dtype = _dtype(cfg, device)
-    n, c = cfg.max_new_tokens, cfg.concurrency
+    n = cfg.max_new_tokens
     max_ctx = max(cfg.prompt_lengths) + n + 16
     t0 = time.perf_counter()
     shape, layers, target, engine, knob = _build(name, cfg, device, dtype, max_ctx)
