@@ -44,8 +44,14 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def compare(systems: list[Endpoint], prompts: list[str], cfg: PeerConfig = PeerConfig(), progress=_say) -> dict:
-    """Time every system in the same rounds; the last system is the peer the ratios are taken over."""
+def compare(systems: list[Endpoint], prompts: list[str], cfg: PeerConfig = PeerConfig(), progress=_say,
+            processes: dict | None = None) -> dict:
+    """Time every system in the same rounds; the last system is the peer the ratios are taken over.
+
+    ``processes``: server URL -> its ServerProcess, for servers this run started. While one system is
+    timed the others' processes are paused, so each is measured with the machine to itself (an idle
+    server's busy-waiting threads took a core from the other on this 2-core CPU)."""
+    processes = processes or {}
     prompts = prompts[: cfg.num_prompts]
     t_start = time.perf_counter()
     for ep in systems:  # warm-up: first requests compile, allocate and fill caches
@@ -58,12 +64,19 @@ def compare(systems: list[Endpoint], prompts: list[str], cfg: PeerConfig = PeerC
     for r in range(cfg.rounds):
         order = systems[r % len(systems):] + systems[: r % len(systems)]
         for ep in order:
-            outs = batch1(ep, prompts, cfg.max_tokens)
+            others = [p for url, p in processes.items() if url != ep.url]
+            for p in others:
+                p.pause()
+            try:
+                outs = batch1(ep, prompts, cfg.max_tokens)
+                total, _ = concurrent(ep, prompts, cfg.concurrency, cfg.max_tokens)
+            finally:
+                for p in others:
+                    p.resume()
             tps = [c.tokens_per_second for c in outs]
             per_request[ep.name] += tps
             round_b1[ep.name].append(median(tps))
             texts[ep.name] = [c.text for c in outs]
-            total, _ = concurrent(ep, prompts, cfg.concurrency, cfg.max_tokens)
             round_cc[ep.name].append(round(total, 3))
             progress(f"round {r + 1}/{cfg.rounds} {ep.name}: batch 1 {median(tps):.1f} tok/s, "
                      f"{cfg.concurrency} concurrent {total:.1f} tok/s")
@@ -121,7 +134,9 @@ def format_peer(results: dict, markdown: bool = False) -> str:
                    rows, markdown)
     note = (f"{len(results['prompts'])} held-out prompts, greedy, {cfg['max_tokens']} new tokens (EOS ignored), "
             f"over HTTP /v1/completions, {cfg['rounds']} interleaved rounds; batch 1: median per-request tok/s; "
-            f"{n} concurrent: median over rounds of total tok/s; peer: {peer}")
+            f"{n} concurrent: median over rounds of total tok/s; peer: {peer}"
+            + ("; each server started here was paused (SIGSTOP) while the other was timed"
+               if results.get("paused_while_other_timed") else ""))
     targets = results.get("targets") or []
     trows = [[t["what"], f"{t['measured']:.3f}", t["goal"], t["result"], t["bar"]] for t in targets]
     parts = [f"{head}Helix vs {peer}", describe(results["machine"]) if "machine" in results else "", table, note,

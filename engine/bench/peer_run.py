@@ -57,7 +57,9 @@ def run_peer_bench(args) -> int:
                                 model=server.model_name)
             base_ep = Endpoint("helix", helix.url)
             health = get_json(base_ep, "/health")
-            results = compare(helix_modes(base_ep, cfg.k) + [peer], prompts, cfg)
+            started = {helix.url: helix} | ({server.url: server} if args.peer_vllm else {})
+            results = compare(helix_modes(base_ep, cfg.k) + [peer], prompts, cfg, processes=started)
+            results["paused_while_other_timed"] = sorted(started)
     except (PeerError, EndpointError) as exc:
         return cli.usage_error(str(exc))
     except KeyboardInterrupt:

@@ -100,8 +100,25 @@ class ServerProcess:
                 next_note = now + 15
             time.sleep(0.5)
 
+    def pause(self) -> None:
+        """Stop the whole process group (SIGSTOP) while another server is timed: an idle server's
+        spinning worker threads would otherwise take a core from it. A no-op off POSIX."""
+        self._signal(getattr(signal, "SIGSTOP", None))
+
+    def resume(self) -> None:
+        self._signal(getattr(signal, "SIGCONT", None))
+
+    def _signal(self, sig) -> None:
+        if sig is None or os.name != "posix" or self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, OSError):
+            pass
+
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM to the whole group, SIGKILL after ``grace_s``."""
+        self.resume()  # a stopped group would not act on SIGTERM
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
