@@ -169,8 +169,8 @@ class LeanCausalLM:
             return F.rms_norm(x, (x.shape[-1],), w, self.eps)
         return self._rms(x, w)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttnBatch, pool, keep: int,
-                return_hidden: bool = False):
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttnBatch, pool, keep: int
+                ) -> torch.Tensor:
         b, n = input_ids.shape
         hq, hkv, d, tr = self.n_heads, self.n_kv, self.head_dim, self.transposed
         ids = input_ids.reshape(-1)
@@ -198,5 +198,4 @@ class LeanCausalLM:
         x = x.view(b, n, -1)[:, n - keep:].reshape(b * keep, -1)
         x = self._norm(x, self.norm)
         logits = _linear(x, self.lm_head, None, tr)
-        logits = logits.view(b, keep, -1)  # [B, keep, V]
-        return (logits, x.view(b, keep, -1)) if return_hidden else logits
+        return logits.view(b, keep, -1)  # [B, keep, V]
