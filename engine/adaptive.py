@@ -25,6 +25,7 @@ ALPHA_WEIGHT = 2.0  # pseudo-drafts of the α prior in the shared estimate: engi
 PROBE_FIRST, PROBE_MAX = 32, 512  # steps of plain decoding between probes of speculation
 SHARED_MEMORY = 64  # drafts: the shared estimate follows the recent workload (another model, other prompts)
 EXPLORE_EVERY = 16  # speculative steps between one-step tries of K+1
+MIN_SHARED_EVIDENCE = 8.0  # drafts a method must have been measured for before its prior alone may rule it out
 RECHECK = 8  # while plain, steps between re-evaluations (each costs ~25 us per method)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -170,6 +171,11 @@ class Policy:
     def observe(self, method: str, k: int, accepted: int) -> None:
         self.shared.setdefault(method, RecentAcceptance()).observe_draft(k, accepted)
 
+    def evidence(self, method: str) -> float:
+        """Drafts of ``method`` measured on this engine (recent ones weigh most)."""
+        shared = self.shared.get(method)
+        return shared.drafts_per_position[0] if shared is not None else 0.0
+
     def gains(self, state: AdaptiveState, method: str, batch: int, alpha: float, slope: float) -> dict[int, float]:
         """K -> predicted speed relative to plain (1.0 at K = 0); empty until plain was timed."""
         t0 = self.times.plain(batch)
@@ -197,8 +203,17 @@ class Policy:
             return state.last
         options = {m: self.gains(state, m, batch, alpha, slope) for m, slope in methods.items()}
         options = {m: g for m, g in options.items() if g}
+        own = {m: st.drafts_per_position[0] for m, st in state.stats.items()}
+        unmeasured = [m for m in options if self.evidence(m) + own.get(m, 0) < MIN_SHARED_EVIDENCE]
         if not options:
             d = Decision(0, next(iter(methods)), f"timing plain decoding at batch {batch} first")
+        elif unmeasured:  # a prior alone must not switch a method off for good: measure it first
+            method = max(unmeasured, key=lambda m: max(g for kk, g in options[m].items() if kk))
+            gains = options[method]
+            k = max((kk for kk in gains if kk), key=gains.get)
+            state.plain_steps = 0
+            d = Decision(k, method, f"measuring {method} K={k}: {self.evidence(method):.0f} drafts on this engine so "
+                                    f"far (predicted {gains[k]:.2f}x plain)", gains)
         else:
             method, k = max(((m, k) for m, g in options.items() for k in g), key=lambda mk: options[mk[0]][mk[1]])
             gains = options[method]

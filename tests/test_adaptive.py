@@ -144,3 +144,21 @@ def test_shared_acceptance_follows_a_change_of_workload():
         recent.observe_draft(4, 4)
     assert recent.acceptance_rate > 0.6
     assert survival(recent, [0.0] * 8, 2.0)[0] > 0.6
+
+
+def test_a_pessimistic_prior_is_measured_before_it_rules_speculation_out():
+    """A fresh engine whose prior predicts a loss still drafts until it has measured acceptance, then
+    follows the measurement: stays speculative when drafts are accepted, goes plain when they are not."""
+    from engine.adaptive import MIN_SHARED_EVIDENCE, AdaptiveState
+
+    for accepted_per_draft, expect_plain in ((3, False), (0, True)):
+        policy = _policy(1.0, 0.3)
+        state = AdaptiveState()
+        first = policy.choose(state, {"model": 0.3}, 1, alpha=0.3)  # the prior alone predicts a loss
+        assert first.k > 0 and "measuring" in first.reason
+        for _ in range(int(MIN_SHARED_EVIDENCE)):
+            d = policy.choose(state, {"model": 0.3}, 1, alpha=0.3)
+            state.observe("model", d.k, min(d.k, accepted_per_draft))
+            policy.observe("model", d.k, min(d.k, accepted_per_draft))
+        after = policy.choose(state, {"model": 0.3}, 1, alpha=0.3)
+        assert (after.k == 0) == expect_plain, after.reason
