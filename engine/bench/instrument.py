@@ -100,7 +100,7 @@ class Instrument:
                 if runner.lean is not None:  # the engine's lean forward: its attention reads the pool in place
                     self._shadow(runner.lean, "forward", self._model_call(runner.lean.forward))
             self._swap(model_runner, "forward_with_cache", self._model_call(model_runner.forward_with_cache))
-            self._swap(lean_llama, "paged_attention", self._role_phase("cache", lean_llama.paged_attention))
+            self._swap(lean_llama, "paged_attention", self._phase("cache_{role}", lean_llama.paged_attention))
             self._swap(llm_engine, "top_logprobs", self._phase("sampling", llm_engine.top_logprobs))
             self._swap(spec_decode, "verify", self._phase("sampling", spec_decode.verify))
             for name in ("_make_room", "_choose", "_fail_unfittable"):
@@ -152,24 +152,15 @@ class Instrument:
         return step
 
     def _phase(self, key: str, fn):
+        """Time ``fn`` into ``raw[key]``; ``{role}`` in the key books it to the model whose forward is running."""
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.raw[key] += time.perf_counter() - t0
+                self.raw[key.format(role=self._role)] += time.perf_counter() - t0
                 if key == "step":
                     self.steps += 1
-        return timed
-
-    def _role_phase(self, key: str, fn):
-        """Like :meth:`_phase`, booked to the model (draft or target) whose forward is running."""
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.raw[f"{key}_{self._role}"] += time.perf_counter() - t0
         return timed
 
     def _model_call(self, fn):
