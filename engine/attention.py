@@ -51,6 +51,20 @@ class AttnBatch:
         return self.folded
 
 
+def key_slots(table: torch.Tensor, num_keys: int, block_size: int) -> torch.Tensor:
+    """``[B, blocks]`` block table -> ``[B, num_keys]`` pool slot of each key position."""
+    b = table.shape[0]
+    nb = -(-num_keys // block_size)
+    slots = table[:, :nb, None] * block_size + torch.arange(block_size, device=table.device)
+    return slots.view(b, nb * block_size)[:, :num_keys]
+
+
+def causal_mask(positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """``[B, N]`` query positions -> ``[B, 1, N, T]`` bool: key ``t`` is visible iff ``t <= position``."""
+    keys = torch.arange(num_keys, device=positions.device)
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                     batch: AttnBatch, scale: float) -> torch.Tensor:
     """q: [B, N, Hq, D]; k, v: [B, N, Hkv, D] (new tokens); pools: [slots, Hkv, D]. Returns [B, N, Hq * D]."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttnBatch
+from engine.attention import AttnBatch, causal_mask, key_slots
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +111,13 @@ class GraphRunner:
         if table.shape[1] < nb:  # key bucket past the row's table: the rest is the scratch block
             pad = torch.full((b, nb - table.shape[1]), self.pool.scratch_block, dtype=table.dtype, device=table.device)
             table = torch.cat([table, pad], 1)
-        gather = (table[:, :nb, None] * bs + torch.arange(bs, device=self.device)).view(b, nb * bs)[:, :t]
+        gather = key_slots(table, t, bs)
         g.input_ids[:b].copy_(input_ids)
         g.positions[:b].copy_(positions)
         g.slots[: b * n].copy_(slots)
         g.slots[b * n:].fill_(self.pool.scratch_slot)  # padding rows must never write a live slot
         g.gather.view(r, t)[:b].copy_(gather)
-        g.mask[:b].copy_((torch.arange(t, device=self.device)[None, None, :] <= positions[:, :, None])[:, None])
+        g.mask[:b].copy_(causal_mask(positions, t))
         g.graph.replay()
         self.replays += 1
-        return g.logits[:b, n - keep:]
+        return g.logits[:b, n - keep:].clone()  # the next replay overwrites the graph's output buffer

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttnBatch
+from engine.attention import AttnBatch, causal_mask, key_slots
 from engine.block_manager import BlockManager
 from engine.block_tables import DeviceBlockTables
 from engine.compat import forward_with_cache
@@ -199,24 +199,21 @@ class ModelRunner:
         slot_t = meta[2 * b * n: 3 * b * n]
         row_t = meta[3 * b * n:]
         keep = max(r.num_logits for r in rows)
+        table = self.tables.table.index_select(0, row_t)  # [B, max blocks]
+        logits = None
         if self.graphs is not None and self.graphs.fits(b, n, t_len):
             try:
-                table = self.tables.table.index_select(0, row_t)
                 logits = self.graphs.run(input_ids, pos_t, slot_t, table, t_len, keep)
-                logits = logits[..., : self.vocab_size].float().clone()  # the graph's output buffer is reused
-                return [logits[i, keep - r.num_logits:] for i, r in enumerate(rows)]
             except Exception:
                 if self.graphs.failed is None:
                     raise
-        n_blocks = -(-t_len // bs)
-        table = self.tables.table.index_select(0, row_t)[:, :n_blocks]  # [B, nb]
-        gather = (table[:, :, None] * bs + torch.arange(bs, device=dev)).view(b, n_blocks * bs)[:, :t_len]
-        mask = None
-        causal = b == 1 and n > 1 and starts[0] == 0
-        if not causal and (n > 1 or min(ends) < t_len):  # a lone decode row (or equal-length rows) sees every key
-            mask = (torch.arange(t_len, device=dev)[None, None, :] <= pos_t[:, :, None])[:, None]  # [B, 1, N, T]
-        batch = AttnBatch(slot_t, gather.reshape(-1), mask, t_len, causal)
-        logits = self.lean.forward(input_ids, pos_t, batch, self.pool, keep)
+        if logits is None:
+            mask = None
+            causal = b == 1 and n > 1 and starts[0] == 0
+            if not causal and (n > 1 or min(ends) < t_len):  # a lone decode row (or equal-length rows) sees every key
+                mask = causal_mask(pos_t, t_len)
+            batch = AttnBatch(slot_t, key_slots(table, t_len, bs).reshape(-1), mask, t_len, causal)
+            logits = self.lean.forward(input_ids, pos_t, batch, self.pool, keep)
         logits = logits[..., : self.vocab_size].float()  # [B, keep, V]
         return [logits[i, keep - r.num_logits:] for i, r in enumerate(rows)]
 
