@@ -10,6 +10,11 @@ predicted from the measured ones (or from the warm-up/doctor cost ratios c + γ 
 We run argmax_K E_r(K) / T(b, K). When plain wins, the request decodes plain and probes its
 best K once every ``probe_every`` steps, doubling the interval after each failed probe, so a
 useless draft costs well under 2% of plain speed.
+
+Probes run on the engine's step clock (``Policy.tick``): a request probes at the first step that
+is a multiple of its interval once half of it has passed, so the rows of a batch probe together.
+A step costs what its longest row costs, so one probing row makes the whole batch pay for a
+drafting step; together, the batch pays once for every row's probe.
 """
 
 from __future__ import annotations
@@ -56,8 +61,10 @@ class StepTimes:
 
     def __init__(self) -> None:
         self.avg: dict[tuple[str, int, int], float] = {}
+        self.version = 0  # changes with every observation (keys the policy's per-step cache)
 
     def observe(self, method: str, batch: int, k: int, seconds: float) -> None:
+        self.version += 1
         key = ("plain", bucket(batch), 0) if k == 0 else (method, bucket(batch), k)
         old = self.avg.get(key)
         if old is not None:  # one stall (another process, a page fault) must not flip the decision
@@ -97,6 +104,7 @@ class Decision:
     reason: str = "no decision yet"
     gains: dict[int, float] = field(default_factory=dict)  # K -> predicted tokens/s relative to plain
     fallback_k: int = 0  # for n-gram: the draft model's best K, used where n-gram finds no match
+    forced: bool = False  # measuring, probing or exploring: K is what must be tried, whatever it is predicted to give
 
 
 @dataclass
@@ -147,8 +155,10 @@ class RecentAcceptance:
     def __init__(self) -> None:
         self.drafts_per_position = [0.0] * MAX_DRAFT_TOKENS
         self.accepted_per_position = [0.0] * MAX_DRAFT_TOKENS
+        self.version = 0
 
     def observe_draft(self, k: int, accepted: int) -> None:
+        self.version += 1
         keep = 1.0 - 1.0 / SHARED_MEMORY
         for i in range(MAX_DRAFT_TOKENS):
             self.drafts_per_position[i] = self.drafts_per_position[i] * keep + (i < k)
@@ -167,6 +177,45 @@ class Policy:
         self.times = StepTimes()
         self.shared: dict[str, RecentAcceptance] = {}
         self.decision = Decision()
+        self.clock = 0  # decode steps so far (the engine ticks once per step)
+        # per (method, batch bucket, slope, alpha): the shared prior's survival and the predicted step times,
+        # the same for every row of a step; keyed by the versions of the evidence they come from
+        self._shared_cache: dict[tuple, tuple[tuple, list[float], list[float | None]]] = {}
+
+    def tick(self) -> None:
+        """One decode step begins."""
+        self.clock += 1
+
+    def _probe_due(self, state: AdaptiveState, plain_steps: int) -> bool:
+        """Probe at a step that is a multiple of the interval (so the rows of a batch probe together),
+        once half the interval has passed; at twice the interval whatever the clock says."""
+        every = state.probe_every
+        return (plain_steps >= every // 2 and self.clock and self.clock % every == 0) or plain_steps >= 2 * every
+
+    def _steps_to_probe(self, state: AdaptiveState) -> int:
+        s = 1
+        while True:
+            self.clock += s
+            due = self._probe_due(state, state.plain_steps + s)
+            self.clock -= s
+            if due:
+                return s
+            s += 1
+
+    def _shared_terms(self, method: str, batch: int, alpha: float, slope: float
+                      ) -> tuple[list[float], list[float | None]]:
+        shared = self.shared.get(method)
+        version = (self.times.version, shared.version if shared is not None else -1)
+        key = (method, bucket(batch), slope, alpha)
+        hit = self._shared_cache.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1], hit[2]
+        prior = survival(shared, [alpha ** (i + 1) for i in range(MAX_DRAFT_TOKENS)], ALPHA_WEIGHT)
+        times = self.times.predict_all(method, batch, slope)
+        if len(self._shared_cache) > 64:
+            self._shared_cache.clear()
+        self._shared_cache[key] = (version, prior, times)
+        return prior, times
 
     def observe(self, method: str, k: int, accepted: int) -> None:
         self.shared.setdefault(method, RecentAcceptance()).observe_draft(k, accepted)
@@ -181,9 +230,8 @@ class Policy:
         t0 = self.times.plain(batch)
         if t0 is None:
             return {}
-        prior = survival(self.shared.get(method), [alpha ** (i + 1) for i in range(MAX_DRAFT_TOKENS)], ALPHA_WEIGHT)
+        prior, times = self._shared_terms(method, batch, alpha, slope)
         s = survival(state.stats.get(method), prior, PRIOR_WEIGHT)
-        times = self.times.predict_all(method, batch, slope)
         out, expected = {0: 1.0}, 1.0
         for k in range(1, MAX_DRAFT_TOKENS + 1):
             expected += s[k - 1]
@@ -197,7 +245,7 @@ class Policy:
         token (in plain steps). While plain, the decision is re-evaluated every RECHECK steps only.
         """
         if state.last is not None and state.last.k == 0 and state.plain_steps % RECHECK and \
-                state.plain_steps + 1 < state.probe_every:
+                not self._probe_due(state, state.plain_steps + 1):
             state.plain_steps += 1
             self.decision = state.last
             return state.last
@@ -213,7 +261,7 @@ class Policy:
             k = max((kk for kk in gains if kk), key=gains.get)
             state.plain_steps = 0
             d = Decision(k, method, f"measuring {method} K={k}: {self.evidence(method):.0f} drafts on this engine so "
-                                    f"far (predicted {gains[k]:.2f}x plain)", gains)
+                                    f"far (predicted {gains[k]:.2f}x plain)", gains, forced=True)
         else:
             method, k = max(((m, k) for m, g in options.items() for k in g), key=lambda mk: options[mk[0]][mk[1]])
             gains = options[method]
@@ -223,23 +271,24 @@ class Policy:
                 if not state.probing:
                     state.probe_every = PROBE_FIRST
                 d = Decision(k, method, f"{method} K={k} predicted {gains[k]:.2f}x plain at batch {batch}", gains)
-                if state.spec_steps % EXPLORE_EVERY == 0 and k < MAX_DRAFT_TOKENS:
+                if self.clock and self.clock % EXPLORE_EVERY == 0 and k < MAX_DRAFT_TOKENS:  # on the clock: rows explore together
                     # now and then one step at K+1: times and acceptance past K are otherwise never measured
-                    d = Decision(k + 1, method, f"exploring {method} K={k + 1} (best predicted K={k})", gains)
+                    d = Decision(k + 1, method, f"exploring {method} K={k + 1} (best predicted K={k})", gains, forced=True)
             else:
                 state.plain_steps += 1
                 method, best = max(((m, kk) for m, g in options.items() for kk in g if kk),
                                    key=lambda mk: options[mk[0]][mk[1]])
                 gains = options[method]
-                if state.plain_steps >= state.probe_every:  # look again: acceptance or timings may have changed
+                if self._probe_due(state, state.plain_steps):  # look again: acceptance or timings may have changed
                     state.plain_steps = 0
                     state.probe_every = min(PROBE_MAX, state.probe_every * 2)
                     state.probing = True
-                    d = Decision(best, method, f"probing {method} K={best} (predicted {gains[best]:.2f}x plain)", gains)
+                    d = Decision(best, method, f"probing {method} K={best} (predicted {gains[best]:.2f}x plain)", gains,
+                                 forced=True)
                 else:
                     d = Decision(0, method, f"plain: best is {method} K={best}, predicted {gains[best]:.2f}x plain "
-                                            f"at batch {batch}; next probe in {state.probe_every - state.plain_steps} "
-                                            f"steps", gains)
+                                            f"at batch {batch}; next probe in {self._steps_to_probe(state)} steps",
+                                 gains)
         if d.method == "ngram" and d.k and "model" in options:
             model_k = max(options["model"], key=options["model"].get)
             d.fallback_k = model_k if options["model"][model_k] > 1.0 else 0

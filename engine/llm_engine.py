@@ -281,7 +281,11 @@ class LLMEngine:
         for method, rows in groups.items():
             if len(rows) < 2:
                 continue
-            k = max(rows[0].adaptive.last.gains, key=lambda kk: sum(r.adaptive.last.gains.get(kk, 0.0) for r in rows))
+            forced = [r.adaptive.last.k for r in rows if r.adaptive.last.forced]
+            # a row that must measure, probe or explore sets the K: the batch pays for that step anyway, and
+            # every row's draft in it is evidence (a prediction must not veto the measurement it waits for)
+            k = max(forced) if forced else \
+                max(rows[0].adaptive.last.gains, key=lambda kk: sum(r.adaptive.last.gains.get(kk, 0.0) for r in rows))
             for r in rows:
                 room = max(0, min(r.remaining - 1, self.max_context - r.num_tokens - 1))
                 plan[r] = (min(k, room), method)
@@ -309,6 +313,7 @@ class LLMEngine:
             p.release(req)
 
     def _decode(self, reqs: list[Request]) -> None:
+        self.policy.tick()
         plan = self._make_room(self._one_k_per_method({r: self._choose(r, len(reqs)) for r in reqs}))
         self._fault("decode", list(plan))
         fallback = {r: r.adaptive.fallback_k for r, (k, m) in plan.items() if m == "ngram" and r.adaptive.fallback_k}
@@ -331,6 +336,11 @@ class LLMEngine:
                 self.policy.observe(res.method, k, accepted)
                 if r.params.num_draft_tokens is None:
                     self.alpha_prior = EMA * self.alpha_prior + (1 - EMA) * (accepted / k)
+            elif plan[r][0] and r.params.num_draft_tokens is None:
+                # planned to draft but the proposer found nothing (n-gram: no match): for adaptive K that is a
+                # draft of which nothing was accepted, since the step cost what a drafting step costs
+                r.adaptive.observe(plan[r][1], plan[r][0], 0)
+                self.policy.observe(plan[r][1], plan[r][0], 0)
             self.target.truncate(r.seq_id, n + accepted)
             for p in self.proposers.values():
                 p.rollback(r, n + accepted)

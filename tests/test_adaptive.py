@@ -36,14 +36,41 @@ def test_costly_draft_drafts_short():
     assert 1 <= d.k <= 3
 
 
+def _steps(policy: Policy, state: AdaptiveState, n: int, start: int = 0) -> list[int]:
+    """K chosen at each of ``n`` decode steps (the engine ticks the policy's clock once per step)."""
+    ks = []
+    for _ in range(n):
+        policy.tick()
+        ks.append(policy.choose(state, {"model": 0.3}, 1, alpha=0.6).k)
+    return ks
+
+
 def test_useless_draft_goes_plain_and_probes_rarely():
     policy = _policy(1.0, 0.3)
     state = _state_with_acceptance(0.02)
-    ks = [policy.choose(state, {"model": 0.3}, 1, alpha=0.6).k for _ in range(2000)]
-    probes = [i for i, k in enumerate(ks) if k]
-    assert probes[0] == PROBE_FIRST - 1
+    ks = _steps(policy, state, 2000)
+    probes = [i + 1 for i, k in enumerate(ks) if k]  # clock values of the probing steps
+    assert probes[0] == PROBE_FIRST
     assert len(probes) <= 8  # the interval doubles after each failed probe: < 0.5% of steps
     assert "plain" in policy.decision.reason and "next probe" in policy.decision.reason
+
+
+def test_rows_probe_on_the_same_steps():
+    """A probing row makes the whole batch pay for a drafting step: rows that started at different
+    times still probe together, on the step clock, so the batch pays once for all of them."""
+    policy = _policy(1.0, 0.3)
+    states = [_state_with_acceptance(0.02) for _ in range(3)]
+    probes = [set() for _ in states]
+    for step in range(1, 1500):
+        policy.tick()
+        for i, state in enumerate(states):
+            if step >= 37 * i:  # row i arrives at step 37 i
+                if policy.choose(state, {"model": 0.3}, 1, alpha=0.6).k:
+                    probes[i].add(step)
+    assert all(probes)
+    together = set().union(*probes)
+    assert all(step % PROBE_FIRST == 0 for step in together)
+    assert len(together) < sum(len(p) for p in probes) - 6  # most probe steps are shared by the rows
 
 
 def test_k_is_chosen_per_batch_size():
