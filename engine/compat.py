@@ -30,13 +30,18 @@ def supports_logits_to_keep(model) -> bool:
     return "logits_to_keep" in _forward_params(type(model))
 
 
-def forward_with_cache(model, input_ids, position_ids, attention_mask, cache, logits_to_keep: int) -> torch.Tensor:
-    """Run a causal LM on our paged cache and return logits of the last ``logits_to_keep`` positions."""
+def forward_with_cache(model, input_ids, position_ids, attention_mask, cache, logits_to_keep: int,
+                       hidden_states: bool = False) -> torch.Tensor | tuple[torch.Tensor, tuple]:
+    """Run a causal LM on our paged cache and return logits of the last ``logits_to_keep`` positions
+    (and, with ``hidden_states``, the model's hidden-state tuple: entry i is the input of layer i)."""
     kwargs = {cache_kwarg(model): cache, "use_cache": True}
     if supports_logits_to_keep(model):
         kwargs["logits_to_keep"] = logits_to_keep
+    if hidden_states:
+        kwargs["output_hidden_states"] = True
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, **kwargs)
-    return out.logits[:, -logits_to_keep:, :]
+    logits = out.logits[:, -logits_to_keep:, :]
+    return (logits, out.hidden_states) if hidden_states else logits
 
 
 def crop_dynamic_cache(cache, keep_tokens: int) -> None:

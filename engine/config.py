@@ -11,10 +11,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODELS_DIR = REPO_ROOT / "resources" / "models"
 DEMO_TARGET = DEMO_MODELS_DIR / "demo-target"
 DEMO_DRAFT = DEMO_MODELS_DIR / "demo-draft"
+DEMO_EAGLE = DEMO_MODELS_DIR / "demo-eagle"  # the demo target's EAGLE-3 head (engine.eagle)
 
 MAX_DRAFT_TOKENS = 8
 MAX_NEW_TOKENS_CAP = 4096
-DRAFT_METHODS = ("auto", "model", "ngram")
+DRAFT_METHODS = ("auto", "model", "ngram", "eagle")
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class SamplingParams:
 
     temperature 0 means greedy. ``num_draft_tokens`` None means adaptive K.
     ``speculative`` False runs the plain path even when a draft model is loaded. ``draft_method``:
-    the draft model, n-gram prompt lookup (no model needed), or auto (adaptive picks by measured gain).
+    the draft model, n-gram prompt lookup (no model needed), the EAGLE-3 head (when one is loaded), or
+    auto (adaptive picks by measured gain).
     """
 
     max_new_tokens: int = 128
@@ -36,7 +38,7 @@ class SamplingParams:
     num_draft_tokens: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
-    draft_method: str = "auto"  # model | ngram | auto (the best measured gain among what is loaded)
+    draft_method: str = "auto"  # model | ngram | eagle | auto (the best measured gain among what is loaded)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +77,7 @@ class EngineConfig:
 
     target: str = str(DEMO_TARGET)
     draft: str | None = str(DEMO_DRAFT)
+    eagle: str | None = None  # EAGLE-3 head folder; None: default_eagle(target); "": none
     device: str = "auto"
     dtype: str | None = None  # None: automatic (engine.dtypes): the checkpoint's bf16/fp16 on GPU, float32 on CPU
     block_size: int = 16
@@ -99,3 +102,17 @@ class EngineConfig:
             raise InvalidRequest("max_running must be >= 1 and max_waiting >= 0")
         if not 1 <= self.default_num_draft_tokens <= MAX_DRAFT_TOKENS:
             raise InvalidRequest(f"default_num_draft_tokens must be in 1..{MAX_DRAFT_TOKENS}")
+
+
+def default_eagle(target: str) -> str | None:
+    """The EAGLE-3 head that comes with ``target``: an ``eagle3`` folder inside a local target folder, or the
+    demo head for the demo target; None when there is none."""
+    from pathlib import Path
+
+    path = Path(target).expanduser()
+    inside = path / "eagle3"
+    if (inside / "config.json").is_file():
+        return str(inside)
+    if path.exists() and path.resolve() == DEMO_TARGET.resolve() and (DEMO_EAGLE / "config.json").is_file():
+        return str(DEMO_EAGLE)
+    return None

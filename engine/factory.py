@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, default_eagle
 from engine.devices import dtype_name, resolve_device, resolve_dtype
 from engine.llm_engine import LLMEngine
 from engine.loader import Progress, check_tokenizers_compatible, load_model
@@ -46,9 +46,18 @@ def build_engine(config: EngineConfig, progress: Progress | None = None, warmup:
                            config.trust_remote_code)
         check_tokenizers_compatible(target.tokenizer, draft.tokenizer)
     max_ctx = target.max_context if draft is None else min(target.max_context, draft.max_context)
+    eagle_path = default_eagle(config.target) if config.eagle is None else config.eagle or None
+    head = None
+    if eagle_path:
+        from engine.eagle import load_head
+        from engine.loader import model_id
+
+        report("loading EAGLE head", 0.91)
+        head = load_head(eagle_path, target.model)
     report("allocating KV cache", 0.92)
     engine = LLMEngine(target.model, target.tokenizer, draft.model if draft else None, config, max_ctx,
-                       device.kind, (target.name, draft.name if draft else None))
+                       device.kind, (target.name, draft.name if draft else None), eagle_head=head,
+                       eagle_name=model_id(eagle_path) if head is not None else None)
     engine.device_name = device.name
     engine.dtype_name = dtype_name(target.dtype)
     if warmup:

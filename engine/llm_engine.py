@@ -42,7 +42,8 @@ class LLMEngine:
     """Synchronous core. Thread-safe entry points: ``add_request`` and ``abort``."""
 
     def __init__(self, target_model, tokenizer, draft_model=None, config: EngineConfig | None = None,
-                 max_context: int | None = None, device_kind: str = "cpu", names: tuple[str, str | None] = ("target", None)):
+                 max_context: int | None = None, device_kind: str = "cpu", names: tuple[str, str | None] = ("target", None),
+                 eagle_head=None, eagle_name: str | None = None):
         self.config = config or EngineConfig(target="<in-memory>", draft=None)
         self.tokenizer = tokenizer
         self.device_kind = device_kind
@@ -57,6 +58,11 @@ class LLMEngine:
         self.proposers = {"ngram": NgramProposer()}
         if self.draft is not None:
             self.proposers = {"model": DraftModelProposer(self.draft), **self.proposers}
+        self.eagle_name = eagle_name if eagle_head is not None else None
+        if eagle_head is not None:  # an EAGLE-3 head drafting from the target's own hidden states
+            from engine.proposers.eagle import EagleProposer
+
+            self.proposers["eagle"] = EagleProposer(eagle_head, self.target)
         self.policy = Policy()
         self.spec_stats = SpecDecodingStats()
         self.requests_served = 0
@@ -71,6 +77,7 @@ class LLMEngine:
         # step-time model for adaptive K (single target step = 1): measured by warm-up and each step
         self.t_target1 = 0.0
         self.draft_cost = 0.1
+        self.eagle_cost = self.proposers["eagle"].cost_prior if "eagle" in self.proposers else 0.1
         self.verify_cost = 0.1
         self.alpha_prior = 0.6
         self.stopped = False
@@ -140,6 +147,7 @@ class LLMEngine:
             detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
             sink=sink,
             use_draft=self.draft is not None and params.speculative and params.draft_method in ("model", "auto"),
+            use_eagle="eagle" in self.proposers and params.speculative and params.draft_method in ("eagle", "auto"),
         )
         self.scheduler.refuse_unfittable(req, self.max_context)
         with self._lock:
@@ -263,7 +271,8 @@ class LLMEngine:
         room = max(0, min(req.remaining - 1, self.max_context - req.num_tokens - 1))
         if req.params.num_draft_tokens is not None:
             return min(req.params.num_draft_tokens, room), methods[0]
-        slopes = {m: self.verify_cost + (self.draft_cost if m == "model" else 0.0) for m in methods}
+        cost = {"model": self.draft_cost, "eagle": self.eagle_cost}
+        slopes = {m: self.verify_cost + cost.get(m, 0.0) for m in methods}
         d = self.policy.choose(req.adaptive, slopes, batch, self.alpha_prior)
         req.adaptive.fallback_k = d.fallback_k if "model" in methods else 0
         # plain for now: the draft keeps its cache, so a later probe only catches up the tokens since
@@ -322,7 +331,7 @@ class LLMEngine:
         methods = {r.method for r in results if r.k}
         if len(methods) <= 1:  # a step mixing methods times neither
             self.policy.times.observe(next(iter(methods), ""), len(results), kmax, timing.total_s)
-        self._observe_times(kmax, timing)
+        self._observe_times(kmax, timing, methods)
         share = 1.0 / max(1, len(results))
         for res in results:
             r, k, accepted = res.req, res.k, res.accepted
@@ -349,12 +358,17 @@ class LLMEngine:
         self.spec_stats.draft_time_s += timing.propose_s
         self.spec_stats.target_time_s += timing.target_s
 
-    def _observe_times(self, kmax: int, timing: StepTiming) -> None:
-        """Track the single-step target time and the draft/target cost ratio (the doctor's model)."""
+    def _observe_times(self, kmax: int, timing: StepTiming, methods: set[str]) -> None:
+        """Track the single-step target time and the draft/target cost ratios (the doctor's model) of the
+        draft model and the EAGLE head, each from steps that drafted with it alone."""
         t1 = timing.target_s / (1.0 + self.verify_cost * kmax)
         self.t_target1 = EMA * self.t_target1 + (1 - EMA) * t1 if self.t_target1 else t1
-        if kmax > 0 and timing.propose_s > 0:
-            self.draft_cost = EMA * self.draft_cost + (1 - EMA) * (timing.propose_s / kmax / self.t_target1)
+        if kmax > 0 and timing.propose_s > 0 and methods in ({"model"}, {"eagle"}):
+            cost = timing.propose_s / kmax / self.t_target1
+            if methods == {"model"}:
+                self.draft_cost = EMA * self.draft_cost + (1 - EMA) * cost
+            else:
+                self.eagle_cost = EMA * self.eagle_cost + (1 - EMA) * cost
 
     # ------------------------------------------------------------------ output
     def _emit(self, req: Request, tokens: list[int], logits: list[torch.Tensor], sources) -> None:

@@ -35,6 +35,7 @@ class RowInput:
     seq_id: int
     token_ids: list[int]
     num_logits: int = 1
+    aux: bool = False  # deliver this row's aux hidden states to ``ModelRunner.aux_sink`` (an EAGLE-3 head's)
 
 
 class ModelRunner:
@@ -56,6 +57,10 @@ class ModelRunner:
             ctx = max_context or getattr(model.config, "max_position_embeddings", 2048) or 2048
             self.tables = DeviceBlockTables(-(-ctx // blocks.block_size) + 1, pool.scratch_block, self.device)
             self.lean.ensure_positions(ctx + blocks.block_size)
+        # EAGLE-3 features: the inputs of these layers, for every new token of rows asking for them, go to
+        # aux_sink(seq_id, first position, [n, len * hidden]) after a successful forward; off when None
+        self.aux_layers: tuple[int, ...] | None = None
+        self.aux_sink = None
         self.graphs = None
         if self.lean is not None and self.device.type == "cuda" and os.environ.get("HELIX_CUDA_GRAPHS", "1") != "0":
             from engine.cuda_graphs import GraphRunner
@@ -107,6 +112,7 @@ class ModelRunner:
         bs = self.blocks.block_size
         starts: list[int] = []
         grown: list[int] = []
+        aux: list[torch.Tensor] | None = [] if self.aux_sink is not None and any(r.aux for r in rows) else None
         try:
             for row in rows:
                 if row.seq_id not in self.blocks.tables:
@@ -114,13 +120,19 @@ class ModelRunner:
                 starts.append(self.blocks.tables[row.seq_id].num_tokens)
                 self.pool.copy_blocks(self.blocks.prepare_append(row.seq_id, len(row.token_ids)))
                 grown.append(row.seq_id)
-            logits = self._run_lean(rows, starts, bs) if self.lean is not None else self._run(rows, starts, bs)
+            logits = (self._run_lean(rows, starts, bs, aux) if self.lean is not None
+                      else self._run(rows, starts, bs, aux))
         except BaseException:
             for seq_id, start in zip(grown, starts):
                 self.blocks.truncate(seq_id, start)
             raise
         for row, start in zip(rows, starts):
             self.blocks.commit(row.seq_id, start + len(row.token_ids))
+        if aux:
+            n = aux[0].shape[1]
+            for i, (row, start) in enumerate(zip(rows, starts)):
+                if row.aux:
+                    self.aux_sink(row.seq_id, start, aux[0][i, n - len(row.token_ids):])
         # the caller reads these logits at once anyway; syncing here makes step timers (and with
         # them adaptive K's cost model) measure the device's work, not just its launch
         if self.device.type == "cuda":
@@ -130,7 +142,7 @@ class ModelRunner:
         self.last_forward_s = time.perf_counter() - t0
         return logits
 
-    def _run(self, rows: list[RowInput], starts: list[int], bs: int) -> list[torch.Tensor]:
+    def _run(self, rows: list[RowInput], starts: list[int], bs: int, aux: list | None = None) -> list[torch.Tensor]:
         dev = self.device
         lens = [len(r.token_ids) for r in rows]
         n = max(lens)
@@ -167,13 +179,20 @@ class ModelRunner:
         self.cache.batch = ForwardBatch(write_rows, write_slots, gather, all_real, t_len)
         keep = max(r.num_logits for r in rows)
         try:
-            logits = forward_with_cache(self.model, input_ids, position_ids, mask, self.cache, keep)
+            out = forward_with_cache(self.model, input_ids, position_ids, mask, self.cache, keep,
+                                     hidden_states=aux is not None)
         finally:
             self.cache.batch = None
+        if aux is not None:
+            logits, hidden = out
+            aux.append(torch.cat([hidden[i] for i in self.aux_layers], -1))  # hidden[i]: the input of layer i
+        else:
+            logits = out
         logits = logits[..., : self.vocab_size].float()  # [B, keep, V]
         return [logits[i, keep - r.num_logits :] for i, r in enumerate(rows)]
 
-    def _run_lean(self, rows: list[RowInput], starts: list[int], bs: int) -> list[torch.Tensor]:
+    def _run_lean(self, rows: list[RowInput], starts: list[int], bs: int, aux: list | None = None
+                  ) -> list[torch.Tensor]:
         dev = self.device
         b = len(rows)
         lens = [len(r.token_ids) for r in rows]
@@ -201,7 +220,7 @@ class ModelRunner:
         keep = max(r.num_logits for r in rows)
         table = self.tables.table.index_select(0, row_t)  # [B, max blocks]
         logits = None
-        if self.graphs is not None and self.graphs.fits(b, n, t_len):
+        if self.graphs is not None and aux is None and self.graphs.fits(b, n, t_len):
             try:
                 logits = self.graphs.run(input_ids, pos_t, slot_t, table, t_len, keep)
             except Exception:
@@ -213,7 +232,11 @@ class ModelRunner:
             if not causal and (n > 1 or min(ends) < t_len):  # a lone decode row (or equal-length rows) sees every key
                 mask = causal_mask(pos_t, t_len)
             batch = AttnBatch(slot_t, key_slots(table, t_len, bs).reshape(-1), mask, t_len, causal)
-            logits = self.lean.forward(input_ids, pos_t, batch, self.pool, keep)
+            if aux is None:
+                logits = self.lean.forward(input_ids, pos_t, batch, self.pool, keep)
+            else:
+                logits, hidden = self.lean.forward(input_ids, pos_t, batch, self.pool, keep, self.aux_layers)
+                aux.append(hidden)
         logits = logits[..., : self.vocab_size].float()  # [B, keep, V]
         return [logits[i, keep - r.num_logits:] for i, r in enumerate(rows)]
 

@@ -13,6 +13,8 @@ def engine_info(engine: LLMEngine) -> dict:
         "target": engine.target_name,
         "draft": engine.draft_name,
         "has_draft": engine.draft is not None,
+        "eagle": engine.eagle_name,
+        "draft_methods": ["auto", *engine.proposers],
         "device": engine.device_kind,
         "device_name": engine.device_name,
         "dtype": engine.dtype_name,
@@ -46,6 +48,7 @@ def engine_snapshot(engine: LLMEngine) -> dict:
             "target_time_s": round(spec.target_time_s, 6),
         },
         "adaptive": {"alpha_prior": round(engine.alpha_prior, 4), "draft_cost": round(engine.draft_cost, 4),
+                     "eagle_cost": round(engine.eagle_cost, 4),
                      "verify_cost": round(engine.verify_cost, 4), "recommended_k": engine.recommended_k()[0],
                      **adaptive_view(engine)},
         "kv": {

@@ -43,7 +43,7 @@ def run_chunks(runner: ModelRunner, plan: dict[Request, int]) -> dict[Request, t
     rows = []
     for req, n in plan.items():
         start = runner.cached_len(req.seq_id)
-        rows.append(RowInput(req.seq_id, req.prefill_ids[start: start + n], 1))
+        rows.append(RowInput(req.seq_id, req.prefill_ids[start: start + n], 1, req.use_eagle))
     logits = runner.forward(rows)
     done = {}
     for (req, _), out in zip(plan.items(), logits):

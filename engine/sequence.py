@@ -59,6 +59,7 @@ class Request:
     detok: IncrementalDetokenizer
     sink: EventSink | None = None
     use_draft: bool = False
+    use_eagle: bool = False  # may draft with the EAGLE-3 head: its verify and prefill rows return the target's features
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None

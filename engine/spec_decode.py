@@ -82,7 +82,8 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         if name == "ngram" and "model" in proposers:
             _fall_back(reqs, idx, lists, used, ks, fallback_k, proposers["model"])
     t1 = time.perf_counter()
-    rows_in = [RowInput(r.seq_id, r.all_ids[target.cached_len(r.seq_id):] + lists[i], len(lists[i]) + 1)
+    # rows that may draft with the EAGLE head bring back the target's features of what it verified
+    rows_in = [RowInput(r.seq_id, r.all_ids[target.cached_len(r.seq_id):] + lists[i], len(lists[i]) + 1, r.use_eagle)
                for i, r in enumerate(reqs)]
     per_row = target.forward(rows_in)
     t2 = time.perf_counter()

@@ -33,8 +33,11 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
         runner.truncate(sid, n)
         return dt
 
-    t1, t5, td = [], [], []
+    eagle = engine.proposers.get("eagle")
+    t1, t5, td, te = [], [], [], []
     for _ in range(reps):
+        if eagle is not None:
+            te.append(eagle.time_step(n))
         if engine.draft is not None:
             td.append(timed(engine.draft, [1]))
         t1.append(timed(engine.target, [1]))
@@ -50,5 +53,9 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
     if td:
         engine.draft_cost = med(td) / engine.t_target1
         times.observe("model", 1, 4, med(t5) + 4 * med(td))
-    logger.info("warm-up: target step %.2f ms, draft/target cost %.3f, verify cost per token %.3f",
-                engine.t_target1 * 1e3, engine.draft_cost, engine.verify_cost)
+    if te:
+        engine.eagle_cost = med(te) / engine.t_target1
+        times.observe("eagle", 1, 4, med(t5) + 4 * med(te))
+    logger.info("warm-up: target step %.2f ms, draft/target cost %.3f, EAGLE head/target %s, verify cost per token "
+                "%.3f", engine.t_target1 * 1e3, engine.draft_cost, f"{engine.eagle_cost:.3f}" if te else "-",
+                engine.verify_cost)

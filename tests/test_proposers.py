@@ -36,8 +36,10 @@ def test_engine_without_a_draft_model_drafts_by_ngram_exactly():
     assert fixed.stats.num_drafts > 0 and fixed.stats.num_accepted_tokens > 0
     model_only = eng.generate(prompt, SamplingParams(max_new_tokens=10, temperature=0, draft_method="model"))
     assert model_only.stats.num_drafts == 0  # no draft model: plain, never an error
+    eagle_only = eng.generate(prompt, SamplingParams(max_new_tokens=10, temperature=0, draft_method="eagle"))
+    assert eagle_only.stats.num_drafts == 0  # no EAGLE head loaded: plain, never an error
     with pytest.raises(InvalidRequest, match="draft_method must be one of"):
-        SamplingParams(draft_method="eagle")
+        SamplingParams(draft_method="medusa")
 
 
 def test_draft_method_over_the_api():
@@ -54,7 +56,7 @@ def test_draft_method_over_the_api():
         plain = httpx.post(f"{runner.url}/generate", json={**body, "speculative": False}, timeout=30).json()
         ngram = httpx.post(f"{runner.url}/generate", json={**body, "draft_method": "ngram"}, timeout=30).json()
         assert ngram["token_ids"] == plain["token_ids"] and ngram["stats"]["num_drafts"] > 0
-        bad = httpx.post(f"{runner.url}/generate", json={**body, "draft_method": "eagle"}, timeout=30)
+        bad = httpx.post(f"{runner.url}/generate", json={**body, "draft_method": "medusa"}, timeout=30)
         assert bad.status_code == 422 and "draft_method" in bad.text
         chat = httpx.post(f"{runner.url}/v1/completions", json={"prompt": body["prompt"], "max_tokens": 8,
                                                                 "temperature": 0, "draft_method": "ngram"}, timeout=30)

@@ -9,7 +9,7 @@ from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.config import DEMO_DRAFT, DEMO_TARGET
 from engine.sampler import probs_from_logits
 from engine.sequence import FinishEvent, TokenEvent
-from tests.tiny import tiny_engine, tiny_llama, tiny_pair_engine, tiny_tokenizer, word_tokenizer
+from tests.tiny import random_eagle_head, tiny_engine, tiny_llama, tiny_pair_engine, tiny_tokenizer, word_tokenizer
 
 PROMPTS = ["Once", "The cat sat on the mat and looked at", "Tom found a red ball under the big tree. They",
            "Lily loved to play"]
@@ -30,15 +30,17 @@ def _run_all(eng: LLMEngine, prompts, params) -> list[FinishEvent]:
 
 
 def _assert_all_free(eng):
-    for runner in filter(None, (eng.target, eng.draft)):
-        runner.blocks.check_invariants()
-        assert runner.blocks.num_free == runner.blocks.num_blocks, "KV blocks leaked"
+    eagle = eng.proposers.get("eagle")
+    for blocks in [r.blocks for r in filter(None, (eng.target, eng.draft))] + ([eagle.blocks] if eagle else []):
+        blocks.check_invariants()
+        assert blocks.num_free == blocks.num_blocks, "KV blocks leaked"
+    assert eagle is None or not eagle._waiting, "EAGLE features kept for finished requests"
     assert eng.num_running == 0 and eng.num_waiting == 0
 
 
 @pytest.fixture(scope="module")
 def pair():
-    return tiny_pair_engine()
+    return tiny_pair_engine(eagle=True)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def plain_reference(pair):
     return [pair.generate(p, _greedy(None, speculative=False)).token_ids for p in PROMPTS]
 
 
-@pytest.mark.parametrize("method", ["model", "ngram", "auto"])
+@pytest.mark.parametrize("method", ["model", "ngram", "eagle", "auto"])
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 7, 8, None])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_greedy_speculative_equals_plain(pair, plain_reference, k, batch, method):
@@ -132,8 +134,9 @@ def _dist_engine() -> LLMEngine:
     with torch.no_grad():  # milder than tiny_llama's sharpening: every token keeps some mass
         target.lm_head.weight.mul_(0.6)
         draft.lm_head.weight.mul_(0.6)
+    head = random_eagle_head(target, draft_vocab_size=VOCAB - 2, seed=13, scale=4.0)  # q is 0 on two tokens
     return LLMEngine(target, tok, draft, EngineConfig(target="t", draft="d", kv_cache_tokens=65536, max_running=256,
-                                                      max_waiting=N_SAMPLES), max_context=64)
+                                                      max_waiting=N_SAMPLES), max_context=64, eagle_head=head)
 
 
 @torch.inference_mode()
@@ -172,9 +175,9 @@ def _dist_params(temperature, top_p, method):
 
 
 DIST_CASES = [pytest.param(t, tp, m, seeded, id=f"{m}-t{t}-topp{tp}-{'seeded' if seeded else 'unseeded'}",
-                           marks=() if (m, t, seeded) in {("model", 1.0, False), ("ngram", 0.8, True)}
-                           else pytest.mark.slow)
-              for m in ("model", "ngram") for t, tp in ((1.0, 1.0), (0.8, 0.9)) for seeded in (False, True)]
+                           marks=() if (m, t, seeded) in {("model", 1.0, False), ("ngram", 0.8, True),
+                                                          ("eagle", 0.8, False)} else pytest.mark.slow)
+              for m in ("model", "ngram", "eagle") for t, tp in ((1.0, 1.0), (0.8, 0.9)) for seeded in (False, True)]
 
 
 @pytest.mark.parametrize("temperature,top_p,method,seeded", DIST_CASES)
@@ -198,7 +201,7 @@ def test_seeded_requests_reproduce_across_k_methods_and_load(pair):
     params = [SamplingParams(max_new_tokens=40, temperature=0.8, top_p=0.9, seed=s, ignore_eos=True,
                              speculative=False) for s in (7, 8)]
     alone = [pair.generate(PROMPTS[1], p).token_ids for p in params]
-    for method in ("model", "ngram", "auto"):
+    for method in ("model", "ngram", "eagle", "auto"):
         for k in (1, 4, 8, None):
             for seed_i, p in enumerate(params):
                 spec = SamplingParams(**{**p.__dict__, "speculative": True, "num_draft_tokens": k,
@@ -234,7 +237,7 @@ def test_rejection_rule_on_crafted_logits():
 
 # ----------------------------------------------------------------------------- scheduling and faults
 def test_two_hundred_random_requests_with_cancellations_leave_nothing_behind():
-    eng = tiny_pair_engine(kv_tokens=512, max_running=8, max_waiting=256)  # small pool: forces waiting/preemption
+    eng = tiny_pair_engine(kv_tokens=512, max_running=8, max_waiting=256, eagle=True)  # small pool: waiting/preemption
     rng = random.Random(0)
     finished: dict[str, FinishEvent] = {}
     ids = []
@@ -264,12 +267,13 @@ def test_two_hundred_random_requests_with_cancellations_leave_nothing_behind():
 
 
 def test_kv_pressure_preempts_and_still_matches_plain():
-    eng = tiny_pair_engine(kv_tokens=160, max_running=4)
-    alone = [eng.generate(p, _greedy(4, n=50)).token_ids for p in PROMPTS]
-    results = _run_all(eng, PROMPTS, _greedy(4, n=50))
-    assert [r.token_ids for r in results] == alone
-    assert sum(r.stats.num_preemptions for r in results) > 0
-    _assert_all_free(eng)
+    eng = tiny_pair_engine(kv_tokens=160, max_running=4, eagle=True)
+    for method in ("model", "eagle"):
+        alone = [eng.generate(p, _greedy(4, n=50, method=method)).token_ids for p in PROMPTS]
+        results = _run_all(eng, PROMPTS, _greedy(4, n=50, method=method))
+        assert [r.token_ids for r in results] == alone
+        assert sum(r.stats.num_preemptions for r in results) > 0
+        _assert_all_free(eng)
 
 
 def test_out_of_memory_in_a_step_fails_only_that_step_and_engine_lives_on(pair):

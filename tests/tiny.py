@@ -82,8 +82,25 @@ def truncated_draft(target, layers: int = 1):
     return draft
 
 
-def tiny_pair_engine(kv_tokens: int = 4096, layers: int = 3, dtype=torch.float32, **cfg):
-    """Target + truncated draft sharing the tiny BPE tokenizer: non-trivial acceptance."""
+def random_eagle_head(target, draft_vocab_size: int | None = None, seed: int = 0, scale: float = 1.0):
+    """An EAGLE-3 head of random weights shaped for ``target`` (a reduced draft vocabulary of random target ids
+    when ``draft_vocab_size`` is given), sharing its embeddings: exactness never depends on the head."""
+    from engine.eagle import EagleConfig, EagleHead
+
+    torch.manual_seed(seed)
+    head = EagleHead(EagleConfig.for_target(target.config, draft_vocab_size=draft_vocab_size))
+    if draft_vocab_size is not None:
+        head.set_vocab_map(torch.randperm(target.config.vocab_size)[:draft_vocab_size].sort().values)
+    with torch.no_grad():
+        head.lm_head.weight.mul_(scale)
+    head.to(next(target.parameters()).dtype)
+    head.attach_embeddings(target.get_input_embeddings())
+    return head.eval().requires_grad_(False)
+
+
+def tiny_pair_engine(kv_tokens: int = 4096, layers: int = 3, dtype=torch.float32, eagle: bool = False, **cfg):
+    """Target + truncated draft sharing the tiny BPE tokenizer: non-trivial acceptance; ``eagle`` adds a
+    random EAGLE-3 head (a reduced draft vocabulary) as a third proposer."""
     from engine import EngineConfig, LLMEngine
 
     tok = tiny_tokenizer()
@@ -94,4 +111,6 @@ def tiny_pair_engine(kv_tokens: int = 4096, layers: int = 3, dtype=torch.float32
             layer.self_attn.o_proj.weight.mul_(0.3)
     draft = truncated_draft(target)
     config = EngineConfig(target="tiny-target", draft="tiny-draft", kv_cache_tokens=kv_tokens, **cfg)
-    return LLMEngine(target, tok, draft, config, max_context=256, names=("tiny-target", "tiny-draft"))
+    head = random_eagle_head(target, draft_vocab_size=len(tok) // 2, scale=8.0) if eagle else None
+    return LLMEngine(target, tok, draft, config, max_context=256, names=("tiny-target", "tiny-draft"),
+                     eagle_head=head, eagle_name="tiny-eagle" if eagle else None)

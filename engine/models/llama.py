@@ -169,9 +169,12 @@ class LeanCausalLM:
             return F.rms_norm(x, (x.shape[-1],), w, self.eps)
         return self._rms(x, w)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttnBatch, pool, keep: int
-                ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttnBatch, pool, keep: int,
+                aux_layers: tuple[int, ...] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, keep, V]``; with ``aux_layers`` also the inputs of those layers, concatenated
+        ``[B, N, len * H]`` for every new token (an EAGLE-3 head's features; references, no copies)."""
         b, n = input_ids.shape
+        saved: dict[int, torch.Tensor] = {}
         hq, hkv, d, tr = self.n_heads, self.n_kv, self.head_dim, self.transposed
         ids = input_ids.reshape(-1)
         if self.embed_t is None:
@@ -181,6 +184,8 @@ class LeanCausalLM:
         cos = self._cos[positions].view(b, n, 1, d)
         sin = self._sin[positions].view(b, n, 1, d)
         for i, layer in enumerate(self.layers):
+            if aux_layers is not None and i in aux_layers:
+                saved[i] = x  # never written in place: later layers make new tensors
             qkv = _linear(self._norm(x, layer.in_norm), layer.qkv_w, layer.qkv_b, tr)  # [B*N, (Hq+2Hkv)*D]
             qk = qkv[:, : layer.qk].view(b, n, hq + hkv, d)
             v = qkv[:, layer.qk:].view(b, n, hkv, d)
@@ -197,5 +202,7 @@ class LeanCausalLM:
             x = _linear(F.silu(gate) * up, layer.down_w, layer.down_b, tr, residual=x)
         x = x.view(b, n, -1)[:, n - keep:].reshape(b * keep, -1)
         x = self._norm(x, self.norm)
-        logits = _linear(x, self.lm_head, None, tr)
-        return logits.view(b, keep, -1)  # [B, keep, V]
+        logits = _linear(x, self.lm_head, None, tr).view(b, keep, -1)  # [B, keep, V]
+        if aux_layers is None:
+            return logits
+        return logits, torch.cat([saved[i] for i in aux_layers], -1).view(b, n, -1)

@@ -52,10 +52,11 @@ Speculative = Annotated[StrictBool, Field(description="Use the draft model (spec
                                     "Greedy output is identical either way; only the speed differs.")]
 NumDraftTokens = Annotated[Annotated[int, Field(ge=1, le=MAX_DRAFT_TOKENS), NotBool] | None,
                            Field(description=f"Draft tokens proposed per step (1..{MAX_DRAFT_TOKENS}); null = adaptive.")]
-DraftMethod = Annotated[Literal["auto", "model", "ngram"],
+DraftMethod = Annotated[Literal["auto", "model", "ngram", "eagle"],
                         Field(description="What proposes draft tokens: the draft model, n-gram prompt lookup (repeats "
-                              "text already in the prompt or output; needs no draft model), or auto (adaptive picks "
-                              "by measured speed).")]
+                              "text already in the prompt or output; needs no draft model), the EAGLE-3 head (a "
+                              "one-layer head over the target's own hidden states, when one is loaded), or auto "
+                              "(adaptive picks by measured speed).")]
 IgnoreEos = Annotated[StrictBool, Field(description="Keep generating past the end-of-sequence token (benchmarks).")]
 FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
 Source = Literal["draft", "target", "bonus"]

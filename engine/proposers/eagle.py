@@ -1,0 +1,291 @@
+"""The EAGLE-3 proposer: a one-layer head over the target's own hidden states drafts K tokens.
+
+Features. Rows of requests that may draft with the head (``Request.use_eagle``) ask the target for its aux
+hidden states (``RowInput.aux``); the target runner hands them to :meth:`EagleProposer.receive` after
+each forward, prefill and verification alike. They wait here, raw, until the head reads them: the head's
+input at position t is (feature f_t, token x_{t+1}), so a request with N tokens can feed pairs up to
+N - 2, whose features the verification of the previous step has produced.
+
+State per request, rolled back exactly: the head's paged KV cache holds real pairs only (the chain of
+a draft, which feeds the head its own outputs, is dropped from the cache as soon as the draft is
+made), and the waiting features are cut to the verified tokens. A prompt prefix that the target
+found in its prefix cache brings no features; those pairs enter the head with a zero feature
+(exactness never depends on the head; only acceptance does).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine import rng
+from engine.attention import AttnBatch, causal_mask, key_slots
+from engine.block_manager import BlockManager
+from engine.block_tables import DeviceBlockTables
+from engine.eagle.head import EagleHead
+from engine.kv_pool import KVPool, KVShape
+from engine.model_runner import ModelRunner
+from engine.proposers.base import Proposal, StepRows
+from engine.sampler import probs_batch, race
+
+if TYPE_CHECKING:
+    from engine.sequence import Request
+
+CATCH_UP = 512  # pairs per head forward while catching up (a long prompt)
+MAX_WAITING = 256  # features a request may hold unread before the head reads them (auto rows drafting otherwise)
+
+
+class EagleProposer:
+    name = "eagle"
+
+    def __init__(self, head: EagleHead, target: ModelRunner, num_blocks: int | None = None):
+        self.head = head
+        self.target = target
+        self.device = target.device
+        self.vocab_size = target.vocab_size
+        cfg = head.cfg
+        bs = target.blocks.block_size
+        n_blocks = num_blocks or 2 * target.blocks.num_blocks  # one layer: cheap; room for unshared prefixes
+        self.blocks = BlockManager(n_blocks, bs)
+        self.pool = KVPool(n_blocks, bs, KVShape(1, cfg.num_key_value_heads, cfg.head_dim), head.fc.weight.dtype,
+                           self.device)
+        self.pool.allocate(cfg.num_key_value_heads, cfg.head_dim)
+        max_ctx = n_blocks * bs
+        ctx = getattr(target.model.config, "max_position_embeddings", 2048) or 2048
+        self.tables = DeviceBlockTables(-(-ctx // bs) + 1, self.pool.scratch_block, self.device)
+        head.ensure_positions(min(ctx, max_ctx) + 2 * bs)
+        head.prepare_inference()
+        layers = getattr(target.model.config, "num_hidden_layers", None)
+        target.aux_layers = head.layer_ids(layers)
+        target.aux_sink = self.receive
+        ids = head.draft_to_target
+        self._ids = ids.to(self.device)  # draft id -> target id
+        self._kept = (ids < self.vocab_size).to(self.device)  # ids past the tokenizer's vocabulary never drafted
+        self._waiting: dict[int, tuple[int, torch.Tensor]] = {}  # seq_id -> (first position, aux [n, 3H])
+        self.cost_prior = _param_ratio(head, target.model)  # a draft step's cost in target steps, until measured
+
+    # ------------------------------------------------------------------ features from the target
+    def receive(self, seq_id: int, start: int, aux: torch.Tensor) -> None:
+        """The target's aux states ``[n, 3H]`` at positions start..start+n-1 (called by the target runner)."""
+        held = self._waiting.get(seq_id)
+        if held is not None:
+            first, feats = held
+            if first <= start <= first + feats.shape[0]:
+                aux = torch.cat([feats[: start - first], aux])
+                start = first
+        self._waiting[seq_id] = (start, aux)
+
+    # ------------------------------------------------------------------ the protocol
+    def propose(self, rows: StepRows) -> Proposal:
+        b, kmax = len(rows.reqs), max(rows.ks, default=0)
+        lists: list[list[int]] = [[] for _ in range(b)]
+        if kmax == 0:
+            return Proposal(lists, None)
+        self._catch_up(rows.reqs)
+        inputs = {i: self._inputs(r) for i, r in enumerate(rows.reqs) if rows.ks[i] > 0}
+        ready = [i for i, got in inputs.items() if got is not None]
+        sampled = [i for i in ready if not rows.reqs[i].params.greedy]
+        keep_q = any(rows.reqs[i].params.seed is None for i in sampled)
+        q = torch.zeros(b, kmax, self.vocab_size, device=self.device) if keep_q else None
+        noise = self._noise(rows, sampled, kmax)
+        slot = {i: n for n, i in enumerate(sampled)}
+        real_len = {i: rows.reqs[i].num_tokens - 1 for i in ready}  # pairs with the target's own features
+        feed = [(rows.reqs[i].seq_id, *inputs[i]) for i in ready]
+        active = ready
+        try:
+            for j in range(kmax):
+                if not active:
+                    break
+                out = self._forward(feed)  # [A, D] pre-norm output at each row's last pair
+                tokens = self._draw(out, [rows.reqs[i] for i in active], [slot.get(i) for i in active], noise, j,
+                                    rows, q, active)
+                for i, t in zip(active, tokens):
+                    lists[i].append(t)
+                nxt = [n for n, i in enumerate(active) if rows.ks[i] > j + 1]
+                feed = [(rows.reqs[active[n]].seq_id, [tokens[n]], out[n: n + 1], True) for n in nxt]
+                active = [active[n] for n in nxt]
+        finally:
+            for i, n in real_len.items():  # the chain's own entries never stay in the cache
+                self._truncate(rows.reqs[i].seq_id, n)
+        return Proposal(lists, q)
+
+    def fits(self, plan: dict[Request, int]) -> bool:
+        need = 0
+        for req, k in plan.items():
+            if k:
+                need += self._blocks_for(req.seq_id, req.num_tokens - 1 - self._cached(req.seq_id) + k - 1)
+        return need <= self.blocks.num_free
+
+    def rollback(self, req: Request, num_tokens: int) -> None:
+        """Keep pairs and features of the verified tokens (position < num_tokens - 1 for pairs, < num_tokens
+        for features); read features that piled up while the request decoded otherwise (the engine calls
+        this before it appends the step's tokens, so only pairs up to the request's current N - 2 can be read)."""
+        self._truncate(req.seq_id, max(0, num_tokens - 1))
+        held = self._waiting.get(req.seq_id)
+        if held is None:
+            return
+        first, feats = held
+        if first + feats.shape[0] > num_tokens:
+            feats = feats[: max(0, num_tokens - first)]
+            self._waiting[req.seq_id] = (first, feats)
+        if feats.shape[0] > MAX_WAITING:
+            self._catch_up([req], upto=min(num_tokens, req.num_tokens) - 2, chunk=MAX_WAITING // 2)
+
+    def release(self, req: Request) -> None:
+        self._waiting.pop(req.seq_id, None)
+        self.blocks.free(req.seq_id)
+        self.tables.release(req.seq_id)
+
+    def time_step(self, context: int, seq_id: int = -1) -> float:
+        """Seconds of one greedy draft step (one pair in, a token out) after ``context`` pairs, on a scratch
+        sequence that is freed again (warm-up's cost measurement)."""
+        feats = torch.zeros(context, 3 * self.head.cfg.target_hidden_size, dtype=self.pool.dtype, device=self.device)
+        try:
+            out = self._forward([(seq_id, [1] * context, feats, False)])
+            t0 = time.perf_counter()
+            out = self._forward([(seq_id, [1], out, True)])
+            self._ids[self.head.logits(out).argmax(-1)].tolist()
+            return time.perf_counter() - t0
+        finally:
+            self.blocks.free(seq_id)
+            self.tables.release(seq_id)
+
+    # ------------------------------------------------------------------ internals
+    def _cached(self, seq_id: int) -> int:
+        t = self.blocks.tables.get(seq_id)
+        return 0 if t is None else t.num_tokens
+
+    def _blocks_for(self, seq_id: int, num_new: int) -> int:
+        t = self.blocks.tables.get(seq_id)
+        have = 0 if t is None else len(t.blocks)
+        return max(0, self.blocks.blocks_needed(self._cached(seq_id) + max(0, num_new)) - have)
+
+    def _truncate(self, seq_id: int, n: int) -> None:
+        if seq_id in self.blocks.tables and self._cached(seq_id) > n:
+            self.blocks.truncate(seq_id, n)
+
+    def _inputs(self, req: Request, upto: int | None = None, chunk: int | None = None):
+        """(tokens, raw features, False) of the pairs the head has not read, up to pair ``upto`` (default:
+        the last pair, N - 2); None when the target has not produced the features they need."""
+        upto = req.num_tokens - 2 if upto is None else upto
+        h = self._cached(req.seq_id)
+        if chunk is not None:
+            upto = min(upto, h + chunk - 1)
+        if upto < h:
+            return None
+        held = self._waiting.get(req.seq_id)
+        if held is None or held[0] + held[1].shape[0] <= upto:
+            return None
+        first, feats = held
+        ids = req.all_ids[h + 1: upto + 2]
+        if first > h:  # a prefix the target had cached: no features were made for it
+            gap = feats.new_zeros(min(first, upto + 1) - h, feats.shape[1])
+            return ids, torch.cat([gap, feats[: max(0, upto + 1 - first)]]), False
+        return ids, feats[h - first: upto + 1 - first], False
+
+    def _consume(self, seq_id: int, upto: int) -> None:
+        """Features of positions <= upto are in the head's cache now: drop them."""
+        held = self._waiting.get(seq_id)
+        if held is not None:
+            first, feats = held
+            cut = min(feats.shape[0], max(0, upto + 1 - first))
+            self._waiting[seq_id] = (first + cut, feats[cut:])
+
+    def _catch_up(self, reqs: list[Request], upto: int | None = None, chunk: int = CATCH_UP) -> None:
+        """Read long runs of waiting pairs (a prompt) in forwards of at most ``chunk`` pairs, so that the
+        draft's first forward reads no more than that either."""
+        while True:
+            feed = []
+            for r in reqs:
+                last = r.num_tokens - 2 if upto is None else upto
+                if last - self._cached(r.seq_id) + 1 > chunk:
+                    got = self._inputs(r, last, chunk)
+                    if got is not None:
+                        feed.append((r.seq_id, *got))
+            if not feed:
+                return
+            self._forward(feed)
+
+    def _forward(self, rows: list[tuple[int, list[int], torch.Tensor, bool]]) -> torch.Tensor:
+        """Feed each row's pairs (seq_id, tokens, features, fused?) after its cached ones; return the pre-norm
+        output at each row's last pair ``[B, D]``. Raw target features are fused in one GEMM for all rows."""
+        dev, bs, head = self.device, self.blocks.block_size, self.head
+        b = len(rows)
+        lens = [len(t) for _, t, _, _ in rows]
+        n = max(lens)
+        starts = [self._cached(s) for s, _, _, _ in rows]
+        raw = [f for _, _, f, fused in rows if not fused]
+        fused_raw = iter(head.fuse(torch.cat(raw)).split([f.shape[0] for f in raw]) if raw else [])
+        d = head.cfg.hidden_size
+        feats = torch.zeros(b, n, d, dtype=self.pool.dtype, device=dev)
+        ids, positions, slots, table_rows = [], [], [], []
+        grown = []
+        try:
+            for i, ((seq_id, toks, f, fused), start, k) in enumerate(zip(rows, starts, lens)):
+                feats[i, n - k:] = f if fused else next(fused_raw)
+                if seq_id not in self.blocks.tables:
+                    self.blocks.allocate(seq_id)
+                self.blocks.prepare_append(seq_id, k)
+                grown.append((seq_id, start))
+                blocks = self.blocks.tables[seq_id].blocks
+                table_rows.append(self.tables.sync(seq_id, blocks))
+                ids += [0] * (n - k) + toks
+                positions += [0] * (n - k) + list(range(start, start + k))
+                slots += [self.pool.scratch_slot] * (n - k) + [blocks[p // bs] * bs + p % bs
+                                                               for p in range(start, start + k)]
+            meta = torch.tensor(ids + positions + slots + table_rows, dtype=torch.long).to(dev, non_blocking=True)
+            ids_t, pos_t = meta[: b * n].view(b, n), meta[b * n: 2 * b * n].view(b, n)
+            t_len = max(s + k for s, k in zip(starts, lens))
+            table = self.tables.table.index_select(0, meta[3 * b * n:])
+            needs_mask = n > 1 or min(s + k for s, k in zip(starts, lens)) < t_len
+            batch = AttnBatch(meta[2 * b * n: 3 * b * n], key_slots(table, t_len, bs).reshape(-1),
+                              causal_mask(pos_t, t_len) if needs_mask else None, t_len)
+            with torch.inference_mode():
+                out = head.forward_paged(ids_t, feats, pos_t, batch, self.pool.keys[0], self.pool.values[0])
+        except BaseException:
+            for seq_id, start in grown:
+                self.blocks.truncate(seq_id, start)
+            raise
+        for (seq_id, _, _, fused), start, k in zip(rows, starts, lens):
+            self.blocks.commit(seq_id, start + k)
+            if not fused:
+                self._consume(seq_id, start + k - 1)
+        return out[:, -1]
+
+    def _noise(self, rows: StepRows, sampled: list[int], kmax: int) -> torch.Tensor | None:
+        """Exp(1) noise ``[S, K, V]``: seeded rows draw with the target's own stream (the coupling, see
+        engine.rejection), unseeded ones with the draft stream."""
+        if not sampled:
+            return None
+        keys = [[rng.key(rows.reqs[i].seed, rows.reqs[i].num_tokens + j,
+                         rng.SAMPLE if rows.reqs[i].params.seed is not None else rng.DRAFT)
+                 for j in range(kmax)] for i in sampled]
+        return rng.exponentials(torch.tensor(keys, dtype=torch.int64).to(self.device), self.vocab_size)
+
+    def _draw(self, out: torch.Tensor, reqs: list[Request], slots: list[int | None], noise, j: int, rows: StepRows,
+              q: torch.Tensor | None, active: list[int]) -> list[int]:
+        """One draft token per active row: the argmax for greedy rows, an exponential race over the head's
+        distribution (the row's temperature / top-k / top-p, over the target vocabulary) for sampled rows."""
+        logits = self.head.logits(out).float()  # [A, draft_vocab]
+        logits = logits.masked_fill(~self._kept, float("-inf"))
+        tokens = self._ids[logits.argmax(-1)]
+        s_rows = [n for n, s in enumerate(slots) if s is not None]
+        if s_rows:
+            local = torch.tensor(s_rows, device=self.device)
+            full = logits.new_full((len(s_rows), self.vocab_size), float("-inf"))
+            full[:, self._ids[self._kept]] = logits[local][:, self._kept]
+            probs = probs_batch(full, rows.rp.select([active[n] for n in s_rows]))  # [S, V]
+            tokens[local] = race(probs, noise[torch.tensor([slots[n] for n in s_rows], device=self.device), j])
+            if q is not None:
+                q[torch.tensor([active[n] for n in s_rows], device=self.device), j] = probs
+        return tokens.tolist()
+
+
+def _param_ratio(head: EagleHead, target) -> float:
+    """Head weights / target weights: what a draft step costs relative to a target step where streaming the
+    weights bounds both (decode on a CPU or a small batch on a GPU)."""
+    head_n = sum(p.numel() for p in head.parameters())
+    target_n = sum(p.numel() for p in target.parameters())
+    return head_n / max(1, target_n)

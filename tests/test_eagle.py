@@ -1,0 +1,289 @@
+"""The EAGLE-3 head and proposer: the target's aux states, the head's paged drafting against its training
+unroll, exact rollback, the published folder formats and their errors, and greedy identity on the
+transformers fallback. Greedy identity, the distribution and seeded reproducibility for every proposer,
+eagle included, are in test_speculative.py."""
+
+import json
+
+import pytest
+import torch
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.block_manager import BlockManager
+from engine.eagle import EagleConfig, EagleHead, default_aux_layers, is_eagle_folder, load_head, save_head
+from engine.errors import ModelLoadError
+from engine.kv_pool import KVPool, KVShape
+from engine.model_runner import ModelRunner, RowInput
+from engine.proposers.eagle import EagleProposer
+from tests.tiny import random_eagle_head, tiny_llama, tiny_tokenizer, word_tokenizer
+
+V = 320
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_llama(V, layers=6, seed=3)
+
+
+def _runner(model, lean: bool, vocab: int = V) -> ModelRunner:
+    pool = KVPool(64, 16, KVShape.from_config(model.config), torch.float32, torch.device("cpu"))
+    return ModelRunner(model, pool, BlockManager(64, 16), vocab, lean=lean)
+
+
+def _hidden(model, ids: torch.Tensor) -> tuple:
+    with torch.no_grad():
+        return model(input_ids=ids, output_hidden_states=True).hidden_states
+
+
+def test_default_aux_layers_follow_eagle3_and_fit_small_targets():
+    assert default_aux_layers(32) == (2, 16, 29)  # Llama-3.1-8B: the inputs of layers 2, L/2, L-3
+    assert default_aux_layers(12) == (2, 6, 9)  # the demo target
+    assert default_aux_layers(2) == (0, 1, 1)
+    assert all(0 <= i < n for n in range(1, 8) for i in default_aux_layers(n))
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_target_hands_its_aux_states_to_the_sink_only_for_rows_that_ask(target, lean):
+    """Both forward paths give HF's hidden_states[i] (the input of layer i) for every new token of a row
+    that asks, across chunks and ragged batches; rows that do not ask get nothing and cost nothing."""
+    x = torch.randint(3, V, (1, 30), generator=torch.Generator().manual_seed(1))
+    layers = default_aux_layers(6)
+    want = torch.cat([_hidden(target, x)[i] for i in layers], -1)[0]
+    runner = _runner(target, lean)
+    got: dict[int, list] = {}
+    runner.forward([RowInput(0, x[0, :5].tolist(), 1, True)])  # no sink yet: ignored
+    runner.truncate(0, 0)
+    runner.aux_layers = layers
+    runner.aux_sink = lambda seq, start, aux: got.setdefault(seq, []).append((start, aux.clone()))
+    runner.forward([RowInput(0, x[0, :20].tolist(), 1, True), RowInput(1, x[0, :7].tolist(), 1, True)])
+    runner.forward([RowInput(0, x[0, 20:].tolist(), 3, True), RowInput(1, x[0, 7:9].tolist(), 1, False)])
+    assert [(s, a.shape[0]) for s, a in got[0]] == [(0, 20), (20, 10)]
+    assert torch.allclose(torch.cat([a for _, a in got[0]]), want, atol=1e-5)
+    assert len(got[1]) == 1 and torch.allclose(got[1][0][1], want[:7], atol=1e-5)
+
+
+def test_paged_drafting_matches_the_training_unroll(target):
+    """What the head drafts from its paged cache, step by step, is what forward_train's training-time-test
+    unroll computes at the same position: training and inference see the same pairs, positions and keys."""
+    x = torch.randint(3, V, (1, 30), generator=torch.Generator().manual_seed(2))
+    head = random_eagle_head(target, draft_vocab_size=100, seed=4)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+    aux = torch.cat([_hidden(target, x)[i] for i in head.layer_ids(6)], -1)
+    with torch.no_grad():
+        unroll = head.forward_train(aux, x, steps=3)
+    prop = EagleProposer(head, _runner(target, True))
+    for t in (0, 5, 12, 25):
+        out = prop._forward([(100 + t, x[0, 1: t + 2].tolist(), aux[0, : t + 1], False)])  # real pairs 0..t
+        assert torch.allclose(head.logits(out)[0], unroll[0][0, t], atol=1e-4)
+        for s in (1, 2):  # the chain: the head's own output, the next true token
+            out = prop._forward([(100 + t, [int(x[0, t + s + 1])], out, True)])
+            assert torch.allclose(head.logits(out)[0], unroll[s][0, t], atol=1e-4)
+    mask = head.train_mask(torch.ones(1, 30, dtype=torch.bool), 2)
+    assert mask[0, :26].all() and not mask[0, 26:].any()
+
+
+def _word_engine(head_seed: int = 0) -> LLMEngine:
+    tok = word_tokenizer(8)
+    target = tiny_llama(8, layers=4, hidden=32, heads=2, kv_heads=1, seed=21)
+    head = random_eagle_head(target, seed=head_seed, scale=3.0)
+    return LLMEngine(target, tok, None, EngineConfig(target="t", draft=None, kv_cache_tokens=2048), max_context=128,
+                     eagle_head=head)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 8])
+def test_state_after_verified_steps_equals_a_fresh_read(steps):
+    """After any mix of accepted and rejected drafts (small vocabulary: both happen), the head's cache and
+    waiting features give the next draft exactly what a head reading the verified sequence from scratch gives."""
+    eng = _word_engine()
+    prop = eng.proposers["eagle"]
+    req = eng.add_request([1, 2, 3, 4, 5, 6, 7, 1, 3], SamplingParams(max_new_tokens=60, temperature=1.0, seed=steps,
+                                                                        num_draft_tokens=3, draft_method="eagle",
+                                                                        ignore_eos=True))
+    while not req.prefilled:
+        eng.step()
+    for _ in range(steps):
+        eng.step()
+    assert req.stats.num_drafts == steps
+    assert steps < 8 or 0 < req.stats.num_accepted_tokens < 3 * steps  # both outcomes happened
+    ids = torch.tensor([req.all_ids])
+    n = ids.shape[1]
+    aux = torch.cat([_hidden(eng.target.model, ids)[i] for i in prop.head.layer_ids(4)], -1)
+    with torch.no_grad():
+        fresh = prop.head.forward_train(aux, ids, steps=1)[0][0, n - 2]  # the pair (f_{N-2}, x_{N-1})
+    tokens, feats, _ = prop._inputs(req)
+    assert prop._cached(req.seq_id) + len(tokens) == n - 1
+    out = prop._forward([(req.seq_id, tokens, feats, False)])
+    assert torch.allclose(prop.head.logits(out)[0], fresh, atol=1e-4)
+    eng.abort(req.request_id)
+    eng.step()
+    assert prop.blocks.num_free == prop.blocks.num_blocks and not prop._waiting
+
+
+@pytest.mark.parametrize("lean", ["1", "0"])
+def test_greedy_eagle_equals_plain_on_both_forward_paths(monkeypatch, lean):
+    monkeypatch.setenv("HELIX_LEAN", lean)
+    tok = tiny_tokenizer()
+    target = tiny_llama(len(tok), layers=4, seed=5)
+    head = random_eagle_head(target, draft_vocab_size=200, seed=6, scale=8.0)
+    eng = LLMEngine(target, tok, None, EngineConfig(target="t", draft=None, kv_cache_tokens=4096), max_context=256,
+                    eagle_head=head)
+    assert eng.target.forward_path == ("lean" if lean == "1" else "transformers")
+    for prompt in ("The cat sat on the mat and looked at", "Once upon a time there was"):
+        plain = eng.generate(prompt, SamplingParams(max_new_tokens=40, temperature=0, speculative=False,
+                                                    ignore_eos=True))
+        for k in (1, 4, None):
+            spec = eng.generate(prompt, SamplingParams(max_new_tokens=40, temperature=0, num_draft_tokens=k,
+                                                       draft_method="eagle", ignore_eos=True))
+            assert spec.token_ids == plain.token_ids, (prompt, k)
+            assert k is None or spec.stats.num_drafts > 0
+    prop = eng.proposers["eagle"]
+    assert prop.blocks.num_free == prop.blocks.num_blocks and not prop._waiting
+
+
+# ----------------------------------------------------------------------------- folders
+def _eagle_layout_config(target, draft_vocab: int) -> dict:
+    """config.json as EAGLE's own heads publish it (SpecForge's configs/qwen3-4b-eagle3.json, the fields
+    and their spelling), shaped for ``target``."""
+    c = target.config
+    return {"architectures": ["LlamaForCausalLMEagle3"], "attention_bias": False, "attention_dropout": 0.0,
+            "bos_token_id": 0, "eos_token_id": 0, "head_dim": 16, "hidden_act": "silu", "hidden_size": c.hidden_size,
+            "initializer_range": 0.02, "intermediate_size": 96, "max_position_embeddings": 256,
+            "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 1, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 10000.0, "tie_word_embeddings": True,
+            "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": c.vocab_size, "draft_vocab_size": draft_vocab}
+
+
+def _write_random_head(folder, config: dict, seed: int = 0, speculators: bool = False) -> EagleHead:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    cfg = EagleConfig.from_dict(config)
+    head = EagleHead(cfg)
+    if cfg.draft_vocab_size < cfg.vocab_size:
+        head.set_vocab_map(torch.randperm(cfg.vocab_size)[: cfg.draft_vocab_size].sort().values)
+    state = {k: v.contiguous() for k, v in head.state_dict().items()}
+    if speculators:  # vLLM speculators name the layer layers.0 and leave t2d out
+        state = {k.replace("midlayer.", "layers.0."): v for k, v in state.items() if k != "t2d"}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    return head
+
+
+def test_published_layouts_load_and_draft(tmp_path, target):
+    tok_vocab = target.config.vocab_size
+    eagle_cfg = _eagle_layout_config(target, draft_vocab=128)
+    written = _write_random_head(tmp_path / "eagle", eagle_cfg)
+    spec_cfg = {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3", "draft_vocab_size": 128,
+                "norm_before_residual": True, "target_hidden_size": 64, "eagle_aux_hidden_state_layer_ids": [1, 3, 4],
+                "transformer_layer_config": {k: v for k, v in eagle_cfg.items() if k != "draft_vocab_size"}}
+    _write_random_head(tmp_path / "speculators", spec_cfg, seed=1, speculators=True)
+    for name in ("eagle", "speculators"):
+        assert is_eagle_folder(tmp_path / name)
+        head = load_head(tmp_path / name, target)
+        assert head.cfg.draft_vocab_size == 128 and int(head.t2d.sum()) == 128
+    assert head.cfg.norm_before_residual and head.layer_ids(6) == (1, 3, 4)
+    loaded = load_head(tmp_path / "eagle", target)
+    assert torch.equal(loaded.draft_to_target, written.draft_to_target)
+    assert not is_eagle_folder(tmp_path) and not is_eagle_folder(tmp_path / "missing")
+    # drafting through an engine: greedy output is the plain output, drafts stay inside the draft vocabulary
+    tok = tiny_tokenizer()
+    assert len(tok) == tok_vocab
+    eng = LLMEngine(target, tok, None, EngineConfig(target="t", draft=None, kv_cache_tokens=2048), max_context=256,
+                    eagle_head=loaded)
+    seen: list[int] = []
+    orig = eng.proposers["eagle"].propose
+    eng.proposers["eagle"].propose = lambda rows: (lambda p: (seen.extend(t for ts in p.token_lists for t in ts), p)[1])(
+        orig(rows))
+    plain = eng.generate("Once upon a time", SamplingParams(max_new_tokens=24, temperature=0, speculative=False))
+    spec = eng.generate("Once upon a time", SamplingParams(max_new_tokens=24, temperature=0, num_draft_tokens=3,
+                                                           draft_method="eagle"))
+    assert spec.token_ids == plain.token_ids and seen and all(loaded.t2d[t] for t in seen)
+    # save_head writes the EAGLE layout back; it loads again to the same weights
+    save_head(loaded, tmp_path / "again", dtype=None)
+    again = load_head(tmp_path / "again", target)
+    assert torch.equal(again.lm_head.weight, loaded.lm_head.weight) and torch.equal(again.d2t, loaded.d2t)
+
+
+def test_a_head_for_another_target_is_a_clear_error(tmp_path, target):
+    cfg = _eagle_layout_config(target, draft_vocab=128)
+    _write_random_head(tmp_path / "wide", {**cfg, "hidden_size": 96, "head_dim": 24})
+    with pytest.raises(ModelLoadError, match="target's hidden size is 64"):
+        load_head(tmp_path / "wide", target)
+    _write_random_head(tmp_path / "vocab", {**cfg, "vocab_size": 400})
+    with pytest.raises(ModelLoadError, match="vocabulary is 400 tokens, the target's 320"):
+        load_head(tmp_path / "vocab", target)
+    _write_random_head(tmp_path / "deep", {**cfg, "eagle_config": {"eagle_aux_hidden_state_layer_ids": [2, 16, 29]}})
+    with pytest.raises(ModelLoadError, match="target has 6 layers"):
+        load_head(tmp_path / "deep", target)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ModelLoadError, match="not an EAGLE-3 head"):
+        load_head(tmp_path / "plain", target)
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_head(tmp_path / "nowhere", target)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="has no weights"):
+        load_head(tmp_path / "empty", target)
+
+
+def test_engine_loads_a_head_named_by_the_setting_or_inside_the_target_folder(tmp_path):
+    from engine.factory import build_engine
+
+    tok = tiny_tokenizer()
+    target = tiny_llama(len(tok), layers=4, seed=7)
+    target.save_pretrained(tmp_path / "target")
+    tok.save_pretrained(tmp_path / "target")
+    save_head(random_eagle_head(target, draft_vocab_size=160), tmp_path / "head")
+    eng = build_engine(EngineConfig(target=str(tmp_path / "target"), draft=None, eagle=str(tmp_path / "head"),
+                                    device="cpu", kv_cache_tokens=2048), warmup=True)
+    assert "eagle" in eng.proposers and eng.info()["eagle"] == "head" and "eagle" in eng.info()["draft_methods"]
+    assert 0 < eng.eagle_cost < 5  # measured by the warm-up, in target steps
+    res = eng.generate("Once upon a time", SamplingParams(max_new_tokens=12, temperature=0, draft_method="eagle",
+                                                          num_draft_tokens=2))
+    assert res.stats.num_drafts > 0
+    save_head(random_eagle_head(target), tmp_path / "target" / "eagle3")
+    assert "eagle" in build_engine(EngineConfig(target=str(tmp_path / "target"), draft=None, device="cpu",
+                                                kv_cache_tokens=2048), warmup=False).proposers
+    assert "eagle" not in build_engine(EngineConfig(target=str(tmp_path / "target"), draft=None, eagle="",
+                                                    device="cpu", kv_cache_tokens=2048), warmup=False).proposers
+
+
+@pytest.mark.slow
+def test_published_qwen3_head_shape_loads_and_drafts(tmp_path):
+    """SpecForge's configs/qwen3-4b-eagle3.json as published (hidden 2560, 32/8 heads of 80, intermediate 9728,
+    vocabulary 151936, draft vocabulary 32000), random weights, against a one-layer random Qwen3-4B-shaped
+    target in bfloat16 (~1.5 GB of memory, ~1 min on a 2-core CPU)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = {"architectures": ["LlamaForCausalLMEagle3"], "attention_bias": False, "attention_dropout": 0.0,
+           "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 80, "hidden_act": "silu", "hidden_size": 2560,
+           "initializer_range": 0.02, "intermediate_size": 9728, "max_position_embeddings": 40960,
+           "max_window_layers": 36, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 1,
+           "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+           "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+           "use_sliding_window": False, "vocab_size": 151936, "draft_vocab_size": 32000}
+    with torch.device("cpu"):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            _write_random_head(tmp_path / "head", cfg)
+            target = Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                                                  num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8,
+                                                  head_dim=128, max_position_embeddings=40960,
+                                                  tie_word_embeddings=True)).eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
+    head = load_head(tmp_path / "head", target)
+    assert head.fc.weight.shape == (2560, 3 * 2560) and head.lm_head.weight.shape == (32000, 2560)
+    assert head.fc.weight.dtype == torch.bfloat16
+    runner = ModelRunner(target, KVPool(16, 16, KVShape.from_config(target.config), torch.bfloat16,
+                                        torch.device("cpu")), BlockManager(16, 16), 151936)
+    prop = EagleProposer(head, runner)
+    got = {}
+    runner.aux_sink = lambda seq, start, aux: (prop.receive(seq, start, aux), got.setdefault(seq, aux))
+    runner.forward([RowInput(0, list(range(100, 120)), 1, True)])
+    assert got[0].shape == (20, 3 * 2560)
+    assert prop.time_step(8) > 0
