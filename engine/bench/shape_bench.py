@@ -82,7 +82,9 @@ def _row(method: str, batch: int, res, level: float | None = None, eps: float | 
     drafted = res.num_draft_tokens
     return {"method": method, "batch": batch, "acceptance_level": level, "eps": eps, "k": k,
             "tokens_per_second": round(res.tokens_per_second, 2), "tokens": res.tokens,
-            "acceptance_rate": round(res.num_accepted_tokens / drafted, 3) if drafted else None}
+            "acceptance_rate": round(res.num_accepted_tokens / drafted, 3) if drafted else None,
+            # adaptive: drafted tokens per drafting step, and the share of steps that drafted at all
+            "mean_k": round(drafted / res.num_drafts, 2) if res.num_drafts else None}
 
 
 def _build(name: str, cfg: ShapeConfig, device, dtype, max_ctx: int):

@@ -87,7 +87,8 @@ def format_shapes(results: dict, markdown: bool = False) -> str:
         parts.append(f"{h}{s['shape']} ({s['dtype']}, {s['weight_bytes'] / 2**30:.2f} GiB weights, draft = first "
                      f"{s['draft_layers']} layers; acceptance levels {lv})")
         for plen, p in s["prompts"].items():
-            rows = [[r["method"], str(r["batch"]), _fmt(r["acceptance_level"], "g"), _fmt(r["k"], "d"),
+            rows = [[r["method"], str(r["batch"]), _fmt(r["acceptance_level"], "g"),
+                     _fmt(r["k"], "d") if r["k"] is not None or r.get("mean_k") is None else f"~{r['mean_k']:.1f}",
                      _fmt(r["tokens_per_second"], ".1f"), _fmt(r["acceptance_rate"], ".2f"),
                      _fmt(r["pct_of_bandwidth_limit"], ".1f", "%")] for r in p["rows"]]
             parts.append(f"prompt {plen} tokens, {results['config']['max_new_tokens']} new, {p['num_prompts']} "
