@@ -20,6 +20,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft", default=None, help="draft model: local folder or hub id (default: the bundled demo draft "
                    "when the target is the demo, else none)")
     g.add_argument("--no-draft", action="store_true", help="run without a draft model (plain decoding only)")
+    g.add_argument("--eagle", default=None, metavar="FOLDER",
+                   help="EAGLE-3 draft head for the target (an HF folder in the EAGLE-3 format; default: the target "
+                   "folder's eagle3/ subfolder, or the demo head for the demo target)")
+    g.add_argument("--no-eagle", action="store_true", help="load no EAGLE-3 head")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "directml", "mps"],
                    help="compute device (auto: DirectML, then CUDA, then MPS, then CPU)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
@@ -53,7 +57,8 @@ def engine_config_from_args(args, **overrides):
         draft = args.draft
     else:
         draft = str(DEMO_DRAFT) if args.target is None else None
-    return EngineConfig(target=target, draft=draft, device=args.device,
+    eagle = "" if getattr(args, "no_eagle", False) else getattr(args, "eagle", None)
+    return EngineConfig(target=target, draft=draft, eagle=eagle, device=args.device,
                         dtype=None if args.dtype == "auto" else args.dtype,
                         kv_cache_tokens=args.kv_cache_tokens,
                         num_threads=getattr(args, "threads", None), **overrides)
@@ -103,6 +108,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-speculative", action="store_true", help="plain decoding even with a draft model")
     p.add_argument("--num-draft-tokens", type=int, default=None, help="fixed draft length K (1..8); default adaptive")
+    p.add_argument("--draft-method", default="auto", choices=["auto", "model", "ngram", "eagle"],
+                   help="what drafts: the draft model, n-gram lookup, the EAGLE-3 head, or auto (the fastest measured)")
     p.add_argument("--show-sources", action="store_true", help="colour tokens by source (draft/target/bonus) on a tty")
     p.add_argument("--endpoint", default=None, metavar="URL",
                    help="generate on a remote OpenAI-compatible server (Helix, vLLM) at URL instead of this PC; "
@@ -125,7 +132,8 @@ def run_generate(args) -> int:
     try:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
-                                speculative=not args.no_speculative, num_draft_tokens=args.num_draft_tokens)
+                                speculative=not args.no_speculative, num_draft_tokens=args.num_draft_tokens,
+                                draft_method=args.draft_method)
         colour = args.show_sources and sys.stdout.isatty()
         if args.endpoint:
             return _generate_remote(args, prompt, params, colour)

@@ -34,10 +34,9 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
         return dt
 
     eagle = engine.proposers.get("eagle")
-    t1, t5, td, te = [], [], [], []
+    te = [eagle.time_step(n, reps)] if eagle is not None else []
+    t1, t5, td = [], [], []
     for _ in range(reps):
-        if eagle is not None:
-            te.append(eagle.time_step(n))
         if engine.draft is not None:
             td.append(timed(engine.draft, [1]))
         t1.append(timed(engine.target, [1]))

@@ -343,8 +343,9 @@ class ModelsTab(QWidget):
         info = engine.info()
         device = device_words(info)
         draft = info["draft"] if info["has_draft"] else "none (plain decoding only)"
+        eagle = f"<br><b>EAGLE head</b> {info['eagle']}" if info.get("eagle") else ""
         self.loaded.setText(
-            f"<b>Target</b> {info['target']}<br><b>Draft</b> {draft}<br>"
+            f"<b>Target</b> {info['target']}<br><b>Draft</b> {draft}{eagle}<br>"
             f"<b>Device</b> {device} ({info['device_name']}) · <b>Precision</b> {info['dtype']} · "
             f"<b>Context</b> {info['max_context']} tokens")
         worker = self.bridge.host.worker

@@ -10,7 +10,7 @@ from engine.config import MAX_DRAFT_TOKENS, MAX_NEW_TOKENS_CAP, SamplingParams
 from helix_desktop.settings import AppSettings
 
 ADAPTIVE = "Adaptive"
-METHODS = (("Auto", "auto"), ("Draft model", "model"), ("N-gram lookup", "ngram"))
+METHODS = (("Auto", "auto"), ("Draft model", "model"), ("N-gram lookup", "ngram"), ("EAGLE head", "eagle"))
 
 
 class ParamsForm(QWidget):
@@ -49,8 +49,9 @@ class ParamsForm(QWidget):
         for label, method in METHODS:
             self.draft_method.addItem(label, method)
         self.draft_method.setToolTip("What proposes the draft tokens: the draft model, n-gram lookup (repeats text "
-                                     "already in the prompt or reply; needs no draft model), or Auto (the faster, "
-                                     "as measured)")
+                                     "already in the prompt or reply; needs no draft model), the EAGLE head (one "
+                                     "layer over the target's own hidden states, when the target has one), or Auto "
+                                     "(the fastest, as measured)")
         form.addRow("Max new tokens", self.max_new_tokens)
         form.addRow("Temperature", self.temperature)
         form.addRow("Top-p", self.top_p)

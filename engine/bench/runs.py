@@ -27,7 +27,7 @@ class Method:
     speculative: bool = False
     k: int | None = None
     assist: str | None = None  # hf: None (plain) | "default" | "constant"
-    draft_method: str | None = None  # helix: None (the engine's default) | "model" | "ngram" | "auto"
+    draft_method: str | None = None  # helix: None (the engine's default) | "model" | "ngram" | "eagle" | "auto"
 
     @property
     def label(self) -> str:

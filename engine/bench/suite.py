@@ -75,16 +75,17 @@ class _Progress:
             self.bar.close()
 
 
-def _helix_methods(ks) -> list[Method]:
+def _helix_methods(ks, eagle: bool = False) -> list[Method]:
     """Plain, the draft model at each fixed K, adaptive (the engine's default method), and n-gram
-    drafting (issue 16) where the engine takes ``draft_method``."""
+    drafting (issue 16) where the engine takes ``draft_method``; the EAGLE head (adaptive K) where one is loaded."""
     if not supports_draft_method():
         return ([Method("helix plain", "helix")] + [Method(f"helix spec K={k}", "helix", True, k) for k in ks]
                 + [Method("helix spec adaptive", "helix", True, None)])
     return ([Method("helix plain", "helix")]
             + [Method(f"helix spec K={k}", "helix", True, k, draft_method="model") for k in ks]
             + [Method("helix spec adaptive", "helix", True, None),
-               Method("helix spec ngram", "helix", True, None, draft_method="ngram")])
+               Method("helix spec ngram", "helix", True, None, draft_method="ngram")]
+            + ([Method("helix spec eagle", "helix", True, None, draft_method="eagle")] if eagle else []))
 
 
 def _hf_methods(best_k: int | None) -> list[Method]:
@@ -94,12 +95,12 @@ def _hf_methods(best_k: int | None) -> list[Method]:
     return out
 
 
-def _count_passes(cfg: BenchConfig, num_prompts: int) -> int:
+def _count_passes(cfg: BenchConfig, num_prompts: int, eagle: bool = False) -> int:
     """Progress-bar total: one step per (method, prompt) run."""
     total = 0
     for length in cfg.lengths:
         sweep = length in cfg.sweep_lengths
-        n_helix = 2 + (len(cfg.ks) if sweep else 1) + (1 if supports_draft_method() else 0)
+        n_helix = 2 + (len(cfg.ks) if sweep else 1) + (1 if supports_draft_method() else 0) + int(eagle)
         n_hf = 3 if cfg.hf else 0
         warm = (n_helix + n_hf - (1 if cfg.hf else 0)) * cfg.warmup_runs * (num_prompts if sweep else 1) + (
             1 if cfg.hf else 0)
@@ -121,7 +122,7 @@ def run_bench(engine, prompts: list[str], cfg: BenchConfig = BenchConfig(), prog
     ids = [engine.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     bench_ids = ids[: cfg.num_prompts]
     cal_ids = ids[cfg.num_prompts: cfg.num_prompts + cfg.calibration_prompts] or bench_ids
-    prog = _Progress(_count_passes(cfg, len(bench_ids)), progress)
+    prog = _Progress(_count_passes(cfg, len(bench_ids), _has_eagle(engine)), progress)
     results: dict = {"machine": machine_info(engine), "config": asdict(cfg), "prompts": prompts[: cfg.num_prompts],
                      "scenarios": []}
     try:
@@ -147,6 +148,10 @@ def run_bench(engine, prompts: list[str], cfg: BenchConfig = BenchConfig(), prog
 
     results["targets"] = evaluate_targets(results)
     return results
+
+
+def _has_eagle(engine) -> bool:
+    return "eagle" in getattr(engine, "proposers", {})
 
 
 # --------------------------------------------------------------------------- batch-1 scenarios
@@ -189,7 +194,8 @@ def _scenario(engine, prompts, temp: float, length: int, cfg: BenchConfig, repor
     adaptive_state = {"alpha_prior": report.alpha or engine.alpha_prior, "draft_cost": report.draft_cost,
                       "verify_cost": report.verify_cost, "t_target1": report.target_step_ms / 1e3}
     sweep = length in cfg.sweep_lengths or best_k is None
-    tracked = [_Tracked(m, inst=Instrument(engine)) for m in _helix_methods(cfg.ks if sweep else [best_k])]
+    tracked = [_Tracked(m, inst=Instrument(engine))
+               for m in _helix_methods(cfg.ks if sweep else [best_k], _has_eagle(engine))]
     if cfg.hf:
         tracked += [_Tracked(m) for m in _hf_methods(None)]
     # warm-up; on a K sweep it covers every prompt and picks "Helix's best K" for HF's constant schedule

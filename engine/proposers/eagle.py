@@ -138,16 +138,20 @@ class EagleProposer:
         self.blocks.free(req.seq_id)
         self.tables.release(req.seq_id)
 
-    def time_step(self, context: int, seq_id: int = -1) -> float:
-        """Seconds of one greedy draft step (one pair in, a token out) after ``context`` pairs, on a scratch
-        sequence that is freed again (warm-up's cost measurement)."""
+    def time_step(self, context: int, reps: int = 5, seq_id: int = -1) -> float:
+        """Median seconds of one greedy draft step (one pair in, a token out) after ``context`` pairs, over
+        ``reps`` steps on a scratch sequence that is freed again (warm-up's cost measurement)."""
         feats = torch.zeros(context, 3 * self.head.cfg.target_hidden_size, dtype=self.pool.dtype, device=self.device)
+        times = []
         try:
             out = self._forward([(seq_id, [1] * context, feats, False)])
-            t0 = time.perf_counter()
-            out = self._forward([(seq_id, [1], out, True)])
-            self._ids[self.head.logits(out).argmax(-1)].tolist()
-            return time.perf_counter() - t0
+            for _ in range(reps + 1):  # the first step warms up
+                t0 = time.perf_counter()
+                nxt = self._forward([(seq_id, [1], out, True)])
+                self._ids[self.head.logits(nxt).argmax(-1)].tolist()
+                times.append(time.perf_counter() - t0)
+                self.blocks.truncate(seq_id, context)
+            return sorted(times[1:])[len(times[1:]) // 2]
         finally:
             self.blocks.free(seq_id)
             self.tables.release(seq_id)
