@@ -63,6 +63,10 @@ def engine_snapshot(engine: LLMEngine) -> dict:
         "draft_kv": None if engine.draft is None else {
             "total": engine.draft.blocks.num_blocks, "used": engine.draft.blocks.num_blocks - engine.draft.blocks.num_free,
         },
+        "eagle_kv": None if "eagle" not in engine.proposers else {
+            "total": engine.proposers["eagle"].blocks.num_blocks,
+            "used": engine.proposers["eagle"].blocks.num_blocks - engine.proposers["eagle"].blocks.num_free,
+        },
     }
 
 

@@ -107,16 +107,56 @@ def test_state_after_verified_steps_equals_a_fresh_read(steps):
         eng.step()
     assert req.stats.num_drafts == steps
     assert steps < 8 or 0 < req.stats.num_accepted_tokens < 3 * steps  # both outcomes happened
+    tokens, _, _ = prop._inputs(req)
+    assert prop._cached(req.seq_id) + len(tokens) == req.num_tokens - 1
+    assert torch.allclose(_next_logits(eng, req), _fresh_logits(eng, req), atol=1e-4)
+    eng.abort(req.request_id)
+    eng.step()
+    assert prop.blocks.num_free == prop.blocks.num_blocks and not prop._waiting
+
+
+def _fresh_logits(eng: LLMEngine, req) -> torch.Tensor:
+    """What a head that reads the request's verified tokens from scratch predicts after them."""
     ids = torch.tensor([req.all_ids])
-    n = ids.shape[1]
+    prop = eng.proposers["eagle"]
     aux = torch.cat([_hidden(eng.target.model, ids)[i] for i in prop.head.layer_ids(4)], -1)
     with torch.no_grad():
-        fresh = prop.head.forward_train(aux, ids, steps=1)[0][0, n - 2]  # the pair (f_{N-2}, x_{N-1})
+        return prop.head.forward_train(aux, ids, steps=1)[0][0, ids.shape[1] - 2]
+
+
+def _next_logits(eng: LLMEngine, req) -> torch.Tensor:
+    prop = eng.proposers["eagle"]
     tokens, feats, _ = prop._inputs(req)
-    assert prop._cached(req.seq_id) + len(tokens) == n - 1
-    out = prop._forward([(req.seq_id, tokens, feats, False)])
-    assert torch.allclose(prop.head.logits(out)[0], fresh, atol=1e-4)
-    eng.abort(req.request_id)
+    return prop.head.logits(prop._forward([(req.seq_id, tokens, feats, False)]))[0]
+
+
+def test_requests_sharing_a_prompt_share_the_heads_prompt_blocks():
+    eng = _word_engine()
+    prop = eng.proposers["eagle"]
+    common = [(i * 5 + i // 7) % 7 + 1 for i in range(40)]
+    params = SamplingParams(max_new_tokens=30, temperature=0, num_draft_tokens=2, draft_method="eagle",
+                            ignore_eos=True)
+    first = eng.add_request(common + [1, 2, 3], params)
+    for _ in range(4):
+        eng.step()
+    second = eng.add_request(common + [4, 5, 6, 7], params)
+    while not second.prefilled:
+        eng.step()
+    assert second.stats.num_cached_prompt_tokens == 32  # the target's two full prompt blocks
+    eng.step()
+    assert prop.blocks.num_shared == 2 and second.stats.num_drafts == 1
+    assert torch.allclose(_next_logits(eng, second), _fresh_logits(eng, second), atol=1e-4)
+    # a prompt the target knows but the head does not (read by a request that drafted with the model): the
+    # head reads zero features there; output stays exact
+    other = [(i * 3 + i // 5) % 7 + 1 for i in range(40)]
+    eng.generate(other + [3, 3], SamplingParams(max_new_tokens=4, temperature=0, draft_method="ngram"))
+    spec = eng.generate(other + [2, 2], SamplingParams(**{**params.__dict__, "max_new_tokens": 20}))
+    assert spec.stats.num_cached_prompt_tokens == 32 and spec.stats.num_drafts > 0
+    plain = eng.generate(other + [2, 2], SamplingParams(max_new_tokens=20, temperature=0, speculative=False,
+                                                        ignore_eos=True))
+    assert spec.token_ids == plain.token_ids
+    for r in (first, second):
+        eng.abort(r.request_id)
     eng.step()
     assert prop.blocks.num_free == prop.blocks.num_blocks and not prop._waiting
 

@@ -8,9 +8,13 @@ N - 2, whose features the verification of the previous step has produced.
 
 State per request, rolled back exactly: the head's paged KV cache holds real pairs only (the chain of
 a draft, which feeds the head its own outputs, is dropped from the cache as soon as the draft is
-made), and the waiting features are cut to the verified tokens. A prompt prefix that the target
-found in its prefix cache brings no features; those pairs enter the head with a zero feature
-(exactness never depends on the head; only acceptance does).
+made), and the waiting features are cut to the verified tokens.
+
+Shared prompts. The head's cache shares full blocks of prompt pairs between requests as the target's
+shares prompt blocks (keyed by the pairs' tokens). Where the target found a prefix in its cache that
+the head did not (a prompt first read by a request that did not draft with the head), no features
+were made for it: those pairs enter the head with a zero feature. Exactness never depends on the
+head; only acceptance does.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ class EagleProposer:
         self._ids = ids.to(self.device)  # draft id -> target id
         self._kept = (ids < self.vocab_size).to(self.device)  # ids past the tokenizer's vocabulary never drafted
         self._waiting: dict[int, tuple[int, torch.Tensor]] = {}  # seq_id -> (first position, aux [n, 3H])
+        self._shared: set[int] = set()  # seq_ids whose prompt pairs are registered for prefix sharing
+        self._gapped: set[int] = set()  # seq_ids that read zero features (never shared)
         self.cost_prior = _param_ratio(head, target.model)  # a draft step's cost in target steps, until measured
 
     # ------------------------------------------------------------------ features from the target
@@ -85,6 +91,7 @@ class EagleProposer:
             return Proposal(lists, None)
         self._catch_up(rows.reqs)
         inputs = {i: self._inputs(r) for i, r in enumerate(rows.reqs) if rows.ks[i] > 0}
+        self._share_prompts([rows.reqs[i] for i, got in inputs.items() if got is not None])
         ready = [i for i, got in inputs.items() if got is not None]
         sampled = [i for i in ready if not rows.reqs[i].params.greedy]
         keep_q = any(rows.reqs[i].params.seed is None for i in sampled)
@@ -135,6 +142,8 @@ class EagleProposer:
 
     def release(self, req: Request) -> None:
         self._waiting.pop(req.seq_id, None)
+        self._shared.discard(req.seq_id)
+        self._gapped.discard(req.seq_id)
         self.blocks.free(req.seq_id)
         self.tables.release(req.seq_id)
 
@@ -170,9 +179,31 @@ class EagleProposer:
         if seq_id in self.blocks.tables and self._cached(seq_id) > n:
             self.blocks.truncate(seq_id, n)
 
+    @staticmethod
+    def _pair_keys(ids: list[int]) -> list[tuple[int, int]]:
+        """What the head's entry at position t depends on, as prefix-cache keys: (x_t, x_{t+1}); the hash
+        chain over them covers x_0..x_{t+1}, exactly the tokens behind the pair (f_t, x_{t+1})."""
+        return list(zip(ids[:-1], ids[1:]))
+
+    def _attach(self, req: Request) -> None:
+        """A request the head has not seen starts from the full blocks of its prompt's pairs that another
+        request left in the head's cache (as the target shares prompt blocks)."""
+        if req.seq_id not in self.blocks.tables:
+            self.blocks.allocate(req.seq_id)
+            self.blocks.match_prefix(req.seq_id, self._pair_keys(req.prompt_ids))
+
+    def _share_prompts(self, reqs: list[Request]) -> None:
+        """Register the head's blocks of a prompt's pairs, once they are read, for later requests to share."""
+        for req in reqs:
+            sid = req.seq_id
+            if sid not in self._shared and sid not in self._gapped and self._cached(sid) >= len(req.prompt_ids) - 1:
+                self.blocks.register_prefix(sid, self._pair_keys(req.prompt_ids))
+                self._shared.add(sid)
+
     def _inputs(self, req: Request, upto: int | None = None, chunk: int | None = None):
         """(tokens, raw features, False) of the pairs the head has not read, up to pair ``upto`` (default:
         the last pair, N - 2); None when the target has not produced the features they need."""
+        self._attach(req)
         upto = req.num_tokens - 2 if upto is None else upto
         h = self._cached(req.seq_id)
         if chunk is not None:
@@ -185,6 +216,7 @@ class EagleProposer:
         first, feats = held
         ids = req.all_ids[h + 1: upto + 2]
         if first > h:  # a prefix the target had cached: no features were made for it
+            self._gapped.add(req.seq_id)
             gap = feats.new_zeros(min(first, upto + 1) - h, feats.shape[1])
             return ids, torch.cat([gap, feats[: max(0, upto + 1 - first)]]), False
         return ids, feats[h - first: upto + 1 - first], False
