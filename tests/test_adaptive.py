@@ -189,3 +189,26 @@ def test_a_pessimistic_prior_is_measured_before_it_rules_speculation_out():
             policy.observe("model", d.k, min(d.k, accepted_per_draft))
         after = policy.choose(state, {"model": 0.3}, 1, alpha=0.3)
         assert (after.k == 0) == expect_plain, after.reason
+
+
+def test_ngram_misses_count_against_ngram(monkeypatch):
+    """A step planned for n-gram drafting costs a drafting step even when the lookup finds nothing:
+    adaptive K counts such a miss as a draft of which nothing was accepted, so n-gram on text that
+    does not repeat goes plain instead of being 'measured' for ever."""
+    import engine.llm_engine as llm
+    from engine.proposers.base import Proposal
+    from engine.proposers.ngram import NgramProposer
+
+    eng = tiny_engine(draft=False)
+    planned = []
+    real = llm.decode_step
+
+    def spy(target, proposers, plan, fallback=None):
+        planned.append(sum(1 for k, m in plan.values() if k and m == "ngram"))
+        return real(target, proposers, plan, fallback)
+
+    monkeypatch.setattr(llm, "decode_step", spy)
+    # text in which nothing ever repeats, as far as the lookup can tell
+    monkeypatch.setattr(NgramProposer, "propose", lambda self, rows: Proposal([[] for _ in rows.reqs]))
+    eng.generate("zq xv", SamplingParams(max_new_tokens=120, temperature=0, ignore_eos=True, draft_method="ngram"))
+    assert sum(planned[-60:]) <= 6, planned  # measured (misses included), then plain with rare probes
