@@ -25,6 +25,19 @@ MAX_TOKENS_PER_ROW = 9  # verification of K = 8 draft tokens
 MIN_KEY_BUCKET = 256
 
 
+def key_buckets(max_keys: int) -> tuple[int, ...]:
+    """Key-length buckets: steps of 256 up to 4096, of 1024 up to 16384, then doubling; ``max_keys`` last.
+
+    Every key past a row's length is still read and masked, so coarse buckets cost attention time at
+    long contexts (a 1664-token context in a 2048 bucket reads 23% more keys); a finer bucket costs
+    one more lazily captured graph per 256 tokens of context."""
+    out, size = [], MIN_KEY_BUCKET
+    while size < max_keys:
+        out.append(size)
+        size += 256 if size < 4096 else 1024 if size < 16384 else size
+    return tuple(out) + (max_keys,)
+
+
 def bucket(value: int, buckets) -> int | None:
     for b in buckets:
         if value <= b:
@@ -51,11 +64,7 @@ class GraphRunner:
         self.pool = pool
         self.device = pool.device
         self.max_keys = max_keys
-        buckets, size = [], MIN_KEY_BUCKET
-        while size < max_keys:
-            buckets.append(size)
-            size *= 2
-        self.key_buckets = tuple(buckets) + (max_keys,)
+        self.key_buckets = key_buckets(max_keys)
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
         self.mempool = None
         self.stream = None
