@@ -15,7 +15,7 @@ from engine.errors import ModelLoadError
 from engine.kv_pool import KVPool, KVShape
 from engine.model_runner import ModelRunner, RowInput
 from engine.proposers.eagle import EagleProposer
-from tests.tiny import random_eagle_head, tiny_llama, tiny_tokenizer, word_tokenizer
+from tests.tiny import random_eagle_head, tiny_llama, tiny_pair_engine, tiny_tokenizer, word_tokenizer
 
 V = 320
 
@@ -119,7 +119,8 @@ def _fresh_logits(eng: LLMEngine, req) -> torch.Tensor:
     """What a head that reads the request's verified tokens from scratch predicts after them."""
     ids = torch.tensor([req.all_ids])
     prop = eng.proposers["eagle"]
-    aux = torch.cat([_hidden(eng.target.model, ids)[i] for i in prop.head.layer_ids(4)], -1)
+    layers = prop.head.layer_ids(eng.target.model.config.num_hidden_layers)
+    aux = torch.cat([_hidden(eng.target.model, ids)[i] for i in layers], -1)
     with torch.no_grad():
         return prop.head.forward_train(aux, ids, steps=1)[0][0, ids.shape[1] - 2]
 
@@ -157,6 +158,26 @@ def test_requests_sharing_a_prompt_share_the_heads_prompt_blocks():
     assert spec.token_ids == plain.token_ids
     for r in (first, second):
         eng.abort(r.request_id)
+    eng.step()
+    assert prop.blocks.num_free == prop.blocks.num_blocks and not prop._waiting
+
+
+def test_features_of_a_request_drafting_otherwise_are_read_as_they_pile_up(monkeypatch):
+    """An auto request the draft model drafts for still collects the target's features for the head; past
+    MAX_WAITING of them the head reads them between steps, so they never pile up for the whole request."""
+    import engine.proposers.eagle as eagle_proposer
+
+    monkeypatch.setattr(eagle_proposer, "MAX_WAITING", 16)
+    eng = tiny_pair_engine(eagle=True)
+    prop = eng.proposers["eagle"]
+    req = eng.add_request("Lily loved to play in the park", SamplingParams(max_new_tokens=90, temperature=0,
+                                                                          num_draft_tokens=3, ignore_eos=True))
+    while req.num_tokens < 80:  # auto at a fixed K drafts with the first method, the draft model
+        eng.step()
+    assert req.stats.num_drafts > 0 and prop._cached(req.seq_id) >= req.num_tokens - 1 - 16 - 9
+    assert prop._waiting[req.seq_id][1].shape[0] <= 16 + 9
+    assert torch.allclose(_next_logits(eng, req), _fresh_logits(eng, req), atol=1e-4)
+    eng.abort(req.request_id)
     eng.step()
     assert prop.blocks.num_free == prop.blocks.num_blocks and not prop._waiting
 

@@ -67,6 +67,7 @@ class EagleProposer:
         ids = head.draft_to_target
         self._ids = ids.to(self.device)  # draft id -> target id
         self._kept = (ids < self.vocab_size).to(self.device)  # ids past the tokenizer's vocabulary never drafted
+        self._kept_ids = None if bool(self._kept.all()) else self._ids[self._kept]
         self._waiting: dict[int, tuple[int, torch.Tensor]] = {}  # seq_id -> (first position, aux [n, 3H])
         self._shared: set[int] = set()  # seq_ids whose prompt pairs are registered for prefix sharing
         self._gapped: set[int] = set()  # seq_ids that read zero features (never shared)
@@ -137,8 +138,11 @@ class EagleProposer:
         if first + feats.shape[0] > num_tokens:
             feats = feats[: max(0, num_tokens - first)]
             self._waiting[req.seq_id] = (first, feats)
-        if feats.shape[0] > MAX_WAITING:
-            self._catch_up([req], upto=min(num_tokens, req.num_tokens) - 2, chunk=MAX_WAITING // 2)
+        upto = min(num_tokens, req.num_tokens) - 2
+        # only where the head's cache has room: this reading was not planned by the step (else: later)
+        if feats.shape[0] > MAX_WAITING and self._blocks_for(req.seq_id, upto + 1 - self._cached(req.seq_id)) \
+                <= self.blocks.num_free:
+            self._catch_up([req], upto=upto, chunk=MAX_WAITING // 2)
 
     def release(self, req: Request) -> None:
         self._waiting.pop(req.seq_id, None)
@@ -305,13 +309,17 @@ class EagleProposer:
         """One draft token per active row: the argmax for greedy rows, an exponential race over the head's
         distribution (the row's temperature / top-k / top-p, over the target vocabulary) for sampled rows."""
         logits = self.head.logits(out).float()  # [A, draft_vocab]
-        logits = logits.masked_fill(~self._kept, float("-inf"))
+        if self._kept_ids is not None:
+            logits = logits.masked_fill(~self._kept, float("-inf"))
         tokens = self._ids[logits.argmax(-1)]
         s_rows = [n for n, s in enumerate(slots) if s is not None]
         if s_rows:
             local = torch.tensor(s_rows, device=self.device)
             full = logits.new_full((len(s_rows), self.vocab_size), float("-inf"))
-            full[:, self._ids[self._kept]] = logits[local][:, self._kept]
+            if self._kept_ids is None:
+                full[:, self._ids] = logits[local]
+            else:
+                full[:, self._kept_ids] = logits[local][:, self._kept]
             probs = probs_batch(full, rows.rp.select([active[n] for n in s_rows]))  # [S, V]
             tokens[local] = race(probs, noise[torch.tensor([slots[n] for n in s_rows], device=self.device), j])
             if q is not None:
