@@ -256,8 +256,13 @@ def test_published_layouts_load_and_draft(tmp_path, target):
                     eagle_head=loaded)
     seen: list[int] = []
     orig = eng.proposers["eagle"].propose
-    eng.proposers["eagle"].propose = lambda rows: (lambda p: (seen.extend(t for ts in p.token_lists for t in ts), p)[1])(
-        orig(rows))
+
+    def spy(rows):
+        proposal = orig(rows)
+        seen.extend(t for ts in proposal.token_lists for t in ts)
+        return proposal
+
+    eng.proposers["eagle"].propose = spy
     plain = eng.generate("Once upon a time", SamplingParams(max_new_tokens=24, temperature=0, speculative=False))
     spec = eng.generate("Once upon a time", SamplingParams(max_new_tokens=24, temperature=0, num_draft_tokens=3,
                                                            draft_method="eagle"))

@@ -68,8 +68,10 @@ class EagleConfig:
                 raise ValueError(f"{flag}: true is a variant Helix does not implement")
         eagle = raw.get("eagle_config") or {}
         if eagle.get("use_aux_hidden_state") is False:
-            raise ValueError("eagle_config.use_aux_hidden_state is false (an EAGLE-1/2 style head); Helix needs EAGLE-3")
-        missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size") if k not in layer]
+            raise ValueError("eagle_config.use_aux_hidden_state is false (an EAGLE-1/2 style head); "
+                             "Helix needs EAGLE-3")
+        required = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+        missing = [k for k in required if k not in layer]
         if missing:
             raise ValueError(f"config.json lacks {', '.join(missing)}")
         hidden, heads = int(layer["hidden_size"]), int(layer["num_attention_heads"])

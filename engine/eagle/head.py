@@ -104,8 +104,8 @@ class EagleHead(nn.Module):
         self.norm = _Norm(cfg.hidden_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
-        self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool)
-                             if cfg.draft_vocab_size == cfg.vocab_size else torch.zeros(cfg.vocab_size, dtype=torch.bool))
+        full = cfg.draft_vocab_size == cfg.vocab_size
+        self.register_buffer("t2d", (torch.ones if full else torch.zeros)(cfg.vocab_size, dtype=torch.bool))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if own_embeddings else None
         self._shared_embed: list = []  # [the target's embedding], a list so that nn.Module does not register it
         self._fused = None
@@ -203,9 +203,10 @@ class EagleHead(nn.Module):
         """Grow the rotary table to cover positions < ``n`` (computed in fp32, cast to the weights' dtype)."""
         dtype = dtype or self.fc.weight.dtype
         device = device or self.fc.weight.device
-        if self._cos is not None and self._cos.shape[0] >= n and self._cos.dtype == dtype and self._cos.device == device:
+        same = self._cos is not None and self._cos.dtype == dtype and self._cos.device == device
+        if same and self._cos.shape[0] >= n:
             return
-        if self._cos is not None and self._cos.dtype == dtype and self._cos.device == device:
+        if same:
             n = max(n, 2 * self._cos.shape[0])
         pos = torch.arange(n, device=device, dtype=torch.float32)
         freqs = pos[:, None] * self.inv_freq.to(device)[None, :]
@@ -229,7 +230,9 @@ class EagleHead(nn.Module):
         pos = torch.arange(t, device=dev)
         causal = pos[None, :] <= pos[:, None]  # [T, T]: query row, key column
         # padding keys are hidden; a query always sees itself, so no row is fully masked
-        key_ok = causal[None] if valid is None else causal[None] & (valid[:, None, :].bool() | torch.eye(t, dtype=torch.bool, device=dev))
+        key_ok = causal[None]
+        if valid is not None:
+            key_ok = key_ok & (valid[:, None, :].bool() | torch.eye(t, dtype=torch.bool, device=dev))
         self.ensure_positions(t + steps, self.fc.weight.dtype, dev)
         proj = _TrainProj(self)
         keys: list[torch.Tensor] = []

@@ -85,7 +85,8 @@ def load_head(path: str | Path, target_model, dtype: torch.dtype | None = None,
 def check_compatible(head: EagleHead, target_model, name: str = "head") -> None:
     """A clear ModelLoadError when the head was not made for this target (hidden size, vocabulary, layers)."""
     cfg = head.cfg
-    tc = target_model.config.get_text_config() if hasattr(target_model.config, "get_text_config") else target_model.config
+    tc = target_model.config
+    tc = tc.get_text_config() if hasattr(tc, "get_text_config") else tc
     problems = []
     if cfg.target_hidden_size != tc.hidden_size:
         problems.append(f"it fuses {cfg.target_hidden_size}-wide target states, the target's hidden size is "
