@@ -54,6 +54,7 @@ class _Graph:
     gather: torch.Tensor  # [R * T]
     mask: torch.Tensor  # [R, 1, N, T]
     logits: torch.Tensor  # [R, N, V]
+    hidden: torch.Tensor | None = None  # [R, N, len(aux_layers) * H]: an EAGLE-3 head's features, when asked
 
 
 class GraphRunner:
@@ -75,7 +76,7 @@ class GraphRunner:
         return (self.failed is None and tokens <= MAX_TOKENS_PER_ROW and bucket(rows, ROW_BUCKETS) is not None
                 and bucket(keys, self.key_buckets) is not None)
 
-    def _capture(self, r: int, n: int, t: int) -> _Graph:
+    def _capture(self, r: int, n: int, t: int, aux_layers: tuple[int, ...] | None = None) -> _Graph:
         dev = self.device
         scratch = self.pool.scratch_slot
         input_ids = torch.zeros(r, n, dtype=torch.long, device=dev)
@@ -91,26 +92,29 @@ class GraphRunner:
         self.stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(self.stream):  # warm up allocations and lazy kernel loads off the capture
             for _ in range(2):
-                self.lean.forward(input_ids, positions, batch, self.pool, n)
+                self.lean.forward(input_ids, positions, batch, self.pool, n, aux_layers)
         torch.cuda.current_stream(dev).wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
         batch.folded = None  # the graph must rebuild the layer mask from the static mask on every replay
         with torch.cuda.graph(graph, pool=self.mempool, stream=self.stream):
-            logits = self.lean.forward(input_ids, positions, batch, self.pool, n)
-        logger.debug("captured a CUDA graph: %d rows x %d tokens, %d keys", r, n, t)
-        return _Graph(graph, input_ids, positions, slots, gather, mask, logits)
+            out = self.lean.forward(input_ids, positions, batch, self.pool, n, aux_layers)
+        logits, hidden = out if aux_layers is not None else (out, None)
+        logger.debug("captured a CUDA graph: %d rows x %d tokens, %d keys%s", r, n, t, ", aux" if hidden is not None else "")
+        return _Graph(graph, input_ids, positions, slots, gather, mask, logits, hidden)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, table: torch.Tensor,
-            num_keys: int, keep: int) -> torch.Tensor:
-        """Same contract as ``lean.forward``; ``table`` is the rows' ``[B, blocks]`` block table."""
+            num_keys: int, keep: int, aux_layers: tuple[int, ...] | None = None
+            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Same contract as ``lean.forward`` (with ``aux_layers``: logits and the features of every new
+        token); ``table`` is the rows' ``[B, blocks]`` block table."""
         b, n = input_ids.shape
         r = bucket(b, ROW_BUCKETS)
         t = bucket(num_keys, self.key_buckets)
-        key = (r, n, t)
+        key = (r, n, t, aux_layers)
         g = self.graphs.get(key)
         if g is None:
             try:
-                g = self.graphs[key] = self._capture(r, n, t)
+                g = self.graphs[key] = self._capture(r, n, t, aux_layers)
             except Exception as exc:  # an op that cannot be captured: stay eager from now on
                 self.failed = f"{type(exc).__name__}: {exc}"
                 logger.warning("CUDA graph capture failed, running eagerly: %s", self.failed)
@@ -129,4 +133,5 @@ class GraphRunner:
         g.mask[:b].copy_(causal_mask(positions, t))
         g.graph.replay()
         self.replays += 1
-        return g.logits[:b, n - keep:].clone()  # the next replay overwrites the graph's output buffer
+        logits = g.logits[:b, n - keep:].clone()  # the next replay overwrites the graph's output buffers
+        return logits if g.hidden is None else (logits, g.hidden[:b].clone())

@@ -220,9 +220,15 @@ class ModelRunner:
         keep = max(r.num_logits for r in rows)
         table = self.tables.table.index_select(0, row_t)  # [B, max blocks]
         logits = None
-        if self.graphs is not None and aux is None and self.graphs.fits(b, n, t_len):
+        if self.graphs is not None and self.graphs.fits(b, n, t_len):
             try:
-                logits = self.graphs.run(input_ids, pos_t, slot_t, table, t_len, keep)
+                out = self.graphs.run(input_ids, pos_t, slot_t, table, t_len, keep,
+                                      self.aux_layers if aux is not None else None)
+                if aux is None:
+                    logits = out
+                else:
+                    logits, hidden = out
+                    aux.append(hidden)
             except Exception:
                 if self.graphs.failed is None:
                     raise

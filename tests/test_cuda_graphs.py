@@ -60,6 +60,33 @@ def test_graph_replay_matches_eager_on_ragged_decode_and_verify(dtype, monkeypat
         assert r.blocks.num_free == r.blocks.num_blocks
 
 
+def test_graph_replay_delivers_the_eagle_features_of_eager():
+    """Rows that ask for aux hidden states (an EAGLE-3 head's features) still replay a graph, and get
+    the eager forward's features for every new token."""
+    model = _model(torch.float32)
+    mp = pytest.MonkeyPatch()
+    eager, graphed = _runner(model, False, mp), _runner(model, True, mp)
+    mp.undo()
+    got: dict[str, list] = {"eager": [], "graphed": []}
+    for name, r in (("eager", eager), ("graphed", graphed)):
+        r.aux_layers = (0, 1, 2)
+        r.aux_sink = lambda seq, start, h, name=name: got[name].append((seq, start, h.clone()))
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (20, 9)]
+    for r in (eager, graphed):
+        r.forward([RowInput(i, p, 1, aux=True) for i, p in enumerate(prompts)])
+    for step in range(6):
+        rows = [RowInput(i, torch.randint(3, VOCAB, (1 + (i + step) % 3,), generator=gen).tolist(), 1 + (i + step) % 3,
+                         aux=i == 0 or step % 2 == 0) for i in range(2)]
+        a, b = eager.forward(rows), graphed.forward(rows)
+        for x, y in zip(a, b):
+            assert (x - y).abs().max().item() <= 1e-4 * max(1.0, x.abs().max().item())
+    assert graphed.graphs.replays >= 6 and graphed.graphs.failed is None
+    assert [(s, p, h.shape) for s, p, h in got["eager"]] == [(s, p, h.shape) for s, p, h in got["graphed"]]
+    for (_, _, x), (_, _, y) in zip(got["eager"], got["graphed"]):
+        assert (x - y).abs().max().item() <= 1e-4 * max(1.0, x.abs().max().item())
+
+
 DEMO = __import__("pathlib").Path(__file__).resolve().parents[1] / "resources" / "models"
 PROMPTS = ["Once upon a time, there was a little girl named", "The dog ran to the park and", "Tom and Sue wanted to"]
 
