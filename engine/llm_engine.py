@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 
 import torch
@@ -30,12 +31,13 @@ from engine.sampler import top_logprobs
 from engine.scheduler import Scheduler
 from engine.sequence import FinishEvent, Request, Status, TokenEvent
 from engine.spec_decode import StepTiming, decode_step, first_token
-from engine.stats import SpecDecodingStats
+from engine.stats import MethodStats, SpecDecodingStats
 from engine.warmup import warmup
 
 logger = logging.getLogger(__name__)
 
 EMA = 0.9
+FALLBACK_RECHECK = 8  # decode steps between re-evaluations of an n-gram row's fallback (model or EAGLE head)
 
 
 class LLMEngine:
@@ -65,6 +67,9 @@ class LLMEngine:
             self.proposers["eagle"] = EagleProposer(eagle_head, self.target)
         self.policy = Policy()
         self.spec_stats = SpecDecodingStats()
+        self.method_stats: dict[str, MethodStats] = {}  # per drafting method, and "plain" (the charts, Compare)
+        self._fallback_memo: weakref.WeakKeyDictionary[Request, tuple[int, tuple[int, str]]] = \
+            weakref.WeakKeyDictionary()  # n-gram row -> (clock, its fallback), while it runs
         self.requests_served = 0
         self.tokens_generated = 0
         self._recent_tokens: deque[tuple[float, int]] = deque()
@@ -300,6 +305,35 @@ class LLMEngine:
                 plan[r] = (min(k, room), method)
         return plan
 
+    def _fallbacks(self, plan: dict[Request, tuple[int, str]], batch: int) -> dict[Request, tuple[int, str]]:
+        """(K, method) for adaptive n-gram rows where the lookup finds no match: the draft model or the EAGLE head,
+        whichever adaptive predicts fastest, and only where it predicts a gain over plain decoding."""
+        out = {}
+        for r, (k, m) in plan.items():
+            if m != "ngram" or not k or r.params.num_draft_tokens is not None:
+                continue
+            methods = self._methods(r)
+            if "eagle" not in methods:  # the draft model alone: adaptive chose its K with the n-gram decision
+                choice = (r.adaptive.fallback_k, "model")
+            else:  # re-evaluated every few steps only (~16 us a row)
+                memo = self._fallback_memo.get(r)
+                if memo is None or self.policy.clock - memo[0] >= FALLBACK_RECHECK:
+                    memo = self._fallback_memo[r] = (self.policy.clock, self._best_fallback(r, methods, batch))
+                choice = memo[1]
+            if choice[0]:
+                out[r] = choice
+        return out
+
+    def _best_fallback(self, r: Request, methods: list[str], batch: int) -> tuple[int, str]:
+        best, cost = (1.0, 0, ""), {"model": self.draft_cost, "eagle": self.eagle_cost}
+        for name in ("model", "eagle"):
+            if name in methods:
+                gains = self.policy.gains(r.adaptive, name, batch, self.alpha_prior, self.verify_cost + cost[name])
+                k = max((x for x in gains if x), key=gains.get, default=0)
+                if k and gains[k] > best[0]:
+                    best = (gains[k], k, name)
+        return best[1], best[2]
+
     def _make_room(self, plan: dict[Request, tuple[int, str]]) -> dict[Request, tuple[int, str]]:
         """Preempt newest requests until this step's writes fit the KV pools."""
         while True:
@@ -325,8 +359,7 @@ class LLMEngine:
         self.policy.tick()
         plan = self._make_room(self._one_k_per_method({r: self._choose(r, len(reqs)) for r in reqs}))
         self._fault("decode", list(plan))
-        fallback = {r: r.adaptive.fallback_k for r, (k, m) in plan.items() if m == "ngram" and r.adaptive.fallback_k}
-        results, timing = decode_step(self.target, self.proposers, plan, fallback)
+        results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)))
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}
         if len(methods) <= 1:  # a step mixing methods times neither
@@ -336,8 +369,12 @@ class LLMEngine:
         for res in results:
             r, k, accepted = res.req, res.k, res.accepted
             n = r.num_tokens
+            planned_k, planned = plan[r]
+            method = res.method if k else (planned if planned_k and planned else "plain")
+            self.method_stats.setdefault(method, MethodStats()).observe_step(
+                k, accepted, len(res.tokens), timing.total_s * share, miss=not k and method != "plain")
             if k:
-                r.stats.observe_draft(k, accepted)
+                r.stats.observe_draft(k, accepted, res.method)
                 r.stats.draft_time_s += timing.propose_s * share
                 r.stats.target_time_s += timing.target_s * share
                 self.spec_stats.observe_draft(k, accepted)

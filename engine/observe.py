@@ -47,6 +47,8 @@ def engine_snapshot(engine: LLMEngine) -> dict:
             "draft_time_s": round(spec.draft_time_s, 6),
             "target_time_s": round(spec.target_time_s, 6),
         },
+        # per drafting method (and "plain"): drafts, acceptance, and the decode speed of the row-steps that used it
+        "methods": {m: st.to_dict() for m, st in engine.method_stats.items()},
         "adaptive": {"alpha_prior": round(engine.alpha_prior, 4), "draft_cost": round(engine.draft_cost, 4),
                      "eagle_cost": round(engine.eagle_cost, 4),
                      "verify_cost": round(engine.verify_cost, 4), "recommended_k": engine.recommended_k()[0],

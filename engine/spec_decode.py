@@ -55,8 +55,9 @@ def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[Request, tuple[int, str]],
-                fallback_k: dict[Request, int] | None = None) -> tuple[list[RowResult], StepTiming]:
-    """plan: request -> (K, method); fallback_k: K for the draft model where n-gram finds no match.
+                fallback: dict[Request, tuple[int, str]] | None = None) -> tuple[list[RowResult], StepTiming]:
+    """plan: request -> (K, method); fallback: (K, method) for n-gram rows where the lookup finds no match
+    (the draft model or the EAGLE head, which draft after n-gram in the same step).
     Changes state: the target's and proposers' caches grow by what they read (the caller rolls them
     back to the verified tokens)."""
     t0 = time.perf_counter()
@@ -69,7 +70,7 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     q_parts: list[tuple[list[int], Proposal]] = []
     used = [plan[r][1] for r in reqs]
     ks = [plan[r][0] for r in reqs]
-    # n-gram first: where it finds no match, an auto row may draft with the model in the same step
+    # n-gram first: where it finds no match, an auto row may draft with the model or the head in the same step
     for name in sorted(proposers, key=lambda n: n != "ngram"):
         idx = [i for i in range(len(reqs)) if ks[i] > 0 and used[i] == name]
         if not idx:
@@ -79,8 +80,8 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         for i, toks in zip(idx, prop.token_lists):
             lists[i] = toks
         q_parts.append((idx, prop))
-        if name == "ngram" and "model" in proposers:
-            _fall_back(reqs, idx, lists, used, ks, fallback_k, proposers["model"])
+        if name == "ngram" and fallback:
+            _fall_back(reqs, idx, lists, used, ks, fallback, proposers)
     t1 = time.perf_counter()
     # rows that may draft with the EAGLE head bring back the target's features of what it verified
     rows_in = [RowInput(r.seq_id, r.all_ids[target.cached_len(r.seq_id):] + lists[i], len(lists[i]) + 1, r.use_eagle)
@@ -109,19 +110,19 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
 
 
 def _fall_back(reqs: list[Request], idx: list[int], lists: list[list[int]], used: list[str], ks: list[int],
-               fallback_k: dict[Request, int] | None, model: Proposer) -> None:
-    """Rows n-gram had nothing for draft with the model instead, when their plan allows and the draft
-    cache has room for them as well as for the model's own rows."""
-    if not fallback_k:
-        return
-    rows = [i for i in idx if not lists[i] and fallback_k.get(reqs[i], 0) > 0]
-    if not rows:
-        return
-    wanted = {reqs[i]: ks[i] for i in range(len(reqs)) if used[i] == "model" and ks[i] > 0}
-    wanted.update({reqs[i]: fallback_k[reqs[i]] for i in rows})
-    if model.fits(wanted):
-        for i in rows:
-            used[i], ks[i] = "model", min(ks[i], fallback_k[reqs[i]])  # never more than the target made room for
+               fallback: dict[Request, tuple[int, str]], proposers: dict[str, Proposer]) -> None:
+    """Rows n-gram had nothing for draft with their fallback method instead, when their plan allows and that
+    proposer's cache has room for them as well as for its own rows."""
+    for method in ("model", "eagle"):
+        rows = [i for i in idx if not lists[i] and fallback.get(reqs[i], (0, ""))[1] == method
+                and fallback[reqs[i]][0] > 0]
+        if not rows or method not in proposers:
+            continue
+        wanted = {reqs[i]: ks[i] for i in range(len(reqs)) if used[i] == method and ks[i] > 0}
+        wanted.update({reqs[i]: fallback[reqs[i]][0] for i in rows})
+        if proposers[method].fits(wanted):
+            for i in rows:  # never more than the target made room for
+                used[i], ks[i] = method, min(ks[i], fallback[reqs[i]][0])
 
 
 def _verify_greedy_host(per_row: list[torch.Tensor], lists: list[list[int]]) -> list[tuple[int, list[int]]]:

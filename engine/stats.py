@@ -55,6 +55,40 @@ class SpecDecodingStats:
 
 
 @dataclass
+class MethodStats(SpecDecodingStats):
+    """One drafting method's share of decoding ("plain" for rows that drafted nothing): its drafts, and what
+    the row-steps that used it produced and cost. A step's wall time is split evenly between its rows, so at
+    batch 1 ``tokens_per_second`` is the decode speed of that method alone."""
+
+    num_steps: int = 0  # row-steps decoded with this method, misses included
+    num_misses: int = 0  # row-steps planned for it in which it proposed nothing (n-gram: no match)
+    num_tokens: int = 0  # tokens those row-steps produced
+    decode_time_s: float = 0.0  # their share of the steps' wall time
+
+    def observe_step(self, num_draft_tokens: int, num_accepted_tokens: int, tokens: int, seconds: float,
+                     miss: bool = False) -> None:
+        if num_draft_tokens:
+            self.observe_draft(num_draft_tokens, num_accepted_tokens)
+        self.num_steps += 1
+        self.num_misses += miss
+        self.num_tokens += tokens
+        self.decode_time_s += seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_tokens / self.decode_time_s if self.decode_time_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "num_steps": self.num_steps, "num_misses": self.num_misses, "num_tokens": self.num_tokens,
+            "decode_time_s": round(self.decode_time_s, 6), "tokens_per_second": round(self.tokens_per_second, 3),
+            "num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens, "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_acceptance_length": round(self.mean_acceptance_length, 4),
+        }
+
+
+@dataclass
 class RequestStats(SpecDecodingStats):
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
@@ -62,6 +96,23 @@ class RequestStats(SpecDecodingStats):
     ttft_s: float | None = None
     total_s: float = 0.0
     num_preemptions: int = 0
+    # drafting method -> [drafts, draft tokens, accepted tokens] (auto requests may use several)
+    by_method: dict[str, list[int]] = field(default_factory=dict)
+
+    def observe_draft(self, num_draft_tokens: int, num_accepted_tokens: int, method: str | None = None) -> None:
+        super().observe_draft(num_draft_tokens, num_accepted_tokens)
+        if method:
+            counts = self.by_method.setdefault(method, [0, 0, 0])
+            counts[0] += 1
+            counts[1] += num_draft_tokens
+            counts[2] += num_accepted_tokens
+
+    def merge(self, other: SpecDecodingStats) -> None:
+        super().merge(other)
+        for method, counts in getattr(other, "by_method", {}).items():
+            mine = self.by_method.setdefault(method, [0, 0, 0])
+            for i, c in enumerate(counts):
+                mine[i] += c
 
     @property
     def tokens_per_second(self) -> float:
@@ -84,4 +135,7 @@ class RequestStats(SpecDecodingStats):
             "tokens_per_second": round(self.tokens_per_second, 3),
             "draft_time_s": round(self.draft_time_s, 6),
             "target_time_s": round(self.target_time_s, 6),
+            "by_method": {m: {"num_drafts": d, "num_draft_tokens": n, "num_accepted_tokens": a,
+                              "acceptance_rate": round(a / n, 4) if n else 0.0}
+                          for m, (d, n, a) in sorted(self.by_method.items())},
         }

@@ -135,12 +135,14 @@ def test_doctor_measures_and_sets_the_adaptive_prior():
     engine = tiny_engine()
     report = diagnose(engine, load_prompts()[:2], temperature=0.0, max_new_tokens=12)
     assert isinstance(report, DoctorReport)
-    assert 0 <= report.alpha <= 1 and report.draft_cost > 0 and report.target_step_ms > 0
-    assert 0 <= report.recommended_k <= 8 and report.verdict
-    assert report.alpha_per_position and all(0 <= a <= 1 for a in report.alpha_per_position)
+    model = next(m for m in report.methods if m.method == "model")
+    assert 0 <= model.alpha <= 1 and model.draft_cost > 0 and report.target_step_ms > 0
+    assert report.recommended_method in ("", "auto", "model", "ngram") and report.verdict
+    assert report.recommended_k is None or 0 <= report.recommended_k <= 8
+    assert model.alpha_per_position and all(0 <= a <= 1 for a in model.alpha_per_position)
     if report.alpha > 0:
         assert engine.alpha_prior == report.alpha
-    assert engine.draft_cost == report.draft_cost or abs(engine.draft_cost - report.draft_cost) < 1e-3
+    assert abs(engine.draft_cost - model.draft_cost) < 1e-3
 
 
 def test_bench_cli_quick_end_to_end(model_dirs, tmp_path, capsys):
@@ -202,7 +204,7 @@ def test_doctor_cli_recommends_k(model_dirs, capsys):
     out = capsys.readouterr()
     assert rc == 0
     assert "tokenizers: compatible" in out.err
-    assert "recommended K" in out.out and "per position" in out.out
+    assert "recommended method and K" in out.out and "per position" in out.out
 
 
 def test_doctor_rejects_an_incompatible_pair_with_exit_code_2(model_dirs, capsys):
@@ -217,7 +219,7 @@ def test_doctor_rejects_an_incompatible_pair_with_exit_code_2(model_dirs, capsys
     (["bench", "--ks", "9"], "--ks must be in 1..8"),
     (["bench", "--repeats", "0"], "--repeats must be >= 1"),
     (["bench", "--no-draft"], "needs a draft model"),
-    (["doctor", "--no-draft"], "give --draft"),
+    (["doctor", "--methods", "medusa"], "--methods takes model, ngram and eagle"),
 ])
 def test_bench_and_doctor_usage_errors_exit_2(args, message, capsys):
     assert main.main(args) == 2

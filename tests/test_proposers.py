@@ -75,7 +75,7 @@ def test_auto_drafts_with_the_model_where_ngram_finds_no_match():
     while not req.prefilled:
         eng.step()
     n = req.num_tokens
-    (res,), _ = decode_step(eng.target, eng.proposers, {req: (4, "ngram")}, {req: 3})
+    (res,), _ = decode_step(eng.target, eng.proposers, {req: (4, "ngram")}, {req: (3, "model")})
     assert (res.method, res.k) == ("model", 3)  # at most the K the target made room for
     assert res.tokens[-1] == int(res.logits[res.accepted].argmax())  # greedy: the correction is the argmax
     assert eng.draft.cached_len(req.seq_id) == n + 2  # the draft read the context and its first two drafts
@@ -83,3 +83,85 @@ def test_auto_drafts_with_the_model_where_ngram_finds_no_match():
     eng.step()
     for runner in (eng.target, eng.draft):
         assert runner.blocks.num_free == runner.blocks.num_blocks
+
+
+def test_auto_drafts_with_the_eagle_head_where_ngram_finds_no_match():
+    from engine.spec_decode import decode_step
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine(eagle=True)
+    prop = eng.proposers["eagle"]
+    for temperature in (0.0, 0.9):
+        req = eng.add_request([5, 9, 17, 33, 65, 129], SamplingParams(max_new_tokens=20, temperature=temperature))
+        while not req.prefilled:
+            eng.step()
+        n = req.num_tokens
+        (res,), _ = decode_step(eng.target, eng.proposers, {req: (4, "ngram")}, {req: (2, "eagle")})
+        assert (res.method, res.k) == ("eagle", 2)
+        if temperature == 0:
+            assert res.tokens[-1] == int(res.logits[res.accepted].argmax())
+        assert prop._cached(req.seq_id) == n - 1  # real pairs only: the draft's chain left the head's cache
+        eng.abort(req.request_id)
+        eng.step()
+    assert prop.blocks.num_free == prop.blocks.num_blocks and not prop._waiting
+
+
+def test_ngram_rows_fall_back_to_the_method_adaptive_predicts_faster(monkeypatch):
+    """An adaptive auto row planned for n-gram falls back to the EAGLE head when adaptive predicts the head
+    faster than the draft model and plain, to the model when the model is faster, to nothing when neither pays;
+    greedy output stays the plain output throughout."""
+    import engine.llm_engine as llm
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine(eagle=True)
+    prompt = [5, 9, 17, 33, 65, 129, 7, 11]
+    plain = eng.generate(prompt, SamplingParams(max_new_tokens=24, temperature=0, speculative=False,
+                                                ignore_eos=True))
+    real_step = llm.decode_step
+    for faster, expect in (("eagle", "eagle"), ("model", "model"), (None, None)):
+        seen = []
+
+        def gains(state, method, batch, alpha, slope, faster=faster):
+            g = {k: 0.5 for k in range(9)} | {0: 1.0}
+            if method == faster:
+                g[3] = 1.5
+            return g
+
+        def step(target, proposers, plan, fallback=None, seen=seen):
+            seen.append(dict(fallback or {}))
+            return real_step(target, proposers, plan, fallback)
+
+        # every step planned for n-gram (K within the room left)
+        monkeypatch.setattr(eng, "_choose", lambda req, batch: (max(0, min(4, req.remaining - 1)), "ngram"))
+        monkeypatch.setattr(eng.policy, "gains", gains)
+        monkeypatch.setattr(llm, "decode_step", step)
+        out = eng.generate(prompt, SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True))
+        assert out.token_ids == plain.token_ids
+        chosen = {m for f in seen for (_, m) in f.values()}
+        assert chosen == ({expect} if expect else set()), (faster, seen)
+        if expect:
+            assert out.stats.by_method.get(expect, [0])[0] > 0  # it drafted where n-gram found nothing
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_rows_falling_back_from_ngram_to_eagle_keep_the_target_distribution(monkeypatch, seeded):
+    """Steps mixing rows that draft by n-gram and rows that fell back to the EAGLE head (every other row's
+    lookup is made to miss) still sample the target's joint law of the first two tokens."""
+    from engine.proposers.base import Proposal
+    from engine.proposers.ngram import NgramProposer
+    from tests.test_speculative import K_DIST, TV_BOUND, _dist_engine, _dist_params, _speculative_tv
+
+    eng = _dist_engine()
+    real = NgramProposer.propose
+
+    def every_other_row_misses(self, rows):
+        prop = real(self, rows)
+        return Proposal([t if r.seq_id % 2 else [] for r, t in zip(rows.reqs, prop.token_lists)], prop.probs)
+
+    monkeypatch.setattr(NgramProposer, "propose", every_other_row_misses)
+    monkeypatch.setattr(eng, "_choose", lambda req, batch: (max(0, min(K_DIST, req.remaining - 1)), "ngram"))
+    monkeypatch.setattr(eng, "_fallbacks", lambda plan, batch: {r: (K_DIST, "eagle") for r, (k, _) in plan.items() if k})
+    tv = _speculative_tv(eng, _dist_params(0.8, 0.9, "auto"), seeded)
+    assert tv < TV_BOUND, f"total variation {tv:.4f} exceeds {TV_BOUND:.4f}"
+    assert eng.method_stats["eagle"].num_drafts > 0 and eng.method_stats["ngram"].num_drafts > 0

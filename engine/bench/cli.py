@@ -66,14 +66,18 @@ def add_parsers(sub) -> None:
     b.set_defaults(func=run_bench_command)
 
     d = sub.add_parser(
-        "doctor", help="check a draft/target pair and recommend K",
-        description="Check that the draft's tokenizer matches the target's, measure draft and target step times on "
-                    "the device, calibrate the acceptance rate per position over a few prompts, and recommend a "
-                    "draft length K (or say why speculation will not pay here).")
+        "doctor", help="measure each drafting method and recommend a method and K",
+        description="Check that the draft's tokenizer matches the target's; then, for each drafting method loaded "
+                    "(the draft model, n-gram lookup, the EAGLE head), measure its acceptance per position, how "
+                    "often it proposes nothing and its cost per drafted token on the device, predict its speed-up "
+                    "at each K, time it at its best K against plain decoding, and recommend a method and K (or say "
+                    "why speculation will not pay here).")
     d.add_argument("--prompts", type=int, default=4, dest="num_prompts", help="calibration prompts (default 4)")
     d.add_argument("--max-new-tokens", type=int, default=64, help="tokens per calibration prompt (default 64)")
     d.add_argument("--temperature", type=float, default=None,
                    help="calibration temperature (default: the app's default sampling temperature)")
+    d.add_argument("--methods", default=None, metavar="M[,M]",
+                   help="drafting methods to measure: model, ngram, eagle (default: every one loaded)")
     d.add_argument("--json", metavar="PATH", help="write the report as JSON")
     _add_threads(d)
     cli.add_common_args(d)
@@ -131,10 +135,14 @@ def run_doctor_command(args) -> int:
     from engine.config import SamplingParams
     from engine.errors import HelixError
 
-    if args.no_draft or (args.target is not None and not args.draft):
-        return cli.usage_error("doctor checks a draft/target pair: give --draft (and --target)")
     if args.num_prompts < 1 or args.max_new_tokens < 1:
         return cli.usage_error("--prompts and --max-new-tokens must be >= 1")
+    methods = None
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in ("model", "ngram", "eagle")]
+        if unknown or not methods:
+            return cli.usage_error(f"--methods takes model, ngram and eagle, comma-separated (got {args.methods!r})")
     problem = _apply_threads(args)
     if problem:
         return cli.usage_error(problem)
@@ -143,12 +151,19 @@ def run_doctor_command(args) -> int:
         if args.target and args.draft:
             _check_tokenizers_first(args)
         engine = cli.build_engine_from_args(args)
+        missing = [m for m in methods or () if m not in engine.proposers]
+        if missing:
+            return cli.usage_error(f"--methods {','.join(missing)}: not loaded (loaded: {', '.join(engine.proposers)};"
+                                   " the draft model needs --draft, the EAGLE head --eagle)")
         report = diagnose(engine, load_prompts()[-args.num_prompts:], temperature=temperature,
-                          max_new_tokens=args.max_new_tokens)
+                          max_new_tokens=args.max_new_tokens, methods=methods,
+                          progress=lambda text: print(f"doctor: {text}", file=sys.stderr))
     except HelixError as exc:
         return cli.usage_error(str(exc))
-    print(f"{engine.target_name} + {engine.draft_name} on {engine.device_kind} ({engine.device_name}), "
-          f"{engine.dtype_name}")
+    loaded = [engine.target_name, engine.draft_name or "no draft model"]
+    if engine.eagle_name:
+        loaded.append(f"EAGLE head {engine.eagle_name}")
+    print(f"{' + '.join(loaded)} on {engine.device_kind} ({engine.device_name}), {engine.dtype_name}")
     print(format_report(report))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

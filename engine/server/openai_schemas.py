@@ -155,8 +155,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "helix"
-    helix: dict[str, Any] = Field(default_factory=dict, description="Role (target or draft), device, dtype, "
-                                  "context length.")
+    helix: dict[str, Any] = Field(default_factory=dict, description="The draft model and EAGLE-3 head loaded "
+                                  "with it (names), the draft methods, device, dtype, context length.")
 
 
 class ModelList(BaseModel):

@@ -100,6 +100,13 @@ class BatchGenerateRequest(SamplingFields):
                                            description=f"1..{MAX_BATCH_PROMPTS} prompts, run as one batch.")]
 
 
+class MethodDrafts(BaseModel):
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    acceptance_rate: float
+
+
 class Stats(BaseModel):
     """Per-request statistics; names follow vLLM / llama.cpp."""
 
@@ -116,6 +123,8 @@ class Stats(BaseModel):
     tokens_per_second: float = Field(description="num_generated_tokens / total_s.")
     draft_time_s: float = Field(description="Seconds spent in draft forward passes (shared steps split evenly).")
     target_time_s: float = Field(description="Seconds spent in target forward passes (shared steps split evenly).")
+    by_method: dict[str, MethodDrafts] = Field(default_factory=dict, description="The drafts of each method that "
+                                               "drafted (draft_method auto may use several: model, ngram, eagle).")
 
 
 class GenerateResponse(BaseModel):
@@ -170,6 +179,9 @@ class HealthResponse(BaseModel):
     target: str | None = None
     draft: str | None = None
     has_draft: bool | None = None
+    eagle: str | None = Field(default=None, description="The loaded EAGLE-3 head (hub id or folder name), if any.")
+    draft_methods: list[str] | None = Field(default=None, description="Values of draft_method this engine drafts "
+                                            "with: auto, then what is loaded (model, ngram, eagle).")
     device: str | None = Field(default=None, description="cpu, cuda, directml or mps.")
     device_name: str | None = Field(default=None, description="The device's own name (GPU model, CPU).")
     dtype: str | None = None

@@ -199,9 +199,9 @@ def _streaming(events: AsyncIterator[str]) -> StreamingResponse:
 # ---------------------------------------------------------------- routes
 @router.get("/models", response_model=ModelList, summary="The loaded model (OpenAI format)")
 async def list_models(worker: WorkerDep) -> ModelList:
-    """The target model; the draft, device, dtype and context length are under `helix`."""
+    """The target model; the draft, EAGLE head, draft methods, device, dtype and context length are under `helix`."""
     info = worker.engine.info()
-    extras = {k: info[k] for k in ("draft", "has_draft", "device", "dtype", "max_context")}
+    extras = {k: info[k] for k in ("draft", "has_draft", "eagle", "draft_methods", "device", "dtype", "max_context")}
     return ModelList(data=[ModelCard(id=info["target"], created=int(time.time()), helix=extras)])
 
 

@@ -42,7 +42,8 @@ async def health(host: HostDep):
     info = worker.engine.info()
     kv = metrics_json(worker.snapshot())["kv"]
     return HealthResponse(status="ok", reason=reason, target=info["target"], draft=info["draft"],
-                          has_draft=info["has_draft"], device=info["device"], device_name=info["device_name"],
+                          has_draft=info["has_draft"], eagle=info["eagle"], draft_methods=info["draft_methods"],
+                          device=info["device"], device_name=info["device_name"],
                           dtype=info["dtype"],
                           max_context=info["max_context"], kv=kv)
 
