@@ -57,7 +57,7 @@ def _send(qtbot, tab, text: str):
 
 def test_send_streams_a_coloured_reply_with_stats_and_keeps_it(qtbot, window):
     tab = _chat(window)
-    assert window.tabs.indexOf(tab) == 1  # the demo-like tiny model has no chat template: Chat follows Generate
+    assert window.tabs.indexOf(tab) == 1  # the tiny model has no chat template: Chat follows Generate
     tab.system_prompt.setPlainText("You are terse.")
     batches, sent = [], []
     window.bridge.token_batch.connect(lambda rid, events: batches.append(events))
