@@ -171,6 +171,7 @@ class RemoteClient:
         if info.kind == "helix":  # Helix extras; other servers are not sent fields they may refuse
             body["speculative"] = params.speculative
             body["num_draft_tokens"] = params.num_draft_tokens
+            body["draft_method"] = params.draft_method
         if isinstance(prompt, str):
             return "/v1/completions", {**body, "prompt": prompt}
         messages = [m if isinstance(m, dict) else {"role": str(m[0]).lower(), "content": str(m[1])} for m in prompt]

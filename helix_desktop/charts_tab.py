@@ -1,7 +1,8 @@
-"""Live charts: acceptance rate, tokens/s, KV blocks used vs total, and per-position acceptance.
+"""Live charts: acceptance rate and tokens/s (overall and per drafting method), KV blocks used vs total, and
+per-position acceptance, with a table of each method's recent and since-load figures.
 
-Curves are created once; a 50 ms timer samples the engine snapshot into ring buffers
-(:class:`LiveMetrics`) and refreshes them with ``setData``.
+Curves are created once (a method's when it first drafts); a 50 ms timer samples the engine snapshot into
+ring buffers (:class:`LiveMetrics`) and refreshes them with ``setData``.
 """
 
 from __future__ import annotations
@@ -10,8 +11,18 @@ import time
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QGridLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QGridLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 from engine.host import EngineHost
 from helix_desktop.metrics import LiveMetrics
@@ -21,6 +32,10 @@ from helix_desktop.theme import ACCENT, is_dark, token_colours
 REFRESH_MS = 50
 IDLE_REFRESH_S = 1.0
 WINDOW_S = 60.0
+METHOD_LABELS = {"model": "Draft model", "ngram": "N-gram lookup", "eagle": "EAGLE head", "plain": "Plain"}
+METHOD_COLOURS = {"model": "#0ea5e9", "ngram": "#f97316", "eagle": "#db2777", "plain": "#9ca3af"}
+METHOD_COLUMNS = ("Method", "Acceptance (3 s)", "Acceptance (since load)", "Mean accepted length",
+                  "Decode tok/s (3 s)", "Decode tok/s (since load)", "Steps", "No proposal")
 
 
 def _plot(title: str, left: str, dark: bool) -> pg.PlotWidget:
@@ -50,9 +65,9 @@ class ChartsTab(QWidget):
         colours = token_colours()
         pg.setConfigOptions(antialias=True)
 
-        self.acceptance_plot = _plot("Acceptance rate (last 3 s)", "accepted / drafted", dark)
+        self.acceptance_plot = _plot("Acceptance rate, all and by method (last 3 s)", "accepted / drafted", dark)
         self.acceptance_plot.setYRange(0, 1.02)
-        self.tps_plot = _plot("Tokens per second (all clients)", "tok/s", dark)
+        self.tps_plot = _plot("Tokens per second (all clients; lines: decode speed by method)", "tok/s", dark)
         self.kv_plot = _plot("KV cache blocks", "blocks", dark)
         self.hist_plot = _plot("Acceptance by draft position (since load)", "accepted share", dark)
         self.hist_plot.setYRange(0, 1.02)
@@ -64,9 +79,13 @@ class ChartsTab(QWidget):
         self.hist_plot.getPlotItem().setLabel("bottom", "draft position")
         self.hist_plot.getPlotItem().getAxis("bottom").setTickSpacing(major=1, minor=1)
 
-        self.acceptance_curve = self.acceptance_plot.plot(pen=pg.mkPen(colours.draft, width=2), connect="finite")
+        for plot in (self.acceptance_plot, self.tps_plot):
+            plot.getPlotItem().addLegend(offset=(-4, 4), labelTextColor=self._fg, brush=None)
+        self.acceptance_curve = self.acceptance_plot.plot(pen=pg.mkPen(colours.draft, width=2), connect="finite",
+                                                          name="all")
         self.tps_curve = self.tps_plot.plot(pen=pg.mkPen(ACCENT, width=2), fillLevel=0,
-                                            brush=pg.mkBrush(124, 58, 237, 50))
+                                            brush=pg.mkBrush(124, 58, 237, 50), name="all")
+        self.method_curves: dict[str, tuple[pg.PlotDataItem, pg.PlotDataItem]] = {}  # method -> (acceptance, tok/s)
         self.kv_used_curve = self.kv_plot.plot(pen=pg.mkPen(colours.target, width=2), fillLevel=0,
                                                brush=pg.mkBrush(245, 158, 11, 60), name="used")
         self.kv_total_curve = self.kv_plot.plot(pen=pg.mkPen(colours.bonus, width=2, style=pg.QtCore.Qt.PenStyle.DashLine),
@@ -78,6 +97,19 @@ class ChartsTab(QWidget):
         self.now_label.setObjectName("statsLine")
         self.adaptive_label = QLabel("")
         self.adaptive_label.setWordWrap(True)
+        self.methods_table = QTableWidget(0, len(METHOD_COLUMNS))
+        self.methods_table.setHorizontalHeaderLabels(METHOD_COLUMNS)
+        self.methods_table.verticalHeader().hide()
+        self.methods_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.methods_table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        self.methods_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.methods_table.setToolTip("Each drafting method's share of decoding on this PC. Decode tok/s: tokens over "
+                                      "the time of the steps that used the method (a step's time split between its "
+                                      "rows). No proposal: steps it was planned for but proposed nothing (n-gram: "
+                                      "no match).")
+        row = self.fontMetrics().height() + 8
+        self.methods_table.verticalHeader().setDefaultSectionSize(row)
+        self.methods_table.setFixedHeight(self.methods_table.horizontalHeader().sizeHint().height() + 4 * row + 6)
 
         grid = QGridLayout()
         grid.addWidget(self.acceptance_plot, 0, 0)
@@ -89,6 +121,7 @@ class ChartsTab(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(header)
         layout.addWidget(self.adaptive_label)
+        layout.addWidget(self.methods_table)
         layout.addLayout(grid, 1)
 
         self.remote: MetricsWatcher | None = None  # set while a remote connection is chosen
@@ -110,6 +143,10 @@ class ChartsTab(QWidget):
                                             "KV cache blocks", color=self._fg, size="10pt")
         self.kv_plot.getPlotItem().setLabel("left", "%" if remote else "blocks", color=self._fg)
         self.now_label.setText("Waiting for the server's metrics…" if remote else "Waiting for the engine…")
+        self.methods_table.setRowCount(0)
+        for acc, tps in self.method_curves.values():
+            acc.setData([], [])
+            tps.setData([], [])
         self._last_activity = None
 
     def tick(self) -> None:
@@ -143,6 +180,7 @@ class ChartsTab(QWidget):
         self.kv_used_curve.setData(x, used)
         self.kv_total_curve.setData(x, total)
         self.kv_plot.setYRange(0, max(1.0, float(total[-1])) * 1.05, padding=0)
+        self._refresh_methods(x)
         positions = m.accepted_per_position
         self.bars.setOpts(x=np.arange(1, len(positions) + 1), height=np.array(positions, dtype=float), width=0.6)
         self.hist_plot.setXRange(0.4, max(len(positions), 4) + 0.6, padding=0)
@@ -169,9 +207,51 @@ class ChartsTab(QWidget):
                 f"{adaptive.get('draft_cost', 0):.2f} and verify cost {adaptive.get('verify_cost', 0):.2f} "
                 f"of a target step).{why}" + (f" Acceptance by method: {by_method}." if by_method else ""))
 
+    def _refresh_methods(self, x: np.ndarray) -> None:
+        """A curve pair per method (created when it first appears) and the methods table."""
+        m = self.metrics
+        n = len(x)
+        for method, acceptance in m.method_acceptance.items():
+            curves = self.method_curves.get(method)
+            if curves is None:
+                label = METHOD_LABELS.get(method, method)
+                pen = pg.mkPen(METHOD_COLOURS.get(method, self._fg), width=1.5)
+                curves = self.method_curves[method] = (
+                    self.acceptance_plot.plot(pen=pen, connect="finite", name=label) if method != "plain" else
+                    pg.PlotDataItem(),  # plain decoding drafts nothing: no acceptance curve
+                    self.tps_plot.plot(pen=pg.mkPen(METHOD_COLOURS.get(method, self._fg), width=1.5,
+                                                    style=Qt.PenStyle.DashLine), connect="finite", name=label))
+            ys = (np.fromiter(acceptance, dtype=float, count=len(acceptance))[-n:],
+                  np.fromiter(m.method_tokens_per_s[method], dtype=float, count=len(acceptance))[-n:])
+            for curve, y in zip(curves, ys, strict=True):
+                curve.setData(x[-len(y):], y)
+        rows = m.method_rows()
+        self.methods_table.setRowCount(len(rows))
+        for i, r in enumerate(rows):
+            drafted = r["method"] != "plain"
+            cells = (METHOD_LABELS.get(r["method"], r["method"]),
+                     _percent(r["acceptance_recent"]) if drafted else "–",
+                     _percent(r["acceptance_rate"]) if drafted and r["num_draft_tokens"] else "–",
+                     f"{r['mean_acceptance_length']:.2f}" if drafted and r["num_drafts"] else "–",
+                     "–" if np.isnan(r["tokens_per_s_recent"]) else f"{r['tokens_per_s_recent']:.1f}",
+                     f"{r['tokens_per_second']:.1f}", str(r["num_steps"]),
+                     f"{r['num_misses'] / r['num_steps'] * 100:.0f}%" if drafted and r["num_steps"] else "–")
+            for col, text in enumerate(cells):
+                item = self.methods_table.item(i, col)
+                if item is None:
+                    item = QTableWidgetItem()
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
+                    self.methods_table.setItem(i, col, item)
+                if item.text() != text:
+                    item.setText(text)
+
     def showEvent(self, event) -> None:  # noqa: N802 (Qt override)
         super().showEvent(event)
         self.refresh()
 
     def stop(self) -> None:
         self.timer.stop()
+
+
+def _percent(value: float) -> str:
+    return "–" if np.isnan(value) else f"{value * 100:.0f}%"

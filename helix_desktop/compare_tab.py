@@ -1,5 +1,5 @@
-"""Compare: two engines (this PC plain or speculative, or a remote) on one prompt and seed, side by side,
-with speed-up and a verdict."""
+"""Compare: two engines (this PC plain or with a drafting method, or a remote) on one prompt and seed, side by
+side, with speed-up, acceptance per method and a verdict; B may run every drafting method in turn."""
 
 from __future__ import annotations
 
@@ -24,7 +24,17 @@ from PySide6.QtWidgets import (
 
 from engine.errors import HelixError
 from engine.sequence import FinishEvent
-from helix_desktop.compare_session import DEFAULT_SIDES, SLOTS, CompareSession, RunResult, Side, median_speedup
+from helix_desktop.compare_session import (
+    DEFAULT_SIDES,
+    EVERY,
+    METHOD_NAMES,
+    SLOTS,
+    CompareSession,
+    RunResult,
+    Side,
+    median_speedup,
+    speedups_by_side,
+)
 from helix_desktop.connections import Connection
 from helix_desktop.formatting import format_stats
 from helix_desktop.params_form import ParamsForm
@@ -32,7 +42,7 @@ from helix_desktop.settings import AppSettings
 from helix_desktop.theme import token_colours
 from helix_desktop.widgets import Legend, TokenView, caption, monospace_font
 
-COLUMNS = ("Run", "A tok/s", "B tok/s", "Speed-up (B ÷ A)", "A TTFT", "B TTFT", "B acceptance", "Same output")
+COLUMNS = ("Run", "B", "A tok/s", "B tok/s", "Speed-up (B ÷ A)", "A TTFT", "B TTFT", "B acceptance", "Same output")
 
 
 class ComparePane(QGroupBox):
@@ -57,13 +67,17 @@ class CompareTab(QWidget):
         self.session = CompareSession(bridge, self)
         self.side_boxes = {slot: QComboBox() for slot in SLOTS}
         for slot, box in self.side_boxes.items():
-            box.setToolTip(f"Engine {slot.upper()}: this PC plain or speculative, or a remote connection")
-        self.set_connections([DEFAULT_SIDES["a"].connection])
+            box.setToolTip(f"Engine {slot.upper()}: this PC plain or with a drafting method"
+                           + (" (or every method in turn)" if slot == "b" else "") + ", or a remote connection")
+        self._bad = False  # a B side's output differed from A's in this comparison
+        self._connections = [DEFAULT_SIDES["a"].connection]
+        self._methods = ["auto", "model", "ngram"]  # this PC's drafting methods, until an engine says
+        self.set_connections(self._connections)
         self.prompt = QPlainTextEdit()
         self.prompt.setFont(monospace_font())
         self.prompt.setPlainText(settings.get_str("compare/prompt", "The little girl named Lily"))
         self.prompt.setMaximumHeight(90)
-        self.form = ParamsForm(with_speculative=False)
+        self.form = ParamsForm(with_speculative=False, with_method=False)  # each side names its method
         self.form.load(settings, "compare")
         if settings.qsettings.value("compare/temperature") is None:
             self.form.temperature.setValue(0.0)  # identical-output check by default
@@ -170,7 +184,8 @@ class CompareTab(QWidget):
             sides = {slot: box.currentData() or DEFAULT_SIDES[slot] for slot, box in self.side_boxes.items()}
             for slot, side in sides.items():
                 self.panes[slot].setTitle(f"{slot.upper()}: {side.label}")
-            self.session.start(self.prompt.toPlainText(), params, self.runs.value(), sides)
+            self._bad = False
+            self.session.start(self.prompt.toPlainText(), params, self.runs.value(), sides, self._methods)
         except HelixError as exc:
             self.verdict.setText("")
             self.message.emit("error", str(exc))
@@ -184,19 +199,26 @@ class CompareTab(QWidget):
 
     # ---------------------------------------------------------------- session signals
     def _on_run_started(self, run: int, mode: str) -> None:
+        side = self.session.current_side
         if mode == "a":
             for pane in self.panes.values():
                 pane.view.reset()
                 pane.stats.setText("waiting…")
+        else:
+            self.panes["b"].view.reset()
+            self.panes["b"].setTitle(f"B: {side.label}")
         self.panes[mode].stats.setText("generating…")
-        self.progress.setText(f"Run {run + 1} of {self.session.runs}: {self.session.sides[mode].label}")
+        self.progress.setText(f"Run {run + 1} of {self.session.runs}: {side.label}")
 
     def _on_mode_finished(self, run: int, mode: str, final: FinishEvent) -> None:
         pane = self.panes[mode]
         pane.view.append_text(final.tail)
-        side = self.session.sides[mode]
-        pane.stats.setText(format_stats(final.stats.to_dict(), final.finish_reason,
-                                        side.speculative or not side.connection.is_local))
+        side = self.session.current_side
+        stats = final.stats.to_dict()
+        text = format_stats(stats, final.finish_reason, side.speculative or not side.connection.is_local)
+        if len(stats.get("by_method") or {}) > 1:  # auto drafted with several methods: each one's share
+            text += "  ·  " + by_method_text(stats["by_method"])
+        pane.stats.setText(text)
 
     def _on_run_finished(self, result: RunResult) -> None:
         results = self.session.results
@@ -206,16 +228,24 @@ class CompareTab(QWidget):
         unit = "token" if result.by_token else "character"
         same = "–" if not self._greedy else ("yes" if result.first_difference is None else
                                              f"no ({unit} {result.first_difference})")
-        rate = s.to_dict()["acceptance_rate"]
-        acceptance = "not reported" if rate is None else f"{rate * 100:.0f}%"
-        cells = (str(result.index + 1), f"{p.tokens_per_second:.1f}", f"{s.tokens_per_second:.1f}",
-                 f"{result.speedup:.2f}×", _ms(p.ttft_s), _ms(s.ttft_s), acceptance, same)
+        stats = s.to_dict()
+        rate = stats["acceptance_rate"]
+        acceptance = "not reported" if rate is None else ("–" if not stats["num_drafts"] else f"{rate * 100:.0f}%")
+        if len(stats.get("by_method") or {}) > 1:
+            acceptance += f" ({by_method_text(stats['by_method'])})"
+        cells = (str(result.index + 1), result.b_side.method_name, f"{p.tokens_per_second:.1f}",
+                 f"{s.tokens_per_second:.1f}", f"{result.speedup:.2f}×", _ms(p.ttft_s), _ms(s.ttft_s), acceptance, same)
         for col, text in enumerate(cells):
             item = QTableWidgetItem(text)
             item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
             self.table.setItem(row, col, item)
         self.table.scrollToBottom()
-        if len(results) > 1:
+        by_side = speedups_by_side(results)
+        if len(by_side) > 1:
+            runs = max(sum(1 for r in results if r.b_side == side) for side in by_side)
+            self.speedup.setText("Speed-up " + ", ".join(f"{side.method_name} {v:.2f}×" for side, v in by_side.items())
+                                 + (f" (median of {runs} runs)" if runs > 1 else ""))
+        elif len(results) > 1:
             self.speedup.setText(f"Speed-up {median_speedup(results):.2f}× (median of {len(results)} runs)")
         else:
             self.speedup.setText(f"Speed-up {result.speedup:.2f}×")
@@ -228,18 +258,22 @@ class CompareTab(QWidget):
             self._set_verdict_style("")
             return
         diff = result.first_difference
-        sides = self.session.sides
+        sides = {"a": self.session.sides["a"], "b": result.b_side}
         if diff is None:
+            if self._bad:  # an earlier B side differed: that verdict stays
+                return
             n = f"{len(result.a.token_ids)} tokens" if result.by_token else "text"
-            self.verdict.setText(f"✔ Identical outputs: {sides['b'].label} produced exactly the same {n} as "
-                                 f"{sides['a'].label}.")
+            b = "every drafting method so far" if len(self.session.b_sides) > 1 else sides["b"].label
+            self.verdict.setText(f"✔ Identical outputs: {b} produced exactly the same {n} as {sides['a'].label}.")
             self._set_verdict_style("ok")
         elif not result.by_token:  # a server that sends no token ids: compare the text
+            self._bad = True
             a, b = result.a.text, result.b.text
             self.verdict.setText(f"✘ Outputs differ first at character {diff}: A {a[diff:diff + 12]!r} vs "
                                  f"B {b[diff:diff + 12]!r} (the servers sent no token ids).")
             self._set_verdict_style("bad")
         else:
+            self._bad = True
             engine = self.session.bridge.host.engine
             local = all(side.connection.is_local for side in sides.values())
             tok = engine.tokenizer if engine is not None and local else None
@@ -251,7 +285,7 @@ class CompareTab(QWidget):
                 return repr(tok.decode([ids[diff]])) if tok is not None else str(ids[diff])
 
             self.verdict.setText(f"✘ Outputs differ first at token {diff} (highlighted): A {show(a)} vs "
-                                 f"B {show(b)}.")
+                                 f"B ({result.b_side.method_name}) {show(b)}.")
             self._set_verdict_style("bad")
             for pane in self.panes.values():
                 pane.view.mark_token(diff)
@@ -274,22 +308,28 @@ class CompareTab(QWidget):
         self.run_button.setEnabled(not running)
         self.stop_button.setEnabled(running)
 
-    def set_has_draft(self, has_draft: bool) -> None:
-        self.form.set_has_draft(has_draft)
-        if not has_draft and not self.session.running:
-            self.verdict.setText("No draft model is loaded, so both runs would decode plainly. "
-                                 "Load a draft on the Models tab to compare.")
-        elif self.verdict.text().startswith("No draft model"):
-            self.verdict.setText("Run a comparison: temperature 0 checks that both outputs are identical.")
+    def set_methods(self, methods: list[str]) -> None:
+        """This PC's drafting methods (the engine's draft_methods: auto, then what is loaded)."""
+        if methods and methods != self._methods:
+            self._methods = list(methods)
+            self.set_connections(self._connections)
 
     def set_connections(self, connections: list[Connection]) -> None:
-        """Offer this PC (plain and speculative) and each remote on both sides, keeping the choices that remain."""
-        sides = [Side(c, spec) for c in connections for spec in ((False, True) if c.is_local else (True,))]
+        """Offer this PC (plain and each drafting method; on B also every method in turn) and each remote on both
+        sides, keeping the choices that remain."""
+        self._connections = list(connections)
+        local = [m for m in self._methods if m in METHOD_NAMES]
+        sides = [s for c in connections
+                 for s in ([Side(c, False), *(Side(c, True, m) for m in local)] if c.is_local else [Side(c, True)])]
         for slot, box in self.side_boxes.items():
             chosen = box.currentText() or self.settings.get_str(f"compare/side_{slot}", DEFAULT_SIDES[slot].label)
             box.clear()
             for side in sides:
                 box.addItem(side.label, side)
+            here = next((c for c in connections if c.is_local), None)
+            if slot == "b" and here is not None and len(local) > 2:  # auto and at least two methods
+                every = Side(here, True, EVERY)
+                box.addItem(every.label, every)
             at = box.findText(chosen)
             box.setCurrentIndex(at if at >= 0 else box.findText(DEFAULT_SIDES[slot].label))
 
@@ -299,6 +339,12 @@ class CompareTab(QWidget):
         self.form.save(self.settings, "compare")
         self.settings.set("compare/runs", self.runs.value())
         self.settings.set("compare/prompt", self.prompt.toPlainText()[:20000])
+
+
+def by_method_text(by_method: dict) -> str:
+    """Acceptance of each method a request drafted with: 'n-gram lookup 80%, draft model 65%'."""
+    return ", ".join(f"{METHOD_NAMES.get(m, m)} {d['acceptance_rate'] * 100:.0f}%" for m, d in by_method.items()
+                     if d.get("num_draft_tokens"))
 
 
 def _ms(seconds: float | None) -> str:

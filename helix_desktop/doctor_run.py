@@ -1,4 +1,4 @@
-"""Runs ``main.py doctor`` for the loaded pair in a separate process and reads its JSON report.
+"""Runs ``main.py doctor`` for the loaded models in a separate process and reads its JSON report.
 
 The doctor steps an engine of its own, so it runs beside the app's engine rather than on it;
 a QProcess keeps the window responsive and is killed if the app closes first.
@@ -17,9 +17,12 @@ from engine.config import EngineConfig
 
 
 def doctor_command(config: EngineConfig, json_path: str) -> list[str]:
-    """argv for the doctor: the frozen executable itself, or this interpreter running main.py."""
-    args = ["doctor", "--target", config.target, "--draft", config.draft or "", "--device", config.device,
-            "--json", json_path, "--prompts", "3", "--max-new-tokens", "48"]
+    """argv for the doctor on the same target, draft and EAGLE head: the frozen executable itself, or this
+    interpreter running main.py."""
+    args = ["doctor", "--target", config.target, *(["--draft", config.draft] if config.draft else ["--no-draft"]),
+            "--device", config.device, "--json", json_path, "--prompts", "3", "--max-new-tokens", "48"]
+    if config.eagle is not None:  # None: the target's own head, as the app loaded it
+        args += ["--eagle", config.eagle] if config.eagle else ["--no-eagle"]
     if config.dtype:
         args += ["--dtype", config.dtype]
     if getattr(sys, "frozen", False):

@@ -126,20 +126,26 @@ class MainWindow(QMainWindow):
             return
         remote = None if connection.is_local else MetricsWatcher(self.switch.current.client).start()
         self.charts_tab.set_remote(remote)
+        self._offer_methods()
+
+    def _offer_methods(self) -> None:
+        """Generate and Chat offer speculation whenever something can draft (n-gram lookup always can) and mark the
+        drafting methods this PC has not loaded; a remote decides its own decoding (Helix remotes take the
+        speculative flag, so it stays on offer)."""
         engine = self.host.engine
-        has_draft = not connection.is_local or (engine is not None and engine.has_draft)
-        self.generate_tab.set_has_draft(has_draft)
-        self.chat_tab.set_has_draft(has_draft)
+        remote = self.switch.is_remote
+        methods = None if remote else (engine.info()["draft_methods"] if engine is not None else [])
+        for tab in (self.generate_tab, self.chat_tab):
+            tab.set_has_draft(remote or engine is not None)
+            tab.form.set_methods(methods)
 
     def _on_state(self, state: str, reason: str) -> None:
         engine = self.host.engine
-        # a remote decides its own decoding; Helix remotes take the speculative flag, so leave it on offer
-        has_draft = self.switch.is_remote or (engine is not None and engine.has_draft)
-        self.generate_tab.set_has_draft(has_draft)
-        self.chat_tab.set_has_draft(has_draft)
+        self._offer_methods()
         if state == "ready":
             self._place_chat_tab(has_chat_template(engine))
-        self.compare_tab.set_has_draft(engine is not None and engine.has_draft)
+        if engine is not None:
+            self.compare_tab.set_methods(engine.info()["draft_methods"])
         self.models_tab.refresh_info()
         self.setWindowTitle(f"{APP_NAME} — {pair_text(self.host.engine)}" if engine is not None else APP_NAME)
         if state == "loading":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -91,9 +93,11 @@ class ModelsTab(QWidget):
         self.advice.setWordWrap(True)
         self.doctor = DoctorRun(self)
         self.doctor.finished.connect(self._on_doctor)
-        self.doctor_button = QPushButton("Check this pair (doctor)")
-        self.doctor_button.setToolTip("Measure acceptance and step costs for the loaded pair in a separate process "
-                                      "and recommend a draft length (python main.py doctor)")
+        self.doctor_button = QPushButton("Check drafting methods (doctor)")
+        self.doctor_button.setToolTip("Measure each drafting method (draft model, n-gram lookup, EAGLE head) on the "
+                                      "loaded models in a separate process: acceptance, cost per drafted token, "
+                                      "predicted and measured speed-up; recommend a method and K "
+                                      "(python main.py doctor)")
         self.doctor_button.clicked.connect(self.run_doctor)
         self.doctor_result = QLabel("")
         self.doctor_result.setWordWrap(True)
@@ -312,10 +316,11 @@ class ModelsTab(QWidget):
 
     def run_doctor(self) -> None:
         config = self.bridge.host.config
-        if config is None or not config.draft:
+        if config is None:
             return
         self.doctor_button.setEnabled(False)
-        self.doctor_result.setText("Checking the pair in a separate process (it loads the models again)…")
+        self.doctor_result.setText("Measuring each drafting method in a separate process (it loads the models "
+                                   "again)…")
         self.doctor.start(config)
 
     def _on_doctor(self, report, message: str) -> None:
@@ -324,14 +329,15 @@ class ModelsTab(QWidget):
             self.doctor_result.setText("")
             self.message.emit("error", f"Pair check: {message}")
             return
-        k = report.get("recommended_k") or "none (plain decoding)"
-        self.doctor_result.setText(f"<b>Doctor:</b> {message} Recommended K: {k}, predicted speed-up "
-                                   f"{report.get('predicted_speedup', 0):.2f}×, acceptance "
-                                   f"{report.get('alpha', 0):.2f}.")
+        method, k = report.get("recommended_method"), report.get("recommended_k")
+        choice = ("none (plain decoding)" if not method else "auto, adaptive K" if method == "auto" else
+                  f"{method}, K = {k}")
+        self.doctor_result.setText(f"<b>Doctor:</b> {html.escape(message)} <b>Recommended:</b> {choice}, measured "
+                                   f"{report.get('measured_speedup', 1.0):.2f}× plain.")
 
     def _doctor_possible(self) -> bool:
         config = self.bridge.host.config
-        return config is not None and bool(config.draft) and not self.doctor.running
+        return config is not None and not self.doctor.running
 
     def refresh_info(self) -> None:
         engine = self.bridge.host.engine
@@ -344,8 +350,10 @@ class ModelsTab(QWidget):
         device = device_words(info)
         draft = info["draft"] if info["has_draft"] else "none (plain decoding only)"
         eagle = f"<br><b>EAGLE head</b> {info['eagle']}" if info.get("eagle") else ""
+        methods = ", ".join(m for m in info.get("draft_methods", ()) if m != "auto")
         self.loaded.setText(
             f"<b>Target</b> {info['target']}<br><b>Draft</b> {draft}{eagle}<br>"
+            f"<b>Drafting methods</b> {methods} (auto picks among them)<br>"
             f"<b>Device</b> {device} ({info['device_name']}) · <b>Precision</b> {info['dtype']} · "
             f"<b>Context</b> {info['max_context']} tokens")
         worker = self.bridge.host.worker

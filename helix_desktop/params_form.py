@@ -14,7 +14,7 @@ METHODS = (("Auto", "auto"), ("Draft model", "model"), ("N-gram lookup", "ngram"
 
 
 class ParamsForm(QWidget):
-    def __init__(self, parent: QWidget | None = None, with_speculative: bool = True):
+    def __init__(self, parent: QWidget | None = None, with_speculative: bool = True, with_method: bool = True):
         super().__init__(parent)
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
@@ -63,7 +63,10 @@ class ParamsForm(QWidget):
         else:
             self.speculative.hide()
         form.addRow("Draft length", self.draft_len)
-        form.addRow("Draft method", self.draft_method)
+        if with_method:
+            form.addRow("Draft method", self.draft_method)
+        else:
+            self.draft_method.hide()
 
     def params(self, speculative: bool | None = None, seed: int | None = None) -> SamplingParams:
         """Validated parameters; raises InvalidRequest with a message fit for the banner."""
@@ -87,6 +90,15 @@ class ParamsForm(QWidget):
     def set_has_draft(self, has_draft: bool) -> None:
         self.speculative.setEnabled(has_draft)
         self.draft_len.setEnabled(has_draft and (self.speculative.isChecked() or self.speculative.isHidden()))
+
+    def set_methods(self, methods: list[str] | None) -> None:
+        """Mark the drafting methods the engine has not loaded (None: a remote, which decides for itself). A choice
+        that is not loaded stays chosen, marked: such requests decode plain until it is."""
+        items = self.draft_method.model()
+        for i, (label, method) in enumerate(METHODS):
+            available = methods is None or method in methods
+            items.item(i).setEnabled(available)
+            self.draft_method.setItemText(i, label if available else f"{label} (not loaded)")
 
     def load(self, settings: AppSettings, prefix: str) -> None:
         self.max_new_tokens.setValue(settings.get_int(f"{prefix}/max_new_tokens", 128, 1, MAX_NEW_TOKENS_CAP))

@@ -52,7 +52,7 @@ def compare_local_vs_remote(qtbot, window, connection: Connection, same_model: b
     tab.form.temperature.setValue(0.0)
     tab.form.max_new_tokens.setValue(12)
     tab.runs.setValue(1)
-    tab.side_boxes["a"].setCurrentText("This PC, speculative decoding")
+    tab.side_boxes["a"].setCurrentText("This PC, speculative: auto")
     tab.side_boxes["b"].setCurrentText(f"{connection.name} (remote)")
     with qtbot.waitSignal(tab.session.done, timeout=60000):
         tab.run_button.click()
