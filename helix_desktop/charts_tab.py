@@ -80,7 +80,7 @@ class ChartsTab(QWidget):
         self.hist_plot.getPlotItem().getAxis("bottom").setTickSpacing(major=1, minor=1)
 
         for plot in (self.acceptance_plot, self.tps_plot):
-            plot.getPlotItem().addLegend(offset=(-4, 4), labelTextColor=self._fg, brush=None)
+            plot.getPlotItem().addLegend(offset=(8, 4), labelTextColor=self._fg, brush=None)  # top left: data arrive at the right
         self.acceptance_curve = self.acceptance_plot.plot(pen=pg.mkPen(colours.draft, width=2), connect="finite",
                                                           name="all")
         self.tps_curve = self.tps_plot.plot(pen=pg.mkPen(ACCENT, width=2), fillLevel=0,
