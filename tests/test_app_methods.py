@@ -87,18 +87,19 @@ def test_compare_plain_against_one_method(qtbot, window):
 def test_charts_show_acceptance_and_speed_per_method(qtbot, window):
     charts = window.charts_tab
     window.tabs.setCurrentWidget(charts)
-    engine = window.host.engine
-    for method in ("model", "ngram", "eagle"):  # requests from any client count (here: the host's own thread)
-        window.host.worker.submit(PROMPT, SamplingParams(max_new_tokens=24, temperature=0, num_draft_tokens=3,
-                                                         draft_method=method, ignore_eos=True))
+    worker = window.host.worker
+    served = worker.snapshot()["requests_served"]
+    for method in ("model", "ngram", "eagle"):  # requests from any client count (here: straight to the worker)
+        worker.submit(PROMPT, SamplingParams(max_new_tokens=24, temperature=0, num_draft_tokens=3,
+                                             draft_method=method, ignore_eos=True))
     qtbot.waitUntil(lambda: {"model", "ngram", "eagle"} <= set(charts.metrics.method_acceptance), timeout=20000)
-    qtbot.waitUntil(lambda: not engine.has_work(), timeout=20000)
+    qtbot.waitUntil(lambda: worker.snapshot()["requests_served"] == served + 3, timeout=20000)
     charts.tick()
     charts.refresh()
     rows = {charts.methods_table.item(i, 0).text(): [charts.methods_table.item(i, c).text() for c in range(8)]
             for i in range(charts.methods_table.rowCount())}
     assert {"Draft model", "N-gram lookup", "EAGLE head"} <= set(rows)
-    snap = engine.snapshot()["methods"]
+    snap = worker.snapshot()["methods"]  # what the charts read
     assert rows["EAGLE head"][2] == f"{snap['eagle']['acceptance_rate'] * 100:.0f}%"
     assert rows["Draft model"][5] == f"{snap['model']['tokens_per_second']:.1f}"
     assert rows["EAGLE head"][6] == str(snap["eagle"]["num_steps"])

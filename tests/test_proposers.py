@@ -85,10 +85,14 @@ def test_auto_drafts_with_the_model_where_ngram_finds_no_match():
         assert runner.blocks.num_free == runner.blocks.num_blocks
 
 
-def test_auto_drafts_with_the_eagle_head_where_ngram_finds_no_match():
+def test_auto_drafts_with_the_eagle_head_where_ngram_finds_no_match(monkeypatch):
+    from engine.proposers.base import Proposal
+    from engine.proposers.ngram import NgramProposer
     from engine.spec_decode import decode_step
     from tests.tiny import tiny_pair_engine
 
+    # a sampled first token may repeat a prompt token (then the lookup matches): make every lookup miss
+    monkeypatch.setattr(NgramProposer, "propose", lambda self, rows: Proposal([[] for _ in rows.reqs]))
     eng = tiny_pair_engine(eagle=True)
     prop = eng.proposers["eagle"]
     for temperature in (0.0, 0.9):
