@@ -87,7 +87,7 @@ def test_search_find_drafts_download_with_cancel_and_resume_then_load(qtbot, win
     qtbot.waitUntil(lambda: window.host.state == "ready" and window.host.config is not None
                     and window.host.config.target == folder, timeout=60000)
     assert window.host.engine.target_name == "helix/demo-target"
-    assert "helix/demo-target" in tab.loaded.text()
+    qtbot.waitUntil(lambda: "helix/demo-target" in tab.loaded.text(), timeout=5000)  # the state signal is queued
 
     # offline: the panel says so, and the local cache lists what was downloaded
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
