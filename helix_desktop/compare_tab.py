@@ -96,6 +96,7 @@ class CompareTab(QWidget):
         self.panes = {slot: ComparePane(slot) for slot in SLOTS}
         self.speedup = QLabel("Speed-up –")
         self.speedup.setObjectName("bigNumber")
+        self.speedup.setWordWrap(True)  # one median per drafting method when B runs every method
         self.verdict = QLabel("Run a comparison: temperature 0 checks that both outputs are identical.")
         self.verdict.setWordWrap(True)
         self.verdict.setObjectName("verdict")
@@ -137,8 +138,8 @@ class CompareTab(QWidget):
         panes.setChildrenCollapsible(False)
 
         summary = QHBoxLayout()
-        summary.addWidget(self.speedup)
-        summary.addWidget(self.verdict, 1)
+        summary.addWidget(self.speedup, 3)
+        summary.addWidget(self.verdict, 2)
         self.legend = Legend()
         self.legend.toggled.connect(lambda on: [p.view.set_colouring(on) for p in self.panes.values()])
 
@@ -237,6 +238,7 @@ class CompareTab(QWidget):
                  f"{s.tokens_per_second:.1f}", f"{result.speedup:.2f}×", _ms(p.ttft_s), _ms(s.ttft_s), acceptance, same)
         for col, text in enumerate(cells):
             item = QTableWidgetItem(text)
+            item.setToolTip(text)
             item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
             self.table.setItem(row, col, item)
         self.table.scrollToBottom()
