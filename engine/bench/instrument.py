@@ -72,14 +72,16 @@ class Instrument:
         self.steps = 0
         self._stage = "decode"
         self._role = "target"
-        self._saved_attrs: list[tuple[object, str]] = []
+        self._saved_attrs: list[tuple[object, str, object]] = []
         self._saved_globals: list[tuple[object, str, object]] = []
         self._cuda = engine.target.device.type == "cuda"
 
     # ------------------------------------------------------------------ install / remove
     def _shadow(self, obj, name: str, wrapper) -> None:
+        """An instance attribute over the class's method, removed on exit (another timer, e.g. the doctor's
+        ProposerClock, may shadow the same method inside this one and remove its own first)."""
+        self._saved_attrs.append((obj, name, vars(obj).get(name)))
         setattr(obj, name, wrapper)
-        self._saved_attrs.append((obj, name))
 
     def _swap(self, module, name: str, wrapper) -> None:
         self._saved_globals.append((module, name, getattr(module, name)))
@@ -90,6 +92,9 @@ class Instrument:
         runners = [("target", eng.target)] + ([("draft", eng.draft)] if eng.draft is not None else [])
         for role, runner in runners:
             self._shadow(runner, "forward", self._timed_forward(role, runner.forward))
+        eagle = getattr(eng, "proposers", {}).get("eagle")
+        if eagle is not None:  # the head is no ModelRunner: time its whole proposal (K head steps) instead
+            self._shadow(eagle, "propose", self._timed_proposal("eagle", eagle.propose))
         self._shadow(eng, "_prefill", self._staged("prefill", eng._prefill))
         self._shadow(eng, "_decode", self._staged("decode", eng._decode))
         self._swap(llm_engine, "decode_step", self._logged_step(llm_engine.decode_step))
@@ -110,8 +115,11 @@ class Instrument:
         return self
 
     def __exit__(self, *exc) -> None:
-        for obj, name in reversed(self._saved_attrs):
-            delattr(obj, name)
+        for obj, name, before in reversed(self._saved_attrs):
+            if before is not None:
+                setattr(obj, name, before)
+            elif name in vars(obj):
+                delattr(obj, name)
         for module, name, original in reversed(self._saved_globals):
             setattr(module, name, original)
         self._saved_attrs.clear()
@@ -134,6 +142,19 @@ class Instrument:
             self.raw[f"forward_{role}"] += dt
             return out
         return forward
+
+    def _timed_proposal(self, role: str, fn):
+        """A proposer's ``propose`` as one entry per step, keyed by its rows and the most tokens asked of a row."""
+        def propose(rows):
+            self._sync()
+            t0 = time.perf_counter()
+            out = fn(rows)
+            self._sync()
+            dt = time.perf_counter() - t0
+            self.forwards.add(role, self._stage, len(rows.reqs), max(rows.ks, default=0), dt)
+            self.raw[f"forward_{role}"] += dt
+            return out
+        return propose
 
     def _staged(self, stage: str, fn):
         def run(reqs):
@@ -193,9 +214,10 @@ class Instrument:
             out[f"{role}_forward"] = r[f"model_{role}"] - r[f"cache_{role}"]
             out["paged_cache"] += r[f"cache_{role}"]
             out["batch_prep"] += r[f"forward_{role}"] - r[f"model_{role}"]
+        out["draft_forward"] += r["forward_eagle"]  # an EAGLE head's proposals: drafting compute, as a draft model's
         out["sampling"] = r["sampling"]
         out["scheduling"] = r["scheduling"]
         out["emit"] = r["emit"]
-        out["python_other"] = max(0.0, r["step"] - r["forward_draft"] - r["forward_target"] - r["sampling"]
-                                  - r["scheduling"] - r["emit"])
+        out["python_other"] = max(0.0, r["step"] - r["forward_draft"] - r["forward_eagle"] - r["forward_target"]
+                                  - r["sampling"] - r["scheduling"] - r["emit"])
         return out

@@ -142,7 +142,7 @@ def memory_table(mem: dict, markdown: bool = False) -> str:
 
 
 PHASE_NAMES = {
-    "target_forward": "target model compute", "draft_forward": "draft model compute",
+    "target_forward": "target model compute", "draft_forward": "draft model / EAGLE head compute",
     "paged_cache": "paged-cache scatter/gather", "batch_prep": "batch prep (block tables, masks)",
     "sampling": "sampling + verification", "scheduling": "scheduling (admit, K choice, room)",
     "emit": "emit (detokenize, events)", "python_other": "other Python in step()",

@@ -249,7 +249,10 @@ def _cost_model(tracked: list[_Tracked]) -> dict:
         k_mean = sum(k for k, _a in drafts) / len(drafts)
         # means, not medians: the prediction should cost the forwards as this run paid for them, so that
         # measured / predicted isolates what the cost model leaves out (sampling, scheduling, Python)
-        t_draft = t.inst.forwards.mean("draft") or 0.0
+        if t.method.draft_method == "eagle":  # one entry per proposal of about k_mean head steps
+            t_draft = (t.inst.forwards.mean("eagle") or 0.0) / k_mean
+        else:
+            t_draft = t.inst.forwards.mean("draft") or 0.0
         t_verify = t.inst.forwards.mean("target", min_tokens=2) or t1
         c = t_draft / t1
         gamma = max(0.0, (t_verify / t1 - 1.0) / k_mean)
