@@ -20,14 +20,20 @@ from engine.sequence import Event, FinishEvent
 
 logger = logging.getLogger(__name__)
 
+LAZY_MAX_PENDING = 1024  # events a lazy handle holds back before it wakes the event loop anyway
+
 
 class RequestHandle:
     """A submitted request: iterate its events, wait for the result, or cancel it."""
 
-    def __init__(self, worker: "EngineWorker", request_id: str, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, worker: "EngineWorker", request_id: str, loop: asyncio.AbstractEventLoop | None = None,
+                 lazy: bool = False):
         self.worker = worker
         self.request_id = request_id
         self._loop = loop
+        # lazy: the consumer only needs the whole result (a non-streaming HTTP request), so the event loop is
+        # woken when the request finishes, not once per step (each wake-up takes the GIL from the engine thread)
+        self._lazy = lazy
         self._queue: queue.Queue[Event] = queue.Queue()
         self._aqueue: asyncio.Queue[Event] | None = asyncio.Queue() if loop is not None else None
         self._pending: deque[Event] = deque()  # engine thread -> event loop, drained in batches
@@ -46,6 +52,8 @@ class RequestHandle:
             # one wake-up of the event loop per batch of events, not per token: every wake-up makes the
             # loop's thread take the GIL from the engine's (measured ~10% of the server's decode speed)
             self._pending.append(event)
+            if self._lazy and not isinstance(event, FinishEvent) and len(self._pending) < LAZY_MAX_PENDING:
+                return
             if not self._wake_pending:
                 self._wake_pending = True
                 try:
@@ -98,7 +106,9 @@ class EngineWorker:
         self._thread.start()
 
     def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
-               loop: asyncio.AbstractEventLoop | None = None, on_event=None) -> RequestHandle:
+               loop: asyncio.AbstractEventLoop | None = None, on_event=None, lazy: bool = False) -> RequestHandle:
+        """Queue a request. With ``loop``, events reach ``handle.aiter()`` on that event loop; ``lazy`` delivers
+        them there only when the request finishes (for consumers that wait for the whole result)."""
         if self._stop:
             raise EngineStopped("the engine is shutting down")
         holder: list[RequestHandle] = []
@@ -111,7 +121,7 @@ class EngineWorker:
                 pending.append(event)
 
         req = self.engine.add_request(prompt, params, request_id=request_id, sink=sink)
-        handle = RequestHandle(self, req.request_id, loop)
+        handle = RequestHandle(self, req.request_id, loop, lazy=lazy)
         if on_event is not None:
             handle.callbacks.append(on_event)
         holder.append(handle)

@@ -32,12 +32,12 @@ class Outcome:
 
 
 def _submit_all(worker: EngineWorker, rid: str, prompts: Sequence[str | list[int]], params: Sequence[SamplingParams],
-                loop: asyncio.AbstractEventLoop) -> list[RequestHandle]:
+                loop: asyncio.AbstractEventLoop, lazy: bool) -> list[RequestHandle]:
     handles: list[RequestHandle] = []
     try:
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             engine_id = rid if len(prompts) == 1 else f"{rid}-{i}"
-            handles.append(worker.submit(prompt, p, request_id=engine_id, loop=loop))
+            handles.append(worker.submit(prompt, p, request_id=engine_id, loop=loop, lazy=lazy))
     except BaseException:
         for h in handles:
             h.cancel()
@@ -46,14 +46,17 @@ def _submit_all(worker: EngineWorker, rid: str, prompts: Sequence[str | list[int
 
 
 async def submit(request: Request, worker: EngineWorker, prompts: Sequence[str | list[int]],
-                 params: Sequence[SamplingParams]) -> list[RequestHandle]:
+                 params: Sequence[SamplingParams], stream: bool = True) -> list[RequestHandle]:
     """Queue every prompt or none: a refusal (queue full, prompt too long) cancels those already queued.
+
+    ``stream=False`` (the caller waits for whole results): the engine hands over each request's events when
+    it finishes, not step by step, which keeps the event loop from taking the GIL from the engine every step.
 
     Tokenizing runs on a worker thread (a 1 MiB prompt takes seconds) so other streams keep flowing.
     """
     rid = request.state.request_id
     loop = asyncio.get_running_loop()
-    queued = loop.run_in_executor(None, _submit_all, worker, rid, prompts, params, loop)
+    queued = loop.run_in_executor(None, _submit_all, worker, rid, prompts, params, loop, not stream)
     try:
         handles = await asyncio.shield(queued)
     except asyncio.CancelledError:  # the client left while we tokenized: cancel what gets queued

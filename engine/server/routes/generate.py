@@ -43,7 +43,7 @@ def to_response(outcome: Outcome) -> GenerateResponse:
 @router.post("", response_model=GenerateResponse, summary="Generate a completion")
 async def generate(body: GenerateRequest, request: Request, worker: WorkerDep) -> GenerateResponse:
     """Continue `prompt` and return the text with per-request speculative-decoding stats."""
-    handles = await submit(request, worker, [body.prompt], [body.sampling_params()])
+    handles = await submit(request, worker, [body.prompt], [body.sampling_params()], stream=False)
     (outcome,) = await complete(request, handles)
     return to_response(outcome)
 
@@ -52,7 +52,7 @@ async def generate(body: GenerateRequest, request: Request, worker: WorkerDep) -
 async def generate_batch(body: BatchGenerateRequest, request: Request, worker: WorkerDep) -> BatchGenerateResponse:
     """Run all `prompts` as one batch (the scheduler steps them together); results come back in order."""
     params = body.sampling_params()
-    handles = await submit(request, worker, body.prompts, [params] * len(body.prompts))
+    handles = await submit(request, worker, body.prompts, [params] * len(body.prompts), stream=False)
     return BatchGenerateResponse(results=[to_response(o) for o in await complete(request, handles)])
 
 

@@ -213,7 +213,7 @@ async def completions(body: CompletionRequest, request: Request, worker: WorkerD
     single = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)
     prompts = [body.prompt] if single else body.prompt
     expanded, params = fan_out(prompts, body, body.max_tokens, body.logprobs)
-    handles = await submit(request, worker, expanded, params)
+    handles = await submit(request, worker, expanded, params, stream=body.stream)
     cid = f"cmpl-{request.state.request_id}"
     if body.stream:
         return _streaming(openai_stream(request, worker, handles, body, False, cid))
@@ -238,7 +238,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, worker
     top = (body.top_logprobs or 0) if body.logprobs else None
     plain = isinstance(prompt, str)  # Helix's plain template: stop where the model starts the next turn
     expanded, params = fan_out([prompt], body, body.max_new_tokens, top, PLAIN_TEMPLATE_STOPS if plain else ())
-    handles = await submit(request, worker, expanded, params)
+    handles = await submit(request, worker, expanded, params, stream=body.stream)
     cid = f"chatcmpl-{request.state.request_id}"
     if body.stream:
         return _streaming(openai_stream(request, worker, handles, body, True, cid))
