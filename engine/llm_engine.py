@@ -72,7 +72,8 @@ class LLMEngine:
             weakref.WeakKeyDictionary()  # n-gram row -> (clock, its fallback), while it runs
         self.requests_served = 0
         self.tokens_generated = 0
-        self._recent_tokens: deque[tuple[float, int]] = deque()
+        self._recent_tokens: deque[tuple[float, int]] = deque()  # (time, tokens emitted) over the last minute
+        self._recent_sum = 0  # their token total: the rate is O(1) per snapshot (the worker takes one per step)
         self._seq_ids = itertools.count()
         self._lock = threading.Lock()
         self._inbox: deque[Request] = deque()
@@ -418,7 +419,7 @@ class LLMEngine:
             req.output_ids.append(tok)
             req.stats.num_generated_tokens += 1
             self.tokens_generated += 1
-            self._recent_tokens.append((now, 1))
+            self._count_recent(now, 1)
             if req.stats.ttft_s is None:
                 req.stats.ttft_s = now - req.arrival
             is_eos = tok in self.eos_ids and not req.params.ignore_eos
@@ -470,14 +471,29 @@ class LLMEngine:
         assert req.status is Status.FINISHED
         return done[0]
 
-    def tokens_per_second_recent(self, window_s: float = 60.0) -> float:
-        now = time.perf_counter()
+    RECENT_WINDOW_S = 60.0
+
+    def _count_recent(self, now: float, n: int) -> None:
+        self._recent_tokens.append((now, n))
+        self._recent_sum += n
+        self._forget_recent(now, self.RECENT_WINDOW_S)
+
+    def _forget_recent(self, now: float, window_s: float) -> None:
         while self._recent_tokens and self._recent_tokens[0][0] < now - window_s:
-            self._recent_tokens.popleft()
+            self._recent_sum -= self._recent_tokens.popleft()[1]
+
+    def tokens_per_second_recent(self, window_s: float = RECENT_WINDOW_S) -> float:
+        now = time.perf_counter()
+        if window_s >= self.RECENT_WINDOW_S:
+            self._forget_recent(now, window_s)
+            total = self._recent_sum
+        else:
+            total = sum(n for t, n in self._recent_tokens if t >= now - window_s)
         if not self._recent_tokens:
             return 0.0
-        span = max(1.0, now - self._recent_tokens[0][0]) if len(self._recent_tokens) > 1 else window_s
-        return sum(n for _, n in self._recent_tokens) / min(window_s, span)
+        first = next((t for t, _ in self._recent_tokens if t >= now - window_s), now)
+        span = max(1.0, now - first) if len(self._recent_tokens) > 1 else window_s
+        return total / min(window_s, span)
 
     # ------------------------------------------------------------------ observation
     def info(self) -> dict:
