@@ -51,7 +51,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
-from training.common import Progress, StepBudget, autocast, log, lr_at, pick_device, set_seed  # noqa: E402
+from training.common import (Progress, StepBudget, add_config_flags, autocast, log, lr_at, pick_device,  # noqa: E402
+                             set_seed)
 from training.config import ASSISTANT, ASSISTANT_ID, DEFAULT_CORPUS, VALID_FILE  # noqa: E402
 from training.config import Config as DemoConfig  # noqa: E402
 
@@ -460,13 +461,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads on the CPU, training and evaluation (default 2; 1 on a busy machine)")
     ap.add_argument("--results", type=Path, default=None, help="metrics JSON (default: OUT/../eagle_results.json)")
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            ap.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes", "y"), default=None, metavar="BOOL")
-        else:
-            typ = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            ap.add_argument(flag, type=typ, default=None)
+    add_config_flags(ap, Config)
     return ap.parse_args(argv)
 
 

@@ -20,7 +20,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .chat_format import encode_conversations
-from .common import log, pick_device, set_seed
+from .common import add_config_flags, log, pick_device, set_seed
 from .config import DEFAULT_CORPUS, MODELS_DIR, PRESETS, REPO_ROOT, Config
 from .corpus import load_corpus
 from .instruct import build_conversations
@@ -44,13 +44,7 @@ def parse_args(argv=None):
     ap.add_argument("--time-cpu", action="store_true", help="also time single decoding steps on CPU")
     ap.add_argument("--no-ngram-eval", action="store_true", help="skip the n-gram prompt-lookup acceptance on chat")
     ap.add_argument("--results", type=Path, default=None, help="write metrics JSON here (default OUT/demo_results.json)")
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            ap.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes", "y"), default=None, metavar="BOOL")
-        else:
-            typ = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            ap.add_argument(flag, type=typ, default=None)
+    add_config_flags(ap, Config)
     return ap.parse_args(argv)
 
 

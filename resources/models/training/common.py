@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -100,3 +102,14 @@ class StepBudget:
 
     def expired(self) -> bool:
         return self.seconds > 0 and time.time() - self.t0 > self.seconds
+
+
+def add_config_flags(ap: argparse.ArgumentParser, config_cls) -> None:
+    """One ``--field-name`` flag per field of the dataclass ``config_cls`` (default None: keep the preset's value)."""
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            ap.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes", "y"), default=None, metavar="BOOL")
+        else:
+            typ = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            ap.add_argument(flag, type=typ, default=None)
