@@ -178,6 +178,10 @@ class Policy:
         self.shared: dict[str, RecentAcceptance] = {}
         self.decision = Decision()
         self.clock = 0  # decode steps so far (the engine ticks once per step)
+        # per method: the probe interval failed probes have reached on this engine. A new request starts there,
+        # not at PROBE_FIRST, so a useless draft is not re-probed from scratch by every request (at batch 8
+        # a probe costs the whole batch a drafting step plus the draft's catch-up on what it skipped)
+        self.probe_floor: dict[str, int] = {}
         # per (method, batch bucket, slope, alpha): the shared prior's survival and the predicted step times,
         # the same for every row of a step; keyed by the versions of the evidence they come from
         self._shared_cache: dict[tuple, tuple[tuple, list[float], list[float | None]]] = {}
@@ -189,6 +193,8 @@ class Policy:
     def _probe_due(self, state: AdaptiveState, plain_steps: int) -> bool:
         """Probe at a step that is a multiple of the interval (so the rows of a batch probe together),
         once half the interval has passed; at twice the interval whatever the clock says."""
+        if state.last is not None and state.last.method:
+            state.probe_every = max(state.probe_every, self.probe_floor.get(state.last.method, PROBE_FIRST))
         every = state.probe_every
         return (plain_steps >= every // 2 and self.clock and self.clock % every == 0) or plain_steps >= 2 * every
 
@@ -270,6 +276,7 @@ class Policy:
                 state.spec_steps += 1
                 if not state.probing:
                     state.probe_every = PROBE_FIRST
+                    self.probe_floor.pop(method, None)  # speculation pays again: new requests probe early again
                 d = Decision(k, method, f"{method} K={k} predicted {gains[k]:.2f}x plain at batch {batch}", gains)
                 if self.clock and self.clock % EXPLORE_EVERY == 0 and k < MAX_DRAFT_TOKENS:  # on the clock: rows explore together
                     # now and then one step at K+1: times and acceptance past K are otherwise never measured
@@ -282,6 +289,7 @@ class Policy:
                 if self._probe_due(state, state.plain_steps):  # look again: acceptance or timings may have changed
                     state.plain_steps = 0
                     state.probe_every = min(PROBE_MAX, state.probe_every * 2)
+                    self.probe_floor[method] = max(self.probe_floor.get(method, PROBE_FIRST), state.probe_every // 2)
                     state.probing = True
                     d = Decision(best, method, f"probing {method} K={best} (predicted {gains[best]:.2f}x plain)", gains,
                                  forced=True)

@@ -212,3 +212,15 @@ def test_ngram_misses_count_against_ngram(monkeypatch):
     monkeypatch.setattr(NgramProposer, "propose", lambda self, rows: Proposal([[] for _ in rows.reqs]))
     eng.generate("zq xv", SamplingParams(max_new_tokens=120, temperature=0, ignore_eos=True, draft_method="ngram"))
     assert sum(planned[-60:]) <= 6, planned  # measured (misses included), then plain with rare probes
+
+
+def test_a_new_request_does_not_reprobe_a_useless_draft_from_scratch():
+    """Failed probes raise the engine's probe interval for the method: a request that arrives later starts
+    there, so a batch of fresh requests does not re-probe a useless draft every PROBE_FIRST steps."""
+    policy = _policy(1.0, 0.3)
+    first = _state_with_acceptance(0.02)
+    _steps(policy, first, 600)  # probes at 32, 64, 128, 256, 512: the interval is now 1024
+    assert policy.probe_floor["model"] >= 8 * PROBE_FIRST
+    later = _state_with_acceptance(0.02)
+    ks = _steps(policy, later, 400)
+    assert not any(ks[: 4 * PROBE_FIRST]), [i for i, k in enumerate(ks) if k]
