@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import deque
 
 from engine.config import SamplingParams
@@ -21,6 +22,8 @@ from engine.sequence import Event, FinishEvent
 logger = logging.getLogger(__name__)
 
 LAZY_MAX_PENDING = 1024  # events a lazy handle holds back before it wakes the event loop anyway
+ARRIVAL_QUIET_S = 0.002  # leaving idle: a burst of requests is over once none arrived for this long
+ARRIVAL_MAX_S = 0.010  # ... or after this long in any case (the first request's added latency at most)
 
 
 class RequestHandle:
@@ -136,11 +139,15 @@ class EngineWorker:
 
     def _loop(self) -> None:
         while True:
+            idle = False
             with self._wake:
                 while not self._stop and not self.engine.has_work():
+                    idle = True
                     self._wake.wait(timeout=0.5)
                 if self._stop:
                     break
+            if idle:
+                self._gather_arrivals()
             try:
                 self.engine.step()
                 self.latest_snapshot = self.engine.snapshot()
@@ -152,6 +159,19 @@ class EngineWorker:
                 except Exception:
                     logger.exception("step listener failed")
         self._drain()
+
+    def _gather_arrivals(self) -> None:
+        """Leaving idle, wait while requests keep arriving (ARRIVAL_QUIET_S apart, ARRIVAL_MAX_S at most), so
+        a burst (a client sending 8 requests at once) is read in one prefill and decoded as one batch from its
+        first step, instead of one prefill per straggler interleaved with the others' decode steps."""
+        deadline = time.perf_counter() + ARRIVAL_MAX_S
+        seen = len(self.engine._inbox)
+        while time.perf_counter() < deadline:
+            time.sleep(ARRIVAL_QUIET_S)
+            now_seen = len(self.engine._inbox)
+            if now_seen == seen:
+                return
+            seen = now_seen
 
     def _drain(self) -> None:
         """On shutdown, cancel everything still queued or running so no caller hangs."""

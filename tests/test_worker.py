@@ -43,3 +43,35 @@ def test_lazy_handle_wakes_the_loop_once_and_loses_nothing():
         assert [e.token_id for e in events[:-1]] == events[-1].token_ids
     assert lazy_events[-1].token_ids == eager_events[-1].token_ids
     assert lazy_wakes == 1 < eager_wakes
+
+
+def test_leaving_idle_waits_for_a_burst_of_arrivals(monkeypatch):
+    """A burst of requests is gathered before the first step (one prefill, one batch from the start): the worker
+    keeps waiting while requests keep arriving, stops once none came for a quiet period, and never waits longer
+    than ARRIVAL_MAX_S."""
+    import engine.worker as w
+
+    class FakeEngine:
+        def __init__(self):
+            self._inbox = []
+
+    worker = object.__new__(EngineWorker)
+    worker.engine = FakeEngine()
+    clock = [0.0]
+    arrivals = iter([1, 1, 1, 0, 1])  # requests arriving during each quiet period
+
+    def fake_sleep(seconds):
+        clock[0] += seconds
+        worker.engine._inbox.extend([object()] * next(arrivals, 0))
+
+    monkeypatch.setattr(w.time, "sleep", fake_sleep)
+    monkeypatch.setattr(w.time, "perf_counter", lambda: clock[0])
+    worker._gather_arrivals()
+    assert len(worker.engine._inbox) == 3  # waited through three arrivals, stopped at the first quiet period
+    assert clock[0] == 4 * w.ARRIVAL_QUIET_S
+
+    worker.engine._inbox.clear()
+    clock[0] = 0.0
+    arrivals = iter([1] * 100)  # requests never stop coming: the wait is capped
+    worker._gather_arrivals()
+    assert clock[0] <= w.ARRIVAL_MAX_S + w.ARRIVAL_QUIET_S
