@@ -55,8 +55,9 @@ def test_load_pair_from_folders_with_progress_and_remember_it(qtbot, window, tin
     # the host turns ready on the loader thread; its last progress signal is queued to this one
     qtbot.waitUntil(lambda: bool(progress) and max(progress) == pytest.approx(1.0), timeout=5000)
     assert window.host.engine.target_name == "target"  # the folder name, never the local path
+    # the folders are remembered by the UI thread's handler of the ready state, queued after the progress signals
+    qtbot.waitUntil(lambda: window.settings.get_str("models/target") == str(target), timeout=5000)
     assert "target" in tab.loaded.text() and "KV cache" in tab.loaded.text()
-    assert window.settings.get_str("models/target") == str(target)
     assert window.settings.get_str("models/draft") == str(draft)
     assert tab.doctor_button.isEnabled()
 
