@@ -190,23 +190,17 @@ class Policy:
         """One decode step begins."""
         self.clock += 1
 
-    def _probe_due(self, state: AdaptiveState, plain_steps: int) -> bool:
+    def _probe_due(self, state: AdaptiveState, plain_steps: int, ahead: int = 0) -> bool:
         """Probe at a step that is a multiple of the interval (so the rows of a batch probe together),
-        once half the interval has passed; at twice the interval whatever the clock says."""
+        once half the interval has passed; at twice the interval whatever the clock says. ``ahead``: asked
+        of the step that many steps from now. Raises the request's interval to the method's floor first."""
         if state.last is not None and state.last.method:
             state.probe_every = max(state.probe_every, self.probe_floor.get(state.last.method, PROBE_FIRST))
-        every = state.probe_every
-        return (plain_steps >= every // 2 and self.clock and self.clock % every == 0) or plain_steps >= 2 * every
+        every, clock = state.probe_every, self.clock + ahead
+        return (plain_steps >= every // 2 and clock and clock % every == 0) or plain_steps >= 2 * every
 
     def _steps_to_probe(self, state: AdaptiveState) -> int:
-        s = 1
-        while True:
-            self.clock += s
-            due = self._probe_due(state, state.plain_steps + s)
-            self.clock -= s
-            if due:
-                return s
-            s += 1
+        return next(s for s in range(1, 2 * state.probe_every + 1) if self._probe_due(state, state.plain_steps + s, s))
 
     def _shared_terms(self, method: str, batch: int, alpha: float, slope: float
                       ) -> tuple[list[float], list[float | None]]:

@@ -482,18 +482,14 @@ class LLMEngine:
         while self._recent_tokens and self._recent_tokens[0][0] < now - window_s:
             self._recent_sum -= self._recent_tokens.popleft()[1]
 
-    def tokens_per_second_recent(self, window_s: float = RECENT_WINDOW_S) -> float:
+    def tokens_per_second_recent(self) -> float:
+        """Tokens per second emitted over the last RECENT_WINDOW_S (or since the first of them, if later)."""
         now = time.perf_counter()
-        if window_s >= self.RECENT_WINDOW_S:
-            self._forget_recent(now, window_s)
-            total = self._recent_sum
-        else:
-            total = sum(n for t, n in self._recent_tokens if t >= now - window_s)
+        self._forget_recent(now, self.RECENT_WINDOW_S)
         if not self._recent_tokens:
             return 0.0
-        first = next((t for t, _ in self._recent_tokens if t >= now - window_s), now)
-        span = max(1.0, now - first) if len(self._recent_tokens) > 1 else window_s
-        return total / min(window_s, span)
+        span = max(1.0, now - self._recent_tokens[0][0]) if len(self._recent_tokens) > 1 else self.RECENT_WINDOW_S
+        return self._recent_sum / min(self.RECENT_WINDOW_S, span)
 
     # ------------------------------------------------------------------ observation
     def info(self) -> dict:

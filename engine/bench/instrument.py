@@ -131,30 +131,26 @@ class Instrument:
             torch.cuda.synchronize()
 
     def _timed_forward(self, role: str, fn):
-        def forward(rows):
-            self._role = role
-            self._sync()
-            t0 = time.perf_counter()
-            out = fn(rows)
-            self._sync()
-            dt = time.perf_counter() - t0
-            self.forwards.add(role, self._stage, len(rows), max(len(r.token_ids) for r in rows), dt)
-            self.raw[f"forward_{role}"] += dt
-            return out
-        return forward
+        """A model runner's ``forward``, keyed by its rows and their most new tokens; books phases to ``role``."""
+        return self._timed(role, fn, lambda rows: (len(rows), max(len(r.token_ids) for r in rows)), runs_model=True)
 
     def _timed_proposal(self, role: str, fn):
         """A proposer's ``propose`` as one entry per step, keyed by its rows and the most tokens asked of a row."""
-        def propose(rows):
+        return self._timed(role, fn, lambda rows: (len(rows.reqs), max(rows.ks, default=0)), runs_model=False)
+
+    def _timed(self, role: str, fn, shape, runs_model: bool):
+        def timed(rows):
+            if runs_model:
+                self._role = role
             self._sync()
             t0 = time.perf_counter()
             out = fn(rows)
             self._sync()
             dt = time.perf_counter() - t0
-            self.forwards.add(role, self._stage, len(rows.reqs), max(rows.ks, default=0), dt)
+            self.forwards.add(role, self._stage, *shape(rows), dt)
             self.raw[f"forward_{role}"] += dt
             return out
-        return propose
+        return timed
 
     def _staged(self, stage: str, fn):
         def run(reqs):

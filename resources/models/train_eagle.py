@@ -51,8 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
-from training.common import (Progress, StepBudget, add_config_flags, autocast, log, lr_at, pick_device,  # noqa: E402
-                             set_seed)
+from training.common import Progress, StepBudget, add_config_flags, autocast, log, lr_at, pick_device, set_seed  # noqa: E402
 from training.config import ASSISTANT, ASSISTANT_ID, DEFAULT_CORPUS, VALID_FILE  # noqa: E402
 from training.config import Config as DemoConfig  # noqa: E402
 
