@@ -60,6 +60,8 @@ class _Graph:
 class GraphRunner:
     """Replays captured graphs of ``lean.forward`` for small batches on one CUDA device."""
 
+    captures = 0  # graphs captured by every runner of the process: a step that captured is no timing of a step
+
     def __init__(self, lean, pool, max_keys: int):
         self.lean = lean
         self.pool = pool
@@ -99,6 +101,7 @@ class GraphRunner:
         with torch.cuda.graph(graph, pool=self.mempool, stream=self.stream):
             out = self.lean.forward(input_ids, positions, batch, self.pool, n, aux_layers)
         logits, hidden = out if aux_layers is not None else (out, None)
+        GraphRunner.captures += 1
         logger.debug("captured a CUDA graph: %d rows x %d tokens, %d keys%s", r, n, t, ", aux" if hidden is not None else "")
         return _Graph(graph, input_ids, positions, slots, gather, mask, logits, hidden)
 

@@ -22,6 +22,7 @@ from engine import cleanup, observe, prefill
 from engine.adaptive import Policy, best_k
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, SamplingParams
+from engine.cuda_graphs import GraphRunner
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import EngineStopped, InvalidRequest, KVCacheExhausted, PromptTooLong, QueueFull
 from engine.kv_pool import KVPool, KVShape, num_blocks_for
@@ -360,12 +361,14 @@ class LLMEngine:
         self.policy.tick()
         plan = self._make_room(self._one_k_per_method({r: self._choose(r, len(reqs)) for r in reqs}))
         self._fault("decode", list(plan))
+        captures = GraphRunner.captures
         results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)))
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}
-        if len(methods) <= 1:  # a step mixing methods times neither
-            self.policy.times.observe(next(iter(methods), ""), len(results), kmax, timing.total_s)
-        self._observe_times(kmax, timing, methods)
+        if captures == GraphRunner.captures:  # a step that captured a CUDA graph paid a one-off cost
+            if len(methods) <= 1:  # a step mixing methods times neither
+                self.policy.times.observe(next(iter(methods), ""), len(results), kmax, timing.total_s)
+            self._observe_times(kmax, timing, methods)
         share = 1.0 / max(1, len(results))
         for res in results:
             r, k, accepted = res.req, res.k, res.accepted
