@@ -377,6 +377,12 @@ class LLMEngine:
             method = res.method if k else (planned if planned_k and planned else "plain")
             self.method_stats.setdefault(method, MethodStats()).observe_step(
                 k, accepted, len(res.tokens), timing.total_s * share, miss=not k and method != "plain")
+            if planned_k and planned and (not k or res.method != planned) and r.params.num_draft_tokens is None:
+                # planned to draft but the proposer found nothing (n-gram: no match): for adaptive K that is a
+                # draft of which nothing was accepted, since the step cost what a drafting step costs (or the
+                # fallback drafted instead: then the fallback's evidence is its own, below)
+                r.adaptive.observe(planned, planned_k, 0)
+                self.policy.observe(planned, planned_k, 0)
             if k:
                 r.stats.observe_draft(k, accepted, res.method)
                 r.stats.draft_time_s += timing.propose_s * share
@@ -386,11 +392,6 @@ class LLMEngine:
                 self.policy.observe(res.method, k, accepted)
                 if r.params.num_draft_tokens is None:
                     self.alpha_prior = EMA * self.alpha_prior + (1 - EMA) * (accepted / k)
-            elif plan[r][0] and r.params.num_draft_tokens is None:
-                # planned to draft but the proposer found nothing (n-gram: no match): for adaptive K that is a
-                # draft of which nothing was accepted, since the step cost what a drafting step costs
-                r.adaptive.observe(plan[r][1], plan[r][0], 0)
-                self.policy.observe(plan[r][1], plan[r][0], 0)
             self.target.truncate(r.seq_id, n + accepted)
             for p in self.proposers.values():
                 p.rollback(r, n + accepted)

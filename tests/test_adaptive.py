@@ -224,3 +224,24 @@ def test_a_new_request_does_not_reprobe_a_useless_draft_from_scratch():
     later = _state_with_acceptance(0.02)
     ks = _steps(policy, later, 400)
     assert not any(ks[: 4 * PROBE_FIRST]), [i for i, k in enumerate(ks) if k]
+
+
+def test_ngram_misses_count_when_the_draft_model_drafts_instead(monkeypatch):
+    """With auto, a row whose n-gram lookup finds nothing drafts with the draft model in the same step. That
+    step is still an n-gram miss: counted as one, n-gram gets measured and the row settles (before, n-gram never got evidence and every step was a forced 'measuring n-gram' step at its K)."""
+    from engine.proposers.base import Proposal
+    from engine.proposers.ngram import NgramProposer
+
+    eng = tiny_engine(draft=True)
+    monkeypatch.setattr(NgramProposer, "propose", lambda self, rows: Proposal([[] for _ in rows.reqs]))
+    # the fallback is taken whenever n-gram is planned (the tiny random draft would rarely be predicted to pay)
+    eng._fallbacks = lambda plan, batch: {r: (2, "model") for r, (k, m) in plan.items() if m == "ngram" and k}
+    reasons = []
+    req = eng.add_request("zq xv", SamplingParams(max_new_tokens=80, temperature=0, ignore_eos=True,
+                                                  draft_method="auto"))
+    while eng.has_work():
+        eng.step()
+        if req.adaptive.last is not None:
+            reasons.append(req.adaptive.last.reason)
+    assert reasons and not any(r.startswith("measuring ngram") for r in reasons[-30:]), reasons[-30:]
+    assert eng.policy.evidence("ngram") > 0
