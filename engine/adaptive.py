@@ -203,7 +203,12 @@ class Policy:
         return (plain_steps >= every // 2 and clock and clock % every == 0) or plain_steps >= 2 * every
 
     def _steps_to_probe(self, state: AdaptiveState) -> int:
-        return next(s for s in range(1, 2 * state.probe_every + 1) if self._probe_due(state, state.plain_steps + s, s))
+        """The smallest s >= 1 for which ``_probe_due(state, plain_steps + s, ahead=s)`` holds, in closed form."""
+        self._probe_due(state, state.plain_steps)  # raises the interval to the method's floor
+        every, done = state.probe_every, state.plain_steps
+        first = max(1, every // 2 - done)
+        on_clock = first + (-(self.clock + first)) % every
+        return min(on_clock, max(1, 2 * every - done))
 
     def _shared_terms(self, method: str, batch: int, alpha: float, slope: float
                       ) -> tuple[list[float], list[float | None]]:
@@ -241,23 +246,32 @@ class Policy:
             out[k] = expected * t0 / times[k] if times[k] else 0.0
         return out
 
+    def reuse(self, state: AdaptiveState, methods, batch: int) -> Decision | None:
+        """The request's last decision when it still stands this step (None: decide with ``choose``): while
+        plain, re-evaluated every RECHECK steps and at probes; while speculating, every SPEC_RECHECK steps and
+        at explore steps. Cheap, as it runs for every row at every step."""
+        last = state.last
+        if last is None or last.forced:
+            return None
+        if last.k == 0 and state.plain_steps % RECHECK and not self._probe_due(state, state.plain_steps + 1):
+            state.plain_steps += 1
+        elif last.k and state.spec_steps % SPEC_RECHECK and self.clock % EXPLORE_EVERY and last.method in methods \
+                and bucket(batch) == state.bucket:
+            state.spec_steps += 1  # speculating as decided a few steps ago (acceptance moves slowly)
+        else:
+            return None
+        self.decision = last
+        return last
+
     def choose(self, state: AdaptiveState, methods: dict[str, float], batch: int, alpha: float) -> Decision:
         """K and method for this request's next step (K 0 = plain) and the reason.
 
         ``methods``: the proposers the request may use, each with its prior cost slope per drafted
-        token (in plain steps). While plain, the decision is re-evaluated every RECHECK steps only.
+        token (in plain steps). A decision that still stands (``reuse``) is kept.
         """
-        last = state.last
-        if last is not None and last.k == 0 and state.plain_steps % RECHECK and \
-                not self._probe_due(state, state.plain_steps + 1):
-            state.plain_steps += 1
-            self.decision = last
-            return last
-        if last is not None and last.k and not last.forced and state.spec_steps % SPEC_RECHECK and \
-                self.clock % EXPLORE_EVERY and last.method in methods and bucket(batch) == state.bucket:
-            state.spec_steps += 1  # speculating as decided a few steps ago (acceptance moves slowly)
-            self.decision = last
-            return last
+        d = self.reuse(state, methods, batch)
+        if d is not None:
+            return d
         state.bucket = bucket(batch)
         options = {m: self.gains(state, m, batch, alpha, slope) for m, slope in methods.items()}
         options = {m: g for m, g in options.items() if g}

@@ -278,9 +278,11 @@ class LLMEngine:
         room = max(0, min(req.remaining - 1, self.max_context - req.num_tokens - 1))
         if req.params.num_draft_tokens is not None:
             return min(req.params.num_draft_tokens, room), methods[0]
-        cost = {"model": self.draft_cost, "eagle": self.eagle_cost}
-        slopes = {m: self.verify_cost + cost.get(m, 0.0) for m in methods}
-        d = self.policy.choose(req.adaptive, slopes, batch, self.alpha_prior)
+        d = self.policy.reuse(req.adaptive, methods, batch)
+        if d is None:
+            cost = {"model": self.draft_cost, "eagle": self.eagle_cost}
+            slopes = {m: self.verify_cost + cost.get(m, 0.0) for m in methods}
+            d = self.policy.choose(req.adaptive, slopes, batch, self.alpha_prior)
         req.adaptive.fallback_k = d.fallback_k if "model" in methods else 0
         # plain for now: the draft keeps its cache, so a later probe only catches up the tokens since
         # (a released cache would make every probe re-read the whole context)
@@ -295,8 +297,9 @@ class LLMEngine:
             if r.params.num_draft_tokens is None and d is not None and d.gains and plan[r][1]:
                 groups.setdefault(d.method, []).append(r)
         for method, rows in groups.items():
-            if len(rows) < 2:
-                continue
+            if len(rows) < 2 or (len({r.adaptive.last.k for r in rows}) == 1 and
+                                 not any(r.adaptive.last.forced for r in rows)):
+                continue  # one row, or all chose the same K: it maximises their summed gain too
             forced = [r.adaptive.last.k for r in rows if r.adaptive.last.forced]
             # a row that must measure, probe or explore sets the K: the batch pays for that step anyway, and
             # every row's draft in it is evidence (a prediction must not veto the measurement it waits for)
