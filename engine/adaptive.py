@@ -34,6 +34,7 @@ MIN_SHARED_EVIDENCE = 8.0  # drafts a method must have been measured for before 
 RECHECK = 8  # while plain, steps between re-evaluations (each costs ~25 us per method)
 SPEC_RECHECK = 4  # while speculating, steps between re-evaluations: at batch 8 a full decision for every row
 # every step cost ~0.3 ms of host time, 5-9% of a CUDA-graph step of a 1B model on an H200
+SPEC_RECHECK_FROM = 4  # ... from this batch bucket on; smaller batches re-decide every step (a row costs ~25 us)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -256,7 +257,7 @@ class Policy:
         if last.k == 0 and state.plain_steps % RECHECK and not self._probe_due(state, state.plain_steps + 1):
             state.plain_steps += 1
         elif last.k and state.spec_steps % SPEC_RECHECK and self.clock % EXPLORE_EVERY and last.method in methods \
-                and bucket(batch) == state.bucket:
+                and bucket(batch) == state.bucket >= SPEC_RECHECK_FROM:
             state.spec_steps += 1  # speculating as decided a few steps ago (acceptance moves slowly)
         else:
             return None
