@@ -23,6 +23,7 @@ if str(MODELS) not in sys.path:
     sys.path.insert(0, str(MODELS))
 
 from training import config as C  # noqa: E402
+from training.copy_data import SentencePool, copy_conversation, copy_sequences, told_twice  # noqa: E402
 from training.corpus import eval_story_indices, opening, sentences  # noqa: E402
 from training.instruct import TASKS, StoryFacts, build_conversations, story_conversation  # noqa: E402
 
@@ -65,6 +66,8 @@ def test_pipeline_writes_complete_hf_folders_with_the_chat_format(tiny_run):
     res = json.loads((out / "demo_results.json").read_text())
     assert set(res["conversations"]) >= set(TASKS) - {"who"}  # every task made it into the data
     assert res["tokens"]["chat_reply_tokens"] > 0
+    assert res["tokens"]["copy_target_tokens"] > 0 and res["tokens"]["valid_copy_passages"] > 0  # tiny has copy data
+    assert "copy" in res["target_training"]["best_heldout"]
     for part in ("stories", "chat"):
         acc = res["eval"][part]
         assert 0.0 <= acc["acceptance_rate"] <= 1.0 and acc["num_draft_tokens"] > 0
@@ -73,6 +76,29 @@ def test_pipeline_writes_complete_hf_folders_with_the_chat_format(tiny_run):
         assert acc["greedy_equals_plain"] == [True, True]  # speculative greedy == plain greedy in the engine
     assert res["eval"]["target"]["heldout_loss"]["stories"] > 0 and res["eval"]["target"]["heldout_loss"]["chat"] > 0
     assert any(s["task"] == "handwritten" for s in res["eval"]["chat_samples"])
+    copy = res["eval"]["target"]["copy_loss"]
+    assert copy["passages"] > 0 and copy["first"] > 0 and copy["second"] > 0
+    for part in ("repeat_ngram", "repeat_model", "copy_chat_ngram", "copy_chat_model"):
+        assert res["eval"][part]["prompts"] > 0, part
+    assert res["eval"]["repeat_ngram"]["greedy_equals_plain"] == [True]
+
+
+@pytest.mark.slow
+@needs_corpus
+def test_finetune_target_continues_the_saved_target_and_draft(tiny_run, tmp_path):
+    import shutil
+
+    from training.cli import main
+
+    out, _, _ = tiny_run
+    shutil.copytree(out / "demo-target", tmp_path / "demo-target")
+    summary = main(["--preset", "tiny", "--corpus", str(CORPUS), "--out", str(tmp_path), "--device", "cpu",
+                    "--finetune-target", "--draft-init", str(out / "demo-draft"), "--skip-eval"])
+    tt = summary["target_training"]
+    assert tt["finetuned"] and tt["history"][0][0] == 0 and "copy" in tt["history"][0][1]  # losses before, as step 0
+    assert (tmp_path / "demo-draft" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "demo-target" / "tokenizer.json").read_text())["model"] == json.loads(
+        (out / "demo-target" / "tokenizer.json").read_text())["model"]  # the tokenizer is kept
 
 
 @pytest.mark.slow
@@ -132,6 +158,7 @@ def test_eval_only_and_the_cpu_timer_reuse_the_saved_folders(tiny_run, tmp_path)
 def test_entry_point_help_names_the_stages():
     r = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--reuse-target" in r.stdout and "--chat-weight" in r.stdout
+    assert "--finetune-target" in r.stdout and "--copy-weight" in r.stdout
 
 
 def test_openings_and_sentences():
@@ -180,3 +207,63 @@ def test_conversations_mix_tasks_system_prompts_and_multi_turn():
     assert any(c[0]["role"] == "system" for c in convs) and any(c[0]["role"] == "user" for c in convs)
     assert any(len([m for m in c if m["role"] == "user"]) == 2 for c in convs)
     assert build_conversations(stories, 2, seed=3)[0] == convs  # seeded
+
+
+def _pool():
+    books = ["The wind blew over the hill. A bird sang in the old oak tree. The river ran fast and cold.\n"
+             "Night came, and the stars came out one by one. The fox went home to his den."]
+    return SentencePool([STORY, OTHER] + books)
+
+
+def test_copy_passages_mix_sentences_of_different_documents():
+    pool, rng = _pool(), random.Random(1)
+    docs = {d for d, _ in pool.items}
+    assert len(docs) == 3
+    for _ in range(50):
+        sents, noisy = pool.passage(rng)
+        assert 2 <= len(sents) <= 8
+        if not noisy:
+            assert all(any(s == t for _, t in pool.items) for s in sents)
+
+
+def test_copy_conversations_repeat_text_of_the_conversation():
+    pool, rng = _pool(), random.Random(2)
+    for _ in range(40):
+        msgs = copy_conversation(pool, rng)
+        assert msgs[-1]["role"] == "assistant"
+        earlier = " ".join(m["content"] for m in msgs[:-1])
+        assert msgs[-1]["content"] in earlier  # the reply is copied out of the conversation
+
+
+class _CharTok:
+    """A stand-in tokenizer: one id per character (what the copy masks need, no trained BPE)."""
+
+    class backend_tokenizer:  # noqa: N801
+        class _E:
+            def __init__(self, ids):
+                self.ids = ids
+
+        @classmethod
+        def encode_batch(cls, texts, add_special_tokens=False):
+            return [cls._E([10 + ord(c) % 200 for c in t]) for t in texts]
+
+
+def test_told_twice_masks_the_first_and_the_second_telling():
+    for ids, first, second in told_twice(_CharTok, [STORY, OTHER], 5, seed=0, max_tokens=600):
+        a = [t for t, m in zip(ids, first) if m]
+        b = [t for t, m in zip(ids, second) if m]
+        assert a and a == b  # the second telling repeats the first exactly; the separator is in neither
+        assert len(ids) == len(first) == len(second) and not any(x and y for x, y in zip(first, second))
+
+
+def test_plain_copy_documents_train_only_the_continuation_of_a_repeat():
+    for ids, mask in copy_sequences(_CharTok, [STORY, OTHER, "The sun came up. The birds sang. A cow said moo."], 30,
+                                    seed=4, chat_frac=0.0):
+        assert ids[0] == ids[-1] == C.EOS_ID and len(ids) == len(mask)
+        on = [i for i, m in enumerate(mask) if m]
+        if not on:  # a one- or two-word repeat has nothing left to train on
+            continue
+        assert on == list(range(on[0], on[-1] + 1))  # one span: the repeat after its first words
+        span, before = ids[on[0]: on[-1] + 1], ids[1: on[0]]
+        assert any(before[i: i + len(span)] == span for i in range(len(before)))  # copied from the first telling
+        assert not any(mask[: on[0]])  # nothing before it (first telling, separator, first words) is a target

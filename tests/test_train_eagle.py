@@ -131,3 +131,20 @@ def test_tiny_run_learns_and_writes_a_head_the_engine_drafts_with(te, tmp_path):
 def test_bad_target_is_a_clear_error(te, tmp_path):
     with pytest.raises(SystemExit, match="no target model"):
         te.main(["--target", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.skipif(not (CORPUS / "tinystories_valid.txt").exists(), reason=f"corpus not found at {CORPUS}")
+def test_init_continues_a_head_on_a_mix_with_copy_data(te, tmp_path):
+    from safetensors import safe_open
+
+    init = TARGET.parent / "demo-eagle"
+    if not (init / "config.json").is_file():
+        pytest.skip("no demo-eagle head to continue")
+    out = tmp_path / "eagle"
+    summary = te.main(["--preset", "tiny", "--device", "cpu", "--threads", "1", "--corpus", str(CORPUS),
+                       "--target", str(TARGET), "--out", str(out), "--skip-eval", "--init", str(init),
+                       "--mix", "gen=0.5,copy=0.5", "--copy-docs", "50"])
+    assert summary["data"]["tokens"]["copy"] > 0 and summary["data"]["weights"]["copy"] == 0.5
+    with safe_open(str(init / "model.safetensors"), "pt") as a, safe_open(str(out / "model.safetensors"), "pt") as b:
+        assert a.get_tensor("d2t").equal(b.get_tensor("d2t"))  # the draft vocabulary is the init head's
+    assert json.loads((out / "config.json").read_text())["draft_vocab_size"] == 2048

@@ -15,6 +15,7 @@ Usage (from the repo root):
   python resources/models/train_demo.py                       # full run (GPU: minutes)
   python resources/models/train_demo.py --preset tiny --out /tmp/demo   # CI-sized smoke run
   python resources/models/train_demo.py --eval-only --time-cpu  # re-evaluate the saved folders on CPU
+  python resources/models/train_demo.py --finetune-target --copy-weight 0.25 --out OUT   # teach OUT's target to copy
   python resources/models/train_demo.py --help                 # every setting
 """
 import sys

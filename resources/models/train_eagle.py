@@ -28,6 +28,7 @@ Usage (from the repo root):
   python resources/models/train_eagle.py --device cuda --corpus .data --skip-eval   # GPU: < 10 minutes
   python resources/models/train_eagle.py --eval-only                     # then on CPU, through the engine
   python resources/models/train_eagle.py --preset cpu-demo --device cpu --threads 1   # ~5 minutes on a CPU
+  python resources/models/train_eagle.py --init resources/models/demo-eagle --target NEW   # continue a head
   python resources/models/train_eagle.py --help                          # every setting
 
 The GPU command (``.data`` is a copy of /work/shared/data/corpus, as for train_demo.py) generates the
@@ -57,7 +58,7 @@ from training.config import Config as DemoConfig  # noqa: E402
 
 DEFAULT_TARGET = HERE / "demo-target"
 DEFAULT_OUT = HERE / "demo-eagle"
-SOURCES = ("gen", "stories", "chat", "books")
+SOURCES = ("gen", "stories", "chat", "books", "copy")
 
 
 @dataclass
@@ -69,6 +70,8 @@ class Config:
     intermediate: int = 0  # MLP width of the head's layer (0: the target's)
     # data
     mix: str = "gen=0.7,stories=0.15,chat=0.1,books=0.05"  # window sources and weights (missing ones drop out)
+    copy_docs: int = 20000  # the "copy" source: passages told twice (training/copy_data.py)
+    init: str = ""  # a head folder to continue training (its draft vocabulary kept); "": start from the target
     use_extra: bool = True  # tinystories_train_extra_truecased.txt
     max_docs: int = 0  # >0: only the first N documents of each corpus file
     max_doc_chars: int = 0  # >0: cut every document to N characters
@@ -187,11 +190,17 @@ def build_data(cfg: Config, target, tok, corpus: Path, device):
     if not chat and mix.get("chat"):
         log("data: the target has no chat format (no <|assistant|> token); the chat source is left out")
         mix["chat"] = 0.0
-    dcfg = demo_config(cfg, cfg.ctx, books=bool(mix.get("books") or mix.get("chat")))
+    dcfg = demo_config(cfg, cfg.ctx, books=bool(mix.get("books") or mix.get("chat") or mix.get("copy")))
     data = load_corpus(corpus, dcfg)
     streams = {"stories": plain_stream(encode_texts(tok, data["ts"]))}
     if mix.get("books"):
         streams["books"] = plain_stream(encode_texts(tok, data["books"]))
+    if mix.get("copy"):
+        from training.copy_data import copy_sequences
+
+        seqs = copy_sequences(tok, data["ts"] + data["books"], cfg.copy_docs, cfg.seed + 21,
+                              chat_frac=0.4 if chat else 0.0)
+        streams["copy"] = masked_stream(seqs)
     if mix.get("chat"):
         convs, _ = build_conversations(data["ts"], cfg.chat_per_story, cfg.seed + 4, data["books"],
                                        dcfg.book_passages if data["books"] else 0)
@@ -225,11 +234,13 @@ def draft_vocabulary(streams: dict, weights: dict, n: int, vocab: int, keep: lis
 
 
 # ----------------------------------------------------------------------------- model
-def make_head(cfg: Config, target, ids=None):
+def make_head(cfg: Config, target, ids=None, device=None):
     import torch
 
-    from engine.eagle import EagleConfig, EagleHead
+    from engine.eagle import EagleConfig, EagleHead, load_head
 
+    if cfg.init:
+        return load_head(cfg.init, target, dtype=torch.float32, device=device).train().requires_grad_(True)
     hcfg = EagleConfig.for_target(target.config, draft_vocab_size=len(ids) if ids is not None else None,
                                   intermediate_size=cfg.intermediate or None)
     head = EagleHead(hcfg)
@@ -502,14 +513,16 @@ def main(argv=None) -> dict:
         summary["data"] = {"tokens": {k: len(s) for k, s in streams.items()}, "weights": weights,
                            "heldout_sequences": len(heldout), "seconds": round(time.time() - t0, 1)}
         ids = None
-        if cfg.draft_vocab and cfg.draft_vocab < target.config.vocab_size:
+        if cfg.init:
+            log(f"head: continuing {cfg.init} (its draft vocabulary)")
+        elif cfg.draft_vocab and cfg.draft_vocab < target.config.vocab_size:
             stop = target.generation_config.eos_token_id
             keep = sorted({*([stop] if isinstance(stop, int) else stop or []), tok.eos_token_id} - {None})
             ids, covered = draft_vocabulary(streams, weights, cfg.draft_vocab, target.config.vocab_size, keep)
             summary["data"]["draft_vocab_coverage"] = covered
             log(f"draft vocabulary: {cfg.draft_vocab} of {target.config.vocab_size} tokens, covering {covered:.4f} "
                 "of the training tokens")
-        head = make_head(cfg, target, ids)
+        head = make_head(cfg, target, ids, device)
         n_par = sum(p.numel() for p in head.parameters())
         log(f"head: {n_par:,} parameters, aux layers {head.layer_ids(target.config.num_hidden_layers)} of "
             f"{target.config.num_hidden_layers}, draft vocabulary {head.cfg.draft_vocab_size}")

@@ -38,6 +38,9 @@ def parse_args(argv=None):
     ap.add_argument("--skip-eval", action="store_true", help="train and save only (evaluate later with --eval-only)")
     ap.add_argument("--reuse-target", action="store_true",
                     help="keep OUT/demo-target (and its tokenizer): only write distillation data and train the draft")
+    ap.add_argument("--finetune-target", action="store_true",
+                    help="continue training OUT/demo-target (its tokenizer kept) on the data mix, copy data included "
+                         "(--copy-weight), then write distillation data and train the draft")
     ap.add_argument("--time-only", action="store_true",
                     help="only time CPU decoding steps of the saved folders (stored in the results JSON)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for CPU evaluation and timing (default 2)")
@@ -75,10 +78,21 @@ def prepare_data(data: dict, hf_tok, cfg: Config):
             hf_tok, [c["messages"] + [{"role": "assistant", "content": c["reference"]}] for c in valid_chat])
             if len(s[0]) <= cfg.ctx + 1],
     }
+    if cfg.copy_weight > 0 or cfg.draft_copy_frac > 0:
+        from .copy_data import copy_sequences, told_twice
+
+        streams["copy"] = masked_stream(copy_sequences(hf_tok, data["ts"] + data["books"], cfg.copy_docs, cfg.seed + 21))
+        heldout["copy"] = [(ids, second) for ids, _, second in
+                           told_twice(hf_tok, data["valid"], cfg.copy_heldout, cfg.seed + 22, cfg.ctx)]
+        if not heldout["copy"]:
+            del heldout["copy"]
     tokens = {k: len(v) if v is not None else 0 for k, v in streams.items()}
     tokens["chat_reply_tokens"] = int(streams["chat"].mask.sum())
     tokens["valid_stories"] = sum(len(s) - 1 for s, _ in heldout["stories"])
     tokens["valid_chat_conversations"] = len(heldout["chat"])
+    if "copy" in streams:
+        tokens["copy_target_tokens"] = int(streams["copy"].mask.sum())
+        tokens["valid_copy_passages"] = len(heldout.get("copy", []))
     log(f"data: {len(convs)} conversations {dict(counts)}; tokens {tokens} ({time.time() - t0:.1f}s)")
     return streams, heldout, {"tokens": tokens, "conversations": dict(counts)}
 
@@ -95,17 +109,18 @@ def train(args, cfg: Config, device, target_dir: Path, draft_dir: Path, summary:
     t_start = time.time()
     set_seed(cfg.seed)
     data = load_corpus(args.corpus, cfg)
-    if args.reuse_target:
+    if args.reuse_target or args.finetune_target:
         hf_tok = AutoTokenizer.from_pretrained(target_dir)
         target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).to(device).eval()
-        log(f"target: reusing {target_dir}")
+        log(f"target: {'fine-tuning' if args.finetune_target else 'reusing'} {target_dir}")
     else:
         hf_tok = train_tokenizer(data["ts"], cfg)
     streams, heldout, info = prepare_data(data, hf_tok, cfg)
     summary.update(info)
     if not args.reuse_target:
         t0 = time.time()
-        target, tinfo = train_target(cfg, streams, heldout, device)
+        target, tinfo = train_target(cfg, streams, heldout, device, init=target if args.finetune_target else None)
+        tinfo["finetuned"] = bool(args.finetune_target)
         tinfo["seconds"] = round(time.time() - t0, 1)
         summary["target_training"] = tinfo
         save_model(target, hf_tok, target_dir)
@@ -126,6 +141,8 @@ def train(args, cfg: Config, device, target_dir: Path, draft_dir: Path, summary:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.reuse_target and args.finetune_target:
+        raise SystemExit("--reuse-target and --finetune-target exclude each other")
     cfg = make_config(args)
     out = Path(args.out)
     target_dir, draft_dir = out / "demo-target", out / "demo-draft"

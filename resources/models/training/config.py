@@ -41,6 +41,10 @@ class Config:
     chat_per_story: int = 3  # instruction/chat conversations built from each train story
     book_passages: int = 3000  # "continue this passage" conversations from the books
     heldout_windows: int = 0  # >0: at most N held-out story windows while training (early stopping)
+    # copy data (copy_data.py): passages recombined across documents, told twice; only copying predicts the repeat
+    copy_weight: float = 0.0  # share of the target's windows (taken from the plain stories' share)
+    copy_docs: int = 40000  # copy documents built from the train stories and books
+    copy_heldout: int = 300  # held-out passages (recombined held-out stories) for early stopping and the eval
     # target training: windows drawn from plain stories, books and chat conversations
     books_weight: float = 0.15
     chat_weight: float = 0.4
@@ -67,6 +71,8 @@ class Config:
     draft_lr: float = 1e-3
     draft_wd: float = 0.0
     draft_real_frac: float = 0.2  # fraction of windows from real text (half stories, half chat); rest generated
+    draft_copy_frac: float = 0.0  # fraction of windows from the copy data (taken from the generated share)
+    draft_init: str = ""  # a draft folder to continue distilling (a re-trained target's old draft); "": the target's layers
     draft_eval_every: int = 250
     draft_max_minutes: float = 0.0  # >0: fit the step count into this many minutes (measured rate)
     # evaluation
@@ -83,6 +89,7 @@ PRESETS = {
     "tiny": dict(
         vocab_size=384, ctx=128, hidden=32, intermediate=64, heads=2, target_layers=2,
         draft_layers=1, max_docs=120, max_doc_chars=1500, chat_per_story=1, book_passages=20, heldout_windows=24,
+        copy_weight=0.2, copy_docs=60, copy_heldout=8, draft_copy_frac=0.2,
         target_steps=6, target_batch=8, eval_every=3, patience=100, warmup=2,
         gen_openings=16, gen_samples=1, gen_new_tokens=24, gen_batch=16,
         draft_steps=6, draft_batch=8, draft_eval_every=3,

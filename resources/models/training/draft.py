@@ -64,13 +64,19 @@ def train_draft(cfg: Config, target, streams: dict, gen_seqs: list, device):
     target.eval()
     for p in target.parameters():
         p.requires_grad_(False)
-    draft = init_draft_from_target(target, cfg)
-    log(f"draft: {cfg.draft_layers} layers, {n_params(draft):,} parameters (initialised from the target)")
+    if cfg.draft_init:
+        from transformers import AutoModelForCausalLM
+
+        draft = AutoModelForCausalLM.from_pretrained(cfg.draft_init, dtype=torch.float32).to(device)
+        log(f"draft: {draft.config.num_hidden_layers} layers, {n_params(draft):,} parameters (from {cfg.draft_init})")
+    else:
+        draft = init_draft_from_target(target, cfg)
+        log(f"draft: {cfg.draft_layers} layers, {n_params(draft):,} parameters (initialised from the target)")
     n_hold = min(256, max(1, len(gen_seqs) // 50))
     hold, gen_train = gen_seqs[:n_hold], masked_stream(gen_seqs[n_hold:])
-    real = cfg.draft_real_frac / 2
-    sampler = WindowSampler([gen_train, streams["ts"], streams.get("chat")], [1.0 - 2 * real, real, real], cfg.ctx,
-                            cfg.seed + 11)
+    real, cp = cfg.draft_real_frac / 2, cfg.draft_copy_frac
+    sampler = WindowSampler([gen_train, streams["ts"], streams.get("chat"), streams.get("copy")],
+                            [1.0 - 2 * real - cp, real, real, cp], cfg.ctx, cfg.seed + 11)
     opt = make_optimizer(draft, cfg.draft_lr, cfg.draft_wd, device)
     a0 = agreement(draft, target, hold, cfg.ctx, device)
     log(f"draft: agreement with the target on held-out generated text before distillation: {a0:.4f}")

@@ -11,6 +11,7 @@ from pathlib import Path
 from .chat_format import encode_conversations
 from .common import log
 from .config import VALID_FILE, Config
+from .copy_data import SentencePool, copy_conversation, told_twice
 from .corpus import eval_story_indices, opening, read_docs
 from .draft import agreement
 from .instruct import TASKS, story_conversation
@@ -47,6 +48,32 @@ def chat_eval_set(valid_docs: list[str], n: int, seed: int) -> list[dict]:
             task, messages = made
             out.append({"task": task, "story_index": idx, "messages": messages[:-1], "reference": messages[-1]["content"]})
             i += 1
+    return out
+
+
+def copy_prompt_sets(engine, tok, valid_docs: list[str], openings: list[str], cfg: Config, ctx: int) -> dict:
+    """N-gram prompt lookup (and the draft model, for comparison) on prompts whose continuation repeats the
+    prompt: issue 16's repeat set (3 held-out openings, then the first sentence again, as ``main.py bench
+    --prompt-set repeat``) and chat requests to repeat passages recombined from held-out stories."""
+    from engine.bench.prompts import repeat_prompts
+    from engine.server.chat import chat_prompt
+
+    rng = random.Random(cfg.seed + 23)
+    pool = SentencePool(valid_docs)
+    chats = [copy_conversation(pool, rng)[:-1] for _ in range(max(4, cfg.eval_chat_prompts // 2))]
+    sets = {"repeat": [tok(p)["input_ids"] for p in repeat_prompts(openings)],
+            "copy_chat": [chat_prompt(tok, [(m["role"], m["content"]) for m in msgs]) for msgs in chats]}
+    out = {}
+    for name, prompts in sets.items():
+        prompts = [p for p in prompts if len(p) <= ctx - 16]
+        for method in ("ngram", "model"):
+            acc, events = run_set(engine, prompts, cfg.eval_new_tokens, cfg.spec_k, method=method,
+                                  check_exact=1 if method == "ngram" else 0)
+            acc["sample"] = events[0].text if events else None
+            out[f"{name}_{method}"] = acc
+            log(f"eval: {name} prompts ({len(prompts)}), {method} K={cfg.spec_k}: acceptance "
+                f"{acc['acceptance_rate']:.4f}, mean acceptance length {acc['mean_acceptance_length']:.3f}, "
+                f"{acc['num_drafts']} drafts for {acc['generated_tokens']} tokens")
     return out
 
 
@@ -113,6 +140,11 @@ def evaluate(target_dir: Path, draft_dir: Path, corpus: Path, cfg: Config, threa
         losses = {"stories": heldout_loss(m, story_seqs, ctx, device), "chat": heldout_loss(m, chat_seqs, ctx, device)}
         res[name] = {"layers": m.config.num_hidden_layers, "parameters": n_params(m),
                      "heldout_loss": losses, "heldout_ppl": {k: math.exp(v) for k, v in losses.items()}}
+    twice = told_twice(tok, valid_docs, cfg.copy_heldout, cfg.seed + 22, ctx)
+    for name, m in (("target", target), ("draft", draft)):  # copying: the second telling vs the first
+        res[name]["copy_loss"] = {"passages": len(twice),
+                                  "first": heldout_loss(m, [(s, m1) for s, m1, _ in twice], ctx, device),
+                                  "second": heldout_loss(m, [(s, m2) for s, _, m2 in twice], ctx, device)}
     res["agreement_teacher_forced_heldout"] = {
         "stories": agreement(draft, target, story_seqs[:64], ctx, device),
         "chat": agreement(draft, target, chat_seqs[:256], ctx, device),
@@ -155,6 +187,10 @@ def evaluate(target_dir: Path, draft_dir: Path, corpus: Path, cfg: Config, threa
         res["chat_ngram"] = ng
         log(f"eval: chat, n-gram prompt lookup K={cfg.spec_k}: acceptance {ng['acceptance_rate']:.4f} over "
             f"{ng['num_drafts']} drafts for {ng['generated_tokens']} tokens")
+        res.update(copy_prompt_sets(engine, tok, valid_docs, openings, cfg, ctx))
+    log(f"eval: copy loss (held-out passages told twice), first / second telling: target "
+        f"{res['target']['copy_loss']['first']:.3f} / {res['target']['copy_loss']['second']:.3f}, draft "
+        f"{res['draft']['copy_loss']['first']:.3f} / {res['draft']['copy_loss']['second']:.3f}")
     for s in res["chat_samples"][:: max(1, len(res["chat_samples"]) // 8)]:
         log(f"--- {s['task']}: {s['messages'][-1]['content'][:160]!r}\n{s['reply']}")
     return res

@@ -19,23 +19,31 @@ def heldout_losses(model, heldout: dict, ctx: int, device) -> dict[str, float]:
     return losses
 
 
-def train_target(cfg: Config, streams: dict, heldout: dict, device):
-    """streams: TokenStreams 'ts', 'books', 'chat'; heldout: name -> (ids, mask) sequences."""
+def train_target(cfg: Config, streams: dict, heldout: dict, device, init=None):
+    """streams: TokenStreams 'ts', 'books', 'chat' (and 'copy'); heldout: name -> (ids, mask) sequences.
+    ``init``: a trained target to fine-tune (the same loop, schedule and early stopping; its held-out losses
+    before the first step are recorded as step 0) instead of a fresh model."""
     import torch
     from transformers import LlamaForCausalLM
 
     set_seed(cfg.seed)
-    model = LlamaForCausalLM(make_config(cfg, cfg.target_layers)).to(device)
-    log(f"target: {cfg.target_layers} layers, {n_params(model):,} parameters")
+    history = []
+    if init is None:
+        model = LlamaForCausalLM(make_config(cfg, cfg.target_layers)).to(device)
+        log(f"target: {cfg.target_layers} layers, {n_params(model):,} parameters")
+    else:
+        model = init.to(device).requires_grad_(True)
+        losses = heldout_losses(model, heldout, cfg.ctx, device)
+        history.append((0, {k: round(v, 4) for k, v in losses.items()}))
+        log(f"target: fine-tuning, {n_params(model):,} parameters; held-out losses before: {history[0][1]}")
     hooks = add_residual_dropout(model, cfg.target_dropout)
     opt = make_optimizer(model, cfg.target_lr, cfg.target_wd, device)
-    ts_weight = 1.0 - cfg.books_weight - cfg.chat_weight
-    sampler = WindowSampler([streams["ts"], streams.get("books"), streams.get("chat")],
-                            [ts_weight, cfg.books_weight, cfg.chat_weight], cfg.ctx, cfg.seed + 1)
+    ts_weight = 1.0 - cfg.books_weight - cfg.chat_weight - cfg.copy_weight
+    sampler = WindowSampler([streams["ts"], streams.get("books"), streams.get("chat"), streams.get("copy")],
+                            [ts_weight, cfg.books_weight, cfg.chat_weight, cfg.copy_weight], cfg.ctx, cfg.seed + 1)
     budget = StepBudget("target", cfg.target_steps, cfg.target_max_minutes)
     best = (float("inf"), 0, None, {})
     bad = done = 0
-    history = []
     prog = Progress("target", budget.total, cfg.log_every)
     model.train()
     t0 = time.time()
