@@ -25,7 +25,8 @@ def pair_text(engine) -> str:
         return "no models"
     info = engine.info()
     draft = short_model_name(info["draft"]) if info["has_draft"] else "no draft"
-    return f"{short_model_name(info['target'])} + {draft}"
+    eagle = f" + EAGLE head {short_model_name(info['eagle'])}" if info.get("eagle") else ""
+    return f"{short_model_name(info['target'])} + {draft}{eagle}"
 
 
 def memory_text(engine) -> str:

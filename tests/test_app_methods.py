@@ -132,3 +132,10 @@ def test_doctor_runs_on_what_is_loaded():
     argv = doctor_command(EngineConfig(target="t", draft="d", eagle="h"), "/tmp/r.json")
     assert argv[argv.index("--draft") + 1] == "d" and argv[argv.index("--eagle") + 1] == "h"
     assert "--eagle" not in doctor_command(EngineConfig(target="t", draft="d"), "/tmp/r.json")
+
+
+def test_status_bar_names_the_eagle_head():
+    from helix_desktop.status_bar import pair_text
+
+    assert pair_text(tiny_pair_engine(eagle=True)) == "tiny-target + tiny-draft + EAGLE head tiny-eagle"
+    assert "EAGLE" not in pair_text(tiny_pair_engine(eagle=False))
