@@ -251,8 +251,11 @@ def _cost_model(tracked: list[_Tracked]) -> dict:
         # measured / predicted isolates what the cost model leaves out (sampling, scheduling, Python)
         if t.method.draft_method == "eagle":  # one entry per proposal of about k_mean head steps
             t_draft = (t.inst.forwards.mean("eagle") or 0.0) / k_mean
-        else:
-            t_draft = t.inst.forwards.mean("draft") or 0.0
+        elif t.method.draft_method == "model" or (t.method.draft_method is None and t.method.k is not None):
+            t_draft = t.inst.forwards.mean("draft") or 0.0  # fixed K drafts with the draft model
+        else:  # auto mixes methods: all drafting time (head and draft model; n-gram costs none) per drafted token
+            spent = sum(t.inst.forwards.select("eagle")) + sum(t.inst.forwards.select("draft"))
+            t_draft = spent / sum(k for k, _a in drafts)
         t_verify = t.inst.forwards.mean("target", min_tokens=2) or t1
         c = t_draft / t1
         gamma = max(0.0, (t_verify / t1 - 1.0) / k_mean)
