@@ -247,6 +247,34 @@ class Policy:
             out[k] = expected * t0 / times[k] if times[k] else 0.0
         return out
 
+    def expected(self, state: AdaptiveState, method: str, batch: int, alpha: float, slope: float) -> list[float]:
+        """Expected tokens of one step at K = 0..MAX_DRAFT_TOKENS for this request and method."""
+        prior, _ = self._shared_terms(method, batch, alpha, slope)
+        out = [1.0]
+        for s in survival(state.stats.get(method), prior, PRIOR_WEIGHT):
+            out.append(out[-1] + s)
+        return out
+
+    def step_cap(self, rows: list[tuple[AdaptiveState, str, int, float]], others: int, batch: int,
+                 alpha: float) -> int | None:
+        """The K cap that maximises the batch's expected tokens per second (None: plain is not timed yet).
+
+        ``rows``: (state, method, planned K, cost slope) of the adaptive rows; ``others`` rows take one token.
+        Each row decides as if the step's cost were its own, but a step costs what its longest row costs: one
+        row drafting K makes all the rows' step a K-step (every row is verified at K + 1 positions). With most
+        rows plain and one drafting, the batch can lose where that row gains."""
+        t0 = self.times.plain(batch)
+        if t0 is None:
+            return None
+        gains = [self.expected(st, m, batch, alpha, slope) for st, m, _k, slope in rows]
+        best, best_value = 0, (sum(g[0] for g in gains) + others) / t0
+        for cap in sorted({k for _, _, k, _ in rows if k}):
+            cost = max(self.times.predict_all(m, batch, slope)[cap] or 0.0 for _, m, k, slope in rows if k >= cap)
+            tokens = sum(g[min(k, cap)] for g, (_, _, k, _) in zip(gains, rows)) + others
+            if cost > 0 and tokens / cost >= best_value:
+                best, best_value = cap, tokens / cost
+        return best
+
     def reuse(self, state: AdaptiveState, methods, batch: int) -> Decision | None:
         """The request's last decision when it still stands this step (None: decide with ``choose``): while
         plain, re-evaluated every RECHECK steps and at probes; while speculating, every SPEC_RECHECK steps and

@@ -310,6 +310,28 @@ class LLMEngine:
                 plan[r] = (min(k, room), method)
         return plan
 
+    def _cap_batch(self, plan: dict[Request, tuple[int, str]]) -> dict[Request, tuple[int, str]]:
+        """Where adaptive rows planned different K (some plain, some drafting), cap K at what pays for the
+        whole batch (Policy.step_cap). Steps with a fixed-K row or a row that must measure, probe or explore
+        keep their plan, and so do steps whose rows all planned one K (each row's gain then holds for all)."""
+        ks = {k for k, _ in plan.values()}
+        if len(plan) < 2 or len(ks) < 2:
+            return plan
+        rows, others = [], 0
+        cost = {"model": self.draft_cost, "eagle": self.eagle_cost}
+        for r, (k, m) in plan.items():
+            d = r.adaptive.last
+            if r.params.num_draft_tokens is not None or (d is not None and d.forced):
+                return plan
+            if m and d is not None:
+                rows.append((r.adaptive, m, k, self.verify_cost + cost.get(m, 0.0)))
+            else:
+                others += 1
+        cap = self.policy.step_cap(rows, others, len(plan), self.alpha_prior)
+        if cap is None or cap >= max(ks):
+            return plan
+        return {r: (min(k, cap), m) for r, (k, m) in plan.items()}
+
     def _fallbacks(self, plan: dict[Request, tuple[int, str]], batch: int) -> dict[Request, tuple[int, str]]:
         """(K, method) for adaptive n-gram rows where the lookup finds no match: the draft model or the EAGLE head,
         whichever adaptive predicts fastest, and only where it predicts a gain over plain decoding."""
@@ -362,7 +384,7 @@ class LLMEngine:
 
     def _decode(self, reqs: list[Request]) -> None:
         self.policy.tick()
-        plan = self._make_room(self._one_k_per_method({r: self._choose(r, len(reqs)) for r in reqs}))
+        plan = self._make_room(self._cap_batch(self._one_k_per_method({r: self._choose(r, len(reqs)) for r in reqs})))
         self._fault("decode", list(plan))
         captures = GraphRunner.captures
         results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)))

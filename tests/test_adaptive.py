@@ -272,3 +272,43 @@ def test_a_speculating_decision_stands_for_a_few_steps_at_batch_8_only():
     policy.clock = 2
     assert policy.reuse(state, {"model": 0.3}, 8) is state.last
     assert policy.reuse(state, {"model": 0.3}, 2) is None  # another batch bucket: decide afresh
+
+
+def test_the_batch_caps_k_where_one_row_drafting_costs_all_rows_a_longer_step():
+    """Seven rows decode plain and one would draft: the step is verified at K + 1 positions for every row, so
+    the batch loses although that row gains (1.6 tokens for a step 1.4x as long). Eight such rows pay."""
+    policy = _policy(1.0, 0.4, batch=8)
+    keen = _state_with_acceptance(0.6)
+    slope = 0.3
+    one = [(keen, "model", 1, slope)] + [(AdaptiveState(), "model", 0, slope) for _ in range(7)]
+    assert policy.step_cap(one, 0, 8, alpha=0.6) == 0
+    assert policy.step_cap([(keen, "model", 1, slope)] * 8, 0, 8, alpha=0.6) == 1
+    assert policy.step_cap([(keen, "model", 1, slope)], 7, 8, alpha=0.6) == 0  # rows of plain requests count too
+    assert Policy().step_cap(one, 0, 8, alpha=0.6) is None  # plain not timed at this batch yet: no opinion
+
+
+def test_engine_caps_a_mixed_batch(monkeypatch):
+    """In the engine: a step whose rows planned different K (a speculative request, whose draft is the target
+    itself, beside a plain one) goes through the batch cap, the plain request's row counted as one token."""
+    import copy
+
+    from engine import EngineConfig, LLMEngine
+
+    tok = tiny_tokenizer()
+    target = tiny_llama(len(tok), layers=2, seed=0)
+    eng = LLMEngine(target, tok, copy.deepcopy(target), EngineConfig(target="t", draft="t"), max_context=256)
+    seen = []
+    real = eng.policy.step_cap
+
+    def spy(rows, others, batch, alpha):
+        cap = real(rows, others, batch, alpha)
+        seen.append((sorted(k for _, _, k, _ in rows), others, cap))
+        return cap
+
+    monkeypatch.setattr(eng.policy, "step_cap", spy)
+    a = eng.add_request("ab cd ef", SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))
+    b = eng.add_request("ab cd ef", SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True, speculative=False))
+    while eng.has_work():
+        eng.step()
+    assert a.status.name == b.status.name == "FINISHED"
+    assert any(others == 1 and ks and ks[0] > 0 for ks, others, _ in seen), seen
