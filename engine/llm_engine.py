@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 import uuid
-import weakref
 from collections import deque
 
 import torch
@@ -33,12 +32,12 @@ from engine.scheduler import Scheduler
 from engine.sequence import FinishEvent, Request, Status, TokenEvent
 from engine.spec_decode import StepTiming, decode_step, first_token
 from engine.stats import MethodStats, SpecDecodingStats
+from engine.step_plan import StepPlanner
 from engine.warmup import warmup
 
 logger = logging.getLogger(__name__)
 
 EMA = 0.9
-FALLBACK_RECHECK = 8  # decode steps between re-evaluations of an n-gram row's fallback (model or EAGLE head)
 
 
 class LLMEngine:
@@ -67,10 +66,9 @@ class LLMEngine:
 
             self.proposers["eagle"] = EagleProposer(eagle_head, self.target)
         self.policy = Policy()
+        self.planner = StepPlanner(self)
         self.spec_stats = SpecDecodingStats()
         self.method_stats: dict[str, MethodStats] = {}  # per drafting method, and "plain" (the charts, Compare)
-        self._fallback_memo: weakref.WeakKeyDictionary[Request, tuple[int, tuple[int, str]]] = \
-            weakref.WeakKeyDictionary()  # n-gram row -> (clock, its fallback), while it runs
         self.requests_served = 0
         self.tokens_generated = 0
         self._recent_tokens: deque[tuple[float, int]] = deque()  # (time, tokens emitted) over the last minute
@@ -261,105 +259,12 @@ class LLMEngine:
                 if not req.output_ids and logits is not None:  # fresh request: its first token
                     self._emit(req, [first_token(req, logits)], logits[-1:], "target")
 
-    def _methods(self, req: Request) -> list[str]:
-        """Proposers this request may use, by its draft_method and what is loaded."""
-        if not req.params.speculative:
-            return []
-        m = req.params.draft_method
-        if m == "auto":
-            return [name for name in self.proposers if name != "model" or req.use_draft]
-        return [m] if m in self.proposers and (m != "model" or req.use_draft) else []
-
+    # the plan of a decode step (engine.step_plan); tests replace these two to force a plan
     def _choose(self, req: Request, batch: int) -> tuple[int, str]:
-        """(K, method) for this request's next step; K 0 = plain."""
-        methods = self._methods(req)
-        if not methods:
-            return 0, ""
-        room = max(0, min(req.remaining - 1, self.max_context - req.num_tokens - 1))
-        if req.params.num_draft_tokens is not None:
-            return min(req.params.num_draft_tokens, room), methods[0]
-        d = self.policy.reuse(req.adaptive, methods, batch)
-        if d is None:
-            cost = {"model": self.draft_cost, "eagle": self.eagle_cost}
-            slopes = {m: self.verify_cost + cost.get(m, 0.0) for m in methods}
-            d = self.policy.choose(req.adaptive, slopes, batch, self.alpha_prior)
-        req.adaptive.fallback_k = d.fallback_k if "model" in methods else 0
-        # plain for now: the draft keeps its cache, so a later probe only catches up the tokens since
-        # (a released cache would make every probe re-read the whole context)
-        return min(d.k, room), d.method
-
-    def _one_k_per_method(self, plan: dict[Request, tuple[int, str]]) -> dict[Request, tuple[int, str]]:
-        """Adaptive rows of one method share the K with the highest summed predicted gain: a step costs
-        what its longest row costs, and step times are measured (and keyed) that way."""
-        groups: dict[str, list[Request]] = {}
-        for r in plan:
-            d = r.adaptive.last
-            if r.params.num_draft_tokens is None and d is not None and d.gains and plan[r][1]:
-                groups.setdefault(d.method, []).append(r)
-        for method, rows in groups.items():
-            if len(rows) < 2 or (len({r.adaptive.last.k for r in rows}) == 1 and
-                                 not any(r.adaptive.last.forced for r in rows)):
-                continue  # one row, or all chose the same K: it maximises their summed gain too
-            forced = [r.adaptive.last.k for r in rows if r.adaptive.last.forced]
-            # a row that must measure, probe or explore sets the K: the batch pays for that step anyway, and
-            # every row's draft in it is evidence (a prediction must not veto the measurement it waits for)
-            k = max(forced) if forced else \
-                max(rows[0].adaptive.last.gains, key=lambda kk: sum(r.adaptive.last.gains.get(kk, 0.0) for r in rows))
-            for r in rows:
-                room = max(0, min(r.remaining - 1, self.max_context - r.num_tokens - 1))
-                plan[r] = (min(k, room), method)
-        return plan
-
-    def _cap_batch(self, plan: dict[Request, tuple[int, str]]) -> dict[Request, tuple[int, str]]:
-        """Where adaptive rows planned different K (some plain, some drafting), cap K at what pays for the
-        whole batch (Policy.step_cap). Steps with a fixed-K row or a row that must measure, probe or explore
-        keep their plan, and so do steps whose rows all planned one K (each row's gain then holds for all)."""
-        ks = {k for k, _ in plan.values()}
-        if len(plan) < 2 or len(ks) < 2:
-            return plan
-        rows, others = [], 0
-        cost = {"model": self.draft_cost, "eagle": self.eagle_cost}
-        for r, (k, m) in plan.items():
-            d = r.adaptive.last
-            if r.params.num_draft_tokens is not None or (d is not None and d.forced):
-                return plan
-            if m and d is not None:
-                rows.append((r.adaptive, m, k, self.verify_cost + cost.get(m, 0.0)))
-            else:
-                others += 1
-        cap = self.policy.step_cap(rows, others, len(plan), self.alpha_prior)
-        if cap is None or cap >= max(ks):
-            return plan
-        return {r: (min(k, cap), m) for r, (k, m) in plan.items()}
+        return self.planner.choose(req, batch)
 
     def _fallbacks(self, plan: dict[Request, tuple[int, str]], batch: int) -> dict[Request, tuple[int, str]]:
-        """(K, method) for adaptive n-gram rows where the lookup finds no match: the draft model or the EAGLE head,
-        whichever adaptive predicts fastest, and only where it predicts a gain over plain decoding."""
-        out = {}
-        for r, (k, m) in plan.items():
-            if m != "ngram" or not k or r.params.num_draft_tokens is not None:
-                continue
-            methods = self._methods(r)
-            if "eagle" not in methods:  # the draft model alone: adaptive chose its K with the n-gram decision
-                choice = (r.adaptive.fallback_k, "model")
-            else:  # re-evaluated every few steps only (~16 us a row)
-                memo = self._fallback_memo.get(r)
-                if memo is None or self.policy.clock - memo[0] >= FALLBACK_RECHECK:
-                    memo = self._fallback_memo[r] = (self.policy.clock, self._best_fallback(r, methods, batch))
-                choice = memo[1]
-            if choice[0]:
-                out[r] = choice
-        return out
-
-    def _best_fallback(self, r: Request, methods: list[str], batch: int) -> tuple[int, str]:
-        best, cost = (1.0, 0, ""), {"model": self.draft_cost, "eagle": self.eagle_cost}
-        for name in ("model", "eagle"):
-            if name in methods:
-                gains = self.policy.gains(r.adaptive, name, batch, self.alpha_prior, self.verify_cost + cost[name])
-                k = max((x for x in gains if x), key=gains.get, default=0)
-                if k and gains[k] > best[0]:
-                    best = (gains[k], k, name)
-        return best[1], best[2]
+        return self.planner.fallbacks(plan, batch)
 
     def _make_room(self, plan: dict[Request, tuple[int, str]]) -> dict[Request, tuple[int, str]]:
         """Preempt newest requests until this step's writes fit the KV pools."""
@@ -384,7 +289,8 @@ class LLMEngine:
 
     def _decode(self, reqs: list[Request]) -> None:
         self.policy.tick()
-        plan = self._make_room(self._cap_batch(self._one_k_per_method({r: self._choose(r, len(reqs)) for r in reqs})))
+        planned = self.planner.one_k_per_method({r: self._choose(r, len(reqs)) for r in reqs})
+        plan = self._make_room(self.planner.cap_batch(planned))
         self._fault("decode", list(plan))
         captures = GraphRunner.captures
         results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)))

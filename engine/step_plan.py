@@ -1,0 +1,131 @@
+"""What each running request does in the next decode step: its drafting method and K, decided per request by
+adaptive K (engine.adaptive), then made to fit the batch: rows of one method share one K, a batch whose rows
+planned different K is capped at what pays for all of them, and n-gram rows get the method that drafts where
+the lookup finds no match. A plan maps each request to (K, method); K 0 is a plain step."""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
+    from engine.sequence import Request
+
+Plan = dict["Request", tuple[int, str]]
+
+FALLBACK_RECHECK = 8  # decode steps between re-evaluations of an n-gram row's fallback (model or EAGLE head)
+
+
+class StepPlanner:
+    """Reads the engine's policy, proposers and measured cost ratios; holds only the fallback memo."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._fallback_memo: weakref.WeakKeyDictionary[Request, tuple[int, tuple[int, str]]] = \
+            weakref.WeakKeyDictionary()  # n-gram row -> (clock, its fallback), while it runs
+
+    def methods(self, req: Request) -> list[str]:
+        """Proposers this request may use, by its draft_method and what is loaded."""
+        if not req.params.speculative:
+            return []
+        m, loaded = req.params.draft_method, self.engine.proposers
+        if m == "auto":
+            return [name for name in loaded if name != "model" or req.use_draft]
+        return [m] if m in loaded and (m != "model" or req.use_draft) else []
+
+    def slope(self, method: str) -> float:
+        """A drafted token's cost in target steps (verification plus drafting), as measured so far."""
+        e = self.engine
+        return e.verify_cost + {"model": e.draft_cost, "eagle": e.eagle_cost}.get(method, 0.0)
+
+    def room(self, req: Request) -> int:
+        return max(0, min(req.remaining - 1, self.engine.max_context - req.num_tokens - 1))
+
+    def choose(self, req: Request, batch: int) -> tuple[int, str]:
+        """(K, method) for this request's next step; K 0 = plain."""
+        methods = self.methods(req)
+        if not methods:
+            return 0, ""
+        if req.params.num_draft_tokens is not None:
+            return min(req.params.num_draft_tokens, self.room(req)), methods[0]
+        policy = self.engine.policy
+        d = policy.reuse(req.adaptive, methods, batch)
+        if d is None:
+            d = policy.choose(req.adaptive, {m: self.slope(m) for m in methods}, batch, self.engine.alpha_prior)
+        req.adaptive.fallback_k = d.fallback_k if "model" in methods else 0
+        # plain for now: the draft keeps its cache, so a later probe only catches up the tokens since
+        # (a released cache would make every probe re-read the whole context)
+        return min(d.k, self.room(req)), d.method
+
+    def one_k_per_method(self, plan: Plan) -> Plan:
+        """Adaptive rows of one method share the K with the highest summed predicted gain: a step costs
+        what its longest row costs, and step times are measured (and keyed) that way."""
+        groups: dict[str, list[Request]] = {}
+        for r in plan:
+            d = r.adaptive.last
+            if r.params.num_draft_tokens is None and d is not None and d.gains and plan[r][1]:
+                groups.setdefault(d.method, []).append(r)
+        for method, rows in groups.items():
+            if len(rows) < 2 or (len({r.adaptive.last.k for r in rows}) == 1 and
+                                 not any(r.adaptive.last.forced for r in rows)):
+                continue  # one row, or all chose the same K: it maximises their summed gain too
+            forced = [r.adaptive.last.k for r in rows if r.adaptive.last.forced]
+            # a row that must measure, probe or explore sets the K: the batch pays for that step anyway, and
+            # every row's draft in it is evidence (a prediction must not veto the measurement it waits for)
+            k = max(forced) if forced else \
+                max(rows[0].adaptive.last.gains, key=lambda kk: sum(r.adaptive.last.gains.get(kk, 0.0) for r in rows))
+            for r in rows:
+                plan[r] = (min(k, self.room(r)), method)
+        return plan
+
+    def cap_batch(self, plan: Plan) -> Plan:
+        """Where adaptive rows planned different K (some plain, some drafting), cap K at what pays for the
+        whole batch (Policy.step_cap). Steps with a fixed-K row or a row that must measure, probe or explore
+        keep their plan, and so do steps whose rows all planned one K (each row's gain then holds for all)."""
+        ks = {k for k, _ in plan.values()}
+        if len(plan) < 2 or len(ks) < 2:
+            return plan
+        rows, others = [], 0
+        for r, (k, m) in plan.items():
+            d = r.adaptive.last
+            if r.params.num_draft_tokens is not None or (d is not None and d.forced):
+                return plan
+            if m and d is not None:
+                rows.append((r.adaptive, m, k, self.slope(m)))
+            else:
+                others += 1
+        cap = self.engine.policy.step_cap(rows, others, len(plan), self.engine.alpha_prior)
+        if cap is None or cap >= max(ks):
+            return plan
+        return {r: (min(k, cap), m) for r, (k, m) in plan.items()}
+
+    def fallbacks(self, plan: Plan, batch: int) -> Plan:
+        """(K, method) for adaptive n-gram rows where the lookup finds no match: the draft model or the EAGLE head,
+        whichever adaptive predicts fastest, and only where it predicts a gain over plain decoding."""
+        out = {}
+        clock = self.engine.policy.clock
+        for r, (k, m) in plan.items():
+            if m != "ngram" or not k or r.params.num_draft_tokens is not None:
+                continue
+            methods = self.methods(r)
+            if "eagle" not in methods:  # the draft model alone: adaptive chose its K with the n-gram decision
+                choice = (r.adaptive.fallback_k, "model")
+            else:  # re-evaluated every few steps only (~16 us a row)
+                memo = self._fallback_memo.get(r)
+                if memo is None or clock - memo[0] >= FALLBACK_RECHECK:
+                    memo = self._fallback_memo[r] = (clock, self._best_fallback(r, methods, batch))
+                choice = memo[1]
+            if choice[0]:
+                out[r] = choice
+        return out
+
+    def _best_fallback(self, r: Request, methods: list[str], batch: int) -> tuple[int, str]:
+        best = (1.0, 0, "")
+        for name in ("model", "eagle"):
+            if name in methods:
+                gains = self.engine.policy.gains(r.adaptive, name, batch, self.engine.alpha_prior, self.slope(name))
+                k = max((x for x in gains if x), key=gains.get, default=0)
+                if k and gains[k] > best[0]:
+                    best = (gains[k], k, name)
+        return best[1], best[2]
