@@ -228,7 +228,8 @@ def test_a_new_request_does_not_reprobe_a_useless_draft_from_scratch():
 
 def test_ngram_misses_count_when_the_draft_model_drafts_instead(monkeypatch):
     """With auto, a row whose n-gram lookup finds nothing drafts with the draft model in the same step. That
-    step is still an n-gram miss: counted as one, n-gram gets measured and the row settles (before, n-gram never got evidence and every step was a forced 'measuring n-gram' step at its K)."""
+    step is still an n-gram miss: counted as one, n-gram gets measured and the row settles (before, n-gram
+    never got evidence and every step was a forced 'measuring n-gram' step at its K)."""
     from engine.proposers.base import Proposal
     from engine.proposers.ngram import NgramProposer
 
