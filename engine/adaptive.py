@@ -19,6 +19,7 @@ drafting step; together, the batch pays once for every row's probe.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from engine.config import MAX_DRAFT_TOKENS
@@ -194,18 +195,21 @@ class Policy:
         """One decode step begins."""
         self.clock += 1
 
-    def _probe_due(self, state: AdaptiveState, plain_steps: int, ahead: int = 0) -> bool:
-        """Probe at a step that is a multiple of the interval (so the rows of a batch probe together),
-        once half the interval has passed; at twice the interval whatever the clock says. ``ahead``: asked
-        of the step that many steps from now. Raises the request's interval to the method's floor first."""
+    def _raise_to_floor(self, state: AdaptiveState) -> None:
+        """A request's probe interval is at least the one failed probes of its method reached engine-wide."""
         if state.last is not None and state.last.method:
             state.probe_every = max(state.probe_every, self.probe_floor.get(state.last.method, PROBE_FIRST))
-        every, clock = state.probe_every, self.clock + ahead
-        return (plain_steps >= every // 2 and clock and clock % every == 0) or plain_steps >= 2 * every
+
+    def _probe_due(self, state: AdaptiveState, plain_steps: int) -> bool:
+        """Probe at a step that is a multiple of the interval (so the rows of a batch probe together),
+        once half the interval has passed; at twice the interval whatever the clock says."""
+        self._raise_to_floor(state)
+        every = state.probe_every
+        return (plain_steps >= every // 2 and self.clock and self.clock % every == 0) or plain_steps >= 2 * every
 
     def _steps_to_probe(self, state: AdaptiveState) -> int:
-        """The smallest s >= 1 for which ``_probe_due(state, plain_steps + s, ahead=s)`` holds, in closed form."""
-        self._probe_due(state, state.plain_steps)  # raises the interval to the method's floor
+        """Steps until ``_probe_due`` holds, with the clock and the plain steps both advanced (closed form)."""
+        self._raise_to_floor(state)
         every, done = state.probe_every, state.plain_steps
         first = max(1, every // 2 - done)
         on_clock = first + (-(self.clock + first)) % every
@@ -239,12 +243,11 @@ class Policy:
         t0 = self.times.plain(batch)
         if t0 is None:
             return {}
-        prior, times = self._shared_terms(method, batch, alpha, slope)
-        s = survival(state.stats.get(method), prior, PRIOR_WEIGHT)
-        out, expected = {0: 1.0}, 1.0
+        times = self._shared_terms(method, batch, alpha, slope)[1]
+        expected = self.expected(state, method, batch, alpha, slope)
+        out = {0: 1.0}
         for k in range(1, MAX_DRAFT_TOKENS + 1):
-            expected += s[k - 1]
-            out[k] = expected * t0 / times[k] if times[k] else 0.0
+            out[k] = expected[k] * t0 / times[k] if times[k] else 0.0
         return out
 
     def expected(self, state: AdaptiveState, method: str, batch: int, alpha: float, slope: float) -> list[float]:
@@ -269,13 +272,13 @@ class Policy:
         gains = [self.expected(st, m, batch, alpha, slope) for st, m, _k, slope in rows]
         best, best_value = 0, (sum(g[0] for g in gains) + others) / t0
         for cap in sorted({k for _, _, k, _ in rows if k}):
-            cost = max(self.times.predict_all(m, batch, slope)[cap] or 0.0 for _, m, k, slope in rows if k >= cap)
+            cost = max(self._shared_terms(m, batch, alpha, slope)[1][cap] or 0.0 for _, m, k, slope in rows if k >= cap)
             tokens = sum(g[min(k, cap)] for g, (_, _, k, _) in zip(gains, rows)) + others
             if cost > 0 and tokens / cost >= best_value:
                 best, best_value = cap, tokens / cost
         return best
 
-    def reuse(self, state: AdaptiveState, methods, batch: int) -> Decision | None:
+    def reuse(self, state: AdaptiveState, methods: Collection[str], batch: int) -> Decision | None:
         """The request's last decision when it still stands this step (None: decide with ``choose``): while
         plain, re-evaluated every RECHECK steps and at probes; while speculating, every SPEC_RECHECK steps and
         at explore steps. Cheap, as it runs for every row at every step."""
