@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 from engine.block_manager import BlockManager
 from engine.kv_pool import KVPool, KVShape
 from engine.model_runner import ModelRunner, RowInput
-from engine.models import lean_model_for
+from engine.models import lean_model_for, packed
 
 VOCAB = 101
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -59,6 +59,47 @@ def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor], what: str) 
 
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_lean_logits_match_transformers_on_ragged_batches(arch):
+    _check_ragged(arch)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-mha-tied", "llama-bias", "qwen3"])
+def test_packed_cpu_gemms_match_transformers(arch, monkeypatch):
+    """Every weight packed for oneDNN (the tiny models are below the size threshold otherwise): the
+    multi-row GEMMs of prefill, verification rows and the head run packed and still match."""
+    monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)
+    monkeypatch.delenv("HELIX_PACKED_GEMM", raising=False)
+    used = []
+    real = packed.linear
+    monkeypatch.setattr(packed, "linear", lambda *a: used.append(a[0].shape[0]) or real(*a))
+    lean = _check_ragged(arch)
+    assert lean.lean.packing.startswith("packed"), lean.lean.packing
+    assert lean.lean.lm_head_p is not None and all(layer.gate_up_p is not None for layer in lean.lean.layers)
+    assert used and min(used) >= packed.MIN_ROWS  # one-row GEMMs stay on MKL
+
+
+def test_packing_is_skipped_with_a_reason(monkeypatch):
+    model = _make_model("llama")
+    monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)
+    monkeypatch.setenv("HELIX_PACKED_GEMM", "0")
+    assert _runner(model, True).lean.packing == "HELIX_PACKED_GEMM=0"
+    monkeypatch.delenv("HELIX_PACKED_GEMM")
+    monkeypatch.setattr(packed, "MAX_RAM_FRACTION", 1e-12)
+    why = _runner(model, True).lean.packing
+    assert "of RAM" in why and "HELIX_PACKED_GEMM=1" in why
+    monkeypatch.setenv("HELIX_PACKED_GEMM", "1")  # forced: the RAM limit does not apply
+    assert _runner(model, True).lean.packing.startswith("packed")
+
+    def missing():
+        raise AttributeError("no such op")
+
+    monkeypatch.setattr(packed, "_ops", missing)  # e.g. a torch build without oneDNN's linear
+    runner = _runner(model, True)
+    assert "unavailable" in runner.lean.packing and runner.lean.lm_head_p is None
+    rows = [RowInput(0, list(range(3, 20)), 3)]
+    _assert_close(runner.forward(rows), _runner(model, False).forward(rows), "unpacked fallback")
+
+
+def _check_ragged(arch: str) -> ModelRunner:
     model = _make_model(arch)
     lean, ref = _runner(model, True), _runner(model, False)
     assert lean.forward_path == "lean" and ref.forward_path == "transformers"
@@ -79,6 +120,7 @@ def test_lean_logits_match_transformers_on_ragged_batches(arch):
             r.free(i)
         r.blocks.check_invariants()
         assert r.blocks.num_free == r.blocks.num_blocks
+    return lean
 
 
 def test_lean_single_row_decode_matches_transformers_over_long_context():

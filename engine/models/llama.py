@@ -15,11 +15,15 @@ through one gather index built per forward (:class:`engine.attention.AttnBatch`)
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from engine.attention import AttnBatch, paged_attention
+from engine.models import packed
 
+logger = logging.getLogger(__name__)
 _HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
@@ -71,8 +75,11 @@ def _fuse(mods: list[torch.nn.Linear], transposed: bool) -> tuple[torch.Tensor, 
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool,
-            residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W^T (+ b) (+ residual)`` for 2-D ``x``; the residual add is fused into the GEMM."""
+            residual: torch.Tensor | None = None, pk: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ b) (+ residual)`` for 2-D ``x``; the residual add is fused into the GEMM. ``pk``:
+    the weight's oneDNN-packed copy, used for GEMMs of several rows (:mod:`engine.models.packed`)."""
+    if pk is not None and x.shape[0] >= packed.MIN_ROWS:
+        return packed.linear(x, pk, b, residual)
     if not transposed:
         if residual is None:
             return F.linear(x, w, b)
@@ -98,6 +105,10 @@ class _Layer:
         self.qk = (n_heads + n_kv) * head_dim
         self.v = n_kv * head_dim
         self.inter = mlp.gate_proj.weight.shape[0]
+        self.qkv_p = self.o_p = self.gate_up_p = self.down_p = None  # oneDNN-packed copies (CPU)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {"qkv": self.qkv_w, "o": self.o_w, "gate_up": self.gate_up_w, "down": self.down_w}
 
 
 class LeanCausalLM:
@@ -134,7 +145,21 @@ class LeanCausalLM:
         self.dtype = self.lm_head.dtype
         self.device = self.lm_head.device
         self._cos = self._sin = None
+        self.lm_head_p = None
+        self.packing = self._pack()
         self._grow_rope(min(4096, int(getattr(cfg, "max_position_embeddings", 2048) or 2048)))
+
+    def _pack(self) -> str:
+        """Give the big CPU weights oneDNN-packed copies for multi-row GEMMs; returns what was done."""
+        slots = [(layer, f"{name}_p", w) for layer in self.layers for name, w in layer.weights().items()]
+        slots.append((self, "lm_head_p", self.lm_head))
+        slots = [s for s in slots if packed.should_pack(s[2])]
+        ok, why = packed.packing_decision([w for _, _, w in slots])
+        if ok:
+            for owner, attr, w in slots:
+                setattr(owner, attr, packed.pack(w, self.transposed))
+        logger.info("lean forward, CPU GEMMs of several rows: %s", why)
+        return why
 
     # ------------------------------------------------------------------ rotary
     def _grow_rope(self, n: int) -> None:
@@ -186,7 +211,7 @@ class LeanCausalLM:
         for i, layer in enumerate(self.layers):
             if aux_layers is not None and i in aux_layers:
                 saved[i] = x  # never written in place: later layers make new tensors
-            qkv = _linear(self._norm(x, layer.in_norm), layer.qkv_w, layer.qkv_b, tr)  # [B*N, (Hq+2Hkv)*D]
+            qkv = _linear(self._norm(x, layer.in_norm), layer.qkv_w, layer.qkv_b, tr, pk=layer.qkv_p)  # [B*N, (Hq+2Hkv)*D]
             qk = qkv[:, : layer.qk].view(b, n, hq + hkv, d)
             v = qkv[:, layer.qk:].view(b, n, hkv, d)
             if layer.q_norm is None:
@@ -196,13 +221,14 @@ class LeanCausalLM:
                 q = self._rope(self._norm(qk[:, :, :hq], layer.q_norm), cos, sin)
                 k = self._rope(self._norm(qk[:, :, hq:], layer.k_norm), cos, sin)
             attn = paged_attention(q, k, v, pool.keys[i], pool.values[i], batch, self.scale)  # [B, N, Hq*D]
-            x = _linear(attn.view(b * n, hq * d), layer.o_w, layer.o_b, tr, residual=x)
-            gate_up = _linear(self._norm(x, layer.post_norm), layer.gate_up_w, layer.gate_up_b, tr)
+            x = _linear(attn.view(b * n, hq * d), layer.o_w, layer.o_b, tr, residual=x, pk=layer.o_p)
+            gate_up = _linear(self._norm(x, layer.post_norm), layer.gate_up_w, layer.gate_up_b, tr,
+                              pk=layer.gate_up_p)
             gate, up = gate_up.split(layer.inter, dim=-1)
-            x = _linear(F.silu(gate) * up, layer.down_w, layer.down_b, tr, residual=x)
+            x = _linear(F.silu(gate) * up, layer.down_w, layer.down_b, tr, residual=x, pk=layer.down_p)
         x = x.view(b, n, -1)[:, n - keep:].reshape(b * keep, -1)
         x = self._norm(x, self.norm)
-        logits = _linear(x, self.lm_head, None, tr).view(b, keep, -1)  # [B, keep, V]
+        logits = _linear(x, self.lm_head, None, tr, pk=self.lm_head_p).view(b, keep, -1)  # [B, keep, V]
         if aux_layers is None:
             return logits
         return logits, torch.cat([saved[i] for i in aux_layers], -1).view(b, n, -1)
