@@ -14,6 +14,7 @@ from engine.eagle import EagleConfig, EagleHead, default_aux_layers, is_eagle_fo
 from engine.errors import ModelLoadError
 from engine.kv_pool import KVPool, KVShape
 from engine.model_runner import ModelRunner, RowInput
+from engine.models import packed
 from engine.proposers.eagle import EagleProposer
 from tests.tiny import random_eagle_head, tiny_llama, tiny_pair_engine, tiny_tokenizer, word_tokenizer
 
@@ -62,9 +63,14 @@ def test_target_hands_its_aux_states_to_the_sink_only_for_rows_that_ask(target, 
     assert len(got[1]) == 1 and torch.allclose(got[1][0][1], want[:7], atol=1e-5)
 
 
-def test_paged_drafting_matches_the_training_unroll(target):
+@pytest.mark.parametrize("pack", [False, True], ids=["mkl", "packed"])
+def test_paged_drafting_matches_the_training_unroll(target, pack, monkeypatch):
     """What the head drafts from its paged cache, step by step, is what forward_train's training-time-test
-    unroll computes at the same position: training and inference see the same pairs, positions and keys."""
+    unroll computes at the same position: training and inference see the same pairs, positions and keys.
+    ``packed``: every weight of the head gets its oneDNN copy (multi-row GEMMs on the CPU)."""
+    if pack:
+        monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)
+        monkeypatch.delenv("HELIX_PACKED_GEMM", raising=False)
     x = torch.randint(3, V, (1, 30), generator=torch.Generator().manual_seed(2))
     head = random_eagle_head(target, draft_vocab_size=100, seed=4)
     with torch.no_grad():
@@ -74,6 +80,7 @@ def test_paged_drafting_matches_the_training_unroll(target):
     with torch.no_grad():
         unroll = head.forward_train(aux, x, steps=3)
     prop = EagleProposer(head, _runner(target, True))
+    assert (head._fused.fc_p is not None) == pack, head._fused.packing
     for t in (0, 5, 12, 25):
         out = prop._forward([(100 + t, x[0, 1: t + 2].tolist(), aux[0, : t + 1], False)])  # real pairs 0..t
         assert torch.allclose(head.logits(out)[0], unroll[0][0, t], atol=1e-4)

@@ -44,6 +44,7 @@ from torch import nn
 
 from engine.attention import AttnBatch, paged_attention
 from engine.eagle.config import EagleConfig
+from engine.models import packed
 from engine.models.llama import _fuse, _linear
 
 _HAS_RMS_NORM = hasattr(F, "rms_norm")
@@ -189,8 +190,8 @@ class EagleHead(nn.Module):
         """Pre-norm outputs ``[..., D]`` -> draft-vocabulary logits ``[..., draft_vocab]``."""
         x = _rms(out, self.norm.weight, self.cfg.rms_norm_eps)
         if self._fused is not None:
-            return _linear(x.reshape(-1, x.shape[-1]), self._fused.lm_head, None, self._fused.tr).view(
-                *x.shape[:-1], -1)
+            return _linear(x.reshape(-1, x.shape[-1]), self._fused.lm_head, None, self._fused.tr,
+                           pk=self._fused.lm_head_p).view(*x.shape[:-1], -1)
         return self.lm_head(x)
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,7 +290,8 @@ class EagleHead(nn.Module):
         """Target aux states ``[..., 3*Dt]`` -> features ``[..., D]``."""
         if self._fused is None:
             return self.fc(aux)
-        return _linear(aux.reshape(-1, aux.shape[-1]), self._fused.fc, None, self._fused.tr).view(*aux.shape[:-1], -1)
+        return _linear(aux.reshape(-1, aux.shape[-1]), self._fused.fc, None, self._fused.tr,
+                       pk=self._fused.fc_p).view(*aux.shape[:-1], -1)
 
     def forward_paged(self, ids: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                       k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
@@ -333,15 +335,20 @@ class _InferProj:
         self.down_w, self.down_b = _fuse([m.down_proj], tr)
         self.fc, _ = _fuse([head.fc], tr)
         self.lm_head, _ = _fuse([head.lm_head], tr)
+        # oneDNN-packed copies for GEMMs of several rows on the CPU (engine.models.packed)
+        self.qkv_p = self.o_p = self.gate_up_p = self.down_p = self.fc_p = self.lm_head_p = None
+        weights = {"qkv": self.qkv_w, "o": self.o_w, "gate_up": self.gate_up_w, "down": self.down_w,
+                   "fc": self.fc, "lm_head": self.lm_head}
+        self.packing = packed.pack_all([(self, f"{n}_p", w) for n, w in weights.items()], tr)
 
     def qkv(self, x):
-        return _linear(x, self.qkv_w, self.qkv_b, self.tr)
+        return _linear(x, self.qkv_w, self.qkv_b, self.tr, pk=self.qkv_p)
 
     def o(self, x, residual):
-        return _linear(x, self.o_w, self.o_b, self.tr, residual=residual)
+        return _linear(x, self.o_w, self.o_b, self.tr, residual=residual, pk=self.o_p)
 
     def gate_up(self, x):
-        return _linear(x, self.gate_up_w, self.gate_up_b, self.tr)
+        return _linear(x, self.gate_up_w, self.gate_up_b, self.tr, pk=self.gate_up_p)
 
     def down(self, x, residual):
-        return _linear(x, self.down_w, self.down_b, self.tr, residual=residual)
+        return _linear(x, self.down_w, self.down_b, self.tr, residual=residual, pk=self.down_p)

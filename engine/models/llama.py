@@ -153,11 +153,7 @@ class LeanCausalLM:
         """Give the big CPU weights oneDNN-packed copies for multi-row GEMMs; returns what was done."""
         slots = [(layer, f"{name}_p", w) for layer in self.layers for name, w in layer.weights().items()]
         slots.append((self, "lm_head_p", self.lm_head))
-        slots = [s for s in slots if packed.should_pack(s[2])]
-        ok, why = packed.packing_decision([w for _, _, w in slots])
-        if ok:
-            for owner, attr, w in slots:
-                setattr(owner, attr, packed.pack(w, self.transposed))
+        why = packed.pack_all(slots, self.transposed)
         logger.info("lean forward, CPU GEMMs of several rows: %s", why)
         return why
 

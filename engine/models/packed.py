@@ -96,8 +96,15 @@ def packing_decision(weights: list[torch.Tensor]) -> tuple[bool, str]:
     return True, f"packed {len(weights)} weights ({extra / 2**20:.0f} MiB extra)"
 
 
-def should_pack(w: torch.Tensor) -> bool:
-    return w.numel() >= MIN_ELEMENTS
+def pack_all(slots: list[tuple[object, str, torch.Tensor]], transposed: bool) -> str:
+    """For each ``(owner, attr, weight)`` with a big enough weight, set ``owner.attr`` to its packed
+    copy when :func:`packing_decision` allows; returns what was done (for the log and the tests)."""
+    slots = [s for s in slots if s[2].numel() >= MIN_ELEMENTS]
+    ok, why = packing_decision([w for _, _, w in slots])
+    if ok:
+        for owner, attr, w in slots:
+            setattr(owner, attr, pack(w, transposed))
+    return why
 
 
 def pack(w: torch.Tensor, transposed: bool) -> torch.Tensor:
