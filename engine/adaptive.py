@@ -37,10 +37,16 @@ SPEC_RECHECK = 4  # while speculating, steps between re-evaluations: at batch 8 
 # every step cost ~0.3 ms of host time, 5-9% of a CUDA-graph step of a 1B model on an H200
 SPEC_RECHECK_FROM = 4  # ... from this batch bucket on; smaller batches re-decide every step (a row costs ~25 us)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+CTX_BUCKETS = tuple(256 << i for i in range(10))  # 256 .. 131072 tokens
 
 
 def bucket(batch: int) -> int:
     return next((b for b in BUCKETS if b >= batch), BUCKETS[-1])
+
+
+def ctx_bucket(tokens: int) -> int:
+    """The context bucket of a step whose longest row attends over ``tokens`` positions."""
+    return next((c for c in CTX_BUCKETS if c >= tokens), CTX_BUCKETS[-1])
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -61,22 +67,47 @@ def best_k(alpha: float, draft_cost: float, verify_cost: float, max_k: int = MAX
 
 
 class StepTimes:
-    """Moving averages of real step wall times per (method, batch bucket, K); K = 0 is plain."""
+    """Moving averages of real step wall times per (method, batch bucket, context bucket, K); K = 0 is plain.
+
+    A step's cost grows with the context its rows attend over (the longest row's, on a GPU, where rows are
+    padded to it), so the times are kept per context bucket (powers of two, ``ctx_bucket``): a K timed over
+    short prompts must not stand for it over long ones. ``context`` is the bucket of the step being decided
+    and timed (``Policy.tick`` sets it). Where a bucket lacks a time, the nearest bucket's is scaled by the
+    ratio of the two buckets' times of keys timed in both (plain decoding first).
+    """
 
     def __init__(self) -> None:
-        self.avg: dict[tuple[str, int, int], float] = {}
+        self.avg: dict[tuple[str, int, int, int], float] = {}
         self.version = 0  # changes with every observation (keys the policy's per-step cache)
+        self.context = CTX_BUCKETS[0]
 
     def observe(self, method: str, batch: int, k: int, seconds: float) -> None:
         self.version += 1
-        key = ("plain", bucket(batch), 0) if k == 0 else (method, bucket(batch), k)
+        key = ("plain", bucket(batch), self.context, 0) if k == 0 else (method, bucket(batch), self.context, k)
         old = self.avg.get(key)
         if old is not None:  # one stall (another process, a page fault) must not flip the decision; a faster
             seconds = min(seconds, 2.0 * old)  # step is real (the first timing of a K may have paid one-off costs)
         self.avg[key] = seconds if old is None else EMA * old + (1 - EMA) * seconds
 
+    def _scale(self, b: int, frm: int, to: int) -> float:
+        """Factor from context bucket ``frm`` to ``to`` at batch bucket ``b``: the ratio of plain decoding's
+        times, else the mean ratio over the keys timed in both, else 1."""
+        if frm == to:
+            return 1.0
+        plain_to, plain_from = self.avg.get(("plain", b, to, 0)), self.avg.get(("plain", b, frm, 0))
+        if plain_to and plain_from:
+            return plain_to / plain_from
+        ratios = [t / self.avg[(m, bb, frm, kk)] for (m, bb, cc, kk), t in self.avg.items()
+                  if bb == b and cc == to and self.avg.get((m, bb, frm, kk))]
+        return sum(ratios) / len(ratios) if ratios else 1.0
+
     def plain(self, batch: int) -> float | None:
-        return self.avg.get(("plain", bucket(batch), 0))
+        b, c = bucket(batch), self.context
+        have = [cc for (m, bb, cc, _k) in self.avg if m == "plain" and bb == b]
+        if not have:
+            return None
+        near = _nearest(have, c)
+        return self.avg[("plain", b, near, 0)] * self._scale(b, near, c)
 
     def predict(self, method: str, batch: int, k: int, slope_prior: float) -> float | None:
         """Seconds for one step at K: measured, else interpolated from the nearest measured K."""
@@ -84,11 +115,19 @@ class StepTimes:
 
     def predict_all(self, method: str, batch: int, slope_prior: float) -> list[float | None]:
         """``predict`` for K = 0..MAX_DRAFT_TOKENS in one pass (None while plain is untimed)."""
-        b = bucket(batch)
-        t0 = self.avg.get(("plain", b, 0))
+        b, c = bucket(batch), self.context
+        t0 = self.plain(batch)
         if t0 is None:
             return [None] * (MAX_DRAFT_TOKENS + 1)
-        measured = [(kk, t) for (m, bb, kk), t in self.avg.items() if m == method and bb == b and kk > 0]
+        by_ctx: dict[int, list[tuple[int, float]]] = {}
+        for (m, bb, cc, kk), t in self.avg.items():
+            if m == method and bb == b and kk > 0:
+                by_ctx.setdefault(cc, []).append((kk, t))
+        measured: list[tuple[int, float]] = []
+        if by_ctx:
+            near = _nearest(list(by_ctx), c)
+            f = self._scale(b, near, c)
+            measured = [(kk, t * f) for kk, t in by_ctx[near]]
         out: list[float | None] = [t0]
         for k in range(1, MAX_DRAFT_TOKENS + 1):
             if not measured:
@@ -97,6 +136,11 @@ class StepTimes:
             kk, t = min(measured, key=lambda kt: abs(kt[0] - k))
             out.append(t if kk == k else t0 + max(0.0, t - t0) / kk * k)
         return out
+
+
+def _nearest(buckets: list[int], c: int) -> int:
+    """The bucket closest to ``c`` (buckets are powers of two: by their ratio; ties to the longer)."""
+    return min(buckets, key=lambda x: (max(x, c) / min(x, c), -x))
 
 
 @dataclass
@@ -187,13 +231,14 @@ class Policy:
         # not at PROBE_FIRST, so a useless draft is not re-probed from scratch by every request (at batch 8
         # a probe costs the whole batch a drafting step plus the draft's catch-up on what it skipped)
         self.probe_floor: dict[str, int] = {}
-        # per (method, batch bucket, slope, alpha): the shared prior's survival and the predicted step times,
+        # per (method, batch bucket, context bucket, slope, alpha): the shared prior's survival and the predicted step times,
         # the same for every row of a step; keyed by the versions of the evidence they come from
         self._shared_cache: dict[tuple, tuple[tuple, list[float], list[float | None]]] = {}
 
-    def tick(self) -> None:
-        """One decode step begins."""
+    def tick(self, context: int = 0) -> None:
+        """One decode step begins; its longest row attends over ``context`` positions."""
         self.clock += 1
+        self.times.context = ctx_bucket(context)
 
     def _raise_to_floor(self, state: AdaptiveState) -> None:
         """A request's probe interval is at least the one failed probes of its method reached engine-wide."""
@@ -219,7 +264,7 @@ class Policy:
                       ) -> tuple[list[float], list[float | None]]:
         shared = self.shared.get(method)
         version = (self.times.version, shared.version if shared is not None else -1)
-        key = (method, bucket(batch), slope, alpha)
+        key = (method, bucket(batch), self.times.context, slope, alpha)
         hit = self._shared_cache.get(key)
         if hit is not None and hit[0] == version:
             return hit[1], hit[2]

@@ -288,7 +288,7 @@ class LLMEngine:
             p.release(req)
 
     def _decode(self, reqs: list[Request]) -> None:
-        self.policy.tick()
+        self.policy.tick(max(r.num_tokens for r in reqs))
         planned = self.planner.one_k_per_method({r: self._choose(r, len(reqs)) for r in reqs})
         plan = self._make_room(self.planner.cap_batch(planned))
         self._fault("decode", list(plan))

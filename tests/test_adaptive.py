@@ -106,6 +106,42 @@ def test_unmeasured_k_is_interpolated_from_the_nearest_measured():
     assert abs(times.predict("model", 1, 4, slope_prior=0.25) - 1.4) < 1e-9
 
 
+def test_step_times_are_kept_per_context_and_scaled_where_a_context_lacks_them():
+    """Times over long contexts do not overwrite (or stand in unscaled for) those over short ones: K=6
+    timed over short prompts only is predicted over long ones from plain decoding's ratio of the two."""
+    policy = Policy()
+    times = policy.times
+    policy.tick(100)  # the longest row attends over 100 positions: the 256 bucket
+    times.observe("", 8, 0, 1.0)
+    times.observe("model", 8, 6, 1.3)
+    policy.tick(3000)  # 4096 bucket: plain costs twice as much; only K=4 was timed here
+    times.observe("", 8, 0, 2.0)
+    assert abs(times.predict("model", 8, 6, slope_prior=0.5) - 2.6) < 1e-9  # 1.3 x (2.0 / 1.0)
+    times.observe("model", 8, 4, 3.0)  # long rows make drafting steep: the measured K here wins
+    assert abs(times.predict("model", 8, 6, slope_prior=0.5) - 3.5) < 1e-9  # 2 + (3 - 2) / 4 * 6
+    policy.tick(200)
+    assert times.plain(8) == 1.0 and times.predict("model", 8, 6, slope_prior=0.5) == 1.3  # short: untouched
+    policy.tick(1000)  # 1024: nothing timed; the nearest bucket (4096 and 256 are 4x away: the longer) scales
+    assert times.plain(8) == 2.0
+    assert times.plain(1) is None  # another batch bucket has no plain time at any context yet
+
+
+def test_engine_keys_step_times_by_the_longest_rows_context():
+    eng = tiny_engine()
+    seen = []
+    tick = eng.policy.tick
+    eng.policy.tick = lambda context=0: seen.append(context) or tick(context)
+    short, long = [5, 6, 7], list(range(3, 120))
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    eng.add_request(short, params)
+    eng.add_request(long, params)
+    while eng.has_work():
+        eng.step()
+    assert seen and min(seen) >= len(long) and max(seen) <= len(long) + 12, seen  # the longest row, every step
+    assert all(c == 256 for (_m, _b, c, _k) in eng.policy.times.avg)
+    assert "/ctx256/" in next(iter(eng.snapshot()["adaptive"]["step_ms"]))
+
+
 def test_engine_with_a_useless_draft_stays_plain_and_exact():
     tok = tiny_tokenizer()
     eng = tiny_engine(draft=False)
