@@ -5,13 +5,17 @@ model runs ~300 kernels in well under a millisecond of GPU time). Each graph is 
 once per (rows bucket, tokens per row, key-length bucket) over static input buffers and
 replayed with new contents, as nano-vllm's ``capture_cudagraph`` does for decode. Rows are
 padded up to the bucket: padding rows write their K/V to the pool's scratch block and read
-one harmless key. Graphs are captured lazily, the first time a shape is used, into one
-shared memory pool. Prefill (long rows) and anything beyond the buckets run eagerly.
+one harmless key. Graphs are captured lazily, into one shared memory pool, the second time a
+shape is used (``CAPTURE_AFTER``): a capture costs tens of milliseconds (two warm-up forwards and
+the capture itself), an eager step a few, and adaptive K meets shapes it uses once (an explored
+K, a batch that shrank to an odd size for one step). Prefill (long rows) and anything beyond the
+buckets run eagerly.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +27,7 @@ logger = logging.getLogger(__name__)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
 MAX_TOKENS_PER_ROW = 9  # verification of K = 8 draft tokens
 MIN_KEY_BUCKET = 256
+CAPTURE_AFTER = 1  # eager uses of a shape before its graph is captured (HELIX_GRAPH_CAPTURE_AFTER)
 
 
 def key_buckets(max_keys: int) -> tuple[int, ...]:
@@ -61,6 +66,7 @@ class GraphRunner:
     """Replays captured graphs of ``lean.forward`` for small batches on one CUDA device."""
 
     captures = 0  # graphs captured by every runner of the process: a step that captured is no timing of a step
+    one_offs = 0  # captures plus eager runs of shapes not captured yet: neither times a step as it will run
 
     def __init__(self, lean, pool, max_keys: int):
         self.lean = lean
@@ -73,10 +79,23 @@ class GraphRunner:
         self.stream = None
         self.failed: str | None = None
         self.replays = 0
+        self.eager_uses: dict[tuple, int] = {}  # shapes without a graph yet: eager steps so far
+        self.capture_after = int(os.environ.get("HELIX_GRAPH_CAPTURE_AFTER", CAPTURE_AFTER))
 
-    def fits(self, rows: int, tokens: int, keys: int) -> bool:
-        return (self.failed is None and tokens <= MAX_TOKENS_PER_ROW and bucket(rows, ROW_BUCKETS) is not None
-                and bucket(keys, self.key_buckets) is not None)
+    def fits(self, rows: int, tokens: int, keys: int, aux_layers: tuple[int, ...] | None = None) -> bool:
+        """Whether this step replays (or now captures) a graph; False: run it eagerly."""
+        if not (self.failed is None and tokens <= MAX_TOKENS_PER_ROW and bucket(rows, ROW_BUCKETS) is not None
+                and bucket(keys, self.key_buckets) is not None):
+            return False
+        key = (bucket(rows, ROW_BUCKETS), tokens, bucket(keys, self.key_buckets), aux_layers)
+        if key in self.graphs:
+            return True
+        uses = self.eager_uses.get(key, 0)
+        if uses < self.capture_after:  # a shape met once may never come back: not worth a capture yet
+            self.eager_uses[key] = uses + 1
+            GraphRunner.one_offs += 1
+            return False
+        return True
 
     def _capture(self, r: int, n: int, t: int, aux_layers: tuple[int, ...] | None = None) -> _Graph:
         dev = self.device
@@ -102,6 +121,7 @@ class GraphRunner:
             out = self.lean.forward(input_ids, positions, batch, self.pool, n, aux_layers)
         logits, hidden = out if aux_layers is not None else (out, None)
         GraphRunner.captures += 1
+        GraphRunner.one_offs += 1
         logger.debug("captured a CUDA graph: %d rows x %d tokens, %d keys%s", r, n, t, ", aux" if hidden is not None else "")
         return _Graph(graph, input_ids, positions, slots, gather, mask, logits, hidden)
 

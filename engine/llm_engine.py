@@ -292,11 +292,11 @@ class LLMEngine:
         planned = self.planner.one_k_per_method({r: self._choose(r, len(reqs)) for r in reqs})
         plan = self._make_room(self.planner.cap_batch(planned))
         self._fault("decode", list(plan))
-        captures = GraphRunner.captures
+        one_offs = GraphRunner.one_offs
         results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)))
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}
-        if captures == GraphRunner.captures:  # a step that captured a CUDA graph paid a one-off cost
+        if one_offs == GraphRunner.one_offs:  # a step that captured a CUDA graph (or ran eagerly before) is no timing
             if len(methods) <= 1:  # a step mixing methods times neither
                 self.policy.times.observe(next(iter(methods), ""), len(results), kmax, timing.total_s)
             self._observe_times(kmax, timing, methods)

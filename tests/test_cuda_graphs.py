@@ -25,10 +25,31 @@ def _model(dtype):
     return model
 
 
-def _runner(model, graphs: bool, monkeypatch) -> ModelRunner:
+def _runner(model, graphs: bool, monkeypatch, capture_after: int = 0) -> ModelRunner:
     monkeypatch.setenv("HELIX_CUDA_GRAPHS", "1" if graphs else "0")
+    monkeypatch.setenv("HELIX_GRAPH_CAPTURE_AFTER", str(capture_after))  # 0: every step of these tests replays
     pool = KVPool(128, 16, KVShape.from_config(model.config), model.dtype, torch.device("cuda"))
     return ModelRunner(model, pool, BlockManager(128, 16), VOCAB, lean=True)
+
+
+def test_a_shape_is_captured_on_its_second_use(monkeypatch):
+    """The first step of a shape runs eagerly (it may never come back); the second captures; then replays."""
+    from engine.cuda_graphs import CAPTURE_AFTER, GraphRunner
+
+    model = _model(torch.float32)
+    monkeypatch.delenv("HELIX_GRAPH_CAPTURE_AFTER", raising=False)
+    eager, graphed = _runner(model, False, monkeypatch), _runner(model, True, monkeypatch, CAPTURE_AFTER)
+    assert CAPTURE_AFTER == 1 and graphed.graphs.capture_after == 1
+    for r in (eager, graphed):
+        r.forward([RowInput(0, list(range(3, 40)), 1)])
+    seen = []
+    for step in range(4):
+        captures, one_offs = GraphRunner.captures, GraphRunner.one_offs
+        rows = [RowInput(0, [5 + step, 6, 7], 3)]  # the same shape every step
+        a, b = eager.forward(rows), graphed.forward(rows)
+        assert (a[0] - b[0]).abs().max().item() <= 1e-4
+        seen.append((GraphRunner.captures - captures, GraphRunner.one_offs - one_offs, graphed.graphs.replays))
+    assert seen == [(0, 1, 0), (1, 1, 1), (0, 0, 2), (0, 0, 3)], seen
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
