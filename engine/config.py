@@ -87,6 +87,8 @@ class EngineConfig:
     max_waiting: int = 256
     default_num_draft_tokens: int = 4
     num_threads: int | None = None  # CPU threads for torch; None: all cores but one (at least 1)
+    big_step_threads: int | None = None  # CPU threads for steps over many tokens when measured faster (engine.threads);
+    # None: every core; 0: never more than num_threads
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
     extra: dict = field(default_factory=dict, hash=False, compare=False)

@@ -33,6 +33,7 @@ from engine.sequence import FinishEvent, Request, Status, TokenEvent
 from engine.spec_decode import StepTiming, decode_step, first_token
 from engine.stats import MethodStats, SpecDecodingStats
 from engine.step_plan import StepPlanner
+from engine.threads import StepThreads
 from engine.warmup import warmup
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class LLMEngine:
 
             self.proposers["eagle"] = EagleProposer(eagle_head, self.target)
         self.policy = Policy()
+        self.threads = StepThreads.for_device(self.target.device, config.big_step_threads)
         self.planner = StepPlanner(self)
         self.spec_stats = SpecDecodingStats()
         self.method_stats: dict[str, MethodStats] = {}  # per drafting method, and "plain" (the charts, Compare)
@@ -248,9 +250,13 @@ class LLMEngine:
             self._first_logits.pop(victim, None)
             for _, plan in plans:
                 plan.pop(victim, None)
+        tokens = sum(plans[0][1].values())
+        threads = self.threads.choose(tokens)
+        t0 = time.perf_counter()
         self._first_logits.update(prefill.run_chunks(self.target, plans[0][1]))
         if plans[1][1]:
             prefill.run_chunks(self.draft, plans[1][1])
+        self.threads.observe(threads, tokens, time.perf_counter() - t0)
         for req in reqs:
             if req.status is Status.RUNNING and prefill.complete(self.target, req) and \
                     (not req.use_draft or prefill.complete(self.draft, req)):
@@ -293,7 +299,10 @@ class LLMEngine:
         plan = self._make_room(self.planner.cap_batch(planned))
         self._fault("decode", list(plan))
         one_offs = GraphRunner.one_offs
+        tokens = sum(k + 1 for k, _m in plan.values())
+        threads = self.threads.choose(tokens)
         results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)))
+        self.threads.observe(threads, tokens, timing.total_s)
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}
         if one_offs == GraphRunner.one_offs:  # a step that captured a CUDA graph (or ran eagerly before) is no timing

@@ -53,6 +53,9 @@ def engine_snapshot(engine: LLMEngine) -> dict:
                      "eagle_cost": round(engine.eagle_cost, 4),
                      "verify_cost": round(engine.verify_cost, 4), "recommended_k": engine.recommended_k()[0],
                      **adaptive_view(engine)},
+        # CPU: torch threads of small steps and of big ones, and the measured ms per token of each (engine.threads)
+        "threads": {"default": engine.threads.small, "big_steps": engine.threads.big,
+                    "ms_per_token": {f"{b}+/{n}": round(t * 1e3, 4) for (b, n), t in sorted(engine.threads.avg.items())}},
         "kv": {
             "total": st.total, "used": st.used, "free": st.free, "shared": st.shared,
             "tokens_stored": st.tokens_stored, "slots_allocated": st.slots_allocated,

@@ -1,0 +1,62 @@
+"""CPU thread count per step: big steps run on every core only while measuring shows they gain."""
+
+import torch
+
+from engine.threads import BIG_TOKENS, RETRY, StepThreads
+from tests.tiny import tiny_engine
+
+
+def _restore(fn):
+    def wrapped(*a, **k):
+        before = torch.get_num_threads()
+        try:
+            return fn(*a, **k)
+        finally:
+            torch.set_num_threads(before)
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+@_restore
+def test_big_steps_take_the_faster_thread_count_and_look_again():
+    torch.set_num_threads(1)
+    st = StepThreads(1, 2)
+    assert st.choose(BIG_TOKENS - 1) == 1  # small steps keep the default
+    first = [st.choose(32) for _ in range(2)]
+    assert first[0] == 2 and torch.get_num_threads() == 2  # untried counts are tried first
+    st.observe(2, 32, 0.032)  # 1 ms a token on two threads
+    assert st.choose(32) == 1 and torch.get_num_threads() == 1
+    st.observe(1, 32, 0.016)  # 0.5 ms a token on one: one thread wins (a busy machine)
+    picks = [st.choose(40) for _ in range(2 * RETRY)]
+    assert picks.count(2) == 2 and picks.count(1) == 2 * RETRY - 2  # but two threads are tried again now and then
+    for _ in range(10):  # the other process is gone: two threads are much faster again
+        st.observe(2, 40, 0.004)
+    assert st.choose(33) == 2
+    assert st.choose(1) == 1 and torch.get_num_threads() == 1
+    assert st._bucket(8) == 8 and st._bucket(15) == 8 and st._bucket(64) == 64
+
+
+def test_disabled_off_the_cpu_and_by_the_setting():
+    assert not StepThreads.for_device(torch.device("cpu"), 0).enabled
+    assert not StepThreads.for_device(torch.device("cuda"), None).enabled
+    st = StepThreads(2, 2)
+    assert not st.enabled and st.choose(100) == 2
+
+
+@_restore
+def test_engine_measures_big_steps_and_shows_them():
+    torch.set_num_threads(1)
+    eng = tiny_engine()
+    eng.threads = StepThreads(1, 2)
+    from engine import SamplingParams
+
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True, num_draft_tokens=4)
+    for _ in range(3):
+        eng.add_request(list(range(3, 40)), params)  # 3 rows x 5 positions = 15 tokens a step; prefill 111
+    while eng.has_work():
+        eng.step()
+    buckets = {b for b, _n in eng.threads.avg}
+    assert 8 in buckets and 64 in buckets, eng.threads.avg
+    snap = eng.snapshot()["threads"]
+    assert snap["default"] == 1 and snap["big_steps"] == 2 and snap["ms_per_token"]
+    assert torch.get_num_threads() in (1, 2)
