@@ -301,11 +301,16 @@ class LLMEngine:
         one_offs = GraphRunner.one_offs
         tokens = sum(k + 1 for k, _m in plan.values())
         threads = self.threads.choose(tokens)
+        for p in self.proposers.values():
+            p.backlog = 0
         results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)))
         self.threads.observe(threads, tokens, timing.total_s)
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}
-        if one_offs == GraphRunner.one_offs:  # a step that captured a CUDA graph (or ran eagerly before) is no timing
+        # no timing of a step either: one that captured a CUDA graph (or ran a shape eagerly before its capture), or
+        # whose draft first caught up on tokens it missed while plain (a probe at batch 8 after 100 plain steps
+        # read 800 tokens: 60 ms for a ~6 ms step, which then stood as that K's time until it was drafted again)
+        if one_offs == GraphRunner.one_offs and not any(p.backlog for p in self.proposers.values()):
             if len(methods) <= 1:  # a step mixing methods times neither
                 self.policy.times.observe(next(iter(methods), ""), len(results), kmax, timing.total_s)
             self._observe_times(kmax, timing, methods)

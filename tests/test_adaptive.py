@@ -349,3 +349,20 @@ def test_engine_caps_a_mixed_batch(monkeypatch):
         eng.step()
     assert a.status.name == b.status.name == "FINISHED"
     assert any(others == 1 and ks and ks[0] > 0 for ks, others, _ in seen), seen
+
+
+def test_a_step_whose_draft_catches_up_is_not_timed(monkeypatch):
+    """After plain steps the draft model first reads the tokens it missed: that one-off cost must not become
+    the K's step time (it stood until the K was drafted again)."""
+    eng = tiny_engine()
+    plan = {"k": 0}
+    monkeypatch.setattr(eng, "_choose", lambda req, batch: (min(plan["k"], max(0, req.remaining - 1)), "model"))
+    eng.add_request([5, 6, 7, 8], SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True))
+    for _ in range(22):  # prefill, then 20 plain steps: the draft falls behind
+        eng.step()
+    key = ("model", 1, 256, 2)
+    plan["k"] = 2
+    eng.step()  # the probe: the draft catches up on ~20 tokens first
+    assert eng.proposers["model"].backlog > 0 and key not in eng.policy.times.avg
+    eng.step()  # a normal drafting step is timed
+    assert eng.proposers["model"].backlog == 0 and key in eng.policy.times.avg

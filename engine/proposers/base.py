@@ -36,6 +36,9 @@ class Proposal:
 
 class Proposer(Protocol):
     name: str
+    # what the last ``propose`` had to read beyond a normal step (a draft returning from plain steps catches up on
+    # the tokens it missed): such a step paid a one-off cost and is no timing of a drafting step
+    backlog: int
 
     def propose(self, rows: StepRows) -> Proposal:
         """Draft for ``rows``. Changes state: a draft model's KV cache grows by what it read."""

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine import rng
+from engine.config import MAX_DRAFT_TOKENS
 from engine.model_runner import ModelRunner, RowInput
 from engine.proposers.base import Proposal, StepRows
 from engine.sampler import probs_batch, race
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 
 
 CATCH_UP = 512  # tokens per catch-up forward (as prefill chunks)
+NORMAL_BEHIND = MAX_DRAFT_TOKENS + 2  # more unread tokens than a verification leaves: a catch-up (``backlog``)
 
 
 class DraftModelProposer:
@@ -24,6 +26,7 @@ class DraftModelProposer:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.last_time_s = 0.0
+        self.backlog = 0
 
     def propose(self, rows: StepRows) -> Proposal:
         """K draft forwards, batched over the rows still drafting; one small host copy per forward."""
@@ -41,6 +44,7 @@ class DraftModelProposer:
                      for j in range(kmax)] for i in sampled]
             noise = rng.exponentials(torch.tensor(keys, dtype=torch.int64).to(dev), self.runner.vocab_size)
         slot = {i: n for n, i in enumerate(sampled)}
+        self.backlog = sum(max(0, len(r.all_ids) - self.runner.cached_len(r.seq_id) - NORMAL_BEHIND) for r in rows.reqs)
         self._catch_up(rows.reqs)
         lists: list[list[int]] = [[] for _ in range(b)]
         for j in range(kmax):

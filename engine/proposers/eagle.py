@@ -32,6 +32,7 @@ from engine.eagle.head import EagleHead
 from engine.kv_pool import KVPool, KVShape
 from engine.model_runner import ModelRunner
 from engine.proposers.base import Proposal, StepRows
+from engine.proposers.draft_model import NORMAL_BEHIND
 from engine.sampler import probs_batch, race
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class EagleProposer:
         self.head = head
         self.target = target
         self.device = target.device
+        self.backlog = 0
         self.vocab_size = target.vocab_size
         cfg = head.cfg
         bs = target.blocks.block_size
@@ -90,6 +92,7 @@ class EagleProposer:
         lists: list[list[int]] = [[] for _ in range(b)]
         if kmax == 0:
             return Proposal(lists, None)
+        self.backlog = sum(max(0, r.num_tokens - 1 - self._cached(r.seq_id) - NORMAL_BEHIND) for r in rows.reqs)
         self._catch_up(rows.reqs)
         inputs = {i: self._inputs(r) for i, r in enumerate(rows.reqs) if rows.ks[i] > 0}
         self._share_prompts([rows.reqs[i] for i, got in inputs.items() if got is not None])
