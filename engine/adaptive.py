@@ -26,6 +26,10 @@ from engine.config import MAX_DRAFT_TOKENS
 from engine.stats import SpecDecodingStats
 
 EMA = 0.8  # weight of the past in step-time averages
+START_MARGIN = 1.03  # predicted speed-up over plain a plain request needs to start drafting (hysteresis): at batch 8
+# on the CPU a useless draft's n-gram lookup predicted 1.02x and lost 3-7% drafting on it
+STALL_CLAMP = 1.25  # an observation counts as at most this times the average: with 2x, the tail of a CPU's step times
+# (a step after a prefill chunk, a page fault) kept plain decoding's average at batch 8 15-30% above its median
 PRIOR_WEIGHT = 8.0  # pseudo-drafts of the shared prior in a request's acceptance estimate
 ALPHA_WEIGHT = 2.0  # pseudo-drafts of the α prior in the shared estimate: engine-wide evidence wins fast
 PROBE_FIRST, PROBE_MAX = 32, 512  # steps of plain decoding between probes of speculation
@@ -86,7 +90,8 @@ class StepTimes:
         key = ("plain", bucket(batch), self.context, 0) if k == 0 else (method, bucket(batch), self.context, k)
         old = self.avg.get(key)
         if old is not None:  # one stall (another process, a page fault) must not flip the decision; a faster
-            seconds = min(seconds, 2.0 * old)  # step is real (the first timing of a K may have paid one-off costs)
+            seconds = min(seconds, STALL_CLAMP * old)  # step is real (the first timing of a K may have paid one-off
+            # costs); a slower one moves the average by at most (STALL_CLAMP - 1) x 20%
         self.avg[key] = seconds if old is None else EMA * old + (1 - EMA) * seconds
 
     def _scale(self, b: int, frm: int, to: int) -> float:
@@ -366,6 +371,8 @@ class Policy:
         else:
             method, k = max(((m, k) for m, g in options.items() for k in g), key=lambda mk: options[mk[0]][mk[1]])
             gains = options[method]
+            if 0 < k and gains[k] < START_MARGIN and not (state.last is not None and state.last.k):
+                k = 0  # from plain, a predicted gain within the estimates' noise is no reason to start drafting
             if k > 0:
                 state.plain_steps = 0
                 state.spec_steps += 1

@@ -310,8 +310,12 @@ class LLMEngine:
         # no timing of a step either: one that captured a CUDA graph (or ran a shape eagerly before its capture), or
         # whose draft first caught up on tokens it missed while plain (a probe at batch 8 after 100 plain steps
         # read 800 tokens: 60 ms for a ~6 ms step, which then stood as that K's time until it was drafted again)
-        if one_offs == GraphRunner.one_offs and not any(p.backlog for p in self.proposers.values()):
-            if len(methods) <= 1:  # a step mixing methods times neither
+        # (nor one run at the thread count not preferred, to measure it: it would bias that K's time)
+        if one_offs == GraphRunner.one_offs and not any(p.backlog for p in self.proposers.values()) \
+                and not self.threads.exploring:
+            # a step mixing methods times neither; nor does one where some rows drafted fewer than K (n-gram found no
+            # match): it costs less than the K-step the time is kept for (at batch 8 on the CPU, about half as much)
+            if len(methods) <= 1 and all(r.k == kmax for r in results):
                 self.policy.times.observe(next(iter(methods), ""), len(results), kmax, timing.total_s)
             self._observe_times(kmax, timing, methods)
         share = 1.0 / max(1, len(results))

@@ -30,6 +30,7 @@ class StepThreads:
         self.avg: dict[tuple[int, int], float] = {}  # (bucket, threads) -> seconds per token
         self.count: dict[int, int] = {}  # bucket -> big steps so far
         self.current = small
+        self.exploring = False  # the last step ran at the count not preferred (to measure it): not a typical step
 
     @classmethod
     def for_device(cls, device: torch.device, setting: int | None) -> StepThreads:
@@ -46,19 +47,20 @@ class StepThreads:
     def choose(self, tokens: int) -> int:
         """Threads for a step over ``tokens`` tokens; sets torch's count when it changes."""
         n = self.small
+        self.exploring = False
         if self.enabled and tokens >= BIG_TOKENS:
             b = self._bucket(tokens)
             seen = self.count.get(b, 0)
             self.count[b] = seen + 1
             fast = {c: self.avg.get((b, c)) for c in (self.small, self.big)}
             if fast[self.big] is None:
-                n = self.big
+                n, self.exploring = self.big, True
             elif fast[self.small] is None:
-                n = self.small
+                n, self.exploring = self.small, True
             else:
                 n = min(fast, key=fast.get)
                 if seen % RETRY == RETRY - 1:  # look at the other count again: the load on the machine changes
-                    n = self.small if n == self.big else self.big
+                    n, self.exploring = (self.small if n == self.big else self.big), True
         if n != self.current:
             torch.set_num_threads(n)
             self.current = n

@@ -366,3 +366,16 @@ def test_a_step_whose_draft_catches_up_is_not_timed(monkeypatch):
     assert eng.proposers["model"].backlog > 0 and key not in eng.policy.times.avg
     eng.step()  # a normal drafting step is timed
     assert eng.proposers["model"].backlog == 0 and key in eng.policy.times.avg
+
+
+def test_a_marginal_predicted_gain_does_not_start_drafting_but_does_not_stop_it():
+    from engine.adaptive import START_MARGIN, Decision
+
+    policy = _policy(1.0, 0.1)
+    state = _state_with_acceptance(0.12)
+    gains = policy.gains(state, "model", 1, 0.12, 0.1)
+    best = max(gains, key=gains.get)
+    assert best == 1 and 1.0 < gains[1] < START_MARGIN  # (1 + 0.12) / 1.1
+    assert policy.choose(state, {"model": 0.1}, 1, alpha=0.12).k == 0
+    state.last = Decision(1, "model", "speculating")
+    assert policy.choose(state, {"model": 0.1}, 1, alpha=0.12).k == 1  # hysteresis: no flapping at the margin
