@@ -9,7 +9,9 @@ plain rows 796 -> 961 tok/s, 8 rows at K = 3 1054 -> 1218 tok/s; served over HTT
 the default setting 828-987 -> 1190-1318 tok/s. But another busy process on those cores turns a step with
 two threads many times slower (each barrier then waits for a descheduled thread), so the choice is measured,
 not assumed: per size bucket of the step, the seconds per token of each thread count are averaged, the faster
-count runs, and the other is tried again every ``RETRY`` big steps of that bucket.
+count runs (all cores until the other is clearly faster: near ties flipping per bucket made plain and drafting
+steps run at different counts and skewed adaptive K's comparison of their times), and the other is tried again
+every ``RETRY`` big steps of that bucket.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import os
 import torch
 
 BIG_TOKENS = 8  # steps over at least this many tokens (rows x positions) may use every core
-RETRY = 32  # big steps of a bucket between tries of the thread count not chosen
+RETRY = 64  # big steps of a bucket between tries of the thread count not chosen (each costs ~20% of its step)
 EMA = 0.8
+SWITCH = 0.9  # the other count must take under 90% of the preferred one's time per token to take over
 
 
 class StepThreads:
@@ -29,6 +32,7 @@ class StepThreads:
         self.enabled = big > small
         self.avg: dict[tuple[int, int], float] = {}  # (bucket, threads) -> seconds per token
         self.count: dict[int, int] = {}  # bucket -> big steps so far
+        self.prefer: dict[int, int] = {}  # bucket -> the count that runs (changes only on a clear difference)
         self.current = small
         self.exploring = False  # the last step ran at the count not preferred (to measure it): not a typical step
 
@@ -58,9 +62,13 @@ class StepThreads:
             elif fast[self.small] is None:
                 n, self.exploring = self.small, True
             else:
-                n = min(fast, key=fast.get)
+                n = self.prefer.get(b, self.big)
+                other = self.small if n == self.big else self.big
+                if fast[other] < SWITCH * fast[n]:  # clearly faster now: a near tie must not flip the count back and
+                    n, other = other, n  # forth (adaptive K compares step times taken at the preferred count)
+                self.prefer[b] = n
                 if seen % RETRY == RETRY - 1:  # look at the other count again: the load on the machine changes
-                    n, self.exploring = (self.small if n == self.big else self.big), True
+                    n, self.exploring = other, True
         if n != self.current:
             torch.set_num_threads(n)
             self.current = n

@@ -61,3 +61,15 @@ def test_engine_measures_big_steps_and_shows_them():
     snap = eng.snapshot()["threads"]
     assert snap["default"] == 1 and snap["big_steps"] == 2 and snap["ms_per_token"]
     assert torch.get_num_threads() in (1, 2)
+
+
+@_restore
+def test_a_near_tie_does_not_flip_the_count():
+    torch.set_num_threads(1)
+    st = StepThreads(1, 2)
+    st.choose(16), st.observe(2, 16, 0.0160)  # 1.00 ms a token on all cores
+    st.choose(16), st.observe(1, 16, 0.0152)  # 0.95 on one: faster, but within the noise
+    assert st.choose(16) == 2 and not st.exploring
+    for _ in range(10):
+        st.observe(1, 16, 0.008)  # 0.5 ms a token: clearly faster (another process took a core)
+    assert st.choose(16) == 1
