@@ -251,12 +251,12 @@ class LLMEngine:
             for _, plan in plans:
                 plan.pop(victim, None)
         tokens = sum(plans[0][1].values())
-        threads = self.threads.choose(tokens)
+        threads = self.threads.choose(tokens, len(plans[0][1]))
         t0 = time.perf_counter()
         self._first_logits.update(prefill.run_chunks(self.target, plans[0][1]))
         if plans[1][1]:
             prefill.run_chunks(self.draft, plans[1][1])
-        self.threads.observe(threads, tokens, time.perf_counter() - t0)
+        self.threads.observe(threads, tokens, time.perf_counter() - t0, len(plans[0][1]))
         for req in reqs:
             if req.status is Status.RUNNING and prefill.complete(self.target, req) and \
                     (not req.use_draft or prefill.complete(self.draft, req)):
@@ -300,11 +300,11 @@ class LLMEngine:
         self._fault("decode", list(plan))
         one_offs = GraphRunner.one_offs
         tokens = sum(k + 1 for k, _m in plan.values())
-        threads = self.threads.choose(tokens)
+        threads = self.threads.choose(tokens, len(plan))
         for p in self.proposers.values():
             p.backlog = 0
         results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)))
-        self.threads.observe(threads, tokens, timing.total_s)
+        self.threads.observe(threads, tokens, timing.total_s, len(plan))
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}
         # no timing of a step either: one that captured a CUDA graph (or ran a shape eagerly before its capture), or

@@ -30,9 +30,9 @@ class StepThreads:
     def __init__(self, small: int, big: int) -> None:
         self.small, self.big = small, big
         self.enabled = big > small
-        self.avg: dict[tuple[int, int], float] = {}  # (bucket, threads) -> seconds per token
-        self.count: dict[int, int] = {}  # bucket -> big steps so far
-        self.prefer: dict[int, int] = {}  # bucket -> the count that runs (changes only on a clear difference)
+        self.avg: dict[tuple[tuple[int, int], int], float] = {}  # (bucket, threads) -> seconds per token
+        self.count: dict[tuple[int, int], int] = {}  # bucket -> big steps so far
+        self.prefer: dict[tuple[int, int], int] = {}  # bucket -> the count that runs (changes only on a clear difference)
         self.current = small
         self.exploring = False  # the last step ran at the count not preferred (to measure it): not a typical step
 
@@ -45,15 +45,17 @@ class StepThreads:
         return cls(small, setting or os.cpu_count() or small)
 
     @staticmethod
-    def _bucket(tokens: int) -> int:
-        return 1 << max(0, tokens.bit_length() - 1)  # 8-15 -> 8, 16-31 -> 16, ...
+    def _bucket(tokens: int, rows: int = 1) -> tuple[int, int]:
+        """(tokens, rows) rounded down to powers of two (8-15 -> 8, ...): 8 rows of one token and one row verifying
+        8 (after 7 one-row draft steps) are different steps, and may prefer different counts."""
+        return 1 << max(0, tokens.bit_length() - 1), 1 << max(0, rows.bit_length() - 1)
 
-    def choose(self, tokens: int) -> int:
-        """Threads for a step over ``tokens`` tokens; sets torch's count when it changes."""
+    def choose(self, tokens: int, rows: int = 1) -> int:
+        """Threads for a step over ``tokens`` tokens in ``rows`` rows; sets torch's count when it changes."""
         n = self.small
         self.exploring = False
         if self.enabled and tokens >= BIG_TOKENS:
-            b = self._bucket(tokens)
+            b = self._bucket(tokens, rows)
             seen = self.count.get(b, 0)
             self.count[b] = seen + 1
             fast = {c: self.avg.get((b, c)) for c in (self.small, self.big)}
@@ -74,10 +76,10 @@ class StepThreads:
             self.current = n
         return n
 
-    def observe(self, threads: int, tokens: int, seconds: float) -> None:
+    def observe(self, threads: int, tokens: int, seconds: float, rows: int = 1) -> None:
         if not self.enabled or tokens < BIG_TOKENS or seconds <= 0:
             return
-        key = (self._bucket(tokens), threads)
+        key = (self._bucket(tokens, rows), threads)
         per = seconds / tokens
         old = self.avg.get(key)
         self.avg[key] = per if old is None else EMA * old + (1 - EMA) * per

@@ -34,7 +34,9 @@ def test_big_steps_take_the_faster_thread_count_and_look_again():
         st.observe(2, 40, 0.004)
     assert st.choose(33) == 2
     assert st.choose(1) == 1 and torch.get_num_threads() == 1
-    assert st._bucket(8) == 8 and st._bucket(15) == 8 and st._bucket(64) == 64
+    assert st._bucket(8) == (8, 1) and st._bucket(15, 8) == (8, 8) and st._bucket(64, 3) == (64, 2)
+    st.observe(2, 8, 0.016, rows=1)  # one row verifying 8 tokens is its own bucket: 8 rows' times do not decide it
+    assert st.avg[((8, 1), 2)] == 0.002 and ((8, 8), 2) not in st.avg
 
 
 def test_disabled_off_the_cpu_and_by_the_setting():
@@ -57,7 +59,7 @@ def test_engine_measures_big_steps_and_shows_them():
     while eng.has_work():
         eng.step()
     buckets = {b for b, _n in eng.threads.avg}
-    assert 8 in buckets and 64 in buckets, eng.threads.avg
+    assert (8, 2) in buckets and (64, 2) in buckets, eng.threads.avg  # 3 rows x 5 positions; 3 prompts of 37
     snap = eng.snapshot()["threads"]
     assert snap["default"] == 1 and snap["big_steps"] == 2 and snap["ms_per_token"]
     assert torch.get_num_threads() in (1, 2)
