@@ -27,6 +27,8 @@ SWITCH = 0.9  # the other count must take under 90% of the preferred one's time 
 
 
 class StepThreads:
+    """Chooses each step's torch thread count (``choose``) and learns from its wall time (``observe``)."""
+
     def __init__(self, small: int, big: int) -> None:
         self.small, self.big = small, big
         self.enabled = big > small
@@ -71,9 +73,9 @@ class StepThreads:
                 self.prefer[b] = n
                 if seen % RETRY == RETRY - 1:  # look at the other count again: the load on the machine changes
                     n, self.exploring = other, True
-        if n != self.current:
+        if n != torch.get_num_threads():  # (read back: other code may have set it since)
             torch.set_num_threads(n)
-            self.current = n
+        self.current = n
         return n
 
     def observe(self, threads: int, tokens: int, seconds: float, rows: int = 1) -> None:
@@ -83,9 +85,3 @@ class StepThreads:
         per = seconds / tokens
         old = self.avg.get(key)
         self.avg[key] = per if old is None else EMA * old + (1 - EMA) * per
-
-    def restore(self) -> None:
-        """Back to the default count (after a big step, so small ones and other code run as before)."""
-        if self.current != self.small:
-            torch.set_num_threads(self.small)
-            self.current = self.small

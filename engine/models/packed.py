@@ -27,12 +27,9 @@ BLAS libraries do; a probe at load compares the two and disables packing when th
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 MIN_ROWS = 2  # GEMMs with at least this many rows use the packed weight
 MIN_ELEMENTS = 1 << 17  # smaller weights (e.g. 256 x 256) are faster on MKL at every small row count
@@ -74,7 +71,9 @@ def _probe() -> str | None:
 
 def packing_decision(weights: list[torch.Tensor]) -> tuple[bool, str]:
     """Whether to pack ``weights`` (the lean forward's big CPU matrices), and why."""
-    if not weights or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
+    if not weights:
+        return False, f"no weight has {MIN_ELEMENTS} elements or more (small ones are faster on MKL)"
+    if any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
         return False, "packing is for fp32 weights on the CPU"
     forced = os.environ.get("HELIX_PACKED_GEMM")
     if forced == "0":
