@@ -290,10 +290,10 @@ class Policy:
 
     def gains(self, state: AdaptiveState, method: str, batch: int, alpha: float, slope: float) -> dict[int, float]:
         """K -> predicted speed relative to plain (1.0 at K = 0); empty until plain was timed."""
-        t0 = self.times.plain(batch)
+        times = self._shared_terms(method, batch, alpha, slope)[1]  # times[0]: plain's, None while untimed
+        t0 = times[0]
         if t0 is None:
             return {}
-        times = self._shared_terms(method, batch, alpha, slope)[1]
         expected = self.expected(state, method, batch, alpha, slope)
         out = {0: 1.0}
         for k in range(1, MAX_DRAFT_TOKENS + 1):

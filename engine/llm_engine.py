@@ -307,10 +307,10 @@ class LLMEngine:
         self.threads.observe(threads, tokens, timing.total_s, len(plan))
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}
-        # no timing of a step either: one that captured a CUDA graph (or ran a shape eagerly before its capture), or
-        # whose draft first caught up on tokens it missed while plain (a probe at batch 8 after 100 plain steps
-        # read 800 tokens: 60 ms for a ~6 ms step, which then stood as that K's time until it was drafted again)
-        # (nor one run at the thread count not preferred, to measure it: it would bias that K's time)
+        # a step that paid a one-off is no timing for adaptive K: a CUDA graph captured (or a shape run eagerly before
+        # its capture), a draft catching up on tokens it skipped while plain (a probe at batch 8 after 100 plain steps
+        # read 800 tokens: 60 ms for a ~6 ms step, kept as that K's time until it was drafted again), or a thread
+        # count tried rather than preferred
         if one_offs == GraphRunner.one_offs and not any(p.backlog for p in self.proposers.values()) \
                 and not self.threads.exploring:
             # a step mixing methods times neither; nor does one where some rows drafted fewer than K (n-gram found no

@@ -35,7 +35,6 @@ class StepThreads:
         self.avg: dict[tuple[tuple[int, int], int], float] = {}  # (bucket, threads) -> seconds per token
         self.count: dict[tuple[int, int], int] = {}  # bucket -> big steps so far
         self.prefer: dict[tuple[int, int], int] = {}  # bucket -> the count that runs (changes only on a clear difference)
-        self.current = small
         self.exploring = False  # the last step ran at the count not preferred (to measure it): not a typical step
 
     @classmethod
@@ -75,7 +74,6 @@ class StepThreads:
                     n, self.exploring = other, True
         if n != torch.get_num_threads():  # (read back: other code may have set it since)
             torch.set_num_threads(n)
-        self.current = n
         return n
 
     def observe(self, threads: int, tokens: int, seconds: float, rows: int = 1) -> None:
