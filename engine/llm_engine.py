@@ -299,12 +299,9 @@ class LLMEngine:
         plan = self._make_room(self.planner.cap_batch(planned))
         self._fault("decode", list(plan))
         one_offs = GraphRunner.one_offs
-        tokens = sum(k + 1 for k, _m in plan.values())
-        threads = self.threads.choose(tokens, len(plan))
         for p in self.proposers.values():
             p.backlog = 0
-        results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)))
-        self.threads.observe(threads, tokens, timing.total_s, len(plan))
+        results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)), self.threads)
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}
         # a step that paid a one-off is no timing for adaptive K: a CUDA graph captured (or a shape run eagerly before
@@ -312,7 +309,7 @@ class LLMEngine:
         # read 800 tokens: 60 ms for a ~6 ms step, kept as that K's time until it was drafted again), or a thread
         # count tried rather than preferred
         if one_offs == GraphRunner.one_offs and not any(p.backlog for p in self.proposers.values()) \
-                and not self.threads.exploring:
+                and not timing.explored:
             # a step mixing methods times neither; nor does one where some rows drafted fewer than K (n-gram found no
             # match): it costs less than the K-step the time is kept for (at batch 8 on the CPU, about half as much)
             if len(methods) <= 1 and all(r.k == kmax for r in results):

@@ -55,8 +55,8 @@ def engine_snapshot(engine: LLMEngine) -> dict:
                      **adaptive_view(engine)},
         # CPU: torch threads of small steps and of big ones, and the measured ms per token of each (engine.threads)
         "threads": {"default": engine.threads.small, "big_steps": engine.threads.big,
-                    "ms_per_token": {f"{t}+tok/{r}+rows/{n}": round(v * 1e3, 4)
-                                     for ((t, r), n), v in sorted(engine.threads.avg.items())}},
+                    "ms_per_token": {f"{phase}/{t}+tok/{r}+rows/{n}": round(v * 1e3, 4)
+                                     for ((phase, t, r), n), v in sorted(engine.threads.avg.items())}},
         "kv": {
             "total": st.total, "used": st.used, "free": st.free, "shared": st.shared,
             "tokens_stored": st.tokens_stored, "slots_allocated": st.slots_allocated,

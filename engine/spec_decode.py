@@ -14,6 +14,7 @@ from engine.proposers.base import Proposal, Proposer, StepRows
 from engine.rejection import verify
 from engine.sampler import RowParams
 from engine.sequence import Request
+from engine.threads import StepThreads
 
 
 @dataclass
@@ -31,6 +32,7 @@ class StepTiming:
     propose_s: float
     target_s: float
     total_s: float
+    explored: bool = False  # a phase ran at a thread count being measured, not the preferred one (engine.threads)
 
 
 def sampling_keys(reqs: list[Request], k: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -55,9 +57,11 @@ def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[Request, tuple[int, str]],
-                fallback: dict[Request, tuple[int, str]] | None = None) -> tuple[list[RowResult], StepTiming]:
+                fallback: dict[Request, tuple[int, str]] | None = None, threads: StepThreads | None = None
+                ) -> tuple[list[RowResult], StepTiming]:
     """plan: request -> (K, method); fallback: (K, method) for n-gram rows where the lookup finds no match
-    (the draft model or the EAGLE head, which draft after n-gram in the same step).
+    (the draft model or the EAGLE head, which draft after n-gram in the same step). ``threads``: chooses the CPU
+    thread count of the drafting and of the verification, and learns from their times.
     Changes state: the target's and proposers' caches grow by what they read (the caller rolls them
     back to the verified tokens)."""
     t0 = time.perf_counter()
@@ -70,6 +74,11 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     q_parts: list[tuple[list[int], Proposal]] = []
     used = [plan[r][1] for r in reqs]
     ks = [plan[r][0] for r in reqs]
+    explored = False
+    modelled = [i for i in range(len(reqs)) if ks[i] > 0 and used[i] != "ngram"]  # rows a model drafts for
+    if threads is not None:
+        n_draft = threads.choose(len(modelled), len(modelled), "draft")
+        explored = threads.exploring
     # n-gram first: where it finds no match, an auto row may draft with the model or the head in the same step
     for name in sorted(proposers, key=lambda n: n != "ngram"):
         idx = [i for i in range(len(reqs)) if ks[i] > 0 and used[i] == name]
@@ -83,11 +92,23 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         if name == "ngram" and fallback:
             _fall_back(reqs, idx, lists, used, ks, fallback, proposers)
     t1 = time.perf_counter()
+    tokens = sum(len(t) + 1 for t in lists)
+    if threads is not None:
+        drafted = [i for i in range(len(reqs)) if lists[i] and used[i] != "ngram"]
+        # per drafted token, in the bucket chosen for (rows that fell back from n-gram drafted too); not when a
+        # proposer first caught up on a prompt or on tokens it skipped (a first EAGLE step reads the prompt's pairs)
+        if drafted and not any(p.backlog for p in proposers.values()):
+            threads.observe(n_draft, len(modelled), t1 - t0, len(modelled), "draft",
+                            per_tokens=sum(len(lists[i]) for i in drafted))
+        n_verify = threads.choose(tokens, len(reqs), "verify")
+        explored = explored or threads.exploring
     # rows that may draft with the EAGLE head bring back the target's features of what it verified
     rows_in = [RowInput(r.seq_id, r.all_ids[target.cached_len(r.seq_id):] + lists[i], len(lists[i]) + 1, r.use_eagle)
                for i, r in enumerate(reqs)]
     per_row = target.forward(rows_in)
     t2 = time.perf_counter()
+    if threads is not None:
+        threads.observe(n_verify, tokens, t2 - t1, len(reqs), "verify")
     if greedy:
         verified = _verify_greedy_host(per_row, lists)
     else:
@@ -106,7 +127,7 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         k = len(lists[i])
         out.append(RowResult(r, used[i] if k else "", k, a, tokens, per_row[i]))
     t3 = time.perf_counter()
-    return out, StepTiming(t1 - t0, t2 - t1, t3 - t0)
+    return out, StepTiming(t1 - t0, t2 - t1, t3 - t0, explored)
 
 
 def _fall_back(reqs: list[Request], idx: list[int], lists: list[list[int]], used: list[str], ks: list[int],

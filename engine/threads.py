@@ -12,6 +12,13 @@ not assumed: per size bucket of the step, the seconds per token of each thread c
 count runs (all cores until the other is clearly faster: near ties flipping per bucket made plain and drafting
 steps run at different counts and skewed adaptive K's comparison of their times), and the other is tried again
 every ``RETRY`` big steps of that bucket.
+
+A decode step is two phases with their own choice: the proposers' drafting (a chain of K small forwards, one token
+per drafting row each) and the target's verification (one forward over every row's K + 1 tokens). At batch 1 a
+verification of 5-8 tokens gains from the second core (oneDNN's packed GEMMs at 5 rows stream the weights at ~5
+GB/s on one core here, ~8 on two) while the one-row draft steps lose; choosing for the whole step gave both one
+count. Measured on the 2-core EPYC (demo pair, EAGLE head at batch 1, in process, interleaved runs of 4 prompts):
+197 tok/s with one thread for the whole step, 211 with two for the verification alone.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 import torch
 
 BIG_TOKENS = 8  # steps over at least this many tokens (rows x positions) may use every core
+MIN_TOKENS = {"prefill": BIG_TOKENS, "draft": BIG_TOKENS, "verify": 2}  # per phase (draft: rows per draft forward)
 RETRY = 64  # big steps of a bucket between tries of the thread count not chosen (each costs ~20% of its step)
 EMA = 0.8
 SWITCH = 0.9  # the other count must take under 90% of the preferred one's time per token to take over
@@ -32,9 +40,9 @@ class StepThreads:
     def __init__(self, small: int, big: int) -> None:
         self.small, self.big = small, big
         self.enabled = big > small
-        self.avg: dict[tuple[tuple[int, int], int], float] = {}  # (bucket, threads) -> seconds per token
-        self.count: dict[tuple[int, int], int] = {}  # bucket -> big steps so far
-        self.prefer: dict[tuple[int, int], int] = {}  # bucket -> the count that runs (changes only on a clear difference)
+        self.avg: dict[tuple[tuple[str, int, int], int], float] = {}  # (bucket, threads) -> seconds per token
+        self.count: dict[tuple[str, int, int], int] = {}  # bucket -> big steps so far
+        self.prefer: dict[tuple[str, int, int], int] = {}  # bucket -> the count that runs (changes on a clear difference)
         self.exploring = False  # the last step ran at the count not preferred (to measure it): not a typical step
 
     @classmethod
@@ -46,17 +54,18 @@ class StepThreads:
         return cls(small, setting or os.cpu_count() or small)
 
     @staticmethod
-    def _bucket(tokens: int, rows: int = 1) -> tuple[int, int]:
-        """(tokens, rows) rounded down to powers of two (8-15 -> 8, ...): 8 rows of one token and one row verifying
-        8 (after 7 one-row draft steps) are different steps, and may prefer different counts."""
-        return 1 << max(0, tokens.bit_length() - 1), 1 << max(0, rows.bit_length() - 1)
+    def _bucket(tokens: int, rows: int = 1, phase: str = "prefill") -> tuple[str, int, int]:
+        """(phase, tokens, rows), the counts rounded down to powers of two (8-15 -> 8, ...): 8 rows of one token and
+        one row verifying 8 are different steps, and may prefer different counts."""
+        return phase, 1 << max(0, tokens.bit_length() - 1), 1 << max(0, rows.bit_length() - 1)
 
-    def choose(self, tokens: int, rows: int = 1) -> int:
-        """Threads for a step over ``tokens`` tokens in ``rows`` rows; sets torch's count when it changes."""
+    def choose(self, tokens: int, rows: int = 1, phase: str = "prefill") -> int:
+        """Threads for a forward (or, for ``draft``, each forward of a chain) over ``tokens`` tokens in ``rows`` rows;
+        sets torch's count when it changes."""
         n = self.small
         self.exploring = False
-        if self.enabled and tokens >= BIG_TOKENS:
-            b = self._bucket(tokens, rows)
+        if self.enabled and tokens >= MIN_TOKENS[phase]:
+            b = self._bucket(tokens, rows, phase)
             seen = self.count.get(b, 0)
             self.count[b] = seen + 1
             fast = {c: self.avg.get((b, c)) for c in (self.small, self.big)}
@@ -76,10 +85,13 @@ class StepThreads:
             torch.set_num_threads(n)
         return n
 
-    def observe(self, threads: int, tokens: int, seconds: float, rows: int = 1) -> None:
-        if not self.enabled or tokens < BIG_TOKENS or seconds <= 0:
+    def observe(self, threads: int, tokens: int, seconds: float, rows: int = 1, phase: str = "prefill",
+                per_tokens: int | None = None) -> None:
+        """The forward(s) chosen for by ``choose(tokens, rows, phase)`` took ``seconds``; ``per_tokens``: the tokens
+        the time is divided by (default ``tokens``; a draft phase divides by every token it drafted)."""
+        if not self.enabled or tokens < MIN_TOKENS[phase] or seconds <= 0:
             return
-        key = (self._bucket(tokens, rows), threads)
-        per = seconds / tokens
+        key = (self._bucket(tokens, rows, phase), threads)
+        per = seconds / max(1, per_tokens or tokens)
         old = self.avg.get(key)
         self.avg[key] = per if old is None else EMA * old + (1 - EMA) * per

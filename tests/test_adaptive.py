@@ -180,10 +180,10 @@ def test_adaptive_rows_of_a_batch_share_one_k_per_method(monkeypatch):
     steps = []
     real = llm.decode_step
 
-    def spy(target, proposers, plan, fallback=None):
+    def spy(target, proposers, plan, fallback=None, threads=None):
         if all(r.remaining > 9 for r in plan):  # near the end, room caps K row by row
             steps.append({m: {k for k, mm in plan.values() if mm == m and k} for _, m in plan.values()})
-        return real(target, proposers, plan, fallback)
+        return real(target, proposers, plan, fallback, threads)
 
     monkeypatch.setattr(llm, "decode_step", spy)
     for prompt in ("Once", "The cat sat on the mat", "Tom found a red ball", "Lily loved to play"):
@@ -239,9 +239,9 @@ def test_ngram_misses_count_against_ngram(monkeypatch):
     planned = []
     real = llm.decode_step
 
-    def spy(target, proposers, plan, fallback=None):
+    def spy(target, proposers, plan, fallback=None, threads=None):
         planned.append(sum(1 for k, m in plan.values() if k and m == "ngram"))
-        return real(target, proposers, plan, fallback)
+        return real(target, proposers, plan, fallback, threads)
 
     monkeypatch.setattr(llm, "decode_step", spy)
     # text in which nothing ever repeats, as far as the lookup can tell

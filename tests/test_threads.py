@@ -2,7 +2,7 @@
 
 import torch
 
-from engine.threads import BIG_TOKENS, RETRY, StepThreads
+from engine.threads import BIG_TOKENS, MIN_TOKENS, RETRY, StepThreads
 from tests.tiny import tiny_engine
 
 
@@ -34,9 +34,29 @@ def test_big_steps_take_the_faster_thread_count_and_look_again():
         st.observe(2, 40, 0.004)
     assert st.choose(33) == 2
     assert st.choose(1) == 1 and torch.get_num_threads() == 1
-    assert st._bucket(8) == (8, 1) and st._bucket(15, 8) == (8, 8) and st._bucket(64, 3) == (64, 2)
-    st.observe(2, 8, 0.016, rows=1)  # one row verifying 8 tokens is its own bucket: 8 rows' times do not decide it
-    assert st.avg[((8, 1), 2)] == 0.002 and ((8, 8), 2) not in st.avg
+    assert st._bucket(8) == ("prefill", 8, 1) and st._bucket(15, 8) == ("prefill", 8, 8)
+    assert st._bucket(64, 3, "verify") == ("verify", 64, 2)
+    st.observe(2, 8, 0.016, rows=1, phase="verify")  # one row verifying 8 tokens is its own bucket: 8 rows' times
+    assert st.avg[(("verify", 8, 1), 2)] == 0.002 and (("verify", 8, 8), 2) not in st.avg  # do not decide it
+
+
+@_restore
+def test_phases_choose_apart():
+    """A verification of a few tokens may take every core while the one-row draft steps before it keep one."""
+    torch.set_num_threads(1)
+    st = StepThreads(1, 2)
+    assert MIN_TOKENS["verify"] < MIN_TOKENS["draft"]
+    assert st.choose(1, 1, "draft") == 1 and not st.exploring  # one drafting row: a small step
+    assert st.choose(5, 1, "verify") == 2 and st.exploring  # one row verifying K = 4: measured
+    st.observe(2, 5, 0.005, 1, "verify")
+    assert st.choose(5, 1, "verify") == 1 and st.exploring
+    st.observe(1, 5, 0.010, 1, "verify")  # two threads verify twice as fast
+    assert st.choose(6, 1, "verify") == 2 and not st.exploring
+    assert (("verify", 4, 1), 2) in st.avg and not any(b[0] == "draft" for b, _ in st.avg)
+    assert st.choose(8, 8, "draft") == 2 and st.exploring  # eight drafting rows: measured in their own bucket
+    st.observe(2, 8, 0.004, 8, "draft", per_tokens=32)  # 8 rows x K = 4 drafted: per drafted token
+    assert st.avg[(("draft", 8, 8), 2)] == 0.004 / 32
+    assert st.choose(1, 1, "verify") == 1  # plain decode of one row: small
 
 
 def test_disabled_off_the_cpu_and_by_the_setting():
@@ -59,7 +79,7 @@ def test_engine_measures_big_steps_and_shows_them():
     while eng.has_work():
         eng.step()
     buckets = {b for b, _n in eng.threads.avg}
-    assert (8, 2) in buckets and (64, 2) in buckets, eng.threads.avg  # 3 rows x 5 positions; 3 prompts of 37
+    assert ("verify", 8, 2) in buckets and ("prefill", 64, 2) in buckets, eng.threads.avg  # 3 rows x 5; 3 prompts
     snap = eng.snapshot()["threads"]
     assert snap["default"] == 1 and snap["big_steps"] == 2 and snap["ms_per_token"]
     assert torch.get_num_threads() in (1, 2)
