@@ -45,16 +45,9 @@ from torch import nn
 from engine.attention import AttnBatch, paged_attention
 from engine.eagle.config import EagleConfig
 from engine.models import packed
-from engine.models.llama import _fuse, _linear
+from engine.models.llama import _fuse, _linear, rms_norm
 
-_HAS_RMS_NORM = hasattr(F, "rms_norm")
-
-
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    if _HAS_RMS_NORM and (x.dtype == torch.float32 or x.is_cuda):
-        return F.rms_norm(x, (x.shape[-1],), w, eps)
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+_rms = rms_norm
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
