@@ -78,7 +78,7 @@ def test_paged_drafting_matches_the_training_unroll(target, pack, monkeypatch):
             p.normal_(0, 0.3)
     aux = torch.cat([_hidden(target, x)[i] for i in head.layer_ids(6)], -1)
     with torch.no_grad():
-        unroll = head.forward_train(aux, x, steps=3)
+        unroll = head.forward_train(aux, x, steps=4)
     prop = EagleProposer(head, _runner(target, True))
     assert (head._fused.fc_p is not None) == pack, head._fused.packing
     for t in (0, 5, 12, 25):
@@ -89,6 +89,25 @@ def test_paged_drafting_matches_the_training_unroll(target, pack, monkeypatch):
             assert torch.allclose(head.logits(out)[0], unroll[s][0, t], atol=1e-4)
     mask = head.train_mask(torch.ones(1, 30, dtype=torch.bool), 2)
     assert mask[0, :26].all() and not mask[0, 26:].any()
+    # the drafting chain as propose runs it: rows of different lengths read their real pairs in one forward, then
+    # chain steps with room and key slots reserved up front (a ragged batch: masked), rows leaving the chain early
+    ts, steps = [3, 17, 25], [3, 1, 2]
+    sids = [200 + t for t in ts]
+    feed = [(sid, x[0, 1: t + 2].tolist(), aux[0, : t + 1], False) for sid, t in zip(sids, ts)]
+    out = prop._forward(feed)
+    chain = prop._chain([0, 1, 2], sids, [t + 1 for t in ts], steps)
+    active = [0, 1, 2]
+    for s in (1, 2, 3):
+        active_next = [i for i in active if steps[i] >= s]
+        keep = [active.index(i) for i in active_next]
+        out = prop._chain_forward(chain, active_next, (out[keep], [int(x[0, ts[i] + s + 1]) for i in active_next]), s)
+        for n, i in enumerate(active_next):
+            assert torch.allclose(head.logits(out)[n], unroll[s][0, ts[i]], atol=1e-4), (s, i)
+        active = active_next
+    for sid, t in zip(sids, ts):
+        prop._truncate(sid, t + 1)
+        table = prop.blocks.tables[sid]
+        assert table.num_tokens == t + 1 and len(table.blocks) == prop.blocks.blocks_needed(t + 1)
 
 
 def _word_engine(head_seed: int = 0) -> LLMEngine:

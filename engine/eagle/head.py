@@ -172,8 +172,8 @@ class EagleHead(nn.Module):
         residual = h if cfg.norm_before_residual else feat
         x = torch.cat([_rms(emb, layer.input_layernorm.weight, eps), h], -1).reshape(b * n, 2 * d)
         qkv = proj.qkv(x)
-        q = _rope(qkv[:, : hq * hd].view(b, n, hq, hd), cos, sin)
-        k = _rope(qkv[:, hq * hd: (hq + hkv) * hd].view(b, n, hkv, hd), cos, sin)
+        qk = _rope(qkv[:, : (hq + hkv) * hd].view(b, n, hq + hkv, hd), cos, sin)  # q and k rotated in one go
+        q, k = qk[:, :, :hq], qk[:, :, hq:]
         v = qkv[:, (hq + hkv) * hd:].view(b, n, hkv, hd)
         x = proj.o(attend(q, k, v).reshape(b * n, hq * hd), residual.reshape(b * n, d))
         gate, up = proj.gate_up(_rms(x, layer.post_attention_layernorm.weight, eps)).split(cfg.intermediate_size, -1)

@@ -20,6 +20,7 @@ head; only acceptance does.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -105,17 +106,26 @@ class EagleProposer:
         real_len = {i: rows.reqs[i].num_tokens - 1 for i in ready}  # pairs with the target's own features
         feed = [(rows.reqs[i].seq_id, *inputs[i]) for i in ready]
         active = ready
+        chain: _Chain | None = None
         try:
             for j in range(kmax):
                 if not active:
                     break
-                out = self._forward(feed)  # [A, D] pre-norm output at each row's last pair
+                # step 0 reads the real pairs; each later step one pair of the chain per row (its own last output)
+                out = self._forward(feed) if j == 0 else self._chain_forward(chain, active, feed, j)  # [A, D]
                 tokens = self._draw(out, [rows.reqs[i] for i in active], [slot.get(i) for i in active], noise, j,
                                     rows, q, active)
                 for i, t in zip(active, tokens):
                     lists[i].append(t)
                 nxt = [n for n, i in enumerate(active) if rows.ks[i] > j + 1]
-                feed = [(rows.reqs[active[n]].seq_id, [tokens[n]], out[n: n + 1], True) for n in nxt]
+                if not nxt:
+                    break
+                if chain is None:
+                    cont = [active[n] for n in nxt]
+                    chain = self._chain(cont, [rows.reqs[i].seq_id for i in cont], [real_len[i] for i in cont],
+                                        [rows.ks[i] - 1 for i in cont])
+                feed = (out if len(nxt) == len(active) else out[torch.tensor(nxt, device=self.device)],
+                        [tokens[n] for n in nxt])
                 active = [active[n] for n in nxt]
         finally:
             for i, n in real_len.items():  # the chain's own entries never stay in the cache
@@ -155,18 +165,18 @@ class EagleProposer:
         self.tables.release(req.seq_id)
 
     def time_step(self, context: int, reps: int = 5, seq_id: int = -1) -> float:
-        """Median seconds of one greedy draft step (one pair in, a token out) after ``context`` pairs, over
-        ``reps`` steps on a scratch sequence that is freed again (warm-up's cost measurement)."""
+        """Median seconds of one greedy draft step (one pair of a drafting chain in, a token out) after ``context``
+        pairs, over ``reps`` steps on a scratch sequence that is freed again (warm-up's cost measurement)."""
         feats = torch.zeros(context, 3 * self.head.cfg.target_hidden_size, dtype=self.pool.dtype, device=self.device)
         times = []
         try:
             out = self._forward([(seq_id, [1] * context, feats, False)])
-            for _ in range(reps + 1):  # the first step warms up
+            chain = self._chain([0], [seq_id], [context], [reps + 1])
+            for j in range(1, reps + 2):  # the first step warms up
                 t0 = time.perf_counter()
-                nxt = self._forward([(seq_id, [1], out, True)])
-                self._ids[self.head.logits(nxt).argmax(-1)].tolist()
+                out = self._chain_forward(chain, [0], (out, [1]), j)
+                self._ids[self.head.logits(out).argmax(-1)].tolist()
                 times.append(time.perf_counter() - t0)
-                self.blocks.truncate(seq_id, context)
             return sorted(times[1:])[len(times[1:]) // 2]
         finally:
             self.blocks.free(seq_id)
@@ -183,7 +193,9 @@ class EagleProposer:
         return max(0, self.blocks.blocks_needed(self._cached(seq_id) + max(0, num_new)) - have)
 
     def _truncate(self, seq_id: int, n: int) -> None:
-        if seq_id in self.blocks.tables and self._cached(seq_id) > n:
+        """Keep pairs < n, and no block past them (a chain's room is reserved before its pairs are written)."""
+        t = self.blocks.tables.get(seq_id)
+        if t is not None and (t.num_tokens > n or len(t.blocks) > self.blocks.blocks_needed(n)):
             self.blocks.truncate(seq_id, n)
 
     @staticmethod
@@ -297,6 +309,42 @@ class EagleProposer:
                 self._consume(seq_id, start + k - 1)
         return out[:, -1]
 
+    def _chain(self, idx: list[int], seq_ids: list[int], starts: list[int], steps: list[int]) -> _Chain:
+        """Room for the chain of drafting steps 1..K-1 of rows ``idx`` (``steps`` pairs per row from position
+        ``starts``), reserved at once, and every key slot the chain will read: a chain step then needs no block
+        bookkeeping, table sync or gather index of its own."""
+        bs = self.blocks.block_size
+        for sid, n in zip(seq_ids, steps):
+            self.blocks.prepare_append(sid, n)  # (no copy-on-write: the head's blocks are never forked)
+        table_rows = [self.tables.sync(sid, self.blocks.tables[sid].blocks) for sid in seq_ids]
+        longest = max(s + n for s, n in zip(starts, steps))
+        table = self.tables.table.index_select(0, torch.tensor(table_rows, dtype=torch.long).to(self.device))
+        return _Chain({i: n for n, i in enumerate(idx)}, seq_ids, [self.blocks.tables[sid].blocks for sid in seq_ids],
+                      starts, key_slots(table, longest, bs), torch.arange(longest, device=self.device))
+
+    def _chain_forward(self, chain: _Chain, active: list[int], feed: tuple[torch.Tensor, list[int]], j: int
+                       ) -> torch.Tensor:
+        """Drafting step ``j`` >= 1 of rows ``active`` (a subset of the chain's, in its order): each feeds its
+        last output and token at position real_len + j - 1. Returns the new outputs ``[A, D]``."""
+        feats, tokens = feed
+        bs, a = self.blocks.block_size, len(active)
+        at = [chain.index[i] for i in active]
+        pos = [chain.start[c] + j - 1 for c in at]
+        slots = [chain.blocks[c][p // bs] * bs + p % bs for c, p in zip(at, pos)]
+        meta = torch.tensor(tokens + pos + slots, dtype=torch.long).to(self.device, non_blocking=True)
+        pos_t = meta[a: 2 * a].view(a, 1)
+        t_len = max(pos) + 1
+        keys = chain.keys[:, :t_len] if a == len(chain.seq_ids) else \
+            chain.keys.index_select(0, torch.tensor(at, device=self.device))[:, :t_len]
+        mask = (chain.arange[:t_len][None, :] <= pos_t).view(a, 1, 1, t_len) if min(pos) < t_len - 1 else None
+        batch = AttnBatch(meta[2 * a:], keys.reshape(-1), mask, t_len)
+        with torch.inference_mode():
+            out = self.head.forward_paged(meta[:a].view(a, 1), feats.view(a, 1, -1), pos_t, batch,
+                                          self.pool.keys[0], self.pool.values[0])
+        for c, p in zip(at, pos):
+            self.blocks.commit(chain.seq_ids[c], p + 1)
+        return out[:, -1]
+
     def _noise(self, rows: StepRows, sampled: list[int], kmax: int) -> torch.Tensor | None:
         """Exp(1) noise ``[S, K, V]``: seeded rows draw with the target's own stream (the coupling, see
         engine.rejection), unseeded ones with the draft stream."""
@@ -328,6 +376,19 @@ class EagleProposer:
             if q is not None:
                 q[torch.tensor([active[n] for n in s_rows], device=self.device), j] = probs
         return tokens.tolist()
+
+
+@dataclass
+class _Chain:
+    """One step's drafting chain: per chain row (proposal index -> position here) its seq id, blocks, first chain
+    position, and the pool slot of each key position ``[C, longest]``."""
+
+    index: dict[int, int]
+    seq_ids: list[int]
+    blocks: list[list[int]]
+    start: list[int]
+    keys: torch.Tensor
+    arange: torch.Tensor
 
 
 def _param_ratio(head: EagleHead, target) -> float:
