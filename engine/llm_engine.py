@@ -295,7 +295,8 @@ class LLMEngine:
 
     def _decode(self, reqs: list[Request]) -> None:
         self.policy.tick(max(r.num_tokens for r in reqs))
-        planned = self.planner.one_k_per_method({r: self._choose(r, len(reqs)) for r in reqs})
+        planned = {r: self._choose(r, len(reqs)) for r in reqs}
+        planned = self.planner.one_k_per_method(self.planner.one_drafting_model(planned, len(reqs)))
         plan = self._make_room(self.planner.cap_batch(planned))
         self._fault("decode", list(plan))
         one_offs = GraphRunner.one_offs

@@ -8,11 +8,14 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING
 
+from engine.adaptive import Decision
+
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
     from engine.sequence import Request
 
 Plan = dict["Request", tuple[int, str]]
+MODEL_METHODS = ("model", "eagle")  # proposers that run a forward pass to draft
 
 FALLBACK_RECHECK = 8  # decode steps between re-evaluations of an n-gram row's fallback (model or EAGLE head)
 
@@ -57,6 +60,39 @@ class StepPlanner:
         # plain for now: the draft keeps its cache, so a later probe only catches up the tokens since
         # (a released cache would make every probe re-read the whole context)
         return min(d.k, self.room(req)), d.method
+
+    def one_drafting_model(self, plan: Plan, batch: int) -> Plan:
+        """Adaptive rows that draft with a model (the draft model or the EAGLE head) draft with one of them per step.
+        Each row decides as if the step cost what a step of its method costs, and step times are kept (and only
+        taken) per method; a step with both runs both drafting chains one after the other, a cost no row's
+        decision weighed and no timing ever shows (at 8 concurrent default requests on the demo pair, a third of
+        the steps mixed them). The method whose best K gives those rows the highest summed predicted gain wins (a
+        row that must measure, probe or explore decides it); a row that chose the other takes the winner's best K
+        for it, or decodes plain where that predicts no gain. n-gram rows are left alone: their lookup costs no
+        forward, and rows where it finds nothing draft with their fallback in the same step."""
+        rows = [r for r, (k, m) in plan.items() if k and m in MODEL_METHODS and r.params.num_draft_tokens is None
+                and r.adaptive.last is not None]
+        methods = {plan[r][1] for r in rows}
+        if len(methods) < 2:
+            return plan
+        policy, alpha = self.engine.policy, self.engine.alpha_prior
+        forced = [plan[r][1] for r in rows if r.adaptive.last.forced]
+        gains = {m: {r: policy.gains(r.adaptive, m, batch, alpha, self.slope(m)) for r in rows} for m in methods}
+
+        def best(g: dict[int, float]) -> tuple[int, float]:
+            k = max((x for x in g if x), key=g.get, default=0)
+            return k, g.get(k, 0.0)
+
+        win = forced[0] if forced else max(sorted(methods), key=lambda m: sum(best(gains[m][r])[1] for r in rows))
+        for r in rows:
+            if plan[r][1] == win:
+                continue
+            k, g = best(gains[win][r])
+            k = k if g > 1.0 else 0
+            plan[r] = (min(k, self.room(r)), win)
+            r.adaptive.last = Decision(k, win, f"{win} K={k}: one drafting model per step at batch {batch} "
+                                               f"(predicted {g:.2f}x plain)", gains[win][r])
+        return plan
 
     def one_k_per_method(self, plan: Plan) -> Plan:
         """Adaptive rows of one method share the K with the highest summed predicted gain: a step costs

@@ -194,6 +194,57 @@ def test_adaptive_rows_of_a_batch_share_one_k_per_method(monkeypatch):
     assert steps and all(len(ks) <= 1 for step in steps for ks in step.values())
 
 
+def test_a_step_drafts_with_one_model_method(monkeypatch):
+    """Adaptive rows that chose the draft model and the EAGLE head draft with one of them in a step (both would run
+    both drafting chains): the higher summed predicted gain wins, a row that must measure decides, and a moved row
+    takes the winner's best K or decodes plain where it predicts no gain."""
+    import engine.llm_engine as llm
+    from engine.adaptive import Decision
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine(eagle=True)
+    reqs = [eng.add_request(p, SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))
+            for p in ("Once", "The cat sat on the mat", "Tom found a red ball", "Lily loved to play")]
+    table = {"model": [{0: 1.0, 2: 1.3}, {0: 1.0, 2: 1.1}, {0: 1.0, 2: 0.9}, {0: 1.0, 2: 1.2}],
+             "eagle": [{0: 1.0, 3: 1.5}, {0: 1.0, 3: 1.6}, {0: 1.0, 3: 0.8}, {0: 1.0, 3: 1.1}]}
+    monkeypatch.setattr(eng.policy, "gains", lambda st, m, b, a, s: table[m][[r.adaptive for r in reqs].index(st)])
+    for r, m in zip(reqs, ("model", "eagle", "model", "model")):
+        r.adaptive.last = Decision(2 if m == "model" else 3, m, "chosen", table[m][reqs.index(r)])
+    plan = eng.planner.one_drafting_model({r: (r.adaptive.last.k, r.adaptive.last.method) for r in reqs}, 4)
+    # summed best gains: model 1.3 + 1.1 + 0.9 + 1.2 = 4.5 < eagle 1.5 + 1.6 + 0.8 + 1.1 = 5.0
+    assert [plan[r] for r in reqs] == [(3, "eagle"), (3, "eagle"), (0, "eagle"), (3, "eagle")]
+    assert reqs[2].adaptive.last.k == 0 and "one drafting model" in reqs[0].adaptive.last.reason
+    reqs[2].adaptive.last = Decision(2, "model", "measuring", table["model"][2], forced=True)
+    plan = eng.planner.one_drafting_model({r: (2 if r is reqs[2] else 3, "model" if r is reqs[2] else "eagle")
+                                           for r in reqs}, 4)
+    assert {m for _, m in plan.values()} == {"model"}  # the measuring row's method
+    monkeypatch.undo()
+
+    # in the engine: rows decide apart (alternating methods here), the step drafts with one
+    seen = []
+    real = llm.decode_step
+
+    def spy(target, proposers, plan, fallback=None, threads=None):
+        seen.append({m for k, m in plan.values() if k and m in ("model", "eagle")})
+        return real(target, proposers, plan, fallback, threads)
+
+    def choose(req, batch):
+        m = ("model", "eagle")[req.seq_id % 2]
+        req.adaptive.last = Decision(2, m, "chosen", {0: 1.0, 2: 1.2 + 0.1 * (m == "eagle")})
+        return min(2, eng.planner.room(req)), m
+
+    monkeypatch.setattr(llm, "decode_step", spy)
+    monkeypatch.setattr(eng, "_choose", choose)
+    monkeypatch.setattr(eng.policy, "gains", lambda st, m, b, a, s: {0: 1.0, 2: 1.2 + 0.1 * (m == "eagle")})
+    for r in reqs:
+        eng.abort(r.request_id)
+    for prompt in ("Once", "The cat sat on the mat", "Tom found a red ball", "Lily loved to play", "A dog"):
+        eng.add_request(prompt, SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))
+    while eng.has_work():
+        eng.step()
+    assert len(seen) > 10 and all(ms == {"eagle"} for ms in seen if ms), seen
+
+
 def test_shared_acceptance_follows_a_change_of_workload():
     """Thousands of rejected drafts (a useless draft earlier in the session) must not outvote what
     drafting achieves now: after a few dozen good drafts the shared estimate says speculation pays."""
