@@ -106,6 +106,24 @@ def test_unmeasured_k_is_interpolated_from_the_nearest_measured():
     assert abs(times.predict("model", 1, 4, slope_prior=0.25) - 1.4) < 1e-9
 
 
+def test_a_k_timed_by_few_noisy_steps_leans_on_the_line_through_the_others():
+    """One slow step standing as K=3's time (a stall, another process) must not make K=3 look dearer than K=4:
+    each K's average is shrunk towards the weighted line through every measured K, the more the fewer steps."""
+    times = StepTimes()
+    times.observe("", 8, 0, 0.010)
+    for _ in range(12):
+        for k in (2, 4, 5):
+            times.observe("eagle", 8, k, 0.015 + 0.005 * k)  # 25, 35, 40 ms: on a line
+    times.observe("eagle", 8, 3, 0.045)  # K=3 timed once, by a stalled step (the line says 30 ms)
+    pred = times.predict_all("eagle", 8, slope_prior=0.5)
+    assert pred[2] < pred[3] < pred[4] < pred[5], pred
+    assert abs(pred[3] - (0.045 + 3 * 0.030) / 4) < 1e-3  # one step against three pseudo-steps of the line
+    assert abs(pred[4] - 0.035) < 5e-4 and abs(pred[8] - 0.055) < 1e-3  # well measured: kept; beyond: the line
+    for _ in range(40):
+        times.observe("eagle", 8, 3, 0.045)  # a K that really costs that much, step after step, stands
+    assert times.predict("eagle", 8, 3, slope_prior=0.5) > 0.040
+
+
 def test_step_times_are_kept_per_context_and_scaled_where_a_context_lacks_them():
     """Times over long contexts do not overwrite (or stand in unscaled for) those over short ones: K=6
     timed over short prompts only is predicted over long ones from plain decoding's ratio of the two."""
