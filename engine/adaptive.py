@@ -145,8 +145,9 @@ class StepTimes:
                 out.append(t0 * (1.0 + slope_prior * k))
                 continue
             kk, t, n = min(measured, key=lambda m: abs(m[0] - k))
-            if line is not None:  # the measured average shrunk towards the line through every K's (see _line)
-                fit = line[0] + line[1] * k
+            if line is not None:  # the measured average shrunk towards the line through every K's (see _line); a
+                # drafting step never costs less than a plain one (a low intercept must not predict a gain at K = 1)
+                fit = max(t0, line[0] + line[1] * k)
                 w = min(n, FIT_TRUST) if kk == k else 0
                 out.append((w * t + FIT_WEIGHT * fit) / (w + FIT_WEIGHT))
             else:

@@ -122,6 +122,11 @@ def test_a_k_timed_by_few_noisy_steps_leans_on_the_line_through_the_others():
     for _ in range(40):
         times.observe("eagle", 8, 3, 0.045)  # a K that really costs that much, step after step, stands
     assert times.predict("eagle", 8, 3, slope_prior=0.5) > 0.040
+    low = StepTimes()  # a line whose intercept falls below plain's time predicts no K cheaper than plain
+    low.observe("", 1, 0, 0.010)
+    low.observe("model", 1, 4, 0.011)
+    low.observe("model", 1, 8, 0.016)  # the line: 6 ms + 1.25 ms per K, 7.25 ms at K = 1
+    assert min(low.predict_all("model", 1, slope_prior=0.5)[1:]) >= 0.010
 
 
 def test_step_times_are_kept_per_context_and_scaled_where_a_context_lacks_them():
