@@ -132,7 +132,7 @@ class StepTimes:
         for key, t in self.avg.items():
             m, bb, cc, kk = key
             if m == method and bb == b and kk > 0:
-                by_ctx.setdefault(cc, []).append((kk, t, self.count.get(key, 1)))
+                by_ctx.setdefault(cc, []).append((kk, t, min(self.count.get(key, 1), FIT_TRUST)))
         measured: list[tuple[int, float, int]] = []
         if by_ctx:
             near = _nearest(list(by_ctx), c)
@@ -148,7 +148,7 @@ class StepTimes:
             if line is not None:  # the measured average shrunk towards the line through every K's (see _line); a
                 # drafting step never costs less than a plain one (a low intercept must not predict a gain at K = 1)
                 fit = max(t0, line[0] + line[1] * k)
-                w = min(n, FIT_TRUST) if kk == k else 0
+                w = n if kk == k else 0
                 out.append((w * t + FIT_WEIGHT * fit) / (w + FIT_WEIGHT))
             else:
                 out.append(t if kk == k else t0 + max(0.0, t - t0) / kk * k)
@@ -157,11 +157,11 @@ class StepTimes:
 
 def _line(measured: list[tuple[int, float, int]]) -> tuple[float, float] | None:
     """(intercept, slope) of the least-squares line through (K, seconds) of the measured K of one method, weighted
-    by their observations; None below two K or where noise makes it fall. A step's cost is close to linear in K
+    by their observations (at most FIT_TRUST each); None below two K or where noise makes it fall. A step's cost is close to linear in K
     (K drafting forwards, K + 1 positions verified), while each K's own average rests on few and noisy steps: on
     the 2-core CPU at batch 8 the EAGLE head's K = 3 stood at 43 ms beside 42 ms for K = 4, and a fixed K = 3 run
     measured 30 ms a step. Predictions shrink each K's average towards the line, the more the fewer steps it rests on."""
-    pts = [(k, t, min(n, FIT_TRUST)) for k, t, n in measured]
+    pts = measured
     if len({k for k, _, _ in pts}) < 2:
         return None
     w = sum(n for _, _, n in pts)

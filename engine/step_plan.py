@@ -78,16 +78,11 @@ class StepPlanner:
         policy, alpha = self.engine.policy, self.engine.alpha_prior
         forced = [plan[r][1] for r in rows if r.adaptive.last.forced]
         gains = {m: {r: policy.gains(r.adaptive, m, batch, alpha, self.slope(m)) for r in rows} for m in methods}
-
-        def best(g: dict[int, float]) -> tuple[int, float]:
-            k = max((x for x in g if x), key=g.get, default=0)
-            return k, g.get(k, 0.0)
-
-        win = forced[0] if forced else max(sorted(methods), key=lambda m: sum(best(gains[m][r])[1] for r in rows))
+        win = forced[0] if forced else max(sorted(methods), key=lambda m: sum(_best(gains[m][r])[1] for r in rows))
         for r in rows:
             if plan[r][1] == win:
                 continue
-            k, g = best(gains[win][r])
+            k, g = _best(gains[win][r])
             k = k if g > 1.0 else 0
             plan[r] = (min(k, self.room(r)), win)
             r.adaptive.last = Decision(k, win, f"{win} K={k}: one drafting model per step at batch {batch} "
@@ -160,8 +155,14 @@ class StepPlanner:
         best = (1.0, 0, "")
         for name in ("model", "eagle"):
             if name in methods:
-                gains = self.engine.policy.gains(r.adaptive, name, batch, self.engine.alpha_prior, self.slope(name))
-                k = max((x for x in gains if x), key=gains.get, default=0)
-                if k and gains[k] > best[0]:
-                    best = (gains[k], k, name)
+                k, g = _best(self.engine.policy.gains(r.adaptive, name, batch, self.engine.alpha_prior,
+                                                      self.slope(name)))
+                if k and g > best[0]:
+                    best = (g, k, name)
         return best[1], best[2]
+
+
+def _best(gains: dict[int, float]) -> tuple[int, float]:
+    """The drafting K (> 0) with the highest predicted gain, and that gain ((0, 0.0) when none is predicted)."""
+    k = max((x for x in gains if x), key=gains.get, default=0)
+    return k, gains.get(k, 0.0)

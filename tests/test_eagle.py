@@ -82,10 +82,11 @@ def test_paged_drafting_matches_the_training_unroll(target, pack, monkeypatch):
     prop = EagleProposer(head, _runner(target, True))
     assert (head._fused.fc_p is not None) == pack, head._fused.packing
     for t in (0, 5, 12, 25):
-        out = prop._forward([(100 + t, x[0, 1: t + 2].tolist(), aux[0, : t + 1], False)])  # real pairs 0..t
+        out = prop._forward([(100 + t, x[0, 1: t + 2].tolist(), aux[0, : t + 1])])  # real pairs 0..t
         assert torch.allclose(head.logits(out)[0], unroll[0][0, t], atol=1e-4)
+        chain = prop._chain([0], [100 + t], [t + 1], [2])
         for s in (1, 2):  # the chain: the head's own output, the next true token
-            out = prop._forward([(100 + t, [int(x[0, t + s + 1])], out, True)])
+            out = prop._chain_forward(chain, [0], (out, [int(x[0, t + s + 1])]), s)
             assert torch.allclose(head.logits(out)[0], unroll[s][0, t], atol=1e-4)
     mask = head.train_mask(torch.ones(1, 30, dtype=torch.bool), 2)
     assert mask[0, :26].all() and not mask[0, 26:].any()
@@ -93,7 +94,7 @@ def test_paged_drafting_matches_the_training_unroll(target, pack, monkeypatch):
     # chain steps with room and key slots reserved up front (a ragged batch: masked), rows leaving the chain early
     ts, steps = [3, 17, 25], [3, 1, 2]
     sids = [200 + t for t in ts]
-    feed = [(sid, x[0, 1: t + 2].tolist(), aux[0, : t + 1], False) for sid, t in zip(sids, ts)]
+    feed = [(sid, x[0, 1: t + 2].tolist(), aux[0, : t + 1]) for sid, t in zip(sids, ts)]
     out = prop._forward(feed)
     chain = prop._chain([0, 1, 2], sids, [t + 1 for t in ts], steps)
     active = [0, 1, 2]
@@ -133,7 +134,7 @@ def test_state_after_verified_steps_equals_a_fresh_read(steps):
         eng.step()
     assert req.stats.num_drafts == steps
     assert steps < 8 or 0 < req.stats.num_accepted_tokens < 3 * steps  # both outcomes happened
-    tokens, _, _ = prop._inputs(req)
+    tokens, _ = prop._inputs(req)
     assert prop._cached(req.seq_id) + len(tokens) == req.num_tokens - 1
     assert torch.allclose(_next_logits(eng, req), _fresh_logits(eng, req), atol=1e-4)
     eng.abort(req.request_id)
@@ -153,8 +154,8 @@ def _fresh_logits(eng: LLMEngine, req) -> torch.Tensor:
 
 def _next_logits(eng: LLMEngine, req) -> torch.Tensor:
     prop = eng.proposers["eagle"]
-    tokens, feats, _ = prop._inputs(req)
-    return prop.head.logits(prop._forward([(req.seq_id, tokens, feats, False)]))[0]
+    tokens, feats = prop._inputs(req)
+    return prop.head.logits(prop._forward([(req.seq_id, tokens, feats)]))[0]
 
 
 def test_requests_sharing_a_prompt_share_the_heads_prompt_blocks():

@@ -47,8 +47,6 @@ from engine.eagle.config import EagleConfig
 from engine.models import packed
 from engine.models.llama import _fuse, _linear, rms_norm
 
-_rms = rms_norm
-
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -168,20 +166,20 @@ class EagleHead(nn.Module):
         b, n, d = feat.shape
         hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
-        h = _rms(feat, layer.hidden_norm.weight, eps)
+        h = rms_norm(feat, layer.hidden_norm.weight, eps)
         residual = h if cfg.norm_before_residual else feat
-        x = torch.cat([_rms(emb, layer.input_layernorm.weight, eps), h], -1).reshape(b * n, 2 * d)
+        x = torch.cat([rms_norm(emb, layer.input_layernorm.weight, eps), h], -1).reshape(b * n, 2 * d)
         qkv = proj.qkv(x)
         qk = _rope(qkv[:, : (hq + hkv) * hd].view(b, n, hq + hkv, hd), cos, sin)  # q and k rotated in one go
         q, k = qk[:, :, :hq], qk[:, :, hq:]
         v = qkv[:, (hq + hkv) * hd:].view(b, n, hkv, hd)
         x = proj.o(attend(q, k, v).reshape(b * n, hq * hd), residual.reshape(b * n, d))
-        gate, up = proj.gate_up(_rms(x, layer.post_attention_layernorm.weight, eps)).split(cfg.intermediate_size, -1)
+        gate, up = proj.gate_up(rms_norm(x, layer.post_attention_layernorm.weight, eps)).split(cfg.intermediate_size, -1)
         return proj.down(F.silu(gate) * up, x).view(b, n, d)
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         """Pre-norm outputs ``[..., D]`` -> draft-vocabulary logits ``[..., draft_vocab]``."""
-        x = _rms(out, self.norm.weight, self.cfg.rms_norm_eps)
+        x = rms_norm(out, self.norm.weight, self.cfg.rms_norm_eps)
         if self._fused is not None:
             return _linear(x.reshape(-1, x.shape[-1]), self._fused.lm_head, None, self._fused.tr,
                            pk=self._fused.lm_head_p).view(*x.shape[:-1], -1)

@@ -170,7 +170,7 @@ class EagleProposer:
         feats = torch.zeros(context, 3 * self.head.cfg.target_hidden_size, dtype=self.pool.dtype, device=self.device)
         times = []
         try:
-            out = self._forward([(seq_id, [1] * context, feats, False)])
+            out = self._forward([(seq_id, [1] * context, feats)])
             chain = self._chain([0], [seq_id], [context], [reps + 1])
             for j in range(1, reps + 2):  # the first step warms up
                 t0 = time.perf_counter()
@@ -220,7 +220,7 @@ class EagleProposer:
                 self._shared.add(sid)
 
     def _inputs(self, req: Request, upto: int | None = None, chunk: int | None = None):
-        """(tokens, raw features, False) of the pairs the head has not read, up to pair ``upto`` (default:
+        """(tokens, raw features) of the pairs the head has not read, up to pair ``upto`` (default:
         the last pair, N - 2); None when the target has not produced the features they need."""
         self._attach(req)
         upto = req.num_tokens - 2 if upto is None else upto
@@ -237,8 +237,8 @@ class EagleProposer:
         if first > h:  # a prefix the target had cached: no features were made for it
             self._gapped.add(req.seq_id)
             gap = feats.new_zeros(min(first, upto + 1) - h, feats.shape[1])
-            return ids, torch.cat([gap, feats[: max(0, upto + 1 - first)]]), False
-        return ids, feats[h - first: upto + 1 - first], False
+            return ids, torch.cat([gap, feats[: max(0, upto + 1 - first)]])
+        return ids, feats[h - first: upto + 1 - first]
 
     def _consume(self, seq_id: int, upto: int) -> None:
         """Features of positions <= upto are in the head's cache now: drop them."""
@@ -263,23 +263,23 @@ class EagleProposer:
                 return
             self._forward(feed)
 
-    def _forward(self, rows: list[tuple[int, list[int], torch.Tensor, bool]]) -> torch.Tensor:
-        """Feed each row's pairs (seq_id, tokens, features, fused?) after its cached ones; return the pre-norm
-        output at each row's last pair ``[B, D]``. Raw target features are fused in one GEMM for all rows."""
+    def _forward(self, rows: list[tuple[int, list[int], torch.Tensor]]) -> torch.Tensor:
+        """Feed each row's real pairs (seq_id, tokens, the target's raw features) after its cached ones; return the
+        pre-norm output at each row's last pair ``[B, D]``. The features are fused in one GEMM for all rows (the
+        drafting chain's own pairs go through ``_chain_forward``)."""
         dev, bs, head = self.device, self.blocks.block_size, self.head
         b = len(rows)
-        lens = [len(t) for _, t, _, _ in rows]
+        lens = [len(t) for _, t, _ in rows]
         n = max(lens)
-        starts = [self._cached(s) for s, _, _, _ in rows]
-        raw = [f for _, _, f, fused in rows if not fused]
-        fused_raw = iter(head.fuse(torch.cat(raw)).split([f.shape[0] for f in raw]) if raw else [])
+        starts = [self._cached(s) for s, _, _ in rows]
+        fused = head.fuse(torch.cat([f for _, _, f in rows])).split([f.shape[0] for _, _, f in rows])
         d = head.cfg.hidden_size
         feats = torch.zeros(b, n, d, dtype=self.pool.dtype, device=dev)
         ids, positions, slots, table_rows = [], [], [], []
         grown = []
         try:
-            for i, ((seq_id, toks, f, fused), start, k) in enumerate(zip(rows, starts, lens)):
-                feats[i, n - k:] = f if fused else next(fused_raw)
+            for i, ((seq_id, toks, _), start, k) in enumerate(zip(rows, starts, lens)):
+                feats[i, n - k:] = fused[i]
                 if seq_id not in self.blocks.tables:
                     self.blocks.allocate(seq_id)
                 self.blocks.prepare_append(seq_id, k)
@@ -303,10 +303,9 @@ class EagleProposer:
             for seq_id, start in grown:
                 self.blocks.truncate(seq_id, start)
             raise
-        for (seq_id, _, _, fused), start, k in zip(rows, starts, lens):
+        for (seq_id, _, _), start, k in zip(rows, starts, lens):
             self.blocks.commit(seq_id, start + k)
-            if not fused:
-                self._consume(seq_id, start + k - 1)
+            self._consume(seq_id, start + k - 1)
         return out[:, -1]
 
     def _chain(self, idx: list[int], seq_ids: list[int], starts: list[int], steps: list[int]) -> _Chain:
