@@ -30,8 +30,16 @@ START_MARGIN = 1.03  # predicted speed-up over plain a plain request needs to st
 # on the CPU a useless draft's n-gram lookup predicted 1.02x and lost 3-7% drafting on it
 STALL_CLAMP = 1.25  # an observation counts as at most this times the average: with 2x, the tail of a CPU's step times
 # (a step after a prefill chunk, a page fault) kept plain decoding's average at batch 8 15-30% above its median
+KEEP_MARGIN = 1.01  # ... and a drafting request to keep drafting: the host's share of a drafting step (rollback,
+# bookkeeping) is outside the step times, and n-gram that finds no match predicts 1 + the prior's crumbs at plain's time
+SWITCH_MARGIN = 1.06  # predicted gain a drafting request needs to switch methods: the proposer it switches to first
+# catches up on every token since it last drafted (at batch 8 on the CPU, switching between the draft model and the
+# EAGLE head back and forth, such steps took 11% of the time)
 PRIOR_WEIGHT = 8.0  # pseudo-drafts of the shared prior in a request's acceptance estimate
-ALPHA_WEIGHT = 2.0  # pseudo-drafts of the α prior in the shared estimate: engine-wide evidence wins fast
+ALPHA_WEIGHT = 2.0  # pseudo-drafts of the α prior in the shared estimate: engine-wide evidence wins fast ...
+ALPHA_FADE = 32.0  # ... and after this many recent drafts of the method, alone: the recent counts saturate near
+# SHARED_MEMORY, and a prior that never faded (the draft model's α standing for n-gram that never matches) kept
+# predicting crumbs of acceptance, 1.04x plain at plain's time, for drafts that never came
 PROBE_FIRST, PROBE_MAX = 32, 512  # steps of plain decoding between probes of speculation
 SHARED_MEMORY = 64  # drafts: the shared estimate follows the recent workload (another model, other prompts)
 EXPLORE_EVERY = 16  # speculative steps between one-step tries of K+1
@@ -42,6 +50,8 @@ SPEC_RECHECK = 4  # while speculating, steps between re-evaluations: at batch 8 
 SPEC_RECHECK_FROM = 4  # ... from this batch bucket on; smaller batches re-decide every step (a row costs ~25 us)
 FIT_TRUST = 9  # observations at which a K's own average counts fully (the effective sample of an EMA of 0.8)
 FIT_WEIGHT = 3.0  # pseudo-observations of the line through every measured K in a K's predicted time
+FIRST_REACH = 4  # the largest K a method may run at a batch size before any of its K was timed there ...
+REACH = 1  # ... and how far past its largest timed K: a prediction is trusted near what was measured only
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CTX_BUCKETS = tuple(256 << i for i in range(10))  # 256 .. 131072 tokens
 
@@ -118,12 +128,23 @@ class StepTimes:
         near = _nearest(have, c)
         return self.avg[("plain", b, near, 0)] * self._scale(b, near, c)
 
+    def reach(self, method: str, batch: int) -> int:
+        """The largest K ``method`` may run at ``batch``: REACH past its largest K timed there (any context), and
+        FIRST_REACH before any. A K further out is predicted by extrapolating a line through few noisy steps (or by
+        the prior slope, measured at batch 1): at batch 8 on the CPU, such predictions made the batch draft K = 8 at
+        1.5x the time K = 4 took, for fewer tokens a second. Each step at the edge is timed and extends the reach."""
+        b = bucket(batch)
+        top = max((kk for (m, bb, _c, kk) in self.avg if m == method and bb == b and kk > 0), default=0)
+        return min(MAX_DRAFT_TOKENS, top + REACH if top else FIRST_REACH)
+
     def predict(self, method: str, batch: int, k: int, slope_prior: float) -> float | None:
         """Seconds for one step at K: measured, else interpolated from the nearest measured K."""
         return self.predict_all(method, batch, slope_prior)[k]
 
     def predict_all(self, method: str, batch: int, slope_prior: float) -> list[float | None]:
-        """``predict`` for K = 0..MAX_DRAFT_TOKENS in one pass (None while plain is untimed)."""
+        """``predict`` for K = 0..MAX_DRAFT_TOKENS in one pass (None while plain is untimed). No K is predicted
+        cheaper than plain: a step planned for n-gram where no row found a match costs a plain step, timed with noise
+        on either side, and must not predict a gain for drafts that never come."""
         b, c = bucket(batch), self.context
         t0 = self.plain(batch)
         if t0 is None:
@@ -138,7 +159,7 @@ class StepTimes:
             near = _nearest(list(by_ctx), c)
             f = self._scale(b, near, c)
             measured = [(kk, t * f, n) for kk, t, n in by_ctx[near]]
-        line = _line(measured)
+        line = _line(measured, t0)
         out: list[float | None] = [t0]
         for k in range(1, MAX_DRAFT_TOKENS + 1):
             if not measured:
@@ -149,20 +170,25 @@ class StepTimes:
                 # drafting step never costs less than a plain one (a low intercept must not predict a gain at K = 1)
                 fit = max(t0, line[0] + line[1] * k)
                 w = n if kk == k else 0
-                out.append((w * t + FIT_WEIGHT * fit) / (w + FIT_WEIGHT))
+                out.append(max(t0, (w * t + FIT_WEIGHT * fit) / (w + FIT_WEIGHT)))
             else:
-                out.append(t if kk == k else t0 + max(0.0, t - t0) / kk * k)
+                out.append(max(t0, t if kk == k else t0 + max(0.0, t - t0) / kk * k))
         return out
 
 
-def _line(measured: list[tuple[int, float, int]]) -> tuple[float, float] | None:
+def _line(measured: list[tuple[int, float, int]], t0: float) -> tuple[float, float] | None:
     """(intercept, slope) of the least-squares line through (K, seconds) of the measured K of one method, weighted
-    by their observations (at most FIT_TRUST each); None below two K or where noise makes it fall. A step's cost is close to linear in K
-    (K drafting forwards, K + 1 positions verified), while each K's own average rests on few and noisy steps: on
-    the 2-core CPU at batch 8 the EAGLE head's K = 3 stood at 43 ms beside 42 ms for K = 4, and a fixed K = 3 run
-    measured 30 ms a step. Predictions shrink each K's average towards the line, the more the fewer steps it rests on."""
-    pts = measured
-    if len({k for k, _, _ in pts}) < 2:
+    by their observations (at most FIT_TRUST each), and through plain decoding's time at K = 0 with FIT_WEIGHT
+    pseudo-observations; None where none is measured or noise makes the line fall.
+
+    A step's cost is close to linear in K (K drafting forwards, K + 1 positions verified) and starts from what a
+    plain step costs, while each K's own average rests on few and noisy steps: on the 2-core CPU at batch 8 the
+    EAGLE head's K = 3 stood at 43 ms beside 42 ms for K = 4, and a fixed K = 3 run measured 30 ms a step.
+    Predictions shrink each K's average towards the line, the more the fewer steps it rests on. The anchor at
+    K = 0 keeps two noisy K close together from drawing a flat line: at batch 8, K = 2 timed once at 54 ms beside
+    K = 4 at 55 ms predicted K = 8 at 56 ms, and the batch then drafted 8 at 87-127 ms a step."""
+    pts = [(0, t0, FIT_WEIGHT), *measured]
+    if len(pts) < 2:
         return None
     w = sum(n for _, _, n in pts)
     sk = sum(n * k for k, _, n in pts)
@@ -174,6 +200,11 @@ def _line(measured: list[tuple[int, float, int]]) -> tuple[float, float] | None:
     if slope <= 0:
         return None
     return (st - slope * sk) / w, slope
+
+
+def _at(times: list[float | None], k: int) -> float:
+    """The predicted time of K, 0.0 where it is not predicted (untimed, or past the reach)."""
+    return (times[k] if k < len(times) else None) or 0.0
 
 
 def _nearest(buckets: list[int], c: int) -> int:
@@ -212,8 +243,10 @@ class AdaptiveState:
             self.probing = False
 
 
-def survival(stats: SpecDecodingStats | RecentAcceptance | None, prior: list[float], weight: float) -> list[float]:
-    """s_i = P(first i+1 drafts all accepted), counts shrunk towards ``prior``, non-increasing.
+def survival(stats: SpecDecodingStats | RecentAcceptance | None, prior: list[float], weight: float,
+             fade: float = 0.0) -> list[float]:
+    """s_i = P(first i+1 drafts all accepted), counts shrunk towards ``prior``, non-increasing. With ``fade``, the
+    prior's weight falls linearly to nothing as a position's drafts reach ``fade``.
 
     Past the last position ever drafted, s continues geometrically with the conditional
     acceptance measured at the last drafted position (drafting K never shows position K+1)."""
@@ -224,7 +257,8 @@ def survival(stats: SpecDecodingStats | RecentAcceptance | None, prior: list[flo
         if d == 0 and ratio is not None:
             s = last * ratio
         else:
-            s = (a + weight * prior[i]) / (d + weight)
+            w = weight * max(0.0, 1.0 - d / fade) if fade else weight
+            s = (a + w * prior[i]) / (d + w)
             if d:
                 ratio = min(1.0, s / last) if last > 0 else 0.0
         last = min(last, s)
@@ -306,8 +340,9 @@ class Policy:
         hit = self._shared_cache.get(key)
         if hit is not None and hit[0] == version:
             return hit[1], hit[2]
-        prior = survival(shared, [alpha ** (i + 1) for i in range(MAX_DRAFT_TOKENS)], ALPHA_WEIGHT)
+        prior = survival(shared, [alpha ** (i + 1) for i in range(MAX_DRAFT_TOKENS)], ALPHA_WEIGHT, ALPHA_FADE)
         times = self.times.predict_all(method, batch, slope)
+        times[self.times.reach(method, batch) + 1:] = []  # K past the reach: not predicted (see StepTimes.reach)
         if len(self._shared_cache) > 64:
             self._shared_cache.clear()
         self._shared_cache[key] = (version, prior, times)
@@ -322,14 +357,15 @@ class Policy:
         return shared.drafts_per_position[0] if shared is not None else 0.0
 
     def gains(self, state: AdaptiveState, method: str, batch: int, alpha: float, slope: float) -> dict[int, float]:
-        """K -> predicted speed relative to plain (1.0 at K = 0); empty until plain was timed."""
+        """K -> predicted speed relative to plain (1.0 at K = 0) for K up to the method's reach at this batch size
+        (``StepTimes.reach``); empty until plain was timed."""
         times = self._shared_terms(method, batch, alpha, slope)[1]  # times[0]: plain's, None while untimed
         t0 = times[0]
         if t0 is None:
             return {}
         expected = self.expected(state, method, batch, alpha, slope)
         out = {0: 1.0}
-        for k in range(1, MAX_DRAFT_TOKENS + 1):
+        for k in range(1, len(times)):
             out[k] = expected[k] * t0 / times[k] if times[k] else 0.0
         return out
 
@@ -355,7 +391,7 @@ class Policy:
         gains = [self.expected(st, m, batch, alpha, slope) for st, m, _k, slope in rows]
         best, best_value = 0, (sum(g[0] for g in gains) + others) / t0
         for cap in sorted({k for _, _, k, _ in rows if k}):
-            cost = max(self._shared_terms(m, batch, alpha, slope)[1][cap] or 0.0 for _, m, k, slope in rows if k >= cap)
+            cost = max(_at(self._shared_terms(m, batch, alpha, slope)[1], cap) for _, m, k, slope in rows if k >= cap)
             tokens = sum(g[min(k, cap)] for g, (_, _, k, _) in zip(gains, rows)) + others
             if cost > 0 and tokens / cost >= best_value:
                 best, best_value = cap, tokens / cost
@@ -403,8 +439,13 @@ class Policy:
                                     f"far (predicted {gains[k]:.2f}x plain)", gains, forced=True)
         else:
             method, k = max(((m, k) for m, g in options.items() for k in g), key=lambda mk: options[mk[0]][mk[1]])
+            last = state.last
+            if last is not None and last.k and last.method != method and last.method in options:
+                stay = max((kk for kk in options[last.method] if kk), key=options[last.method].get)
+                if options[method][k] < SWITCH_MARGIN * options[last.method][stay]:
+                    method, k = last.method, stay  # drafting on: a switch pays the other proposer's catch-up
             gains = options[method]
-            if 0 < k and gains[k] < START_MARGIN and not (state.last is not None and state.last.k):
+            if 0 < k and gains[k] < (KEEP_MARGIN if state.last is not None and state.last.k else START_MARGIN):
                 k = 0  # from plain, a predicted gain within the estimates' noise is no reason to start drafting
             if k > 0:
                 state.plain_steps = 0

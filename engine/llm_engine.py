@@ -41,6 +41,23 @@ logger = logging.getLogger(__name__)
 EMA = 0.9
 
 
+def _planned_key(plan, results, methods: set[str]) -> tuple[int, str] | None:
+    """(K, method) a step is timed as: the one every row planned, where every row drafted with that method or found
+    nothing to draft (an n-gram miss) and no fallback drafted in its place; else the K every row drafted (one method);
+    None for a mixed step (methods, or K where planned K differed)."""
+    planned = set(plan.values())
+    if len(planned) == 1:
+        k, m = next(iter(planned))
+        if not k:
+            return 0, ""
+        if methods <= {m}:
+            return k, m
+    kmax = max((r.k for r in results), default=0)
+    if len(methods) <= 1 and all(r.k == kmax for r in results):
+        return kmax, next(iter(methods), "")
+    return None
+
+
 class LLMEngine:
     """Synchronous core. Thread-safe entry points: ``add_request`` and ``abort``."""
 
@@ -311,10 +328,14 @@ class LLMEngine:
         # count tried rather than preferred
         if one_offs == GraphRunner.one_offs and not any(p.backlog for p in self.proposers.values()) \
                 and not timing.explored:
-            # a step mixing methods times neither; nor does one where some rows drafted fewer than K (n-gram found no
-            # match): it costs less than the K-step the time is kept for (at batch 8 on the CPU, about half as much)
-            if len(methods) <= 1 and all(r.k == kmax for r in results):
-                self.policy.times.observe(next(iter(methods), ""), len(results), kmax, timing.total_s)
+            # a step mixing methods times neither. A step is timed as the K every row planned: for n-gram that is what
+            # a decision to plan K costs, rows without a match included (adaptive counts those as drafts of which
+            # nothing was accepted). Timed only where all rows drafted K, n-gram at batch 8 on the CPU kept no time
+            # at all (some row nearly always lacks a match), and the prior slope measured at batch 1 predicted K = 1
+            # at 1.06x plain's time where it took 1.25x: the batch drafted at 0.8x plain's speed with a useless draft
+            key = _planned_key(plan, results, methods)
+            if key is not None:
+                self.policy.times.observe(key[1], len(results), key[0], timing.total_s)
             self._observe_times(kmax, timing, methods)
         share = 1.0 / max(1, len(results))
         for res in results:

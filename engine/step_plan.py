@@ -8,7 +8,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING
 
-from engine.adaptive import Decision
+from engine.adaptive import SWITCH_MARGIN, Decision
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
@@ -27,6 +27,7 @@ class StepPlanner:
         self.engine = engine
         self._fallback_memo: weakref.WeakKeyDictionary[Request, tuple[int, tuple[int, str]]] = \
             weakref.WeakKeyDictionary()  # n-gram row -> (clock, its fallback), while it runs
+        self._drafted = ""  # the model method adaptive rows drafted with in the last step that drafted with one
 
     def methods(self, req: Request) -> list[str]:
         """Proposers this request may use, by its draft_method and what is loaded."""
@@ -74,11 +75,15 @@ class StepPlanner:
                 and r.adaptive.last is not None]
         methods = {plan[r][1] for r in rows}
         if len(methods) < 2:
+            self._drafted = next(iter(methods), self._drafted)
             return plan
         policy, alpha = self.engine.policy, self.engine.alpha_prior
         forced = [plan[r][1] for r in rows if r.adaptive.last.forced]
         gains = {m: {r: policy.gains(r.adaptive, m, batch, alpha, self.slope(m)) for r in rows} for m in methods}
-        win = forced[0] if forced else max(sorted(methods), key=lambda m: sum(_best(gains[m][r])[1] for r in rows))
+        summed = {m: sum(_best(gains[m][r])[1] for r in rows) for m in sorted(methods)}
+        win = forced[0] if forced else max(summed, key=summed.get)
+        if not forced and self._drafted in summed and summed[win] < SWITCH_MARGIN * summed[self._drafted]:
+            win = self._drafted  # the method that drafted last step stays unless the other clearly wins (catch-up)
         for r in rows:
             if plan[r][1] == win:
                 continue
@@ -87,6 +92,7 @@ class StepPlanner:
             plan[r] = (min(k, self.room(r)), win)
             r.adaptive.last = Decision(k, win, f"{win} K={k}: one drafting model per step at batch {batch} "
                                                f"(predicted {g:.2f}x plain)", gains[win][r])
+        self._drafted = win
         return plan
 
     def one_k_per_method(self, plan: Plan) -> Plan:
