@@ -112,6 +112,19 @@ def test_targets_say_miss_plainly():
                       ("adaptive_vs_plain", "T=0, 8 concurrent", "MISS")]  # 300 / 320
 
 
+def test_concurrent_clients_send_their_next_request_when_the_last_finishes():
+    """n clients, each sending its next request as its last finishes: every request runs to its end, never more
+    than n at once, and the bench's rows say how many requests they timed."""
+    from engine.bench.runs import helix_concurrent
+
+    engine = tiny_engine()
+    in_flight = []
+    res = helix_concurrent(engine, [[5, 6, 7], [8, 9]], 3, True, 0.0, 10, requests=8,
+                           on_step=lambda e: in_flight.append(e.num_running + e.num_waiting))
+    assert res.tokens == 8 * 10 and max(in_flight) <= 3 and 3 in in_flight
+    assert not engine.has_work()
+
+
 def test_instrument_leaves_the_engine_as_it_found_it():
     engine = tiny_engine()
     originals = {name: getattr(instrument_mod.llm_engine, name) for name in ("decode_step", "top_logprobs")}
@@ -218,6 +231,7 @@ def test_doctor_rejects_an_incompatible_pair_with_exit_code_2(model_dirs, capsys
 @pytest.mark.parametrize("args, message", [
     (["bench", "--ks", "9"], "--ks must be in 1..8"),
     (["bench", "--repeats", "0"], "--repeats must be >= 1"),
+    (["bench", "--waves", "0"], "--waves must be >= 1"),
     (["bench", "--no-draft"], "needs a draft model"),
     (["doctor", "--methods", "medusa"], "--methods takes model, ngram and eagle"),
 ])

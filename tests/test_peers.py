@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from engine.bench.endpoints import Endpoint, EndpointError, complete, served_model
+from engine.bench.endpoints import Endpoint, EndpointError, complete, concurrent, served_model
 from engine.bench.peer import QUICK_PEER, compare, format_peer, helix_modes
 from engine.peers import PeerError, ServerProcess, free_port
 from engine.peers.process import http_status
@@ -122,6 +122,32 @@ def test_compare_times_every_mode_against_a_peer_over_http(helix_server):
     assert all(t["result"] in ("PASS", "MISS") for t in r["targets"])
     text = format_peer(r, markdown=True)
     assert "| helix K=2 |" in text and "targets (issue 13)" in text
+
+
+def test_concurrent_clients_send_their_next_request_when_the_last_is_answered(helix_server):
+    """n clients, each sending its next request as its last is answered: every request is answered, and never more
+    than n are in flight (the server's /metrics, read by a watcher while they run)."""
+    import threading
+
+    import httpx
+
+    base = Endpoint("helix", helix_server.url, api_key="sekrit")
+    peak, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            m = httpx.get(f"{helix_server.url}/metrics", headers={"Authorization": "Bearer sekrit"}).json()
+            peak[0] = max(peak[0], m["requests_running"] + m["requests_waiting"])
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        tps, outs = concurrent(base, ["Once upon a time", "The cat sat"], 2, 48, requests=7)
+    finally:
+        stop.set()
+        t.join()
+    assert len(outs) == 7 and all(c.tokens == 48 for c in outs) and tps > 0
+    assert 1 <= peak[0] <= 2, peak
 
 
 def test_bench_endpoint_cli_times_a_remote_against_local_helix(helix_server, tmp_path, capsys):

@@ -90,9 +90,11 @@ def batch1(ep: Endpoint, prompts: list[str], max_tokens: int) -> list[Completion
     return [complete(ep, p, max_tokens) for p in prompts]
 
 
-def concurrent(ep: Endpoint, prompts: list[str], n: int, max_tokens: int) -> tuple[float, list[Completion]]:
-    """``n`` requests at once (prompts cycled); returns (total tokens/s over the wall time, completions)."""
-    chosen = [prompts[i % len(prompts)] for i in range(n)]
+def concurrent(ep: Endpoint, prompts: list[str], n: int, max_tokens: int, requests: int | None = None
+               ) -> tuple[float, list[Completion]]:
+    """``n`` clients sending ``requests`` (default ``n``) requests in all, prompts cycled, each client its next as
+    soon as its last is answered; returns (total tokens/s over the wall time, completions)."""
+    chosen = [prompts[i % len(prompts)] for i in range(n if requests is None else max(n, requests))]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=n) as pool:
         outs = list(pool.map(lambda p: complete(ep, p, max_tokens), chosen))

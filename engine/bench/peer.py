@@ -23,11 +23,12 @@ class PeerConfig:
     max_tokens: int = 128
     rounds: int = 3
     concurrency: int = 8
+    waves: int = 3  # requests per concurrent client (see endpoints.concurrent)
     k: int = 3
     quick: bool = False
 
 
-QUICK_PEER = PeerConfig(num_prompts=2, max_tokens=16, rounds=1, concurrency=2, quick=True)
+QUICK_PEER = PeerConfig(num_prompts=2, max_tokens=16, rounds=1, concurrency=2, waves=1, quick=True)
 
 
 def helix_modes(base: Endpoint, k: int, draft_methods: tuple[str, ...] = ()) -> list[Endpoint]:
@@ -69,7 +70,7 @@ def compare(systems: list[Endpoint], prompts: list[str], cfg: PeerConfig = PeerC
                 p.pause()
             try:
                 outs = batch1(ep, prompts, cfg.max_tokens)
-                total, _ = concurrent(ep, prompts, cfg.concurrency, cfg.max_tokens)
+                total, _ = concurrent(ep, prompts, cfg.concurrency, cfg.max_tokens, cfg.concurrency * cfg.waves)
             finally:
                 for p in others:
                     p.resume()
@@ -134,7 +135,8 @@ def format_peer(results: dict, markdown: bool = False) -> str:
                    rows, markdown)
     note = (f"{len(results['prompts'])} held-out prompts, greedy, {cfg['max_tokens']} new tokens (EOS ignored), "
             f"over HTTP /v1/completions, {cfg['rounds']} interleaved rounds; batch 1: median per-request tok/s; "
-            f"{n} concurrent: median over rounds of total tok/s; peer: {peer}"
+            f"{n} concurrent: median over rounds of total tok/s, {n} clients sending {cfg.get('waves', 1)} requests "
+            f"each back to back; peer: {peer}"
             + ("; each server started here was paused (SIGSTOP) while the other was timed"
                if results.get("paused_while_other_timed") else ""))
     targets = results.get("targets") or []

@@ -29,7 +29,7 @@ def run_peer_bench(args) -> int:
                      max_tokens=(args.lengths[0] if args.lengths else base.max_tokens),
                      rounds=args.repeats or base.rounds,
                      concurrency=max(args.concurrency) if args.concurrency else base.concurrency,
-                     k=args.peer_k, quick=args.quick)
+                     waves=args.waves or base.waves, k=args.peer_k, quick=args.quick)
     if not 1 <= cfg.k <= 8:
         return cli.usage_error("--peer-k must be in 1..8")
     if args.endpoint and not args.endpoint.startswith(("http://", "https://")):

@@ -188,8 +188,9 @@ def format_results(results: dict, markdown: bool = False) -> str:
         parts.append("")
     if results.get("concurrency"):
         c0 = results["concurrency"][0]
+        waves = c0.get("requests", c0["concurrency"]) // c0["concurrency"]
         parts.append(f"{h}concurrency (scheduler, temperature {c0['temperature']:g}, {c0['max_new_tokens']} "
-                     "new tokens each, throughput in tokens/s)")
+                     f"new tokens each, {waves} request(s) per client back to back, throughput in tokens/s)")
         parts += [concurrency_table(results["concurrency"], markdown), ""]
     if results.get("memory"):
         parts += [f"{h}KV memory (mixed batch)", memory_table(results["memory"], markdown), ""]

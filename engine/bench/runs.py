@@ -119,18 +119,32 @@ def helix_pass(engine, prompts: list[list[int]], method: Method, temperature: fl
 
 
 def helix_concurrent(engine, prompts: list[list[int]], n: int, speculative: bool, temperature: float,
-                     max_new_tokens: int, seed: int = 0, on_step=None, k: int | None = None) -> PassResult:
-    """``n`` requests added at once and stepped together through the scheduler (``k`` None: adaptive)."""
+                     max_new_tokens: int, seed: int = 0, on_step=None, k: int | None = None,
+                     requests: int | None = None) -> PassResult:
+    """``n`` clients, stepped together through the scheduler (``k`` None: adaptive): ``requests`` (default ``n``)
+    requests in all, prompts cycled, at most ``n`` in flight; a client sends its next request as soon as its last
+    one finishes (vLLM's ``benchmark_serving --max-concurrency``). One request each measures a closed batch,
+    whose time is set by its slowest row: under speculation rows finish steps apart, and the last steps run a few
+    rows at a fraction of the batch's speed."""
     res = PassResult()
     done: list[FinishEvent] = []
     method = Method("concurrent", "helix", speculative=speculative, k=k if speculative else None)
+    total = n if requests is None else max(n, requests)
+    sent = 0
+
+    def send() -> None:
+        nonlocal sent
+        while sent < total and sent - len(done) < n:
+            params = sampling_params(method, temperature, max_new_tokens, seed + sent)
+            engine.add_request(prompts[sent % len(prompts)], params,
+                               sink=lambda ev: done.append(ev) if isinstance(ev, FinishEvent) else None)
+            sent += 1
+
     t0 = time.perf_counter()
-    for i in range(n):
-        params = sampling_params(method, temperature, max_new_tokens, seed + i)
-        engine.add_request(prompts[i % len(prompts)], params,
-                           sink=lambda ev: done.append(ev) if isinstance(ev, FinishEvent) else None)
+    send()
     while engine.has_work():
         engine.step()
+        send()
         if on_step is not None:
             on_step(engine)
     res.seconds = time.perf_counter() - t0

@@ -34,6 +34,7 @@ class BenchConfig:
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
     concurrency_tokens: int = 128
     concurrency_repeats: int = 2
+    concurrency_waves: int = 3  # requests per concurrent client, sent back to back (see runs.helix_concurrent)
     memory_requests: int = 8
     memory_lengths: tuple[int, ...] = (16, 48, 96, 160, 256)
     profile_prompts: int = 2
@@ -45,7 +46,7 @@ class BenchConfig:
 
 
 QUICK = BenchConfig(lengths=(12,), ks=(1, 2), sweep_lengths=(12,), num_prompts=2, repeats=1, warmup_runs=1,
-                    concurrency=(1, 2, 4), concurrency_tokens=8, concurrency_repeats=1, memory_requests=4,
+                    concurrency=(1, 2, 4), concurrency_tokens=8, concurrency_repeats=1, concurrency_waves=1, memory_requests=4,
                     memory_lengths=(4, 12, 20), profile_prompts=1, calibration_prompts=2, calibration_tokens=8,
                     quick=True)
 
@@ -318,7 +319,8 @@ def _concurrency(engine, prompts, cfg: BenchConfig, prog: _Progress) -> list[dic
     for _ in range(cfg.concurrency_repeats):
         for n in cfg.concurrency:
             for spec in (False, True):
-                res = helix_concurrent(engine, prompts, n, spec, temp, cfg.concurrency_tokens, cfg.seed)
+                res = helix_concurrent(engine, prompts, n, spec, temp, cfg.concurrency_tokens, cfg.seed,
+                                       requests=n * cfg.concurrency_waves)
                 runs.setdefault((n, spec), []).append(res)
                 prog.step(f"concurrency {n} {'spec' if spec else 'plain'}")
     out = []
@@ -337,6 +339,7 @@ def _concurrency(engine, prompts, cfg: BenchConfig, prog: _Progress) -> list[dic
                 "mean_acceptance_length": round(1 + sum(p.num_accepted_tokens for p in passes) / drafts, 4)
                 if drafts else None,
                 "temperature": temp, "max_new_tokens": cfg.concurrency_tokens,
+                "requests": n * cfg.concurrency_waves,
             })
     return out
 
