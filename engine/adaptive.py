@@ -41,6 +41,9 @@ ALPHA_FADE = 32.0  # ... and after this many recent drafts of the method, alone:
 # SHARED_MEMORY, and a prior that never faded (the draft model's α standing for n-gram that never matches) kept
 # predicting crumbs of acceptance, 1.04x plain at plain's time, for drafts that never came
 PROBE_FIRST, PROBE_MAX = 32, 512  # steps of plain decoding between probes of speculation
+PROBE_CATCH_UP = 0.03  # a probe's catch-up at most this share of the plain time since the last probe: on an H200
+# at batch 8 with 1536-token prompts, a useless draft's probe first read 8 x 1600 skipped tokens (380 ms, ~100
+# plain steps), and two such probes took 46% of the time
 SHARED_MEMORY = 64  # drafts: the shared estimate follows the recent workload (another model, other prompts)
 EXPLORE_EVERY = 16  # speculative steps between one-step tries of K+1
 MIN_SHARED_EVIDENCE = 8.0  # drafts a method must have been measured for before its prior alone may rule it out
@@ -236,6 +239,7 @@ class AdaptiveState:
     last: Decision | None = None
     fallback_k: int = 0  # the draft model's K where n-gram finds no match (auto requests only)
     bucket: int = 0  # the batch bucket of the last full decision
+    probe_after: int = 0  # plain steps before a probe may run: its proposer's catch-up must be amortised first
 
     def observe(self, method: str, k: int, accepted: int) -> None:
         self.stats.setdefault(method, SpecDecodingStats()).observe_draft(k, accepted)
@@ -303,6 +307,7 @@ class Policy:
         # not at PROBE_FIRST, so a useless draft is not re-probed from scratch by every request (at batch 8
         # a probe costs the whole batch a drafting step plus the draft's catch-up on what it skipped)
         self.probe_floor: dict[str, int] = {}
+        self.catch_up_s: dict[str, float] = {}  # per method: measured seconds per token a proposer catches up on
         # per (method, batch bucket, context bucket, slope, alpha): the shared prior's survival and the predicted step times,
         # the same for every row of a step; keyed by the versions of the evidence they come from
         self._shared_cache: dict[tuple, tuple[tuple, list[float], list[float | None]]] = {}
@@ -322,13 +327,15 @@ class Policy:
         once half the interval has passed; at twice the interval whatever the clock says."""
         self._raise_to_floor(state)
         every = state.probe_every
+        if plain_steps < state.probe_after:
+            return False
         return (plain_steps >= every // 2 and self.clock and self.clock % every == 0) or plain_steps >= 2 * every
 
     def _steps_to_probe(self, state: AdaptiveState) -> int:
         """Steps until ``_probe_due`` holds, with the clock and the plain steps both advanced (closed form)."""
         self._raise_to_floor(state)
         every, done = state.probe_every, state.plain_steps
-        first = max(1, every // 2 - done)
+        first = max(1, every // 2 - done, state.probe_after - done)
         on_clock = first + (-(self.clock + first)) % every
         return min(on_clock, max(1, 2 * every - done))
 
@@ -414,11 +421,30 @@ class Policy:
         self.decision = last
         return last
 
-    def choose(self, state: AdaptiveState, methods: dict[str, float], batch: int, alpha: float) -> Decision:
+    def _catch_up_wait(self, state: AdaptiveState, method: str, batch: int, seconds: float) -> int:
+        """Further plain steps before a probe of ``method`` whose proposer would first read ``seconds`` of catch-up
+        (tokens it skipped while the request decoded plain) costs at most PROBE_CATCH_UP of the plain time since
+        the last probe; 0 when it may probe now."""
+        t0 = self.times.plain(batch)
+        if not seconds or not t0 or state.plain_steps < state.probe_after:
+            return 0
+        need = int(seconds / (PROBE_CATCH_UP * t0)) + 1
+        return max(0, need - state.plain_steps)
+
+    def observe_catch_up(self, method: str, seconds: float, tokens: int) -> None:
+        """A step whose ``method`` first read ``tokens`` it had skipped took ``seconds`` longer than its K-step."""
+        if tokens > 0:
+            per = max(0.0, seconds) / tokens
+            old = self.catch_up_s.get(method)
+            self.catch_up_s[method] = per if old is None else EMA * old + (1 - EMA) * per
+
+    def choose(self, state: AdaptiveState, methods: dict[str, float], batch: int, alpha: float,
+               catch_up: dict[str, float] | None = None) -> Decision:
         """K and method for this request's next step (K 0 = plain) and the reason.
 
         ``methods``: the proposers the request may use, each with its prior cost slope per drafted
-        token (in plain steps). A decision that still stands (``reuse``) is kept.
+        token (in plain steps). ``catch_up``: seconds each proposer would first spend reading what it skipped of
+        this request (a probe waits until that is amortised). A decision that still stands (``reuse``) is kept.
         """
         d = self.reuse(state, methods, batch)
         if d is not None:
@@ -434,7 +460,7 @@ class Policy:
             method = max(unmeasured, key=lambda m: max(g for kk, g in options[m].items() if kk))
             gains = options[method]
             k = max((kk for kk in gains if kk), key=gains.get)
-            state.plain_steps = 0
+            state.plain_steps = state.probe_after = 0
             d = Decision(k, method, f"measuring {method} K={k}: {self.evidence(method):.0f} drafts on this engine so "
                                     f"far (predicted {gains[k]:.2f}x plain)", gains, forced=True)
         else:
@@ -448,7 +474,7 @@ class Policy:
             if 0 < k and gains[k] < (KEEP_MARGIN if state.last is not None and state.last.k else START_MARGIN):
                 k = 0  # from plain, a predicted gain within the estimates' noise is no reason to start drafting
             if k > 0:
-                state.plain_steps = 0
+                state.plain_steps = state.probe_after = 0
                 state.spec_steps += 1
                 if not state.probing:
                     state.probe_every = PROBE_FIRST
@@ -462,8 +488,12 @@ class Policy:
                 method, best = max(((m, kk) for m, g in options.items() for kk in g if kk),
                                    key=lambda mk: options[mk[0]][mk[1]])
                 gains = options[method]
-                if self._probe_due(state, state.plain_steps):  # look again: acceptance or timings may have changed
-                    state.plain_steps = 0
+                wait = self._catch_up_wait(state, method, batch, (catch_up or {}).get(method, 0.0))
+                if wait:
+                    state.probe_after = state.plain_steps + wait
+                if not wait and self._probe_due(state, state.plain_steps):  # look again: acceptance or timings may
+                    # have changed
+                    state.plain_steps = state.probe_after = 0
                     state.probe_every = min(PROBE_MAX, state.probe_every * 2)
                     self.probe_floor[method] = max(self.probe_floor.get(method, PROBE_FIRST), state.probe_every // 2)
                     state.probing = True

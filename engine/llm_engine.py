@@ -248,6 +248,9 @@ class LLMEngine:
                 if req.status is not Status.FINISHED:
                     self._finish(req, "error", msg)
 
+    def _prefills_draft(self, req: Request) -> bool:
+        return req.use_draft and self.draft is not None and req.params.num_draft_tokens is not None
+
     def _fault(self, stage: str, reqs: list[Request]) -> None:
         if self.fault_hook is not None:
             self.fault_hook(stage, reqs)
@@ -256,7 +259,11 @@ class LLMEngine:
         """One chunk of every prefilling request (oldest first, CHUNK tokens per model); a request whose
         prompt is complete gets its first token, drawn as a decode step would draw it."""
         self._fault("prefill", reqs)
-        drafting = [r for r in reqs if r.use_draft and self.draft is not None]
+        # the draft model reads a prompt here only for requests that draft with it from their first step (a fixed K);
+        # an adaptive request's draft reads it when the request first drafts with it (its catch-up, which a probe
+        # weighs): adaptive may never use it (plain, the EAGLE head, n-gram), and on an H200 with 1536-token prompts
+        # the draft's prefill alone made adaptive requests that stayed plain 4-10% slower than plain ones
+        drafting = [r for r in reqs if self._prefills_draft(r)]
         plans = [(self.target, prefill.plan_chunks(self.target, reqs, record_cached=True)),
                  (self.draft, prefill.plan_chunks(self.draft, drafting) if drafting else {})]
         while any(prefill.blocks_needed(runner, plan) > runner.blocks.num_free for runner, plan in plans if plan):
@@ -276,7 +283,7 @@ class LLMEngine:
         self.threads.observe(threads, tokens, time.perf_counter() - t0, len(plans[0][1]))
         for req in reqs:
             if req.status is Status.RUNNING and prefill.complete(self.target, req) and \
-                    (not req.use_draft or prefill.complete(self.draft, req)):
+                    (not self._prefills_draft(req) or prefill.complete(self.draft, req)):
                 req.prefilled = True
                 logits = self._first_logits.pop(req, None)
                 if not req.output_ids and logits is not None:  # fresh request: its first token
@@ -337,6 +344,14 @@ class LLMEngine:
             if key is not None:
                 self.policy.times.observe(key[1], len(results), key[0], timing.total_s)
             self._observe_times(kmax, timing, methods)
+        lagging = [p for p in self.proposers.values() if p.backlog]
+        if len(lagging) == 1 and one_offs == GraphRunner.one_offs:
+            # what reading skipped tokens costs a proposer: a probe waits until its catch-up is amortised (a step
+            # that tried a CPU thread count counts too: the catch-up dominates it, and it may be the only one)
+            name = lagging[0].name
+            predicted = self.policy.times.predict(name, len(results), kmax, self.planner.slope(name))
+            if predicted:
+                self.policy.observe_catch_up(name, timing.total_s - predicted, lagging[0].backlog)
         share = 1.0 / max(1, len(results))
         for res in results:
             r, k, accepted = res.req, res.k, res.accepted

@@ -43,6 +43,12 @@ class StepPlanner:
         e = self.engine
         return e.verify_cost + {"model": e.draft_cost, "eagle": e.eagle_cost}.get(method, 0.0)
 
+    def catch_up(self, req: Request, methods: list[str]) -> dict[str, float]:
+        """Seconds each proposer would spend reading what it skipped of ``req`` before drafting, by its measured
+        per-token catch-up (methods not yet measured are left out)."""
+        per = self.engine.policy.catch_up_s
+        return {m: per[m] * self.engine.proposers[m].behind(req) for m in methods if m in per}
+
     def room(self, req: Request) -> int:
         return max(0, min(req.remaining - 1, self.engine.max_context - req.num_tokens - 1))
 
@@ -56,7 +62,8 @@ class StepPlanner:
         policy = self.engine.policy
         d = policy.reuse(req.adaptive, methods, batch)
         if d is None:
-            d = policy.choose(req.adaptive, {m: self.slope(m) for m in methods}, batch, self.engine.alpha_prior)
+            d = policy.choose(req.adaptive, {m: self.slope(m) for m in methods}, batch, self.engine.alpha_prior,
+                              self.catch_up(req, methods))
         req.adaptive.fallback_k = d.fallback_k if "model" in methods else 0
         # plain for now: the draft keeps its cache, so a later probe only catches up the tokens since
         # (a released cache would make every probe re-read the whole context)

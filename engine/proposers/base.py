@@ -48,6 +48,10 @@ class Proposer(Protocol):
         """Whether this step's drafting fits the proposer's memory. Reads only."""
         ...
 
+    def behind(self, req: Request) -> int:
+        """Tokens of ``req`` the proposer would read before drafting (its catch-up after plain steps). Reads only."""
+        ...
+
     def rollback(self, req: Request, num_tokens: int) -> None:
         """Forget everything past the first ``num_tokens`` tokens of ``req`` (the verified ones)."""
         ...

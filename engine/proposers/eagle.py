@@ -139,6 +139,9 @@ class EagleProposer:
                 need += self._blocks_for(req.seq_id, req.num_tokens - 1 - self._cached(req.seq_id) + k - 1)
         return need <= self.blocks.num_free
 
+    def behind(self, req: Request) -> int:
+        return max(0, req.num_tokens - 1 - self._cached(req.seq_id))
+
     def rollback(self, req: Request, num_tokens: int) -> None:
         """Keep pairs and features of the verified tokens (position < num_tokens - 1 for pairs, < num_tokens
         for features); read features that piled up while the request decoded otherwise (the engine calls

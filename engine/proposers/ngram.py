@@ -61,6 +61,9 @@ class NgramProposer:
     def fits(self, plan: dict[Request, int]) -> bool:
         return True
 
+    def behind(self, req: Request) -> int:
+        return 0  # its index grows with every emitted token
+
     def rollback(self, req: Request, num_tokens: int) -> None:
         pass  # the index holds only emitted tokens, which are never taken back
 
