@@ -94,6 +94,27 @@ def test_engine_measures_what_a_catch_up_costs():
     assert eng.planner.catch_up(req, ["model", "ngram"]).keys() == {"model"}
 
 
+def test_a_request_that_stops_drafting_on_a_close_call_probes_soon():
+    """Stopping at a predicted 0.97x plain is a close call (a few unlucky drafts early in a request, on the CPU demo
+    pair, left a row at 0.99x): it probes within PROBE_SOON steps, not after PROBE_FIRST plain steps; a useless
+    draft keeps the usual schedule."""
+    from engine.adaptive import PROBE_SOON, Decision
+
+    def first_probe(alpha: float) -> int:
+        policy = _policy(1.0, 0.3)
+        state = _state_with_acceptance(alpha)
+        state.last = Decision(2, "model", "drafting")
+        for step in range(1, 200):
+            policy.tick()
+            d = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
+            if step > 1 and d.k:
+                return step
+        return 0
+
+    assert 1 < first_probe(0.26) <= 2 * PROBE_SOON  # K = 1 predicted (1 + 0.26) / 1.3 = 0.97x plain
+    assert first_probe(0.02) >= PROBE_FIRST
+
+
 def test_rows_probe_on_the_same_steps():
     """A probing row makes the whole batch pay for a drafting step: rows that started at different
     times still probe together, on the step clock, so the batch pays once for all of them."""
