@@ -2,7 +2,7 @@
 
 A step of a few rows and a few tokens is bound by kernel launches, not by the GPU (a 1B
 model runs ~300 kernels in well under a millisecond of GPU time). Each graph is captured
-once per (rows bucket, tokens per row, key-length bucket) over static input buffers and
+once per (rows bucket, tokens-per-row bucket, key-length bucket) over static input buffers and
 replayed with new contents, as nano-vllm's ``capture_cudagraph`` does for decode. Rows are
 padded up to the bucket: padding rows write their K/V to the pool's scratch block and read
 one harmless key. Graphs are captured lazily, into one shared memory pool, the second time a
@@ -25,7 +25,12 @@ from engine.attention import AttnBatch, causal_mask, key_slots
 logger = logging.getLogger(__name__)
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
-MAX_TOKENS_PER_ROW = 9  # verification of K = 8 draft tokens
+# tokens per row, left-padded up to the bucket (as the runner pads ragged rows): adaptive K verifies K + 1 tokens and
+# a draft's first step reads accepted + 1, so every K it tries met new shapes, and on an H200 at batch 8 the captures
+# in a timed pass cost adaptive a third of fixed K's speed. A padded token writes the scratch slot and costs a
+# launch-bound step almost nothing.
+TOKEN_BUCKETS = (1, 2, 3, 5, 9)
+MAX_TOKENS_PER_ROW = TOKEN_BUCKETS[-1]  # verification of K = 8 draft tokens
 MIN_KEY_BUCKET = 256
 CAPTURE_AFTER = 1  # eager uses of a shape before its graph is captured (HELIX_GRAPH_CAPTURE_AFTER)
 
@@ -87,7 +92,7 @@ class GraphRunner:
         if not (self.failed is None and tokens <= MAX_TOKENS_PER_ROW and bucket(rows, ROW_BUCKETS) is not None
                 and bucket(keys, self.key_buckets) is not None):
             return False
-        key = (bucket(rows, ROW_BUCKETS), tokens, bucket(keys, self.key_buckets), aux_layers)
+        key = (bucket(rows, ROW_BUCKETS), bucket(tokens, TOKEN_BUCKETS), bucket(keys, self.key_buckets), aux_layers)
         if key in self.graphs:
             return True
         uses = self.eager_uses.get(key, 0)
@@ -132,12 +137,13 @@ class GraphRunner:
         token); ``table`` is the rows' ``[B, blocks]`` block table."""
         b, n = input_ids.shape
         r = bucket(b, ROW_BUCKETS)
+        m = bucket(n, TOKEN_BUCKETS)
         t = bucket(num_keys, self.key_buckets)
-        key = (r, n, t, aux_layers)
+        key = (r, m, t, aux_layers)
         g = self.graphs.get(key)
         if g is None:
             try:
-                g = self.graphs[key] = self._capture(r, n, t, aux_layers)
+                g = self.graphs[key] = self._capture(r, m, t, aux_layers)
             except Exception as exc:  # an op that cannot be captured: stay eager from now on
                 self.failed = f"{type(exc).__name__}: {exc}"
                 logger.warning("CUDA graph capture failed, running eagerly: %s", self.failed)
@@ -148,13 +154,19 @@ class GraphRunner:
             pad = torch.full((b, nb - table.shape[1]), self.pool.scratch_block, dtype=table.dtype, device=table.device)
             table = torch.cat([table, pad], 1)
         gather = key_slots(table, t, bs)
-        g.input_ids[:b].copy_(input_ids)
-        g.positions[:b].copy_(positions)
-        g.slots[: b * n].copy_(slots)
-        g.slots[b * n:].fill_(self.pool.scratch_slot)  # padding rows must never write a live slot
+        pad = m - n  # left padding of every row, as the runner pads ragged rows: position 0, the scratch slot
+        if pad:
+            g.input_ids[:b, :pad].zero_()
+            g.positions[:b, :pad].zero_()
+        g.input_ids[:b, pad:].copy_(input_ids)
+        g.positions[:b, pad:].copy_(positions)
+        slots_rm = g.slots.view(r, m)
+        slots_rm[:b, pad:].copy_(slots.view(b, n))
+        slots_rm[:b, :pad].fill_(self.pool.scratch_slot)
+        slots_rm[b:].fill_(self.pool.scratch_slot)  # padding rows and tokens must never write a live slot
         g.gather.view(r, t)[:b].copy_(gather)
-        g.mask[:b].copy_(causal_mask(positions, t))
+        g.mask[:b].copy_(causal_mask(g.positions[:b], t))
         g.graph.replay()
         self.replays += 1
-        logits = g.logits[:b, n - keep:].clone()  # the next replay overwrites the graph's output buffers
-        return logits if g.hidden is None else (logits, g.hidden[:b].clone())
+        logits = g.logits[:b, m - keep:].clone()  # the next replay overwrites the graph's output buffers
+        return logits if g.hidden is None else (logits, g.hidden[:b, pad:].clone())

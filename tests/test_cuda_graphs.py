@@ -135,3 +135,32 @@ def test_graphed_engine_greedy_equals_eager_and_plain(monkeypatch):
         for i, (a, b) in enumerate(zip(got, want)):
             first = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
             assert first is None, f"graphs={key[0]} K={key[1]} prompt {i}: differs from eager plain at token {first}"
+
+
+def test_token_counts_of_one_bucket_share_a_left_padded_graph(monkeypatch):
+    """Verifying K = 3 (4 tokens a row) and K = 4 (5 tokens) replay one graph of 5 tokens, the shorter rows padded on
+    the left as the runner pads ragged rows: one capture, and eager's logits and EAGLE features for every token."""
+    from engine.cuda_graphs import TOKEN_BUCKETS, GraphRunner
+
+    assert 4 not in TOKEN_BUCKETS and 5 in TOKEN_BUCKETS
+    model = _model(torch.float32)
+    eager, graphed = _runner(model, False, monkeypatch), _runner(model, True, monkeypatch)
+    got: dict[str, list] = {"eager": [], "graphed": []}
+    for name, r in (("eager", eager), ("graphed", graphed)):
+        r.aux_layers = (0, 2)
+        r.aux_sink = lambda seq, start, h, name=name: got[name].append((seq, start, h.clone()))
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (30, 12)]
+    for r in (eager, graphed):
+        r.forward([RowInput(i, p, 1) for i, p in enumerate(prompts)])
+    captures = GraphRunner.captures
+    for n in (4, 5, 4, 5, 4):
+        rows = [RowInput(i, torch.randint(3, VOCAB, (n,), generator=gen).tolist(), n, aux=True) for i in range(2)]
+        a, b = eager.forward(rows), graphed.forward(rows)
+        for x, y in zip(a, b):
+            assert x.shape == y.shape == (n, VOCAB)
+            assert (x - y).abs().max().item() <= 1e-4 * max(1.0, x.abs().max().item())
+    assert GraphRunner.captures - captures == 1 and graphed.graphs.replays == 5
+    assert [(s, p, h.shape) for s, p, h in got["eager"]] == [(s, p, h.shape) for s, p, h in got["graphed"]]
+    for (_, _, x), (_, _, y) in zip(got["eager"], got["graphed"]):
+        assert (x - y).abs().max().item() <= 1e-4 * max(1.0, x.abs().max().item())
