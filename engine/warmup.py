@@ -7,12 +7,14 @@ import statistics
 import time
 from typing import TYPE_CHECKING
 
+from engine.config import MAX_DRAFT_TOKENS
 from engine.model_runner import ModelRunner, RowInput
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
+PREWARM_ROWS = 8  # CUDA graphs captured at warm-up: row buckets up to this (1, 2, 4, 8) x every tokens bucket
 
 
 def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
@@ -25,6 +27,13 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
     runners = [r for r in (engine.target, engine.draft) if r is not None]
     for r in runners:
         r.forward([RowInput(sid, ids)])
+    t0, captured = time.perf_counter(), 0
+    for r in runners:  # CUDA graphs of the step shapes met first (up to 8 rows, every K), before any request
+        if getattr(r, "graphs", None) is not None:
+            for aux in {None, r.aux_layers}:
+                captured += r.graphs.prewarm(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, aux)
+    if captured:
+        logger.info("warm-up: captured %d CUDA graphs in %.1f s", captured, time.perf_counter() - t0)
 
     def timed(runner: ModelRunner, toks: list[int]) -> float:
         t0 = time.perf_counter()

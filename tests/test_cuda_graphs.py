@@ -164,3 +164,27 @@ def test_token_counts_of_one_bucket_share_a_left_padded_graph(monkeypatch):
     assert [(s, p, h.shape) for s, p, h in got["eager"]] == [(s, p, h.shape) for s, p, h in got["graphed"]]
     for (_, _, x), (_, _, y) in zip(got["eager"], got["graphed"]):
         assert (x - y).abs().max().item() <= 1e-4 * max(1.0, x.abs().max().item())
+
+
+def test_prewarm_captures_the_first_shapes_so_steps_meet_no_one_off(monkeypatch):
+    """Warm-up captures every (rows up to 8, tokens bucket) shape at short contexts: a batch tail of 3 rows verifying
+    4 tokens, or 8 rows drafting one, then replays at once (no eager step, no capture) with eager's logits."""
+    from engine.cuda_graphs import ROW_BUCKETS, TOKEN_BUCKETS, GraphRunner
+
+    model = _model(torch.float32)
+    monkeypatch.delenv("HELIX_GRAPH_CAPTURE_AFTER", raising=False)
+    eager, graphed = _runner(model, False, monkeypatch), _runner(model, True, monkeypatch, 1)
+    rows8 = sum(1 for r in ROW_BUCKETS if r <= 8)
+    assert graphed.graphs.prewarm(8, 100) == rows8 * len(TOKEN_BUCKETS)
+    assert graphed.graphs.prewarm(8, 100) == 0  # captured once
+    gen = torch.Generator().manual_seed(11)
+    for r in (eager, graphed):
+        for i in range(8):
+            r.forward([RowInput(i, list(range(3, 30 + i)), 1)])
+    one_offs = GraphRunner.one_offs
+    for rows, n in ((3, 4), (8, 1), (5, 9), (1, 2)):
+        feed = [RowInput(i, torch.randint(3, VOCAB, (n,), generator=gen).tolist(), n) for i in range(rows)]
+        a, b = eager.forward(feed), graphed.forward(feed)
+        for x, y in zip(a, b):
+            assert (x - y).abs().max().item() <= 1e-4 * max(1.0, x.abs().max().item())
+    assert GraphRunner.one_offs == one_offs and graphed.graphs.replays == 4
