@@ -112,6 +112,21 @@ def test_targets_say_miss_plainly():
                       ("adaptive_vs_plain", "T=0, 8 concurrent", "MISS")]  # 300 / 320
 
 
+def test_adaptive_vs_best_fixed_k_chooses_k_on_the_other_rounds():
+    """The best fixed K is chosen without the round it is compared in, and compared in that round: a K whose median
+    noise lifted above the others' does not set the bar, and a real gap stays."""
+    from engine.bench.report import adaptive_vs_best_fixed
+
+    k4 = {"k": 4, "tokens_per_second_runs": [100.0, 100.0, 100.0]}
+    k6 = {"k": 6, "tokens_per_second_runs": [104.0, 104.0, 90.0]}  # median 104, mean 99.3: no better than K=4
+    adaptive = {"tokens_per_second_runs": [100.0, 100.0, 100.0]}
+    assert 100.0 / 104.0 < 0.97  # the ratio of medians: a MISS by noise
+    assert adaptive_vs_best_fixed(adaptive, [k4, k6]) == 1.0
+    slower = {"tokens_per_second_runs": [90.0, 90.0, 90.0]}
+    assert abs(adaptive_vs_best_fixed(slower, [k4, k6]) - 0.9) < 1e-9  # a real 10% gap stays 10%
+    assert adaptive_vs_best_fixed({"tokens_per_second_runs": [100.0]}, [k4]) is None  # one round: no pairing
+
+
 def test_concurrent_clients_send_their_next_request_when_the_last_finishes():
     """n clients, each sending its next request as its last finishes: every request runs to its end, never more
     than n at once, and the bench's rows say how many requests they timed."""

@@ -24,6 +24,29 @@ def _method(scen: dict, name: str) -> dict | None:
     return next((m for m in scen["methods"] if m["name"] == name), None)
 
 
+def adaptive_vs_best_fixed(adaptive: dict, fixed: list[dict]) -> float | None:
+    """Adaptive over the best fixed K, paired by round and chosen without looking at the round it is compared in:
+    the median over rounds i of adaptive's tokens/s in round i over that of the K with the best mean over the other
+    rounds (None below two rounds). The plain ratio of medians picks the best of 8 noisy K by the same numbers it
+    then compares with, and wins by noise alone: on the 2-core VM, where one round's speed moves by 10-20%, the K
+    sweep's maximum sat 5-10% above the curve of its neighbours."""
+    runs = adaptive.get("tokens_per_second_runs") or []
+    n = len(runs)
+    if n < 2 or any(len(m.get("tokens_per_second_runs") or []) != n for m in fixed):
+        return None
+    ratios = []
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        best = max(fixed, key=lambda m: sum(m["tokens_per_second_runs"][j] for j in others))
+        if best["tokens_per_second_runs"][i]:
+            ratios.append(runs[i] / best["tokens_per_second_runs"][i])
+    ratios.sort()
+    if not ratios:
+        return None
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+
+
 def evaluate_targets(results: dict) -> list[dict]:
     out = []
 
@@ -54,8 +77,13 @@ def evaluate_targets(results: dict) -> list[dict]:
         fixed = [m for m in scen["methods"] if m.get("backend") == "helix" and m.get("k")]
         if adaptive and fixed and len(fixed) > 1:
             best = max(fixed, key=lambda m: m["tokens_per_second"])
-            add("adaptive_vs_best_k", f"{where}, best K={best['k']}",
-                adaptive["tokens_per_second"] / best["tokens_per_second"] if best["tokens_per_second"] else None)
+            raw = adaptive["tokens_per_second"] / best["tokens_per_second"] if best["tokens_per_second"] else None
+            loo = adaptive_vs_best_fixed(adaptive, fixed)
+            if loo is None:
+                add("adaptive_vs_best_k", f"{where}, best K={best['k']}", raw)
+            else:
+                add("adaptive_vs_best_k", f"{where}, K chosen on the other rounds (max of medians: K={best['k']}, "
+                                          f"{raw:.3f})", loo)
         if adaptive and plain and plain["tokens_per_second"]:
             add("adaptive_vs_plain", where, adaptive["tokens_per_second"] / plain["tokens_per_second"])
         ngram = _method(scen, "helix spec ngram")
