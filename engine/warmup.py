@@ -15,6 +15,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 PREWARM_ROWS = 8  # CUDA graphs captured at warm-up: row buckets up to this (1, 2, 4, 8) x every tokens bucket
+PREWARM_MIN_GPU_BYTES = 8 << 30  # ... on GPUs of at least this much memory (smaller ones capture as shapes come)
+
+
+def _gpu_bytes(device) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
 
 
 def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
@@ -28,8 +35,9 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
     for r in runners:
         r.forward([RowInput(sid, ids)])
     t0, captured = time.perf_counter(), 0
-    for r in runners:  # CUDA graphs of the step shapes met first (up to 8 rows, every K), before any request
-        if getattr(r, "graphs", None) is not None:
+    for r in runners:  # CUDA graphs of the step shapes met first (up to 8 rows, every K), before any request; their
+        # logits buffers take ~600 x vocabulary x 2 bytes a runner (91 MB at Qwen's 152k), so not on small GPUs
+        if getattr(r, "graphs", None) is not None and _gpu_bytes(r.device) >= PREWARM_MIN_GPU_BYTES:
             for aux in {None, r.aux_layers}:
                 captured += r.graphs.prewarm(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, aux)
     if captured:
