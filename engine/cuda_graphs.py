@@ -109,16 +109,31 @@ class GraphRunner:
         each costs an eager step and a capture (tens of ms) when first met: on an H200 at batch 8, three such
         one-offs (a batch tail of 4 rows at a new K, a K not run at 8 rows yet) took 39% of a timed pass."""
         t = bucket(keys, self.key_buckets)
+        if t is None or self.failed is not None:
+            return 0
         done = 0
-        for r in ROW_BUCKETS:
-            if r > max_rows or t is None or self.failed is not None:
-                break
+        for r in (r for r in ROW_BUCKETS if r <= max_rows):
             for m in TOKEN_BUCKETS:
-                key = (r, m, t, aux_layers)
-                if key not in self.graphs:
-                    self.graphs[key] = self._capture(r, m, t, aux_layers)
+                if (r, m, t, aux_layers) not in self.graphs:
+                    try:
+                        self._graph((r, m, t, aux_layers))
+                    except Exception:  # noqa: BLE001 - recorded in self.failed: every step then runs eagerly
+                        return done
                     done += 1
         return done
+
+    def _graph(self, key: tuple[int, int, int, tuple[int, ...] | None]) -> _Graph:
+        """The graph of ``key`` (rows, tokens, keys buckets, aux layers), captured now if it is not yet; a capture
+        that fails sets ``failed`` (the runner then stays eager) and raises."""
+        g = self.graphs.get(key)
+        if g is None:
+            try:
+                g = self.graphs[key] = self._capture(*key)
+            except Exception as exc:  # an op that cannot be captured: stay eager from now on
+                self.failed = f"{type(exc).__name__}: {exc}"
+                logger.warning("CUDA graph capture failed, running eagerly: %s", self.failed)
+                raise
+        return g
 
     def _capture(self, r: int, n: int, t: int, aux_layers: tuple[int, ...] | None = None) -> _Graph:
         dev = self.device
@@ -157,15 +172,7 @@ class GraphRunner:
         r = bucket(b, ROW_BUCKETS)
         m = bucket(n, TOKEN_BUCKETS)
         t = bucket(num_keys, self.key_buckets)
-        key = (r, m, t, aux_layers)
-        g = self.graphs.get(key)
-        if g is None:
-            try:
-                g = self.graphs[key] = self._capture(r, m, t, aux_layers)
-            except Exception as exc:  # an op that cannot be captured: stay eager from now on
-                self.failed = f"{type(exc).__name__}: {exc}"
-                logger.warning("CUDA graph capture failed, running eagerly: %s", self.failed)
-                raise
+        g = self._graph((r, m, t, aux_layers))
         bs = self.pool.block_size
         nb = -(-t // bs)
         if table.shape[1] < nb:  # key bucket past the row's table: the rest is the scratch block

@@ -44,7 +44,7 @@ class DraftModelProposer:
                      for j in range(kmax)] for i in sampled]
             noise = rng.exponentials(torch.tensor(keys, dtype=torch.int64).to(dev), self.runner.vocab_size)
         slot = {i: n for n, i in enumerate(sampled)}
-        self.backlog = sum(max(0, r.num_tokens - self.runner.cached_len(r.seq_id) - NORMAL_BEHIND) for r in rows.reqs)
+        self.backlog = sum(max(0, self.behind(r) - NORMAL_BEHIND) for r in rows.reqs)
         self._read_prompts(rows.reqs)
         self._catch_up(rows.reqs)
         lists: list[list[int]] = [[] for _ in range(b)]

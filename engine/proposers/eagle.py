@@ -93,7 +93,7 @@ class EagleProposer:
         lists: list[list[int]] = [[] for _ in range(b)]
         if kmax == 0:
             return Proposal(lists, None)
-        self.backlog = sum(max(0, r.num_tokens - 1 - self._cached(r.seq_id) - NORMAL_BEHIND) for r in rows.reqs)
+        self.backlog = sum(max(0, self.behind(r) - NORMAL_BEHIND) for r in rows.reqs)
         self._catch_up(rows.reqs)
         inputs = {i: self._inputs(r) for i, r in enumerate(rows.reqs) if rows.ks[i] > 0}
         self._share_prompts([rows.reqs[i] for i, got in inputs.items() if got is not None])
