@@ -491,7 +491,7 @@ class Policy:
                 method, best = max(((m, kk) for m, g in options.items() for kk in g if kk),
                                    key=lambda mk: options[mk[0]][mk[1]])
                 gains = options[method]
-                if state.last is not None and state.last.k and not state.probing and gains[best] >= CLOSE_CALL:
+                if state.last is not None and state.last.k and not state.last.forced and gains[best] >= CLOSE_CALL:
                     state.probe_every = PROBE_SOON  # it just stopped drafting on a close call: look again soon
                 wait = self._catch_up_wait(state, method, batch, (catch_up or {}).get(method, 0.0))
                 if wait:

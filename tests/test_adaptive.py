@@ -113,6 +113,17 @@ def test_a_request_that_stops_drafting_on_a_close_call_probes_soon():
 
     assert 1 < first_probe(0.26) <= 2 * PROBE_SOON  # K = 1 predicted (1 + 0.26) / 1.3 = 0.97x plain
     assert first_probe(0.02) >= PROBE_FIRST
+    # a failed probe is no close call of its own: the interval still doubles after each
+    policy, state = _policy(1.0, 0.3), _state_with_acceptance(0.26)
+    state.last = Decision(2, "model", "drafting")
+    probes = 0
+    for _ in range(600):
+        policy.tick()
+        d = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
+        if d.k:
+            probes += 1
+            state.observe("model", d.k, 0)
+    assert probes <= 10, probes
 
 
 def test_rows_probe_on_the_same_steps():
