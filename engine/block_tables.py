@@ -5,6 +5,9 @@ model's device; only entries that changed since the last forward are written (a 
 every ``block_size`` tokens, a copy-on-write replacement, a rollback). Per-forward host
 work is therefore proportional to the new tokens, not to the context, and a CUDA graph can
 read the table from a fixed address.
+
+It also knows, per sequence, how many of its first blocks are consecutive in the pool (``run_slot``):
+attention reads such a row's keys in place instead of gathering them (engine.attention).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class DeviceBlockTables:
         self.table = torch.full((capacity, max_blocks_per_seq), scratch_block, dtype=torch.long, device=device)
         self._row: dict[int, int] = {}
         self._synced: dict[int, list[int]] = {}
+        self._run: dict[int, int] = {}  # seq_id -> how many of its first blocks are consecutive
         self._free_rows = list(range(capacity - 1, -1, -1))
 
     def _grow(self) -> None:
@@ -38,6 +42,7 @@ class DeviceBlockTables:
             row = self._free_rows.pop()
             self._row[seq_id] = row
             self._synced[seq_id] = []
+            self._run[seq_id] = 0
         old = self._synced[seq_id]
         if blocks != old:
             if len(blocks) > self.max_blocks:
@@ -52,13 +57,27 @@ class DeviceBlockTables:
             if len(old) > len(blocks):
                 self.table[row, len(blocks):len(old)] = self.scratch
             self._synced[seq_id] = list(blocks)
+            run = min(self._run[seq_id], first, len(blocks))
+            if run == 0 and blocks:
+                run = 1
+            while run < len(blocks) and blocks[run] == blocks[run - 1] + 1:
+                run += 1
+            self._run[seq_id] = run
         return row
+
+    def run_slot(self, seq_id: int, num_keys: int, block_size: int) -> int | None:
+        """The pool slot of ``seq_id``'s position 0 when its positions below ``num_keys`` lie in consecutive slots
+        (as of its last ``sync``), else None."""
+        if self._run.get(seq_id, 0) * block_size < num_keys:
+            return None
+        return self._synced[seq_id][0] * block_size
 
     def release(self, seq_id: int) -> None:
         row = self._row.pop(seq_id, None)
         if row is None:
             return
         n = len(self._synced.pop(seq_id))
+        self._run.pop(seq_id, None)
         if n:
             self.table[row, :n] = self.scratch
         self._free_rows.append(row)

@@ -237,7 +237,9 @@ class ModelRunner:
             causal = b == 1 and n > 1 and starts[0] == 0
             if not causal and (n > 1 or min(ends) < t_len):  # a lone decode row (or equal-length rows) sees every key
                 mask = causal_mask(pos_t, t_len)
-            batch = AttnBatch(slot_t, key_slots(table, t_len, bs).reshape(-1), mask, t_len, causal)
+            run = self.tables.run_slot(rows[0].seq_id, t_len, bs) if b == 1 else None
+            gather = key_slots(table, t_len, bs).reshape(-1) if run is None else None
+            batch = AttnBatch(slot_t, gather, mask, t_len, causal, run=run)
             if aux is None:
                 logits = self.lean.forward(input_ids, pos_t, batch, self.pool, keep)
             else:

@@ -129,3 +129,44 @@ def test_random_operations_keep_invariants():
         bm.free(s)
     bm.check_invariants()
     assert bm.num_free == 64
+
+
+def test_a_sequence_grows_into_the_block_after_its_last():
+    """Blocks are handed out as runs where they can be: attention reads a lone row in consecutive blocks in place."""
+    bm = BlockManager(32, block_size=4)
+    for sid in (0, 1):
+        bm.allocate(sid)
+    for _ in range(3):  # interleaved growth: neither sequence can be consecutive
+        for sid in (0, 1):
+            _grow(bm, sid, 4)
+    assert bm.tables[0].blocks == [0, 2, 4] and bm.tables[1].blocks == [1, 3, 5]
+    bm.free(0)
+    bm.free(1)
+    bm.allocate(2)
+    _grow(bm, 2, 4 * 9)
+    blocks = bm.tables[2].blocks
+    assert blocks == list(range(blocks[0], blocks[0] + 9)), blocks
+    for _ in range(500):  # speculative rollback across a block boundary, over and over: the same next block again
+        _grow(bm, 2, 3)
+        assert bm.tables[2].blocks[-1] == blocks[0] + 9
+        bm.truncate(2, 4 * 9)
+        assert len(bm._free) <= 2 * bm.num_free + 65  # the lazily deleted entries are dropped now and then
+    bm.check_invariants()
+    bm.free(2)
+    assert bm.num_free == 32
+
+
+def test_the_block_after_is_not_taken_while_it_holds_a_cached_prefix():
+    bm = BlockManager(8, block_size=2)
+    bm.allocate(0)
+    _grow(bm, 0, 8)  # blocks 0-3
+    bm.register_prefix(0, [1, 2, 3, 4, 5, 6, 7, 8])
+    bm.truncate(0, 2)  # blocks 1-3 are free but keep their prefix
+    _grow(bm, 0, 2)
+    assert bm.tables[0].blocks == [0, 4]
+    bm.allocate(1)
+    assert bm.match_prefix(1, [1, 2, 3, 4, 5, 6, 7]) == 6  # the prefix survived, taken from the middle of the list
+    _grow(bm, 1, 1)
+    assert bm.tables[1].blocks[:3] == [0, 1, 2]
+    bm.check_invariants()
+    assert bm.num_free == 8 - 5

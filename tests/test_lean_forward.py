@@ -179,3 +179,29 @@ def test_demo_pair_runs_lean_and_matches_transformers():
     _assert_close(lean.forward(rows), ref.forward(rows), "demo prefill")
     rows = [RowInput(0, [11, 12, 13, 14, 15], 5), RowInput(1, [17], 1)]
     _assert_close(lean.forward(rows), ref.forward(rows), "demo verify")
+
+
+def test_a_lone_row_in_consecutive_blocks_is_read_in_place():
+    """A batch-1 row whose blocks are consecutive in the pool attends over a view of it (no gather); one whose blocks
+    are not (two sequences grown in turn) gathers. Both give transformers' logits, also after a rollback."""
+    model = _make_model("llama")
+    lean, ref = _runner(model, True), _runner(model, False)
+    bs = lean.blocks.block_size
+    gen = torch.Generator().manual_seed(3)
+    chunks = [torch.randint(3, VOCAB, (bs,), generator=gen).tolist() for _ in range(6)]
+    for r in (lean, ref):  # interleave: 0 and 1 take turns at the free list, so neither is consecutive
+        for i, chunk in enumerate(chunks):
+            r.forward([RowInput(i % 2, chunk, 1)])
+        r.free(0)
+    assert lean.blocks.tables[1].blocks[:2] != list(range(lean.blocks.tables[1].blocks[0], 2))
+    for sid in (1, 2):  # 1: gathered; 2: a new sequence grows as one run of blocks
+        out = [r.forward([RowInput(sid, list(range(5, 25)), 1)]) for r in (lean, ref)]
+        for step in range(40):
+            _assert_close(out[0], out[1], f"seq {sid} step {step}")
+            tok = int(out[1][0][-1].argmax())
+            out = [r.forward([RowInput(sid, [tok] * (1 + step % 3), 1 + step % 3)]) for r in (lean, ref)]
+            if step % 7 == 6:
+                for r in (lean, ref):
+                    r.truncate(sid, r.cached_len(sid) - 5)
+        n = lean.cached_len(sid)
+        assert (lean.tables.run_slot(sid, n, bs) is None) == (sid == 1), (sid, lean.blocks.tables[sid].blocks)

@@ -298,8 +298,10 @@ class EagleProposer:
             t_len = max(s + k for s, k in zip(starts, lens))
             table = self.tables.table.index_select(0, meta[3 * b * n:])
             needs_mask = n > 1 or min(s + k for s, k in zip(starts, lens)) < t_len
-            batch = AttnBatch(meta[2 * b * n: 3 * b * n], key_slots(table, t_len, bs).reshape(-1),
-                              causal_mask(pos_t, t_len) if needs_mask else None, t_len)
+            run = self.tables.run_slot(rows[0][0], t_len, bs) if b == 1 else None  # one row: read in place
+            gather = key_slots(table, t_len, bs).reshape(-1) if run is None else None
+            batch = AttnBatch(meta[2 * b * n: 3 * b * n], gather, causal_mask(pos_t, t_len) if needs_mask else None,
+                              t_len, run=run)
             with torch.inference_mode():
                 out = head.forward_paged(ids_t, feats, pos_t, batch, self.pool.keys[0], self.pool.values[0])
         except BaseException:
@@ -336,10 +338,14 @@ class EagleProposer:
         meta = torch.tensor(tokens + pos + slots, dtype=torch.long).to(self.device, non_blocking=True)
         pos_t = meta[a: 2 * a].view(a, 1)
         t_len = max(pos) + 1
-        keys = chain.keys[:, :t_len] if a == len(chain.seq_ids) else \
-            chain.keys.index_select(0, torch.tensor(at, device=self.device))[:, :t_len]
+        run = self.tables.run_slot(chain.seq_ids[at[0]], t_len, bs) if a == 1 else None  # one row: read in place
+        keys = None
+        if run is None:
+            keys = chain.keys[:, :t_len] if a == len(chain.seq_ids) else \
+                chain.keys.index_select(0, torch.tensor(at, device=self.device))[:, :t_len]
+            keys = keys.reshape(-1)
         mask = (chain.arange[:t_len][None, :] <= pos_t).view(a, 1, 1, t_len) if min(pos) < t_len - 1 else None
-        batch = AttnBatch(meta[2 * a:], keys.reshape(-1), mask, t_len)
+        batch = AttnBatch(meta[2 * a:], keys, mask, t_len, run=run)
         with torch.inference_mode():
             out = self.head.forward_paged(meta[:a].view(a, 1), feats.view(a, 1, -1), pos_t, batch,
                                           self.pool.keys[0], self.pool.values[0])
