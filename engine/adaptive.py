@@ -60,10 +60,11 @@ FIRST_REACH = 4  # the largest K a method may run at a batch size before any of 
 REACH = 1  # ... and how far past its largest timed K: a prediction is trusted near what was measured only
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CTX_BUCKETS = tuple(256 << i for i in range(10))  # 256 .. 131072 tokens
+_BUCKET_OF = [next(b for b in BUCKETS if b >= n) for n in range(BUCKETS[-1] + 1)]
 
 
 def bucket(batch: int) -> int:
-    return next((b for b in BUCKETS if b >= batch), BUCKETS[-1])
+    return _BUCKET_OF[batch] if 0 <= batch < len(_BUCKET_OF) else next((b for b in BUCKETS if b >= batch), BUCKETS[-1])
 
 
 def ctx_bucket(tokens: int) -> int:
@@ -101,14 +102,28 @@ class StepTimes:
     def __init__(self) -> None:
         self.avg: dict[tuple[str, int, int, int], float] = {}
         self.count: dict[tuple[str, int, int, int], int] = {}  # observations behind each average
-        self.version = 0  # changes with every observation (keys the policy's per-step cache)
+        # the keys of ``avg`` per (method, batch bucket) and per batch bucket, in the order they came: a decision
+        # reads the few keys of its bucket, not every key (a full decision of three methods at batch 1 cost ~0.4 ms
+        # on the 2-core CPU, most of it in scans of ``avg``: 4% of a plain step there, 5% on an H200)
+        self._keys: dict[tuple[str, int], list[tuple[str, int, int, int]]] = {}
+        self._bucket_keys: dict[int, list[tuple[str, int, int, int]]] = {}
+        # observations per (method, batch bucket) and per batch bucket: ``predicted`` keeps a method's predictions
+        # until what they were made from changes (a step times one method; the others' predictions stand)
+        self._stamps: dict[tuple[str, int], int] = {}
+        self._bucket_stamps: dict[int, int] = {}
+        self._predicted: dict[tuple[str, int, int], tuple] = {}
+        self._read_others = self._read_slope = False  # what the prediction being made read (see ``predicted``)
         self.context = CTX_BUCKETS[0]
 
     def observe(self, method: str, batch: int, k: int, seconds: float) -> None:
-        self.version += 1
         key = ("plain", bucket(batch), self.context, 0) if k == 0 else (method, bucket(batch), self.context, k)
         self.count[key] = self.count.get(key, 0) + 1
         old = self.avg.get(key)
+        self._stamps[key[:2]] = self._stamps.get(key[:2], 0) + 1
+        self._bucket_stamps[key[1]] = self._bucket_stamps.get(key[1], 0) + 1
+        if old is None:
+            self._keys.setdefault(key[:2], []).append(key)
+            self._bucket_keys.setdefault(key[1], []).append(key)
         if old is not None:  # one stall (another process, a page fault) must not flip the decision; a faster
             seconds = min(seconds, STALL_CLAMP * old)  # step is real (the first timing of a K may have paid one-off
             # costs); a slower one moves the average by at most (STALL_CLAMP - 1) x 20%
@@ -122,13 +137,14 @@ class StepTimes:
         plain_to, plain_from = self.avg.get(("plain", b, to, 0)), self.avg.get(("plain", b, frm, 0))
         if plain_to and plain_from:
             return plain_to / plain_from
-        ratios = [t / self.avg[(m, bb, frm, kk)] for (m, bb, cc, kk), t in self.avg.items()
-                  if bb == b and cc == to and self.avg.get((m, bb, frm, kk))]
+        self._read_others = True
+        ratios = [self.avg[(m, bb, cc, kk)] / self.avg[(m, bb, frm, kk)] for (m, bb, cc, kk) in self._bucket_keys.get(b, ())
+                  if cc == to and self.avg.get((m, bb, frm, kk))]
         return sum(ratios) / len(ratios) if ratios else 1.0
 
     def plain(self, batch: int) -> float | None:
         b, c = bucket(batch), self.context
-        have = [cc for (m, bb, cc, _k) in self.avg if m == "plain" and bb == b]
+        have = [cc for (_m, _b, cc, _k) in self._keys.get(("plain", b), ())]
         if not have:
             return None
         near = _nearest(have, c)
@@ -140,8 +156,28 @@ class StepTimes:
         the prior slope, measured at batch 1): at batch 8 on the CPU, such predictions made the batch draft K = 8 at
         1.5x the time K = 4 took, for fewer tokens a second. Each step at the edge is timed and extends the reach."""
         b = bucket(batch)
-        top = max((kk for (m, bb, _c, kk) in self.avg if m == method and bb == b and kk > 0), default=0)
+        top = max((kk for (_m, _b, _c, kk) in self._keys.get((method, b), ()) if kk > 0), default=0)
         return min(MAX_DRAFT_TOKENS, top + REACH if top else FIRST_REACH)
+
+    def predicted(self, method: str, batch: int, slope_prior: float) -> list[float | None]:
+        """``predict_all`` up to the method's reach at this batch (``reach``; K past it: not predicted), kept until an
+        input changes: the method's or plain decoding's times at this batch bucket, and where the prediction read them,
+        the slope prior or other methods' times (``_scale``). Do not modify the list returned."""
+        b = bucket(batch)
+        key = (method, b, self.context)
+        stamp = (self._stamps.get((method, b), 0), self._stamps.get(("plain", b), 0))
+        hit = self._predicted.get(key)
+        if hit is not None and hit[0] == stamp and hit[1] in (None, self._bucket_stamps.get(b, 0)) \
+                and hit[2] in (None, slope_prior):
+            return hit[3]
+        self._read_others = self._read_slope = False
+        times = self.predict_all(method, batch, slope_prior)
+        times[self.reach(method, batch) + 1:] = []
+        if len(self._predicted) > 256:
+            self._predicted.clear()
+        self._predicted[key] = (stamp, self._bucket_stamps.get(b, 0) if self._read_others else None,
+                                slope_prior if self._read_slope else None, times)
+        return times
 
     def predict(self, method: str, batch: int, k: int, slope_prior: float) -> float | None:
         """Seconds for one step at K: measured, else interpolated from the nearest measured K."""
@@ -156,22 +192,23 @@ class StepTimes:
         if t0 is None:
             return [None] * (MAX_DRAFT_TOKENS + 1)
         by_ctx: dict[int, list[tuple[int, float, int]]] = {}
-        for key, t in self.avg.items():
-            m, bb, cc, kk = key
-            if m == method and bb == b and kk > 0:
-                by_ctx.setdefault(cc, []).append((kk, t, min(self.count.get(key, 1), FIT_TRUST)))
+        for key in self._keys.get((method, b), ()):
+            if key[3] > 0:
+                by_ctx.setdefault(key[2], []).append((key[3], self.avg[key], min(self.count.get(key, 1), FIT_TRUST)))
         measured: list[tuple[int, float, int]] = []
         if by_ctx:
             near = _nearest(list(by_ctx), c)
             f = self._scale(b, near, c)
             measured = [(kk, t * f, n) for kk, t, n in by_ctx[near]]
         line = _line(measured, t0)
+        exact = {m[0]: m for m in measured}
         out: list[float | None] = [t0]
         for k in range(1, MAX_DRAFT_TOKENS + 1):
             if not measured:
+                self._read_slope = True
                 out.append(t0 * (1.0 + slope_prior * k))
                 continue
-            kk, t, n = min(measured, key=lambda m: abs(m[0] - k))
+            kk, t, n = exact[k] if k in exact else min(measured, key=lambda m: abs(m[0] - k))  # nearest measured K
             if line is not None:  # the measured average shrunk towards the line through every K's (see _line); a
                 # drafting step never costs less than a plain one (a low intercept must not predict a gain at K = 1)
                 fit = max(t0, line[0] + line[1] * k)
@@ -311,9 +348,9 @@ class Policy:
         # a probe costs the whole batch a drafting step plus the draft's catch-up on what it skipped)
         self.probe_floor: dict[str, int] = {}
         self.catch_up_s: dict[str, float] = {}  # per method: measured seconds per token a proposer catches up on
-        # per (method, batch bucket, context bucket, slope, alpha): the shared prior's survival and the predicted step times,
-        # the same for every row of a step; keyed by the versions of the evidence they come from
-        self._shared_cache: dict[tuple, tuple[tuple, list[float], list[float | None]]] = {}
+        # per (method, alpha, version of its shared counts): the shared prior's survival, the same for every row of a
+        # step (the predicted step times are kept by StepTimes.predicted)
+        self._shared_cache: dict[tuple, list[float]] = {}
 
     def tick(self, context: int = 0) -> None:
         """One decode step begins; its longest row attends over ``context`` positions."""
@@ -345,18 +382,14 @@ class Policy:
     def _shared_terms(self, method: str, batch: int, alpha: float, slope: float
                       ) -> tuple[list[float], list[float | None]]:
         shared = self.shared.get(method)
-        version = (self.times.version, shared.version if shared is not None else -1)
-        key = (method, bucket(batch), self.times.context, slope, alpha)
-        hit = self._shared_cache.get(key)
-        if hit is not None and hit[0] == version:
-            return hit[1], hit[2]
-        prior = survival(shared, [alpha ** (i + 1) for i in range(MAX_DRAFT_TOKENS)], ALPHA_WEIGHT, ALPHA_FADE)
-        times = self.times.predict_all(method, batch, slope)
-        times[self.times.reach(method, batch) + 1:] = []  # K past the reach: not predicted (see StepTimes.reach)
-        if len(self._shared_cache) > 64:
-            self._shared_cache.clear()
-        self._shared_cache[key] = (version, prior, times)
-        return prior, times
+        key = (method, alpha, shared.version if shared is not None else -1)
+        prior = self._shared_cache.get(key)
+        if prior is None:
+            prior = survival(shared, [alpha ** (i + 1) for i in range(MAX_DRAFT_TOKENS)], ALPHA_WEIGHT, ALPHA_FADE)
+            if len(self._shared_cache) > 64:
+                self._shared_cache.clear()
+            self._shared_cache[key] = prior
+        return prior, self.times.predicted(method, batch, slope)  # K past the reach: not predicted
 
     def observe(self, method: str, k: int, accepted: int) -> None:
         self.shared.setdefault(method, RecentAcceptance()).observe_draft(k, accepted)

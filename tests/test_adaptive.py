@@ -571,3 +571,40 @@ def test_a_step_is_timed_as_the_k_every_row_planned():
     assert _planned_key({a: (3, "eagle"), b: (1, "eagle")}, res(3, 1), {"eagle"}) is None  # capped differently
     assert _planned_key({a: (3, "model"), b: (1, "model")}, res(1, 1), {"model"}) == (1, "model")  # drafted alike
     assert _planned_key({a: (0, ""), b: (0, "model")}, res(0, 0), set()) == (0, "")  # plain
+
+
+def test_kept_predictions_equal_fresh_ones():
+    """StepTimes.predicted keeps a method's predictions while their inputs stand: after any sequence of observations
+    (methods, batch and context buckets, unmeasured methods that read the slope prior, contexts scaled by other
+    methods' times) they equal a fresh prediction, and one method's step leaves the others' kept."""
+    import random
+
+    rng = random.Random(0)
+    times = StepTimes()
+    methods = ["model", "eagle", "ngram"]
+    checked = kept = 0
+    calls = [0]
+    fresh = times.predict_all
+
+    def counted(*a):
+        calls[0] += 1
+        return fresh(*a)
+
+    times.predict_all = counted
+    for step in range(600):
+        times.context = rng.choice([256, 512, 2048])
+        batch = rng.choice([1, 2, 8])
+        method = rng.choice(methods[:2])  # n-gram is never timed: its predictions read the slope prior
+        k = rng.choice([0, 0, 1, 2, 3, 4, 5])
+        times.observe(method, batch, k, (1 + 0.2 * k) * batch ** 0.5 * (1 + rng.random() * 0.3) * times.context / 256)
+        for m in methods:
+            for b in (1, 2, 8):
+                slope = rng.choice([0.2, 0.3])
+                made = calls[0]
+                got = times.predicted(m, b, slope)
+                kept += calls[0] == made
+                want = fresh(m, b, slope)
+                want[times.reach(m, b) + 1:] = []
+                assert got == want, (step, m, b, slope)
+                checked += 1
+    assert checked == 600 * 9 and kept > checked // 3  # most predictions were kept, and all were right
