@@ -205,3 +205,20 @@ def test_a_lone_row_in_consecutive_blocks_is_read_in_place():
                     r.truncate(sid, r.cached_len(sid) - 5)
         n = lean.cached_len(sid)
         assert (lean.tables.run_slot(sid, n, bs) is None) == (sid == 1), (sid, lean.blocks.tables[sid].blocks)
+
+
+def test_rotate_is_hf_rotary_embedding():
+    """``rotate`` with the signed sine table is HF's apply_rotary_pos_emb (half-split layout), to fp32 rounding."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from engine.models.llama import rotate, signed_sin
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 64, generator=gen), torch.randn(2, 2, 5, 64, generator=gen)  # [B, H, N, D]
+    ang = torch.rand(2, 5, 64, generator=gen) * 6.0
+    cos, sin = ang.cos(), ang.sin()
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)  # cos/sin [B, N, D], unsqueezed at dim 1
+    got_q = rotate(q, cos[:, None], signed_sin(sin)[:, None])
+    got_k = rotate(k, cos[:, None], signed_sin(sin)[:, None])
+    assert (got_q - want_q).abs().max() < 1e-5 and (got_k - want_k).abs().max() < 1e-5
+    assert (rotate(q, cos[:, None], sin[:, None]) - want_q).abs().max() > 0.1  # the unsigned table is wrong

@@ -45,12 +45,7 @@ from torch import nn
 from engine.attention import AttnBatch, paged_attention
 from engine.eagle.config import EagleConfig
 from engine.models import packed
-from engine.models.llama import _fuse, _linear, rms_norm
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+from engine.models.llama import _fuse, _linear, rms_norm, rotate, signed_sin
 
 
 class _Norm(nn.Module):
@@ -170,7 +165,7 @@ class EagleHead(nn.Module):
         residual = h if cfg.norm_before_residual else feat
         x = torch.cat([rms_norm(emb, layer.input_layernorm.weight, eps), h], -1).reshape(b * n, 2 * d)
         qkv = proj.qkv(x)
-        qk = _rope(qkv[:, : (hq + hkv) * hd].view(b, n, hq + hkv, hd), cos, sin)  # q and k rotated in one go
+        qk = rotate(qkv[:, : (hq + hkv) * hd].view(b, n, hq + hkv, hd), cos, sin)  # q and k rotated in one go
         q, k = qk[:, :, :hq], qk[:, :, hq:]
         v = qkv[:, (hq + hkv) * hd:].view(b, n, hkv, hd)
         x = proj.o(attend(q, k, v).reshape(b * n, hq * hd), residual.reshape(b * n, d))
@@ -186,7 +181,7 @@ class EagleHead(nn.Module):
         return self.lm_head(x)
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[...]`` positions -> cos, sin ``[..., 1, hd]`` (call ensure_positions first)."""
+        """``[...]`` positions -> cos and the signed sin (``signed_sin``) ``[..., 1, hd]`` (call ensure_positions first)."""
         if self._cos is None or self._cos.dtype != dtype or self._cos.device != positions.device:
             self.ensure_positions(256 if self._cos is None else self._cos.shape[0], dtype, positions.device)
         return self._cos[positions].unsqueeze(-2), self._sin[positions].unsqueeze(-2)
@@ -204,7 +199,7 @@ class EagleHead(nn.Module):
         freqs = pos[:, None] * self.inv_freq.to(device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self._cos = (emb.cos() * self.rope_scaling).to(dtype)
-        self._sin = (emb.sin() * self.rope_scaling).to(dtype)
+        self._sin = signed_sin((emb.sin() * self.rope_scaling).to(dtype))  # the table ``rotate`` takes
 
     # ------------------------------------------------------------------ training
     def forward_train(self, aux_hidden: torch.Tensor, input_ids: torch.Tensor, steps: int = 1,

@@ -74,6 +74,23 @@ def _fuse(mods: list[torch.nn.Linear], transposed: bool) -> tuple[torch.Tensor, 
     return weight, bias
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with the first half of its last dim negated: the table ``rotate`` takes."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), -1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding ``x * cos + rotate_half(x) * sin`` (HF's half-split layout), with ``sin_signed`` from
+    ``signed_sin``: rotate_half(x) * sin = roll(x, half) * sin_signed, so three ops instead of seven (slice, neg,
+    slice, cat, mul, mul, add). Exact up to the rounding of a fused multiply-add (2e-7 relative). Measured on the
+    2-core EPYC, one row of 8 heads: 41 -> 15 us, in every layer of every forward. ``roll`` on the CPU and CUDA;
+    other devices (DirectML) take a cat."""
+    half = x.shape[-1] // 2
+    r = x.roll(half, -1) if x.device.type in ("cpu", "cuda") else torch.cat((x[..., half:], x[..., :half]), -1)
+    return torch.addcmul(x * cos, r, sin_signed)
+
+
 _EPS: dict[float, torch.Tensor] = {}
 
 
@@ -192,7 +209,7 @@ class LeanCausalLM:
         freqs = pos[:, None] * self.inv_freq.to(self.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [n, D]
         self._cos = (emb.cos() * self.rope_scaling).to(self.dtype)
-        self._sin = (emb.sin() * self.rope_scaling).to(self.dtype)
+        self._sin = signed_sin((emb.sin() * self.rope_scaling).to(self.dtype))  # the table ``rotate`` takes
 
     def ensure_positions(self, n: int) -> None:
         """Grow the rotary table to cover positions < ``n`` (call outside graph capture)."""
@@ -200,12 +217,6 @@ class LeanCausalLM:
             self._grow_rope(max(n, 2 * self._cos.shape[0]))
 
     # ------------------------------------------------------------------ forward
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, w, self.eps)
 
@@ -230,11 +241,11 @@ class LeanCausalLM:
             qk = qkv[:, : layer.qk].view(b, n, hq + hkv, d)
             v = qkv[:, layer.qk:].view(b, n, hkv, d)
             if layer.q_norm is None:
-                qk = self._rope(qk, cos, sin)  # q and k in one go
+                qk = rotate(qk, cos, sin)  # q and k in one go
                 q, k = qk[:, :, :hq], qk[:, :, hq:]
             else:  # Qwen3 normalises q and k per head before the rotation
-                q = self._rope(self._norm(qk[:, :, :hq], layer.q_norm), cos, sin)
-                k = self._rope(self._norm(qk[:, :, hq:], layer.k_norm), cos, sin)
+                q = rotate(self._norm(qk[:, :, :hq], layer.q_norm), cos, sin)
+                k = rotate(self._norm(qk[:, :, hq:], layer.k_norm), cos, sin)
             attn = paged_attention(q, k, v, pool.keys[i], pool.values[i], batch, self.scale)  # [B, N, Hq*D]
             x = _linear(attn.view(b * n, hq * d), layer.o_w, layer.o_b, tr, residual=x, pk=layer.o_p)
             gate_up = _linear(self._norm(x, layer.post_norm), layer.gate_up_w, layer.gate_up_b, tr,
