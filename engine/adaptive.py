@@ -124,7 +124,7 @@ class StepTimes:
         if old is None:
             self._keys.setdefault(key[:2], []).append(key)
             self._bucket_keys.setdefault(key[1], []).append(key)
-        if old is not None:  # one stall (another process, a page fault) must not flip the decision; a faster
+        else:  # one stall (another process, a page fault) must not flip the decision; a faster
             seconds = min(seconds, STALL_CLAMP * old)  # step is real (the first timing of a K may have paid one-off
             # costs); a slower one moves the average by at most (STALL_CLAMP - 1) x 20%
         self.avg[key] = seconds if old is None else EMA * old + (1 - EMA) * seconds

@@ -3,6 +3,8 @@ issue-7 targets with a PASS/MISS verdict each."""
 
 from __future__ import annotations
 
+import statistics
+
 from engine.bench.machine import describe
 
 # (id, what, threshold, direction): direction ">=" or "<="
@@ -40,11 +42,7 @@ def adaptive_vs_best_fixed(adaptive: dict, fixed: list[dict]) -> float | None:
         best = max(fixed, key=lambda m: sum(m["tokens_per_second_runs"][j] for j in others))
         if best["tokens_per_second_runs"][i]:
             ratios.append(runs[i] / best["tokens_per_second_runs"][i])
-    ratios.sort()
-    if not ratios:
-        return None
-    mid = len(ratios) // 2
-    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    return statistics.median(ratios) if ratios else None
 
 
 def evaluate_targets(results: dict) -> list[dict]:
