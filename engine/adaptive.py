@@ -15,11 +15,6 @@ Probes run on the engine's step clock (``Policy.tick``): a request probes at the
 is a multiple of its interval once half of it has passed, so the rows of a batch probe together.
 A step costs what its longest row costs, so one probing row makes the whole batch pay for a
 drafting step; together, the batch pays once for every row's probe.
-
-Acceptance keys. Acceptance is counted per *key*, which is the method's name except for n-gram lookup, whose
-matches differ in kind: the planner looks the row's match up before deciding and sets the key ``ngram:n`` for a
-match of the last n tokens (``AdaptiveState.keys``). A row without a match has no n-gram option that step. Step
-times stay per method: a verified token costs the same whatever proposed it.
 """
 
 from __future__ import annotations
@@ -268,8 +263,8 @@ class Decision:
     method: str = ""
     reason: str = "no decision yet"
     gains: dict[int, float] = field(default_factory=dict)  # K -> predicted tokens/s relative to plain
+    fallback_k: int = 0  # for n-gram: the draft model's best K, used where n-gram finds no match
     forced: bool = False  # measuring, probing or exploring: K is what must be tried, whatever it is predicted to give
-    keys: dict[str, str] = field(default_factory=dict)  # the acceptance keys it was made with (AdaptiveState.keys)
 
 
 @dataclass
@@ -282,16 +277,12 @@ class AdaptiveState:
     probing: bool = False
     spec_steps: int = 0
     last: Decision | None = None
+    fallback_k: int = 0  # the draft model's K where n-gram finds no match (auto requests only)
     bucket: int = 0  # the batch bucket of the last full decision
     probe_after: int = 0  # plain steps before a probe may run: its proposer's catch-up must be amortised first
-    keys: dict[str, str] = field(default_factory=dict)  # method -> its acceptance key this step, where not its name
-
-    def key(self, method: str) -> str:
-        return self.keys.get(method, method)
 
     def observe(self, method: str, k: int, accepted: int) -> None:
-        """A draft of ``k`` tokens by ``method`` this step, ``accepted`` of them accepted (counted under its key)."""
-        self.stats.setdefault(self.key(method), SpecDecodingStats()).observe_draft(k, accepted)
+        self.stats.setdefault(method, SpecDecodingStats()).observe_draft(k, accepted)
         if self.probing:  # a probe that speculation then keeps resets the schedule (see Policy.choose)
             self.probing = False
 
@@ -388,32 +379,30 @@ class Policy:
         on_clock = first + (-(self.clock + first)) % every
         return min(on_clock, max(1, 2 * every - done))
 
-    def _shared_prior(self, key: str, alpha: float) -> list[float]:
-        """The survival of acceptance key ``key`` engine-wide (recent drafts, shrunk towards α^(i+1))."""
-        shared = self.shared.get(key)
-        cache_key = (key, alpha, shared.version if shared is not None else -1)
-        prior = self._shared_cache.get(cache_key)
+    def _shared_terms(self, method: str, batch: int, alpha: float, slope: float
+                      ) -> tuple[list[float], list[float | None]]:
+        shared = self.shared.get(method)
+        key = (method, alpha, shared.version if shared is not None else -1)
+        prior = self._shared_cache.get(key)
         if prior is None:
             prior = survival(shared, [alpha ** (i + 1) for i in range(MAX_DRAFT_TOKENS)], ALPHA_WEIGHT, ALPHA_FADE)
             if len(self._shared_cache) > 64:
                 self._shared_cache.clear()
-            self._shared_cache[cache_key] = prior
-        return prior
+            self._shared_cache[key] = prior
+        return prior, self.times.predicted(method, batch, slope)  # K past the reach: not predicted
 
-    def observe(self, key: str, k: int, accepted: int) -> None:
-        """A draft under acceptance key ``key`` (``AdaptiveState.key``), engine-wide."""
-        self.shared.setdefault(key, RecentAcceptance()).observe_draft(k, accepted)
+    def observe(self, method: str, k: int, accepted: int) -> None:
+        self.shared.setdefault(method, RecentAcceptance()).observe_draft(k, accepted)
 
-    def evidence(self, key: str) -> float:
-        """Drafts under acceptance key ``key`` (a method's name, or ``ngram:n``) measured on this engine (recent
-        ones weigh most)."""
-        shared = self.shared.get(key)
+    def evidence(self, method: str) -> float:
+        """Drafts of ``method`` measured on this engine (recent ones weigh most)."""
+        shared = self.shared.get(method)
         return shared.drafts_per_position[0] if shared is not None else 0.0
 
     def gains(self, state: AdaptiveState, method: str, batch: int, alpha: float, slope: float) -> dict[int, float]:
         """K -> predicted speed relative to plain (1.0 at K = 0) for K up to the method's reach at this batch size
         (``StepTimes.reach``); empty until plain was timed."""
-        times = self.times.predicted(method, batch, slope)  # times[0]: plain's, None while untimed; K past the reach: cut
+        times = self._shared_terms(method, batch, alpha, slope)[1]  # times[0]: plain's, None while untimed
         t0 = times[0]
         if t0 is None:
             return {}
@@ -425,9 +414,9 @@ class Policy:
 
     def expected(self, state: AdaptiveState, method: str, batch: int, alpha: float, slope: float) -> list[float]:
         """Expected tokens of one step at K = 0..MAX_DRAFT_TOKENS for this request and method."""
-        key = state.key(method)
+        prior, _ = self._shared_terms(method, batch, alpha, slope)
         out = [1.0]
-        for s in survival(state.stats.get(key), self._shared_prior(key, alpha), PRIOR_WEIGHT):
+        for s in survival(state.stats.get(method), prior, PRIOR_WEIGHT):
             out.append(out[-1] + s)
         return out
 
@@ -445,7 +434,7 @@ class Policy:
         gains = [self.expected(st, m, batch, alpha, slope) for st, m, _k, slope in rows]
         best, best_value = 0, (sum(g[0] for g in gains) + others) / t0
         for cap in sorted({k for _, _, k, _ in rows if k}):
-            cost = max(_at(self.times.predicted(m, batch, slope), cap) for _, m, k, slope in rows if k >= cap)
+            cost = max(_at(self._shared_terms(m, batch, alpha, slope)[1], cap) for _, m, k, slope in rows if k >= cap)
             tokens = sum(g[min(k, cap)] for g, (_, _, k, _) in zip(gains, rows)) + others
             if cost > 0 and tokens / cost >= best_value:
                 best, best_value = cap, tokens / cost
@@ -454,12 +443,9 @@ class Policy:
     def reuse(self, state: AdaptiveState, methods: Collection[str], batch: int) -> Decision | None:
         """The request's last decision when it still stands this step (None: decide with ``choose``): while
         plain, re-evaluated every RECHECK steps and at probes; while speculating, every SPEC_RECHECK steps and
-        at explore steps. Cheap, as it runs for every row at every step. A decision made with other acceptance keys
-        (a new n-gram match) is re-made, except a speculating one of another method at a large batch."""
+        at explore steps. Cheap, as it runs for every row at every step."""
         last = state.last
         if last is None or last.forced:
-            return None
-        if last.keys != state.keys and (not last.k or last.method in state.keys or bucket(batch) < SPEC_RECHECK_FROM):
             return None
         if last.k == 0 and state.plain_steps % RECHECK and not self._probe_due(state, state.plain_steps + 1):
             state.plain_steps += 1
@@ -503,8 +489,7 @@ class Policy:
         options = {m: self.gains(state, m, batch, alpha, slope) for m, slope in methods.items()}
         options = {m: g for m, g in options.items() if g}
         own = {m: st.drafts_per_position[0] for m, st in state.stats.items()}
-        unmeasured = [m for m in options
-                      if self.evidence(state.key(m)) + own.get(state.key(m), 0) < MIN_SHARED_EVIDENCE]
+        unmeasured = [m for m in options if self.evidence(m) + own.get(m, 0) < MIN_SHARED_EVIDENCE]
         if not options:
             d = Decision(0, next(iter(methods)), f"timing plain decoding at batch {batch} first")
         elif unmeasured:  # a prior alone must not switch a method off for good: measure it first
@@ -512,8 +497,8 @@ class Policy:
             gains = options[method]
             k = max((kk for kk in gains if kk), key=gains.get)
             state.plain_steps = state.probe_after = 0
-            d = Decision(k, method, f"measuring {state.key(method)} K={k}: {self.evidence(state.key(method)):.0f} "
-                                    f"drafts on this engine so far (predicted {gains[k]:.2f}x plain)", gains, forced=True)
+            d = Decision(k, method, f"measuring {method} K={k}: {self.evidence(method):.0f} drafts on this engine so "
+                                    f"far (predicted {gains[k]:.2f}x plain)", gains, forced=True)
         else:
             method, k = max(((m, k) for m, g in options.items() for k in g), key=lambda mk: options[mk[0]][mk[1]])
             last = state.last
@@ -556,7 +541,9 @@ class Policy:
                     d = Decision(0, method, f"plain: best is {method} K={best}, predicted {gains[best]:.2f}x plain "
                                             f"at batch {batch}; next probe in {self._steps_to_probe(state)} steps",
                                  gains)
-        d.keys = dict(state.keys)
+        if d.method == "ngram" and d.k and "model" in options:
+            model_k = max(options["model"], key=options["model"].get)
+            d.fallback_k = model_k if options["model"][model_k] > 1.0 else 0
         state.last = d
         self.decision = d
         return d

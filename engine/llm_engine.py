@@ -43,7 +43,7 @@ EMA = 0.9
 
 def _planned_key(plan, results, methods: set[str]) -> tuple[int, str] | None:
     """(K, method) a step is timed as: the one every row planned, where every row drafted with that method or found
-    nothing to draft (an n-gram miss); else the K every row drafted (one method);
+    nothing to draft (an n-gram miss) and no fallback drafted in its place; else the K every row drafted (one method);
     None for a mixed step (methods, or K where planned K differed)."""
     planned = set(plan.values())
     if len(planned) == 1:
@@ -293,6 +293,9 @@ class LLMEngine:
     def _choose(self, req: Request, batch: int) -> tuple[int, str]:
         return self.planner.choose(req, batch)
 
+    def _fallbacks(self, plan: dict[Request, tuple[int, str]], batch: int) -> dict[Request, tuple[int, str]]:
+        return self.planner.fallbacks(plan, batch)
+
     def _make_room(self, plan: dict[Request, tuple[int, str]]) -> dict[Request, tuple[int, str]]:
         """Preempt newest requests until this step's writes fit the KV pools."""
         while True:
@@ -323,7 +326,7 @@ class LLMEngine:
         one_offs = GraphRunner.one_offs
         for p in self.proposers.values():
             p.backlog = 0
-        results, timing = decode_step(self.target, self.proposers, plan, self.threads)
+        results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)), self.threads)
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}
         # a step that paid a one-off is no timing for adaptive K: a CUDA graph captured (or a shape run eagerly before
@@ -332,9 +335,11 @@ class LLMEngine:
         # count tried rather than preferred
         if one_offs == GraphRunner.one_offs and not any(p.backlog for p in self.proposers.values()) \
                 and not timing.explored:
-            # a step mixing methods times neither. A step is timed as the K every row planned, rows that found nothing
-            # to draft included (a fixed-K n-gram row without a match; adaptive counts such rows as drafts of which
-            # nothing was accepted)
+            # a step mixing methods times neither. A step is timed as the K every row planned: for n-gram that is what
+            # a decision to plan K costs, rows without a match included (adaptive counts those as drafts of which
+            # nothing was accepted). Timed only where all rows drafted K, n-gram at batch 8 on the CPU kept no time
+            # at all (some row nearly always lacks a match), and the prior slope measured at batch 1 predicted K = 1
+            # at 1.06x plain's time where it took 1.25x: the batch drafted at 0.8x plain's speed with a useless draft
             key = _planned_key(plan, results, methods)
             if key is not None:
                 self.policy.times.observe(key[1], len(results), key[0], timing.total_s)
@@ -355,18 +360,19 @@ class LLMEngine:
             method = res.method if k else (planned if planned_k and planned else "plain")
             self.method_stats.setdefault(method, MethodStats()).observe_step(
                 k, accepted, len(res.tokens), timing.total_s * share, miss=not k and method != "plain")
-            if planned_k and planned and not k and r.params.num_draft_tokens is None:
-                # planned to draft but the proposer found nothing: for adaptive K that is a draft of which nothing
-                # was accepted, since the step cost what a drafting step costs
+            if planned_k and planned and (not k or res.method != planned) and r.params.num_draft_tokens is None:
+                # planned to draft but the proposer found nothing (n-gram: no match): for adaptive K that is a
+                # draft of which nothing was accepted, since the step cost what a drafting step costs (or the
+                # fallback drafted instead: then the fallback's evidence is its own, below)
                 r.adaptive.observe(planned, planned_k, 0)
-                self.policy.observe(r.adaptive.key(planned), planned_k, 0)
+                self.policy.observe(planned, planned_k, 0)
             if k:
                 r.stats.observe_draft(k, accepted, res.method)
                 r.stats.draft_time_s += timing.propose_s * share
                 r.stats.target_time_s += timing.target_s * share
                 self.spec_stats.observe_draft(k, accepted)
                 r.adaptive.observe(res.method, k, accepted)
-                self.policy.observe(r.adaptive.key(res.method), k, accepted)
+                self.policy.observe(res.method, k, accepted)
                 if r.params.num_draft_tokens is None:
                     self.alpha_prior = EMA * self.alpha_prior + (1 - EMA) * (accepted / k)
             self.target.truncate(r.seq_id, n + accepted)

@@ -57,9 +57,11 @@ def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[Request, tuple[int, str]],
-                threads: StepThreads | None = None) -> tuple[list[RowResult], StepTiming]:
-    """plan: request -> (K, method). ``threads``: chooses the CPU thread count of the drafting and of the
-    verification, and learns from their times.
+                fallback: dict[Request, tuple[int, str]] | None = None, threads: StepThreads | None = None
+                ) -> tuple[list[RowResult], StepTiming]:
+    """plan: request -> (K, method); fallback: (K, method) for n-gram rows where the lookup finds no match
+    (the draft model or the EAGLE head, which draft after n-gram in the same step). ``threads``: chooses the CPU
+    thread count of the drafting and of the verification, and learns from their times.
     Changes state: the target's and proposers' caches grow by what they read (the caller rolls them
     back to the verified tokens)."""
     t0 = time.perf_counter()
@@ -77,7 +79,8 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     if threads is not None:
         n_draft = threads.choose(len(modelled), len(modelled), "draft")
         explored = threads.exploring
-    for name in proposers:
+    # n-gram first: where it finds no match, an auto row may draft with the model or the head in the same step
+    for name in sorted(proposers, key=lambda n: n != "ngram"):
         idx = [i for i in range(len(reqs)) if ks[i] > 0 and used[i] == name]
         if not idx:
             continue
@@ -86,11 +89,14 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         for i, toks in zip(idx, prop.token_lists):
             lists[i] = toks
         q_parts.append((idx, prop))
+        if name == "ngram" and fallback:
+            _fall_back(reqs, idx, lists, used, ks, fallback, proposers)
     t1 = time.perf_counter()
     tokens = sum(len(t) + 1 for t in lists)
     if threads is not None:
         drafted = [i for i in range(len(reqs)) if lists[i] and used[i] != "ngram"]
-        # per drafted token, in the bucket chosen for; not when a proposer first caught up on a prompt or on tokens it skipped (a first EAGLE step reads the prompt's pairs)
+        # per drafted token, in the bucket chosen for (rows that fell back from n-gram drafted too); not when a
+        # proposer first caught up on a prompt or on tokens it skipped (a first EAGLE step reads the prompt's pairs)
         if drafted and not any(p.backlog for p in proposers.values()):
             threads.observe(n_draft, len(modelled), t1 - t0, len(modelled), "draft",
                             per_tokens=sum(len(lists[i]) for i in drafted))
@@ -122,6 +128,22 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         out.append(RowResult(r, used[i] if k else "", k, a, tokens, per_row[i]))
     t3 = time.perf_counter()
     return out, StepTiming(t1 - t0, t2 - t1, t3 - t0, explored)
+
+
+def _fall_back(reqs: list[Request], idx: list[int], lists: list[list[int]], used: list[str], ks: list[int],
+               fallback: dict[Request, tuple[int, str]], proposers: dict[str, Proposer]) -> None:
+    """Rows n-gram had nothing for draft with their fallback method instead, when their plan allows and that
+    proposer's cache has room for them as well as for its own rows."""
+    for method in ("model", "eagle"):
+        rows = [i for i in idx if not lists[i] and fallback.get(reqs[i], (0, ""))[1] == method
+                and fallback[reqs[i]][0] > 0]
+        if not rows or method not in proposers:
+            continue
+        wanted = {reqs[i]: ks[i] for i in range(len(reqs)) if used[i] == method and ks[i] > 0}
+        wanted.update({reqs[i]: fallback[reqs[i]][0] for i in rows})
+        if proposers[method].fits(wanted):
+            for i in rows:  # never more than the target made room for
+                used[i], ks[i] = method, min(ks[i], fallback[reqs[i]][0])
 
 
 def _verify_greedy_host(per_row: list[torch.Tensor], lists: list[list[int]]) -> list[tuple[int, list[int]]]:

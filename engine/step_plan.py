@@ -1,11 +1,11 @@
 """What each running request does in the next decode step: its drafting method and K, decided per request by
-adaptive K (engine.adaptive), then made to fit the batch: rows of one method share one K, and a batch whose rows
-planned different K is capped at what pays for all of them. n-gram lookup is done before the decision: a row
-without a match has no n-gram option this step, and one with a match is judged by the acceptance of matches of
-that order. A plan maps each request to (K, method); K 0 is a plain step."""
+adaptive K (engine.adaptive), then made to fit the batch: rows of one method share one K, a batch whose rows
+planned different K is capped at what pays for all of them, and n-gram rows get the method that drafts where
+the lookup finds no match. A plan maps each request to (K, method); K 0 is a plain step."""
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 from engine.adaptive import SWITCH_MARGIN, Decision
@@ -17,12 +17,16 @@ if TYPE_CHECKING:
 Plan = dict["Request", tuple[int, str]]
 MODEL_METHODS = ("model", "eagle")  # proposers that run a forward pass to draft
 
+FALLBACK_RECHECK = 8  # decode steps between re-evaluations of an n-gram row's fallback (model or EAGLE head)
+
 
 class StepPlanner:
-    """Reads the engine's policy, proposers and measured cost ratios."""
+    """Reads the engine's policy, proposers and measured cost ratios; holds only the fallback memo."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        self._fallback_memo: weakref.WeakKeyDictionary[Request, tuple[int, tuple[int, str]]] = \
+            weakref.WeakKeyDictionary()  # n-gram row -> (clock, its fallback), while it runs
         self._drafted = ""  # the model method adaptive rows drafted with in the last step that drafted with one
 
     def methods(self, req: Request) -> list[str]:
@@ -55,18 +59,12 @@ class StepPlanner:
             return 0, ""
         if req.params.num_draft_tokens is not None:
             return min(req.params.num_draft_tokens, self.room(req)), methods[0]
-        if "ngram" in methods:
-            order = self.engine.proposers["ngram"].order(req)
-            req.adaptive.keys["ngram"] = f"ngram:{order}"
-            if not order:  # nothing to look up this step: the other methods, or plain
-                methods = [m for m in methods if m != "ngram"]
-                if not methods:
-                    return 0, ""
         policy = self.engine.policy
         d = policy.reuse(req.adaptive, methods, batch)
         if d is None:
             d = policy.choose(req.adaptive, {m: self.slope(m) for m in methods}, batch, self.engine.alpha_prior,
                               self.catch_up(req, methods))
+        req.adaptive.fallback_k = d.fallback_k if "model" in methods else 0
         # plain for now: the draft keeps its cache, so a later probe only catches up the tokens since
         # (a released cache would make every probe re-read the whole context)
         return min(d.k, self.room(req)), d.method
@@ -145,6 +143,36 @@ class StepPlanner:
         if cap is None or cap >= max(ks):
             return plan
         return {r: (min(k, cap), m) for r, (k, m) in plan.items()}
+
+    def fallbacks(self, plan: Plan, batch: int) -> Plan:
+        """(K, method) for adaptive n-gram rows where the lookup finds no match: the draft model or the EAGLE head,
+        whichever adaptive predicts fastest, and only where it predicts a gain over plain decoding."""
+        out = {}
+        clock = self.engine.policy.clock
+        for r, (k, m) in plan.items():
+            if m != "ngram" or not k or r.params.num_draft_tokens is not None:
+                continue
+            methods = self.methods(r)
+            if "eagle" not in methods:  # the draft model alone: adaptive chose its K with the n-gram decision
+                choice = (r.adaptive.fallback_k, "model")
+            else:  # re-evaluated every few steps only (~16 us a row)
+                memo = self._fallback_memo.get(r)
+                if memo is None or clock - memo[0] >= FALLBACK_RECHECK:
+                    memo = self._fallback_memo[r] = (clock, self._best_fallback(r, methods, batch))
+                choice = memo[1]
+            if choice[0]:
+                out[r] = choice
+        return out
+
+    def _best_fallback(self, r: Request, methods: list[str], batch: int) -> tuple[int, str]:
+        best = (1.0, 0, "")
+        for name in ("model", "eagle"):
+            if name in methods:
+                k, g = _best(self.engine.policy.gains(r.adaptive, name, batch, self.engine.alpha_prior,
+                                                      self.slope(name)))
+                if k and g > best[0]:
+                    best = (g, k, name)
+        return best[1], best[2]
 
 
 def _best(gains: dict[int, float]) -> tuple[int, float]:

@@ -66,7 +66,7 @@ def test_draft_method_over_the_api():
         host.shutdown()
 
 
-def test_a_draft_model_step_reads_the_context_and_its_drafts_and_frees_its_blocks():
+def test_auto_drafts_with_the_model_where_ngram_finds_no_match():
     from engine.spec_decode import decode_step
     from tests.tiny import tiny_pair_engine
 
@@ -75,8 +75,8 @@ def test_a_draft_model_step_reads_the_context_and_its_drafts_and_frees_its_block
     while not req.prefilled:
         eng.step()
     n = req.num_tokens
-    (res,), _ = decode_step(eng.target, eng.proposers, {req: (3, "model")})
-    assert (res.method, res.k) == ("model", 3)
+    (res,), _ = decode_step(eng.target, eng.proposers, {req: (4, "ngram")}, {req: (3, "model")})
+    assert (res.method, res.k) == ("model", 3)  # at most the K the target made room for
     assert res.tokens[-1] == int(res.logits[res.accepted].argmax())  # greedy: the correction is the argmax
     assert eng.draft.cached_len(req.seq_id) == n + 2  # the draft read the context and its first two drafts
     eng.abort(req.request_id)
@@ -85,10 +85,14 @@ def test_a_draft_model_step_reads_the_context_and_its_drafts_and_frees_its_block
         assert runner.blocks.num_free == runner.blocks.num_blocks
 
 
-def test_an_eagle_step_leaves_only_real_pairs_in_the_head_cache():
+def test_auto_drafts_with_the_eagle_head_where_ngram_finds_no_match(monkeypatch):
+    from engine.proposers.base import Proposal
+    from engine.proposers.ngram import NgramProposer
     from engine.spec_decode import decode_step
     from tests.tiny import tiny_pair_engine
 
+    # a sampled first token may repeat a prompt token (then the lookup matches): make every lookup miss
+    monkeypatch.setattr(NgramProposer, "propose", lambda self, rows: Proposal([[] for _ in rows.reqs]))
     eng = tiny_pair_engine(eagle=True)
     prop = eng.proposers["eagle"]
     for temperature in (0.0, 0.9):
@@ -96,7 +100,7 @@ def test_an_eagle_step_leaves_only_real_pairs_in_the_head_cache():
         while not req.prefilled:
             eng.step()
         n = req.num_tokens
-        (res,), _ = decode_step(eng.target, eng.proposers, {req: (2, "eagle")})
+        (res,), _ = decode_step(eng.target, eng.proposers, {req: (4, "ngram")}, {req: (2, "eagle")})
         assert (res.method, res.k) == ("eagle", 2)
         if temperature == 0:
             assert res.tokens[-1] == int(res.logits[res.accepted].argmax())
@@ -106,12 +110,11 @@ def test_an_eagle_step_leaves_only_real_pairs_in_the_head_cache():
     assert prop.blocks.num_free == prop.blocks.num_blocks and not prop._waiting
 
 
-def test_auto_rows_without_an_ngram_match_draft_with_the_method_adaptive_predicts_faster(monkeypatch):
-    """Where n-gram finds no match, an auto row drafts with the EAGLE head when adaptive predicts the head faster
-    than the draft model and plain, with the model when the model is faster, with nothing when neither pays;
+def test_ngram_rows_fall_back_to_the_method_adaptive_predicts_faster(monkeypatch):
+    """An adaptive auto row planned for n-gram falls back to the EAGLE head when adaptive predicts the head
+    faster than the draft model and plain, to the model when the model is faster, to nothing when neither pays;
     greedy output stays the plain output throughout."""
     import engine.llm_engine as llm
-    from engine.proposers.ngram import NgramProposer
     from tests.tiny import tiny_pair_engine
 
     eng = tiny_pair_engine(eagle=True)
@@ -124,37 +127,45 @@ def test_auto_rows_without_an_ngram_match_draft_with_the_method_adaptive_predict
 
         def gains(state, method, batch, alpha, slope, faster=faster):
             g = {k: 0.5 for k in range(9)} | {0: 1.0}
-            if method == faster or method == "ngram":
+            if method == faster:
                 g[3] = 1.5
             return g
 
-        def step(target, proposers, plan, threads=None, seen=seen):
-            seen.extend(m for k, m in plan.values() if k)
-            return real_step(target, proposers, plan, threads)
+        def step(target, proposers, plan, fallback=None, threads=None, seen=seen):
+            seen.append(dict(fallback or {}))
+            return real_step(target, proposers, plan, fallback, threads)
 
-        monkeypatch.setattr(NgramProposer, "order", lambda self, req: 0)  # n-gram would win, but finds nothing
-        for m in ("model", "eagle"):  # both measured already: adaptive decides by their gains, not to measure
-            for _ in range(12):
-                eng.policy.observe(m, 3, 1)
+        # every step planned for n-gram (K within the room left)
+        monkeypatch.setattr(eng, "_choose", lambda req, batch: (max(0, min(4, req.remaining - 1)), "ngram"))
         monkeypatch.setattr(eng.policy, "gains", gains)
         monkeypatch.setattr(llm, "decode_step", step)
         out = eng.generate(prompt, SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True))
         assert out.token_ids == plain.token_ids
-        assert set(seen) == ({expect} if expect else set()), (faster, seen)
+        chosen = {m for f in seen for (_, m) in f.values()}
+        assert chosen == ({expect} if expect else set()), (faster, seen)
         if expect:
-            assert out.stats.by_method.get(expect, [0])[0] > 0
+            assert out.stats.by_method.get(expect, [0])[0] > 0  # it drafted where n-gram found nothing
         monkeypatch.undo()
 
 
 @pytest.mark.parametrize("seeded", [False, True])
-def test_steps_mixing_ngram_and_eagle_rows_keep_the_target_distribution(monkeypatch, seeded):
-    """Steps mixing rows that draft by n-gram and rows that draft with the EAGLE head (every other row) still
-    sample the target's joint law of the first two tokens."""
+def test_rows_falling_back_from_ngram_to_eagle_keep_the_target_distribution(monkeypatch, seeded):
+    """Steps mixing rows that draft by n-gram and rows that fell back to the EAGLE head (every other row's
+    lookup is made to miss) still sample the target's joint law of the first two tokens."""
+    from engine.proposers.base import Proposal
+    from engine.proposers.ngram import NgramProposer
     from tests.test_speculative import K_DIST, TV_BOUND, _dist_engine, _dist_params, _speculative_tv
 
     eng = _dist_engine()
-    monkeypatch.setattr(eng, "_choose", lambda req, batch: (max(0, min(K_DIST, req.remaining - 1)),
-                                                            "ngram" if req.seq_id % 2 else "eagle"))
+    real = NgramProposer.propose
+
+    def every_other_row_misses(self, rows):
+        prop = real(self, rows)
+        return Proposal([t if r.seq_id % 2 else [] for r, t in zip(rows.reqs, prop.token_lists)], prop.probs)
+
+    monkeypatch.setattr(NgramProposer, "propose", every_other_row_misses)
+    monkeypatch.setattr(eng, "_choose", lambda req, batch: (max(0, min(K_DIST, req.remaining - 1)), "ngram"))
+    monkeypatch.setattr(eng, "_fallbacks", lambda plan, batch: {r: (K_DIST, "eagle") for r, (k, _) in plan.items() if k})
     tv = _speculative_tv(eng, _dist_params(0.8, 0.9, "auto"), seeded)
     assert tv < TV_BOUND, f"total variation {tv:.4f} exceeds {TV_BOUND:.4f}"
     assert eng.method_stats["eagle"].num_drafts > 0 and eng.method_stats["ngram"].num_drafts > 0

@@ -1,11 +1,6 @@
 """N-gram prompt lookup: propose what followed the last occurrence of the context's last n tokens.
 
 No model, no memory beyond a per-request index; proposals are deterministic (q one-hot).
-
-The planner asks for a row's match before it decides (:meth:`NgramProposer.order`): adaptive K keeps n-gram's
-acceptance per match order, since a match of one token predicts far less than a match of four (on the bench's
-story openings: 21% of first drafts accepted after a 1-token match, 38-41% after 2-4 tokens), and a row without a
-match has nothing to draft. ``propose`` then reuses that lookup.
 """
 
 from __future__ import annotations
@@ -35,32 +30,19 @@ class _Index:
         self.upto = max(self.upto, end)
 
 
-def find(ids: list[int], index: _Index | None = None) -> tuple[int, int]:
-    """(n, end): the longest suffix of ``ids`` (n = 4..1) that occurred before, and where its last occurrence
-    ends; (0, -1) when none did."""
-    if len(ids) < 2:
-        return 0, -1
+def lookup(ids: list[int], k: int, index: _Index | None = None) -> list[int]:
+    """``k`` tokens that followed the most recent earlier match of the longest suffix (n = 4..1), or none."""
+    if k <= 0 or len(ids) < 2:
+        return []
     index = index or _Index()
     index.extend(ids, len(ids) - 1)  # n-grams ending before the last token: the suffix never matches itself
     for n in range(min(MAX_N, len(ids) - 1), MIN_N - 1, -1):
         end = index.last.get(tuple(ids[-n:]))
         if end is not None:
-            return n, end
-    return 0, -1
-
-
-def follow(ids: list[int], end: int, k: int) -> list[int]:
-    """``k`` tokens that followed position ``end``; where they run into the end, the text repeats with this period."""
-    period = len(ids) - 1 - end
-    return [ids[len(ids) - period + i % period] for i in range(k)]
-
-
-def lookup(ids: list[int], k: int, index: _Index | None = None) -> list[int]:
-    """``k`` tokens that followed the most recent earlier match of the longest suffix (n = 4..1), or none."""
-    if k <= 0:
-        return []
-    n, end = find(ids, index)
-    return follow(ids, end, k) if n else []
+            # what followed the match; where that runs into the end, the text repeats with this period
+            period = len(ids) - 1 - end
+            return [ids[len(ids) - period + i % period] for i in range(k)]
+    return []
 
 
 class NgramProposer:
@@ -69,26 +51,11 @@ class NgramProposer:
 
     def __init__(self) -> None:
         self._index: dict[int, _Index] = {}
-        self._found: dict[int, tuple[int, int, int]] = {}  # seq_id -> (tokens then, n, end) of its last lookup
-
-    def _find(self, req: Request, ids: list[int] | None = None) -> tuple[int, int]:
-        got = self._found.get(req.seq_id)
-        if got is not None and got[0] == req.num_tokens:
-            return got[1], got[2]
-        n, end = find(req.all_ids if ids is None else ids, self._index.setdefault(req.seq_id, _Index()))
-        self._found[req.seq_id] = (req.num_tokens, n, end)
-        return n, end
-
-    def order(self, req: Request) -> int:
-        """The match order n (1-4) ``propose`` would draft from at this step, or 0 where nothing matches."""
-        return self._find(req)[0]
 
     def propose(self, rows: StepRows) -> Proposal:
         out = []
         for req, k in zip(rows.reqs, rows.ks):
-            ids = req.all_ids
-            n, end = self._find(req, ids)
-            out.append(follow(ids, end, k) if n and k > 0 else [])
+            out.append(lookup(req.all_ids, k, self._index.setdefault(req.seq_id, _Index())))
         return Proposal(out, None)
 
     def fits(self, plan: dict[Request, int]) -> bool:
@@ -102,4 +69,3 @@ class NgramProposer:
 
     def release(self, req: Request) -> None:
         self._index.pop(req.seq_id, None)
-        self._found.pop(req.seq_id, None)
