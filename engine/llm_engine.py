@@ -326,6 +326,9 @@ class LLMEngine:
         one_offs = GraphRunner.one_offs
         for p in self.proposers.values():
             p.backlog = 0
+        # batch 1: a verified position costs verify_cost plain steps, and n-gram drafts only the positions that pay
+        # for it; in a batch a row's extra position costs the whole step (not measured per position: left uncut)
+        self.proposers["ngram"].position_cost = self.verify_cost if len(plan) == 1 else 0.0
         results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)), self.threads)
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}

@@ -22,6 +22,37 @@ def test_lookup_continues_a_repeating_pattern_past_the_end():
     assert lookup([1, 2, 1, 2, 1], 5) == [2, 1, 2, 1, 2]  # period 2, carried on
 
 
+def test_ngram_drafts_only_the_positions_that_pay_for_their_match_order():
+    """Acceptance is counted per match order (in ``rollback``, from what was verified). With a verified position
+    costing ``position_cost`` plain steps, a match of an order whose second draft is rarely accepted drafts one
+    token where adaptive planned four; a reliable order drafts all four; a fixed K is drafted as asked; with no
+    cost set (a batch) nothing is cut."""
+    from types import SimpleNamespace
+
+    from engine.proposers.base import StepRows
+    from engine.proposers.ngram import NgramProposer
+
+    prop = NgramProposer()
+
+    def row(ids, seq_id, fixed=None):
+        return SimpleNamespace(all_ids=ids, seq_id=seq_id, num_tokens=len(ids),
+                               params=SimpleNamespace(num_draft_tokens=fixed))
+
+    weak, strong = row([5, 1, 2, 3, 4, 9, 8, 7, 1], 1), row([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4], 2)
+    for _ in range(40):  # order 1: first draft accepted 1 in 4, second never; order 4: all four accepted
+        prop.propose(StepRows([weak, strong], [4, 4], None))
+        prop.rollback(weak, weak.num_tokens + 1 * (_ % 4 == 0))
+        prop.rollback(strong, strong.num_tokens + 4)
+    assert prop.by_order[1].accepted_per_position[1] == 0 and prop.by_order[4].acceptance_rate == 1.0
+    prop.position_cost = 0.15
+    out = prop.propose(StepRows([weak, strong, row(weak.all_ids, 3, fixed=4)], [4, 4, 4], None)).token_lists
+    assert out == [[2], [5, 6, 7, 8], [2, 3, 4, 9]]
+    prop.position_cost = 0.0
+    assert prop.propose(StepRows([weak], [4], None)).token_lists == [[2, 3, 4, 9]]
+    prop.release(weak)
+    assert weak.seq_id not in prop._drafted
+
+
 def test_engine_without_a_draft_model_drafts_by_ngram_exactly():
     eng = tiny_engine(draft=False)
     prompt = "The cat sat on the mat and looked at the moon. The cat sat on the mat and"
