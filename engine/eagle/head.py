@@ -45,7 +45,7 @@ from torch import nn
 from engine.attention import AttnBatch, paged_attention
 from engine.eagle.config import EagleConfig
 from engine.models import packed
-from engine.models.llama import _fuse, _linear, rms_norm, rotate, signed_sin
+from engine.models.llama import _fuse, _linear, rms_norm, rope_tables, rotate
 
 
 class _Norm(nn.Module):
@@ -195,11 +195,7 @@ class EagleHead(nn.Module):
             return
         if same:
             n = max(n, 2 * self._cos.shape[0])
-        pos = torch.arange(n, device=device, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq.to(device)[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self._cos = (emb.cos() * self.rope_scaling).to(dtype)
-        self._sin = signed_sin((emb.sin() * self.rope_scaling).to(dtype))  # the table ``rotate`` takes
+        self._cos, self._sin = rope_tables(self.inv_freq, self.rope_scaling, n, dtype, device)
 
     # ------------------------------------------------------------------ training
     def forward_train(self, aux_hidden: torch.Tensor, input_ids: torch.Tensor, steps: int = 1,

@@ -91,6 +91,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
     return torch.addcmul(x * cos, r, sin_signed)
 
 
+def rope_tables(inv_freq: torch.Tensor, scaling: float, n: int, dtype: torch.dtype, device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and the signed sin (``signed_sin``) ``[n, D]`` for positions 0..n-1, computed in fp32 as HF does, then cast
+    to ``dtype``: the tables ``rotate`` takes."""
+    pos = torch.arange(n, device=device, dtype=torch.float32)
+    freqs = pos[:, None] * inv_freq.to(device)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), signed_sin((emb.sin() * scaling).to(dtype))
+
+
 _EPS: dict[float, torch.Tensor] = {}
 
 
@@ -204,12 +214,8 @@ class LeanCausalLM:
 
     # ------------------------------------------------------------------ rotary
     def _grow_rope(self, n: int) -> None:
-        """cos/sin for positions 0..n-1, computed in fp32 as HF does, then cast to the model dtype."""
-        pos = torch.arange(n, device=self.device, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq.to(self.device)[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [n, D]
-        self._cos = (emb.cos() * self.rope_scaling).to(self.dtype)
-        self._sin = signed_sin((emb.sin() * self.rope_scaling).to(self.dtype))  # the table ``rotate`` takes
+        """cos/sin for positions 0..n-1 (``rope_tables``), in the model dtype."""
+        self._cos, self._sin = rope_tables(self.inv_freq, self.rope_scaling, n, self.dtype, self.device)
 
     def ensure_positions(self, n: int) -> None:
         """Grow the rotary table to cover positions < ``n`` (call outside graph capture)."""
