@@ -248,6 +248,46 @@ class ModelRunner:
         logits = logits[..., : self.vocab_size].float()  # [B, keep, V]
         return [logits[i, keep - r.num_logits:] for i, r in enumerate(rows)]
 
+    @torch.inference_mode()
+    def draft_chain(self, seq_ids: list[int], first: torch.Tensor, steps: int) -> torch.Tensor | None:
+        """Greedy drafting steps 2..K in one CUDA graph replay (``GraphRunner.run_chain``): each row feeds ``first``
+        (its step-1 draft token, on the device) after its cached tokens, then its own argmax, ``steps`` times.
+        Returns the ``[B, steps]`` tokens on the device, their K/V written and committed like a forward's; None
+        where no graph runs this chain (not on CUDA, a shape not captured yet): the caller drafts step by step."""
+        g = self.graphs
+        if g is None or g.failed is not None or steps < 1:
+            return None
+        t0 = time.perf_counter()
+        bs, b = self.blocks.block_size, len(seq_ids)
+        starts = [self.cached_len(s) for s in seq_ids]
+        if not g.fits_chain(b, steps, max(starts) + steps, self.vocab_size):
+            return None
+        grown: list[tuple[int, int]] = []
+        try:
+            slots: list[int] = []
+            table_rows: list[int] = []
+            for seq_id, start in zip(seq_ids, starts):
+                self.pool.copy_blocks(self.blocks.prepare_append(seq_id, steps))
+                grown.append((seq_id, start))
+                blocks = self.blocks.tables[seq_id].blocks
+                table_rows.append(self.tables.sync(seq_id, blocks))
+                slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + steps)]
+            meta = torch.tensor(starts + slots + table_rows, dtype=torch.long).to(self.device, non_blocking=True)
+            table = self.tables.table.index_select(0, meta[b + b * steps:])
+            out = g.run_chain(first, meta[:b], meta[b: b + b * steps].view(b, steps), table,
+                              max(starts) + steps, self.vocab_size)
+        except BaseException:
+            for seq_id, start in grown:
+                self.blocks.truncate(seq_id, start)
+            if g.failed is not None:  # the capture failed: draft step by step from now on
+                return None
+            raise
+        for seq_id, start in grown:
+            self.blocks.commit(seq_id, start + steps)
+        torch.cuda.synchronize(self.device)
+        self.last_forward_s = time.perf_counter() - t0
+        return out
+
     # ------------------------------------------------------------- lifecycle
     def truncate(self, seq_id: int, num_tokens: int) -> None:
         if seq_id in self.blocks.tables:

@@ -130,6 +130,7 @@ def test_graphed_engine_greedy_equals_eager_and_plain(monkeypatch):
             outs[(graphs, k)] = [eng.generate(p, sp).token_ids for p in PROMPTS]
         if graphs:
             assert eng.target.graphs.replays > 0 and eng.draft.graphs.replays > 0
+            assert eng.draft.graphs.chain_replays > 0  # K = 4 drafted steps 2..4 in one replay
     want = outs[(False, 0)]
     for key, got in outs.items():
         for i, (a, b) in enumerate(zip(got, want)):
@@ -188,3 +189,39 @@ def test_prewarm_captures_the_first_shapes_so_steps_meet_no_one_off(monkeypatch)
         for x, y in zip(a, b):
             assert (x - y).abs().max().item() <= 1e-4 * max(1.0, x.abs().max().item())
     assert GraphRunner.one_offs == one_offs and graphed.graphs.replays == 4
+
+
+def test_a_drafting_chain_replays_the_step_by_step_draft(monkeypatch):
+    """Greedy drafting steps 2..K in one graph: the tokens, the cache and what the next forward sees are those of
+    drafting step by step, for ragged rows, a batch padded up to its rows bucket, and rows that cross a block."""
+    from engine.cuda_graphs import GraphRunner
+
+    model = _model(torch.float32)
+    eager, graphed = _runner(model, False, monkeypatch), _runner(model, True, monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (14, 31, 40)]  # 14 + 5 crosses 16
+    for r in (eager, graphed):
+        r.forward([RowInput(i, p, 1) for i, p in enumerate(prompts)])
+    assert eager.draft_chain([0, 1, 2], torch.zeros(3, dtype=torch.long, device="cuda"), 2) is None  # no graphs
+    for rnd, steps in enumerate((4, 4, 1, 7)):
+        feed = [RowInput(i, [3 + rnd + i], 1) for i in range(3)]
+        first_e = torch.stack([x[-1] for x in eager.forward(feed)]).argmax(-1)
+        first_g = torch.stack([x[-1] for x in graphed.forward(feed)]).argmax(-1)
+        assert first_e.tolist() == first_g.tolist()
+        want, cur = [], first_e.tolist()
+        for _ in range(steps):
+            cur = [int(x[-1].argmax()) for x in eager.forward([RowInput(i, [t], 1) for i, t in enumerate(cur)])]
+            want.append(cur)
+        replays = graphed.graphs.chain_replays
+        got = graphed.draft_chain([0, 1, 2], first_g, steps)
+        assert got is not None and graphed.graphs.chain_replays == replays + 1
+        assert got.tolist() == [list(col) for col in zip(*want)]
+        assert [graphed.cached_len(i) for i in range(3)] == [eager.cached_len(i) for i in range(3)]
+        for r in (eager, graphed):  # roll back as after a verification that accepted one draft token
+            for i in range(3):
+                r.truncate(i, r.cached_len(i) - steps)
+    a = eager.forward([RowInput(i, [9, 10], 2) for i in range(3)])
+    b = graphed.forward([RowInput(i, [9, 10], 2) for i in range(3)])
+    for x, y in zip(a, b):
+        assert (x - y).abs().max().item() <= 1e-4 * max(1.0, x.abs().max().item())
+    assert GraphRunner.captures > 0 and graphed.blocks.num_free == eager.blocks.num_free

@@ -57,6 +57,11 @@ class DraftModelProposer:
                 feed.append(RowInput(req.seq_id, ids, 1))
             logits = torch.stack([out[-1] for out in self.runner.forward(feed)])  # [A, V]
             tokens = logits.argmax(-1)
+            if j == 0 and kmax > 1 and not sampled and min(rows.ks) == kmax:  # greedy, one K: on CUDA, steps 2..K
+                # run as one graph with no host round trip between them
+                rest = self.runner.draft_chain([r.seq_id for r in rows.reqs], tokens, kmax - 1)
+                if rest is not None:
+                    return Proposal([[t, *more] for t, more in zip(tokens.tolist(), rest.tolist())], q)
             s_rows = [(n, i) for n, i in enumerate(active) if i in slot]
             if len(s_rows) == len(active) == b:  # every row sampled and still drafting: no index tensors
                 probs = probs_batch(logits, rows.rp)  # [B, V]
