@@ -15,6 +15,8 @@ buckets run eagerly.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -49,6 +51,20 @@ def key_buckets(max_keys: int) -> tuple[int, ...]:
         out.append(size)
         size += 256 if size < 4096 else 1024 if size < 16384 else size
     return tuple(out) + (max_keys,)
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """No garbage collection while a graph is captured (``torch.cuda.graph`` collects before it starts): a cycle
+    collected mid-capture that holds another engine's graphs (a model switched in the app, an earlier test) frees
+    their memory during the capture, which invalidates it, and the runner then stays eager for good."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def bucket(value: int, buckets) -> int | None:
@@ -129,8 +145,9 @@ class GraphRunner:
         if key in self.chains:
             return True
         uses = self.eager_uses.get(key, 0)
-        if uses < self.capture_after:
+        if uses < self.capture_after:  # drafted step by step this time: no timing of the step as it will run
             self.eager_uses[key] = uses + 1
+            GraphRunner.one_offs += 1
             return False
         return True
 
@@ -149,6 +166,24 @@ class GraphRunner:
                     try:
                         self._graph((r, m, t, aux_layers))
                     except Exception:  # noqa: BLE001 - recorded in self.failed: every step then runs eagerly
+                        return done
+                    done += 1
+        return done
+
+    def prewarm_chains(self, max_rows: int, keys: int, vocab: int) -> int:
+        """``prewarm`` for the drafting chains (``run_chain``) of every K: (rows bucket up to ``max_rows``, steps
+        1..MAX_CHAIN_STEPS) at the key bucket of ``keys``; returns how many were captured."""
+        t = bucket(keys, self.key_buckets)
+        if t is None or self.failed is not None:
+            return 0
+        done = 0
+        for r in (r for r in ROW_BUCKETS if r <= max_rows):
+            for steps in range(1, MAX_CHAIN_STEPS + 1):
+                if (r, steps, t, vocab) not in self.chains:
+                    try:
+                        self.chains[(r, steps, t, vocab)] = self._capture_chain(r, steps, t, vocab)
+                    except Exception as exc:  # noqa: BLE001 - drafted step by step from now on
+                        self.failed = f"{type(exc).__name__}: {exc}"
                         return done
                     done += 1
         return done
@@ -186,7 +221,7 @@ class GraphRunner:
         torch.cuda.current_stream(dev).wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
         batch.folded = None  # the graph must rebuild the layer mask from the static mask on every replay
-        with torch.cuda.graph(graph, pool=self.mempool, stream=self.stream):
+        with _no_gc(), torch.cuda.graph(graph, pool=self.mempool, stream=self.stream):
             out = self.lean.forward(input_ids, positions, batch, self.pool, n, aux_layers)
         logits, hidden = out if aux_layers is not None else (out, None)
         GraphRunner.captures += 1
@@ -290,7 +325,7 @@ class GraphRunner:
                 chain()
         torch.cuda.current_stream(dev).wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool, stream=self.stream):
+        with _no_gc(), torch.cuda.graph(graph, pool=self.mempool, stream=self.stream):
             out = chain()
         GraphRunner.captures += 1
         GraphRunner.one_offs += 1
