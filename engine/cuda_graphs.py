@@ -36,6 +36,7 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
 TOKEN_BUCKETS = (1, 2, 3, 5, 9)
 MAX_TOKENS_PER_ROW = TOKEN_BUCKETS[-1]  # verification of K = 8 draft tokens
 MAX_CHAIN_STEPS = MAX_DRAFT_TOKENS - 1  # drafting steps 2..K (``run_chain``)
+MAX_SAMPLED_CHAIN_ROWS = 8  # sampled chains share noise and q buffers per rows bucket: 2 x rows x 7 x vocab floats
 MIN_KEY_BUCKET = 256
 CAPTURE_AFTER = 1  # eager uses of a shape before its graph is captured (HELIX_GRAPH_CAPTURE_AFTER)
 
@@ -95,7 +96,22 @@ class _Chain:
     start: torch.Tensor  # [R] its position
     slots: torch.Tensor  # [S, R] where step s writes each row's K/V
     gather: torch.Tensor  # [R * T]
-    out: torch.Tensor  # [R, S] each step's argmax
+    out: torch.Tensor  # [R, S] each step's token
+    sampling: ChainSampling | None = None  # sampled chains: the rows' settings, noise and draft distributions
+
+
+@dataclass
+class ChainSampling:
+    """What a sampled drafting chain reads and writes besides tokens (``GraphRunner.run_chain``): per row its
+    temperature (0: greedy, an argmax), top-p and top-k, the Exp(1) noise of each step ``[R, S, V]`` (the race of
+    engine.sampler), and, written, each step's draft distribution q ``[R, S, V]`` (zeros for greedy rows)."""
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    noise: torch.Tensor
+    probs: torch.Tensor | None = None
+    truncate: bool = False  # some row's top-p / top-k cuts (the sort runs only then)
 
 
 class GraphRunner:
@@ -111,7 +127,8 @@ class GraphRunner:
         self.max_keys = max_keys
         self.key_buckets = key_buckets(max_keys)
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
-        self.chains: dict[tuple[int, int, int, int], _Chain] = {}  # (rows, steps, keys buckets, vocab) -> chain
+        self.chains: dict[tuple[int, int, int, int, str], _Chain] = {}  # (rows, steps, keys buckets, vocab, mode)
+        self._chain_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows bucket -> sampled chains' noise, q
         self.mempool = None
         self.stream = None
         self.failed: str | None = None
@@ -135,13 +152,15 @@ class GraphRunner:
             return False
         return True
 
-    def fits_chain(self, rows: int, steps: int, keys: int, vocab: int) -> bool:
-        """Whether a greedy chain of ``steps`` drafting steps runs as one graph (``run_chain``); False: the caller
-        drafts step by step. Captured on the second use of a shape, as ``fits`` does."""
+    def fits_chain(self, rows: int, steps: int, keys: int, vocab: int, mode: str = "greedy") -> bool:
+        """Whether a chain of ``steps`` drafting steps runs as one graph (``run_chain``); False: the caller drafts
+        step by step. ``mode``: "greedy", or "sample" / "sample-cut" (top-p / top-k cuts), up to
+        MAX_SAMPLED_CHAIN_ROWS rows. Captured on the second use of a shape, as ``fits`` does."""
         r, t = bucket(rows, ROW_BUCKETS), bucket(keys, self.key_buckets)
-        if self.failed is not None or r is None or t is None or not 1 <= steps <= MAX_CHAIN_STEPS:
+        if self.failed is not None or r is None or t is None or not 1 <= steps <= MAX_CHAIN_STEPS \
+                or (mode != "greedy" and r > MAX_SAMPLED_CHAIN_ROWS):
             return False
-        key = (r, steps, t, vocab)
+        key = (r, steps, t, vocab, mode)
         if key in self.chains:
             return True
         uses = self.eager_uses.get(key, 0)
@@ -179,9 +198,9 @@ class GraphRunner:
         done = 0
         for r in (r for r in ROW_BUCKETS if r <= max_rows):
             for steps in range(1, MAX_CHAIN_STEPS + 1):
-                if (r, steps, t, vocab) not in self.chains:
+                if (r, steps, t, vocab, "greedy") not in self.chains:
                     try:
-                        self.chains[(r, steps, t, vocab)] = self._capture_chain(r, steps, t, vocab)
+                        self.chains[(r, steps, t, vocab, "greedy")] = self._capture_chain(r, steps, t, vocab)
                     except Exception as exc:  # noqa: BLE001 - drafted step by step from now on
                         self.failed = f"{type(exc).__name__}: {exc}"
                         return done
@@ -258,23 +277,27 @@ class GraphRunner:
         return logits if g.hidden is None else (logits, g.hidden[:b, pad:].clone())
 
     def run_chain(self, first: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, table: torch.Tensor,
-                  num_keys: int, vocab: int) -> torch.Tensor:
-        """Drafting steps 2..K of a greedy draft in one replay, with no host round trip between them: row ``i``
-        feeds ``first[i]`` at position ``start[i]``, then its own argmax (over the first ``vocab`` logits) at the
-        next position, and so on. ``slots`` ``[B, S]``: where each step writes each row's K/V (reserved by the
-        caller); ``table``: the rows' ``[B, blocks]`` block table, covering every position the chain reads.
-        Returns the ``[B, S]`` tokens drawn, on the device.
+                  num_keys: int, vocab: int, sampling: ChainSampling | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafting steps 2..K of a draft in one replay, with no host round trip between them: row ``i`` feeds
+        ``first[i]`` at position ``start[i]``, then the token it drew (over the first ``vocab`` logits) at the next
+        position, and so on: the argmax, or with ``sampling`` the race of engine.sampler under the row's settings
+        and noise (a row with temperature 0 takes the argmax). ``slots`` ``[B, S]``: where each step writes each
+        row's K/V (reserved by the caller); ``table``: the rows' ``[B, blocks]`` block table, covering every
+        position the chain reads. Returns the ``[B, S]`` tokens and, when sampling, the draft distributions
+        ``[B, S, V]``, on the device.
 
         Step by step, each drafting step of a small draft model was a forward launched from the host, a device
         sync and a host copy of its tokens: on an H200 (TinyLlama shape, a 2-layer draft, batch 1) 0.68 ms a step,
         most of it the host's, beside a 2 ms verification."""
         b, steps = slots.shape
         r, t = bucket(b, ROW_BUCKETS), bucket(num_keys, self.key_buckets)
-        key = (r, steps, t, vocab)
+        mode = "greedy" if sampling is None else "sample-cut" if sampling.truncate else "sample"
+        key = (r, steps, t, vocab, mode)
         c = self.chains.get(key)
         if c is None:
             try:
-                c = self.chains[key] = self._capture_chain(r, steps, t, vocab)
+                c = self.chains[key] = self._capture_chain(r, steps, t, vocab, mode)
             except Exception as exc:
                 self.failed = f"{type(exc).__name__}: {exc}"
                 logger.warning("CUDA graph capture of a drafting chain failed, drafting step by step: %s", self.failed)
@@ -286,9 +309,16 @@ class GraphRunner:
         c.slots[:, :b].copy_(slots.t())
         c.slots[:, b:].fill_(self.pool.scratch_slot)  # padding rows must never write a live slot
         c.gather.view(r, t)[:b].copy_(key_slots(self._cover(table, t), t, self.pool.block_size))
+        cs = c.sampling
+        if cs is not None:
+            cs.temperature[:b].copy_(sampling.temperature)
+            cs.temperature[b:].zero_()  # padding rows: an argmax
+            cs.top_p[:b].copy_(sampling.top_p)
+            cs.top_k[:b].copy_(sampling.top_k)
+            cs.noise[:b].copy_(sampling.noise)
         c.graph.replay()
         self.chain_replays += 1
-        return c.out[:b].clone()
+        return c.out[:b].clone(), (cs.probs[:b].clone() if cs is not None else None)
 
     def _cover(self, table: torch.Tensor, t: int) -> torch.Tensor:
         """``table`` widened with the scratch block to cover ``t`` keys."""
@@ -299,20 +329,39 @@ class GraphRunner:
                          device=table.device)
         return torch.cat([table, pad], 1)
 
-    def _capture_chain(self, r: int, steps: int, t: int, vocab: int) -> _Chain:
+    def _capture_chain(self, r: int, steps: int, t: int, vocab: int, mode: str = "greedy") -> _Chain:
+        from engine.sampler import RowParams, probs_batch, race
+
         dev = self.device
         tokens = torch.zeros(r, dtype=torch.long, device=dev)
         start = torch.zeros(r, dtype=torch.long, device=dev)
         slots = torch.full((steps, r), self.pool.scratch_slot, dtype=torch.long, device=dev)
         gather = torch.full((r * t,), self.pool.scratch_slot, dtype=torch.long, device=dev)
+        cs = None
+        if mode != "greedy":  # the noise and q buffers are shared by the rows bucket's chains (replays never overlap)
+            io = self._chain_io.get(r)
+            if io is None:
+                io = self._chain_io[r] = (torch.ones(r, MAX_CHAIN_STEPS, vocab, device=dev),
+                                          torch.zeros(r, MAX_CHAIN_STEPS, vocab, device=dev))
+            cs = ChainSampling(torch.zeros(r, device=dev), torch.ones(r, device=dev),
+                               torch.zeros(r, dtype=torch.long, device=dev), io[0][:, :steps], io[1][:, :steps],
+                               mode == "sample-cut")
 
         def chain() -> torch.Tensor:
             cur, out = tokens, []
+            if cs is not None:
+                greedy = cs.temperature <= 0
+                rp = RowParams(torch.where(greedy, torch.ones_like(cs.temperature), cs.temperature), cs.top_p,
+                               cs.top_k, [])
             for s in range(steps):
                 pos = (start + s).view(r, 1)
                 batch = AttnBatch(slots[s], gather, causal_mask(pos, t), t)
-                logits = self.lean.forward(cur.view(r, 1), pos, batch, self.pool, 1)  # [R, 1, V]
-                cur = logits[:, 0, :vocab].argmax(-1)
+                logits = self.lean.forward(cur.view(r, 1), pos, batch, self.pool, 1)[:, 0, :vocab]  # [R, V]
+                cur = logits.argmax(-1)
+                if cs is not None:
+                    probs = probs_batch(logits.float(), rp, cs.truncate)
+                    cur = torch.where(greedy, cur, race(probs, cs.noise[:, s]))
+                    cs.probs[:, s].copy_(probs.masked_fill(greedy[:, None], 0.0))
                 out.append(cur)
             return torch.stack(out, 1)
 
@@ -329,5 +378,5 @@ class GraphRunner:
             out = chain()
         GraphRunner.captures += 1
         GraphRunner.one_offs += 1
-        logger.debug("captured a CUDA graph of a drafting chain: %d rows x %d steps, %d keys", r, steps, t)
-        return _Chain(graph, tokens, start, slots, gather, out)
+        logger.debug("captured a CUDA graph of a %s drafting chain: %d rows x %d steps, %d keys", mode, r, steps, t)
+        return _Chain(graph, tokens, start, slots, gather, out, cs)

@@ -249,18 +249,21 @@ class ModelRunner:
         return [logits[i, keep - r.num_logits:] for i, r in enumerate(rows)]
 
     @torch.inference_mode()
-    def draft_chain(self, seq_ids: list[int], first: torch.Tensor, steps: int) -> torch.Tensor | None:
-        """Greedy drafting steps 2..K in one CUDA graph replay (``GraphRunner.run_chain``): each row feeds ``first``
-        (its step-1 draft token, on the device) after its cached tokens, then its own argmax, ``steps`` times.
-        Returns the ``[B, steps]`` tokens on the device, their K/V written and committed like a forward's; None
-        where no graph runs this chain (not on CUDA, a shape not captured yet): the caller drafts step by step."""
+    def draft_chain(self, seq_ids: list[int], first: torch.Tensor, steps: int, sampling=None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Drafting steps 2..K in one CUDA graph replay (``GraphRunner.run_chain``): each row feeds ``first`` (its
+        step-1 draft token, on the device) after its cached tokens, then the token it draws, ``steps`` times; greedy,
+        or as ``sampling`` (a ``cuda_graphs.ChainSampling`` of the rows) says. Returns the ``[B, steps]`` tokens and
+        the draft distributions (None when greedy) on the device, their K/V written and committed like a forward's;
+        None where no graph runs this chain (not on CUDA, a shape not captured yet): the caller drafts step by step."""
         g = self.graphs
         if g is None or g.failed is not None or steps < 1:
             return None
         t0 = time.perf_counter()
         bs, b = self.blocks.block_size, len(seq_ids)
         starts = [self.cached_len(s) for s in seq_ids]
-        if not g.fits_chain(b, steps, max(starts) + steps, self.vocab_size):
+        mode = "greedy" if sampling is None else "sample-cut" if sampling.truncate else "sample"
+        if not g.fits_chain(b, steps, max(starts) + steps, self.vocab_size, mode):
             return None
         grown: list[tuple[int, int]] = []
         try:
@@ -275,7 +278,7 @@ class ModelRunner:
             meta = torch.tensor(starts + slots + table_rows, dtype=torch.long).to(self.device, non_blocking=True)
             table = self.tables.table.index_select(0, meta[b + b * steps:])
             out = g.run_chain(first, meta[:b], meta[b: b + b * steps].view(b, steps), table,
-                              max(starts) + steps, self.vocab_size)
+                              max(starts) + steps, self.vocab_size, sampling)
         except BaseException:
             for seq_id, start in grown:
                 self.blocks.truncate(seq_id, start)

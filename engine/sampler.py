@@ -41,11 +41,11 @@ class RowParams:
         return any(p.top_p < 1.0 or 0 < p.top_k < vocab for p in self.host)
 
 
-def probs_batch(logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
+def probs_batch(logits: torch.Tensor, rp: RowParams, truncate: bool | None = None) -> torch.Tensor:
     """``[B, ..., V]`` logits -> ``[B, ..., V]`` float32 probabilities under each row's transform.
 
     Rows must have temperature > 0 (greedy rows are an argmax and never come here); the sort
-    that top-k / top-p need runs only when some row truncates.
+    that top-k / top-p need runs only when some row truncates (``truncate``; None: as ``rp`` says).
     """
     shape = logits.shape
     vocab = shape[-1]
@@ -55,7 +55,7 @@ def probs_batch(logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
     per = lambda t: t[:, None].expand(b, extra).reshape(-1, 1)  # noqa: E731  [B] -> [B*extra, 1]
     # subtract the max first: tiny temperatures then give -inf for the rest, never inf - inf = nan
     x = (x - x.max(-1, keepdim=True).values) / per(rp.temperature)
-    if rp.truncates(vocab):
+    if rp.truncates(vocab) if truncate is None else truncate:
         sorted_x, order = torch.sort(x, dim=-1, descending=True)
         k = per(torch.where((rp.top_k > 0) & (rp.top_k < vocab), rp.top_k, vocab))
         kth = sorted_x.gather(-1, k - 1)

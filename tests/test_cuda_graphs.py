@@ -118,7 +118,7 @@ def test_graphed_engine_greedy_equals_eager_and_plain(monkeypatch):
     from engine.config import EngineConfig, SamplingParams
     from engine.factory import build_engine
 
-    outs = {}
+    outs, sampled = {}, {}
     for graphs in (False, True):
         monkeypatch.setenv("HELIX_CUDA_GRAPHS", "1" if graphs else "0")
         eng = build_engine(EngineConfig(target=str(DEMO / "demo-target"), draft=str(DEMO / "demo-draft"), device="cuda",
@@ -131,6 +131,16 @@ def test_graphed_engine_greedy_equals_eager_and_plain(monkeypatch):
         if graphs:
             assert eng.target.graphs.replays > 0 and eng.draft.graphs.replays > 0
             assert eng.draft.graphs.chain_replays > 0  # K = 4 drafted steps 2..4 in one replay
+        # seeded sampling draws from counter-based noise: the sampled drafting chain draws what step by step drew
+        replays = eng.draft.graphs.chain_replays if graphs else 0
+        for top_p in (1.0, 0.9):
+            sp = SamplingParams(temperature=0.8, top_p=top_p, seed=7, max_new_tokens=48, ignore_eos=True,
+                                num_draft_tokens=4)
+            sampled[(graphs, top_p)] = [eng.generate(p, sp).token_ids for p in PROMPTS]
+        if graphs:
+            assert eng.draft.graphs.chain_replays > replays
+    for top_p in (1.0, 0.9):
+        assert sampled[(True, top_p)] == sampled[(False, top_p)], f"top_p {top_p}: graphs change seeded output"
     want = outs[(False, 0)]
     for key, got in outs.items():
         for i, (a, b) in enumerate(zip(got, want)):
@@ -214,8 +224,8 @@ def test_a_drafting_chain_replays_the_step_by_step_draft(monkeypatch):
             want.append(cur)
         replays = graphed.graphs.chain_replays
         got = graphed.draft_chain([0, 1, 2], first_g, steps)
-        assert got is not None and graphed.graphs.chain_replays == replays + 1
-        assert got.tolist() == [list(col) for col in zip(*want)]
+        assert got is not None and got[1] is None and graphed.graphs.chain_replays == replays + 1
+        assert got[0].tolist() == [list(col) for col in zip(*want)]
         assert [graphed.cached_len(i) for i in range(3)] == [eager.cached_len(i) for i in range(3)]
         for r in (eager, graphed):  # roll back as after a verification that accepted one draft token
             for i in range(3):
@@ -225,3 +235,40 @@ def test_a_drafting_chain_replays_the_step_by_step_draft(monkeypatch):
     for x, y in zip(a, b):
         assert (x - y).abs().max().item() <= 1e-4 * max(1.0, x.abs().max().item())
     assert GraphRunner.captures > 0 and graphed.blocks.num_free == eager.blocks.num_free
+
+
+def test_a_sampled_drafting_chain_draws_what_step_by_step_draws(monkeypatch):
+    """A chain of sampled rows (one greedy, one plain T, one with top-p and top-k) draws, with the same noise, the
+    tokens and draft distributions q of drafting step by step with engine.sampler."""
+    from engine.config import SamplingParams
+    from engine.cuda_graphs import ChainSampling
+    from engine.sampler import RowParams, probs_batch, race
+
+    model = _model(torch.float32)
+    eager, graphed = _runner(model, False, monkeypatch), _runner(model, True, monkeypatch)
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (20, 33, 9)]
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7),
+              SamplingParams(temperature=1.3, top_p=0.8, top_k=20)]
+    rp = RowParams.build(params, torch.device("cuda"))
+    for r in (eager, graphed):
+        r.forward([RowInput(i, p, 1) for i, p in enumerate(prompts)])
+    steps = 5
+    noise = torch.empty(3, steps, VOCAB, device="cuda").exponential_(generator=torch.Generator("cuda").manual_seed(1))
+    first = torch.tensor([4, 5, 6], device="cuda")  # each row's first draft token, fed first
+    want, qs, cur = [], [], first.tolist()
+    for s in range(steps):
+        logits = torch.stack([x[-1] for x in eager.forward([RowInput(i, [t], 1) for i, t in enumerate(cur)])])
+        probs = probs_batch(logits[1:], rp.select([1, 2]))
+        drawn = race(probs, noise[1:, s])
+        cur = [int(logits[0].argmax()), *drawn.tolist()]
+        want.append(cur)
+        qs.append(torch.cat([torch.zeros(1, VOCAB, device="cuda"), probs]))
+    assert rp.truncates(VOCAB)
+    got = graphed.draft_chain([0, 1, 2], first, steps, ChainSampling(rp.temperature, rp.top_p, rp.top_k, noise,
+                                                                     truncate=True))
+    assert got is not None
+    tokens, q = got
+    assert tokens.tolist() == [list(col) for col in zip(*want)]
+    assert (q - torch.stack(qs, 1)).abs().max().item() <= 1e-5
+    assert [graphed.cached_len(i) for i in range(3)] == [eager.cached_len(i) for i in range(3)]

@@ -57,11 +57,6 @@ class DraftModelProposer:
                 feed.append(RowInput(req.seq_id, ids, 1))
             logits = torch.stack([out[-1] for out in self.runner.forward(feed)])  # [A, V]
             tokens = logits.argmax(-1)
-            if j == 0 and kmax > 1 and not sampled and min(rows.ks) == kmax:  # greedy, one K: on CUDA, steps 2..K
-                # run as one graph with no host round trip between them
-                rest = self.runner.draft_chain([r.seq_id for r in rows.reqs], tokens, kmax - 1)
-                if rest is not None:
-                    return Proposal([[t, *more] for t, more in zip(tokens.tolist(), rest.tolist())], q)
             s_rows = [(n, i) for n, i in enumerate(active) if i in slot]
             if len(s_rows) == len(active) == b:  # every row sampled and still drafting: no index tensors
                 probs = probs_batch(logits, rows.rp)  # [B, V]
@@ -77,7 +72,35 @@ class DraftModelProposer:
                     q[torch.tensor(s, device=dev), j] = probs
             for i, t in zip(active, tokens.tolist()):
                 lists[i].append(t)
+            if j == 0 and kmax > 1 and min(rows.ks) == kmax and self._chain(rows, tokens, lists, noise, slot, q):
+                break  # steps 2..K ran as one CUDA graph
         return Proposal(lists, q)
+
+    def _chain(self, rows: StepRows, first: torch.Tensor, lists: list[list[int]], noise: torch.Tensor | None,
+               slot: dict[int, int], q: torch.Tensor | None) -> bool:
+        """Drafting steps 2..K of every row (one K) as one graph replay (ModelRunner.draft_chain, CUDA only), with
+        no host round trip between them; False where it does not run (the caller drafts step by step)."""
+        from engine.cuda_graphs import ChainSampling
+
+        if self.runner.graphs is None:
+            return False
+        b, steps = len(rows.reqs), max(rows.ks) - 1
+        sampling = None
+        if slot:
+            full = torch.ones(b, steps, self.runner.vocab_size, device=self.runner.device)
+            idx = torch.tensor(list(slot), device=self.runner.device)
+            full[idx] = noise[torch.tensor(list(slot.values()), device=self.runner.device), 1:]
+            sampling = ChainSampling(rows.rp.temperature, rows.rp.top_p, rows.rp.top_k, full,
+                                     truncate=rows.rp.truncates(self.runner.vocab_size))
+        got = self.runner.draft_chain([r.seq_id for r in rows.reqs], first, steps, sampling)
+        if got is None:
+            return False
+        tokens, probs = got
+        for i, more in enumerate(tokens.tolist()):
+            lists[i] += more
+        if q is not None and probs is not None:
+            q[:, 1:] = probs
+        return True
 
     def _read_prompts(self, reqs: list[Request]) -> None:
         """Rows whose draft has not read their prompt (adaptive requests: the engine prefills the draft only for a
