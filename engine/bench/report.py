@@ -45,6 +45,17 @@ def adaptive_vs_best_fixed(adaptive: dict, fixed: list[dict]) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
+def _vs_plain(where: str, method: dict, plain: dict) -> tuple[str, float]:
+    """(where, value) of ``method`` over Helix plain: the median over rounds of their ratio within a round (both ran
+    in it, interleaved per prompt), else the ratio of their medians."""
+    raw = method["tokens_per_second"] / plain["tokens_per_second"]
+    a, b = method.get("tokens_per_second_runs") or [], plain.get("tokens_per_second_runs") or []
+    ratios = [x / y for x, y in zip(a, b) if y]
+    if len(a) != len(b) or len(ratios) < 2:
+        return where, raw
+    return f"{where}, paired by round (ratio of medians {raw:.3f})", statistics.median(ratios)
+
+
 def evaluate_targets(results: dict) -> list[dict]:
     out = []
 
@@ -83,19 +94,24 @@ def evaluate_targets(results: dict) -> list[dict]:
                 add("adaptive_vs_best_k", f"{where}, K chosen on the other rounds (max of medians: K={best['k']}, "
                                           f"{raw:.3f})", loo)
         if adaptive and plain and plain["tokens_per_second"]:
-            add("adaptive_vs_plain", where, adaptive["tokens_per_second"] / plain["tokens_per_second"])
+            add("adaptive_vs_plain", *_vs_plain(where, adaptive, plain))
         ngram = _method(scen, "helix spec ngram")
         if ngram and plain and plain["tokens_per_second"] and scen["temperature"] == 0:
             key = "ngram_vs_plain_repeat" if results.get("prompt_set") == "repeat" else "ngram_vs_plain"
-            add(key, where, ngram["tokens_per_second"] / plain["tokens_per_second"])
+            add(key, *_vs_plain(where, ngram, plain))
     conc = results.get("concurrency", [])
     for row in conc:
         if row["concurrency"] == 8:
             add("concurrency_8", row["mode"], row["speedup_vs_1"])
             plain8 = next((r for r in conc if r["concurrency"] == 8 and r["mode"] == "plain"), None)
             if row["mode"] == "speculative" and plain8 and plain8["tokens_per_second"]:
-                add("adaptive_vs_plain", f"T={row['temperature']:g}, 8 concurrent",
-                    row["tokens_per_second"] / plain8["tokens_per_second"])
+                raw = row["tokens_per_second"] / plain8["tokens_per_second"]
+                paired = row.get("vs_plain_paired")
+                if paired is None:
+                    add("adaptive_vs_plain", f"T={row['temperature']:g}, 8 concurrent", raw)
+                else:  # each repeat ran both modes back to back: the median of their ratios
+                    add("adaptive_vs_plain", f"T={row['temperature']:g}, 8 concurrent, paired by repeat (ratio of "
+                                             f"medians {raw:.3f})", paired)
     mem = results.get("memory")
     if mem:
         add("paged_over_stored", f"{mem['requests']} requests, {mem['models']}", mem["peak_paged_over_stored"])

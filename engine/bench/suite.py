@@ -33,7 +33,7 @@ class BenchConfig:
     warmup_runs: int = 1
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
     concurrency_tokens: int = 128
-    concurrency_repeats: int = 2
+    concurrency_repeats: int = 3  # odd: the median is a pass, and the paired ratio has a middle
     concurrency_waves: int = 3  # requests per concurrent client, sent back to back (see runs.helix_concurrent)
     memory_requests: int = 8
     memory_lengths: tuple[int, ...] = (16, 48, 96, 160, 256)
@@ -229,6 +229,12 @@ def _scenario(engine, prompts, temp: float, length: int, cfg: BenchConfig, repor
     }
 
 
+def _paired(a: list[float], b: list[float]) -> float | None:
+    """Median over repeats of a[i] / b[i] (None without a pair)."""
+    ratios = [x / y for x, y in zip(a, b) if y]
+    return round(statistics.median(ratios), 4) if ratios else None
+
+
 def _median_tps(passes: list[PassResult]) -> float:
     return statistics.median(p.tokens_per_second for p in passes) if passes else 0.0
 
@@ -316,9 +322,11 @@ def _concurrency(engine, prompts, cfg: BenchConfig, prog: _Progress) -> list[dic
     helix_concurrent(engine, prompts, 2, True, temp, min(8, cfg.concurrency_tokens), cfg.seed)  # warm-up
     prog.step("concurrency warm-up")
     runs: dict[tuple[int, bool], list[PassResult]] = {}
-    for _ in range(cfg.concurrency_repeats):
+    for rep in range(cfg.concurrency_repeats):
         for n in cfg.concurrency:
-            for spec in (False, True):
+            # plain first in even repeats, speculative first in odd ones: on the 2-core VM a minute's speed moves by
+            # 10-25%, and a fixed order hands the drift to one mode
+            for spec in ((False, True) if rep % 2 == 0 else (True, False)):
                 res = helix_concurrent(engine, prompts, n, spec, temp, cfg.concurrency_tokens, cfg.seed,
                                        requests=n * cfg.concurrency_waves)
                 runs.setdefault((n, spec), []).append(res)
@@ -335,6 +343,9 @@ def _concurrency(engine, prompts, cfg: BenchConfig, prog: _Progress) -> list[dic
                 "concurrency": n, "mode": "speculative" if spec else "plain", "tokens_per_second": round(tps, 3),
                 "tokens_per_second_runs": [round(p.tokens_per_second, 3) for p in passes],
                 "speedup_vs_1": round(tps / base, 4) if base else None,
+                # speculative over plain, paired by repeat (both ran back to back): the median of the ratios
+                "vs_plain_paired": _paired([p.tokens_per_second for p in passes],
+                                           [p.tokens_per_second for p in runs[(n, False)]]) if spec else None,
                 "ttft_ms": round(statistics.median(x for p in passes for x in p.ttft_s) * 1e3, 3),
                 "mean_acceptance_length": round(1 + sum(p.num_accepted_tokens for p in passes) / drafts, 4)
                 if drafts else None,
