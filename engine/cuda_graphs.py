@@ -68,6 +68,22 @@ def _no_gc():
             gc.enable()
 
 
+def capture(fn, device, stream, mempool):
+    """``fn()`` captured into a CUDA graph over ``mempool`` (after two warm-up calls on the side ``stream``, which
+    load kernels and settle allocations off the capture); returns (graph, what ``fn`` returned: the static outputs)."""
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with _no_gc(), torch.cuda.graph(graph, pool=mempool, stream=stream):
+        out = fn()
+    GraphRunner.captures += 1
+    GraphRunner.one_offs += 1
+    return graph, out
+
+
 def bucket(value: int, buckets) -> int | None:
     for b in buckets:
         if value <= b:
@@ -230,21 +246,13 @@ class GraphRunner:
         mask = torch.zeros(r, 1, n, t, dtype=torch.bool, device=dev)
         mask[..., 0] = True
         batch = AttnBatch(slots, gather, mask, t)
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(dev)
-            self.mempool = torch.cuda.graph_pool_handle()
-        self.stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(self.stream):  # warm up allocations and lazy kernel loads off the capture
-            for _ in range(2):
-                self.lean.forward(input_ids, positions, batch, self.pool, n, aux_layers)
-        torch.cuda.current_stream(dev).wait_stream(self.stream)
-        graph = torch.cuda.CUDAGraph()
-        batch.folded = None  # the graph must rebuild the layer mask from the static mask on every replay
-        with _no_gc(), torch.cuda.graph(graph, pool=self.mempool, stream=self.stream):
-            out = self.lean.forward(input_ids, positions, batch, self.pool, n, aux_layers)
+
+        def step():
+            batch.folded = None  # the graph must rebuild the layer mask from the static mask on every replay
+            return self.lean.forward(input_ids, positions, batch, self.pool, n, aux_layers)
+
+        graph, out = capture(step, dev, *self._stream())
         logits, hidden = out if aux_layers is not None else (out, None)
-        GraphRunner.captures += 1
-        GraphRunner.one_offs += 1
         logger.debug("captured a CUDA graph: %d rows x %d tokens, %d keys%s", r, n, t, ", aux" if hidden is not None else "")
         return _Graph(graph, input_ids, positions, slots, gather, mask, logits, hidden)
 
@@ -320,6 +328,13 @@ class GraphRunner:
         self.chain_replays += 1
         return c.out[:b].clone(), (cs.probs[:b].clone() if cs is not None else None)
 
+    def _stream(self) -> tuple[torch.cuda.Stream, tuple]:
+        """The side stream and the memory pool every graph of this runner is captured on."""
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+            self.mempool = torch.cuda.graph_pool_handle()
+        return self.stream, self.mempool
+
     def _cover(self, table: torch.Tensor, t: int) -> torch.Tensor:
         """``table`` widened with the scratch block to cover ``t`` keys."""
         nb = -(-t // self.pool.block_size)
@@ -365,18 +380,6 @@ class GraphRunner:
                 out.append(cur)
             return torch.stack(out, 1)
 
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(dev)
-            self.mempool = torch.cuda.graph_pool_handle()
-        self.stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(self.stream):
-            for _ in range(2):
-                chain()
-        torch.cuda.current_stream(dev).wait_stream(self.stream)
-        graph = torch.cuda.CUDAGraph()
-        with _no_gc(), torch.cuda.graph(graph, pool=self.mempool, stream=self.stream):
-            out = chain()
-        GraphRunner.captures += 1
-        GraphRunner.one_offs += 1
+        graph, out = capture(chain, dev, *self._stream())
         logger.debug("captured a CUDA graph of a %s drafting chain: %d rows x %d steps, %d keys", mode, r, steps, t)
         return _Chain(graph, tokens, start, slots, gather, out, cs)

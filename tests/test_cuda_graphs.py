@@ -128,9 +128,16 @@ def test_graphed_engine_greedy_equals_eager_and_plain(monkeypatch):
             sp = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True, speculative=k != 0,
                                 num_draft_tokens=k or None)
             outs[(graphs, k)] = [eng.generate(p, sp).token_ids for p in PROMPTS]
+        for k in (4, None):  # the EAGLE head, greedy: steps 2..K as one graph too
+            sp = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True, num_draft_tokens=k,
+                                draft_method="eagle")
+            outs[(graphs, f"eagle {k}")] = [eng.generate(p, sp).token_ids for p in PROMPTS]
         if graphs:
             assert eng.target.graphs.replays > 0 and eng.draft.graphs.replays > 0
             assert eng.draft.graphs.chain_replays > 0  # K = 4 drafted steps 2..4 in one replay
+            assert eng.proposers["eagle"]._graphs.replays > 0 and eng.proposers["eagle"]._graphs.failed is None
+        else:
+            assert eng.proposers["eagle"]._graphs is None
         # seeded sampling draws from counter-based noise: the sampled drafting chain draws what step by step drew
         replays = eng.draft.graphs.chain_replays if graphs else 0
         for top_p in (1.0, 0.9):

@@ -75,6 +75,7 @@ class EagleProposer:
         self._shared: set[int] = set()  # seq_ids whose prompt pairs are registered for prefix sharing
         self._gapped: set[int] = set()  # seq_ids that read zero features (never shared)
         self.cost_prior = _param_ratio(head, target.model)  # a draft step's cost in target steps, until measured
+        self._graphs = _HeadChains(self, max_ctx) if target.graphs is not None else None  # CUDA: drafting chains
 
     # ------------------------------------------------------------------ features from the target
     def receive(self, seq_id: int, start: int, aux: torch.Tensor) -> None:
@@ -113,8 +114,9 @@ class EagleProposer:
                     break
                 # step 0 reads the real pairs; each later step one pair of the chain per row (its own last output)
                 out = self._forward(feed) if j == 0 else self._chain_forward(chain, active, feed, j)  # [A, D]
-                tokens = self._draw(out, [rows.reqs[i] for i in active], [slot.get(i) for i in active], noise, j,
-                                    rows, q, active)
+                drawn = self._draw(out, [rows.reqs[i] for i in active], [slot.get(i) for i in active], noise, j,
+                                   rows, q, active)
+                tokens = drawn.tolist()
                 for i, t in zip(active, tokens):
                     lists[i].append(t)
                 nxt = [n for n, i in enumerate(active) if rows.ks[i] > j + 1]
@@ -124,6 +126,12 @@ class EagleProposer:
                     cont = [active[n] for n in nxt]
                     chain = self._chain(cont, [rows.reqs[i].seq_id for i in cont], [real_len[i] for i in cont],
                                         [rows.ks[i] - 1 for i in cont])
+                    if len(cont) == len(active) and not slot and len({rows.ks[i] for i in cont}) == 1:
+                        rest = self._graphed_chain(chain, out, drawn, rows.ks[cont[0]] - 1)
+                        if rest is not None:  # steps 2..K ran as one CUDA graph
+                            for i, more in zip(cont, rest.tolist()):
+                                lists[i] += more
+                            break
                 feed = (out if len(nxt) == len(active) else out[torch.tensor(nxt, device=self.device)],
                         [tokens[n] for n in nxt])
                 active = [active[n] for n in nxt]
@@ -353,6 +361,35 @@ class EagleProposer:
             self.blocks.commit(chain.seq_ids[c], p + 1)
         return out[:, -1]
 
+    def _graphed_chain(self, chain: _Chain, feats: torch.Tensor, first: torch.Tensor, steps: int
+                       ) -> torch.Tensor | None:
+        """Greedy drafting steps 2..K of every chain row as one CUDA graph replay: step ``j`` feeds the head its own
+        last output and the token it drew from it, with no host round trip (each step-by-step step is a host-built
+        batch, a launch of the head's kernels one by one, a sync and a host copy of its tokens). ``feats`` ``[C, D]``
+        and ``first`` ``[C]``: the first step's outputs and tokens. Returns the ``[C, steps]`` tokens on the device;
+        None where no graph runs it (not CUDA, a shape met for the first time, a failed capture)."""
+        g = self._graphs
+        if g is None or g.failed is not None:
+            return None
+        c = len(chain.seq_ids)
+        longest = chain.keys.shape[1]
+        key = g.key(c, steps, longest)
+        if key is None:
+            return None
+        bs = self.blocks.block_size
+        slots = [[blocks[p // bs] * bs + p % bs for blocks, st in zip(chain.blocks, chain.start)
+                  for p in (st + s,)] for s in range(steps)]
+        meta = torch.tensor(chain.start + [x for row in slots for x in row], dtype=torch.long).to(self.device)
+        try:
+            out = g.run(key, first, feats, meta[:c], meta[c:].view(steps, c), chain.keys)
+        except Exception:
+            if g.failed is None:
+                raise
+            return None
+        for sid, st in zip(chain.seq_ids, chain.start):
+            self.blocks.commit(sid, st + steps)
+        return out
+
     def _noise(self, rows: StepRows, sampled: list[int], kmax: int) -> torch.Tensor | None:
         """Exp(1) noise ``[S, K, V]``: seeded rows draw with the target's own stream (the coupling, see
         engine.rejection), unseeded ones with the draft stream."""
@@ -364,9 +401,10 @@ class EagleProposer:
         return rng.exponentials(torch.tensor(keys, dtype=torch.int64).to(self.device), self.vocab_size)
 
     def _draw(self, out: torch.Tensor, reqs: list[Request], slots: list[int | None], noise, j: int, rows: StepRows,
-              q: torch.Tensor | None, active: list[int]) -> list[int]:
+              q: torch.Tensor | None, active: list[int]) -> torch.Tensor:
         """One draft token per active row: the argmax for greedy rows, an exponential race over the head's
-        distribution (the row's temperature / top-k / top-p, over the target vocabulary) for sampled rows."""
+        distribution (the row's temperature / top-k / top-p, over the target vocabulary) for sampled rows.
+        Returns the target ids ``[A]`` on the device."""
         logits = self.head.logits(out).float()  # [A, draft_vocab]
         if self._kept_ids is not None:
             logits = logits.masked_fill(~self._kept, float("-inf"))
@@ -383,7 +421,7 @@ class EagleProposer:
             tokens[local] = race(probs, noise[torch.tensor([slots[n] for n in s_rows], device=self.device), j])
             if q is not None:
                 q[torch.tensor([active[n] for n in s_rows], device=self.device), j] = probs
-        return tokens.tolist()
+        return tokens
 
 
 @dataclass
@@ -405,3 +443,91 @@ def _param_ratio(head: EagleHead, target) -> float:
     head_n = sum(p.numel() for p in head.parameters())
     target_n = sum(p.numel() for p in target.parameters())
     return head_n / max(1, target_n)
+
+
+class _HeadChains:
+    """CUDA graphs of the head's greedy drafting chains (``EagleProposer._graphed_chain``), one per (rows bucket,
+    steps, key bucket), captured on a shape's second use into their own memory pool."""
+
+    def __init__(self, proposer: EagleProposer, max_keys: int):
+        from engine.cuda_graphs import key_buckets
+
+        self.p = proposer
+        self.key_buckets = key_buckets(max_keys)
+        self.graphs: dict[tuple[int, int, int], tuple] = {}
+        self.uses: dict[tuple[int, int, int], int] = {}
+        self.failed: str | None = None
+        self.replays = 0
+        self.stream = torch.cuda.Stream(proposer.device)
+        self.mempool = torch.cuda.graph_pool_handle()
+
+    def key(self, rows: int, steps: int, keys: int) -> tuple[int, int, int] | None:
+        """The graph of this chain, when it is captured or is now met the second time (None: run step by step)."""
+        from engine.cuda_graphs import CAPTURE_AFTER, MAX_CHAIN_STEPS, ROW_BUCKETS, GraphRunner, bucket
+
+        r, t = bucket(rows, ROW_BUCKETS), bucket(keys, self.key_buckets)
+        if r is None or t is None or not 1 <= steps <= MAX_CHAIN_STEPS:
+            return None
+        key = (r, steps, t)
+        if key not in self.graphs:
+            uses = self.uses.get(key, 0)
+            if uses < CAPTURE_AFTER:
+                self.uses[key] = uses + 1
+                GraphRunner.one_offs += 1  # drafted step by step this time: no timing of the step as it will run
+                return None
+        return key
+
+    @torch.inference_mode()
+    def run(self, key: tuple[int, int, int], first: torch.Tensor, feats: torch.Tensor, start: torch.Tensor,
+            slots: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        g = self.graphs.get(key)
+        if g is None:
+            try:
+                g = self.graphs[key] = self._capture(*key)
+            except Exception as exc:
+                self.failed = f"{type(exc).__name__}: {exc}"
+                raise
+        tokens, feat, pos0, slot_t, gather, out = g[1:]
+        c, (r, _steps, t) = first.shape[0], key
+        tokens[:c].copy_(first)
+        tokens[c:].zero_()
+        feat[:c].copy_(feats)
+        pos0[:c].copy_(start)
+        pos0[c:].zero_()
+        slot_t[:, :c].copy_(slots)
+        slot_t[:, c:].fill_(self.p.pool.scratch_slot)
+        gather.view(r, t)[:c, : keys.shape[1]].copy_(keys)
+        gather.view(r, t)[:c, keys.shape[1]:].fill_(self.p.pool.scratch_slot)
+        g[0].replay()
+        self.replays += 1
+        return out[:c].clone()
+
+    @torch.inference_mode()
+    def _capture(self, r: int, steps: int, t: int) -> tuple:
+        from engine.cuda_graphs import capture
+
+        p, dev = self.p, self.p.device
+        head, scratch = p.head, p.pool.scratch_slot
+        tokens = torch.zeros(r, dtype=torch.long, device=dev)
+        feat = torch.zeros(r, head.cfg.hidden_size, dtype=p.pool.dtype, device=dev)
+        pos0 = torch.zeros(r, dtype=torch.long, device=dev)
+        slot_t = torch.full((steps, r), scratch, dtype=torch.long, device=dev)
+        gather = torch.full((r * t,), scratch, dtype=torch.long, device=dev)
+        kept = p._kept if p._kept_ids is not None else None
+
+        def chain() -> torch.Tensor:
+            tok, f, out = tokens, feat, []
+            for s in range(steps):
+                pos = (pos0 + s).view(r, 1)
+                batch = AttnBatch(slot_t[s], gather, causal_mask(pos, t), t)
+                f = head.forward_paged(tok.view(r, 1), f.view(r, 1, -1), pos, batch, p.pool.keys[0],
+                                       p.pool.values[0])[:, -1]
+                logits = head.logits(f).float()
+                if kept is not None:
+                    logits = logits.masked_fill(~kept, float("-inf"))
+                tok = p._ids[logits.argmax(-1)]
+                out.append(tok)
+            return torch.stack(out, 1)
+
+        graph, out = capture(chain, dev, self.stream, self.mempool)
+        return graph, tokens, feat, pos0, slot_t, gather, out
