@@ -80,11 +80,11 @@ class DraftModelProposer:
                slot: dict[int, int], q: torch.Tensor | None) -> bool:
         """Drafting steps 2..K of every row (one K) as one graph replay (ModelRunner.draft_chain, CUDA only), with
         no host round trip between them; False where it does not run (the caller drafts step by step)."""
-        from engine.cuda_graphs import ChainSampling
+        from engine.cuda_graphs import MAX_SAMPLED_CHAIN_ROWS, ChainSampling
 
-        if self.runner.graphs is None:
-            return False
         b, steps = len(rows.reqs), max(rows.ks) - 1
+        if self.runner.graphs is None or (slot and b > MAX_SAMPLED_CHAIN_ROWS):
+            return False
         sampling = None
         if slot:
             full = torch.ones(b, steps, self.runner.vocab_size, device=self.runner.device)

@@ -19,6 +19,7 @@ head; only acceptance does.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -38,6 +39,8 @@ from engine.sampler import probs_batch, race
 
 if TYPE_CHECKING:
     from engine.sequence import Request
+
+logger = logging.getLogger(__name__)
 
 CATCH_UP = 512  # pairs per head forward while catching up (a long prompt)
 MAX_WAITING = 256  # features a request may hold unread before the head reads them (auto rows drafting otherwise)
@@ -458,12 +461,13 @@ class _HeadChains:
         self.uses: dict[tuple[int, int, int], int] = {}
         self.failed: str | None = None
         self.replays = 0
+        self.capture_after = proposer.target.graphs.capture_after  # as the target's graphs (HELIX_GRAPH_CAPTURE_AFTER)
         self.stream = torch.cuda.Stream(proposer.device)
         self.mempool = torch.cuda.graph_pool_handle()
 
     def key(self, rows: int, steps: int, keys: int) -> tuple[int, int, int] | None:
         """The graph of this chain, when it is captured or is now met the second time (None: run step by step)."""
-        from engine.cuda_graphs import CAPTURE_AFTER, MAX_CHAIN_STEPS, ROW_BUCKETS, GraphRunner, bucket
+        from engine.cuda_graphs import MAX_CHAIN_STEPS, ROW_BUCKETS, GraphRunner, bucket
 
         r, t = bucket(rows, ROW_BUCKETS), bucket(keys, self.key_buckets)
         if r is None or t is None or not 1 <= steps <= MAX_CHAIN_STEPS:
@@ -471,7 +475,7 @@ class _HeadChains:
         key = (r, steps, t)
         if key not in self.graphs:
             uses = self.uses.get(key, 0)
-            if uses < CAPTURE_AFTER:
+            if uses < self.capture_after:
                 self.uses[key] = uses + 1
                 GraphRunner.one_offs += 1  # drafted step by step this time: no timing of the step as it will run
                 return None
@@ -486,6 +490,8 @@ class _HeadChains:
                 g = self.graphs[key] = self._capture(*key)
             except Exception as exc:
                 self.failed = f"{type(exc).__name__}: {exc}"
+                logger.warning("CUDA graph capture of an EAGLE drafting chain failed, drafting step by step: %s",
+                               self.failed)
                 raise
         tokens, feat, pos0, slot_t, gather, out = g[1:]
         c, (r, _steps, t) = first.shape[0], key
