@@ -105,7 +105,7 @@ class _Graph:
 
 @dataclass
 class _Chain:
-    """A greedy drafting chain of S steps in one graph (``GraphRunner.run_chain``)."""
+    """A drafting chain of S steps in one graph (``GraphRunner.run_chain``), greedy or sampled."""
 
     graph: torch.cuda.CUDAGraph
     tokens: torch.Tensor  # [R] the token each row feeds first
