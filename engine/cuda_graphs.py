@@ -159,14 +159,7 @@ class GraphRunner:
                 and bucket(keys, self.key_buckets) is not None):
             return False
         key = (bucket(rows, ROW_BUCKETS), bucket(tokens, TOKEN_BUCKETS), bucket(keys, self.key_buckets), aux_layers)
-        if key in self.graphs:
-            return True
-        uses = self.eager_uses.get(key, 0)
-        if uses < self.capture_after:  # a shape met once may never come back: not worth a capture yet
-            self.eager_uses[key] = uses + 1
-            GraphRunner.one_offs += 1
-            return False
-        return True
+        return key in self.graphs or not self.not_yet(key)
 
     def fits_chain(self, rows: int, steps: int, keys: int, vocab: int, mode: str = "greedy") -> bool:
         """Whether a chain of ``steps`` drafting steps runs as one graph (``run_chain``); False: the caller drafts
@@ -177,13 +170,17 @@ class GraphRunner:
                 or (mode != "greedy" and r > MAX_SAMPLED_CHAIN_ROWS):
             return False
         key = (r, steps, t, vocab, mode)
-        if key in self.chains:
-            return True
+        return key in self.chains or not self.not_yet(key)
+
+    def not_yet(self, key: tuple) -> bool:
+        """Counts a use of a shape that has no graph yet: True while it is still to run without one (its first
+        ``capture_after`` uses: a shape met once may never come back, and is not worth a capture), and then counted
+        as a one-off (the step does not run as it will once captured, so it times nothing for adaptive K)."""
         uses = self.eager_uses.get(key, 0)
-        if uses < self.capture_after:  # drafted step by step this time: no timing of the step as it will run
-            self.eager_uses[key] = uses + 1
-            GraphRunner.one_offs += 1
+        if uses >= self.capture_after:
             return False
+        self.eager_uses[key] = uses + 1
+        GraphRunner.one_offs += 1
         return True
 
     def prewarm(self, max_rows: int, keys: int, aux_layers: tuple[int, ...] | None = None) -> int:

@@ -45,15 +45,20 @@ def adaptive_vs_best_fixed(adaptive: dict, fixed: list[dict]) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
+def paired_ratio(a: list[float], b: list[float]) -> float | None:
+    """The median over rounds i of a[i] / b[i], both measured in round i (None without a pair)."""
+    ratios = [x / y for x, y in zip(a, b) if y]
+    return statistics.median(ratios) if ratios else None
+
+
 def _vs_plain(where: str, method: dict, plain: dict) -> tuple[str, float]:
     """(where, value) of ``method`` over Helix plain: the median over rounds of their ratio within a round (both ran
     in it, interleaved per prompt), else the ratio of their medians."""
     raw = method["tokens_per_second"] / plain["tokens_per_second"]
     a, b = method.get("tokens_per_second_runs") or [], plain.get("tokens_per_second_runs") or []
-    ratios = [x / y for x, y in zip(a, b) if y]
-    if len(a) != len(b) or len(ratios) < 2:
+    if len(a) != len(b) or sum(1 for y in b if y) < 2:
         return where, raw
-    return f"{where}, paired by round (ratio of medians {raw:.3f})", statistics.median(ratios)
+    return f"{where}, paired by round (ratio of medians {raw:.3f})", paired_ratio(a, b)
 
 
 def evaluate_targets(results: dict) -> list[dict]:

@@ -19,6 +19,7 @@ from engine.bench.doctor import diagnose
 from engine.bench.instrument import Instrument
 from engine.bench.machine import machine_info
 from engine.bench.memory import memory_bench
+from engine.bench.report import paired_ratio
 from engine.bench.runs import Method, PassResult, helix_concurrent, helix_pass, hf_pass, supports_draft_method
 
 
@@ -229,12 +230,6 @@ def _scenario(engine, prompts, temp: float, length: int, cfg: BenchConfig, repor
     }
 
 
-def _paired(a: list[float], b: list[float]) -> float | None:
-    """Median over repeats of a[i] / b[i] (None without a pair)."""
-    ratios = [x / y for x, y in zip(a, b) if y]
-    return round(statistics.median(ratios), 4) if ratios else None
-
-
 def _median_tps(passes: list[PassResult]) -> float:
     return statistics.median(p.tokens_per_second for p in passes) if passes else 0.0
 
@@ -339,13 +334,14 @@ def _concurrency(engine, prompts, cfg: BenchConfig, prog: _Progress) -> list[dic
             tps = _median_tps(passes)
             base = tps if base is None else base
             drafts = sum(p.num_drafts for p in passes)
+            # speculative over plain, paired by repeat (both ran back to back): the median of the ratios
+            paired = paired_ratio([p.tokens_per_second for p in passes],
+                                  [p.tokens_per_second for p in runs[(n, False)]]) if spec else None
             out.append({
                 "concurrency": n, "mode": "speculative" if spec else "plain", "tokens_per_second": round(tps, 3),
                 "tokens_per_second_runs": [round(p.tokens_per_second, 3) for p in passes],
                 "speedup_vs_1": round(tps / base, 4) if base else None,
-                # speculative over plain, paired by repeat (both ran back to back): the median of the ratios
-                "vs_plain_paired": _paired([p.tokens_per_second for p in passes],
-                                           [p.tokens_per_second for p in runs[(n, False)]]) if spec else None,
+                "vs_plain_paired": None if paired is None else round(paired, 4),
                 "ttft_ms": round(statistics.median(x for p in passes for x in p.ttft_s) * 1e3, 3),
                 "mean_acceptance_length": round(1 + sum(p.num_accepted_tokens for p in passes) / drafts, 4)
                 if drafts else None,

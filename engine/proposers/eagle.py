@@ -380,8 +380,8 @@ class EagleProposer:
         if key is None:
             return None
         bs = self.blocks.block_size
-        slots = [[blocks[p // bs] * bs + p % bs for blocks, st in zip(chain.blocks, chain.start)
-                  for p in (st + s,)] for s in range(steps)]
+        slots = [[blocks[(st + s) // bs] * bs + (st + s) % bs for blocks, st in zip(chain.blocks, chain.start)]
+                 for s in range(steps)]
         meta = torch.tensor(chain.start + [x for row in slots for x in row], dtype=torch.long).to(self.device)
         try:
             out = g.run(key, first, feats, meta[:c], meta[c:].view(steps, c), chain.keys)
@@ -458,27 +458,21 @@ class _HeadChains:
         self.p = proposer
         self.key_buckets = key_buckets(max_keys)
         self.graphs: dict[tuple[int, int, int], tuple] = {}
-        self.uses: dict[tuple[int, int, int], int] = {}
         self.failed: str | None = None
         self.replays = 0
-        self.capture_after = proposer.target.graphs.capture_after  # as the target's graphs (HELIX_GRAPH_CAPTURE_AFTER)
         self.stream = torch.cuda.Stream(proposer.device)
         self.mempool = torch.cuda.graph_pool_handle()
 
     def key(self, rows: int, steps: int, keys: int) -> tuple[int, int, int] | None:
         """The graph of this chain, when it is captured or is now met the second time (None: run step by step)."""
-        from engine.cuda_graphs import MAX_CHAIN_STEPS, ROW_BUCKETS, GraphRunner, bucket
+        from engine.cuda_graphs import MAX_CHAIN_STEPS, ROW_BUCKETS, bucket
 
         r, t = bucket(rows, ROW_BUCKETS), bucket(keys, self.key_buckets)
         if r is None or t is None or not 1 <= steps <= MAX_CHAIN_STEPS:
             return None
         key = (r, steps, t)
-        if key not in self.graphs:
-            uses = self.uses.get(key, 0)
-            if uses < self.capture_after:
-                self.uses[key] = uses + 1
-                GraphRunner.one_offs += 1  # drafted step by step this time: no timing of the step as it will run
-                return None
+        if key not in self.graphs and self.p.target.graphs.not_yet(("eagle chain", *key)):  # the target's count
+            return None
         return key
 
     @torch.inference_mode()
