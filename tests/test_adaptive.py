@@ -76,6 +76,24 @@ def test_a_probe_waits_until_its_catch_up_is_amortised():
     assert len(dear) < len(cheap) and all(b - a >= 5.0 / PROBE_CATCH_UP for a, b in zip(dear, dear[1:]))
 
 
+def test_a_probes_catch_up_is_weighed_against_the_rows_share_of_a_batch_step():
+    """At batch 8 the rows probe together and each reads its own backlog: a row's catch-up is weighed against its
+    eighth of the plain step, so the same catch-up waits 8x as many plain steps as at batch 1."""
+    from engine.adaptive import PROBE_CATCH_UP
+
+    def first_probe(batch: int) -> int:
+        policy = _policy(1.0, 0.3, batch=batch)
+        state = _state_with_acceptance(0.02)
+        for step in range(1, 5000):
+            policy.tick()
+            if policy.choose(state, {"model": 0.3}, batch, alpha=0.6, catch_up={"model": 0.5}).k:
+                return step
+        return 0
+
+    one, eight = first_probe(1), first_probe(8)
+    assert one >= 0.5 / PROBE_CATCH_UP and eight >= 8 * 0.5 / PROBE_CATCH_UP > one
+
+
 def test_engine_measures_what_a_catch_up_costs():
     """An adaptive request's draft reads nothing at admission (adaptive may never draft with it); the step that
     first drafts with it reads the prompt, and what that took beyond a drafting step is the per-token catch-up
