@@ -146,8 +146,21 @@ def test_graphed_engine_greedy_equals_eager_and_plain(monkeypatch):
             sampled[(graphs, top_p)] = [eng.generate(p, sp).token_ids for p in PROMPTS]
         if graphs:
             assert eng.draft.graphs.chain_replays > replays
-    for top_p in (1.0, 0.9):
-        assert sampled[(True, top_p)] == sampled[(False, top_p)], f"top_p {top_p}: graphs change seeded output"
+        # the EAGLE head's sampled rows draft steps 2..K in one graph too: seeded rows (the coupling), and unseeded
+        # ones (rejection sampling, which reads the chain's q), their request seeds fixed here so that they repeat
+        import engine.sequence as sequence
+
+        monkeypatch.setattr(sequence, "new_seed", iter(range(1000, 2000)).__next__)
+        replays = eng.proposers["eagle"]._graphs.replays if graphs else 0
+        for top_p, seed in ((1.0, 7), (0.9, 7), (1.0, None), (0.9, None)):
+            sp = SamplingParams(temperature=0.8, top_p=top_p, top_k=40 if seed is None else 0, seed=seed,
+                                max_new_tokens=48, ignore_eos=True, num_draft_tokens=4, draft_method="eagle")
+            sampled[(graphs, f"eagle {top_p} {seed}")] = [eng.generate(p, sp).token_ids for p in PROMPTS]
+        if graphs:
+            assert eng.proposers["eagle"]._graphs.replays > replays
+            assert any(key[3] != "greedy" for key in eng.proposers["eagle"]._graphs.graphs)
+    for key in [k[1] for k in sampled if k[0]]:
+        assert sampled[(True, key)] == sampled[(False, key)], f"{key}: graphs change sampled output"
     want = outs[(False, 0)]
     for key, got in outs.items():
         for i, (a, b) in enumerate(zip(got, want)):

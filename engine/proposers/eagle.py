@@ -74,6 +74,7 @@ class EagleProposer:
         self._ids = ids.to(self.device)  # draft id -> target id
         self._kept = (ids < self.vocab_size).to(self.device)  # ids past the tokenizer's vocabulary never drafted
         self._kept_ids = None if bool(self._kept.all()) else self._ids[self._kept]
+        self._kept_pos = None if self._kept_ids is None else self._kept.nonzero().flatten()  # static: graph-safe
         self._waiting: dict[int, tuple[int, torch.Tensor]] = {}  # seq_id -> (first position, aux [n, 3H])
         self._shared: set[int] = set()  # seq_ids whose prompt pairs are registered for prefix sharing
         self._gapped: set[int] = set()  # seq_ids that read zero features (never shared)
@@ -129,11 +130,17 @@ class EagleProposer:
                     cont = [active[n] for n in nxt]
                     chain = self._chain(cont, [rows.reqs[i].seq_id for i in cont], [real_len[i] for i in cont],
                                         [rows.ks[i] - 1 for i in cont])
-                    if len(cont) == len(active) and not slot and len({rows.ks[i] for i in cont}) == 1:
-                        rest = self._graphed_chain(chain, out, drawn, rows.ks[cont[0]] - 1)
+                    if len(cont) == len(active) and len({rows.ks[i] for i in cont}) == 1:
+                        sampling = self._chain_sampling(rows, cont, slot, noise) if slot else None
+                        rest = None
+                        if not slot or sampling is not None:
+                            rest = self._graphed_chain(chain, out, drawn, rows.ks[cont[0]] - 1, sampling)
                         if rest is not None:  # steps 2..K ran as one CUDA graph
-                            for i, more in zip(cont, rest.tolist()):
-                                lists[i] += more
+                            more, probs = rest
+                            for i, toks in zip(cont, more.tolist()):
+                                lists[i] += toks
+                            if q is not None and probs is not None:
+                                q[torch.tensor(cont, device=self.device), 1:] = probs
                             break
                 feed = (out if len(nxt) == len(active) else out[torch.tensor(nxt, device=self.device)],
                         [tokens[n] for n in nxt])
@@ -364,19 +371,37 @@ class EagleProposer:
             self.blocks.commit(chain.seq_ids[c], p + 1)
         return out[:, -1]
 
-    def _graphed_chain(self, chain: _Chain, feats: torch.Tensor, first: torch.Tensor, steps: int
-                       ) -> torch.Tensor | None:
-        """Greedy drafting steps 2..K of every chain row as one CUDA graph replay: step ``j`` feeds the head its own
-        last output and the token it drew from it, with no host round trip (each step-by-step step is a host-built
-        batch, a launch of the head's kernels one by one, a sync and a host copy of its tokens). ``feats`` ``[C, D]``
-        and ``first`` ``[C]``: the first step's outputs and tokens. Returns the ``[C, steps]`` tokens on the device;
-        None where no graph runs it (not CUDA, a shape met for the first time, a failed capture)."""
+    def _chain_sampling(self, rows: StepRows, cont: list[int], slot: dict[int, int], noise: torch.Tensor):
+        """The chain rows' settings and the noise of drafting steps 2..K ``[C, K - 1, V]`` (ones for greedy rows) for
+        a sampled graphed chain; None where sampled chains do not run (more rows than their shared buffers hold)."""
+        from engine.cuda_graphs import MAX_SAMPLED_CHAIN_ROWS, ChainSampling
+
+        if self._graphs is None or len(cont) > MAX_SAMPLED_CHAIN_ROWS:
+            return None
+        rp = rows.rp.select(cont)
+        full = torch.ones(len(cont), noise.shape[1] - 1, self.vocab_size, device=self.device)
+        at = [n for n, i in enumerate(cont) if i in slot]
+        full[torch.tensor(at, device=self.device)] = noise[torch.tensor([slot[cont[n]] for n in at],
+                                                                        device=self.device), 1:]
+        return ChainSampling(rp.temperature, rp.top_p, rp.top_k, full, truncate=rp.truncates(self.vocab_size))
+
+    def _graphed_chain(self, chain: _Chain, feats: torch.Tensor, first: torch.Tensor, steps: int, sampling=None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Drafting steps 2..K of every chain row as one CUDA graph replay: step ``j`` feeds the head its own last
+        output and the token it drew from it, with no host round trip (each step-by-step step is a host-built batch,
+        a launch of the head's kernels one by one, a sync and a host copy of its tokens). Greedy rows take the
+        argmax; with ``sampling`` (a ``ChainSampling``) sampled rows race over the head's distribution spread over
+        the target vocabulary, as ``_draw`` does, and the chain writes their q. ``feats`` ``[C, D]`` and ``first``
+        ``[C]``: the first step's outputs and tokens. Returns the ``[C, steps]`` tokens and, when sampling, q
+        ``[C, steps, V]``, on the device; None where no graph runs it (not CUDA, a shape met for the first time, a
+        failed capture)."""
         g = self._graphs
         if g is None or g.failed is not None:
             return None
         c = len(chain.seq_ids)
         longest = chain.keys.shape[1]
-        key = g.key(c, steps, longest)
+        mode = "greedy" if sampling is None else "sample-cut" if sampling.truncate else "sample"
+        key = g.key(c, steps, longest, mode)
         if key is None:
             return None
         bs = self.blocks.block_size
@@ -384,7 +409,7 @@ class EagleProposer:
                  for s in range(steps)]
         meta = torch.tensor(chain.start + [x for row in slots for x in row], dtype=torch.long).to(self.device)
         try:
-            out = g.run(key, first, feats, meta[:c], meta[c:].view(steps, c), chain.keys)
+            out = g.run(key, first, feats, meta[:c], meta[c:].view(steps, c), chain.keys, sampling)
         except Exception:
             if g.failed is None:
                 raise
@@ -415,16 +440,22 @@ class EagleProposer:
         s_rows = [n for n, s in enumerate(slots) if s is not None]
         if s_rows:
             local = torch.tensor(s_rows, device=self.device)
-            full = logits.new_full((len(s_rows), self.vocab_size), float("-inf"))
-            if self._kept_ids is None:
-                full[:, self._ids] = logits[local]
-            else:
-                full[:, self._kept_ids] = logits[local][:, self._kept]
-            probs = probs_batch(full, rows.rp.select([active[n] for n in s_rows]))  # [S, V]
+            probs = probs_batch(self._over_target(logits[local]), rows.rp.select([active[n] for n in s_rows]))  # [S, V]
             tokens[local] = race(probs, noise[torch.tensor([slots[n] for n in s_rows], device=self.device), j])
             if q is not None:
                 q[torch.tensor([active[n] for n in s_rows], device=self.device), j] = probs
         return tokens
+
+
+    def _over_target(self, logits: torch.Tensor) -> torch.Tensor:
+        """The head's ``[A, draft_vocab]`` logits spread over the target vocabulary ``[A, V]`` (-inf where the head
+        drafts nothing), with static index tensors only, so a CUDA graph can capture it."""
+        full = logits.new_full((logits.shape[0], self.vocab_size), float("-inf"))
+        if self._kept_ids is None:
+            full[:, self._ids] = logits
+        else:
+            full[:, self._kept_ids] = logits.index_select(1, self._kept_pos)
+        return full
 
 
 @dataclass
@@ -449,35 +480,37 @@ def _param_ratio(head: EagleHead, target) -> float:
 
 
 class _HeadChains:
-    """CUDA graphs of the head's greedy drafting chains (``EagleProposer._graphed_chain``), one per (rows bucket,
-    steps, key bucket), captured on a shape's second use into their own memory pool."""
+    """CUDA graphs of the head's drafting chains (``EagleProposer._graphed_chain``), one per (rows bucket, steps, key
+    bucket, mode: greedy, sample, or sample-cut where some row's top-p / top-k cuts), captured on a shape's second use
+    into their own memory pool."""
 
     def __init__(self, proposer: EagleProposer, max_keys: int):
         from engine.cuda_graphs import key_buckets
 
         self.p = proposer
         self.key_buckets = key_buckets(max_keys)
-        self.graphs: dict[tuple[int, int, int], tuple] = {}
+        self.graphs: dict[tuple[int, int, int, str], tuple] = {}
+        self._io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows bucket -> sampled chains' noise and q
         self.failed: str | None = None
         self.replays = 0
         self.stream = torch.cuda.Stream(proposer.device)
         self.mempool = torch.cuda.graph_pool_handle()
 
-    def key(self, rows: int, steps: int, keys: int) -> tuple[int, int, int] | None:
+    def key(self, rows: int, steps: int, keys: int, mode: str = "greedy") -> tuple[int, int, int, str] | None:
         """The graph of this chain, when it is captured or is now met the second time (None: run step by step)."""
         from engine.cuda_graphs import MAX_CHAIN_STEPS, ROW_BUCKETS, bucket
 
         r, t = bucket(rows, ROW_BUCKETS), bucket(keys, self.key_buckets)
         if r is None or t is None or not 1 <= steps <= MAX_CHAIN_STEPS:
             return None
-        key = (r, steps, t)
+        key = (r, steps, t, mode)
         if key not in self.graphs and self.p.target.graphs.not_yet(("eagle chain", *key)):  # the target's count
             return None
         return key
 
     @torch.inference_mode()
-    def run(self, key: tuple[int, int, int], first: torch.Tensor, feats: torch.Tensor, start: torch.Tensor,
-            slots: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def run(self, key: tuple[int, int, int, str], first: torch.Tensor, feats: torch.Tensor, start: torch.Tensor,
+            slots: torch.Tensor, keys: torch.Tensor, sampling=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         g = self.graphs.get(key)
         if g is None:
             try:
@@ -487,8 +520,8 @@ class _HeadChains:
                 logger.warning("CUDA graph capture of an EAGLE drafting chain failed, drafting step by step: %s",
                                self.failed)
                 raise
-        tokens, feat, pos0, slot_t, gather, out = g[1:]
-        c, (r, _steps, t) = first.shape[0], key
+        tokens, feat, pos0, slot_t, gather, out, cs = g[1:]
+        c, (r, _steps, t, _mode) = first.shape[0], key
         tokens[:c].copy_(first)
         tokens[c:].zero_()
         feat[:c].copy_(feats)
@@ -498,13 +531,20 @@ class _HeadChains:
         slot_t[:, c:].fill_(self.p.pool.scratch_slot)
         gather.view(r, t)[:c, : keys.shape[1]].copy_(keys)
         gather.view(r, t)[:c, keys.shape[1]:].fill_(self.p.pool.scratch_slot)
+        if cs is not None:
+            cs.temperature[:c].copy_(sampling.temperature)
+            cs.temperature[c:].zero_()  # padding rows: an argmax
+            cs.top_p[:c].copy_(sampling.top_p)
+            cs.top_k[:c].copy_(sampling.top_k)
+            cs.noise[:c].copy_(sampling.noise)
         g[0].replay()
         self.replays += 1
-        return out[:c].clone()
+        return out[:c].clone(), (cs.probs[:c].clone() if cs is not None else None)
 
     @torch.inference_mode()
-    def _capture(self, r: int, steps: int, t: int) -> tuple:
-        from engine.cuda_graphs import capture
+    def _capture(self, r: int, steps: int, t: int, mode: str) -> tuple:
+        from engine.cuda_graphs import MAX_CHAIN_STEPS, ChainSampling, capture
+        from engine.sampler import RowParams, probs_batch, race
 
         p, dev = self.p, self.p.device
         head, scratch = p.head, p.pool.scratch_slot
@@ -514,9 +554,22 @@ class _HeadChains:
         slot_t = torch.full((steps, r), scratch, dtype=torch.long, device=dev)
         gather = torch.full((r * t,), scratch, dtype=torch.long, device=dev)
         kept = p._kept if p._kept_ids is not None else None
+        cs = None
+        if mode != "greedy":  # noise and q buffers shared by the rows bucket's chains (replays never overlap)
+            io = self._io.get(r)
+            if io is None:
+                io = self._io[r] = (torch.ones(r, MAX_CHAIN_STEPS, p.vocab_size, device=dev),
+                                    torch.zeros(r, MAX_CHAIN_STEPS, p.vocab_size, device=dev))
+            cs = ChainSampling(torch.zeros(r, device=dev), torch.ones(r, device=dev),
+                               torch.zeros(r, dtype=torch.long, device=dev), io[0][:, :steps], io[1][:, :steps],
+                               mode == "sample-cut")
 
         def chain() -> torch.Tensor:
             tok, f, out = tokens, feat, []
+            if cs is not None:
+                greedy = cs.temperature <= 0
+                rp = RowParams(torch.where(greedy, torch.ones_like(cs.temperature), cs.temperature), cs.top_p,
+                               cs.top_k, [])
             for s in range(steps):
                 pos = (pos0 + s).view(r, 1)
                 batch = AttnBatch(slot_t[s], gather, causal_mask(pos, t), t)
@@ -526,8 +579,12 @@ class _HeadChains:
                 if kept is not None:
                     logits = logits.masked_fill(~kept, float("-inf"))
                 tok = p._ids[logits.argmax(-1)]
+                if cs is not None:  # sampled rows race over the head's distribution on the target vocabulary
+                    probs = probs_batch(p._over_target(logits), rp, cs.truncate)
+                    tok = torch.where(greedy, tok, race(probs, cs.noise[:, s]))
+                    cs.probs[:, s].copy_(probs.masked_fill(greedy[:, None], 0.0))
                 out.append(tok)
             return torch.stack(out, 1)
 
         graph, out = capture(chain, dev, self.stream, self.mempool)
-        return graph, tokens, feat, pos0, slot_t, gather, out
+        return graph, tokens, feat, pos0, slot_t, gather, out, cs
