@@ -129,6 +129,39 @@ class ChainSampling:
     probs: torch.Tensor | None = None
     truncate: bool = False  # some row's top-p / top-k cuts (the sort runs only then)
 
+    @classmethod
+    def buffers(cls, io: dict, r: int, steps: int, vocab: int, device, truncate: bool) -> ChainSampling:
+        """A captured chain's static inputs for ``r`` rows; its noise and q are views of buffers shared by every
+        chain of the rows bucket in ``io`` (replays never overlap)."""
+        shared = io.get(r)
+        if shared is None:
+            shared = io[r] = (torch.ones(r, MAX_CHAIN_STEPS, vocab, device=device),
+                              torch.zeros(r, MAX_CHAIN_STEPS, vocab, device=device))
+        return cls(torch.zeros(r, device=device), torch.ones(r, device=device),
+                   torch.zeros(r, dtype=torch.long, device=device), shared[0][:, :steps], shared[1][:, :steps], truncate)
+
+    def load(self, rows: ChainSampling) -> None:
+        """Copy the settings and noise of ``rows`` (the first rows of the bucket) in before a replay."""
+        c = rows.temperature.shape[0]
+        self.temperature[:c].copy_(rows.temperature)
+        self.temperature[c:].zero_()  # padding rows: an argmax
+        self.top_p[:c].copy_(rows.top_p)
+        self.top_k[:c].copy_(rows.top_k)
+        self.noise[:c].copy_(rows.noise)
+
+    def draw(self, s: int, logits: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
+        """Inside a captured chain: step ``s``'s token of each row, ``argmax`` for greedy rows (temperature 0), the
+        race of engine.sampler over the row's distribution of ``logits`` ``[R, V]`` for the others; writes the step's
+        q (zeros for greedy rows)."""
+        from engine.sampler import RowParams, probs_batch, race
+
+        greedy = self.temperature <= 0
+        rp = RowParams(torch.where(greedy, torch.ones_like(self.temperature), self.temperature), self.top_p,
+                       self.top_k, [])
+        probs = probs_batch(logits.float(), rp, self.truncate)
+        self.probs[:, s].copy_(probs.masked_fill(greedy[:, None], 0.0))
+        return torch.where(greedy, argmax, race(probs, self.noise[:, s]))
+
 
 class GraphRunner:
     """Replays captured graphs of ``lean.forward`` for small batches on one CUDA device."""
@@ -316,11 +349,7 @@ class GraphRunner:
         c.gather.view(r, t)[:b].copy_(key_slots(self._cover(table, t), t, self.pool.block_size))
         cs = c.sampling
         if cs is not None:
-            cs.temperature[:b].copy_(sampling.temperature)
-            cs.temperature[b:].zero_()  # padding rows: an argmax
-            cs.top_p[:b].copy_(sampling.top_p)
-            cs.top_k[:b].copy_(sampling.top_k)
-            cs.noise[:b].copy_(sampling.noise)
+            cs.load(sampling)
         c.graph.replay()
         self.chain_replays += 1
         return c.out[:b].clone(), (cs.probs[:b].clone() if cs is not None else None)
@@ -342,38 +371,23 @@ class GraphRunner:
         return torch.cat([table, pad], 1)
 
     def _capture_chain(self, r: int, steps: int, t: int, vocab: int, mode: str = "greedy") -> _Chain:
-        from engine.sampler import RowParams, probs_batch, race
-
         dev = self.device
         tokens = torch.zeros(r, dtype=torch.long, device=dev)
         start = torch.zeros(r, dtype=torch.long, device=dev)
         slots = torch.full((steps, r), self.pool.scratch_slot, dtype=torch.long, device=dev)
         gather = torch.full((r * t,), self.pool.scratch_slot, dtype=torch.long, device=dev)
-        cs = None
-        if mode != "greedy":  # the noise and q buffers are shared by the rows bucket's chains (replays never overlap)
-            io = self._chain_io.get(r)
-            if io is None:
-                io = self._chain_io[r] = (torch.ones(r, MAX_CHAIN_STEPS, vocab, device=dev),
-                                          torch.zeros(r, MAX_CHAIN_STEPS, vocab, device=dev))
-            cs = ChainSampling(torch.zeros(r, device=dev), torch.ones(r, device=dev),
-                               torch.zeros(r, dtype=torch.long, device=dev), io[0][:, :steps], io[1][:, :steps],
-                               mode == "sample-cut")
+        cs = None if mode == "greedy" else ChainSampling.buffers(self._chain_io, r, steps, vocab, dev,
+                                                                 mode == "sample-cut")
 
         def chain() -> torch.Tensor:
             cur, out = tokens, []
-            if cs is not None:
-                greedy = cs.temperature <= 0
-                rp = RowParams(torch.where(greedy, torch.ones_like(cs.temperature), cs.temperature), cs.top_p,
-                               cs.top_k, [])
             for s in range(steps):
                 pos = (start + s).view(r, 1)
                 batch = AttnBatch(slots[s], gather, causal_mask(pos, t), t)
                 logits = self.lean.forward(cur.view(r, 1), pos, batch, self.pool, 1)[:, 0, :vocab]  # [R, V]
                 cur = logits.argmax(-1)
                 if cs is not None:
-                    probs = probs_batch(logits.float(), rp, cs.truncate)
-                    cur = torch.where(greedy, cur, race(probs, cs.noise[:, s]))
-                    cs.probs[:, s].copy_(probs.masked_fill(greedy[:, None], 0.0))
+                    cur = cs.draw(s, logits, cur)
                 out.append(cur)
             return torch.stack(out, 1)
 

@@ -446,7 +446,6 @@ class EagleProposer:
                 q[torch.tensor([active[n] for n in s_rows], device=self.device), j] = probs
         return tokens
 
-
     def _over_target(self, logits: torch.Tensor) -> torch.Tensor:
         """The head's ``[A, draft_vocab]`` logits spread over the target vocabulary ``[A, V]`` (-inf where the head
         drafts nothing), with static index tensors only, so a CUDA graph can capture it."""
@@ -532,19 +531,14 @@ class _HeadChains:
         gather.view(r, t)[:c, : keys.shape[1]].copy_(keys)
         gather.view(r, t)[:c, keys.shape[1]:].fill_(self.p.pool.scratch_slot)
         if cs is not None:
-            cs.temperature[:c].copy_(sampling.temperature)
-            cs.temperature[c:].zero_()  # padding rows: an argmax
-            cs.top_p[:c].copy_(sampling.top_p)
-            cs.top_k[:c].copy_(sampling.top_k)
-            cs.noise[:c].copy_(sampling.noise)
+            cs.load(sampling)
         g[0].replay()
         self.replays += 1
         return out[:c].clone(), (cs.probs[:c].clone() if cs is not None else None)
 
     @torch.inference_mode()
     def _capture(self, r: int, steps: int, t: int, mode: str) -> tuple:
-        from engine.cuda_graphs import MAX_CHAIN_STEPS, ChainSampling, capture
-        from engine.sampler import RowParams, probs_batch, race
+        from engine.cuda_graphs import ChainSampling, capture
 
         p, dev = self.p, self.p.device
         head, scratch = p.head, p.pool.scratch_slot
@@ -554,22 +548,11 @@ class _HeadChains:
         slot_t = torch.full((steps, r), scratch, dtype=torch.long, device=dev)
         gather = torch.full((r * t,), scratch, dtype=torch.long, device=dev)
         kept = p._kept if p._kept_ids is not None else None
-        cs = None
-        if mode != "greedy":  # noise and q buffers shared by the rows bucket's chains (replays never overlap)
-            io = self._io.get(r)
-            if io is None:
-                io = self._io[r] = (torch.ones(r, MAX_CHAIN_STEPS, p.vocab_size, device=dev),
-                                    torch.zeros(r, MAX_CHAIN_STEPS, p.vocab_size, device=dev))
-            cs = ChainSampling(torch.zeros(r, device=dev), torch.ones(r, device=dev),
-                               torch.zeros(r, dtype=torch.long, device=dev), io[0][:, :steps], io[1][:, :steps],
-                               mode == "sample-cut")
+        cs = None if mode == "greedy" else ChainSampling.buffers(self._io, r, steps, p.vocab_size, dev,
+                                                                 mode == "sample-cut")
 
         def chain() -> torch.Tensor:
             tok, f, out = tokens, feat, []
-            if cs is not None:
-                greedy = cs.temperature <= 0
-                rp = RowParams(torch.where(greedy, torch.ones_like(cs.temperature), cs.temperature), cs.top_p,
-                               cs.top_k, [])
             for s in range(steps):
                 pos = (pos0 + s).view(r, 1)
                 batch = AttnBatch(slot_t[s], gather, causal_mask(pos, t), t)
@@ -580,9 +563,7 @@ class _HeadChains:
                     logits = logits.masked_fill(~kept, float("-inf"))
                 tok = p._ids[logits.argmax(-1)]
                 if cs is not None:  # sampled rows race over the head's distribution on the target vocabulary
-                    probs = probs_batch(p._over_target(logits), rp, cs.truncate)
-                    tok = torch.where(greedy, tok, race(probs, cs.noise[:, s]))
-                    cs.probs[:, s].copy_(probs.masked_fill(greedy[:, None], 0.0))
+                    tok = cs.draw(s, p._over_target(logits), tok)
                 out.append(tok)
             return torch.stack(out, 1)
 
