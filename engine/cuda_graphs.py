@@ -130,6 +130,24 @@ class ChainSampling:
     truncate: bool = False  # some row's top-p / top-k cuts (the sort runs only then)
 
     @classmethod
+    def of_rows(cls, rp, noise_slots: list[int | None], noise: torch.Tensor, vocab: int) -> ChainSampling | None:
+        """The sampling of a chain over rows with settings ``rp`` (an engine.sampler.RowParams): row ``n`` races with
+        ``noise[noise_slots[n], 1:]`` (drafting steps 2..K of the ``[S, K, V]`` noise; greedy rows: None, and ones).
+        None where sampled chains do not run: more than MAX_SAMPLED_CHAIN_ROWS rows."""
+        if len(noise_slots) > MAX_SAMPLED_CHAIN_ROWS:
+            return None
+        full = torch.ones(len(noise_slots), noise.shape[1] - 1, vocab, device=noise.device)
+        at = [n for n, s in enumerate(noise_slots) if s is not None]
+        full[torch.tensor(at, device=noise.device)] = noise[torch.tensor([noise_slots[n] for n in at],
+                                                                         device=noise.device), 1:]
+        return cls(rp.temperature, rp.top_p, rp.top_k, full, truncate=rp.truncates(vocab))
+
+    @staticmethod
+    def mode(sampling: ChainSampling | None) -> str:
+        """The kind of graph a chain with ``sampling`` replays: greedy, sample, or sample-cut (the sort runs)."""
+        return "greedy" if sampling is None else "sample-cut" if sampling.truncate else "sample"
+
+    @classmethod
     def buffers(cls, io: dict, r: int, steps: int, vocab: int, device, truncate: bool) -> ChainSampling:
         """A captured chain's static inputs for ``r`` rows; its noise and q are views of buffers shared by every
         chain of the rows bucket in ``io`` (replays never overlap)."""
@@ -330,7 +348,7 @@ class GraphRunner:
         most of it the host's, beside a 2 ms verification."""
         b, steps = slots.shape
         r, t = bucket(b, ROW_BUCKETS), bucket(num_keys, self.key_buckets)
-        mode = "greedy" if sampling is None else "sample-cut" if sampling.truncate else "sample"
+        mode = ChainSampling.mode(sampling)
         key = (r, steps, t, vocab, mode)
         c = self.chains.get(key)
         if c is None:

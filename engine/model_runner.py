@@ -262,8 +262,9 @@ class ModelRunner:
         t0 = time.perf_counter()
         bs, b = self.blocks.block_size, len(seq_ids)
         starts = [self.cached_len(s) for s in seq_ids]
-        mode = "greedy" if sampling is None else "sample-cut" if sampling.truncate else "sample"
-        if not g.fits_chain(b, steps, max(starts) + steps, self.vocab_size, mode):
+        from engine.cuda_graphs import ChainSampling
+
+        if not g.fits_chain(b, steps, max(starts) + steps, self.vocab_size, ChainSampling.mode(sampling)):
             return None
         grown: list[tuple[int, int]] = []
         try:

@@ -80,18 +80,16 @@ class DraftModelProposer:
                slot: dict[int, int], q: torch.Tensor | None) -> bool:
         """Drafting steps 2..K of every row (one K) as one graph replay (ModelRunner.draft_chain, CUDA only), with
         no host round trip between them; False where it does not run (the caller drafts step by step)."""
-        from engine.cuda_graphs import MAX_SAMPLED_CHAIN_ROWS, ChainSampling
+        from engine.cuda_graphs import ChainSampling
 
         b, steps = len(rows.reqs), max(rows.ks) - 1
-        if self.runner.graphs is None or (slot and b > MAX_SAMPLED_CHAIN_ROWS):
+        if self.runner.graphs is None:
             return False
         sampling = None
         if slot:
-            full = torch.ones(b, steps, self.runner.vocab_size, device=self.runner.device)
-            idx = torch.tensor(list(slot), device=self.runner.device)
-            full[idx] = noise[torch.tensor(list(slot.values()), device=self.runner.device), 1:]
-            sampling = ChainSampling(rows.rp.temperature, rows.rp.top_p, rows.rp.top_k, full,
-                                     truncate=rows.rp.truncates(self.runner.vocab_size))
+            sampling = ChainSampling.of_rows(rows.rp, [slot.get(i) for i in range(b)], noise, self.runner.vocab_size)
+            if sampling is None:
+                return False
         got = self.runner.draft_chain([r.seq_id for r in rows.reqs], first, steps, sampling)
         if got is None:
             return False

@@ -374,16 +374,11 @@ class EagleProposer:
     def _chain_sampling(self, rows: StepRows, cont: list[int], slot: dict[int, int], noise: torch.Tensor):
         """The chain rows' settings and the noise of drafting steps 2..K ``[C, K - 1, V]`` (ones for greedy rows) for
         a sampled graphed chain; None where sampled chains do not run (more rows than their shared buffers hold)."""
-        from engine.cuda_graphs import MAX_SAMPLED_CHAIN_ROWS, ChainSampling
+        from engine.cuda_graphs import ChainSampling
 
-        if self._graphs is None or len(cont) > MAX_SAMPLED_CHAIN_ROWS:
+        if self._graphs is None:
             return None
-        rp = rows.rp.select(cont)
-        full = torch.ones(len(cont), noise.shape[1] - 1, self.vocab_size, device=self.device)
-        at = [n for n, i in enumerate(cont) if i in slot]
-        full[torch.tensor(at, device=self.device)] = noise[torch.tensor([slot[cont[n]] for n in at],
-                                                                        device=self.device), 1:]
-        return ChainSampling(rp.temperature, rp.top_p, rp.top_k, full, truncate=rp.truncates(self.vocab_size))
+        return ChainSampling.of_rows(rows.rp.select(cont), [slot.get(i) for i in cont], noise, self.vocab_size)
 
     def _graphed_chain(self, chain: _Chain, feats: torch.Tensor, first: torch.Tensor, steps: int, sampling=None
                        ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -400,8 +395,9 @@ class EagleProposer:
             return None
         c = len(chain.seq_ids)
         longest = chain.keys.shape[1]
-        mode = "greedy" if sampling is None else "sample-cut" if sampling.truncate else "sample"
-        key = g.key(c, steps, longest, mode)
+        from engine.cuda_graphs import ChainSampling
+
+        key = g.key(c, steps, longest, ChainSampling.mode(sampling))
         if key is None:
             return None
         bs = self.blocks.block_size
