@@ -41,7 +41,7 @@ def run_shape_bench(args) -> int:
         max_new_tokens=args.lengths[0] if args.lengths else None, ks=args.ks,
         concurrency=max(args.concurrency) if args.concurrency else None, draft_layers=args.draft_layers,
         hf=False if args.no_hf else None, hf_static=False if (args.no_hf or args.no_hf_static) else None,
-        device=args.device, dtype=args.dtype, repeats=args.repeats)
+        device=args.device, dtype=args.dtype, repeats=args.repeats, waves=args.waves)
 
     def save(results: dict) -> None:
         if args.json:
