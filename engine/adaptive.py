@@ -47,8 +47,6 @@ CLOSE_CALL, PROBE_SOON = 0.95, 8  # a request that stops drafting with its best 
 PROBE_CATCH_UP = 0.03  # a probe's catch-up at most this share of the plain time since the last probe: on an H200
 # at batch 8 with 1536-token prompts, a useless draft's probe first read 8 x 1600 skipped tokens (380 ms, ~100
 # plain steps), and two such probes took 46% of the time
-TAIL_WEIGHT = 8.0  # pseudo-drafts of the earlier positions' mean conditional acceptance in the one survival continues
-# with past the last drafted position (see ``survival``)
 SHARED_MEMORY = 64  # drafts: the shared estimate follows the recent workload (another model, other prompts)
 EXPLORE_EVERY = 16  # speculative steps between one-step tries of K+1
 MIN_SHARED_EVIDENCE = 8.0  # drafts a method must have been measured for before its prior alone may rule it out
@@ -294,14 +292,9 @@ def survival(stats: SpecDecodingStats | RecentAcceptance | None, prior: list[flo
     """s_i = P(first i+1 drafts all accepted), counts shrunk towards ``prior``, non-increasing. With ``fade``, the
     prior's weight falls linearly to nothing as a position's drafts reach ``fade``.
 
-    Past the last position ever drafted, s continues geometrically (drafting K never shows position K+1), with the
-    conditional acceptance measured at the last drafted position, shrunk towards the mean over the positions before
-    it (weighted by their drafts) with TAIL_WEIGHT pseudo-drafts. The last position alone rests on the fewest drafts
-    (an exploring step's): on the CPU demo pair at batch 8, EAGLE's position 5 measured on 4 drafts, all accepted,
-    continued s flat at 0.55-0.7 through position 8, and the batch drafted K = 6-8 at 1.3-1.6x the time of K = 4 for
-    a few more tokens."""
+    Past the last position ever drafted, s continues geometrically with the conditional
+    acceptance measured at the last drafted position (drafting K never shows position K+1)."""
     out, last, ratio = [], 1.0, None
-    pooled = pooled_w = 0.0
     for i in range(MAX_DRAFT_TOKENS):
         a = stats.accepted_per_position[i] if stats else 0
         d = stats.drafts_per_position[i] if stats else 0
@@ -311,9 +304,7 @@ def survival(stats: SpecDecodingStats | RecentAcceptance | None, prior: list[flo
             w = weight * max(0.0, 1.0 - d / fade) if fade else weight
             s = (a + w * prior[i]) / (d + w)
             if d:
-                r = min(1.0, s / last) if last > 0 else 0.0
-                ratio = r if not pooled_w else (d * r + TAIL_WEIGHT * pooled / pooled_w) / (d + TAIL_WEIGHT)
-                pooled, pooled_w = pooled + d * r, pooled_w + d
+                ratio = min(1.0, s / last) if last > 0 else 0.0
         last = min(last, s)
         out.append(last)
     return out

@@ -626,30 +626,3 @@ def test_kept_predictions_equal_fresh_ones():
                 assert got == want, (step, m, b, slope)
                 checked += 1
     assert checked == 600 * 9 and kept > checked // 3  # most predictions were kept, and all were right
-
-
-def test_survival_past_the_last_drafted_position_does_not_rest_on_its_few_drafts():
-    """Positions 0-3 measured on 400 drafts each at a conditional acceptance of 0.6; position 4 on 4 exploring drafts,
-    all accepted. Past position 4 survival continues with a conditional acceptance shrunk towards the earlier
-    positions' 0.6, not with the 1.0 of the 4 drafts, which kept it flat and made K = 8 look as good as K = 5."""
-    from engine.adaptive import TAIL_WEIGHT, survival
-
-    stats = SpecDecodingStats()
-    for pos in range(4):
-        stats.drafts_per_position[pos] = 400
-        stats.accepted_per_position[pos] = round(400 * 0.6 ** (pos + 1))
-    stats.drafts_per_position[4] = stats.accepted_per_position[4] = 4
-    s = survival(stats, [0.6 ** (i + 1) for i in range(8)], 2.0)
-    assert abs(s[3] - 0.6 ** 4) < 0.01
-    tail = s[6] / s[5]
-    expected = (4 * 1.0 + TAIL_WEIGHT * 0.6) / (4 + TAIL_WEIGHT)
-    assert abs(tail - expected) < 0.02, (tail, expected)
-    assert tail < 0.8
-    # a well-measured last position keeps its own conditional acceptance, above the earlier ones' or not (n-gram:
-    # once a match holds, it tends to go on holding)
-    stats = SpecDecodingStats()
-    for pos in range(6):
-        stats.drafts_per_position[pos] = 400
-        stats.accepted_per_position[pos] = round(400 * 0.5 * 0.95 ** pos)
-    s = survival(stats, [0.6 ** (i + 1) for i in range(8)], 2.0)
-    assert abs(s[7] / s[6] - 0.95) < 0.01
