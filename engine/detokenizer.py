@@ -15,7 +15,7 @@ def _stream_for(tokenizer, context: list[int]):
         if not isinstance(backend, Tokenizer):
             return None
         return DecodeStream(ids=list(context), skip_special_tokens=True), backend
-    except (ImportError, TypeError, ValueError, AttributeError):
+    except Exception:  # ImportError, a TypeError before tokenizers 0.22, or context the backend rejects
         return None
 
 
