@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttnBatch, causal_mask, key_slots
+from engine.attention import CUDNN_MIN_KEYS, AttnBatch, causal_mask, cudnn_attention, key_slots
 from engine.config import MAX_DRAFT_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -68,17 +68,19 @@ def _no_gc():
             gc.enable()
 
 
-def capture(fn, device, stream, mempool):
+def capture(fn, device, stream, mempool, keys: int):
     """``fn()`` captured into a CUDA graph over ``mempool`` (after two warm-up calls on the side ``stream``, which
-    load kernels and settle allocations off the capture); returns (graph, what ``fn`` returned: the static outputs)."""
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with _no_gc(), torch.cuda.graph(graph, pool=mempool, stream=stream):
-        out = fn()
+    load kernels and settle allocations off the capture, and build cuDNN's attention plan where the key bucket
+    ``keys`` may use it: ``attention.CUDNN_MIN_KEYS``); returns (graph, what ``fn`` returned: the static outputs)."""
+    with cudnn_attention(keys >= CUDNN_MIN_KEYS):
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with _no_gc(), torch.cuda.graph(graph, pool=mempool, stream=stream):
+            out = fn()
     GraphRunner.captures += 1
     GraphRunner.one_offs += 1
     return graph, out
@@ -299,7 +301,7 @@ class GraphRunner:
             batch.folded = None  # the graph must rebuild the layer mask from the static mask on every replay
             return self.lean.forward(input_ids, positions, batch, self.pool, n, aux_layers)
 
-        graph, out = capture(step, dev, *self._stream())
+        graph, out = capture(step, dev, *self._stream(), keys=t)
         logits, hidden = out if aux_layers is not None else (out, None)
         logger.debug("captured a CUDA graph: %d rows x %d tokens, %d keys%s", r, n, t, ", aux" if hidden is not None else "")
         return _Graph(graph, input_ids, positions, slots, gather, mask, logits, hidden)
@@ -409,6 +411,6 @@ class GraphRunner:
                 out.append(cur)
             return torch.stack(out, 1)
 
-        graph, out = capture(chain, dev, *self._stream())
+        graph, out = capture(chain, dev, *self._stream(), keys=t)
         logger.debug("captured a CUDA graph of a %s drafting chain: %d rows x %d steps, %d keys", mode, r, steps, t)
         return _Chain(graph, tokens, start, slots, gather, out, cs)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttnBatch, causal_mask, key_slots
+from engine.attention import AttnBatch, causal_mask, eager_attention, key_slots
 from engine.block_manager import BlockManager
 from engine.block_tables import DeviceBlockTables
 from engine.compat import forward_with_cache
@@ -120,8 +120,9 @@ class ModelRunner:
                 starts.append(self.blocks.tables[row.seq_id].num_tokens)
                 self.pool.copy_blocks(self.blocks.prepare_append(row.seq_id, len(row.token_ids)))
                 grown.append(row.seq_id)
-            logits = (self._run_lean(rows, starts, bs, aux) if self.lean is not None
-                      else self._run(rows, starts, bs, aux))
+            with eager_attention(self.device):  # a graph captured inside chooses its own (cuda_graphs.capture)
+                logits = (self._run_lean(rows, starts, bs, aux) if self.lean is not None
+                          else self._run(rows, starts, bs, aux))
         except BaseException:
             for seq_id, start in zip(grown, starts):
                 self.blocks.truncate(seq_id, start)

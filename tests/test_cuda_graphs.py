@@ -292,3 +292,41 @@ def test_a_sampled_drafting_chain_draws_what_step_by_step_draws(monkeypatch):
     assert tokens.tolist() == [list(col) for col in zip(*want)]
     assert (q - torch.stack(qs, 1)).abs().max().item() <= 1e-5
     assert [graphed.cached_len(i) for i in range(3)] == [eager.cached_len(i) for i in range(3)]
+
+
+def test_eager_forwards_skip_cudnn_attention_and_long_graphs_use_it(monkeypatch):
+    """cuDNN's SDPA builds a plan per new shape (~80 ms on an H200): eager forwards, which meet new shapes all the
+    time, run without it; a graph of a long key bucket captures with it (its plan built once), a short one without.
+    Both replay what eager computes."""
+    import engine.attention as attention
+
+    if not attention._CUDNN_ALLOWED:
+        pytest.skip("this torch build or process has cuDNN SDPA off")
+    seen = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*a, **k)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    model = _model(torch.bfloat16)
+    eager, graphed = _runner(model, False, monkeypatch), _runner(model, True, monkeypatch)
+    for r in (eager, graphed):
+        r.forward([RowInput(0, list(range(3, 40)), 1)])  # prefill: eager in both
+    assert seen and not any(seen)
+    for context in (40, 600):  # key buckets 256 and 768
+        for r in (eager, graphed):
+            if r.cached_len(0) < context:  # a long chunk: eager in both
+                r.forward([RowInput(0, [5] * (context - r.cached_len(0)), 1)])
+        seen.clear()
+        a = eager.forward([RowInput(0, [7, 8], 2)])
+        assert seen and not any(seen)
+        seen.clear()
+        b = graphed.forward([RowInput(0, [7, 8], 2)])
+        assert graphed.graphs.replays and seen, "the verify step was not captured"
+        assert all(x == (context >= attention.CUDNN_MIN_KEYS) for x in seen), (context, seen)
+        assert (a[0] - b[0]).abs().max().item() <= 0.05 * a[0].abs().max().item()
+        for r in (eager, graphed):
+            r.truncate(0, context)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after every forward and capture

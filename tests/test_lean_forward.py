@@ -222,3 +222,27 @@ def test_rotate_is_hf_rotary_embedding():
     got_k = rotate(k, cos[:, None], signed_sin(sin)[:, None])
     assert (got_q - want_q).abs().max() < 1e-5 and (got_k - want_k).abs().max() < 1e-5
     assert (rotate(q, cos[:, None], sin[:, None]) - want_q).abs().max() > 0.1  # the unsigned table is wrong
+
+
+def test_cudnn_attention_switch_sets_and_restores_the_process_setting():
+    """Eager CUDA forwards run without cuDNN's SDPA and graphs of long key buckets with it (engine.attention); the
+    switch restores what it found, also on an error, and leaves CPU forwards alone."""
+    from engine import attention
+
+    if not attention._HAS_CUDNN_SWITCH:
+        pytest.skip("this torch has no cuDNN SDPA switch")
+    be = torch.backends.cuda
+    start = be.cudnn_sdp_enabled()
+    with attention.eager_attention(torch.device("cpu")):
+        assert be.cudnn_sdp_enabled() == start
+    with attention.cudnn_attention(False):
+        assert not be.cudnn_sdp_enabled()
+        with attention.cudnn_attention(True):  # a capture inside an eager forward (lazy graphs)
+            assert be.cudnn_sdp_enabled() == attention._CUDNN_ALLOWED
+        assert not be.cudnn_sdp_enabled()
+    assert be.cudnn_sdp_enabled() == start
+    with pytest.raises(RuntimeError):
+        with attention.eager_attention(torch.device("cuda")):
+            assert not be.cudnn_sdp_enabled()
+            raise RuntimeError("boom")
+    assert be.cudnn_sdp_enabled() == start

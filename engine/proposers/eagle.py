@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine import rng
-from engine.attention import AttnBatch, causal_mask, key_slots
+from engine.attention import AttnBatch, causal_mask, eager_attention, key_slots
 from engine.block_manager import BlockManager
 from engine.block_tables import DeviceBlockTables
 from engine.eagle.head import EagleHead
@@ -320,7 +320,7 @@ class EagleProposer:
             gather = key_slots(table, t_len, bs).reshape(-1) if run is None else None
             batch = AttnBatch(meta[2 * b * n: 3 * b * n], gather, causal_mask(pos_t, t_len) if needs_mask else None,
                               t_len, run=run)
-            with torch.inference_mode():
+            with torch.inference_mode(), eager_attention(dev):
                 out = head.forward_paged(ids_t, feats, pos_t, batch, self.pool.keys[0], self.pool.values[0])
         except BaseException:
             for seq_id, start in grown:
@@ -364,7 +364,7 @@ class EagleProposer:
             keys = keys.reshape(-1)
         mask = (chain.arange[:t_len][None, :] <= pos_t).view(a, 1, 1, t_len) if min(pos) < t_len - 1 else None
         batch = AttnBatch(meta[2 * a:], keys, mask, t_len, run=run)
-        with torch.inference_mode():
+        with torch.inference_mode(), eager_attention(self.device):
             out = self.head.forward_paged(meta[:a].view(a, 1), feats.view(a, 1, -1), pos_t, batch,
                                           self.pool.keys[0], self.pool.values[0])
         for c, p in zip(at, pos):
@@ -563,5 +563,5 @@ class _HeadChains:
                 out.append(tok)
             return torch.stack(out, 1)
 
-        graph, out = capture(chain, dev, self.stream, self.mempool)
+        graph, out = capture(chain, dev, self.stream, self.mempool, keys=t)
         return graph, tokens, feat, pos0, slot_t, gather, out, cs
