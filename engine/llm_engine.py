@@ -18,7 +18,7 @@ from collections import deque
 import torch
 
 from engine import cleanup, observe, prefill
-from engine.adaptive import Policy, best_k
+from engine.adaptive import STALL_CLAMP, Policy, best_k
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, SamplingParams
 from engine.cuda_graphs import GraphRunner
@@ -103,6 +103,11 @@ class LLMEngine:
         self.draft_cost = 0.1
         self.eagle_cost = self.proposers["eagle"].cost_prior if "eagle" in self.proposers else 0.1
         self.verify_cost = 0.1
+        # batch 1: the first verified position's extra cost, in plain steps (a two-token verification leaves the
+        # one-row GEMV path), from moving averages of the target's forward by tokens verified (warm-up, then steps)
+        self.first_cost = 0.1
+        self._verify_s: dict[int, float] = {}
+        self._plain_s = 0.0
         self.alpha_prior = 0.6
         self.stopped = False
         self._prefilled_last = False
@@ -328,7 +333,8 @@ class LLMEngine:
             p.backlog = 0
         # batch 1: a verified position costs verify_cost plain steps, and n-gram drafts only the positions that pay
         # for it; in a batch a row's extra position costs the whole step (not measured per position: left uncut)
-        self.proposers["ngram"].position_cost = self.verify_cost if len(plan) == 1 else 0.0
+        ngram = self.proposers["ngram"]
+        ngram.position_cost, ngram.first_cost = (self.verify_cost, self.first_cost) if len(plan) == 1 else (0.0, 0.0)
         results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)), self.threads)
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}
@@ -346,7 +352,7 @@ class LLMEngine:
             key = _planned_key(plan, results, methods)
             if key is not None:
                 self.policy.times.observe(key[1], len(results), key[0], timing.total_s)
-            self._observe_times(kmax, timing, methods)
+            self._observe_times(kmax, timing, methods, len(results))
         lagging = [p for p in self.proposers.values() if p.backlog]
         if len(lagging) == 1 and one_offs == GraphRunner.one_offs:
             # what reading skipped tokens costs a proposer: a probe waits until its catch-up is amortised (a step
@@ -386,17 +392,33 @@ class LLMEngine:
         self.spec_stats.draft_time_s += timing.propose_s
         self.spec_stats.target_time_s += timing.target_s
 
-    def _observe_times(self, kmax: int, timing: StepTiming, methods: set[str]) -> None:
+    def _observe_times(self, kmax: int, timing: StepTiming, methods: set[str], batch: int) -> None:
         """Track the single-step target time and the draft/target cost ratios (the doctor's model) of the
-        draft model and the EAGLE head, each from steps that drafted with it alone."""
+        draft model and the EAGLE head, each from steps that drafted with it alone; at batch 1 also the first
+        verified position's cost (``first_cost``)."""
         t1 = timing.target_s / (1.0 + self.verify_cost * kmax)
         self.t_target1 = EMA * self.t_target1 + (1 - EMA) * t1 if self.t_target1 else t1
+        if batch == 1:
+            self.observe_verify(kmax + 1, timing.target_s, timing.total_s if kmax == 0 else None)
         if kmax > 0 and timing.propose_s > 0 and methods in ({"model"}, {"eagle"}):
             cost = timing.propose_s / kmax / self.t_target1
             if methods == {"model"}:
                 self.draft_cost = EMA * self.draft_cost + (1 - EMA) * cost
             else:
                 self.eagle_cost = EMA * self.eagle_cost + (1 - EMA) * cost
+
+    def observe_verify(self, tokens: int, forward_s: float, plain_step_s: float | None = None) -> None:
+        """A batch-1 target forward over ``tokens`` took ``forward_s`` (and a plain step, all of it, ``plain_step_s``):
+        update the moving averages ``first_cost`` comes from (a stall moves them by at most STALL_CLAMP)."""
+        def ema(old: float | None, x: float) -> float:
+            return x if not old else EMA * old + (1 - EMA) * min(x, STALL_CLAMP * old)
+
+        self._verify_s[tokens] = ema(self._verify_s.get(tokens), forward_s)
+        if plain_step_s is not None:
+            self._plain_s = ema(self._plain_s, plain_step_s)
+        one, two = self._verify_s.get(1), self._verify_s.get(2)
+        if one and two and self._plain_s:
+            self.first_cost = max(self.verify_cost, (two - one) / self._plain_s)
 
     # ------------------------------------------------------------------ output
     def _emit(self, req: Request, tokens: list[int], logits: list[torch.Tensor], sources) -> None:

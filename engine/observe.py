@@ -51,7 +51,8 @@ def engine_snapshot(engine: LLMEngine) -> dict:
         "methods": {m: st.to_dict() for m, st in engine.method_stats.items()},
         "adaptive": {"alpha_prior": round(engine.alpha_prior, 4), "draft_cost": round(engine.draft_cost, 4),
                      "eagle_cost": round(engine.eagle_cost, 4),
-                     "verify_cost": round(engine.verify_cost, 4), "recommended_k": engine.recommended_k()[0],
+                     "verify_cost": round(engine.verify_cost, 4), "first_position_cost": round(engine.first_cost, 4),
+                     "recommended_k": engine.recommended_k()[0],
                      **adaptive_view(engine)},
         # CPU: torch threads of small steps and of big ones, and the measured ms per token of each (engine.threads)
         "threads": {"default": engine.threads.small, "big_steps": engine.threads.big,

@@ -70,17 +70,20 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
         runner.truncate(sid, n)
         return dt / 4
 
-    t1, t5, td = [], [], []
+    t1, t2, t5, td = [], [], [], []
     for _ in range(reps):
         if engine.draft is not None:
             td.append(drafted(engine.draft))
         t1.append(timed(engine.target, [1]))
+        t2.append(timed(engine.target, [1, 2]))
         t5.append(timed(engine.target, [1, 2, 3, 4, 5]))
     for r in runners:
         r.free(sid)
     med = statistics.median
     engine.t_target1 = med(t1)
     engine.verify_cost = max(0.0, (med(t5) / engine.t_target1 - 1.0) / 4.0)
+    engine.observe_verify(1, med(t1), med(t1))  # the first position's cost, until decode steps measure it
+    engine.observe_verify(2, med(t2))
     times = engine.policy.times
     times.observe("", 1, 0, med(t1))
     times.observe("ngram", 1, 4, med(t5))

@@ -49,8 +49,40 @@ def test_ngram_drafts_only_the_positions_that_pay_for_their_match_order():
     assert out == [[2], [5, 6, 7, 8], [2, 3, 4, 9]]
     prop.position_cost = 0.0
     assert prop.propose(StepRows([weak], [4], None)).token_lists == [[2, 3, 4, 9]]
+    prop.rollback(weak, weak.num_tokens)
+    # a first position that costs more than the order's first draft returns (weak: ~1 in 4) drafts nothing, but for
+    # one match in EXPLORE_CUT (evidence for that order); a reliable order and a fixed K are not cut
+    from engine.proposers.ngram import EXPLORE_CUT
+
+    prop.position_cost, prop.first_cost = 0.15, 0.4
+    drafted = []
+    for _ in range(2 * EXPLORE_CUT):
+        out = prop.propose(StepRows([weak, strong, row(weak.all_ids, 3, fixed=4)], [4, 4, 4], None)).token_lists
+        assert out[1:] == [[5, 6, 7, 8], [2, 3, 4, 9]]
+        drafted.append(out[0])
+        for r in (weak, strong):
+            prop.rollback(r, r.num_tokens)
+    assert drafted.count([]) == 2 * EXPLORE_CUT - 2 and drafted.count([2]) == 2, drafted
+    prop.first_cost = 0.2  # cheaper than the weak order's first draft: it drafts again
+    assert prop.propose(StepRows([weak], [4], None)).token_lists == [[2]]
     prop.release(weak)
     assert weak.seq_id not in prop._drafted
+
+
+def test_the_first_verified_positions_cost_comes_from_measured_forwards():
+    """At batch 1 a two-token verification costs more than a plain step by much more than the per-token cost of
+    longer ones (the one-row GEMV path ends there): the engine keeps moving averages of the target's forward by tokens
+    verified and gives n-gram the difference, in plain steps, never below the per-token cost."""
+    eng = tiny_engine(draft=False)
+    eng._verify_s, eng._plain_s, eng.verify_cost = {}, 0.0, 0.05
+    eng.observe_verify(1, 0.010, 0.011)
+    eng.observe_verify(2, 0.015)
+    assert abs(eng.first_cost - 0.005 / 0.011) < 1e-9
+    for _ in range(50):  # the two cost the same from now on: the average converges, one stall moves it little
+        eng.observe_verify(2, 0.010)
+    eng.observe_verify(2, 1.0)
+    assert eng.first_cost == eng.verify_cost
+    assert eng._verify_s[2] < 0.0115
 
 
 def test_engine_without_a_draft_model_drafts_by_ngram_exactly():
@@ -127,7 +159,9 @@ def test_auto_drafts_with_the_eagle_head_where_ngram_finds_no_match(monkeypatch)
     eng = tiny_pair_engine(eagle=True)
     prop = eng.proposers["eagle"]
     for temperature in (0.0, 0.9):
-        req = eng.add_request([5, 9, 17, 33, 65, 129], SamplingParams(max_new_tokens=20, temperature=temperature))
+        # ignore_eos: a sampled first token may be the EOS (1 run in ~40), and the request would end at its prefill
+        req = eng.add_request([5, 9, 17, 33, 65, 129], SamplingParams(max_new_tokens=20, temperature=temperature,
+                                                                      ignore_eos=True))
         while not req.prefilled:
             eng.step()
         n = req.num_tokens

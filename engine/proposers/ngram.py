@@ -8,9 +8,14 @@ its matches. A match of one token predicts far less than a match of four: on pla
 openings the first draft after a 4-, 3-, 2- and 1-token match was accepted 41%, 39%, 38% and 21% of the time, and
 the second after a 1-token match about 10%. Where the engine sets ``position_cost`` (what verifying one more
 position costs, in plain steps: at batch 1 the measured ``verify_cost``), a draft stops before the first position
-whose survival for that match order is below it; the first position always stays (the plan's own decision, and the
-evidence that keeps the counts current). Positions past a cut are never drafted again only while they would not
-pay: the counts forget with every draft, and survival past the last drafted position follows its measured ratio.
+whose survival for that match order is below it. The first position has a cost of its own, ``first_cost``: a step
+that verifies two tokens instead of one leaves the one-row GEMV path for a GEMM of two rows and a masked attention
+(on the 2-core CPU, demo target: 1.19x a plain step with two threads, 1.46x with one; each further position
+~0.05). An order whose first draft is accepted less often than that drafts nothing: the row decodes plain, or drafts
+with its fallback (an ``auto`` row: the draft model or the EAGLE head). Every ``EXPLORE_CUT``-th such match still
+drafts one token, the evidence that keeps that order's counts current (they forget only with its own drafts).
+Positions past a cut are never drafted again only while they would not pay: survival past the last drafted
+position follows its measured ratio.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
 MAX_N, MIN_N = 4, 1
 ORDER_PRIOR = [0.5 ** (i + 1) for i in range(MAX_DRAFT_TOKENS)]  # survival before a match order has drafted
 ORDER_PRIOR_WEIGHT = 2.0  # pseudo-drafts of that prior
+EXPLORE_CUT = 8  # of the matches of an order whose first position does not pay, this share still drafts one token
 
 
 class _Index:
@@ -81,12 +87,18 @@ class NgramProposer:
         self.by_order = {n: RecentAcceptance() for n in range(MIN_N, MAX_N + 1)}  # engine-wide, per match order
         self._drafted: dict[int, tuple[int, int, int]] = {}  # seq_id -> (its tokens then, order, drafted) this step
         self.position_cost = 0.0  # set by the engine per step; 0: draft every position the plan asked for
+        self.first_cost = 0.0  # ... and of the first position (0: it always drafts)
+        self._cuts = {n: 0 for n in range(MIN_N, MAX_N + 1)}  # per match order: matches whose first position did not pay
 
     def length(self, order: int, k: int) -> int:
-        """How many of the ``k`` planned positions a match of ``order`` tokens drafts (at least one)."""
-        if self.position_cost <= 0 or k <= 1:
+        """How many of the ``k`` planned positions a match of ``order`` tokens drafts (0: none pays, see the module)."""
+        if self.position_cost <= 0 or k <= 0:
             return k
         s = survival(self.by_order[order], ORDER_PRIOR, ORDER_PRIOR_WEIGHT)
+        if s[0] <= self.first_cost:
+            self._cuts[order] += 1
+            if self._cuts[order] % EXPLORE_CUT:
+                return 0
         j = 1
         while j < k and s[j] > self.position_cost:
             j += 1
@@ -102,6 +114,9 @@ class NgramProposer:
                 continue
             if req.params.num_draft_tokens is None:  # a fixed K is the user's: drafted as asked
                 k = self.length(n, k)
+                if not k:
+                    out.append([])
+                    continue
             self._drafted[req.seq_id] = (req.num_tokens, n, k)
             out.append(follow(ids, end, k))
         return Proposal(out, None)
