@@ -331,8 +331,9 @@ class LLMEngine:
         one_offs = GraphRunner.one_offs
         for p in self.proposers.values():
             p.backlog = 0
-        # batch 1: a verified position costs verify_cost plain steps, and n-gram drafts only the positions that pay
-        # for it; in a batch a row's extra position costs the whole step (not measured per position: left uncut)
+        # batch 1: the first verified position costs first_cost plain steps, each further one verify_cost, and n-gram
+        # drafts only the positions that pay for it; in a batch a row's extra position costs the whole step (not
+        # measured per position: left uncut)
         ngram = self.proposers["ngram"]
         ngram.position_cost, ngram.first_cost = (self.verify_cost, self.first_cost) if len(plan) == 1 else (0.0, 0.0)
         results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)), self.threads)
