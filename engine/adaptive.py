@@ -63,6 +63,15 @@ CTX_BUCKETS = tuple(256 << i for i in range(10))  # 256 .. 131072 tokens
 _BUCKET_OF = [next(b for b in BUCKETS if b >= n) for n in range(BUCKETS[-1] + 1)]
 
 
+def clamped_ema(old: float | None, seconds: float, weight: float = EMA) -> float:
+    """A moving average of step times (``weight``: the past's) that one stall (another process, a page fault) cannot
+    drag: an observation counts as at most STALL_CLAMP times the average. A faster step is real (the first timing of
+    a K may have paid one-off costs); a slower one moves the average by at most (STALL_CLAMP - 1) x (1 - weight)."""
+    if old is None:
+        return seconds
+    return weight * old + (1 - weight) * min(seconds, STALL_CLAMP * old)
+
+
 def bucket(batch: int) -> int:
     return _BUCKET_OF[batch] if 0 <= batch < len(_BUCKET_OF) else next((b for b in BUCKETS if b >= batch), BUCKETS[-1])
 
@@ -124,10 +133,7 @@ class StepTimes:
         if old is None:
             self._keys.setdefault(key[:2], []).append(key)
             self._bucket_keys.setdefault(key[1], []).append(key)
-        else:  # one stall (another process, a page fault) must not flip the decision; a faster
-            seconds = min(seconds, STALL_CLAMP * old)  # step is real (the first timing of a K may have paid one-off
-            # costs); a slower one moves the average by at most (STALL_CLAMP - 1) x 20%
-        self.avg[key] = seconds if old is None else EMA * old + (1 - EMA) * seconds
+        self.avg[key] = clamped_ema(old, seconds)
 
     def _scale(self, b: int, frm: int, to: int) -> float:
         """Factor from context bucket ``frm`` to ``to`` at batch bucket ``b``: the ratio of plain decoding's

@@ -18,7 +18,7 @@ from collections import deque
 import torch
 
 from engine import cleanup, observe, prefill
-from engine.adaptive import STALL_CLAMP, Policy, best_k
+from engine.adaptive import Policy, best_k, clamped_ema
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, SamplingParams
 from engine.cuda_graphs import GraphRunner
@@ -106,8 +106,8 @@ class LLMEngine:
         # batch 1: the first verified position's extra cost, in plain steps (a two-token verification leaves the
         # one-row GEMV path), from moving averages of the target's forward by tokens verified (warm-up, then steps)
         self.first_cost = 0.1
-        self._verify_s: dict[int, float] = {}
-        self._plain_s = 0.0
+        self._verify_s: dict[int, float] = {}  # tokens verified (1, 2) -> seconds of the target's forward
+        self._plain_s: float | None = None  # seconds of a whole plain step
         self.alpha_prior = 0.6
         self.stopped = False
         self._prefilled_last = False
@@ -399,7 +399,7 @@ class LLMEngine:
         verified position's cost (``first_cost``)."""
         t1 = timing.target_s / (1.0 + self.verify_cost * kmax)
         self.t_target1 = EMA * self.t_target1 + (1 - EMA) * t1 if self.t_target1 else t1
-        if batch == 1:
+        if batch == 1 and kmax <= 1:
             self.observe_verify(kmax + 1, timing.target_s, timing.total_s if kmax == 0 else None)
         if kmax > 0 and timing.propose_s > 0 and methods in ({"model"}, {"eagle"}):
             cost = timing.propose_s / kmax / self.t_target1
@@ -409,14 +409,11 @@ class LLMEngine:
                 self.eagle_cost = EMA * self.eagle_cost + (1 - EMA) * cost
 
     def observe_verify(self, tokens: int, forward_s: float, plain_step_s: float | None = None) -> None:
-        """A batch-1 target forward over ``tokens`` took ``forward_s`` (and a plain step, all of it, ``plain_step_s``):
-        update the moving averages ``first_cost`` comes from (a stall moves them by at most STALL_CLAMP)."""
-        def ema(old: float | None, x: float) -> float:
-            return x if not old else EMA * old + (1 - EMA) * min(x, STALL_CLAMP * old)
-
-        self._verify_s[tokens] = ema(self._verify_s.get(tokens), forward_s)
+        """A batch-1 target forward over ``tokens`` (1 or 2) took ``forward_s`` (and a plain step, all of it,
+        ``plain_step_s``): update the moving averages ``first_cost`` comes from (``adaptive.clamped_ema``)."""
+        self._verify_s[tokens] = clamped_ema(self._verify_s.get(tokens), forward_s, EMA)
         if plain_step_s is not None:
-            self._plain_s = ema(self._plain_s, plain_step_s)
+            self._plain_s = clamped_ema(self._plain_s, plain_step_s, EMA)
         one, two = self._verify_s.get(1), self._verify_s.get(2)
         if one and two and self._plain_s:
             self.first_cost = max(self.verify_cost, (two - one) / self._plain_s)

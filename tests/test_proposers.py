@@ -74,7 +74,7 @@ def test_the_first_verified_positions_cost_comes_from_measured_forwards():
     longer ones (the one-row GEMV path ends there): the engine keeps moving averages of the target's forward by tokens
     verified and gives n-gram the difference, in plain steps, never below the per-token cost."""
     eng = tiny_engine(draft=False)
-    eng._verify_s, eng._plain_s, eng.verify_cost = {}, 0.0, 0.05
+    eng._verify_s, eng._plain_s, eng.verify_cost = {}, None, 0.05
     eng.observe_verify(1, 0.010, 0.011)
     eng.observe_verify(2, 0.015)
     assert abs(eng.first_cost - 0.005 / 0.011) < 1e-9
