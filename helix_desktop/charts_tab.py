@@ -205,7 +205,7 @@ class ChartsTab(QWidget):
                 f"Adaptive draft length: the engine recommends K = {adaptive.get('recommended_k')} "
                 f"(acceptance prior α = {adaptive.get('alpha_prior', 0):.2f}, draft cost "
                 f"{adaptive.get('draft_cost', 0):.2f} and verify cost {adaptive.get('verify_cost', 0):.2f} "
-                f"of a target step; alone, the first verified token costs "
+                f"of a target step per token, the first verified token "
                 f"{adaptive.get('first_position_cost', adaptive.get('verify_cost', 0)):.2f}).{why}" + (f" Acceptance by method: {by_method}." if by_method else ""))
 
     def _refresh_methods(self, x: np.ndarray) -> None:
