@@ -112,13 +112,14 @@ def causal_mask(positions: torch.Tensor, num_keys: int) -> torch.Tensor:
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                     batch: AttnBatch, scale: float) -> torch.Tensor:
-    """q: [B, N, Hq, D]; k, v: [B, N, Hkv, D] (new tokens); pools: [slots, Hkv, D]. Returns [B, N, Hq * D]."""
+    """q: [B, N, Hq, D]; k, v: [B, Nk, Hkv, D] (new tokens; N = Nk, or fewer queries: the last N of each row's new
+    tokens, with ``batch.mask`` theirs); pools: [slots, Hkv, D]. Returns [B, N, Hq * D]."""
     b, n, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
     t = batch.num_keys
-    k_pool.index_copy_(0, batch.slot_mapping, k.reshape(b * n, hkv, d))
-    v_pool.index_copy_(0, batch.slot_mapping, v.reshape(b * n, hkv, d))
+    k_pool.index_copy_(0, batch.slot_mapping, k.reshape(-1, hkv, d))
+    v_pool.index_copy_(0, batch.slot_mapping, v.reshape(-1, hkv, d))
     if batch.run is not None:  # one row in consecutive slots: read in place
         keys = k_pool.narrow(0, batch.run, t).view(b, t, hkv, d).transpose(1, 2)  # [1, Hkv, T, D]
         values = v_pool.narrow(0, batch.run, t).view(b, t, hkv, d).transpose(1, 2)

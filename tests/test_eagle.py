@@ -111,6 +111,33 @@ def test_paged_drafting_matches_the_training_unroll(target, pack, monkeypatch):
         assert table.num_tokens == t + 1 and len(table.blocks) == prop.blocks.blocks_needed(t + 1)
 
 
+def test_last_only_forward_writes_every_pairs_keys_and_gives_the_last_output(target):
+    """Reading real pairs, the proposer runs attention and the MLP for each row's last pair only: the K/V written for
+    every pair and the last output are those of the full forward (rows of different lengths: the last query's mask)."""
+    from engine.attention import AttnBatch, causal_mask
+
+    head = random_eagle_head(target, seed=6)
+    d, n, t = head.cfg.hidden_size, 5, 9
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, V, (2, n), generator=gen)
+    feats = torch.randn(2, n, d, generator=gen)
+    pos = torch.tensor([[2, 3, 4, 5, 6], [4, 5, 6, 7, 8]])  # row 0 ends two keys before row 1
+    slots = (pos + torch.tensor([[0], [16]])).reshape(-1)
+    gather = (torch.arange(t)[None] + torch.tensor([[0], [16]])).reshape(-1)
+    outs, pools = [], []
+    for last_only in (False, True):
+        kp, vp = (torch.randn(40, head.cfg.num_key_value_heads, head.cfg.head_dim, generator=torch.Generator()
+                              .manual_seed(7)) for _ in range(2))
+        mask = causal_mask(pos[:, -1:] if last_only else pos, t)
+        with torch.no_grad():
+            outs.append(head.forward_paged(ids, feats, pos, AttnBatch(slots, gather, mask, t), kp, vp, last_only))
+        pools.append((kp, vp))
+    full, last = outs
+    assert last.shape == (2, 1, d)
+    assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
+    assert torch.equal(pools[0][0], pools[1][0]) and torch.equal(pools[0][1], pools[1][1])
+
+
 def _word_engine(head_seed: int = 0) -> LLMEngine:
     tok = word_tokenizer(8)
     target = tiny_llama(8, layers=4, hidden=32, heads=2, kv_heads=1, seed=21)

@@ -154,9 +154,12 @@ class EagleHead(nn.Module):
 
     # ------------------------------------------------------------------ shared layer math
     def _layer(self, emb: torch.Tensor, feat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend,
-               proj) -> torch.Tensor:
+               proj, last_only: bool = False) -> torch.Tensor:
         """emb, feat ``[B, N, D]`` -> the layer's pre-norm output ``[B, N, D]`` (the next step's feature).
-        ``attend(q, k, v)`` ([B, N, H, hd] each) returns ``[B, N, Hq * hd]``; ``proj`` applies the weights."""
+        ``attend(q, k, v)`` (q ``[B, Nq, Hq, hd]``, k and v ``[B, N, Hkv, hd]``) returns ``[B, Nq, Hq * hd]``;
+        ``proj`` applies the weights. ``last_only``: the output of each row's last position only (``[B, 1, D]``);
+        K/V are still made for all N. With one layer nothing else reads the other positions' outputs: a real pair's
+        successor reads the target's feature, not the head's, so attention and the MLP run for one query a row."""
         cfg, layer = self.cfg, self.midlayer
         b, n, d = feat.shape
         hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -168,6 +171,8 @@ class EagleHead(nn.Module):
         qk = rotate(qkv[:, : (hq + hkv) * hd].view(b, n, hq + hkv, hd), cos, sin)  # q and k rotated in one go
         q, k = qk[:, :, :hq], qk[:, :, hq:]
         v = qkv[:, (hq + hkv) * hd:].view(b, n, hkv, hd)
+        if last_only and n > 1:
+            q, residual, n = q[:, -1:], residual[:, -1:], 1
         x = proj.o(attend(q, k, v).reshape(b * n, hq * hd), residual.reshape(b * n, d))
         gate, up = proj.gate_up(rms_norm(x, layer.post_attention_layernorm.weight, eps)).split(cfg.intermediate_size, -1)
         return proj.down(F.silu(gate) * up, x).view(b, n, d)
@@ -276,14 +281,15 @@ class EagleHead(nn.Module):
                        pk=self._fused.fc_p).view(*aux.shape[:-1], -1)
 
     def forward_paged(self, ids: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
-                      k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+                      k_pool: torch.Tensor, v_pool: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Incremental forward: ids, positions ``[B, N]``, feats ``[B, N, D]`` (fused) -> pre-norm outputs
-        ``[B, N, D]``; the new pairs' K/V are written to their slots in the pools ``[slots, Hkv, hd]``."""
+        ``[B, N, D]`` (``[B, 1, D]`` at each row's last position with ``last_only``: ``batch.mask`` is then that
+        query's); the new pairs' K/V are written to their slots in the pools ``[slots, Hkv, hd]``."""
         proj = self._fused or _TrainProj(self)
         cos, sin = self._cos_sin(positions, feats.dtype)
         scale = self.cfg.head_dim ** -0.5
         attend = lambda q, k, v: paged_attention(q, k, v, k_pool, v_pool, batch, scale)  # noqa: E731
-        return self._layer(self.embed(ids), feats, cos, sin, attend, proj)
+        return self._layer(self.embed(ids), feats, cos, sin, attend, proj, last_only)
 
 
 class _TrainProj:

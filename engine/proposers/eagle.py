@@ -315,13 +315,16 @@ class EagleProposer:
             ids_t, pos_t = meta[: b * n].view(b, n), meta[b * n: 2 * b * n].view(b, n)
             t_len = max(s + k for s, k in zip(starts, lens))
             table = self.tables.table.index_select(0, meta[3 * b * n:])
-            needs_mask = n > 1 or min(s + k for s, k in zip(starts, lens)) < t_len
+            # only each row's last pair is a query (forward_paged's last_only): it sees every key of a row that
+            # reaches the longest, so a mask is needed only where rows end apart
+            needs_mask = min(s + k for s, k in zip(starts, lens)) < t_len
             run = self.tables.run_slot(rows[0][0], t_len, bs) if b == 1 else None  # one row: read in place
             gather = key_slots(table, t_len, bs).reshape(-1) if run is None else None
-            batch = AttnBatch(meta[2 * b * n: 3 * b * n], gather, causal_mask(pos_t, t_len) if needs_mask else None,
-                              t_len, run=run)
+            batch = AttnBatch(meta[2 * b * n: 3 * b * n], gather,
+                              causal_mask(pos_t[:, -1:], t_len) if needs_mask else None, t_len, run=run)
             with torch.inference_mode(), eager_attention(dev):
-                out = head.forward_paged(ids_t, feats, pos_t, batch, self.pool.keys[0], self.pool.values[0])
+                out = head.forward_paged(ids_t, feats, pos_t, batch, self.pool.keys[0], self.pool.values[0],
+                                         last_only=True)
         except BaseException:
             for seq_id, start in grown:
                 self.blocks.truncate(seq_id, start)
