@@ -133,7 +133,7 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed
             residual: torch.Tensor | None = None, pk: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W^T (+ b) (+ residual)`` for 2-D ``x``; the residual add is fused into the GEMM. ``pk``:
     the weight's oneDNN-packed copy, used for GEMMs of several rows (:mod:`engine.models.packed`)."""
-    if pk is not None and x.shape[0] >= packed.MIN_ROWS:
+    if pk is not None and packed.use_packed(x.shape[0], w):
         return packed.linear(x, pk, b, residual)
     if not transposed:
         if residual is None:

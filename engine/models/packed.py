@@ -17,7 +17,18 @@ weight (in x out)  rows   mm          packed       the step it is
 =================  =====  ==========  ===========  ===========
 
 So one-row GEMMs keep MKL and every GEMM of ``MIN_ROWS`` rows or more on a big enough weight runs
-packed. The packed copy doubles those weights' memory, so packing is skipped when the copy would
+packed, except over weights of at most ``SMALL_BYTES``: there MKL keeps GEMMs of up to 3 rows. MKL
+reads such a weight a second time from the caches, where oneDNN pays a fixed cost per call. Measured
+in a loop over a model's weights (cold, as in a forward; one thread, ms per pass, packed -> this rule):
+
+- demo target (48 weights of 0.25-1.5 MiB): 2 rows 9.8 -> 8.3, 3 rows 12.6 -> 10.2; its whole forward
+  of 2 tokens 14.5 -> 11.8 ms and of 3 tokens 14.8 -> 13.5 (one token: 9.8);
+- Qwen2.5-0.5B shapes (qkv and o, 3-4 MiB, under the limit): 2 rows 33.3 -> 32.0, 3 rows 38.9 -> 35.3.
+
+Over weights past the caches (Qwen2.5-0.5B's MLP, 17-35 MiB) MKL at 2 rows took 1.8x its one-row time
+(it streams the weight twice) and oneDNN 1.6x, so big weights keep oneDNN from 2 rows.
+
+The packed copy doubles those weights' memory, so packing is skipped when the copy would
 take more than ``MAX_RAM_FRACTION`` of the machine's RAM (``HELIX_PACKED_GEMM=1/0`` forces it).
 
 Results differ from MKL's in the last bits (~4e-5 absolute on fp32 logits-scale values), as two
@@ -32,6 +43,8 @@ import os
 import torch
 
 MIN_ROWS = 2  # GEMMs with at least this many rows use the packed weight
+SMALL_BYTES = 8 << 20  # ... except over a weight of at most this size: from SMALL_MIN_ROWS rows
+SMALL_MIN_ROWS = 4
 MIN_ELEMENTS = 1 << 17  # smaller weights (e.g. 256 x 256) are faster on MKL at every small row count
 MAX_RAM_FRACTION = 0.25
 _PACK_HINT = 8  # the row count the blocked layout is chosen for (8 and 32 measured the same)
@@ -111,6 +124,13 @@ def pack(w: torch.Tensor, transposed: bool) -> torch.Tensor:
     reorder = _ops()[0]
     with torch.no_grad():
         return reorder((w.t() if transposed else w).contiguous(), _PACK_HINT)
+
+
+def use_packed(rows: int, w: torch.Tensor) -> bool:
+    """Whether a GEMM of ``rows`` rows over weight ``w`` (which has a packed copy) runs packed."""
+    if rows < MIN_ROWS:
+        return False
+    return rows >= SMALL_MIN_ROWS or w.numel() * w.element_size() > SMALL_BYTES
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, b: torch.Tensor | None,
