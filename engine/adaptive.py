@@ -50,7 +50,9 @@ PROBE_CATCH_UP = 0.03  # a probe's catch-up at most this share of the plain time
 SHARED_MEMORY = 64  # drafts: the shared estimate follows the recent workload (another model, other prompts)
 EXPLORE_EVERY = 16  # speculative steps between one-step tries of K+1
 MIN_SHARED_EVIDENCE = 8.0  # drafts a method must have been measured for before its prior alone may rule it out
-RECHECK = 8  # while plain, steps between re-evaluations (each costs ~25 us per method)
+RECHECK = 16  # while plain, steps between re-evaluations (a full decision costs ~35 us on this CPU) ...
+RECHECK_MAX = 64  # ... growing with the probe interval after failed probes, up to this: on an H200 at acceptance
+# ~0 the re-evaluations of plain rows took 20-100 us of a 2.7-3.7 ms step, 1-3% behind plain decoding
 SPEC_RECHECK = 4  # while speculating, steps between re-evaluations: at batch 8 a full decision for every row
 # every step cost ~0.3 ms of host time, 5-9% of a CUDA-graph step of a 1B model on an H200
 SPEC_RECHECK_FROM = 4  # ... from this batch bucket on; smaller batches re-decide every step (a row costs ~25 us)
@@ -293,6 +295,12 @@ class AdaptiveState:
             self.probing = False
 
 
+def _recheck(state: AdaptiveState) -> int:
+    """Plain steps between re-evaluations of a plain request: RECHECK, and longer once its probes failed (the
+    probe interval has doubled), up to RECHECK_MAX; a probe that is due, or a new batch bucket, re-decides anyway."""
+    return min(RECHECK_MAX, RECHECK * max(1, state.probe_every // PROBE_FIRST))
+
+
 def survival(stats: SpecDecodingStats | RecentAcceptance | None, prior: list[float], weight: float,
              fade: float = 0.0) -> list[float]:
     """s_i = P(first i+1 drafts all accepted), counts shrunk towards ``prior``, non-increasing. With ``fade``, the
@@ -448,12 +456,14 @@ class Policy:
 
     def reuse(self, state: AdaptiveState, methods: Collection[str], batch: int) -> Decision | None:
         """The request's last decision when it still stands this step (None: decide with ``choose``): while
-        plain, re-evaluated every RECHECK steps and at probes; while speculating, every SPEC_RECHECK steps and
-        at explore steps. Cheap, as it runs for every row at every step."""
+        plain, re-evaluated every RECHECK steps (more after failed probes, ``_recheck``), at probes and when the
+        batch bucket changes; while speculating, every SPEC_RECHECK steps and at explore steps. Cheap, as it runs
+        for every row at every step."""
         last = state.last
         if last is None or last.forced:
             return None
-        if last.k == 0 and state.plain_steps % RECHECK and not self._probe_due(state, state.plain_steps + 1):
+        if last.k == 0 and state.plain_steps % _recheck(state) and bucket(batch) == state.bucket \
+                and not self._probe_due(state, state.plain_steps + 1):
             state.plain_steps += 1
         elif last.k and state.spec_steps % SPEC_RECHECK and self.clock % EXPLORE_EVERY and last.method in methods \
                 and bucket(batch) == state.bucket >= SPEC_RECHECK_FROM:

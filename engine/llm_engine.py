@@ -419,11 +419,13 @@ class LLMEngine:
             self.first_cost = max(self.verify_cost, (two - one) / self._plain_s)
 
     # ------------------------------------------------------------------ output
-    def _emit(self, req: Request, tokens: list[int], logits: list[torch.Tensor], sources) -> None:
+    def _emit(self, req: Request, tokens: list[int], logits: torch.Tensor, sources) -> None:
         if isinstance(sources, str):
             sources = [sources] * len(tokens)
         now = time.perf_counter()
-        for tok, row_logits, source in zip(tokens, logits, sources):
+        want_logprobs = req.params.logprobs is not None  # only then a row of logits is read (iterating the tensor
+        # would make a view per token: ~4 us of a ~15 us emit)
+        for i, (tok, source) in enumerate(zip(tokens, sources)):
             if req.status is Status.FINISHED:
                 return
             req.output_ids.append(tok)
@@ -435,8 +437,8 @@ class LLMEngine:
             is_eos = tok in self.eos_ids and not req.params.ignore_eos
             text = "" if is_eos else req.detok.add(tok)
             lp = top = None
-            if req.params.logprobs is not None:
-                lp, top = top_logprobs(row_logits, tok, req.params.logprobs)
+            if want_logprobs:
+                lp, top = top_logprobs(logits[i], tok, req.params.logprobs)
             req.emit(TokenEvent(req.request_id, tok, text, len(req.output_ids) - 1, source, now - req.arrival, lp, top))
             if is_eos:
                 self._finish(req, "eos")
