@@ -425,13 +425,14 @@ class LLMEngine:
         now = time.perf_counter()
         want_logprobs = req.params.logprobs is not None  # only then a row of logits is read (iterating the tensor
         # would make a view per token: ~4 us of a ~15 us emit)
+        emitted = 0
         for i, (tok, source) in enumerate(zip(tokens, sources)):
             if req.status is Status.FINISHED:
-                return
+                break
             req.output_ids.append(tok)
             req.stats.num_generated_tokens += 1
             self.tokens_generated += 1
-            self._count_recent(now, 1)
+            emitted += 1
             if req.stats.ttft_s is None:
                 req.stats.ttft_s = now - req.arrival
             is_eos = tok in self.eos_ids and not req.params.ignore_eos
@@ -446,6 +447,8 @@ class LLMEngine:
                 self._finish(req, "stop")
             elif req.remaining <= 0 or req.num_tokens >= self.max_context:
                 self._finish(req, "length")
+        if emitted:
+            self._count_recent(now, emitted)  # the recent-rate window: one entry per step and row, not per token
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         self.scheduler.remove(req)
