@@ -201,12 +201,13 @@ class ChartsTab(QWidget):
             decision = adaptive.get("decision") or {}
             why = f" Last decision: {decision['reason']}." if decision.get("reason") else ""
             by_method = ", ".join(f"{m} {a * 100:.0f}%" for m, a in (adaptive.get("acceptance_by_method") or {}).items())
+            verify = adaptive.get("verify_cost", 0)
             self.adaptive_label.setText(
                 f"Adaptive draft length: the engine recommends K = {adaptive.get('recommended_k')} "
                 f"(acceptance prior α = {adaptive.get('alpha_prior', 0):.2f}, draft cost "
-                f"{adaptive.get('draft_cost', 0):.2f} and verify cost {adaptive.get('verify_cost', 0):.2f} "
-                f"of a target step per token, the first verified token "
-                f"{adaptive.get('first_position_cost', adaptive.get('verify_cost', 0)):.2f}).{why}" + (f" Acceptance by method: {by_method}." if by_method else ""))
+                f"{adaptive.get('draft_cost', 0):.2f} and verify cost {verify:.2f} of a target step per token, "
+                f"the first verified token {adaptive.get('first_position_cost', verify):.2f}).{why}"
+                + (f" Acceptance by method: {by_method}." if by_method else ""))
 
     def _refresh_methods(self, x: np.ndarray) -> None:
         """A curve pair per method (created when it first appears) and the methods table."""
