@@ -74,7 +74,47 @@ def test_packed_cpu_gemms_match_transformers(arch, monkeypatch):
     lean = _check_ragged(arch)
     assert lean.lean.packing.startswith("packed"), lean.lean.packing
     assert lean.lean.lm_head_p is not None and all(layer.gate_up_p is not None for layer in lean.lean.layers)
-    assert used and min(used) >= packed.SMALL_MIN_ROWS  # GEMMs of 1-3 rows over small weights stay on MKL
+    assert used and min(used) >= packed.small_min_rows()  # fewer rows over small weights stay on MKL
+
+
+def test_small_weights_run_packed_from_the_row_count_measured_faster(monkeypatch):
+    """Whether GEMMs of 2-3 rows over small weights run packed is measured once per process (MKL wins on some CPUs,
+    oneDNN on others): from the first row count where packed takes under SMALL_WIN of MKL's time, else from
+    SMALL_MIN_ROWS; the measurement is kept, and HELIX_PACKED_SMALL_ROWS sets it instead."""
+    monkeypatch.delenv("HELIX_PACKED_SMALL_ROWS", raising=False)
+    w = torch.randn(64, 96)  # [in, out], as the CPU keeps weights
+    pairs = [(w, packed.pack(w, True))]
+    calls = []
+
+    def timer_where(packed_wins_from: int, tie: bool = False):
+        def timer(fn) -> float:
+            rows = fn.__defaults__[0][0].shape[0]
+            calls.append((fn.__name__, rows))
+            fn()  # the real GEMMs run: the closures must work on these weights
+            if fn.__name__ == "mkl":
+                return 1.0
+            return 0.97 if tie else (0.5 if rows >= packed_wins_from else 1.5)
+        return timer
+
+    for wins_from, want in ((2, 2), (3, 3), (4, packed.SMALL_MIN_ROWS)):
+        monkeypatch.setattr(packed, "_small_rows", None)
+        assert packed.calibrate_small_rows(pairs, True, timer_where(wins_from)) == want
+        assert packed.small_min_rows() == want and packed.use_packed(want, w) and not packed.use_packed(want - 1, w)
+    monkeypatch.setattr(packed, "_small_rows", None)
+    assert packed.calibrate_small_rows(pairs, True, timer_where(2, tie=True)) == packed.SMALL_MIN_ROWS  # a tie: MKL
+    assert {name for name, _ in calls} == {"mkl", "onednn"} and {rows for _, rows in calls} == {2, 3}
+    calls.clear()
+    assert packed.calibrate_small_rows(pairs, True, timer_where(2)) == packed.SMALL_MIN_ROWS and not calls  # kept
+    monkeypatch.setenv("HELIX_PACKED_SMALL_ROWS", "3")
+    assert packed.calibrate_small_rows(pairs, True) == 3 and packed.use_packed(3, w) and not packed.use_packed(2, w)
+    monkeypatch.setenv("HELIX_PACKED_SMALL_ROWS", "three")
+    with pytest.raises(ValueError, match="HELIX_PACKED_SMALL_ROWS"):
+        packed.calibrate_small_rows(pairs, True)
+    monkeypatch.delenv("HELIX_PACKED_SMALL_ROWS")
+    monkeypatch.setattr(packed, "_small_rows", None)
+    monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)
+    why = _runner(_make_model("llama"), True).lean.packing  # a real measurement, on this machine
+    assert "small weights packed from" in why and "MKL" in why and "packed" in why, why
 
 
 def test_packing_is_skipped_with_a_reason(monkeypatch):

@@ -2,7 +2,7 @@
 
 MKL (torch's CPU BLAS) streams a weight fast for one row (a GEMV) but runs a GEMM of 2-32 rows at a
 small fraction of the core's peak. oneDNN with the weight reordered once into its blocked layout
-does much better there. Measured on the 2-core EPYC here (one thread, fp32, µs per GEMM, mm = MKL
+does much better there. Measured on the earlier 2-core EPYC (one thread, fp32, µs per GEMM, mm = MKL
 over the ``[in, out]`` weight, packed = ``mkldnn::_linear_pointwise`` over the reordered weight):
 
 =================  =====  ==========  ===========  ===========
@@ -17,16 +17,21 @@ weight (in x out)  rows   mm          packed       the step it is
 =================  =====  ==========  ===========  ===========
 
 So one-row GEMMs keep MKL and every GEMM of ``MIN_ROWS`` rows or more on a big enough weight runs
-packed, except over weights of at most ``SMALL_BYTES``: there MKL keeps GEMMs of up to 3 rows. MKL
-reads such a weight a second time from the caches, where oneDNN pays a fixed cost per call. Measured
-in a loop over a model's weights (cold, as in a forward; one thread, ms per pass, packed -> this rule):
+packed, except, on some CPUs, GEMMs of 2-3 rows over weights of at most ``SMALL_BYTES``. Whether MKL or
+oneDNN wins there depends on the CPU, so it is measured once per process, at the first load that packs
+such weights (``calibrate_small_rows``: the model's own small weights in a loop, as in a forward, 2 and
+3 rows, the two ways alternating; ~50 ms for the demo target). Measured in such loops (one thread, ms
+per pass, or per whole forward of the demo target):
 
-- demo target (48 weights of 0.25-1.5 MiB): 2 rows 9.8 -> 8.3, 3 rows 12.6 -> 10.2; its whole forward
-  of 2 tokens 14.5 -> 11.8 ms and of 3 tokens 14.8 -> 13.5 (one token: 9.8);
-- Qwen2.5-0.5B shapes (qkv and o, 3-4 MiB, under the limit): 2 rows 33.3 -> 32.0, 3 rows 38.9 -> 35.3.
+- the earlier 2-core EPYC (the sessions before 2026-12-02): MKL wins. Demo target, loop at 2 rows packed 9.8
+  -> MKL 8.3, 3 rows 12.6 -> 10.2; its forward of 2 tokens 14.5 -> 11.8 ms, of 3 tokens 14.8 -> 13.5
+  (one token: 9.8). Qwen2.5-0.5B's qkv and o (3-4 MiB): 2 rows 33.3 -> 32.0, 3 rows 38.9 -> 35.3.
+- the 2-core EPYC of 2026-12-02 (CPU family 26, AVX-512; ~3x the earlier one's speed): oneDNN wins. The demo
+  target's forward, 300 alternating pairs: 2 tokens MKL 4.65 -> packed 4.05 ms, 3 tokens 5.09 -> 4.12
+  (one token 3.56; 4 tokens 3.93 either way).
 
 Over weights past the caches (Qwen2.5-0.5B's MLP, 17-35 MiB) MKL at 2 rows took 1.8x its one-row time
-(it streams the weight twice) and oneDNN 1.6x, so big weights keep oneDNN from 2 rows.
+(it streams the weight twice) and oneDNN 1.6x, so big weights keep oneDNN from 2 rows everywhere.
 
 The packed copy doubles those weights' memory, so packing is skipped when the copy would
 take more than ``MAX_RAM_FRACTION`` of the machine's RAM (``HELIX_PACKED_GEMM=1/0`` forces it).
@@ -39,18 +44,26 @@ BLAS libraries do; a probe at load compares the two and disables packing when th
 from __future__ import annotations
 
 import os
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 
 MIN_ROWS = 2  # GEMMs with at least this many rows use the packed weight
-SMALL_BYTES = 8 << 20  # ... except over a weight of at most this size: from SMALL_MIN_ROWS rows
-SMALL_MIN_ROWS = 4
+SMALL_BYTES = 8 << 20  # ... except over a weight of at most this size: from the measured row count
+SMALL_MIN_ROWS = 4  # that count before it is measured, and where the measurement cannot decide
+SMALL_WIN = 0.95  # packed must take under 95% of MKL's time at a row count to take it over (a load-time measurement
+# on a busy machine is noisy; a tie keeps MKL)
+CALIBRATION_REPS = 9  # timed loops per way and row count, alternating
 MIN_ELEMENTS = 1 << 17  # smaller weights (e.g. 256 x 256) are faster on MKL at every small row count
 MAX_RAM_FRACTION = 0.25
 _PACK_HINT = 8  # the row count the blocked layout is chosen for (8 and 32 measured the same)
 
 
 _OPS: tuple | None = None
+_small_rows: int | None = None  # measured by calibrate_small_rows (None: not yet; SMALL_MIN_ROWS meanwhile)
+_small_note = ""
 
 
 def _ops():
@@ -116,7 +129,72 @@ def pack_all(slots: list[tuple[object, str, torch.Tensor]], transposed: bool) ->
     if ok:
         for owner, attr, w in slots:
             setattr(owner, attr, pack(w, transposed))
+        small = [(w, getattr(owner, attr)) for owner, attr, w in slots if w.numel() * w.element_size() <= SMALL_BYTES]
+        if small:
+            calibrate_small_rows(small, transposed)
+            why += f"; {_small_note}"
     return why
+
+
+def small_min_rows() -> int:
+    """The row count from which GEMMs over small weights run packed (measured once per process)."""
+    return _small_rows or SMALL_MIN_ROWS
+
+
+def calibrate_small_rows(weights: list[tuple[torch.Tensor, torch.Tensor]], transposed: bool,
+                         timer: Callable[[Callable[[], None]], float] | None = None) -> int:
+    """Measure, once per process, whether GEMMs of 2 or 3 rows over ``weights`` (``(weight, packed copy)`` pairs of
+    one model, at most ``SMALL_BYTES`` each) run faster packed than on MKL here; sets and returns the row count
+    from which they run packed (``small_min_rows``). ``HELIX_PACKED_SMALL_ROWS=N`` sets it instead. ``timer``
+    (tests) times one call of its argument; default: the wall time of a loop over every weight, the two ways
+    alternating ``CALIBRATION_REPS`` times, medians compared."""
+    global _small_rows, _small_note
+    forced = os.environ.get("HELIX_PACKED_SMALL_ROWS")
+    if forced:
+        try:
+            _small_rows = max(MIN_ROWS, int(forced))
+        except ValueError:
+            raise ValueError(f"HELIX_PACKED_SMALL_ROWS must be a row count, not {forced!r}") from None
+        _small_note = f"small weights packed from {_small_rows} rows (HELIX_PACKED_SMALL_ROWS)"
+        return _small_rows
+    if _small_rows is not None:
+        return _small_rows
+    timer = timer or _wall_time
+    gen = torch.Generator().manual_seed(0)
+    found, notes = SMALL_MIN_ROWS, []
+    with torch.inference_mode():
+        for rows in range(MIN_ROWS, SMALL_MIN_ROWS):
+            xs = [torch.randn(rows, w.shape[0] if transposed else w.shape[1], generator=gen, dtype=w.dtype)
+                  for w, _ in weights]
+
+            def mkl(xs=xs):
+                for x, (w, _) in zip(xs, weights):
+                    torch.mm(x, w) if transposed else torch.nn.functional.linear(x, w)
+
+            def onednn(xs=xs, op=_ops()[1]):
+                for x, (_, pk) in zip(xs, weights):
+                    op(x, pk, None, "none", [], "")
+
+            mkl(), onednn()  # first calls: allocations, oneDNN's primitive cache
+            times: dict[str, list[float]] = {"mkl": [], "packed": []}
+            for rep in range(CALIBRATION_REPS):
+                for name, fn in (("mkl", mkl), ("packed", onednn)) if rep % 2 else (("packed", onednn), ("mkl", mkl)):
+                    times[name].append(timer(fn))
+            t_mkl, t_packed = statistics.median(times["mkl"]), statistics.median(times["packed"])
+            notes.append(f"{rows} rows MKL {1e3 * t_mkl:.2f} / packed {1e3 * t_packed:.2f} ms")
+            if t_packed < SMALL_WIN * t_mkl:
+                found = rows
+                break
+    _small_rows = found
+    _small_note = (f"small weights packed from {found} rows (measured over {len(weights)} weights: "
+                   f"{'; '.join(notes)})")
+    return found
+
+
+def _wall_time(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def pack(w: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -130,7 +208,7 @@ def use_packed(rows: int, w: torch.Tensor) -> bool:
     """Whether a GEMM of ``rows`` rows over weight ``w`` (which has a packed copy) runs packed."""
     if rows < MIN_ROWS:
         return False
-    return rows >= SMALL_MIN_ROWS or w.numel() * w.element_size() > SMALL_BYTES
+    return rows >= (_small_rows or SMALL_MIN_ROWS) or w.numel() * w.element_size() > SMALL_BYTES
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, b: torch.Tensor | None,
