@@ -58,6 +58,14 @@ SPEC_RECHECK = 4  # while speculating, steps between re-evaluations: at batch 8 
 SPEC_RECHECK_FROM = 4  # ... from this batch bucket on; smaller batches re-decide every step (a row costs ~25 us)
 FIT_TRUST = 9  # observations at which a K's own average counts fully (the effective sample of an EMA of 0.8)
 FIT_WEIGHT = 3.0  # pseudo-observations of the line through every measured K in a K's predicted time
+PLAIN_STALE = 32  # timed steps at a batch size after which plain decoding's time there is measured again, for one
+# step with every row plain, where speculation is predicted to gain less than REFRESH_BELOW: while a batch drafts,
+# nothing times a plain step, and a plain average taken in a slow phase of the machine stands. On the 2-core CPU at
+# 8 clients with a useless draft, plain's average rose to 6.8 ms in a slow phase; n-gram K = 1 then looked nearly
+# as cheap (7.1 ms, timed earlier) and, drafting on, ran at 5.2 ms against the stale 6.5 (predicted 1.02x plain)
+# where plain steps took ~4.2 ms: the pass ran 0.8x plain
+REFRESH_BELOW = 1.15  # a clear gain is not overturned by a plain time some percent off, and a refresh costs it a step
+STALE_WEIGHT = 0.5  # the weight of the past in a plain average measured again after PLAIN_STALE steps
 FIRST_REACH = 4  # the largest K a method may run at a batch size before any of its K was timed there ...
 REACH = 1  # ... and how far past its largest timed K: a prediction is trusted near what was measured only
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -125,17 +133,34 @@ class StepTimes:
         self._predicted: dict[tuple[str, int, int], tuple] = {}
         self._read_others = self._read_slope = False  # what the prediction being made read (see ``predicted``)
         self.context = CTX_BUCKETS[0]
+        self._timed: dict[int, int] = {}  # steps timed per batch bucket, every method and K
+        self._plain_at: dict[tuple[int, int], int] = {}  # (batch, context bucket) -> _timed when plain was last timed
 
     def observe(self, method: str, batch: int, k: int, seconds: float) -> None:
         key = ("plain", bucket(batch), self.context, 0) if k == 0 else (method, bucket(batch), self.context, k)
         self.count[key] = self.count.get(key, 0) + 1
         old = self.avg.get(key)
+        b = key[1]
+        n = self._timed[b] = self._timed.get(b, 0) + 1
+        weight = EMA
+        if k == 0:
+            age = self.plain_age(batch)
+            if age is not None and age - 1 >= PLAIN_STALE:
+                weight = STALE_WEIGHT  # an old average counts less: the machine may have changed pace since
+            self._plain_at[(b, self.context)] = n
         self._stamps[key[:2]] = self._stamps.get(key[:2], 0) + 1
         self._bucket_stamps[key[1]] = self._bucket_stamps.get(key[1], 0) + 1
         if old is None:
             self._keys.setdefault(key[:2], []).append(key)
             self._bucket_keys.setdefault(key[1], []).append(key)
-        self.avg[key] = clamped_ema(old, seconds)
+        self.avg[key] = clamped_ema(old, seconds, weight)
+
+    def plain_age(self, batch: int) -> int | None:
+        """Steps timed at this batch bucket since plain decoding was last timed there at the current context bucket
+        (None: never)."""
+        b = bucket(batch)
+        at = self._plain_at.get((b, self.context))
+        return None if at is None else self._timed.get(b, 0) - at
 
     def _scale(self, b: int, frm: int, to: int) -> float:
         """Factor from context bucket ``frm`` to ``to`` at batch bucket ``b``: the ratio of plain decoding's
@@ -407,6 +432,12 @@ class Policy:
 
     def observe(self, method: str, k: int, accepted: int) -> None:
         self.shared.setdefault(method, RecentAcceptance()).observe_draft(k, accepted)
+
+    def plain_refresh_due(self, batch: int, best_gain: float) -> bool:
+        """Whether a step planned to draft at ``batch`` for at most ``best_gain`` (predicted, over plain) runs plain
+        instead, to time plain decoding again (PLAIN_STALE, REFRESH_BELOW)."""
+        age = self.times.plain_age(batch)
+        return age is not None and age >= PLAIN_STALE and best_gain < REFRESH_BELOW
 
     def evidence(self, method: str) -> float:
         """Drafts of ``method`` measured on this engine (recent ones weigh most)."""

@@ -326,7 +326,7 @@ class LLMEngine:
         self.policy.tick(max(r.num_tokens for r in reqs))
         planned = {r: self._choose(r, len(reqs)) for r in reqs}
         planned = self.planner.one_k_per_method(self.planner.one_drafting_model(planned, len(reqs)))
-        plan = self._make_room(self.planner.cap_batch(planned))
+        plan = self._make_room(self.planner.refresh_plain(self.planner.cap_batch(planned), len(reqs)))
         self._fault("decode", list(plan))
         one_offs = GraphRunner.one_offs
         for p in self.proposers.values():

@@ -144,6 +144,28 @@ class StepPlanner:
             return plan
         return {r: (min(k, cap), m) for r, (k, m) in plan.items()}
 
+    def refresh_plain(self, plan: Plan, batch: int) -> Plan:
+        """Every row plain for this step where plain decoding's time at this batch size is stale and the drafting rows
+        were predicted a marginal gain (``Policy.plain_refresh_due``): nothing else times plain while a batch drafts.
+        Not where a drafting row has a fixed K or must measure, probe or explore."""
+        gains = []
+        for r, (k, _m) in plan.items():
+            if not k:
+                continue
+            d = r.adaptive.last
+            if r.params.num_draft_tokens is not None or d is None or d.forced:
+                return plan
+            gains.append(d.gains.get(k, 0.0))
+        if not gains:
+            return plan
+        policy = self.engine.policy
+        if not policy.plain_refresh_due(batch, max(gains)):
+            return plan
+        policy.decision = Decision(0, policy.decision.method, f"timing plain decoding again at batch {batch}: its "
+                                   f"time is {policy.times.plain_age(batch)} steps old and drafting was predicted "
+                                   f"{max(gains):.2f}x plain at most", forced=True)
+        return {r: (0, m) for r, (_k, m) in plan.items()}
+
     def fallbacks(self, plan: Plan, batch: int) -> Plan:
         """(K, method) for adaptive n-gram rows where the lookup finds no match: the draft model or the EAGLE head,
         whichever adaptive predicts fastest, and only where it predicts a gain over plain decoding."""

@@ -626,3 +626,68 @@ def test_kept_predictions_equal_fresh_ones():
                 assert got == want, (step, m, b, slope)
                 checked += 1
     assert checked == 600 * 9 and kept > checked // 3  # most predictions were kept, and all were right
+
+
+class _Row:
+    """A request as the step planner reads it: its parameters and its last adaptive decision."""
+
+    def __init__(self, k: int, gain: float, forced: bool = False, fixed: int | None = None):
+        from types import SimpleNamespace
+
+        from engine.adaptive import Decision
+
+        self.params = SimpleNamespace(num_draft_tokens=fixed)
+        self.adaptive = SimpleNamespace(last=Decision(k, "ngram", "planned", {0: 1.0, k: gain}, forced=forced))
+
+
+def test_a_stale_plain_time_is_measured_again_where_drafting_gains_little():
+    """While a batch drafts nothing times a plain step, and a plain average taken in a slow phase of the machine
+    made n-gram look as cheap as plain at batch 8 (0.8x plain for a pass). After PLAIN_STALE timed steps, a step
+    whose drafting rows were predicted under REFRESH_BELOW runs every row plain, and that time counts for more."""
+    from types import SimpleNamespace
+
+    from engine.adaptive import EMA, PLAIN_STALE, REFRESH_BELOW, STALE_WEIGHT
+    from engine.step_plan import StepPlanner
+
+    policy = Policy()
+    times = policy.times
+    assert times.plain_age(8) is None
+    times.observe("", 8, 0, 0.0065)  # plain timed in a slow phase
+    times.observe("", 1, 0, 0.0030)  # another batch size has its own age
+    for _ in range(PLAIN_STALE - 1):
+        times.observe("ngram", 8, 1, 0.0052)
+    assert times.plain_age(8) == PLAIN_STALE - 1 and times.plain_age(1) == 0
+    planner = StepPlanner(SimpleNamespace(policy=policy))
+    rows = [_Row(1, 1.02) for _ in range(7)] + [_Row(0, 1.0)]
+    plan = {r: (r.adaptive.last.k, "ngram") for r in rows}
+    assert planner.refresh_plain(dict(plan), 8) == plan  # not stale yet
+    times.observe("ngram", 8, 1, 0.0052)
+    assert planner.refresh_plain(dict(plan), 8) == {r: (0, "ngram") for r in rows}
+    assert "timing plain decoding again at batch 8" in policy.decision.reason
+    for keep in ([_Row(1, REFRESH_BELOW + 0.05)], [_Row(1, 1.02, forced=True)], [_Row(1, 1.02, fixed=1)]):
+        mixed = {**plan, **{r: (1, "ngram") for r in keep}}
+        assert planner.refresh_plain(dict(mixed), 8) == mixed  # a clear gain, a probe, a fixed K: the plan stands
+    times.observe("", 8, 0, 0.0042)  # the refresh: an old average counts less
+    key = ("plain", 8, times.context, 0)
+    assert abs(times.avg[key] - (STALE_WEIGHT * 0.0065 + (1 - STALE_WEIGHT) * 0.0042)) < 1e-12
+    assert times.plain_age(8) == 0 and not policy.plain_refresh_due(8, 1.0)
+    before = times.avg[key]
+    times.observe("", 8, 0, 0.0042)  # a fresh average: the usual weight
+    assert abs(times.avg[key] - (EMA * before + (1 - EMA) * 0.0042)) < 1e-12
+
+
+def test_engine_runs_the_plain_refresh_and_stays_exact(monkeypatch):
+    """In the engine: where the refresh is due, steps the rows planned to draft run plain (and are timed as plain),
+    and the output is plain decoding's."""
+    plain = tiny_engine().generate([5, 6, 7, 8], SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True,
+                                                                speculative=False)).token_ids
+    eng = tiny_engine()
+    monkeypatch.setattr(eng.policy, "plain_refresh_due", lambda batch, gain: True)
+    seen = []
+    real = eng.planner.refresh_plain
+    monkeypatch.setattr(eng.planner, "refresh_plain",
+                        lambda plan, batch: seen.append((dict(plan), out := real(plan, batch))) or out)
+    got = eng.generate([5, 6, 7, 8], SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True)).token_ids
+    assert got == plain
+    refreshed = [out for before, out in seen if any(k for k, _ in before.values()) and out != before]
+    assert refreshed and all(k == 0 for out in refreshed for k, _ in out.values())
