@@ -50,6 +50,11 @@ PROBE_CATCH_UP = 0.03  # a probe's catch-up at most this share of the plain time
 SHARED_MEMORY = 64  # drafts: the shared estimate follows the recent workload (another model, other prompts)
 EXPLORE_EVERY = 16  # speculative steps between one-step tries of K+1
 MIN_SHARED_EVIDENCE = 8.0  # drafts a method must have been measured for before its prior alone may rule it out
+TIME_TRIES = 3  # steps in which a method never timed at a batch size, beside one that was, is tried there (a step
+# that caught up or mixed methods is not timed): otherwise its time there comes from batch 1's cost slope. In process
+# at 8 clients on the 2-core CPU, the draft model was timed at batch 8 and the EAGLE head, predicted from batch 1,
+# was not; the batch drafted with the draft model for ~65 steps, then switched to the head at a 500-token catch-up
+TIME_CATCH_UP = 2.0  # ... unless its catch-up for the row would cost more than this many plain steps
 RECHECK = 16  # while plain, steps between re-evaluations (a full decision costs ~35 us on this CPU) ...
 RECHECK_MAX = 64  # ... growing with the probe interval after failed probes, up to this: on an H200 at acceptance
 # ~0 the re-evaluations of plain rows took 20-100 us of a 2.7-3.7 ms step, 1-3% behind plain decoding
@@ -174,6 +179,10 @@ class StepTimes:
         ratios = [self.avg[(m, bb, cc, kk)] / self.avg[(m, bb, frm, kk)] for (m, bb, cc, kk) in self._bucket_keys.get(b, ())
                   if cc == to and self.avg.get((m, bb, frm, kk))]
         return sum(ratios) / len(ratios) if ratios else 1.0
+
+    def timed(self, method: str, batch: int) -> bool:
+        """Whether some K of ``method`` was timed at this batch bucket (any context)."""
+        return any(k for (_m, _b, _c, k) in self._keys.get((method, bucket(batch)), ()))
 
     def plain(self, batch: int) -> float | None:
         b, c = bucket(batch), self.context
@@ -390,6 +399,7 @@ class Policy:
         # per (method, alpha, version of its shared counts): the shared prior's survival, the same for every row of a
         # step (the predicted step times are kept by StepTimes.predicted)
         self._shared_cache: dict[tuple, list[float]] = {}
+        self._timing_tries: dict[tuple[str, int], set[int]] = {}  # (method, batch bucket) -> clocks it was tried at
 
     def tick(self, context: int = 0) -> None:
         """One decode step begins; its longest row attends over ``context`` positions."""
@@ -504,6 +514,18 @@ class Policy:
         self.decision = last
         return last
 
+    def _untimed(self, options: dict[str, dict[int, float]], batch: int, catch_up: dict[str, float]) -> list[str]:
+        """Methods never timed at this batch bucket where another method is (TIME_TRIES, TIME_CATCH_UP)."""
+        if len(options) < 2:
+            return []
+        b = bucket(batch)
+        timed = {m for m in options if self.times.timed(m, batch)}
+        if not timed:
+            return []
+        t0 = self.times.plain(batch) or 0.0
+        return [m for m in options if m not in timed and len(self._timing_tries.get((m, b), ())) < TIME_TRIES
+                and catch_up.get(m, 0.0) <= TIME_CATCH_UP * t0]
+
     def _catch_up_wait(self, state: AdaptiveState, method: str, batch: int, seconds: float) -> int:
         """Further plain steps before a probe of ``method`` whose proposer would first read ``seconds`` of catch-up
         (tokens it skipped while the request decoded plain) costs at most PROBE_CATCH_UP of the plain time since
@@ -542,6 +564,7 @@ class Policy:
         options = {m: g for m, g in options.items() if g}
         own = {m: st.drafts_per_position[0] for m, st in state.stats.items()}
         unmeasured = [m for m in options if self.evidence(m) + own.get(m, 0) < MIN_SHARED_EVIDENCE]
+        untimed = [] if unmeasured else self._untimed(options, batch, catch_up or {})
         if not options:
             d = Decision(0, next(iter(methods)), f"timing plain decoding at batch {batch} first")
         elif unmeasured:  # a prior alone must not switch a method off for good: measure it first
@@ -551,6 +574,14 @@ class Policy:
             state.plain_steps = state.probe_after = 0
             d = Decision(k, method, f"measuring {method} K={k}: {self.evidence(method):.0f} drafts on this engine so "
                                     f"far (predicted {gains[k]:.2f}x plain)", gains, forced=True)
+        elif untimed:  # nor a cost slope measured at another batch size: time the method here
+            method = max(untimed, key=lambda m: max(g for kk, g in options[m].items() if kk))
+            gains = options[method]
+            k = max((kk for kk in gains if kk), key=gains.get)
+            state.plain_steps = state.probe_after = 0
+            self._timing_tries.setdefault((method, bucket(batch)), set()).add(self.clock)
+            d = Decision(k, method, f"timing {method} K={k} at batch {batch}, where other methods are timed "
+                                    f"(predicted {gains[k]:.2f}x plain)", gains, forced=True)
         else:
             method, k = max(((m, k) for m, g in options.items() for k in g), key=lambda mk: options[mk[0]][mk[1]])
             last = state.last

@@ -691,3 +691,35 @@ def test_engine_runs_the_plain_refresh_and_stays_exact(monkeypatch):
     assert got == plain
     refreshed = [out for before, out in seen if any(k for k, _ in before.values()) and out != before]
     assert refreshed and all(k == 0 for out in refreshed for k, _ in out.values())
+
+
+def test_a_method_untimed_at_a_batch_size_is_timed_there_before_predictions_stand():
+    """The draft model timed at batch 8 and the EAGLE head only at batch 1: the head's time at 8 would come from batch
+    1's cost slope alone (in process it kept the batch on the draft model for ~65 steps). It is tried there, on at
+    most TIME_TRIES steps (a step that caught up is not timed), and not where its catch-up would cost too much."""
+    from engine.adaptive import TIME_CATCH_UP, TIME_TRIES
+
+    policy = _policy(0.010, 0.002, batch=8, method="model")
+    policy.times.observe("", 1, 0, 0.004)
+    policy.times.observe("eagle", 1, 4, 0.005)
+    for method in ("model", "eagle"):  # both have acceptance evidence: only timing is missing
+        for _ in range(20):
+            policy.observe(method, 4, 3)
+    methods = {"model": 0.3, "eagle": 0.2}
+    assert policy.times.timed("model", 8) and not policy.times.timed("eagle", 8) and policy.times.timed("eagle", 1)
+    tries = []
+    for step in range(TIME_TRIES + 2):
+        policy.tick(64)
+        d = policy.choose(_state_with_acceptance(0.7, method="model"), methods, 8, alpha=0.7)
+        tries.append(d.forced and d.method == "eagle" and d.reason.startswith("timing eagle"))
+    assert tries == [True] * TIME_TRIES + [False, False], tries
+    fresh = Policy()
+    fresh.times = policy.times
+    for method in ("model", "eagle"):
+        for _ in range(20):
+            fresh.observe(method, 4, 3)
+    fresh.tick(64)
+    far_behind = {"eagle": 10 * TIME_CATCH_UP * fresh.times.plain(8)}
+    assert not fresh.choose(_state_with_acceptance(0.7, method="model"), methods, 8, 0.7, far_behind).forced
+    fresh.times.observe("eagle", 8, 4, 0.019)  # timed once: predictions stand
+    assert not fresh.choose(_state_with_acceptance(0.7, method="model"), methods, 8, alpha=0.7).forced
