@@ -138,23 +138,23 @@ class StepTimes:
         self._predicted: dict[tuple[str, int, int], tuple] = {}
         self._read_others = self._read_slope = False  # what the prediction being made read (see ``predicted``)
         self.context = CTX_BUCKETS[0]
-        self._timed: dict[int, int] = {}  # steps timed per batch bucket, every method and K
-        self._plain_at: dict[tuple[int, int], int] = {}  # (batch, context bucket) -> _timed when plain was last timed
+        self._plain_at: dict[tuple[int, int], int] = {}  # (batch, context bucket) -> its _bucket_stamps when plain was
+        # last timed there
 
     def observe(self, method: str, batch: int, k: int, seconds: float) -> None:
         key = ("plain", bucket(batch), self.context, 0) if k == 0 else (method, bucket(batch), self.context, k)
         self.count[key] = self.count.get(key, 0) + 1
         old = self.avg.get(key)
         b = key[1]
-        n = self._timed[b] = self._timed.get(b, 0) + 1
         weight = EMA
         if k == 0:
             age = self.plain_age(batch)
-            if age is not None and age - 1 >= PLAIN_STALE:
+            if age is not None and age >= PLAIN_STALE:
                 weight = STALE_WEIGHT  # an old average counts less: the machine may have changed pace since
-            self._plain_at[(b, self.context)] = n
         self._stamps[key[:2]] = self._stamps.get(key[:2], 0) + 1
-        self._bucket_stamps[key[1]] = self._bucket_stamps.get(key[1], 0) + 1
+        n = self._bucket_stamps[b] = self._bucket_stamps.get(b, 0) + 1
+        if k == 0:
+            self._plain_at[(b, self.context)] = n
         if old is None:
             self._keys.setdefault(key[:2], []).append(key)
             self._bucket_keys.setdefault(key[1], []).append(key)
@@ -165,7 +165,7 @@ class StepTimes:
         (None: never)."""
         b = bucket(batch)
         at = self._plain_at.get((b, self.context))
-        return None if at is None else self._timed.get(b, 0) - at
+        return None if at is None else self._bucket_stamps.get(b, 0) - at
 
     def _scale(self, b: int, frm: int, to: int) -> float:
         """Factor from context bucket ``frm`` to ``to`` at batch bucket ``b``: the ratio of plain decoding's
@@ -181,8 +181,8 @@ class StepTimes:
         return sum(ratios) / len(ratios) if ratios else 1.0
 
     def timed(self, method: str, batch: int) -> bool:
-        """Whether some K of ``method`` was timed at this batch bucket (any context)."""
-        return any(k for (_m, _b, _c, k) in self._keys.get((method, bucket(batch)), ()))
+        """Whether some K of ``method`` was timed at this batch bucket (any context; plain is keyed "plain")."""
+        return bool(self._keys.get((method, bucket(batch))))
 
     def plain(self, batch: int) -> float | None:
         b, c = bucket(batch), self.context
@@ -567,21 +567,18 @@ class Policy:
         untimed = [] if unmeasured else self._untimed(options, batch, catch_up or {})
         if not options:
             d = Decision(0, next(iter(methods)), f"timing plain decoding at batch {batch} first")
-        elif unmeasured:  # a prior alone must not switch a method off for good: measure it first
-            method = max(unmeasured, key=lambda m: max(g for kk, g in options[m].items() if kk))
+        elif unmeasured or untimed:  # a prior alone must not switch a method off for good, nor a cost slope measured
+            # at another batch size: measure it first (its acceptance, else its step time at this batch size)
+            method = max(unmeasured or untimed, key=lambda m: max(g for kk, g in options[m].items() if kk))
             gains = options[method]
             k = max((kk for kk in gains if kk), key=gains.get)
             state.plain_steps = state.probe_after = 0
-            d = Decision(k, method, f"measuring {method} K={k}: {self.evidence(method):.0f} drafts on this engine so "
-                                    f"far (predicted {gains[k]:.2f}x plain)", gains, forced=True)
-        elif untimed:  # nor a cost slope measured at another batch size: time the method here
-            method = max(untimed, key=lambda m: max(g for kk, g in options[m].items() if kk))
-            gains = options[method]
-            k = max((kk for kk in gains if kk), key=gains.get)
-            state.plain_steps = state.probe_after = 0
-            self._timing_tries.setdefault((method, bucket(batch)), set()).add(self.clock)
-            d = Decision(k, method, f"timing {method} K={k} at batch {batch}, where other methods are timed "
-                                    f"(predicted {gains[k]:.2f}x plain)", gains, forced=True)
+            if unmeasured:
+                why = f"measuring {method} K={k}: {self.evidence(method):.0f} drafts on this engine so far"
+            else:
+                self._timing_tries.setdefault((method, bucket(batch)), set()).add(self.clock)
+                why = f"timing {method} K={k} at batch {batch}, where other methods are timed"
+            d = Decision(k, method, f"{why} (predicted {gains[k]:.2f}x plain)", gains, forced=True)
         else:
             method, k = max(((m, k) for m, g in options.items() for k in g), key=lambda mk: options[mk[0]][mk[1]])
             last = state.last

@@ -708,7 +708,7 @@ def test_a_method_untimed_at_a_batch_size_is_timed_there_before_predictions_stan
     methods = {"model": 0.3, "eagle": 0.2}
     assert policy.times.timed("model", 8) and not policy.times.timed("eagle", 8) and policy.times.timed("eagle", 1)
     tries = []
-    for step in range(TIME_TRIES + 2):
+    for _ in range(TIME_TRIES + 2):
         policy.tick(64)
         d = policy.choose(_state_with_acceptance(0.7, method="model"), methods, 8, alpha=0.7)
         tries.append(d.forced and d.method == "eagle" and d.reason.startswith("timing eagle"))
