@@ -326,3 +326,49 @@ def test_truncated_draft_shares_the_targets_weights():
 def test_shape_bench_usage_errors_exit_2(args, message, capsys):
     assert main.main(["bench", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_shape_bench_interleaves_what_a_target_compares():
+    """Every configuration runs one pass per round, the order rotated each round; each reports its median pass and
+    keeps every pass (the adaptive checks pair them by round)."""
+    from engine.bench.runs import PassResult
+    from engine.bench.shape_bench import interleaved
+
+    order, warmed = [], []
+
+    def config(label, speeds):
+        it = iter(speeds)
+
+        def run():
+            order.append(label)
+            return PassResult(tokens=int(next(it)), seconds=1.0)
+        return label, run, lambda: warmed.append(label)
+
+    got = interleaved([config("a", [10, 30, 20]), config("b", [5, 6, 7]), config("c", [1, 3, 2])], 3)
+    assert warmed == ["a", "b", "c"]
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert got["a"].tokens_per_second == 20 and got["a"].passes == [10, 30, 20]
+    assert got["b"].tokens_per_second == 6 and got["c"].passes == [1, 3, 2]
+
+
+def test_shape_targets_pair_adaptive_by_round():
+    """With passes kept, adaptive's checks are the median of per-round ratios (best fixed K chosen on the other
+    rounds), as on the CPU bench; a slow round shared by both sides then cancels. Without passes: medians."""
+    from engine.bench.shape_report import shape_targets
+
+    def row(method, k, passes, batch=1, level=0.5):
+        return {"method": method, "batch": batch, "acceptance_level": level, "k": k, "passes": passes,
+                "tokens_per_second": sorted(passes)[len(passes) // 2]}
+
+    # rounds 2 and 3 ran slow for everything; adaptive is 2% ahead of K = 4 and of plain in every round
+    rows = [row("helix plain", None, [100, 80, 80]), row("helix K=4", 4, [200, 160, 160]),
+            row("helix K=2", 2, [150, 120, 120]), row("helix adaptive", None, [204, 163.2, 163.2])]
+    res = {"shapes": [{"shape": "x", "prompts": {"32": {"rows": rows}}}]}
+    got = {t["target"]: t for t in shape_targets(res)}
+    assert got["adaptive_vs_best_k"]["measured"] == 1.02 and "paired by round" in got["adaptive_vs_best_k"]["what"]
+    assert got["adaptive_vs_plain"]["measured"] == 2.04
+    for r in rows:
+        r["passes"] = None
+    got = {t["target"]: t for t in shape_targets(res)}
+    assert got["adaptive_vs_best_k"]["measured"] == round(163.2 / 160, 3)
+    assert "paired" not in got["adaptive_vs_best_k"]["what"]

@@ -286,3 +286,32 @@ def test_cudnn_attention_switch_sets_and_restores_the_process_setting():
             assert not be.cudnn_sdp_enabled()
             raise RuntimeError("boom")
     assert be.cudnn_sdp_enabled() == start
+
+
+def test_weights_changed_in_place_reach_the_packed_copies(monkeypatch):
+    """The shape bench's acceptance knob scales weights in place; on the CPU the multi-row GEMMs read oneDNN-packed
+    copies, which kept the old values: verification rows ran another model than one-row decode steps (a TinyLlama
+    shape measured acceptance 0 at every ε, and greedy speculation left plain's output). ``refresh_packed``
+    packs them again, and the knob calls it."""
+    from engine.bench import shapes as sh
+
+    monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)
+    model = _make_model("llama")
+    want_runner, got_runner = _runner(model, False), _runner(model, True)
+    assert got_runner.lean.packing.startswith("packed")
+    knob = sh.AcceptanceKnob(model, 1)
+    rows = [RowInput(0, list(range(1, 9)), 8)]  # 8 rows per GEMM: the packed path
+
+    def check(what: str) -> None:
+        for r in (want_runner, got_runner):
+            r.free(0)
+        _assert_close(got_runner.forward(rows), want_runner.forward(rows), what)
+
+    check("before")
+    knob.set(0.1)
+    with pytest.raises(AssertionError):  # the stale copies: the bug this guards against
+        check("stale packed copies")
+    knob.on_change.append(got_runner.lean.refresh_packed)
+    knob.set(0.05)
+    check("after the knob, packed again")
+    assert got_runner.lean.refresh_packed() == len(got_runner.lean._packed_slots) > 0

@@ -49,6 +49,7 @@ class PassResult:
     drafts_per_position: list[int] = field(default_factory=list)
     draft_time_s: float = 0.0
     graph_captures: int = 0  # CUDA graphs captured inside the pass (set by the shape bench)
+    passes: list[float] | None = None  # the shape bench's median pass: every pass's tok/s, in round order
     target_time_s: float = 0.0
     target_calls: int = 0  # HF: target forward passes (iterations of assisted generation)
     draft_calls: int = 0  # HF: assistant forward passes (one drafted token each)

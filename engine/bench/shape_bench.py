@@ -90,7 +90,8 @@ def _row(method: str, batch: int, res, level: float | None = None, eps: float | 
             "acceptance_rate": round(res.num_accepted_tokens / drafted, 3) if drafted else None,
             # adaptive: drafted tokens per drafting step, and the share of steps that drafted at all
             "mean_k": round(drafted / res.num_drafts, 2) if res.num_drafts else None,
-            "graph_captures": res.graph_captures}  # CUDA graphs captured inside the timed pass
+            "graph_captures": res.graph_captures,  # CUDA graphs captured inside the timed passes
+            "passes": res.passes}  # every timed pass's tok/s (interleaved configurations)
 
 
 def _build(name: str, cfg: ShapeConfig, device, dtype, max_ctx: int):
@@ -109,6 +110,8 @@ def _build(name: str, cfg: ShapeConfig, device, dtype, max_ctx: int):
                        (name, f"{name}[:{layers}]"))
     engine.dtype_name = str(dtype).removeprefix("torch.")
     engine.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if engine.target.lean is not None:  # the target's packed copies (CPU) follow the knob
+        knob.on_change.append(engine.target.lean.refresh_packed)
     engine.warmup()
     return shape, layers, target, engine, knob
 
@@ -160,18 +163,22 @@ def run_shape(name: str, cfg: ShapeConfig, bandwidth: float, progress=_say) -> d
     return out
 
 
+def _warm(warm) -> None:
+    """Untimed: CUDA graph capture, HF's compile, allocator growth. Adaptive K meets new step shapes (another K, a
+    batch shrinking as requests finish) in a pass; warm again while a pass still captured graphs (a capture costs
+    tens of ms, a timed pass a few hundred): the bench measures the steady state, and says so."""
+    for _ in range(3):
+        before = GraphRunner.one_offs
+        warm()
+        if GraphRunner.one_offs == before:
+            break
+
+
 def _timer(info: dict, plen: int, progress, repeats: int = 1):
     t0 = time.perf_counter()
 
     def timed(label: str, fn, warm):
-        # untimed: CUDA graph capture, HF's compile, allocator growth. Adaptive K meets new step shapes (another K,
-        # a batch shrinking as requests finish) in a pass; warm again while a pass still captured graphs (a capture
-        # costs tens of ms, a timed pass a few hundred): the bench measures the steady state, and says so
-        for _ in range(3):
-            before = GraphRunner.one_offs
-            warm()
-            if GraphRunner.one_offs == before:
-                break
+        _warm(warm)
         before = GraphRunner.captures
         runs = sorted((fn() for _ in range(repeats)), key=lambda r: r.tokens_per_second)
         res = runs[len(runs) // 2]  # the median pass: one pass takes a few hundred ms, and the host jitters
@@ -182,44 +189,83 @@ def _timer(info: dict, plen: int, progress, repeats: int = 1):
     return timed
 
 
+def interleaved(configs: list[tuple[str, object, object]], repeats: int, say=None) -> dict[str, object]:
+    """``configs``: ``(label, run, warm)``. Warm each, then time ``repeats`` rounds in which every configuration
+    runs one pass, the order rotated each round; returns label -> the median pass (``passes``: every pass's
+    tok/s in round order). The configurations a target compares run side by side: on the H200 host plain's own
+    step moved 2.35 -> 2.63 ms between passes a minute apart, which decided checks of a few per cent when plain
+    ran once per prompt length and adaptive minutes later."""
+    for _, _, warm in configs:
+        _warm(warm)
+    passes: dict[str, list] = {label: [] for label, _, _ in configs}
+    captures = dict.fromkeys(passes, 0)
+    for rnd in range(repeats):
+        shift = rnd % len(configs)
+        for label, run, _ in configs[shift:] + configs[:shift]:
+            before = GraphRunner.captures
+            passes[label].append(run())
+            captures[label] += GraphRunner.captures - before
+    out = {}
+    for label, runs in passes.items():
+        res = sorted(runs, key=lambda r: r.tokens_per_second)[len(runs) // 2]
+        res.graph_captures = captures[label]
+        res.passes = [round(r.tokens_per_second, 1) for r in runs]
+        out[label] = res
+        if say:
+            say(f"{label}: {res.tokens_per_second:.1f} tok/s (passes {res.passes}"
+                f"{f', {res.graph_captures} graph captures' if res.graph_captures else ''})")
+    return out
+
+
 def _helix_rows(engine, knob, prompts, cfg: ShapeConfig, info: dict, progress) -> dict:
+    """Per acceptance level: plain, each fixed K and adaptive at batch 1 interleaved (``interleaved``), then plain,
+    the best fixed K and adaptive at ``concurrency`` clients interleaved. Plain's rows carry the level they ran
+    beside (its speed does not depend on ε)."""
     n, c, many = cfg.max_new_tokens, cfg.concurrency, cfg.concurrency * cfg.waves
-    timed = _timer(info, len(prompts[0]), progress, cfg.repeats)
+    t0 = time.perf_counter()
+    plen = len(prompts[0])
+
+    def say(msg: str) -> None:
+        progress(f"{info['shape']} prompt {plen}: {msg} ({time.perf_counter() - t0:.0f} s)")
+
     rows: list[dict] = []
     plain = Method("helix plain", "helix")
-    knob.set(1.0)
-    r = timed("helix plain b1", lambda: helix_pass(engine, prompts, plain, 0.0, n),
-              lambda: helix_pass(engine, prompts[:1], plain, 0.0, 16))
-    rows.append(_row("helix plain", 1, r))
-    r = timed(f"helix plain b{c}", lambda: helix_concurrent(engine, prompts, c, False, 0.0, n, requests=many),
-              lambda: helix_concurrent(engine, prompts, c, False, 0.0, 16))
-    rows.append(_row("helix plain", c, r))
+    ad = Method("helix adaptive", "helix", True, None)
     identical = {}
     for level in cfg.acceptance:
         eps = info["levels"][str(level)]["eps"]
         knob.set(eps)
         # ε changes the target itself: greedy identity compares with plain decoding of this same target
         plain_out = helix_pass(engine, prompts, plain, 0.0, n).outputs
+        b1 = [(f"acc~{level} helix plain b1", lambda: helix_pass(engine, prompts, plain, 0.0, n),
+               lambda: helix_pass(engine, prompts[:1], plain, 0.0, 16))]
         for k in cfg.ks:
             m = Method(f"helix K={k}", "helix", True, k)
-            r = timed(f"acc~{level} helix K={k} b1", lambda: helix_pass(engine, prompts, m, 0.0, n),
-                      lambda: helix_pass(engine, prompts[:1], m, 0.0, 16))
-            rows.append(_row(m.name, 1, r, level, eps, k))
-            identical[f"{level} K={k}"] = sum(a == b for a, b in zip(r.outputs, plain_out))
-        ad = Method("helix adaptive", "helix", True, None)
+            b1.append((f"acc~{level} helix K={k} b1", lambda m=m: helix_pass(engine, prompts, m, 0.0, n),
+                       lambda m=m: helix_pass(engine, prompts[:1], m, 0.0, 16)))
         # adaptive is warmed with the timed requests themselves: the Ks it tries (and explores) each need a
         # CUDA graph, captured once per process; a fixed K needs one, which the short warm-up captures
-        r = timed(f"acc~{level} helix adaptive b1", lambda: helix_pass(engine, prompts, ad, 0.0, n),
-                  lambda: helix_pass(engine, prompts, ad, 0.0, n))
-        rows.append(_row("helix adaptive", 1, r, level, eps))
+        b1.append((f"acc~{level} helix adaptive b1", lambda: helix_pass(engine, prompts, ad, 0.0, n),
+                   lambda: helix_pass(engine, prompts, ad, 0.0, n)))
+        got = interleaved(b1, cfg.repeats, say)
+        rows.append(_row("helix plain", 1, got[b1[0][0]], level, eps))
+        for k, (label, _, _) in zip(cfg.ks, b1[1:]):
+            rows.append(_row(f"helix K={k}", 1, got[label], level, eps, k))
+            identical[f"{level} K={k}"] = sum(a == b for a, b in zip(got[label].outputs, plain_out))
+        rows.append(_row("helix adaptive", 1, got[b1[-1][0]], level, eps))
         bk = _best_k(rows, level)
-        r = timed(f"acc~{level} helix K={bk} b{c}",
-                  lambda: helix_concurrent(engine, prompts, c, True, 0.0, n, k=bk, requests=many),
-                  lambda: helix_concurrent(engine, prompts, c, True, 0.0, n, k=bk))
-        rows.append(_row(f"helix K={bk}", c, r, level, eps, bk))
-        r = timed(f"acc~{level} helix adaptive b{c}", lambda: helix_concurrent(engine, prompts, c, True, 0.0, n, requests=many),
-                  lambda: helix_concurrent(engine, prompts, c, True, 0.0, n))
-        rows.append(_row("helix adaptive", c, r, level, eps))
+        bc = [(f"acc~{level} helix plain b{c}", lambda: helix_concurrent(engine, prompts, c, False, 0.0, n, requests=many),
+               lambda: helix_concurrent(engine, prompts, c, False, 0.0, 16)),
+              (f"acc~{level} helix K={bk} b{c}",
+               lambda: helix_concurrent(engine, prompts, c, True, 0.0, n, k=bk, requests=many),
+               lambda: helix_concurrent(engine, prompts, c, True, 0.0, n, k=bk)),
+              (f"acc~{level} helix adaptive b{c}",
+               lambda: helix_concurrent(engine, prompts, c, True, 0.0, n, requests=many),
+               lambda: helix_concurrent(engine, prompts, c, True, 0.0, n))]
+        got = interleaved(bc, cfg.repeats, say)
+        rows.append(_row("helix plain", c, got[bc[0][0]], level, eps))
+        rows.append(_row(f"helix K={bk}", c, got[bc[1][0]], level, eps, bk))
+        rows.append(_row("helix adaptive", c, got[bc[2][0]], level, eps))
     knob.set(1.0)
     return {"prompt_tokens": len(prompts[0]), "rows": rows, "greedy_identical_to_plain": identical,
             "num_prompts": len(prompts)}

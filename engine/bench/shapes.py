@@ -114,13 +114,16 @@ def truncated_draft(target, layers: int):
 
 class AcceptanceKnob:
     """Scales the deeper layers' output projections in place to a chosen ε (relative to the random
-    initialisation), keeping the current ε so each change is one multiplication."""
+    initialisation), keeping the current ε so each change is one multiplication. ``on_change`` callbacks run
+    after each change: copies of the weights made after the knob was built must follow it (the lean forward's
+    oneDNN-packed copies on the CPU, ``LeanCausalLM.refresh_packed``)."""
 
     def __init__(self, target, draft_layers: int):
         self.mods = []
         for layer in target.model.layers[draft_layers:]:
             self.mods += [layer.self_attn.o_proj, layer.mlp.down_proj]
         self.eps = 1.0
+        self.on_change: list = []
 
     @torch.no_grad()
     def set(self, eps: float) -> None:
@@ -130,6 +133,8 @@ class AcceptanceKnob:
         for m in self.mods:
             m.weight.mul_(factor)  # the lean forward and CUDA graphs read these same bytes
         self.eps = eps
+        for fn in self.on_change:
+            fn()
 
 
 def weight_bytes(model) -> int:

@@ -209,8 +209,17 @@ class LeanCausalLM:
         slots = [(layer, f"{name}_p", w) for layer in self.layers for name, w in layer.weights().items()]
         slots.append((self, "lm_head_p", self.lm_head))
         why = packed.pack_all(slots, self.transposed)
+        self._packed_slots = [s for s in slots if getattr(s[0], s[1]) is not None]
         logger.info("lean forward, CPU GEMMs of several rows: %s", why)
         return why
+
+    def refresh_packed(self) -> int:
+        """Pack again every weight that has a packed copy, after its values were changed in place (the packed
+        copy is a separate buffer: one-row GEMMs would read the new values, several-row ones the old); returns
+        how many were packed."""
+        for owner, attr, w in self._packed_slots:
+            setattr(owner, attr, packed.pack(w, self.transposed))
+        return len(self._packed_slots)
 
     # ------------------------------------------------------------------ rotary
     def _grow_rope(self, n: int) -> None:
