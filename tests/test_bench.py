@@ -299,6 +299,10 @@ def test_shape_bench_quick_cli_end_to_end(tmp_path, capsys):
     keys = {t["target"] for t in r["targets"]}
     assert {"plain_vs_hf_static", "concurrency", "adaptive_vs_best_k", "adaptive_vs_plain"} <= keys
     assert "| helix plain |" in (tmp_path / "shapes.md").read_text()
+    # --from-json re-renders a shape run (its targets evaluated again)
+    assert main.main(["bench", "--from-json", str(out), "--markdown"]) == 0
+    again = capsys.readouterr().out
+    assert "### targets (issues 15 and 14)" in again and "| helix plain |" in again
 
 
 def test_truncated_draft_shares_the_targets_weights():

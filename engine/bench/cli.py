@@ -200,6 +200,12 @@ def run_bench_command(args) -> int:
                 results = json.load(f)
         except (OSError, ValueError) as exc:
             return cli.usage_error(f"cannot read {args.from_json}: {exc}")
+        if results.get("kind") == "shapes":  # a --shape run: its tables, targets evaluated as they are now
+            from engine.bench.shape_report import format_shapes, shape_targets
+
+            results["targets"] = shape_targets(results)
+            print(format_shapes(results, markdown=args.markdown))
+            return 1 if args.strict and any(t["result"] == "MISS" for t in results["targets"]) else 0
         return _output(results, args)
     if args.no_draft:
         return cli.usage_error("bench compares speculative decoding: it needs a draft model (drop --no-draft)")
