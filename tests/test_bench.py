@@ -361,7 +361,7 @@ def test_shape_targets_pair_adaptive_by_round():
     from engine.bench.shape_report import shape_targets
 
     def row(method, k, passes, batch=1, level=0.5):
-        return {"method": method, "batch": batch, "acceptance_level": level, "k": k, "passes": passes,
+        return {"method": method, "batch": batch, "acceptance_level": level, "k": k, "tokens_per_second_runs": passes,
                 "tokens_per_second": sorted(passes)[len(passes) // 2]}
 
     # rounds 2 and 3 ran slow for everything; adaptive is 2% ahead of K = 4 and of plain in every round
@@ -372,7 +372,7 @@ def test_shape_targets_pair_adaptive_by_round():
     assert got["adaptive_vs_best_k"]["measured"] == 1.02 and "paired by round" in got["adaptive_vs_best_k"]["what"]
     assert got["adaptive_vs_plain"]["measured"] == 2.04
     for r in rows:
-        r["passes"] = None
+        r["tokens_per_second_runs"] = None
     got = {t["target"]: t for t in shape_targets(res)}
     assert got["adaptive_vs_best_k"]["measured"] == round(163.2 / 160, 3)
     assert "paired" not in got["adaptive_vs_best_k"]["what"]

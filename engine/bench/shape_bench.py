@@ -91,7 +91,8 @@ def _row(method: str, batch: int, res, level: float | None = None, eps: float | 
             # adaptive: drafted tokens per drafting step, and the share of steps that drafted at all
             "mean_k": round(drafted / res.num_drafts, 2) if res.num_drafts else None,
             "graph_captures": res.graph_captures,  # CUDA graphs captured inside the timed passes
-            "passes": res.passes}  # every timed pass's tok/s (interleaved configurations)
+            # every timed pass's tok/s, by round (interleaved): the key the CPU bench's paired targets read
+            "tokens_per_second_runs": res.passes}
 
 
 def _build(name: str, cfg: ShapeConfig, device, dtype, max_ctx: int):

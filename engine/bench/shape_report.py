@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from engine.bench.report import _fmt, _table, adaptive_vs_best_fixed, paired_ratio
+from engine.bench.report import _fmt, _table, _vs_plain, adaptive_vs_best_fixed
 
 TODAY_TINYLLAMA_TPS = 55.0  # issue 15: a 16-20 ms target step for the 1.1B shape before CUDA graphs (H200)
 
@@ -13,16 +13,11 @@ def _find(rows, method: str, batch: int = 1, level=None) -> dict | None:
                  and (level is None or r["acceptance_level"] == level)), None)
 
 
-def _runs(row: dict) -> dict:
-    """A row as :func:`engine.bench.report.adaptive_vs_best_fixed` reads it: its passes are rounds (the shape bench
-    interleaves the configurations it compares, ``shape_bench.interleaved``)."""
-    return {"tokens_per_second_runs": row.get("passes") or []}
-
-
 def shape_targets(results: dict) -> list[dict]:
-    """Issue 15's and 14's targets. Adaptive's checks are paired by round where the rows carry their passes, as the
-    CPU bench's are (the best fixed K chosen on the other rounds: ``adaptive_vs_best_fixed``); older results without
-    passes: the ratio of medians."""
+    """Issue 15's and 14's targets. Adaptive's checks are paired by round where the rows carry their passes
+    (``tokens_per_second_runs``: the shape bench interleaves what a check compares), as the CPU bench's are (the best
+    fixed K chosen on the other rounds: ``adaptive_vs_best_fixed``); older results without them: the ratio of
+    medians."""
     out = []
 
     def add(key, what, where, value, goal, bar=None, op=">="):
@@ -66,17 +61,13 @@ def shape_targets(results: dict) -> list[dict]:
                     if ad and fixed:
                         best = max(fixed, key=lambda r: r["tokens_per_second"])
                         raw = ad["tokens_per_second"] / best["tokens_per_second"]
-                        paired = adaptive_vs_best_fixed(_runs(ad), [_runs(r) for r in fixed])
+                        paired = adaptive_vs_best_fixed(ad, fixed)
                         add("adaptive_vs_best_k", f"adaptive / best fixed K (K={best['k']} by medians), batch {batch}"
                             + (f", paired by round (ratio of medians {raw:.3f})" if paired is not None else ""), lw,
                             raw if paired is None else paired, 0.97)
                     if ad and base and base["tokens_per_second"]:
-                        raw = ad["tokens_per_second"] / base["tokens_per_second"]
-                        paired = paired_ratio(ad.get("passes") or [], base.get("passes") or []) \
-                            if len(ad.get("passes") or []) == len(base.get("passes") or []) else None
-                        add("adaptive_vs_plain", f"adaptive / plain, batch {batch}"
-                            + (f", paired by round (ratio of medians {raw:.3f})" if paired is not None else ""), lw,
-                            raw if paired is None else paired, 0.98)
+                        what, value = _vs_plain(f"adaptive / plain, batch {batch}", ad, base)
+                        add("adaptive_vs_plain", what, lw, value, 0.98)
                 base = _find(rows, "helix plain", 1, level) or plain
                 if level >= 0.75 and base:
                     spec = [r for r in rows if r["acceptance_level"] == level and r["batch"] == 1
