@@ -58,11 +58,12 @@ TIME_CATCH_UP = 2.0  # ... unless its catch-up for the row would cost more than 
 RECHECK = 16  # while plain, steps between re-evaluations (a full decision costs ~35 us on this CPU) ...
 RECHECK_MAX = 64  # ... growing with the probe interval after failed probes, up to this: on an H200 at acceptance
 # ~0 the re-evaluations of plain rows took 20-100 us of a 2.7-3.7 ms step, 1-3% behind plain decoding
-SPEC_RECHECK = 4  # while speculating, steps between re-evaluations, at every batch size: at batch 8 a full decision
-# for every row every step cost ~0.3 ms of host time, 5-9% of a CUDA-graph step of a 1B model on an H200; at batch 1
-# one row's cost 0.2 ms of a 6 ms step there (TinyLlama shape, acceptance 0.5: adaptive's host work per step 0.52 ms
-# against fixed K's 0.32), and 150-250 us on the 2-core CPU of 2026-12-02 inside the decode loop, 3-5x what the
-# same call takes in a loop of its own (the forward in between leaves the caches cold)
+SPEC_RECHECK = 4  # while speculating, steps between re-evaluations: at batch 8 a full decision for every row
+# every step cost ~0.3 ms of host time, 5-9% of a CUDA-graph step of a 1B model on an H200
+SPEC_RECHECK_FROM = 4  # ... from this batch bucket on; smaller batches re-decide every step. Held at batch 1 too, one
+# row's decisions cost 0.2 ms less of a 6 ms H200 step (TinyLlama shape, acceptance 0.5), but on the 2-core CPU over
+# HTTP the default then ran 0.99-1.26x fixed K = 3 at batch 1 in three runs, against 1.42-1.49x in two runs of
+# re-deciding every step alternating with them (demo pair: n-gram matches and the head's acceptance change by the step)
 FIT_TRUST = 9  # observations at which a K's own average counts fully (the effective sample of an EMA of 0.8)
 FIT_WEIGHT = 3.0  # pseudo-observations of the line through every measured K in a K's predicted time
 PLAIN_STALE = 32  # timed steps at a batch size after which plain decoding's time there is measured again, for one
@@ -509,7 +510,7 @@ class Policy:
                 and not self._probe_due(state, state.plain_steps + 1):
             state.plain_steps += 1
         elif last.k and state.spec_steps % SPEC_RECHECK and self.clock % EXPLORE_EVERY and last.method in methods \
-                and bucket(batch) == state.bucket:
+                and bucket(batch) == state.bucket >= SPEC_RECHECK_FROM:
             state.spec_steps += 1  # speculating as decided a few steps ago (acceptance moves slowly)
         else:
             return None
