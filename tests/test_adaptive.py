@@ -735,3 +735,54 @@ def test_a_method_untimed_at_a_batch_size_is_timed_there_before_predictions_stan
     assert not fresh.choose(_state_with_acceptance(0.7, method="model"), methods, 8, 0.7, far_behind).forced
     fresh.times.observe("eagle", 8, 4, 0.019)  # timed once: predictions stand
     assert not fresh.choose(_state_with_acceptance(0.7, method="model"), methods, 8, alpha=0.7).forced
+
+
+def _correlated_drafts(recent, k: int, n: int, cond: list[float]) -> None:
+    """``n`` drafts of ``k`` tokens whose acceptance is correlated: of the drafts reaching position i, the share
+    ``cond[i]`` accepts it (deterministic: position i accepts where a Weyl sequence of its own falls below cond[i])."""
+    steps = [p ** 0.5 for p in (2, 3, 5, 7, 11, 13, 17, 19)]
+    for j in range(n):
+        accepted = 0
+        while accepted < k and (j * steps[accepted]) % 1.0 < cond[accepted]:
+            accepted += 1
+        recent.observe_draft(k, accepted)
+
+
+def test_shared_survival_carries_conditional_acceptance_to_positions_few_drafts_reach():
+    """Drafts are not independent: a draft past three tokens is in text it predicts well, so deep positions accept
+    more often than the first (on an H200, TinyLlama shape: 0.8-0.9 past position 4 where alpha was 0.5). After a
+    workload of short drafts, a deep position keeps what its own drafts measured and, where none did, continues at
+    the conditional acceptance before it, not at alpha^(i+1): that estimate read 0.01 at position 7 for a measured
+    0.25, and adaptive K stayed at 4-5 where 6 was faster."""
+    from engine.adaptive import ALPHA_FADE, ALPHA_WEIGHT, CARRY_WEIGHT, RecentAcceptance, survival_chain
+
+    cond = [0.6, 0.8, 0.85, 0.9, 0.9, 0.9, 0.9, 0.9]
+    recent = RecentAcceptance()
+    _correlated_drafts(recent, 8, 12, cond)  # a few deep drafts (a fixed K = 8 pass, or explored steps) ...
+    _correlated_drafts(recent, 4, 400, cond)  # ... then many short ones
+    s = survival_chain(recent, 0.5, ALPHA_WEIGHT, ALPHA_FADE, CARRY_WEIGHT)
+    true = [cond[0]]
+    for c in cond[1:]:
+        true.append(true[-1] * c)
+    assert all(abs(a - b) < 0.06 for a, b in zip(s[:4], true[:4])), (s, true)
+    assert all(x > 0.6 * t for x, t in zip(s[4:], true[4:])), (s, true)  # the deep drafts are not forgotten
+    assert s[7] > 0.5 ** 8 * 10
+
+    never = RecentAcceptance()  # positions no draft reached continue at the conditional before them
+    _correlated_drafts(never, 3, 200, cond)
+    s = survival_chain(never, 0.5, ALPHA_WEIGHT, ALPHA_FADE, CARRY_WEIGHT)
+    assert s[3] / s[2] > 0.75 and abs(s[7] / s[6] - s[3] / s[2]) < 0.02
+
+
+def test_a_request_follows_the_shared_curve_past_what_it_drafted():
+    """A request that drafted at most K = 2 continues past it at the shared estimate's conditional acceptance from its
+    own level, not at its own last ratio (which says nothing about deeper positions)."""
+    from engine.adaptive import survival
+
+    own = SpecDecodingStats()
+    for _ in range(30):
+        own.observe_draft(2, 2)  # everything it drafted was accepted
+    shared = [0.9, 0.8, 0.4, 0.2, 0.1, 0.05, 0.02, 0.01]
+    s = survival(own, shared, 8.0, follow=True)
+    assert s[1] > 0.9 and abs(s[2] / s[1] - 0.5) < 1e-9 and abs(s[3] / s[2] - 0.5) < 1e-9
+    assert survival(own, shared, 8.0)[2] > 0.9  # without follow: its own ratio, ~1, carried on
