@@ -1,6 +1,7 @@
 """The bench and the doctor on tiny models: end to end in seconds, every JSON field, clear user errors."""
 
 import json
+import statistics
 
 import pytest
 
@@ -132,6 +133,29 @@ def test_never_slower_targets_pair_the_rounds():
     assert [t["measured"] for t in evaluate_targets(results) if t["target"] == "adaptive_vs_plain"] == [0.9, 0.9]
 
 
+def test_adaptive_at_8_concurrent_is_compared_with_the_best_fixed_k_there():
+    """Issue 14's batch 8: the concurrency section's fixed-K rows at 8 concurrent against adaptive there, paired by
+    repeat with the K chosen on the other repeats; a K that wins everywhere makes adaptive miss."""
+    conc = [{"concurrency": 8, "mode": "plain", "speedup_vs_1": 4.0, "tokens_per_second": 400.0},
+            {"concurrency": 8, "mode": "speculative", "speedup_vs_1": 4.0, "tokens_per_second": 500.0,
+             "tokens_per_second_runs": [500.0, 400.0, 600.0], "temperature": 0.0, "vs_plain_paired": 1.2}]
+    fixed = [{"concurrency": 8, "mode": "K=2", "k": 2, "tokens_per_second": 480.0,
+              "tokens_per_second_runs": [480.0, 410.0, 560.0]},
+             {"concurrency": 8, "mode": "K=4", "k": 4, "tokens_per_second": 470.0,
+              "tokens_per_second_runs": [470.0, 380.0, 590.0]}]
+    results = {"scenarios": [], "concurrency": conc, "concurrency_fixed_k": fixed}
+
+    def got():
+        return [(t["where"], t["measured"], t["result"]) for t in evaluate_targets(results)
+                if t["target"] == "adaptive_vs_best_k"]
+
+    assert got() == [("T=0, 8 concurrent, K chosen on the other repeats (max of medians: K=2, 1.042)",
+                      round(statistics.median([500 / 480, 400 / 380, 600 / 560]), 3), "PASS")]
+    fixed[1]["tokens_per_second_runs"] = [560.0, 450.0, 680.0]  # K = 4 beats adaptive in every repeat
+    fixed[1]["tokens_per_second"] = 560.0
+    assert got()[0][2] == "MISS"
+
+
 def test_adaptive_vs_best_fixed_k_chooses_k_on_the_other_rounds():
     """The best fixed K is chosen without the round it is compared in, and compared in that round: a K whose median
     noise lifted above the others' does not set the bar, and a real gap stays."""
@@ -217,11 +241,14 @@ def test_bench_cli_quick_end_to_end(model_dirs, tmp_path, capsys):
 def test_bench_cli_draft_random_is_a_useless_draft(model_dirs, tmp_path):
     out = tmp_path / "useless.json"
     assert main.main(["bench", "--quick", "--target", str(model_dirs / "target"), "--draft", str(model_dirs / "draft"),
-                      "--device", "cpu", "--json", str(out), "--no-hf", "--ks", "2", "--concurrency", "1",
+                      "--device", "cpu", "--json", str(out), "--no-hf", "--ks", "2,3", "--concurrency", "1,8",
                       "--temperatures", "0", "--draft-random"]) == 0
     data = json.loads(out.read_text())
     assert data["machine"]["draft"].endswith("(random weights)")
     assert {t["target"] for t in data["targets"]} >= {"adaptive_vs_plain"}
+    # issue 14 at batch 8 too: every fixed K of the sweep ran at 8 concurrent beside adaptive, and is compared
+    assert [(r["concurrency"], r["k"]) for r in data["concurrency_fixed_k"]] == [(8, 2), (8, 3)]
+    assert any(t["target"] == "adaptive_vs_best_k" and "8 concurrent" in t["where"] for t in data["targets"])
     k2 = next(m for m in data["scenarios"][0]["methods"] if m["name"] == "helix spec K=2")
     assert k2["acceptance_rate"] is not None and k2["acceptance_rate"] < 0.5
 

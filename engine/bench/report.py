@@ -117,6 +117,21 @@ def evaluate_targets(results: dict) -> list[dict]:
                 else:  # each repeat ran both modes back to back: the median of their ratios
                     add("adaptive_vs_plain", f"T={row['temperature']:g}, 8 concurrent, paired by repeat (ratio of "
                                              f"medians {raw:.3f})", paired)
+    fixed_rows = results.get("concurrency_fixed_k") or []
+    for n in sorted({r["concurrency"] for r in fixed_rows}):
+        fixed = [r for r in fixed_rows if r["concurrency"] == n]
+        spec = next((r for r in conc if r["concurrency"] == n and r["mode"] == "speculative"), None)
+        if spec is None or not fixed:
+            continue
+        best = max(fixed, key=lambda r: r["tokens_per_second"])
+        raw = spec["tokens_per_second"] / best["tokens_per_second"] if best["tokens_per_second"] else None
+        where = f"T={spec['temperature']:g}, {n} concurrent"
+        loo = adaptive_vs_best_fixed(spec, fixed) if len(fixed) > 1 else None
+        if loo is None:
+            add("adaptive_vs_best_k", f"{where}, best K={best['k']}", raw)
+        else:
+            add("adaptive_vs_best_k", f"{where}, K chosen on the other repeats (max of medians: K={best['k']}, "
+                                      f"{raw:.3f})", loo)
     mem = results.get("memory")
     if mem:
         add("paged_over_stored", f"{mem['requests']} requests, {mem['models']}", mem["peak_paged_over_stored"])
@@ -239,6 +254,11 @@ def format_results(results: dict, markdown: bool = False) -> str:
         parts.append(f"{h}concurrency (scheduler, temperature {c0['temperature']:g}, {c0['max_new_tokens']} "
                      f"new tokens each, {waves} request(s) per client back to back, throughput in tokens/s)")
         parts += [concurrency_table(results["concurrency"], markdown), ""]
+        fixed = results.get("concurrency_fixed_k")
+        if fixed:
+            parts += [f"fixed K (draft model) at {fixed[0]['concurrency']} concurrent, tokens/s: "
+                      + ", ".join(f"K={r['k']} {r['tokens_per_second']:.1f} (accept length "
+                                  f"{_fmt(r['mean_acceptance_length'], '.2f')})" for r in fixed), ""]
     if results.get("memory"):
         parts += [f"{h}KV memory (mixed batch)", memory_table(results["memory"], markdown), ""]
     if results.get("profile"):

@@ -121,7 +121,7 @@ def helix_pass(engine, prompts: list[list[int]], method: Method, temperature: fl
 
 def helix_concurrent(engine, prompts: list[list[int]], n: int, speculative: bool, temperature: float,
                      max_new_tokens: int, seed: int = 0, on_step=None, k: int | None = None,
-                     requests: int | None = None) -> PassResult:
+                     requests: int | None = None, draft_method: str | None = None) -> PassResult:
     """``n`` clients, stepped together through the scheduler (``k`` None: adaptive): ``requests`` (default ``n``)
     requests in all, prompts cycled, at most ``n`` in flight; a client sends its next request as soon as its last
     one finishes (vLLM's ``benchmark_serving --max-concurrency``). One request each measures a closed batch,
@@ -129,7 +129,8 @@ def helix_concurrent(engine, prompts: list[list[int]], n: int, speculative: bool
     rows at a fraction of the batch's speed."""
     res = PassResult()
     done: list[FinishEvent] = []
-    method = Method("concurrent", "helix", speculative=speculative, k=k if speculative else None)
+    method = Method("concurrent", "helix", speculative=speculative, k=k if speculative else None,
+                    draft_method=draft_method)
     total = n if requests is None else max(n, requests)
     sent = 0
 

@@ -36,6 +36,7 @@ class BenchConfig:
     concurrency_tokens: int = 128
     concurrency_repeats: int = 3  # odd: the median is a pass, and the paired ratio has a middle
     concurrency_waves: int = 3  # requests per concurrent client, sent back to back (see runs.helix_concurrent)
+    fixed_k_concurrency: int = 8  # the concurrency level where every K of ``ks`` also runs fixed (issue 14's batch 8)
     memory_requests: int = 8
     memory_lengths: tuple[int, ...] = (16, 48, 96, 160, 256)
     profile_prompts: int = 2
@@ -108,6 +109,8 @@ def _count_passes(cfg: BenchConfig, num_prompts: int, eagle: bool = False) -> in
             1 if cfg.hf else 0)
         total += len(cfg.temperatures) * (warm + (n_helix + n_hf) * cfg.repeats * num_prompts)
     total += len(cfg.concurrency) * 2 * cfg.concurrency_repeats + 1
+    if cfg.fixed_k_concurrency in cfg.concurrency:
+        total += len(cfg.ks) * cfg.concurrency_repeats
     return total + 3  # memory + profile (2)
 
 
@@ -136,7 +139,9 @@ def run_bench(engine, prompts: list[str], cfg: BenchConfig = BenchConfig(), prog
                 best_k = best_k or scen["best_k_measured"]
                 results["scenarios"].append(scen)
                 checkpoint(results)
-        results["concurrency"] = _concurrency(engine, bench_ids, cfg, prog)
+        results["concurrency"], fixed = _concurrency(engine, bench_ids, cfg, prog)
+        if fixed:
+            results["concurrency_fixed_k"] = fixed
         checkpoint(results)
         results["memory"] = memory_bench(engine, ids, cfg.memory_requests, cfg.memory_lengths)
         prog.step("memory")
@@ -312,43 +317,51 @@ def _summaries(tracked: list[_Tracked]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- concurrency
-def _concurrency(engine, prompts, cfg: BenchConfig, prog: _Progress) -> list[dict]:
+def _concurrency(engine, prompts, cfg: BenchConfig, prog: _Progress) -> tuple[list[dict], list[dict]]:
+    """Plain and adaptive at each concurrency level; at ``fixed_k_concurrency`` also every fixed K of the sweep (the
+    draft model, as the batch-1 rows). Returns (the levels' rows, the fixed-K rows)."""
     temp = 0.0
     helix_concurrent(engine, prompts, 2, True, temp, min(8, cfg.concurrency_tokens), cfg.seed)  # warm-up
     prog.step("concurrency warm-up")
-    runs: dict[tuple[int, bool], list[PassResult]] = {}
+    runs: dict[tuple[int, bool, int | None], list[PassResult]] = {}
     for rep in range(cfg.concurrency_repeats):
         for n in cfg.concurrency:
-            # plain first in even repeats, speculative first in odd ones: on the 2-core VM a minute's speed moves by
-            # 10-25%, and a fixed order hands the drift to one mode
-            for spec in ((False, True) if rep % 2 == 0 else (True, False)):
-                res = helix_concurrent(engine, prompts, n, spec, temp, cfg.concurrency_tokens, cfg.seed,
-                                       requests=n * cfg.concurrency_waves)
-                runs.setdefault((n, spec), []).append(res)
-                prog.step(f"concurrency {n} {'spec' if spec else 'plain'}")
+            # the order rotates each repeat (plain first in even repeats, speculative first in odd ones): on the
+            # 2-core VM a minute's speed moves by 10-25%, and a fixed order hands the drift to one configuration
+            configs = [(False, None), (True, None)]
+            if n == cfg.fixed_k_concurrency:
+                configs += [(True, k) for k in cfg.ks]
+            shift = rep % len(configs)
+            for spec, k in configs[shift:] + configs[:shift]:
+                res = helix_concurrent(engine, prompts, n, spec, temp, cfg.concurrency_tokens, cfg.seed, k=k,
+                                       requests=n * cfg.concurrency_waves, draft_method="model" if k else None)
+                runs.setdefault((n, spec, k), []).append(res)
+                prog.step(f"concurrency {n} {'plain' if not spec else f'K={k}' if k else 'spec'}")
+
+    def row(n: int, passes: list[PassResult], **extra) -> dict:
+        drafts = sum(p.num_drafts for p in passes)
+        return {"concurrency": n, **extra, "tokens_per_second": round(_median_tps(passes), 3),
+                "tokens_per_second_runs": [round(p.tokens_per_second, 3) for p in passes],
+                "ttft_ms": round(statistics.median(x for p in passes for x in p.ttft_s) * 1e3, 3),
+                "mean_acceptance_length": round(1 + sum(p.num_accepted_tokens for p in passes) / drafts, 4)
+                if drafts else None,
+                "temperature": temp, "max_new_tokens": cfg.concurrency_tokens, "requests": n * cfg.concurrency_waves}
+
     out = []
     for spec in (False, True):
         base = None
         for n in cfg.concurrency:
-            passes = runs[(n, spec)]
+            passes = runs[(n, spec, None)]
             tps = _median_tps(passes)
             base = tps if base is None else base
-            drafts = sum(p.num_drafts for p in passes)
             # speculative over plain, paired by repeat (both ran back to back): the median of the ratios
             paired = paired_ratio([p.tokens_per_second for p in passes],
-                                  [p.tokens_per_second for p in runs[(n, False)]]) if spec else None
-            out.append({
-                "concurrency": n, "mode": "speculative" if spec else "plain", "tokens_per_second": round(tps, 3),
-                "tokens_per_second_runs": [round(p.tokens_per_second, 3) for p in passes],
-                "speedup_vs_1": round(tps / base, 4) if base else None,
-                "vs_plain_paired": None if paired is None else round(paired, 4),
-                "ttft_ms": round(statistics.median(x for p in passes for x in p.ttft_s) * 1e3, 3),
-                "mean_acceptance_length": round(1 + sum(p.num_accepted_tokens for p in passes) / drafts, 4)
-                if drafts else None,
-                "temperature": temp, "max_new_tokens": cfg.concurrency_tokens,
-                "requests": n * cfg.concurrency_waves,
-            })
-    return out
+                                  [p.tokens_per_second for p in runs[(n, False, None)]]) if spec else None
+            out.append(row(n, passes, mode="speculative" if spec else "plain",
+                           speedup_vs_1=round(tps / base, 4) if base else None,
+                           vs_plain_paired=None if paired is None else round(paired, 4)))
+    fixed = [row(n, passes, mode=f"K={k}", k=k) for (n, spec, k), passes in runs.items() if k]
+    return out, sorted(fixed, key=lambda r: r["k"])
 
 
 # --------------------------------------------------------------------------- profile
