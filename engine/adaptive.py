@@ -57,6 +57,10 @@ TIME_TRIES = 3  # steps in which a method never timed at a batch size, beside on
 # at 8 clients on the 2-core CPU, the draft model was timed at batch 8 and the EAGLE head, predicted from batch 1,
 # was not; the batch drafted with the draft model for ~65 steps, then switched to the head at a 500-token catch-up
 TIME_CATCH_UP = 2.0  # ... unless its catch-up for the row would cost more than this many plain steps
+TIME_TRIES_MAX = 12  # a try whose step timed nothing (a catch-up, a thread count being measured, rows of mixed K) does
+# not count, up to this many tries in all: in process at 8 clients on the 2-core CPU, the draft model's three tries
+# were each spoiled, it was never timed there, and the batch drafted with the EAGLE head at 0.85x of what the draft
+# model at K = 2 gave
 RECHECK = 16  # while plain, steps between re-evaluations (a full decision costs ~35 us on this CPU) ...
 RECHECK_MAX = 64  # ... growing with the probe interval after failed probes, up to this: on an H200 at acceptance
 # ~0 the re-evaluations of plain rows took 20-100 us of a 2.7-3.7 ms step, 1-3% behind plain decoding
@@ -437,6 +441,7 @@ class Policy:
         # step (the predicted step times are kept by StepTimes.predicted)
         self._shared_cache: dict[tuple, list[float]] = {}
         self._timing_tries: dict[tuple[str, int], set[int]] = {}  # (method, batch bucket) -> clocks it was tried at
+        self._spoiled_tries: dict[tuple[str, int], int] = {}  # ... and how many of those steps timed nothing
 
     def tick(self, context: int = 0) -> None:
         """One decode step begins; its longest row attends over ``context`` positions."""
@@ -560,8 +565,20 @@ class Policy:
         if not timed:
             return []
         t0 = self.times.plain(batch) or 0.0
-        return [m for m in options if m not in timed and len(self._timing_tries.get((m, b), ())) < TIME_TRIES
-                and catch_up.get(m, 0.0) <= TIME_CATCH_UP * t0]
+        return [m for m in options if m not in timed and catch_up.get(m, 0.0) <= TIME_CATCH_UP * t0
+                and self._tries_left(m, b)]
+
+    def _tries_left(self, method: str, b: int) -> bool:
+        tries = len(self._timing_tries.get((method, b), ()))
+        return tries - self._spoiled_tries.get((method, b), 0) < TIME_TRIES and tries < TIME_TRIES_MAX
+
+    def settle_tries(self, batch: int) -> None:
+        """After a step: a timing try of this step that left its method untimed at this batch bucket does not count
+        (TIME_TRIES_MAX)."""
+        b = bucket(batch)
+        for (m, bb), clocks in self._timing_tries.items():
+            if bb == b and self.clock in clocks and not self.times.timed(m, batch):
+                self._spoiled_tries[(m, bb)] = self._spoiled_tries.get((m, bb), 0) + 1
 
     def _catch_up_wait(self, state: AdaptiveState, method: str, batch: int, seconds: float) -> int:
         """Further plain steps before a probe of ``method`` whose proposer would first read ``seconds`` of catch-up

@@ -725,6 +725,26 @@ def test_a_method_untimed_at_a_batch_size_is_timed_there_before_predictions_stan
         d = policy.choose(_state_with_acceptance(0.7, method="model"), methods, 8, alpha=0.7)
         tries.append(d.forced and d.method == "eagle" and d.reason.startswith("timing eagle"))
     assert tries == [True] * TIME_TRIES + [False, False], tries
+    # a try whose step timed nothing (a catch-up, a thread count measured, mixed K) does not count, up to a bound:
+    # in process at 8 clients the draft model's three tries were all spoiled and it was never timed there
+    from engine.adaptive import TIME_TRIES_MAX
+
+    spoiled = Policy()
+    spoiled.times = StepTimes()
+    spoiled.times.observe("", 8, 0, 0.010)
+    spoiled.times.observe("model", 8, 4, 0.018)
+    spoiled.times.observe("", 1, 0, 0.004)
+    spoiled.times.observe("eagle", 1, 4, 0.005)
+    for method in ("model", "eagle"):
+        for _ in range(20):
+            spoiled.observe(method, 4, 3)
+    tries = []
+    for _ in range(TIME_TRIES_MAX + 2):
+        spoiled.tick(64)
+        d = spoiled.choose(_state_with_acceptance(0.7, method="model"), methods, 8, alpha=0.7)
+        tries.append(d.forced and d.method == "eagle")
+        spoiled.settle_tries(8)  # the step timed nothing
+    assert tries == [True] * TIME_TRIES_MAX + [False, False], tries
     fresh = Policy()
     fresh.times = policy.times
     for method in ("model", "eagle"):
