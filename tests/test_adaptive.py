@@ -1,6 +1,8 @@
 """Adaptive K: decisions from measured step times and per-position acceptance; plain when
 speculation does not pay, with rare probes; the decision and its reason in the snapshot."""
 
+import copy
+
 from engine import SamplingParams
 from engine.adaptive import FIRST_REACH, PROBE_FIRST, REACH, AdaptiveState, Policy, StepTimes, bucket
 from engine.stats import SpecDecodingStats
@@ -806,3 +808,26 @@ def test_a_request_follows_the_shared_curve_past_what_it_drafted():
     s = survival(own, shared, 8.0, follow=True)
     assert s[1] > 0.9 and abs(s[2] / s[1] - 0.5) < 1e-9 and abs(s[3] / s[2] - 0.5) < 1e-9
     assert survival(own, shared, 8.0)[2] > 0.9  # without follow: its own ratio, ~1, carried on
+
+
+def test_a_plain_decision_stands_exactly_until_its_recheck_or_probe():
+    """A plain row's decision is held in O(1) up to the clock its full decision set (``Policy.hold_plain``): the
+    steps that decide in full are exactly those where the per-step checks it replaced (re-evaluate every
+    ``_recheck`` plain steps, probe when ``_probe_due``) would have, through failed probes and a doubled interval."""
+    from engine.adaptive import _recheck
+
+    policy = _policy(1.0, 0.3)
+    state = _state_with_acceptance(0.02)
+    full_steps, expected = [], []
+    for _ in range(1500):
+        policy.tick()
+        last = state.last
+        if last is not None and last.k == 0 and not last.forced:
+            old = copy.deepcopy(state)
+            held = old.plain_steps % _recheck(old) and not policy._probe_due(old, old.plain_steps + 1)
+            expected.append(not held)
+            full_steps.append(policy.choose(state, {"model": 0.3}, 1, alpha=0.6) is not last)
+        else:
+            policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
+    assert full_steps == expected
+    assert 20 < sum(full_steps) < 200  # re-evaluations every 16-64 steps, and the probes
