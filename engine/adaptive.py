@@ -475,7 +475,7 @@ class Policy:
         every, done = state.probe_every, state.plain_steps
         first = max(1, every // 2 - done, state.probe_after - done)
         on_clock = first + (-(self.clock + first)) % every
-        return min(on_clock, max(1, 2 * every - done))
+        return min(on_clock, max(1, 2 * every - done, state.probe_after - done))
 
     def _shared_terms(self, method: str, batch: int, alpha: float, slope: float
                       ) -> tuple[list[float], list[float | None]]:

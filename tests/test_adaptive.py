@@ -816,18 +816,19 @@ def test_a_plain_decision_stands_exactly_until_its_recheck_or_probe():
     ``_recheck`` plain steps, probe when ``_probe_due``) would have, through failed probes and a doubled interval."""
     from engine.adaptive import _recheck
 
-    policy = _policy(1.0, 0.3)
-    state = _state_with_acceptance(0.02)
-    full_steps, expected = [], []
-    for _ in range(1500):
-        policy.tick()
-        last = state.last
-        if last is not None and last.k == 0 and not last.forced:
-            old = copy.deepcopy(state)
-            held = old.plain_steps % _recheck(old) and not policy._probe_due(old, old.plain_steps + 1)
-            expected.append(not held)
-            full_steps.append(policy.choose(state, {"model": 0.3}, 1, alpha=0.6) is not last)
-        else:
-            policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
-    assert full_steps == expected
-    assert 20 < sum(full_steps) < 200  # re-evaluations every 16-64 steps, and the probes
+    for catch_up in (None, {"model": 40.0}):  # a probe blocked until its catch-up is amortised, too
+        policy = _policy(1.0, 0.3)
+        state = _state_with_acceptance(0.02)
+        full_steps, expected = [], []
+        for _ in range(1500):
+            policy.tick()
+            last = state.last
+            if last is not None and last.k == 0 and not last.forced:
+                old = copy.deepcopy(state)
+                held = old.plain_steps % _recheck(old) and not policy._probe_due(old, old.plain_steps + 1)
+                expected.append(not held)
+                full_steps.append(policy.choose(state, {"model": 0.3}, 1, 0.6, catch_up) is not last)
+            else:
+                policy.choose(state, {"model": 0.3}, 1, 0.6, catch_up)
+        assert full_steps == expected
+        assert 20 < sum(full_steps) < 200, sum(full_steps)  # re-evaluations every 16-64 steps, and the probes
