@@ -335,6 +335,7 @@ class AdaptiveState:
     probe_after: int = 0  # plain steps before a probe may run: its proposer's catch-up must be amortised first
     hold_until: int = 0  # while plain: the policy clock up to which the decision stands (``Policy.hold_plain``)
     far_below: bool = False  # while plain: the best drafting option was predicted below FAR_BELOW x plain
+    expected_cache: dict[str, tuple[tuple, list[float]]] = field(default_factory=dict)  # Policy._expected's
 
     def observe(self, method: str, k: int, accepted: int) -> None:
         self.stats.setdefault(method, SpecDecodingStats()).observe_draft(k, accepted)
@@ -506,11 +507,11 @@ class Policy:
     def gains(self, state: AdaptiveState, method: str, batch: int, alpha: float, slope: float) -> dict[int, float]:
         """K -> predicted speed relative to plain (1.0 at K = 0) for K up to the method's reach at this batch size
         (``StepTimes.reach``); empty until plain was timed."""
-        times = self._shared_terms(method, batch, alpha, slope)[1]  # times[0]: plain's, None while untimed
+        prior, times = self._shared_terms(method, batch, alpha, slope)  # times[0]: plain's, None while untimed
         t0 = times[0]
         if t0 is None:
             return {}
-        expected = self.expected(state, method, batch, alpha, slope)
+        expected = self._expected(state, method, alpha, prior)
         out = {0: 1.0}
         for k in range(1, len(times)):
             out[k] = expected[k] * t0 / times[k] if times[k] else 0.0
@@ -518,10 +519,22 @@ class Policy:
 
     def expected(self, state: AdaptiveState, method: str, batch: int, alpha: float, slope: float) -> list[float]:
         """Expected tokens of one step at K = 0..MAX_DRAFT_TOKENS for this request and method."""
-        prior, _ = self._shared_terms(method, batch, alpha, slope)
+        return self._expected(state, method, alpha, self._shared_terms(method, batch, alpha, slope)[0])
+
+    def _expected(self, state: AdaptiveState, method: str, alpha: float, prior: list[float]) -> list[float]:
+        """``expected`` from the shared prior, kept per request and method until its own drafts or the shared
+        estimate change (a decision at batch 1 runs every step, for every method the request may use)."""
+        own = state.stats.get(method)
+        shared = self.shared.get(method)
+        key = (id(own), own.num_drafts, own.num_accepted_tokens) if own is not None else None, \
+            shared.version if shared is not None else -1, alpha
+        hit = state.expected_cache.get(method)
+        if hit is not None and hit[0] == key:
+            return hit[1]
         out = [1.0]
-        for s in survival(state.stats.get(method), prior, PRIOR_WEIGHT, follow=True):
+        for s in survival(own, prior, PRIOR_WEIGHT, follow=True):
             out.append(out[-1] + s)
+        state.expected_cache[method] = (key, out)
         return out
 
     def step_cap(self, rows: list[tuple[AdaptiveState, str, int, float]], others: int, batch: int,
