@@ -72,6 +72,11 @@ SPEC_RECHECK_FROM = 4  # ... from this batch bucket on; smaller batches re-decid
 # row's decisions cost 0.2 ms less of a 6 ms H200 step (TinyLlama shape, acceptance 0.5), but on the 2-core CPU over
 # HTTP the default then ran 0.99-1.26x fixed K = 3 at batch 1 in three runs, against 1.42-1.49x in two runs of
 # re-deciding every step alternating with them (demo pair: n-gram matches and the head's acceptance change by the step)
+SPEC_RECHECK_FROM_CUDA = 1  # ... and on a CUDA device, from batch 1: there a full decision every step cost the batch-1
+# step of an H200 0.11-0.2 ms of host work (5-6 ms steps; TinyLlama shape, acceptance ~0.5), and adaptive ran 0.97-0.99x
+# fixed K = 6 re-deciding, 1.01-1.06x holding (one trace each); the shape bench passed 24 and 27 of 29 checks holding,
+# 22-23 re-deciding (different code otherwise). On the CPU the evidence conflicts (in process, 6 alternating rounds:
+# holding 1.03x re-deciding; over HTTP, the runs above), so the CPU keeps SPEC_RECHECK_FROM
 FIT_TRUST = 9  # observations at which a K's own average counts fully (the effective sample of an EMA of 0.8)
 FIT_WEIGHT = 3.0  # pseudo-observations of the line through every measured K in a K's predicted time
 PLAIN_STALE = 32  # timed steps at a batch size after which plain decoding's time there is measured again, for one
@@ -435,7 +440,8 @@ def survival_chain(recent: RecentAcceptance | None, alpha: float, weight: float,
 class Policy:
     """Engine-wide: step times, recent shared acceptance per method, the last decision."""
 
-    def __init__(self) -> None:
+    def __init__(self, spec_recheck_from: int = SPEC_RECHECK_FROM) -> None:
+        self.spec_recheck_from = spec_recheck_from  # the batch bucket from which speculating decisions stand a few steps
         self.times = StepTimes()
         self.shared: dict[str, RecentAcceptance] = {}
         self.decision = Decision()
@@ -568,7 +574,7 @@ class Policy:
         if last.k == 0 and self.hold_plain(state, batch):
             pass
         elif last.k and state.spec_steps % SPEC_RECHECK and self.clock % EXPLORE_EVERY and last.method in methods \
-                and bucket(batch) == state.bucket >= SPEC_RECHECK_FROM:
+                and bucket(batch) == state.bucket >= self.spec_recheck_from:
             state.spec_steps += 1  # speculating as decided a few steps ago (acceptance moves slowly)
         else:
             return None

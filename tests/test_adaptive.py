@@ -832,3 +832,28 @@ def test_a_plain_decision_stands_exactly_until_its_recheck_or_probe():
                 policy.choose(state, {"model": 0.3}, 1, 0.6, catch_up)
         assert full_steps == expected
         assert 20 < sum(full_steps) < 200, sum(full_steps)  # re-evaluations every 16-64 steps, and the probes
+
+
+def test_speculating_decisions_stand_a_few_steps_from_the_devices_batch_bucket():
+    """From ``spec_recheck_from`` on (batch bucket 4 on the CPU, 1 on CUDA), a speculating row keeps its decision
+    for SPEC_RECHECK steps and explores on the clock; below it, it re-decides every step."""
+    from engine.adaptive import EXPLORE_EVERY, SPEC_RECHECK, SPEC_RECHECK_FROM
+
+    for spec_from, held in ((SPEC_RECHECK_FROM, False), (1, True)):
+        policy = _policy(1.0, 0.05)
+        policy.spec_recheck_from = spec_from
+        state = _state_with_acceptance(0.8)
+        decisions = []
+        for _ in range(EXPLORE_EVERY - 1):  # up to the first explore step
+            policy.tick()
+            before = state.last
+            d = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
+            assert d.k > 0
+            decisions.append(d is not before)
+        full = sum(decisions)
+        if held:
+            assert full <= -(-len(decisions) // SPEC_RECHECK) + 1, decisions
+        else:
+            assert full == len(decisions)
+    eng = tiny_engine()
+    assert eng.policy.spec_recheck_from == SPEC_RECHECK_FROM  # the CPU default
