@@ -340,7 +340,7 @@ class AdaptiveState:
     probe_after: int = 0  # plain steps before a probe may run: its proposer's catch-up must be amortised first
     hold_until: int = 0  # while plain: the policy clock up to which the decision stands (``Policy.hold_plain``)
     far_below: bool = False  # while plain: the best drafting option was predicted below FAR_BELOW x plain
-    expected_cache: dict[str, tuple[tuple, list[float]]] = field(default_factory=dict)  # Policy._expected's
+    expected_cache: dict[str, tuple] = field(default_factory=dict)  # Policy._expected's, per method
 
     def observe(self, method: str, k: int, accepted: int) -> None:
         self.stats.setdefault(method, SpecDecodingStats()).observe_draft(k, accepted)
@@ -487,7 +487,8 @@ class Policy:
     def _shared_terms(self, method: str, batch: int, alpha: float, slope: float
                       ) -> tuple[list[float], list[float | None]]:
         shared = self.shared.get(method)
-        key = (method, alpha, shared.version if shared is not None else -1)
+        faded = shared is not None and shared.reached_per_position[0] >= ALPHA_FADE  # alpha no longer counts
+        key = (method, None if faded else alpha, shared.version if shared is not None else -1)
         prior = self._shared_cache.get(key)
         if prior is None:
             prior = survival_chain(shared, alpha, ALPHA_WEIGHT, ALPHA_FADE, CARRY_WEIGHT)
@@ -531,16 +532,14 @@ class Policy:
         """``expected`` from the shared prior, kept per request and method until its own drafts or the shared
         estimate change (a decision at batch 1 runs every step, for every method the request may use)."""
         own = state.stats.get(method)
-        shared = self.shared.get(method)
-        key = (id(own), own.num_drafts, own.num_accepted_tokens) if own is not None else None, \
-            shared.version if shared is not None else -1, alpha
+        key = (own.num_drafts, own.num_accepted_tokens) if own is not None else None
         hit = state.expected_cache.get(method)
-        if hit is not None and hit[0] == key:
-            return hit[1]
+        if hit is not None and hit[0] is own and hit[1] == key and hit[2] is prior:
+            return hit[3]
         out = [1.0]
         for s in survival(own, prior, PRIOR_WEIGHT, follow=True):
             out.append(out[-1] + s)
-        state.expected_cache[method] = (key, out)
+        state.expected_cache[method] = (own, key, prior, out)  # the objects themselves: compared by identity
         return out
 
     def step_cap(self, rows: list[tuple[AdaptiveState, str, int, float]], others: int, batch: int,
@@ -658,6 +657,7 @@ class Policy:
         if d is not None:
             return d
         state.bucket = bucket(batch)
+        state.hold_until = 0  # set again below where this decision is to decode plain
         options = {m: self.gains(state, m, batch, alpha, slope) for m, slope in methods.items()}
         options = {m: g for m, g in options.items() if g}
         own = {m: st.drafts_per_position[0] for m, st in state.stats.items()}
