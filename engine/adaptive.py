@@ -456,6 +456,7 @@ class Policy:
         self._shared_cache: dict[tuple, list[float]] = {}
         self._timing_tries: dict[tuple[str, int], set[int]] = {}  # (method, batch bucket) -> clocks it was tried at
         self._spoiled_tries: dict[tuple[str, int], int] = {}  # ... and how many of those steps timed nothing
+        self._tried_at = -1  # the clock of the last timing try (``settle_tries`` has nothing to do at other steps)
 
     def tick(self, context: int = 0) -> None:
         """One decode step begins; its longest row attends over ``context`` positions."""
@@ -570,25 +571,27 @@ class Policy:
         last = state.last
         if last is None or last.forced:
             return None
-        if last.k == 0 and self.hold_plain(state, batch):
-            pass
-        elif last.k and state.spec_steps % SPEC_RECHECK and self.clock % EXPLORE_EVERY and last.method in methods \
+        if not last.k:
+            return self.hold_plain(state, batch)
+        if state.spec_steps % SPEC_RECHECK and self.clock % EXPLORE_EVERY and last.method in methods \
                 and bucket(batch) == state.bucket >= self.spec_recheck_from:
             state.spec_steps += 1  # speculating as decided a few steps ago (acceptance moves slowly)
-        else:
+            self.decision = last
+            return last
+        return None
+
+    def hold_plain(self, state: AdaptiveState, batch: int) -> Decision | None:
+        """A request's decision to decode plain when it stands this step (counting the step), else None; in O(1), and
+        without the request's methods (``reuse``'s plain half): up to the clock its last full decision set, when it
+        re-evaluates (``_recheck``) or a probe is due, whichever comes first, and while the batch bucket is the one
+        decided at. Runs for every plain row of every step: at batch 8 on an H200 with a useless draft, the per-row
+        checks it replaced cost adaptive 2-4% of plain decoding's speed."""
+        last = state.last
+        if last is None or last.forced or last.k or self.clock >= state.hold_until or bucket(batch) != state.bucket:
             return None
+        state.plain_steps += 1
         self.decision = last
         return last
-
-    def hold_plain(self, state: AdaptiveState, batch: int) -> bool:
-        """Whether a request decoding plain keeps its decision this step (counting the step), in O(1): up to the
-        clock its last full decision set, when it re-evaluates (``_recheck``) or a probe is due, whichever comes first,
-        and while the batch bucket is the one decided at. Runs for every plain row of every step: at batch 8 on an
-        H200 with a useless draft, the per-row checks it replaced cost adaptive 2-4% of plain decoding's speed."""
-        if self.clock < state.hold_until and bucket(batch) == state.bucket:
-            state.plain_steps += 1
-            return True
-        return False
 
     def _hold_plain_until(self, state: AdaptiveState) -> None:
         """After a full decision to decode plain: the clock up to which it stands (``hold_plain``). The next
@@ -618,6 +621,8 @@ class Policy:
     def settle_tries(self, batch: int) -> None:
         """After a step: a timing try of this step that left its method untimed at this batch bucket does not count
         (TIME_TRIES_MAX)."""
+        if self._tried_at != self.clock:
+            return
         b = bucket(batch)
         for (m, bb), clocks in self._timing_tries.items():
             if bb == b and self.clock in clocks and not self.times.timed(m, batch):
@@ -675,6 +680,7 @@ class Policy:
                 why = f"measuring {method} K={k}: {self.evidence(method):.0f} drafts on this engine so far"
             else:
                 self._timing_tries.setdefault((method, bucket(batch)), set()).add(self.clock)
+                self._tried_at = self.clock
                 why = f"timing {method} K={k} at batch {batch}, where other methods are timed"
             d = Decision(k, method, f"{why} (predicted {gains[k]:.2f}x plain)", gains, forced=True)
         else:

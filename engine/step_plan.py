@@ -54,11 +54,10 @@ class StepPlanner:
 
     def choose(self, req: Request, batch: int) -> tuple[int, str]:
         """(K, method) for this request's next step; K 0 = plain."""
-        a = req.adaptive
-        if a.last is not None and not a.last.k and not a.last.forced and req.params.num_draft_tokens is None \
-                and self.engine.policy.hold_plain(a, batch):  # plain as decided (``Policy.reuse``'s first check alone)
-            self.engine.policy.decision = a.last
-            return 0, a.last.method
+        if req.params.num_draft_tokens is None:  # plain as decided: checked before the request's methods are listed
+            d = self.engine.policy.hold_plain(req.adaptive, batch)
+            if d is not None:
+                return 0, d.method
         methods = self.methods(req)
         if not methods:
             return 0, ""

@@ -61,6 +61,17 @@ def _vs_plain(where: str, method: dict, plain: dict) -> tuple[str, float]:
     return f"{where}, paired by round (ratio of medians {raw:.3f})", paired_ratio(a, b)
 
 
+def _vs_best_fixed(where: str, adaptive: dict, fixed: list[dict], rounds: str = "rounds") -> tuple[str, float | None]:
+    """(where, value) of ``adaptive`` over the best of ``fixed``: paired by round with K chosen on the other ``rounds``
+    (``adaptive_vs_best_fixed``) where there are several K and rounds, else the ratio to the best K's median."""
+    best = max(fixed, key=lambda m: m["tokens_per_second"])
+    raw = adaptive["tokens_per_second"] / best["tokens_per_second"] if best["tokens_per_second"] else None
+    loo = adaptive_vs_best_fixed(adaptive, fixed) if len(fixed) > 1 else None
+    if loo is None:
+        return f"{where}, best K={best['k']}", raw
+    return f"{where}, K chosen on the other {rounds} (max of medians: K={best['k']}, {raw:.3f})", loo
+
+
 def evaluate_targets(results: dict) -> list[dict]:
     out = []
 
@@ -90,14 +101,7 @@ def evaluate_targets(results: dict) -> list[dict]:
         adaptive, plain = _method(scen, "helix spec adaptive"), _method(scen, "helix plain")
         fixed = [m for m in scen["methods"] if m.get("backend") == "helix" and m.get("k")]
         if adaptive and fixed and len(fixed) > 1:
-            best = max(fixed, key=lambda m: m["tokens_per_second"])
-            raw = adaptive["tokens_per_second"] / best["tokens_per_second"] if best["tokens_per_second"] else None
-            loo = adaptive_vs_best_fixed(adaptive, fixed)
-            if loo is None:
-                add("adaptive_vs_best_k", f"{where}, best K={best['k']}", raw)
-            else:
-                add("adaptive_vs_best_k", f"{where}, K chosen on the other rounds (max of medians: K={best['k']}, "
-                                          f"{raw:.3f})", loo)
+            add("adaptive_vs_best_k", *_vs_best_fixed(where, adaptive, fixed))
         if adaptive and plain and plain["tokens_per_second"]:
             add("adaptive_vs_plain", *_vs_plain(where, adaptive, plain))
         ngram = _method(scen, "helix spec ngram")
@@ -121,17 +125,9 @@ def evaluate_targets(results: dict) -> list[dict]:
     for n in sorted({r["concurrency"] for r in fixed_rows}):
         fixed = [r for r in fixed_rows if r["concurrency"] == n]
         spec = next((r for r in conc if r["concurrency"] == n and r["mode"] == "speculative"), None)
-        if spec is None or not fixed:
-            continue
-        best = max(fixed, key=lambda r: r["tokens_per_second"])
-        raw = spec["tokens_per_second"] / best["tokens_per_second"] if best["tokens_per_second"] else None
-        where = f"T={spec['temperature']:g}, {n} concurrent"
-        loo = adaptive_vs_best_fixed(spec, fixed) if len(fixed) > 1 else None
-        if loo is None:
-            add("adaptive_vs_best_k", f"{where}, best K={best['k']}", raw)
-        else:
-            add("adaptive_vs_best_k", f"{where}, K chosen on the other repeats (max of medians: K={best['k']}, "
-                                      f"{raw:.3f})", loo)
+        if spec is not None and fixed:
+            add("adaptive_vs_best_k", *_vs_best_fixed(f"T={spec['temperature']:g}, {n} concurrent", spec, fixed,
+                                                      "repeats"))
     mem = results.get("memory")
     if mem:
         add("paged_over_stored", f"{mem['requests']} requests, {mem['models']}", mem["peak_paged_over_stored"])
