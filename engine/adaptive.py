@@ -35,6 +35,11 @@ KEEP_MARGIN = 1.01  # ... and a drafting request to keep drafting: the host's sh
 SWITCH_MARGIN = 1.06  # predicted gain a drafting request needs to switch methods: the proposer it switches to first
 # catches up on every token since it last drafted (at batch 8 on the CPU, switching between the draft model and the
 # EAGLE head back and forth, such steps took 11% of the time)
+K_MARGIN = 1.03  # predicted gain another K needs over the K a drafting request settled on, to move it there. The
+# predictions of neighbouring K lie within a few per cent of each other and move with every draft, and each move
+# costs: on an H200 (TinyLlama shape, acceptance ~0.5, batch 1) steps alternating K = 4 and 6 took 0.1-0.19 ms longer
+# than the same K's steps in a fixed-K run (4-5 ms steps); adaptive, moving between K = 4..7 by the step, ran 0.93-0.95x
+# fixed K = 4, whose tokens per step it matched
 PRIOR_WEIGHT = 8.0  # pseudo-drafts of the shared prior in a request's acceptance estimate
 ALPHA_WEIGHT = 2.0  # pseudo-drafts of the α prior in the shared estimate: engine-wide evidence wins fast ...
 ALPHA_FADE = 32.0  # ... and after this many recent drafts of the method, alone: the recent counts saturate near
@@ -336,6 +341,9 @@ class AdaptiveState:
     spec_steps: int = 0
     last: Decision | None = None
     fallback_k: int = 0  # the draft model's K where n-gram finds no match (auto requests only)
+    resume: Decision | None = None  # while exploring from a standing decision (``Policy.reuse``): that decision
+    settled: tuple[str, int, int] | None = None  # (method, batch bucket, K) of the last drafting decision that was not
+    # forced: another K must beat it by K_MARGIN
     bucket: int = 0  # the batch bucket of the last full decision
     probe_after: int = 0  # plain steps before a probe may run: its proposer's catch-up must be amortised first
     hold_until: int = 0  # while plain: the policy clock up to which the decision stands (``Policy.hold_plain``)
@@ -569,13 +577,20 @@ class Policy:
         batch bucket changes; while speculating, every SPEC_RECHECK steps and at explore steps. Cheap, as it runs
         for every row at every step."""
         last = state.last
+        if last is not None and last.forced and state.resume is not None:
+            last = state.last = state.resume  # an explore step is over: the decision it interrupted stands again
+            state.resume = None
         if last is None or last.forced:
             return None
         if not last.k:
             return self.hold_plain(state, batch)
-        if state.spec_steps % SPEC_RECHECK and self.clock % EXPLORE_EVERY and last.method in methods \
+        if state.spec_steps % SPEC_RECHECK and last.method in methods \
                 and bucket(batch) == state.bucket >= self.spec_recheck_from:
             state.spec_steps += 1  # speculating as decided a few steps ago (acceptance moves slowly)
+            if self.clock % EXPLORE_EVERY == 0 and last.k < MAX_DRAFT_TOKENS:  # explore as a full decision would
+                state.resume = last
+                last = state.last = Decision(last.k + 1, last.method, f"exploring {last.method} K={last.k + 1} "
+                                             f"(best predicted K={last.k})", last.gains, forced=True)
             self.decision = last
             return last
         return None
@@ -661,6 +676,7 @@ class Policy:
         d = self.reuse(state, methods, batch)
         if d is not None:
             return d
+        state.resume = None
         state.bucket = bucket(batch)
         state.hold_until = 0  # set again below where this decision is to decode plain
         options = {m: self.gains(state, m, batch, alpha, slope) for m, slope in methods.items()}
@@ -691,6 +707,10 @@ class Policy:
                 if options[method][k] < SWITCH_MARGIN * options[last.method][stay]:
                     method, k = last.method, stay  # drafting on: a switch pays the other proposer's catch-up
             gains = options[method]
+            held = state.settled
+            if k and held is not None and held[:2] == (method, bucket(batch)) and held[2] != k \
+                    and gains[k] < K_MARGIN * gains.get(held[2], 0.0):
+                k = held[2]  # the settled K stands: the predictions differ by less than their noise
             if 0 < k and gains[k] < (KEEP_MARGIN if state.last is not None and state.last.k else START_MARGIN):
                 k = 0  # from plain, a predicted gain within the estimates' noise is no reason to start drafting
             if k > 0:
@@ -700,11 +720,13 @@ class Policy:
                     state.probe_every = PROBE_FIRST
                     self.probe_floor.pop(method, None)  # speculation pays again: new requests probe early again
                 d = Decision(k, method, f"{method} K={k} predicted {gains[k]:.2f}x plain at batch {batch}", gains)
+                state.settled = (method, bucket(batch), k)
                 if self.clock and self.clock % EXPLORE_EVERY == 0 and k < MAX_DRAFT_TOKENS:  # on the clock: rows explore together
                     # now and then one step at K+1: times and acceptance past K are otherwise never measured
                     d = Decision(k + 1, method, f"exploring {method} K={k + 1} (best predicted K={k})", gains, forced=True)
             else:
                 state.plain_steps += 1
+                state.settled = None  # drafting again later starts from the best K then
                 method, best = max(((m, kk) for m, g in options.items() for kk in g if kk),
                                    key=lambda mk: options[mk[0]][mk[1]])
                 gains = options[method]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING
 
-from engine.adaptive import SWITCH_MARGIN, Decision
+from engine.adaptive import K_MARGIN, SWITCH_MARGIN, Decision
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
@@ -28,6 +28,7 @@ class StepPlanner:
         self._fallback_memo: weakref.WeakKeyDictionary[Request, tuple[int, tuple[int, str]]] = \
             weakref.WeakKeyDictionary()  # n-gram row -> (clock, its fallback), while it runs
         self._drafted = ""  # the model method adaptive rows drafted with in the last step that drafted with one
+        self._shared_k: dict[str, int] = {}  # per method: the K its adaptive rows last shared (``one_k_per_method``)
 
     def methods(self, req: Request) -> list[str]:
         """Proposers this request may use, by its draft_method and what is loaded."""
@@ -115,14 +116,23 @@ class StepPlanner:
             if r.params.num_draft_tokens is None and d is not None and d.gains and plan[r][1]:
                 groups.setdefault(d.method, []).append(r)
         for method, rows in groups.items():
-            if len(rows) < 2 or (len({r.adaptive.last.k for r in rows}) == 1 and
-                                 not any(r.adaptive.last.forced for r in rows)):
+            ks = {r.adaptive.last.k for r in rows}
+            if len(rows) < 2 or (len(ks) == 1 and not any(r.adaptive.last.forced for r in rows)):
+                if len(ks) == 1:
+                    self._shared_k[method] = next(iter(ks))
                 continue  # one row, or all chose the same K: it maximises their summed gain too
             forced = [r.adaptive.last.k for r in rows if r.adaptive.last.forced]
             # a row that must measure, probe or explore sets the K: the batch pays for that step anyway, and
             # every row's draft in it is evidence (a prediction must not veto the measurement it waits for)
-            k = max(forced) if forced else \
-                max(rows[0].adaptive.last.gains, key=lambda kk: sum(r.adaptive.last.gains.get(kk, 0.0) for r in rows))
+            if forced:
+                k = max(forced)
+            else:
+                summed = {kk: sum(r.adaptive.last.gains.get(kk, 0.0) for r in rows) for kk in rows[0].adaptive.last.gains}
+                k = max(summed, key=summed.get)
+                held = self._shared_k.get(method, 0)
+                if held and held in summed and summed[k] < K_MARGIN * summed[held]:
+                    k = held  # the K the batch shared last stands unless another clearly beats it (Policy.choose)
+                self._shared_k[method] = k
             for r in rows:
                 plan[r] = (min(k, self.room(r)), method)
         return plan

@@ -857,3 +857,99 @@ def test_speculating_decisions_stand_a_few_steps_from_the_devices_batch_bucket()
             assert full == len(decisions)
     eng = tiny_engine()
     assert eng.policy.spec_recheck_from == SPEC_RECHECK_FROM  # the CPU default
+
+
+def test_a_settled_k_moves_only_for_a_clear_predicted_gain():
+    """Neighbouring K are predicted within a few per cent of each other, and the predictions move with every draft:
+    a drafting request keeps the K it settled on unless another is predicted K_MARGIN better (on an H200, steps
+    moving between K = 4..7 ran slower than any fixed K's). Plain still wins whenever drafting no longer pays, and
+    the settled K holds for its batch bucket only."""
+    from engine.adaptive import K_MARGIN
+
+    policy = _policy(1.0, 0.05)
+    state = _state_with_acceptance(0.8)
+    gains = {0: 1.0, 1: 1.5, 2: 1.8, 3: 1.9, 4: 2.0}
+    policy.gains = lambda *a: dict(gains)
+    step = 0
+
+    def decide(batch: int = 1) -> int:
+        nonlocal step
+        step += 1
+        policy.clock = step
+        return policy.choose(state, {"model": 0.3}, batch, alpha=0.6).k
+
+    assert decide() == 4
+    gains[3] = 2.0 * (1 + K_MARGIN) / 2  # better, but within the margin
+    assert decide() == 4
+    gains[3] = 2.0 * (K_MARGIN + 0.02)
+    assert decide() == 3
+    gains[4] = gains[3] * (1 + K_MARGIN) / 2
+    assert decide() == 3  # and it stays there in turn
+    gains.update({1: 0.9, 2: 0.8, 3: 0.7, 4: 0.6})
+    assert decide() == 0  # drafting no longer pays: no margin keeps it
+    gains.update({1: 1.5, 2: 1.8, 3: 2.0, 4: 2.02})
+    restart = next(k for k in (decide() for _ in range(100)) if k)  # at the plain decision's next re-evaluation
+    assert restart == 4  # a new start from plain takes the best K
+    gains.update({3: 2.03})
+    assert decide() == 4
+    assert decide(batch=8) == 3  # batch 8 settles on its own K
+
+
+def test_an_explore_step_from_a_standing_decision_resumes_it():
+    """Where speculating decisions stand (from the device's batch bucket), a row explores K + 1 on the clock from its
+    standing decision and then resumes it: neither step makes a full decision (a full decision for every row at
+    both cost ~30 us a row of host time, each 16 steps, at batch 8)."""
+    from engine.adaptive import EXPLORE_EVERY, SPEC_RECHECK
+
+    policy = _policy(1.0, 0.2)
+    policy.spec_recheck_from = 1
+    state = _state_with_acceptance(0.7)
+    full = []
+    real = policy.gains
+
+    def counted(*a):
+        full.append(policy.clock)
+        return real(*a)
+
+    policy.gains = counted
+    decisions = []
+    for _ in range(2 * EXPLORE_EVERY + 2):
+        policy.tick()
+        decisions.append(policy.choose(state, {"model": 0.3}, 1, alpha=0.6))
+    for clock in (EXPLORE_EVERY, 2 * EXPLORE_EVERY):
+        before, explore, after = decisions[clock - 2: clock + 1]  # decisions[i] was made at clock i + 1
+        assert explore.forced and explore.k == before.k + 1 and explore.reason.startswith("exploring"), explore
+        assert not after.forced and after.k == before.k
+        if clock not in full and clock + 1 not in full:
+            assert after is before  # the standing decision itself, resumed
+    assert len({c for c in full}) <= -(-len(decisions) // SPEC_RECHECK) + 3, full
+
+
+def test_the_rows_of_a_batch_keep_the_k_they_shared_unless_another_clearly_wins():
+    """Rows that planned different K share one; the K they shared last stands unless another K's summed predicted
+    gain beats it by K_MARGIN."""
+    from types import SimpleNamespace
+
+    from engine.adaptive import K_MARGIN, Decision
+    from engine.step_plan import StepPlanner
+
+    planner = StepPlanner(SimpleNamespace(max_context=4096))
+    planner.room = lambda r: 8
+
+    def rows(gains_a: dict, gains_b: dict) -> dict:
+        out = {}
+        for g in (gains_a, gains_b):
+            r = _Row(0, 1.0)
+            best = max((k for k in g if k), key=g.get)
+            r.adaptive.last = Decision(best, "model", "planned", dict(g))
+            out[r] = (best, "model")
+        return out
+
+    plan = planner.one_k_per_method(rows({0: 1.0, 4: 2.0, 6: 1.9}, {0: 1.0, 4: 1.9, 6: 1.95}))
+    assert {k for k, _ in plan.values()} == {4}
+    close = 3.9 * (1 + K_MARGIN) / 2 - 1.9
+    plan = planner.one_k_per_method(rows({0: 1.0, 4: 2.0, 6: 1.9}, {0: 1.0, 4: 1.9, 6: close}))
+    assert {k for k, _ in plan.values()} == {4}  # K = 6 sums a little higher: K = 4 stands
+    clear = 3.9 * (K_MARGIN + 0.02) - 1.9
+    plan = planner.one_k_per_method(rows({0: 1.0, 4: 2.0, 6: 1.9}, {0: 1.0, 4: 1.9, 6: clear}))
+    assert {k for k, _ in plan.values()} == {6}
