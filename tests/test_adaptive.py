@@ -899,30 +899,29 @@ def test_an_explore_step_from_a_standing_decision_resumes_it():
     """Where speculating decisions stand (from the device's batch bucket), a row explores K + 1 on the clock from its
     standing decision and then resumes it: neither step makes a full decision (a full decision for every row at
     both cost ~30 us a row of host time, each 16 steps, at batch 8)."""
-    from engine.adaptive import EXPLORE_EVERY, SPEC_RECHECK
+    from engine.adaptive import EXPLORE_EVERY
 
     policy = _policy(1.0, 0.2)
     policy.spec_recheck_from = 1
     state = _state_with_acceptance(0.7)
-    full = []
-    real = policy.gains
-
-    def counted(*a):
-        full.append(policy.clock)
-        return real(*a)
-
-    policy.gains = counted
-    decisions = []
-    for _ in range(2 * EXPLORE_EVERY + 2):
-        policy.tick()
-        decisions.append(policy.choose(state, {"model": 0.3}, 1, alpha=0.6))
-    for clock in (EXPLORE_EVERY, 2 * EXPLORE_EVERY):
-        before, explore, after = decisions[clock - 2: clock + 1]  # decisions[i] was made at clock i + 1
-        assert explore.forced and explore.k == before.k + 1 and explore.reason.startswith("exploring"), explore
-        assert not after.forced and after.k == before.k
-        if clock not in full and clock + 1 not in full:
-            assert after is before  # the standing decision itself, resumed
-    assert len({c for c in full}) <= -(-len(decisions) // SPEC_RECHECK) + 3, full
+    policy.clock = 1
+    standing = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
+    assert 0 < standing.k < 8 and not standing.forced
+    policy.gains = lambda *a: (_ for _ in ()).throw(AssertionError("a full decision was made"))
+    policy.clock = EXPLORE_EVERY
+    state.spec_steps = 1  # not a recheck step
+    explore = policy.reuse(state, {"model": 0.3}, 1)
+    assert explore is state.last and explore.forced and explore.k == standing.k + 1, explore
+    assert explore.reason.startswith("exploring")
+    policy.clock += 1
+    assert policy.reuse(state, {"model": 0.3}, 1) is standing is state.last
+    policy.clock = 2 * EXPLORE_EVERY  # and again, for a full decision: it explores from the fresh decision
+    state.spec_steps = 0
+    policy.gains = Policy.gains.__get__(policy)
+    d = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
+    assert d.forced and d.k == standing.k + 1 and state.resume is None
+    policy.clock += 1
+    assert policy.reuse(state, {"model": 0.3}, 1) is None  # after a full decision's explore: decide afresh
 
 
 def test_the_rows_of_a_batch_keep_the_k_they_shared_unless_another_clearly_wins():
