@@ -495,6 +495,11 @@ class Policy:
 
     def _shared_terms(self, method: str, batch: int, alpha: float, slope: float
                       ) -> tuple[list[float], list[float | None]]:
+        return self._shared_prior(method, alpha), self.times.predicted(method, batch, slope)  # K past the reach: not
+        # predicted
+
+    def _shared_prior(self, method: str, alpha: float) -> list[float]:
+        """The shared survival estimate of ``method`` (``survival_chain``), kept until its counts or alpha change."""
         shared = self.shared.get(method)
         faded = shared is not None and shared.reached_per_position[0] >= ALPHA_FADE  # alpha no longer counts
         key = (method, None if faded else alpha, shared.version if shared is not None else -1)
@@ -504,7 +509,7 @@ class Policy:
             if len(self._shared_cache) > 64:
                 self._shared_cache.clear()
             self._shared_cache[key] = prior
-        return prior, self.times.predicted(method, batch, slope)  # K past the reach: not predicted
+        return prior
 
     def observe(self, method: str, k: int, accepted: int) -> None:
         self.shared.setdefault(method, RecentAcceptance()).observe_draft(k, accepted)
@@ -617,8 +622,13 @@ class Policy:
         to_recheck = (every - state.plain_steps % every) % every + 1
         state.hold_until = self.clock + min(to_recheck, self._steps_to_probe(state))
 
-    def _untimed(self, options: dict[str, dict[int, float]], batch: int, catch_up: dict[str, float]) -> list[str]:
-        """Methods never timed at this batch bucket where another method is (TIME_TRIES, TIME_CATCH_UP)."""
+    def _untimed(self, state: AdaptiveState, options: dict[str, dict[int, float]], batch: int, alpha: float,
+                 catch_up: dict[str, float]) -> list[str]:
+        """Methods never timed at this batch bucket where another method is (TIME_TRIES, TIME_CATCH_UP), and whose
+        drafts could beat the timed methods' best even at no cost: a step's time only lowers a gain from the expected
+        tokens of its K (at plain decoding's time), so a method whose expected tokens stay below the best predicted
+        gain is not worth a try (at 8 clients on the CPU, n-gram on stories that do not repeat took a dozen forced
+        steps a run, each a row's drafts lost and a step that timed nothing else)."""
         if len(options) < 2:
             return []
         b = bucket(batch)
@@ -626,17 +636,25 @@ class Policy:
         if not timed:
             return []
         t0 = self.times.plain(batch) or 0.0
+        best = max(g for m in timed for g in options[m].values())
         return [m for m in options if m not in timed and catch_up.get(m, 0.0) <= TIME_CATCH_UP * t0
-                and self._tries_left(m, b)]
+                and self._tries_left(m, b) and self._could_gain(state, m, alpha, max(options[m]), best)]
+
+    def _could_gain(self, state: AdaptiveState, method: str, alpha: float, reach: int, best: float) -> bool:
+        """Whether ``method``'s expected tokens of a step at some K up to ``reach`` exceed ``best`` (a gain over plain)."""
+        expected = self._expected(state, method, alpha, self._shared_prior(method, alpha))
+        return max(expected[: reach + 1]) > best
 
     def _tries_left(self, method: str, b: int) -> bool:
         tries = len(self._timing_tries.get((method, b), ()))
         return tries - self._spoiled_tries.get((method, b), 0) < TIME_TRIES and tries < TIME_TRIES_MAX
 
-    def settle_tries(self, batch: int) -> None:
+    def settle_tries(self, batch: int, mixed: bool = False) -> None:
         """After a step: a timing try of this step that left its method untimed at this batch bucket does not count
-        (TIME_TRIES_MAX)."""
-        if self._tried_at != self.clock:
+        (TIME_TRIES_MAX), unless other rows drafted with other methods in it (``mixed``): such a step times no method,
+        and its rows would mix again at the next try (at 8 clients on the CPU, n-gram's tries beside rows drafting with
+        the draft model were each spoiled, 12-14 forced steps a run)."""
+        if self._tried_at != self.clock or mixed:
             return
         b = bucket(batch)
         for (m, bb), clocks in self._timing_tries.items():
@@ -683,7 +701,7 @@ class Policy:
         options = {m: g for m, g in options.items() if g}
         own = {m: st.drafts_per_position[0] for m, st in state.stats.items()}
         unmeasured = [m for m in options if self.evidence(m) + own.get(m, 0) < MIN_SHARED_EVIDENCE]
-        untimed = [] if unmeasured else self._untimed(options, batch, catch_up or {})
+        untimed = [] if unmeasured else self._untimed(state, options, batch, alpha, catch_up or {})
         if not options:
             d = Decision(0, next(iter(methods)), f"timing plain decoding at batch {batch} first")
         elif unmeasured or untimed:  # a prior alone must not switch a method off for good, nor a cost slope measured

@@ -354,7 +354,7 @@ class LLMEngine:
             if key is not None:
                 self.policy.times.observe(key[1], len(results), key[0], timing.total_s)
             self._observe_times(kmax, timing, methods, len(results))
-        self.policy.settle_tries(len(results))
+        self.policy.settle_tries(len(results), mixed=len({m for k, m in plan.values() if k}) > 1)
         lagging = [p for p in self.proposers.values() if p.backlog]
         if len(lagging) == 1 and one_offs == GraphRunner.one_offs:
             # what reading skipped tokens costs a proposer: a probe waits until its catch-up is amortised (a step

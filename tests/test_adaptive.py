@@ -952,3 +952,44 @@ def test_the_rows_of_a_batch_keep_the_k_they_shared_unless_another_clearly_wins(
     clear = 3.9 * (K_MARGIN + 0.02) - 1.9
     plan = planner.one_k_per_method(rows({0: 1.0, 4: 2.0, 6: 1.9}, {0: 1.0, 4: 1.9, 6: clear}))
     assert {k for k, _ in plan.values()} == {6}
+
+
+def test_a_method_that_could_not_gain_even_at_no_cost_is_not_timed():
+    """A timing try only lowers a method's predicted gain from the expected tokens of its K (a step never costs less
+    than plain): a method whose expected tokens stay below the timed methods' best gain is not tried (n-gram on text
+    that does not repeat took a dozen forced steps a run at 8 clients on the CPU). One that could gain is."""
+    policy = _policy(0.010, 0.002, batch=8, method="model")
+    for _ in range(20):
+        policy.observe("model", 4, 3)
+        policy.observe("ngram", 4, 0)  # nothing accepted: at most ~1 token a step, at no cost
+    methods = {"model": 0.3, "ngram": 0.0}
+    state = _state_with_acceptance(0.7, method="model")
+    for _ in range(5):
+        policy.tick(64)
+        d = policy.choose(state, methods, 8, alpha=0.7)
+        assert not d.reason.startswith("timing ngram"), d.reason
+    for _ in range(40):
+        policy.observe("ngram", 4, 4)  # now n-gram's drafts are accepted: worth a try
+    policy.tick(64)
+    d = policy.choose(AdaptiveState(), methods, 8, alpha=0.7)
+    assert d.forced and d.reason.startswith("timing ngram"), d.reason
+
+
+def test_a_timing_try_beside_rows_of_another_method_counts():
+    """A try whose step mixed methods (the other rows drafted with another) timed nothing and would mix again: it
+    counts as a try, where one spoiled otherwise (a catch-up, a thread count measured) does not."""
+    from engine.adaptive import TIME_TRIES
+
+    policy = _policy(0.010, 0.002, batch=8, method="model")
+    policy.times.observe("", 1, 0, 0.004)
+    policy.times.observe("eagle", 1, 4, 0.005)
+    for method in ("model", "eagle"):
+        for _ in range(20):
+            policy.observe(method, 4, 3)
+    tries = []
+    for _ in range(TIME_TRIES + 2):
+        policy.tick(64)
+        d = policy.choose(_state_with_acceptance(0.7, method="model"), {"model": 0.3, "eagle": 0.2}, 8, alpha=0.7)
+        tries.append(d.forced and d.method == "eagle")
+        policy.settle_tries(8, mixed=True)
+    assert tries == [True] * TIME_TRIES + [False, False], tries
