@@ -24,6 +24,25 @@ def _gpu_bytes(device) -> int:
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
 
 
+def _calibrate_cpu_gemms(target: ModelRunner, sid: int, ids: list[int]) -> None:
+    """On the CPU, where small weights have oneDNN-packed copies: whether GEMMs over them run packed, per token count,
+    from the target's own forwards over the warm-up sequence (``packed.calibrate_by_forward``; once per process)."""
+    if target.device.type != "cpu" or target.lean is None:
+        return
+    from engine.models import packed
+
+    n = len(ids)
+
+    def run(tokens: int) -> None:
+        target.forward([RowInput(sid, [ids[i % n] for i in range(tokens)])])
+        target.truncate(sid, n)
+
+    t0 = time.perf_counter()
+    room = target.tables.max_blocks * target.blocks.block_size - n - 1
+    if packed.calibrate_by_forward(run, max_tokens=room) is not None:
+        logger.info("warm-up: %s (%.2f s)", packed.packing_note(), time.perf_counter() - t0)
+
+
 def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
     """Mimic the decode loop: a sequence with ``context`` tokens in both caches, then alternating
     draft step / target step / 5-token verification, medians of ``reps``. Sets the engine's cost
@@ -34,6 +53,7 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
     runners = [r for r in (engine.target, engine.draft) if r is not None]
     for r in runners:
         r.forward([RowInput(sid, ids)])
+    _calibrate_cpu_gemms(engine.target, sid, ids)
     t0, captured = time.perf_counter(), 0
     for r in runners:  # CUDA graphs of the step shapes met first (up to 8 rows, every K), before any request; their
         # logits buffers take ~600 x vocabulary x 2 bytes a runner (91 MB at Qwen's 152k), so not on small GPUs

@@ -68,6 +68,9 @@ def test_packed_cpu_gemms_match_transformers(arch, monkeypatch):
     multi-row GEMMs of prefill, verification rows and the head run packed and still match."""
     monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)
     monkeypatch.delenv("HELIX_PACKED_GEMM", raising=False)
+    monkeypatch.setenv("HELIX_PACKED_SMALL_ROWS", "2")  # whatever this CPU prefers: the packed GEMMs are under test
+    monkeypatch.setattr(packed, "_small_rows", None)
+    monkeypatch.setattr(packed, "_small_table", None)
     used = []
     real = packed.linear
     monkeypatch.setattr(packed, "linear", lambda *a: used.append(a[0].shape[0]) or real(*a))
@@ -82,6 +85,7 @@ def test_small_weights_run_packed_from_the_row_count_measured_faster(monkeypatch
     oneDNN on others): from the first row count where packed takes under SMALL_WIN of MKL's time, else from
     SMALL_MIN_ROWS; the measurement is kept, and HELIX_PACKED_SMALL_ROWS sets it instead."""
     monkeypatch.delenv("HELIX_PACKED_SMALL_ROWS", raising=False)
+    monkeypatch.setattr(packed, "_small_table", None)  # an engine's warm-up earlier in this process decides otherwise
     w = torch.randn(64, 96)  # [in, out], as the CPU keeps weights
     pairs = [(w, packed.pack(w, True))]
     calls = []
@@ -115,6 +119,62 @@ def test_small_weights_run_packed_from_the_row_count_measured_faster(monkeypatch
     monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)
     why = _runner(_make_model("llama"), True).lean.packing  # a real measurement, on this machine
     assert "small weights packed from" in why and "MKL" in why and "packed" in why, why
+
+
+def test_small_weights_run_packed_at_the_token_counts_whose_forwards_ran_faster(monkeypatch):
+    """The warm-up times the target's own forwards at each token count of ROW_PROBES with every small weight's GEMM
+    packed and with none (a loop over the weights alone timed them within 5% on an Intel Xeon where the forward of
+    4-8 tokens ran 30% slower packed): packed where it took under SMALL_WIN of MKL's time, a probe standing for the
+    counts up to the next, once per process; big weights stay packed from MIN_ROWS."""
+    monkeypatch.delenv("HELIX_PACKED_SMALL_ROWS", raising=False)
+    monkeypatch.setattr(packed, "_have_small", True)
+    monkeypatch.setattr(packed, "_small_table", None)
+    small, big = torch.zeros(64, 96), torch.zeros(1 << 11, 1 << 11)  # 16 KiB and 16 MiB of fp32
+    ran = []
+
+    def timer_where(wins_from: int, tie: bool = False):
+        def timer(fn) -> float:
+            fn()
+            tokens = ran[-1]
+            if not packed._force_small:
+                return 1.0
+            return 0.97 if tie else (0.5 if tokens >= wins_from else 1.5)
+        return timer
+
+    table = packed.calibrate_by_forward(ran.append, timer_where(9))
+    assert table == {p: p >= 9 for p in packed.ROW_PROBES} and set(ran) == set(packed.ROW_PROBES)
+    assert packed._force_small is None and "9+" in packed.packing_note()
+    assert [packed.use_packed(n, small) for n in (1, 2, 5, 8, 9, 16, 40)] == [False] * 4 + [True] * 3
+    assert packed.use_packed(2, big) and not packed.use_packed(1, big)
+    assert packed.calibrate_by_forward(ran.append, timer_where(2)) is None  # decided once per process
+    monkeypatch.setattr(packed, "_small_table", None)
+    assert not any(packed.calibrate_by_forward(ran.append, timer_where(2, tie=True)).values())  # a tie: MKL
+    monkeypatch.setattr(packed, "_small_table", None)
+    ran.clear()
+    table = packed.calibrate_by_forward(ran.append, timer_where(5), max_tokens=10)  # a sequence with room for 10
+    assert max(ran) == 9 and table[17] and table[33] and not table[3]
+    monkeypatch.setattr(packed, "_small_table", None)
+    monkeypatch.setenv("HELIX_PACKED_SMALL_ROWS", "3")
+    assert packed.calibrate_by_forward(ran.append, timer_where(2)) is None  # the environment decides
+    monkeypatch.delenv("HELIX_PACKED_SMALL_ROWS")
+    monkeypatch.setattr(packed, "_have_small", False)
+    assert packed.calibrate_by_forward(ran.append, timer_where(2)) is None  # nothing packed small in this process
+
+
+def test_the_warm_up_decides_packing_from_the_models_own_forwards(monkeypatch):
+    """A real measurement, on this machine: the warm-up's forwards over its own sequence, rolled back after each."""
+    from engine.warmup import _calibrate_cpu_gemms
+
+    monkeypatch.delenv("HELIX_PACKED_SMALL_ROWS", raising=False)
+    monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(packed, "_small_table", None)
+    runner = _runner(_make_model("llama"), True)
+    assert packed._have_small
+    ids = list(range(1, 21))
+    runner.forward([RowInput(-1, ids)])
+    _calibrate_cpu_gemms(runner, -1, ids)
+    assert set(packed._small_table) == set(packed.ROW_PROBES) and "forwards" in packed.packing_note()
+    assert runner.cached_len(-1) == len(ids)
 
 
 def test_packing_is_skipped_with_a_reason(monkeypatch):

@@ -17,11 +17,12 @@ weight (in x out)  rows   mm          packed       the step it is
 =================  =====  ==========  ===========  ===========
 
 So one-row GEMMs keep MKL and every GEMM of ``MIN_ROWS`` rows or more on a big enough weight runs
-packed, except, on some CPUs, GEMMs of 2-3 rows over weights of at most ``SMALL_BYTES``. Whether MKL or
-oneDNN wins there depends on the CPU, so it is measured once per process, at the first load that packs
-such weights (``calibrate_small_rows``: the model's own small weights in a loop, as in a forward, 2 and
-3 rows, the two ways alternating; ~50 ms for the demo target). Measured in such loops (one thread, ms
-per pass, or per whole forward of the demo target):
+packed, except, on some CPUs, GEMMs over weights of at most ``SMALL_BYTES``. Whether MKL or oneDNN wins there
+depends on the CPU, so it is measured once per process: at the first load that packs such weights for 2 and 3 rows
+(``calibrate_small_rows``: the model's own small weights in a loop, as in a forward, the two ways alternating;
+~50 ms for the demo target), then by the engine's warm-up for every token count of ``ROW_PROBES``, timing the
+target's own forwards (``calibrate_by_forward``). Measured (one thread, ms per loop, or per whole forward of the
+demo target):
 
 - the earlier 2-core EPYC (the sessions before 2026-12-02): MKL wins. Demo target, loop at 2 rows packed 9.8
   -> MKL 8.3, 3 rows 12.6 -> 10.2; its forward of 2 tokens 14.5 -> 11.8 ms, of 3 tokens 14.8 -> 13.5
@@ -29,6 +30,11 @@ per pass, or per whole forward of the demo target):
 - the 2-core EPYC of 2026-12-02 (CPU family 26, AVX-512; ~3x the earlier one's speed): oneDNN wins. The demo
   target's forward, 300 alternating pairs: 2 tokens MKL 4.65 -> packed 4.05 ms, 3 tokens 5.09 -> 4.12
   (one token 3.56; 4 tokens 3.93 either way).
+- the 2-core Intel Xeon of 2026-12-02 evening (family 6 model 167, AVX-512, AMX): MKL wins at every token count in
+  the demo target's forward (ms, medians, two processes each way): 4 tokens MKL 4.42-4.60 / packed 5.93-6.21, 5
+  tokens 4.60-4.96 / 6.15-6.16, 8 tokens 5.05-5.87 / 6.89-7.27, 32 tokens 8.8-9.8 / 10.9-12.5; 8 rows of 5 tokens
+  16.0-17.2 / 18.2-19.3 (one token 3.58 either way), while the loop of its weights alone timed them within 5% at
+  5-17 rows.
 
 Over weights past the caches (Qwen2.5-0.5B's MLP, 17-35 MiB) MKL at 2 rows took 1.8x its one-row time
 (it streams the weight twice) and oneDNN 1.6x, so big weights keep oneDNN from 2 rows everywhere.
@@ -63,6 +69,12 @@ _PACK_HINT = 8  # the row count the blocked layout is chosen for (8 and 32 measu
 
 _OPS: tuple | None = None
 _small_rows: int | None = None  # measured by calibrate_small_rows (None: not yet; SMALL_MIN_ROWS meanwhile)
+ROW_PROBES = (2, 3, 5, 9, 17, 33)  # token counts calibrate_by_forward times a forward at; each stands for the counts up
+# to the next (verifications of K = 1, 2-3, 4-7, 8 at batch 1; batches of rows)
+FORWARD_REPS = 7  # timed forwards per way and probe, alternating
+_small_table: dict[int, bool] | None = None  # probe -> small weights packed, from whole forwards (calibrate_by_forward)
+_force_small: bool | None = None  # while calibrating: every GEMM over a small weight packed (True) or on MKL (False)
+_have_small = False  # a load of this process packed small weights
 _small_note = ""
 
 
@@ -131,6 +143,8 @@ def pack_all(slots: list[tuple[object, str, torch.Tensor]], transposed: bool) ->
             setattr(owner, attr, pack(w, transposed))
         small = [(w, getattr(owner, attr)) for owner, attr, w in slots if w.numel() * w.element_size() <= SMALL_BYTES]
         if small:
+            global _have_small
+            _have_small = True
             calibrate_small_rows(small, transposed)
             why += f"; {_small_note}"
     return why
@@ -208,7 +222,59 @@ def use_packed(rows: int, w: torch.Tensor) -> bool:
     """Whether a GEMM of ``rows`` rows over weight ``w`` (which has a packed copy) runs packed."""
     if rows < MIN_ROWS:
         return False
-    return rows >= (_small_rows or SMALL_MIN_ROWS) or w.numel() * w.element_size() > SMALL_BYTES
+    if w.numel() * w.element_size() > SMALL_BYTES:
+        return True
+    if _force_small is not None:
+        return _force_small
+    if _small_table is not None:
+        return _small_table[max(p for p in ROW_PROBES if p <= rows)]
+    return rows >= (_small_rows or SMALL_MIN_ROWS)
+
+
+def calibrate_by_forward(run: Callable[[int], None], timer: Callable[[Callable[[], None]], float] | None = None,
+                         max_tokens: int = ROW_PROBES[-1]) -> dict[int, bool] | None:
+    """Decide, once per process, at each token count of ROW_PROBES, whether GEMMs over small weights run packed, by
+    timing ``run(tokens)`` (one forward of the model over that many new tokens, rolled back) with every such GEMM
+    packed and with none, alternating FORWARD_REPS times; packed where its median is under SMALL_WIN of MKL's. A
+    probe stands for the counts up to the next; probes past ``max_tokens`` (the room the caller's sequence has) take
+    the last measured one's decision. Returns the table, or None where there is nothing to decide (no small weights
+    packed in this process, HELIX_PACKED_SMALL_ROWS set, or decided already).
+
+    A loop over the weights alone (``calibrate_small_rows``) does not always tell: on a 2-core Intel Xeon (AVX-512,
+    AMX) it timed packed and MKL within 5% at 5-17 rows, while the demo target's forward of 4-8 tokens took 5.7-6.3 ms
+    packed against 4.4-5.0 ms on MKL."""
+    global _small_table, _small_note, _force_small
+    if not _have_small or os.environ.get("HELIX_PACKED_SMALL_ROWS") or _small_table is not None:
+        return None
+    timer = timer or _wall_time
+    table, notes = {}, []
+    try:
+        for tokens in ROW_PROBES:
+            if tokens > max_tokens:
+                table[tokens] = table.get(max(table, default=0), False)
+                continue
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for rep in range(FORWARD_REPS + 1):
+                for way in (True, False) if rep % 2 else (False, True):
+                    _force_small = way
+                    t = timer(lambda tokens=tokens: run(tokens))
+                    if rep:  # the first round warms oneDNN's primitive cache and the allocator
+                        times[way].append(t)
+            t_mkl, t_packed = statistics.median(times[False]), statistics.median(times[True])
+            table[tokens] = t_packed < SMALL_WIN * t_mkl
+            notes.append(f"{tokens} MKL {1e3 * t_mkl:.2f} / packed {1e3 * t_packed:.2f}")
+    finally:
+        _force_small = None
+    _small_table = table
+    at = [p for p in ROW_PROBES if table[p]]
+    _small_note = (f"small weights packed at {', '.join(f'{p}+' for p in at) if at else 'no'} tokens (forwards, ms: "
+                   f"{'; '.join(notes)})")
+    return table
+
+
+def packing_note() -> str:
+    """What decides the small weights' GEMMs in this process (for the log and the doctor)."""
+    return _small_note
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, b: torch.Tensor | None,
