@@ -71,7 +71,8 @@ _OPS: tuple | None = None
 _small_rows: int | None = None  # measured by calibrate_small_rows (None: not yet; SMALL_MIN_ROWS meanwhile)
 ROW_PROBES = (2, 3, 5, 9, 17, 33)  # token counts calibrate_by_forward times a forward at; each stands for the counts up
 # to the next (verifications of K = 1, 2-3, 4-7, 8 at batch 1; batches of rows)
-FORWARD_REPS = 7  # timed forwards per way and probe, alternating
+FORWARD_REPS = 7  # timed forwards per way and probe, alternating ...
+FORWARD_BUDGET_S = 1.5  # ... fewer (at least 3) where a model's forwards would take longer than this in all
 _small_table: dict[int, bool] | None = None  # probe -> small weights packed, from whole forwards (calibrate_by_forward)
 _force_small: bool | None = None  # while calibrating: every GEMM over a small weight packed (True) or on MKL (False)
 _have_small = False  # a load of this process packed small weights
@@ -235,7 +236,8 @@ def calibrate_by_forward(run: Callable[[int], None], timer: Callable[[Callable[[
                          max_tokens: int = ROW_PROBES[-1]) -> dict[int, bool] | None:
     """Decide, once per process, at each token count of ROW_PROBES, whether GEMMs over small weights run packed, by
     timing ``run(tokens)`` (one forward of the model over that many new tokens, rolled back) with every such GEMM
-    packed and with none, alternating FORWARD_REPS times; packed where its median is under SMALL_WIN of MKL's. A
+    packed and with none, alternating FORWARD_REPS times (fewer, at least 3, where that would take the model's
+    forwards over FORWARD_BUDGET_S); packed where its median is under SMALL_WIN of MKL's. A
     probe stands for the counts up to the next; probes past ``max_tokens`` (the room the caller's sequence has) take
     the last measured one's decision. Returns the table, or None where there is nothing to decide (no small weights
     packed in this process, HELIX_PACKED_SMALL_ROWS set, or decided already).
@@ -254,12 +256,16 @@ def calibrate_by_forward(run: Callable[[int], None], timer: Callable[[Callable[[
                 table[tokens] = table.get(max(table, default=0), False)
                 continue
             times: dict[bool, list[float]] = {True: [], False: []}
-            for rep in range(FORWARD_REPS + 1):
+            reps, rep = FORWARD_REPS, 0
+            while rep <= reps:
                 for way in (True, False) if rep % 2 else (False, True):
                     _force_small = way
                     t = timer(lambda tokens=tokens: run(tokens))
                     if rep:  # the first round warms oneDNN's primitive cache and the allocator
                         times[way].append(t)
+                    else:  # ... and tells what a round costs: a big model's forwards get fewer rounds
+                        reps = max(3, min(reps, int(FORWARD_BUDGET_S / len(ROW_PROBES) / max(2 * t, 1e-9))))
+                rep += 1
             t_mkl, t_packed = statistics.median(times[False]), statistics.median(times[True])
             table[tokens] = t_packed < SMALL_WIN * t_mkl
             notes.append(f"{tokens} MKL {1e3 * t_mkl:.2f} / packed {1e3 * t_packed:.2f}")
