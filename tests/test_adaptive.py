@@ -707,18 +707,24 @@ def test_engine_runs_the_plain_refresh_and_stays_exact(monkeypatch):
     assert any(k for before, out in seen for k, _ in out.values())  # the other steps drafted as planned
 
 
+def _eagle_untimed_at_8() -> Policy:
+    """The draft model timed at batch 8, the EAGLE head only at batch 1; both with acceptance evidence."""
+    policy = _policy(0.010, 0.002, batch=8, method="model")
+    policy.times.observe("", 1, 0, 0.004)
+    policy.times.observe("eagle", 1, 4, 0.005)
+    for method in ("model", "eagle"):
+        for _ in range(20):
+            policy.observe(method, 4, 3)
+    return policy
+
+
 def test_a_method_untimed_at_a_batch_size_is_timed_there_before_predictions_stand():
     """The draft model timed at batch 8 and the EAGLE head only at batch 1: the head's time at 8 would come from batch
     1's cost slope alone (in process it kept the batch on the draft model for ~65 steps). It is tried there, on at
     most TIME_TRIES steps (a step that caught up is not timed), and not where its catch-up would cost too much."""
     from engine.adaptive import TIME_CATCH_UP, TIME_TRIES
 
-    policy = _policy(0.010, 0.002, batch=8, method="model")
-    policy.times.observe("", 1, 0, 0.004)
-    policy.times.observe("eagle", 1, 4, 0.005)
-    for method in ("model", "eagle"):  # both have acceptance evidence: only timing is missing
-        for _ in range(20):
-            policy.observe(method, 4, 3)
+    policy = _eagle_untimed_at_8()  # both have acceptance evidence: only timing is missing
     methods = {"model": 0.3, "eagle": 0.2}
     assert policy.times.timed("model", 8) and not policy.times.timed("eagle", 8) and policy.times.timed("eagle", 1)
     tries = []
@@ -980,12 +986,7 @@ def test_a_timing_try_beside_rows_of_another_method_counts():
     counts as a try, where one spoiled otherwise (a catch-up, a thread count measured) does not."""
     from engine.adaptive import TIME_TRIES
 
-    policy = _policy(0.010, 0.002, batch=8, method="model")
-    policy.times.observe("", 1, 0, 0.004)
-    policy.times.observe("eagle", 1, 4, 0.005)
-    for method in ("model", "eagle"):
-        for _ in range(20):
-            policy.observe(method, 4, 3)
+    policy = _eagle_untimed_at_8()
     tries = []
     for _ in range(TIME_TRIES + 2):
         policy.tick(64)
