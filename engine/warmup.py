@@ -33,8 +33,8 @@ def _calibrate_cpu_gemms(target: ModelRunner, sid: int, ids: list[int]) -> None:
 
     n = len(ids)
 
-    def run(tokens: int) -> None:
-        target.forward([RowInput(sid, [ids[i % n] for i in range(tokens)])])
+    def run(tokens: int) -> None:  # logits for every token, as a verification (and a batch of decode rows) reads them
+        target.forward([RowInput(sid, [ids[i % n] for i in range(tokens)], tokens)])
         target.truncate(sid, n)
 
     t0 = time.perf_counter()
