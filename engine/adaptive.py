@@ -308,6 +308,12 @@ def _line(measured: list[tuple[int, float, int]], t0: float) -> tuple[float, flo
     return (st - slope * sk) / w, slope
 
 
+def keep_settled(gains: dict[int, float], best: int, held: int) -> int:
+    """``held``, the K settled on, unless ``best`` is predicted K_MARGIN better (or ``held`` is not predicted): the
+    predictions of neighbouring K differ by less than their noise, and each move between K costs."""
+    return held if held and held in gains and gains[best] < K_MARGIN * gains[held] else best
+
+
 def _at(times: list[float | None], k: int) -> float:
     """The predicted time of K, 0.0 where it is not predicted (untimed, or past the reach)."""
     return (times[k] if k < len(times) else None) or 0.0
@@ -592,13 +598,20 @@ class Policy:
         if state.spec_steps % SPEC_RECHECK and last.method in methods \
                 and bucket(batch) == state.bucket >= self.spec_recheck_from:
             state.spec_steps += 1  # speculating as decided a few steps ago (acceptance moves slowly)
-            if self.clock % EXPLORE_EVERY == 0 and last.k < MAX_DRAFT_TOKENS:  # explore as a full decision would
-                state.resume = last
-                last = state.last = Decision(last.k + 1, last.method, f"exploring {last.method} K={last.k + 1} "
-                                             f"(best predicted K={last.k})", last.gains, forced=True)
+            explore = self._explore(last.method, last.k, last.gains)  # as a full decision would
+            if explore is not None:
+                state.resume, last = last, explore
+                state.last = last
             self.decision = last
             return last
         return None
+
+    def _explore(self, method: str, k: int, gains: dict[int, float]) -> Decision | None:
+        """On the explore clock (rows explore together), one step at K + 1 for a row drafting K: times and acceptance
+        past K are otherwise never measured. None at other steps."""
+        if not self.clock or self.clock % EXPLORE_EVERY or k >= MAX_DRAFT_TOKENS:
+            return None
+        return Decision(k + 1, method, f"exploring {method} K={k + 1} (best predicted K={k})", gains, forced=True)
 
     def hold_plain(self, state: AdaptiveState, batch: int) -> Decision | None:
         """A request's decision to decode plain when it stands this step (counting the step), else None; in O(1), and
@@ -726,9 +739,8 @@ class Policy:
                     method, k = last.method, stay  # drafting on: a switch pays the other proposer's catch-up
             gains = options[method]
             held = state.settled
-            if k and held is not None and held[:2] == (method, bucket(batch)) and held[2] != k \
-                    and gains[k] < K_MARGIN * gains.get(held[2], 0.0):
-                k = held[2]  # the settled K stands: the predictions differ by less than their noise
+            if k and held is not None and held[:2] == (method, bucket(batch)):
+                k = keep_settled(gains, k, held[2])
             if 0 < k and gains[k] < (KEEP_MARGIN if state.last is not None and state.last.k else START_MARGIN):
                 k = 0  # from plain, a predicted gain within the estimates' noise is no reason to start drafting
             if k > 0:
@@ -739,9 +751,7 @@ class Policy:
                     self.probe_floor.pop(method, None)  # speculation pays again: new requests probe early again
                 d = Decision(k, method, f"{method} K={k} predicted {gains[k]:.2f}x plain at batch {batch}", gains)
                 state.settled = (method, bucket(batch), k)
-                if self.clock and self.clock % EXPLORE_EVERY == 0 and k < MAX_DRAFT_TOKENS:  # on the clock: rows explore together
-                    # now and then one step at K+1: times and acceptance past K are otherwise never measured
-                    d = Decision(k + 1, method, f"exploring {method} K={k + 1} (best predicted K={k})", gains, forced=True)
+                d = self._explore(method, k, gains) or d
             else:
                 state.plain_steps += 1
                 state.settled = None  # drafting again later starts from the best K then

@@ -8,7 +8,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING
 
-from engine.adaptive import K_MARGIN, SWITCH_MARGIN, Decision
+from engine.adaptive import SWITCH_MARGIN, Decision, keep_settled
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
@@ -128,11 +128,9 @@ class StepPlanner:
                 k = max(forced)
             else:
                 summed = {kk: sum(r.adaptive.last.gains.get(kk, 0.0) for r in rows) for kk in rows[0].adaptive.last.gains}
-                k = max(summed, key=summed.get)
-                held = self._shared_k.get(method, 0)
-                if held and held in summed and summed[k] < K_MARGIN * summed[held]:
-                    k = held  # the K the batch shared last stands unless another clearly beats it (Policy.choose)
-                self._shared_k[method] = k
+                # the K the batch shared last stands unless another clearly beats it (as a row's, Policy.choose)
+                k = self._shared_k[method] = keep_settled(summed, max(summed, key=summed.get),
+                                                          self._shared_k.get(method, 0))
             for r in rows:
                 plan[r] = (min(k, self.room(r)), method)
         return plan

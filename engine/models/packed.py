@@ -49,6 +49,7 @@ BLAS libraries do; a probe at load compares the two and disables packing when th
 
 from __future__ import annotations
 
+import bisect
 import os
 import statistics
 import time
@@ -190,12 +191,7 @@ def calibrate_small_rows(weights: list[tuple[torch.Tensor, torch.Tensor]], trans
                 for x, (_, pk) in zip(xs, weights):
                     op(x, pk, None, "none", [], "")
 
-            mkl(), onednn()  # first calls: allocations, oneDNN's primitive cache
-            times: dict[str, list[float]] = {"mkl": [], "packed": []}
-            for rep in range(CALIBRATION_REPS):
-                for name, fn in (("mkl", mkl), ("packed", onednn)) if rep % 2 else (("packed", onednn), ("mkl", mkl)):
-                    times[name].append(timer(fn))
-            t_mkl, t_packed = statistics.median(times["mkl"]), statistics.median(times["packed"])
+            t_mkl, t_packed = _race(mkl, onednn, CALIBRATION_REPS, timer)
             notes.append(f"{rows} rows MKL {1e3 * t_mkl:.2f} / packed {1e3 * t_packed:.2f} ms")
             if t_packed < SMALL_WIN * t_mkl:
                 found = rows
@@ -204,6 +200,24 @@ def calibrate_small_rows(weights: list[tuple[torch.Tensor, torch.Tensor]], trans
     _small_note = (f"small weights packed from {found} rows (measured over {len(weights)} weights: "
                    f"{'; '.join(notes)})")
     return found
+
+
+def _race(mkl: Callable[[], None], onednn: Callable[[], None], reps: int, timer: Callable[[Callable[[], None]], float],
+          budget_s: float | None = None) -> tuple[float, float]:
+    """Medians of ``timer(mkl)`` and ``timer(onednn)`` over ``reps`` rounds, the two ways alternating, after a first
+    round whose times are dropped (allocations, oneDNN's primitive cache); with ``budget_s``, fewer rounds (at least 3)
+    where the first round says they would take longer than that."""
+    times: dict[Callable[[], None], list[float]] = {mkl: [], onednn: []}
+    rep = 0
+    while rep <= reps:
+        for fn in (mkl, onednn) if rep % 2 else (onednn, mkl):
+            t = timer(fn)
+            if rep:
+                times[fn].append(t)
+            elif budget_s is not None:
+                reps = max(3, min(reps, int(budget_s / max(2 * t, 1e-9))))
+        rep += 1
+    return statistics.median(times[mkl]), statistics.median(times[onednn])
 
 
 def _wall_time(fn: Callable[[], None]) -> float:
@@ -228,7 +242,7 @@ def use_packed(rows: int, w: torch.Tensor) -> bool:
     if _force_small is not None:
         return _force_small
     if _small_table is not None:
-        return _small_table[max(p for p in ROW_PROBES if p <= rows)]
+        return _small_table[ROW_PROBES[bisect.bisect_right(ROW_PROBES, rows) - 1]]  # the largest probe <= rows
     return rows >= (_small_rows or SMALL_MIN_ROWS)
 
 
@@ -255,18 +269,14 @@ def calibrate_by_forward(run: Callable[[int], None], timer: Callable[[Callable[[
             if tokens > max_tokens:
                 table[tokens] = table.get(max(table, default=0), False)
                 continue
-            times: dict[bool, list[float]] = {True: [], False: []}
-            reps, rep = FORWARD_REPS, 0
-            while rep <= reps:
-                for way in (True, False) if rep % 2 else (False, True):
-                    _force_small = way
-                    t = timer(lambda tokens=tokens: run(tokens))
-                    if rep:  # the first round warms oneDNN's primitive cache and the allocator
-                        times[way].append(t)
-                    else:  # ... and tells what a round costs: a big model's forwards get fewer rounds
-                        reps = max(3, min(reps, int(FORWARD_BUDGET_S / len(ROW_PROBES) / max(2 * t, 1e-9))))
-                rep += 1
-            t_mkl, t_packed = statistics.median(times[False]), statistics.median(times[True])
+            def way(packed: bool, tokens: int = tokens) -> Callable[[], None]:
+                def forward() -> None:
+                    global _force_small
+                    _force_small = packed
+                    run(tokens)
+                return forward
+
+            t_mkl, t_packed = _race(way(False), way(True), FORWARD_REPS, timer, FORWARD_BUDGET_S / len(ROW_PROBES))
             table[tokens] = t_packed < SMALL_WIN * t_mkl
             notes.append(f"{tokens} MKL {1e3 * t_mkl:.2f} / packed {1e3 * t_packed:.2f}")
     finally:
