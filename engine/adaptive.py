@@ -90,6 +90,13 @@ PLAIN_STALE = 32  # timed steps at a batch size after which plain decoding's tim
 # 8 clients with a useless draft, plain's average rose to 6.8 ms in a slow phase; n-gram K = 1 then looked nearly
 # as cheap (7.1 ms, timed earlier) and, drafting on, ran at 5.2 ms against the stale 6.5 (predicted 1.02x plain)
 # where plain steps took ~4.2 ms: the pass ran 0.8x plain
+PACE_RATE = 0.5  # the share of a step's deviation from its K's settled average that is the machine's pace (``StepTimes``),
+# the rest the K's own: the two move by equal shares, in logs, so that the noise of a long run at one K walks neither
+# (a pace moved by a ratio and an average by a linear mean drifted: 5000 noisy steps at one K took plain's prediction
+# to 0.27x). On the 2-core CPU at 8 clients, plain's average (timed in a fast phase) stood at 11.3 ms and K = 2's at
+# 30 ms (3 steps, a slow phase; fixed K = 2 steps took 19-22 ms) while K = 4, run on through a slow phase, rose to 39 ms:
+# the batch predicted K = 4 at 0.96x plain and drafted K = 1..3 (s42's code)
+PACE_FROM = 3  # observations a K's average needs before its steps move the pace (a first timing is the K's, not the pace's)
 REFRESH_BELOW = 1.15  # a clear gain is not overturned by a plain time some percent off, and a refresh costs it a step
 STALE_WEIGHT = 0.5  # the weight of the past in a plain average measured again after PLAIN_STALE steps
 FIRST_REACH = 4  # the largest K a method may run at a batch size before any of its K was timed there ...
@@ -142,10 +149,19 @@ class StepTimes:
     short prompts must not stand for it over long ones. ``context`` is the bucket of the step being decided
     and timed (``Policy.tick`` sets it). Where a bucket lacks a time, the nearest bucket's is scaled by the
     ratio of the two buckets' times of keys timed in both (plain decoding first).
+
+    The pace. A machine's speed drifts (a VM's slow phases, a GPU host's clocks), and a step is timed at the K that
+    runs, so the averages of the K not running, plain decoding's among them, keep the pace of when they ran. Each
+    batch bucket has a pace factor: a step slower (faster) than its K's average predicts raises (lowers) it by
+    PACE_RATE of the ratio, in logs, and the averages are kept in units of the pace at their observation. Every
+    time read out is scaled by the current pace, so averages taken minutes apart compare as if taken now; the gains
+    of K over plain are ratios of times of one bucket and do not move with the pace itself.
     """
 
     def __init__(self) -> None:
-        self.avg: dict[tuple[str, int, int, int], float] = {}
+        self.avg: dict[tuple[str, int, int, int], float] = {}  # seconds / the bucket's pace at each observation
+        self.pace: dict[int, float] = {}  # batch bucket -> the machine's pace there (1.0 at its first observation)
+        self.pace_rate = PACE_RATE
         self.count: dict[tuple[str, int, int, int], int] = {}  # observations behind each average
         # the keys of ``avg`` per (method, batch bucket) and per batch bucket, in the order they came: a decision
         # reads the few keys of its bucket, not every key (a full decision of three methods at batch 1 cost ~0.4 ms
@@ -172,6 +188,7 @@ class StepTimes:
             age = self.plain_age(batch)
             if age is not None and age >= PLAIN_STALE:
                 weight = STALE_WEIGHT  # an old average counts less: the machine may have changed pace since
+        pace = self.pace.get(b, 1.0)
         self._stamps[key[:2]] = self._stamps.get(key[:2], 0) + 1
         n = self._bucket_stamps[b] = self._bucket_stamps.get(b, 0) + 1
         if k == 0:
@@ -179,7 +196,15 @@ class StepTimes:
         if old is None:
             self._keys.setdefault(key[:2], []).append(key)
             self._bucket_keys.setdefault(key[1], []).append(key)
-        self.avg[key] = clamped_ema(old, seconds, weight)
+        if old is not None and self.count[key] > PACE_FROM and self.pace_rate:
+            # a settled average: the step's ratio to its prediction moves the pace and the average by equal shares
+            # (in logs, so that noise moves neither on average)
+            ratio = min(STALL_CLAMP, max(1.0 / STALL_CLAMP, seconds / (old * pace)))
+            share = ratio ** (self.pace_rate * (1 - weight))
+            self.pace[b] = pace * share
+            self.avg[key] = old * share
+        else:
+            self.avg[key] = clamped_ema(old, seconds / pace, weight)
 
     def plain_age(self, batch: int) -> int | None:
         """Steps timed at this batch bucket since plain decoding was last timed there at the current context bucket
@@ -206,12 +231,16 @@ class StepTimes:
         return bool(self._keys.get((method, bucket(batch))))
 
     def plain(self, batch: int) -> float | None:
-        b, c = bucket(batch), self.context
+        t = self._plain(bucket(batch))
+        return None if t is None else t * self.pace.get(bucket(batch), 1.0)
+
+    def _plain(self, b: int) -> float | None:
+        """``plain`` in units of the bucket's pace (as ``avg``)."""
         have = [cc for (_m, _b, cc, _k) in self._keys.get(("plain", b), ())]
         if not have:
             return None
-        near = _nearest(have, c)
-        return self.avg[("plain", b, near, 0)] * self._scale(b, near, c)
+        near = _nearest(have, self.context)
+        return self.avg[("plain", b, near, 0)] * self._scale(b, near, self.context)
 
     def reach(self, method: str, batch: int) -> int:
         """The largest K ``method`` may run at ``batch``: REACH past its largest K timed there (any context), and
@@ -225,22 +254,22 @@ class StepTimes:
     def predicted(self, method: str, batch: int, slope_prior: float) -> list[float | None]:
         """``predict_all`` up to the method's reach at this batch (``reach``; K past it: not predicted), kept until an
         input changes: the method's or plain decoding's times at this batch bucket, and where the prediction read them,
-        the slope prior or other methods' times (``_scale``). Do not modify the list returned."""
+        the slope prior or other methods' times (``_scale``); kept in units of the pace, read out at the current one."""
         b = bucket(batch)
         key = (method, b, self.context)
         stamp = (self._stamps.get((method, b), 0), self._stamps.get(("plain", b), 0))
         hit = self._predicted.get(key)
-        if hit is not None and hit[0] == stamp and hit[1] in (None, self._bucket_stamps.get(b, 0)) \
-                and hit[2] in (None, slope_prior):
-            return hit[3]
-        self._read_others = self._read_slope = False
-        times = self.predict_all(method, batch, slope_prior)
-        times[self.reach(method, batch) + 1:] = []
-        if len(self._predicted) > 256:
-            self._predicted.clear()
-        self._predicted[key] = (stamp, self._bucket_stamps.get(b, 0) if self._read_others else None,
-                                slope_prior if self._read_slope else None, times)
-        return times
+        if hit is None or hit[0] != stamp or hit[1] not in (None, self._bucket_stamps.get(b, 0)) \
+                or hit[2] not in (None, slope_prior):
+            self._read_others = self._read_slope = False
+            times = self._predict_all(method, b, slope_prior)
+            times[self.reach(method, batch) + 1:] = []
+            if len(self._predicted) > 256:
+                self._predicted.clear()
+            hit = self._predicted[key] = (stamp, self._bucket_stamps.get(b, 0) if self._read_others else None,
+                                          slope_prior if self._read_slope else None, times)
+        pace = self.pace.get(b, 1.0)
+        return [t * pace if t is not None else None for t in hit[3]]
 
     def predict(self, method: str, batch: int, k: int, slope_prior: float) -> float | None:
         """Seconds for one step at K: measured, else interpolated from the nearest measured K."""
@@ -250,8 +279,13 @@ class StepTimes:
         """``predict`` for K = 0..MAX_DRAFT_TOKENS in one pass (None while plain is untimed). No K is predicted
         cheaper than plain: a step planned for n-gram where no row found a match costs a plain step, timed with noise
         on either side, and must not predict a gain for drafts that never come."""
-        b, c = bucket(batch), self.context
-        t0 = self.plain(batch)
+        pace = self.pace.get(bucket(batch), 1.0)
+        return [t * pace if t is not None else None for t in self._predict_all(method, bucket(batch), slope_prior)]
+
+    def _predict_all(self, method: str, b: int, slope_prior: float) -> list[float | None]:
+        """``predict_all`` in units of the bucket's pace (as ``avg``)."""
+        c = self.context
+        t0 = self._plain(b)
         if t0 is None:
             return [None] * (MAX_DRAFT_TOKENS + 1)
         by_ctx: dict[int, list[tuple[int, float, int]]] = {}

@@ -84,7 +84,7 @@ def adaptive_view(engine: LLMEngine) -> dict:
     return {
         "decision": {"k": d.k, "method": d.method, "reason": d.reason,
                      "gains": {str(k): round(g, 3) for k, g in d.gains.items()}},
-        "step_ms": {f"{m or 'plain'}/b{b}/ctx{c}/k{k}": round(t * 1e3, 3)
-                    for (m, b, c, k), t in sorted(policy.times.avg.items())},
+        "step_ms": {f"{m or 'plain'}/b{b}/ctx{c}/k{k}": round(t * policy.times.pace.get(b, 1.0) * 1e3, 3)
+                    for (m, b, c, k), t in sorted(policy.times.avg.items())},  # at the current pace (StepTimes)
         "acceptance_by_method": {m: round(s.acceptance_rate, 4) for m, s in policy.shared.items()},
     }

@@ -220,6 +220,41 @@ def test_a_k_timed_by_few_noisy_steps_leans_on_the_line_through_the_others():
     assert min(low.predict_all("model", 1, slope_prior=0.5)[1:]) >= 0.010
 
 
+def test_times_not_running_follow_the_machines_pace_without_walking():
+    """A slow phase timed at the K that runs moves the predictions of plain and of the K not running with it (half of
+    it, in logs), so that averages taken minutes apart compare; noise at one K for thousands of steps walks nothing."""
+    import math
+    import random
+
+    def timed(rate: float | None = None) -> StepTimes:
+        times = StepTimes()
+        if rate is not None:
+            times.pace_rate = rate
+        for _ in range(12):
+            times.observe("", 8, 0, 0.005)
+            times.observe("model", 8, 2, 0.010)
+            times.observe("model", 8, 4, 0.015)
+        return times
+
+    for rate, rises in ((None, True), (0.0, False)):  # 0.0: no pace, the averages of the K not running stand
+        times = timed(rate)
+        plain, k4 = times.plain(8), times.predict("model", 8, 4, 0.1)
+        gain = 3.0 * plain / k4  # K = 4 drafting 3 tokens a step, over plain
+        for _ in range(60):  # a slow phase, 30% slower, timed at K = 2 alone
+            times.observe("model", 8, 2, 0.013)
+        assert abs(times.predict("model", 8, 2, 0.1) - 0.013) < 0.0005
+        moved = times.plain(8) / plain, times.predict("model", 8, 4, 0.1) / k4
+        assert all(1.1 < m < 1.2 if rises else m < 1.02 for m in moved), moved  # (K = 4 leans on the line a little)
+        assert abs(3.0 * times.plain(8) / times.predict("model", 8, 4, 0.1) - gain) < 0.02  # gains: ratios stand
+    times, rng = timed(), random.Random(0)
+    for _ in range(12):
+        times.observe("model", 8, 2, 0.013)
+    after = times.plain(8)
+    for _ in range(5000):
+        times.observe("model", 8, 2, 0.013 * math.exp(rng.gauss(0.0, 0.1)))
+    assert 0.9 < times.plain(8) / after < 1.1 and abs(times.predict("model", 8, 2, 0.1) / 0.013 - 1) < 0.1
+
+
 def test_two_noisy_k_close_together_do_not_predict_a_flat_line():
     """K = 2 timed once at 54 ms beside K = 4 at 55 ms (batch 8 on the CPU, plain 22 ms): without plain's time at
     K = 0 in the line, K = 8 was predicted at 56 ms and the batch drafted 8 at 87-127 ms a step."""

@@ -15,7 +15,7 @@ from engine.errors import ModelLoadError
 from engine.kv_pool import KVPool, KVShape
 from engine.model_runner import ModelRunner, RowInput
 from engine.models import packed
-from engine.proposers.eagle import EagleProposer
+from engine.proposers.eagle import EagleProposer, _Features
 from tests.tiny import random_eagle_head, tiny_llama, tiny_pair_engine, tiny_tokenizer, word_tokenizer
 
 V = 320
@@ -230,7 +230,7 @@ def test_features_of_a_request_drafting_otherwise_are_read_as_they_pile_up(monke
     while req.num_tokens < 80:  # auto at a fixed K drafts with the first method, the draft model
         eng.step()
     assert req.stats.num_drafts > 0 and prop._cached(req.seq_id) >= req.num_tokens - 1 - 16 - 9
-    assert prop._waiting[req.seq_id][1].shape[0] <= 16 + 9
+    assert prop._waiting[req.seq_id].n <= 16 + 9
     assert torch.allclose(_next_logits(eng, req), _fresh_logits(eng, req), atol=1e-4)
     eng.abort(req.request_id)
     eng.step()
@@ -408,3 +408,33 @@ def test_published_qwen3_head_shape_loads_and_drafts(tmp_path):
     runner.forward([RowInput(0, list(range(100, 120)), 1, True)])
     assert got[0].shape == (20, 3 * 2560)
     assert prop.time_step(8) > 0
+
+
+def test_waiting_features_keep_what_a_concatenation_kept():
+    """The buffer a request's waiting features grow in (``_Features``) holds, after any sequence of appends (a
+    verification overwriting rejected positions), truncations (rollback) and reads (drops), the rows the old
+    ``torch.cat`` of the waiting rows and the new ones held, and shrinks back after a prompt's features were read."""
+    gen = torch.Generator().manual_seed(0)
+    feats, first = torch.randn(40, 6, generator=gen), 0
+    buf = _Features(first, feats.clone())
+    for step in range(400):
+        n = feats.shape[0]
+        op = int(torch.randint(0, 3, (), generator=gen))
+        if op == 0:  # a verification from some position within what waits (or just past it)
+            start = first + int(torch.randint(0, n + 1, (), generator=gen))
+            new = torch.randn(int(torch.randint(1, 10, (), generator=gen)), 6, generator=gen)
+            feats = torch.cat([feats[: start - first], new])
+            buf.put(start, new)
+        elif op == 1:  # rollback: rejected positions go
+            keep = int(torch.randint(0, n + 1, (), generator=gen))
+            feats = feats[:keep]
+            buf.n = min(buf.n, keep)
+        else:  # the head read some
+            cut = int(torch.randint(0, n + 1, (), generator=gen))
+            feats, first = feats[cut:], first + cut
+            buf.drop(cut)
+        assert buf.first == first and torch.equal(buf.rows(), feats), step
+    buf.put(buf.first, torch.randn(2000, 6))  # a prompt's features ...
+    buf.drop(1998)
+    buf.put(buf.first + 2, torch.randn(3, 6))  # ... read; then a step's
+    assert buf.n == 5 and buf.buf.shape[0] <= 64

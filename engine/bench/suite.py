@@ -34,7 +34,8 @@ class BenchConfig:
     warmup_runs: int = 1
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
     concurrency_tokens: int = 128
-    concurrency_repeats: int = 3  # odd: the median is a pass, and the paired ratio has a middle
+    concurrency_repeats: int = 5  # odd: the median is a pass, and the paired ratio has a middle. 5: one 8-client
+    # pass moves by up to 40% on the 2-core VMs, and with 3 repeats adaptive / best fixed K ran 0.88-1.11x over runs
     concurrency_waves: int = 3  # requests per concurrent client, sent back to back (see runs.helix_concurrent)
     fixed_k_concurrency: int = 8  # the concurrency level where every K of ``ks`` also runs fixed (issue 14's batch 8)
     memory_requests: int = 8
