@@ -19,6 +19,7 @@ drafting step; together, the batch pays once for every row's probe.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -91,9 +92,8 @@ PLAIN_STALE = 32  # timed steps at a batch size after which plain decoding's tim
 # as cheap (7.1 ms, timed earlier) and, drafting on, ran at 5.2 ms against the stale 6.5 (predicted 1.02x plain)
 # where plain steps took ~4.2 ms: the pass ran 0.8x plain
 PACE_RATE = 0.5  # the share of a step's deviation from its K's settled average that is the machine's pace (``StepTimes``),
-# the rest the K's own: the two move by equal shares, in logs, so that the noise of a long run at one K walks neither
-# (a pace moved by a ratio and an average by a linear mean drifted: 5000 noisy steps at one K took plain's prediction
-# to 0.27x). On the 2-core CPU at 8 clients, plain's average (timed in a fast phase) stood at 11.3 ms and K = 2's at
+# the rest the K's own: equal shares, both in logs, so that the noise of a long run at one K walks neither (a pace moved
+# in logs beside an average moved by a linear mean drifted: 5000 noisy steps at one K took plain's prediction to 0.27x). On the 2-core CPU at 8 clients, plain's average (timed in a fast phase) stood at 11.3 ms and K = 2's at
 # 30 ms (3 steps, a slow phase; fixed K = 2 steps took 19-22 ms) while K = 4, run on through a slow phase, rose to 39 ms:
 # the batch predicted K = 4 at 0.96x plain and drafted K = 1..3 (s42's code)
 PACE_FROM = 3  # observations a K's average needs before its steps move the pace (a first timing is the K's, not the pace's)
@@ -152,10 +152,12 @@ class StepTimes:
 
     The pace. A machine's speed drifts (a VM's slow phases, a GPU host's clocks), and a step is timed at the K that
     runs, so the averages of the K not running, plain decoding's among them, keep the pace of when they ran. Each
-    batch bucket has a pace factor: a step slower (faster) than its K's average predicts raises (lowers) it by
-    PACE_RATE of the ratio, in logs, and the averages are kept in units of the pace at their observation. Every
-    time read out is scaled by the current pace, so averages taken minutes apart compare as if taken now; the gains
-    of K over plain are ratios of times of one bucket and do not move with the pace itself.
+    batch bucket has a pace factor, and the averages are kept in its units. A step of a K whose average is settled
+    (more than PACE_FROM steps) moves that average as a moving average in logs would (by the step's ratio to the
+    prediction, clamped to STALL_CLAMP either way, to the power 1 - weight), and PACE_RATE of that move is the pace's,
+    the rest the average's. Every time read out is scaled by the current pace, so averages taken minutes apart compare
+    as if taken now (a slow phase timed at one K raises the others' predictions by half of it, in logs); gains of K over
+    plain are ratios of one bucket's times and do not move with the pace itself.
     """
 
     def __init__(self) -> None:
@@ -197,12 +199,11 @@ class StepTimes:
             self._keys.setdefault(key[:2], []).append(key)
             self._bucket_keys.setdefault(key[1], []).append(key)
         if old is not None and self.count[key] > PACE_FROM and self.pace_rate:
-            # a settled average: the step's ratio to its prediction moves the pace and the average by equal shares
-            # (in logs, so that noise moves neither on average)
-            ratio = min(STALL_CLAMP, max(1.0 / STALL_CLAMP, seconds / (old * pace)))
-            share = ratio ** (self.pace_rate * (1 - weight))
-            self.pace[b] = pace * share
-            self.avg[key] = old * share
+            # a settled average: the step's ratio to its prediction moves the pace and the average (in logs, so that
+            # noise moves neither on average), PACE_RATE of it the pace's
+            move = math.log(min(STALL_CLAMP, max(1.0 / STALL_CLAMP, seconds / (old * pace)))) * (1 - weight)
+            self.pace[b] = pace * math.exp(self.pace_rate * move)
+            self.avg[key] = old * math.exp((1 - self.pace_rate) * move)
         else:
             self.avg[key] = clamped_ema(old, seconds / pace, weight)
 
