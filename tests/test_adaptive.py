@@ -337,6 +337,7 @@ def test_engine_with_a_useless_draft_stays_plain_and_exact():
     snap = eng.snapshot()["adaptive"]
     assert snap["decision"]["method"] == "model" and snap["decision"]["reason"]
     assert any(key.startswith("plain/b1/") for key in snap["step_ms"])
+    assert 0.5 < snap["pace"]["b1"] < 2.0  # plain ran settled: its steps set the machine's pace at batch 1
     eng.target.blocks.check_invariants()
     assert eng.draft.blocks.num_free == eng.draft.blocks.num_blocks
 
