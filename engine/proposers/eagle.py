@@ -50,8 +50,9 @@ MAX_WAITING = 256  # features a request may hold unread before the head reads th
 class _Features:
     """A request's waiting features, positions ``first`` .. ``first + n - 1``: rows ``lo`` .. ``lo + n - 1`` of a buffer
     that grows by doubling, so that a step's features are copied once as they come. A ``torch.cat`` of the waiting
-    rows and the new ones at every step (rows that draft with the draft model pile up to MAX_WAITING features) cost
-    auto requests at 8 clients on the 2-core CPU ~4% of each step against rows that could only draft with the model."""
+    rows and the new ones at every verification (rows that draft with the draft model pile up to MAX_WAITING features)
+    took 0.18 ms a step at 8 rows on the 2-core CPU (demo head's 3 x 256 features), the buffer 0.06 ms; on a GPU it
+    was one more allocation and copy kernel per row and step."""
 
     __slots__ = ("first", "buf", "lo", "n")
 
