@@ -323,6 +323,7 @@ class LLMEngine:
             p.release(req)
 
     def _decode(self, reqs: list[Request]) -> None:
+        t_start = time.perf_counter()  # adaptive K times the whole step: planning and bookkeeping are per step too
         self.policy.tick(max(r.num_tokens for r in reqs))
         planned = {r: self._choose(r, len(reqs)) for r in reqs}
         planned = self.planner.one_k_per_method(self.planner.one_drafting_model(planned, len(reqs)))
@@ -350,19 +351,13 @@ class LLMEngine:
             # nothing was accepted). Timed only where all rows drafted K, n-gram at batch 8 on the CPU kept no time
             # at all (some row nearly always lacks a match), and the prior slope measured at batch 1 predicted K = 1
             # at 1.06x plain's time where it took 1.25x: the batch drafted at 0.8x plain's speed with a useless draft
-            key = _planned_key(plan, results, methods)
-            if key is not None:
-                self.policy.times.observe(key[1], len(results), key[0], timing.total_s)
+            timed = _planned_key(plan, results, methods)  # observed below, with the step's whole wall time
             self._observe_times(kmax, timing, methods, len(results))
+        else:
+            timed = None
         self.policy.settle_tries(len(results), mixed=len({m for k, m in plan.values() if k}) > 1)
         lagging = [p for p in self.proposers.values() if p.backlog]
-        if len(lagging) == 1 and one_offs == GraphRunner.one_offs:
-            # what reading skipped tokens costs a proposer: a probe waits until its catch-up is amortised (a step
-            # that tried a CPU thread count counts too: the catch-up dominates it, and it may be the only one)
-            name = lagging[0].name
-            predicted = self.policy.times.predict(name, len(results), kmax, self.planner.slope(name))
-            if predicted:
-                self.policy.observe_catch_up(name, timing.total_s - predicted, lagging[0].backlog)
+        lagging = lagging[0] if len(lagging) == 1 and one_offs == GraphRunner.one_offs else None
         share = 1.0 / max(1, len(results))
         for res in results:
             r, k, accepted = res.req, res.k, res.accepted
@@ -393,6 +388,18 @@ class LLMEngine:
             self._emit(r, res.tokens, res.logits, sources)
         self.spec_stats.draft_time_s += timing.propose_s
         self.spec_stats.target_time_s += timing.target_s
+        # the step's time as adaptive K weighs it: from planning to the last row's tokens emitted. The host's share of a
+        # step is about the same at every K (0.4-0.6 ms of a 6 ms step at 8 clients on an H200, 0.6-0.9 ms of ~25 ms on
+        # the 2-core CPU), so leaving it out made each extra step look cheaper than it is and favoured short K
+        wall = time.perf_counter() - t_start
+        if timed is not None:
+            self.policy.times.observe(timed[1], len(results), timed[0], wall)
+        if lagging is not None:
+            # what reading skipped tokens costs a proposer: a probe waits until its catch-up is amortised (a step
+            # that tried a CPU thread count counts too: the catch-up dominates it, and it may be the only one)
+            predicted = self.policy.times.predict(lagging.name, len(results), kmax, self.planner.slope(lagging.name))
+            if predicted:
+                self.policy.observe_catch_up(lagging.name, wall - predicted, lagging.backlog)
 
     def _observe_times(self, kmax: int, timing: StepTiming, methods: set[str], batch: int) -> None:
         """Track the single-step target time and the draft/target cost ratios (the doctor's model) of the
