@@ -1030,3 +1030,20 @@ def test_a_timing_try_beside_rows_of_another_method_counts():
         tries.append(d.forced and d.method == "eagle")
         policy.settle_tries(8, mixed=True)
     assert tries == [True] * TIME_TRIES + [False, False], tries
+
+
+def test_a_step_is_timed_whole_host_work_included(monkeypatch):
+    """Adaptive K weighs a step by its whole wall time, planning and emitting included: the host's share is about the
+    same at every K, and timing the forward passes alone made each extra step look cheaper than it is."""
+    import time
+
+    eng = tiny_engine()
+    real = eng._emit
+
+    def slow_emit(*args, **kwargs):  # host work after the forward passes: 20 ms a row and step
+        time.sleep(0.02)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eng, "_emit", slow_emit)
+    eng.generate([5, 6, 7, 8], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True, speculative=False))
+    assert eng.policy.times.plain(1) >= 0.02  # the forward of the tiny model alone takes ~1 ms
