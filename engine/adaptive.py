@@ -93,9 +93,10 @@ PLAIN_STALE = 32  # timed steps at a batch size after which plain decoding's tim
 # where plain steps took ~4.2 ms: the pass ran 0.8x plain
 PACE_RATE = 0.5  # the share of a step's deviation from its K's settled average that is the machine's pace (``StepTimes``),
 # the rest the K's own: equal shares, both in logs, so that the noise of a long run at one K walks neither (a pace moved
-# in logs beside an average moved by a linear mean drifted: 5000 noisy steps at one K took plain's prediction to 0.27x). On the 2-core CPU at 8 clients, plain's average (timed in a fast phase) stood at 11.3 ms and K = 2's at
-# 30 ms (3 steps, a slow phase; fixed K = 2 steps took 19-22 ms) while K = 4, run on through a slow phase, rose to 39 ms:
-# the batch predicted K = 4 at 0.96x plain and drafted K = 1..3 (s42's code)
+# in logs beside an average moved by a linear mean drifted: 5000 noisy steps at one K took plain's prediction to 0.27x).
+# On the 2-core CPU at 8 clients, plain's average (timed in a fast phase) stood at 11.3 ms and K = 2's at 30 ms (3 steps,
+# a slow phase; fixed K = 2 steps took 19-22 ms) while K = 4, run on through a slow phase, rose to 39 ms: the batch
+# predicted K = 4 at 0.96x plain and drafted K = 1..3 (s42's code)
 PACE_FROM = 3  # observations a K's average needs before its steps move the pace (a first timing is the K's, not the pace's)
 REFRESH_BELOW = 1.15  # a clear gain is not overturned by a plain time some percent off, and a refresh costs it a step
 STALE_WEIGHT = 0.5  # the weight of the past in a plain average measured again after PLAIN_STALE steps
@@ -231,9 +232,14 @@ class StepTimes:
         """Whether some K of ``method`` was timed at this batch bucket (any context; plain is keyed "plain")."""
         return bool(self._keys.get((method, bucket(batch))))
 
+    def at_pace(self, b: int, times: list[float | None]) -> list[float | None]:
+        """Times kept in batch bucket ``b``'s pace units (``avg``, ``_predict_all``) in seconds at the current pace."""
+        pace = self.pace.get(b, 1.0)
+        return [t * pace if t is not None else None for t in times]
+
     def plain(self, batch: int) -> float | None:
-        t = self._plain(bucket(batch))
-        return None if t is None else t * self.pace.get(bucket(batch), 1.0)
+        b = bucket(batch)
+        return self.at_pace(b, [self._plain(b)])[0]
 
     def _plain(self, b: int) -> float | None:
         """``plain`` in units of the bucket's pace (as ``avg``)."""
@@ -269,8 +275,7 @@ class StepTimes:
                 self._predicted.clear()
             hit = self._predicted[key] = (stamp, self._bucket_stamps.get(b, 0) if self._read_others else None,
                                           slope_prior if self._read_slope else None, times)
-        pace = self.pace.get(b, 1.0)
-        return [t * pace if t is not None else None for t in hit[3]]
+        return self.at_pace(b, hit[3])
 
     def predict(self, method: str, batch: int, k: int, slope_prior: float) -> float | None:
         """Seconds for one step at K: measured, else interpolated from the nearest measured K."""
@@ -280,8 +285,8 @@ class StepTimes:
         """``predict`` for K = 0..MAX_DRAFT_TOKENS in one pass (None while plain is untimed). No K is predicted
         cheaper than plain: a step planned for n-gram where no row found a match costs a plain step, timed with noise
         on either side, and must not predict a gain for drafts that never come."""
-        pace = self.pace.get(bucket(batch), 1.0)
-        return [t * pace if t is not None else None for t in self._predict_all(method, bucket(batch), slope_prior)]
+        b = bucket(batch)
+        return self.at_pace(b, self._predict_all(method, b, slope_prior))
 
     def _predict_all(self, method: str, b: int, slope_prior: float) -> list[float | None]:
         """``predict_all`` in units of the bucket's pace (as ``avg``)."""

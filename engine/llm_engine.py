@@ -357,7 +357,7 @@ class LLMEngine:
             timed = None
         self.policy.settle_tries(len(results), mixed=len({m for k, m in plan.values() if k}) > 1)
         lagging = [p for p in self.proposers.values() if p.backlog]
-        lagging = lagging[0] if len(lagging) == 1 and one_offs == GraphRunner.one_offs else None
+        catching_up = lagging[0] if len(lagging) == 1 and one_offs == GraphRunner.one_offs else None
         share = 1.0 / max(1, len(results))
         for res in results:
             r, k, accepted = res.req, res.k, res.accepted
@@ -394,12 +394,13 @@ class LLMEngine:
         wall = time.perf_counter() - t_start
         if timed is not None:
             self.policy.times.observe(timed[1], len(results), timed[0], wall)
-        if lagging is not None:
+        if catching_up is not None:
             # what reading skipped tokens costs a proposer: a probe waits until its catch-up is amortised (a step
             # that tried a CPU thread count counts too: the catch-up dominates it, and it may be the only one)
-            predicted = self.policy.times.predict(lagging.name, len(results), kmax, self.planner.slope(lagging.name))
+            name = catching_up.name
+            predicted = self.policy.times.predict(name, len(results), kmax, self.planner.slope(name))
             if predicted:
-                self.policy.observe_catch_up(lagging.name, wall - predicted, lagging.backlog)
+                self.policy.observe_catch_up(name, wall - predicted, catching_up.backlog)
 
     def _observe_times(self, kmax: int, timing: StepTiming, methods: set[str], batch: int) -> None:
         """Track the single-step target time and the draft/target cost ratios (the doctor's model) of the

@@ -84,8 +84,8 @@ def adaptive_view(engine: LLMEngine) -> dict:
     return {
         "decision": {"k": d.k, "method": d.method, "reason": d.reason,
                      "gains": {str(k): round(g, 3) for k, g in d.gains.items()}},
-        "step_ms": {f"{m or 'plain'}/b{b}/ctx{c}/k{k}": round(t * policy.times.pace.get(b, 1.0) * 1e3, 3)
-                    for (m, b, c, k), t in sorted(policy.times.avg.items())},  # at the current pace (StepTimes)
+        "step_ms": {f"{m or 'plain'}/b{b}/ctx{c}/k{k}": round(policy.times.at_pace(b, [t])[0] * 1e3, 3)
+                    for (m, b, c, k), t in sorted(policy.times.avg.items())},
         "acceptance_by_method": {m: round(s.acceptance_rate, 4) for m, s in policy.shared.items()},
         # per batch bucket: how much slower (> 1) or faster the machine runs now than when it was first timed there
         "pace": {f"b{b}": round(p, 4) for b, p in sorted(policy.times.pace.items())},
