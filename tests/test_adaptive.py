@@ -515,22 +515,26 @@ def test_ngram_misses_count_when_the_draft_model_drafts_instead(monkeypatch):
 
 def test_a_speculating_decision_stands_for_a_few_steps_at_batch_8_only():
     """At batch 8 every row's full decision every step cost ~0.3 ms of host time (9% of a 1B model's GPU
-    step): a speculating row keeps its decision for SPEC_RECHECK steps there, re-deciding at explore steps
-    and when the batch bucket changes; small batches re-decide every step."""
-    from engine.adaptive import EXPLORE_EVERY, SPEC_RECHECK
+    step): a speculating row keeps its decision for ``spec_recheck`` steps there (SPEC_RECHECK, longer at larger
+    batches: about as many rows re-decide per step), re-deciding at explore steps and when the batch bucket changes;
+    small batches re-decide every step."""
+    from engine.adaptive import EXPLORE_EVERY, SPEC_RECHECK, spec_recheck
 
-    for batch, expect_reuse in ((8, True), (1, False)):
+    assert spec_recheck(1) == spec_recheck(4) == SPEC_RECHECK and spec_recheck(8) == 2 * SPEC_RECHECK
+    assert spec_recheck(32) == 8 * SPEC_RECHECK
+    for batch, expect_reuse in ((8, True), (4, True), (1, False)):
         policy = _policy(1.0, 0.05, batch=batch)
         state = _state_with_acceptance(0.9)
         policy.clock = 1
         first = policy.choose(state, {"model": 0.3}, batch, alpha=0.6)
         assert first.k > 0 and not first.forced
         fresh, last = 0, first
-        for step in range(2, 2 + 2 * SPEC_RECHECK):
+        every = spec_recheck(batch)
+        for step in range(2, 2 + 2 * every):
             policy.clock = step if step % EXPLORE_EVERY else step + 1
             d = policy.choose(state, {"model": 0.3}, batch, alpha=0.6)
             fresh, last = fresh + (d is not last), d
-        assert fresh == (2 if expect_reuse else 2 * SPEC_RECHECK), fresh
+        assert fresh == (2 if expect_reuse else 2 * every), (batch, fresh)
     policy = _policy(1.0, 0.05, batch=8)
     state = _state_with_acceptance(0.9)
     policy.clock = 1
