@@ -91,12 +91,15 @@ PLAIN_STALE = 32  # timed steps at a batch size after which plain decoding's tim
 # 8 clients with a useless draft, plain's average rose to 6.8 ms in a slow phase; n-gram K = 1 then looked nearly
 # as cheap (7.1 ms, timed earlier) and, drafting on, ran at 5.2 ms against the stale 6.5 (predicted 1.02x plain)
 # where plain steps took ~4.2 ms: the pass ran 0.8x plain
-PACE_RATE = 0.5  # the share of a step's deviation from its K's settled average that is the machine's pace (``StepTimes``),
-# the rest the K's own: equal shares, both in logs, so that the noise of a long run at one K walks neither (a pace moved
-# in logs beside an average moved by a linear mean drifted: 5000 noisy steps at one K took plain's prediction to 0.27x).
-# On the 2-core CPU at 8 clients, plain's average (timed in a fast phase) stood at 11.3 ms and K = 2's at 30 ms (3 steps,
-# a slow phase; fixed K = 2 steps took 19-22 ms) while K = 4, run on through a slow phase, rose to 39 ms: the batch
-# predicted K = 4 at 0.96x plain and drafted K = 1..3 (s42's code)
+PACE_RATE = 1.0  # the pace's rate, in units of a step-time average's (1 - EMA); 0 turns the pace off (``StepTimes``).
+# A step of the K that runs on moves the pace, and its own average only as a long mean would (PACE_RUN); the first step
+# of a K after another K's is compared with that pace, and moves the K's average alone. An earlier form split every
+# deviation equally between the pace and the K's average: the K running through a slow phase kept half of it, so on the
+# 2-core CPU at 8 clients K = 4's average (timed in a slow phase by its fixed-K pass) stood 24% above K = 3's where steps
+# of the two differed by ~10%, and the batch drafted K = 3 (901 tok/s in its steps) over K = 4 (1155). Equal shares of
+# one average move the pace and the average alike, so neither walks under noise (a pace moved in logs beside an
+# average moved by a linear mean did: 5000 noisy steps at one K took plain's prediction to 0.27x)
+PACE_RUN = 0.02  # the rate at which the settled average of the K that runs on still moves (its steps move the pace)
 PACE_FROM = 3  # observations a K's average needs before its steps move the pace (a first timing is the K's, not the pace's)
 REFRESH_BELOW = 1.15  # a clear gain is not overturned by a plain time some percent off, and a refresh costs it a step
 STALE_WEIGHT = 0.5  # the weight of the past in a plain average measured again after PLAIN_STALE steps
@@ -163,17 +166,19 @@ class StepTimes:
     The pace. A machine's speed drifts (a VM's slow phases, a GPU host's clocks), and a step is timed at the K that
     runs, so the averages of the K not running, plain decoding's among them, keep the pace of when they ran. Each
     batch bucket has a pace factor, and the averages are kept in its units. A step of a K whose average is settled
-    (more than PACE_FROM steps) moves that average as a moving average in logs would (by the step's ratio to the
-    prediction, clamped to STALL_CLAMP either way, to the power 1 - weight), and PACE_RATE of that move is the pace's,
-    the rest the average's. Every time read out is scaled by the current pace, so averages taken minutes apart compare
-    as if taken now (a slow phase timed at one K raises the others' predictions by half of it, in logs); gains of K over
-    plain are ratios of one bucket's times and do not move with the pace itself.
+    (more than PACE_FROM steps) is compared with its prediction (the ratio in logs, clamped to STALL_CLAMP either
+    way): where the step before ran the same key, the pace moves as a moving average would (1 - weight of the ratio)
+    and the K's own average as a long mean (PACE_RUN of it); where it follows another key's step, the K's
+    average alone moves, measured against the pace that step set. Every time read out is scaled by the current pace,
+    so averages taken minutes apart compare as if taken now (a slow phase timed at one K raises the others'
+    predictions by most of it); gains of K over plain are ratios of one bucket's times and do not move with the pace.
     """
 
     def __init__(self) -> None:
         self.avg: dict[tuple[str, int, int, int], float] = {}  # seconds / the bucket's pace at each observation
         self.pace: dict[int, float] = {}  # batch bucket -> the machine's pace there (1.0 at its first observation)
         self.pace_rate = PACE_RATE
+        self._last: dict[int, tuple[str, int, int, int]] = {}  # batch bucket -> the key its last step was timed at
         self.count: dict[tuple[str, int, int, int], int] = {}  # observations behind each average
         # the keys of ``avg`` per (method, batch bucket) and per batch bucket, in the order they came: a decision
         # reads the few keys of its bucket, not every key (a full decision of three methods at batch 1 cost ~0.4 ms
@@ -208,12 +213,16 @@ class StepTimes:
         if old is None:
             self._keys.setdefault(key[:2], []).append(key)
             self._bucket_keys.setdefault(key[1], []).append(key)
+        running, self._last[b] = self._last.get(b) == key, key
         if old is not None and self.count[key] > PACE_FROM and self.pace_rate:
-            # a settled average: the step's ratio to its prediction moves the pace and the average (in logs, so that
-            # noise moves neither on average), PACE_RATE of it the pace's
-            move = math.log(min(STALL_CLAMP, max(1.0 / STALL_CLAMP, seconds / (old * pace)))) * (1 - weight)
-            self.pace[b] = pace * math.exp(self.pace_rate * move)
-            self.avg[key] = old * math.exp((1 - self.pace_rate) * move)
+            # a settled average: the step's ratio to its prediction (in logs, clamped) moves the pace where this K ran
+            # the step before too, its own average by a long mean's share; after another K's step, the average alone
+            dev = math.log(min(STALL_CLAMP, max(1.0 / STALL_CLAMP, seconds / (old * pace))))
+            if running:
+                self.pace[b] = pace * math.exp(self.pace_rate * (1 - weight) * dev)
+                self.avg[key] = old * math.exp(PACE_RUN * dev)
+            else:
+                self.avg[key] = old * math.exp((1 - weight) * dev)
         else:
             self.avg[key] = clamped_ema(old, seconds / pace, weight)
 
