@@ -56,7 +56,7 @@ PROBE_CATCH_UP = 0.03  # a probe's catch-up at most this share of the plain time
 # at batch 8 with 1536-token prompts, a useless draft's probe first read 8 x 1600 skipped tokens (380 ms, ~100
 # plain steps), and two such probes took 46% of the time
 SHARED_MEMORY = 64  # drafts: the shared estimate follows the recent workload (another model, other prompts)
-EXPLORE_EVERY = 16  # speculative steps between one-step tries of K + 1 and, alternately, K - 1
+EXPLORE_EVERY = 16  # speculative steps between one-step tries of K+1
 MIN_SHARED_EVIDENCE = 8.0  # drafts a method must have been measured for before its prior alone may rule it out
 TIME_TRIES = 3  # steps in which a method never timed at a batch size, beside one that was, is tried there (a step
 # that caught up or mixed methods is not timed): otherwise its time there comes from batch 1's cost slope. In process
@@ -665,17 +665,11 @@ class Policy:
         return None
 
     def _explore(self, method: str, k: int, gains: dict[int, float]) -> Decision | None:
-        """On the explore clock (rows explore together), one step at K + 1 for a row drafting K, and at the next one
-        at K - 1: times and acceptance past K are otherwise never measured, and each neighbour's time is measured
-        beside the K that runs (``StepTimes``: a step of another K is compared with the pace the running K's steps
-        set), not only where it last ran on. None at other steps."""
-        if not self.clock or self.clock % EXPLORE_EVERY:
+        """On the explore clock (rows explore together), one step at K + 1 for a row drafting K: times and acceptance
+        past K are otherwise never measured. None at other steps."""
+        if not self.clock or self.clock % EXPLORE_EVERY or k >= MAX_DRAFT_TOKENS:
             return None
-        up = (self.clock // EXPLORE_EVERY) % 2 == 1
-        e = k + 1 if (up and k < MAX_DRAFT_TOKENS) or k <= 1 else k - 1
-        if e > MAX_DRAFT_TOKENS:
-            return None
-        return Decision(e, method, f"exploring {method} K={e} (best predicted K={k})", gains, forced=True)
+        return Decision(k + 1, method, f"exploring {method} K={k + 1} (best predicted K={k})", gains, forced=True)
 
     def hold_plain(self, state: AdaptiveState, batch: int) -> Decision | None:
         """A request's decision to decode plain when it stands this step (counting the step), else None; in O(1), and
