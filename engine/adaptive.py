@@ -96,8 +96,8 @@ PACE_RATE = 1.0  # the pace's rate, in units of a step-time average's (1 - EMA);
 # of a K after another K's is compared with that pace, and moves the K's average alone. An earlier form split every
 # deviation equally between the pace and the K's average: the K running through a slow phase kept half of it, so on the
 # 2-core CPU at 8 clients K = 4's average (timed in a slow phase by its fixed-K pass) stood 24% above K = 3's where steps
-# of the two differed by ~10%, and the batch drafted K = 3 (901 tok/s in its steps) over K = 4 (1155). Equal shares of
-# one average move the pace and the average alike, so neither walks under noise (a pace moved in logs beside an
+# of the two differed by ~10%, and the batch drafted K = 3 (901 tok/s in its steps) over K = 4 (1155). The pace and the
+# average both move by shares of one ratio, in logs, so neither walks under noise (a pace moved in logs beside an
 # average moved by a linear mean did: 5000 noisy steps at one K took plain's prediction to 0.27x)
 PACE_RUN = 0.02  # the rate at which the settled average of the K that runs on still moves (its steps move the pace)
 PACE_FROM = 3  # observations a K's average needs before its steps move the pace (a first timing is the K's, not the pace's)
