@@ -370,15 +370,16 @@ class LLMEngine:
                 # planned to draft but the proposer found nothing (n-gram: no match): for adaptive K that is a
                 # draft of which nothing was accepted, since the step cost what a drafting step costs (or the
                 # fallback drafted instead: then the fallback's evidence is its own, below)
+                self.policy.observe(planned, planned_k, 0, r.adaptive)
                 r.adaptive.observe(planned, planned_k, 0)
-                self.policy.observe(planned, planned_k, 0)
             if k:
                 r.stats.observe_draft(k, accepted, res.method)
                 r.stats.draft_time_s += timing.propose_s * share
                 r.stats.target_time_s += timing.target_s * share
                 self.spec_stats.observe_draft(k, accepted)
+                adaptive = r.params.num_draft_tokens is None  # a fixed K's drafts check no prediction
+                self.policy.observe(res.method, k, accepted, r.adaptive if adaptive else None)
                 r.adaptive.observe(res.method, k, accepted)
-                self.policy.observe(res.method, k, accepted)
                 if r.params.num_draft_tokens is None:
                     self.alpha_prior = EMA * self.alpha_prior + (1 - EMA) * (accepted / k)
             self.target.truncate(r.seq_id, n + accepted)

@@ -87,6 +87,8 @@ def adaptive_view(engine: LLMEngine) -> dict:
         "step_ms": {f"{m or 'plain'}/b{b}/ctx{c}/k{k}": round(policy.times.at_pace(b, [t])[0] * 1e3, 3)
                     for (m, b, c, k), t in sorted(policy.times.avg.items())},
         "acceptance_by_method": {m: round(s.acceptance_rate, 4) for m, s in policy.shared.items()},
+        # per method and draft position: how often drafts got past it over what the acceptance model predicted
+        "calibration": {m: [round(r, 3) for r in c.ratios()] for m, c in sorted(policy.calibration.items())},
         # per batch bucket: how much slower (> 1) or faster the machine runs now than when it was first timed there
         "pace": {f"b{b}": round(p, 4) for b, p in sorted(policy.times.pace.items())},
     }

@@ -203,13 +203,16 @@ class ChartsTab(QWidget):
             by_method = ", ".join(f"{m} {a * 100:.0f}%" for m, a in (adaptive.get("acceptance_by_method") or {}).items())
             verify = adaptive.get("verify_cost", 0)
             pace = ", ".join(f"{b} {p:.2f}x" for b, p in (adaptive.get("pace") or {}).items())
+            calibration = "; ".join(f"{m} " + " ".join(f"{r:.2f}" for r in ratios)
+                                    for m, ratios in (adaptive.get("calibration") or {}).items())
             self.adaptive_label.setText(
                 f"Adaptive draft length: the engine recommends K = {adaptive.get('recommended_k')} "
                 f"(acceptance prior α = {adaptive.get('alpha_prior', 0):.2f}, draft cost "
                 f"{adaptive.get('draft_cost', 0):.2f} and verify cost {verify:.2f} of a target step per token, "
                 f"the first verified token {adaptive.get('first_position_cost', verify):.2f}).{why}"
                 + (f" Acceptance by method: {by_method}." if by_method else "")
-                + (f" Step times scaled by the machine's pace (now / first timed, per batch size): {pace}." if pace else ""))
+                + (f" Step times scaled by the machine's pace (now / first timed, per batch size): {pace}." if pace else "")
+                + (f" Drafts realized / predicted by position: {calibration}." if calibration else ""))
 
     def _refresh_methods(self, x: np.ndarray) -> None:
         """A curve pair per method (created when it first appears) and the methods table."""

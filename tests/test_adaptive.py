@@ -1061,3 +1061,50 @@ def test_a_step_is_timed_whole_host_work_included(monkeypatch):
     monkeypatch.setattr(eng, "_emit", slow_emit)
     eng.generate([5, 6, 7, 8], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True, speculative=False))
     assert eng.policy.times.plain(1) >= 0.02  # the forward of the tiny model alone takes ~1 ms
+
+
+def _draw_accepted(survival_true: list[float], u: float) -> int:
+    """Accepted tokens of a draft whose chance of being accepted up to position i is ``survival_true[i]``."""
+    return sum(1 for t in survival_true if u < t)
+
+
+def test_drafts_that_realize_less_than_predicted_move_k_back():
+    """The acceptance model is checked against what drafts realize, per position (``Calibration``). A model that
+    keeps promising deep positions more than they deliver (on an H200 acceptance came in stretches, and the K it
+    chose for 5% over K = 4 ran 5% under) is corrected where the K it chose ran; one that is right is left alone."""
+    import random
+
+    def run(truth: list[float], seed: int) -> tuple[int, list[float], list[float]]:
+        policy = _policy(1.0, 0.1)
+        state = _state_with_acceptance(0.85)  # the model: s_i = 0.85^(i+1), K = 7-8 best
+        first = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
+        assert first.k >= 7, first
+        rng = random.Random(seed)
+        for _ in range(600):
+            policy.observe("model", 8, _draw_accepted(truth, rng.random()), state)
+        after = policy.choose(_state_with_acceptance(0.85), {"model": 0.3}, 1, alpha=0.6)
+        return after.k, policy.expected(state, "model", 1, 0.6, 0.3), policy.calibration["model"].ratios()
+
+    model = [0.85 ** (i + 1) for i in range(8)]
+    k, expected, ratios = run(model, 1)  # the model is right: nothing moves beyond the draws' noise
+    assert k >= 6 and all(0.85 < r < 1.15 for r in ratios), ratios
+    stretches = model[:3] + [model[2] * 0.5 ** (i - 2) for i in range(3, 8)]  # past 3 tokens, half as likely each
+    k, expected, ratios = run(stretches, 2)
+    true_tokens = [1.0]
+    for s in stretches:
+        true_tokens.append(true_tokens[-1] + s)
+    assert k <= 4, (k, expected)
+    assert all(abs(e - t) < 0.1 * t for e, t in zip(expected, true_tokens)), (expected, true_tokens)
+    assert all(0.85 < r < 1.15 for r in ratios[:3]) and ratios[5] < 0.5, ratios
+
+
+def test_only_adaptive_drafts_check_the_acceptance_model():
+    """Fixed-K requests predict nothing, so their drafts leave the calibration alone; adaptive ones feed it."""
+    engine = tiny_engine()
+    engine.generate([1, 2, 3], SamplingParams(max_new_tokens=12, temperature=0.0, speculative=True,
+                                               num_draft_tokens=3, draft_method="model"))
+    assert "model" not in engine.policy.calibration
+    engine.generate([1, 2, 3], SamplingParams(max_new_tokens=40, temperature=0.0, speculative=True,
+                                               draft_method="model"))
+    cal = engine.policy.calibration.get("model")
+    assert cal is not None and cal.predicted[0] > 0
