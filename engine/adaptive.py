@@ -109,6 +109,7 @@ CAL_MEMORY = 512  # drafts a position's calibration remembers (``Calibration``):
 # (accepted up to some point), so the ratios are noisy; 600 drafts of a right model put E[8] within ~3% (1 sd)
 CAL_WEIGHT = 8.0  # predicted accepts of pseudo-evidence, at the ratio of the position before, in a position's ratio
 CAL_RANGE = (0.25, 2.0)  # a ratio never leaves this range
+_CAL_KEEP = 1.0 - 1.0 / CAL_MEMORY
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CTX_BUCKETS = tuple(256 << i for i in range(10))  # 256 .. 131072 tokens
 _BUCKET_OF = [next(b for b in BUCKETS if b >= n) for n in range(BUCKETS[-1] + 1)]
@@ -534,11 +535,11 @@ class Calibration:
         self.realized = [0.0] * MAX_DRAFT_TOKENS
         self.predicted = [0.0] * MAX_DRAFT_TOKENS
         self._ratios: list[float] | None = [1.0] * MAX_DRAFT_TOKENS
+        self._applied: tuple | None = None  # (expected, ratios, result) of the last ``apply``: the objects themselves
 
     def observe(self, expected: list[float], k: int, accepted: int) -> None:
         """A draft of ``k`` tokens, ``accepted`` of them, of a request whose expected tokens were ``expected``."""
-        keep = 1.0 - 1.0 / CAL_MEMORY
-        realized, predicted = self.realized, self.predicted
+        keep, realized, predicted = _CAL_KEEP, self.realized, self.predicted
         for i in range(min(k, len(expected) - 1)):
             realized[i] = realized[i] * keep + (i < accepted)
             predicted[i] = predicted[i] * keep + (expected[i + 1] - expected[i])
@@ -556,10 +557,15 @@ class Calibration:
         return self._ratios
 
     def apply(self, expected: list[float]) -> list[float]:
-        """``expected`` (tokens of a step at K = 0..) with each position's share scaled by its ratio."""
+        """``expected`` (tokens of a step at K = 0..) with each position's share scaled by its ratio (kept while
+        neither changes: the rows of a step ask for the same request's several times)."""
+        ratios, hit = self.ratios(), self._applied
+        if hit is not None and hit[0] is expected and hit[1] is ratios:
+            return hit[2]
         out = [expected[0]]
-        for i, r in enumerate(self.ratios()[: len(expected) - 1]):
-            out.append(out[-1] + (expected[i + 1] - expected[i]) * r)
+        for r, e1, e0 in zip(ratios, expected[1:], expected):
+            out.append(out[-1] + (e1 - e0) * r)
+        self._applied = (expected, ratios, out)
         return out
 
 
