@@ -529,7 +529,12 @@ class Calibration:
     K = 7-8 for a predicted 5% over K = 4 at 0.87x fixed K = 4's speed; measured, positions 6-8 were accepted 0.4-0.5x
     as often as predicted. Calibrated, its expected tokens came within 3% of what fixed K = 4 and 6 realized, and it
     drafted K = 4-5 at 0.97x. A position with little evidence follows the ratio of the position before it
-    (CAL_WEIGHT), so a K first tried inherits what the shallower positions showed."""
+    (CAL_WEIGHT), so a K first tried inherits what the shallower positions showed.
+
+    A request's first PRIOR_WEIGHT drafts of a method are not counted: until its own drafts outweigh the shared prior,
+    the prediction follows the engine's recent workload, not the request's text, and after a change of workload (a
+    useless draft after a good one) those drafts would charge the model with its lag, a shortfall that persists
+    (plain rows draft rarely) and would keep the next good workload's drafts predicted below what they deliver."""
 
     def __init__(self) -> None:
         self.realized = [0.0] * MAX_DRAFT_TOKENS
@@ -639,7 +644,8 @@ class Policy:
     def observe(self, method: str, k: int, accepted: int, state: AdaptiveState | None = None) -> None:
         """A draft of ``k`` tokens with ``method``, ``accepted`` of them; with the adaptive ``state`` of its request,
         checked against what the acceptance model expected of it (``Calibration``; call before ``state.observe``)."""
-        if state is not None and k > 0:
+        own = state.stats.get(method) if state is not None else None
+        if k > 0 and own is not None and own.num_drafts >= PRIOR_WEIGHT:  # see Calibration: not a request's first drafts
             hit = state.expected_cache.get(method)
             if hit is not None:
                 cal = self.calibration.get(method)

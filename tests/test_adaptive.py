@@ -1098,13 +1098,43 @@ def test_drafts_that_realize_less_than_predicted_move_k_back():
     assert all(0.85 < r < 1.15 for r in ratios[:3]) and ratios[5] < 0.5, ratios
 
 
-def test_only_adaptive_drafts_check_the_acceptance_model():
-    """Fixed-K requests predict nothing, so their drafts leave the calibration alone; adaptive ones feed it."""
+def test_only_adaptive_drafts_check_the_acceptance_model(monkeypatch):
+    """Fixed-K requests predict nothing, so the engine hands their drafts to the policy without a request state (the
+    calibration is left alone); adaptive requests hand theirs with it."""
     engine = tiny_engine()
-    engine.generate([1, 2, 3], SamplingParams(max_new_tokens=12, temperature=0.0, speculative=True,
-                                               num_draft_tokens=3, draft_method="model"))
-    assert "model" not in engine.policy.calibration
+    calls = []
+    real = engine.policy.observe
+
+    def spy(method, k, accepted, state=None):
+        calls.append((k, state is not None))
+        return real(method, k, accepted, state)
+
+    monkeypatch.setattr(engine.policy, "observe", spy)
     engine.generate([1, 2, 3], SamplingParams(max_new_tokens=40, temperature=0.0, speculative=True,
-                                               draft_method="model"))
+                                               draft_method="model", ignore_eos=True))
+    assert calls and all(with_state for _, with_state in calls)
     cal = engine.policy.calibration.get("model")
-    assert cal is not None and cal.predicted[0] > 0
+    before = (list(cal.predicted), list(cal.realized)) if cal is not None else None
+    calls.clear()
+    engine.generate([1, 2, 3], SamplingParams(max_new_tokens=24, temperature=0.0, speculative=True,
+                                               num_draft_tokens=3, draft_method="model", ignore_eos=True))
+    assert calls and not any(with_state for _, with_state in calls)
+    cal = engine.policy.calibration.get("model")
+    assert before == ((list(cal.predicted), list(cal.realized)) if cal is not None else None)
+
+
+def test_a_requests_first_drafts_do_not_charge_the_model_with_its_lag():
+    """After a change of workload the shared estimate lags: a new request's first drafts (predicted from it) miss
+    what it promised. They are not counted; drafts after the request's own evidence outweighs the prior are."""
+    from engine.adaptive import PRIOR_WEIGHT
+
+    policy = _policy(1.0, 0.1)
+    state = _state_with_acceptance(0.85, drafts=0)  # a new request: no drafts of its own yet
+    state.stats["model"].num_drafts = 0
+    policy.choose(state, {"model": 0.3}, 1, alpha=0.85)  # predicts from the shared prior
+    for _ in range(int(PRIOR_WEIGHT)):
+        policy.observe("model", 8, 0, state)  # the workload changed: nothing is accepted
+        state.observe("model", 8, 0)
+    assert "model" not in policy.calibration
+    policy.observe("model", 8, 0, state)
+    assert policy.calibration["model"].predicted[0] > 0
