@@ -4,7 +4,7 @@ speculation does not pay, with rare probes; the decision and its reason in the s
 import copy
 
 from engine import SamplingParams
-from engine.adaptive import FIRST_REACH, PROBE_FIRST, REACH, AdaptiveState, Policy, StepTimes, bucket
+from engine.adaptive import FIRST_REACH, PROBE_FIRST, REACH, AdaptiveState, Decision, Policy, StepTimes, bucket
 from engine.stats import SpecDecodingStats
 from tests.tiny import tiny_engine, tiny_llama, tiny_tokenizer
 
@@ -586,6 +586,13 @@ def test_engine_caps_a_mixed_batch(monkeypatch):
         return cap
 
     monkeypatch.setattr(eng.policy, "step_cap", spy)
+
+    def drafting(state, methods, batch, alpha, catch_up=None):  # a decision to draft, whatever the timings say: a
+        # draft as costly as its target pays only by the noise of a step's time (the test failed when run alone)
+        state.last = Decision(2, "model", "drafting K=2 (test)", {0: 1.0, 1: 1.3, 2: 1.5})
+        return state.last
+
+    monkeypatch.setattr(eng.policy, "choose", drafting)
     a = eng.add_request("ab cd ef", SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))
     b = eng.add_request("ab cd ef", SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True, speculative=False))
     while eng.has_work():
