@@ -347,7 +347,11 @@ def test_engine_with_a_useless_draft_stays_plain_and_exact():
     snap = eng.snapshot()["adaptive"]
     assert snap["decision"]["method"] == "model" and snap["decision"]["reason"]
     assert any(key.startswith("plain/b1/") for key in snap["step_ms"])
-    assert 0.5 < snap["pace"]["b1"] < 2.0  # plain ran settled: its steps set the machine's pace at batch 1
+    # plain ran settled: its steps set the machine's pace at batch 1, so plain's prediction is of the steps now (a
+    # bound on the pace itself failed in CI: the first, cold steps ran 2.2x slower than the settled ones)
+    plain_ms = next(v for key, v in snap["step_ms"].items() if key.startswith("plain/b1/"))
+    per_token_ms = res.stats.total_s * 1e3 / len(res.token_ids)  # mostly plain steps, a few drafts
+    assert 0.5 < plain_ms / per_token_ms < 1.5, (plain_ms, per_token_ms, snap["pace"])
     eng.target.blocks.check_invariants()
     assert eng.draft.blocks.num_free == eng.draft.blocks.num_blocks
 
