@@ -380,7 +380,7 @@ class LLMEngine:
                 adaptive = r.params.num_draft_tokens is None  # a fixed K's drafts check no prediction
                 self.policy.observe(res.method, k, accepted, r.adaptive if adaptive else None)
                 r.adaptive.observe(res.method, k, accepted)
-                if r.params.num_draft_tokens is None:
+                if adaptive:
                     self.alpha_prior = EMA * self.alpha_prior + (1 - EMA) * (accepted / k)
             self.target.truncate(r.seq_id, n + accepted)
             for p in self.proposers.values():
