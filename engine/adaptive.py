@@ -57,6 +57,11 @@ PROBE_CATCH_UP = 0.03  # a probe's catch-up at most this share of the plain time
 # plain steps), and two such probes took 46% of the time
 SHARED_MEMORY = 64  # drafts: the shared estimate follows the recent workload (another model, other prompts)
 EXPLORE_EVERY = 16  # speculative steps between one-step tries of K+1
+METHOD_PROBE_FIRST, METHOD_PROBE_MAX = 32, 512  # steps between one-step tries of a proposer the requests do not draft
+# with, doubling after each (``Policy._probe_method``): its acceptance and step times are otherwise measured only while
+# it is chosen, and a few early drafts or one cold step can keep it out for good (at 8 clients on the CPU the EAGLE
+# head's first step took 62 ms, its later ones 25-30, and its first drafts of one prompt accepted nothing: adaptive
+# predicted it at 1.02x plain, drafted with the draft model and ran 0.86x what the head alone ran)
 MIN_SHARED_EVIDENCE = 8.0  # drafts a method must have been measured for before its prior alone may rule it out
 TIME_TRIES = 3  # steps in which a method never timed at a batch size, beside one that was, is tried there (a step
 # that caught up or mixed methods is not timed): otherwise its time there comes from batch 1's cost slope. In process
@@ -122,6 +127,18 @@ def clamped_ema(old: float | None, seconds: float, weight: float = EMA) -> float
     if old is None:
         return seconds
     return weight * old + (1 - weight) * min(seconds, STALL_CLAMP * old)
+
+
+def _robust_mean(times: list[float]) -> float:
+    """A K's average from its first few timings: one alone; of two, their mean unless they differ by more than
+    STALL_CLAMP, then the faster (a slower first step paid one-off costs: at 8 clients on the CPU the EAGLE head's first
+    step at K = 4 took 62 ms and its later ones 25-30 ms); of three, the median."""
+    if len(times) == 1:
+        return times[0]
+    if len(times) == 2:
+        lo, hi = sorted(times)
+        return lo if hi > STALL_CLAMP * lo else (lo + hi) / 2
+    return sorted(times)[len(times) // 2]
 
 
 def bucket(batch: int) -> int:
@@ -199,6 +216,7 @@ class StepTimes:
         self.context = CTX_BUCKETS[0]
         self._plain_at: dict[tuple[int, int], int] = {}  # (batch, context bucket) -> its _bucket_stamps when plain was
         # last timed there
+        self._first: dict[tuple[str, int, int, int], list[float]] = {}  # a key's first PACE_FROM timings (pace units)
 
     def observe(self, method: str, batch: int, k: int, seconds: float) -> None:
         key = ("plain", bucket(batch), self.context, 0) if k == 0 else (method, bucket(batch), self.context, k)
@@ -219,6 +237,15 @@ class StepTimes:
             self._keys.setdefault(key[:2], []).append(key)
             self._bucket_keys.setdefault(key[1], []).append(key)
         running, self._last[b] = self._last.get(b) == key, key
+        if k and self.count[key] <= PACE_FROM:  # a K's first timings: the median of them, not a moving average that
+            # the first one, often cold (a shape's first run, a proposer's first steps after a switch), seeds (plain
+            # decoding is timed first, in a run of plain steps, and again after PLAIN_STALE steps with STALE_WEIGHT)
+            first = self._first.setdefault(key, [])
+            first.append(seconds / pace)
+            self.avg[key] = _robust_mean(first)
+            if self.count[key] == PACE_FROM:
+                del self._first[key]
+            return
         if old is not None and self.count[key] > PACE_FROM and self.pace_rate:
             # a settled average: the step's ratio to its prediction (in logs, clamped) moves the pace where this K ran
             # the step before too, its own average by a long mean's share; after another K's step, the average alone
@@ -252,8 +279,9 @@ class StepTimes:
         return sum(ratios) / len(ratios) if ratios else 1.0
 
     def timed(self, method: str, batch: int) -> bool:
-        """Whether some K of ``method`` was timed at this batch bucket (any context; plain is keyed "plain")."""
-        return bool(self._keys.get((method, bucket(batch))))
+        """Whether some K of ``method`` was timed at this batch bucket (any context; plain is keyed "plain") more than
+        once: a first timing alone may be a cold one (``_robust_mean``)."""
+        return any(self.count[key] > 1 for key in self._keys.get((method, bucket(batch)), ()))
 
     def at_pace(self, b: int, times: list[float | None]) -> list[float | None]:
         """Times kept in batch bucket ``b``'s pace units (``avg``, ``_predict_all``) in seconds at the current pace."""
@@ -397,6 +425,8 @@ class Decision:
     gains: dict[int, float] = field(default_factory=dict)  # K -> predicted tokens/s relative to plain
     fallback_k: int = 0  # for n-gram: the draft model's best K, used where n-gram finds no match
     forced: bool = False  # measuring, probing or exploring: K is what must be tried, whatever it is predicted to give
+    others: dict[str, int] = field(default_factory=dict)  # drafting: other proposers that could gain, at their best K
+    # (``Policy._probe_method``)
 
 
 @dataclass
@@ -595,11 +625,16 @@ class Policy:
         self._timing_tries: dict[tuple[str, int], set[int]] = {}  # (method, batch bucket) -> clocks it was tried at
         self._spoiled_tries: dict[tuple[str, int], int] = {}  # ... and how many of those steps timed nothing
         self._tried_at = -1  # the clock of the last timing try (``settle_tries`` has nothing to do at other steps)
+        self.method_probe_every: dict[str, int] = {}  # per proposer: steps between its probes (``_probe_method``)
+        self._method_probed: set[str] = set()  # proposers probed at the current clock
 
     def tick(self, context: int = 0) -> None:
         """One decode step begins; its longest row attends over ``context`` positions."""
         self.clock += 1
         self.times.context = ctx_bucket(context)
+        for m in self._method_probed:  # a probe ran at the step before: the next one waits twice as long
+            self.method_probe_every[m] = min(METHOD_PROBE_MAX, 2 * self.method_probe_every.get(m, METHOD_PROBE_FIRST))
+        self._method_probed.clear()
 
     def _raise_to_floor(self, state: AdaptiveState) -> None:
         """A request's probe interval is at least the one failed probes of its method reached engine-wide."""
@@ -740,12 +775,23 @@ class Policy:
         if state.spec_steps % spec_recheck(state.bucket) and last.method in methods \
                 and bucket(batch) == state.bucket >= self.spec_recheck_from:
             state.spec_steps += 1  # speculating as decided a few steps ago (acceptance moves slowly)
-            explore = self._explore(last.method, last.k, last.gains)  # as a full decision would
+            explore = self._probe_method(last) or self._explore(last.method, last.k, last.gains)  # as a full decision
+            # would
             if explore is not None:
                 state.resume, last = last, explore
                 state.last = last
             self.decision = last
             return last
+        return None
+
+    def _probe_method(self, d: Decision) -> Decision | None:
+        """On a proposer's probe clock (rows probe together; METHOD_PROBE_FIRST, doubling up to METHOD_PROBE_MAX after
+        each probe), one step with it at its best K for a row drafting with another (``d``) where it could gain
+        (``Decision.others``): its acceptance and times are measured again. None at other steps."""
+        for m, k in d.others.items():
+            if self.clock and not self.clock % self.method_probe_every.get(m, METHOD_PROBE_FIRST):
+                self._method_probed.add(m)
+                return Decision(k, m, f"probing {m} K={k} (drafting with {d.method} K={d.k})", d.gains, forced=True)
         return None
 
     def _explore(self, method: str, k: int, gains: dict[int, float]) -> Decision | None:
@@ -794,6 +840,20 @@ class Policy:
         best = max(g for m in timed for g in options[m].values())
         return [m for m in options if m not in timed and catch_up.get(m, 0.0) <= TIME_CATCH_UP * t0
                 and self._tries_left(m, b) and self._could_gain(state, m, alpha, max(options[m]), best)]
+
+    def _others(self, state: AdaptiveState, options: dict[str, dict[int, float]], method: str, batch: int,
+                alpha: float, catch_up: dict[str, float]) -> dict[str, int]:
+        """The proposers other than ``method`` a drafting row may probe (``_probe_method``), at their best predicted K:
+        those whose expected tokens could beat ``method``'s best gain (``_could_gain``) and whose catch-up on this
+        row costs at most TIME_CATCH_UP plain steps."""
+        best = max(options[method].values())
+        t0 = self.times.plain(batch) or 0.0
+        out = {}
+        for m, gains in options.items():
+            if m != method and catch_up.get(m, 0.0) <= TIME_CATCH_UP * t0 \
+                    and self._could_gain(state, m, alpha, max(gains), best):
+                out[m] = max((kk for kk in gains if kk), key=gains.get)
+        return out
 
     def _could_gain(self, state: AdaptiveState, method: str, alpha: float, reach: int, best: float) -> bool:
         """Whether ``method``'s expected tokens of a step at some K up to ``reach`` exceed ``best`` (a gain over plain)."""
@@ -880,6 +940,8 @@ class Policy:
                 if options[method][k] < SWITCH_MARGIN * options[last.method][stay]:
                     method, k = last.method, stay  # drafting on: a switch pays the other proposer's catch-up
             gains = options[method]
+            if last is not None and last.k and not last.forced and last.method != method:
+                self.method_probe_every.pop(last.method, None)  # a switch: the proposer left is looked at again soon
             held = state.settled
             if k and held is not None and held[:2] == (method, bucket(batch)):
                 k = keep_settled(gains, k, held[2])
@@ -891,9 +953,10 @@ class Policy:
                 if not state.probing:
                     state.probe_every = PROBE_FIRST
                     self.probe_floor.pop(method, None)  # speculation pays again: new requests probe early again
-                d = Decision(k, method, f"{method} K={k} predicted {gains[k]:.2f}x plain at batch {batch}", gains)
+                d = Decision(k, method, f"{method} K={k} predicted {gains[k]:.2f}x plain at batch {batch}", gains,
+                             others=self._others(state, options, method, batch, alpha, catch_up or {}))
                 state.settled = (method, bucket(batch), k)
-                d = self._explore(method, k, gains) or d
+                d = self._probe_method(d) or self._explore(method, k, gains) or d
             else:
                 state.plain_steps += 1
                 state.settled = None  # drafting again later starts from the best K then

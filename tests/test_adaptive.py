@@ -3,6 +3,8 @@ speculation does not pay, with rare probes; the decision and its reason in the s
 
 import copy
 
+import pytest
+
 from engine import SamplingParams
 from engine.adaptive import FIRST_REACH, PROBE_FIRST, REACH, AdaptiveState, Decision, Policy, StepTimes, bucket
 from engine.stats import SpecDecodingStats
@@ -14,6 +16,7 @@ def _policy(plain_s: float, per_token_s: float, batch: int = 1, method: str = "m
     policy.times.observe("", batch, 0, plain_s)
     for k in (1, 4, 8):
         policy.times.observe(method, batch, k, plain_s + per_token_s * k)
+    policy.times.observe(method, batch, 4, plain_s + per_token_s * 4)  # timed twice (``StepTimes.timed``)
     return policy
 
 
@@ -773,6 +776,7 @@ def _eagle_untimed_at_8() -> Policy:
     policy = _policy(0.010, 0.002, batch=8, method="model")
     policy.times.observe("", 1, 0, 0.004)
     policy.times.observe("eagle", 1, 4, 0.005)
+    policy.times.observe("eagle", 1, 4, 0.005)
     for method in ("model", "eagle"):
         for _ in range(20):
             policy.observe(method, 4, 3)
@@ -802,6 +806,7 @@ def test_a_method_untimed_at_a_batch_size_is_timed_there_before_predictions_stan
     spoiled.times = StepTimes()
     spoiled.times.observe("", 8, 0, 0.010)
     spoiled.times.observe("model", 8, 4, 0.018)
+    spoiled.times.observe("model", 8, 4, 0.018)
     spoiled.times.observe("", 1, 0, 0.004)
     spoiled.times.observe("eagle", 1, 4, 0.005)
     for method in ("model", "eagle"):
@@ -822,7 +827,9 @@ def test_a_method_untimed_at_a_batch_size_is_timed_there_before_predictions_stan
     fresh.tick(64)
     far_behind = {"eagle": 10 * TIME_CATCH_UP * fresh.times.plain(8)}
     assert not fresh.choose(_state_with_acceptance(0.7, method="model"), methods, 8, 0.7, far_behind).forced
-    fresh.times.observe("eagle", 8, 4, 0.019)  # timed once: predictions stand
+    fresh.times.observe("eagle", 8, 4, 0.019)  # timed once: it may have been a cold step, so it is tried again
+    assert fresh.choose(_state_with_acceptance(0.7, method="model"), methods, 8, alpha=0.7).forced
+    fresh.times.observe("eagle", 8, 4, 0.019)  # timed twice: predictions stand
     assert not fresh.choose(_state_with_acceptance(0.7, method="model"), methods, 8, alpha=0.7).forced
 
 
@@ -1149,3 +1156,58 @@ def test_a_requests_first_drafts_do_not_charge_the_model_with_its_lag():
     assert "model" not in policy.calibration
     policy.observe("model", 8, 0, state)
     assert policy.calibration["model"].predicted[0] > 0
+
+
+def test_a_cold_first_timing_does_not_set_a_ks_average():
+    """A K's first timings make its average by their median: at 8 clients on the CPU the EAGLE head's first step at
+    K = 4 took 62 ms and its later ones 25-30 ms, and a moving average seeded by the first (each later step moving it by
+    at most a clamped fifth) kept the head predicted at twice its time, and out of use, for the whole run."""
+    times = StepTimes()
+    times.observe("", 8, 0, 0.010)
+    for seconds in (0.062, 0.025, 0.027):
+        times.observe("eagle", 8, 4, seconds)
+    assert times.avg[("eagle", 8, times.context, 4)] == pytest.approx(0.027)
+    times.observe("model", 8, 4, 0.030)
+    times.observe("model", 8, 4, 0.032)  # two alike: their mean
+    assert times.avg[("model", 8, times.context, 4)] == pytest.approx(0.031)
+    times.observe("model", 8, 2, 0.050)
+    times.observe("model", 8, 2, 0.020)  # two far apart: the faster (the slower paid one-off costs)
+    assert times.avg[("model", 8, times.context, 2)] == pytest.approx(0.020)
+
+
+def test_a_proposer_not_drafted_with_is_probed_again_at_doubling_intervals():
+    """A drafting request tries another proposer that could gain for one step, on that proposer's probe clock (rows
+    probe together), at METHOD_PROBE_FIRST steps and then at doubling intervals; its drafts and times are measured
+    again (the few early drafts that ruled it out may have been a bad start). A switch of proposer makes the one left
+    due again soon; one whose expected tokens could not beat the chosen one's gain is never probed."""
+    from engine.adaptive import METHOD_PROBE_FIRST, METHOD_PROBE_MAX
+
+    policy = _policy(0.010, 0.002, batch=8, method="model")
+    for k in (1, 4, 8):
+        policy.times.observe("eagle", 8, k, 0.010 + 0.0015 * k)
+        policy.times.observe("eagle", 8, k, 0.010 + 0.0015 * k)
+    for _ in range(40):
+        policy.observe("model", 4, 3)
+        policy.observe("eagle", 4, 2)  # a bad start: the head looks worse than the draft model
+        policy.observe("ngram", 4, 0)  # n-gram could not gain even at no cost
+    methods = {"model": 0.3, "eagle": 0.2, "ngram": 0.0}
+    state = AdaptiveState()
+    probes = []
+    for _ in range(2 * METHOD_PROBE_MAX + 8):
+        policy.tick(64)
+        d = policy.choose(state, methods, 8, alpha=0.7)
+        if d.forced and d.reason.startswith("probing"):
+            probes.append((policy.clock, d.method))
+        else:
+            assert d.method == "model" and d.k, d.reason
+    assert [m for _, m in probes] == ["eagle"] * len(probes)
+    clocks = [c for c, _ in probes]
+    assert clocks[:5] == [METHOD_PROBE_FIRST, 2 * METHOD_PROBE_FIRST, 4 * METHOD_PROBE_FIRST, 8 * METHOD_PROBE_FIRST,
+                          16 * METHOD_PROBE_FIRST]
+    assert all(b - a <= METHOD_PROBE_MAX for a, b in zip(clocks, clocks[1:])) and len(clocks) >= 6
+    assert policy.method_probe_every["eagle"] == METHOD_PROBE_MAX
+    for _ in range(200):  # the head turns out better: the request switches to it ...
+        policy.observe("eagle", 4, 4)
+    while (d := policy.choose(state, methods, 8, alpha=0.7)).method != "eagle" or d.forced:
+        policy.tick(64)
+    assert "model" not in policy.method_probe_every  # ... and the draft model, left, is due again soon
