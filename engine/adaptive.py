@@ -61,7 +61,7 @@ METHOD_PROBE_FIRST, METHOD_PROBE_MAX = 32, 512  # steps between one-step tries o
 # with, doubling after each (``Policy._probe_method``): its acceptance and step times are otherwise measured only while
 # it is chosen, and a few early drafts or one cold step can keep it out for good (at 8 clients on the CPU the EAGLE
 # head's first step took 62 ms, its later ones 25-30, and its first drafts of one prompt accepted nothing: adaptive
-# predicted it at 1.02x plain, drafted with the draft model and ran 0.86x what the head alone ran)
+# predicted it at 1.02x plain and drafted with the draft model; at batch 1 it ran 0.92x what the head alone ran)
 MIN_SHARED_EVIDENCE = 8.0  # drafts a method must have been measured for before its prior alone may rule it out
 TIME_TRIES = 3  # steps in which a method never timed at a batch size, beside one that was, is tried there (a step
 # that caught up or mixed methods is not timed): otherwise its time there comes from batch 1's cost slope. In process
