@@ -1211,3 +1211,34 @@ def test_a_proposer_not_drafted_with_is_probed_again_at_doubling_intervals():
     while (d := policy.choose(state, methods, 8, alpha=0.7)).method != "eagle" or d.forced:
         policy.tick(64)
     assert "model" not in policy.method_probe_every  # ... and the draft model, left, is due again soon
+
+
+def test_explore_steps_thin_out_while_the_k_stands_and_come_back_when_it_moves():
+    """A row drafting K tries K + 1 for one step at EXPLORE_EVERY steps, then at doubling intervals up to EXPLORE_MAX
+    while the K the rows settled on stands (on an H200 at 8 clients an explore step realized 0.74x the speed of the K
+    it left, and one in 16 cost 1.6%); a move to another K brings them back to EXPLORE_EVERY."""
+    from engine.adaptive import EXPLORE_EVERY, EXPLORE_MAX
+
+    policy = _policy(1.0, 0.05)
+    state = _state_with_acceptance(0.8)
+    gains = {0: 1.0, 1: 1.5, 2: 1.8, 3: 1.9, 4: 2.0}
+    policy.gains = lambda *a: dict(gains)
+    explored = []
+    for _ in range(3 * EXPLORE_MAX + 1):
+        policy.tick()
+        d = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
+        if d.forced:
+            assert d.reason.startswith("exploring") and d.k == 5
+            explored.append(policy.clock)
+    want, c = [], EXPLORE_EVERY
+    while c <= 3 * EXPLORE_MAX + 1:
+        want.append(c)
+        c = c * 2 if c < EXPLORE_MAX else c + EXPLORE_MAX
+    assert explored == want, explored
+    gains[3] = 2.2  # K = 3 now clearly better: the row moves there, and explores past it soon
+    policy.tick()
+    assert policy.choose(state, {"model": 0.3}, 1, alpha=0.6).k == 3
+    while policy.clock % EXPLORE_EVERY:
+        policy.tick()
+        d = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
+    assert d.forced and d.k == 4, d
