@@ -606,6 +606,33 @@ class Calibration:
         return out
 
 
+class _Backoff:
+    """Per proposer, the clock of one-step tries (explore steps, probes of another proposer): a try is due where the
+    policy clock is a multiple of the proposer's interval (so the rows of a step try together), which doubles after
+    each step that tried it, from ``first`` up to ``cap``, and starts again from ``first`` on ``reset``."""
+
+    def __init__(self, first: int, cap: int) -> None:
+        self.first, self.cap = first, cap
+        self.every: dict[str, int] = {}  # per proposer, where it is not ``first``
+        self._tried: set[str] = set()  # proposers tried at the current clock
+
+    def due(self, method: str, clock: int) -> bool:
+        """Whether ``method`` is tried at ``clock`` (counted as tried when it is)."""
+        if clock and not clock % self.every.get(method, self.first):
+            self._tried.add(method)
+            return True
+        return False
+
+    def advance(self) -> None:
+        """A new step: the proposers tried at the last one wait twice as long for their next try."""
+        for m in self._tried:
+            self.every[m] = min(self.cap, 2 * self.every.get(m, self.first))
+        self._tried.clear()
+
+    def reset(self, method: str) -> None:
+        self.every.pop(method, None)
+
+
 class Policy:
     """Engine-wide: step times, recent shared acceptance per method, the last decision."""
 
@@ -627,21 +654,15 @@ class Policy:
         self._timing_tries: dict[tuple[str, int], set[int]] = {}  # (method, batch bucket) -> clocks it was tried at
         self._spoiled_tries: dict[tuple[str, int], int] = {}  # ... and how many of those steps timed nothing
         self._tried_at = -1  # the clock of the last timing try (``settle_tries`` has nothing to do at other steps)
-        self.method_probe_every: dict[str, int] = {}  # per proposer: steps between its probes (``_probe_method``)
-        self.explore_every: dict[str, int] = {}  # per proposer: steps between explore steps (``_explore``)
-        self._explored: set[str] = set()  # proposers explored at the current clock
-        self._method_probed: set[str] = set()  # proposers probed at the current clock
+        self.method_probes = _Backoff(METHOD_PROBE_FIRST, METHOD_PROBE_MAX)  # ``_probe_method``'s clock
+        self.explores = _Backoff(EXPLORE_EVERY, EXPLORE_MAX)  # ``_explore``'s clock
 
     def tick(self, context: int = 0) -> None:
         """One decode step begins; its longest row attends over ``context`` positions."""
         self.clock += 1
         self.times.context = ctx_bucket(context)
-        for m in self._method_probed:  # a probe ran at the step before: the next one waits twice as long
-            self.method_probe_every[m] = min(METHOD_PROBE_MAX, 2 * self.method_probe_every.get(m, METHOD_PROBE_FIRST))
-        self._method_probed.clear()
-        for m in self._explored:  # ... as does the next explore step
-            self.explore_every[m] = min(EXPLORE_MAX, 2 * self.explore_every.get(m, EXPLORE_EVERY))
-        self._explored.clear()
+        self.method_probes.advance()
+        self.explores.advance()
 
     def _raise_to_floor(self, state: AdaptiveState) -> None:
         """A request's probe interval is at least the one failed probes of its method reached engine-wide."""
@@ -796,8 +817,7 @@ class Policy:
         each probe), one step with it at its best K for a row drafting with another (``d``) where it could gain
         (``Decision.others``): its acceptance and times are measured again. None at other steps."""
         for m, k in d.others.items():
-            if self.clock and not self.clock % self.method_probe_every.get(m, METHOD_PROBE_FIRST):
-                self._method_probed.add(m)
+            if self.method_probes.due(m, self.clock):
                 return Decision(k, m, f"probing {m} K={k} (drafting with {d.method} K={d.k})", d.gains, forced=True)
         return None
 
@@ -806,9 +826,8 @@ class Policy:
         past K are otherwise never measured. The clock is the method's: EXPLORE_EVERY steps, doubling after each
         explore step up to EXPLORE_MAX, and back to EXPLORE_EVERY when a request settles on another K (``choose``).
         None at other steps."""
-        if not self.clock or self.clock % self.explore_every.get(method, EXPLORE_EVERY) or k >= MAX_DRAFT_TOKENS:
+        if k >= MAX_DRAFT_TOKENS or not self.explores.due(method, self.clock):
             return None
-        self._explored.add(method)
         return Decision(k + 1, method, f"exploring {method} K={k + 1} (best predicted K={k})", gains, forced=True)
 
     def hold_plain(self, state: AdaptiveState, batch: int) -> Decision | None:
@@ -951,12 +970,12 @@ class Policy:
                     method, k = last.method, stay  # drafting on: a switch pays the other proposer's catch-up
             gains = options[method]
             if last is not None and last.k and not last.forced and last.method != method:
-                self.method_probe_every.pop(last.method, None)  # a switch: the proposer left is looked at again soon
+                self.method_probes.reset(last.method)  # a switch: the proposer left is looked at again soon
             held = state.settled
             if k and held is not None and held[:2] == (method, bucket(batch)):
                 k = keep_settled(gains, k, held[2])
                 if k != held[2]:
-                    self.explore_every.pop(method, None)  # a move: what lies past the new K is explored soon
+                    self.explores.reset(method)  # a move: what lies past the new K is explored soon
             if 0 < k and gains[k] < (KEEP_MARGIN if state.last is not None and state.last.k else START_MARGIN):
                 k = 0  # from plain, a predicted gain within the estimates' noise is no reason to start drafting
             if k > 0:

@@ -1205,12 +1205,12 @@ def test_a_proposer_not_drafted_with_is_probed_again_at_doubling_intervals():
     assert clocks[:5] == [METHOD_PROBE_FIRST, 2 * METHOD_PROBE_FIRST, 4 * METHOD_PROBE_FIRST, 8 * METHOD_PROBE_FIRST,
                           16 * METHOD_PROBE_FIRST]
     assert all(b - a <= METHOD_PROBE_MAX for a, b in zip(clocks, clocks[1:])) and len(clocks) >= 6
-    assert policy.method_probe_every["eagle"] == METHOD_PROBE_MAX
+    assert policy.method_probes.every["eagle"] == METHOD_PROBE_MAX
     for _ in range(200):  # the head turns out better: the request switches to it ...
         policy.observe("eagle", 4, 4)
     while (d := policy.choose(state, methods, 8, alpha=0.7)).method != "eagle" or d.forced:
         policy.tick(64)
-    assert "model" not in policy.method_probe_every  # ... and the draft model, left, is due again soon
+    assert "model" not in policy.method_probes.every  # ... and the draft model, left, is due again soon
 
 
 def test_explore_steps_thin_out_while_the_k_stands_and_come_back_when_it_moves():
