@@ -90,6 +90,9 @@ SPEC_RECHECK_FROM_CUDA = 1  # ... and on a CUDA device, from batch 1: there a fu
 # fixed K = 6 re-deciding, 1.01-1.06x holding (one trace each); the shape bench passed 24 and 27 of 29 checks holding,
 # 22-23 re-deciding (different code otherwise). On the CPU the evidence conflicts (in process, 6 alternating rounds:
 # holding 1.03x re-deciding; over HTTP, the runs above), so the CPU keeps SPEC_RECHECK_FROM
+SPEC_ROWS_CUDA = 0.5  # on a CUDA device, rows re-deciding per step at batch 4 and up (``spec_recheck``): at batch 8 on an
+# H200 (TinyLlama shape, acceptance ~0.5, 7 rounds of 24 requests) one a step took 0.58 ms of host work a step against
+# fixed K = 6's 0.38, and adaptive ran 0.92x its speed; half a row, 0.50 ms and 0.97x
 FIT_TRUST = 9  # observations at which a K's own average counts fully (the effective sample of an EMA of 0.8)
 FIT_WEIGHT = 3.0  # pseudo-observations of the line through every measured K in a K's predicted time
 PLAIN_STALE = 32  # timed steps at a batch size after which plain decoding's time there is measured again, for one
@@ -147,13 +150,13 @@ def bucket(batch: int) -> int:
     return _BUCKET_OF[batch] if 0 <= batch < len(_BUCKET_OF) else next((b for b in BUCKETS if b >= batch), BUCKETS[-1])
 
 
-def spec_recheck(batch_bucket: int) -> int:
-    """Steps a speculating row's decision stands (``Policy.reuse``): SPEC_RECHECK, times the batch bucket over
-    SPEC_RECHECK_FROM from there on, so about the same number of rows re-decide per step at every batch size. The
-    batch drafts one K per method, the sum of its rows' gains (``StepPlanner.one_k_per_method``), so a row's stale
-    decision is one vote of many. Every 4 steps at batch 8 the full decisions took 0.25 ms of a ~6.5 ms H200 step
-    (TinyLlama shape, acceptance 0.8), 4% of adaptive's speed against fixed K = 8, whose K it drafted."""
-    return SPEC_RECHECK * max(1, batch_bucket // SPEC_RECHECK_FROM)
+def spec_recheck(batch_bucket: int, rows_per_step: float = 1.0) -> int:
+    """Steps a speculating row's decision stands (``Policy.reuse``): SPEC_RECHECK, and from batch SPEC_RECHECK_FROM
+    on as many steps as make ``rows_per_step`` rows re-decide per step at every batch size. The batch drafts one K per
+    method, the sum of its rows' gains (``StepPlanner.one_k_per_method``), so a row's stale decision is one vote of
+    many. Every 4 steps at batch 8 the full decisions took 0.25 ms of a ~6.5 ms H200 step (TinyLlama shape, acceptance
+    0.8), 4% of adaptive's speed against fixed K = 8, whose K it drafted."""
+    return max(SPEC_RECHECK, int(SPEC_RECHECK * (batch_bucket // SPEC_RECHECK_FROM) / rows_per_step))
 
 
 def ctx_bucket(tokens: int) -> int:
@@ -219,10 +222,16 @@ class StepTimes:
         self._plain_at: dict[tuple[int, int], int] = {}  # (batch, context bucket) -> its _bucket_stamps when plain was
         # last timed there
         self._first: dict[tuple[str, int, int, int], list[float]] = {}  # a key's first PACE_FROM timings (pace units)
+        self._timed: set[tuple[str, int]] = set()  # (method, batch bucket) with a key timed more than once (``timed``)
+        # (batch bucket, context bucket) -> (plain's stamp, the bucket's stamp where ``_scale`` read other keys, else
+        # None, plain's time there in pace units): ``_plain`` runs in every prediction and several times a decision
+        self._plain_memo: dict[tuple[int, int], tuple[int, int | None, float | None]] = {}
 
     def observe(self, method: str, batch: int, k: int, seconds: float) -> None:
         key = ("plain", bucket(batch), self.context, 0) if k == 0 else (method, bucket(batch), self.context, k)
         self.count[key] = self.count.get(key, 0) + 1
+        if self.count[key] == 2:
+            self._timed.add(key[:2])
         old = self.avg.get(key)
         b = key[1]
         weight = EMA
@@ -283,7 +292,7 @@ class StepTimes:
     def timed(self, method: str, batch: int) -> bool:
         """Whether some K of ``method`` was timed at this batch bucket (any context; plain is keyed "plain") more than
         once: a first timing alone may be a cold one (``_robust_mean``)."""
-        return any(self.count[key] > 1 for key in self._keys.get((method, bucket(batch)), ()))
+        return (method, bucket(batch)) in self._timed
 
     def at_pace(self, b: int, times: list[float | None]) -> list[float | None]:
         """Times kept in batch bucket ``b``'s pace units (``avg``, ``_predict_all``) in seconds at the current pace."""
@@ -295,12 +304,25 @@ class StepTimes:
         return self.at_pace(b, [self._plain(b)])[0]
 
     def _plain(self, b: int) -> float | None:
-        """``plain`` in units of the bucket's pace (as ``avg``)."""
+        """``plain`` in units of the bucket's pace (as ``avg``), kept until plain decoding is timed again at this
+        batch bucket (or, where it was scaled by other keys' times, until any step there is)."""
+        memo_key = (b, self.context)
+        plain_stamp = self._stamps.get(("plain", b), 0)
+        hit = self._plain_memo.get(memo_key)
+        if hit is not None and hit[0] == plain_stamp and hit[1] in (None, self._bucket_stamps.get(b, 0)):
+            if hit[1] is not None:
+                self._read_others = True  # as computing it would (``predicted`` keeps what depends on it)
+            return hit[2]
         have = [cc for (_m, _b, cc, _k) in self._keys.get(("plain", b), ())]
         if not have:
-            return None
-        near = _nearest(have, self.context)
-        return self.avg[("plain", b, near, 0)] * self._scale(b, near, self.context)
+            t0, read = None, False
+        else:
+            near = _nearest(have, self.context)
+            before, self._read_others = self._read_others, False
+            t0 = self.avg[("plain", b, near, 0)] * self._scale(b, near, self.context)
+            read, self._read_others = self._read_others, before or self._read_others
+        self._plain_memo[memo_key] = (plain_stamp, self._bucket_stamps.get(b, 0) if read else None, t0)
+        return t0
 
     def reach(self, method: str, batch: int) -> int:
         """The largest K ``method`` may run at ``batch``: REACH past its largest K timed there (any context), and
@@ -314,7 +336,8 @@ class StepTimes:
     def predicted(self, method: str, batch: int, slope_prior: float) -> list[float | None]:
         """``predict_all`` up to the method's reach at this batch (``reach``; K past it: not predicted), kept until an
         input changes: the method's or plain decoding's times at this batch bucket, and where the prediction read them,
-        the slope prior or other methods' times (``_scale``); kept in units of the pace, read out at the current one."""
+        the slope prior or other methods' times (``_scale``); kept in units of the pace, read out at the current one.
+        The list returned is shared: read it, do not change it."""
         b = bucket(batch)
         key = (method, b, self.context)
         stamp = (self._stamps.get((method, b), 0), self._stamps.get(("plain", b), 0))
@@ -327,8 +350,11 @@ class StepTimes:
             if len(self._predicted) > 256:
                 self._predicted.clear()
             hit = self._predicted[key] = (stamp, self._bucket_stamps.get(b, 0) if self._read_others else None,
-                                          slope_prior if self._read_slope else None, times)
-        return self.at_pace(b, hit[3])
+                                          slope_prior if self._read_slope else None, times, None, None)
+        pace = self.pace.get(b, 1.0)
+        if hit[4] != pace:  # read out at the current pace, once per pace (the rows of a step ask alike)
+            hit = self._predicted[key] = (*hit[:4], pace, self.at_pace(b, hit[3]))
+        return hit[5]
 
     def predict(self, method: str, batch: int, k: int, slope_prior: float) -> float | None:
         """Seconds for one step at K: measured, else interpolated from the nearest measured K."""
@@ -514,12 +540,18 @@ class RecentAcceptance:
     def observe_draft(self, k: int, accepted: int) -> None:
         self.version += 1
         keep = 1.0 - 1.0 / SHARED_MEMORY
-        for i in range(MAX_DRAFT_TOKENS):
-            self.drafts_per_position[i] = self.drafts_per_position[i] * keep + (i < k)
-            self.accepted_per_position[i] = self.accepted_per_position[i] * keep + (i < accepted)
+        drafts, accepts, reached, passed = (self.drafts_per_position, self.accepted_per_position,
+                                            self.reached_per_position, self.passed_per_position)
+        for i in range(MAX_DRAFT_TOKENS):  # runs for every drafting row of every step: in place, few comparisons
+            drafts[i] *= keep
+            accepts[i] *= keep
+        for i in range(k):
+            drafts[i] += 1.0
+        for i in range(accepted):
+            accepts[i] += 1.0
         for i in range(min(k, accepted + 1)):
-            self.reached_per_position[i] = self.reached_per_position[i] * keep + 1.0
-            self.passed_per_position[i] = self.passed_per_position[i] * keep + (i < accepted)
+            reached[i] = reached[i] * keep + 1.0
+            passed[i] = passed[i] * keep + (i < accepted)
 
     @property
     def acceptance_rate(self) -> float:
@@ -636,8 +668,9 @@ class _Backoff:
 class Policy:
     """Engine-wide: step times, recent shared acceptance per method, the last decision."""
 
-    def __init__(self, spec_recheck_from: int = SPEC_RECHECK_FROM) -> None:
+    def __init__(self, spec_recheck_from: int = SPEC_RECHECK_FROM, spec_rows: float = 1.0) -> None:
         self.spec_recheck_from = spec_recheck_from  # the batch bucket from which speculating decisions stand a few steps
+        self.spec_rows = spec_rows  # ... and how many rows re-decide per step from batch SPEC_RECHECK_FROM on
         self.times = StepTimes()
         self.shared: dict[str, RecentAcceptance] = {}
         self.calibration: dict[str, Calibration] = {}  # per method: the acceptance model against realized drafts
@@ -779,9 +812,10 @@ class Policy:
         if t0 is None:
             return None
         gains = [self.expected(st, m, batch, alpha, slope) for st, m, _k, slope in rows]
+        times = {(m, slope): self._shared_terms(m, batch, alpha, slope)[1] for _, m, _k, slope in rows}
         best, best_value = 0, (sum(g[0] for g in gains) + others) / t0
         for cap in sorted({k for _, _, k, _ in rows if k}):
-            cost = max(_at(self._shared_terms(m, batch, alpha, slope)[1], cap) for _, m, k, slope in rows if k >= cap)
+            cost = max(_at(times[(m, slope)], cap) for _, m, k, slope in rows if k >= cap)
             tokens = sum(g[min(k, cap)] for g, (_, _, k, _) in zip(gains, rows)) + others
             if cost > 0 and tokens / cost >= best_value:
                 best, best_value = cap, tokens / cost
@@ -800,7 +834,7 @@ class Policy:
             return None
         if not last.k:
             return self.hold_plain(state, batch)
-        if state.spec_steps % spec_recheck(state.bucket) and last.method in methods \
+        if state.spec_steps % spec_recheck(state.bucket, self.spec_rows) and last.method in methods \
                 and bucket(batch) == state.bucket >= self.spec_recheck_from:
             state.spec_steps += 1  # speculating as decided a few steps ago (acceptance moves slowly)
             explore = self._probe_method(last) or self._explore(last.method, last.k, last.gains)  # as a full decision
@@ -962,7 +996,7 @@ class Policy:
                 why = f"timing {method} K={k} at batch {batch}, where other methods are timed"
             d = Decision(k, method, f"{why} (predicted {gains[k]:.2f}x plain)", gains, forced=True)
         else:
-            method, k = max(((m, k) for m, g in options.items() for k in g), key=lambda mk: options[mk[0]][mk[1]])
+            method, k = max(((m, max(g, key=g.get)) for m, g in options.items()), key=lambda mk: options[mk[0]][mk[1]])
             last = state.last
             if last is not None and last.k and last.method != method and last.method in options:
                 stay = max((kk for kk in options[last.method] if kk), key=options[last.method].get)
@@ -987,11 +1021,14 @@ class Policy:
                 d = Decision(k, method, f"{method} K={k} predicted {gains[k]:.2f}x plain at batch {batch}", gains,
                              others=self._others(state, options, method, batch, alpha, catch_up or {}))
                 state.settled = (method, bucket(batch), k)
-                d = self._probe_method(d) or self._explore(method, k, gains) or d
+                tried = self._probe_method(d) or self._explore(method, k, gains)
+                if tried is not None:  # the decision stands again after this one step (``reuse``), as where a
+                    # standing decision is interrupted: not a full decision of every row the step after a probe
+                    state.resume, d = d, tried
             else:
                 state.plain_steps += 1
                 state.settled = None  # drafting again later starts from the best K then
-                method, best = max(((m, kk) for m, g in options.items() for kk in g if kk),
+                method, best = max(((m, max((kk for kk in g if kk), key=g.get)) for m, g in options.items()),
                                    key=lambda mk: options[mk[0]][mk[1]])
                 gains = options[method]
                 state.far_below = gains[best] < FAR_BELOW

@@ -18,7 +18,7 @@ from collections import deque
 import torch
 
 from engine import cleanup, observe, prefill
-from engine.adaptive import SPEC_RECHECK_FROM, SPEC_RECHECK_FROM_CUDA, Policy, best_k, clamped_ema
+from engine.adaptive import SPEC_RECHECK_FROM, SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA, Policy, best_k, clamped_ema
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, SamplingParams
 from engine.cuda_graphs import GraphRunner
@@ -83,7 +83,8 @@ class LLMEngine:
             from engine.proposers.eagle import EagleProposer
 
             self.proposers["eagle"] = EagleProposer(eagle_head, self.target)
-        self.policy = Policy(SPEC_RECHECK_FROM_CUDA if self.target.device.type == "cuda" else SPEC_RECHECK_FROM)
+        cuda = self.target.device.type == "cuda"
+        self.policy = Policy(SPEC_RECHECK_FROM_CUDA if cuda else SPEC_RECHECK_FROM, SPEC_ROWS_CUDA if cuda else 1.0)
         self.threads = StepThreads.for_device(self.target.device, config.big_step_threads)
         self.planner = StepPlanner(self)
         self.spec_stats = SpecDecodingStats()

@@ -539,14 +539,17 @@ def test_a_speculating_decision_stands_for_a_few_steps_at_batch_8_only():
 
     assert spec_recheck(1) == spec_recheck(4) == SPEC_RECHECK and spec_recheck(8) == 2 * SPEC_RECHECK
     assert spec_recheck(32) == 8 * SPEC_RECHECK
-    for batch, expect_reuse in ((8, True), (4, True), (1, False)):
+    # on a CUDA device half a row re-decides per step from batch 4 on (SPEC_ROWS_CUDA), and small batches stay at it
+    assert spec_recheck(1, 0.5) == spec_recheck(2, 0.5) == SPEC_RECHECK and spec_recheck(8, 0.5) == 4 * SPEC_RECHECK
+    for batch, rows, expect_reuse in ((8, 1.0, True), (8, 0.5, True), (4, 1.0, True), (1, 1.0, False)):
         policy = _policy(1.0, 0.05, batch=batch)
+        policy.spec_rows = rows
         state = _state_with_acceptance(0.9)
         policy.clock = 1
         first = policy.choose(state, {"model": 0.3}, batch, alpha=0.6)
         assert first.k > 0 and not first.forced
         fresh, last = 0, first
-        every = spec_recheck(batch)
+        every = spec_recheck(batch, rows)
         for step in range(2, 2 + 2 * every):
             policy.clock = step if step % EXPLORE_EVERY else step + 1
             d = policy.choose(state, {"model": 0.3}, batch, alpha=0.6)
@@ -971,7 +974,7 @@ def test_a_settled_k_moves_only_for_a_clear_predicted_gain():
 
 def test_an_explore_step_from_a_standing_decision_resumes_it():
     """Where speculating decisions stand (from the device's batch bucket), a row explores K + 1 on the clock from its
-    standing decision and then resumes it: neither step makes a full decision (a full decision for every row at
+    standing decision (or from a full decision) and then resumes it: neither step makes a full decision (a full decision for every row at
     both cost ~30 us a row of host time, each 16 steps, at batch 8)."""
     from engine.adaptive import EXPLORE_EVERY
 
@@ -993,9 +996,12 @@ def test_an_explore_step_from_a_standing_decision_resumes_it():
     state.spec_steps = 0
     policy.gains = Policy.gains.__get__(policy)
     d = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
-    assert d.forced and d.k == standing.k + 1 and state.resume is None
+    fresh = state.resume
+    assert d.forced and d.k == standing.k + 1 and fresh is not None and fresh.k == standing.k and not fresh.forced
     policy.clock += 1
-    assert policy.reuse(state, {"model": 0.3}, 1) is None  # after a full decision's explore: decide afresh
+    policy.gains = lambda *a: (_ for _ in ()).throw(AssertionError("a full decision was made"))
+    assert policy.reuse(state, {"model": 0.3}, 1) is fresh is state.last  # after a full decision's explore too: the
+    # decision it interrupted stands again, without a full decision of every row of the step after it
 
 
 def test_the_rows_of_a_batch_keep_the_k_they_shared_unless_another_clearly_wins():
