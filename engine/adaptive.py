@@ -91,8 +91,8 @@ SPEC_RECHECK_FROM_CUDA = 1  # ... and on a CUDA device, from batch 1: there a fu
 # 22-23 re-deciding (different code otherwise). On the CPU the evidence conflicts (in process, 6 alternating rounds:
 # holding 1.03x re-deciding; over HTTP, the runs above), so the CPU keeps SPEC_RECHECK_FROM
 SPEC_ROWS_CUDA = 0.5  # on a CUDA device, rows re-deciding per step at batch 4 and up (``spec_recheck``): at batch 8 on an
-# H200 (TinyLlama shape, acceptance ~0.5, 7 rounds of 24 requests) one a step took 0.58 ms of host work a step against
-# fixed K = 6's 0.38, and adaptive ran 0.92x its speed; half a row, 0.50 ms and 0.97x
+# H200 (TinyLlama shape, acceptance ~0.5, 7 rounds of 24 requests), with one row a step adaptive's host work was 0.58 ms
+# a step against fixed K = 6's 0.38 and it ran 0.92x K = 6; with half a row 0.50 ms and 0.97x
 FIT_TRUST = 9  # observations at which a K's own average counts fully (the effective sample of an EMA of 0.8)
 FIT_WEIGHT = 3.0  # pseudo-observations of the line through every measured K in a K's predicted time
 PLAIN_STALE = 32  # timed steps at a batch size after which plain decoding's time there is measured again, for one

@@ -664,6 +664,7 @@ def test_kept_predictions_equal_fresh_ones():
     """StepTimes.predicted keeps a method's predictions while their inputs stand: after any sequence of observations
     (methods, batch and context buckets, unmeasured methods that read the slope prior, contexts scaled by other
     methods' times) they equal a fresh prediction, and one method's step leaves the others' kept."""
+    import copy
     import random
 
     rng = random.Random(0)
@@ -694,6 +695,10 @@ def test_kept_predictions_equal_fresh_ones():
                 want[times.reach(m, b) + 1:] = []
                 assert got == want, (step, m, b, slope)
                 checked += 1
+        for b in (1, 2, 8):  # plain decoding's time is kept too (``_plain``): equal to one computed afresh
+            unkept = copy.copy(times)
+            unkept._plain_memo = {}
+            assert times.plain(b) == unkept.plain(b), (step, b)
     assert checked == 600 * 9 and kept > checked // 3  # most predictions were kept, and all were right
 
 
