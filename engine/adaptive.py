@@ -427,6 +427,11 @@ def _line(measured: list[tuple[int, float, int]], t0: float) -> tuple[float, flo
     return (st - slope * sk) / w, slope
 
 
+def best_drafting_k(gains: dict[int, float]) -> int:
+    """The drafting K (> 0) with the highest predicted gain (ties: the smaller K); 0 where none is predicted."""
+    return max((k for k in gains if k), key=gains.get, default=0)
+
+
 def keep_settled(gains: dict[int, float], best: int, held: int) -> int:
     """``held``, the K settled on, unless ``best`` is predicted K_MARGIN better (or ``held`` is not predicted): the
     predictions of neighbouring K differ by less than their noise, and each move between K costs."""
@@ -915,7 +920,7 @@ class Policy:
         for m, gains in options.items():
             if m != method and catch_up.get(m, 0.0) <= TIME_CATCH_UP * t0 \
                     and self._could_gain(state, m, alpha, max(gains), best):
-                out[m] = max((kk for kk in gains if kk), key=gains.get)
+                out[m] = best_drafting_k(gains)
         return out
 
     def _could_gain(self, state: AdaptiveState, method: str, alpha: float, reach: int, best: float) -> bool:
@@ -986,7 +991,7 @@ class Policy:
             # at another batch size: measure it first (its acceptance, else its step time at this batch size)
             method = max(unmeasured or untimed, key=lambda m: max(g for kk, g in options[m].items() if kk))
             gains = options[method]
-            k = max((kk for kk in gains if kk), key=gains.get)
+            k = best_drafting_k(gains)
             state.plain_steps = state.probe_after = 0
             if unmeasured:
                 why = f"measuring {method} K={k}: {self.evidence(method):.0f} drafts on this engine so far"
@@ -999,7 +1004,7 @@ class Policy:
             method, k = max(((m, max(g, key=g.get)) for m, g in options.items()), key=lambda mk: options[mk[0]][mk[1]])
             last = state.last
             if last is not None and last.k and last.method != method and last.method in options:
-                stay = max((kk for kk in options[last.method] if kk), key=options[last.method].get)
+                stay = best_drafting_k(options[last.method])
                 if options[method][k] < SWITCH_MARGIN * options[last.method][stay]:
                     method, k = last.method, stay  # drafting on: a switch pays the other proposer's catch-up
             gains = options[method]
@@ -1028,7 +1033,7 @@ class Policy:
             else:
                 state.plain_steps += 1
                 state.settled = None  # drafting again later starts from the best K then
-                method, best = max(((m, max((kk for kk in g if kk), key=g.get)) for m, g in options.items()),
+                method, best = max(((m, best_drafting_k(g)) for m, g in options.items()),
                                    key=lambda mk: options[mk[0]][mk[1]])
                 gains = options[method]
                 state.far_below = gains[best] < FAR_BELOW

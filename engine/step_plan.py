@@ -8,7 +8,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING
 
-from engine.adaptive import SWITCH_MARGIN, Decision, keep_settled
+from engine.adaptive import SWITCH_MARGIN, Decision, best_drafting_k, keep_settled
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
@@ -211,5 +211,5 @@ class StepPlanner:
 
 def _best(gains: dict[int, float]) -> tuple[int, float]:
     """The drafting K (> 0) with the highest predicted gain, and that gain ((0, 0.0) when none is predicted)."""
-    k = max((x for x in gains if x), key=gains.get, default=0)
+    k = best_drafting_k(gains)
     return k, gains.get(k, 0.0)
