@@ -171,6 +171,25 @@ def test_adaptive_vs_best_fixed_k_chooses_k_on_the_other_rounds():
     assert adaptive_vs_best_fixed({"tokens_per_second_runs": [100.0]}, [k4]) is None  # one round: no pairing
 
 
+def test_each_round_samples_new_texts_that_every_method_of_the_round_shares():
+    """At T > 0 a round's seeds are the same for every method (seeded sampling is drafter-invariant, so plain, fixed
+    K and adaptive sample one text) and new in the next round: the rounds measure speed over samples, not one draw."""
+    from engine.bench import suite
+    from engine.bench.runs import Method
+
+    engine = tiny_engine()
+    prompts = [engine.tokenizer(p)["input_ids"] for p in load_prompts()[:2]]
+    tracked = [suite._Tracked(m, inst=Instrument(engine)) for m in (Method("helix plain", "helix"), Method("helix spec K=2", "helix", True, 2),
+                                           Method("helix spec adaptive", "helix", True, None))]
+    cfg = suite.BenchConfig(warmup_runs=1)
+    rounds = suite._run_rounds(engine, prompts, tracked, 1.0, 12, cfg, {}, suite._Progress(0, False), rounds=2)
+    texts = [[r[id(t)].outputs for t in tracked] for r in rounds]
+    for per_method in texts:
+        assert per_method[0] == per_method[1] == per_method[2]
+    assert texts[0][0] != texts[1][0]
+    assert engine.target.blocks.num_free == engine.target.blocks.num_blocks
+
+
 def test_concurrent_clients_send_their_next_request_when_the_last_finishes():
     """n clients, each sending its next request as its last finishes: every request runs to its end, never more
     than n at once, and the bench's rows say how many requests they timed."""

@@ -164,10 +164,11 @@ def _has_eagle(engine) -> bool:
 
 # --------------------------------------------------------------------------- batch-1 scenarios
 def _run_one(engine, t: _Tracked, ids: list[int], index: int, temp: float, length: int, cfg: BenchConfig,
-             adaptive_state: dict, record: bool) -> PassResult:
-    """One prompt through one method; ``index`` keeps the prompt's seed the same for every method."""
+             adaptive_state: dict, record: bool, round_no: int = 0) -> PassResult:
+    """One prompt through one method; ``index`` and ``round_no`` keep the prompt's seed the same for every method of
+    a round, and new in every round (ROUND_SEEDS)."""
     m = t.method
-    seed = cfg.seed + index
+    seed = cfg.seed + ROUND_SEEDS * round_no + index
     if m.backend == "hf":
         return hf_pass(engine, [ids], m, temp, length, seed, m.k)
     state = adaptive_state if (m.speculative and m.k is None) else None
@@ -177,17 +178,25 @@ def _run_one(engine, t: _Tracked, ids: list[int], index: int, temp: float, lengt
         return helix_pass(engine, [ids], m, temp, length, seed, state)
 
 
+ROUND_SEEDS = 1000  # a round's seeds: cfg.seed + ROUND_SEEDS x round + prompt. Seeded sampling is drafter-invariant
+# (engine.rejection): every method of a round samples the same text, and so has one outcome of its acceptance on it.
+# With one seed per prompt for all rounds, the rounds at T > 0 measured the same three texts again: on the CPU demo pair
+# at T = 0.8 the draft model's fixed K = 4 accepted 0.81 of its drafts in every run and the EAGLE head ~0.76, where
+# with seeds 42-44 the head accepted more; new texts each round measure speed over samples, not on one draw of them
+
+
 def _run_rounds(engine, prompts, tracked: list[_Tracked], temp: float, length: int, cfg: BenchConfig,
                 adaptive_state: dict, prog: _Progress, rounds: int, record: bool = True) -> list[dict[int, PassResult]]:
     """``rounds`` passes of every method over ``prompts``, interleaved per prompt (and the method order
     rotated each round) so that a change in machine load hits every method alike."""
     out = []
     for r in range(rounds):
+        round_no = r + (cfg.warmup_runs if record else 0)  # warm-up rounds sample texts of their own
         acc = {id(t): PassResult() for t in tracked}
         order = tracked[r % len(tracked):] + tracked[: r % len(tracked)]
         for i, ids in enumerate(prompts):
             for t in order:
-                acc[id(t)].merge(_run_one(engine, t, ids, i, temp, length, cfg, adaptive_state, record))
+                acc[id(t)].merge(_run_one(engine, t, ids, i, temp, length, cfg, adaptive_state, record, round_no))
                 prog.step(f"T={temp:g} n={length} {t.method.name}")
         if record:
             for t in tracked:
