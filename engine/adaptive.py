@@ -480,6 +480,8 @@ class AdaptiveState:
     probe_after: int = 0  # plain steps before a probe may run: its proposer's catch-up must be amortised first
     hold_until: int = 0  # while plain: the policy clock up to which the decision stands (``Policy.hold_plain``)
     far_below: bool = False  # while plain: the best drafting option was predicted below FAR_BELOW x plain
+    quiet_since: int = -1  # while plain and far below: ``Policy.drafts`` at the full decision (``hold_plain``)
+    hold_ends_recheck: bool = False  # while plain: the hold ends at a re-evaluation, not at a probe
     expected_cache: dict[str, tuple] = field(default_factory=dict)  # Policy._expected's, per method
 
     def observe(self, method: str, k: int, accepted: int) -> None:
@@ -679,6 +681,7 @@ class Policy:
         self.times = StepTimes()
         self.shared: dict[str, RecentAcceptance] = {}
         self.calibration: dict[str, Calibration] = {}  # per method: the acceptance model against realized drafts
+        self.drafts = 0  # drafts observed so far, of any method and row (``hold_plain``)
         self.decision = Decision()
         self.clock = 0  # decode steps so far (the engine ticks once per step)
         # per method: the probe interval failed probes have reached on this engine. A new request starts there,
@@ -745,6 +748,7 @@ class Policy:
     def observe(self, method: str, k: int, accepted: int, state: AdaptiveState | None = None) -> None:
         """A draft of ``k`` tokens with ``method``, ``accepted`` of them; with the adaptive ``state`` of its request,
         checked against what the acceptance model expected of it (``Calibration``; call before ``state.observe``)."""
+        self.drafts += 1
         own = state.stats.get(method) if state is not None else None
         if k > 0 and own is not None and own.num_drafts >= PRIOR_WEIGHT:  # see Calibration: not a request's first drafts
             hit = state.expected_cache.get(method)
@@ -876,8 +880,19 @@ class Policy:
         decided at. Runs for every plain row of every step: at batch 8 on an H200 with a useless draft, the per-row
         checks it replaced cost adaptive 2-4% of plain decoding's speed."""
         last = state.last
-        if last is None or last.forced or last.k or self.clock >= state.hold_until or bucket(batch) != state.bucket:
+        if last is None or last.forced or last.k or bucket(batch) != state.bucket:
             return None
+        if self.clock >= state.hold_until:
+            if not (state.hold_ends_recheck and state.far_below and state.quiet_since == self.drafts):
+                return None
+            # a re-evaluation of a row whose drafting was predicted far below plain, with no draft of any row since:
+            # none of the evidence it decided from moved (only plain's time did, by a few per cent where 25% would
+            # matter), so the decision stands to the next re-evaluation or probe. At 8 clients on an H200 with a
+            # useless draft, these re-evaluations were most of adaptive's host work over plain decoding's
+            state.plain_steps += 1
+            self._hold_plain_until(state)
+            self.decision = last
+            return last
         state.plain_steps += 1
         self.decision = last
         return last
@@ -889,7 +904,9 @@ class Policy:
         early is harmless."""
         every = _recheck(state)
         to_recheck = (every - state.plain_steps % every) % every + 1
-        state.hold_until = self.clock + min(to_recheck, self._steps_to_probe(state))
+        to_probe = self._steps_to_probe(state)
+        state.hold_until = self.clock + min(to_recheck, to_probe)
+        state.hold_ends_recheck = to_recheck < to_probe
 
     def _untimed(self, state: AdaptiveState, options: dict[str, dict[int, float]], batch: int, alpha: float,
                  catch_up: dict[str, float]) -> list[str]:
@@ -1037,6 +1054,7 @@ class Policy:
                                    key=lambda mk: options[mk[0]][mk[1]])
                 gains = options[method]
                 state.far_below = gains[best] < FAR_BELOW
+                state.quiet_since = self.drafts
                 if state.last is not None and state.last.k and not state.last.forced and gains[best] >= CLOSE_CALL:
                     state.probe_every = PROBE_SOON  # it just stopped drafting on a close call: look again soon
                 wait = self._catch_up_wait(state, method, batch, (catch_up or {}).get(method, 0.0))

@@ -895,25 +895,41 @@ def test_a_request_follows_the_shared_curve_past_what_it_drafted():
 def test_a_plain_decision_stands_exactly_until_its_recheck_or_probe():
     """A plain row's decision is held in O(1) up to the clock its full decision set (``Policy.hold_plain``): the
     steps that decide in full are exactly those where the per-step checks it replaced (re-evaluate every
-    ``_recheck`` plain steps, probe when ``_probe_due``) would have, through failed probes and a doubled interval."""
+    ``_recheck`` plain steps, probe when ``_probe_due``) would have, through failed probes and a doubled interval;
+    except that a row predicted far below plain skips its re-evaluations while no row drafted since its last full
+    decision (probes still decide in full)."""
     from engine.adaptive import _recheck
 
-    for catch_up in (None, {"model": 40.0}):  # a probe blocked until its catch-up is amortised, too
-        policy = _policy(1.0, 0.3)
-        state = _state_with_acceptance(0.02)
-        full_steps, expected = [], []
-        for _ in range(1500):
-            policy.tick()
-            last = state.last
-            if last is not None and last.k == 0 and not last.forced:
-                old = copy.deepcopy(state)
-                held = old.plain_steps % _recheck(old) and not policy._probe_due(old, old.plain_steps + 1)
-                expected.append(not held)
-                full_steps.append(policy.choose(state, {"model": 0.3}, 1, 0.6, catch_up) is not last)
-            else:
-                policy.choose(state, {"model": 0.3}, 1, 0.6, catch_up)
-        assert full_steps == expected
-        assert 20 < sum(full_steps) < 200, sum(full_steps)  # re-evaluations every 16-64 steps, and the probes
+    counts = {}
+    for others_draft in (False, True):
+        for catch_up in (None, {"model": 40.0}):  # a probe blocked until its catch-up is amortised, too
+            policy = _policy(1.0, 0.3)
+            state = _state_with_acceptance(0.02)
+            full_steps, expected, seen = [], [], -1
+            for step in range(1500):
+                policy.tick()
+                if others_draft and step % 10 == 0:
+                    policy.observe("model", 2, 0)  # another request's draft: evidence moved
+                last = state.last
+                if last is not None and last.k == 0 and not last.forced:
+                    old = copy.deepcopy(state)
+                    probe = policy._probe_due(old, old.plain_steps + 1)
+                    recheck = not old.plain_steps % _recheck(old)
+                    quiet = old.far_below and policy.drafts == seen
+                    expected.append(probe or (recheck and not quiet))
+                    full = policy.choose(state, {"model": 0.3}, 1, 0.6, catch_up) is not last
+                    full_steps.append(full)
+                else:
+                    full = True
+                    policy.choose(state, {"model": 0.3}, 1, 0.6, catch_up)
+                if full:
+                    seen = policy.drafts
+            assert state.far_below
+            assert full_steps == expected
+            counts[others_draft, catch_up is None] = sum(full_steps)
+    for plain_catch_up in (True, False):
+        assert counts[False, plain_catch_up] < 12, counts  # the probes only
+        assert 20 < counts[True, plain_catch_up] < 200, counts  # re-evaluations every 16-64 steps, and the probes
 
 
 def test_speculating_decisions_stand_a_few_steps_from_the_devices_batch_bucket():
