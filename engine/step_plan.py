@@ -110,8 +110,10 @@ class StepPlanner:
     def one_k_per_method(self, plan: Plan) -> Plan:
         """Adaptive rows of one method share the K with the highest summed predicted gain: a step costs
         what its longest row costs, and step times are measured (and keyed) that way."""
-        if not any(k for k, _m in plan.values()):  # every row plain: the batch shares no K (grouping its rows, as
-            self._shared_k.clear()  # below, cost adaptive's all-plain steps at 8 clients on the CPU 8 us more than plain's)
+        # every row plain: the batch shares no K (grouping its rows, as below, cost adaptive's all-plain steps at 8
+        # clients on the CPU 8 us more than plain's)
+        if not any(k for k, _m in plan.values()):
+            self._shared_k.clear()
             return plan
         groups: dict[str, list[Request]] = {}
         for r in plan:

@@ -179,8 +179,9 @@ def test_each_round_samples_new_texts_that_every_method_of_the_round_shares():
 
     engine = tiny_engine()
     prompts = [engine.tokenizer(p)["input_ids"] for p in load_prompts()[:2]]
-    tracked = [suite._Tracked(m, inst=Instrument(engine)) for m in (Method("helix plain", "helix"), Method("helix spec K=2", "helix", True, 2),
-                                           Method("helix spec adaptive", "helix", True, None))]
+    methods = (Method("helix plain", "helix"), Method("helix spec K=2", "helix", True, 2),
+               Method("helix spec adaptive", "helix", True, None))
+    tracked = [suite._Tracked(m, inst=Instrument(engine)) for m in methods]
     cfg = suite.BenchConfig(warmup_runs=1)
     rounds = suite._run_rounds(engine, prompts, tracked, 1.0, 12, cfg, {}, suite._Progress(0, False), rounds=2)
     texts = [[r[id(t)].outputs for t in tracked] for r in rounds]

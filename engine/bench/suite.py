@@ -163,8 +163,15 @@ def _has_eagle(engine) -> bool:
 
 
 # --------------------------------------------------------------------------- batch-1 scenarios
+ROUND_SEEDS = 1000  # a round's seeds: cfg.seed + ROUND_SEEDS x round + prompt. Seeded sampling is drafter-invariant
+# (engine.rejection): every method of a round samples the same text, and so has one outcome of its acceptance on it.
+# With one seed per prompt for all rounds, the rounds at T > 0 measured the same three texts again: on the CPU demo pair
+# at T = 0.8 the draft model's fixed K = 4 accepted 0.81 of its drafts in every run and the EAGLE head ~0.76, where
+# with seeds 42-44 the head accepted more; new texts each round measure speed over samples, not on one draw of them
+
+
 def _run_one(engine, t: _Tracked, ids: list[int], index: int, temp: float, length: int, cfg: BenchConfig,
-             adaptive_state: dict, record: bool, round_no: int = 0) -> PassResult:
+             adaptive_state: dict, record: bool, round_no: int) -> PassResult:
     """One prompt through one method; ``index`` and ``round_no`` keep the prompt's seed the same for every method of
     a round, and new in every round (ROUND_SEEDS)."""
     m = t.method
@@ -176,13 +183,6 @@ def _run_one(engine, t: _Tracked, ids: list[int], index: int, temp: float, lengt
         return helix_pass(engine, [ids], m, temp, length, seed, state)
     with t.inst:
         return helix_pass(engine, [ids], m, temp, length, seed, state)
-
-
-ROUND_SEEDS = 1000  # a round's seeds: cfg.seed + ROUND_SEEDS x round + prompt. Seeded sampling is drafter-invariant
-# (engine.rejection): every method of a round samples the same text, and so has one outcome of its acceptance on it.
-# With one seed per prompt for all rounds, the rounds at T > 0 measured the same three texts again: on the CPU demo pair
-# at T = 0.8 the draft model's fixed K = 4 accepted 0.81 of its drafts in every run and the EAGLE head ~0.76, where
-# with seeds 42-44 the head accepted more; new texts each round measure speed over samples, not on one draw of them
 
 
 def _run_rounds(engine, prompts, tracked: list[_Tracked], temp: float, length: int, cfg: BenchConfig,
