@@ -15,6 +15,10 @@ Probes run on the engine's step clock (``Policy.tick``): a request probes at the
 is a multiple of its interval once half of it has passed, so the rows of a batch probe together.
 A step costs what its longest row costs, so one probing row makes the whole batch pay for a
 drafting step; together, the batch pays once for every row's probe.
+
+Acceptance is learnt per sampling class (``sampling_class``: greedy, or the temperature to a tenth and whether top-p /
+top-k cut the tails): a draft's chance of acceptance depends on how both models sample, and one estimate for all
+requests carried greedy acceptance into sampled requests. Step times are shared: a step costs the same either way.
 """
 
 from __future__ import annotations
@@ -123,6 +127,20 @@ _CAL_KEEP = 1.0 - 1.0 / CAL_MEMORY
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CTX_BUCKETS = tuple(256 << i for i in range(10))  # 256 .. 131072 tokens
 _BUCKET_OF = [next(b for b in BUCKETS if b >= n) for n in range(BUCKETS[-1] + 1)]
+
+
+GREEDY = "greedy"
+
+
+def sampling_class(temperature: float, top_p: float = 1.0, top_k: int = 0) -> str:
+    """The class of requests that share acceptance estimates (``Policy.shared``, ``Policy.calibration``): greedy, or
+    sampled at the temperature rounded to a tenth, with or without its tails cut (top-p < 1 or top-k). Drafts are
+    accepted by min(1, p / q) of two sampled distributions: on the 2-core CPU at 8 clients, the demo pair's draft model
+    accepted 0.64 of positions greedily and 0.46 at T = 0.8, and with one estimate a T = 0.8 request that followed
+    greedy ones drafted deeper than pays (0.90-0.92x plain decoding, where the best fixed K ran at plain's speed)."""
+    if temperature == 0:
+        return GREEDY
+    return f"T={max(0.1, round(temperature, 1)):g}" + (" cut" if top_p < 1.0 or top_k > 0 else "")
 
 
 def clamped_ema(old: float | None, seconds: float, weight: float = EMA) -> float:
@@ -483,6 +501,7 @@ class AdaptiveState:
     quiet_since: int = -1  # while plain and far below: ``Policy.drafts`` at the full decision (``hold_plain``)
     hold_ends_recheck: bool = False  # while plain: the hold ends at a re-evaluation, not at a probe
     expected_cache: dict[str, tuple] = field(default_factory=dict)  # Policy._expected's, per method
+    sampling: str = GREEDY  # the request's sampling class (``sampling_class``): the shared estimates it reads and feeds
 
     def observe(self, method: str, k: int, accepted: int) -> None:
         stats = self.stats.get(method)
@@ -679,8 +698,9 @@ class Policy:
         self.spec_recheck_from = spec_recheck_from  # the batch bucket from which speculating decisions stand a few steps
         self.spec_rows = spec_rows  # ... and how many rows re-decide per step from batch SPEC_RECHECK_FROM on
         self.times = StepTimes()
-        self.shared: dict[str, RecentAcceptance] = {}
-        self.calibration: dict[str, Calibration] = {}  # per method: the acceptance model against realized drafts
+        # per (method, sampling class): recent shared acceptance, and the acceptance model against realized drafts
+        self.shared: dict[tuple[str, str], RecentAcceptance] = {}
+        self.calibration: dict[tuple[str, str], Calibration] = {}
         self.drafts = 0  # drafts observed so far, of any method and row (``hold_plain``)
         self.decision = Decision()
         self.clock = 0  # decode steps so far (the engine ticks once per step)
@@ -689,8 +709,8 @@ class Policy:
         # a probe costs the whole batch a drafting step plus the draft's catch-up on what it skipped)
         self.probe_floor: dict[str, int] = {}
         self.catch_up_s: dict[str, float] = {}  # per method: measured seconds per token a proposer catches up on
-        # per (method, alpha, version of its shared counts): the shared prior's survival, the same for every row of a
-        # step (the predicted step times are kept by StepTimes.predicted)
+        # per (method, sampling class, alpha, version of its shared counts): the shared prior's survival, the same for
+        # every row of a step (the predicted step times are kept by StepTimes.predicted)
         self._shared_cache: dict[tuple, list[float]] = {}
         self._timing_tries: dict[tuple[str, int], set[int]] = {}  # (method, batch bucket) -> clocks it was tried at
         self._spoiled_tries: dict[tuple[str, int], int] = {}  # ... and how many of those steps timed nothing
@@ -727,16 +747,12 @@ class Policy:
         on_clock = first + (-(self.clock + first)) % every
         return min(on_clock, max(1, 2 * every - done, state.probe_after - done))
 
-    def _shared_terms(self, method: str, batch: int, alpha: float, slope: float
-                      ) -> tuple[list[float], list[float | None]]:
-        return self._shared_prior(method, alpha), self.times.predicted(method, batch, slope)  # K past the reach: not
-        # predicted
-
-    def _shared_prior(self, method: str, alpha: float) -> list[float]:
-        """The shared survival estimate of ``method`` (``survival_chain``), kept until its counts or alpha change."""
-        shared = self.shared.get(method)
+    def _shared_prior(self, method: str, sampling: str, alpha: float) -> list[float]:
+        """The shared survival estimate of ``method`` for a sampling class (``survival_chain``), kept until its counts
+        or alpha change."""
+        shared = self.shared.get((method, sampling))
         faded = shared is not None and shared.reached_per_position[0] >= ALPHA_FADE  # alpha no longer counts
-        key = (method, None if faded else alpha, shared.version if shared is not None else -1)
+        key = (method, sampling, None if faded else alpha, shared.version if shared is not None else -1)
         prior = self._shared_cache.get(key)
         if prior is None:
             prior = survival_chain(shared, alpha, ALPHA_WEIGHT, ALPHA_FADE, CARRY_WEIGHT)
@@ -745,21 +761,24 @@ class Policy:
             self._shared_cache[key] = prior
         return prior
 
-    def observe(self, method: str, k: int, accepted: int, state: AdaptiveState | None = None) -> None:
-        """A draft of ``k`` tokens with ``method``, ``accepted`` of them; with the adaptive ``state`` of its request,
-        checked against what the acceptance model expected of it (``Calibration``; call before ``state.observe``)."""
+    def observe(self, method: str, k: int, accepted: int, state: AdaptiveState | None = None,
+                sampling: str | None = None) -> None:
+        """A draft of ``k`` tokens with ``method``, ``accepted`` of them, of a request of ``sampling`` class (default:
+        its ``state``'s, else greedy); with the adaptive ``state`` of its request, checked against what the acceptance
+        model expected of it (``Calibration``; call before ``state.observe``)."""
         self.drafts += 1
+        key = (method, sampling or (state.sampling if state is not None else GREEDY))
         own = state.stats.get(method) if state is not None else None
         if k > 0 and own is not None and own.num_drafts >= PRIOR_WEIGHT:  # see Calibration: not a request's first drafts
             hit = state.expected_cache.get(method)
             if hit is not None:
-                cal = self.calibration.get(method)
+                cal = self.calibration.get(key)
                 if cal is None:
-                    cal = self.calibration[method] = Calibration()
+                    cal = self.calibration[key] = Calibration()
                 cal.observe(hit[3], k, accepted)
-        shared = self.shared.get(method)
+        shared = self.shared.get(key)
         if shared is None:
-            shared = self.shared[method] = RecentAcceptance()
+            shared = self.shared[key] = RecentAcceptance()
         shared.observe_draft(k, accepted)
 
     def plain_refresh_due(self, batch: int, best_gain: float) -> bool:
@@ -768,31 +787,32 @@ class Policy:
         age = self.times.plain_age(batch)
         return age is not None and age >= PLAIN_STALE and best_gain < REFRESH_BELOW
 
-    def evidence(self, method: str) -> float:
-        """Drafts of ``method`` measured on this engine (recent ones weigh most)."""
-        shared = self.shared.get(method)
+    def evidence(self, method: str, sampling: str = GREEDY) -> float:
+        """Drafts of ``method`` measured on this engine for a sampling class (recent ones weigh most)."""
+        shared = self.shared.get((method, sampling))
         return shared.drafts_per_position[0] if shared is not None else 0.0
 
     def gains(self, state: AdaptiveState, method: str, batch: int, alpha: float, slope: float) -> dict[int, float]:
         """K -> predicted speed relative to plain (1.0 at K = 0) for K up to the method's reach at this batch size
         (``StepTimes.reach``); empty until plain was timed."""
-        prior, times = self._shared_terms(method, batch, alpha, slope)  # times[0]: plain's, None while untimed
+        times = self.times.predicted(method, batch, slope)  # times[0]: plain's, None while untimed; K past the reach:
+        # not predicted
         t0 = times[0]
         if t0 is None:
             return {}
-        expected = self._calibrated(method, self._expected(state, method, alpha, prior))
+        expected = self.expected(state, method, alpha)
         out = {0: 1.0}
         for k in range(1, len(times)):
             out[k] = expected[k] * t0 / times[k] if times[k] else 0.0
         return out
 
-    def expected(self, state: AdaptiveState, method: str, batch: int, alpha: float, slope: float) -> list[float]:
+    def expected(self, state: AdaptiveState, method: str, alpha: float) -> list[float]:
         """Expected tokens of one step at K = 0..MAX_DRAFT_TOKENS for this request and method (calibrated)."""
-        return self._calibrated(method, self._expected(state, method, alpha, self._shared_terms(method, batch, alpha,
-                                                                                                 slope)[0]))
+        return self._calibrated(method, state.sampling,
+                                self._expected(state, method, alpha, self._shared_prior(method, state.sampling, alpha)))
 
-    def _calibrated(self, method: str, expected: list[float]) -> list[float]:
-        cal = self.calibration.get(method)
+    def _calibrated(self, method: str, sampling: str, expected: list[float]) -> list[float]:
+        cal = self.calibration.get((method, sampling))
         return expected if cal is None else cal.apply(expected)
 
     def _expected(self, state: AdaptiveState, method: str, alpha: float, prior: list[float]) -> list[float]:
@@ -820,8 +840,8 @@ class Policy:
         t0 = self.times.plain(batch)
         if t0 is None:
             return None
-        gains = [self.expected(st, m, batch, alpha, slope) for st, m, _k, slope in rows]
-        times = {(m, slope): self._shared_terms(m, batch, alpha, slope)[1] for _, m, _k, slope in rows}
+        gains = [self.expected(st, m, alpha) for st, m, _k, _slope in rows]
+        times = {(m, slope): self.times.predicted(m, batch, slope) for _, m, _k, slope in rows}
         best, best_value = 0, (sum(g[0] for g in gains) + others) / t0
         for cap in sorted({k for _, _, k, _ in rows if k}):
             cost = max(_at(times[(m, slope)], cap) for _, m, k, slope in rows if k >= cap)
@@ -943,8 +963,7 @@ class Policy:
 
     def _could_gain(self, state: AdaptiveState, method: str, alpha: float, reach: int, best: float) -> bool:
         """Whether ``method``'s expected tokens of a step at some K up to ``reach`` exceed ``best`` (a gain over plain)."""
-        expected = self._calibrated(method, self._expected(state, method, alpha, self._shared_prior(method, alpha)))
-        return max(expected[: reach + 1]) > best
+        return max(self.expected(state, method, alpha)[: reach + 1]) > best
 
     def _tries_left(self, method: str, b: int) -> bool:
         tries = len(self._timing_tries.get((method, b), ()))
@@ -1001,7 +1020,7 @@ class Policy:
         options = {m: self.gains(state, m, batch, alpha, slope) for m, slope in methods.items()}
         options = {m: g for m, g in options.items() if g}
         own = {m: st.drafts_per_position[0] for m, st in state.stats.items()}
-        unmeasured = [m for m in options if self.evidence(m) + own.get(m, 0) < MIN_SHARED_EVIDENCE]
+        unmeasured = [m for m in options if self.evidence(m, state.sampling) + own.get(m, 0) < MIN_SHARED_EVIDENCE]
         untimed = [] if unmeasured else self._untimed(state, options, batch, alpha, catch_up or {})
         if not options:
             d = Decision(0, next(iter(methods)), f"timing plain decoding at batch {batch} first")
@@ -1012,7 +1031,8 @@ class Policy:
             k = best_drafting_k(gains)
             state.plain_steps = state.probe_after = 0
             if unmeasured:
-                why = f"measuring {method} K={k}: {self.evidence(method):.0f} drafts on this engine so far"
+                why = (f"measuring {method} K={k}: {self.evidence(method, state.sampling):.0f} drafts on this engine "
+                       f"so far ({state.sampling})")
             else:
                 self._timing_tries.setdefault((method, bucket(batch)), set()).add(self.clock)
                 self._tried_at = self.clock

@@ -379,7 +379,7 @@ class LLMEngine:
                 r.stats.target_time_s += timing.target_s * share
                 self.spec_stats.observe_draft(k, accepted)
                 adaptive = r.params.num_draft_tokens is None  # a fixed K's drafts check no prediction
-                self.policy.observe(res.method, k, accepted, r.adaptive if adaptive else None)
+                self.policy.observe(res.method, k, accepted, r.adaptive if adaptive else None, r.adaptive.sampling)
                 r.adaptive.observe(res.method, k, accepted)
                 if adaptive:
                     self.alpha_prior = EMA * self.alpha_prior + (1 - EMA) * (accepted / k)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from engine.adaptive import GREEDY
+
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
 
@@ -77,6 +79,13 @@ def engine_snapshot(engine: LLMEngine) -> dict:
     }
 
 
+def _label(key: tuple[str, str]) -> str:
+    """A (method, sampling class) key of the policy's acceptance estimates as shown: the method, and the class where
+    the requests sampled."""
+    method, sampling = key
+    return method if sampling == GREEDY else f"{method} {sampling}"
+
+
 def adaptive_view(engine: LLMEngine) -> dict:
     """The last adaptive decision and why, and the measured step times it decided from."""
     policy = engine.policy
@@ -86,9 +95,10 @@ def adaptive_view(engine: LLMEngine) -> dict:
                      "gains": {str(k): round(g, 3) for k, g in d.gains.items()}},
         "step_ms": {f"{m or 'plain'}/b{b}/ctx{c}/k{k}": round(policy.times.at_pace(b, [t])[0] * 1e3, 3)
                     for (m, b, c, k), t in sorted(policy.times.avg.items())},
-        "acceptance_by_method": {m: round(s.acceptance_rate, 4) for m, s in policy.shared.items()},
-        # per method and draft position: how often drafts got past it over what the acceptance model predicted
-        "calibration": {m: [round(r, 3) for r in c.ratios()] for m, c in sorted(policy.calibration.items())},
+        # per method (and sampling class, where not greedy: ``engine.adaptive.sampling_class``)
+        "acceptance_by_method": {_label(key): round(s.acceptance_rate, 4) for key, s in policy.shared.items()},
+        # ... and per draft position: how often drafts got past it over what the acceptance model predicted
+        "calibration": {_label(key): [round(r, 3) for r in c.ratios()] for key, c in sorted(policy.calibration.items())},
         # per batch bucket: how much slower (> 1) or faster the machine runs now than when it was first timed there
         "pace": {f"b{b}": round(p, 4) for b, p in sorted(policy.times.pace.items())},
     }

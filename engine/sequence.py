@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.adaptive import AdaptiveState
+from engine.adaptive import AdaptiveState, sampling_class
 from engine.config import SamplingParams
 from engine.detokenizer import IncrementalDetokenizer
 from engine.rng import new_seed
@@ -73,6 +73,7 @@ class Request:
 
     def __post_init__(self) -> None:
         self.seed = new_seed() if self.params.seed is None else self.params.seed & ((1 << 63) - 1)
+        self.adaptive.sampling = sampling_class(self.params.temperature, self.params.top_p, self.params.top_k)
         self.stats.num_prompt_tokens = len(self.prompt_ids)
 
     @property

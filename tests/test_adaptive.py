@@ -6,7 +6,7 @@ import copy
 import pytest
 
 from engine import SamplingParams
-from engine.adaptive import FIRST_REACH, PROBE_FIRST, REACH, AdaptiveState, Decision, Policy, StepTimes, bucket
+from engine.adaptive import FIRST_REACH, GREEDY, PROBE_FIRST, REACH, AdaptiveState, Decision, Policy, StepTimes, bucket
 from engine.stats import SpecDecodingStats
 from tests.tiny import tiny_engine, tiny_llama, tiny_tokenizer
 
@@ -1128,7 +1128,7 @@ def test_drafts_that_realize_less_than_predicted_move_k_back():
         for _ in range(600):
             policy.observe("model", 8, _draw_accepted(truth, rng.random()), state)
         after = policy.choose(_state_with_acceptance(0.85), {"model": 0.3}, 1, alpha=0.6)
-        return after.k, policy.expected(state, "model", 1, 0.6, 0.3), policy.calibration["model"].ratios()
+        return after.k, policy.expected(state, "model", 0.6), policy.calibration[("model", GREEDY)].ratios()
 
     model = [0.85 ** (i + 1) for i in range(8)]
     k, expected, ratios = run(model, 1)  # the model is right: nothing moves beyond the draws' noise
@@ -1143,6 +1143,40 @@ def test_drafts_that_realize_less_than_predicted_move_k_back():
     assert all(0.85 < r < 1.15 for r in ratios[:3]) and ratios[5] < 0.5, ratios
 
 
+def test_acceptance_is_learnt_per_sampling_class():
+    """Greedy and sampled requests of one method keep separate shared estimates (``sampling_class``): on the CPU at
+    8 clients the demo draft accepted 0.64 of positions greedily and 0.46 at T = 0.8, and sampled requests that read
+    one estimate with greedy ones drafted deeper than paid (0.90-0.92x plain decoding). Here greedy drafts are
+    accepted at 0.9 a position and sampled ones at 0.2: a greedy request drafts deep, a sampled one decodes plain."""
+    import random
+
+    from engine.adaptive import sampling_class
+
+    assert sampling_class(0.0, 0.9, 40) == GREEDY
+    assert (sampling_class(0.8), sampling_class(0.81, 0.95), sampling_class(1.0, 1.0, 50)) == (
+        "T=0.8", "T=0.8 cut", "T=1 cut")
+    policy = _policy(1.0, 0.3)
+    rng = random.Random(0)
+    for _ in range(200):
+        policy.observe("model", 8, _draw_accepted([0.9 ** (i + 1) for i in range(8)], rng.random()), sampling=GREEDY)
+        policy.observe("model", 8, _draw_accepted([0.2 ** (i + 1) for i in range(8)], rng.random()), sampling="T=0.8")
+    assert policy.choose(AdaptiveState(), {"model": 0.3}, 1, alpha=0.6).k >= 4
+    sampled = policy.choose(AdaptiveState(sampling="T=0.8"), {"model": 0.3}, 1, alpha=0.6)
+    assert sampled.k == 0 and sampled.reason.startswith("plain"), sampled
+
+
+def test_a_requests_drafts_feed_the_estimates_of_its_sampling_class():
+    """The engine files every draft (adaptive or fixed K) under the request's sampling class."""
+    engine = tiny_engine()
+    for params in (SamplingParams(max_new_tokens=24, temperature=0.8, seed=1, speculative=True, draft_method="model",
+                                  ignore_eos=True),
+                   SamplingParams(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=2, speculative=True,
+                                  num_draft_tokens=3, draft_method="model", ignore_eos=True)):
+        engine.generate([1, 2, 3], params)
+    assert set(engine.policy.shared) == {("model", "T=0.8"), ("model", "T=0.8 cut")}
+    assert all(s.drafts_per_position[0] > 0 for s in engine.policy.shared.values())
+
+
 def test_only_adaptive_drafts_check_the_acceptance_model(monkeypatch):
     """Fixed-K requests predict nothing, so the engine hands their drafts to the policy without a request state (the
     calibration is left alone); adaptive requests hand theirs with it."""
@@ -1150,21 +1184,21 @@ def test_only_adaptive_drafts_check_the_acceptance_model(monkeypatch):
     calls = []
     real = engine.policy.observe
 
-    def spy(method, k, accepted, state=None):
+    def spy(method, k, accepted, state=None, sampling=None):
         calls.append((k, state is not None))
-        return real(method, k, accepted, state)
+        return real(method, k, accepted, state, sampling)
 
     monkeypatch.setattr(engine.policy, "observe", spy)
     engine.generate([1, 2, 3], SamplingParams(max_new_tokens=40, temperature=0.0, speculative=True,
                                                draft_method="model", ignore_eos=True))
     assert calls and all(with_state for _, with_state in calls)
-    cal = engine.policy.calibration.get("model")
+    cal = engine.policy.calibration.get(("model", GREEDY))
     before = (list(cal.predicted), list(cal.realized)) if cal is not None else None
     calls.clear()
     engine.generate([1, 2, 3], SamplingParams(max_new_tokens=24, temperature=0.0, speculative=True,
                                                num_draft_tokens=3, draft_method="model", ignore_eos=True))
     assert calls and not any(with_state for _, with_state in calls)
-    cal = engine.policy.calibration.get("model")
+    cal = engine.policy.calibration.get(("model", GREEDY))
     assert before == ((list(cal.predicted), list(cal.realized)) if cal is not None else None)
 
 
@@ -1180,9 +1214,9 @@ def test_a_requests_first_drafts_do_not_charge_the_model_with_its_lag():
     for _ in range(int(PRIOR_WEIGHT)):
         policy.observe("model", 8, 0, state)  # the workload changed: nothing is accepted
         state.observe("model", 8, 0)
-    assert "model" not in policy.calibration
+    assert ("model", GREEDY) not in policy.calibration
     policy.observe("model", 8, 0, state)
-    assert policy.calibration["model"].predicted[0] > 0
+    assert policy.calibration[("model", GREEDY)].predicted[0] > 0
 
 
 def test_a_cold_first_timing_does_not_set_a_ks_average():

@@ -156,6 +156,25 @@ def test_adaptive_at_8_concurrent_is_compared_with_the_best_fixed_k_there():
     assert got()[0][2] == "MISS"
 
 
+def test_sampled_rows_at_8_concurrent_are_checked_against_plain_and_the_best_fixed_k():
+    """Issue 14 at T = 0.8 and batch 8: the sampled rows (``concurrency_sampled``) give both checks, paired by repeat;
+    a K that beats adaptive in every repeat makes it miss."""
+    sampled = [{"temperature": 0.8, "concurrency": 8, "mode": "plain", "k": None, "tokens_per_second": 400.0,
+                "tokens_per_second_runs": [400.0, 380.0, 420.0]},
+               {"temperature": 0.8, "concurrency": 8, "mode": "speculative", "k": None, "tokens_per_second": 440.0,
+                "tokens_per_second_runs": [440.0, 400.0, 460.0], "vs_plain_paired": 1.1},
+               {"temperature": 0.8, "concurrency": 8, "mode": "K=2", "k": 2, "tokens_per_second": 430.0,
+                "tokens_per_second_runs": [430.0, 410.0, 450.0]}]
+    results = {"scenarios": [], "concurrency_sampled": sampled}
+    got = {t["target"]: (t["where"], t["measured"], t["result"]) for t in evaluate_targets(results)}
+    assert got == {"adaptive_vs_best_k": ("T=0.8, 8 concurrent, best K=2", round(440 / 430, 3), "PASS"),
+                   "adaptive_vs_plain": ("T=0.8, 8 concurrent, paired by repeat (ratio of medians 1.100)", 1.1, "PASS")}
+    sampled.append({"temperature": 0.8, "concurrency": 8, "mode": "K=4", "k": 4, "tokens_per_second": 500.0,
+                    "tokens_per_second_runs": [500.0, 470.0, 520.0]})
+    got = {t["target"]: t for t in evaluate_targets(results)}
+    assert got["adaptive_vs_best_k"]["result"] == "MISS" and "K=4" in got["adaptive_vs_best_k"]["where"]
+
+
 def test_adaptive_vs_best_fixed_k_chooses_k_on_the_other_rounds():
     """The best fixed K is chosen without the round it is compared in, and compared in that round: a K whose median
     noise lifted above the others' does not set the bar, and a real gap stays."""
@@ -262,13 +281,22 @@ def test_bench_cli_draft_random_is_a_useless_draft(model_dirs, tmp_path):
     out = tmp_path / "useless.json"
     assert main.main(["bench", "--quick", "--target", str(model_dirs / "target"), "--draft", str(model_dirs / "draft"),
                       "--device", "cpu", "--json", str(out), "--no-hf", "--ks", "2,3", "--concurrency", "1,8",
-                      "--temperatures", "0", "--draft-random"]) == 0
+                      "--temperatures", "0,0.8", "--draft-random"]) == 0
     data = json.loads(out.read_text())
     assert data["machine"]["draft"].endswith("(random weights)")
     assert {t["target"] for t in data["targets"]} >= {"adaptive_vs_plain"}
     # issue 14 at batch 8 too: every fixed K of the sweep ran at 8 concurrent beside adaptive, and is compared
     assert [(r["concurrency"], r["k"]) for r in data["concurrency_fixed_k"]] == [(8, 2), (8, 3)]
-    assert any(t["target"] == "adaptive_vs_best_k" and "8 concurrent" in t["where"] for t in data["targets"])
+    assert any(t["target"] == "adaptive_vs_best_k" and t["where"].startswith("T=0, 8 concurrent")
+               for t in data["targets"])
+    # ... and sampled: plain, adaptive and every K at 8 concurrent, T = 0.8, each checked
+    sampled = data["concurrency_sampled"]
+    assert [(r["temperature"], r["concurrency"], r["mode"]) for r in sampled] == [
+        (0.8, 8, "plain"), (0.8, 8, "speculative"), (0.8, 8, "K=2"), (0.8, 8, "K=3")]
+    assert all(r["tokens_per_second"] > 0 and r["requests"] == 8 for r in sampled)
+    assert {t["target"] for t in data["targets"] if t["where"].startswith("T=0.8, 8 concurrent")} == {
+        "adaptive_vs_best_k", "adaptive_vs_plain"}
+    assert "sampled, temperature 0.8, 8 concurrent" in format_results(data, markdown=True)
     k2 = next(m for m in data["scenarios"][0]["methods"] if m["name"] == "helix spec K=2")
     assert k2["acceptance_rate"] is not None and k2["acceptance_rate"] < 0.5
 

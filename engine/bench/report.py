@@ -72,6 +72,23 @@ def _vs_best_fixed(where: str, adaptive: dict, fixed: list[dict], rounds: str = 
     return f"{where}, K chosen on the other {rounds} (max of medians: K={best['k']}, {raw:.3f})", loo
 
 
+def _concurrent_vs_plain(where: str, spec: dict, plain: dict) -> tuple[str, float]:
+    """(where, value) of a concurrency row over plain's at its level: the median of the repeats' ratios (each repeat ran
+    both back to back, ``vs_plain_paired``), else the ratio of medians."""
+    raw = spec["tokens_per_second"] / plain["tokens_per_second"]
+    paired = spec.get("vs_plain_paired")
+    if paired is None:
+        return where, raw
+    return f"{where}, paired by repeat (ratio of medians {raw:.3f})", paired
+
+
+def _sampled_groups(results: dict) -> list[tuple[float, int, list[dict]]]:
+    """The sampled concurrency rows (``concurrency_sampled``) per (temperature, concurrency): plain, adaptive, fixed K."""
+    sampled = results.get("concurrency_sampled") or []
+    return [(temp, n, [r for r in sampled if r["temperature"] == temp and r["concurrency"] == n])
+            for temp, n in sorted({(r["temperature"], r["concurrency"]) for r in sampled})]
+
+
 def evaluate_targets(results: dict) -> list[dict]:
     out = []
 
@@ -114,13 +131,7 @@ def evaluate_targets(results: dict) -> list[dict]:
             add("concurrency_8", row["mode"], row["speedup_vs_1"])
             plain8 = next((r for r in conc if r["concurrency"] == 8 and r["mode"] == "plain"), None)
             if row["mode"] == "speculative" and plain8 and plain8["tokens_per_second"]:
-                raw = row["tokens_per_second"] / plain8["tokens_per_second"]
-                paired = row.get("vs_plain_paired")
-                if paired is None:
-                    add("adaptive_vs_plain", f"T={row['temperature']:g}, 8 concurrent", raw)
-                else:  # each repeat ran both modes back to back: the median of their ratios
-                    add("adaptive_vs_plain", f"T={row['temperature']:g}, 8 concurrent, paired by repeat (ratio of "
-                                             f"medians {raw:.3f})", paired)
+                add("adaptive_vs_plain", *_concurrent_vs_plain(f"T={row['temperature']:g}, 8 concurrent", row, plain8))
     fixed_rows = results.get("concurrency_fixed_k") or []
     for n in sorted({r["concurrency"] for r in fixed_rows}):
         fixed = [r for r in fixed_rows if r["concurrency"] == n]
@@ -128,6 +139,15 @@ def evaluate_targets(results: dict) -> list[dict]:
         if spec is not None and fixed:
             add("adaptive_vs_best_k", *_vs_best_fixed(f"T={spec['temperature']:g}, {n} concurrent", spec, fixed,
                                                       "repeats"))
+    for temp, n, rows in _sampled_groups(results):
+        spec = next((r for r in rows if r["mode"] == "speculative"), None)
+        plain = next((r for r in rows if r["mode"] == "plain"), None)
+        fixed = [r for r in rows if r.get("k")]
+        where = f"T={temp:g}, {n} concurrent"
+        if spec is not None and fixed:
+            add("adaptive_vs_best_k", *_vs_best_fixed(where, spec, fixed, "repeats"))
+        if spec is not None and plain is not None and plain["tokens_per_second"]:
+            add("adaptive_vs_plain", *_concurrent_vs_plain(where, spec, plain))
     mem = results.get("memory")
     if mem:
         add("paged_over_stored", f"{mem['requests']} requests, {mem['models']}", mem["peak_paged_over_stored"])
@@ -255,6 +275,12 @@ def format_results(results: dict, markdown: bool = False) -> str:
             parts += [f"fixed K (draft model) at {fixed[0]['concurrency']} concurrent, tokens/s: "
                       + ", ".join(f"K={r['k']} {r['tokens_per_second']:.1f} (accept length "
                                   f"{_fmt(r['mean_acceptance_length'], '.2f')})" for r in fixed), ""]
+    for temp, n, rows in _sampled_groups(results):
+        parts += [f"sampled, temperature {temp:g}, {n} concurrent (new seeds each repeat, shared by its modes), "
+                  "tokens/s: " + ", ".join(
+                      f"{'adaptive' if r['mode'] == 'speculative' else r['mode']} {r['tokens_per_second']:.1f}"
+                      + (f" (accept length {_fmt(r['mean_acceptance_length'], '.2f')})" if r["mode"] != "plain" else "")
+                      for r in rows), ""]
     if results.get("memory"):
         parts += [f"{h}KV memory (mixed batch)", memory_table(results["memory"], markdown), ""]
     if results.get("profile"):

@@ -112,6 +112,7 @@ def _count_passes(cfg: BenchConfig, num_prompts: int, eagle: bool = False) -> in
     total += len(cfg.concurrency) * 2 * cfg.concurrency_repeats + 1
     if cfg.fixed_k_concurrency in cfg.concurrency:
         total += len(cfg.ks) * cfg.concurrency_repeats
+        total += len(_sampled_temperatures(cfg)) * (2 + len(cfg.ks)) * cfg.concurrency_repeats
     return total + 3  # memory + profile (2)
 
 
@@ -140,9 +141,11 @@ def run_bench(engine, prompts: list[str], cfg: BenchConfig = BenchConfig(), prog
                 best_k = best_k or scen["best_k_measured"]
                 results["scenarios"].append(scen)
                 checkpoint(results)
-        results["concurrency"], fixed = _concurrency(engine, bench_ids, cfg, prog)
+        results["concurrency"], fixed, sampled = _concurrency(engine, bench_ids, cfg, prog)
         if fixed:
             results["concurrency_fixed_k"] = fixed
+        if sampled:
+            results["concurrency_sampled"] = sampled
         checkpoint(results)
         results["memory"] = memory_bench(engine, ids, cfg.memory_requests, cfg.memory_lengths)
         prog.step("memory")
@@ -327,13 +330,24 @@ def _summaries(tracked: list[_Tracked]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- concurrency
-def _concurrency(engine, prompts, cfg: BenchConfig, prog: _Progress) -> tuple[list[dict], list[dict]]:
-    """Plain and adaptive at each concurrency level; at ``fixed_k_concurrency`` also every fixed K of the sweep (the
-    draft model, as the batch-1 rows). Returns (the levels' rows, the fixed-K rows)."""
-    temp = 0.0
-    helix_concurrent(engine, prompts, 2, True, temp, min(8, cfg.concurrency_tokens), cfg.seed)  # warm-up
+def _sampled_temperatures(cfg: BenchConfig) -> list[float]:
+    """The temperatures above 0 of the bench: each also runs at ``fixed_k_concurrency`` clients (``_concurrency``)."""
+    return [t for t in cfg.temperatures if t > 0]
+
+
+def _concurrency(engine, prompts, cfg: BenchConfig, prog: _Progress) -> tuple[list[dict], list[dict], list[dict]]:
+    """Greedy plain and adaptive at each concurrency level; at ``fixed_k_concurrency`` also every fixed K of the sweep
+    (the draft model, as the batch-1 rows), greedy and at each sampled temperature of the bench (plain, adaptive and
+    every K: issue 14's batch 8 at T = 0.8). Returns (the greedy levels' rows, the greedy fixed-K rows, the sampled
+    rows).
+
+    Sampled passes of a repeat share their seeds (seeded sampling is drafter-invariant: every mode of the repeat
+    samples the same texts, so the repeat's ratios are paired), and each repeat has seeds of its own (ROUND_SEEDS):
+    with one set of seeds for every repeat, the check would measure the same few texts again."""
+    helix_concurrent(engine, prompts, 2, True, 0.0, min(8, cfg.concurrency_tokens), cfg.seed)  # warm-up
     prog.step("concurrency warm-up")
-    runs: dict[tuple[int, bool, int | None], list[PassResult]] = {}
+    sampled = _sampled_temperatures(cfg) if cfg.fixed_k_concurrency in cfg.concurrency else []
+    runs: dict[tuple[float, int, bool, int | None], list[PassResult]] = {}
     for rep in range(cfg.concurrency_repeats):
         for n in cfg.concurrency:
             # the order rotates each repeat (plain first in even repeats, speculative first in odd ones): on the
@@ -342,13 +356,16 @@ def _concurrency(engine, prompts, cfg: BenchConfig, prog: _Progress) -> tuple[li
             if n == cfg.fixed_k_concurrency:
                 configs += [(True, k) for k in cfg.ks]
             shift = rep % len(configs)
-            for spec, k in configs[shift:] + configs[:shift]:
-                res = helix_concurrent(engine, prompts, n, spec, temp, cfg.concurrency_tokens, cfg.seed, k=k,
-                                       requests=n * cfg.concurrency_waves, draft_method="model" if k else None)
-                runs.setdefault((n, spec, k), []).append(res)
-                prog.step(f"concurrency {n} {'plain' if not spec else f'K={k}' if k else 'spec'}")
+            for temp in [0.0] + (sampled if n == cfg.fixed_k_concurrency else []):
+                seed = cfg.seed + (ROUND_SEEDS * (rep + 1) if temp > 0 else 0)
+                for spec, k in configs[shift:] + configs[:shift]:
+                    res = helix_concurrent(engine, prompts, n, spec, temp, cfg.concurrency_tokens, seed, k=k,
+                                           requests=n * cfg.concurrency_waves, draft_method="model" if k else None)
+                    runs.setdefault((temp, n, spec, k), []).append(res)
+                    what = "plain" if not spec else f"K={k}" if k else "spec"
+                    prog.step(f"concurrency {n} {what}" + (f" T={temp:g}" if temp else ""))
 
-    def row(n: int, passes: list[PassResult], **extra) -> dict:
+    def row(temp: float, n: int, passes: list[PassResult], **extra) -> dict:
         drafts = sum(p.num_drafts for p in passes)
         return {"concurrency": n, **extra, "tokens_per_second": round(_median_tps(passes), 3),
                 "tokens_per_second_runs": [round(p.tokens_per_second, 3) for p in passes],
@@ -357,21 +374,28 @@ def _concurrency(engine, prompts, cfg: BenchConfig, prog: _Progress) -> tuple[li
                 if drafts else None,
                 "temperature": temp, "max_new_tokens": cfg.concurrency_tokens, "requests": n * cfg.concurrency_waves}
 
+    def vs_plain(temp: float, n: int, passes: list[PassResult]) -> float | None:
+        """Over plain, paired by repeat (both ran back to back): the median of the ratios."""
+        paired = paired_ratio([p.tokens_per_second for p in passes],
+                              [p.tokens_per_second for p in runs[(temp, n, False, None)]])
+        return None if paired is None else round(paired, 4)
+
     out = []
     for spec in (False, True):
         base = None
         for n in cfg.concurrency:
-            passes = runs[(n, spec, None)]
+            passes = runs[(0.0, n, spec, None)]
             tps = _median_tps(passes)
             base = tps if base is None else base
-            # speculative over plain, paired by repeat (both ran back to back): the median of the ratios
-            paired = paired_ratio([p.tokens_per_second for p in passes],
-                                  [p.tokens_per_second for p in runs[(n, False, None)]]) if spec else None
-            out.append(row(n, passes, mode="speculative" if spec else "plain",
+            out.append(row(0.0, n, passes, mode="speculative" if spec else "plain",
                            speedup_vs_1=round(tps / base, 4) if base else None,
-                           vs_plain_paired=None if paired is None else round(paired, 4)))
-    fixed = [row(n, passes, mode=f"K={k}", k=k) for (n, spec, k), passes in runs.items() if k]
-    return out, sorted(fixed, key=lambda r: r["k"])
+                           vs_plain_paired=vs_plain(0.0, n, passes) if spec else None))
+    fixed = [row(0.0, n, passes, mode=f"K={k}", k=k) for (temp, n, spec, k), passes in runs.items() if k and not temp]
+    sampled_rows = [row(temp, n, passes, mode="plain" if not spec else f"K={k}" if k else "speculative", k=k,
+                        vs_plain_paired=vs_plain(temp, n, passes) if spec else None)
+                    for (temp, n, spec, k), passes in runs.items() if temp]
+    return out, sorted(fixed, key=lambda r: r["k"]), sorted(
+        sampled_rows, key=lambda r: (r["temperature"], r["k"] is not None, r["k"] or 0, r["mode"] != "plain"))
 
 
 # --------------------------------------------------------------------------- profile
