@@ -325,7 +325,7 @@ class LLMEngine:
 
     def _decode(self, reqs: list[Request]) -> None:
         t_start = time.perf_counter()  # adaptive K times the whole step: planning and bookkeeping are per step too
-        self.policy.tick(max(r.num_tokens for r in reqs))
+        self.policy.tick(max(r.num_tokens for r in reqs), sampled=any(not r.params.greedy for r in reqs))
         planned = {r: self._choose(r, len(reqs)) for r in reqs}
         planned = self.planner.one_k_per_method(self.planner.one_drafting_model(planned, len(reqs)))
         plan = self._make_room(self.planner.refresh_plain(self.planner.cap_batch(planned), len(reqs)))

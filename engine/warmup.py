@@ -104,15 +104,17 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
     engine.verify_cost = max(0.0, (med(t5) / engine.t_target1 - 1.0) / 4.0)
     engine.observe_verify(1, med(t1), med(t1))  # the first position's cost, until decode steps measure it
     engine.observe_verify(2, med(t2))
-    times = engine.policy.times
-    times.observe("", 1, 0, med(t1))
-    times.observe("ngram", 1, 4, med(t5))
     if td:
         engine.draft_cost = med(td) / engine.t_target1
-        times.observe("model", 1, 4, med(t5) + 4 * med(td))
     if te:
         engine.eagle_cost = med(te) / engine.t_target1
-        times.observe("eagle", 1, 4, med(t5) + 4 * med(te))
+    for times in engine.policy.step_times():  # greedy and sampled steps start from the forwards' times alike
+        times.observe("", 1, 0, med(t1))
+        times.observe("ngram", 1, 4, med(t5))
+        if td:
+            times.observe("model", 1, 4, med(t5) + 4 * med(td))
+        if te:
+            times.observe("eagle", 1, 4, med(t5) + 4 * med(te))
     logger.info("warm-up: target step %.2f ms, draft/target cost %.3f, EAGLE head/target %s, verify cost per token "
                 "%.3f", engine.t_target1 * 1e3, engine.draft_cost, f"{engine.eagle_cost:.3f}" if te else "-",
                 engine.verify_cost)
