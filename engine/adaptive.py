@@ -703,8 +703,7 @@ class Policy:
         # step times of greedy steps and of steps with a sampled row (``tick`` selects the step's): a sampled row pays
         # for its draws at every position it verifies, and on a GPU that is more launches a step
         self._times = {False: StepTimes(), True: StepTimes()}
-        self._sampled = False  # which of them ``times`` is
-        self.times = self._times[False]
+        self._sampled = False  # which of them ``times`` is: the current step's (``tick``)
         # per (method, sampling class): recent shared acceptance, and the acceptance model against realized drafts
         self.shared: dict[tuple[str, str], RecentAcceptance] = {}
         self.calibration: dict[tuple[str, str], Calibration] = {}
@@ -728,10 +727,7 @@ class Policy:
     def tick(self, context: int = 0, sampled: bool = False) -> None:
         """One decode step begins; its longest row attends over ``context`` positions, and ``sampled``: some row samples
         (the step is decided and timed with the step times of such steps)."""
-        if sampled != self._sampled:
-            self._times[self._sampled] = self.times  # (a table set from outside stays the one of its kind)
-            self._sampled = sampled
-            self.times = self._times[sampled]
+        self._sampled = sampled
         self.clock += 1
         self.times.context = ctx_bucket(context)
         self.method_probes.advance()
@@ -793,9 +789,17 @@ class Policy:
             shared = self.shared[key] = RecentAcceptance()
         shared.observe_draft(k, accepted)
 
+    @property
+    def times(self) -> StepTimes:
+        """The step times of the current step's kind: greedy steps', or those of steps with a sampled row."""
+        return self._times[self._sampled]
+
+    @times.setter
+    def times(self, table: StepTimes) -> None:
+        self._times[self._sampled] = table
+
     def step_times(self) -> list[StepTimes]:
         """Both tables of step times: greedy steps', then those of steps with a sampled row."""
-        self._times[self._sampled] = self.times
         return [self._times[False], self._times[True]]
 
     def plain_refresh_due(self, batch: int, best_gain: float) -> bool:
