@@ -117,9 +117,6 @@ PACE_RATE = 1.0  # the pace's rate, in units of a step-time average's (1 - EMA);
 # average moved by a linear mean did: 5000 noisy steps at one K took plain's prediction to 0.27x)
 PACE_RUN = 0.02  # the rate at which the settled average of the K that runs on still moves (its steps move the pace)
 PACE_FROM = 3  # observations a K's average needs before its steps move the pace (a first timing is the K's, not the pace's)
-CTX_MEMORY = 0.995  # per timed step, the forgetting of the context slope's regression (``StepTimes``): ~200 steps
-CTX_PRIOR = 0.5  # pseudo-variance (in squared bucket widths) shrinking the context slope towards 0 until contexts vary
-CTX_SLOPE_MAX = 2.0  # the slope's range: a step never gets cheaper with context, and within a bucket at most e^2 dearer
 REFRESH_BELOW = 1.15  # a clear gain is not overturned by a plain time some percent off, and a refresh costs it a step
 STALE_WEIGHT = 0.5  # the weight of the past in a plain average measured again after PLAIN_STALE steps
 FIRST_REACH = 4  # the largest K a method may run at a batch size before any of its K was timed there ...
@@ -129,7 +126,6 @@ CAL_MEMORY = 512  # drafts a position's calibration remembers (``Calibration``):
 CAL_WEIGHT = 8.0  # predicted accepts of pseudo-evidence, at the ratio of the position before, in a position's ratio
 CAL_RANGE = (0.25, 2.0)  # a ratio never leaves this range
 _CAL_KEEP = 1.0 - 1.0 / CAL_MEMORY
-_LOG_CLAMP = math.log(STALL_CLAMP)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CTX_BUCKETS = tuple(256 << i for i in range(10))  # 256 .. 131072 tokens
 _BUCKET_OF = [next(b for b in BUCKETS if b >= n) for n in range(BUCKETS[-1] + 1)]
@@ -224,19 +220,6 @@ class StepTimes:
     average alone moves, measured against the pace that step set. Every time read out is scaled by the current pace,
     so averages taken minutes apart compare as if taken now (a slow phase timed at one K raises the others'
     predictions by most of it); gains of K over plain are ratios of one bucket's times and do not move with the pace.
-
-    The context within a bucket. A bucket spans up to twice its smallest context (the first one, 1..256 tokens), and a
-    step's time grows across it: on the 2-core CPU at 8 clients (demo pair) plain steps took 10.3 ms at a mean context
-    of 44 tokens and 15.0 ms at 223, K = 2 21.6 and 32.7, K = 4 29.6 and 41.1. Left to the pace, that growth made a
-    pace that followed the batch's contexts: a pass of new requests started at short contexts with the pace of the
-    long ones before, and the first timings of the key it started with were divided by it (K = 4 stored at 1.5x plain's
-    step where its steps took 2.8x). So each step's time is read against the step's ``load`` (the rows' mean context,
-    or the longest row's where rows are padded to it, as on CUDA; None: no context term) by a slope per batch and
-    context bucket, log t = key + pace + slope x (load - the bucket's centre) / the bucket's width, fitted within keys
-    (each key's times centred on its own mean, so neither the keys' costs nor which key ran when enter it) over recent
-    steps (CTX_MEMORY), shrunk towards 0 (CTX_PRIOR); averages are kept at the bucket's centre and read out at the
-    step's load. A machine's drift does not follow the requests' contexts (which restart with every new request), so
-    over many requests the slope is the context's.
     """
 
     def __init__(self) -> None:
@@ -264,16 +247,9 @@ class StepTimes:
         # (batch bucket, context bucket) -> (plain's stamp, the bucket's stamp where ``_scale`` read other keys, else
         # None, plain's time there in pace units): ``_plain`` runs in every prediction and several times a decision
         self._plain_memo: dict[tuple[int, int], tuple[int, int | None, float | None]] = {}
-        self.load: float | None = None  # the current step's mean (or padded) context; None: no context term
-        self._ctx_fit: dict[tuple[str, int, int, int], list[float]] = {}  # key -> [weight, mean x, mean log t]
-        self._ctx_sums: dict[tuple[int, int], list[float]] = {}  # (batch, context bucket) -> [Sxx, Sxy] within keys
 
     def observe(self, method: str, batch: int, k: int, seconds: float) -> None:
         key = ("plain", bucket(batch), self.context, 0) if k == 0 else (method, bucket(batch), self.context, k)
-        x = self._x()
-        if x is not None:
-            self._fit_context(key, x, math.log(seconds))
-            seconds /= self._at_load(key[1], x)  # kept at the bucket's centre
         self.count[key] = self.count.get(key, 0) + 1
         if self.count[key] == 2:
             self._timed.add(key[:2])
@@ -314,43 +290,6 @@ class StepTimes:
         else:
             self.avg[key] = clamped_ema(old, seconds / pace, weight)
 
-    def _x(self) -> float | None:
-        """The step's load relative to its context bucket: (load - the bucket's centre) / its width, clipped to
-        [-1, 0.5] (a mean context may lie below the bucket of the longest row); None without a load."""
-        if self.load is None:
-            return None
-        c = self.context
-        centre = c / 2 if c == CTX_BUCKETS[0] else 0.75 * c
-        return max(-1.0, min(0.5, (self.load - centre) / c))
-
-    def slope(self, b: int) -> float:
-        """The context slope at batch bucket ``b`` and the current context bucket (log time per bucket width)."""
-        sums = self._ctx_sums.get((b, self.context))
-        if sums is None:
-            return 0.0
-        return max(0.0, min(CTX_SLOPE_MAX, sums[1] / (sums[0] + CTX_PRIOR)))
-
-    def _at_load(self, b: int, x: float | None) -> float:
-        """A time at the bucket's centre to one at load ``x``: the factor."""
-        return 1.0 if not x else math.exp(self.slope(b) * x)
-
-    def _fit_context(self, key: tuple[str, int, int, int], x: float, y: float) -> None:
-        """One step's (x, log time) into the regression within keys (an exponentially weighted Welford update; the
-        deviation from the key's mean clamped to STALL_CLAMP, as a step's is elsewhere)."""
-        fit = self._ctx_fit.get(key)
-        if fit is None:
-            self._ctx_fit[key] = [1.0, x, y]
-            return
-        w, mx, my = fit
-        dx = x - mx
-        dy = max(-_LOG_CLAMP, min(_LOG_CLAMP, y - my))
-        w2 = CTX_MEMORY * w + 1.0
-        share = CTX_MEMORY * w / w2
-        fit[0], fit[1], fit[2] = w2, mx + dx / w2, my + dy / w2
-        sums = self._ctx_sums.setdefault(key[1:3], [0.0, 0.0])
-        sums[0] = CTX_MEMORY * sums[0] + share * dx * dx
-        sums[1] = CTX_MEMORY * sums[1] + share * dx * dy
-
     def plain_age(self, batch: int) -> int | None:
         """Steps timed at this batch bucket since plain decoding was last timed there at the current context bucket
         (None: never)."""
@@ -377,14 +316,9 @@ class StepTimes:
         return (method, bucket(batch)) in self._timed
 
     def at_pace(self, b: int, times: list[float | None]) -> list[float | None]:
-        """Times kept in batch bucket ``b``'s pace units (``avg``, ``_predict_all``) in seconds at the current pace and
-        the step's load."""
-        f = self._factor(b)
-        return [t * f if t is not None else None for t in times]
-
-    def _factor(self, b: int) -> float:
-        """Pace units (at the bucket's centre) to seconds: the pace, and the context slope at the step's load."""
-        return self.pace.get(b, 1.0) * self._at_load(b, self._x())
+        """Times kept in batch bucket ``b``'s pace units (``avg``, ``_predict_all``) in seconds at the current pace."""
+        pace = self.pace.get(b, 1.0)
+        return [t * pace if t is not None else None for t in times]
 
     def plain(self, batch: int) -> float | None:
         b = bucket(batch)
@@ -438,9 +372,9 @@ class StepTimes:
                 self._predicted.clear()
             hit = self._predicted[key] = (stamp, self._bucket_stamps.get(b, 0) if self._read_others else None,
                                           slope_prior if self._read_slope else None, times, None, None)
-        f = self._factor(b)
-        if hit[4] != f:  # read out at the current pace and load, once per step (the rows of a step ask alike)
-            hit = self._predicted[key] = (*hit[:4], f, [t * f if t is not None else None for t in hit[3]])
+        pace = self.pace.get(b, 1.0)
+        if hit[4] != pace:  # read out at the current pace, once per pace (the rows of a step ask alike)
+            hit = self._predicted[key] = (*hit[:4], pace, self.at_pace(b, hit[3]))
         return hit[5]
 
     def predict(self, method: str, batch: int, k: int, slope_prior: float) -> float | None:
@@ -790,14 +724,12 @@ class Policy:
         self.method_probes = _Backoff(METHOD_PROBE_FIRST, METHOD_PROBE_MAX)  # ``_probe_method``'s clock
         self.explores = _Backoff(EXPLORE_EVERY, EXPLORE_MAX)  # ``_explore``'s clock
 
-    def tick(self, context: int = 0, sampled: bool = False, load: float | None = None) -> None:
-        """One decode step begins; its longest row attends over ``context`` positions, ``load``: the step's cost-weighted
-        context (``StepTimes``; None: none), and ``sampled``: some row samples (the step is decided and timed with the
-        step times of such steps)."""
+    def tick(self, context: int = 0, sampled: bool = False) -> None:
+        """One decode step begins; its longest row attends over ``context`` positions, and ``sampled``: some row samples
+        (the step is decided and timed with the step times of such steps)."""
         self._sampled = sampled
         self.clock += 1
         self.times.context = ctx_bucket(context)
-        self.times.load = load
         self.method_probes.advance()
         self.explores.advance()
 

@@ -83,7 +83,7 @@ class LLMEngine:
             from engine.proposers.eagle import EagleProposer
 
             self.proposers["eagle"] = EagleProposer(eagle_head, self.target)
-        cuda = self._padded = self.target.device.type == "cuda"
+        cuda = self.target.device.type == "cuda"
         self.policy = Policy(SPEC_RECHECK_FROM_CUDA if cuda else SPEC_RECHECK_FROM, SPEC_ROWS_CUDA if cuda else 1.0)
         self.threads = StepThreads.for_device(self.target.device, config.big_step_threads)
         self.planner = StepPlanner(self)
@@ -325,10 +325,7 @@ class LLMEngine:
 
     def _decode(self, reqs: list[Request]) -> None:
         t_start = time.perf_counter()  # adaptive K times the whole step: planning and bookkeeping are per step too
-        longest = max(r.num_tokens for r in reqs)
-        # the context a step's cost grows with: the rows' mean, or the longest row's where rows are padded to it (CUDA)
-        load = longest if self._padded else sum(r.num_tokens for r in reqs) / len(reqs)
-        self.policy.tick(longest, sampled=any(not r.params.greedy for r in reqs), load=load)
+        self.policy.tick(max(r.num_tokens for r in reqs), sampled=any(not r.params.greedy for r in reqs))
         planned = {r: self._choose(r, len(reqs)) for r in reqs}
         planned = self.planner.one_k_per_method(self.planner.one_drafting_model(planned, len(reqs)))
         plan = self._make_room(self.planner.refresh_plain(self.planner.cap_batch(planned), len(reqs)))

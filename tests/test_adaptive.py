@@ -320,7 +320,7 @@ def test_engine_keys_step_times_by_the_longest_rows_context():
     eng = tiny_engine()
     seen = []
     tick = eng.policy.tick
-    eng.policy.tick = lambda context=0, sampled=False, load=None: seen.append(context) or tick(context, sampled, load)
+    eng.policy.tick = lambda context=0, sampled=False: seen.append(context) or tick(context, sampled)
     short, long = [5, 6, 7], list(range(3, 120))
     params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
     eng.add_request(short, params)
@@ -1328,37 +1328,3 @@ def test_explore_steps_thin_out_while_the_k_stands_and_come_back_when_it_moves()
         policy.tick()
         d = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
     assert d.forced and d.k == 4, d
-
-
-def _serve(policy: Policy, key: tuple[str, int], loads, cost, rng, use_load=True) -> None:
-    """Steps of ``key`` (method, K) at batch 8, one per load, timed at ``cost(K, load)`` with 5% noise."""
-    for load in loads:
-        policy.tick(int(load) + 1, load=load if use_load else None)
-        policy.times.observe(key[0], 8, key[1], cost(key[1], load) * (1 + 0.05 * (rng.random() - 0.5)))
-
-
-def test_a_keys_first_timings_at_short_contexts_are_read_against_the_context_slope():
-    """A step's time grows with the rows' context within one bucket (on the 2-core CPU at 8 clients: plain 10.3 ms at
-    a mean context of 44, 15.0 ms at 223). Plain decoding runs over requests that restart at short contexts; then a
-    new pass drafts K = 4 from short contexts on, right after plain steps at long ones. Read against the fitted slope,
-    K = 4's stored cost over plain's is its real ratio (2.8x); the pace alone, following the contexts, read it at
-    1.75x."""
-    import random
-
-    def cost(k: int, load: float) -> float:  # seconds: K = 4 costs 2.8x plain at every context
-        return 0.009 * (1 + load / 350) * (2.8 if k else 1.0)
-
-    ratios = {}
-    for use_load in (True, False):
-        rng = random.Random(5)
-        policy = Policy()
-        for _ in range(6):  # requests of 14-token prompts decoded to ~250 tokens, two contexts a step
-            _serve(policy, ("", 0), range(14, 250, 2), cost, rng, use_load)
-        _serve(policy, ("model", 4), range(14, 40, 5), cost, rng, use_load)
-        t = policy.times
-        ratios[use_load] = t.avg[("model", 8, 256, 4)] / t.avg[("plain", 8, 256, 0)]
-        if use_load:
-            assert 0.3 < t.slope(8) < 0.7  # log(1.73 / 1.05) over the bucket's width: ~0.5
-            assert policy.times.predict("model", 8, 4, 0.1) == pytest.approx(cost(4, 39), rel=0.1)
-    assert ratios[True] == pytest.approx(2.8, rel=0.06)
-    assert ratios[False] < 2.5  # without the context term the pace carries the long contexts into K = 4's first timings
