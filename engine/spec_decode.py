@@ -85,9 +85,9 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         if not idx:
             continue
         sub = None if greedy else rp.select(idx)
-        prop = proposers[name].propose(StepRows([reqs[i] for i in idx], [ks[i] for i in idx], sub))
+        prop = proposers[name].propose(StepRows([reqs[i] for i in idx], _one_k(proposers[name], reqs, idx, ks), sub))
         for i, toks in zip(idx, prop.token_lists):
-            lists[i] = toks
+            lists[i] = toks[: ks[i]]
         q_parts.append((idx, prop))
         if name == "ngram" and fallback:
             _fall_back(reqs, idx, lists, used, ks, fallback, proposers)
@@ -128,6 +128,18 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         out.append(RowResult(r, used[i] if k else "", k, a, tokens, per_row[i]))
     t3 = time.perf_counter()
     return out, StepTiming(t1 - t0, t2 - t1, t3 - t0, explored)
+
+
+def _one_k(proposer: Proposer, reqs: list[Request], idx: list[int], ks: list[int]) -> list[int]:
+    """The K each of ``idx``'s rows drafts to: where the proposer drafts steps 2..K as one CUDA graph (``chains``) and
+    the rows planned different K, every row drafts the largest (the caller keeps each row's own K of it) when the
+    proposer's cache has room for that: step by step, on an H200 at batch 8, a step with one row at K = 3 beside seven
+    at K = 4 (a request near its last token) took 8.5 ms against 6.3 ms for all eight at K = 4."""
+    own = [ks[i] for i in idx]
+    top = max(own)
+    if len(set(own)) == 1 or not getattr(proposer, "chains", False) or not proposer.fits({reqs[i]: top for i in idx}):
+        return own
+    return [top] * len(idx)
 
 
 def _fall_back(reqs: list[Request], idx: list[int], lists: list[list[int]], used: list[str], ks: list[int],

@@ -81,8 +81,9 @@ class StepPlanner:
         decision weighed and no timing ever shows (at 8 concurrent default requests on the demo pair, a third of
         the steps mixed them). The method whose best K gives those rows the highest summed predicted gain wins (a
         row that must measure, probe or explore decides it); a row that chose the other takes the winner's best K
-        for it, or decodes plain where that predicts no gain. n-gram rows are left alone: their lookup costs no
-        forward, and rows where it finds nothing draft with their fallback in the same step."""
+        for it, or decodes plain where that predicts no gain; a row whose request named its method keeps it. n-gram
+        rows are left alone: their lookup costs no forward, and rows where it finds nothing draft with their fallback
+        in the same step."""
         rows = [r for r, (k, m) in plan.items() if k and m in MODEL_METHODS and r.params.num_draft_tokens is None
                 and r.adaptive.last is not None]
         methods = {plan[r][1] for r in rows}
@@ -91,13 +92,17 @@ class StepPlanner:
             return plan
         policy, alpha = self.engine.policy, self.engine.alpha_prior
         forced = [plan[r][1] for r in rows if r.adaptive.last.forced]
-        gains = {m: {r: policy.gains(r.adaptive, m, batch, alpha, self.slope(m)) for r in rows} for m in methods}
-        summed = {m: sum(_best(gains[m][r])[1] for r in rows) for m in sorted(methods)}
+        allowed = {r: self.methods(r) for r in rows}
+        gains = {m: {r: policy.gains(r.adaptive, m, batch, alpha, self.slope(m)) for r in rows if m in allowed[r]}
+                 for m in methods}
+        # a row whose request named its method keeps it (and its gain) where another wins
+        summed = {m: sum(_best(gains[m][r] if r in gains[m] else gains[plan[r][1]][r])[1] for r in rows)
+                  for m in sorted(methods)}
         win = forced[0] if forced else max(summed, key=summed.get)
         if not forced and self._drafted in summed and summed[win] < SWITCH_MARGIN * summed[self._drafted]:
             win = self._drafted  # the method that drafted last step stays unless the other clearly wins (catch-up)
         for r in rows:
-            if plan[r][1] == win:
+            if plan[r][1] == win or r not in gains[win]:
                 continue
             k, g = _best(gains[win][r])
             k = k if g > 1.0 else 0

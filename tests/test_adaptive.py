@@ -413,6 +413,17 @@ def test_a_step_drafts_with_one_model_method(monkeypatch):
     plan = eng.planner.one_drafting_model({r: (2 if r is reqs[2] else 3, "model" if r is reqs[2] else "eagle")
                                            for r in reqs}, 4)
     assert {m for _, m in plan.values()} == {"model"}  # the measuring row's method
+    # a request that named the draft model keeps it where the head wins (its gain counts as its own method's)
+    from dataclasses import replace
+
+    auto = reqs[0].params
+    reqs[0].params = replace(auto, draft_method="model")
+    for r, m in zip(reqs, ("model", "eagle", "model", "model")):
+        r.adaptive.last = Decision(2 if m == "model" else 3, m, "chosen", table[m][reqs.index(r)])
+    plan = eng.planner.one_drafting_model({r: (r.adaptive.last.k, r.adaptive.last.method) for r in reqs}, 4)
+    # summed: eagle 1.3 (row 0 keeps the model) + 1.6 + 0.8 + 1.1 = 4.8 > model 4.5
+    assert [plan[r] for r in reqs] == [(2, "model"), (3, "eagle"), (0, "eagle"), (3, "eagle")]
+    reqs[0].params = auto
     monkeypatch.undo()
 
     # in the engine: rows decide apart (alternating methods here), the step drafts with one

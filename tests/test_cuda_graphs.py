@@ -330,3 +330,29 @@ def test_eager_forwards_skip_cudnn_attention_and_long_graphs_use_it(monkeypatch)
         for r in (eager, graphed):
             r.truncate(0, context)
     assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after every forward and capture
+
+
+def test_rows_of_different_k_draft_in_one_chain(monkeypatch):
+    """A step whose rows planned K = 4, 2 and 3 with the draft model (a request near its last token beside others)
+    drafts steps 2..4 as one chain replay for all three, and verifies what drafting step by step (no graphs) gives."""
+    from engine.config import EngineConfig, SamplingParams
+    from engine.factory import build_engine
+    from engine.spec_decode import decode_step
+
+    monkeypatch.setenv("HELIX_GRAPH_CAPTURE_AFTER", "0")
+    out = {}
+    for graphs in (False, True):
+        monkeypatch.setenv("HELIX_CUDA_GRAPHS", "1" if graphs else "0")
+        eng = build_engine(EngineConfig(target=str(DEMO / "demo-target"), draft=str(DEMO / "demo-draft"), device="cuda",
+                                        dtype="float32"), warmup=False)
+        reqs = [eng.add_request(p, SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True,
+                                                  num_draft_tokens=4)) for p in PROMPTS]
+        while not all(r.prefilled for r in reqs):
+            eng.step()
+        replays = eng.draft.graphs.chain_replays if graphs else 0
+        res, _ = decode_step(eng.target, eng.proposers, dict(zip(reqs, [(4, "model"), (2, "model"), (3, "model")])))
+        if graphs:
+            assert eng.draft.graphs.chain_replays == replays + 1
+        assert [r.k for r in res] == [4, 2, 3]
+        out[graphs] = [(r.accepted, r.tokens) for r in res]
+    assert out[True] == out[False]

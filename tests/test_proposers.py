@@ -234,3 +234,47 @@ def test_rows_falling_back_from_ngram_to_eagle_keep_the_target_distribution(monk
     tv = _speculative_tv(eng, _dist_params(0.8, 0.9, "auto"), seeded)
     assert tv < TV_BOUND, f"total variation {tv:.4f} exceeds {TV_BOUND:.4f}"
     assert eng.method_stats["eagle"].num_drafts > 0 and eng.method_stats["ngram"].num_drafts > 0
+
+
+@pytest.mark.parametrize("method", ["model", "eagle"])
+def test_rows_of_different_k_draft_to_one_k_where_the_proposer_chains(monkeypatch, method):
+    """Where a proposer drafts steps 2..K as one CUDA graph (``chains``), rows that planned different K draft the
+    largest (one chain, not step by step) and each keeps its own K of it: the step verifies and returns what it
+    would have without the padding. Where it does not chain (the CPU), each row drafts its own K."""
+    from engine.proposers.draft_model import DraftModelProposer
+    from engine.proposers.eagle import EagleProposer
+    from engine.spec_decode import decode_step
+    from tests.tiny import tiny_pair_engine
+
+    cls = DraftModelProposer if method == "model" else EagleProposer
+    asked = []
+    real = cls.propose
+
+    def spy(self, rows):
+        asked.append(list(rows.ks))
+        return real(self, rows)
+
+    monkeypatch.setattr(cls, "propose", spy)
+    results = {}
+    for chains in (False, True):
+        monkeypatch.setattr(cls, "chains", property(lambda self, c=chains: c))
+        eng = tiny_pair_engine(eagle=method == "eagle")
+        reqs = [eng.add_request(p, SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True))
+                for p in ("Once", "The cat sat on the mat", "Tom found a red ball")]
+        while not all(r.prefilled for r in reqs):
+            eng.step()
+        asked.clear()
+        res, _ = decode_step(eng.target, eng.proposers, dict(zip(reqs, [(4, method), (2, method), (3, method)])))
+        assert asked == [[4, 4, 4] if chains else [4, 2, 3]]
+        assert [r.k for r in res] == [4, 2, 3]  # each row verified its own K
+        results[chains] = [(r.accepted, r.tokens) for r in res]
+        for r in reqs:  # the padded drafts are rolled back with the rejected ones
+            n = r.num_tokens
+            eng.target.truncate(r.seq_id, n)
+            for p in eng.proposers.values():
+                p.rollback(r, n)
+            eng.abort(r.request_id)
+        eng.step()
+        for runner in (eng.target, eng.draft):
+            assert runner.blocks.num_free == runner.blocks.num_blocks
+    assert results[True] == results[False]

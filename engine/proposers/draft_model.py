@@ -76,6 +76,12 @@ class DraftModelProposer:
                 break  # steps 2..K ran as one CUDA graph
         return Proposal(lists, q)
 
+    @property
+    def chains(self) -> bool:
+        """Whether drafting steps 2..K run as one CUDA graph (``_chain``); see spec_decode._one_k."""
+        g = self.runner.graphs
+        return g is not None and g.failed is None
+
     def _chain(self, rows: StepRows, first: torch.Tensor, lists: list[list[int]], noise: torch.Tensor | None,
                slot: dict[int, int], q: torch.Tensor | None) -> bool:
         """Drafting steps 2..K of every row (one K) as one graph replay (ModelRunner.draft_chain, CUDA only), with

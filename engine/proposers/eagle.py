@@ -184,6 +184,12 @@ class EagleProposer:
                 self._truncate(rows.reqs[i].seq_id, n)
         return Proposal(lists, q)
 
+    @property
+    def chains(self) -> bool:
+        """Whether drafting steps 2..K run as one CUDA graph (``_graphed_chain``); see spec_decode._one_k."""
+        g = self._graphs
+        return g is not None and g.failed is None
+
     def fits(self, plan: dict[Request, int]) -> bool:
         need = 0
         for req, k in plan.items():
