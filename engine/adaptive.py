@@ -26,6 +26,7 @@ T = 0.8, batch 1), and a sampled request predicted from greedy steps' times draf
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -126,6 +127,15 @@ CAL_MEMORY = 512  # drafts a position's calibration remembers (``Calibration``):
 CAL_WEIGHT = 8.0  # predicted accepts of pseudo-evidence, at the ratio of the position before, in a position's ratio
 CAL_RANGE = (0.25, 2.0)  # a ratio never leaves this range
 _CAL_KEEP = 1.0 - 1.0 / CAL_MEMORY
+GUARD_FROM = 4  # the batch bucket from which a batch's drafting is judged by the speed it realized (``SpeedGuard``):
+# below it the step-time model carries (at batch 1 every target passes with it); above it, on an H200 at 8 clients
+# (demo pair, T = 0.8), steps mixing n-gram, the draft model and the EAGLE head, each untimed, catching up after one
+# another, realized 0.5-0.8x plain decoding's speed where every prediction put drafting above it
+GUARD_WINDOW = 32  # drafting steps of a verdict
+GUARD_BELOW = 0.95  # realized speed over plain decoding's below which the batch decodes plain for a hold ...
+GUARD_PLAIN_STEPS = 16  # the recent plain steps at a batch size whose median is the guard's plain step time
+GUARD_HOLD_FIRST, GUARD_HOLD_MAX = 32, 512  # ... of this many steps, doubling after each such verdict, back to the
+# first after a window at or above plain decoding's speed
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CTX_BUCKETS = tuple(256 << i for i in range(10))  # 256 .. 131072 tokens
 _BUCKET_OF = [next(b for b in BUCKETS if b >= n) for n in range(BUCKETS[-1] + 1)]
@@ -694,6 +704,44 @@ class _Backoff:
         self.every.pop(method, None)
 
 
+class SpeedGuard:
+    """Whether drafting pays, as realized: over every GUARD_WINDOW drafting steps of a batch bucket, the tokens the
+    steps emitted against the tokens plain decoding would have emitted in their wall time (each step's rows over plain
+    decoding's step time at its batch size). The step-time model predicts each K from what it has timed; what it never
+    times (steps mixing methods or K, a proposer catching up, the host's share of a row's decision) the guard sees. A
+    window below GUARD_BELOW holds the batch plain (``holds``) for a while, doubling while drafting keeps losing;
+    after a hold the rows draft as they decide again, which is the probe."""
+
+    def __init__(self) -> None:
+        self.tokens = 0.0
+        self.plain_tokens = 0.0
+        self.steps = 0
+        self.hold = GUARD_HOLD_FIRST
+        self.hold_until = 0
+        self.ratio: float | None = None  # the last window's realized speed over plain decoding's
+
+    def holds(self, clock: int) -> bool:
+        """Whether the step at ``clock`` is held plain: the ``hold`` steps after a losing window's last."""
+        return clock <= self.hold_until
+
+    def observe(self, tokens: int, rows: int, seconds: float, plain_s: float, clock: int) -> None:
+        """A drafting step of ``rows`` rows emitted ``tokens`` in ``seconds``; plain decoding's step there takes
+        ``plain_s``."""
+        self.tokens += tokens
+        self.plain_tokens += rows * seconds / plain_s
+        self.steps += 1
+        if self.steps < GUARD_WINDOW:
+            return
+        self.ratio = self.tokens / self.plain_tokens
+        self.tokens = self.plain_tokens = 0.0
+        self.steps = 0
+        if self.ratio < GUARD_BELOW:
+            self.hold_until = clock + self.hold
+            self.hold = min(GUARD_HOLD_MAX, 2 * self.hold)
+        elif self.ratio >= 1.0:
+            self.hold = GUARD_HOLD_FIRST
+
+
 class Policy:
     """Engine-wide: step times, recent shared acceptance per method, the last decision."""
 
@@ -723,6 +771,8 @@ class Policy:
         self._tried_at = -1  # the clock of the last timing try (``settle_tries`` has nothing to do at other steps)
         self.method_probes = _Backoff(METHOD_PROBE_FIRST, METHOD_PROBE_MAX)  # ``_probe_method``'s clock
         self.explores = _Backoff(EXPLORE_EVERY, EXPLORE_MAX)  # ``_explore``'s clock
+        self.guards: dict[tuple[int, bool], SpeedGuard] = {}  # per (batch bucket, sampled steps): ``guard_holds``
+        self._plain_walls: dict[tuple[int, bool], deque[float]] = {}  # per (batch, sampled): recent plain steps' walls
 
     def tick(self, context: int = 0, sampled: bool = False) -> None:
         """One decode step begins; its longest row attends over ``context`` positions, and ``sampled``: some row samples
@@ -788,6 +838,34 @@ class Policy:
         if shared is None:
             shared = self.shared[key] = RecentAcceptance()
         shared.observe_draft(k, accepted)
+
+    def guard_holds(self, batch: int) -> SpeedGuard | None:
+        """The guard holding this step's adaptive rows plain (``SpeedGuard``), or None: they decide as usual."""
+        g = self.guards.get((bucket(batch), self._sampled))
+        return g if g is not None and g.holds(self.clock) else None
+
+    def observe_plain(self, batch: int, seconds: float) -> None:
+        """A step of ``batch`` rows, every one plain, took ``seconds``: the guard's yardstick, as measured. Not the
+        step-time model's plain time: that moves with the pace the running K sets, so a K costlier than its average
+        slows the predicted plain step with it, and drafting K = 1 at 2.2x plain's step time for 1.7 tokens a row
+        (on the 2-core CPU at 8 clients) looked as fast as plain decoding."""
+        walls = self._plain_walls.get((batch, self._sampled))
+        if walls is None:
+            walls = self._plain_walls[(batch, self._sampled)] = deque(maxlen=GUARD_PLAIN_STEPS)
+        walls.append(seconds)
+
+    def guard_observe(self, batch: int, tokens: int, seconds: float) -> None:
+        """A step of ``batch`` adaptive rows of which some drafted emitted ``tokens`` in ``seconds`` (from GUARD_FROM,
+        where plain decoding was measured at this batch size)."""
+        b = bucket(batch)
+        walls = self._plain_walls.get((batch, self._sampled))
+        if b < GUARD_FROM or walls is None or len(walls) < 3:
+            return
+        plain = sorted(walls)[len(walls) // 2]
+        g = self.guards.get((b, self._sampled))
+        if g is None:
+            g = self.guards[(b, self._sampled)] = SpeedGuard()
+        g.observe(tokens, batch, seconds, plain, self.clock)
 
     @property
     def times(self) -> StepTimes:

@@ -18,7 +18,16 @@ from collections import deque
 import torch
 
 from engine import cleanup, observe, prefill
-from engine.adaptive import SPEC_RECHECK_FROM, SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA, Policy, best_k, clamped_ema
+from engine.adaptive import (
+    GUARD_WINDOW,
+    SPEC_RECHECK_FROM,
+    SPEC_RECHECK_FROM_CUDA,
+    SPEC_ROWS_CUDA,
+    Decision,
+    Policy,
+    best_k,
+    clamped_ema,
+)
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, SamplingParams
 from engine.cuda_graphs import GraphRunner
@@ -326,7 +335,14 @@ class LLMEngine:
     def _decode(self, reqs: list[Request]) -> None:
         t_start = time.perf_counter()  # adaptive K times the whole step: planning and bookkeeping are per step too
         self.policy.tick(max(r.num_tokens for r in reqs), sampled=any(not r.params.greedy for r in reqs))
-        planned = {r: self._choose(r, len(reqs)) for r in reqs}
+        held = self.policy.guard_holds(len(reqs))
+        if held is None:
+            planned = {r: self._choose(r, len(reqs)) for r in reqs}
+        else:  # drafting lost to plain decoding as realized at this batch size: adaptive rows decode plain a while
+            planned = {r: self._choose(r, len(reqs)) if r.params.num_draft_tokens is not None else (0, "") for r in reqs}
+            self.policy.decision = Decision(
+                0, "", f"plain at batch {len(reqs)}, {held.hold_until - self.policy.clock} more steps after this: drafting "
+                f"realized {held.ratio:.2f}x plain decoding's speed over its last {GUARD_WINDOW} steps here")
         planned = self.planner.one_k_per_method(self.planner.one_drafting_model(planned, len(reqs)))
         plan = self._make_room(self.planner.refresh_plain(self.planner.cap_batch(planned), len(reqs)))
         self._fault("decode", list(plan))
@@ -396,6 +412,10 @@ class LLMEngine:
         wall = time.perf_counter() - t_start
         if timed is not None:
             self.policy.times.observe(timed[1], len(results), timed[0], wall)
+            if timed == (0, ""):
+                self.policy.observe_plain(len(results), wall)
+        if kmax and all(r.params.num_draft_tokens is None for r in plan):  # adaptive rows drafted: was it worth it?
+            self.policy.guard_observe(len(results), sum(len(res.tokens) for res in results), wall)
         if catching_up is not None:
             # what reading skipped tokens costs a proposer: a probe waits until its catch-up is amortised (a step
             # that tried a CPU thread count counts too: the catch-up dominates it, and it may be the only one)

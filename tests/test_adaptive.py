@@ -1339,3 +1339,73 @@ def test_explore_steps_thin_out_while_the_k_stands_and_come_back_when_it_moves()
         policy.tick()
         d = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
     assert d.forced and d.k == 4, d
+
+
+def test_speed_guard_holds_plain_where_drafting_realized_less_than_plain():
+    """Model-free: a window's realized speed is its tokens over what plain decoding would have emitted in its wall
+    time; below GUARD_BELOW the batch is held plain, the hold doubling while drafting keeps losing and starting again
+    after a window at plain's speed or above."""
+    from engine.adaptive import GUARD_HOLD_FIRST, GUARD_WINDOW, SpeedGuard
+
+    g = SpeedGuard()
+    clock = 0
+    for _ in range(GUARD_WINDOW):  # 4 rows, 1.2 tokens a row per step, at 1.5x plain's step time: 0.8x plain
+        clock += 1
+        g.observe(tokens=4.8, rows=4, seconds=0.015, plain_s=0.01, clock=clock)
+    assert abs(g.ratio - 0.8) < 1e-9 and g.holds(clock) and g.hold_until == clock + GUARD_HOLD_FIRST
+    assert g.holds(clock + GUARD_HOLD_FIRST) and not g.holds(clock + GUARD_HOLD_FIRST + 1)
+    for _ in range(GUARD_WINDOW):  # losing again: twice the hold
+        clock += 1
+        g.observe(4, 4, 0.015, 0.01, clock)
+    assert g.hold_until == clock + 2 * GUARD_HOLD_FIRST
+    clock = g.hold_until + 1  # the hold is over: the rows draft again
+    for _ in range(GUARD_WINDOW):  # 2 tokens a row at 1.5x plain's time: 1.33x plain
+        clock += 1
+        g.observe(8, 4, 0.015, 0.01, clock)
+    assert g.ratio > 1.3 and not g.holds(clock) and g.hold == GUARD_HOLD_FIRST
+
+
+def test_a_batch_whose_drafting_loses_decodes_plain_for_a_hold(monkeypatch):
+    """In the engine, at batch 4: adaptive rows that drafted a window at less than plain decoding's realized speed
+    (here every window counts as losing) decode plain for the hold, then draft again, and the next loss holds twice
+    as long; the step's decision says why. A batch with a fixed-K row is never judged."""
+    import engine.adaptive as adaptive
+    import engine.llm_engine as llm
+    from tests.tiny import tiny_pair_engine
+
+    monkeypatch.setattr(adaptive, "GUARD_WINDOW", 4)
+    monkeypatch.setattr(adaptive, "GUARD_HOLD_FIRST", 4)
+    monkeypatch.setattr(adaptive, "GUARD_HOLD_MAX", 8)
+    monkeypatch.setattr(adaptive, "GUARD_BELOW", 100.0)  # any realized speed loses
+    drafted, reasons = [], []
+    real = llm.decode_step
+
+    def spy(target, proposers, plan, fallback=None, threads=None):
+        drafted.append(int(any(k for k, _ in plan.values())))
+        return real(target, proposers, plan, fallback, threads)
+
+    monkeypatch.setattr(llm, "decode_step", spy)
+    for fixed in (None, 2):
+        eng = tiny_pair_engine()
+        monkeypatch.setattr(eng, "_choose", lambda r, b: (2, "model"))  # every row decides to draft K = 2
+        for _ in range(3):  # plain decoding measured at batch 4 (the guard's yardstick)
+            eng.policy.observe_plain(4, 0.01)
+        prompts = ("Once", "The cat sat on the mat", "Tom found a red ball", "Lily loved to play")
+        reqs = [eng.add_request(p, SamplingParams(max_new_tokens=150, temperature=0, ignore_eos=True,
+                                                  num_draft_tokens=fixed if i == 0 else None))
+                for i, p in enumerate(prompts)]
+        while not all(r.prefilled for r in reqs):
+            eng.step()
+        drafted.clear()
+        for _ in range(32):
+            eng.step()
+            reasons.append(eng.policy.decision.reason)
+        if fixed is None:
+            assert drafted == [1] * 4 + [0] * 4 + [1] * 4 + [0] * 8 + [1] * 4 + [0] * 8
+            assert any(r.startswith("plain at batch 4") for r in reasons)
+        else:
+            assert drafted == [1] * 32 and not eng.policy.guards
+        for r in reqs:
+            eng.abort(r.request_id)
+        while eng.has_work():
+            eng.step()
