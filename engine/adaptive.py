@@ -133,6 +133,7 @@ GUARD_FROM = 4  # the batch bucket from which a batch's drafting is judged by th
 # another, realized 0.5-0.8x plain decoding's speed where every prediction put drafting above it
 GUARD_WINDOW = 32  # drafting steps of a verdict
 GUARD_BELOW = 0.95  # realized speed over plain decoding's below which the batch decodes plain for a hold ...
+GUARD_RECHECK = 5  # plain steps of a hold that measure plain decoding again (``SpeedGuard.recheck``)
 GUARD_PLAIN_STEPS = 16  # the recent plain steps at a batch size whose median is the guard's plain step time
 GUARD_HOLD_FIRST, GUARD_HOLD_MAX = 32, 512  # ... of this many steps, doubling after each such verdict, back to the
 # first after a window at or above plain decoding's speed
@@ -707,10 +708,14 @@ class _Backoff:
 class SpeedGuard:
     """Whether drafting pays, as realized: over every GUARD_WINDOW drafting steps of a batch bucket, the tokens the
     steps emitted against the tokens plain decoding would have emitted in their wall time (each step's rows over plain
-    decoding's step time at its batch size). The step-time model predicts each K from what it has timed; what it never
-    times (steps mixing methods or K, a proposer catching up, the host's share of a row's decision) the guard sees. A
-    window below GUARD_BELOW holds the batch plain (``holds``) for a while, doubling while drafting keeps losing;
-    after a hold the rows draft as they decide again, which is the probe."""
+    decoding's measured step time at its batch size). The step-time model predicts each K from what it has timed; what
+    it never times (steps mixing methods or K, a proposer catching up, the host's share of a row's decision) the guard
+    sees. A window below GUARD_BELOW holds the batch plain (``holds``) for a while, doubling while drafting keeps
+    losing; after a hold the rows draft as they decide again, which is the probe.
+
+    The plain steps it compares with may be older than the window, and a machine's speed drifts (the 2-core CPU's by
+    10-30% within a minute): the hold's first GUARD_RECHECK plain steps measure plain decoding again, and where the
+    window, scaled by them, did not lose, the hold ends there (``recheck``)."""
 
     def __init__(self) -> None:
         self.tokens = 0.0
@@ -719,16 +724,20 @@ class SpeedGuard:
         self.hold = GUARD_HOLD_FIRST
         self.hold_until = 0
         self.ratio: float | None = None  # the last window's realized speed over plain decoding's
+        self.yardstick: dict[int, float] = {}  # batch size -> the plain step time the current window was measured by
+        self._was: dict[int, float] = {}  # ... and the last losing window's, while its hold is rechecked
+        self._fresh: dict[int, list[float]] = {}  # plain steps measured in that hold, per batch size
 
     def holds(self, clock: int) -> bool:
         """Whether the step at ``clock`` is held plain: the ``hold`` steps after a losing window's last."""
         return clock <= self.hold_until
 
     def observe(self, tokens: int, rows: int, seconds: float, plain_s: float, clock: int) -> None:
-        """A drafting step of ``rows`` rows emitted ``tokens`` in ``seconds``; plain decoding's step there takes
-        ``plain_s``."""
+        """A drafting step of ``rows`` rows emitted ``tokens`` in ``seconds``; plain decoding's step at that batch
+        size took ``plain_s`` as last measured."""
         self.tokens += tokens
         self.plain_tokens += rows * seconds / plain_s
+        self.yardstick[rows] = plain_s
         self.steps += 1
         if self.steps < GUARD_WINDOW:
             return
@@ -738,8 +747,26 @@ class SpeedGuard:
         if self.ratio < GUARD_BELOW:
             self.hold_until = clock + self.hold
             self.hold = min(GUARD_HOLD_MAX, 2 * self.hold)
+            self._was, self._fresh = self.yardstick, {}
         elif self.ratio >= 1.0:
             self.hold = GUARD_HOLD_FIRST
+        self.yardstick = {}
+
+    def recheck(self, rows: int, seconds: float, clock: int) -> None:
+        """A plain step of ``rows`` rows in the hold took ``seconds``. After GUARD_RECHECK of them at a batch size the
+        window was measured at, its ratio is scaled by how much slower (or faster) plain decoding runs now; at
+        GUARD_BELOW or above the hold ends, and the next one is no longer."""
+        if not self.holds(clock) or rows not in self._was:
+            return
+        fresh = self._fresh.setdefault(rows, [])
+        fresh.append(seconds)
+        if len(fresh) < GUARD_RECHECK:
+            return
+        self.ratio *= sorted(fresh)[len(fresh) // 2] / self._was.pop(rows)
+        self._was = {}
+        if self.ratio >= GUARD_BELOW:
+            self.hold_until = clock
+            self.hold = max(GUARD_HOLD_FIRST, self.hold // 2)
 
 
 class Policy:
@@ -853,6 +880,9 @@ class Policy:
         if walls is None:
             walls = self._plain_walls[(batch, self._sampled)] = deque(maxlen=GUARD_PLAIN_STEPS)
         walls.append(seconds)
+        guard = self.guards.get((bucket(batch), self._sampled))
+        if guard is not None:
+            guard.recheck(batch, seconds, self.clock)
 
     def guard_observe(self, batch: int, tokens: int, seconds: float) -> None:
         """A step of ``batch`` adaptive rows of which some drafted emitted ``tokens`` in ``seconds`` (from GUARD_FROM,

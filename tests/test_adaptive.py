@@ -1344,8 +1344,9 @@ def test_explore_steps_thin_out_while_the_k_stands_and_come_back_when_it_moves()
 def test_speed_guard_holds_plain_where_drafting_realized_less_than_plain():
     """Model-free: a window's realized speed is its tokens over what plain decoding would have emitted in its wall
     time; below GUARD_BELOW the batch is held plain, the hold doubling while drafting keeps losing and starting again
-    after a window at plain's speed or above."""
-    from engine.adaptive import GUARD_HOLD_FIRST, GUARD_WINDOW, SpeedGuard
+    after a window at plain's speed or above. A hold whose first plain steps show plain decoding slower now than the
+    window was measured by ends there."""
+    from engine.adaptive import GUARD_HOLD_FIRST, GUARD_RECHECK, GUARD_WINDOW, SpeedGuard
 
     g = SpeedGuard()
     clock = 0
@@ -1363,6 +1364,19 @@ def test_speed_guard_holds_plain_where_drafting_realized_less_than_plain():
         clock += 1
         g.observe(8, 4, 0.015, 0.01, clock)
     assert g.ratio > 1.3 and not g.holds(clock) and g.hold == GUARD_HOLD_FIRST
+    # a losing window measured by an old plain time: the hold's first plain steps measure plain again
+    for plain_now, ends in ((0.01, False), (0.012, True)):
+        for _ in range(GUARD_WINDOW):  # 0.9x plain by the old plain time
+            clock += 1
+            g.observe(5.4, 4, 0.015, 0.01, clock)
+        assert abs(g.ratio - 0.9) < 1e-9 and g.holds(clock + 1)
+        for _ in range(GUARD_RECHECK):
+            clock += 1
+            g.recheck(4, plain_now, clock)
+        assert g.holds(clock + 1) is not ends  # plain 20% slower now: the window was 1.08x plain, the hold ends
+        assert abs(g.ratio - (0.9 if not ends else 1.08)) < 1e-9
+        clock = g.hold_until + 1
+    assert g.hold == 2 * GUARD_HOLD_FIRST  # the ended hold doubled nothing
 
 
 def test_a_batch_whose_drafting_loses_decodes_plain_for_a_hold(monkeypatch):
