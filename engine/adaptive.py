@@ -133,6 +133,8 @@ GUARD_FROM = 4  # the batch bucket from which a batch's drafting is judged by th
 # another, realized 0.5-0.8x plain decoding's speed where every prediction put drafting above it
 GUARD_WINDOW = 32  # drafting steps of a verdict
 GUARD_BELOW = 0.95  # realized speed over plain decoding's below which the batch decodes plain for a hold ...
+GUARD_EARLY = {8: 0.75, 16: 0.85}  # ... and, a window's verdict after fewer steps, further below: on an H200 at 8
+# clients (demo pair, T = 0.8) windows realized 0.48-0.77x plain, and 32 steps of that cost each pass 5-10%
 GUARD_RECHECK = 5  # plain steps of a hold that measure plain decoding again (``SpeedGuard.recheck``)
 GUARD_PLAIN_STEPS = 16  # the recent plain steps at a batch size whose median is the guard's plain step time
 GUARD_HOLD_FIRST, GUARD_HOLD_MAX = 32, 512  # ... of this many steps, doubling after each such verdict, back to the
@@ -706,9 +708,9 @@ class _Backoff:
 
 
 class SpeedGuard:
-    """Whether drafting pays, as realized: over every GUARD_WINDOW drafting steps of a batch bucket, the tokens the
-    steps emitted against the tokens plain decoding would have emitted in their wall time (each step's rows over plain
-    decoding's measured step time at its batch size). The step-time model predicts each K from what it has timed; what
+    """Whether drafting pays, as realized: over every GUARD_WINDOW drafting steps of a batch bucket (fewer where it lost
+    by far, GUARD_EARLY), the tokens the steps emitted against the tokens plain decoding would have emitted in their
+    wall time (each step's rows over plain decoding's measured step time at its batch size). The step-time model predicts each K from what it has timed; what
     it never times (steps mixing methods or K, a proposer catching up, the host's share of a row's decision) the guard
     sees. A window below GUARD_BELOW holds the batch plain (``holds``) for a while, doubling while drafting keeps
     losing; after a hold the rows draft as they decide again, which is the probe.
@@ -720,7 +722,7 @@ class SpeedGuard:
     def __init__(self) -> None:
         self.tokens = 0.0
         self.plain_tokens = 0.0
-        self.steps = 0
+        self.steps = 0  # drafting steps of the current window
         self.hold = GUARD_HOLD_FIRST
         self.hold_until = 0
         self.ratio: float | None = None  # the last window's realized speed over plain decoding's
@@ -739,7 +741,8 @@ class SpeedGuard:
         self.plain_tokens += rows * seconds / plain_s
         self.yardstick[rows] = plain_s
         self.steps += 1
-        if self.steps < GUARD_WINDOW:
+        early = GUARD_EARLY.get(self.steps)
+        if self.steps < GUARD_WINDOW and (early is None or self.tokens >= early * self.plain_tokens):
             return
         self.ratio = self.tokens / self.plain_tokens
         self.tokens = self.plain_tokens = 0.0

@@ -414,7 +414,9 @@ class LLMEngine:
             self.policy.times.observe(timed[1], len(results), timed[0], wall)
             if timed == (0, ""):
                 self.policy.observe_plain(len(results), wall)
-        if kmax and all(r.params.num_draft_tokens is None for r in plan):  # adaptive rows drafted: was it worth it?
+        # adaptive rows drafted: was it worth it? (a graph captured or a thread count tried is no drafting cost)
+        if kmax and one_offs == GraphRunner.one_offs and not timing.explored \
+                and all(r.params.num_draft_tokens is None for r in plan):
             self.policy.guard_observe(len(results), sum(len(res.tokens) for res in results), wall)
         if catching_up is not None:
             # what reading skipped tokens costs a proposer: a probe waits until its catch-up is amortised (a step

@@ -1350,14 +1350,15 @@ def test_speed_guard_holds_plain_where_drafting_realized_less_than_plain():
 
     g = SpeedGuard()
     clock = 0
-    for _ in range(GUARD_WINDOW):  # 4 rows, 1.2 tokens a row per step, at 1.5x plain's step time: 0.8x plain
+    for _ in range(GUARD_WINDOW):  # 4 rows, 1.35 tokens a row per step, at 1.5x plain's step time: 0.9x plain
         clock += 1
-        g.observe(tokens=4.8, rows=4, seconds=0.015, plain_s=0.01, clock=clock)
-    assert abs(g.ratio - 0.8) < 1e-9 and g.holds(clock) and g.hold_until == clock + GUARD_HOLD_FIRST
+        g.observe(tokens=5.4, rows=4, seconds=0.015, plain_s=0.01, clock=clock)
+    assert abs(g.ratio - 0.9) < 1e-9 and g.holds(clock) and g.hold_until == clock + GUARD_HOLD_FIRST
     assert g.holds(clock + GUARD_HOLD_FIRST) and not g.holds(clock + GUARD_HOLD_FIRST + 1)
+    clock = g.hold_until + 1
     for _ in range(GUARD_WINDOW):  # losing again: twice the hold
         clock += 1
-        g.observe(4, 4, 0.015, 0.01, clock)
+        g.observe(5.4, 4, 0.015, 0.01, clock)
     assert g.hold_until == clock + 2 * GUARD_HOLD_FIRST
     clock = g.hold_until + 1  # the hold is over: the rows draft again
     for _ in range(GUARD_WINDOW):  # 2 tokens a row at 1.5x plain's time: 1.33x plain
@@ -1377,6 +1378,11 @@ def test_speed_guard_holds_plain_where_drafting_realized_less_than_plain():
         assert abs(g.ratio - (0.9 if not ends else 1.08)) < 1e-9
         clock = g.hold_until + 1
     assert g.hold == 2 * GUARD_HOLD_FIRST  # the ended hold doubled nothing
+    clock = g.hold_until + 1
+    for step in range(1, 9):  # far below plain (0.5x): the verdict comes after 8 steps
+        clock += 1
+        g.observe(3, 4, 0.015, 0.01, clock)
+        assert g.holds(clock + 1) is (step == 8)
 
 
 def test_a_batch_whose_drafting_loses_decodes_plain_for_a_hold(monkeypatch):
