@@ -710,10 +710,12 @@ class _Backoff:
 class SpeedGuard:
     """Whether drafting pays, as realized: over every GUARD_WINDOW drafting steps of a batch bucket (fewer where it lost
     by far, GUARD_EARLY), the tokens the steps emitted against the tokens plain decoding would have emitted in their
-    wall time (each step's rows over plain decoding's measured step time at its batch size). The step-time model predicts each K from what it has timed; what
-    it never times (steps mixing methods or K, a proposer catching up, the host's share of a row's decision) the guard
-    sees. A window below GUARD_BELOW holds the batch plain (``holds``) for a while, doubling while drafting keeps
-    losing; after a hold the rows draft as they decide again, which is the probe.
+    wall time (each step's rows over plain decoding's measured step time at its batch size). The step-time model
+    predicts each K from what it has timed; what it never times (steps mixing methods or K, a proposer catching up, the
+    host's share of a row's decision) the guard sees. A window below GUARD_BELOW holds the batch's adaptive rows plain
+    for ``hold`` of their steps at this bucket (``left``; steps of fixed-K or plain requests do not count, so a hold
+    outlasts them), doubling while drafting keeps losing; after a hold the rows draft as they decide again, which is
+    the probe.
 
     The plain steps it compares with may be older than the window, and a machine's speed drifts (the 2-core CPU's by
     10-30% within a minute): the hold's first GUARD_RECHECK plain steps measure plain decoding again, and where the
@@ -723,18 +725,14 @@ class SpeedGuard:
         self.tokens = 0.0
         self.plain_tokens = 0.0
         self.steps = 0  # drafting steps of the current window
-        self.hold = GUARD_HOLD_FIRST
-        self.hold_until = 0
+        self.hold = GUARD_HOLD_FIRST  # the next hold's length
+        self.left = 0  # steps left of the current hold
         self.ratio: float | None = None  # the last window's realized speed over plain decoding's
         self.yardstick: dict[int, float] = {}  # batch size -> the plain step time the current window was measured by
         self._was: dict[int, float] = {}  # ... and the last losing window's, while its hold is rechecked
         self._fresh: dict[int, list[float]] = {}  # plain steps measured in that hold, per batch size
 
-    def holds(self, clock: int) -> bool:
-        """Whether the step at ``clock`` is held plain: the ``hold`` steps after a losing window's last."""
-        return clock <= self.hold_until
-
-    def observe(self, tokens: int, rows: int, seconds: float, plain_s: float, clock: int) -> None:
+    def observe(self, tokens: int, rows: int, seconds: float, plain_s: float) -> None:
         """A drafting step of ``rows`` rows emitted ``tokens`` in ``seconds``; plain decoding's step at that batch
         size took ``plain_s`` as last measured."""
         self.tokens += tokens
@@ -748,18 +746,18 @@ class SpeedGuard:
         self.tokens = self.plain_tokens = 0.0
         self.steps = 0
         if self.ratio < GUARD_BELOW:
-            self.hold_until = clock + self.hold
+            self.left = self.hold
             self.hold = min(GUARD_HOLD_MAX, 2 * self.hold)
             self._was, self._fresh = self.yardstick, {}
         elif self.ratio >= 1.0:
             self.hold = GUARD_HOLD_FIRST
         self.yardstick = {}
 
-    def recheck(self, rows: int, seconds: float, clock: int) -> None:
+    def recheck(self, rows: int, seconds: float) -> None:
         """A plain step of ``rows`` rows in the hold took ``seconds``. After GUARD_RECHECK of them at a batch size the
         window was measured at, its ratio is scaled by how much slower (or faster) plain decoding runs now; at
         GUARD_BELOW or above the hold ends, and the next one is no longer."""
-        if not self.holds(clock) or rows not in self._was:
+        if not self.left or rows not in self._was:
             return
         fresh = self._fresh.setdefault(rows, [])
         fresh.append(seconds)
@@ -768,7 +766,7 @@ class SpeedGuard:
         self.ratio *= sorted(fresh)[len(fresh) // 2] / self._was.pop(rows)
         self._was = {}
         if self.ratio >= GUARD_BELOW:
-            self.hold_until = clock
+            self.left = 0
             self.hold = max(GUARD_HOLD_FIRST, self.hold // 2)
 
 
@@ -870,9 +868,13 @@ class Policy:
         shared.observe_draft(k, accepted)
 
     def guard_holds(self, batch: int) -> SpeedGuard | None:
-        """The guard holding this step's adaptive rows plain (``SpeedGuard``), or None: they decide as usual."""
+        """The guard holding this step's adaptive rows plain (``SpeedGuard``; the step counts against its hold), or
+        None: they decide as usual."""
         g = self.guards.get((bucket(batch), self._sampled))
-        return g if g is not None and g.holds(self.clock) else None
+        if g is None or not g.left:
+            return None
+        g.left -= 1
+        return g
 
     def observe_plain(self, batch: int, seconds: float) -> None:
         """A step of ``batch`` rows, every one plain, took ``seconds``: the guard's yardstick, as measured. Not the
@@ -885,7 +887,7 @@ class Policy:
         walls.append(seconds)
         guard = self.guards.get((bucket(batch), self._sampled))
         if guard is not None:
-            guard.recheck(batch, seconds, self.clock)
+            guard.recheck(batch, seconds)
 
     def guard_observe(self, batch: int, tokens: int, seconds: float) -> None:
         """A step of ``batch`` adaptive rows of which some drafted emitted ``tokens`` in ``seconds`` (from GUARD_FROM,
@@ -898,7 +900,7 @@ class Policy:
         g = self.guards.get((b, self._sampled))
         if g is None:
             g = self.guards[(b, self._sampled)] = SpeedGuard()
-        g.observe(tokens, batch, seconds, plain, self.clock)
+        g.observe(tokens, batch, seconds, plain)
 
     @property
     def times(self) -> StepTimes:

@@ -335,14 +335,15 @@ class LLMEngine:
     def _decode(self, reqs: list[Request]) -> None:
         t_start = time.perf_counter()  # adaptive K times the whole step: planning and bookkeeping are per step too
         self.policy.tick(max(r.num_tokens for r in reqs), sampled=any(not r.params.greedy for r in reqs))
-        held = self.policy.guard_holds(len(reqs))
+        adaptive = any(r.params.speculative and r.params.num_draft_tokens is None for r in reqs)
+        held = self.policy.guard_holds(len(reqs)) if adaptive else None
         if held is None:
             planned = {r: self._choose(r, len(reqs)) for r in reqs}
         else:  # drafting lost to plain decoding as realized at this batch size: adaptive rows decode plain a while
             planned = {r: self._choose(r, len(reqs)) if r.params.num_draft_tokens is not None else (0, "") for r in reqs}
             self.policy.decision = Decision(
-                0, "", f"plain at batch {len(reqs)}, {held.hold_until - self.policy.clock} more steps after this: drafting "
-                f"realized {held.ratio:.2f}x plain decoding's speed over its last {GUARD_WINDOW} steps here")
+                0, "", f"plain at batch {len(reqs)}, {held.left} more steps after this: drafting "
+                f"realized {held.ratio:.2f}x plain decoding's speed in its last window of up to {GUARD_WINDOW} steps here")
         planned = self.planner.one_k_per_method(self.planner.one_drafting_model(planned, len(reqs)))
         plan = self._make_room(self.planner.refresh_plain(self.planner.cap_batch(planned), len(reqs)))
         self._fault("decode", list(plan))

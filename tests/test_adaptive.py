@@ -1344,45 +1344,38 @@ def test_explore_steps_thin_out_while_the_k_stands_and_come_back_when_it_moves()
 def test_speed_guard_holds_plain_where_drafting_realized_less_than_plain():
     """Model-free: a window's realized speed is its tokens over what plain decoding would have emitted in its wall
     time; below GUARD_BELOW the batch is held plain, the hold doubling while drafting keeps losing and starting again
-    after a window at plain's speed or above. A hold whose first plain steps show plain decoding slower now than the
-    window was measured by ends there."""
+    after a window at plain's speed or above; a window far below plain decides early. A hold whose first plain steps
+    show plain decoding slower now than the window was measured by ends there."""
     from engine.adaptive import GUARD_HOLD_FIRST, GUARD_RECHECK, GUARD_WINDOW, SpeedGuard
 
     g = SpeedGuard()
-    clock = 0
-    for _ in range(GUARD_WINDOW):  # 4 rows, 1.35 tokens a row per step, at 1.5x plain's step time: 0.9x plain
-        clock += 1
-        g.observe(tokens=5.4, rows=4, seconds=0.015, plain_s=0.01, clock=clock)
-    assert abs(g.ratio - 0.9) < 1e-9 and g.holds(clock) and g.hold_until == clock + GUARD_HOLD_FIRST
-    assert g.holds(clock + GUARD_HOLD_FIRST) and not g.holds(clock + GUARD_HOLD_FIRST + 1)
-    clock = g.hold_until + 1
-    for _ in range(GUARD_WINDOW):  # losing again: twice the hold
-        clock += 1
-        g.observe(5.4, 4, 0.015, 0.01, clock)
-    assert g.hold_until == clock + 2 * GUARD_HOLD_FIRST
-    clock = g.hold_until + 1  # the hold is over: the rows draft again
-    for _ in range(GUARD_WINDOW):  # 2 tokens a row at 1.5x plain's time: 1.33x plain
-        clock += 1
-        g.observe(8, 4, 0.015, 0.01, clock)
-    assert g.ratio > 1.3 and not g.holds(clock) and g.hold == GUARD_HOLD_FIRST
+
+    def window(tokens: float, steps: int = GUARD_WINDOW) -> None:  # 4 rows a step, each at 1.5x plain's step time
+        for _ in range(steps):
+            assert not g.left
+            g.observe(tokens, 4, 0.015, 0.01)
+
+    window(5.4)  # 1.35 tokens a row: 0.9x plain
+    assert abs(g.ratio - 0.9) < 1e-9 and g.left == GUARD_HOLD_FIRST
+    g.left = 0  # the hold's steps ran (Policy.guard_holds counts them)
+    window(5.4)  # losing again: twice the hold
+    assert g.left == 2 * GUARD_HOLD_FIRST
+    g.left = 0
+    window(8)  # 2 tokens a row: 1.33x plain
+    assert g.ratio > 1.3 and not g.left and g.hold == GUARD_HOLD_FIRST
     # a losing window measured by an old plain time: the hold's first plain steps measure plain again
     for plain_now, ends in ((0.01, False), (0.012, True)):
-        for _ in range(GUARD_WINDOW):  # 0.9x plain by the old plain time
-            clock += 1
-            g.observe(5.4, 4, 0.015, 0.01, clock)
-        assert abs(g.ratio - 0.9) < 1e-9 and g.holds(clock + 1)
+        window(5.4)  # 0.9x plain by the old plain time
+        assert g.left
         for _ in range(GUARD_RECHECK):
-            clock += 1
-            g.recheck(4, plain_now, clock)
-        assert g.holds(clock + 1) is not ends  # plain 20% slower now: the window was 1.08x plain, the hold ends
-        assert abs(g.ratio - (0.9 if not ends else 1.08)) < 1e-9
-        clock = g.hold_until + 1
+            g.recheck(4, plain_now)
+        assert (g.left == 0) is ends  # plain 20% slower now: the window was 1.08x plain, the hold ends
+        assert abs(g.ratio - (1.08 if ends else 0.9)) < 1e-9
+        g.left = 0
     assert g.hold == 2 * GUARD_HOLD_FIRST  # the ended hold doubled nothing
-    clock = g.hold_until + 1
-    for step in range(1, 9):  # far below plain (0.5x): the verdict comes after 8 steps
-        clock += 1
-        g.observe(3, 4, 0.015, 0.01, clock)
-        assert g.holds(clock + 1) is (step == 8)
+    window(3, 7)  # far below plain (0.5x): the verdict comes after 8 steps
+    g.observe(3, 4, 0.015, 0.01)
+    assert g.left == 2 * GUARD_HOLD_FIRST
 
 
 def test_a_batch_whose_drafting_loses_decodes_plain_for_a_hold(monkeypatch):
