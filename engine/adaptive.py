@@ -132,7 +132,10 @@ GUARD_FROM = 4  # the batch bucket from which a batch's drafting is judged by th
 # (demo pair, T = 0.8), steps mixing n-gram, the draft model and the EAGLE head, each untimed, catching up after one
 # another, realized 0.5-0.8x plain decoding's speed where every prediction put drafting above it
 GUARD_WINDOW = 32  # drafting steps of a verdict
-GUARD_BELOW = 0.95  # realized speed over plain decoding's below which the batch decodes plain for a hold ...
+GUARD_BELOW = 1.0  # realized speed over plain decoding's below which the batch decodes plain for a hold (what the
+# steps do not show costs drafting more: rows that finish apart read new prompts in prefill steps of their own, where
+# plain rows finish together; on an H200 at 8 clients, T = 0.8, fixed K = 4 realized 1.03-1.10x plain in its drafting
+# steps and 0.95x over its passes) ...
 GUARD_EARLY = {8: 0.75, 16: 0.85}  # ... and, a window's verdict after fewer steps, further below: on an H200 at 8
 # clients (demo pair, T = 0.8) windows realized 0.48-0.77x plain, and 32 steps of that cost each pass 5-10%
 GUARD_RECHECK = 5  # plain steps of a hold that measure plain decoding again (``SpeedGuard.recheck``)
@@ -732,12 +735,12 @@ class SpeedGuard:
         self._was: dict[int, float] = {}  # ... and the last losing window's, while its hold is rechecked
         self._fresh: dict[int, list[float]] = {}  # plain steps measured in that hold, per batch size
 
-    def observe(self, tokens: int, rows: int, seconds: float, plain_s: float) -> None:
-        """A drafting step of ``rows`` rows emitted ``tokens`` in ``seconds``; plain decoding's step at that batch
-        size took ``plain_s`` as last measured."""
+    def observe(self, tokens: int, rows: int, seconds: float, plain_s: float, plain_rows: int | None = None) -> None:
+        """A drafting step of ``rows`` rows emitted ``tokens`` in ``seconds``; plain decoding's step took ``plain_s``
+        as last measured, at ``plain_rows`` rows (default ``rows``)."""
         self.tokens += tokens
         self.plain_tokens += rows * seconds / plain_s
-        self.yardstick[rows] = plain_s
+        self.yardstick[plain_rows or rows] = plain_s
         self.steps += 1
         early = GUARD_EARLY.get(self.steps)
         if self.steps < GUARD_WINDOW and (early is None or self.tokens >= early * self.plain_tokens):
@@ -893,14 +896,21 @@ class Policy:
         """A step of ``batch`` adaptive rows of which some drafted emitted ``tokens`` in ``seconds`` (from GUARD_FROM,
         where plain decoding was measured at this batch size)."""
         b = bucket(batch)
-        walls = self._plain_walls.get((batch, self._sampled))
-        if b < GUARD_FROM or walls is None or len(walls) < 3:
+        if b < GUARD_FROM:
             return
+        # plain decoding measured at this batch size, else at the nearest one of the bucket (a batch of 7 between waves
+        # of 8 clients: plain rows finish together and rarely run it)
+        measured = [n for (n, sampled), walls in self._plain_walls.items()
+                    if sampled == self._sampled and bucket(n) == b and len(walls) >= 3]
+        if not measured:
+            return
+        n = min(measured, key=lambda m: (abs(m - batch), -m))
+        walls = self._plain_walls[(n, self._sampled)]
         plain = sorted(walls)[len(walls) // 2]
         g = self.guards.get((b, self._sampled))
         if g is None:
             g = self.guards[(b, self._sampled)] = SpeedGuard()
-        g.observe(tokens, batch, seconds, plain)
+        g.observe(tokens, batch, seconds, plain, n)
 
     @property
     def times(self) -> StepTimes:
