@@ -134,7 +134,9 @@ def _one_k(proposer: Proposer, reqs: list[Request], idx: list[int], ks: list[int
     """The K each of ``idx``'s rows drafts to: where the proposer drafts steps 2..K as one CUDA graph (``chains``) and
     the rows planned different K, every row drafts the largest (the caller keeps each row's own K of it) when the
     proposer's cache has room for that: step by step, on an H200 at batch 8, a step with one row at K = 3 beside seven
-    at K = 4 (a request near its last token) took 8.5 ms against 6.3 ms for all eight at K = 4."""
+    at K = 4 (a request near its last token) took 8.5 ms against 6.3 ms for all eight at K = 4. A row cut by the
+    context drafts at most MAX_DRAFT_TOKENS - 1 positions past it: inside the block of slack that the caches' block
+    tables and position tables keep past the context."""
     own = [ks[i] for i in idx]
     top = max(own)
     if len(set(own)) == 1 or not getattr(proposer, "chains", False) or not proposer.fits({reqs[i]: top for i in idx}):
