@@ -171,6 +171,11 @@ def clamped_ema(old: float | None, seconds: float, weight: float = EMA) -> float
     return weight * old + (1 - weight) * min(seconds, STALL_CLAMP * old)
 
 
+def _median(xs: Collection[float]) -> float:
+    """The upper median (an observed value)."""
+    return sorted(xs)[len(xs) // 2]
+
+
 def _robust_mean(times: list[float]) -> float:
     """A K's average from its first few timings: one alone; of two, their mean unless they differ by more than
     STALL_CLAMP, then the faster (a slower first step paid one-off costs: at 8 clients on the CPU the EAGLE head's first
@@ -180,7 +185,7 @@ def _robust_mean(times: list[float]) -> float:
     if len(times) == 2:
         lo, hi = sorted(times)
         return lo if hi > STALL_CLAMP * lo else (lo + hi) / 2
-    return sorted(times)[len(times) // 2]
+    return _median(times)
 
 
 def bucket(batch: int) -> int:
@@ -766,7 +771,7 @@ class SpeedGuard:
         fresh.append(seconds)
         if len(fresh) < GUARD_RECHECK:
             return
-        self.ratio *= sorted(fresh)[len(fresh) // 2] / self._was.pop(rows)
+        self.ratio *= _median(fresh) / self._was.pop(rows)
         self._was = {}
         if self.ratio >= GUARD_BELOW:
             self.left = 0
@@ -804,6 +809,7 @@ class Policy:
         self.explores = _Backoff(EXPLORE_EVERY, EXPLORE_MAX)  # ``_explore``'s clock
         self.guards: dict[tuple[int, bool], SpeedGuard] = {}  # per (batch bucket, sampled steps): ``guard_holds``
         self._plain_walls: dict[tuple[int, bool], deque[float]] = {}  # per (batch, sampled): recent plain steps' walls
+        self._plain_median: dict[tuple[int, bool], float] = {}  # ... and their median, from 3 of them on
 
     def tick(self, context: int = 0, sampled: bool = False) -> None:
         """One decode step begins; its longest row attends over ``context`` positions, and ``sampled``: some row samples
@@ -888,6 +894,8 @@ class Policy:
         if walls is None:
             walls = self._plain_walls[(batch, self._sampled)] = deque(maxlen=GUARD_PLAIN_STEPS)
         walls.append(seconds)
+        if len(walls) >= 3:  # kept here, not at every drafting step that reads it (``guard_observe``)
+            self._plain_median[(batch, self._sampled)] = _median(walls)
         guard = self.guards.get((bucket(batch), self._sampled))
         if guard is not None:
             guard.recheck(batch, seconds)
@@ -900,13 +908,11 @@ class Policy:
             return
         # plain decoding measured at this batch size, else at the nearest one of the bucket (a batch of 7 between waves
         # of 8 clients: plain rows finish together and rarely run it)
-        measured = [n for (n, sampled), walls in self._plain_walls.items()
-                    if sampled == self._sampled and bucket(n) == b and len(walls) >= 3]
+        measured = [n for (n, sampled) in self._plain_median if sampled == self._sampled and bucket(n) == b]
         if not measured:
             return
         n = min(measured, key=lambda m: (abs(m - batch), -m))
-        walls = self._plain_walls[(n, self._sampled)]
-        plain = sorted(walls)[len(walls) // 2]
+        plain = self._plain_median[(n, self._sampled)]
         g = self.guards.get((b, self._sampled))
         if g is None:
             g = self.guards[(b, self._sampled)] = SpeedGuard()
