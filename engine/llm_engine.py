@@ -335,8 +335,8 @@ class LLMEngine:
     def _decode(self, reqs: list[Request]) -> None:
         t_start = time.perf_counter()  # adaptive K times the whole step: planning and bookkeeping are per step too
         self.policy.tick(max(r.num_tokens for r in reqs), sampled=any(not r.params.greedy for r in reqs))
-        adaptive = any(r.params.speculative and r.params.num_draft_tokens is None for r in reqs)
-        held = self.policy.guard_holds(len(reqs)) if adaptive else None
+        any_adaptive = any(r.params.speculative and r.params.num_draft_tokens is None for r in reqs)
+        held = self.policy.guard_holds(len(reqs)) if any_adaptive else None
         if held is None:
             planned = {r: self._choose(r, len(reqs)) for r in reqs}
         else:  # drafting lost to plain decoding as realized at this batch size: adaptive rows decode plain a while
