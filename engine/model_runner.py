@@ -221,7 +221,7 @@ class ModelRunner:
         keep = max(r.num_logits for r in rows)
         table = self.tables.table.index_select(0, row_t)  # [B, max blocks]
         logits = None
-        if self.graphs is not None and self.graphs.fits(b, n, t_len, self.aux_layers if aux is not None else None):
+        if self.graphs is not None and self.graphs.fits(b, n, t_len, self.aux_layers if aux is not None else None, keep):
             try:
                 out = self.graphs.run(input_ids, pos_t, slot_t, table, t_len, keep,
                                       self.aux_layers if aux is not None else None)

@@ -184,14 +184,14 @@ def test_token_counts_of_one_bucket_share_a_left_padded_graph(monkeypatch):
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (30, 12)]
     for r in (eager, graphed):
         r.forward([RowInput(i, p, 1) for i, p in enumerate(prompts)])
-    captures = GraphRunner.captures
+    captures, replays = GraphRunner.captures, graphed.graphs.replays
     for n in (4, 5, 4, 5, 4):
         rows = [RowInput(i, torch.randint(3, VOCAB, (n,), generator=gen).tolist(), n, aux=True) for i in range(2)]
         a, b = eager.forward(rows), graphed.forward(rows)
         for x, y in zip(a, b):
             assert x.shape == y.shape == (n, VOCAB)
             assert (x - y).abs().max().item() <= 1e-4 * max(1.0, x.abs().max().item())
-    assert GraphRunner.captures - captures == 1 and graphed.graphs.replays == 5
+    assert GraphRunner.captures - captures == 1 and graphed.graphs.replays - replays == 5
     assert [(s, p, h.shape) for s, p, h in got["eager"]] == [(s, p, h.shape) for s, p, h in got["graphed"]]
     for (_, _, x), (_, _, y) in zip(got["eager"], got["graphed"]):
         assert (x - y).abs().max().item() <= 1e-4 * max(1.0, x.abs().max().item())
@@ -212,13 +212,61 @@ def test_prewarm_captures_the_first_shapes_so_steps_meet_no_one_off(monkeypatch)
     for r in (eager, graphed):
         for i in range(8):
             r.forward([RowInput(i, list(range(3, 30 + i)), 1)])
-    one_offs = GraphRunner.one_offs
+    one_offs, replays = GraphRunner.one_offs, graphed.graphs.replays
     for rows, n in ((3, 4), (8, 1), (5, 9), (1, 2)):
         feed = [RowInput(i, torch.randint(3, VOCAB, (n,), generator=gen).tolist(), n) for i in range(rows)]
         a, b = eager.forward(feed), graphed.forward(feed)
         for x, y in zip(a, b):
             assert (x - y).abs().max().item() <= 1e-4 * max(1.0, x.abs().max().item())
-    assert GraphRunner.one_offs == one_offs and graphed.graphs.replays == 4
+    assert GraphRunner.one_offs == one_offs and graphed.graphs.replays - replays == 4
+
+
+def test_prompt_chunks_replay_graphs_that_keep_the_last_logits(monkeypatch):
+    """Prefill chunks of up to PREFILL_GRAPH_TOKENS padded tokens replay graphs of their own, one row or several of
+    different lengths (left-padded to a bucket): eager's last logits and EAGLE features for every token, the same cache
+    for the steps after, no leak. Longer chunks, keys past PREFILL_MAX_KEYS and rows that want every token's logits run
+    eagerly; a warm-up captures one row's short chunks."""
+    from engine.cuda_graphs import PREFILL_GRAPH_TOKENS, PREFILL_MAX_KEYS, PREFILL_TOKEN_BUCKETS, GraphRunner
+
+    model = _model(torch.float32)
+    eager, graphed = _runner(model, False, monkeypatch), _runner(model, True, monkeypatch)
+    assert graphed.graphs.prewarm_prefill(100) == sum(1 for m in PREFILL_TOKEN_BUCKETS if m <= 128)
+    got: dict[str, list] = {"eager": [], "graphed": []}
+    for name, r in (("eager", eager), ("graphed", graphed)):
+        r.aux_layers = (0, 2)
+        r.aux_sink = lambda seq, start, h, name=name: got[name].append((seq, start, h.clone()))
+    gen = torch.Generator().manual_seed(13)
+
+    def same(rows, graph: bool):
+        replays = graphed.graphs.replays
+        a, b = eager.forward(rows), graphed.forward(rows)
+        assert graphed.graphs.replays - replays == int(graph), rows
+        for x, y in zip(a, b):
+            assert x.shape == y.shape
+            assert (x - y).abs().max().item() <= 1e-4 * max(1.0, x.abs().max().item())
+
+    ids = lambda n: torch.randint(3, VOCAB, (n,), generator=gen).tolist()  # noqa: E731
+    same([RowInput(0, ids(37), 1, aux=True)], True)  # one prompt (bucket 48)
+    same([RowInput(1, ids(20), 1), RowInput(2, ids(90), 1, aux=True)], True)  # two, padded to 96
+    same([RowInput(3, ids(PREFILL_GRAPH_TOKENS // 2 + 1), 1)], True)  # a 384 bucket: one row fits
+    same([RowInput(4, ids(300), 1), RowInput(5, ids(300), 1)], False)  # 2 x 384 padded tokens: eager
+    same([RowInput(0, ids(12), 12)], False)  # every token's logits: eager
+    for _ in range(3):  # decode steps read what the graphs wrote
+        same([RowInput(i, ids(2), 2) for i in range(6)], True)
+    for r in (eager, graphed):
+        for i in range(1, 6):
+            r.free(i)
+    same([RowInput(6, ids(PREFILL_MAX_KEYS - 24), 1)], False)  # past 512 tokens: eager
+    same([RowInput(6, ids(30), 1)], False)  # a chunk past PREFILL_MAX_KEYS keys: eager
+    assert graphed.graphs.failed is None and GraphRunner.captures > 0
+    assert [(s, p, h.shape) for s, p, h in got["eager"]] == [(s, p, h.shape) for s, p, h in got["graphed"]]
+    for (_, _, x), (_, _, y) in zip(got["eager"], got["graphed"]):
+        assert (x - y).abs().max().item() <= 1e-4 * max(1.0, x.abs().max().item())
+    for r in (eager, graphed):
+        for i in range(7):
+            r.free(i)
+        r.blocks.check_invariants()
+        assert r.blocks.num_free == r.blocks.num_blocks
 
 
 def test_a_drafting_chain_replays_the_step_by_step_draft(monkeypatch):
@@ -313,7 +361,7 @@ def test_eager_forwards_skip_cudnn_attention_and_long_graphs_use_it(monkeypatch)
     model = _model(torch.bfloat16)
     eager, graphed = _runner(model, False, monkeypatch), _runner(model, True, monkeypatch)
     for r in (eager, graphed):
-        r.forward([RowInput(0, list(range(3, 40)), 1)])  # prefill: eager in both
+        r.forward([RowInput(0, list(range(3, 40)), 1)])  # prefill: eager, and a graph of a short key bucket
     assert seen and not any(seen)
     for context in (40, 600):  # key buckets 256 and 768
         for r in (eager, graphed):
