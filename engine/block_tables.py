@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.devices import to_device
+
 
 class DeviceBlockTables:
     def __init__(self, max_blocks_per_seq: int, scratch_block: int, device: torch.device, capacity: int = 32):
@@ -53,7 +55,7 @@ class DeviceBlockTables:
                     break
                 first += 1
             if first < len(blocks):
-                self.table[row, first:len(blocks)] = torch.tensor(blocks[first:], dtype=torch.long).to(self.device)
+                self.table[row, first:len(blocks)] = to_device(blocks[first:], torch.long, self.device)
             if len(old) > len(blocks):
                 self.table[row, len(blocks):len(old)] = self.scratch
             self._synced[seq_id] = list(blocks)

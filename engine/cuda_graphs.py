@@ -26,6 +26,7 @@ import torch
 
 from engine.attention import CUDNN_MIN_KEYS, AttnBatch, causal_mask, cudnn_attention, key_slots
 from engine.config import MAX_DRAFT_TOKENS
+from engine.devices import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +149,13 @@ class ChainSampling:
         None where sampled chains do not run: more than MAX_SAMPLED_CHAIN_ROWS rows."""
         if len(noise_slots) > MAX_SAMPLED_CHAIN_ROWS:
             return None
-        full = torch.ones(len(noise_slots), noise.shape[1] - 1, vocab, device=noise.device)
-        at = [n for n, s in enumerate(noise_slots) if s is not None]
-        full[torch.tensor(at, device=noise.device)] = noise[torch.tensor([noise_slots[n] for n in at],
-                                                                         device=noise.device), 1:]
+        if noise_slots == list(range(len(noise_slots))):  # every row sampled, in order: the noise as it is
+            full = noise[:, 1:]
+        else:
+            full = torch.ones(len(noise_slots), noise.shape[1] - 1, vocab, device=noise.device)
+            at = [n for n, s in enumerate(noise_slots) if s is not None]
+            full[to_device(at, torch.long, noise.device)] = noise[to_device([noise_slots[n] for n in at], torch.long,
+                                                                            noise.device), 1:]
         return cls(rp.temperature, rp.top_p, rp.top_k, full, truncate=rp.truncates(vocab))
 
     @staticmethod

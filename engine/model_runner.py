@@ -102,11 +102,13 @@ class ModelRunner:
 
     # ------------------------------------------------------------- forward
     @torch.inference_mode()
-    def forward(self, rows: list[RowInput]) -> list[torch.Tensor]:
+    def forward(self, rows: list[RowInput], sync: bool = True) -> list[torch.Tensor]:
         """Write the rows' new tokens to the cache and return each row's last logits.
 
         Returns one ``[num_logits, vocab]`` float tensor per row. On any error (no free
-        block, device OOM) every row is left exactly as it was before the call.
+        block, device OOM) every row is left exactly as it was before the call. ``sync=False``: return once the
+        forward is launched (a GPU's work may still run), for callers that launch more work on the logits before
+        reading them on the host (which waits for it all): that launching then overlaps the forward.
         """
         t0 = time.perf_counter()
         bs = self.blocks.block_size
@@ -136,7 +138,9 @@ class ModelRunner:
                     self.aux_sink(row.seq_id, start, aux[0][i, n - len(row.token_ids):])
         # the caller reads these logits at once anyway; syncing here makes step timers (and with
         # them adaptive K's cost model) measure the device's work, not just its launch
-        if self.device.type == "cuda":
+        if not sync:
+            pass
+        elif self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elif self.device.type == "mps":
             torch.mps.synchronize()
@@ -289,8 +293,7 @@ class ModelRunner:
             raise
         for seq_id, start in grown:
             self.blocks.commit(seq_id, start + steps)
-        torch.cuda.synchronize(self.device)
-        self.last_forward_s = time.perf_counter() - t0
+        self.last_forward_s = time.perf_counter() - t0  # launched: the caller's copy of the tokens waits for them
         return out
 
     # ------------------------------------------------------------- lifecycle

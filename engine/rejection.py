@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from engine import rng
+from engine.devices import to_device
 from engine.sampler import RowParams, draw, probs_batch
 
 
@@ -105,7 +106,7 @@ def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, num_draft: t
     else:
         choice = target_logits.argmax(-1)  # [B, K+1]: greedy rows' tokens
     if sampled:
-        s_idx = torch.tensor(sampled, device=dev) if greedy else slice(None)
+        s_idx = to_device(sampled, torch.long, dev) if greedy else slice(None)
         sub = rp.select(sampled) if greedy else rp
         p = probs_batch(target_logits[s_idx], sub)  # [S, K+1, V]
         if k == 0:  # a plain step: one draw per row, no acceptance to decide
@@ -114,8 +115,11 @@ def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, num_draft: t
         # seeded rows: the target's own Gumbel-max sample at every position (the coupling)
         seeded = [n for n, i in enumerate(sampled) if rp.host[i].seed is not None]
         if seeded:
-            rows_t = torch.tensor([sampled[n] for n in seeded], device=dev)
-            choice[rows_t] = draw(p[torch.tensor(seeded, device=dev)], sample_keys[rows_t])
+            if len(seeded) == b:  # every row seeded: no index tensors
+                choice = draw(p, sample_keys)
+            else:
+                rows_t = to_device([sampled[n] for n in seeded], torch.long, dev)
+                choice[rows_t] = draw(p[to_device(seeded, torch.long, dev)], sample_keys[rows_t])
     if k == 0:
         return torch.zeros(b, dtype=torch.long, device=dev), choice
     j = torch.arange(k1, device=dev)
@@ -125,9 +129,9 @@ def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, num_draft: t
     by_rule = [n for n, i in enumerate(sampled) if rp.host[i].seed is None]  # unseeded: rejection sampling
     if by_rule:
         rows = [sampled[n] for n in by_rule]
-        r_idx = torch.tensor(rows, device=dev)
+        r_idx = to_device(rows, torch.long, dev)
         q = None if draft_probs is None else draft_probs[r_idx]
-        a, t = verify_sampled(draft_tokens[r_idx], num_draft[r_idx], q, p[torch.tensor(by_rule, device=dev)],
+        a, t = verify_sampled(draft_tokens[r_idx], num_draft[r_idx], q, p[to_device(by_rule, torch.long, dev)],
                               sample_keys[r_idx], accept_keys[r_idx])
         accepted[r_idx] = a
         nxt[r_idx] = t

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from engine.devices import to_device
+
 # purposes of a draw: each has its own stream, so no two decisions share noise
 SAMPLE, DRAFT, ACCEPT = 1, 2, 3
 
@@ -42,7 +44,7 @@ def keys(seeds: list[int], positions: list[list[int]], stream: int, device=None)
     """``[B, N]`` keys for row b's ``positions[b]`` (rows padded with their last position)."""
     n = max(len(p) for p in positions)
     rows = [[key(s, q, stream) for q in (p + p[-1:] * (n - len(p)))] for s, p in zip(seeds, positions)]
-    return torch.tensor(rows, dtype=torch.int64).to(device)
+    return to_device(rows, torch.int64, device)
 
 
 def new_seed() -> int:

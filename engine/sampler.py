@@ -13,6 +13,7 @@ import torch
 
 from engine import rng
 from engine.config import SamplingParams
+from engine.devices import to_device
 
 
 @dataclass
@@ -27,11 +28,11 @@ class RowParams:
 
     @classmethod
     def build(cls, params: list[SamplingParams], device) -> RowParams:
-        t = torch.tensor([[p.temperature, p.top_p, p.top_k] for p in params], dtype=torch.float32).to(device)
+        t = to_device([[p.temperature, p.top_p, p.top_k] for p in params], torch.float32, device)
         return cls(t[:, 0], t[:, 1], t[:, 2].long(), list(params))
 
     def select(self, rows: list[int]) -> RowParams:
-        idx = torch.tensor(rows, device=self.temperature.device)
+        idx = to_device(rows, torch.long, self.temperature.device)
         return RowParams(self.temperature[idx], self.top_p[idx], self.top_k[idx], [self.host[i] for i in rows])
 
     def rows(self, predicate) -> list[int]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from engine import rng
+from engine.devices import to_device
 from engine.model_runner import ModelRunner, RowInput
 from engine.proposers.base import Proposal, Proposer, StepRows
 from engine.rejection import verify
@@ -30,7 +31,7 @@ class RowResult:
 @dataclass
 class StepTiming:
     propose_s: float
-    target_s: float
+    target_s: float  # on a GPU: the forward and the verification (launches overlap it), up to the tokens on the host
     total_s: float
     explored: bool = False  # a phase ran at a thread count being measured, not the preferred one (engine.threads)
 
@@ -105,7 +106,9 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     # rows that may draft with the EAGLE head bring back the target's features of what it verified
     rows_in = [RowInput(r.seq_id, r.all_ids[target.cached_len(r.seq_id):] + lists[i], len(lists[i]) + 1, r.use_eagle)
                for i, r in enumerate(reqs)]
-    per_row = target.forward(rows_in)
+    # on a GPU the verification's launches overlap the forward (not synced): the target's time then runs to the
+    # verified tokens' copy to the host, which waits for both
+    per_row = target.forward(rows_in, sync=dev.type == "cpu")
     t2 = time.perf_counter()
     if threads is not None:
         threads.observe(n_verify, tokens, t2 - t1, len(reqs), "verify")
@@ -114,13 +117,16 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     else:
         logits = _stack_padded(per_row)  # [B, K+1, V]
         kmax = logits.shape[1] - 1
-        draft = torch.tensor([toks + [-1] * (kmax - len(toks)) for toks in lists], dtype=torch.long).to(dev)  # [B, K]
-        num_draft = torch.tensor([len(t) for t in lists], dtype=torch.long).to(dev)
+        # [B, K] draft tokens (-1 past a row's K) and [B] their counts, in one copy
+        packed = to_device([toks + [-1] * (kmax - len(toks)) + [len(toks)] for toks in lists], torch.long, dev)
+        draft, num_draft = packed[:, :kmax], packed[:, kmax]
         q = _gather_q(q_parts, draft, len(reqs), kmax, logits.shape[-1])
         sample_keys, accept_keys = sampling_keys(reqs, kmax, dev)
         accepted, tokens = verify(logits, draft, num_draft, q, rp, sample_keys, accept_keys)
         host = torch.cat([accepted[:, None], tokens], 1).tolist()  # the step's one host copy
         verified = [(h[0], h[1: h[0] + 2]) for h in host]
+    if dev.type != "cpu":
+        t2 = time.perf_counter()
     out = []
     for i, r in enumerate(reqs):
         a, tokens = verified[i]
@@ -188,7 +194,7 @@ def _gather_q(parts: list[tuple[list[int], Proposal]], draft: torch.Tensor, b: i
         return None
     q = torch.zeros(b, kmax, vocab, device=draft.device)
     for idx, prop in parts:
-        sel = torch.tensor(idx, device=draft.device)
+        sel = to_device(idx, torch.long, draft.device)
         if prop.probs is not None:
             q[sel, : prop.probs.shape[1]] = prop.probs[:, :kmax]
         else:

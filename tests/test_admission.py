@@ -47,7 +47,7 @@ def test_long_prompt_is_prefilled_in_chunks_between_other_requests_decode_steps(
     alone = _long_context_engine().generate(long_prompt, params).token_ids  # same weights, cold prefix cache
     widths = []
     forward = eng.target.forward
-    eng.target.forward = lambda rows: widths.append(max(len(r.token_ids) for r in rows)) or forward(rows)
+    eng.target.forward = lambda rows, **kw: widths.append(max(len(r.token_ids) for r in rows)) or forward(rows, **kw)
     order = []
     done = {}
 
@@ -122,7 +122,7 @@ def test_a_draft_that_sat_out_catches_up_in_bounded_chunks():
     assert eng.draft.cached_len(req.seq_id) == 0  # n-gram only: the draft model never read it
     widths = []
     forward = eng.draft.forward
-    eng.draft.forward = lambda rows: widths.append(max(len(r.token_ids) for r in rows)) or forward(rows)
+    eng.draft.forward = lambda rows, **kw: widths.append(max(len(r.token_ids) for r in rows)) or forward(rows, **kw)
     eng.proposers["model"]._catch_up([req])
     del eng.draft.forward
     assert widths and max(widths) <= CATCH_UP

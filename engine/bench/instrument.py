@@ -139,12 +139,12 @@ class Instrument:
         return self._timed(role, fn, lambda rows: (len(rows.reqs), max(rows.ks, default=0)), runs_model=False)
 
     def _timed(self, role: str, fn, shape, runs_model: bool):
-        def timed(rows):
+        def timed(rows, **kwargs):  # the profile syncs around every call (a forward's ``sync`` aside)
             if runs_model:
                 self._role = role
             self._sync()
             t0 = time.perf_counter()
-            out = fn(rows)
+            out = fn(rows, **kwargs)
             self._sync()
             dt = time.perf_counter() - t0
             self.forwards.add(role, self._stage, *shape(rows), dt)

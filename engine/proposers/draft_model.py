@@ -8,6 +8,7 @@ import torch
 
 from engine import prefill, rng
 from engine.config import MAX_DRAFT_TOKENS
+from engine.devices import to_device
 from engine.model_runner import ModelRunner, RowInput
 from engine.proposers.base import Proposal, StepRows
 from engine.sampler import probs_batch, race
@@ -42,7 +43,7 @@ class DraftModelProposer:
             keys = [[rng.key(rows.reqs[i].seed, rows.reqs[i].num_tokens + j,
                              rng.SAMPLE if rows.reqs[i].params.seed is not None else rng.DRAFT)
                      for j in range(kmax)] for i in sampled]
-            noise = rng.exponentials(torch.tensor(keys, dtype=torch.int64).to(dev), self.runner.vocab_size)
+            noise = rng.exponentials(to_device(keys, torch.int64, dev), self.runner.vocab_size)
         slot = {i: n for n, i in enumerate(sampled)}
         self.backlog = sum(max(0, self.behind(r) - NORMAL_BEHIND) for r in rows.reqs)
         self._read_prompts(rows.reqs)
@@ -55,7 +56,8 @@ class DraftModelProposer:
                 req = rows.reqs[i]
                 ids = req.all_ids[self.runner.cached_len(req.seq_id):] if j == 0 else [lists[i][-1]]
                 feed.append(RowInput(req.seq_id, ids, 1))
-            logits = torch.stack([out[-1] for out in self.runner.forward(feed)])  # [A, V]
+            # not synced: the sampling below and the chain are launched while the forward runs
+            logits = torch.stack([out[-1] for out in self.runner.forward(feed, sync=False)])  # [A, V]
             tokens = logits.argmax(-1)
             s_rows = [(n, i) for n, i in enumerate(active) if i in slot]
             if len(s_rows) == len(active) == b:  # every row sampled and still drafting: no index tensors
@@ -64,16 +66,19 @@ class DraftModelProposer:
                 if q is not None:
                     q[:, j] = probs
             elif s_rows:
-                local = torch.tensor([n for n, _ in s_rows], device=dev)
+                local = to_device([n for n, _ in s_rows], torch.long, dev)
                 s = [i for _, i in s_rows]
                 probs = probs_batch(logits[local], rows.rp.select(s))  # [S, V]
-                tokens[local] = race(probs, noise[torch.tensor([slot[i] for i in s], device=dev), j])
+                tokens[local] = race(probs, noise[to_device([slot[i] for i in s], torch.long, dev), j])
                 if q is not None:
-                    q[torch.tensor(s, device=dev), j] = probs
+                    q[to_device(s, torch.long, dev), j] = probs
+            more = self._chain(rows, tokens, noise, slot, q) if j == 0 and kmax > 1 and min(rows.ks) == kmax else None
+            if more is not None:  # steps 2..K ran as one CUDA graph: one host copy of all K
+                for i, toks in enumerate(torch.cat([tokens[:, None], more], 1).tolist()):
+                    lists[i] += toks
+                break
             for i, t in zip(active, tokens.tolist()):
                 lists[i].append(t)
-            if j == 0 and kmax > 1 and min(rows.ks) == kmax and self._chain(rows, tokens, lists, noise, slot, q):
-                break  # steps 2..K ran as one CUDA graph
         return Proposal(lists, q)
 
     @property
@@ -82,29 +87,28 @@ class DraftModelProposer:
         g = self.runner.graphs
         return g is not None and g.failed is None
 
-    def _chain(self, rows: StepRows, first: torch.Tensor, lists: list[list[int]], noise: torch.Tensor | None,
-               slot: dict[int, int], q: torch.Tensor | None) -> bool:
+    def _chain(self, rows: StepRows, first: torch.Tensor, noise: torch.Tensor | None, slot: dict[int, int],
+               q: torch.Tensor | None) -> torch.Tensor | None:
         """Drafting steps 2..K of every row (one K) as one graph replay (ModelRunner.draft_chain, CUDA only), with
-        no host round trip between them; False where it does not run (the caller drafts step by step)."""
+        no host round trip between them: their ``[B, K - 1]`` tokens on the device (q filled in); None where it does
+        not run (the caller drafts step by step)."""
         from engine.cuda_graphs import ChainSampling
 
         b, steps = len(rows.reqs), max(rows.ks) - 1
         if self.runner.graphs is None:
-            return False
+            return None
         sampling = None
         if slot:
             sampling = ChainSampling.of_rows(rows.rp, [slot.get(i) for i in range(b)], noise, self.runner.vocab_size)
             if sampling is None:
-                return False
+                return None
         got = self.runner.draft_chain([r.seq_id for r in rows.reqs], first, steps, sampling)
         if got is None:
-            return False
+            return None
         tokens, probs = got
-        for i, more in enumerate(tokens.tolist()):
-            lists[i] += more
         if q is not None and probs is not None:
             q[:, 1:] = probs
-        return True
+        return tokens
 
     def _read_prompts(self, reqs: list[Request]) -> None:
         """Rows whose draft has not read their prompt (adaptive requests: the engine prefills the draft only for a
