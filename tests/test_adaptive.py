@@ -519,6 +519,24 @@ def test_a_new_request_does_not_reprobe_a_useless_draft_from_scratch():
     assert not any(ks[: 4 * PROBE_FIRST]), [i for i, k in enumerate(ks) if k]
 
 
+def test_an_ngram_miss_falls_back_only_to_a_proposer_that_needs_no_catch_up():
+    """Where the lookup finds nothing, an adaptive n-gram row drafts with the draft model in the same step only while
+    the draft has read the row's tokens: a catch-up in a step planned as n-gram is a cost no prediction weighed."""
+    from engine.proposers.draft_model import NORMAL_BEHIND
+
+    eng = tiny_engine(draft=True)
+    req = eng.add_request("Once upon a time there was a little dog named Tom who",
+                          SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True, draft_method="auto"))
+    eng.step()  # the prefill: the draft has not read the prompt (adaptive requests draft it when they first draft)
+    draft = eng.proposers["model"]
+    req.adaptive.fallback_k = 2
+    assert draft.behind(req) > NORMAL_BEHIND
+    assert eng.planner.fallbacks({req: (2, "ngram")}, 1) == {}
+    draft._read_prompts([req])  # caught up: the fallback drafts again
+    assert draft.behind(req) <= NORMAL_BEHIND
+    assert eng.planner.fallbacks({req: (2, "ngram")}, 1) == {req: (2, "model")}
+
+
 def test_ngram_misses_count_when_the_draft_model_drafts_instead(monkeypatch):
     """With auto, a row whose n-gram lookup finds nothing drafts with the draft model in the same step. That
     step is still an n-gram miss: counted as one, n-gram gets measured and the row settles (before, n-gram

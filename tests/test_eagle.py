@@ -411,9 +411,12 @@ def test_published_qwen3_head_shape_loads_and_drafts(tmp_path):
 
 
 def test_waiting_features_keep_what_a_concatenation_kept():
-    """The buffer a request's waiting features grow in (``_Features``) holds, after any sequence of appends (a
-    verification overwriting rejected positions), truncations (rollback) and reads (drops), the rows the old
-    ``torch.cat`` of the waiting rows and the new ones held, and shrinks back after a prompt's features were read."""
+    """A request's waiting features (``_Features``: the verifications' tensors, joined when read) hold, after any
+    sequence of appends (a verification overwriting rejected positions), truncations (rollback) and reads (drops),
+    the rows the old ``torch.cat`` of the waiting rows and the new ones held; they keep no more than COMPACT_PARTS
+    tensors, and not a prompt's features once it was read."""
+    from engine.proposers.eagle import COMPACT_PARTS
+
     gen = torch.Generator().manual_seed(0)
     feats, first = torch.randn(40, 6, generator=gen), 0
     buf = _Features(first, feats.clone())
@@ -433,8 +436,10 @@ def test_waiting_features_keep_what_a_concatenation_kept():
             cut = int(torch.randint(0, n + 1, (), generator=gen))
             feats, first = feats[cut:], first + cut
             buf.drop(cut)
-        assert buf.first == first and torch.equal(buf.rows(), feats), step
+        assert buf.first == first and buf.n == feats.shape[0] and len(buf.parts) <= COMPACT_PARTS, step
+        if step % 7 == 0 or int(torch.randint(0, 4, (), generator=gen)) == 0:  # read now and then: parts pile up
+            assert torch.equal(buf.rows(), feats), step
     buf.put(buf.first, torch.randn(2000, 6))  # a prompt's features ...
     buf.drop(1998)
     buf.put(buf.first + 2, torch.randn(3, 6))  # ... read; then a step's
-    assert buf.n == 5 and buf.buf.shape[0] <= 64
+    assert buf.n == 5 and sum(p.shape[0] for p in buf.parts) <= 64
