@@ -50,6 +50,10 @@ MAX_CHAIN_STEPS = MAX_DRAFT_TOKENS - 1  # drafting steps 2..K (``run_chain``)
 MAX_SAMPLED_CHAIN_ROWS = 8  # sampled chains share noise and q buffers per rows bucket: 2 x rows x 7 x vocab floats
 MIN_KEY_BUCKET = 256
 CAPTURE_AFTER = 1  # eager uses of a shape before its graph is captured (HELIX_GRAPH_CAPTURE_AFTER)
+# drafting chains captured at warm-up: greedy, and sampled without top-p / top-k cuts (requests' default sampling).
+# Captured lazily, an adaptive batch met them as it tried K: on an H200 at 8 clients (demo pair, T = 0.8) steps of
+# 16-23 ms against ~4.5 ms, and a pass of ~0.8 s with a few of them ran at half the speed of the next
+PREWARM_CHAIN_MODES = ("greedy", "sample")
 
 
 def key_buckets(max_keys: int) -> tuple[int, ...]:
@@ -95,6 +99,16 @@ def capture(fn, device, stream, mempool, keys: int):
     GraphRunner.captures += 1
     GraphRunner.one_offs += 1
     return graph, out
+
+
+def chain_shapes(max_rows: int, modes: tuple[str, ...]):
+    """(rows bucket, steps, mode) of every drafting chain a warm-up captures: rows buckets up to ``max_rows`` (sampled
+    chains up to MAX_SAMPLED_CHAIN_ROWS), steps 1..MAX_CHAIN_STEPS, each of ``modes``."""
+    for mode in modes:
+        for r in ROW_BUCKETS:
+            if r <= max_rows and (mode == "greedy" or r <= MAX_SAMPLED_CHAIN_ROWS):
+                for steps in range(1, MAX_CHAIN_STEPS + 1):
+                    yield r, steps, mode
 
 
 def bucket(value: int, buckets) -> int | None:
@@ -304,22 +318,21 @@ class GraphRunner:
                 done += 1
         return done
 
-    def prewarm_chains(self, max_rows: int, keys: int, vocab: int) -> int:
+    def prewarm_chains(self, max_rows: int, keys: int, vocab: int, modes: tuple[str, ...] = PREWARM_CHAIN_MODES) -> int:
         """``prewarm`` for the drafting chains (``run_chain``) of every K: (rows bucket up to ``max_rows``, steps
-        1..MAX_CHAIN_STEPS) at the key bucket of ``keys``; returns how many were captured."""
+        1..MAX_CHAIN_STEPS, each of ``modes``) at the key bucket of ``keys``; returns how many were captured."""
         t = bucket(keys, self.key_buckets)
         if t is None or self.failed is not None:
             return 0
         done = 0
-        for r in (r for r in ROW_BUCKETS if r <= max_rows):
-            for steps in range(1, MAX_CHAIN_STEPS + 1):
-                if (r, steps, t, vocab, "greedy") not in self.chains:
-                    try:
-                        self.chains[(r, steps, t, vocab, "greedy")] = self._capture_chain(r, steps, t, vocab)
-                    except Exception as exc:  # noqa: BLE001 - drafted step by step from now on
-                        self.failed = f"{type(exc).__name__}: {exc}"
-                        return done
-                    done += 1
+        for r, steps, mode in chain_shapes(max_rows, modes):
+            if (r, steps, t, vocab, mode) not in self.chains:
+                try:
+                    self.chains[(r, steps, t, vocab, mode)] = self._capture_chain(r, steps, t, vocab, mode)
+                except Exception as exc:  # noqa: BLE001 - drafted step by step from now on
+                    self.failed = f"{type(exc).__name__}: {exc}"
+                    return done
+                done += 1
         return done
 
     def _graph(self, key: tuple[int, int, int, tuple[int, ...] | None]) -> _Graph:

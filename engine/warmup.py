@@ -61,8 +61,14 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
             for aux in {None, r.aux_layers}:
                 captured += r.graphs.prewarm(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, aux)
                 captured += r.graphs.prewarm_prefill(n + MAX_DRAFT_TOKENS + 1, aux)  # one short prompt's read
-            if r is engine.draft:  # its greedy drafting chains too (ModelRunner.draft_chain)
+            if r is engine.draft:  # its drafting chains too (ModelRunner.draft_chain), greedy and sampled
                 captured += r.graphs.prewarm_chains(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, r.vocab_size)
+    eagle = engine.proposers.get("eagle")
+    head_chains = getattr(eagle, "_graphs", None)
+    if head_chains is not None and _gpu_bytes(engine.target.device) >= PREWARM_MIN_GPU_BYTES:  # the head's chains
+        from engine.cuda_graphs import PREWARM_CHAIN_MODES
+
+        captured += head_chains.prewarm(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, PREWARM_CHAIN_MODES)
     if captured:
         logger.info("warm-up: captured %d CUDA graphs in %.1f s", captured, time.perf_counter() - t0)
 

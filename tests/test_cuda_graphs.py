@@ -342,6 +342,35 @@ def test_a_sampled_drafting_chain_draws_what_step_by_step_draws(monkeypatch):
     assert [graphed.cached_len(i) for i in range(3)] == [eager.cached_len(i) for i in range(3)]
 
 
+def test_prewarmed_sampled_chains_replay_at_once(monkeypatch):
+    """Warm-up captures the sampled drafting chains (no top-p / top-k cut) beside the greedy ones: a sampled chain of
+    a prewarmed shape replays at its first use (no eager step, no capture) and draws what it draws when captured
+    lazily."""
+    from engine.config import SamplingParams
+    from engine.cuda_graphs import MAX_CHAIN_STEPS, PREWARM_CHAIN_MODES, ROW_BUCKETS, ChainSampling, GraphRunner
+    from engine.sampler import RowParams
+
+    assert PREWARM_CHAIN_MODES == ("greedy", "sample")
+    model = _model(torch.float32)
+    monkeypatch.delenv("HELIX_GRAPH_CAPTURE_AFTER", raising=False)
+    warm, lazy = _runner(model, True, monkeypatch, 1), _runner(model, True, monkeypatch, 0)
+    rows8 = sum(1 for r in ROW_BUCKETS if r <= 8)
+    assert warm.graphs.prewarm_chains(8, 100, VOCAB) == 2 * rows8 * MAX_CHAIN_STEPS
+    gen = torch.Generator().manual_seed(21)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (20, 33, 9)]
+    for r in (warm, lazy):
+        r.forward([RowInput(i, p, 1) for i, p in enumerate(prompts)])
+    rp = RowParams.build([SamplingParams(temperature=0.7), SamplingParams(temperature=1.0),
+                          SamplingParams(temperature=0)], torch.device("cuda"))
+    noise = torch.empty(3, 3, VOCAB, device="cuda").exponential_(generator=torch.Generator("cuda").manual_seed(2))
+    first = torch.tensor([4, 5, 6], device="cuda")
+    one_offs, captures = GraphRunner.one_offs, GraphRunner.captures
+    a = warm.draft_chain([0, 1, 2], first, 3, ChainSampling(rp.temperature, rp.top_p, rp.top_k, noise))
+    assert GraphRunner.one_offs == one_offs and GraphRunner.captures == captures and warm.graphs.chain_replays == 1
+    b = lazy.draft_chain([0, 1, 2], first, 3, ChainSampling(rp.temperature, rp.top_p, rp.top_k, noise))
+    assert a[0].tolist() == b[0].tolist() and (a[1] - b[1]).abs().max().item() <= 1e-5
+
+
 def test_eager_forwards_skip_cudnn_attention_and_long_graphs_use_it(monkeypatch):
     """cuDNN's SDPA builds a plan per new shape (~80 ms on an H200): eager forwards, which meet new shapes all the
     time, run without it; a graph of a long key bucket captures with it (its plan built once), a short one without.
