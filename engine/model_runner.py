@@ -137,12 +137,11 @@ class ModelRunner:
                 if row.aux:
                     self.aux_sink(row.seq_id, start, aux[0][i, n - len(row.token_ids):])
         # the caller reads these logits at once anyway; syncing here makes step timers (and with
-        # them adaptive K's cost model) measure the device's work, not just its launch
-        if not sync:
-            pass
-        elif self.device.type == "cuda":
+        # them adaptive K's cost model) measure the device's work, not just its launch (``sync=False``: the caller's
+        # timer runs to its own host copy instead)
+        if sync and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        elif self.device.type == "mps":
+        elif sync and self.device.type == "mps":
             torch.mps.synchronize()
         self.last_forward_s = time.perf_counter() - t0
         return logits

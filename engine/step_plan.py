@@ -9,6 +9,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from engine.adaptive import SWITCH_MARGIN, Decision, best_drafting_k, keep_settled
+from engine.proposers.draft_model import NORMAL_BEHIND
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
@@ -215,8 +216,6 @@ class StepPlanner:
     def _behind(self, r: Request, method: str) -> bool:
         """Whether ``method``'s proposer would first catch up on ``r`` (more unread tokens than a verification
         leaves)."""
-        from engine.proposers.draft_model import NORMAL_BEHIND
-
         p = self.engine.proposers.get(method)
         return p is not None and p.behind(r) > NORMAL_BEHIND
 

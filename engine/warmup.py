@@ -63,8 +63,7 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
                 captured += r.graphs.prewarm_prefill(n + MAX_DRAFT_TOKENS + 1, aux)  # one short prompt's read
             if r is engine.draft:  # its drafting chains too (ModelRunner.draft_chain), greedy and sampled
                 captured += r.graphs.prewarm_chains(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, r.vocab_size)
-    eagle = engine.proposers.get("eagle")
-    head_chains = getattr(eagle, "_graphs", None)
+    head_chains = getattr(engine.proposers.get("eagle"), "_graphs", None)
     if head_chains is not None and _gpu_bytes(engine.target.device) >= PREWARM_MIN_GPU_BYTES:  # the head's chains
         from engine.cuda_graphs import PREWARM_CHAIN_MODES
 
