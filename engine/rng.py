@@ -64,10 +64,17 @@ def uniform(k: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
     token's offset: few ops, since it runs over the whole vocabulary. 24 bits, centred, so
     never 0 or 1: -log(u) is finite and positive.
     """
-    if vocab is not None:
+    if vocab is not None:  # in place, one scratch tensor: at [8, 5, 4096] on the 2-core CPU 0.79 ms against 1.27 for
+        # the same ops each into a new tensor (a sampled step at K = 4 draws two such noises)
         x = k[..., None] + _offsets(vocab, k.device)
-        x = (x ^ (x >> 32)) * _signed(_M1)
-        k = (x ^ (x >> 29)) * _signed(_M2)  # the product's top bits, which depend on every input bit
+        t = x >> 32
+        x ^= t
+        x *= _signed(_M1)
+        torch.bitwise_right_shift(x, 29, out=t)
+        x ^= t
+        x *= _signed(_M2)  # the product's top bits, which depend on every input bit
+        torch.bitwise_right_shift(x, 40, out=t)
+        return t.to(torch.float32).add_(8388608.0 + 0.5).mul_(1.0 / (1 << 24))
     # arithmetic shift: the top 24 bits as a signed number in [-2^23, 2^23)
     return ((k >> 40).to(torch.float32) + (8388608.0 + 0.5)) * (1.0 / (1 << 24))
 
