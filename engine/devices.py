@@ -26,9 +26,10 @@ class DeviceInfo:
 def to_device(data, dtype: torch.dtype, device) -> torch.Tensor:
     """A small host list (indices, keys, settings) as a tensor on ``device``, copied without a stream sync: a blocking
     copy to a GPU waits for every kernel queued before it, and a sampled speculative step made ~10 of them between its
-    launches (on an H200, 18 stream syncs a step at T = 0.8 against 8 greedy). Safe from pageable memory: the driver
-    stages the data before the call returns."""
-    return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
+    launches (on an H200, 18 stream syncs a step at T = 0.8 against 8 greedy). Safe from pageable memory: the CUDA (and
+    HIP) driver stages the data before the call returns. Other devices (DirectML, MPS) copy as they always did."""
+    t = torch.tensor(data, dtype=dtype)
+    return t.to(device, non_blocking=torch.device(device).type == "cuda")
 
 
 def _directml() -> DeviceInfo | None:

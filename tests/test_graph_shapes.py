@@ -1,0 +1,51 @@
+"""Which steps replay which CUDA graph shapes: the bucket logic of engine.cuda_graphs, checked on any machine (the
+graphs themselves are tested on CUDA in test_cuda_graphs.py)."""
+
+import types
+
+import torch
+
+from engine.cuda_graphs import (
+    MAX_TOKENS_PER_ROW,
+    PREFILL_GRAPH_TOKENS,
+    PREFILL_MAX_KEYS,
+    PREFILL_TOKEN_BUCKETS,
+    GraphRunner,
+    chain_shapes,
+)
+
+
+def _runner(monkeypatch, prefill: bool = True) -> GraphRunner:
+    monkeypatch.setenv("HELIX_PREFILL_GRAPHS", "1" if prefill else "0")
+    pool = types.SimpleNamespace(device=torch.device("cpu"))  # fits() and tokens_bucket() never touch the device
+    return GraphRunner(lean=None, pool=pool, max_keys=4096)
+
+
+def test_prompt_chunks_take_a_bucket_at_most_one_and_a_half_times_their_length(monkeypatch):
+    g = _runner(monkeypatch)
+    assert all(b / a <= 1.5 for a, b in zip(PREFILL_TOKEN_BUCKETS, PREFILL_TOKEN_BUCKETS[1:]))
+    assert PREFILL_TOKEN_BUCKETS[0] > MAX_TOKENS_PER_ROW
+    for n in range(MAX_TOKENS_PER_ROW + 1, PREFILL_GRAPH_TOKENS + 1):
+        m = g.tokens_bucket(1, n, 512, keep=1)
+        assert m is not None and n <= m <= max(16, 1.5 * n), n
+
+
+def test_only_short_prompt_chunks_that_keep_one_logit_replay_a_graph(monkeypatch):
+    g = _runner(monkeypatch)
+    assert g.tokens_bucket(8, 5, 256, keep=5) == 5  # a verification: every token's logits, its own buckets
+    assert g.tokens_bucket(1, 40, 256, keep=1) == 48
+    assert g.tokens_bucket(1, 40, 256, keep=2) is None  # more than the last logits: eager
+    assert g.tokens_bucket(8, 40, 256, keep=1) == 48  # 8 rows x 48 padded tokens = 384
+    assert g.tokens_bucket(8, 70, 256, keep=1) is None  # 8 x 96 > PREFILL_GRAPH_TOKENS: eager
+    assert g.tokens_bucket(1, 600, 1024, keep=1) is None  # past the largest bucket
+    assert g.tokens_bucket(1, 40, PREFILL_MAX_KEYS + 256, keep=1) is None  # a chunk deep into a long context
+    assert _runner(monkeypatch, prefill=False).tokens_bucket(1, 40, 256, keep=1) is None  # HELIX_PREFILL_GRAPHS=0
+
+
+def test_warm_up_chain_shapes_cover_every_k_greedy_and_sampled():
+    shapes = list(chain_shapes(8, ("greedy", "sample")))
+    assert len(shapes) == len(set(shapes)) == 2 * 4 * 7
+    assert {r for r, _, _ in shapes} == {1, 2, 4, 8} and {s for _, s, _ in shapes} == set(range(1, 8))
+    assert all(r <= 8 for r, _, m in shapes if m == "sample")
+    assert {r for r, _, _ in chain_shapes(32, ("greedy",))} == {1, 2, 4, 8, 16, 32}
+    assert {r for r, _, _ in chain_shapes(32, ("sample",))} == {1, 2, 4, 8}  # sampled chains up to 8 rows
