@@ -29,7 +29,7 @@ def to_device(data, dtype: torch.dtype, device) -> torch.Tensor:
     launches (on an H200, 18 stream syncs a step at T = 0.8 against 8 greedy). Safe from pageable memory: the CUDA (and
     HIP) driver stages the data before the call returns. Other devices (DirectML, MPS) copy as they always did."""
     t = torch.tensor(data, dtype=dtype)
-    return t.to(device, non_blocking=torch.device(device).type == "cuda")
+    return t if device is None else t.to(device, non_blocking=torch.device(device).type == "cuda")
 
 
 def _directml() -> DeviceInfo | None:
