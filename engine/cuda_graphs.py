@@ -290,16 +290,7 @@ class GraphRunner:
         t = bucket(keys, self.key_buckets)
         if t is None or self.failed is not None:
             return 0
-        done = 0
-        for r in (r for r in ROW_BUCKETS if r <= max_rows):
-            for m in TOKEN_BUCKETS:
-                if (r, m, t, aux_layers) not in self.graphs:
-                    try:
-                        self._graph((r, m, t, aux_layers))
-                    except Exception:  # noqa: BLE001 - recorded in self.failed: every step then runs eagerly
-                        return done
-                    done += 1
-        return done
+        return self._capture_all((r, m, t, aux_layers) for r in ROW_BUCKETS if r <= max_rows for m in TOKEN_BUCKETS)
 
     def prewarm_prefill(self, keys: int, aux_layers: tuple[int, ...] | None = None,
                         max_tokens: int = PREWARM_PREFILL_TOKENS) -> int:
@@ -308,12 +299,17 @@ class GraphRunner:
         t = bucket(keys, self.key_buckets)
         if t is None or self.failed is not None or t > PREFILL_MAX_KEYS or not self.prefill_graphs:
             return 0
+        return self._capture_all((1, m, t, aux_layers) for m in PREFILL_TOKEN_BUCKETS if m <= max_tokens)
+
+    def _capture_all(self, keys) -> int:
+        """Capture the forward graphs of ``keys`` not captured yet; returns how many were. The first that fails
+        stops it (``_graph`` recorded it in ``failed``: every step then runs eagerly)."""
         done = 0
-        for m in (m for m in PREFILL_TOKEN_BUCKETS if m <= max_tokens):
-            if (1, m, t, aux_layers) not in self.graphs:
+        for key in keys:
+            if key not in self.graphs:
                 try:
-                    self._graph((1, m, t, aux_layers))
-                except Exception:  # noqa: BLE001 - recorded in self.failed: every step then runs eagerly
+                    self._graph(key)
+                except Exception:  # noqa: BLE001 - recorded in self.failed
                     return done
                 done += 1
         return done

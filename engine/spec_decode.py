@@ -108,7 +108,8 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
                for i, r in enumerate(reqs)]
     # on a GPU the verification's launches overlap the forward (not synced): the target's time then runs to the
     # verified tokens' copy to the host, which waits for both
-    per_row = target.forward(rows_in, sync=dev.type == "cpu")
+    synced = dev.type == "cpu"
+    per_row = target.forward(rows_in, sync=synced)
     t2 = time.perf_counter()
     if threads is not None:
         threads.observe(n_verify, tokens, t2 - t1, len(reqs), "verify")
@@ -125,7 +126,7 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         accepted, tokens = verify(logits, draft, num_draft, q, rp, sample_keys, accept_keys)
         host = torch.cat([accepted[:, None], tokens], 1).tolist()  # the step's one host copy
         verified = [(h[0], h[1: h[0] + 2]) for h in host]
-    if dev.type != "cpu":
+    if not synced:
         t2 = time.perf_counter()
     out = []
     for i, r in enumerate(reqs):
