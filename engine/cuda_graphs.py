@@ -45,7 +45,10 @@ MAX_TOKENS_PER_ROW = TOKEN_BUCKETS[-1]  # verification of K = 8 draft tokens
 PREFILL_TOKEN_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 PREFILL_GRAPH_TOKENS = 512
 PREFILL_MAX_KEYS = 1024
-PREWARM_PREFILL_TOKENS = 128  # warm-up captures one row's prompt chunks up to this bucket (``prewarm_prefill``)
+PREWARM_PREFILL_TOKENS = 128  # warm-up captures prompt chunks of rows up to this bucket (``prewarm_prefill``): rows
+# buckets up to 8, as many rows as PREFILL_GRAPH_TOKENS holds. One row's alone, the prompts of requests admitted together
+# (clients whose requests finished in one step) met new shapes in timed passes: on an H200 at 8 clients (demo pair, fp16)
+# 4-7 one-offs of 10-18 ms a pass of ~0.6 s, the target's with and without EAGLE features apart
 MAX_CHAIN_STEPS = MAX_DRAFT_TOKENS - 1  # drafting steps 2..K (``run_chain``)
 MAX_SAMPLED_CHAIN_ROWS = 8  # sampled chains share noise and q buffers per rows bucket: 2 x rows x 7 x vocab floats
 MIN_KEY_BUCKET = 256
@@ -109,6 +112,16 @@ def chain_shapes(max_rows: int, modes: tuple[str, ...]):
             if r <= max_rows and (mode == "greedy" or r <= MAX_SAMPLED_CHAIN_ROWS):
                 for steps in range(1, MAX_CHAIN_STEPS + 1):
                     yield r, steps, mode
+
+
+def prefill_shapes(max_rows: int, max_tokens: int = PREWARM_PREFILL_TOKENS):
+    """(rows bucket, tokens bucket) of every prompt chunk a warm-up captures: rows buckets up to ``max_rows``, tokens
+    buckets up to ``max_tokens`` whose rows x tokens fit PREFILL_GRAPH_TOKENS."""
+    for r in ROW_BUCKETS:
+        if r <= max_rows:
+            for m in PREFILL_TOKEN_BUCKETS:
+                if m <= max_tokens and r * m <= PREFILL_GRAPH_TOKENS:
+                    yield r, m
 
 
 def bucket(value: int, buckets) -> int | None:
@@ -292,14 +305,15 @@ class GraphRunner:
             return 0
         return self._capture_all((r, m, t, aux_layers) for r in ROW_BUCKETS if r <= max_rows for m in TOKEN_BUCKETS)
 
-    def prewarm_prefill(self, keys: int, aux_layers: tuple[int, ...] | None = None,
+    def prewarm_prefill(self, max_rows: int, keys: int, aux_layers: tuple[int, ...] | None = None,
                         max_tokens: int = PREWARM_PREFILL_TOKENS) -> int:
-        """``prewarm`` for one row's prompt chunks of up to ``max_tokens`` tokens (a request arriving alone: its
-        prefill, and a draft model reading its prompt) at the key bucket of ``keys``; returns how many were captured."""
+        """``prewarm`` for the prompt chunks of ``prefill_shapes(max_rows, max_tokens)`` (requests arriving alone or
+        together: their prefill, and a draft model reading their prompts) at the key bucket of ``keys``; returns how
+        many were captured."""
         t = bucket(keys, self.key_buckets)
         if t is None or self.failed is not None or t > PREFILL_MAX_KEYS or not self.prefill_graphs:
             return 0
-        return self._capture_all((1, m, t, aux_layers) for m in PREFILL_TOKEN_BUCKETS if m <= max_tokens)
+        return self._capture_all((r, m, t, aux_layers) for r, m in prefill_shapes(max_rows, max_tokens))
 
     def _capture_all(self, keys) -> int:
         """Capture the forward graphs of ``keys`` not captured yet; returns how many were. The first that fails

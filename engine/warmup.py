@@ -60,7 +60,7 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
         if getattr(r, "graphs", None) is not None and _gpu_bytes(r.device) >= PREWARM_MIN_GPU_BYTES:
             for aux in {None, r.aux_layers}:
                 captured += r.graphs.prewarm(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, aux)
-                captured += r.graphs.prewarm_prefill(n + MAX_DRAFT_TOKENS + 1, aux)  # one short prompt's read
+                captured += r.graphs.prewarm_prefill(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, aux)  # short prompts' reads
             if r is engine.draft:  # its drafting chains too (ModelRunner.draft_chain), greedy and sampled
                 captured += r.graphs.prewarm_chains(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, r.vocab_size)
     head_chains = getattr(engine.proposers.get("eagle"), "_graphs", None)

@@ -1024,7 +1024,7 @@ def test_a_settled_k_moves_only_for_a_clear_predicted_gain():
 
 def test_an_explore_step_from_a_standing_decision_resumes_it():
     """Where speculating decisions stand (from the device's batch bucket), a row explores K + 1 on the clock from its
-    standing decision (or from a full decision) and then resumes it: neither step makes a full decision (a full decision for every row at
+    standing decision (or K - 1 the next time, from a full decision) and then resumes it: neither step makes a full decision (a full decision for every row at
     both cost ~30 us a row of host time, each 16 steps, at batch 8)."""
     from engine.adaptive import EXPLORE_EVERY
 
@@ -1047,7 +1047,7 @@ def test_an_explore_step_from_a_standing_decision_resumes_it():
     policy.gains = Policy.gains.__get__(policy)
     d = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
     fresh = state.resume
-    assert d.forced and d.k == standing.k + 1 and fresh is not None and fresh.k == standing.k and not fresh.forced
+    assert d.forced and d.k == standing.k - 1 and fresh is not None and fresh.k == standing.k and not fresh.forced
     policy.clock += 1
     policy.gains = lambda *a: (_ for _ in ()).throw(AssertionError("a full decision was made"))
     assert policy.reuse(state, {"model": 0.3}, 1) is fresh is state.last  # after a full decision's explore too: the
@@ -1329,10 +1329,12 @@ def test_a_proposer_not_drafted_with_is_probed_again_at_doubling_intervals():
 
 
 def test_explore_steps_thin_out_while_the_k_stands_and_come_back_when_it_moves():
-    """A row drafting K tries K + 1 for one step at EXPLORE_EVERY steps, then at doubling intervals up to EXPLORE_MAX
-    while the K the rows settled on stands (on an H200 at 8 clients an explore step realized 0.74x the speed of the K
-    it left, and one in 16 cost 1.6%); a move to another K brings them back to EXPLORE_EVERY."""
+    """A row drafting K tries K + 1 and K - 1 in turn for one step at EXPLORE_EVERY steps, then at doubling intervals up
+    to EXPLORE_MAX while the K the rows settled on stands (on an H200 at 8 clients an explore step realized 0.74x the
+    speed of the K it left, and one in 16 cost 1.6%); a move to another K brings them back to EXPLORE_EVERY, above K
+    first. At the largest K the row explores below it."""
     from engine.adaptive import EXPLORE_EVERY, EXPLORE_MAX
+    from engine.config import MAX_DRAFT_TOKENS
 
     policy = _policy(1.0, 0.05)
     state = _state_with_acceptance(0.8)
@@ -1343,7 +1345,7 @@ def test_explore_steps_thin_out_while_the_k_stands_and_come_back_when_it_moves()
         policy.tick()
         d = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
         if d.forced:
-            assert d.reason.startswith("exploring") and d.k == 5
+            assert d.reason.startswith("exploring") and d.k == (5 if len(explored) % 2 == 0 else 3), (explored, d)
             explored.append(policy.clock)
     want, c = [], EXPLORE_EVERY
     while c <= 3 * EXPLORE_MAX + 1:
@@ -1357,6 +1359,13 @@ def test_explore_steps_thin_out_while_the_k_stands_and_come_back_when_it_moves()
         policy.tick()
         d = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
     assert d.forced and d.k == 4, d
+    gains.update({k: 1.0 + 0.2 * k for k in range(1, MAX_DRAFT_TOKENS + 1)})  # the largest K best: explored below
+    policy.tick()
+    assert policy.choose(state, {"model": 0.3}, 1, alpha=0.6).k == MAX_DRAFT_TOKENS
+    while policy.clock % EXPLORE_EVERY:
+        policy.tick()
+        d = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
+    assert d.forced and d.k == MAX_DRAFT_TOKENS - 1 and state.resume.k == MAX_DRAFT_TOKENS, d
 
 
 def test_speed_guard_holds_plain_where_drafting_realized_less_than_plain():

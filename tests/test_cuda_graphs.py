@@ -226,11 +226,11 @@ def test_prompt_chunks_replay_graphs_that_keep_the_last_logits(monkeypatch):
     different lengths (left-padded to a bucket): eager's last logits and EAGLE features for every token, the same cache
     for the steps after, no leak. Longer chunks, keys past PREFILL_MAX_KEYS and rows that want every token's logits run
     eagerly; a warm-up captures one row's short chunks."""
-    from engine.cuda_graphs import PREFILL_GRAPH_TOKENS, PREFILL_MAX_KEYS, PREFILL_TOKEN_BUCKETS, GraphRunner
+    from engine.cuda_graphs import PREFILL_GRAPH_TOKENS, PREFILL_MAX_KEYS, GraphRunner, prefill_shapes
 
     model = _model(torch.float32)
     eager, graphed = _runner(model, False, monkeypatch), _runner(model, True, monkeypatch)
-    assert graphed.graphs.prewarm_prefill(100) == sum(1 for m in PREFILL_TOKEN_BUCKETS if m <= 128)
+    assert graphed.graphs.prewarm_prefill(8, 100) == len(list(prefill_shapes(8)))
     got: dict[str, list] = {"eager": [], "graphed": []}
     for name, r in (("eager", eager), ("graphed", graphed)):
         r.aux_layers = (0, 2)

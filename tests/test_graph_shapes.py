@@ -12,6 +12,7 @@ from engine.cuda_graphs import (
     PREFILL_TOKEN_BUCKETS,
     GraphRunner,
     chain_shapes,
+    prefill_shapes,
 )
 
 
@@ -49,3 +50,18 @@ def test_warm_up_chain_shapes_cover_every_k_greedy_and_sampled():
     assert all(r <= 8 for r, _, m in shapes if m == "sample")
     assert {r for r, _, _ in chain_shapes(32, ("greedy",))} == {1, 2, 4, 8, 16, 32}
     assert {r for r, _, _ in chain_shapes(32, ("sample",))} == {1, 2, 4, 8}  # sampled chains up to 8 rows
+
+
+def test_warm_up_prompt_chunks_cover_requests_admitted_together(monkeypatch):
+    """Warm-up captures the prompt chunks of 1-8 rows that a step of requests admitted together meets: every such
+    chunk of up to PREWARM_PREFILL_TOKENS tokens a row replays a graph captured then (none is left to a timed pass)."""
+    g = _runner(monkeypatch)
+    shapes = set(prefill_shapes(8, 128))
+    assert {r for r, _ in shapes} == {1, 2, 4, 8} and all(r * m <= PREFILL_GRAPH_TOKENS for r, m in shapes)
+    for rows in range(1, 9):
+        r = next(b for b in (1, 2, 4, 8) if b >= rows)  # fits() buckets the rows first
+        for n in range(MAX_TOKENS_PER_ROW + 1, 129):
+            m = g.tokens_bucket(r, n, 256, keep=1)
+            if m is not None:
+                assert (r, m) in shapes, (rows, n)
+    assert max(m for r, m in shapes if r == 8) == 64 and max(m for r, m in shapes if r == 1) == 128
