@@ -56,7 +56,8 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
     _calibrate_cpu_gemms(engine.target, sid, ids)
     t0, captured = time.perf_counter(), 0
     for r in runners:  # CUDA graphs of the step shapes met first (up to 8 rows, every K), before any request; their
-        # logits buffers take ~600 x vocabulary x 2 bytes a runner (91 MB at Qwen's 152k), so not on small GPUs
+        # logits buffers take ~600 x vocabulary x 2 bytes a runner (91 MB at Qwen's 152k), and the prompt chunks' (last
+        # logits only) ~90 rows x vocabulary x 2 bytes more each way (27 MB there), so not on small GPUs
         if getattr(r, "graphs", None) is not None and _gpu_bytes(r.device) >= PREWARM_MIN_GPU_BYTES:
             for aux in {None, r.aux_layers}:
                 captured += r.graphs.prewarm(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, aux)
