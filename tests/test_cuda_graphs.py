@@ -225,7 +225,7 @@ def test_prompt_chunks_replay_graphs_that_keep_the_last_logits(monkeypatch):
     """Prefill chunks of up to PREFILL_GRAPH_TOKENS padded tokens replay graphs of their own, one row or several of
     different lengths (left-padded to a bucket): eager's last logits and EAGLE features for every token, the same cache
     for the steps after, no leak. Longer chunks, keys past PREFILL_MAX_KEYS and rows that want every token's logits run
-    eagerly; a warm-up captures one row's short chunks."""
+    eagerly; a warm-up captures the short chunks of 1-8 rows."""
     from engine.cuda_graphs import PREFILL_GRAPH_TOKENS, PREFILL_MAX_KEYS, GraphRunner, prefill_shapes
 
     model = _model(torch.float32)
