@@ -119,6 +119,7 @@ class LLMEngine:
         self._verify_s: dict[int, float] = {}  # tokens verified (1, 2) -> seconds of the target's forward
         self._plain_s: float | None = None  # seconds of a whole plain step
         self.alpha_prior = 0.6
+        self.warmup_stats: dict | None = None  # set by warmup(): its seconds and the CUDA graphs it captured
         self.stopped = False
         self._prefilled_last = False
         self._first_logits: dict[Request, torch.Tensor] = {}  # prompt's last logits until the draft catches up

@@ -47,6 +47,7 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
     """Mimic the decode loop: a sequence with ``context`` tokens in both caches, then alternating
     draft step / target step / 5-token verification, medians of ``reps``. Sets the engine's cost
     ratios and seeds adaptive K's step-time table at batch 1 (real steps refine both)."""
+    started = time.perf_counter()
     sid = -1
     n = max(8, min(context, engine.max_context - 16))
     ids = [i % max(2, engine.vocab_size - 1) + 1 for i in range(n)]
@@ -69,8 +70,9 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
         from engine.cuda_graphs import PREWARM_CHAIN_MODES
 
         captured += head_chains.prewarm(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, PREWARM_CHAIN_MODES)
+    graph_s = time.perf_counter() - t0
     if captured:
-        logger.info("warm-up: captured %d CUDA graphs in %.1f s", captured, time.perf_counter() - t0)
+        logger.info("warm-up: captured %d CUDA graphs in %.1f s", captured, graph_s)
 
     def timed(runner: ModelRunner, toks: list[int]) -> float:
         t0 = time.perf_counter()
@@ -122,6 +124,9 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
             times.observe("model", 1, 4, med(t5) + 4 * med(td))
         if te:
             times.observe("eagle", 1, 4, med(t5) + 4 * med(te))
+    # what the warm-up cost (the bench's JSON records it beside the machine): CUDA graphs captured, and seconds
+    engine.warmup_stats = {"seconds": round(time.perf_counter() - started, 3), "graphs_captured": captured,
+                           "graph_seconds": round(graph_s, 3)}
     logger.info("warm-up: target step %.2f ms, draft/target cost %.3f, EAGLE head/target %s, verify cost per token "
                 "%.3f", engine.t_target1 * 1e3, engine.draft_cost, f"{engine.eagle_cost:.3f}" if te else "-",
                 engine.verify_cost)

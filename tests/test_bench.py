@@ -51,6 +51,8 @@ def _assert_method_fields(method: dict) -> None:
 def test_quick_bench_json_has_every_field(quick_results):
     r = json.loads(json.dumps(quick_results))  # JSON-ready
     assert MACHINE_FIELDS <= set(r["machine"])
+    warm = r["machine"]["warmup"]  # what the engine's warm-up cost: seconds, and CUDA graphs captured (none on a CPU)
+    assert warm["seconds"] > 0 and warm["graphs_captured"] == 0 and warm["graph_seconds"] >= 0
     assert {s["temperature"] for s in r["scenarios"]} == {0.0, 0.8}
     for scen in r["scenarios"]:
         names = {m["name"] for m in scen["methods"]}

@@ -52,7 +52,7 @@ def machine_info(engine=None) -> dict:
         pass
     if engine is not None:
         info.update(device=engine.device_kind, device_name=engine.device_name, dtype=engine.dtype_name,
-                    target=engine.target_name, draft=engine.draft_name)
+                    target=engine.target_name, draft=engine.draft_name, warmup=engine.warmup_stats)
     return info
 
 

@@ -129,9 +129,10 @@ def run_shape(name: str, cfg: ShapeConfig, bandwidth: float, progress=_say) -> d
     kv_pos = sh.kv_bytes_per_position(shape, dtype)
     out = {"shape": name, "config": asdict(shape), "draft_layers": layers, "weight_bytes": wbytes,
            "kv_bytes_per_position": kv_pos, "dtype": engine.dtype_name, "device": engine.device_name,
-           "build_s": round(time.perf_counter() - t0, 1), "levels": {}, "prompts": {}}
+           "build_s": round(time.perf_counter() - t0, 1), "warmup": engine.warmup_stats, "levels": {}, "prompts": {}}
+    ws = engine.warmup_stats or {}
     progress(f"{name}: built in {out['build_s']} s ({wbytes / 2**30:.2f} GiB of weights, draft = first {layers} "
-             f"layers)")
+             f"layers; warm-up {ws.get('seconds', 0):.1f} s, {ws.get('graphs_captured', 0)} CUDA graphs)")
     cal = sh.random_prompts(shape.vocab, min(cfg.prompt_lengths), 2, seed=cfg.seed + 99)
     for level in cfg.acceptance:  # ε per acceptance level, calibrated once on short prompts
         if level <= 0:
