@@ -124,6 +124,22 @@ def prefill_shapes(max_rows: int, max_tokens: int = PREWARM_PREFILL_TOKENS):
                     yield r, m
 
 
+def capture_missing(owner, store: dict, captures) -> int:
+    """Warm-up's captures (forward graphs, drafting chains): ``store[key] = capture()`` for each ``(key, capture)`` of
+    ``captures`` whose key ``store`` lacks; returns how many were captured. The first that fails is recorded in
+    ``owner.failed`` (its steps run eagerly, its chains step by step, from then on) and stops it."""
+    done = 0
+    for key, fn in captures:
+        if key not in store:
+            try:
+                store[key] = fn()
+            except Exception as exc:  # noqa: BLE001 - recorded in owner.failed
+                owner.failed = f"{type(exc).__name__}: {exc}"
+                return done
+            done += 1
+    return done
+
+
 def bucket(value: int, buckets) -> int | None:
     for b in buckets:
         if value <= b:
@@ -316,17 +332,9 @@ class GraphRunner:
         return self._capture_all((r, m, t, aux_layers) for r, m in prefill_shapes(max_rows, max_tokens))
 
     def _capture_all(self, keys) -> int:
-        """Capture the forward graphs of ``keys`` not captured yet; returns how many were. The first that fails
-        stops it (``_graph`` recorded it in ``failed``: every step then runs eagerly)."""
-        done = 0
-        for key in keys:
-            if key not in self.graphs:
-                try:
-                    self._graph(key)
-                except Exception:  # noqa: BLE001 - recorded in self.failed
-                    return done
-                done += 1
-        return done
+        """Capture the forward graphs of ``keys`` not captured yet; returns how many were (``_graph`` stores each and
+        records a failure in ``failed``: every step then runs eagerly)."""
+        return capture_missing(self, self.graphs, ((key, lambda key=key: self._graph(key)) for key in keys))
 
     def prewarm_chains(self, max_rows: int, keys: int, vocab: int, modes: tuple[str, ...] = PREWARM_CHAIN_MODES) -> int:
         """``prewarm`` for the drafting chains (``run_chain``) of every K: (rows bucket up to ``max_rows``, steps
@@ -334,16 +342,9 @@ class GraphRunner:
         t = bucket(keys, self.key_buckets)
         if t is None or self.failed is not None:
             return 0
-        done = 0
-        for r, steps, mode in chain_shapes(max_rows, modes):
-            if (r, steps, t, vocab, mode) not in self.chains:
-                try:
-                    self.chains[(r, steps, t, vocab, mode)] = self._capture_chain(r, steps, t, vocab, mode)
-                except Exception as exc:  # noqa: BLE001 - drafted step by step from now on
-                    self.failed = f"{type(exc).__name__}: {exc}"
-                    return done
-                done += 1
-        return done
+        return capture_missing(self, self.chains, (((r, steps, t, vocab, mode),
+                                                     lambda r=r, steps=steps, mode=mode: self._capture_chain(r, steps, t, vocab, mode))
+                                                    for r, steps, mode in chain_shapes(max_rows, modes)))
 
     def _graph(self, key: tuple[int, int, int, tuple[int, ...] | None]) -> _Graph:
         """The graph of ``key`` (rows, tokens, keys buckets, aux layers), captured now if it is not yet; a capture

@@ -11,6 +11,7 @@ from engine.cuda_graphs import (
     PREFILL_MAX_KEYS,
     PREFILL_TOKEN_BUCKETS,
     GraphRunner,
+    capture_missing,
     chain_shapes,
     prefill_shapes,
 )
@@ -65,3 +66,28 @@ def test_warm_up_prompt_chunks_cover_requests_admitted_together(monkeypatch):
             if m is not None:
                 assert (r, m) in shapes, (rows, n)
     assert max(m for r, m in shapes if r == 8) == 64 and max(m for r, m in shapes if r == 1) == 128
+
+
+def test_warm_up_captures_what_is_missing_and_stops_at_the_first_failure(monkeypatch):
+    """``capture_missing`` (forward graphs, both proposers' drafting chains): keys already held are not captured again;
+    the first capture that raises is recorded in ``failed`` and no later one runs."""
+    g = _runner(monkeypatch)
+    calls = []
+
+    def fake_graph(key):
+        calls.append(key)
+        if key[1] == 3:
+            raise RuntimeError("cannot capture")
+        g.graphs[key] = object()
+        return g.graphs[key]
+
+    g._graph = fake_graph
+    g.graphs[(1, 1, 256, None)] = held = object()
+    keys = [(1, m, 256, None) for m in (1, 2, 3, 5)]
+    assert g._capture_all(keys) == 1  # (1, 2) captured, (1, 3) failed, (1, 5) never tried
+    assert calls == [(1, 2, 256, None), (1, 3, 256, None)] and g.graphs[(1, 1, 256, None)] is held
+    assert g.failed == "RuntimeError: cannot capture"
+    store = {}
+    owner = types.SimpleNamespace(failed=None)
+    assert capture_missing(owner, store, [("a", lambda: 1), ("a", lambda: 2), ("b", lambda: 3)]) == 2
+    assert store == {"a": 1, "b": 3} and owner.failed is None

@@ -559,21 +559,14 @@ class _HeadChains:
     def prewarm(self, max_rows: int, keys: int, modes: tuple[str, ...]) -> int:
         """Capture every chain of (rows bucket up to ``max_rows``, steps 1..MAX_CHAIN_STEPS, each of ``modes``) at the
         key bucket of ``keys`` now (as ``GraphRunner.prewarm_chains`` does for the draft model); returns how many."""
-        from engine.cuda_graphs import bucket, chain_shapes
+        from engine.cuda_graphs import bucket, capture_missing, chain_shapes
 
         t = bucket(keys, self.key_buckets)
         if t is None or self.failed is not None:
             return 0
-        done = 0
-        for r, steps, mode in chain_shapes(max_rows, modes):
-            if (r, steps, t, mode) not in self.graphs:
-                try:
-                    self.graphs[(r, steps, t, mode)] = self._capture(r, steps, t, mode)
-                except Exception as exc:  # noqa: BLE001 - drafted step by step from now on
-                    self.failed = f"{type(exc).__name__}: {exc}"
-                    return done
-                done += 1
-        return done
+        return capture_missing(self, self.graphs, (((r, steps, t, mode), lambda r=r, steps=steps, mode=mode:
+                                                    self._capture(r, steps, t, mode))
+                                                   for r, steps, mode in chain_shapes(max_rows, modes)))
 
     @torch.inference_mode()
     def run(self, key: tuple[int, int, int, str], first: torch.Tensor, feats: torch.Tensor, start: torch.Tensor,
