@@ -719,8 +719,10 @@ class SpeedGuard:
     """Whether drafting pays, as realized: over every GUARD_WINDOW drafting steps of a batch bucket (fewer where it lost
     by far, GUARD_EARLY), the tokens the steps emitted against the tokens plain decoding would have emitted in their
     wall time (each step's rows over plain decoding's measured step time at its batch size). The step-time model
-    predicts each K from what it has timed; what it never times (steps mixing methods or K, a proposer catching up, the
-    host's share of a row's decision) the guard sees. A window below GUARD_BELOW holds the batch's adaptive rows plain
+    predicts each K from what it has timed; what it never times (steps mixing methods or K, the host's share of a row's
+    decision) the guard sees. A proposer's catch-up on tokens it skipped counts at its step's predicted time (the
+    engine's ``_decode``): it is the cost of having decoded plain, paid once, and charged to the window after a hold it
+    would keep the batch plain. A window below GUARD_BELOW holds the batch's adaptive rows plain
     for ``hold`` of their steps at this bucket (``left``; steps of fixed-K or plain requests do not count, so a hold
     outlasts them), doubling while drafting keeps losing; after a hold the rows draft as they decide again, which is
     the probe.

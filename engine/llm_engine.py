@@ -416,10 +416,7 @@ class LLMEngine:
             self.policy.times.observe(timed[1], len(results), timed[0], wall)
             if timed == (0, ""):
                 self.policy.observe_plain(len(results), wall)
-        # adaptive rows drafted: was it worth it? (a graph captured or a thread count tried is no drafting cost)
-        if kmax and one_offs == GraphRunner.one_offs and not timing.explored \
-                and all(r.params.num_draft_tokens is None for r in plan):
-            self.policy.guard_observe(len(results), sum(len(res.tokens) for res in results), wall)
+        predicted = None
         if catching_up is not None:
             # what reading skipped tokens costs a proposer: a probe waits until its catch-up is amortised (a step
             # that tried a CPU thread count counts too: the catch-up dominates it, and it may be the only one)
@@ -427,6 +424,19 @@ class LLMEngine:
             predicted = self.policy.times.predict(name, len(results), kmax, self.planner.slope(name))
             if predicted:
                 self.policy.observe_catch_up(name, wall - predicted, catching_up.backlog)
+        # adaptive rows drafted: was it worth it? (a graph captured or a thread count tried is no drafting cost)
+        if kmax and one_offs == GraphRunner.one_offs and not timing.explored \
+                and all(r.params.num_draft_tokens is None for r in plan):
+            # a proposer that read tokens it skipped (what the batch decoded plain, a new request's prompt) counts at
+            # its step's predicted time: the catch-up is the cost of having decoded plain, paid once. Charged to the
+            # window, it held the batch plain for good: on an H200 at 8 clients (demo pair, T = 0.8) the first 8
+            # steps after a hold, one or two of them the rows' catch-up, realized 0.49-0.64x plain decoding's speed
+            # (0.77-0.79x without it), each such early verdict doubled the hold, and so the next catch-up, to 256 steps
+            # (adaptive 0.86-0.93x plain where fixed K = 4 ran 1.09x). A step that also mixed methods is not judged
+            if not lagging:
+                self.policy.guard_observe(len(results), sum(len(res.tokens) for res in results), wall)
+            elif predicted and len(methods) == 1:
+                self.policy.guard_observe(len(results), sum(len(res.tokens) for res in results), min(wall, predicted))
 
     def _observe_times(self, kmax: int, timing: StepTiming, methods: set[str], batch: int) -> None:
         """Track the single-step target time and the draft/target cost ratios (the doctor's model) of the

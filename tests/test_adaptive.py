@@ -1405,6 +1405,38 @@ def test_speed_guard_holds_plain_where_drafting_realized_less_than_plain():
     assert g.left == 2 * GUARD_HOLD_FIRST
 
 
+def test_the_speed_guard_charges_a_catch_up_step_at_its_predicted_time(monkeypatch):
+    """At batch 4, adaptive rows decode plain a while (as under a hold), then draft: the draft model first reads every
+    token it skipped. That step counts towards the guard's window at its K's predicted time, not its wall time (the
+    catch-up is the cost of having decoded plain, paid once); the drafting steps after it count at their wall time."""
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine()
+    eng.threads.enabled = False  # a step trying a CPU thread count is never judged: none here
+    plain_steps = 24
+    monkeypatch.setattr(eng, "_choose", lambda r, b: (0, "") if eng.policy.clock <= plain_steps else (2, "model"))
+    predicted = 1e-7  # far below any real step's wall time: the charged time tells which was used
+    monkeypatch.setattr(eng.policy.times, "predict", lambda method, batch, k, slope: predicted)
+    seen = []
+    monkeypatch.setattr(eng.policy, "guard_observe", lambda batch, tokens, seconds: seen.append(
+        (eng.proposers["model"].backlog, seconds)))
+    prompts = ("Once", "The cat sat on the mat", "Tom found a red ball", "Lily loved to play")
+    reqs = [eng.add_request(p, SamplingParams(max_new_tokens=80, temperature=0, ignore_eos=True)) for p in prompts]
+    while not all(r.prefilled for r in reqs):
+        eng.step()
+    eng.policy.clock = 0
+    for _ in range(plain_steps + 6):
+        eng.step()
+    assert seen, "no drafting step was judged"
+    assert seen[0][0] > 0 and seen[0][1] == predicted, seen[0]  # the catch-up step: its predicted time
+    assert all(backlog == 0 and seconds > predicted for backlog, seconds in seen[1:]), seen
+    for r in reqs:
+        eng.abort(r.request_id)
+    while eng.has_work():
+        eng.step()
+    assert eng.target.blocks.num_free == eng.target.blocks.num_blocks
+
+
 def test_a_batch_whose_drafting_loses_decodes_plain_for_a_hold(monkeypatch):
     """In the engine, at batch 4: adaptive rows that drafted a window at less than plain decoding's realized speed
     (here every window counts as losing) decode plain for the hold, then draft again, and the next loss holds twice
@@ -1427,6 +1459,7 @@ def test_a_batch_whose_drafting_loses_decodes_plain_for_a_hold(monkeypatch):
     monkeypatch.setattr(llm, "decode_step", spy)
     for fixed in (None, 2):
         eng = tiny_pair_engine()
+        eng.threads.enabled = False  # a step trying a CPU thread count is not judged: none here (timing-dependent)
         monkeypatch.setattr(eng, "_choose", lambda r, b: (2, "model"))  # every row decides to draft K = 2
         for _ in range(3):  # plain decoding measured at batch 4 (the guard's yardstick)
             eng.policy.observe_plain(4, 0.01)
@@ -1441,7 +1474,9 @@ def test_a_batch_whose_drafting_loses_decodes_plain_for_a_hold(monkeypatch):
             eng.step()
             reasons.append(eng.policy.decision.reason)
         if fixed is None:
-            assert drafted == [1] * 4 + [0] * 4 + [1] * 4 + [0] * 8 + [1] * 4 + [0] * 8
+            # the first drafting step reads the prompts (a catch-up, and no drafting time yet to charge it at): not
+            # judged, so the first window takes five steps
+            assert drafted == [1] * 5 + [0] * 4 + [1] * 4 + [0] * 8 + [1] * 4 + [0] * 7
             assert any(r.startswith("plain at batch 4") for r in reasons)
         else:
             assert drafted == [1] * 32 and not eng.policy.guards
