@@ -70,6 +70,8 @@ class Request:
     prefilled: bool = False  # the whole prompt (or, after a preemption, all but the last token) is cached
     seed: int = 0  # keys every random draw of this request (engine.rng); the user's seed or a fresh one
     cancel_requested: bool = False
+    methods: tuple[SamplingParams, list[str]] | None = None  # the proposers it may use, listed for these params
+    # (``StepPlanner.methods``)
 
     def __post_init__(self) -> None:
         self.seed = new_seed() if self.params.seed is None else self.params.seed & ((1 << 63) - 1)

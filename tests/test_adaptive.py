@@ -640,6 +640,27 @@ def test_engine_caps_a_mixed_batch(monkeypatch):
     assert any(others == 1 and ks and ks[0] > 0 for ks, others, _ in seen), seen
 
 
+def test_the_batch_cap_leaves_rows_cut_to_their_room_aside(monkeypatch):
+    """A row whose K is cut by its room (a request's last tokens) beside rows that share a K is no planning difference:
+    the batch's predictions are not made (step_cap not called) and the plan stands; a row that planned plain where it
+    had room is one, and the cap decides."""
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine()
+    calls = []
+    monkeypatch.setattr(eng.policy, "step_cap", lambda rows, others, batch, alpha: calls.append(len(rows)) or None)
+    reqs = [eng.add_request(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
+            for p, n in (("Once", 40), ("The cat sat", 40), ("Tom found", 2))]
+    for r in reqs:
+        r.adaptive.last = Decision(2, "model", "drafting K=2 (test)", {0: 1.0, 1: 1.3, 2: 1.5})
+    near_end = {r: (min(2, eng.planner.room(r)), "model") for r in reqs}
+    assert near_end[reqs[2]][0] == 1  # 2 tokens left: room for 1 draft (the last token is the verified one)
+    assert eng.planner.cap_batch(dict(near_end)) == near_end and not calls
+    plain_row = {**near_end, reqs[1]: (0, "model")}
+    eng.planner.cap_batch(plain_row)
+    assert calls == [3]
+
+
 def test_a_step_whose_draft_catches_up_is_not_timed(monkeypatch):
     """After plain steps the draft model first reads the tokens it missed: that one-off cost must not become
     the K's step time (it stood until the K was drafted again)."""
