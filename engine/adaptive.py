@@ -108,6 +108,11 @@ PLAIN_STALE = 32  # timed steps at a batch size after which plain decoding's tim
 # 8 clients with a useless draft, plain's average rose to 6.8 ms in a slow phase; n-gram K = 1 then looked nearly
 # as cheap (7.1 ms, timed earlier) and, drafting on, ran at 5.2 ms against the stale 6.5 (predicted 1.02x plain)
 # where plain steps took ~4.2 ms: the pass ran 0.8x plain
+PLAIN_SETTLE = 4  # ... and, until plain decoding has PACE_FROM timings at a batch size (and context), after this many
+# timed steps whatever the gain: a batch that drafts from its first decision times plain in one step only. On an H200 at
+# 8 clients (demo pair, T = 0.8) that step took 2.1 ms where plain steps took 1.5: K = 2 was predicted 1.36x plain (it
+# ran ~0.96x), the refresh never came (a clear gain), and the batch drafted K = 2 for two passes where fixed K = 4 ran
+# 1.09x plain
 PACE_RATE = 1.0  # the pace's rate, in units of a step-time average's (1 - EMA); 0 turns the pace off (``StepTimes``).
 # A step of the K that runs on moves the pace, and its own average only as a long mean would (PACE_RUN); the first step
 # of a K after another K's is compared with that pace, and moves the K's average alone. An earlier form split every
@@ -290,9 +295,9 @@ class StepTimes:
             self._keys.setdefault(key[:2], []).append(key)
             self._bucket_keys.setdefault(key[1], []).append(key)
         running, self._last[b] = self._last.get(b) == key, key
-        if k and self.count[key] <= PACE_FROM:  # a K's first timings: the median of them, not a moving average that
-            # the first one, often cold (a shape's first run, a proposer's first steps after a switch), seeds (plain
-            # decoding is timed first, in a run of plain steps, and again after PLAIN_STALE steps with STALE_WEIGHT)
+        if self.count[key] <= PACE_FROM:  # a key's first timings: the median of them, not a moving average that the
+            # first one, often cold (a shape's first run, a proposer's first steps after a switch, a batch's first plain
+            # step), seeds; plain decoding's are taken PLAIN_SETTLE steps apart (``Policy.plain_refresh_due``)
             first = self._first.setdefault(key, [])
             first.append(seconds / pace)
             self.avg[key] = _robust_mean(first)
@@ -310,6 +315,10 @@ class StepTimes:
                 self.avg[key] = old * math.exp((1 - weight) * dev)
         else:
             self.avg[key] = clamped_ema(old, seconds / pace, weight)
+
+    def plain_settled(self, batch: int) -> bool:
+        """Whether plain decoding has PACE_FROM timings at this batch bucket and the current context bucket."""
+        return self.count.get(("plain", bucket(batch), self.context, 0), 0) >= PACE_FROM
 
     def plain_age(self, batch: int) -> int | None:
         """Steps timed at this batch bucket since plain decoding was last timed there at the current context bucket
@@ -936,9 +945,14 @@ class Policy:
 
     def plain_refresh_due(self, batch: int, best_gain: float) -> bool:
         """Whether a step planned to draft at ``batch`` for at most ``best_gain`` (predicted, over plain) runs plain
-        instead, to time plain decoding again (PLAIN_STALE, REFRESH_BELOW)."""
+        instead, to time plain decoding again (PLAIN_STALE, REFRESH_BELOW; PLAIN_SETTLE while plain has fewer than
+        PACE_FROM timings here, whatever the gain)."""
         age = self.times.plain_age(batch)
-        return age is not None and age >= PLAIN_STALE and best_gain < REFRESH_BELOW
+        if age is None:
+            return False
+        if age >= PLAIN_SETTLE and not self.times.plain_settled(batch):
+            return True
+        return age >= PLAIN_STALE and best_gain < REFRESH_BELOW
 
     def evidence(self, method: str, sampling: str = GREEDY) -> float:
         """Drafts of ``method`` measured on this engine for a sampling class (recent ones weigh most)."""

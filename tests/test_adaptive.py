@@ -770,13 +770,14 @@ def test_a_stale_plain_time_is_measured_again_where_drafting_gains_little():
     whose drafting rows were predicted under REFRESH_BELOW runs every row plain, and that time counts for more."""
     from types import SimpleNamespace
 
-    from engine.adaptive import EMA, PLAIN_STALE, REFRESH_BELOW, STALE_WEIGHT
+    from engine.adaptive import PACE_FROM, PLAIN_STALE, REFRESH_BELOW
     from engine.step_plan import StepPlanner
 
     policy = Policy()
     times = policy.times
     assert times.plain_age(8) is None
-    times.observe("", 8, 0, 0.0065)  # plain timed in a slow phase
+    for _ in range(PACE_FROM):  # plain timed in a slow phase (settled: see the test after this one)
+        times.observe("", 8, 0, 0.0065)
     times.observe("", 1, 0, 0.0030)  # another batch size has its own age
     for _ in range(PLAIN_STALE - 1):
         times.observe("ngram", 8, 1, 0.0052)
@@ -791,13 +792,34 @@ def test_a_stale_plain_time_is_measured_again_where_drafting_gains_little():
     for keep in ([_Row(1, REFRESH_BELOW + 0.05)], [_Row(1, 1.02, forced=True)], [_Row(1, 1.02, fixed=1)]):
         mixed = {**plan, **{r: (1, "ngram") for r in keep}}
         assert planner.refresh_plain(dict(mixed), 8) == mixed  # a clear gain, a probe, a fixed K: the plan stands
+    before = times.plain(8)
     times.observe("", 8, 0, 0.0042)  # the refresh: an old average counts less
-    key = ("plain", 8, times.context, 0)
-    assert abs(times.avg[key] - (STALE_WEIGHT * 0.0065 + (1 - STALE_WEIGHT) * 0.0042)) < 1e-12
-    assert times.plain_age(8) == 0 and not policy.plain_refresh_due(8, 1.0)
-    before = times.avg[key]
-    times.observe("", 8, 0, 0.0042)  # a fresh average: the usual weight
-    assert abs(times.avg[key] - (EMA * before + (1 - EMA) * 0.0042)) < 1e-12
+    stale = times.plain(8)
+    assert stale < before and times.plain_age(8) == 0 and not policy.plain_refresh_due(8, 1.0)
+    times.observe("", 8, 0, 0.0042)  # a fresh average: the usual weight, a smaller step
+    assert stale / before < times.plain(8) / stale < 1.0
+
+
+def test_plain_decoding_is_timed_three_times_before_its_time_is_trusted():
+    """A batch that drafts from its first decision times plain decoding in one step, often a cold one: plain's first
+    PACE_FROM timings at a batch size are taken PLAIN_SETTLE steps apart whatever drafting is predicted to gain (the
+    refresh), and their median is its time (not a moving average the cold one seeds)."""
+    from engine.adaptive import PACE_FROM, PLAIN_SETTLE
+
+    policy = Policy()
+    times = policy.times
+    times.observe("", 8, 0, 0.0021)  # the batch's first plain step: cold
+    for plain_s in (0.0015, 0.0016):
+        for _ in range(PLAIN_SETTLE):
+            assert not policy.plain_refresh_due(8, 1.4)  # a clear gain: no refresh by PLAIN_STALE's rule
+            times.observe("model", 8, 2, 0.0035)
+        assert policy.plain_refresh_due(8, 1.4)  # not settled: due anyway
+        times.observe("", 8, 0, plain_s)
+    assert times.count[("plain", 8, times.context, 0)] == PACE_FROM and times.plain_settled(8)
+    assert abs(times.plain(8) - 0.0016) < 1e-12  # the median of 2.1, 1.5, 1.6 ms
+    for _ in range(2 * PLAIN_SETTLE):
+        times.observe("model", 8, 2, 0.0035)
+        assert not policy.plain_refresh_due(8, 1.4)  # settled: only PLAIN_STALE's rule
 
 
 def test_engine_runs_the_plain_refresh_and_stays_exact(monkeypatch):
