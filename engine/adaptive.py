@@ -819,6 +819,7 @@ class Policy:
         self.method_probes = _Backoff(METHOD_PROBE_FIRST, METHOD_PROBE_MAX)  # ``_probe_method``'s clock
         self.explores = _Backoff(EXPLORE_EVERY, EXPLORE_MAX)  # ``_explore``'s clock
         self._explored_below: dict[str, tuple[int, bool]] = {}  # per method: (clock, below K) of its last explore step
+        self._probed_above: dict[str, tuple[int, bool]] = {}  # per method: (clock, past the best K) of its last probe
         self.guards: dict[tuple[int, bool], SpeedGuard] = {}  # per (batch bucket, sampled steps): ``guard_holds``
         self._plain_walls: dict[tuple[int, bool], deque[float]] = {}  # per (batch, sampled): recent plain steps' walls
         self._plain_median: dict[tuple[int, bool], float] = {}  # ... and their median, from 3 of them on
@@ -1070,6 +1071,19 @@ class Policy:
             return Decision(k - 1, method, f"exploring {method} K={k - 1} (best predicted K={k})", gains, forced=True)
         return Decision(k + 1, method, f"exploring {method} K={k + 1} (best predicted K={k})", gains, forced=True)
 
+    def _probe_k(self, method: str, best: int, gains: dict[int, float]) -> int:
+        """The K of a probe from plain decoding: the best predicted K and, at every other probe of ``method``, the K past
+        it where the reach allows (``StepTimes.reach``; rows probing at one step probe alike). Drafting rows explore
+        K + 1 and K - 1 (``_explore``); plain rows never did, so a K past the timed ones stayed predicted by a line
+        through them: on an H200 at 8 clients (demo pair, T = 0.8) the line through plain, K = 1 and K = 2 put K = 4 at
+        5.8 ms (K = 1 runs no drafting chain; from K = 2 a chain's fixed cost is paid once), K = 2 was a close call, and
+        the batch decoded plain through two passes until a fixed-K pass timed K = 4 at 4.6 ms; it then drafted K = 4."""
+        at, above = self._probed_above.get(method, (-1, True))
+        if at != self.clock:  # the first row of this probe step turns the direction; the others follow it
+            above = not above
+            self._probed_above[method] = (self.clock, above)
+        return best + 1 if above and best + 1 in gains else best
+
     def hold_plain(self, state: AdaptiveState, batch: int) -> Decision | None:
         """A request's decision to decode plain when it stands this step (counting the step), else None; in O(1), and
         without the request's methods (``reuse``'s plain half): up to the clock its last full decision set, when it
@@ -1265,8 +1279,9 @@ class Policy:
                     state.probe_every = min(PROBE_MAX, state.probe_every * 2)
                     self.probe_floor[method] = max(self.probe_floor.get(method, PROBE_FIRST), state.probe_every // 2)
                     state.probing = True
-                    d = Decision(best, method, f"probing {method} K={best} (predicted {gains[best]:.2f}x plain)", gains,
-                                 forced=True)
+                    k = self._probe_k(method, best, gains)
+                    d = Decision(k, method, f"probing {method} K={k} (predicted {gains[k]:.2f}x plain; best predicted "
+                                            f"K={best})", gains, forced=True)
                 else:
                     d = Decision(0, method, f"plain: best is {method} K={best}, predicted {gains[best]:.2f}x plain "
                                             f"at batch {batch}; next probe in {self._steps_to_probe(state)} steps",

@@ -60,6 +60,30 @@ def test_useless_draft_goes_plain_and_probes_rarely():
     assert "plain" in policy.decision.reason and "next probe" in policy.decision.reason
 
 
+def test_probes_from_plain_alternate_the_best_k_and_the_k_past_it():
+    """A plain row's probes time the best predicted K and, every other probe, the K past it where the reach allows:
+    a K past the timed ones is otherwise only ever predicted (drafting rows explore their neighbours; plain rows never
+    did). Rows probing at one step probe the same K."""
+    policy = Policy()
+    policy.times.observe("", 1, 0, 1.0)
+    for k in (1, 2):  # K = 1 and 2 timed, each twice: the reach is K = 3
+        policy.times.observe("model", 1, k, 1.0 + 0.45 * k)
+        policy.times.observe("model", 1, k, 1.0 + 0.45 * k)
+    from engine.adaptive import best_drafting_k
+
+    state = _state_with_acceptance(0.3)  # drafting predicted below plain: the row decodes plain and probes
+    probes = []
+    for _ in range(8 * PROBE_FIRST):
+        policy.tick()
+        d = policy.choose(state, {"model": 0.3}, 1, alpha=0.3)
+        if d.k:
+            best = best_drafting_k(d.gains)
+            probes.append(d.k - best)
+            assert policy._probe_k("model", best, d.gains) == d.k  # another row probing at this step: the same K
+    assert len(probes) >= 3 and probes[:3] == [0, 1, 0], probes  # the best K first, then the one past it, ...
+    assert max(d.gains) == 3  # ... within the reach: one past the largest K timed
+
+
 def test_a_probe_waits_until_its_catch_up_is_amortised():
     """A probe's proposer first reads every token it skipped while the request decoded plain: on an H200 at batch 8
     with 1536-token prompts that was 380 ms, ~100 plain steps, per probe. A probe whose catch-up would cost more
