@@ -133,9 +133,11 @@ class ModelRunner:
             self.blocks.commit(row.seq_id, start + len(row.token_ids))
         if aux:
             n = aux[0].shape[1]
-            for i, (row, start) in enumerate(zip(rows, starts)):
+            per_row = aux[0].unbind(0)  # one call for every row's view (indexing row by row: ~2x the host time)
+            for row, start, feats in zip(rows, starts, per_row):
                 if row.aux:
-                    self.aux_sink(row.seq_id, start, aux[0][i, n - len(row.token_ids):])
+                    m = len(row.token_ids)
+                    self.aux_sink(row.seq_id, start, feats if m == n else feats[n - m:])
         # the caller reads these logits at once anyway; syncing here makes step timers (and with
         # them adaptive K's cost model) measure the device's work, not just its launch (``sync=False``: the caller's
         # timer runs to its own host copy instead)

@@ -437,6 +437,7 @@ def test_waiting_features_keep_what_a_concatenation_kept():
             feats, first = feats[cut:], first + cut
             buf.drop(cut)
         assert buf.first == first and buf.n == feats.shape[0] and len(buf.parts) <= COMPACT_PARTS, step
+        assert buf.size == sum(p.shape[0] for p in buf.parts), step  # the rows it tracks (``_keep``'s shortcut)
         held = torch.cat(buf.parts)[buf.skip: buf.skip + buf.n]  # what it holds, every step, without joining it
         assert torch.equal(held, feats), step
         if step % 7 == 0 or int(torch.randint(0, 4, (), generator=gen)) == 0:  # read now and then: parts pile up

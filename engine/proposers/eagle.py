@@ -55,10 +55,11 @@ class _Features:
     0.2 ms slower than plain requests' (8 rows, demo pair: 2.2 against 2.0 ms), and a ``torch.cat`` of the waiting rows
     and the new ones at every verification took 0.18 ms a step at 8 rows on the 2-core CPU."""
 
-    __slots__ = ("first", "parts", "skip", "n")
+    __slots__ = ("first", "parts", "skip", "n", "size")
 
     def __init__(self, first: int, aux: torch.Tensor) -> None:
         self.first, self.parts, self.skip, self.n = first, [aux], 0, aux.shape[0]
+        self.size = self.n  # rows in the parts, read ones (``skip``) and rolled-back ones included
 
     def rows(self) -> torch.Tensor:
         """The waiting features ``[n, 3H]`` (a view: read it before the next ``put``)."""
@@ -73,20 +74,31 @@ class _Features:
         self._keep(self.skip + keep)
         self.parts.append(aux)
         self.n = keep + aux.shape[0]
+        self.size += aux.shape[0]
         if len(self.parts) > COMPACT_PARTS:  # a row that does not draft with the head: its steps' tensors, joined
             self.parts = [torch.cat(self.parts)[self.skip:]]
+            self.size -= self.skip
             self.skip = 0
 
     def drop(self, cut: int) -> None:
         """The first ``cut`` features were read into the head's cache."""
         self.first, self.n, self.skip = self.first + cut, self.n - cut, self.skip + cut
         while len(self.parts) > 1 and self.skip >= self.parts[0].shape[0]:
-            self.skip -= self.parts.pop(0).shape[0]
+            gone = self.parts.pop(0).shape[0]
+            self.skip -= gone
+            self.size -= gone
         if self.skip >= 64 and 2 * self.skip >= self.parts[0].shape[0]:  # most of a long part read (a prompt's)
-            self.parts[0], self.skip = self.parts[0][self.skip:].clone(), 0  # keep its rest, not all of it
+            self.parts[0] = self.parts[0][self.skip:].clone()  # keep its rest, not all of it
+            self.size -= self.skip
+            self.skip = 0
 
     def _keep(self, total: int) -> None:
-        """Keep the first ``total`` rows of the parts (those past them were rolled back)."""
+        """Keep the first ``total`` rows of the parts (those past them were rolled back). Nothing to cut (a plain
+        step appending after what waits, the common case): returns at once. Walking the parts at every verification
+        took ~12 us a row and step on the 2-core CPU (8 rows: 0.1 ms a step, the gap between an adaptive row's plain
+        step and a plain request's on an H200)."""
+        if total >= self.size:
+            return
         out, have = [], 0
         for p in self.parts:
             if have >= total:
@@ -95,6 +107,7 @@ class _Features:
             out.append(p if take == p.shape[0] else p[:take])
             have += take
         self.parts = out or [self.parts[0][:0]]  # none left: an empty one keeps the width
+        self.size = have
 
 
 class EagleProposer:
