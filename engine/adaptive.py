@@ -110,9 +110,8 @@ PLAIN_STALE = 32  # timed steps at a batch size after which plain decoding's tim
 # where plain steps took ~4.2 ms: the pass ran 0.8x plain
 PLAIN_SETTLE = 4  # ... and, until plain decoding has PACE_FROM timings at a batch size (and context), after this many
 # timed steps whatever the gain: a batch that drafts from its first decision times plain in one step only. On an H200 at
-# 8 clients (demo pair, T = 0.8) that step took 2.1 ms where plain steps took 1.5: K = 2 was predicted 1.36x plain (it
-# ran ~0.96x), the refresh never came (a clear gain), and the batch drafted K = 2 for two passes where fixed K = 4 ran
-# 1.09x plain
+# 8 clients (demo pair, T = 0.8) that step took 2.1 ms where plain steps took 1.5: K = 2 was predicted 1.36x plain (its
+# steps ran at plain's speed), the refresh never came (a clear gain), and the batch drafted K = 2 for two passes
 PACE_RATE = 1.0  # the pace's rate, in units of a step-time average's (1 - EMA); 0 turns the pace off (``StepTimes``).
 # A step of the K that runs on moves the pace, and its own average only as a long mean would (PACE_RUN); the first step
 # of a K after another K's is compared with that pace, and moves the K's average alone. An earlier form split every
