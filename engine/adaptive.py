@@ -819,6 +819,7 @@ class Policy:
         self.explores = _Backoff(EXPLORE_EVERY, EXPLORE_MAX)  # ``_explore``'s clock
         self._explored_below: dict[str, tuple[int, bool]] = {}  # per method: (clock, below K) of its last explore step
         self._probed_above: dict[str, tuple[int, bool]] = {}  # per method: (clock, past the best K) of its last probe
+        self._probed_at: dict[str, int] = {}  # per method: the clock of its last probe from plain decoding (any row)
         self.guards: dict[tuple[int, bool], SpeedGuard] = {}  # per (batch bucket, sampled steps): ``guard_holds``
         self._plain_walls: dict[tuple[int, bool], deque[float]] = {}  # per (batch, sampled): recent plain steps' walls
         self._plain_median: dict[tuple[int, bool], float] = {}  # ... and their median, from 3 of them on
@@ -846,10 +847,11 @@ class Policy:
             return False
         return (plain_steps >= every // 2 and self.clock and self.clock % every == 0) or plain_steps >= 2 * every
 
-    def _steps_to_probe(self, state: AdaptiveState) -> int:
-        """Steps until ``_probe_due`` holds, with the clock and the plain steps both advanced (closed form)."""
+    def _steps_to_probe(self, state: AdaptiveState, plain_steps: int | None = None) -> int:
+        """Steps until ``_probe_due`` holds, with the clock and the plain steps (default: the request's) both advanced
+        (closed form)."""
         self._raise_to_floor(state)
-        every, done = state.probe_every, state.plain_steps
+        every, done = state.probe_every, state.plain_steps if plain_steps is None else plain_steps
         first = max(1, every // 2 - done, state.probe_after - done)
         on_clock = first + (-(self.clock + first)) % every
         return min(on_clock, max(1, 2 * every - done, state.probe_after - done))
@@ -1108,14 +1110,14 @@ class Policy:
         self.decision = last
         return last
 
-    def _hold_plain_until(self, state: AdaptiveState) -> None:
+    def _hold_plain_until(self, state: AdaptiveState, waited: int | None = None) -> None:
         """After a full decision to decode plain: the clock up to which it stands (``hold_plain``). The next
         re-evaluation is where the plain steps reach a multiple of ``_recheck``; a probe, where ``_steps_to_probe``
         says. A probe interval raised meanwhile by other rows' failed probes only delays a probe, and re-deciding
         early is harmless."""
         every = _recheck(state)
         to_recheck = (every - state.plain_steps % every) % every + 1
-        to_probe = self._steps_to_probe(state)
+        to_probe = self._steps_to_probe(state, waited)
         state.hold_until = self.clock + min(to_recheck, to_probe)
         state.hold_ends_recheck = to_recheck < to_probe
 
@@ -1171,7 +1173,8 @@ class Policy:
             if bb == b and self.clock in clocks and not self.times.timed(m, batch):
                 self._spoiled_tries[(m, bb)] = self._spoiled_tries.get((m, bb), 0) + 1
 
-    def _catch_up_wait(self, state: AdaptiveState, method: str, batch: int, seconds: float) -> int:
+    def _catch_up_wait(self, state: AdaptiveState, method: str, batch: int, seconds: float,
+                       waited: int | None = None) -> int:
         """Further plain steps before a probe of ``method`` whose proposer would first read ``seconds`` of catch-up
         (tokens it skipped while the request decoded plain) costs at most PROBE_CATCH_UP of the plain time since
         the last probe; 0 when it may probe now.
@@ -1181,10 +1184,11 @@ class Policy:
         step instead, a probe at batch 8 could cost 8 x 3% of the plain time since the last: on this CPU with a
         useless draft, 8 probes of ~80 ms against a 21 ms plain step took 2% of an 8-client run."""
         t0 = self.times.plain(batch)
-        if not seconds or not t0 or state.plain_steps < state.probe_after:
+        done = state.plain_steps if waited is None else waited  # the plain steps since the last probe (``choose``)
+        if not seconds or not t0 or done < state.probe_after:
             return 0
         need = int(seconds * max(1, batch) / (PROBE_CATCH_UP * t0)) + 1
-        return max(0, need - state.plain_steps)
+        return max(0, need - done)
 
     def observe_catch_up(self, method: str, seconds: float, tokens: int) -> None:
         """A step whose ``method`` first read ``tokens`` it had skipped took ``seconds`` longer than its K-step."""
@@ -1269,11 +1273,20 @@ class Policy:
                 state.quiet_since = self.drafts
                 if state.last is not None and state.last.k and not state.last.forced and gains[best] >= CLOSE_CALL:
                     state.probe_every = PROBE_SOON  # it just stopped drafting on a close call: look again soon
-                wait = self._catch_up_wait(state, method, batch, (catch_up or {}).get(method, 0.0))
+                # a probe's wait runs engine-wide too: the steps since the method's last probe by any row count where
+                # they exceed the request's own. A request starts at the interval its method's failed probes reached
+                # (``probe_floor``, up to PROBE_MAX / 2), and one shorter than half of it never probed on its own
+                # count: after a bad phase the engine stayed plain for good (on an H200 at 8 clients x 128 tokens,
+                # T = 0.8: two passes without a probe). The first row due probes; the others of that step wait on
+                # their own counts, so short requests probe one row at a time
+                waited = max(state.plain_steps, self.clock - self._probed_at.get(method, self.clock))
+                if waited > state.plain_steps:
+                    state.probe_every = max(state.probe_every, self.probe_floor.get(method, 0))
+                wait = self._catch_up_wait(state, method, batch, (catch_up or {}).get(method, 0.0), waited)
                 if wait:
-                    state.probe_after = state.plain_steps + wait
-                if not wait and self._probe_due(state, state.plain_steps):  # look again: acceptance or timings may
-                    # have changed
+                    state.probe_after = waited + wait
+                if not wait and self._probe_due(state, waited):  # look again: acceptance or timings may have changed
+                    self._probed_at[method] = self.clock
                     state.plain_steps = state.probe_after = 0
                     state.probe_every = min(PROBE_MAX, state.probe_every * 2)
                     self.probe_floor[method] = max(self.probe_floor.get(method, PROBE_FIRST), state.probe_every // 2)
@@ -1283,9 +1296,9 @@ class Policy:
                                             f"K={best})", gains, forced=True)
                 else:
                     d = Decision(0, method, f"plain: best is {method} K={best}, predicted {gains[best]:.2f}x plain "
-                                            f"at batch {batch}; next probe in {self._steps_to_probe(state)} steps",
-                                 gains)
-                    self._hold_plain_until(state)
+                                            f"at batch {batch}; next probe in {self._steps_to_probe(state, waited)} "
+                                            f"steps", gains)
+                    self._hold_plain_until(state, waited)
         if d.method == "ngram" and d.k and "model" in options:
             model_k = max(options["model"], key=options["model"].get)
             d.fallback_k = model_k if options["model"][model_k] > 1.0 else 0

@@ -543,6 +543,22 @@ def test_a_new_request_does_not_reprobe_a_useless_draft_from_scratch():
     assert not any(ks[: 4 * PROBE_FIRST]), [i for i, k in enumerate(ks) if k]
 
 
+def test_short_requests_still_probe_after_failed_probes():
+    """A probe's wait runs engine-wide: after failed probes raised the method's interval, requests shorter than half
+    of it (each one's own plain steps never reach it) still probe, about once an interval, not never (speculation
+    switches itself back on where it pays again)."""
+    policy = _policy(1.0, 0.3)
+    _steps(policy, _state_with_acceptance(0.02), 600)  # probes at 32 .. 512: the interval a request starts at is 512
+    every = policy.probe_floor["model"]
+    assert every >= 8 * PROBE_FIRST
+    probes = []
+    for _ in range(12):  # 12 requests of 100 steps one after another: each lives < every / 2 steps
+        ks = _steps(policy, _state_with_acceptance(0.02), 100)
+        probes += [policy.clock - 100 + i + 1 for i, k in enumerate(ks) if k]
+    assert 1 <= len(probes) <= 12 * 100 // every + 1, probes  # about one an interval
+    assert all(p % every == 0 for p in probes), probes  # on the clock, as rows of a batch probe together
+
+
 def test_an_ngram_miss_falls_back_only_to_a_proposer_that_needs_no_catch_up():
     """Where the lookup finds nothing, an adaptive n-gram row drafts with the draft model in the same step only while
     the draft has read the row's tokens: a catch-up in a step planned as n-gram is a cost no prediction weighed."""
