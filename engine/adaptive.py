@@ -833,10 +833,13 @@ class Policy:
         self.method_probes.advance()
         self.explores.advance()
 
-    def _raise_to_floor(self, state: AdaptiveState) -> None:
-        """A request's probe interval is at least the one failed probes of its method reached engine-wide."""
-        if state.last is not None and state.last.method:
-            state.probe_every = max(state.probe_every, self.probe_floor.get(state.last.method, 0))
+    def _raise_to_floor(self, state: AdaptiveState, method: str | None = None) -> None:
+        """A request's probe interval is at least the one failed probes of its method (default: its last decision's)
+        reached engine-wide."""
+        if method is None and state.last is not None:
+            method = state.last.method
+        if method:
+            state.probe_every = max(state.probe_every, self.probe_floor.get(method, 0))
 
     def _probe_due(self, state: AdaptiveState, plain_steps: int) -> bool:
         """Probe at a step that is a multiple of the interval (so the rows of a batch probe together),
@@ -1064,10 +1067,7 @@ class Policy:
         another K (``choose``). None at other steps."""
         if not self.explores.due(method, self.clock):
             return None
-        at, below = self._explored_below.get(method, (-1, True))
-        if at != self.clock:  # the first row of this explore step turns the direction; the others follow it
-            below = not below
-            self._explored_below[method] = (self.clock, below)
+        below = self._turn(self._explored_below, method)
         if k >= MAX_DRAFT_TOKENS or (below and k > 1):
             return Decision(k - 1, method, f"exploring {method} K={k - 1} (best predicted K={k})", gains, forced=True)
         return Decision(k + 1, method, f"exploring {method} K={k + 1} (best predicted K={k})", gains, forced=True)
@@ -1079,11 +1079,16 @@ class Policy:
         through them: on an H200 at 8 clients (demo pair, T = 0.8) the line through plain, K = 1 and K = 2 put K = 4 at
         5.8 ms (K = 1 runs no drafting chain; from K = 2 a chain's fixed cost is paid once), K = 2 was a close call, and
         the batch decoded plain through two passes until a fixed-K pass timed K = 4 at 4.6 ms; it then drafted K = 4."""
-        at, above = self._probed_above.get(method, (-1, True))
-        if at != self.clock:  # the first row of this probe step turns the direction; the others follow it
-            above = not above
-            self._probed_above[method] = (self.clock, above)
-        return best + 1 if above and best + 1 in gains else best
+        return best + 1 if self._turn(self._probed_above, method) and best + 1 in gains else best
+
+    def _turn(self, sides: dict[str, tuple[int, bool]], method: str) -> bool:
+        """The side (``sides``: per method, the clock and side of its last turn) of this step's explore or probe of
+        ``method``, False at its first: the first row of a step turns it, the others of that step follow it."""
+        at, side = sides.get(method, (-1, True))
+        if at != self.clock:
+            side = not side
+            sides[method] = (self.clock, side)
+        return side
 
     def hold_plain(self, state: AdaptiveState, batch: int) -> Decision | None:
         """A request's decision to decode plain when it stands this step (counting the step), else None; in O(1), and
@@ -1281,7 +1286,7 @@ class Policy:
                 # their own counts, so short requests probe one row at a time
                 waited = max(state.plain_steps, self.clock - self._probed_at.get(method, self.clock))
                 if waited > state.plain_steps:
-                    state.probe_every = max(state.probe_every, self.probe_floor.get(method, 0))
+                    self._raise_to_floor(state, method)
                 wait = self._catch_up_wait(state, method, batch, (catch_up or {}).get(method, 0.0), waited)
                 if wait:
                     state.probe_after = waited + wait

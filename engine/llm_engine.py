@@ -434,9 +434,13 @@ class LLMEngine:
             # (0.77-0.79x without it), each such early verdict doubled the hold, and so the next catch-up, to 256 steps
             # (adaptive 0.86-0.93x plain where fixed K = 4 ran 1.09x). A step that also mixed methods is not judged
             if not lagging:
-                self.policy.guard_observe(len(results), sum(len(res.tokens) for res in results), wall)
+                charged = wall
             elif predicted and len(methods) == 1:
-                self.policy.guard_observe(len(results), sum(len(res.tokens) for res in results), min(wall, predicted))
+                charged = min(wall, predicted)
+            else:
+                charged = None
+            if charged is not None:
+                self.policy.guard_observe(len(results), sum(len(res.tokens) for res in results), charged)
 
     def _observe_times(self, kmax: int, timing: StepTiming, methods: set[str], batch: int) -> None:
         """Track the single-step target time and the draft/target cost ratios (the doctor's model) of the
