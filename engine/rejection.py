@@ -20,6 +20,10 @@ keeps; the *recovered* token (source ``target``) replaces the first rejected one
   P(argmaxes agree) >= (1 - TV)/(1 + TV), a little below rejection sampling's 1 - TV.
 
 Deterministic proposals (n-gram) pass ``draft_probs=None``: q is one-hot on the token.
+
+``verify`` picks each row's rule on the host and computes only what those rows need; ``verify_rows`` computes every
+rule for every row and picks per row on the device, with no host data at all, so it can be captured in a CUDA graph
+(engine.cuda_graphs ``run_verify``): the same tokens, in one replay instead of some forty launches.
 """
 
 from __future__ import annotations
@@ -138,3 +142,31 @@ def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, num_draft: t
     tokens = torch.cat([draft_tokens.clamp_min(0), torch.zeros_like(nxt)[:, None]], 1)
     tokens.scatter_(1, accepted[:, None], nxt[:, None])
     return accepted, tokens
+
+
+def verify_rows(target_logits: torch.Tensor, draft_tokens: torch.Tensor, num_draft: torch.Tensor,
+                draft_probs: torch.Tensor | None, settings: torch.Tensor, sample_keys: torch.Tensor,
+                accept_keys: torch.Tensor, truncate: bool) -> torch.Tensor:
+    """``verify`` with every row's rule chosen on the device, from ``settings`` ``[B, 4]`` float32 (temperature,
+    top_p, top_k, seeded: 1 where the request has a seed); no host sync and no shape that depends on the rows' rules.
+    ``truncate``: whether the sort of top-p / top-k runs (it must be what ``verify`` uses: whether some *sampled* row
+    cuts). ``accept_keys`` ``[B, K]`` is read only by unseeded sampled rows (any values elsewhere). Returns ``[B, K+2]``:
+    each row's accepted count, then its tokens as ``verify`` returns them."""
+    b, k1, _ = target_logits.shape
+    k = k1 - 1
+    temperature, top_p, top_k, seeded = settings.unbind(1)
+    greedy = temperature <= 0
+    rp = RowParams(torch.where(greedy, torch.ones_like(temperature), temperature), top_p, top_k.long(), [])
+    p = probs_batch(target_logits, rp, truncate)  # [B, K+1, V]: greedy rows' is never read
+    choice = torch.where(greedy[:, None], target_logits.argmax(-1), draw(p, sample_keys))  # [B, K+1]
+    j = torch.arange(k, device=target_logits.device)
+    ok = (draft_tokens == choice[:, :k]) & (j[None, :] < num_draft[:, None])
+    accepted = accepted_prefix(ok)
+    nxt = choice.gather(1, accepted[:, None]).squeeze(1)
+    if k:  # unseeded sampled rows: rejection sampling
+        a, t = verify_sampled(draft_tokens, num_draft, draft_probs, p, sample_keys, accept_keys)
+        by_rule = ~greedy & (seeded == 0)
+        accepted, nxt = torch.where(by_rule, a, accepted), torch.where(by_rule, t, nxt)
+    tokens = torch.cat([draft_tokens.clamp_min(0), torch.zeros_like(nxt)[:, None]], 1)
+    tokens.scatter_(1, accepted[:, None], nxt[:, None])
+    return torch.cat([accepted[:, None], tokens], 1)

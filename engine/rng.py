@@ -40,11 +40,15 @@ def key(seed: int, position: int, stream: int) -> int:
     return _signed(_mix(_mix(seed * _GOLDEN + stream * _STREAM) + position * _GOLDEN))
 
 
+def key_rows(seeds: list[int], positions: list[list[int]], stream: int) -> list[list[int]]:
+    """Host lists of the keys for row b's ``positions[b]`` (rows padded with their last position)."""
+    n = max(len(p) for p in positions)
+    return [[key(s, q, stream) for q in (p + p[-1:] * (n - len(p)))] for s, p in zip(seeds, positions)]
+
+
 def keys(seeds: list[int], positions: list[list[int]], stream: int, device=None) -> torch.Tensor:
     """``[B, N]`` keys for row b's ``positions[b]`` (rows padded with their last position)."""
-    n = max(len(p) for p in positions)
-    rows = [[key(s, q, stream) for q in (p + p[-1:] * (n - len(p)))] for s, p in zip(seeds, positions)]
-    return to_device(rows, torch.int64, device)
+    return to_device(key_rows(seeds, positions, stream), torch.int64, device)
 
 
 def new_seed() -> int:

@@ -36,15 +36,21 @@ class StepTiming:
     explored: bool = False  # a phase ran at a thread count being measured, not the preferred one (engine.threads)
 
 
-def sampling_keys(reqs: list[Request], k: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sampling_key_rows(reqs: list[Request], k: int) -> tuple[list[list[int]], list[list[int]] | None]:
     """Keys of the target's draws at each row's next K+1 positions, and of the acceptance tests
-    at the next K (None when no unseeded sampled row needs them)."""
+    at the next K (None when no unseeded sampled row needs them), as host lists."""
     positions = [[r.num_tokens + j for j in range(k + 1)] for r in reqs]
     seeds = [r.seed for r in reqs]
-    sample = rng.keys(seeds, positions, rng.SAMPLE, device)
+    sample = rng.key_rows(seeds, positions, rng.SAMPLE)
     need_accept = k > 0 and any(not r.params.greedy and r.params.seed is None for r in reqs)
-    accept = rng.keys(seeds, [p[:k] for p in positions], rng.ACCEPT, device) if need_accept else None
+    accept = rng.key_rows(seeds, [p[:k] for p in positions], rng.ACCEPT) if need_accept else None
     return sample, accept
+
+
+def sampling_keys(reqs: list[Request], k: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``sampling_key_rows`` as tensors on ``device``."""
+    sample, accept = sampling_key_rows(reqs, k)
+    return to_device(sample, torch.int64, device), None if accept is None else to_device(accept, torch.int64, device)
 
 
 def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -118,13 +124,21 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     else:
         logits = _stack_padded(per_row)  # [B, K+1, V]
         kmax = logits.shape[1] - 1
-        # [B, K] draft tokens (-1 past a row's K) and [B] their counts, in one copy
-        packed = to_device([toks + [-1] * (kmax - len(toks)) + [len(toks)] for toks in lists], torch.long, dev)
-        draft, num_draft = packed[:, :kmax], packed[:, kmax]
-        q = _gather_q(q_parts, draft, len(reqs), kmax, logits.shape[-1])
-        sample_keys, accept_keys = sampling_keys(reqs, kmax, dev)
-        accepted, tokens = verify(logits, draft, num_draft, q, rp, sample_keys, accept_keys)
-        host = torch.cat([accepted[:, None], tokens], 1).tolist()  # the step's one host copy
+        q = _gather_q(q_parts, lists, len(reqs), kmax, logits.shape[-1], dev)
+        sample_rows, accept_rows = sampling_key_rows(reqs, kmax)
+        host = None
+        if target.graphs is not None:  # CUDA: the whole verification as one graph replay
+            params = [r.params for r in reqs]
+            settings = [[p.temperature, p.top_p, float(p.top_k), float(p.seed is not None)] for p in params]
+            truncate = any(not p.greedy and (p.top_p < 1.0 or 0 < p.top_k < logits.shape[-1]) for p in params)
+            host = target.graphs.run_verify(logits, lists, settings, sample_rows, accept_rows, q, truncate)
+        if host is None:
+            # [B, K] draft tokens (-1 past a row's K) and [B] their counts, in one copy
+            packed = to_device([toks + [-1] * (kmax - len(toks)) + [len(toks)] for toks in lists], torch.long, dev)
+            sample_keys = to_device(sample_rows, torch.int64, dev)
+            accept_keys = None if accept_rows is None else to_device(accept_rows, torch.int64, dev)
+            accepted, tokens = verify(logits, packed[:, :kmax], packed[:, kmax], q, rp, sample_keys, accept_keys)
+            host = torch.cat([accepted[:, None], tokens], 1).tolist()  # the step's one host copy
         verified = [(h[0], h[1: h[0] + 2]) for h in host]
     if not synced:
         t2 = time.perf_counter()
@@ -188,18 +202,19 @@ def _verify_greedy_host(per_row: list[torch.Tensor], lists: list[list[int]]) -> 
     return out
 
 
-def _gather_q(parts: list[tuple[list[int], Proposal]], draft: torch.Tensor, b: int, kmax: int, vocab: int
-              ) -> torch.Tensor | None:
+def _gather_q(parts: list[tuple[list[int], Proposal]], lists: list[list[int]], b: int, kmax: int, vocab: int,
+              device) -> torch.Tensor | None:
     """One q [B, K, V] when some proposer sampled from a distribution; deterministic rows get one-hot."""
     if kmax == 0 or all(p.probs is None for _, p in parts):
         return None
-    q = torch.zeros(b, kmax, vocab, device=draft.device)
+    q = torch.zeros(b, kmax, vocab, device=device)
     for idx, prop in parts:
-        sel = to_device(idx, torch.long, draft.device)
+        sel = to_device(idx, torch.long, device)
         if prop.probs is not None:
             q[sel, : prop.probs.shape[1]] = prop.probs[:, :kmax]
         else:
-            q[sel] = torch.nn.functional.one_hot(draft[sel].clamp_min(0), vocab).float() * (draft[sel] >= 0)[..., None]
+            draft = to_device([lists[i] + [-1] * (kmax - len(lists[i])) for i in idx], torch.long, device)
+            q[sel] = torch.nn.functional.one_hot(draft.clamp_min(0), vocab).float() * (draft >= 0)[..., None]
     return q
 
 

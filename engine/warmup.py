@@ -52,8 +52,7 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
     n = max(8, min(context, engine.max_context - 16))
     ids = [i % max(2, engine.vocab_size - 1) + 1 for i in range(n)]
     runners = [r for r in (engine.target, engine.draft) if r is not None]
-    for r in runners:
-        r.forward([RowInput(sid, ids)])
+    logits = {id(r): r.forward([RowInput(sid, ids)])[0] for r in runners}
     _calibrate_cpu_gemms(engine.target, sid, ids)
     t0, captured = time.perf_counter(), 0
     for r in runners:  # CUDA graphs of the step shapes met first (up to 8 rows, every K), before any request; their
@@ -65,6 +64,9 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
                 captured += r.graphs.prewarm_prefill(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, aux)  # short prompts' reads
             if r is engine.draft:  # its drafting chains too (ModelRunner.draft_chain), greedy and sampled
                 captured += r.graphs.prewarm_chains(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, r.vocab_size)
+            if r is engine.target:  # sampled steps' verifications (spec_decode.decode_step)
+                out = logits[id(r)]
+                captured += r.graphs.prewarm_verify(PREWARM_ROWS, out.shape[-1], out.dtype)
     head_chains = getattr(engine.proposers.get("eagle"), "_graphs", None)
     if head_chains is not None and _gpu_bytes(engine.target.device) >= PREWARM_MIN_GPU_BYTES:  # the head's chains
         from engine.cuda_graphs import PREWARM_CHAIN_MODES

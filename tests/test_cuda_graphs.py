@@ -146,6 +146,7 @@ def test_graphed_engine_greedy_equals_eager_and_plain(monkeypatch):
             sampled[(graphs, top_p)] = [eng.generate(p, sp).token_ids for p in PROMPTS]
         if graphs:
             assert eng.draft.graphs.chain_replays > replays
+            assert eng.target.graphs.verify_replays > 0  # sampled steps verified in one replay
         # the EAGLE head's sampled rows draft steps 2..K in one graph too: seeded rows (the coupling), and unseeded
         # ones (rejection sampling, which reads the chain's q), their request seeds fixed here so that they repeat
         import engine.sequence as sequence
@@ -407,6 +408,52 @@ def test_eager_forwards_skip_cudnn_attention_and_long_graphs_use_it(monkeypatch)
         for r in (eager, graphed):
             r.truncate(0, context)
     assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after every forward and capture
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_graphed_verification_returns_what_eager_verify_returns(dtype, monkeypatch):
+    """``run_verify`` (one replay) against engine.rejection ``verify`` (eager) on the same logits: greedy, seeded and
+    unseeded rows, with and without top-p / top-k cuts and q, rows that drafted fewer tokens, batches padded to the
+    rows bucket and K + 1 padded to the tokens bucket; a shape's first use stays eager, as the forward's do."""
+    from engine import rng
+    from engine.config import SamplingParams
+    from engine.rejection import verify
+    from engine.sampler import RowParams
+
+    model = _model(torch.float32)
+    monkeypatch.delenv("HELIX_GRAPH_CAPTURE_AFTER", raising=False)
+    graphs = _runner(model, True, monkeypatch, 1).graphs
+    kinds = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=1.0),
+             SamplingParams(temperature=0.7, top_p=0.9, top_k=12, seed=4), SamplingParams(temperature=1.2, top_k=6)]
+    gen = torch.Generator().manual_seed(5)
+    seen = set()
+    for trial, (b, k, with_q) in enumerate([(3, 2, True), (3, 2, True), (5, 3, False), (5, 3, False), (8, 0, False),
+                                            (8, 0, False), (2, 4, True), (2, 4, True), (7, 8, True), (7, 8, True)]):
+        params = [kinds[(trial // 2 + i) % len(kinds)] for i in range(b)]
+        logits = (torch.randn(b, k + 1, VOCAB, generator=gen) * 3).to("cuda", dtype)
+        num = [k - (i % 2) if k else 0 for i in range(b)]
+        drafts = [logits[i, : num[i]].float().argmax(-1).tolist() for i in range(b)]
+        for d in drafts[::3]:  # some drafts rejected at once
+            d[:1] = [(t + 1) % VOCAB for t in d[:1]]
+        q = torch.softmax(torch.randn(b, k, VOCAB, generator=gen), -1).cuda() if with_q else None
+        seeds = [p.seed if p.seed is not None else 500 + i for i, p in enumerate(params)]
+        sample = rng.key_rows(seeds, [[60 + j for j in range(k + 1)]] * b, rng.SAMPLE)
+        accept = rng.key_rows(seeds, [[60 + j for j in range(k)]] * b, rng.ACCEPT) if k else None
+        packed = torch.tensor([d + [-1] * (k - len(d)) for d in drafts], dtype=torch.long).view(b, k).cuda()
+        acc, tok = verify(logits, packed, torch.tensor(num).cuda(), q, RowParams.build(params, "cuda"),
+                          torch.tensor(sample).cuda(), torch.tensor(accept).cuda() if accept else None)
+        want = [[a] + t for a, t in zip(acc.tolist(), tok.tolist())]
+        settings = [[p.temperature, p.top_p, float(p.top_k), float(p.seed is not None)] for p in params]
+        truncate = any(not p.greedy and (p.top_p < 1 or 0 < p.top_k < VOCAB) for p in params)
+        replays = graphs.verify_replays
+        got = graphs.run_verify(logits, drafts, settings, sample, accept, q, truncate)
+        if trial % 2 == 0:  # the shape's first use
+            assert got is None and graphs.verify_replays == replays
+            continue
+        assert graphs.verify_replays == replays + 1
+        assert [g[: k + 2] for g in got] == want, (trial, got, want)
+        seen |= {"all" if w[0] == n else "rejected" for w, n in zip(want, num) if n}
+    assert seen == {"all", "rejected"}
 
 
 def test_rows_of_different_k_draft_in_one_chain(monkeypatch):

@@ -6,7 +6,7 @@ import torch
 
 from engine import rng
 from engine.config import SamplingParams
-from engine.rejection import next_token_dist, verify_sampled
+from engine.rejection import next_token_dist, verify, verify_rows, verify_sampled
 from engine.sampler import RowParams, draw, probs_batch
 
 N = 100_000
@@ -130,3 +130,41 @@ def test_uniforms_are_keyed_not_sequenced():
     per_token = rng.uniform(rng.keys([3], [list(range(500))], rng.SAMPLE), 400)  # [1, 500, 400]
     assert abs(float(per_token.mean()) - 0.5) < 0.005
     assert rng.key(5, 10, rng.SAMPLE) != rng.key(5, 10, rng.DRAFT) != rng.key(5, 11, rng.DRAFT)
+
+
+@pytest.mark.parametrize("k", [0, 1, 4])
+@pytest.mark.parametrize("with_q", [False, True])
+def test_verify_rows_gives_what_verify_gives_row_by_row_rule(k, with_q):
+    """The graph-ready verification (every rule computed for every row, chosen per row on the device) returns
+    ``verify``'s accepted counts and tokens on mixed batches: greedy, seeded and unseeded sampled rows, with and
+    without top-p / top-k cuts, rows that drafted fewer tokens or none. Drafts are the target's likely tokens, so
+    acceptances, rejections and bonus tokens all happen."""
+    if with_q and k == 0:
+        pytest.skip("a plain step has no draft distributions")
+    v = 40
+    kinds = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=3),
+             SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9, top_k=12, seed=4),
+             SamplingParams(temperature=1.2, top_k=6), SamplingParams(temperature=0, top_p=0.5)]
+    gen = torch.Generator().manual_seed(17 + k)
+    outcomes = set()
+    for trial in range(12):
+        params = [kinds[(trial + i) % len(kinds)] for i in range(7)] if trial % 3 else kinds[1:3] * 2
+        b = len(params)
+        logits = torch.randn(b, k + 1, v, generator=gen) * 2.5
+        gumbel = -torch.log(-torch.log(torch.rand(b, k, v, generator=gen).clamp_min(1e-9)))
+        likely = (logits[:, :k] * 1.5 + gumbel).argmax(-1)  # a draw from a sharpened target: often accepted
+        num = torch.randint(0, k + 1, (b,), generator=gen) if trial % 2 else torch.full((b,), k)
+        draft = torch.where(torch.arange(k)[None, :] < num[:, None], likely, -1)
+        q = torch.softmax(logits[:, :k] + torch.randn(b, k, v, generator=gen), -1) if with_q else None
+        seeds = [p.seed if p.seed is not None else 1000 + trial * 10 + i for i, p in enumerate(params)]
+        sample_keys = rng.keys(seeds, [[50 + j for j in range(k + 1)]] * b, rng.SAMPLE)
+        accept_keys = rng.keys(seeds, [[50 + j for j in range(k)]] * b, rng.ACCEPT) if k else None
+        accepted, tokens = verify(logits, draft, num, q, RowParams.build(params, "cpu"), sample_keys, accept_keys)
+        settings = torch.tensor([[p.temperature, p.top_p, p.top_k, float(p.seed is not None)] for p in params])
+        truncate = any(not p.greedy and (p.top_p < 1 or 0 < p.top_k < v) for p in params)
+        out = verify_rows(logits, draft, num, q, settings, sample_keys,
+                          accept_keys if accept_keys is not None else sample_keys[:, :k], truncate)
+        assert torch.equal(out[:, 0], accepted) and torch.equal(out[:, 1:], tokens), (trial, out, accepted, tokens)
+        outcomes |= {("all" if a == n else "rejected" if a < n else "?") for a, n in zip(accepted.tolist(), num.tolist())
+                     if n > 0}
+    assert outcomes == ({"all", "rejected"} if k else set()), outcomes
