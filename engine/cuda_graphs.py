@@ -50,7 +50,7 @@ PREWARM_PREFILL_TOKENS = 128  # warm-up captures prompt chunks of rows up to thi
 # (clients whose requests finished in one step) met new shapes in timed passes: on an H200 at 8 clients (demo pair, fp16)
 # 4-7 one-offs of 10-18 ms a pass of ~0.6 s, the target's with and without EAGLE features apart
 MAX_CHAIN_STEPS = MAX_DRAFT_TOKENS - 1  # drafting steps 2..K (``run_chain``)
-MAX_SAMPLED_CHAIN_ROWS = 8  # sampled chains share noise and q buffers per rows bucket: 2 x rows x 7 x vocab floats
+MAX_SAMPLED_CHAIN_ROWS = 8  # sampled chains share a q buffer per rows bucket: rows x 8 x vocab floats
 MIN_KEY_BUCKET = 256
 CAPTURE_AFTER = 1  # eager uses of a shape before its graph is captured (HELIX_GRAPH_CAPTURE_AFTER)
 # drafting chains captured at warm-up: greedy, and sampled without top-p / top-k cuts (requests' default sampling).
@@ -161,15 +161,15 @@ class _Graph:
 
 @dataclass
 class _Chain:
-    """A drafting chain of S steps in one graph (``GraphRunner.run_chain``), greedy or sampled."""
+    """A drafting chain of S forwards and S + 1 draws in one graph (``GraphRunner.run_chain``), greedy or sampled."""
 
     graph: torch.cuda.CUDAGraph
-    tokens: torch.Tensor  # [R] the token each row feeds first
+    first: torch.Tensor  # [R, V] float32: each row's logits of its first draw
     start: torch.Tensor  # [R] its position
     slots: torch.Tensor  # [S, R] where step s writes each row's K/V
     gather: torch.Tensor  # [R * T]
-    out: torch.Tensor  # [R, S] each step's token
-    sampling: ChainSampling | None = None  # sampled chains: the rows' settings, noise and draft distributions
+    out: torch.Tensor  # [R, S + 1] each draw's token
+    sampling: ChainSampling | None = None  # sampled chains: the rows' settings, keys and draft distributions
 
 
 @dataclass
@@ -189,31 +189,26 @@ class _Verify:
 @dataclass
 class ChainSampling:
     """What a sampled drafting chain reads and writes besides tokens (``GraphRunner.run_chain``): per row its
-    temperature (0: greedy, an argmax), top-p and top-k, the Exp(1) noise of each step ``[R, S, V]`` (the race of
-    engine.sampler), and, written, each step's draft distribution q ``[R, S, V]`` (zeros for greedy rows)."""
+    temperature (0: greedy, an argmax), top-p and top-k, the keys of each of its draws ``[R, D]`` (engine.rng.key;
+    any for greedy rows: the graph makes the race's Exp(1) noise from them, as engine.sampler.draw does), and,
+    written, each draw's draft distribution q ``[R, D, V]`` (zeros for greedy rows)."""
 
     temperature: torch.Tensor
     top_p: torch.Tensor
     top_k: torch.Tensor
-    noise: torch.Tensor
+    keys: torch.Tensor
     probs: torch.Tensor | None = None
     truncate: bool = False  # some row's top-p / top-k cuts (the sort runs only then)
 
     @classmethod
-    def of_rows(cls, rp, noise_slots: list[int | None], noise: torch.Tensor, vocab: int) -> ChainSampling | None:
-        """The sampling of a chain over rows with settings ``rp`` (an engine.sampler.RowParams): row ``n`` races with
-        ``noise[noise_slots[n], 1:]`` (drafting steps 2..K of the ``[S, K, V]`` noise; greedy rows: None, and ones).
-        None where sampled chains do not run: more than MAX_SAMPLED_CHAIN_ROWS rows."""
-        if len(noise_slots) > MAX_SAMPLED_CHAIN_ROWS:
+    def of_rows(cls, rp, keys: list[list[int]], vocab: int) -> ChainSampling | None:
+        """The sampling of a chain over rows with settings ``rp`` (an engine.sampler.RowParams) whose draws are keyed
+        by ``keys`` (a host list per row). None where sampled chains do not run: more than MAX_SAMPLED_CHAIN_ROWS
+        rows."""
+        if len(keys) > MAX_SAMPLED_CHAIN_ROWS:
             return None
-        if noise_slots == list(range(len(noise_slots))):  # every row sampled, in order: the noise as it is
-            full = noise[:, 1:]
-        else:
-            full = torch.ones(len(noise_slots), noise.shape[1] - 1, vocab, device=noise.device)
-            at = [n for n, s in enumerate(noise_slots) if s is not None]
-            full[to_device(at, torch.long, noise.device)] = noise[to_device([noise_slots[n] for n in at], torch.long,
-                                                                            noise.device), 1:]
-        return cls(rp.temperature, rp.top_p, rp.top_k, full, truncate=rp.truncates(vocab))
+        return cls(rp.temperature, rp.top_p, rp.top_k, to_device(keys, torch.int64, rp.temperature.device),
+                   truncate=rp.truncates(vocab))
 
     @staticmethod
     def mode(sampling: ChainSampling | None) -> str:
@@ -221,37 +216,38 @@ class ChainSampling:
         return "greedy" if sampling is None else "sample-cut" if sampling.truncate else "sample"
 
     @classmethod
-    def buffers(cls, io: dict, r: int, steps: int, vocab: int, device, truncate: bool) -> ChainSampling:
-        """A captured chain's static inputs for ``r`` rows; its noise and q are views of buffers shared by every
-        chain of the rows bucket in ``io`` (replays never overlap)."""
+    def buffers(cls, io: dict, r: int, draws: int, vocab: int, device, truncate: bool) -> ChainSampling:
+        """A captured chain's static inputs for ``r`` rows and ``draws`` draws; its q is a view of a buffer shared by
+        every chain of the rows bucket in ``io`` (replays never overlap)."""
         shared = io.get(r)
         if shared is None:
-            shared = io[r] = (torch.ones(r, MAX_CHAIN_STEPS, vocab, device=device),
-                              torch.zeros(r, MAX_CHAIN_STEPS, vocab, device=device))
+            shared = io[r] = torch.zeros(r, MAX_DRAFT_TOKENS, vocab, device=device)
         return cls(torch.zeros(r, device=device), torch.ones(r, device=device),
-                   torch.zeros(r, dtype=torch.long, device=device), shared[0][:, :steps], shared[1][:, :steps], truncate)
+                   torch.zeros(r, dtype=torch.long, device=device), torch.zeros(r, draws, dtype=torch.long,
+                                                                                 device=device),
+                   shared[:, :draws], truncate)
 
     def load(self, rows: ChainSampling) -> None:
-        """Copy the settings and noise of ``rows`` (the first rows of the bucket) in before a replay."""
+        """Copy the settings and keys of ``rows`` (the first rows of the bucket) in before a replay."""
         c = rows.temperature.shape[0]
         self.temperature[:c].copy_(rows.temperature)
         self.temperature[c:].zero_()  # padding rows: an argmax
         self.top_p[:c].copy_(rows.top_p)
         self.top_k[:c].copy_(rows.top_k)
-        self.noise[:c].copy_(rows.noise)
+        self.keys[:c].copy_(rows.keys)
 
     def draw(self, s: int, logits: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
-        """Inside a captured chain: step ``s``'s token of each row, ``argmax`` for greedy rows (temperature 0), the
-        race of engine.sampler over the row's distribution of ``logits`` ``[R, V]`` for the others; writes the step's
+        """Inside a captured chain: draw ``s``'s token of each row, ``argmax`` for greedy rows (temperature 0), the
+        race of engine.sampler over the row's distribution of ``logits`` ``[R, V]`` for the others; writes the draw's
         q (zeros for greedy rows)."""
-        from engine.sampler import RowParams, probs_batch, race
+        from engine.sampler import RowParams, draw, probs_batch
 
         greedy = self.temperature <= 0
         rp = RowParams(torch.where(greedy, torch.ones_like(self.temperature), self.temperature), self.top_p,
                        self.top_k, [])
         probs = probs_batch(logits.float(), rp, self.truncate)
         self.probs[:, s].copy_(probs.masked_fill(greedy[:, None], 0.0))
-        return torch.where(greedy, argmax, race(probs, self.noise[:, s]))
+        return torch.where(greedy, argmax, draw(probs, self.keys[:, s]))
 
 
 class GraphRunner:
@@ -268,7 +264,7 @@ class GraphRunner:
         self.key_buckets = key_buckets(max_keys)
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
         self.chains: dict[tuple[int, int, int, int, str], _Chain] = {}  # (rows, steps, keys buckets, vocab, mode)
-        self._chain_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows bucket -> sampled chains' noise, q
+        self._chain_io: dict[int, torch.Tensor] = {}  # rows bucket -> sampled chains' q
         self.verifies: dict[tuple, _Verify] = {}  # (rows, tokens buckets, vocab, dtype, truncate, q): run_verify
         self._verify_io: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (rows bucket, vocab, dtype) -> shared inputs
         self.mempool = None
@@ -428,17 +424,20 @@ class GraphRunner:
     def run_chain(self, first: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, table: torch.Tensor,
                   num_keys: int, vocab: int, sampling: ChainSampling | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Drafting steps 2..K of a draft in one replay, with no host round trip between them: row ``i`` feeds
-        ``first[i]`` at position ``start[i]``, then the token it drew (over the first ``vocab`` logits) at the next
-        position, and so on: the argmax, or with ``sampling`` the race of engine.sampler under the row's settings
-        and noise (a row with temperature 0 takes the argmax). ``slots`` ``[B, S]``: where each step writes each
+        """A draft's K draws and its forwards 2..K in one replay, with no host round trip between them: row ``i``
+        draws its first token from ``first[i]`` (its logits after its last verified token, ``[B, >= vocab]``; over
+        the first ``vocab``), feeds it at position ``start[i]``, draws the next from the logits it gets, and so on:
+        the argmax, or with ``sampling`` the race of engine.sampler under the row's settings and keys (a row with
+        temperature 0 takes the argmax). ``slots`` ``[B, S]``: where each of the S = K - 1 forwards writes each
         row's K/V (reserved by the caller); ``table``: the rows' ``[B, blocks]`` block table, covering every
-        position the chain reads. Returns the ``[B, S]`` tokens and, when sampling, the draft distributions
-        ``[B, S, V]``, on the device.
+        position the chain reads. Returns the ``[B, K]`` tokens and, when sampling, the draft distributions
+        ``[B, K, V]``, on the device.
 
         Step by step, each drafting step of a small draft model was a forward launched from the host, a device
         sync and a host copy of its tokens: on an H200 (TinyLlama shape, a 2-layer draft, batch 1) 0.68 ms a step,
-        most of it the host's, beside a 2 ms verification."""
+        most of it the host's, beside a 2 ms verification. The first draw in the graph too: eagerly its noise and
+        race were ~25 launches of a sampled step (on an H200, demo pair, 8 rows: a K = 4 step at T = 0.8 took
+        4.3-4.5 ms against 3.3-3.5 greedy)."""
         b, steps = slots.shape
         r, t = bucket(b, ROW_BUCKETS), bucket(num_keys, self.key_buckets)
         mode = ChainSampling.mode(sampling)
@@ -451,8 +450,7 @@ class GraphRunner:
                 self.failed = f"{type(exc).__name__}: {exc}"
                 logger.warning("CUDA graph capture of a drafting chain failed, drafting step by step: %s", self.failed)
                 raise
-        c.tokens[:b].copy_(first)
-        c.tokens[b:].zero_()
+        c.first[:b].copy_(first[:, :vocab])
         c.start[:b].copy_(start)
         c.start[b:].zero_()
         c.slots[:, :b].copy_(slots.t())
@@ -557,25 +555,28 @@ class GraphRunner:
 
     def _capture_chain(self, r: int, steps: int, t: int, vocab: int, mode: str = "greedy") -> _Chain:
         dev = self.device
-        tokens = torch.zeros(r, dtype=torch.long, device=dev)
+        first = torch.zeros(r, vocab, device=dev)  # float32: the logits of any dtype, exactly
         start = torch.zeros(r, dtype=torch.long, device=dev)
         slots = torch.full((steps, r), self.pool.scratch_slot, dtype=torch.long, device=dev)
         gather = torch.full((r * t,), self.pool.scratch_slot, dtype=torch.long, device=dev)
-        cs = None if mode == "greedy" else ChainSampling.buffers(self._chain_io, r, steps, vocab, dev,
+        cs = None if mode == "greedy" else ChainSampling.buffers(self._chain_io, r, steps + 1, vocab, dev,
                                                                  mode == "sample-cut")
 
         def chain() -> torch.Tensor:
-            cur, out = tokens, []
+            cur = first.argmax(-1)
+            if cs is not None:
+                cur = cs.draw(0, first, cur)
+            out = [cur]
             for s in range(steps):
                 pos = (start + s).view(r, 1)
                 batch = AttnBatch(slots[s], gather, causal_mask(pos, t), t)
                 logits = self.lean.forward(cur.view(r, 1), pos, batch, self.pool, 1)[:, 0, :vocab]  # [R, V]
                 cur = logits.argmax(-1)
                 if cs is not None:
-                    cur = cs.draw(s, logits, cur)
+                    cur = cs.draw(s + 1, logits, cur)
                 out.append(cur)
             return torch.stack(out, 1)
 
         graph, out = capture(chain, dev, *self._stream(), keys=t)
         logger.debug("captured a CUDA graph of a %s drafting chain: %d rows x %d steps, %d keys", mode, r, steps, t)
-        return _Chain(graph, tokens, start, slots, gather, out, cs)
+        return _Chain(graph, first, start, slots, gather, out, cs)

@@ -257,9 +257,10 @@ class ModelRunner:
     @torch.inference_mode()
     def draft_chain(self, seq_ids: list[int], first: torch.Tensor, steps: int, sampling=None
                     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Drafting steps 2..K in one CUDA graph replay (``GraphRunner.run_chain``): each row feeds ``first`` (its
-        step-1 draft token, on the device) after its cached tokens, then the token it draws, ``steps`` times; greedy,
-        or as ``sampling`` (a ``cuda_graphs.ChainSampling`` of the rows) says. Returns the ``[B, steps]`` tokens and
+        """A draft's steps + 1 draws and its forwards 2..K in one CUDA graph replay (``GraphRunner.run_chain``): each
+        row draws its first token from ``first`` (``[B, V]``: its logits after its cached tokens, on the device),
+        feeds it after its cached tokens, then draws from what it gets, ``steps`` times; greedy, or as ``sampling``
+        (a ``cuda_graphs.ChainSampling`` of the rows, keyed per draw) says. Returns the ``[B, steps + 1]`` tokens and
         the draft distributions (None when greedy) on the device, their K/V written and committed like a forward's;
         None where no graph runs this chain (not on CUDA, a shape not captured yet): the caller drafts step by step."""
         g = self.graphs

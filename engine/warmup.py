@@ -86,12 +86,12 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
     eagle = engine.proposers.get("eagle")
     te = [eagle.time_step(n, reps)] if eagle is not None else []
     def drafted(runner: ModelRunner) -> float:
-        """Seconds per drafted token of a greedy K = 4 draft: one forward, then steps 2..4 as one graph where
-        the runner has one (CUDA), else step by step."""
+        """Seconds per drafted token of a greedy K = 4 draft: one forward, then the draws and forwards 2..4 as one
+        graph where the runner has one (CUDA), else step by step."""
         import torch
 
         t0 = time.perf_counter()
-        first = runner.forward([RowInput(sid, [1])])[0][-1:].argmax(-1)
+        first = runner.forward([RowInput(sid, [1])])[0][-1:]  # [1, V]: the chain draws from these logits first
         if runner.draft_chain([sid], first, 3) is None:
             for _ in range(3):
                 runner.forward([RowInput(sid, [1])])

@@ -281,18 +281,19 @@ def test_a_drafting_chain_replays_the_step_by_step_draft(monkeypatch):
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (14, 31, 40)]  # 14 + 5 crosses 16
     for r in (eager, graphed):
         r.forward([RowInput(i, p, 1) for i, p in enumerate(prompts)])
-    assert eager.draft_chain([0, 1, 2], torch.zeros(3, dtype=torch.long, device="cuda"), 2) is None  # no graphs
+    assert eager.draft_chain([0, 1, 2], torch.zeros(3, VOCAB, device="cuda"), 2) is None  # no graphs
     for rnd, steps in enumerate((4, 4, 1, 7)):
         feed = [RowInput(i, [3 + rnd + i], 1) for i in range(3)]
-        first_e = torch.stack([x[-1] for x in eager.forward(feed)]).argmax(-1)
-        first_g = torch.stack([x[-1] for x in graphed.forward(feed)]).argmax(-1)
-        assert first_e.tolist() == first_g.tolist()
-        want, cur = [], first_e.tolist()
+        first_e = torch.stack([x[-1] for x in eager.forward(feed)])
+        first_g = torch.stack([x[-1] for x in graphed.forward(feed)])
+        assert first_e.argmax(-1).tolist() == first_g.argmax(-1).tolist()
+        cur = first_e.argmax(-1).tolist()
+        want = [cur]
         for _ in range(steps):
             cur = [int(x[-1].argmax()) for x in eager.forward([RowInput(i, [t], 1) for i, t in enumerate(cur)])]
             want.append(cur)
         replays = graphed.graphs.chain_replays
-        got = graphed.draft_chain([0, 1, 2], first_g, steps)
+        got = graphed.draft_chain([0, 1, 2], first_g, steps)  # the first draw from the logits, then steps forwards
         assert got is not None and got[1] is None and graphed.graphs.chain_replays == replays + 1
         assert got[0].tolist() == [list(col) for col in zip(*want)]
         assert [graphed.cached_len(i) for i in range(3)] == [eager.cached_len(i) for i in range(3)]
@@ -307,8 +308,9 @@ def test_a_drafting_chain_replays_the_step_by_step_draft(monkeypatch):
 
 
 def test_a_sampled_drafting_chain_draws_what_step_by_step_draws(monkeypatch):
-    """A chain of sampled rows (one greedy, one plain T, one with top-p and top-k) draws, with the same noise, the
-    tokens and draft distributions q of drafting step by step with engine.sampler."""
+    """A chain of sampled rows (one greedy, one plain T, one with top-p and top-k) draws, with the noise of the same
+    keys, the tokens and draft distributions q of drafting step by step with engine.sampler, its first draw too."""
+    from engine import rng
     from engine.config import SamplingParams
     from engine.cuda_graphs import ChainSampling
     from engine.sampler import RowParams, probs_batch, race
@@ -323,18 +325,19 @@ def test_a_sampled_drafting_chain_draws_what_step_by_step_draws(monkeypatch):
     for r in (eager, graphed):
         r.forward([RowInput(i, p, 1) for i, p in enumerate(prompts)])
     steps = 5
-    noise = torch.empty(3, steps, VOCAB, device="cuda").exponential_(generator=torch.Generator("cuda").manual_seed(1))
-    first = torch.tensor([4, 5, 6], device="cuda")  # each row's first draft token, fed first
-    want, qs, cur = [], [], first.tolist()
-    for s in range(steps):
-        logits = torch.stack([x[-1] for x in eager.forward([RowInput(i, [t], 1) for i, t in enumerate(cur)])])
+    keys = torch.tensor([[rng.key(10 + i, 30 + s, rng.DRAFT) for s in range(steps + 1)] for i in range(3)]).cuda()
+    noise = rng.exponentials(keys, VOCAB)  # [3, draws, V]: what the chain makes from the keys
+    first = torch.randn(3, VOCAB, generator=gen).cuda() * 3  # each row's logits of its first draw
+    want, qs, logits = [], [], first
+    for s in range(steps + 1):
+        if s:
+            logits = torch.stack([x[-1] for x in eager.forward([RowInput(i, [t], 1) for i, t in enumerate(want[-1])])])
         probs = probs_batch(logits[1:], rp.select([1, 2]))
         drawn = race(probs, noise[1:, s])
-        cur = [int(logits[0].argmax()), *drawn.tolist()]
-        want.append(cur)
+        want.append([int(logits[0].argmax()), *drawn.tolist()])
         qs.append(torch.cat([torch.zeros(1, VOCAB, device="cuda"), probs]))
     assert rp.truncates(VOCAB)
-    got = graphed.draft_chain([0, 1, 2], first, steps, ChainSampling(rp.temperature, rp.top_p, rp.top_k, noise,
+    got = graphed.draft_chain([0, 1, 2], first, steps, ChainSampling(rp.temperature, rp.top_p, rp.top_k, keys,
                                                                      truncate=True))
     assert got is not None
     tokens, q = got
@@ -363,12 +366,12 @@ def test_prewarmed_sampled_chains_replay_at_once(monkeypatch):
         r.forward([RowInput(i, p, 1) for i, p in enumerate(prompts)])
     rp = RowParams.build([SamplingParams(temperature=0.7), SamplingParams(temperature=1.0),
                           SamplingParams(temperature=0)], torch.device("cuda"))
-    noise = torch.empty(3, 3, VOCAB, device="cuda").exponential_(generator=torch.Generator("cuda").manual_seed(2))
-    first = torch.tensor([4, 5, 6], device="cuda")
+    keys = torch.arange(12, device="cuda").view(3, 4) * 0x9E3779B97F4A7C1  # any keys of the chain's 4 draws
+    first = torch.randn(3, VOCAB, generator=gen).cuda() * 3
     one_offs, captures = GraphRunner.one_offs, GraphRunner.captures
-    a = warm.draft_chain([0, 1, 2], first, 3, ChainSampling(rp.temperature, rp.top_p, rp.top_k, noise))
+    a = warm.draft_chain([0, 1, 2], first, 3, ChainSampling(rp.temperature, rp.top_p, rp.top_k, keys))
     assert GraphRunner.one_offs == one_offs and GraphRunner.captures == captures and warm.graphs.chain_replays == 1
-    b = lazy.draft_chain([0, 1, 2], first, 3, ChainSampling(rp.temperature, rp.top_p, rp.top_k, noise))
+    b = lazy.draft_chain([0, 1, 2], first, 3, ChainSampling(rp.temperature, rp.top_p, rp.top_k, keys))
     assert a[0].tolist() == b[0].tolist() and (a[1] - b[1]).abs().max().item() <= 1e-5
 
 

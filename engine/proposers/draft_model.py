@@ -30,21 +30,19 @@ class DraftModelProposer:
         self.backlog = 0
 
     def propose(self, rows: StepRows) -> Proposal:
-        """K draft forwards, batched over the rows still drafting; one small host copy per forward."""
+        """K draft forwards, batched over the rows still drafting; one small host copy per forward (on CUDA, where
+        every row drafts the same K: the K draws and forwards 2..K in one graph replay, ``_chain``)."""
         b, kmax = len(rows.reqs), max(rows.ks, default=0)
         dev = self.runner.device
         sampled = [i for i, r in enumerate(rows.reqs) if not r.params.greedy]
         keep_q = any(rows.reqs[i].params.seed is None for i in sampled)
         q = torch.zeros(b, kmax, self.runner.vocab_size, device=dev) if keep_q else None
-        # seeded rows draw with the target's own stream (the coupling); unseeded ones with the draft's.
-        # All K positions' noise in one call: [S, K, V]
-        noise = None
-        if sampled:
-            keys = [[rng.key(rows.reqs[i].seed, rows.reqs[i].num_tokens + j,
-                             rng.SAMPLE if rows.reqs[i].params.seed is not None else rng.DRAFT)
-                     for j in range(kmax)] for i in sampled]
-            noise = rng.exponentials(to_device(keys, torch.int64, dev), self.runner.vocab_size)
+        # seeded rows draw with the target's own stream (the coupling); unseeded ones with the draft's
+        keys = [[rng.key(rows.reqs[i].seed, rows.reqs[i].num_tokens + j,
+                         rng.SAMPLE if rows.reqs[i].params.seed is not None else rng.DRAFT)
+                 for j in range(kmax)] for i in sampled]
         slot = {i: n for n, i in enumerate(sampled)}
+        noise = None  # [S, K, V]: every position's noise in one call, where the rows draw step by step
         self.backlog = sum(max(0, self.behind(r) - NORMAL_BEHIND) for r in rows.reqs)
         self._read_prompts(rows.reqs)
         self._catch_up(rows.reqs)
@@ -58,6 +56,14 @@ class DraftModelProposer:
                 feed.append(RowInput(req.seq_id, ids, 1))
             # not synced: the sampling below and the chain are launched while the forward runs
             logits = torch.stack([out[-1] for out in self.runner.forward(feed, sync=False)])  # [A, V]
+            got = self._chain(rows, logits, keys, slot) if j == 0 and kmax > 1 and min(rows.ks) == kmax else None
+            if got is not None:  # every draw and forwards 2..K ran as one CUDA graph: one host copy of all K
+                drawn, probs = got
+                for i, toks in enumerate(drawn.tolist()):
+                    lists[i] += toks
+                return Proposal(lists, probs if keep_q else None)
+            if sampled and noise is None:
+                noise = rng.exponentials(to_device(keys, torch.int64, dev), self.runner.vocab_size)
             tokens = logits.argmax(-1)
             s_rows = [(n, i) for n, i in enumerate(active) if i in slot]
             if len(s_rows) == len(active) == b:  # every row sampled and still drafting: no index tensors
@@ -72,43 +78,36 @@ class DraftModelProposer:
                 tokens[local] = race(probs, noise[to_device([slot[i] for i in s], torch.long, dev), j])
                 if q is not None:
                     q[to_device(s, torch.long, dev), j] = probs
-            more = self._chain(rows, tokens, noise, slot, q) if j == 0 and kmax > 1 and min(rows.ks) == kmax else None
-            if more is not None:  # steps 2..K ran as one CUDA graph: one host copy of all K
-                for i, toks in enumerate(torch.cat([tokens[:, None], more], 1).tolist()):
-                    lists[i] += toks
-                break
             for i, t in zip(active, tokens.tolist()):
                 lists[i].append(t)
         return Proposal(lists, q)
 
     @property
     def chains(self) -> bool:
-        """Whether drafting steps 2..K run as one CUDA graph (``_chain``); see spec_decode._one_k."""
+        """Whether drafting runs as one CUDA graph (``_chain``); see spec_decode._one_k."""
         g = self.runner.graphs
         return g is not None and g.failed is None
 
-    def _chain(self, rows: StepRows, first: torch.Tensor, noise: torch.Tensor | None, slot: dict[int, int],
-               q: torch.Tensor | None) -> torch.Tensor | None:
-        """Drafting steps 2..K of every row (one K) as one graph replay (ModelRunner.draft_chain, CUDA only), with
-        no host round trip between them: their ``[B, K - 1]`` tokens on the device (q filled in); None where it does
-        not run (the caller drafts step by step)."""
+    def _chain(self, rows: StepRows, first: torch.Tensor, keys: list[list[int]], slot: dict[int, int]
+               ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Every row's K draws (one K), the first from ``first`` (``[B, V]``, the first forward's logits), and
+        forwards 2..K as one graph replay (ModelRunner.draft_chain, CUDA only), with no host round trip between
+        them: their ``[B, K]`` tokens and draft distributions (None when greedy) on the device; None where it does
+        not run (the caller drafts step by step). ``keys``: the sampled rows' keys of their K draws (row ``slot[i]``
+        for row ``i``)."""
         from engine.cuda_graphs import ChainSampling
 
-        b, steps = len(rows.reqs), max(rows.ks) - 1
+        b, draws = len(rows.reqs), max(rows.ks)
         if self.runner.graphs is None:
             return None
         sampling = None
         if slot:
-            sampling = ChainSampling.of_rows(rows.rp, [slot.get(i) for i in range(b)], noise, self.runner.vocab_size)
+            greedy = [0] * draws  # greedy rows take the argmax: their keys are never read
+            sampling = ChainSampling.of_rows(rows.rp, [keys[slot[i]] if i in slot else greedy for i in range(b)],
+                                             self.runner.vocab_size)
             if sampling is None:
                 return None
-        got = self.runner.draft_chain([r.seq_id for r in rows.reqs], first, steps, sampling)
-        if got is None:
-            return None
-        tokens, probs = got
-        if q is not None and probs is not None:
-            q[:, 1:] = probs
-        return tokens
+        return self.runner.draft_chain([r.seq_id for r in rows.reqs], first, draws - 1, sampling)
 
     def _read_prompts(self, reqs: list[Request]) -> None:
         """Rows whose draft has not read their prompt (adaptive requests: the engine prefills the draft only for a

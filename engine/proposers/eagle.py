@@ -30,6 +30,7 @@ from engine import rng
 from engine.attention import AttnBatch, causal_mask, eager_attention, key_slots
 from engine.block_manager import BlockManager
 from engine.block_tables import DeviceBlockTables
+from engine.devices import to_device
 from engine.eagle.head import EagleHead
 from engine.kv_pool import KVPool, KVShape
 from engine.model_runner import ModelRunner
@@ -168,7 +169,8 @@ class EagleProposer:
         sampled = [i for i in ready if not rows.reqs[i].params.greedy]
         keep_q = any(rows.reqs[i].params.seed is None for i in sampled)
         q = torch.zeros(b, kmax, self.vocab_size, device=self.device) if keep_q else None
-        noise = self._noise(rows, sampled, kmax)
+        keys = self._keys(rows, sampled, kmax)
+        noise = None if keys is None else rng.exponentials(to_device(keys, torch.int64, self.device), self.vocab_size)
         slot = {i: n for n, i in enumerate(sampled)}
         real_len = {i: rows.reqs[i].num_tokens - 1 for i in ready}  # pairs with the target's own features
         feed = [(rows.reqs[i].seq_id, *inputs[i]) for i in ready]
@@ -193,7 +195,7 @@ class EagleProposer:
                     chain = self._chain(cont, [rows.reqs[i].seq_id for i in cont], [real_len[i] for i in cont],
                                         [rows.ks[i] - 1 for i in cont])
                     if len(cont) == len(active) and len({rows.ks[i] for i in cont}) == 1:
-                        sampling = self._chain_sampling(rows, cont, slot, noise) if slot else None
+                        sampling = self._chain_sampling(rows, cont, slot, keys) if slot else None
                         rest = None
                         if not slot or sampling is not None:
                             rest = self._graphed_chain(chain, out, drawn, rows.ks[cont[0]] - 1, sampling)
@@ -437,14 +439,16 @@ class EagleProposer:
             self.blocks.commit(chain.seq_ids[c], p + 1)
         return out[:, -1]
 
-    def _chain_sampling(self, rows: StepRows, cont: list[int], slot: dict[int, int], noise: torch.Tensor):
-        """The chain rows' settings and the noise of drafting steps 2..K ``[C, K - 1, V]`` (ones for greedy rows) for
-        a sampled graphed chain; None where sampled chains do not run (more rows than their shared buffers hold)."""
+    def _chain_sampling(self, rows: StepRows, cont: list[int], slot: dict[int, int], keys: list[list[int]]):
+        """The chain rows' settings and the keys of their draws 2..K (any for greedy rows) for a sampled graphed
+        chain; None where sampled chains do not run (more rows than their shared buffers hold)."""
         from engine.cuda_graphs import ChainSampling
 
         if self._graphs is None:
             return None
-        return ChainSampling.of_rows(rows.rp.select(cont), [slot.get(i) for i in cont], noise, self.vocab_size)
+        k = rows.ks[cont[0]]
+        return ChainSampling.of_rows(rows.rp.select(cont), [keys[slot[i]][1:k] if i in slot else [0] * (k - 1)
+                                                            for i in cont], self.vocab_size)
 
     def _graphed_chain(self, chain: _Chain, feats: torch.Tensor, first: torch.Tensor, steps: int, sampling=None
                        ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -480,15 +484,14 @@ class EagleProposer:
             self.blocks.commit(sid, st + steps)
         return out
 
-    def _noise(self, rows: StepRows, sampled: list[int], kmax: int) -> torch.Tensor | None:
-        """Exp(1) noise ``[S, K, V]``: seeded rows draw with the target's own stream (the coupling, see
-        engine.rejection), unseeded ones with the draft stream."""
+    def _keys(self, rows: StepRows, sampled: list[int], kmax: int) -> list[list[int]] | None:
+        """The keys of the sampled rows' K draws (engine.rng.key): seeded rows draw with the target's own stream (the
+        coupling, see engine.rejection), unseeded ones with the draft stream."""
         if not sampled:
             return None
-        keys = [[rng.key(rows.reqs[i].seed, rows.reqs[i].num_tokens + j,
+        return [[rng.key(rows.reqs[i].seed, rows.reqs[i].num_tokens + j,
                          rng.SAMPLE if rows.reqs[i].params.seed is not None else rng.DRAFT)
                  for j in range(kmax)] for i in sampled]
-        return rng.exponentials(torch.tensor(keys, dtype=torch.int64).to(self.device), self.vocab_size)
 
     def _draw(self, out: torch.Tensor, reqs: list[Request], slots: list[int | None], noise, j: int, rows: StepRows,
               q: torch.Tensor | None, active: list[int]) -> torch.Tensor:
@@ -551,7 +554,7 @@ class _HeadChains:
         self.p = proposer
         self.key_buckets = key_buckets(max_keys)
         self.graphs: dict[tuple[int, int, int, str], tuple] = {}
-        self._io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows bucket -> sampled chains' noise and q
+        self._io: dict[int, torch.Tensor] = {}  # rows bucket -> sampled chains' q
         self.failed: str | None = None
         self.replays = 0
         self.stream = torch.cuda.Stream(proposer.device)
