@@ -491,11 +491,9 @@ class GraphRunner:
                 self.failed = f"{type(exc).__name__}: {exc}"
                 logger.warning("CUDA graph capture of a verification failed, running eagerly: %s", self.failed)
                 return None
-        km = m - 1
-        no_tests = [0] * km
-        rows = [d + [-1] * (km - len(d)) + [len(d)] + sk + sk[-1:] * (m - len(sk))
-                + (no_tests if accept_keys is None else ak + [0] * (km - len(ak)))
-                for d, sk, ak in zip(drafts, sample_keys, accept_keys or sample_keys)]
+        km = m - 1  # each row: its drafts padded with -1, their count, its sample keys, its accept keys (or 0s)
+        rows = [d + [-1] * (km - len(d)) + [len(d)] + sk + sk[-1:] * (m - len(sk)) + ak + [0] * (km - len(ak))
+                for d, sk, ak in zip(drafts, sample_keys, accept_keys or [[]] * b)]
         g.logits[:b, :n].copy_(logits)
         g.ints[:b].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
         g.settings[:b].copy_(torch.tensor(settings, dtype=torch.float32), non_blocking=True)

@@ -12,7 +12,7 @@ from engine import rng
 from engine.devices import to_device
 from engine.model_runner import ModelRunner, RowInput
 from engine.proposers.base import Proposal, Proposer, StepRows
-from engine.rejection import verify
+from engine.rejection import row_settings, verify
 from engine.sampler import RowParams
 from engine.sequence import Request
 from engine.threads import StepThreads
@@ -128,9 +128,7 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         sample_rows, accept_rows = sampling_key_rows(reqs, kmax)
         host = None
         if target.graphs is not None:  # CUDA: the whole verification as one graph replay
-            params = [r.params for r in reqs]
-            settings = [[p.temperature, p.top_p, float(p.top_k), float(p.seed is not None)] for p in params]
-            truncate = any(not p.greedy and (p.top_p < 1.0 or 0 < p.top_k < logits.shape[-1]) for p in params)
+            settings, truncate = row_settings([r.params for r in reqs], logits.shape[-1])
             host = target.graphs.run_verify(logits, lists, settings, sample_rows, accept_rows, q, truncate)
         if host is None:
             # [B, K] draft tokens (-1 past a row's K) and [B] their counts, in one copy

@@ -64,7 +64,8 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
                 captured += r.graphs.prewarm_prefill(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, aux)  # short prompts' reads
             if r is engine.draft:  # its drafting chains too (ModelRunner.draft_chain), greedy and sampled
                 captured += r.graphs.prewarm_chains(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, r.vocab_size)
-            if r is engine.target:  # sampled steps' verifications (spec_decode.decode_step)
+            if r is engine.target:  # sampled steps' verifications (spec_decode.decode_step): their inputs take
+                # 15 rows x 17 positions x vocabulary x 4 bytes (155 MB at Qwen's 152k)
                 out = logits[id(r)]
                 captured += r.graphs.prewarm_verify(PREWARM_ROWS, out.shape[-1], out.dtype)
     head_chains = getattr(engine.proposers.get("eagle"), "_graphs", None)

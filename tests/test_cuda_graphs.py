@@ -420,7 +420,7 @@ def test_a_graphed_verification_returns_what_eager_verify_returns(dtype, monkeyp
     rows bucket and K + 1 padded to the tokens bucket; a shape's first use stays eager, as the forward's do."""
     from engine import rng
     from engine.config import SamplingParams
-    from engine.rejection import verify
+    from engine.rejection import row_settings, verify
     from engine.sampler import RowParams
 
     model = _model(torch.float32)
@@ -446,8 +446,7 @@ def test_a_graphed_verification_returns_what_eager_verify_returns(dtype, monkeyp
         acc, tok = verify(logits, packed, torch.tensor(num).cuda(), q, RowParams.build(params, "cuda"),
                           torch.tensor(sample).cuda(), torch.tensor(accept).cuda() if accept else None)
         want = [[a] + t for a, t in zip(acc.tolist(), tok.tolist())]
-        settings = [[p.temperature, p.top_p, float(p.top_k), float(p.seed is not None)] for p in params]
-        truncate = any(not p.greedy and (p.top_p < 1 or 0 < p.top_k < VOCAB) for p in params)
+        settings, truncate = row_settings(params, VOCAB)
         replays = graphs.verify_replays
         got = graphs.run_verify(logits, drafts, settings, sample, accept, q, truncate)
         if trial % 2 == 0:  # the shape's first use

@@ -6,7 +6,7 @@ import torch
 
 from engine import rng
 from engine.config import SamplingParams
-from engine.rejection import next_token_dist, verify, verify_rows, verify_sampled
+from engine.rejection import next_token_dist, row_settings, verify, verify_rows, verify_sampled
 from engine.sampler import RowParams, draw, probs_batch
 
 N = 100_000
@@ -160,9 +160,8 @@ def test_verify_rows_gives_what_verify_gives_row_by_row_rule(k, with_q):
         sample_keys = rng.keys(seeds, [[50 + j for j in range(k + 1)]] * b, rng.SAMPLE)
         accept_keys = rng.keys(seeds, [[50 + j for j in range(k)]] * b, rng.ACCEPT) if k else None
         accepted, tokens = verify(logits, draft, num, q, RowParams.build(params, "cpu"), sample_keys, accept_keys)
-        settings = torch.tensor([[p.temperature, p.top_p, p.top_k, float(p.seed is not None)] for p in params])
-        truncate = any(not p.greedy and (p.top_p < 1 or 0 < p.top_k < v) for p in params)
-        out = verify_rows(logits, draft, num, q, settings, sample_keys,
+        settings, truncate = row_settings(params, v)
+        out = verify_rows(logits, draft, num, q, torch.tensor(settings), sample_keys,
                           accept_keys if accept_keys is not None else sample_keys[:, :k], truncate)
         assert torch.equal(out[:, 0], accepted) and torch.equal(out[:, 1:], tokens), (trial, out, accepted, tokens)
         outcomes |= {("all" if a == n else "rejected" if a < n else "?") for a, n in zip(accepted.tolist(), num.tolist())
