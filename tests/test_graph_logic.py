@@ -117,9 +117,10 @@ DEMO = __import__("pathlib").Path(__file__).resolve().parents[1] / "resources" /
 
 @pytest.mark.skipif(not (DEMO / "demo-target" / "model.safetensors").exists(), reason="demo models absent")
 def test_an_engine_on_graph_paths_gives_the_eager_engines_tokens(standin, monkeypatch):
-    """The demo pair with the target's and the draft's graphs stood in: seeded sampled requests (the coupling, with and
-    without top-p) and unseeded ones (rejection sampling, their seeds fixed here) at K = 4 and plain give the eager
-    engine's tokens, the sampled steps verified through ``run_verify`` and drafted through chains."""
+    """The demo pair with the target's, the draft's and the EAGLE head's graphs stood in: seeded sampled requests (the
+    coupling, with and without top-p) and unseeded ones (rejection sampling, their seeds fixed here), drafted by the
+    draft model and by the head, plain and greedy ones, give the eager engine's tokens: sampled steps verified through
+    ``run_verify``, drafts drawn in chains (their first draw too)."""
     import engine.sequence as sequence
     from engine.config import EngineConfig
     from engine.factory import build_engine
@@ -130,13 +131,23 @@ def test_an_engine_on_graph_paths_gives_the_eager_engines_tokens(standin, monkey
         monkeypatch.setattr(sequence, "new_seed", iter(range(3000, 4000)).__next__)
         eng = build_engine(EngineConfig(target=str(DEMO / "demo-target"), draft=str(DEMO / "demo-draft"),
                                         device="cpu", dtype="float32"), warmup=False)
+        head = eng.proposers["eagle"]
         if graphs:
+            from engine.proposers.eagle import _HeadChains
+
             standin(eng.target), standin(eng.draft)
-        for k, top_p, seed in ((4, 1.0, 7), (4, 0.9, 7), (4, 1.0, None), (0, 1.0, 7)):
-            sp = SamplingParams(temperature=0.8, top_p=top_p, seed=seed, max_new_tokens=24, ignore_eos=True,
-                                speculative=k > 0, num_draft_tokens=k or None, draft_method="model")
-            out[(graphs, k, top_p, seed)] = [eng.generate(p, sp).token_ids for p in prompts]
+            monkeypatch.setattr(torch.cuda, "Stream", lambda *a: None)
+            monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+            head._graphs = _HeadChains(head, eng.target.tables.max_blocks * eng.target.blocks.block_size)
+        for method, k, t, top_p, seed in (("model", 4, 0.8, 1.0, 7), ("model", 4, 0.8, 0.9, 7),
+                                          ("model", 4, 0.8, 1.0, None), ("model", 0, 0.8, 1.0, 7),
+                                          ("eagle", 4, 0.8, 1.0, 7), ("eagle", 3, 0.8, 0.9, None),
+                                          ("eagle", 4, 0.0, 1.0, None)):
+            sp = SamplingParams(temperature=t, top_p=top_p, seed=seed, max_new_tokens=24, ignore_eos=True,
+                                speculative=k > 0, num_draft_tokens=k or None, draft_method=method)
+            out[(graphs, method, k, t, top_p, seed)] = [eng.generate(p, sp).token_ids for p in prompts]
         if graphs:
             assert eng.target.graphs.verify_replays > 0 and eng.draft.graphs.chain_replays > 0
+            assert head._graphs.replays > 0 and head._graphs.failed is None
     for key in [k[1:] for k in out if k[0]]:
         assert out[(True, *key)] == out[(False, *key)], key

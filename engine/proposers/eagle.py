@@ -170,7 +170,13 @@ class EagleProposer:
         keep_q = any(rows.reqs[i].params.seed is None for i in sampled)
         q = torch.zeros(b, kmax, self.vocab_size, device=self.device) if keep_q else None
         keys = self._keys(rows, sampled, kmax)
-        noise = None if keys is None else rng.exponentials(to_device(keys, torch.int64, self.device), self.vocab_size)
+        made: list[torch.Tensor | None] = []
+
+        def noise() -> torch.Tensor | None:  # [S, K, V], made where a step draws eagerly (once)
+            if not made:
+                made.append(None if keys is None else rng.exponentials(to_device(keys, torch.int64, self.device),
+                                                                       self.vocab_size))
+            return made[0]
         slot = {i: n for n, i in enumerate(sampled)}
         real_len = {i: rows.reqs[i].num_tokens - 1 for i in ready}  # pairs with the target's own features
         feed = [(rows.reqs[i].seq_id, *inputs[i]) for i in ready]
@@ -182,30 +188,27 @@ class EagleProposer:
                     break
                 # step 0 reads the real pairs; each later step one pair of the chain per row (its own last output)
                 out = self._forward(feed) if j == 0 else self._chain_forward(chain, active, feed, j)  # [A, D]
-                drawn = self._draw(out, [rows.reqs[i] for i in active], [slot.get(i) for i in active], noise, j,
-                                   rows, q, active)
-                tokens = drawn.tolist()
-                for i, t in zip(active, tokens):
-                    lists[i].append(t)
                 nxt = [n for n, i in enumerate(active) if rows.ks[i] > j + 1]
-                if not nxt:
-                    break
-                if chain is None:
+                if nxt and chain is None:
                     cont = [active[n] for n in nxt]
                     chain = self._chain(cont, [rows.reqs[i].seq_id for i in cont], [real_len[i] for i in cont],
                                         [rows.ks[i] - 1 for i in cont])
                     if len(cont) == len(active) and len({rows.ks[i] for i in cont}) == 1:
-                        sampling = self._chain_sampling(rows, cont, slot, keys) if slot else None
-                        rest = None
-                        if not slot or sampling is not None:
-                            rest = self._graphed_chain(chain, out, drawn, rows.ks[cont[0]] - 1, sampling)
-                        if rest is not None:  # steps 2..K ran as one CUDA graph
-                            more, probs = rest
-                            for i, toks in zip(cont, more.tolist()):
+                        rest = self._graphed(rows, cont, chain, out, slot, keys)
+                        if rest is not None:  # every draw and steps 2..K ran as one CUDA graph: one host copy
+                            drawn, probs = rest
+                            for i, toks in zip(cont, drawn.tolist()):
                                 lists[i] += toks
                             if q is not None and probs is not None:
-                                q[torch.tensor(cont, device=self.device), 1:] = probs
+                                q[torch.tensor(cont, device=self.device), : probs.shape[1]] = probs
                             break
+                drawn = self._draw(out, [rows.reqs[i] for i in active], [slot.get(i) for i in active], noise(), j,
+                                   rows, q, active)
+                tokens = drawn.tolist()
+                for i, t in zip(active, tokens):
+                    lists[i].append(t)
+                if not nxt:
+                    break
                 feed = (out if len(nxt) == len(active) else out[torch.tensor(nxt, device=self.device)],
                         [tokens[n] for n in nxt])
                 active = [active[n] for n in nxt]
@@ -216,7 +219,7 @@ class EagleProposer:
 
     @property
     def chains(self) -> bool:
-        """Whether drafting steps 2..K run as one CUDA graph (``_graphed_chain``); see spec_decode._one_k."""
+        """Whether drafting runs as one CUDA graph (``_graphed``); see spec_decode._one_k."""
         g = self._graphs
         return g is not None and g.failed is None
 
@@ -439,35 +442,30 @@ class EagleProposer:
             self.blocks.commit(chain.seq_ids[c], p + 1)
         return out[:, -1]
 
-    def _chain_sampling(self, rows: StepRows, cont: list[int], slot: dict[int, int], keys: list[list[int]]):
-        """The chain rows' settings and the keys of their draws 2..K (any for greedy rows) for a sampled graphed
-        chain; None where sampled chains do not run (more rows than their shared buffers hold)."""
-        from engine.cuda_graphs import ChainSampling
-
-        if self._graphs is None:
-            return None
-        k = rows.ks[cont[0]]
-        return ChainSampling.of_rows(rows.rp.select(cont), [keys[slot[i]][1:k] if i in slot else [0] * (k - 1)
-                                                            for i in cont], self.vocab_size)
-
-    def _graphed_chain(self, chain: _Chain, feats: torch.Tensor, first: torch.Tensor, steps: int, sampling=None
-                       ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Drafting steps 2..K of every chain row as one CUDA graph replay: step ``j`` feeds the head its own last
-        output and the token it drew from it, with no host round trip (each step-by-step step is a host-built batch,
-        a launch of the head's kernels one by one, a sync and a host copy of its tokens). Greedy rows take the
-        argmax; with ``sampling`` (a ``ChainSampling``) sampled rows race over the head's distribution spread over
-        the target vocabulary, as ``_draw`` does, and the chain writes their q. ``feats`` ``[C, D]`` and ``first``
-        ``[C]``: the first step's outputs and tokens. Returns the ``[C, steps]`` tokens and, when sampling, q
-        ``[C, steps, V]``, on the device; None where no graph runs it (not CUDA, a shape met for the first time, a
-        failed capture)."""
+    def _graphed(self, rows: StepRows, cont: list[int], chain: _Chain, feats: torch.Tensor, slot: dict[int, int],
+                 keys: list[list[int]] | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Every draw of the chain rows ``cont`` (all the step's rows, one K) and drafting steps 2..K as one CUDA graph
+        replay (``_HeadChains``), the first draw from ``feats`` (step 1's outputs ``[C, D]``): each step feeds the
+        head its own last output and the token it drew from it, with no host round trip (step by step, each step is a
+        host-built batch, the head's kernels launched one by one, a sync and a host copy of its tokens). Greedy rows
+        take the argmax; sampled rows race over the head's distribution spread over the target vocabulary, as
+        ``_draw`` does, and the chain writes their q. Returns the ``[C, K]`` tokens and, when some row samples, q
+        ``[C, K, V]``, on the device; None where it does not run (not CUDA, a shape met the first time, a failed
+        capture, more sampled rows than sampled chains take): the caller draws step by step."""
         g = self._graphs
         if g is None or g.failed is not None:
             return None
-        c = len(chain.seq_ids)
-        longest = chain.keys.shape[1]
         from engine.cuda_graphs import ChainSampling
 
-        key = g.key(c, steps, longest, ChainSampling.mode(sampling))
+        k = rows.ks[cont[0]]
+        sampling = None
+        if slot:
+            sampling = ChainSampling.of_rows(rows.rp.select(cont), [keys[slot[i]][:k] if i in slot else [0] * k
+                                                                    for i in cont], self.vocab_size)
+            if sampling is None:
+                return None
+        c, steps = len(chain.seq_ids), k - 1
+        key = g.key(c, steps, chain.keys.shape[1], ChainSampling.mode(sampling))
         if key is None:
             return None
         bs = self.blocks.block_size
@@ -475,7 +473,7 @@ class EagleProposer:
                  for s in range(steps)]
         meta = torch.tensor(chain.start + [x for row in slots for x in row], dtype=torch.long).to(self.device)
         try:
-            out = g.run(key, first, feats, meta[:c], meta[c:].view(steps, c), chain.keys, sampling)
+            out = g.run(key, feats, meta[:c], meta[c:].view(steps, c), chain.keys, sampling)
         except Exception:
             if g.failed is None:
                 raise
@@ -544,7 +542,7 @@ def _param_ratio(head: EagleHead, target) -> float:
 
 
 class _HeadChains:
-    """CUDA graphs of the head's drafting chains (``EagleProposer._graphed_chain``), one per (rows bucket, steps, key
+    """CUDA graphs of the head's drafting chains (``EagleProposer._graphed``), one per (rows bucket, steps, key
     bucket, mode: greedy, sample, or sample-cut where some row's top-p / top-k cuts), captured on a shape's second use
     into their own memory pool."""
 
@@ -585,8 +583,8 @@ class _HeadChains:
                                                    for r, steps, mode in chain_shapes(max_rows, modes)))
 
     @torch.inference_mode()
-    def run(self, key: tuple[int, int, int, str], first: torch.Tensor, feats: torch.Tensor, start: torch.Tensor,
-            slots: torch.Tensor, keys: torch.Tensor, sampling=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run(self, key: tuple[int, int, int, str], feats: torch.Tensor, start: torch.Tensor, slots: torch.Tensor,
+            keys: torch.Tensor, sampling=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         g = self.graphs.get(key)
         if g is None:
             try:
@@ -596,10 +594,8 @@ class _HeadChains:
                 logger.warning("CUDA graph capture of an EAGLE drafting chain failed, drafting step by step: %s",
                                self.failed)
                 raise
-        tokens, feat, pos0, slot_t, gather, out, cs = g[1:]
-        c, (r, _steps, t, _mode) = first.shape[0], key
-        tokens[:c].copy_(first)
-        tokens[c:].zero_()
+        feat, pos0, slot_t, gather, out, cs = g[1:]
+        c, (r, _steps, t, _mode) = feats.shape[0], key
         feat[:c].copy_(feats)
         pos0[:c].copy_(start)
         pos0[c:].zero_()
@@ -619,30 +615,35 @@ class _HeadChains:
 
         p, dev = self.p, self.p.device
         head, scratch = p.head, p.pool.scratch_slot
-        tokens = torch.zeros(r, dtype=torch.long, device=dev)
         feat = torch.zeros(r, head.cfg.hidden_size, dtype=p.pool.dtype, device=dev)
         pos0 = torch.zeros(r, dtype=torch.long, device=dev)
         slot_t = torch.full((steps, r), scratch, dtype=torch.long, device=dev)
         gather = torch.full((r * t,), scratch, dtype=torch.long, device=dev)
         kept = p._kept if p._kept_ids is not None else None
-        cs = None if mode == "greedy" else ChainSampling.buffers(self._io, r, steps, p.vocab_size, dev,
+        cs = None if mode == "greedy" else ChainSampling.buffers(self._io, r, steps + 1, p.vocab_size, dev,
                                                                  mode == "sample-cut")
 
+        def draw(f: torch.Tensor, s: int) -> torch.Tensor:  # a draw from the head's output f: as EagleProposer._draw
+            logits = head.logits(f).float()
+            if kept is not None:
+                logits = logits.masked_fill(~kept, float("-inf"))
+            tok = p._ids[logits.argmax(-1)]
+            if cs is not None:  # sampled rows race over the head's distribution on the target vocabulary
+                tok = cs.draw(s, p._over_target(logits), tok)
+            return tok
+
         def chain() -> torch.Tensor:
-            tok, f, out = tokens, feat, []
+            f = feat
+            tok = draw(f, 0)  # the first draw, from the first step's outputs
+            out = [tok]
             for s in range(steps):
                 pos = (pos0 + s).view(r, 1)
                 batch = AttnBatch(slot_t[s], gather, causal_mask(pos, t), t)
                 f = head.forward_paged(tok.view(r, 1), f.view(r, 1, -1), pos, batch, p.pool.keys[0],
                                        p.pool.values[0])[:, -1]
-                logits = head.logits(f).float()
-                if kept is not None:
-                    logits = logits.masked_fill(~kept, float("-inf"))
-                tok = p._ids[logits.argmax(-1)]
-                if cs is not None:  # sampled rows race over the head's distribution on the target vocabulary
-                    tok = cs.draw(s, p._over_target(logits), tok)
+                tok = draw(f, s + 1)
                 out.append(tok)
             return torch.stack(out, 1)
 
         graph, out = capture(chain, dev, self.stream, self.mempool, keys=t)
-        return graph, tokens, feat, pos0, slot_t, gather, out, cs
+        return graph, feat, pos0, slot_t, gather, out, cs
