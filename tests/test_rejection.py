@@ -120,6 +120,16 @@ def test_strict_acceptance_never_keeps_a_token_the_target_rules_out():
     assert int(accepted.sum()) == 0 and bool((nxt == 1).all())
 
 
+def test_uniforms_never_reach_0_or_1():
+    """The extreme hash values give uniforms strictly inside (0, 1): an exponential of 0 or inf would let a token win
+    or lose the race whatever its probability."""
+    extremes = torch.tensor([-(1 << 63), (1 << 63) - 1, -1, 0], dtype=torch.int64)
+    u = rng.uniform(extremes)
+    assert 0 < float(u.min()) and float(u.max()) < 1, u.tolist()
+    e = -u.log()
+    assert bool(torch.isfinite(e).all()) and float(e.min()) > 0
+
+
 def test_uniforms_are_keyed_not_sequenced():
     k = rng.keys([5, 5, 6], [[10], [10], [10]], rng.SAMPLE)
     u = rng.uniform(k, 1000)
