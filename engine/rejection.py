@@ -64,13 +64,14 @@ NextDist = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, torch.Te
 
 def verify_sampled(draft_tokens: torch.Tensor, num_draft: torch.Tensor, draft_probs: torch.Tensor | None,
                    target_probs: torch.Tensor, sample_keys: torch.Tensor, accept_keys: torch.Tensor,
-                   next_dist: NextDist | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   next_dist: NextDist | None = None, cut: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard rejection sampling for a batch; model-free.
 
     draft_tokens [B, K] (padding past ``num_draft`` [B] is ignored), draft_probs [B, K, V]
     or None (one-hot), target_probs [B, K+1, V]; sample_keys [B, K+1] and accept_keys [B, K]
     key the draws at each position (engine.rng.key). Returns (accepted [B], next token [B]).
-    ``next_dist`` exists so tests can prove the distribution tests catch broken rules.
+    ``next_dist`` exists so tests can prove the distribution tests catch broken rules; ``cut``: the rows' top-p /
+    top-k cut their distributions (``sampler.draw``).
     """
     b, k = draft_tokens.shape
     rows = torch.arange(b, device=draft_tokens.device)
@@ -85,7 +86,7 @@ def verify_sampled(draft_tokens: torch.Tensor, num_draft: torch.Tensor, draft_pr
     tok_at = tok[rows, at] if k else torch.zeros_like(accepted)
     q_at = None if draft_probs is None or k == 0 else draft_probs[rows, at]
     dist = (next_dist or next_token_dist)(target_probs[rows, accepted], q_at, tok_at, accepted < num_draft)
-    nxt = draw(dist, sample_keys[rows, accepted])
+    nxt = draw(dist, sample_keys[rows, accepted], cut)
     return accepted, nxt
 
 
@@ -113,18 +114,19 @@ def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, num_draft: t
     if sampled:
         s_idx = to_device(sampled, torch.long, dev) if greedy else slice(None)
         sub = rp.select(sampled) if greedy else rp
-        p = probs_batch(target_logits[s_idx], sub)  # [S, K+1, V]
+        cut = sub.truncates(target_logits.shape[-1])
+        p = probs_batch(target_logits[s_idx], sub, cut)  # [S, K+1, V]
         if k == 0:  # a plain step: one draw per row, no acceptance to decide
-            choice[s_idx] = draw(p, sample_keys[s_idx])
+            choice[s_idx] = draw(p, sample_keys[s_idx], cut)
             return torch.zeros(b, dtype=torch.long, device=dev), choice
         # seeded rows: the target's own Gumbel-max sample at every position (the coupling)
         seeded = [n for n, i in enumerate(sampled) if rp.host[i].seed is not None]
         if seeded:
             if len(seeded) == b:  # every row seeded: no index tensors
-                choice = draw(p, sample_keys)
+                choice = draw(p, sample_keys, cut)
             else:
                 rows_t = to_device([sampled[n] for n in seeded], torch.long, dev)
-                choice[rows_t] = draw(p[to_device(seeded, torch.long, dev)], sample_keys[rows_t])
+                choice[rows_t] = draw(p[to_device(seeded, torch.long, dev)], sample_keys[rows_t], cut)
     if k == 0:
         return torch.zeros(b, dtype=torch.long, device=dev), choice
     j = torch.arange(k1, device=dev)
@@ -137,7 +139,7 @@ def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, num_draft: t
         r_idx = to_device(rows, torch.long, dev)
         q = None if draft_probs is None else draft_probs[r_idx]
         a, t = verify_sampled(draft_tokens[r_idx], num_draft[r_idx], q, p[to_device(by_rule, torch.long, dev)],
-                              sample_keys[r_idx], accept_keys[r_idx])
+                              sample_keys[r_idx], accept_keys[r_idx], cut=cut)
         accepted[r_idx] = a
         nxt[r_idx] = t
     tokens = torch.cat([draft_tokens.clamp_min(0), torch.zeros_like(nxt)[:, None]], 1)

@@ -7,7 +7,7 @@ import torch
 from engine import rng
 from engine.config import SamplingParams
 from engine.rejection import next_token_dist, row_settings, verify, verify_rows, verify_sampled
-from engine.sampler import RowParams, draw, probs_batch
+from engine.sampler import RowParams, draw, probs_batch, race
 
 N = 100_000
 K = 2
@@ -177,3 +177,43 @@ def test_verify_rows_gives_what_verify_gives_row_by_row_rule(k, with_q):
         outcomes |= {("all" if a == n else "rejected" if a < n else "?") for a, n in zip(accepted.tolist(), num.tolist())
                      if n > 0}
     assert outcomes == ({"all", "rejected"} if k else set()), outcomes
+
+
+def test_a_race_over_a_cut_vocabulary_hashes_only_what_can_win_and_draws_the_same_token():
+    """``draw(..., cut=True)`` on the CPU races only the tokens within reach of each row's likeliest (the others' p / E
+    stays below it whatever their noise): the same token as the full race, row for row, on distributions cut by top-p
+    and top-k, spread like an EAGLE head's (zeros outside its vocabulary), peaked, with one token, at the bound's edge;
+    flat ones fall back to the full race."""
+    from engine import sampler
+
+    v = sampler.PRUNE_MIN_VOCAB + 1234
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, 3, v, generator=gen) * 2.5
+    cases = {
+        "top-p / top-k": probs_batch(logits, RowParams.build([SamplingParams(temperature=0.8, top_p=0.9),
+                                                              SamplingParams(temperature=1.0, top_k=50)] * 3, "cpu")),
+        "a head's vocabulary": probs_batch(logits, RowParams.build([SamplingParams(temperature=0.7)] * 6, "cpu"))
+        * (torch.arange(v) % 5 == 0),
+        "peaked": torch.softmax(logits * 12, -1),
+    }
+    one = torch.zeros(6, 3, v)
+    one[..., 7] = 1.0
+    cases["one token"] = one
+    edge = torch.zeros(6, 3, v)  # tokens just inside and just outside the bound, beside the likeliest
+    edge[..., 0] = 1.0
+    edge[..., 1:200] = sampler.PRUNE * 1.0001
+    edge[..., 200:400] = sampler.PRUNE * 0.9999
+    cases["at the bound"] = edge
+    for name, p in cases.items():
+        keys = torch.randint(-(1 << 62), 1 << 62, (6, 3), generator=gen)
+        want = race(p, rng.exponentials(keys, v))
+        assert sampler._draw_pruned(p, keys) is not None, name
+        assert torch.equal(draw(p, keys, cut=True), want), name
+        assert torch.equal(draw(p[:, 0], keys[:, 0], cut=True), want[:, 0]), name  # 2-D
+    flat = torch.softmax(logits, -1)
+    keys = torch.randint(-(1 << 62), 1 << 62, (6, 3), generator=gen)
+    assert sampler._draw_pruned(flat, keys) is None  # most tokens within reach: the full race
+    assert torch.equal(draw(flat, keys, cut=True), race(flat, rng.exponentials(keys, v)))
+    # the noise of chosen tokens is the whole vocabulary's at those tokens
+    rows, cols = torch.tensor([0, 2, 5]), torch.tensor([3, v - 1, 0])
+    assert torch.equal(rng.uniform_at(keys[rows, 1], cols), rng.uniform(keys[:, 1], v)[rows, cols])

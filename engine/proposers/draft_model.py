@@ -11,7 +11,7 @@ from engine.config import MAX_DRAFT_TOKENS
 from engine.devices import to_device
 from engine.model_runner import ModelRunner, RowInput
 from engine.proposers.base import Proposal, StepRows
-from engine.sampler import probs_batch, race
+from engine.sampler import cuts, draw, probs_batch
 
 if TYPE_CHECKING:
     from engine.sequence import Request
@@ -42,7 +42,7 @@ class DraftModelProposer:
                          rng.SAMPLE if rows.reqs[i].params.seed is not None else rng.DRAFT)
                  for j in range(kmax)] for i in sampled]
         slot = {i: n for n, i in enumerate(sampled)}
-        noise = None  # [S, K, V]: every position's noise in one call, where the rows draw step by step
+        keys_t = None  # [S, K] on the device, where the rows draw step by step
         self.backlog = sum(max(0, self.behind(r) - NORMAL_BEHIND) for r in rows.reqs)
         self._read_prompts(rows.reqs)
         self._catch_up(rows.reqs)
@@ -62,20 +62,21 @@ class DraftModelProposer:
                 for i, toks in enumerate(drawn.tolist()):
                     lists[i] += toks
                 return Proposal(lists, probs if keep_q else None)
-            if sampled and noise is None:
-                noise = rng.exponentials(to_device(keys, torch.int64, dev), self.runner.vocab_size)
+            if sampled and keys_t is None:
+                keys_t = to_device(keys, torch.int64, dev)
             tokens = logits.argmax(-1)
             s_rows = [(n, i) for n, i in enumerate(active) if i in slot]
             if len(s_rows) == len(active) == b:  # every row sampled and still drafting: no index tensors
                 probs = probs_batch(logits, rows.rp)  # [B, V]
-                tokens = race(probs, noise[:, j])
+                tokens = draw(probs, keys_t[:, j], cuts(rows.rp.host, self.runner.vocab_size))
                 if q is not None:
                     q[:, j] = probs
             elif s_rows:
                 local = to_device([n for n, _ in s_rows], torch.long, dev)
                 s = [i for _, i in s_rows]
                 probs = probs_batch(logits[local], rows.rp.select(s))  # [S, V]
-                tokens[local] = race(probs, noise[to_device([slot[i] for i in s], torch.long, dev), j])
+                tokens[local] = draw(probs, keys_t[to_device([slot[i] for i in s], torch.long, dev), j],
+                                     cuts([rows.reqs[i].params for i in s], self.runner.vocab_size))
                 if q is not None:
                     q[to_device(s, torch.long, dev), j] = probs
             for i, t in zip(active, tokens.tolist()):

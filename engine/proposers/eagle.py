@@ -36,7 +36,7 @@ from engine.kv_pool import KVPool, KVShape
 from engine.model_runner import ModelRunner
 from engine.proposers.base import Proposal, StepRows
 from engine.proposers.draft_model import NORMAL_BEHIND
-from engine.sampler import probs_batch, race
+from engine.sampler import cuts, draw, probs_batch
 
 if TYPE_CHECKING:
     from engine.sequence import Request
@@ -172,10 +172,9 @@ class EagleProposer:
         keys = self._keys(rows, sampled, kmax)
         made: list[torch.Tensor | None] = []
 
-        def noise() -> torch.Tensor | None:  # [S, K, V], made where a step draws eagerly (once)
+        def keyed() -> torch.Tensor | None:  # [S, K] on the device, where a step draws eagerly (once)
             if not made:
-                made.append(None if keys is None else rng.exponentials(to_device(keys, torch.int64, self.device),
-                                                                       self.vocab_size))
+                made.append(None if keys is None else to_device(keys, torch.int64, self.device))
             return made[0]
         slot = {i: n for n, i in enumerate(sampled)}
         real_len = {i: rows.reqs[i].num_tokens - 1 for i in ready}  # pairs with the target's own features
@@ -202,7 +201,7 @@ class EagleProposer:
                             if q is not None and probs is not None:
                                 q[torch.tensor(cont, device=self.device), : probs.shape[1]] = probs
                             break
-                drawn = self._draw(out, [rows.reqs[i] for i in active], [slot.get(i) for i in active], noise(), j,
+                drawn = self._draw(out, [rows.reqs[i] for i in active], [slot.get(i) for i in active], keyed(), j,
                                    rows, q, active)
                 tokens = drawn.tolist()
                 for i, t in zip(active, tokens):
@@ -491,11 +490,11 @@ class EagleProposer:
                          rng.SAMPLE if rows.reqs[i].params.seed is not None else rng.DRAFT)
                  for j in range(kmax)] for i in sampled]
 
-    def _draw(self, out: torch.Tensor, reqs: list[Request], slots: list[int | None], noise, j: int, rows: StepRows,
+    def _draw(self, out: torch.Tensor, reqs: list[Request], slots: list[int | None], keys, j: int, rows: StepRows,
               q: torch.Tensor | None, active: list[int]) -> torch.Tensor:
         """One draft token per active row: the argmax for greedy rows, an exponential race over the head's
-        distribution (the row's temperature / top-k / top-p, over the target vocabulary) for sampled rows.
-        Returns the target ids ``[A]`` on the device."""
+        distribution (the row's temperature / top-k / top-p, over the target vocabulary) for sampled rows, keyed
+        by ``keys[slot, j]``. Returns the target ids ``[A]`` on the device."""
         logits = self.head.logits(out).float()  # [A, draft_vocab]
         if self._kept_ids is not None:
             logits = logits.masked_fill(~self._kept, float("-inf"))
@@ -504,7 +503,9 @@ class EagleProposer:
         if s_rows:
             local = torch.tensor(s_rows, device=self.device)
             probs = probs_batch(self._over_target(logits[local]), rows.rp.select([active[n] for n in s_rows]))  # [S, V]
-            tokens[local] = race(probs, noise[torch.tensor([slots[n] for n in s_rows], device=self.device), j])
+            # a head with a smaller vocabulary than the target's leaves the rest at p = 0: a cut distribution
+            cut = len(self._ids) < self.vocab_size or cuts([reqs[n].params for n in s_rows], self.vocab_size)
+            tokens[local] = draw(probs, keys[torch.tensor([slots[n] for n in s_rows], device=self.device), j], cut)
             if q is not None:
                 q[torch.tensor([active[n] for n in s_rows], device=self.device), j] = probs
         return tokens
