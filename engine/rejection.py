@@ -35,7 +35,7 @@ import torch
 from engine import rng
 from engine.config import SamplingParams
 from engine.devices import to_device
-from engine.sampler import RowParams, draw, probs_batch
+from engine.sampler import RowParams, cuts, draw, probs_batch
 
 
 def accepted_prefix(ok: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,7 @@ def row_settings(params: list[SamplingParams], vocab: int) -> tuple[list[list[fl
     """``verify_rows``' per-row ``settings`` (temperature, top_p, top_k, seeded) as host lists, and its ``truncate``:
     whether some sampled row cuts (as ``verify`` decides it over its sampled rows)."""
     settings = [[p.temperature, p.top_p, float(p.top_k), float(p.seed is not None)] for p in params]
-    return settings, any(not p.greedy and (p.top_p < 1.0 or 0 < p.top_k < vocab) for p in params)
+    return settings, cuts(params, vocab)
 
 
 def verify_rows(target_logits: torch.Tensor, draft_tokens: torch.Tensor, num_draft: torch.Tensor,
@@ -159,7 +159,8 @@ def verify_rows(target_logits: torch.Tensor, draft_tokens: torch.Tensor, num_dra
                 accept_keys: torch.Tensor, truncate: bool) -> torch.Tensor:
     """``verify`` with every row's rule chosen on the device, from ``settings`` ``[B, 4]`` float32 (temperature,
     top_p, top_k, seeded: 1 where the request has a seed); no host sync and no shape that depends on the rows' rules.
-    ``truncate``: whether the sort of top-p / top-k runs (``row_settings`` gives both as ``verify`` decides them). ``accept_keys`` ``[B, K]`` is read only by unseeded sampled rows (any values elsewhere). Returns ``[B, K+2]``:
+    ``truncate``: whether the sort of top-p / top-k runs (``row_settings`` gives both as ``verify`` decides them).
+    ``accept_keys`` ``[B, K]`` is read only by unseeded sampled rows (any values elsewhere). Returns ``[B, K+2]``:
     each row's accepted count, then its tokens as ``verify`` returns them."""
     b, k1, _ = target_logits.shape
     k = k1 - 1

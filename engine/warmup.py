@@ -52,7 +52,7 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
     n = max(8, min(context, engine.max_context - 16))
     ids = [i % max(2, engine.vocab_size - 1) + 1 for i in range(n)]
     runners = [r for r in (engine.target, engine.draft) if r is not None]
-    logits = {id(r): r.forward([RowInput(sid, ids)])[0] for r in runners}
+    target_logits = [r.forward([RowInput(sid, ids)])[0] for r in runners][0]  # (runners[0] is the target)
     _calibrate_cpu_gemms(engine.target, sid, ids)
     t0, captured = time.perf_counter(), 0
     for r in runners:  # CUDA graphs of the step shapes met first (up to 8 rows, every K), before any request; their
@@ -66,8 +66,7 @@ def warmup(engine: LLMEngine, context: int = 128, reps: int = 5) -> None:
                 captured += r.graphs.prewarm_chains(PREWARM_ROWS, n + MAX_DRAFT_TOKENS + 1, r.vocab_size)
             if r is engine.target:  # sampled steps' verifications (spec_decode.decode_step): their inputs take
                 # 15 rows x 17 positions x vocabulary x 4 bytes (155 MB at Qwen's 152k)
-                out = logits[id(r)]
-                captured += r.graphs.prewarm_verify(PREWARM_ROWS, out.shape[-1], out.dtype)
+                captured += r.graphs.prewarm_verify(PREWARM_ROWS, target_logits.shape[-1], target_logits.dtype)
     head_chains = getattr(engine.proposers.get("eagle"), "_graphs", None)
     if head_chains is not None and _gpu_bytes(engine.target.device) >= PREWARM_MIN_GPU_BYTES:  # the head's chains
         from engine.cuda_graphs import PREWARM_CHAIN_MODES

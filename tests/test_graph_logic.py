@@ -4,6 +4,8 @@ in and take out of the buffers (padding, shapes sharing buffers, a chain's first
 sampled step's verification) is exercised where CI runs. What only CUDA can show (ops a capture forbids, replay
 timing, cuDNN plans) stays in test_cuda_graphs.py."""
 
+import types
+
 import pytest
 import torch
 
@@ -110,6 +112,44 @@ def test_a_chain_draws_its_first_token_from_logits_then_drafts_as_step_by_step(s
             for i in range(3):
                 r.truncate(i, r.cached_len(i) - steps)
     assert len(graphed.graphs.chains) == 4  # four shapes: 3 sampled steps met twice, captured once
+
+
+def test_a_verification_graph_packs_its_rows_as_eager_verify_reads_them(monkeypatch):
+    """``run_verify``'s packing: its graph stands in as a function replayed over the static buffers, so
+    the rows (padded to the rows bucket), the positions (padded to the tokens bucket), the buffers shared between
+    shapes and what stale rows hold are all exercised; each replay must return ``verify``'s tokens. Shapes of one
+    rows bucket follow each other with different layouts (a padding row's stale ints once indexed as tokens)."""
+    from engine.rejection import row_settings, verify
+
+    monkeypatch.setattr(cg, "capture", _capture)
+    g = cg.GraphRunner(lean=None, pool=types.SimpleNamespace(device=torch.device("cpu")), max_keys=4096)
+    monkeypatch.setattr(g, "_stream", lambda: (None, None))
+    g.capture_after = 0
+    vocab = 30
+    kinds = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=1.0),
+             SamplingParams(temperature=0.7, top_p=0.9, top_k=12, seed=4), SamplingParams(temperature=1.2, top_k=6)]
+    gen = torch.Generator().manual_seed(2)
+    seen = set()
+    for trial, (b, k, with_q) in enumerate([(3, 2, True), (3, 3, False), (4, 3, True), (2, 0, False), (7, 8, True),
+                                            (5, 4, False), (3, 2, True), (8, 1, True)]):
+        params = [kinds[(trial + i) % len(kinds)] for i in range(b)]
+        logits = torch.randn(b, k + 1, vocab, generator=gen) * 3
+        num = [max(0, k - i % 3) for i in range(b)]
+        drafts = [logits[i, : num[i]].argmax(-1).tolist() for i in range(b)]
+        for d in drafts[::2]:  # some drafts rejected at once
+            d[:1] = [(t + 1) % vocab for t in d[:1]]
+        q = torch.softmax(torch.randn(b, k, vocab, generator=gen), -1) if with_q else None
+        seeds = [p.seed if p.seed is not None else 700 + i for i, p in enumerate(params)]
+        sample = rng.key_rows(seeds, [[20 + j for j in range(k + 1)]] * b, rng.SAMPLE)
+        accept = rng.key_rows(seeds, [[20 + j for j in range(k)]] * b, rng.ACCEPT) if k else None
+        packed = torch.tensor([d + [-1] * (k - len(d)) for d in drafts], dtype=torch.long).view(b, k)
+        acc, tok = verify(logits, packed, torch.tensor(num), q, RowParams.build(params, "cpu"), torch.tensor(sample),
+                          torch.tensor(accept) if accept else None)
+        settings, truncate = row_settings(params, vocab)
+        got = g.run_verify(logits, drafts, settings, sample, accept, q, truncate)
+        assert [row[: k + 2] for row in got] == [[a] + t for a, t in zip(acc.tolist(), tok.tolist())], trial
+        seen |= {"all" if a == n else "rejected" for a, n in zip(acc.tolist(), num) if n}
+    assert g.verify_replays == 8 and seen == {"all", "rejected"}
 
 
 DEMO = __import__("pathlib").Path(__file__).resolve().parents[1] / "resources" / "models"

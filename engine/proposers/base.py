@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from engine import rng
 from engine.sampler import RowParams
 
 if TYPE_CHECKING:
@@ -22,6 +23,13 @@ class StepRows:
     reqs: list[Request]
     ks: list[int]
     rp: RowParams | None
+
+    def draw_keys(self, idx: list[int], k: int) -> list[list[int]]:
+        """The keys (engine.rng.key) of rows ``idx``'s draws at their next ``k`` positions: seeded rows draw with the
+        target's own stream (the coupling, see engine.rejection), unseeded ones with the draft stream."""
+        return [[rng.key(self.reqs[i].seed, self.reqs[i].num_tokens + j,
+                         rng.SAMPLE if self.reqs[i].params.seed is not None else rng.DRAFT) for j in range(k)]
+                for i in idx]
 
 
 @dataclass

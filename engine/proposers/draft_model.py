@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine import prefill, rng
+from engine import prefill
 from engine.config import MAX_DRAFT_TOKENS
 from engine.devices import to_device
 from engine.model_runner import ModelRunner, RowInput
@@ -37,10 +37,7 @@ class DraftModelProposer:
         sampled = [i for i, r in enumerate(rows.reqs) if not r.params.greedy]
         keep_q = any(rows.reqs[i].params.seed is None for i in sampled)
         q = torch.zeros(b, kmax, self.runner.vocab_size, device=dev) if keep_q else None
-        # seeded rows draw with the target's own stream (the coupling); unseeded ones with the draft's
-        keys = [[rng.key(rows.reqs[i].seed, rows.reqs[i].num_tokens + j,
-                         rng.SAMPLE if rows.reqs[i].params.seed is not None else rng.DRAFT)
-                 for j in range(kmax)] for i in sampled]
+        keys = rows.draw_keys(sampled, kmax)
         slot = {i: n for n, i in enumerate(sampled)}
         keys_t = None  # [S, K] on the device, where the rows draw step by step
         self.backlog = sum(max(0, self.behind(r) - NORMAL_BEHIND) for r in rows.reqs)

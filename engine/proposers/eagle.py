@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine import rng
 from engine.attention import AttnBatch, causal_mask, eager_attention, key_slots
 from engine.block_manager import BlockManager
 from engine.block_tables import DeviceBlockTables
@@ -169,7 +168,7 @@ class EagleProposer:
         sampled = [i for i in ready if not rows.reqs[i].params.greedy]
         keep_q = any(rows.reqs[i].params.seed is None for i in sampled)
         q = torch.zeros(b, kmax, self.vocab_size, device=self.device) if keep_q else None
-        keys = self._keys(rows, sampled, kmax)
+        keys = rows.draw_keys(sampled, kmax) if sampled else None
         made: list[torch.Tensor | None] = []
 
         def keyed() -> torch.Tensor | None:  # [S, K] on the device, where a step draws eagerly (once)
@@ -480,15 +479,6 @@ class EagleProposer:
         for sid, st in zip(chain.seq_ids, chain.start):
             self.blocks.commit(sid, st + steps)
         return out
-
-    def _keys(self, rows: StepRows, sampled: list[int], kmax: int) -> list[list[int]] | None:
-        """The keys of the sampled rows' K draws (engine.rng.key): seeded rows draw with the target's own stream (the
-        coupling, see engine.rejection), unseeded ones with the draft stream."""
-        if not sampled:
-            return None
-        return [[rng.key(rows.reqs[i].seed, rows.reqs[i].num_tokens + j,
-                         rng.SAMPLE if rows.reqs[i].params.seed is not None else rng.DRAFT)
-                 for j in range(kmax)] for i in sampled]
 
     def _draw(self, out: torch.Tensor, reqs: list[Request], slots: list[int | None], keys, j: int, rows: StepRows,
               q: torch.Tensor | None, active: list[int]) -> torch.Tensor:
