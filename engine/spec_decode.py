@@ -4,6 +4,7 @@ batched forward, and return what each row keeps. Plain rows are rows that propos
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,11 +65,12 @@ def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[Request, tuple[int, str]],
-                fallback: dict[Request, tuple[int, str]] | None = None, threads: StepThreads | None = None
-                ) -> tuple[list[RowResult], StepTiming]:
+                fallback: dict[Request, tuple[int, str]] | None = None, threads: StepThreads | None = None,
+                while_device: Callable[[], None] | None = None) -> tuple[list[RowResult], StepTiming]:
     """plan: request -> (K, method); fallback: (K, method) for n-gram rows where the lookup finds no match
     (the draft model or the EAGLE head, which draft after n-gram in the same step). ``threads``: chooses the CPU
-    thread count of the drafting and of the verification, and learns from their times.
+    thread count of the drafting and of the verification, and learns from their times. ``while_device``: host work
+    to run while the target's verification forward computes (an asynchronous device: its launches are queued).
     Changes state: the target's and proposers' caches grow by what they read (the caller rolls them
     back to the verified tokens)."""
     t0 = time.perf_counter()
@@ -116,6 +118,8 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     # verified tokens' copy to the host, which waits for both
     synced = dev.type == "cpu"
     per_row = target.forward(rows_in, sync=synced)
+    if while_device is not None:
+        while_device()
     t2 = time.perf_counter()
     if threads is not None:
         threads.observe(n_verify, tokens, t2 - t1, len(reqs), "verify")

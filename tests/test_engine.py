@@ -260,3 +260,80 @@ def test_extreme_sampling_values_stay_valid_distributions():
         probs = probs_from_logits(logits, params)
         assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(3))
         assert (probs.argmax(-1) == logits.argmax(-1)).all()
+
+
+def _events_of(eng, specs, abort_after: int | None = None):
+    """Run ``specs`` [(prompt, params)] together; per request its events. ``abort_after``: the first request is
+    aborted after that many steps. Also: the most deferred work seen waiting after a step."""
+    events = [[] for _ in specs]
+    reqs = [eng.add_request(p, params, sink=events[i].append) for i, (p, params) in enumerate(specs)]
+    steps = waited = 0
+    while eng.has_work():
+        eng.step()
+        steps += 1
+        waited = max(waited, len(eng._later))
+        if steps == abort_after:
+            eng.abort(reqs[0].request_id)
+    return events, waited
+
+
+def _check_stream(events):
+    """TokenEvents indexed 0..n-1, then one FinishEvent whose ids and text are what they streamed."""
+    *tokens, final = events
+    assert isinstance(final, FinishEvent) and all(isinstance(t, TokenEvent) for t in tokens)
+    assert [t.index for t in tokens] == list(range(len(tokens)))
+    assert [t.token_id for t in tokens] == final.token_ids
+    assert "".join(t.text for t in tokens) + final.tail == final.text
+    return [(t.token_id, t.text, t.index, t.source) for t in tokens], (final.finish_reason, final.text)
+
+
+def test_host_overlap_defers_events_and_statistics_without_changing_them():
+    """With ``overlap`` (on for CUDA; here forced on the CPU, where the deferred work runs after each verification
+    forward) a step's token events and statistics run during the next step: the same streams, finishes and counts as
+    without it, events in order and before their request's FinishEvent, for fixed K, plain, adaptive, stop strings,
+    logprobs, EOS and a request aborted mid-way."""
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine(eagle=True)
+    fixed = SamplingParams(max_new_tokens=40, temperature=0, num_draft_tokens=3, draft_method="model", ignore_eos=True)
+    specs = [
+        ("Once upon a time", fixed),
+        ("The cat sat", SamplingParams(max_new_tokens=36, temperature=0.8, seed=11, num_draft_tokens=2,
+                                       draft_method="eagle", ignore_eos=True)),
+        ("Tom found a red", SamplingParams(max_new_tokens=30, temperature=0, speculative=False, ignore_eos=True)),
+        ("Lily and", SamplingParams(max_new_tokens=33, temperature=0.7, seed=5, top_p=0.9)),  # adaptive; EOS may end it
+        ("A dog", SamplingParams(max_new_tokens=20, temperature=0, num_draft_tokens=2, logprobs=2, ignore_eos=True)),
+    ]
+    stop_text = eng.generate("Once upon a time", fixed).text[8:14]
+    specs.append(("Once upon a time", SamplingParams(max_new_tokens=40, temperature=0, num_draft_tokens=3,
+                                                     draft_method="model", ignore_eos=True, stop=[stop_text])))
+
+    def run(overlap, abort_after=None):
+        eng.overlap = overlap
+        before = {m: s.num_accepted_tokens for m, s in eng.method_stats.items()}
+        events, waited = _events_of(eng, specs, abort_after)
+        accepted = [e[-1].stats.num_accepted_tokens for e in events]
+        # the engine-wide counts (deferred too) add up to the requests' own
+        assert sum(s.num_accepted_tokens - before.get(m, 0) for m, s in eng.method_stats.items()) == sum(accepted)
+        return [_check_stream(e) for e in events], accepted, waited
+
+    try:
+        ref_streams, ref_accepted, ref_waited = run(False)
+        streams, accepted, waited = run(True)
+    finally:
+        eng.overlap = False
+    assert ref_waited == 0 and waited > 0  # the work did wait: at least one step's events ran during the next
+    assert ref_streams[5][1][0] == "stop"
+    for i in (0, 1, 2, 4, 5):  # fixed K and plain: tokens, text and sources alike
+        assert streams[i] == ref_streams[i]
+        assert accepted[i] == ref_accepted[i]
+    assert [t[:3] for t in streams[3][0]] == [t[:3] for t in ref_streams[3][0]]  # adaptive, seeded: same tokens
+    assert streams[3][1] == ref_streams[3][1]
+
+    # a request aborted mid-way: its streamed tokens, then its FinishEvent; the others run on
+    streams, *_ = run(True, abort_after=6)
+    assert streams[0][1][0] == "cancelled" and 0 < len(streams[0][0]) < 40
+    assert streams[0][0] == ref_streams[0][0][: len(streams[0][0])]
+    assert streams[2] == ref_streams[2]
+    assert not eng._later
+    _assert_all_free(eng)
