@@ -257,6 +257,12 @@ class LLMEngine:
         else:
             work()
 
+    def _while_device(self) -> None:
+        """Host work that overlaps a decode step's verification (``overlap``): the step before's deferred bookkeeping,
+        then the decisions adaptive K makes a step ahead (``StepPlanner.decide_ahead``)."""
+        self._run_later()
+        self.planner.decide_ahead()
+
     def _run_later(self, req: Request | None = None) -> None:
         """The deferred work (``_defer``), in order: all of it, or ``req``'s (before its FinishEvent)."""
         if not self._later:
@@ -367,6 +373,7 @@ class LLMEngine:
 
     def _decode(self, reqs: list[Request]) -> None:
         t_start = time.perf_counter()  # adaptive K times the whole step: planning and bookkeeping are per step too
+        self.planner.drop_ahead()  # rows listed by a step that failed before its verification
         self.policy.tick(max(r.num_tokens for r in reqs), sampled=any(not r.params.greedy for r in reqs))
         any_adaptive = any(r.params.speculative and r.params.num_draft_tokens is None for r in reqs)
         held = self.policy.guard_holds(len(reqs)) if any_adaptive else None
@@ -389,7 +396,7 @@ class LLMEngine:
         ngram = self.proposers["ngram"]
         ngram.position_cost, ngram.first_cost = (self.verify_cost, self.first_cost) if len(plan) == 1 else (0.0, 0.0)
         results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)), self.threads,
-                                      while_device=self._run_later if self.overlap else None)
+                                      while_device=self._while_device if self.overlap else None)
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}
         # a step that paid a one-off is no timing for adaptive K: a CUDA graph captured (or a shape run eagerly before
@@ -414,6 +421,7 @@ class LLMEngine:
         for res in results:
             r, k, accepted = res.req, res.k, res.accepted
             n = r.num_tokens
+            self._learn_row(res, plan[r])  # what the next step's decisions read: now
             self._defer(r, lambda res=res, planned=plan[r]: self._observe_row(res, planned, timing, share))
             self.target.truncate(r.seq_id, n + accepted)
             for p in self.proposers.values():
@@ -456,13 +464,12 @@ class LLMEngine:
             if charged is not None:
                 self.policy.guard_observe(len(results), sum(len(res.tokens) for res in results), charged)
 
-    def _observe_row(self, res, plan: tuple[int, str], timing: StepTiming, share: float) -> None:
-        """A row's statistics after a decode step: its method's, the request's and adaptive K's acceptance evidence."""
+    def _learn_row(self, res, plan: tuple[int, str]) -> None:
+        """A row's acceptance evidence for adaptive K after a decode step (kept in step: the next step decides from it;
+        deferred, the drafts of each step reached the decisions a step late, and the first steps of a request measured
+        methods twice as often)."""
         r, k, accepted = res.req, res.k, res.accepted
         planned_k, planned = plan
-        method = res.method if k else (planned if planned_k and planned else "plain")
-        self.method_stats.setdefault(method, MethodStats()).observe_step(
-            k, accepted, len(res.tokens), timing.total_s * share, miss=not k and method != "plain")
         if planned_k and planned and (not k or res.method != planned) and r.params.num_draft_tokens is None:
             # planned to draft but the proposer found nothing (n-gram: no match): for adaptive K that is a
             # draft of which nothing was accepted, since the step cost what a drafting step costs (or the
@@ -470,15 +477,24 @@ class LLMEngine:
             self.policy.observe(planned, planned_k, 0, r.adaptive)
             r.adaptive.observe(planned, planned_k, 0)
         if k:
-            r.stats.observe_draft(k, accepted, res.method)
-            r.stats.draft_time_s += timing.propose_s * share
-            r.stats.target_time_s += timing.target_s * share
-            self.spec_stats.observe_draft(k, accepted)
             adaptive = r.params.num_draft_tokens is None  # a fixed K's drafts check no prediction
             self.policy.observe(res.method, k, accepted, r.adaptive if adaptive else None, r.adaptive.sampling)
             r.adaptive.observe(res.method, k, accepted)
             if adaptive:
                 self.alpha_prior = EMA * self.alpha_prior + (1 - EMA) * (accepted / k)
+
+    def _observe_row(self, res, plan: tuple[int, str], timing: StepTiming, share: float) -> None:
+        """A row's statistics after a decode step (deferred, ``_defer``): its method's, the request's, the engine's."""
+        r, k, accepted = res.req, res.k, res.accepted
+        planned_k, planned = plan
+        method = res.method if k else (planned if planned_k and planned else "plain")
+        self.method_stats.setdefault(method, MethodStats()).observe_step(
+            k, accepted, len(res.tokens), timing.total_s * share, miss=not k and method != "plain")
+        if k:
+            r.stats.observe_draft(k, accepted, res.method)
+            r.stats.draft_time_s += timing.propose_s * share
+            r.stats.target_time_s += timing.target_s * share
+            self.spec_stats.observe_draft(k, accepted)
 
     def _observe_times(self, kmax: int, timing: StepTiming, methods: set[str], batch: int) -> None:
         """Track the single-step target time and the draft/target cost ratios (the doctor's model) of the

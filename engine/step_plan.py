@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from engine.adaptive import SWITCH_MARGIN, Decision, best_drafting_k, keep_settled
 from engine.proposers.draft_model import NORMAL_BEHIND
+from engine.sequence import Status
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
@@ -30,6 +31,7 @@ class StepPlanner:
             weakref.WeakKeyDictionary()  # n-gram row -> (clock, its fallback), while it runs
         self._drafted = ""  # the model method adaptive rows drafted with in the last step that drafted with one
         self._shared_k: dict[str, int] = {}  # per method: the K its adaptive rows last shared (``one_k_per_method``)
+        self._ahead: list[tuple[Request, int]] = []  # (row, batch) re-decided while this step computes (``decide_ahead``)
 
     def methods(self, req: Request) -> list[str]:
         """Proposers this request may use, by its draft_method and what is loaded (listed once per request and
@@ -74,6 +76,8 @@ class StepPlanner:
             return min(req.params.num_draft_tokens, self.room(req)), methods[0]
         policy = self.engine.policy
         d = policy.reuse(req.adaptive, methods, batch)
+        if d is not None and self.engine.overlap and policy.expires_next(req.adaptive):
+            self._ahead.append((req, batch))
         if d is None:
             d = policy.choose(req.adaptive, {m: self.slope(m) for m in methods}, batch, self.engine.alpha_prior,
                               self.catch_up(req, methods))
@@ -81,6 +85,20 @@ class StepPlanner:
         # plain for now: the draft keeps its cache, so a later probe only catches up the tokens since
         # (a released cache would make every probe re-read the whole context)
         return min(d.k, self.room(req)), d.method
+
+    def drop_ahead(self) -> None:
+        self._ahead.clear()
+
+    def decide_ahead(self) -> None:
+        """The full decisions of the rows whose standing decision ends at the next step, made while this step computes
+        on the device (``Policy.choose``'s ``ahead``; the engine's ``overlap``); a row finished meanwhile is skipped."""
+        rows, self._ahead = self._ahead, []
+        engine = self.engine
+        for req, batch in rows:
+            if req.prefilled and req.status is Status.RUNNING:
+                methods = self.methods(req)
+                engine.policy.choose(req.adaptive, {m: self.slope(m) for m in methods}, batch, engine.alpha_prior,
+                                     self.catch_up(req, methods), ahead=True)
 
     def one_drafting_model(self, plan: Plan, batch: int) -> Plan:
         """Adaptive rows that draft with a model (the draft model or the EAGLE head) draft with one of them per step.

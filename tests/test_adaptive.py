@@ -7,6 +7,7 @@ import pytest
 
 from engine import SamplingParams
 from engine.adaptive import FIRST_REACH, GREEDY, PROBE_FIRST, REACH, AdaptiveState, Decision, Policy, StepTimes, bucket
+from engine.sequence import FinishEvent
 from engine.stats import SpecDecodingStats
 from tests.tiny import tiny_engine, tiny_llama, tiny_tokenizer
 
@@ -399,10 +400,10 @@ def test_adaptive_rows_of_a_batch_share_one_k_per_method(monkeypatch):
     steps = []
     real = llm.decode_step
 
-    def spy(target, proposers, plan, fallback=None, threads=None):
+    def spy(target, proposers, plan, fallback=None, threads=None, **kw):
         if all(r.remaining > 9 for r in plan):  # near the end, room caps K row by row
             steps.append({m: {k for k, mm in plan.values() if mm == m and k} for _, m in plan.values()})
-        return real(target, proposers, plan, fallback, threads)
+        return real(target, proposers, plan, fallback, threads, **kw)
 
     monkeypatch.setattr(llm, "decode_step", spy)
     for prompt in ("Once", "The cat sat on the mat", "Tom found a red ball", "Lily loved to play"):
@@ -454,9 +455,9 @@ def test_a_step_drafts_with_one_model_method(monkeypatch):
     seen = []
     real = llm.decode_step
 
-    def spy(target, proposers, plan, fallback=None, threads=None):
+    def spy(target, proposers, plan, fallback=None, threads=None, **kw):
         seen.append({m for k, m in plan.values() if k and m in ("model", "eagle")})
-        return real(target, proposers, plan, fallback, threads)
+        return real(target, proposers, plan, fallback, threads, **kw)
 
     def choose(req, batch):
         m = ("model", "eagle")[req.seq_id % 2]
@@ -520,9 +521,9 @@ def test_ngram_misses_count_against_ngram(monkeypatch):
     planned = []
     real = llm.decode_step
 
-    def spy(target, proposers, plan, fallback=None, threads=None):
+    def spy(target, proposers, plan, fallback=None, threads=None, **kw):
         planned.append(sum(1 for k, m in plan.values() if k and m == "ngram"))
-        return real(target, proposers, plan, fallback, threads)
+        return real(target, proposers, plan, fallback, threads, **kw)
 
     monkeypatch.setattr(llm, "decode_step", spy)
     # text in which nothing ever repeats, as far as the lookup can tell
@@ -1535,9 +1536,9 @@ def test_a_batch_whose_drafting_loses_decodes_plain_for_a_hold(monkeypatch):
     drafted, reasons = [], []
     real = llm.decode_step
 
-    def spy(target, proposers, plan, fallback=None, threads=None):
+    def spy(target, proposers, plan, fallback=None, threads=None, **kw):
         drafted.append(int(any(k for k, _ in plan.values())))
-        return real(target, proposers, plan, fallback, threads)
+        return real(target, proposers, plan, fallback, threads, **kw)
 
     monkeypatch.setattr(llm, "decode_step", spy)
     for fixed in (None, 2):
@@ -1567,3 +1568,54 @@ def test_a_batch_whose_drafting_loses_decodes_plain_for_a_hold(monkeypatch):
             eng.abort(r.request_id)
         while eng.has_work():
             eng.step()
+
+
+def test_decisions_made_ahead_stand_at_the_next_step_and_change_no_greedy_token():
+    """With ``overlap`` (CUDA; here forced on the CPU with the CUDA policy's re-decision cadence) the full decision of a
+    row whose standing decision ends at the next step is made while the step before verifies: at the next step that
+    row decides nothing (its decision stands), and greedy output is the same token for token."""
+    from engine.adaptive import SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA
+    from tests.tiny import tiny_pair_engine
+
+    prompts = ["Once upon a time", "The cat sat on", "Tom found a red ball", "Lily and her mom", "A big dog",
+               "The sun was", "One day a bird", "Sam had a"]
+    params = SamplingParams(max_new_tokens=160, temperature=0, ignore_eos=True)
+
+    def run(overlap):
+        eng = tiny_pair_engine(eagle=True)
+        eng.overlap = overlap
+        eng.policy.spec_recheck_from, eng.policy.spec_rows = SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA
+        log = {"ahead": [], "full": []}
+        real_choose, real_gains = eng.policy.choose, eng.policy.gains
+        mode = []
+
+        def choose(state, methods, batch, alpha, catch_up=None, ahead=False):
+            mode.append(ahead)
+            try:
+                d = real_choose(state, methods, batch, alpha, catch_up, ahead=ahead)
+            finally:
+                mode.pop()
+            if ahead and d is not None:
+                log["ahead"].append((eng.policy.clock, id(state)))
+            return d
+
+        def gains(state, *a, **kw):
+            if mode and not mode[-1]:
+                log["full"].append((eng.policy.clock, id(state)))
+            return real_gains(state, *a, **kw)
+
+        eng.policy.choose, eng.policy.gains = choose, gains
+        outs = {}
+        for i, p in enumerate(prompts + [p + " and" for p in prompts]):
+            eng.add_request(p, params, sink=lambda ev, i=i: outs.__setitem__(i, ev.token_ids)
+                            if isinstance(ev, FinishEvent) else None)
+        while eng.has_work():
+            eng.step()
+        return [outs[i] for i in sorted(outs)], log
+
+    ref, plain_log = run(False)
+    got, log = run(True)
+    assert got == ref
+    assert not plain_log["ahead"] and log["ahead"]
+    full_after = {(c - 1, s) for c, s in log["full"]}
+    assert not full_after & set(log["ahead"])  # decided ahead at clock c: nothing decided for that row at c + 1

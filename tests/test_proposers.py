@@ -196,9 +196,9 @@ def test_ngram_rows_fall_back_to_the_method_adaptive_predicts_faster(monkeypatch
                 g[3] = 1.5
             return g
 
-        def step(target, proposers, plan, fallback=None, threads=None, seen=seen):
+        def step(target, proposers, plan, fallback=None, threads=None, seen=seen, **kw):
             seen.append(dict(fallback or {}))
-            return real_step(target, proposers, plan, fallback, threads)
+            return real_step(target, proposers, plan, fallback, threads, **kw)
 
         # every step planned for n-gram (K within the room left)
         monkeypatch.setattr(eng, "_choose", lambda req, batch: (max(0, min(4, req.remaining - 1)), "ngram"))
