@@ -1412,6 +1412,31 @@ def test_a_proposer_not_drafted_with_is_probed_again_at_doubling_intervals():
     assert "model" not in policy.method_probes.every  # ... and the draft model, left, is due again soon
 
 
+def test_a_proposer_that_could_not_pay_with_every_draft_accepted_is_not_probed():
+    """A proposer whose timed steps cost more than any acceptance could repay (on an H200 at 8 clients the demo EAGLE
+    head's K = 1 step took 2.7x a plain step) is not probed while another drafts: a probe would only measure its
+    acceptance again. Until PACE_FROM of its steps are timed there, it is."""
+    from engine.adaptive import METHOD_PROBE_FIRST, PACE_FROM
+
+    def probes(timed_steps):
+        policy = _policy(0.0015, 0.0006, batch=8, method="model")  # K = 4: 3.9 ms
+        for i in range(timed_steps):
+            policy.times.observe("eagle", 8, 1 + i % 2, 0.0015 * (2.7 + i % 2))
+        for _ in range(40):
+            policy.observe("model", 4, 3)
+            policy.observe("eagle", 4, 4)  # every draft of the head accepted: still no gain at its times
+        state, out = AdaptiveState(), []
+        for _ in range(4 * METHOD_PROBE_FIRST):
+            policy.tick(64)
+            d = policy.choose(state, {"model": 0.3, "eagle": 0.2}, 8, alpha=0.7)
+            out += [d.method] if d.forced and d.reason.startswith("probing") else []
+            assert d.k
+        return out
+
+    assert probes(PACE_FROM - 1) == ["eagle"] * len(probes(PACE_FROM - 1)) != []
+    assert probes(2 * PACE_FROM) == []
+
+
 def test_explore_steps_thin_out_while_the_k_stands_and_come_back_when_it_moves():
     """A row drafting K tries K + 1 and K - 1 in turn for one step at EXPLORE_EVERY steps, then at doubling intervals up
     to EXPLORE_MAX while the K the rows settled on stands (on an H200 at 8 clients an explore step realized 0.74x the
