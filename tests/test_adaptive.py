@@ -735,8 +735,9 @@ def test_a_marginal_predicted_gain_does_not_start_drafting_but_does_not_stop_it(
 def test_a_step_is_timed_as_the_k_every_row_planned():
     """n-gram rows without a match draft nothing, so at batch 8 some row nearly always drafted fewer than K: a step
     timed only where every row drafted K left n-gram untimed there, and batch 1's prior slope predicted K = 1 at
-    1.06x plain's time where it took 1.25x. A step is timed as the K every row planned (misses included, as
-    adaptive counts them); a fallback drafting in its place, or rows planning different K, leave it untimed."""
+    1.06x plain's time where it took 1.25x. A step is timed as the K every row planned, for n-gram as its longest draft
+    made it (rows are verified padded to it; a step where no row matched is a plain step); a fallback drafting in its
+    place, or rows planning different K, leave it untimed."""
     from types import SimpleNamespace
 
     from engine.llm_engine import _planned_key
@@ -744,7 +745,8 @@ def test_a_step_is_timed_as_the_k_every_row_planned():
     a, b = object(), object()
     res = lambda *ks: [SimpleNamespace(k=k) for k in ks]  # noqa: E731
     assert _planned_key({a: (2, "ngram"), b: (2, "ngram")}, res(2, 0), {"ngram"}) == (2, "ngram")
-    assert _planned_key({a: (2, "ngram"), b: (2, "ngram")}, res(0, 0), set()) == (2, "ngram")  # nothing matched
+    assert _planned_key({a: (2, "ngram"), b: (2, "ngram")}, res(0, 0), set()) == (0, "")  # nothing matched: plain
+    assert _planned_key({a: (3, "ngram"), b: (3, "ngram")}, res(1, 0), {"ngram"}) == (1, "ngram")  # the longest draft
     assert _planned_key({a: (2, "ngram"), b: (2, "ngram")}, res(2, 2), {"ngram", "model"}) is None  # a fallback
     assert _planned_key({a: (3, "eagle"), b: (1, "eagle")}, res(3, 1), {"eagle"}) is None  # capped differently
     assert _planned_key({a: (3, "model"), b: (1, "model")}, res(1, 1), {"model"}) == (1, "model")  # drafted alike
