@@ -538,6 +538,8 @@ class AdaptiveState:
     hold_ends_recheck: bool = False  # while plain: the hold ends at a re-evaluation, not at a probe
     expected_cache: dict[str, tuple] = field(default_factory=dict)  # Policy._expected's, per method
     sampling: str = GREEDY  # the request's sampling class (``sampling_class``): the shared estimates it reads and feeds
+    ngram_now: list[float] | None = None  # n-gram's expected tokens by the lookup's match at the last full decision
+    # (``NgramProposer.expected``; the planner sets it): used for n-gram in place of the request's pooled estimate
 
     def observe(self, method: str, k: int, accepted: int) -> None:
         stats = self.stats.get(method)
@@ -983,7 +985,10 @@ class Policy:
         return out
 
     def expected(self, state: AdaptiveState, method: str, alpha: float) -> list[float]:
-        """Expected tokens of one step at K = 0..MAX_DRAFT_TOKENS for this request and method (calibrated)."""
+        """Expected tokens of one step at K = 0..MAX_DRAFT_TOKENS for this request and method (calibrated); for n-gram,
+        what its lookup's match predicts where the planner gave it (``AdaptiveState.ngram_now``)."""
+        if method == "ngram" and state.ngram_now is not None:
+            return state.ngram_now
         return self._calibrated(method, state.sampling,
                                 self._expected(state, method, alpha, self._shared_prior(method, state.sampling, alpha)))
 

@@ -79,12 +79,18 @@ class StepPlanner:
         if d is not None and self.engine.overlap and policy.expires_next(req.adaptive):
             self._ahead.append((req, batch))
         if d is None:
+            self._match(req, methods)
             d = policy.choose(req.adaptive, {m: self.slope(m) for m in methods}, batch, self.engine.alpha_prior,
                               self.catch_up(req, methods))
         req.adaptive.fallback_k = d.fallback_k if "model" in methods else 0
         # plain for now: the draft keeps its cache, so a later probe only catches up the tokens since
         # (a released cache would make every probe re-read the whole context)
         return min(d.k, self.room(req)), d.method
+
+    def _match(self, req: Request, methods: list[str]) -> None:
+        """Before a full decision: what n-gram's lookup would draft for ``req`` now (``NgramProposer.expected``)."""
+        if "ngram" in methods:
+            req.adaptive.ngram_now = self.engine.proposers["ngram"].expected(req)
 
     def drop_ahead(self) -> None:
         self._ahead.clear()
@@ -97,6 +103,7 @@ class StepPlanner:
         for req, batch in rows:
             if req.prefilled and req.status is Status.RUNNING:
                 methods = self.methods(req)
+                self._match(req, methods)
                 engine.policy.choose(req.adaptive, {m: self.slope(m) for m in methods}, batch, engine.alpha_prior,
                                      self.catch_up(req, methods), ahead=True)
 

@@ -35,7 +35,7 @@ def test_ngram_drafts_only_the_positions_that_pay_for_their_match_order():
     prop = NgramProposer()
 
     def row(ids, seq_id, fixed=None):
-        return SimpleNamespace(all_ids=ids, seq_id=seq_id, num_tokens=len(ids),
+        return SimpleNamespace(all_ids=ids, seq_id=seq_id, num_tokens=len(ids), adaptive=SimpleNamespace(sampling="greedy"),
                                params=SimpleNamespace(num_draft_tokens=fixed))
 
     weak, strong = row([5, 1, 2, 3, 4, 9, 8, 7, 1], 1), row([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4], 2)
@@ -67,6 +67,38 @@ def test_ngram_drafts_only_the_positions_that_pay_for_their_match_order():
     assert prop.propose(StepRows([weak], [4], None)).token_lists == [[2]]
     prop.release(weak)
     assert weak.seq_id not in prop._drafted
+
+
+def test_ngram_expected_tokens_follow_the_match_found_now():
+    """What adaptive K reads for n-gram (``NgramProposer.expected``): nothing matches, 1 token at every K; after a
+    match, the acceptance that drafts after a match of that order realized for the request's sampling class, cut
+    where the engine's position cost says a draft stops. Each fails if misses or another order's drafts leak in."""
+    from types import SimpleNamespace
+
+    from engine.proposers.base import StepRows
+    from engine.proposers.ngram import NgramProposer
+
+    prop = NgramProposer()
+
+    def row(ids, seq_id, sampling="greedy"):
+        return SimpleNamespace(all_ids=ids, seq_id=seq_id, num_tokens=len(ids), adaptive=SimpleNamespace(sampling=sampling),
+                               params=SimpleNamespace(num_draft_tokens=None))
+
+    none, strong, weak = row([1, 2, 3, 4, 5], 1), row([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4], 2), \
+        row([5, 1, 2, 3, 4, 9, 8, 7, 1], 3)
+    assert prop.expected(none) == [1.0] * 9
+    for _ in range(60):  # order 4 (strong): all 8 accepted; order 1 (weak): nothing
+        prop.propose(StepRows([strong, weak], [8, 8], None))
+        prop.rollback(strong, strong.num_tokens + 8)
+        prop.rollback(weak, weak.num_tokens)
+    e4, e1 = prop.expected(strong), prop.expected(weak)
+    assert e4[8] > 8.0 and e1[1] < 1.1, (e4, e1)
+    assert prop.expected(row(strong.all_ids, 4, sampling="T0.8")) == pytest.approx(
+        [1.0] + [1.0 + sum(0.5 ** (j + 1) for j in range(i + 1)) for i in range(8)])  # another class: the prior
+    prop.position_cost = 0.5  # positions past the first whose survival is at most 0.5 are not drafted
+    assert prop.expected(strong) == e4  # all pay
+    prop.first_cost = 0.2
+    assert prop.expected(weak) == [1.0] * 9  # its first position does not pay: no draft
 
 
 def test_the_first_verified_positions_cost_comes_from_measured_forwards():
