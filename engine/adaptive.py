@@ -538,8 +538,8 @@ class AdaptiveState:
     hold_ends_recheck: bool = False  # while plain: the hold ends at a re-evaluation, not at a probe
     expected_cache: dict[str, tuple] = field(default_factory=dict)  # Policy._expected's, per method
     sampling: str = GREEDY  # the request's sampling class (``sampling_class``): the shared estimates it reads and feeds
-    ngram_now: list[float] | None = None  # n-gram's expected tokens by the lookup's match at the last full decision
-    # (``NgramProposer.expected``; the planner sets it): used for n-gram in place of the request's pooled estimate
+    ngram_now: list[float] | None = None  # n-gram's expected tokens by the lookup's match at the last full decision at
+    # batch 1 (``NgramProposer.expected``; ``StepPlanner._match``): used for n-gram in place of the pooled estimate
 
     def observe(self, method: str, k: int, accepted: int) -> None:
         stats = self.stats.get(method)

@@ -1645,3 +1645,30 @@ def test_decisions_made_ahead_stand_at_the_next_step_and_change_no_greedy_token(
     assert not plain_log["ahead"] and log["ahead"]
     full_after = {(c - 1, s) for c, s in log["full"]}
     assert not full_after & set(log["ahead"])  # decided ahead at clock c: nothing decided for that row at c + 1
+
+
+def test_ngram_is_decided_by_the_lookups_match_at_batch_1_only():
+    """At batch 1 a full decision reads n-gram's expected tokens from the lookup's match now (1 token at every K where
+    nothing matches); in a batch the request's pooled estimate stays."""
+    from engine.sequence import Request
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine()
+    tok = eng.tokenizer
+    ids = tok("the cat sat on the mat. the cat sat on the", add_special_tokens=True)["input_ids"]
+    req = eng.add_request(ids, SamplingParams(max_new_tokens=8, temperature=0))
+    methods = eng.planner.methods(req)
+    assert "ngram" in methods
+    eng.planner._match(req, methods, 8)
+    assert req.adaptive.ngram_now is None
+    eng.planner._match(req, methods, 1)
+    assert req.adaptive.ngram_now is not None and req.adaptive.ngram_now[4] > 1.5  # "the cat sat on the" repeats
+    assert eng.policy.expected(req.adaptive, "ngram", 0.6) is req.adaptive.ngram_now
+    nothing = eng.add_request([5, 6, 7, 8, 9], SamplingParams(max_new_tokens=8, temperature=0))
+    eng.planner._match(nothing, methods, 1)
+    assert nothing.adaptive.ngram_now == [1.0] * 9
+    assert isinstance(req, Request)
+    eng.abort(req.request_id)
+    eng.abort(nothing.request_id)
+    while eng.has_work():
+        eng.step()
