@@ -31,7 +31,7 @@ class StepPlanner:
             weakref.WeakKeyDictionary()  # n-gram row -> (clock, its fallback), while it runs
         self._drafted = ""  # the model method adaptive rows drafted with in the last step that drafted with one
         self._shared_k: dict[str, int] = {}  # per method: the K its adaptive rows last shared (``one_k_per_method``)
-        self._ahead: list[tuple[Request, int]] = []  # (row, batch) re-decided while this step computes (``decide_ahead``)
+        self._ahead: list[tuple[Request, int]] = []  # (row, batch): decided while this step computes (``decide_ahead``)
 
     def methods(self, req: Request) -> list[str]:
         """Proposers this request may use, by its draft_method and what is loaded (listed once per request and

@@ -35,8 +35,8 @@ def test_ngram_drafts_only_the_positions_that_pay_for_their_match_order():
     prop = NgramProposer()
 
     def row(ids, seq_id, fixed=None):
-        return SimpleNamespace(all_ids=ids, seq_id=seq_id, num_tokens=len(ids), adaptive=SimpleNamespace(sampling="greedy"),
-                               params=SimpleNamespace(num_draft_tokens=fixed))
+        return SimpleNamespace(all_ids=ids, seq_id=seq_id, num_tokens=len(ids),
+                               adaptive=SimpleNamespace(sampling="greedy"), params=SimpleNamespace(num_draft_tokens=fixed))
 
     weak, strong = row([5, 1, 2, 3, 4, 9, 8, 7, 1], 1), row([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4], 2)
     for _ in range(40):  # order 1: first draft accepted 1 in 4, second never; order 4: all four accepted
@@ -81,8 +81,8 @@ def test_ngram_expected_tokens_follow_the_match_found_now():
     prop = NgramProposer()
 
     def row(ids, seq_id, sampling="greedy"):
-        return SimpleNamespace(all_ids=ids, seq_id=seq_id, num_tokens=len(ids), adaptive=SimpleNamespace(sampling=sampling),
-                               params=SimpleNamespace(num_draft_tokens=None))
+        return SimpleNamespace(all_ids=ids, seq_id=seq_id, num_tokens=len(ids),
+                               adaptive=SimpleNamespace(sampling=sampling), params=SimpleNamespace(num_draft_tokens=None))
 
     none, strong, weak = row([1, 2, 3, 4, 5], 1), row([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4], 2), \
         row([5, 1, 2, 3, 4, 9, 8, 7, 1], 3)

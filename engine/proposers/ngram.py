@@ -109,10 +109,10 @@ class NgramProposer:
         """Expected tokens of a step of ``req`` at K = 0..MAX_DRAFT_TOKENS drafted by lookup now: 1 at every K where
         nothing matches; after a match, what the drafts after a match of that order realized on this engine for the
         request's sampling class. Adaptive K decides n-gram by it at batch 1 (``AdaptiveState.ngram_now``, set at
-        each full decision there): n-gram's use is local and all or nothing (text that repeats the prompt drafts 8 accepted tokens,
-        then a new passage none), and a request's or the engine's acceptance pooled over whole requests, misses
-        counted as drafts, put a request's first drafts where the repetition pays at 0.2 a position: on the bench's
-        repeat prompts adaptive drafted with the draft model at 0.77x what n-gram alone ran."""
+        each full decision there): n-gram's use is local and all or nothing (text that repeats the prompt drafts 8
+        accepted tokens, then a new passage none), and a request's or the engine's acceptance pooled over whole
+        requests, misses counted as drafts, put a request's first drafts where the repetition pays at 0.2 a position:
+        on the bench's repeat prompts adaptive drafted with the draft model at 0.77x what n-gram alone ran."""
         n, _ = find(req.all_ids, self._index.setdefault(req.seq_id, _Index()))
         reach = self._pays(n) if n else 0
         out = [1.0]
