@@ -79,9 +79,7 @@ class StepPlanner:
         if d is not None and self.engine.overlap and policy.expires_next(req.adaptive):
             self._ahead.append((req, batch))
         if d is None:
-            self._match(req, methods, batch)
-            d = policy.choose(req.adaptive, {m: self.slope(m) for m in methods}, batch, self.engine.alpha_prior,
-                              self.catch_up(req, methods))
+            d = self._decide(req, methods, batch)
         req.adaptive.fallback_k = d.fallback_k if "model" in methods else 0
         # plain for now: the draft keeps its cache, so a later probe only catches up the tokens since
         # (a released cache would make every probe re-read the whole context)
@@ -103,13 +101,16 @@ class StepPlanner:
         """The full decisions of the rows whose standing decision ends at the next step, made while this step computes
         on the device (``Policy.choose``'s ``ahead``; the engine's ``overlap``); a row finished meanwhile is skipped."""
         rows, self._ahead = self._ahead, []
-        engine = self.engine
         for req, batch in rows:
             if req.prefilled and req.status is Status.RUNNING:
-                methods = self.methods(req)
-                self._match(req, methods, batch)
-                engine.policy.choose(req.adaptive, {m: self.slope(m) for m in methods}, batch, engine.alpha_prior,
-                                     self.catch_up(req, methods), ahead=True)
+                self._decide(req, self.methods(req), batch, ahead=True)
+
+    def _decide(self, req: Request, methods: list[str], batch: int, ahead: bool = False) -> Decision | None:
+        """A full decision of adaptive K for ``req`` (``Policy.choose``) from the planner's view: the methods' cost
+        slopes, their catch-ups and n-gram's match now."""
+        self._match(req, methods, batch)
+        return self.engine.policy.choose(req.adaptive, {m: self.slope(m) for m in methods}, batch,
+                                         self.engine.alpha_prior, self.catch_up(req, methods), ahead=ahead)
 
     def one_drafting_model(self, plan: Plan, batch: int) -> Plan:
         """Adaptive rows that draft with a model (the draft model or the EAGLE head) draft with one of them per step.

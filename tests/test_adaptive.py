@@ -666,8 +666,9 @@ def test_engine_caps_a_mixed_batch(monkeypatch):
 
     monkeypatch.setattr(eng.policy, "step_cap", spy)
 
-    def drafting(state, methods, batch, alpha, catch_up=None):  # a decision to draft, whatever the timings say: a
-        # draft as costly as its target pays only by the noise of a step's time (the test failed when run alone)
+    def drafting(state, methods, batch, alpha, catch_up=None, ahead=False):  # a decision to draft, whatever the
+        # timings say: a draft as costly as its target pays only by the noise of a step's time (the test failed when
+        # run alone)
         state.last = Decision(2, "model", "drafting K=2 (test)", {0: 1.0, 1: 1.3, 2: 1.5})
         return state.last
 
@@ -874,7 +875,7 @@ def test_engine_runs_the_plain_refresh_and_stays_exact(monkeypatch):
                                                                 speculative=False)).token_ids
     eng = tiny_engine()
 
-    def choose(state, methods, batch, alpha, catch_up=None):
+    def choose(state, methods, batch, alpha, catch_up=None, ahead=False):
         state.last = Decision(2, "model", "drafting", {0: 1.0, 1: 1.04, 2: 1.05})
         return state.last
 

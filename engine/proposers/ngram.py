@@ -95,15 +95,21 @@ class NgramProposer:
         """How many of the ``k`` planned positions a match of ``order`` tokens drafts (0: none pays, see the module)."""
         if self.position_cost <= 0 or k <= 0:
             return k
-        s = survival(self.by_order[order], ORDER_PRIOR, ORDER_PRIOR_WEIGHT)
-        if s[0] <= self.first_cost:
+        first, reach = self._positions(order)
+        if not first:
             self._cuts[order] += 1
             if self._cuts[order] % EXPLORE_CUT:
                 return 0
+        return min(k, reach)
+
+    def _positions(self, order: int) -> tuple[bool, int]:
+        """For a match of ``order``: whether its first position pays (``first_cost``), and how many positions from the
+        first on a draft keeps (up to the first past it whose survival is at most ``position_cost``)."""
+        s = survival(self.by_order[order], ORDER_PRIOR, ORDER_PRIOR_WEIGHT)
         j = 1
-        while j < k and s[j] > self.position_cost:
+        while j < MAX_DRAFT_TOKENS and s[j] > self.position_cost:
             j += 1
-        return j
+        return s[0] > self.first_cost, j
 
     def expected(self, req: Request) -> list[float]:
         """Expected tokens of a step of ``req`` at K = 0..MAX_DRAFT_TOKENS drafted by lookup now: 1 at every K where
@@ -125,13 +131,8 @@ class NgramProposer:
         where the engine set no position cost."""
         if self.position_cost <= 0:
             return MAX_DRAFT_TOKENS
-        s = survival(self.by_order[order], ORDER_PRIOR, ORDER_PRIOR_WEIGHT)
-        if s[0] <= self.first_cost:
-            return 0
-        j = 1
-        while j < MAX_DRAFT_TOKENS and s[j] > self.position_cost:
-            j += 1
-        return j
+        first, reach = self._positions(order)
+        return reach if first else 0
 
     def propose(self, rows: StepRows) -> Proposal:
         out = []
