@@ -58,11 +58,20 @@ CARRY_WEIGHT = 8.0  # pseudo-drafts of the conditional acceptance before a posit
 PROBE_FIRST, PROBE_MAX = 32, 512  # steps of plain decoding between probes of speculation
 CLOSE_CALL, PROBE_SOON = 0.95, 8  # a request that stops drafting with its best K predicted at >= 0.95x plain probes
 # within 8 steps, not 32: on the CPU demo pair a row whose first 4 EAGLE drafts were rejected stopped at 0.99x and
-# decoded plain for 46 steps at 0.6x the speed drafting gave it
+# decoded plain for 46 steps at 0.6x the speed drafting gave it. A plain request whose best K is predicted at >= 0.95x
+# plain probes on its own interval (PROBE_FIRST, doubling after each of its failed probes), not the one other requests'
+# failed probes raised engine-wide (``AdaptiveState.close``): such a probe costs a few per cent of one step, and the
+# estimates it corrects are a few per cent off. On the 2-core CPU at 8 clients (T = 0.8), where fixed K = 2 ran 1.07x
+# plain, new requests predicted K = 1 at 0.99-1.00x and waited 280-355 steps for their first probe: the pass decoded
+# plain throughout
 PROBE_CATCH_UP = 0.03  # a probe's catch-up at most this share of the plain time since the last probe: on an H200
 # at batch 8 with 1536-token prompts, a useless draft's probe first read 8 x 1600 skipped tokens (380 ms, ~100
 # plain steps), and two such probes took 46% of the time
-SHARED_MEMORY = 64  # drafts: the shared estimate follows the recent workload (another model, other prompts)
+SHARED_MEMORY = 64  # steps of drafts: the shared estimate follows the recent workload (another model, other prompts).
+# Forgotten by the step, not by the draft (``RecentAcceptance.observe_draft``'s rows): at 8 clients 64 drafts were the
+# last 8 steps, and after a wave of requests those were its tail, the rows that drafted worst and so ran longest (on
+# the 2-core CPU at T = 0.8 the draft model's estimate after a K = 2 pass put K = 2 at 2.09 tokens a step where the
+# pass realized 2.32): the next wave's requests started plain on it and stayed plain between probes
 EXPLORE_EVERY, EXPLORE_MAX = 16, 128  # steps between one-step tries of K + 1 and K - 1, doubling after each while the K that
 # rows settle on stays (``Policy._explore``): on an H200 at 8 clients (TinyLlama shape, acceptance 0.5) an explore step at
 # K = 7 from K = 6 realized 4346 tok/s against K = 6's 5901, and one step in 16 cost 1.6% of the speed
@@ -534,6 +543,7 @@ class AdaptiveState:
     probe_after: int = 0  # plain steps before a probe may run: its proposer's catch-up must be amortised first
     hold_until: int = 0  # while plain: the policy clock up to which the decision stands (``Policy.hold_plain``)
     far_below: bool = False  # while plain: the best drafting option was predicted below FAR_BELOW x plain
+    close: bool = False  # while plain: ... at CLOSE_CALL x plain or more (its probe interval is its own)
     quiet_since: int = -1  # while plain and far below: ``Policy.drafts`` at the full decision (``hold_plain``)
     hold_ends_recheck: bool = False  # while plain: the hold ends at a re-evaluation, not at a probe
     expected_cache: dict[str, tuple] = field(default_factory=dict)  # Policy._expected's, per method
@@ -583,7 +593,8 @@ def survival(stats: SpecDecodingStats | RecentAcceptance | None, prior: list[flo
 
 
 class RecentAcceptance:
-    """Per-position acceptance counts that forget: each draft scales the past by 1 - 1/SHARED_MEMORY.
+    """Per-position acceptance counts that forget: each step's drafts scale the past by 1 - 1/SHARED_MEMORY (each of
+    ``rows`` drafts of a step by its ``rows``-th root).
 
     All-time counts would let thousands of old drafts (a useless draft earlier in the session, a
     different kind of prompt) outvote what drafting achieves now, and requests would then start plain
@@ -601,9 +612,12 @@ class RecentAcceptance:
         self.passed_per_position = [0.0] * MAX_DRAFT_TOKENS
         self.version = 0
 
-    def observe_draft(self, k: int, accepted: int) -> None:
+    def observe_draft(self, k: int, accepted: int, rows: int = 1) -> None:
+        """A draft of ``k`` tokens, ``accepted`` of them, one of ``rows`` drafts of its step."""
         self.version += 1
         keep = 1.0 - 1.0 / SHARED_MEMORY
+        if rows > 1:
+            keep **= 1.0 / rows
         drafts, accepts, reached, passed = (self.drafts_per_position, self.accepted_per_position,
                                             self.reached_per_position, self.passed_per_position)
         for i in range(MAX_DRAFT_TOKENS):  # runs for every drafting row of every step: in place, few comparisons
@@ -841,7 +855,9 @@ class Policy:
 
     def _raise_to_floor(self, state: AdaptiveState, method: str | None = None) -> None:
         """A request's probe interval is at least the one failed probes of its method (default: its last decision's)
-        reached engine-wide."""
+        reached engine-wide, except a close call's (``AdaptiveState.close``): its own failed probes double it."""
+        if state.close:
+            return
         if method is None and state.last is not None:
             method = state.last.method
         if method:
@@ -880,10 +896,11 @@ class Policy:
         return prior
 
     def observe(self, method: str, k: int, accepted: int, state: AdaptiveState | None = None,
-                sampling: str | None = None) -> None:
+                sampling: str | None = None, rows: int = 1) -> None:
         """A draft of ``k`` tokens with ``method``, ``accepted`` of them, of a request of ``sampling`` class (default:
-        its ``state``'s, else greedy); with the adaptive ``state`` of its request, checked against what the acceptance
-        model expected of it (``Calibration``; call before ``state.observe``)."""
+        its ``state``'s, else greedy), one of ``rows`` drafts of its step (the shared estimate forgets by the step);
+        with the adaptive ``state`` of its request, checked against what the acceptance model expected of it
+        (``Calibration``; call before ``state.observe``)."""
         self.drafts += 1
         key = (method, sampling or (state.sampling if state is not None else GREEDY))
         own = state.stats.get(method) if state is not None else None
@@ -897,7 +914,7 @@ class Policy:
         shared = self.shared.get(key)
         if shared is None:
             shared = self.shared[key] = RecentAcceptance()
-        shared.observe_draft(k, accepted)
+        shared.observe_draft(k, accepted, rows)
 
     def guard_holds(self, batch: int) -> SpeedGuard | None:
         """The guard holding this step's adaptive rows plain (``SpeedGuard``; the step counts against its hold), or
@@ -1317,6 +1334,10 @@ class Policy:
                                    key=lambda mk: options[mk[0]][mk[1]])
                 gains = options[method]
                 state.far_below = gains[best] < FAR_BELOW
+                close = gains[best] >= CLOSE_CALL
+                if close and not state.close:  # a close call now: its interval, raised to the engine's while it was
+                    state.probe_every = min(state.probe_every, PROBE_FIRST)  # not, starts again at its own
+                state.close = close
                 state.quiet_since = self.drafts
                 if state.last is not None and state.last.k and not state.last.forced and gains[best] >= CLOSE_CALL:
                     state.probe_every = PROBE_SOON  # it just stopped drafting on a close call: look again soon

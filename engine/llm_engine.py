@@ -391,7 +391,8 @@ class LLMEngine:
             self.policy.decision = Decision(
                 0, "", f"plain at batch {len(reqs)}, {held.left} more steps after this: drafting "
                 f"realized {held.ratio:.2f}x plain decoding's speed in its last window of up to {GUARD_WINDOW} steps here")
-        planned = self.planner.one_k_per_method(self.planner.one_drafting_model(planned, len(reqs)))
+        planned = self.planner.one_k_per_method(self.planner.ngram_beside_model(
+            self.planner.one_drafting_model(planned, len(reqs)), len(reqs)))
         plan = self._make_room(self.planner.refresh_plain(self.planner.cap_batch(planned), len(reqs)))
         self._fault("decode", list(plan))
         one_offs = GraphRunner.one_offs
@@ -425,10 +426,12 @@ class LLMEngine:
         lagging = [p for p in self.proposers.values() if p.backlog]
         catching_up = lagging[0] if len(lagging) == 1 and one_offs == GraphRunner.one_offs else None
         share = 1.0 / max(1, len(results))
+        drafting = sum(1 for res in results if res.k or plan[res.req][0])  # the step's drafts (the shared estimates
+        # forget by the step)
         for res in results:
             r, k, accepted = res.req, res.k, res.accepted
             n = r.num_tokens
-            self._learn_row(res, plan[r])  # what the next step's decisions read: now
+            self._learn_row(res, plan[r], drafting)  # what the next step's decisions read: now
             self._defer(r, lambda res=res, planned=plan[r]: self._observe_row(res, planned, timing, share))
             self.target.truncate(r.seq_id, n + accepted)
             for p in self.proposers.values():
@@ -471,7 +474,7 @@ class LLMEngine:
             if charged is not None:
                 self.policy.guard_observe(len(results), sum(len(res.tokens) for res in results), charged)
 
-    def _learn_row(self, res, plan: tuple[int, str]) -> None:
+    def _learn_row(self, res, plan: tuple[int, str], rows: int = 1) -> None:
         """A row's acceptance evidence for adaptive K after a decode step (kept in step: the next step decides from it;
         deferred, the drafts of each step reached the decisions a step late, and the first steps of a request measured
         methods twice as often)."""
@@ -481,11 +484,11 @@ class LLMEngine:
             # planned to draft but the proposer found nothing (n-gram: no match): for adaptive K that is a
             # draft of which nothing was accepted, since the step cost what a drafting step costs (or the
             # fallback drafted instead: then the fallback's evidence is its own, below)
-            self.policy.observe(planned, planned_k, 0, r.adaptive)
+            self.policy.observe(planned, planned_k, 0, r.adaptive, rows=rows)
             r.adaptive.observe(planned, planned_k, 0)
         if k:
             adaptive = r.params.num_draft_tokens is None  # a fixed K's drafts check no prediction
-            self.policy.observe(res.method, k, accepted, r.adaptive if adaptive else None, r.adaptive.sampling)
+            self.policy.observe(res.method, k, accepted, r.adaptive if adaptive else None, r.adaptive.sampling, rows)
             r.adaptive.observe(res.method, k, accepted)
             if adaptive:
                 self.alpha_prior = EMA * self.alpha_prior + (1 - EMA) * (accepted / k)

@@ -174,6 +174,38 @@ def test_a_request_that_stops_drafting_on_a_close_call_probes_soon():
     assert probes <= 10, probes
 
 
+def test_a_close_call_probes_on_its_own_interval_not_the_engines():
+    """Failed probes of other requests raise a method's probe interval engine-wide; a new request whose best K is
+    predicted within a few per cent of plain probes on its own interval (PROBE_FIRST) all the same, while one predicted
+    well below plain waits for the engine's."""
+
+    def steps_to_probe(policy, state) -> int:
+        for step in range(1, 600):
+            policy.tick()
+            if policy.choose(state, {"model": 0.3}, 1, alpha=0.6).k:
+                return step
+        return 0
+
+    def first_probe(alpha: float) -> int:
+        policy = _policy(1.0, 0.3)
+        policy.probe_floor["model"] = 256
+        return steps_to_probe(policy, _state_with_acceptance(alpha, drafts=40))
+
+    assert 0 < first_probe(0.26) <= 2 * PROBE_FIRST  # K = 1 predicted (1 + 0.26) / 1.3 = 0.97x plain
+    assert first_probe(0.05) > 4 * PROBE_FIRST  # 0.81x: the engine's interval
+    # a request well below plain waits on the engine's interval; once its estimate makes it a close call, on its own
+    policy = _policy(1.0, 0.3)
+    policy.probe_floor["model"] = 256
+    state = _state_with_acceptance(0.05, drafts=40)
+    for _ in range(20):
+        policy.tick()
+        assert not policy.choose(state, {"model": 0.3}, 1, alpha=0.6).k
+    assert state.probe_every >= 256
+    state.stats = _state_with_acceptance(0.26, drafts=40).stats
+    state.last = None  # decided again at the next step (as after a re-evaluation)
+    assert 0 < steps_to_probe(policy, state) <= 2 * PROBE_FIRST
+
+
 def test_rows_probe_on_the_same_steps():
     """A probing row makes the whole batch pay for a drafting step: rows that started at different
     times still probe together, on the step clock, so the batch pays once for all of them."""
@@ -476,6 +508,47 @@ def test_a_step_drafts_with_one_model_method(monkeypatch):
     assert len(seen) > 10 and all(ms == {"eagle"} for ms in seen if ms), seen
 
 
+def test_an_ngram_row_beside_model_drafts_takes_the_model_where_it_expects_more(monkeypatch):
+    """The step costs the model's K-step whatever an n-gram row drafts: the row takes the model's K where that expects
+    more of its tokens, keeps n-gram where n-gram expects more, and a row that must measure (or a request that named
+    n-gram) keeps its plan; at batch 1 nothing changes."""
+    from dataclasses import replace
+
+    from engine.adaptive import Decision
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine()
+    reqs = [eng.add_request(p, SamplingParams(max_new_tokens=40, temperature=0.8, ignore_eos=True))
+            for p in ("Once", "The cat sat on the mat", "Tom found a red ball", "Lily loved to play")]
+    ngram_e = {id(reqs[1].adaptive): [1.0, 1.3, 1.4, 1.5], id(reqs[2].adaptive): [1.0, 1.9, 2.6, 3.2],
+               id(reqs[3].adaptive): [1.0, 1.3, 1.4, 1.5]}
+    monkeypatch.setattr(eng.policy, "expected", lambda st, m, a: (
+        ngram_e[id(st)] if m == "ngram" else [1.0, 1.7, 2.3, 2.7]) + [3.0] * 6)
+    monkeypatch.setattr(eng.policy, "gains", lambda st, m, b, a, s: {0: 1.0, 2: 1.1})
+    monkeypatch.setattr(eng.planner, "_behind", lambda r, m: False)
+
+    def decide():
+        reqs[0].adaptive.last = Decision(2, "model", "chosen", {0: 1.0, 2: 1.1})
+        reqs[1].adaptive.last = Decision(1, "ngram", "chosen", {0: 1.0, 1: 1.05})
+        reqs[2].adaptive.last = Decision(3, "ngram", "chosen", {0: 1.0, 3: 1.2})
+        reqs[3].adaptive.last = Decision(1, "ngram", "measuring", {0: 1.0, 1: 1.05}, forced=True)
+        return {r: (r.adaptive.last.k, r.adaptive.last.method) for r in reqs}
+
+    plan = eng.planner.ngram_beside_model(decide(), 4)
+    # row 1: the model's K = 2 expects 2.3 tokens, n-gram K = 1 1.3; row 2: n-gram K = 3 expects 3.2; row 3 measures
+    assert [plan[r] for r in reqs] == [(2, "model"), (2, "model"), (3, "ngram"), (1, "ngram")]
+    assert reqs[1].adaptive.last.method == "model" and "beside" in reqs[1].adaptive.last.reason
+    named = reqs[1].params
+    reqs[1].params = replace(named, draft_method="ngram")
+    plan = eng.planner.ngram_beside_model(decide(), 4)
+    assert [plan[r] for r in reqs] == [(2, "model"), (1, "ngram"), (3, "ngram"), (1, "ngram")]
+    reqs[1].params = named
+    solo = {reqs[1]: (1, "ngram")}
+    assert eng.planner.ngram_beside_model(dict(solo), 1) == solo
+    assert eng.planner.ngram_beside_model({reqs[1]: (1, "ngram"), reqs[2]: (0, "model")}, 2) == \
+        {reqs[1]: (1, "ngram"), reqs[2]: (0, "model")}  # no row drafts with a model: nothing to weigh against
+
+
 def test_shared_acceptance_follows_a_change_of_workload():
     """Thousands of rejected drafts (a useless draft earlier in the session) must not outvote what
     drafting achieves now: after a few dozen good drafts the shared estimate says speculation pays."""
@@ -489,6 +562,34 @@ def test_shared_acceptance_follows_a_change_of_workload():
         recent.observe_draft(4, 4)
     assert recent.acceptance_rate > 0.6
     assert survival(recent, [0.0] * 8, 2.0)[0] > 0.6
+
+
+def test_shared_acceptance_forgets_by_the_step():
+    """A batch's drafts forget the past as one step does: the few worst rows of a wave's tail (the longest to finish)
+    must not become the next wave's estimate, and a step of 8 drafts forgets what one draft at batch 1 does."""
+    from engine.adaptive import SHARED_MEMORY, RecentAcceptance
+
+    def estimate(rows: int) -> float:
+        recent = RecentAcceptance()
+        for _ in range(4 * SHARED_MEMORY):  # a wave of 8 rows accepting 3 of every 4 first tokens
+            for i in range(8):
+                recent.observe_draft(2, 2 if i % 4 else 0, rows if rows == 1 else 8)
+        for _ in range(8):  # its tail: two rows left, both drafting badly
+            for _ in range(2):
+                recent.observe_draft(2, 0, rows if rows == 1 else 2)
+        return recent.accepted_per_position[0] / recent.drafts_per_position[0]
+
+    assert estimate(rows=8) > 0.68  # the tail is 16 drafts among ~512 remembered
+    assert estimate(rows=1) < 0.6  # forgetting by the draft, it was a fifth of 64
+
+    one, batch = RecentAcceptance(), RecentAcceptance()
+    one.observe_draft(3, 3)
+    batch.observe_draft(3, 3)
+    one.observe_draft(3, 0)
+    for _ in range(8):
+        batch.observe_draft(3, 0, 8)
+    assert one.drafts_per_position[0] == pytest.approx(1 + (1 - 1 / SHARED_MEMORY))
+    assert batch.accepted_per_position[0] == pytest.approx(one.accepted_per_position[0])
 
 
 def test_a_pessimistic_prior_is_measured_before_it_rules_speculation_out():
@@ -1324,9 +1425,9 @@ def test_only_adaptive_drafts_check_the_acceptance_model(monkeypatch):
     calls = []
     real = engine.policy.observe
 
-    def spy(method, k, accepted, state=None, sampling=None):
+    def spy(method, k, accepted, state=None, sampling=None, rows=1):
         calls.append((k, state is not None))
-        return real(method, k, accepted, state, sampling)
+        return real(method, k, accepted, state, sampling, rows)
 
     monkeypatch.setattr(engine.policy, "observe", spy)
     engine.generate([1, 2, 3], SamplingParams(max_new_tokens=40, temperature=0.0, speculative=True,
