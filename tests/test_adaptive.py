@@ -569,18 +569,37 @@ def test_shared_acceptance_forgets_by_the_step():
     must not become the next wave's estimate, and a step of 8 drafts forgets what one draft at batch 1 does."""
     from engine.adaptive import SHARED_MEMORY, RecentAcceptance
 
-    def estimate(rows: int) -> float:
+    def estimate(by_step: bool) -> float:
         recent = RecentAcceptance()
         for _ in range(4 * SHARED_MEMORY):  # a wave of 8 rows accepting 3 of every 4 first tokens
             for i in range(8):
-                recent.observe_draft(2, 2 if i % 4 else 0, rows if rows == 1 else 8)
+                recent.observe_draft(2, 2 if i % 4 else 0, 8 if by_step else 1)
         for _ in range(8):  # its tail: two rows left, both drafting badly
             for _ in range(2):
-                recent.observe_draft(2, 0, rows if rows == 1 else 2)
+                recent.observe_draft(2, 0, 2 if by_step else 1)
         return recent.accepted_per_position[0] / recent.drafts_per_position[0]
 
-    assert estimate(rows=8) > 0.68  # the tail is 16 drafts among ~512 remembered
-    assert estimate(rows=1) < 0.6  # forgetting by the draft, it was a fifth of 64
+    assert estimate(by_step=True) > 0.68  # the tail is 16 drafts among ~512 remembered
+    assert estimate(by_step=False) < 0.6  # forgetting by the draft, it was a fifth of 64
+
+    # the engine hands each draft the number of its step's drafting rows
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine()
+    seen = []
+    real = eng.policy.observe
+
+    def spy(method, k, accepted, state=None, sampling=None, rows=1):
+        seen.append(rows)
+        return real(method, k, accepted, state, sampling, rows)
+
+    eng.policy.observe = spy
+    for prompt in ("Once", "The cat sat on the mat", "Tom found a red ball"):
+        eng.add_request(prompt, SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True,
+                                               num_draft_tokens=2, draft_method="model"))
+    while eng.has_work():
+        eng.step()
+    assert seen and max(seen) == 3 and set(seen) <= {1, 2, 3}
 
     one, batch = RecentAcceptance(), RecentAcceptance()
     one.observe_draft(3, 3)
