@@ -131,6 +131,10 @@ PACE_RATE = 1.0  # the pace's rate, in units of a step-time average's (1 - EMA);
 # average moved by a linear mean did: 5000 noisy steps at one K took plain's prediction to 0.27x)
 PACE_RUN = 0.02  # the rate at which the settled average of the K that runs on still moves (its steps move the pace)
 PACE_FROM = 3  # observations a K's average needs before its steps move the pace (a first timing is the K's, not the pace's)
+CTX_MEMORY = 0.995  # per timed step, the forgetting of the context slope's regression (``StepTimes``): ~200 steps
+CTX_PRIOR = 0.03  # pseudo sum of squares (in squared bucket widths) shrinking the context slope towards 0 until the
+# contexts of a key's steps vary (a few steps of a wave)
+CTX_SLOPE_MAX = 2.0  # the slope's range, in log time per bucket width: a step never gets cheaper with context
 REFRESH_BELOW = 1.15  # a clear gain is not overturned by a plain time some percent off, and a refresh costs it a step
 STALE_WEIGHT = 0.5  # the weight of the past in a plain average measured again after PLAIN_STALE steps
 FIRST_REACH = 4  # the largest K a method may run at a batch size before any of its K was timed there ...
@@ -140,6 +144,7 @@ CAL_MEMORY = 512  # drafts a position's calibration remembers (``Calibration``):
 CAL_WEIGHT = 8.0  # predicted accepts of pseudo-evidence, at the ratio of the position before, in a position's ratio
 CAL_RANGE = (0.25, 2.0)  # a ratio never leaves this range
 _CAL_KEEP = 1.0 - 1.0 / CAL_MEMORY
+_LOG_STALL = math.log(STALL_CLAMP)
 GUARD_FROM = 4  # the batch bucket from which a batch's drafting is judged by the speed it realized (``SpeedGuard``):
 # below it the step-time model carries (at batch 1 every target passes with it); above it, on an H200 at 8 clients
 # (demo pair, T = 0.8), steps mixing n-gram, the draft model and the EAGLE head, each untimed, catching up after one
@@ -254,6 +259,19 @@ class StepTimes:
     average alone moves, measured against the pace that step set. Every time read out is scaled by the current pace,
     so averages taken minutes apart compare as if taken now (a slow phase timed at one K raises the others'
     predictions by most of it); gains of K over plain are ratios of one bucket's times and do not move with the pace.
+
+    The context within a bucket. A step's time grows across its context bucket (the batch attends over its longest
+    row's context, rows padded to it), and the requests' contexts restart with every new request, so a pace that took
+    it followed the batch's contexts: it rose through a wave of requests and stood high when the next wave started at
+    short contexts, where the first timings of the key that wave started with were divided by it. Each pass of the
+    bench's 8 clients ratcheted it on (2-core CPU, demo pair, T = 0: plain's stored time 13.3 ms where its steps took
+    7.1; K = 8 predicted at 1.38x plain's step where its steps took 4.4x, and the batch drafted K = 8 at 0.8x the speed
+    of K = 4). So each step's time is read against the step's ``load`` (its longest row's context; None: no context
+    term) by a slope per batch and context bucket, log t = key + pace + slope x (load - the bucket's centre) / its
+    width, fitted within keys (each key's log times centred on their own mean, so neither the keys' costs nor which key
+    ran when enter it) over recent steps (CTX_MEMORY) and shrunk towards 0 (CTX_PRIOR). Averages are kept at the
+    bucket's centre and read out at the current step's load. The machine's drift does not follow the requests' contexts,
+    so over a few waves of requests the slope is the context's (measured there: 0.13-0.28% a token of context).
     """
 
     def __init__(self) -> None:
@@ -281,9 +299,16 @@ class StepTimes:
         # (batch bucket, context bucket) -> (plain's stamp, the bucket's stamp where ``_scale`` read other keys, else
         # None, plain's time there in pace units): ``_plain`` runs in every prediction and several times a decision
         self._plain_memo: dict[tuple[int, int], tuple[int, int | None, float | None]] = {}
+        self.load: int | None = None  # the current step's longest row's context in tokens (None: no context term)
+        self._ctx_fit: dict[tuple[str, int, int, int], list[float]] = {}  # key -> [weight, mean x, mean log t]
+        self._ctx_sums: dict[tuple[int, int], list[float]] = {}  # (batch, context bucket) -> [Sxx, Sxy] within keys
 
     def observe(self, method: str, batch: int, k: int, seconds: float) -> None:
         key = ("plain", bucket(batch), self.context, 0) if k == 0 else (method, bucket(batch), self.context, k)
+        x = self._x()
+        if x is not None:
+            self._fit_context(key, x, math.log(seconds))
+            seconds /= self._at_load(key[1], x)  # kept at the bucket's centre
         self.count[key] = self.count.get(key, 0) + 1
         if self.count[key] == 2:
             self._timed.add(key[:2])
@@ -324,6 +349,43 @@ class StepTimes:
         else:
             self.avg[key] = clamped_ema(old, seconds / pace, weight)
 
+    def _x(self) -> float | None:
+        """The step's load relative to its context bucket: (load - the bucket's centre) / the bucket's width, within
+        [-0.5, 0.5]; None without a load."""
+        if self.load is None:
+            return None
+        c = self.context
+        lo = 0 if c == CTX_BUCKETS[0] else c // 2
+        return max(-0.5, min(0.5, (self.load - (lo + c) / 2) / (c - lo)))
+
+    def slope(self, b: int) -> float:
+        """The context slope at batch bucket ``b`` and the current context bucket (log time per bucket width)."""
+        sums = self._ctx_sums.get((b, self.context))
+        if sums is None:
+            return 0.0
+        return max(0.0, min(CTX_SLOPE_MAX, sums[1] / (sums[0] + CTX_PRIOR)))
+
+    def _at_load(self, b: int, x: float | None) -> float:
+        """The factor from a time at the bucket's centre to one at load ``x``."""
+        return math.exp(self.slope(b) * x) if x else 1.0
+
+    def _fit_context(self, key: tuple[str, int, int, int], x: float, y: float) -> None:
+        """One step's (x, log time) into the regression within keys: an exponentially weighted Welford update, the
+        step's deviation from its key's mean clamped to STALL_CLAMP either way, as a step's is elsewhere."""
+        fit = self._ctx_fit.get(key)
+        if fit is None:
+            self._ctx_fit[key] = [1.0, x, y]
+            return
+        w, mx, my = fit
+        dx = x - mx
+        dy = max(-_LOG_STALL, min(_LOG_STALL, y - my))
+        w2 = CTX_MEMORY * w + 1.0
+        share = CTX_MEMORY * w / w2
+        fit[0], fit[1], fit[2] = w2, mx + dx / w2, my + dy / w2
+        sums = self._ctx_sums.setdefault(key[1:3], [0.0, 0.0])
+        sums[0] = CTX_MEMORY * sums[0] + share * dx * dx
+        sums[1] = CTX_MEMORY * sums[1] + share * dx * dy
+
     def plain_settled(self, batch: int) -> bool:
         """Whether plain decoding has PACE_FROM timings at this batch bucket and the current context bucket."""
         return self.count.get(("plain", bucket(batch), self.context, 0), 0) >= PACE_FROM
@@ -358,9 +420,14 @@ class StepTimes:
         return (method, bucket(batch)) in self._timed
 
     def at_pace(self, b: int, times: list[float | None]) -> list[float | None]:
-        """Times kept in batch bucket ``b``'s pace units (``avg``, ``_predict_all``) in seconds at the current pace."""
-        pace = self.pace.get(b, 1.0)
-        return [t * pace if t is not None else None for t in times]
+        """Times kept in batch bucket ``b``'s pace units (``avg``, ``_predict_all``) in seconds at the current pace and
+        the current step's load."""
+        f = self._factor(b)
+        return [t * f if t is not None else None for t in times]
+
+    def _factor(self, b: int) -> float:
+        """Pace units (at the bucket's centre) to seconds: the pace, and the context slope at the step's load."""
+        return self.pace.get(b, 1.0) * self._at_load(b, self._x())
 
     def plain(self, batch: int) -> float | None:
         b = bucket(batch)
@@ -414,9 +481,9 @@ class StepTimes:
                 self._predicted.clear()
             hit = self._predicted[key] = (stamp, self._bucket_stamps.get(b, 0) if self._read_others else None,
                                           slope_prior if self._read_slope else None, times, None, None)
-        pace = self.pace.get(b, 1.0)
-        if hit[4] != pace:  # read out at the current pace, once per pace (the rows of a step ask alike)
-            hit = self._predicted[key] = (*hit[:4], pace, self.at_pace(b, hit[3]))
+        f = self._factor(b)
+        if hit[4] != f:  # read out at the current pace and load, once per step (the rows of a step ask alike)
+            hit = self._predicted[key] = (*hit[:4], f, [t * f if t is not None else None for t in hit[3]])
         return hit[5]
 
     def predict(self, method: str, batch: int, k: int, slope_prior: float) -> float | None:
@@ -850,6 +917,7 @@ class Policy:
         self._sampled = sampled
         self.clock += 1
         self.times.context = ctx_bucket(context)
+        self.times.load = context
         self.method_probes.advance()
         self.explores.advance()
 

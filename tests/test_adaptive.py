@@ -6,7 +6,8 @@ import copy
 import pytest
 
 from engine import SamplingParams
-from engine.adaptive import FIRST_REACH, GREEDY, PROBE_FIRST, REACH, AdaptiveState, Decision, Policy, StepTimes, bucket
+from engine.adaptive import (FIRST_REACH, GREEDY, PROBE_FIRST, REACH, AdaptiveState, Decision, Policy, StepTimes, bucket,
+                             ctx_bucket)
 from engine.sequence import FinishEvent
 from engine.stats import SpecDecodingStats
 from tests.tiny import tiny_engine, tiny_llama, tiny_tokenizer
@@ -1793,3 +1794,46 @@ def test_ngram_is_decided_by_the_lookups_match_at_batch_1_only():
     eng.abort(nothing.request_id)
     while eng.has_work():
         eng.step()
+
+
+def test_step_times_read_against_the_context_do_not_ratchet_over_waves_of_requests():
+    """A step's time grows with its longest row's context within one bucket (2-core CPU, 8 clients, demo pair: ~0.15-0.3%
+    a token), and every new wave of requests starts at short contexts. Passes of one key each, in the bench's order
+    (plain, then K = 2, 4, 8, each three waves of 8 x 128 tokens), with the machine's speed unchanged throughout:
+    read against the fitted slope the stored ratios to plain stay those of the steps; left to the pace, each pass's
+    first timings (short contexts) were divided by the pace of the long contexts before, and the pace climbed with
+    every pass (in this model plain's stored step stood 1.44x its steps, and K = 8 at 3.1x plain where it costs 4.3x)."""
+    import random
+
+    costs = {0: 1.0, 2: 2.0, 4: 2.8, 8: 4.3}  # K -> its step's cost over plain's, at every context
+
+    def serve(t: StepTimes, use_load: bool) -> None:
+        rng = random.Random(3)
+        for _ in range(3):
+            for k in (0, 2, 4, 8):
+                for _wave in range(3):
+                    for ctx in range(15, 143):
+                        t.context, t.load = ctx_bucket(ctx), ctx if use_load else None
+                        t.observe("model", 8, k, 0.007 * costs[k] * (1 + ctx / 400) * (1 + 0.1 * (rng.random() - 0.5)))
+
+    stored, plain = {}, {}
+    for use_load in (True, False):
+        t = StepTimes()
+        serve(t, use_load)
+        t.context, t.load = 256, 128
+        stored[use_load] = {k: t.predict("model", 8, k, 0.3) / t.plain(8) for k in (2, 4, 8)}
+        plain[use_load] = t.plain(8) / (0.007 * (1 + 128 / 400))
+        if use_load:  # d log t / d context ~ 1 / 480 a token here, 0.53 over the bucket's 256 tokens
+            assert 0.4 < t.slope(8) < 0.7
+    for k in (2, 4, 8):
+        assert stored[True][k] == pytest.approx(costs[k], rel=0.08), stored
+    assert plain[True] == pytest.approx(1.0, rel=0.1)
+    assert stored[False][8] < 0.85 * costs[8] and plain[False] > 1.2, (stored, plain)  # without it: the ratchet
+
+
+def test_the_policy_reads_each_steps_longest_context_as_its_load():
+    policy = Policy()
+    policy.tick(37)
+    assert policy.times.load == 37 and policy.times.context == 256
+    policy.tick(300, sampled=True)
+    assert policy.times.load == 300 and policy.times.context == 512
