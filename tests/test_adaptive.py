@@ -6,8 +6,19 @@ import copy
 import pytest
 
 from engine import SamplingParams
-from engine.adaptive import (FIRST_REACH, GREEDY, PROBE_FIRST, REACH, AdaptiveState, Decision, Policy, StepTimes, bucket,
-                             ctx_bucket)
+from engine.adaptive import (
+    FIRST_REACH,
+    GREEDY,
+    GUARD_WINDOW,
+    PROBE_FIRST,
+    REACH,
+    AdaptiveState,
+    Decision,
+    Policy,
+    StepTimes,
+    bucket,
+    ctx_bucket,
+)
 from engine.sequence import FinishEvent
 from engine.stats import SpecDecodingStats
 from tests.tiny import tiny_engine, tiny_llama, tiny_tokenizer
@@ -1837,3 +1848,26 @@ def test_the_policy_reads_each_steps_longest_context_as_its_load():
     assert policy.times.load == 37 and policy.times.context == 256
     policy.tick(300, sampled=True)
     assert policy.times.load == 300 and policy.times.context == 512
+
+
+def test_the_guard_judges_drafting_steps_against_plain_steps_at_their_own_context():
+    """The guard's plain steps are the last ones measured: a wave's last, its rows at their longest contexts (on the
+    2-core CPU at 8 clients 1.04-1.16x a plain pass's median step). Drafting steps of the next wave, at short contexts,
+    realizing 0.94x plain's speed at their context, were judged against those and passed (1.17x here), and 8 clients
+    at T = 0.8 drafted at 0.92x plain's speed through five repeats. Read at one context by the step times' slope, the
+    window loses and the batch holds plain."""
+    def cost(k: int, load: int) -> float:  # seconds: K = 2 costs 2x plain at every context
+        return 0.008 * (1 + load / 400) * (2.0 if k else 1.0)
+
+    policy = Policy()
+    for load in range(15, 143):  # a plain wave: the step times learn the slope; the guard keeps the last 16 steps
+        policy.tick(load)
+        policy.times.observe("", 8, 0, cost(0, load))
+        policy.observe_plain(8, cost(0, load))
+    assert policy.times.slope(8) > 0.3
+    for load in range(15, 15 + GUARD_WINDOW):  # the next wave drafts K = 2: 15 tokens a step from 8 rows
+        policy.tick(load)
+        policy.times.observe("model", 8, 2, cost(2, load))
+        policy.guard_observe(8, 15, cost(2, load))
+    guard = policy.guard_holds(8)
+    assert guard is not None and guard.ratio == pytest.approx(15 / 16, rel=0.03), guard and guard.ratio
