@@ -265,8 +265,8 @@ class StepTimes:
     it followed the batch's contexts: it rose through a wave of requests and stood high when the next wave started at
     short contexts, where the first timings of the key that wave started with were divided by it. Each pass of the
     bench's 8 clients ratcheted it on (2-core CPU, demo pair, T = 0: plain's stored time 13.3 ms where its steps took
-    7.1; K = 8 predicted at 1.38x plain's step where its steps took 4.4x, and the batch drafted K = 8 at 0.8x the speed
-    of K = 4). So each step's time is read against the step's ``load`` (its longest row's context; None: no context
+    7.1, K = 8 predicted at 2.15x plain's step where its steps took 4.2x, and the batch drafted K = 8 at 0.78x the speed
+    of K = 4; in another run K = 8 stood at 1.38x where its steps took 4.4x). So each step's time is read against the step's ``load`` (its longest row's context; None: no context
     term) by a slope per batch and context bucket, log t = key + pace + slope x (load - the bucket's centre) / its
     width, fitted within keys (each key's log times centred on their own mean, so neither the keys' costs nor which key
     ran when enter it) over recent steps (CTX_MEMORY) and shrunk towards 0 (CTX_PRIOR). Averages are kept at the
