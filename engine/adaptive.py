@@ -266,9 +266,9 @@ class StepTimes:
     short contexts, where the first timings of the key that wave started with were divided by it. Each pass of the
     bench's 8 clients ratcheted it on (2-core CPU, demo pair, T = 0: plain's stored time 13.3 ms where its steps took
     7.1, K = 8 predicted at 2.15x plain's step where its steps took 4.2x, and the batch drafted K = 8 at 0.78x the speed
-    of K = 4; in another run K = 8 stood at 1.38x where its steps took 4.4x). So each step's time is read against the step's ``load`` (its longest row's context; None: no context
-    term) by a slope per batch and context bucket, log t = key + pace + slope x (load - the bucket's centre) / its
-    width, fitted within keys (each key's log times centred on their own mean, so neither the keys' costs nor which key
+    of K = 4; in another run K = 8 stood at 1.38x where its steps took 4.4x). So each step's time is read against the
+    step's ``load`` (its longest row's context; None: no context term) by a slope per batch and context bucket,
+    log t = key + pace + slope x (load - the bucket's centre) / its width, fitted within keys (each key's log times centred on their own mean, so neither the keys' costs nor which key
     ran when enter it) over recent steps (CTX_MEMORY) and shrunk towards 0 (CTX_PRIOR). Averages are kept at the
     bucket's centre and read out at the current step's load. The machine's drift does not follow the requests' contexts,
     so over a few waves of requests the slope is the context's (measured there: 0.13-0.28% a token of context).
@@ -422,8 +422,7 @@ class StepTimes:
     def at_pace(self, b: int, times: list[float | None]) -> list[float | None]:
         """Times kept in batch bucket ``b``'s pace units (``avg``, ``_predict_all``) in seconds at the current pace and
         the current step's load."""
-        f = self._factor(b)
-        return [t * f if t is not None else None for t in times]
+        return _scaled(times, self._factor(b))
 
     def _factor(self, b: int) -> float:
         """Pace units (at the bucket's centre) to seconds: the pace, and the context slope at the step's load."""
@@ -483,7 +482,7 @@ class StepTimes:
                                           slope_prior if self._read_slope else None, times, None, None)
         f = self._factor(b)
         if hit[4] != f:  # read out at the current pace and load, once per step (the rows of a step ask alike)
-            hit = self._predicted[key] = (*hit[:4], f, [t * f if t is not None else None for t in hit[3]])
+            hit = self._predicted[key] = (*hit[:4], f, _scaled(hit[3], f))
         return hit[5]
 
     def predict(self, method: str, batch: int, k: int, slope_prior: float) -> float | None:
@@ -529,6 +528,10 @@ class StepTimes:
             else:
                 out.append(max(t0, t if kk == k else t0 + max(0.0, t - t0) / kk * k))
         return out
+
+
+def _scaled(times: list[float | None], f: float) -> list[float | None]:
+    return [t * f if t is not None else None for t in times]
 
 
 def _line(measured: list[tuple[int, float, int]], t0: float) -> tuple[float, float] | None:
