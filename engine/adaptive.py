@@ -365,6 +365,11 @@ class StepTimes:
             return 0.0
         return max(0.0, min(CTX_SLOPE_MAX, sums[1] / (sums[0] + CTX_PRIOR)))
 
+    def load_factor(self, batch: int) -> float:
+        """The factor from a time at the bucket's centre to one at the current step's load, at this batch's bucket
+        (``SpeedGuard`` compares steps at the bucket's centre: plain steps and the drafting steps it judges)."""
+        return self._at_load(bucket(batch), self._x())
+
     def _at_load(self, b: int, x: float | None) -> float:
         """The factor from a time at the bucket's centre to one at load ``x``."""
         return math.exp(self.slope(b) * x) if x else 1.0
@@ -1001,7 +1006,14 @@ class Policy:
         """A step of ``batch`` rows, every one plain, took ``seconds``: the guard's yardstick, as measured. Not the
         step-time model's plain time: that moves with the pace the running K sets, so a K costlier than its average
         slows the predicted plain step with it, and drafting K = 1 at 2.2x plain's step time for 1.7 tokens a row
-        (on the 2-core CPU at 8 clients) looked as fast as plain decoding."""
+        (on the 2-core CPU at 8 clients) looked as fast as plain decoding.
+
+        Kept at the context bucket's centre by the step times' context slope (``StepTimes.load_factor``), as the
+        drafting steps judged against it are (``guard_observe``): the recent plain steps are the last wave's, its rows
+        at their longest contexts (on the 2-core CPU at 8 clients the last 16 steps of a plain pass took 1.04-1.16x the
+        pass's median step), and drafting steps at every context were judged against them: 8 clients at T = 0.8
+        drafted at 0.92x plain's speed through five repeats."""
+        seconds /= self.times.load_factor(batch)
         walls = self._plain_walls.get((batch, self._sampled))
         if walls is None:
             walls = self._plain_walls[(batch, self._sampled)] = deque(maxlen=GUARD_PLAIN_STEPS)
@@ -1028,7 +1040,7 @@ class Policy:
         g = self.guards.get((b, self._sampled))
         if g is None:
             g = self.guards[(b, self._sampled)] = SpeedGuard()
-        g.observe(tokens, batch, seconds, plain, n)
+        g.observe(tokens, batch, seconds / self.times.load_factor(batch), plain, n)  # both at the bucket's centre
 
     @property
     def times(self) -> StepTimes:
