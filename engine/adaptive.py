@@ -268,8 +268,9 @@ class StepTimes:
     7.1, K = 8 predicted at 2.15x plain's step where its steps took 4.2x, and the batch drafted K = 8 at 0.78x the speed
     of K = 4; in another run K = 8 stood at 1.38x where its steps took 4.4x). So each step's time is read against the
     step's ``load`` (its longest row's context; None: no context term) by a slope per batch and context bucket,
-    log t = key + pace + slope x (load - the bucket's centre) / its width, fitted within keys (each key's log times centred on their own mean, so neither the keys' costs nor which key
-    ran when enter it) over recent steps (CTX_MEMORY) and shrunk towards 0 (CTX_PRIOR). Averages are kept at the
+    log t = key + pace + slope x (load - the bucket's centre) / its width, fitted within keys (each key's log times
+    centred on their own mean, so neither the keys' costs nor which key ran when enter it) over recent steps
+    (CTX_MEMORY) and shrunk towards 0 (CTX_PRIOR). Averages are kept at the
     bucket's centre and read out at the current step's load. The machine's drift does not follow the requests' contexts,
     so over a few waves of requests the slope is the context's (measured there: 0.13-0.28% a token of context).
     """
