@@ -236,18 +236,20 @@ class ChainSampling:
         self.top_k[:c].copy_(rows.top_k)
         self.keys[:c].copy_(rows.keys)
 
-    def draw(self, s: int, logits: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
-        """Inside a captured chain: draw ``s``'s token of each row, ``argmax`` for greedy rows (temperature 0), the
-        race of engine.sampler over the row's distribution of ``logits`` ``[R, V]`` for the others; writes the draw's
-        q (zeros for greedy rows)."""
-        from engine.sampler import RowParams, draw, probs_batch
+    def draw(self, s: int, logits: torch.Tensor, argmax: torch.Tensor, ids: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """Inside a captured chain: draw ``s``'s token of each row, ``argmax`` for greedy rows (temperature 0), a
+        draft's draw of engine.sampler (``draft_draw``) from the row's distribution of ``logits`` ``[R, V']`` for the
+        others (``ids``: the target id of each of the ``V'`` entries; None: the target's vocabulary); writes the
+        draw's q over the target vocabulary (zeros for greedy rows)."""
+        from engine.sampler import RowParams, draft_draw
 
         greedy = self.temperature <= 0
         rp = RowParams(torch.where(greedy, torch.ones_like(self.temperature), self.temperature), self.top_p,
                        self.top_k, [])
-        probs = probs_batch(logits.float(), rp, self.truncate)
+        drawn, probs = draft_draw(logits, rp, self.keys[:, s], self.truncate, ids, self.probs.shape[-1])
         self.probs[:, s].copy_(probs.masked_fill(greedy[:, None], 0.0))
-        return torch.where(greedy, argmax, draw(probs, self.keys[:, s]))
+        return torch.where(greedy, argmax, drawn)
 
 
 class GraphRunner:

@@ -15,7 +15,7 @@ from engine.block_manager import BlockManager
 from engine.config import SamplingParams
 from engine.kv_pool import KVPool, KVShape
 from engine.model_runner import ModelRunner, RowInput
-from engine.sampler import RowParams, probs_batch, race
+from engine.sampler import RowParams, draft_draw
 
 VOCAB = 101
 
@@ -86,16 +86,15 @@ def test_a_chain_draws_its_first_token_from_logits_then_drafts_as_step_by_step(s
     for rnd, (steps, sampled) in enumerate([(3, False), (3, True), (5, True), (3, True), (1, False)]):
         keys = torch.tensor([[rng.key(10 + i, 30 + 9 * rnd + s, rng.DRAFT) for s in range(steps + 1)]
                              for i in range(3)])
-        noise = rng.exponentials(keys, VOCAB)
         first = torch.randn(3, VOCAB, generator=gen) * 3
         want, qs, logits = [], [], first
         for s in range(steps + 1):
             if s:
                 logits = torch.stack([x[-1] for x in eager.forward([RowInput(i, [t], 1)
                                                                     for i, t in enumerate(want[-1])])])
-            if sampled:
-                probs = probs_batch(logits[1:], rp.select([1, 2]))
-                want.append([int(logits[0].argmax()), *race(probs, noise[1:, s]).tolist()])
+            if sampled:  # as a draft draws step by step (the sampled rows' own truncation on)
+                drawn, probs = draft_draw(logits[1:], rp.select([1, 2]), keys[1:, s], True)
+                want.append([int(logits[0].argmax()), *drawn.tolist()])
                 qs.append(torch.cat([torch.zeros(1, VOCAB), probs]))
             else:
                 want.append(logits.argmax(-1).tolist())

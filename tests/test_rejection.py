@@ -217,3 +217,32 @@ def test_a_race_over_a_cut_vocabulary_hashes_only_what_can_win_and_draws_the_sam
     # the noise of chosen tokens is the whole vocabulary's at those tokens
     rows, cols = torch.tensor([0, 2, 5]), torch.tensor([3, v - 1, 0])
     assert torch.equal(rng.uniform_at(keys[rows, 1], cols), rng.uniform(keys[:, 1], v)[rows, cols])
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.9), SamplingParams(temperature=1.2, top_p=0.95)],
+                         ids=["T 0.9", "T 1.2, top-p 0.95"])
+def test_a_draft_draws_from_the_distribution_it_reports(params):
+    """A draft's draws (``sampler.draft_draw``: the row's distribution cut to its DRAFT_TOP likeliest tokens) follow the
+    q it reports, which rejection sampling divides by (10^5 draws over 64 tokens, where the cut drops 10-17% of the
+    mass): q is the row's distribution on its likeliest tokens renormalised, and a head's own ids map onto the
+    target's vocabulary."""
+    from engine import sampler
+
+    v = 64
+    logits = torch.randn(v, generator=torch.Generator().manual_seed(5))
+    rp = RowParams.build([params] * N, "cpu")
+    keys = _keys(rng.DRAFT, 1)[:, 0]
+    drawn, q = sampler.draft_draw(logits[None].expand(N, v), rp, keys, rp.truncates(v))
+    full = probs_batch(logits[None], rp.select([0]))[0]
+    top = full.topk(sampler.DRAFT_TOP).indices
+    want = torch.zeros(v).index_copy_(0, top, full[top] / full[top].sum())
+    assert 0.09 < float(full.sum() - full[top].sum()) and torch.allclose(q, want[None].expand(N, v), atol=1e-6)
+    law = torch.bincount(drawn, minlength=v).double() / N
+    assert 0.5 * float((law - want.double()).abs().sum()) < 4 * 0.5 * (v / N) ** 0.5
+    # a head's vocabulary: its entry i is target token ids[i] (the draws, keyed by target ids, and q over the target's
+    # 3v tokens)
+    ids = torch.randperm(3 * v, generator=torch.Generator().manual_seed(6))[:v]
+    got, q_ids = sampler.draft_draw(logits[None].expand(N, v), rp, keys, rp.truncates(v), ids, 3 * v)
+    assert torch.equal(q_ids[:, ids], q) and float(q_ids.sum(-1).sub(1).abs().max()) < 1e-6
+    law = torch.bincount(got, minlength=3 * v).double()[ids] / N
+    assert 0.5 * float((law - want.double()).abs().sum()) < 4 * 0.5 * (v / N) ** 0.5

@@ -11,7 +11,7 @@ from engine.config import MAX_DRAFT_TOKENS
 from engine.devices import to_device
 from engine.model_runner import ModelRunner, RowInput
 from engine.proposers.base import Proposal, StepRows
-from engine.sampler import cuts, draw, probs_batch
+from engine.sampler import draft_draw
 
 if TYPE_CHECKING:
     from engine.sequence import Request
@@ -64,16 +64,17 @@ class DraftModelProposer:
             tokens = logits.argmax(-1)
             s_rows = [(n, i) for n, i in enumerate(active) if i in slot]
             if len(s_rows) == len(active) == b:  # every row sampled and still drafting: no index tensors
-                probs = probs_batch(logits, rows.rp)  # [B, V]
-                tokens = draw(probs, keys_t[:, j], cuts(rows.rp.host, self.runner.vocab_size))
+                tokens, probs = draft_draw(logits, rows.rp, keys_t[:, j], rows.rp.truncates(logits.shape[-1]),
+                                           need_q=q is not None)
                 if q is not None:
                     q[:, j] = probs
             elif s_rows:
                 local = to_device([n for n, _ in s_rows], torch.long, dev)
                 s = [i for _, i in s_rows]
-                probs = probs_batch(logits[local], rows.rp.select(s))  # [S, V]
-                tokens[local] = draw(probs, keys_t[to_device([slot[i] for i in s], torch.long, dev), j],
-                                     cuts([rows.reqs[i].params for i in s], self.runner.vocab_size))
+                sub = rows.rp.select(s)
+                tokens[local], probs = draft_draw(logits[local], sub,
+                                                  keys_t[to_device([slot[i] for i in s], torch.long, dev), j],
+                                                  sub.truncates(logits.shape[-1]), need_q=q is not None)  # [S], [S, V]
                 if q is not None:
                     q[to_device(s, torch.long, dev), j] = probs
             for i, t in zip(active, tokens.tolist()):

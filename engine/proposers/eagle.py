@@ -35,7 +35,7 @@ from engine.kv_pool import KVPool, KVShape
 from engine.model_runner import ModelRunner
 from engine.proposers.base import Proposal, StepRows
 from engine.proposers.draft_model import NORMAL_BEHIND
-from engine.sampler import cuts, draw, probs_batch
+from engine.sampler import draft_draw
 
 if TYPE_CHECKING:
     from engine.sequence import Request
@@ -135,10 +135,11 @@ class EagleProposer:
         target.aux_layers = head.layer_ids(layers)
         target.aux_sink = self.receive
         ids = head.draft_to_target
-        self._ids = ids.to(self.device)  # draft id -> target id
         self._kept = (ids < self.vocab_size).to(self.device)  # ids past the tokenizer's vocabulary never drafted
+        # draft id -> target id (those never drafted at the last id: a draw's q over the target vocabulary holds them
+        # at weight 0, sampler.draft_draw)
+        self._ids = ids.to(self.device).clamp(max=self.vocab_size - 1)
         self._kept_ids = None if bool(self._kept.all()) else self._ids[self._kept]
-        self._kept_pos = None if self._kept_ids is None else self._kept.nonzero().flatten()  # static: graph-safe
         self._waiting: dict[int, _Features] = {}  # seq_id -> its features the head has not read
         self._shared: set[int] = set()  # seq_ids whose prompt pairs are registered for prefix sharing
         self._gapped: set[int] = set()  # seq_ids that read zero features (never shared)
@@ -169,12 +170,6 @@ class EagleProposer:
         keep_q = any(rows.reqs[i].params.seed is None for i in sampled)
         q = torch.zeros(b, kmax, self.vocab_size, device=self.device) if keep_q else None
         keys = rows.draw_keys(sampled, kmax) if sampled else None
-        made: list[torch.Tensor | None] = []
-
-        def keyed() -> torch.Tensor | None:  # [S, K] on the device, where a step draws eagerly (once)
-            if not made:
-                made.append(None if keys is None else to_device(keys, torch.int64, self.device))
-            return made[0]
         slot = {i: n for n, i in enumerate(sampled)}
         real_len = {i: rows.reqs[i].num_tokens - 1 for i in ready}  # pairs with the target's own features
         feed = [(rows.reqs[i].seq_id, *inputs[i]) for i in ready]
@@ -200,7 +195,7 @@ class EagleProposer:
                             if q is not None and probs is not None:
                                 q[torch.tensor(cont, device=self.device), : probs.shape[1]] = probs
                             break
-                drawn = self._draw(out, [rows.reqs[i] for i in active], [slot.get(i) for i in active], keyed(), j,
+                drawn = self._draw(out, [rows.reqs[i] for i in active], [slot.get(i) for i in active], keys, j,
                                    rows, q, active)
                 tokens = drawn.tolist()
                 for i, t in zip(active, tokens):
@@ -480,11 +475,11 @@ class EagleProposer:
             self.blocks.commit(sid, st + steps)
         return out
 
-    def _draw(self, out: torch.Tensor, reqs: list[Request], slots: list[int | None], keys, j: int, rows: StepRows,
-              q: torch.Tensor | None, active: list[int]) -> torch.Tensor:
+    def _draw(self, out: torch.Tensor, reqs: list[Request], slots: list[int | None], keys: list[list[int]] | None,
+              j: int, rows: StepRows, q: torch.Tensor | None, active: list[int]) -> torch.Tensor:
         """One draft token per active row: the argmax for greedy rows, an exponential race over the head's
-        distribution (the row's temperature / top-k / top-p, over the target vocabulary) for sampled rows, keyed
-        by ``keys[slot, j]``. Returns the target ids ``[A]`` on the device."""
+        distribution (the row's temperature / top-k / top-p, cut to its likeliest tokens: ``sampler.draft_draw``)
+        for sampled rows, keyed by ``keys[slot][j]``. Returns the target ids ``[A]`` on the device."""
         logits = self.head.logits(out).float()  # [A, draft_vocab]
         if self._kept_ids is not None:
             logits = logits.masked_fill(~self._kept, float("-inf"))
@@ -492,23 +487,14 @@ class EagleProposer:
         s_rows = [n for n, s in enumerate(slots) if s is not None]
         if s_rows:
             local = torch.tensor(s_rows, device=self.device)
-            probs = probs_batch(self._over_target(logits[local]), rows.rp.select([active[n] for n in s_rows]))  # [S, V]
-            # a head with a smaller vocabulary than the target's leaves the rest at p = 0: a cut distribution
-            cut = len(self._ids) < self.vocab_size or cuts([reqs[n].params for n in s_rows], self.vocab_size)
-            tokens[local] = draw(probs, keys[torch.tensor([slots[n] for n in s_rows], device=self.device), j], cut)
+            sub = rows.rp.select([active[n] for n in s_rows])
+            tokens[local], probs = draft_draw(logits[local], sub,
+                                              to_device([keys[slots[n]][j] for n in s_rows], torch.int64, self.device),
+                                              sub.truncates(self.vocab_size), self._ids, self.vocab_size,
+                                              need_q=q is not None)  # [S], [S, V] over the target vocabulary
             if q is not None:
                 q[torch.tensor([active[n] for n in s_rows], device=self.device), j] = probs
         return tokens
-
-    def _over_target(self, logits: torch.Tensor) -> torch.Tensor:
-        """The head's ``[A, draft_vocab]`` logits spread over the target vocabulary ``[A, V]`` (-inf where the head
-        drafts nothing), with static index tensors only, so a CUDA graph can capture it."""
-        full = logits.new_full((logits.shape[0], self.vocab_size), float("-inf"))
-        if self._kept_ids is None:
-            full[:, self._ids] = logits
-        else:
-            full[:, self._kept_ids] = logits.index_select(1, self._kept_pos)
-        return full
 
 
 @dataclass
@@ -620,7 +606,7 @@ class _HeadChains:
                 logits = logits.masked_fill(~kept, float("-inf"))
             tok = p._ids[logits.argmax(-1)]
             if cs is not None:  # sampled rows race over the head's distribution on the target vocabulary
-                tok = cs.draw(s, p._over_target(logits), tok)
+                tok = cs.draw(s, logits, tok, p._ids)
             return tok
 
         def chain() -> torch.Tensor:
