@@ -186,6 +186,17 @@ def test_speculative_sampling_has_the_target_joint_distribution(temperature, top
     assert tv < TV_BOUND, f"total variation {tv:.4f} exceeds {TV_BOUND:.4f}"
 
 
+@pytest.mark.parametrize("method", ["model", pytest.param("eagle", marks=pytest.mark.slow)])
+def test_drafts_cut_to_their_likeliest_tokens_keep_the_target_distribution(monkeypatch, method):
+    """Drafts sample from their distribution cut to its DRAFT_TOP likeliest tokens (engine.sampler.draft_draw); here
+    cut to 2 of the 6 tokens, so most of q's mass moves: rejection sampling over the q drawn from stays exact."""
+    import engine.sampler as sampler
+
+    monkeypatch.setattr(sampler, "DRAFT_TOP", 2)
+    tv = _speculative_tv(_dist_engine(), _dist_params(1.0, 1.0, method), seeded=False)
+    assert tv < TV_BOUND, f"total variation {tv:.4f} exceeds {TV_BOUND:.4f}"
+
+
 def test_distribution_test_catches_a_residual_drawn_from_q(monkeypatch):
     import engine.rejection as rejection
 
