@@ -19,6 +19,9 @@ keeps; the *recovered* token (source ``target``) replaces the first rejected one
   same tokens whatever K, proposer, batch or load. The price: acceptance is
   P(argmaxes agree) >= (1 - TV)/(1 + TV), a little below rejection sampling's 1 - TV.
 
+In both rules q is the distribution the draft drew from: a model's or head's distribution cut to its likeliest tokens
+(engine.sampler.draft_draw), TV measured against that.
+
 Deterministic proposals (n-gram) pass ``draft_probs=None``: q is one-hot on the token.
 
 ``verify`` picks each row's rule on the host and computes only what those rows need; ``verify_rows`` computes every
