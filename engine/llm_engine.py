@@ -393,7 +393,8 @@ class LLMEngine:
                 f"realized {held.ratio:.2f}x plain decoding's speed in its last window of up to {GUARD_WINDOW} steps here")
         planned = self.planner.one_k_per_method(self.planner.ngram_beside_model(
             self.planner.one_drafting_model(planned, len(reqs)), len(reqs)))
-        plan = self._make_room(self.planner.refresh_plain(self.planner.cap_batch(planned), len(reqs)))
+        plan = self._make_room(self.planner.refresh_plain(
+            self.planner.plain_beside_drafts(self.planner.cap_batch(planned), len(reqs)), len(reqs)))
         self._fault("decode", list(plan))
         one_offs = GraphRunner.one_offs
         for p in self.proposers.values():

@@ -561,6 +561,87 @@ def test_an_ngram_row_beside_model_drafts_takes_the_model_where_it_expects_more(
         {reqs[1]: (1, "ngram"), reqs[2]: (0, "model")}  # no row drafts with a model: nothing to weigh against
 
 
+def test_a_plain_row_beside_model_drafts_drafts_the_steps_k(monkeypatch):
+    """Every row of a step is verified at the step's K + 1 positions (rows are padded to the longest), so a row that
+    decided plain beside rows drafting with a model at K drafts that K too where it expects LIFT_MIN tokens more than
+    one; a row held plain by the speed guard (no method), one timing plain (forced), one whose proposer would first
+    catch up, and one expecting too little stay plain; nothing changes where no row drafts with a model or at batch 1."""
+    from engine.adaptive import Decision
+    from engine.step_plan import LIFT_MIN
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine()
+    reqs = [eng.add_request(p, SamplingParams(max_new_tokens=40, temperature=0.8, ignore_eos=True))
+            for p in ("Once", "The cat sat on the mat", "Tom found a red ball", "Lily loved to play", "A big dog")]
+    low = id(reqs[4].adaptive)
+    monkeypatch.setattr(eng.policy, "expected", lambda st, m, a: (
+        [1.0, 1.0 + LIFT_MIN / 2, 1.0 + LIFT_MIN / 2] if id(st) == low else [1.0, 1.5, 1.9]) + [2.0] * 6)
+    behind = {reqs[3].request_id}
+    monkeypatch.setattr(eng.planner, "_behind", lambda r, m: r.request_id in behind)
+    reqs[0].adaptive.last = Decision(2, "model", "chosen", {0: 1.0, 2: 1.1})
+    reqs[1].adaptive.last = Decision(0, "model", "plain: best is model K=2", {0: 1.0, 2: 0.9})
+    reqs[2].adaptive.last = Decision(0, "model", "timing plain decoding", {0: 1.0}, forced=True)
+    reqs[3].adaptive.last = Decision(0, "model", "plain: best is model K=2", {0: 1.0, 2: 0.9})
+    reqs[4].adaptive.last = Decision(0, "model", "plain: best is model K=2", {0: 1.0, 2: 0.9})
+    plan = {reqs[0]: (2, "model"), reqs[1]: (0, "model"), reqs[2]: (0, "model"), reqs[3]: (0, "model"),
+            reqs[4]: (0, "model")}
+    lifted = eng.planner.plain_beside_drafts(dict(plan), 5)
+    assert [lifted[r] for r in reqs] == [(2, "model"), (2, "model"), (0, "model"), (0, "model"), (0, "model")]
+    held = {reqs[0]: (2, "model"), reqs[1]: (0, "")}  # the guard's hold plans adaptive rows without a method
+    assert eng.planner.plain_beside_drafts(dict(held), 2) == held
+    none = {reqs[1]: (0, "model"), reqs[3]: (0, "model")}
+    assert eng.planner.plain_beside_drafts(dict(none), 2) == none
+    solo = {reqs[1]: (0, "model")}
+    assert eng.planner.plain_beside_drafts(dict(solo), 1) == solo
+    for r in reqs:
+        eng.abort(r.request_id)
+    while eng.has_work():
+        eng.step()
+
+
+def test_rows_drafting_beside_others_keep_greedy_output_exact():
+    """With plain rows lifted to the step's K (``plain_beside_drafts``), a batch's greedy output is plain decoding's
+    token for token."""
+    from tests.tiny import tiny_pair_engine
+
+    prompts = ["Once upon a time", "The cat sat on", "Tom found a red ball", "Lily and her mom"]
+
+    def run(spec: bool) -> list[list[int]]:
+        eng = tiny_pair_engine()
+        lifted = []
+        real = eng.planner.plain_beside_drafts
+
+        def lift(plan, batch):
+            before = sum(1 for k, _m in plan.values() if k)
+            out = real(plan, batch)
+            lifted.append(sum(1 for k, _m in out.values() if k) - before)
+            return out
+
+        eng.planner.plain_beside_drafts = lift
+        # every other row is planned plain at every other step (its draft model keeps up): the drafting rows lift it
+        real_cap = eng.planner.cap_batch
+
+        def cap(plan):
+            plan = real_cap(plan)
+            if eng.policy.clock % 2:
+                plan = {r: (0, m) if r.seq_id % 2 and m else (k, m) for r, (k, m) in plan.items()}
+            return plan
+
+        eng.planner.cap_batch = cap
+        outs = {}
+        for i, p in enumerate(prompts):
+            eng.add_request(p, SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True, speculative=spec),
+                            sink=lambda ev, i=i: outs.__setitem__(i, ev.token_ids) if isinstance(ev, FinishEvent)
+                            else None)
+        while eng.has_work():
+            eng.step()
+        return [outs[i] for i in sorted(outs)], sum(lifted)
+
+    ref, _ = run(False)
+    got, lifted = run(True)
+    assert got == ref and lifted > 0
+
+
 def test_shared_acceptance_follows_a_change_of_workload():
     """Thousands of rejected drafts (a useless draft earlier in the session) must not outvote what
     drafting achieves now: after a few dozen good drafts the shared estimate says speculation pays."""
