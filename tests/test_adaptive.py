@@ -601,13 +601,20 @@ def test_a_plain_row_beside_model_drafts_drafts_the_steps_k(monkeypatch):
 
 def test_rows_drafting_beside_others_keep_greedy_output_exact():
     """With plain rows lifted to the step's K (``plain_beside_drafts``), a batch's greedy output is plain decoding's
-    token for token."""
+    token for token. Every step has model drafts (two fixed-K rows), the adaptive rows are planned plain every other
+    step, and plain decoding was timed at this batch size first (a decision without gains is never lifted): the lift
+    runs in every run, not only where the adaptive rows' own decisions happen to leave them plain."""
     from tests.tiny import tiny_pair_engine
 
     prompts = ["Once upon a time", "The cat sat on", "Tom found a red ball", "Lily and her mom"]
 
-    def run(spec: bool) -> list[list[int]]:
+    def run(spec: bool) -> tuple[list[list[int]], int]:
         eng = tiny_pair_engine()
+        for p in prompts:
+            eng.add_request(p, SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True, speculative=False),
+                            sink=lambda ev: None)
+        while eng.has_work():
+            eng.step()
         lifted = []
         real = eng.planner.plain_beside_drafts
 
@@ -618,19 +625,20 @@ def test_rows_drafting_beside_others_keep_greedy_output_exact():
             return out
 
         eng.planner.plain_beside_drafts = lift
-        # every other row is planned plain at every other step (its draft model keeps up): the drafting rows lift it
         real_cap = eng.planner.cap_batch
 
-        def cap(plan):
+        def cap(plan):  # adaptive rows planned plain at every other step (their draft keeps up)
             plan = real_cap(plan)
             if eng.policy.clock % 2:
-                plan = {r: (0, m) if r.seq_id % 2 and m else (k, m) for r, (k, m) in plan.items()}
+                plan = {r: (0, m) if r.params.num_draft_tokens is None and m else (k, m) for r, (k, m) in plan.items()}
             return plan
 
         eng.planner.cap_batch = cap
         outs = {}
         for i, p in enumerate(prompts):
-            eng.add_request(p, SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True, speculative=spec),
+            fixed = {"num_draft_tokens": 3, "draft_method": "model"} if i % 2 == 0 else {}
+            eng.add_request(p, SamplingParams(max_new_tokens=48 if fixed else 32, temperature=0, ignore_eos=True,
+                                              speculative=spec, **(fixed if spec else {})),
                             sink=lambda ev, i=i: outs.__setitem__(i, ev.token_ids) if isinstance(ev, FinishEvent)
                             else None)
         while eng.has_work():
