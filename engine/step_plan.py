@@ -25,6 +25,15 @@ MODEL_METHODS = ("model", "eagle")  # proposers that run a forward pass to draft
 FALLBACK_RECHECK = 8  # decode steps between re-evaluations of an n-gram row's fallback (model or EAGLE head)
 
 
+def _model_drafts(plan: Plan, batch: int) -> tuple[int, str] | None:
+    """(K, method) of a step's drafts with a model (the draft model or the EAGLE head; the largest K), or None at batch 1
+    and where no row drafts with a model: what rows beside them may draft too (``StepPlanner.ngram_beside_model``,
+    ``plain_beside_drafts``)."""
+    if batch < 2:
+        return None
+    return max(((k, m) for k, m in plan.values() if k and m in MODEL_METHODS), default=None)
+
+
 class StepPlanner:
     """Reads the engine's policy, proposers and measured cost ratios; holds only the fallback memo."""
 
@@ -160,12 +169,10 @@ class StepPlanner:
         tokens (its decision, which weighed n-gram at n-gram's own step time, did not see that). At 8 clients on the
         CPU at T = 0.8, rows drafting n-gram beside the draft model's K = 2 were 10-20% of adaptive's steps. A row
         that must measure, probe or explore, or whose model would first catch up, keeps its plan."""
-        if batch < 2:
+        drafts = _model_drafts(plan, batch)
+        if drafts is None:
             return plan
-        models = [(k, m) for k, m in plan.values() if k and m in MODEL_METHODS]
-        if not models:
-            return plan
-        step_k, method = max(models)
+        step_k, method = drafts
         policy, alpha = self.engine.policy, self.engine.alpha_prior
         for r, (k, m) in plan.items():
             d = r.adaptive.last
@@ -193,12 +200,10 @@ class StepPlanner:
         decoding's rate. Not a row held plain by the speed guard (planned without a method), one that must measure or
         time plain (forced, or decided without predictions), a fixed-K or plain request, nor one whose proposer would
         first catch up on tokens it skipped."""
-        if batch < 2:
+        drafts = _model_drafts(plan, batch)
+        if drafts is None:
             return plan
-        models = [(k, m) for k, m in plan.values() if k and m in MODEL_METHODS]
-        if not models:
-            return plan
-        step_k, method = max(models)
+        step_k, method = drafts
         policy, alpha = self.engine.policy, self.engine.alpha_prior
         for r, (k, m) in plan.items():
             d = r.adaptive.last
