@@ -135,11 +135,11 @@ class EagleProposer:
         target.aux_layers = head.layer_ids(layers)
         target.aux_sink = self.receive
         ids = head.draft_to_target
-        self._kept = (ids < self.vocab_size).to(self.device)  # ids past the tokenizer's vocabulary never drafted
+        never = (ids >= self.vocab_size).to(self.device)  # ids past the tokenizer's vocabulary are never drafted
+        self._never = never if bool(never.any()) else None  # their logits are masked to -inf (None: every id drafts)
         # draft id -> target id (those never drafted at the last id: a draw's q over the target vocabulary holds them
         # at weight 0, sampler.draft_draw)
         self._ids = ids.to(self.device).clamp(max=self.vocab_size - 1)
-        self._kept_ids = None if bool(self._kept.all()) else self._ids[self._kept]
         self._waiting: dict[int, _Features] = {}  # seq_id -> its features the head has not read
         self._shared: set[int] = set()  # seq_ids whose prompt pairs are registered for prefix sharing
         self._gapped: set[int] = set()  # seq_ids that read zero features (never shared)
@@ -481,8 +481,8 @@ class EagleProposer:
         distribution (the row's temperature / top-k / top-p, cut to its likeliest tokens: ``sampler.draft_draw``)
         for sampled rows, keyed by ``keys[slot][j]``. Returns the target ids ``[A]`` on the device."""
         logits = self.head.logits(out).float()  # [A, draft_vocab]
-        if self._kept_ids is not None:
-            logits = logits.masked_fill(~self._kept, float("-inf"))
+        if self._never is not None:
+            logits = logits.masked_fill(self._never, float("-inf"))
         tokens = self._ids[logits.argmax(-1)]
         s_rows = [n for n, s in enumerate(slots) if s is not None]
         if s_rows:
@@ -596,14 +596,13 @@ class _HeadChains:
         pos0 = torch.zeros(r, dtype=torch.long, device=dev)
         slot_t = torch.full((steps, r), scratch, dtype=torch.long, device=dev)
         gather = torch.full((r * t,), scratch, dtype=torch.long, device=dev)
-        kept = p._kept if p._kept_ids is not None else None
         cs = None if mode == "greedy" else ChainSampling.buffers(self._io, r, steps + 1, p.vocab_size, dev,
                                                                  mode == "sample-cut")
 
         def draw(f: torch.Tensor, s: int) -> torch.Tensor:  # a draw from the head's output f: as EagleProposer._draw
             logits = head.logits(f).float()
-            if kept is not None:
-                logits = logits.masked_fill(~kept, float("-inf"))
+            if p._never is not None:
+                logits = logits.masked_fill(p._never, float("-inf"))
             tok = p._ids[logits.argmax(-1)]
             if cs is not None:  # sampled rows race over the head's distribution on the target vocabulary
                 tok = cs.draw(s, logits, tok, p._ids)
