@@ -176,8 +176,7 @@ class StepPlanner:
         policy, alpha = self.engine.policy, self.engine.alpha_prior
         for r, (k, m) in plan.items():
             d = r.adaptive.last
-            if m != "ngram" or not k or r.params.num_draft_tokens is not None or d is None or d.forced \
-                    or method not in self.methods(r) or self._behind(r, method):
+            if m != "ngram" or not k or not self._may_join(r, d, method):
                 continue
             k_model = min(step_k, self.room(r))
             mine = policy.expected(r.adaptive, "ngram", alpha)[k]
@@ -189,6 +188,13 @@ class StepPlanner:
                                                             f"({theirs:.2f} tokens expected, n-gram K={k} {mine:.2f})",
                                            gains)
         return plan
+
+    def _may_join(self, r: Request, d: Decision | None, method: str) -> bool:
+        """Whether adaptive row ``r`` (its last decision ``d``) may draft with a step's ``method`` in place of its own
+        plan: not a fixed-K request, not a decision that must measure, probe or explore, a method the row may use, and
+        no catch-up of that proposer first (``ngram_beside_model``, ``plain_beside_drafts``)."""
+        return r.params.num_draft_tokens is None and d is not None and not d.forced and method in self.methods(r) \
+            and not self._behind(r, method)
 
     def plain_beside_drafts(self, plan: Plan, batch: int) -> Plan:
         """In a step that drafts with a model (the draft model or the EAGLE head) at K, an adaptive row that decided to
@@ -207,8 +213,7 @@ class StepPlanner:
         policy, alpha = self.engine.policy, self.engine.alpha_prior
         for r, (k, m) in plan.items():
             d = r.adaptive.last
-            if k or not m or r.params.num_draft_tokens is not None or d is None or d.forced or not d.gains \
-                    or method not in self.methods(r) or self._behind(r, method):
+            if k or not m or d is None or not d.gains or not self._may_join(r, d, method):
                 continue
             k_row = min(step_k, self.room(r))
             if k_row > 0 and policy.expected(r.adaptive, method, alpha)[k_row] >= 1.0 + LIFT_MIN:
