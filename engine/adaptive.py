@@ -143,8 +143,6 @@ CAL_MEMORY = 512  # drafts a position's calibration remembers (``Calibration``):
 # (accepted up to some point), so the ratios are noisy; 600 drafts of a right model put E[8] within ~3% (1 sd)
 CAL_WEIGHT = 8.0  # predicted accepts of pseudo-evidence, at the ratio of the position before, in a position's ratio
 CAL_RANGE = (0.25, 2.0)  # a ratio never leaves this range
-MODEL_METHODS = ("model", "eagle")  # proposers that run a forward pass to draft (one of them drafts in a step)
-CAL_MODELS = "model+eagle"  # their one calibration per sampling class (``cal_key``)
 _CAL_KEEP = 1.0 - 1.0 / CAL_MEMORY
 _LOG_STALL = math.log(STALL_CLAMP)
 GUARD_FROM = 4  # the batch bucket from which a batch's drafting is judged by the speed it realized (``SpeedGuard``):
@@ -737,20 +735,6 @@ def survival_chain(recent: RecentAcceptance | None, alpha: float, weight: float,
     return out
 
 
-def cal_key(method: str, sampling: str) -> tuple[str, str]:
-    """The calibration (``Calibration``) that ``method``'s drafts of a ``sampling`` class check and its predictions
-    apply: one for the draft model and the EAGLE head together, one for n-gram.
-
-    Its ratios correct what the acceptance model (the shared survival curve, a row's own counts shrunk towards it) gets
-    wrong, and that model is the same for both. A method's own calibration turns against the one drafted less often:
-    its drafts come from rows that chose it while their own estimate of it stood high, realize less (the winner's
-    curse), and it then drafts too rarely to correct the ratio. On the 2-core CPU at 8 clients (demo pair, T = 0) the
-    head's ratios fell to 0.56-0.81 past the first position from such drafts, adaptive drafted with the draft model at
-    0.95-0.96x fixed K = 4, and the head's fixed K = 3-5 ran 1.03-1.11x; with one calibration for both it drafted with
-    the head at 0.99-1.03x. n-gram keeps its own: its drafts include lookups that found nothing."""
-    return (CAL_MODELS if method in MODEL_METHODS else method, sampling)
-
-
 class Calibration:
     """The acceptance model checked against what drafts realized, per draft position, for one method.
 
@@ -910,8 +894,7 @@ class Policy:
         # for its draws at every position it verifies, and on a GPU that is more launches a step
         self._times = {False: StepTimes(), True: StepTimes()}
         self._sampled = False  # which of them ``times`` is: the current step's (``tick``)
-        # per (method, sampling class): recent shared acceptance; per ``cal_key``: the acceptance model against
-        # realized drafts
+        # per (method, sampling class): recent shared acceptance, and the acceptance model against realized drafts
         self.shared: dict[tuple[str, str], RecentAcceptance] = {}
         self.calibration: dict[tuple[str, str], Calibration] = {}
         self.drafts = 0  # drafts observed so far, of any method and row (``hold_plain``)
@@ -1002,9 +985,9 @@ class Policy:
         if k > 0 and own is not None and own.num_drafts >= PRIOR_WEIGHT:  # see Calibration: not a request's first drafts
             hit = state.expected_cache.get(method)
             if hit is not None:
-                cal = self.calibration.get(cal_key(*key))
+                cal = self.calibration.get(key)
                 if cal is None:
-                    cal = self.calibration[cal_key(*key)] = Calibration()
+                    cal = self.calibration[key] = Calibration()
                 cal.observe(hit[3], k, accepted)
         shared = self.shared.get(key)
         if shared is None:
@@ -1112,7 +1095,7 @@ class Policy:
                                 self._expected(state, method, alpha, self._shared_prior(method, state.sampling, alpha)))
 
     def _calibrated(self, method: str, sampling: str, expected: list[float]) -> list[float]:
-        cal = self.calibration.get(cal_key(method, sampling))
+        cal = self.calibration.get((method, sampling))
         return expected if cal is None else cal.apply(expected)
 
     def _expected(self, state: AdaptiveState, method: str, alpha: float, prior: list[float]) -> list[float]:

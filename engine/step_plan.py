@@ -9,7 +9,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING
 
-from engine.adaptive import MODEL_METHODS, SWITCH_MARGIN, Decision, best_drafting_k, keep_settled
+from engine.adaptive import SWITCH_MARGIN, Decision, best_drafting_k, keep_settled
 from engine.proposers.draft_model import NORMAL_BEHIND
 from engine.sequence import Status
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 Plan = dict["Request", tuple[int, str]]
 LIFT_MIN = 0.2  # expected accepted tokens a plain row needs to draft beside a step's model drafts
 # (``plain_beside_drafts``): its share of the proposer's forwards, one row more of a batch
+MODEL_METHODS = ("model", "eagle")  # proposers that run a forward pass to draft
 
 FALLBACK_RECHECK = 8  # decode steps between re-evaluations of an n-gram row's fallback (model or EAGLE head)
 

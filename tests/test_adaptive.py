@@ -17,7 +17,6 @@ from engine.adaptive import (
     Policy,
     StepTimes,
     bucket,
-    cal_key,
     ctx_bucket,
 )
 from engine.sequence import FinishEvent
@@ -1465,7 +1464,7 @@ def test_drafts_that_realize_less_than_predicted_move_k_back():
         for _ in range(600):
             policy.observe("model", 8, _draw_accepted(truth, rng.random()), state)
         after = policy.choose(_state_with_acceptance(0.85), {"model": 0.3}, 1, alpha=0.6)
-        return after.k, policy.expected(state, "model", 0.6), policy.calibration[cal_key("model", GREEDY)].ratios()
+        return after.k, policy.expected(state, "model", 0.6), policy.calibration[("model", GREEDY)].ratios()
 
     model = [0.85 ** (i + 1) for i in range(8)]
     k, expected, ratios = run(model, 1)  # the model is right: nothing moves beyond the draws' noise
@@ -1554,33 +1553,14 @@ def test_only_adaptive_drafts_check_the_acceptance_model(monkeypatch):
     engine.generate([1, 2, 3], SamplingParams(max_new_tokens=40, temperature=0.0, speculative=True,
                                                draft_method="model", ignore_eos=True))
     assert calls and all(with_state for _, with_state in calls)
-    cal = engine.policy.calibration.get(cal_key("model", GREEDY))
+    cal = engine.policy.calibration.get(("model", GREEDY))
     before = (list(cal.predicted), list(cal.realized)) if cal is not None else None
     calls.clear()
     engine.generate([1, 2, 3], SamplingParams(max_new_tokens=24, temperature=0.0, speculative=True,
                                                num_draft_tokens=3, draft_method="model", ignore_eos=True))
     assert calls and not any(with_state for _, with_state in calls)
-    cal = engine.policy.calibration.get(cal_key("model", GREEDY))
+    cal = engine.policy.calibration.get(("model", GREEDY))
     assert before == ((list(cal.predicted), list(cal.realized)) if cal is not None else None)
-
-
-def test_the_draft_model_and_the_head_share_one_calibration_and_ngram_keeps_its_own():
-    """Drafts of one forward-pass proposer correct the other's predictions too (``cal_key``): a method's own
-    calibration turned against the one drafted less often (its drafts came from rows that chose it on a high estimate
-    of their own). n-gram's drafts, lookups that found nothing among them, correct only n-gram's."""
-    import random
-
-    policy = _policy(1.0, 0.1)
-    state = _state_with_acceptance(0.85, method="eagle")
-    predicted = policy.expected(state, "eagle", 0.6)
-    rng = random.Random(3)
-    half = [0.5 * 0.85 ** (i + 1) for i in range(8)]  # the head's drafts realize half of what was predicted
-    for _ in range(600):
-        policy.observe("eagle", 8, _draw_accepted(half, rng.random()), state)
-    model, eagle, ngram = (policy._calibrated(m, GREEDY, predicted) for m in ("model", "eagle", "ngram"))
-    assert model == eagle and eagle[8] < 0.75 * predicted[8]  # the draft model's predictions corrected alike
-    assert ngram == predicted
-    assert cal_key("model", GREEDY) == cal_key("eagle", GREEDY) != cal_key("ngram", GREEDY)
 
 
 def test_a_requests_first_drafts_do_not_charge_the_model_with_its_lag():
@@ -1595,9 +1575,9 @@ def test_a_requests_first_drafts_do_not_charge_the_model_with_its_lag():
     for _ in range(int(PRIOR_WEIGHT)):
         policy.observe("model", 8, 0, state)  # the workload changed: nothing is accepted
         state.observe("model", 8, 0)
-    assert cal_key("model", GREEDY) not in policy.calibration
+    assert ("model", GREEDY) not in policy.calibration
     policy.observe("model", 8, 0, state)
-    assert policy.calibration[cal_key("model", GREEDY)].predicted[0] > 0
+    assert policy.calibration[("model", GREEDY)].predicted[0] > 0
 
 
 def test_a_cold_first_timing_does_not_set_a_ks_average():
