@@ -309,11 +309,12 @@ def test_a_drafting_chain_replays_the_step_by_step_draft(monkeypatch):
 
 def test_a_sampled_drafting_chain_draws_what_step_by_step_draws(monkeypatch):
     """A chain of sampled rows (one greedy, one plain T, one with top-p and top-k) draws, with the noise of the same
-    keys, the tokens and draft distributions q of drafting step by step with engine.sampler, its first draw too."""
+    keys, the tokens and draft distributions q of drafting step by step with engine.sampler (``draft_draw``: each
+    draw cut to the DRAFT_TOP likeliest tokens, q that cut distribution), its first draw too."""
     from engine import rng
     from engine.config import SamplingParams
     from engine.cuda_graphs import ChainSampling
-    from engine.sampler import RowParams, probs_batch, race
+    from engine.sampler import RowParams, draft_draw
 
     model = _model(torch.float32)
     eager, graphed = _runner(model, False, monkeypatch), _runner(model, True, monkeypatch)
@@ -326,14 +327,12 @@ def test_a_sampled_drafting_chain_draws_what_step_by_step_draws(monkeypatch):
         r.forward([RowInput(i, p, 1) for i, p in enumerate(prompts)])
     steps = 5
     keys = torch.tensor([[rng.key(10 + i, 30 + s, rng.DRAFT) for s in range(steps + 1)] for i in range(3)]).cuda()
-    noise = rng.exponentials(keys, VOCAB)  # [3, draws, V]: what the chain makes from the keys
     first = torch.randn(3, VOCAB, generator=gen).cuda() * 3  # each row's logits of its first draw
     want, qs, logits = [], [], first
     for s in range(steps + 1):
         if s:
             logits = torch.stack([x[-1] for x in eager.forward([RowInput(i, [t], 1) for i, t in enumerate(want[-1])])])
-        probs = probs_batch(logits[1:], rp.select([1, 2]))
-        drawn = race(probs, noise[1:, s])
+        drawn, probs = draft_draw(logits[1:], rp.select([1, 2]), keys[1:, s], True)
         want.append([int(logits[0].argmax()), *drawn.tolist()])
         qs.append(torch.cat([torch.zeros(1, VOCAB, device="cuda"), probs]))
     assert rp.truncates(VOCAB)
