@@ -453,3 +453,23 @@ def test_shape_targets_pair_adaptive_by_round():
     got = {t["target"]: t for t in shape_targets(res)}
     assert got["adaptive_vs_best_k"]["measured"] == round(163.2 / 160, 3)
     assert "paired" not in got["adaptive_vs_best_k"]["what"]
+
+
+def test_shape_targets_keep_gpu_speed_bars_off_a_cpu_run():
+    """Issue 15's absolute bars (tok/s against the H200's before graphs) apply to a GPU run only; a CPU run of the
+    same shape keeps the ratio checks."""
+    from engine.bench.shape_report import shape_targets
+
+    rows = [{"method": "helix plain", "batch": 1, "acceptance_level": 0.5, "k": None, "tokens_per_second": 5.0,
+             "tokens_per_second_runs": None},
+            {"method": "helix K=4", "batch": 1, "acceptance_level": 0.5, "k": 4, "tokens_per_second": 12.0,
+             "tokens_per_second_runs": None},
+            {"method": "helix adaptive", "batch": 1, "acceptance_level": 0.5, "k": None, "tokens_per_second": 11.9,
+             "tokens_per_second_runs": None}]
+
+    def targets(device):
+        shape = {"shape": "tinyllama-1.1b", "device": device, "prompts": {"32": {"rows": rows}}}
+        return {t["target"] for t in shape_targets({"shapes": [shape]})}
+
+    assert "x5_today_1b" in targets("NVIDIA H200") and "adaptive_vs_best_k" in targets("NVIDIA H200")
+    assert "x5_today_1b" not in targets("cpu") and {"adaptive_vs_best_k", "adaptive_vs_plain"} <= targets("cpu")
