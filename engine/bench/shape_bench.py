@@ -111,7 +111,7 @@ def _build(name: str, cfg: ShapeConfig, device, dtype, max_ctx: int):
     engine = LLMEngine(target, sh.id_tokenizer(shape.vocab), draft, config, max_ctx, device.type,
                        (name, f"{name}[:{layers}]"))
     engine.dtype_name = str(dtype).removeprefix("torch.")
-    engine.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    engine.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     if engine.target.lean is not None:  # the target's packed copies (CPU) follow the knob
         knob.on_change.append(engine.target.lean.refresh_packed)
     engine.warmup()
