@@ -111,7 +111,8 @@ def _build(name: str, cfg: ShapeConfig, device, dtype, max_ctx: int):
     engine = LLMEngine(target, sh.id_tokenizer(shape.vocab), draft, config, max_ctx, device.type,
                        (name, f"{name}[:{layers}]"))
     engine.dtype_name = str(dtype).removeprefix("torch.")
-    engine.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    if device.type == "cuda":  # elsewhere the engine's own name, its device type
+        engine.device_name = torch.cuda.get_device_name(device)
     if engine.target.lean is not None:  # the target's packed copies (CPU) follow the knob
         knob.on_change.append(engine.target.lean.refresh_packed)
     engine.warmup()
@@ -129,6 +130,7 @@ def run_shape(name: str, cfg: ShapeConfig, bandwidth: float, progress=_say) -> d
     kv_pos = sh.kv_bytes_per_position(shape, dtype)
     out = {"shape": name, "config": asdict(shape), "draft_layers": layers, "weight_bytes": wbytes,
            "kv_bytes_per_position": kv_pos, "dtype": engine.dtype_name, "device": engine.device_name,
+           "device_kind": device.type,
            "build_s": round(time.perf_counter() - t0, 1), "warmup": engine.warmup_stats, "levels": {}, "prompts": {}}
     ws = engine.warmup_stats or {}
     progress(f"{name}: built in {out['build_s']} s ({wbytes / 2**30:.2f} GiB of weights, draft = first {layers} "

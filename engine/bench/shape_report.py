@@ -35,7 +35,7 @@ def shape_targets(results: dict) -> list[dict]:
         name = s["shape"]
         # issue 15's speed bars are GPU figures (an H200 before CUDA graphs, the GPU's bandwidth): a CPU run (fp32
         # TinyLlama shape at ~5 tok/s on the 2-core CPU) is not measured against them; the ratios below hold anywhere
-        gpu = s.get("device", "cuda") != "cpu"
+        gpu = s.get("device_kind", "cuda") != "cpu"  # results from before the field ran on GPUs only
         for plen, p in s["prompts"].items():
             rows, where = p["rows"], f"{name}, prompt {plen}"
             plain = _find(rows, "helix plain")
