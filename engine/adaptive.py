@@ -75,11 +75,16 @@ SHARED_MEMORY = 64  # steps of drafts: the shared estimate follows the recent wo
 EXPLORE_EVERY, EXPLORE_MAX = 16, 128  # steps between one-step tries of K + 1 and K - 1, doubling after each while the K that
 # rows settle on stays (``Policy._explore``): on an H200 at 8 clients (TinyLlama shape, acceptance 0.5) an explore step at
 # K = 7 from K = 6 realized 4346 tok/s against K = 6's 5901, and one step in 16 cost 1.6% of the speed
-METHOD_PROBE_FIRST, METHOD_PROBE_MAX = 32, 512  # steps between one-step tries of a proposer the requests do not draft
+METHOD_PROBE_FIRST, METHOD_PROBE_MAX = 32, 512  # steps between tries (PROBE_BURST steps) of a proposer the requests do not draft
 # with, doubling after each (``Policy._probe_method``): its acceptance and step times are otherwise measured only while
 # it is chosen, and a few early drafts or one cold step can keep it out for good (at 8 clients on the CPU the EAGLE
 # head's first step took 62 ms, its later ones 25-30, and its first drafts of one prompt accepted nothing: adaptive
 # predicted it at 1.02x plain and drafted with the draft model; at batch 1 it ran 0.92x what the head alone ran)
+PROBE_BURST = 3  # steps a probe of another proposer stands (``_probe_method``): its first step reads what the proposer
+# skipped since it last drafted and so is timed for nothing; the later ones are. With one-step probes a proposer left
+# behind was never timed again: at 8 clients on the 2-core CPU (T = 0) the EAGLE head kept K = 2-4 step times of
+# 19.7-25.4 ms from the first pass, where its steps took 20 ms at K = 5 in fixed passes (1.63 tokens/ms against the
+# draft model's 1.38 at K = 4), and a proposer that cannot pay at this batch size (``_could_pay``) was never ruled out
 MIN_SHARED_EVIDENCE = 8.0  # drafts a method must have been measured for before its prior alone may rule it out
 TIME_TRIES = 3  # steps in which a method never timed at a batch size, beside one that was, is tried there (a step
 # that caught up or mixed methods is not timed): otherwise its time there comes from batch 1's cost slope. In process
@@ -597,6 +602,7 @@ class Decision:
     gains: dict[int, float] = field(default_factory=dict)  # K -> predicted tokens/s relative to plain
     fallback_k: int = 0  # for n-gram: the draft model's best K, used where n-gram finds no match
     forced: bool = False  # measuring, probing or exploring: K is what must be tried, whatever it is predicted to give
+    steps: int = 1  # forced, interrupting a decision that stands (``AdaptiveState.resume``): the steps it runs
     others: dict[str, int] = field(default_factory=dict)  # drafting: other proposers that could gain, at their best K
     # (``Policy._probe_method``)
 
@@ -613,6 +619,7 @@ class AdaptiveState:
     last: Decision | None = None
     fallback_k: int = 0  # the draft model's K where n-gram finds no match (auto requests only)
     resume: Decision | None = None  # while exploring from a standing decision (``Policy.reuse``): that decision
+    tried_steps: int = 0  # steps the forced decision interrupting ``resume`` has run (a probe stands PROBE_BURST)
     settled: tuple[str, int, int] | None = None  # (method, batch bucket, K) of the last drafting decision that was not
     # forced: another K must beat it by K_MARGIN
     bucket: int = 0  # the batch bucket of the last full decision
@@ -1140,6 +1147,10 @@ class Policy:
         for every row at every step."""
         last = state.last
         if last is not None and last.forced and state.resume is not None:
+            state.tried_steps += 1
+            if state.tried_steps < last.steps and last.method in methods and bucket(batch) == state.bucket:
+                self.decision = last  # a probe's burst goes on
+                return last
             last = state.last = state.resume  # an explore step is over: the decision it interrupted stands again
             state.resume = None
         if last is None or last.forced:
@@ -1152,7 +1163,7 @@ class Policy:
             explore = self._probe_method(last) or self._explore(last.method, last.k, last.gains)  # as a full decision
             # would
             if explore is not None:
-                state.resume, last = last, explore
+                state.resume, last, state.tried_steps = last, explore, 0
                 state.last = last
             self.decision = last
             return last
@@ -1160,11 +1171,12 @@ class Policy:
 
     def _probe_method(self, d: Decision) -> Decision | None:
         """On a proposer's probe clock (rows probe together; METHOD_PROBE_FIRST, doubling up to METHOD_PROBE_MAX after
-        each probe), one step with it at its best K for a row drafting with another (``d``) where it could gain
+        each probe), PROBE_BURST steps with it at its best K for a row drafting with another (``d``) where it could gain
         (``Decision.others``): its acceptance and times are measured again. None at other steps."""
         for m, k in d.others.items():
             if self.method_probes.due(m, self.clock):
-                return Decision(k, m, f"probing {m} K={k} (drafting with {d.method} K={d.k})", d.gains, forced=True)
+                return Decision(k, m, f"probing {m} K={k} (drafting with {d.method} K={d.k})", d.gains, forced=True,
+                                steps=PROBE_BURST)
         return None
 
     def _explore(self, method: str, k: int, gains: dict[int, float]) -> Decision | None:
@@ -1411,7 +1423,7 @@ class Policy:
                 tried = None if ahead else self._probe_method(d) or self._explore(method, k, gains)
                 if tried is not None:  # the decision stands again after this one step (``reuse``), as where a
                     # standing decision is interrupted: not a full decision of every row the step after a probe
-                    state.resume, d = d, tried
+                    state.resume, d, state.tried_steps = d, tried, 0
             else:
                 state.plain_steps += 1
                 state.settled = None  # drafting again later starts from the best K then

@@ -1598,11 +1598,12 @@ def test_a_cold_first_timing_does_not_set_a_ks_average():
 
 
 def test_a_proposer_not_drafted_with_is_probed_again_at_doubling_intervals():
-    """A drafting request tries another proposer that could gain for one step, on that proposer's probe clock (rows
-    probe together), at METHOD_PROBE_FIRST steps and then at doubling intervals; its drafts and times are measured
-    again (the few early drafts that ruled it out may have been a bad start). A switch of proposer makes the one left
-    due again soon; one whose expected tokens could not beat the chosen one's gain is never probed."""
-    from engine.adaptive import METHOD_PROBE_FIRST, METHOD_PROBE_MAX
+    """A drafting request tries another proposer that could gain for PROBE_BURST steps (the first reads what the
+    proposer skipped and times nothing; the others are timed), on that proposer's probe clock (rows probe together), at
+    METHOD_PROBE_FIRST steps and then at doubling intervals, and then drafts as before; its drafts and times are
+    measured again (the few early drafts that ruled it out may have been a bad start). A switch of proposer makes the
+    one left due again soon; one whose expected tokens could not beat the chosen one's gain is never probed."""
+    from engine.adaptive import METHOD_PROBE_FIRST, METHOD_PROBE_MAX, PROBE_BURST
 
     policy = _policy(0.010, 0.002, batch=8, method="model")
     for k in (1, 4, 8):
@@ -1623,7 +1624,10 @@ def test_a_proposer_not_drafted_with_is_probed_again_at_doubling_intervals():
         else:
             assert d.method == "model" and d.k, d.reason
     assert [m for _, m in probes] == ["eagle"] * len(probes)
-    clocks = [c for c, _ in probes]
+    assert PROBE_BURST > 1 and len(probes) % PROBE_BURST == 0
+    bursts = [[c for c, _ in probes[i:i + PROBE_BURST]] for i in range(0, len(probes), PROBE_BURST)]
+    assert all(b == list(range(b[0], b[0] + PROBE_BURST)) for b in bursts)  # consecutive steps, then drafting again
+    clocks = [b[0] for b in bursts]
     assert clocks[:5] == [METHOD_PROBE_FIRST, 2 * METHOD_PROBE_FIRST, 4 * METHOD_PROBE_FIRST, 8 * METHOD_PROBE_FIRST,
                           16 * METHOD_PROBE_FIRST]
     assert all(b - a <= METHOD_PROBE_MAX for a, b in zip(clocks, clocks[1:])) and len(clocks) >= 6
