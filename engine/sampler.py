@@ -33,6 +33,11 @@ class RowParams:
         return cls(t[:, 0], t[:, 1], t[:, 2].long(), list(params))
 
     def select(self, rows: list[int]) -> RowParams:
+        """The settings of ``rows`` (indices into these rows), in that order: these very settings where that is every
+        row in order (a drafting step of rows that all draft with one proposer: on an H100 at batch 1 the copy of the
+        indices and the three index ops took ~60 us of a sampled step's host time, 3-5 ms)."""
+        if len(rows) == len(self.host) and all(i == r for i, r in enumerate(rows)):
+            return self
         idx = to_device(rows, torch.long, self.temperature.device)
         return RowParams(self.temperature[idx], self.top_p[idx], self.top_k[idx], [self.host[i] for i in rows])
 

@@ -246,3 +246,17 @@ def test_a_draft_draws_from_the_distribution_it_reports(params):
     assert torch.equal(q_ids[:, ids], q) and float(q_ids.sum(-1).sub(1).abs().max()) < 1e-6
     law = torch.bincount(got, minlength=3 * v).double()[ids] / N
     assert 0.5 * float((law - want.double()).abs().sum()) < 4 * 0.5 * (v / N) ** 0.5
+
+
+def test_selecting_rows_of_sampling_settings_keeps_each_rows_own():
+    """``RowParams.select`` gives the chosen rows' settings in the chosen order; every row in order is the same
+    settings (no copy)."""
+    params = [SamplingParams(temperature=t, top_p=p, top_k=k) for t, p, k in ((0.5, 1.0, 0), (0.8, 0.9, 0), (1.0, 1.0, 7))]
+    rp = RowParams.build(params, "cpu")
+    assert rp.select([0, 1, 2]) is rp
+    for rows in ([2, 0], [1], [0, 1], [2, 1, 0]):
+        sub = rp.select(rows)
+        assert sub.host == [params[i] for i in rows]
+        assert sub.temperature.tolist() == pytest.approx([params[i].temperature for i in rows])
+        assert sub.top_p.tolist() == pytest.approx([params[i].top_p for i in rows])
+        assert sub.top_k.tolist() == [params[i].top_k for i in rows]
