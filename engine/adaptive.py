@@ -83,8 +83,9 @@ METHOD_PROBE_FIRST, METHOD_PROBE_MAX = 32, 512  # steps between tries (PROBE_BUR
 PROBE_BURST = 3  # steps a probe of another proposer stands (``_probe_method``): its first step reads what the proposer
 # skipped since it last drafted and so is timed for nothing; the later ones are. With one-step probes a proposer left
 # behind was never timed again: at 8 clients on the 2-core CPU (T = 0) the EAGLE head kept K = 2-4 step times of
-# 19.7-25.4 ms from the first pass, where its steps took 20 ms at K = 5 in fixed passes (1.63 tokens/ms against the
-# draft model's 1.38 at K = 4), and a proposer that cannot pay at this batch size (``_could_pay``) was never ruled out
+# 19.7-25.4 ms from the first pass, where in fixed passes its K = 5 steps took 20 ms for 32.3 tokens and the draft
+# model's K = 4 steps 20-21 ms for 30.0, and a proposer that cannot pay at this batch size (``_could_pay``) was never
+# timed often enough to be ruled out
 MIN_SHARED_EVIDENCE = 8.0  # drafts a method must have been measured for before its prior alone may rule it out
 TIME_TRIES = 3  # steps in which a method never timed at a batch size, beside one that was, is tried there (a step
 # that caught up or mixed methods is not timed): otherwise its time there comes from batch 1's cost slope. In process
