@@ -170,3 +170,50 @@ def test_the_block_after_is_not_taken_while_it_holds_a_cached_prefix():
     assert bm.tables[1].blocks[:3] == [0, 1, 2]
     bm.check_invariants()
     assert bm.num_free == 8 - 5
+
+
+def test_device_block_tables_write_a_forwards_changes_in_one_scatter_and_mirror_the_tables():
+    """``DeviceBlockTables``: after any sequence of syncs (rows growing, shrinking, a block replaced by copy-on-write),
+    releases and growths of the table, the device table read after ``apply`` of what ``pending`` took holds every
+    synced row's blocks and the scratch block everywhere else; a change written twice before a forward keeps the last;
+    nothing is written until then (one scatter a forward), and a forward with no change takes nothing."""
+    import torch
+
+    from engine.block_tables import DeviceBlockTables
+
+    rng = random.Random(3)
+    scratch, width = 99, 6
+    tables = DeviceBlockTables(width, scratch, torch.device("cpu"), capacity=2)
+    live: dict[int, list[int]] = {}
+    for step in range(300):
+        for _ in range(rng.randint(1, 4)):
+            seq = rng.randrange(6)
+            if seq in live and rng.random() < 0.2:
+                tables.release(seq)
+                del live[seq]
+                continue
+            blocks = list(live.get(seq, []))
+            op = rng.random()
+            if op < 0.4 and len(blocks) < width:
+                blocks.append(rng.randrange(50))
+            elif op < 0.6 and blocks:
+                del blocks[rng.randrange(len(blocks)):]
+            elif op < 0.8 and blocks:
+                blocks[rng.randrange(len(blocks))] = rng.randrange(50)
+            tables.sync(seq, blocks)
+            live[seq] = blocks
+        before = tables.table.clone()
+        packed = tables.pending()
+        assert torch.equal(tables.table, before), step  # nothing written before the forward applies it
+        if packed:
+            tables.apply(torch.tensor(packed))
+        assert tables.pending() == [], step
+        rows = {tables._row[s]: b for s, b in live.items()}
+        for row in range(tables.table.shape[0]):
+            want = rows.get(row, [])
+            assert tables.table[row].tolist() == want + [scratch] * (width - len(want)), (step, row)
+    assert tables.table.shape[0] >= 4  # it grew past its first capacity
+    tables.sync(100, [1, 2])
+    tables.sync(100, [1, 3])  # changed again before the forward: the last write stands
+    tables.flush()
+    assert tables.table[tables._row[100]].tolist()[:3] == [1, 3, scratch]
