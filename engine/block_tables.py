@@ -94,18 +94,19 @@ class DeviceBlockTables:
         self._free_rows.append(row)
 
     def pending(self) -> list[int]:
-        """The entries waiting to be written (flat indices, then their values; empty: none), now taken: the caller
-        copies them to the device with its forward's other metadata and calls ``apply`` with that copy before it
-        reads ``table``."""
+        """The entries waiting to be written (flat indices, then their values; empty: none): the caller copies them to
+        the device with its forward's other metadata and calls ``apply`` with that copy before it reads ``table``.
+        They wait until ``apply`` has written them: a forward that fails before leaves them to the next one (the
+        rows' blocks as last synced, ``_synced``, are what later syncs compare against)."""
         if not self._writes:
             return []
-        writes, self._writes = self._writes, {}
-        return [*writes, *writes.values()]
+        return [*self._writes, *self._writes.values()]
 
     def apply(self, packed: torch.Tensor) -> None:
         """Write ``pending``'s entries (``packed``: that list on the device) into ``table``: one scatter."""
         n = packed.shape[0] // 2
         self.table.view(-1).index_copy_(0, packed[:n], packed[n:])
+        self._writes.clear()
 
     def flush(self) -> None:
         """``pending`` and ``apply`` for a caller with no metadata copy of its own."""

@@ -176,7 +176,8 @@ def test_device_block_tables_write_a_forwards_changes_in_one_scatter_and_mirror_
     """``DeviceBlockTables``: after any sequence of syncs (rows growing, shrinking, a block replaced by copy-on-write),
     releases and growths of the table, the device table read after ``apply`` of what ``pending`` took holds every
     synced row's blocks and the scratch block everywhere else; a change written twice before a forward keeps the last;
-    nothing is written until then (one scatter a forward), and a forward with no change takes nothing."""
+    nothing is written until then (one scatter a forward) nor dropped before it is, and a forward with no change takes
+    nothing."""
     import torch
 
     from engine.block_tables import DeviceBlockTables
@@ -205,6 +206,7 @@ def test_device_block_tables_write_a_forwards_changes_in_one_scatter_and_mirror_
         before = tables.table.clone()
         packed = tables.pending()
         assert torch.equal(tables.table, before), step  # nothing written before the forward applies it
+        assert tables.pending() == packed, step  # ... and nothing dropped: a forward failing here leaves them queued
         if packed:
             tables.apply(torch.tensor(packed))
         assert tables.pending() == [], step

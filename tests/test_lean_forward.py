@@ -376,3 +376,38 @@ def test_weights_changed_in_place_reach_the_packed_copies(monkeypatch):
     knob.set(0.05)
     check("after the knob, packed again")
     assert got_runner.lean.refresh_packed() == len(got_runner.lean._packed_slots) > 0
+
+
+def test_a_forward_that_fails_after_syncing_its_tables_leaves_the_next_ones_right(monkeypatch):
+    """A forward whose rows' block tables were synced (their changed entries queued for the device table) and that then
+    fails rolls its rows back, and the next forwards, row 0 growing into the block the failed forward had taken (its
+    table entry no later sync writes again) and both rows going back, give transformers' logits. Two failures: before
+    the queued entries are written (the scatter raises, as a device OOM in the metadata copy would:
+    ``DeviceBlockTables.pending`` keeps them until ``apply`` has written them), and in the model's forward after."""
+    model = _make_model("llama")
+    lean, ref = _runner(model, True), _runner(model, False)
+    for r in (lean, ref):
+        r.forward([RowInput(0, list(range(3, 33)), 1), RowInput(1, list(range(50, 64)), 1)])
+    grow = [RowInput(0, list(range(70, 80)), 1), RowInput(1, [80], 1)]  # row 0 into a new block, row 1 within its own
+    for obj, name in ((lean.tables, "apply"), (lean.lean, "forward")):
+        real, calls = getattr(obj, name), []
+
+        def fail_once(*a, real=real, calls=calls, **kw):
+            if not calls:
+                calls.append(1)
+                raise RuntimeError("injected: out of memory")
+            return real(*a, **kw)
+
+        monkeypatch.setattr(obj, name, fail_once)
+        with pytest.raises(RuntimeError, match="injected"):
+            lean.forward(grow)
+        assert lean.blocks.tables[0].num_tokens == 30 and lean.blocks.tables[1].num_tokens == 14, name  # rolled back
+        # each step grows the rows again (row 0 takes back the block the failed forward had: its table entry is queued
+        # or written, never synced again), then both go back
+        for step in range(3):
+            rows = [RowInput(0, [70 + step + i for i in range(10)], 1), RowInput(1, [40 + step], 1)]
+            want = ref.forward(rows)
+            _assert_close(lean.forward(rows), want, f"after a failed {name}, step {step}")
+            for r in (lean, ref):
+                r.truncate(0, 30)
+                r.truncate(1, 14)
