@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from engine.devices import to_device
-
 
 class DeviceBlockTables:
     def __init__(self, max_blocks_per_seq: int, scratch_block: int, device: torch.device, capacity: int = 32):
@@ -94,22 +92,20 @@ class DeviceBlockTables:
         self._free_rows.append(row)
 
     def pending(self) -> list[int]:
-        """The entries waiting to be written (flat indices, then their values; empty: none): the caller copies them to
-        the device with its forward's other metadata and calls ``apply`` with that copy before it reads ``table``.
-        They wait until ``apply`` has written them: a forward that fails before leaves them to the next one (the
-        rows' blocks as last synced, ``_synced``, are what later syncs compare against)."""
+        """The entries waiting to be written (flat indices, then their values; empty: none): a forward puts them at the
+        end of its metadata copy, after its rows' indices, and reads its rows with ``read``. They wait until written:
+        a forward that fails before leaves them to the next one (the rows' blocks as last synced, ``_synced``, are what
+        later syncs compare against)."""
         if not self._writes:
             return []
         return [*self._writes, *self._writes.values()]
 
-    def apply(self, packed: torch.Tensor) -> None:
-        """Write ``pending``'s entries (``packed``: that list on the device) into ``table``: one scatter."""
-        n = packed.shape[0] // 2
-        self.table.view(-1).index_copy_(0, packed[:n], packed[n:])
-        self._writes.clear()
-
-    def flush(self) -> None:
-        """``pending`` and ``apply`` for a caller with no metadata copy of its own."""
-        packed = self.pending()
-        if packed:
-            self.apply(to_device(packed, torch.long, self.device))
+    def read(self, meta: torch.Tensor, at: int, rows: int) -> torch.Tensor:
+        """The ``[rows, max_blocks]`` tables of a forward's rows, their row indices at ``meta[at: at + rows]`` and
+        ``pending``'s entries after them (to the end of ``meta``), written first in one scatter."""
+        packed = meta[at + rows:]
+        if packed.shape[0]:
+            n = packed.shape[0] // 2
+            self.table.view(-1).index_copy_(0, packed[:n], packed[n:])
+            self._writes.clear()
+        return self.table.index_select(0, meta[at: at + rows])

@@ -218,16 +218,13 @@ class ModelRunner:
             ids += [0] * pad + row.token_ids
             positions += [0] * pad + list(range(start, start + k))
             slots += [scratch] * pad + [blocks[p // bs] * bs + p % bs for p in range(start, start + k)]
-        writes = self.tables.pending()  # the table entries the rows changed, in the same copy
-        meta = torch.tensor(ids + positions + slots + table_rows + writes, dtype=torch.long).to(dev, non_blocking=True)
+        meta = torch.tensor(ids + positions + slots + table_rows + self.tables.pending(),  # the tables' changes too
+                            dtype=torch.long).to(dev, non_blocking=True)
         input_ids = meta[: b * n].view(b, n)
         pos_t = meta[b * n: 2 * b * n].view(b, n)
         slot_t = meta[2 * b * n: 3 * b * n]
-        row_t = meta[3 * b * n: 3 * b * n + b]
-        if writes:
-            self.tables.apply(meta[3 * b * n + b:])
         keep = max(r.num_logits for r in rows)
-        table = self.tables.table.index_select(0, row_t)  # [B, max blocks]
+        table = self.tables.read(meta, 3 * b * n, b)  # [B, max blocks]
         logits = None
         if self.graphs is not None and self.graphs.fits(b, n, t_len, self.aux_layers if aux is not None else None, keep):
             try:
@@ -286,12 +283,9 @@ class ModelRunner:
                 blocks = self.blocks.tables[seq_id].blocks
                 table_rows.append(self.tables.sync(seq_id, blocks))
                 slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + steps)]
-            writes = self.tables.pending()
-            meta = torch.tensor(starts + slots + table_rows + writes, dtype=torch.long).to(self.device, non_blocking=True)
-            rows_at = b + b * steps
-            if writes:
-                self.tables.apply(meta[rows_at + b:])
-            table = self.tables.table.index_select(0, meta[rows_at: rows_at + b])
+            meta = torch.tensor(starts + slots + table_rows + self.tables.pending(), dtype=torch.long).to(
+                self.device, non_blocking=True)
+            table = self.tables.read(meta, b + b * steps, b)
             out = g.run_chain(first, meta[:b], meta[b: b + b * steps].view(b, steps), table,
                               max(starts) + steps, self.vocab_size, sampling)
         except BaseException:

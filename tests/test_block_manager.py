@@ -174,7 +174,7 @@ def test_the_block_after_is_not_taken_while_it_holds_a_cached_prefix():
 
 def test_device_block_tables_write_a_forwards_changes_in_one_scatter_and_mirror_the_tables():
     """``DeviceBlockTables``: after any sequence of syncs (rows growing, shrinking, a block replaced by copy-on-write),
-    releases and growths of the table, the device table read after ``apply`` of what ``pending`` took holds every
+    releases and growths of the table, the device table after a ``read`` with what ``pending`` gave holds every
     synced row's blocks and the scratch block everywhere else; a change written twice before a forward keeps the last;
     nothing is written until then (one scatter a forward) nor dropped before it is, and a forward with no change takes
     nothing."""
@@ -207,9 +207,9 @@ def test_device_block_tables_write_a_forwards_changes_in_one_scatter_and_mirror_
         packed = tables.pending()
         assert torch.equal(tables.table, before), step  # nothing written before the forward applies it
         assert tables.pending() == packed, step  # ... and nothing dropped: a forward failing here leaves them queued
-        if packed:
-            tables.apply(torch.tensor(packed))
-        assert tables.pending() == [], step
+        rows = tables.table.shape[0]
+        got = tables.read(torch.tensor(list(range(rows)) + packed), 0, rows)
+        assert tables.pending() == [] and torch.equal(got, tables.table), step
         rows = {tables._row[s]: b for s, b in live.items()}
         for row in range(tables.table.shape[0]):
             want = rows.get(row, [])
@@ -217,5 +217,5 @@ def test_device_block_tables_write_a_forwards_changes_in_one_scatter_and_mirror_
     assert tables.table.shape[0] >= 4  # it grew past its first capacity
     tables.sync(100, [1, 2])
     tables.sync(100, [1, 3])  # changed again before the forward: the last write stands
-    tables.flush()
+    tables.read(torch.tensor([0] + tables.pending()), 0, 1)
     assert tables.table[tables._row[100]].tolist()[:3] == [1, 3, scratch]

@@ -383,13 +383,13 @@ def test_a_forward_that_fails_after_syncing_its_tables_leaves_the_next_ones_righ
     fails rolls its rows back, and the next forwards, row 0 growing into the block the failed forward had taken (its
     table entry no later sync writes again) and both rows going back, give transformers' logits. Two failures: before
     the queued entries are written (the scatter raises, as a device OOM in the metadata copy would:
-    ``DeviceBlockTables.pending`` keeps them until ``apply`` has written them), and in the model's forward after."""
+    ``DeviceBlockTables.pending`` keeps them until ``read`` has written them), and in the model's forward after."""
     model = _make_model("llama")
     lean, ref = _runner(model, True), _runner(model, False)
     for r in (lean, ref):
         r.forward([RowInput(0, list(range(3, 33)), 1), RowInput(1, list(range(50, 64)), 1)])
     grow = [RowInput(0, list(range(70, 80)), 1), RowInput(1, [80], 1)]  # row 0 into a new block, row 1 within its own
-    for obj, name in ((lean.tables, "apply"), (lean.lean, "forward")):
+    for obj, name in ((lean.tables, "read"), (lean.lean, "forward")):
         real, calls = getattr(obj, name), []
 
         def fail_once(*a, real=real, calls=calls, **kw):

@@ -372,14 +372,11 @@ class EagleProposer:
                 positions += [0] * (n - k) + list(range(start, start + k))
                 slots += [self.pool.scratch_slot] * (n - k) + [blocks[p // bs] * bs + p % bs
                                                                for p in range(start, start + k)]
-            writes = self.tables.pending()
-            meta = torch.tensor(ids + positions + slots + table_rows + writes, dtype=torch.long).to(dev,
-                                                                                                 non_blocking=True)
+            meta = torch.tensor(ids + positions + slots + table_rows + self.tables.pending(), dtype=torch.long).to(
+                dev, non_blocking=True)
             ids_t, pos_t = meta[: b * n].view(b, n), meta[b * n: 2 * b * n].view(b, n)
             t_len = max(s + k for s, k in zip(starts, lens))
-            if writes:
-                self.tables.apply(meta[3 * b * n + b:])
-            table = self.tables.table.index_select(0, meta[3 * b * n: 3 * b * n + b])
+            table = self.tables.read(meta, 3 * b * n, b)
             # only each row's last pair is a query (forward_paged's last_only): it sees every key of a row that
             # reaches the longest, so a mask is needed only where rows end apart
             needs_mask = min(s + k for s, k in zip(starts, lens)) < t_len
@@ -408,11 +405,8 @@ class EagleProposer:
             self.blocks.prepare_append(sid, n)  # (no copy-on-write: the head's blocks are never forked)
         table_rows = [self.tables.sync(sid, self.blocks.tables[sid].blocks) for sid in seq_ids]
         longest = max(s + n for s, n in zip(starts, steps))
-        writes = self.tables.pending()
-        packed = torch.tensor(table_rows + writes, dtype=torch.long).to(self.device)
-        if writes:
-            self.tables.apply(packed[len(table_rows):])
-        table = self.tables.table.index_select(0, packed[: len(table_rows)])
+        meta = torch.tensor(table_rows + self.tables.pending(), dtype=torch.long).to(self.device)
+        table = self.tables.read(meta, 0, len(table_rows))
         return _Chain({i: n for n, i in enumerate(idx)}, seq_ids, [self.blocks.tables[sid].blocks for sid in seq_ids],
                       starts, key_slots(table, longest, bs), torch.arange(longest, device=self.device))
 
