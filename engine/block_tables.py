@@ -103,9 +103,8 @@ class DeviceBlockTables:
     def read(self, meta: torch.Tensor, at: int, rows: int) -> torch.Tensor:
         """The ``[rows, max_blocks]`` tables of a forward's rows, their row indices at ``meta[at: at + rows]`` and
         ``pending``'s entries after them (to the end of ``meta``), written first in one scatter."""
-        packed = meta[at + rows:]
-        if packed.shape[0]:
-            n = packed.shape[0] // 2
-            self.table.view(-1).index_copy_(0, packed[:n], packed[n:])
+        n = (meta.shape[0] - at - rows) // 2
+        if n:
+            self.table.view(-1).index_copy_(0, meta[at + rows: at + rows + n], meta[at + rows + n:])
             self._writes.clear()
         return self.table.index_select(0, meta[at: at + rows])
