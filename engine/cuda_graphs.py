@@ -153,8 +153,7 @@ class _Graph:
     input_ids: torch.Tensor  # [R, N]
     positions: torch.Tensor  # [R, N]
     slots: torch.Tensor  # [R * N]
-    gather: torch.Tensor  # [R * T]
-    mask: torch.Tensor  # [R, 1, N, T]
+    table: torch.Tensor  # [R, ceil(T / block size)]: the rows' block tables (their key slots and mask are the graph's)
     logits: torch.Tensor  # [R, N, V]
     hidden: torch.Tensor | None = None  # [R, N, len(aux_layers) * H]: an EAGLE-3 head's features, when asked
 
@@ -167,7 +166,7 @@ class _Chain:
     first: torch.Tensor  # [R, V] float32: each row's logits of its first draw
     start: torch.Tensor  # [R] its position
     slots: torch.Tensor  # [S, R] where step s writes each row's K/V
-    gather: torch.Tensor  # [R * T]
+    table: torch.Tensor  # [R, ceil(T / block size)]: the rows' block tables (their key slots are the graph's)
     out: torch.Tensor  # [R, S + 1] each draw's token
     sampling: ChainSampling | None = None  # sampled chains: the rows' settings, keys and draft distributions
 
@@ -380,20 +379,19 @@ class GraphRunner:
         input_ids = torch.zeros(r, n, dtype=torch.long, device=dev)
         positions = torch.zeros(r, n, dtype=torch.long, device=dev)
         slots = torch.full((r * n,), scratch, dtype=torch.long, device=dev)
-        gather = torch.full((r * t,), scratch, dtype=torch.long, device=dev)
-        mask = torch.zeros(r, 1, n, t, dtype=torch.bool, device=dev)
-        mask[..., 0] = True
-        batch = AttnBatch(slots, gather, mask, t)
+        table = torch.full((r, -(-t // self.pool.block_size)), self.pool.scratch_block, dtype=torch.long, device=dev)
         keep = n if n <= MAX_TOKENS_PER_ROW else 1  # a prompt chunk's graph: each row's last logits
 
         def step():
-            batch.folded = None  # the graph must rebuild the layer mask from the static mask on every replay
+            # the rows' key slots and mask from the static table and positions, in the graph: built eagerly they were
+            # ~8 launches of every replay, on the host of a launch-bound step
+            batch = AttnBatch(slots, key_slots(table, t, self.pool.block_size).reshape(-1), causal_mask(positions, t), t)
             return self.lean.forward(input_ids, positions, batch, self.pool, keep, aux_layers)
 
         graph, out = capture(step, dev, *self._stream(), keys=t)
         logits, hidden = out if aux_layers is not None else (out, None)
         logger.debug("captured a CUDA graph: %d rows x %d tokens, %d keys%s", r, n, t, ", aux" if hidden is not None else "")
-        return _Graph(graph, input_ids, positions, slots, gather, mask, logits, hidden)
+        return _Graph(graph, input_ids, positions, slots, table, logits, hidden)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, table: torch.Tensor,
             num_keys: int, keep: int, aux_layers: tuple[int, ...] | None = None
@@ -405,7 +403,6 @@ class GraphRunner:
         t = bucket(num_keys, self.key_buckets)
         m = self.tokens_bucket(r, n, t, keep)
         g = self._graph((r, m, t, aux_layers))
-        gather = key_slots(self._cover(table, t), t, self.pool.block_size)  # past the rows' tables: scratch
         pad = m - n  # left padding of every row, as the runner pads ragged rows: position 0, the scratch slot
         if pad:
             g.input_ids[:b, :pad].zero_()
@@ -416,8 +413,7 @@ class GraphRunner:
         slots_rm[:b, pad:].copy_(slots.view(b, n))
         slots_rm[:b, :pad].fill_(self.pool.scratch_slot)
         slots_rm[b:].fill_(self.pool.scratch_slot)  # padding rows and tokens must never write a live slot
-        g.gather.view(r, t)[:b].copy_(gather)
-        g.mask[:b].copy_(causal_mask(g.positions[:b], t))
+        g.table[:b].copy_(self._cover(table, t)[:, : g.table.shape[1]])  # past the rows' tables: scratch
         g.graph.replay()
         self.replays += 1
         logits = g.logits[:b, g.logits.shape[1] - keep:].clone()  # the next replay overwrites the output buffers
@@ -457,7 +453,7 @@ class GraphRunner:
         c.start[b:].zero_()
         c.slots[:, :b].copy_(slots.t())
         c.slots[:, b:].fill_(self.pool.scratch_slot)  # padding rows must never write a live slot
-        c.gather.view(r, t)[:b].copy_(key_slots(self._cover(table, t), t, self.pool.block_size))
+        c.table[:b].copy_(self._cover(table, t)[:, : c.table.shape[1]])
         cs = c.sampling
         if cs is not None:
             cs.load(sampling)
@@ -558,11 +554,12 @@ class GraphRunner:
         first = torch.zeros(r, vocab, device=dev)  # float32: the logits of any dtype, exactly
         start = torch.zeros(r, dtype=torch.long, device=dev)
         slots = torch.full((steps, r), self.pool.scratch_slot, dtype=torch.long, device=dev)
-        gather = torch.full((r * t,), self.pool.scratch_slot, dtype=torch.long, device=dev)
+        table = torch.full((r, -(-t // self.pool.block_size)), self.pool.scratch_block, dtype=torch.long, device=dev)
         cs = None if mode == "greedy" else ChainSampling.buffers(self._chain_io, r, steps + 1, vocab, dev,
                                                                  mode == "sample-cut")
 
         def chain() -> torch.Tensor:
+            gather = key_slots(table, t, self.pool.block_size).reshape(-1)  # in the graph, as ``_capture``'s
             cur = first.argmax(-1)
             if cs is not None:
                 cur = cs.draw(0, first, cur)
@@ -579,4 +576,4 @@ class GraphRunner:
 
         graph, out = capture(chain, dev, *self._stream(), keys=t)
         logger.debug("captured a CUDA graph of a %s drafting chain: %d rows x %d steps, %d keys", mode, r, steps, t)
-        return _Chain(graph, first, start, slots, gather, out, cs)
+        return _Chain(graph, first, start, slots, table, out, cs)
