@@ -463,7 +463,7 @@ class GraphRunner:
 
     def run_verify(self, logits: torch.Tensor, drafts: list[list[int]], settings: list[list[float]],
                    sample_keys: list[list[int]], accept_keys: list[list[int]] | None, q: torch.Tensor | None,
-                   truncate: bool) -> list[list[int]] | None:
+                   truncate: bool, drafted: torch.Tensor | None = None) -> list[list[int]] | None:
         """A sampled step's verification (engine.rejection ``verify_rows``) as one graph replay: the target's
         ``logits`` ``[B, N, V]`` (N = K + 1), each row's draft tokens (up to K), ``settings`` (temperature, top_p,
         top_k, seeded), keys of its N draws and K acceptance tests (engine.rng.key; None: no row tests), the draft
@@ -494,6 +494,8 @@ class GraphRunner:
                 for d, sk, ak in zip(drafts, sample_keys, accept_keys or [[]] * b)]
         g.logits[:b, :n].copy_(logits)
         g.ints[:b].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
+        if drafted is not None:  # the drafts on the device (``drafts`` holds placeholders of their length)
+            g.ints[:b, : drafted.shape[1]].copy_(drafted)
         g.settings[:b].copy_(torch.tensor(settings, dtype=torch.float32), non_blocking=True)
         g.settings[b:].zero_()  # padding rows: greedy, no draft
         if q is not None:

@@ -511,6 +511,8 @@ class LLMEngine:
         """Track the single-step target time and the draft/target cost ratios (the doctor's model) of the
         draft model and the EAGLE head, each from steps that drafted with it alone; at batch 1 also the first
         verified position's cost (``first_cost``)."""
+        if not timing.split:  # the draft's work ran within target_s: neither phase's time is known apart
+            return
         t1 = timing.target_s / (1.0 + self.verify_cost * kmax)
         self.t_target1 = EMA * self.t_target1 + (1 - EMA) * t1 if self.t_target1 else t1
         if batch == 1 and kmax <= 1:

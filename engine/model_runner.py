@@ -102,13 +102,15 @@ class ModelRunner:
 
     # ------------------------------------------------------------- forward
     @torch.inference_mode()
-    def forward(self, rows: list[RowInput], sync: bool = True) -> list[torch.Tensor]:
+    def forward(self, rows: list[RowInput], sync: bool = True, tail: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Write the rows' new tokens to the cache and return each row's last logits.
 
         Returns one ``[num_logits, vocab]`` float tensor per row. On any error (no free
         block, device OOM) every row is left exactly as it was before the call. ``sync=False``: return once the
         forward is launched (a GPU's work may still run), for callers that launch more work on the logits before
-        reading them on the host (which waits for it all): that launching then overlaps the forward.
+        reading them on the host (which waits for it all): that launching then overlaps the forward. ``tail``: every
+        row's last K tokens ``[B, K]`` on the device (a draft not copied to the host; the rows' ``token_ids`` hold
+        placeholders there).
         """
         t0 = time.perf_counter()
         bs = self.blocks.block_size
@@ -123,8 +125,8 @@ class ModelRunner:
                 self.pool.copy_blocks(self.blocks.prepare_append(row.seq_id, len(row.token_ids)))
                 grown.append(row.seq_id)
             with eager_attention(self.device):  # a graph captured inside chooses its own (cuda_graphs.capture)
-                logits = (self._run_lean(rows, starts, bs, aux) if self.lean is not None
-                          else self._run(rows, starts, bs, aux))
+                logits = (self._run_lean(rows, starts, bs, aux, tail) if self.lean is not None
+                          else self._run(rows, starts, bs, aux, tail))
         except BaseException:
             for seq_id, start in zip(grown, starts):
                 self.blocks.truncate(seq_id, start)
@@ -148,7 +150,8 @@ class ModelRunner:
         self.last_forward_s = time.perf_counter() - t0
         return logits
 
-    def _run(self, rows: list[RowInput], starts: list[int], bs: int, aux: list | None = None) -> list[torch.Tensor]:
+    def _run(self, rows: list[RowInput], starts: list[int], bs: int, aux: list | None = None,
+             tail: torch.Tensor | None = None) -> list[torch.Tensor]:
         dev = self.device
         lens = [len(r.token_ids) for r in rows]
         n = max(lens)
@@ -158,6 +161,8 @@ class ModelRunner:
 
         ids = [[0] * (n - len(r.token_ids)) + r.token_ids for r in rows]
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # [B, N]
+        if tail is not None:  # rows are left-padded: their last K tokens share the last K columns
+            input_ids[:, n - tail.shape[1]:] = tail
         start_t = torch.tensor(starts, dtype=torch.long, device=dev)
         pad_t = torch.tensor([n - k for k in lens], dtype=torch.long, device=dev)
         q_idx = torch.arange(n, device=dev)
@@ -197,8 +202,8 @@ class ModelRunner:
         logits = logits[..., : self.vocab_size].float()  # [B, keep, V]
         return [logits[i, keep - r.num_logits :] for i, r in enumerate(rows)]
 
-    def _run_lean(self, rows: list[RowInput], starts: list[int], bs: int, aux: list | None = None
-                  ) -> list[torch.Tensor]:
+    def _run_lean(self, rows: list[RowInput], starts: list[int], bs: int, aux: list | None = None,
+                  tail: torch.Tensor | None = None) -> list[torch.Tensor]:
         dev = self.device
         b = len(rows)
         lens = [len(r.token_ids) for r in rows]
@@ -221,6 +226,8 @@ class ModelRunner:
         meta = torch.tensor(ids + positions + slots + table_rows + self.tables.pending(),  # the tables' changes too
                             dtype=torch.long).to(dev, non_blocking=True)
         input_ids = meta[: b * n].view(b, n)
+        if tail is not None:  # rows are left-padded: their last K tokens share the last K columns
+            input_ids[:, n - tail.shape[1]:] = tail
         pos_t = meta[b * n: 2 * b * n].view(b, n)
         slot_t = meta[2 * b * n: 3 * b * n]
         keep = max(r.num_logits for r in rows)

@@ -35,6 +35,8 @@ class StepTiming:
     target_s: float  # on a GPU: the forward and the verification (launches overlap it), up to the tokens on the host
     total_s: float
     explored: bool = False  # a phase ran at a thread count being measured, not the preferred one (engine.threads)
+    split: bool = True  # propose_s and target_s time their phases; False where the draft stayed on the device (its
+    # work then ran within target_s, up to the verification's host copy, and propose_s is its launch only)
 
 
 def sampling_key_rows(reqs: list[Request], k: int) -> tuple[list[list[int]], list[list[int]] | None]:
@@ -80,6 +82,7 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     # all-greedy steps need no sampling tensors at all: the plain path stays as lean as before
     rp = None if greedy else RowParams.build([r.params for r in reqs], dev)
     lists: list[list[int]] = [[] for _ in reqs]
+    on_device = None  # [B, K] on the device: one proposer's draft of every row, one K (Proposal.drafted)
     q_parts: list[tuple[list[int], Proposal]] = []
     used = [plan[r][1] for r in reqs]
     ks = [plan[r][0] for r in reqs]
@@ -95,8 +98,15 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
             continue
         sub = None if greedy else rp.select(idx)
         prop = proposers[name].propose(StepRows([reqs[i] for i in idx], _one_k(proposers[name], reqs, idx, ks), sub))
-        for i, toks in zip(idx, prop.token_lists):
-            lists[i] = toks[: ks[i]]
+        if prop.token_lists is None and len(idx) == len(reqs) and all(ks[i] == prop.drafted.shape[1] for i in idx):
+            # the verification reads them on the device; the host gets them in its one copy. On an H200 (demo pair,
+            # fp16, 8 rows, K = 6) copying them first cost the step ~0.85 ms waiting for the draft, and the host
+            # work that builds the verification's inputs then ran with the device idle
+            on_device = prop.drafted
+            lists = [[0] * ks[i] for i in range(len(reqs))]  # placeholders of the right length
+        else:
+            for i, toks in zip(idx, prop.lists()):
+                lists[i] = toks[: ks[i]]
         q_parts.append((idx, prop))
         if name == "ngram" and fallback:
             _fall_back(reqs, idx, lists, used, ks, fallback, proposers)
@@ -117,14 +127,14 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     # on a GPU the verification's launches overlap the forward (not synced): the target's time then runs to the
     # verified tokens' copy to the host, which waits for both
     synced = dev.type == "cpu"
-    per_row = target.forward(rows_in, sync=synced)
+    per_row = target.forward(rows_in, sync=synced, tail=on_device)
     if while_device is not None:
         while_device()
     t2 = time.perf_counter()
     if threads is not None:
         threads.observe(n_verify, tokens, t2 - t1, len(reqs), "verify")
     if greedy:
-        verified = _verify_greedy_host(per_row, lists)
+        verified = _verify_greedy_host(per_row, lists, on_device)
     else:
         logits = _stack_padded(per_row)  # [B, K+1, V]
         kmax = logits.shape[1] - 1
@@ -133,8 +143,10 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         host = None
         if target.graphs is not None:  # CUDA: the whole verification as one graph replay
             settings, truncate = row_settings([r.params for r in reqs], logits.shape[-1])
-            host = target.graphs.run_verify(logits, lists, settings, sample_rows, accept_rows, q, truncate)
+            host = target.graphs.run_verify(logits, lists, settings, sample_rows, accept_rows, q, truncate, on_device)
         if host is None:
+            if on_device is not None:
+                lists[:] = on_device.tolist()
             # [B, K] draft tokens (-1 past a row's K) and [B] their counts, in one copy
             packed = to_device([toks + [-1] * (kmax - len(toks)) + [len(toks)] for toks in lists], torch.long, dev)
             sample_keys = to_device(sample_rows, torch.int64, dev)
@@ -150,7 +162,7 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         k = len(lists[i])
         out.append(RowResult(r, used[i] if k else "", k, a, tokens, per_row[i]))
     t3 = time.perf_counter()
-    return out, StepTiming(t1 - t0, t2 - t1, t3 - t0, explored)
+    return out, StepTiming(t1 - t0, t2 - t1, t3 - t0, explored, split=on_device is None)
 
 
 def _one_k(proposer: Proposer, reqs: list[Request], idx: list[int], ks: list[int]) -> list[int]:
@@ -183,12 +195,21 @@ def _fall_back(reqs: list[Request], idx: list[int], lists: list[list[int]], used
                 used[i], ks[i] = method, min(ks[i], fallback[reqs[i]][0])
 
 
-def _verify_greedy_host(per_row: list[torch.Tensor], lists: list[list[int]]) -> list[tuple[int, list[int]]]:
-    """Greedy rows: one argmax over the step and one host copy; accept while the draft is the argmax."""
+def _verify_greedy_host(per_row: list[torch.Tensor], lists: list[list[int]], drafted: torch.Tensor | None = None
+                        ) -> list[tuple[int, list[int]]]:
+    """Greedy rows: one argmax over the step and one host copy; accept while the draft is the argmax. ``drafted``:
+    the rows' drafts on the device (``lists`` holds placeholders), copied to ``lists`` in the same copy."""
     n = max(x.shape[0] for x in per_row)
-    if all(x.shape[0] == n for x in per_row):
+    if drafted is not None and all(x.shape[0] == n for x in per_row):
+        k = drafted.shape[1]
+        both = torch.cat([drafted, torch.stack(per_row).argmax(-1)], 1).tolist()
+        lists[:] = [h[:k] for h in both]
+        choices = [h[k:] for h in both]
+    elif all(x.shape[0] == n for x in per_row):
         choices = torch.stack(per_row).argmax(-1).tolist()
     else:
+        if drafted is not None:
+            lists[:] = drafted.tolist()
         choices = torch.cat(per_row).argmax(-1).tolist()
         lens, choices_flat, choices = [x.shape[0] for x in per_row], choices, []
         start = 0

@@ -314,7 +314,7 @@ def test_published_layouts_load_and_draft(tmp_path, target):
 
     def spy(rows):
         proposal = orig(rows)
-        seen.extend(t for ts in proposal.token_lists for t in ts)
+        seen.extend(t for ts in proposal.lists() for t in ts)
         return proposal
 
     eng.proposers["eagle"].propose = spy

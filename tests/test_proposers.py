@@ -45,10 +45,10 @@ def test_ngram_drafts_only_the_positions_that_pay_for_their_match_order():
         prop.rollback(strong, strong.num_tokens + 4)
     assert prop.by_order[1].accepted_per_position[1] == 0 and prop.by_order[4].acceptance_rate == 1.0
     prop.position_cost = 0.15
-    out = prop.propose(StepRows([weak, strong, row(weak.all_ids, 3, fixed=4)], [4, 4, 4], None)).token_lists
+    out = prop.propose(StepRows([weak, strong, row(weak.all_ids, 3, fixed=4)], [4, 4, 4], None)).lists()
     assert out == [[2], [5, 6, 7, 8], [2, 3, 4, 9]]
     prop.position_cost = 0.0
-    assert prop.propose(StepRows([weak], [4], None)).token_lists == [[2, 3, 4, 9]]
+    assert prop.propose(StepRows([weak], [4], None)).lists() == [[2, 3, 4, 9]]
     prop.rollback(weak, weak.num_tokens)
     # a first position that costs more than the order's first draft returns (weak: ~1 in 4) drafts nothing, but for
     # one match in EXPLORE_CUT (evidence for that order); a reliable order and a fixed K are not cut
@@ -57,14 +57,14 @@ def test_ngram_drafts_only_the_positions_that_pay_for_their_match_order():
     prop.position_cost, prop.first_cost = 0.15, 0.4
     drafted = []
     for _ in range(2 * EXPLORE_CUT):
-        out = prop.propose(StepRows([weak, strong, row(weak.all_ids, 3, fixed=4)], [4, 4, 4], None)).token_lists
+        out = prop.propose(StepRows([weak, strong, row(weak.all_ids, 3, fixed=4)], [4, 4, 4], None)).lists()
         assert out[1:] == [[5, 6, 7, 8], [2, 3, 4, 9]]
         drafted.append(out[0])
         for r in (weak, strong):
             prop.rollback(r, r.num_tokens)
     assert drafted.count([]) == 2 * EXPLORE_CUT - 2 and drafted.count([2]) == 2, drafted
     prop.first_cost = 0.2  # cheaper than the weak order's first draft: it drafts again
-    assert prop.propose(StepRows([weak], [4], None)).token_lists == [[2]]
+    assert prop.propose(StepRows([weak], [4], None)).lists() == [[2]]
     prop.release(weak)
     assert weak.seq_id not in prop._drafted
 
@@ -258,7 +258,7 @@ def test_rows_falling_back_from_ngram_to_eagle_keep_the_target_distribution(monk
 
     def every_other_row_misses(self, rows):
         prop = real(self, rows)
-        return Proposal([t if r.seq_id % 2 else [] for r, t in zip(rows.reqs, prop.token_lists)], prop.probs)
+        return Proposal([t if r.seq_id % 2 else [] for r, t in zip(rows.reqs, prop.lists())], prop.probs)
 
     monkeypatch.setattr(NgramProposer, "propose", every_other_row_misses)
     monkeypatch.setattr(eng, "_choose", lambda req, batch: (max(0, min(K_DIST, req.remaining - 1)), "ngram"))

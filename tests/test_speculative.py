@@ -234,6 +234,60 @@ def test_seeded_requests_reproduce_across_k_methods_and_load(pair):
     _assert_all_free(pair)
 
 
+@pytest.mark.parametrize("method", ["model", "eagle"])
+def test_drafts_left_on_the_device_verify_as_drafts_on_the_host(pair, plain_reference, monkeypatch, method):
+    """A proposer's draft still on the device (``Proposal.drafted``: a CUDA chain's, whose host copy would stall the
+    step) reaches the verification there: the target reads it as the tail of its input and the host gets it with the
+    verification's one copy. Over that path on the CPU (every draft of one K handed over on the device), greedy output
+    is the plain output, seeded sampling repeats its output without drafting, and the drafts accepted are the host
+    path's; it fails when the target's forward ignores the tail or a verification reads the placeholders."""
+    from engine.proposers.base import Proposal
+
+    prop = pair.proposers[method]
+    real = type(prop).propose
+    tails = []
+
+    def on_device(self, rows):
+        out = real(self, rows)
+        lists = out.lists()
+        if lists and len({len(t) for t in lists}) == 1 and lists[0]:
+            return Proposal(None, out.probs, drafted=torch.tensor(lists))
+        return out
+
+    forward = type(pair.target).forward
+
+    def spy(self, rows, sync=True, tail=None):
+        tails.append(tail is not None)
+        return forward(self, rows, sync, tail)
+
+    sampled = [SamplingParams(max_new_tokens=30, temperature=t, top_p=tp, seed=s, ignore_eos=True,
+                              num_draft_tokens=4, draft_method=method) for s, t, tp in ((7, 0.8, 0.9), (8, 1.0, 1.0))]
+    alone = [pair.generate(PROMPTS[1], SamplingParams(**{**p.__dict__, "speculative": False})).token_ids
+             for p in sampled]
+
+    def run():
+        greedy = _run_all(pair, PROMPTS, _greedy(4, method=method))
+        done = {}
+        for i, p in enumerate(sampled):
+            pair.add_request(PROMPTS[1], p, sink=lambda ev, i=i: done.__setitem__(i, ev)
+                             if isinstance(ev, FinishEvent) else None)
+        while pair.has_work():
+            pair.step()
+        return greedy + [done[i] for i in range(len(sampled))]
+
+    host = run()
+    monkeypatch.setattr(type(prop), "propose", on_device)
+    monkeypatch.setattr(type(pair.target), "forward", spy)
+    results = run()
+    assert all(r.error is None for r in results)
+    assert [r.token_ids for r in results] == plain_reference + alone
+    assert sum(tails) > 10, "no verification read a draft left on the device"
+    # the same drafts accepted as on the host (placeholders verified instead would still give the same tokens)
+    assert [(r.stats.num_drafts, r.stats.acceptance_rate) for r in results] == \
+        [(r.stats.num_drafts, r.stats.acceptance_rate) for r in host]
+    _assert_all_free(pair)
+
+
 def test_rejection_rule_on_crafted_logits():
     from engine.rejection import verify
     from engine.sampler import RowParams

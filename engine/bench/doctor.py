@@ -97,7 +97,7 @@ class ProposerClock:
             out = fn(rows)
             if self._cuda:
                 torch.cuda.synchronize()
-            proposed = sum(len(t) for t in out.token_lists)
+            proposed = sum(len(t) for t in out.lists())
             self.calls.setdefault(name, []).append((proposed, time.perf_counter() - t0))
             return out
         return propose

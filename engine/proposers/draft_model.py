@@ -54,11 +54,9 @@ class DraftModelProposer:
             # not synced: the sampling below and the chain are launched while the forward runs
             logits = torch.stack([out[-1] for out in self.runner.forward(feed, sync=False)])  # [A, V]
             got = self._chain(rows, logits, keys, slot) if j == 0 and kmax > 1 and min(rows.ks) == kmax else None
-            if got is not None:  # every draw and forwards 2..K ran as one CUDA graph: one host copy of all K
+            if got is not None:  # every draw and forwards 2..K ran as one CUDA graph: the tokens stay on the device
                 drawn, probs = got
-                for i, toks in enumerate(drawn.tolist()):
-                    lists[i] += toks
-                return Proposal(lists, probs if keep_q else None)
+                return Proposal(None, probs if keep_q else None, drafted=drawn)
             if sampled and keys_t is None:
                 keys_t = to_device(keys, torch.int64, dev)
             tokens = logits.argmax(-1)

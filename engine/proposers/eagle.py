@@ -188,8 +188,10 @@ class EagleProposer:
                                         [rows.ks[i] - 1 for i in cont])
                     if len(cont) == len(active) and len({rows.ks[i] for i in cont}) == 1:
                         rest = self._graphed(rows, cont, chain, out, slot, keys)
-                        if rest is not None:  # every draw and steps 2..K ran as one CUDA graph: one host copy
+                        if rest is not None:  # every draw and steps 2..K ran as one CUDA graph
                             drawn, probs = rest
+                            if len(cont) == b:  # every row: its tokens stay on the device (Proposal.drafted)
+                                return Proposal(None, probs if q is not None else None, drafted=drawn)
                             for i, toks in zip(cont, drawn.tolist()):
                                 lists[i] += toks
                             if q is not None and probs is not None:
