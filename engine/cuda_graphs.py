@@ -463,7 +463,8 @@ class GraphRunner:
 
     def run_verify(self, logits: torch.Tensor, drafts: list[list[int]], settings: list[list[float]],
                    sample_keys: list[list[int]], accept_keys: list[list[int]] | None, q: torch.Tensor | None,
-                   truncate: bool, drafted: torch.Tensor | None = None) -> list[list[int]] | None:
+                   truncate: bool, drafted: torch.Tensor | None = None, drafters: list[int] = ()
+                   ) -> list[list[int]] | None:
         """A sampled step's verification (engine.rejection ``verify_rows``) as one graph replay: the target's
         ``logits`` ``[B, N, V]`` (N = K + 1), each row's draft tokens (up to K), ``settings`` (temperature, top_p,
         top_k, seeded), keys of its N draws and K acceptance tests (engine.rng.key; None: no row tests), the draft
@@ -494,8 +495,14 @@ class GraphRunner:
                 for d, sk, ak in zip(drafts, sample_keys, accept_keys or [[]] * b)]
         g.logits[:b, :n].copy_(logits)
         g.ints[:b].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
-        if drafted is not None:  # the drafts on the device (``drafts`` holds placeholders of their length)
-            g.ints[:b, : drafted.shape[1]].copy_(drafted)
+        if drafted is not None:  # rows ``drafters``' drafts on the device; ``drafts`` holds placeholders (0) there
+            k = min(drafted.shape[1], km)
+            full = drafted[:, :k]
+            if len(drafters) < b:
+                full = torch.zeros(b, k, dtype=torch.long, device=self.device).index_copy_(
+                    0, torch.tensor(drafters).to(self.device, non_blocking=True), full)
+            cur = g.ints[:b, :k]
+            cur.copy_(torch.where(cur >= 0, full, cur))  # -1 past a row's own K stays
         g.settings[:b].copy_(torch.tensor(settings, dtype=torch.float32), non_blocking=True)
         g.settings[b:].zero_()  # padding rows: greedy, no draft
         if q is not None:

@@ -36,6 +36,31 @@ class RowInput:
     token_ids: list[int]
     num_logits: int = 1
     aux: bool = False  # deliver this row's aux hidden states to ``ModelRunner.aux_sink`` (an EAGLE-3 head's)
+    tail: int = 0  # the last ``tail`` token_ids are placeholders for tokens on the device (``ModelRunner.forward``)
+
+
+def _tail_index(rows: list[RowInput], n: int, k: int) -> tuple[list[int] | None, list[int] | None]:
+    """Where ``ModelRunner.forward``'s ``tail`` goes in the left-padded ``[B, n]`` input: (None, None) where every row
+    holds ``k`` placeholders (the last ``k`` columns), else the flat input indices and the flat tail indices."""
+    if all(r.tail == k for r in rows):
+        return None, None
+    dst: list[int] = []
+    src: list[int] = []
+    j = 0
+    for i, r in enumerate(rows):
+        if r.tail:
+            dst += range(i * n + n - r.tail, i * n + n)
+            src += range(j * k, j * k + r.tail)
+            j += 1
+    return dst, src
+
+
+def _put_tail(input_ids: torch.Tensor, tail: torch.Tensor, dst: torch.Tensor | None, src: torch.Tensor | None) -> None:
+    """``tail`` into the input: its last columns (``dst`` None), or at flat ``dst`` from flat ``src``."""
+    if dst is None:
+        input_ids[:, input_ids.shape[1] - tail.shape[1]:] = tail
+    else:
+        input_ids.view(-1).index_copy_(0, dst, tail.reshape(-1).index_select(0, src))
 
 
 class ModelRunner:
@@ -108,9 +133,9 @@ class ModelRunner:
         Returns one ``[num_logits, vocab]`` float tensor per row. On any error (no free
         block, device OOM) every row is left exactly as it was before the call. ``sync=False``: return once the
         forward is launched (a GPU's work may still run), for callers that launch more work on the logits before
-        reading them on the host (which waits for it all): that launching then overlaps the forward. ``tail``: every
-        row's last K tokens ``[B, K]`` on the device (a draft not copied to the host; the rows' ``token_ids`` hold
-        placeholders there).
+        reading them on the host (which waits for it all): that launching then overlaps the forward. ``tail``:
+        ``[D, K]`` tokens on the device (a draft not copied to the host); row j's first ``tail`` of them stand for
+        the placeholders of the j-th row with a positive ``RowInput.tail``.
         """
         t0 = time.perf_counter()
         bs = self.blocks.block_size
@@ -161,8 +186,10 @@ class ModelRunner:
 
         ids = [[0] * (n - len(r.token_ids)) + r.token_ids for r in rows]
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # [B, N]
-        if tail is not None:  # rows are left-padded: their last K tokens share the last K columns
-            input_ids[:, n - tail.shape[1]:] = tail
+        if tail is not None:
+            dst, src = _tail_index(rows, n, tail.shape[1])
+            if dst is None or dst:
+                _put_tail(input_ids, tail, *(None if f is None else torch.tensor(f, device=dev) for f in (dst, src)))
         start_t = torch.tensor(starts, dtype=torch.long, device=dev)
         pad_t = torch.tensor([n - k for k in lens], dtype=torch.long, device=dev)
         q_idx = torch.arange(n, device=dev)
@@ -223,15 +250,17 @@ class ModelRunner:
             ids += [0] * pad + row.token_ids
             positions += [0] * pad + list(range(start, start + k))
             slots += [scratch] * pad + [blocks[p // bs] * bs + p % bs for p in range(start, start + k)]
-        meta = torch.tensor(ids + positions + slots + table_rows + self.tables.pending(),  # the tables' changes too
-                            dtype=torch.long).to(dev, non_blocking=True)
+        dst, src = _tail_index(rows, n, tail.shape[1]) if tail is not None else (None, None)
+        m = len(dst) if dst is not None else 0
+        meta = torch.tensor(ids + positions + slots + (dst or []) + (src or []) + table_rows + self.tables.pending(),
+                            dtype=torch.long).to(dev, non_blocking=True)  # the tables' changes last (``read``)
         input_ids = meta[: b * n].view(b, n)
-        if tail is not None:  # rows are left-padded: their last K tokens share the last K columns
-            input_ids[:, n - tail.shape[1]:] = tail
+        if tail is not None and (dst is None or m):
+            _put_tail(input_ids, tail, meta[3 * b * n: 3 * b * n + m] if m else None, meta[3 * b * n + m: 3 * b * n + 2 * m])
         pos_t = meta[b * n: 2 * b * n].view(b, n)
         slot_t = meta[2 * b * n: 3 * b * n]
         keep = max(r.num_logits for r in rows)
-        table = self.tables.read(meta, 3 * b * n, b)  # [B, max blocks]
+        table = self.tables.read(meta, 3 * b * n + 2 * m, b)  # [B, max blocks]
         logits = None
         if self.graphs is not None and self.graphs.fits(b, n, t_len, self.aux_layers if aux is not None else None, keep):
             try:

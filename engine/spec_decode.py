@@ -82,7 +82,8 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     # all-greedy steps need no sampling tensors at all: the plain path stays as lean as before
     rp = None if greedy else RowParams.build([r.params for r in reqs], dev)
     lists: list[list[int]] = [[] for _ in reqs]
-    on_device = None  # [B, K] on the device: one proposer's draft of every row, one K (Proposal.drafted)
+    on_device = None  # [D, K] on the device: one proposer's drafts of rows ``drafters`` (Proposal.drafted)
+    drafters: list[int] = []
     q_parts: list[tuple[list[int], Proposal]] = []
     used = [plan[r][1] for r in reqs]
     ks = [plan[r][0] for r in reqs]
@@ -98,12 +99,13 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
             continue
         sub = None if greedy else rp.select(idx)
         prop = proposers[name].propose(StepRows([reqs[i] for i in idx], _one_k(proposers[name], reqs, idx, ks), sub))
-        if prop.token_lists is None and len(idx) == len(reqs) and all(ks[i] == prop.drafted.shape[1] for i in idx):
+        if prop.token_lists is None and on_device is None:
             # the verification reads them on the device; the host gets them in its one copy. On an H200 (demo pair,
             # fp16, 8 rows, K = 6) copying them first cost the step ~0.85 ms waiting for the draft, and the host
             # work that builds the verification's inputs then ran with the device idle
-            on_device = prop.drafted
-            lists = [[0] * ks[i] for i in range(len(reqs))]  # placeholders of the right length
+            on_device, drafters = prop.drafted, idx
+            for i in idx:
+                lists[i] = [0] * min(ks[i], on_device.shape[1])  # placeholders of the row's own K
         else:
             for i, toks in zip(idx, prop.lists()):
                 lists[i] = toks[: ks[i]]
@@ -122,8 +124,9 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         n_verify = threads.choose(tokens, len(reqs), "verify")
         explored = explored or threads.exploring
     # rows that may draft with the EAGLE head bring back the target's features of what it verified
-    rows_in = [RowInput(r.seq_id, r.all_ids[target.cached_len(r.seq_id):] + lists[i], len(lists[i]) + 1, r.use_eagle)
-               for i, r in enumerate(reqs)]
+    held = set(drafters)
+    rows_in = [RowInput(r.seq_id, r.all_ids[target.cached_len(r.seq_id):] + lists[i], len(lists[i]) + 1, r.use_eagle,
+                        len(lists[i]) if i in held else 0) for i, r in enumerate(reqs)]
     # on a GPU the verification's launches overlap the forward (not synced): the target's time then runs to the
     # verified tokens' copy to the host, which waits for both
     synced = dev.type == "cpu"
@@ -134,7 +137,7 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     if threads is not None:
         threads.observe(n_verify, tokens, t2 - t1, len(reqs), "verify")
     if greedy:
-        verified = _verify_greedy_host(per_row, lists, on_device)
+        verified = _verify_greedy_host(per_row, lists, on_device, drafters)
     else:
         logits = _stack_padded(per_row)  # [B, K+1, V]
         kmax = logits.shape[1] - 1
@@ -143,10 +146,11 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         host = None
         if target.graphs is not None:  # CUDA: the whole verification as one graph replay
             settings, truncate = row_settings([r.params for r in reqs], logits.shape[-1])
-            host = target.graphs.run_verify(logits, lists, settings, sample_rows, accept_rows, q, truncate, on_device)
+            host = target.graphs.run_verify(logits, lists, settings, sample_rows, accept_rows, q, truncate,
+                                            on_device, drafters)
         if host is None:
             if on_device is not None:
-                lists[:] = on_device.tolist()
+                _take_drafts(lists, drafters, on_device.tolist())
             # [B, K] draft tokens (-1 past a row's K) and [B] their counts, in one copy
             packed = to_device([toks + [-1] * (kmax - len(toks)) + [len(toks)] for toks in lists], torch.long, dev)
             sample_keys = to_device(sample_rows, torch.int64, dev)
@@ -195,27 +199,31 @@ def _fall_back(reqs: list[Request], idx: list[int], lists: list[list[int]], used
                 used[i], ks[i] = method, min(ks[i], fallback[reqs[i]][0])
 
 
-def _verify_greedy_host(per_row: list[torch.Tensor], lists: list[list[int]], drafted: torch.Tensor | None = None
-                        ) -> list[tuple[int, list[int]]]:
+def _take_drafts(lists: list[list[int]], drafters: list[int], rows: list[list[int]]) -> None:
+    """The drafts of rows ``drafters`` (``rows``, copied from the device) in place of their placeholders in
+    ``lists``: each row's own K of them."""
+    for i, toks in zip(drafters, rows):
+        lists[i] = toks[: len(lists[i])]
+
+
+def _verify_greedy_host(per_row: list[torch.Tensor], lists: list[list[int]], drafted: torch.Tensor | None = None,
+                        drafters: list[int] = ()) -> list[tuple[int, list[int]]]:
     """Greedy rows: one argmax over the step and one host copy; accept while the draft is the argmax. ``drafted``:
-    the rows' drafts on the device (``lists`` holds placeholders), copied to ``lists`` in the same copy."""
+    rows ``drafters``' drafts on the device (``lists`` holds placeholders), brought to ``lists`` in the same copy."""
     n = max(x.shape[0] for x in per_row)
-    if drafted is not None and all(x.shape[0] == n for x in per_row):
-        k = drafted.shape[1]
-        both = torch.cat([drafted, torch.stack(per_row).argmax(-1)], 1).tolist()
-        lists[:] = [h[:k] for h in both]
-        choices = [h[k:] for h in both]
-    elif all(x.shape[0] == n for x in per_row):
-        choices = torch.stack(per_row).argmax(-1).tolist()
+    lens = [x.shape[0] for x in per_row]
+    argmax = (torch.stack(per_row) if all(m == n for m in lens) else torch.cat(per_row)).argmax(-1).reshape(-1)
+    if drafted is None:
+        flat = argmax.tolist()
     else:
-        if drafted is not None:
-            lists[:] = drafted.tolist()
-        choices = torch.cat(per_row).argmax(-1).tolist()
-        lens, choices_flat, choices = [x.shape[0] for x in per_row], choices, []
-        start = 0
-        for m in lens:
-            choices.append(choices_flat[start: start + m])
-            start += m
+        k = drafted.shape[1]
+        flat = torch.cat([drafted.reshape(-1), argmax]).tolist()
+        _take_drafts(lists, drafters, [flat[j * k: (j + 1) * k] for j in range(len(drafters))])
+        flat = flat[len(drafters) * k:]
+    choices, start = [], 0
+    for m in lens:
+        choices.append(flat[start: start + m])
+        start += m
     out = []
     for toks, choice in zip(lists, choices):
         a = 0

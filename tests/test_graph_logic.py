@@ -147,8 +147,16 @@ def test_a_verification_graph_packs_its_rows_as_eager_verify_reads_them(monkeypa
         settings, truncate = row_settings(params, vocab)
         got = g.run_verify(logits, drafts, settings, sample, accept, q, truncate)
         assert [row[: k + 2] for row in got] == [[a] + t for a, t in zip(acc.tolist(), tok.tolist())], trial
+        # the drafts of the rows that drafted still on the device (one width, junk past a row's own K), placeholders
+        # in their place on the host: the same verification
+        drafters = [i for i in range(b) if num[i]]
+        if drafters:
+            on_device = torch.tensor([drafts[i] + [vocab - 1] * (k - num[i]) for i in drafters])
+            held = [[0] * len(d) for d in drafts]
+            got = g.run_verify(logits, held, settings, sample, accept, q, truncate, on_device, drafters)
+            assert [row[: k + 2] for row in got] == [[a] + t for a, t in zip(acc.tolist(), tok.tolist())], trial
         seen |= {"all" if a == n else "rejected" for a, n in zip(acc.tolist(), num) if n}
-    assert g.verify_replays == 8 and seen == {"all", "rejected"}
+    assert g.verify_replays == 15 and seen == {"all", "rejected"}
 
 
 DEMO = __import__("pathlib").Path(__file__).resolve().parents[1] / "resources" / "models"
