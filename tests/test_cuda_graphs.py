@@ -124,6 +124,14 @@ def test_graphed_engine_greedy_equals_eager_and_plain(monkeypatch):
         eng = build_engine(EngineConfig(target=str(DEMO / "demo-target"), draft=str(DEMO / "demo-draft"), device="cuda",
                                         dtype="float32"), warmup=False)
         assert (eng.target.graphs is not None) == graphs
+        tails = []  # verifications that read a chain's draft on the device (Proposal.drafted)
+        forward = eng.target.forward
+
+        def spy(rows, sync=True, tail=None, forward=forward, tails=tails):
+            tails.append(tail is not None)
+            return forward(rows, sync, tail)
+
+        monkeypatch.setattr(eng.target, "forward", spy)
         for k in (0, 4, None):
             sp = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True, speculative=k != 0,
                                 num_draft_tokens=k or None)
@@ -132,6 +140,7 @@ def test_graphed_engine_greedy_equals_eager_and_plain(monkeypatch):
             sp = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True, num_draft_tokens=k,
                                 draft_method="eagle")
             outs[(graphs, f"eagle {k}")] = [eng.generate(p, sp).token_ids for p in PROMPTS]
+        assert any(tails) == graphs  # only chains leave their drafts on the device
         if graphs:
             assert eng.target.graphs.replays > 0 and eng.draft.graphs.replays > 0
             assert eng.draft.graphs.chain_replays > 0  # K = 4 drafted steps 2..4 in one replay
