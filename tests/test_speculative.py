@@ -238,9 +238,10 @@ def test_seeded_requests_reproduce_across_k_methods_and_load(pair):
 def test_drafts_left_on_the_device_verify_as_drafts_on_the_host(pair, plain_reference, monkeypatch, method):
     """A proposer's draft still on the device (``Proposal.drafted``: a CUDA chain's, whose host copy would stall the
     step) reaches the verification there: the target reads it as the tail of its input and the host gets it with the
-    verification's one copy. Over that path on the CPU (every draft of one K handed over on the device), greedy output
-    is the plain output, seeded sampling repeats its output without drafting, and the drafts accepted are the host
-    path's; it fails when the target's forward ignores the tail or a verification reads the placeholders."""
+    verification's one copy. Over that path on the CPU (every proposal holding each row's own K handed over on the
+    device, padded to one width), greedy output is the plain output, seeded sampling repeats its output without
+    drafting, and the drafts accepted are the host path's; it fails when the target's forward ignores the tail or a
+    verification reads the placeholders."""
     from engine.proposers.base import Proposal
 
     prop = pair.proposers[method]

@@ -36,9 +36,10 @@ class StepRows:
 class Proposal:
     """Up to K tokens per row. ``token_lists[i]`` may be shorter than asked (even empty: the row
     then decodes plain this step). ``probs``: q ``[B, K, V]`` for rows that sampled from a
-    distribution, or None when every proposal is deterministic (q one-hot on the token). ``drafted``: every row's K
-    tokens ``[B, K]`` still on the device (``token_lists`` None until ``lists`` copies them), where one CUDA graph drew
-    them all: the verification can read them there, with no host round trip between drafting and verifying."""
+    distribution, or None when every proposal is deterministic (q one-hot on the token). ``drafted``: the rows' tokens
+    ``[B, K]`` still on the device (``token_lists`` None until ``lists`` copies them), where one CUDA graph drew them
+    all; a row uses its own first K of them: the verification can read them there, with no host round trip between
+    drafting and verifying."""
 
     token_lists: list[list[int]] | None
     probs: torch.Tensor | None = None
