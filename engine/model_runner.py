@@ -188,8 +188,8 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # [B, N]
         if tail is not None:
             dst, src = _tail_index(rows, n, tail.shape[1])
-            if dst is None or dst:
-                _put_tail(input_ids, tail, *(None if f is None else torch.tensor(f, device=dev) for f in (dst, src)))
+            _put_tail(input_ids, tail, *(None if f is None else torch.tensor(f, dtype=torch.long, device=dev)
+                                         for f in (dst, src)))
         start_t = torch.tensor(starts, dtype=torch.long, device=dev)
         pad_t = torch.tensor([n - k for k in lens], dtype=torch.long, device=dev)
         q_idx = torch.arange(n, device=dev)
@@ -255,8 +255,9 @@ class ModelRunner:
         meta = torch.tensor(ids + positions + slots + (dst or []) + (src or []) + table_rows + self.tables.pending(),
                             dtype=torch.long).to(dev, non_blocking=True)  # the tables' changes last (``read``)
         input_ids = meta[: b * n].view(b, n)
-        if tail is not None and (dst is None or m):
-            _put_tail(input_ids, tail, meta[3 * b * n: 3 * b * n + m] if m else None, meta[3 * b * n + m: 3 * b * n + 2 * m])
+        if tail is not None:
+            at = 3 * b * n
+            _put_tail(input_ids, tail, None if dst is None else meta[at: at + m], meta[at + m: at + 2 * m])
         pos_t = meta[b * n: 2 * b * n].view(b, n)
         slot_t = meta[2 * b * n: 3 * b * n]
         keep = max(r.num_logits for r in rows)
