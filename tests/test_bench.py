@@ -344,6 +344,7 @@ def test_doctor_rejects_an_incompatible_pair_with_exit_code_2(model_dirs, capsys
     (["bench", "--ks", "9"], "--ks must be in 1..8"),
     (["bench", "--repeats", "0"], "--repeats must be >= 1"),
     (["bench", "--waves", "0"], "--waves must be >= 1"),
+    (["bench", "--concurrency-repeats", "0"], "--concurrency-repeats must be >= 1"),
     (["bench", "--no-draft"], "needs a draft model"),
     (["doctor", "--methods", "medusa"], "--methods takes model, ngram and eagle"),
 ])

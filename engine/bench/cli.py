@@ -41,6 +41,9 @@ def add_parsers(sub) -> None:
     b.add_argument("--concurrency", type=_ints, default=None, help="concurrent requests (default 1,2,4,8,16)")
     b.add_argument("--waves", type=int, default=None, help="requests per concurrent client, each sent when its last "
                    "is answered (default 3; 1 times one closed batch, which its slowest row decides)")
+    b.add_argument("--concurrency-repeats", type=int, default=None, help="rounds of every concurrency pass (default 5; "
+                   "odd keeps a middle pass): the 8-client checks pair each round's passes, and on a noisy machine "
+                   "more rounds narrow their medians")
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() comparisons")
     b.add_argument("--strict", action="store_true", help="exit with code 1 when a target is missed")
     b.add_argument("--draft-random", action="store_true", help="give the draft random weights of its own shape (a "
@@ -103,7 +106,7 @@ def _apply_threads(args) -> str | None:
 
 
 def _usage_problem(args) -> str | None:
-    for name in ("num_prompts", "repeats", "waves"):
+    for name in ("num_prompts", "repeats", "waves", "concurrency_repeats"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             return f"--{name.replace('num_', '').replace('_', '-')} must be >= 1"
@@ -213,7 +216,8 @@ def run_bench_command(args) -> int:
         return cli.usage_error("bench needs a draft model: give --draft with --target")
     cfg = config_for(args.quick, num_prompts=args.num_prompts, repeats=args.repeats, temperatures=args.temperatures,
                      lengths=args.lengths, ks=args.ks, concurrency=args.concurrency,
-                     concurrency_waves=args.waves, hf=False if args.no_hf else None)
+                     concurrency_waves=args.waves, concurrency_repeats=args.concurrency_repeats,
+                     hf=False if args.no_hf else None)
     if args.lengths and not set(cfg.sweep_lengths) & set(cfg.lengths):
         from dataclasses import replace
 
