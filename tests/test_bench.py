@@ -89,6 +89,8 @@ def test_tables_name_every_target_with_pass_or_miss(quick_results):
         assert t["what"] in text
     assert "PASS" in text or "MISS" in text
     assert "| method |" in format_results(quick_results, markdown=True)
+    rounds = len(quick_results["concurrency"][0]["tokens_per_second_runs"])  # the rounds the medians are over
+    assert ("one round" if rounds == 1 else f"median of {rounds} rounds") in text
 
 
 def test_targets_say_miss_plainly():

@@ -186,6 +186,12 @@ def scenario_table(scen: dict, markdown: bool = False) -> str:
     return _table(headers, rows, markdown)
 
 
+def _rounds(row: dict) -> str:
+    """How many rounds a concurrency row's median is over (``--concurrency-repeats``)."""
+    n = len(row.get("tokens_per_second_runs") or ())
+    return "one round" if n == 1 else f"median of {n} rounds"
+
+
 def concurrency_table(rows: list[dict], markdown: bool = False) -> str:
     levels = sorted({r["concurrency"] for r in rows})
     headers = ["mode"] + [f"{n} req" for n in levels] + [f"x at {levels[-1]}"]
@@ -268,7 +274,8 @@ def format_results(results: dict, markdown: bool = False) -> str:
         c0 = results["concurrency"][0]
         waves = c0.get("requests", c0["concurrency"]) // c0["concurrency"]
         parts.append(f"{h}concurrency (scheduler, temperature {c0['temperature']:g}, {c0['max_new_tokens']} "
-                     f"new tokens each, {waves} request(s) per client back to back, throughput in tokens/s)")
+                     f"new tokens each, {waves} request(s) per client back to back, {_rounds(c0)}, throughput in "
+                     "tokens/s)")
         parts += [concurrency_table(results["concurrency"], markdown), ""]
         fixed = results.get("concurrency_fixed_k")
         if fixed:
