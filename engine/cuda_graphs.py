@@ -495,14 +495,16 @@ class GraphRunner:
                 for d, sk, ak in zip(drafts, sample_keys, accept_keys or [[]] * b)]
         g.logits[:b, :n].copy_(logits)
         g.ints[:b].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
-        if drafted is not None:  # rows ``drafters``' drafts on the device; ``drafts`` holds placeholders (0) there
+        if drafted is not None:  # rows ``drafters``' drafts on the device; ``drafts`` holds placeholders (0) there.
+            # Only those rows are written: the others' drafts (n-gram's, beside a model's chain) came from the host
             k = min(drafted.shape[1], km)
-            full = drafted[:, :k]
-            if len(drafters) < b:
-                full = torch.zeros(b, k, dtype=torch.long, device=self.device).index_copy_(
-                    0, torch.tensor(drafters).to(self.device, non_blocking=True), full)
             cur = g.ints[:b, :k]
-            cur.copy_(torch.where(cur >= 0, full, cur))  # -1 past a row's own K stays
+            if len(drafters) == b:  # every row, in order
+                cur.copy_(torch.where(cur >= 0, drafted[:, :k], cur))  # -1 past a row's own K stays
+            else:
+                at = torch.tensor(drafters).to(self.device, non_blocking=True)
+                held = cur.index_select(0, at)
+                cur.index_copy_(0, at, torch.where(held >= 0, drafted[:, :k], held))
         g.settings[:b].copy_(torch.tensor(settings, dtype=torch.float32), non_blocking=True)
         g.settings[b:].zero_()  # padding rows: greedy, no draft
         if q is not None:

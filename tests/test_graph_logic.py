@@ -155,8 +155,15 @@ def test_a_verification_graph_packs_its_rows_as_eager_verify_reads_them(monkeypa
             held = [[0] * len(d) for d in drafts]
             got = g.run_verify(logits, held, settings, sample, accept, q, truncate, on_device, drafters)
             assert [row[: k + 2] for row in got] == [[a] + t for a, t in zip(acc.tolist(), tok.tolist())], trial
+        # some rows' drafts on the device, the others' on the host (n-gram beside a model's chain): the host ones stay
+        some = drafters[::2]
+        if 0 < len(some) < len(drafters):
+            on_device = torch.tensor([drafts[i] + [vocab - 1] * (k - num[i]) for i in some])
+            held = [[0] * len(d) if i in some else d for i, d in enumerate(drafts)]
+            got = g.run_verify(logits, held, settings, sample, accept, q, truncate, on_device, some)
+            assert [row[: k + 2] for row in got] == [[a] + t for a, t in zip(acc.tolist(), tok.tolist())], trial
         seen |= {"all" if a == n else "rejected" for a, n in zip(acc.tolist(), num) if n}
-    assert g.verify_replays == 15 and seen == {"all", "rejected"}
+    assert g.verify_replays == 22 and seen == {"all", "rejected"}
 
 
 DEMO = __import__("pathlib").Path(__file__).resolve().parents[1] / "resources" / "models"
