@@ -100,11 +100,14 @@ class DeviceBlockTables:
             return []
         return [*self._writes, *self._writes.values()]
 
-    def read(self, meta: torch.Tensor, at: int, rows: int) -> torch.Tensor:
+    def read(self, meta: torch.Tensor, at: int, rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """The ``[rows, max_blocks]`` tables of a forward's rows, their row indices at ``meta[at: at + rows]`` and
-        ``pending``'s entries after them (to the end of ``meta``), written first in one scatter."""
+        ``pending``'s entries after them (to the end of ``meta``), written first in one scatter. ``out``: ``[rows, B]``
+        to gather their first B blocks into (a CUDA graph's input)."""
         n = (meta.shape[0] - at - rows) // 2
         if n:
             self.table.view(-1).index_copy_(0, meta[at + rows: at + rows + n], meta[at + rows + n:])
             self._writes.clear()
-        return self.table.index_select(0, meta[at: at + rows])
+        if out is None:
+            return self.table.index_select(0, meta[at: at + rows])
+        return torch.index_select(self.table[:, : out.shape[1]], 0, meta[at: at + rows], out=out)

@@ -57,6 +57,8 @@ CAPTURE_AFTER = 1  # eager uses of a shape before its graph is captured (HELIX_G
 # Captured lazily, an adaptive batch met them as it tried K: on an H200 at 8 clients (demo pair, T = 0.8) steps of
 # 16-23 ms against ~4.5 ms, and a pass of ~0.8 s with a few of them ran at half the speed of the next
 PREWARM_CHAIN_MODES = ("greedy", "sample")
+IO_EXTRA = 4096  # the forward graphs' staging past the largest graph's inputs: a forward's rows, the block tables'
+# changes and a draft's tail indices (``GraphRunner.load``; more than fits takes a second copy)
 
 
 def key_buckets(max_keys: int) -> tuple[int, ...]:
@@ -268,6 +270,7 @@ class GraphRunner:
         self._chain_io: dict[int, torch.Tensor] = {}  # rows bucket -> sampled chains' q
         self.verifies: dict[tuple, _Verify] = {}  # (rows, tokens buckets, vocab, dtype, truncate, q): run_verify
         self._verify_io: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (rows bucket, vocab, dtype) -> shared inputs
+        self._io: torch.Tensor | None = None  # the forward graphs' inputs (``_staging``)
         self.mempool = None
         self.stream = None
         self.failed: str | None = None
@@ -373,13 +376,58 @@ class GraphRunner:
                 raise
         return g
 
+    def _staging(self) -> torch.Tensor:
+        """One buffer holding every forward graph's inputs (graphs replay one at a time): a graph of R rows, N tokens and
+        B table blocks reads its table ``[R, B]`` first, then its ids, positions and slots ``[R, N]`` each, so that a
+        forward's host copy of them (``load``) is one copy."""
+        if self._io is None:
+            nb = -(-self.key_buckets[-1] // self.pool.block_size)
+            r = ROW_BUCKETS[-1]
+            size = r * nb + 3 * max(r * MAX_TOKENS_PER_ROW, PREFILL_GRAPH_TOKENS) + IO_EXTRA
+            self._io = torch.zeros(size, dtype=torch.long, device=self.device)
+        return self._io
+
+    def graph_for(self, rows: int, tokens: int, keys: int, keep: int,
+                  aux_layers: tuple[int, ...] | None = None) -> _Graph:
+        """The graph a forward of ``rows`` x ``tokens`` over ``keys`` keys replays (``fits`` said it does); captured now
+        if it is not yet (a failed capture sets ``failed`` and raises)."""
+        r, t = bucket(rows, ROW_BUCKETS), bucket(keys, self.key_buckets)
+        return self._graph((r, self.tokens_bucket(r, tokens, t, keep), t, aux_layers))
+
+    def load(self, g: _Graph, values: list[int]) -> torch.Tensor:
+        """A forward's ``values`` on the device: ``g``'s ids, positions and slots (``[R, N]`` each, as ``g`` pads them),
+        then what the forward reads after them, in one host copy into the staging right after ``g``'s table; returns
+        them (a view of the staging, or a copy of its own where they do not fit: its inputs then copied over)."""
+        io, at, inputs = self._staging(), g.table.numel(), 3 * g.slots.numel()
+        host = torch.tensor(values, dtype=torch.long)
+        if at + len(values) <= io.numel():
+            out = io[at: at + len(values)]
+            out.copy_(host, non_blocking=True)
+            return out
+        out = host.to(self.device, non_blocking=True)
+        io[at: at + inputs].copy_(out[:inputs])
+        return out
+
+    def replay(self, g: _Graph, rows: int, tokens: int, keep: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``g`` replayed over what ``load`` and the block tables (``DeviceBlockTables.read`` into ``g.table``) put in
+        its inputs; same contract as ``lean.forward`` for the first ``rows`` rows of ``tokens`` tokens (with aux
+        layers: logits and the features of every new token)."""
+        g.graph.replay()
+        self.replays += 1
+        logits = g.logits[:rows, g.logits.shape[1] - keep:].clone()  # the next replay overwrites the output buffers
+        return logits if g.hidden is None else (logits, g.hidden[:rows, g.input_ids.shape[1] - tokens:].clone())
+
     def _capture(self, r: int, n: int, t: int, aux_layers: tuple[int, ...] | None = None) -> _Graph:
-        dev = self.device
-        scratch = self.pool.scratch_slot
-        input_ids = torch.zeros(r, n, dtype=torch.long, device=dev)
-        positions = torch.zeros(r, n, dtype=torch.long, device=dev)
-        slots = torch.full((r * n,), scratch, dtype=torch.long, device=dev)
-        table = torch.full((r, -(-t // self.pool.block_size)), self.pool.scratch_block, dtype=torch.long, device=dev)
+        io = self._staging()
+        at = r * -(-t // self.pool.block_size)
+        table = io[:at].view(r, -1)
+        input_ids, positions = io[at: at + r * n].view(r, n), io[at + r * n: at + 2 * r * n].view(r, n)
+        slots = io[at + 2 * r * n: at + 3 * r * n]
+        # the warm-up calls before the capture run the forward over them: its K/V written to the scratch slot only
+        table.fill_(self.pool.scratch_block)
+        input_ids.zero_()
+        positions.zero_()
+        slots.fill_(self.pool.scratch_slot)
         keep = n if n <= MAX_TOKENS_PER_ROW else 1  # a prompt chunk's graph: each row's last logits
 
         def step():
@@ -388,36 +436,10 @@ class GraphRunner:
             batch = AttnBatch(slots, key_slots(table, t, self.pool.block_size).reshape(-1), causal_mask(positions, t), t)
             return self.lean.forward(input_ids, positions, batch, self.pool, keep, aux_layers)
 
-        graph, out = capture(step, dev, *self._stream(), keys=t)
+        graph, out = capture(step, self.device, *self._stream(), keys=t)
         logits, hidden = out if aux_layers is not None else (out, None)
         logger.debug("captured a CUDA graph: %d rows x %d tokens, %d keys%s", r, n, t, ", aux" if hidden is not None else "")
         return _Graph(graph, input_ids, positions, slots, table, logits, hidden)
-
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, table: torch.Tensor,
-            num_keys: int, keep: int, aux_layers: tuple[int, ...] | None = None
-            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Same contract as ``lean.forward`` (with ``aux_layers``: logits and the features of every new
-        token); ``table`` is the rows' ``[B, blocks]`` block table."""
-        b, n = input_ids.shape
-        r = bucket(b, ROW_BUCKETS)
-        t = bucket(num_keys, self.key_buckets)
-        m = self.tokens_bucket(r, n, t, keep)
-        g = self._graph((r, m, t, aux_layers))
-        pad = m - n  # left padding of every row, as the runner pads ragged rows: position 0, the scratch slot
-        if pad:
-            g.input_ids[:b, :pad].zero_()
-            g.positions[:b, :pad].zero_()
-        g.input_ids[:b, pad:].copy_(input_ids)
-        g.positions[:b, pad:].copy_(positions)
-        slots_rm = g.slots.view(r, m)
-        slots_rm[:b, pad:].copy_(slots.view(b, n))
-        slots_rm[:b, :pad].fill_(self.pool.scratch_slot)
-        slots_rm[b:].fill_(self.pool.scratch_slot)  # padding rows and tokens must never write a live slot
-        g.table[:b].copy_(self._cover(table, t)[:, : g.table.shape[1]])  # past the rows' tables: scratch
-        g.graph.replay()
-        self.replays += 1
-        logits = g.logits[:b, g.logits.shape[1] - keep:].clone()  # the next replay overwrites the output buffers
-        return logits if g.hidden is None else (logits, g.hidden[:b, pad:].clone())
 
     def run_chain(self, first: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, table: torch.Tensor,
                   num_keys: int, vocab: int, sampling: ChainSampling | None = None

@@ -237,6 +237,17 @@ class ModelRunner:
         n = max(lens)
         ends = [s + k for s, k in zip(starts, lens)]
         t_len = max(ends)
+        keep = max(r.num_logits for r in rows)
+        aux_layers = self.aux_layers if aux is not None else None
+        g = None
+        if self.graphs is not None and self.graphs.fits(b, n, t_len, aux_layers, keep):
+            try:
+                g = self.graphs.graph_for(b, n, t_len, keep, aux_layers)
+            except Exception:
+                if self.graphs.failed is None:
+                    raise
+        # a graph's rows and tokens buckets: its inputs are built padded to them, and land in them in one copy
+        rb, nt = g.input_ids.shape if g is not None else (b, n)
         scratch = self.pool.scratch_slot
         # host work is O(new tokens): ids, positions and write slots of the new tokens only
         ids: list[int] = []
@@ -246,35 +257,37 @@ class ModelRunner:
         for row, start, k in zip(rows, starts, lens):
             blocks = self.blocks.tables[row.seq_id].blocks
             table_rows.append(self.tables.sync(row.seq_id, blocks))
-            pad = n - k
+            pad = nt - k
             ids += [0] * pad + row.token_ids
             positions += [0] * pad + list(range(start, start + k))
             slots += [scratch] * pad + [blocks[p // bs] * bs + p % bs for p in range(start, start + k)]
-        dst, src = _tail_index(rows, n, tail.shape[1]) if tail is not None else (None, None)
+        if rb > b:  # a graph's padding rows: position 0, the scratch slot, any live row's table (they write nothing)
+            ids += [0] * ((rb - b) * nt)
+            positions += [0] * ((rb - b) * nt)
+            slots += [scratch] * ((rb - b) * nt)
+            table_rows += [table_rows[0]] * (rb - b)
+        dst, src = _tail_index(rows, nt, tail.shape[1]) if tail is not None else (None, None)
         m = len(dst) if dst is not None else 0
-        meta = torch.tensor(ids + positions + slots + (dst or []) + (src or []) + table_rows + self.tables.pending(),
-                            dtype=torch.long).to(dev, non_blocking=True)  # the tables' changes last (``read``)
-        input_ids = meta[: b * n].view(b, n)
+        values = ids + positions + slots + (dst or []) + (src or []) + table_rows + self.tables.pending()
+        # the tables' changes last (``read``)
+        meta = (self.graphs.load(g, values) if g is not None
+                else torch.tensor(values, dtype=torch.long).to(dev, non_blocking=True))
+        cells = rb * nt
+        input_ids = meta[:cells].view(rb, nt)
         if tail is not None:
-            at = 3 * b * n
-            _put_tail(input_ids, tail, None if dst is None else meta[at: at + m], meta[at + m: at + 2 * m])
-        pos_t = meta[b * n: 2 * b * n].view(b, n)
-        slot_t = meta[2 * b * n: 3 * b * n]
-        keep = max(r.num_logits for r in rows)
-        table = self.tables.read(meta, 3 * b * n + 2 * m, b)  # [B, max blocks]
+            at = 3 * cells
+            _put_tail(input_ids[:b], tail, None if dst is None else meta[at: at + m], meta[at + m: at + 2 * m])
+        pos_t = meta[cells: 2 * cells].view(rb, nt)
+        slot_t = meta[2 * cells: 3 * cells]
+        table = self.tables.read(meta, 3 * cells + 2 * m, rb, g.table if g is not None else None)  # [B, blocks]
         logits = None
-        if self.graphs is not None and self.graphs.fits(b, n, t_len, self.aux_layers if aux is not None else None, keep):
-            try:
-                out = self.graphs.run(input_ids, pos_t, slot_t, table, t_len, keep,
-                                      self.aux_layers if aux is not None else None)
-                if aux is None:
-                    logits = out
-                else:
-                    logits, hidden = out
-                    aux.append(hidden)
-            except Exception:
-                if self.graphs.failed is None:
-                    raise
+        if g is not None:
+            out = self.graphs.replay(g, b, n, keep)
+            if aux is None:
+                logits = out
+            else:
+                logits, hidden = out
+                aux.append(hidden)
         if logits is None:
             mask = None
             causal = b == 1 and n > 1 and starts[0] == 0
