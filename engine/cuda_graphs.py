@@ -49,7 +49,7 @@ PREWARM_PREFILL_TOKENS = 128  # warm-up captures prompt chunks of rows up to thi
 # buckets up to 8, as many rows as PREFILL_GRAPH_TOKENS holds. One row's alone, the prompts of requests admitted together
 # (clients whose requests finished in one step) met new shapes in timed passes: on an H200 at 8 clients (demo pair, fp16)
 # 4-7 one-offs of 10-18 ms a pass of ~0.6 s, the target's with and without EAGLE features apart
-MAX_CHAIN_STEPS = MAX_DRAFT_TOKENS - 1  # drafting steps 2..K (``run_chain``)
+MAX_CHAIN_STEPS = MAX_DRAFT_TOKENS - 1  # drafting steps 2..K (``replay_chain``)
 MAX_SAMPLED_CHAIN_ROWS = 8  # sampled chains share a q buffer per rows bucket: rows x 8 x vocab floats
 MIN_KEY_BUCKET = 256
 CAPTURE_AFTER = 1  # eager uses of a shape before its graph is captured (HELIX_GRAPH_CAPTURE_AFTER)
@@ -162,7 +162,7 @@ class _Graph:
 
 @dataclass
 class _Chain:
-    """A drafting chain of S forwards and S + 1 draws in one graph (``GraphRunner.run_chain``), greedy or sampled."""
+    """A drafting chain of S forwards and S + 1 draws in one graph (``GraphRunner.replay_chain``), greedy or sampled."""
 
     graph: torch.cuda.CUDAGraph
     first: torch.Tensor  # [R, V] float32: each row's logits of its first draw
@@ -189,7 +189,7 @@ class _Verify:
 
 @dataclass
 class ChainSampling:
-    """What a sampled drafting chain reads and writes besides tokens (``GraphRunner.run_chain``): per row its
+    """What a sampled drafting chain reads and writes besides tokens (``GraphRunner.replay_chain``): per row its
     temperature (0: greedy, an argmax), top-p and top-k, the keys of each of its draws ``[R, D]`` (engine.rng.key;
     any for greedy rows: the graph makes the race's Exp(1) noise from them, as engine.sampler.draw does), and,
     written, each draw's draft distribution q ``[R, D, V]`` (zeros for greedy rows)."""
@@ -307,7 +307,7 @@ class GraphRunner:
         return m if m is not None and r * m <= PREFILL_GRAPH_TOKENS else None
 
     def fits_chain(self, rows: int, steps: int, keys: int, vocab: int, mode: str = "greedy") -> bool:
-        """Whether a chain of ``steps`` drafting steps runs as one graph (``run_chain``); False: the caller drafts
+        """Whether a chain of ``steps`` drafting steps runs as one graph (``replay_chain``); False: the caller drafts
         step by step. ``mode``: "greedy", or "sample" / "sample-cut" (top-p / top-k cuts), up to
         MAX_SAMPLED_CHAIN_ROWS rows. Captured on the second use of a shape, as ``fits`` does."""
         r, t = bucket(rows, ROW_BUCKETS), bucket(keys, self.key_buckets)
@@ -354,7 +354,7 @@ class GraphRunner:
         return capture_missing(self, self.graphs, ((key, lambda key=key: self._graph(key)) for key in keys))
 
     def prewarm_chains(self, max_rows: int, keys: int, vocab: int, modes: tuple[str, ...] = PREWARM_CHAIN_MODES) -> int:
-        """``prewarm`` for the drafting chains (``run_chain``) of every K: (rows bucket up to ``max_rows``, steps
+        """``prewarm`` for the drafting chains (``replay_chain``) of every K: (rows bucket up to ``max_rows``, steps
         1..MAX_CHAIN_STEPS, each of ``modes``) at the key bucket of ``keys``; returns how many were captured."""
         t = bucket(keys, self.key_buckets)
         if t is None or self.failed is not None:
@@ -394,11 +394,13 @@ class GraphRunner:
         r, t = bucket(rows, ROW_BUCKETS), bucket(keys, self.key_buckets)
         return self._graph((r, self.tokens_bucket(r, tokens, t, keep), t, aux_layers))
 
-    def load(self, g: _Graph, values: list[int]) -> torch.Tensor:
-        """A forward's ``values`` on the device: ``g``'s ids, positions and slots (``[R, N]`` each, as ``g`` pads them),
-        then what the forward reads after them, in one host copy into the staging right after ``g``'s table; returns
-        them (a view of the staging, or a copy of its own where they do not fit: its inputs then copied over)."""
-        io, at, inputs = self._staging(), g.table.numel(), 3 * g.slots.numel()
+    def load(self, g: _Graph | _Chain, values: list[int]) -> torch.Tensor:
+        """A forward's ``values`` on the device: ``g``'s inputs (a forward graph's ids, positions and slots, ``[R, N]``
+        each as ``g`` pads them; a chain's positions ``[R]`` and slots ``[S, R]``), then what the forward reads after
+        them, in one host copy into the staging right after ``g``'s table; returns them (a view of the staging, or a
+        copy of its own where they do not fit: its inputs then copied over)."""
+        io, at = self._staging(), g.table.numel()
+        inputs = 3 * g.slots.numel() if isinstance(g, _Graph) else g.start.numel() + g.slots.numel()
         host = torch.tensor(values, dtype=torch.long)
         if at + len(values) <= io.numel():
             out = io[at: at + len(values)]
@@ -441,26 +443,10 @@ class GraphRunner:
         logger.debug("captured a CUDA graph: %d rows x %d tokens, %d keys%s", r, n, t, ", aux" if hidden is not None else "")
         return _Graph(graph, input_ids, positions, slots, table, logits, hidden)
 
-    def run_chain(self, first: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, table: torch.Tensor,
-                  num_keys: int, vocab: int, sampling: ChainSampling | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A draft's K draws and its forwards 2..K in one replay, with no host round trip between them: row ``i``
-        draws its first token from ``first[i]`` (its logits after its last verified token, ``[B, >= vocab]``; over
-        the first ``vocab``), feeds it at position ``start[i]``, draws the next from the logits it gets, and so on:
-        the argmax, or with ``sampling`` the race of engine.sampler under the row's settings and keys (a row with
-        temperature 0 takes the argmax). ``slots`` ``[B, S]``: where each of the S = K - 1 forwards writes each
-        row's K/V (reserved by the caller); ``table``: the rows' ``[B, blocks]`` block table, covering every
-        position the chain reads. Returns the ``[B, K]`` tokens and, when sampling, the draft distributions
-        ``[B, K, V]``, on the device.
-
-        Step by step, each drafting step of a small draft model was a forward launched from the host, a device
-        sync and a host copy of its tokens: on an H200 (TinyLlama shape, a 2-layer draft, batch 1) 0.68 ms a step,
-        most of it the host's, beside a 2 ms verification. The first draw in the graph too: eagerly its noise and
-        race were ~25 launches of a sampled step (on an H200, demo pair, 8 rows: a K = 4 step at T = 0.8 took
-        4.3-4.5 ms against 3.3-3.5 greedy)."""
-        b, steps = slots.shape
-        r, t = bucket(b, ROW_BUCKETS), bucket(num_keys, self.key_buckets)
-        mode = ChainSampling.mode(sampling)
+    def chain_for(self, rows: int, steps: int, keys: int, vocab: int, mode: str = "greedy") -> _Chain:
+        """The drafting chain graph of ``rows`` rows and ``steps`` steps over ``keys`` keys (``fits_chain`` said it
+        runs), captured now if it is not yet (a failed capture sets ``failed`` and raises)."""
+        r, t = bucket(rows, ROW_BUCKETS), bucket(keys, self.key_buckets)
         key = (r, steps, t, vocab, mode)
         c = self.chains.get(key)
         if c is None:
@@ -470,12 +456,26 @@ class GraphRunner:
                 self.failed = f"{type(exc).__name__}: {exc}"
                 logger.warning("CUDA graph capture of a drafting chain failed, drafting step by step: %s", self.failed)
                 raise
+        return c
+
+    def replay_chain(self, c: _Chain, first: torch.Tensor, vocab: int, sampling: ChainSampling | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A draft's K draws and its forwards 2..K in one replay, with no host round trip between them: row ``i``
+        draws its first token from ``first[i]`` (its logits after its last verified token, ``[B, >= vocab]``; over
+        the first ``vocab``), feeds it at position ``start[i]``, draws the next from the logits it gets, and so on:
+        the argmax, or with ``sampling`` the race of engine.sampler under the row's settings and keys (a row with
+        temperature 0 takes the argmax). Its positions, the slots where each of its S = K - 1 forwards writes each row's
+        K/V (reserved by the caller) and the rows' block tables are in ``c``'s inputs (``load``; the tables read into
+        ``c.table``). Returns the ``[B, K]`` tokens and, when sampling, the draft distributions ``[B, K, V]``, on the
+        device.
+
+        Step by step, each drafting step of a small draft model was a forward launched from the host, a device
+        sync and a host copy of its tokens: on an H200 (TinyLlama shape, a 2-layer draft, batch 1) 0.68 ms a step,
+        most of it the host's, beside a 2 ms verification. The first draw in the graph too: eagerly its noise and
+        race were ~25 launches of a sampled step (on an H200, demo pair, 8 rows: a K = 4 step at T = 0.8 took
+        4.3-4.5 ms against 3.3-3.5 greedy)."""
+        b = first.shape[0]
         c.first[:b].copy_(first[:, :vocab])
-        c.start[:b].copy_(start)
-        c.start[b:].zero_()
-        c.slots[:, :b].copy_(slots.t())
-        c.slots[:, b:].fill_(self.pool.scratch_slot)  # padding rows must never write a live slot
-        c.table[:b].copy_(self._cover(table, t)[:, : c.table.shape[1]])
         cs = c.sampling
         if cs is not None:
             cs.load(sampling)
@@ -585,9 +585,13 @@ class GraphRunner:
     def _capture_chain(self, r: int, steps: int, t: int, vocab: int, mode: str = "greedy") -> _Chain:
         dev = self.device
         first = torch.zeros(r, vocab, device=dev)  # float32: the logits of any dtype, exactly
-        start = torch.zeros(r, dtype=torch.long, device=dev)
-        slots = torch.full((steps, r), self.pool.scratch_slot, dtype=torch.long, device=dev)
-        table = torch.full((r, -(-t // self.pool.block_size)), self.pool.scratch_block, dtype=torch.long, device=dev)
+        io = self._staging()  # its table, then its positions and slots, as a forward graph's (``load``)
+        at = r * -(-t // self.pool.block_size)
+        table, start = io[:at].view(r, -1), io[at: at + r]
+        slots = io[at + r: at + r + steps * r].view(steps, r)
+        table.fill_(self.pool.scratch_block)  # the warm-up calls before the capture write the scratch slot only
+        start.zero_()
+        slots.fill_(self.pool.scratch_slot)
         cs = None if mode == "greedy" else ChainSampling.buffers(self._chain_io, r, steps + 1, vocab, dev,
                                                                  mode == "sample-cut")
 

@@ -307,7 +307,7 @@ class ModelRunner:
     @torch.inference_mode()
     def draft_chain(self, seq_ids: list[int], first: torch.Tensor, steps: int, sampling=None
                     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """A draft's steps + 1 draws and its forwards 2..K in one CUDA graph replay (``GraphRunner.run_chain``): each
+        """A draft's steps + 1 draws and its forwards 2..K in one CUDA graph replay (``GraphRunner.replay_chain``): each
         row draws its first token from ``first`` (``[B, V]``: its logits after its cached tokens, on the device),
         feeds it after its cached tokens, then draws from what it gets, ``steps`` times; greedy, or as ``sampling``
         (a ``cuda_graphs.ChainSampling`` of the rows, keyed per draw) says. Returns the ``[B, steps + 1]`` tokens and
@@ -325,19 +325,22 @@ class ModelRunner:
             return None
         grown: list[tuple[int, int]] = []
         try:
-            slots: list[int] = []
+            c = g.chain_for(b, steps, max(starts) + steps, self.vocab_size, ChainSampling.mode(sampling))
+            r = c.start.shape[0]  # its rows bucket: padding rows at position 0, writing the scratch slot
+            per_row: list[list[int]] = []
             table_rows: list[int] = []
             for seq_id, start in zip(seq_ids, starts):
                 self.pool.copy_blocks(self.blocks.prepare_append(seq_id, steps))
                 grown.append((seq_id, start))
                 blocks = self.blocks.tables[seq_id].blocks
                 table_rows.append(self.tables.sync(seq_id, blocks))
-                slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + steps)]
-            meta = torch.tensor(starts + slots + table_rows + self.tables.pending(), dtype=torch.long).to(
-                self.device, non_blocking=True)
-            table = self.tables.read(meta, b + b * steps, b)
-            out = g.run_chain(first, meta[:b], meta[b: b + b * steps].view(b, steps), table,
-                              max(starts) + steps, self.vocab_size, sampling)
+                per_row.append([blocks[p // bs] * bs + p % bs for p in range(start, start + steps)])
+            pad = [self.pool.scratch_slot] * (r - b)
+            slots = [x for s in range(steps) for x in [row[s] for row in per_row] + pad]  # [S, R]
+            meta = g.load(c, starts + [0] * (r - b) + slots + table_rows + [table_rows[0]] * (r - b)
+                          + self.tables.pending())
+            self.tables.read(meta, r + r * steps, r, c.table)
+            out = g.replay_chain(c, first, self.vocab_size, sampling)
         except BaseException:
             for seq_id, start in grown:
                 self.blocks.truncate(seq_id, start)
