@@ -573,15 +573,6 @@ class GraphRunner:
             self.mempool = torch.cuda.graph_pool_handle()
         return self.stream, self.mempool
 
-    def _cover(self, table: torch.Tensor, t: int) -> torch.Tensor:
-        """``table`` widened with the scratch block to cover ``t`` keys."""
-        nb = -(-t // self.pool.block_size)
-        if table.shape[1] >= nb:
-            return table
-        pad = torch.full((table.shape[0], nb - table.shape[1]), self.pool.scratch_block, dtype=table.dtype,
-                         device=table.device)
-        return torch.cat([table, pad], 1)
-
     def _capture_chain(self, r: int, steps: int, t: int, vocab: int, mode: str = "greedy") -> _Chain:
         dev = self.device
         first = torch.zeros(r, vocab, device=dev)  # float32: the logits of any dtype, exactly
