@@ -112,9 +112,14 @@ SPEC_RECHECK_FROM_CUDA = 1  # ... and on a CUDA device, from batch 1: there a fu
 # fixed K = 6 re-deciding, 1.01-1.06x holding (one trace each); the shape bench passed 24 and 27 of 29 checks holding,
 # 22-23 re-deciding (different code otherwise). On the CPU the evidence conflicts (in process, 6 alternating rounds:
 # holding 1.03x re-deciding; over HTTP, the runs above), so the CPU keeps SPEC_RECHECK_FROM
-SPEC_ROWS_CUDA = 0.5  # on a CUDA device, rows re-deciding per step at batch 4 and up (``spec_recheck``): at batch 8 on an
-# H200 (TinyLlama shape, acceptance ~0.5, 7 rounds of 24 requests), with one row a step adaptive's host work was 0.58 ms
-# a step against fixed K = 6's 0.38 and it ran 0.92x K = 6; with half a row 0.50 ms and 0.97x
+SPEC_ROWS_CUDA = 1 / 32  # on a CUDA device, rows re-deciding per step at batch 4 and up (``spec_recheck``; at batch 8 a
+# row's decision stands 256 steps, about a 1000-token request: a row keeps the K it was admitted with, new rows decide
+# from what the batch measured, and the speed guard judges the batch). At batch 8 on an H200 (TinyLlama shape, acceptance
+# ~0.5, 7 rounds of 24 requests), with one row a step adaptive's host work was 0.58 ms a step against fixed K = 6's 0.38
+# and it ran 0.92x K = 6; with half a row 0.50 ms and 0.97x. On an H100 with the demo pair (fp16, 8 clients x 24
+# requests of 128 tokens, T = 0, two processes of 3 rotated rounds, `scratch/gcad.py`) a step of the default cost
+# 3.05 ms with half a row, 2.68 with 1/8 and 2.35 with 1/32, against fixed K = 6's 2.26-2.36, at the same 37 tokens a
+# step: 0.79x, 0.88-0.90x and 0.95x fixed K = 6
 FIT_TRUST = 9  # observations at which a K's own average counts fully (the effective sample of an EMA of 0.8)
 FIT_WEIGHT = 3.0  # pseudo-observations of the line through every measured K in a K's predicted time
 PLAIN_STALE = 32  # timed steps at a batch size after which plain decoding's time there is measured again, for one

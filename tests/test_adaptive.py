@@ -829,7 +829,7 @@ def test_a_speculating_decision_stands_for_a_few_steps_at_batch_8_only():
 
     assert spec_recheck(1) == spec_recheck(4) == SPEC_RECHECK and spec_recheck(8) == 2 * SPEC_RECHECK
     assert spec_recheck(32) == 8 * SPEC_RECHECK
-    # on a CUDA device half a row re-decides per step from batch 4 on (SPEC_ROWS_CUDA), and small batches stay at it
+    # with fewer rows re-deciding per step (as on a CUDA device, SPEC_ROWS_CUDA) from batch 4 on; small batches stay at it
     assert spec_recheck(1, 0.5) == spec_recheck(2, 0.5) == SPEC_RECHECK and spec_recheck(8, 0.5) == 4 * SPEC_RECHECK
     for batch, rows, expect_reuse in ((8, 1.0, True), (8, 0.5, True), (4, 1.0, True), (1, 1.0, False)):
         policy = _policy(1.0, 0.05, batch=batch)
@@ -1835,7 +1835,7 @@ def test_decisions_made_ahead_stand_at_the_next_step_and_change_no_greedy_token(
     The steps' times are set (a K-step costs 1 + 0.15 K plain steps; no speed guard), so the rows draft whatever else
     runs on the machine: timed, on a loaded machine (CI beside other work) the rows decoded plain, and no decision was
     made ahead."""
-    from engine.adaptive import SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA, bucket
+    from engine.adaptive import SPEC_RECHECK_FROM_CUDA, bucket
     from tests.tiny import tiny_pair_engine
 
     prompts = ["Once upon a time", "The cat sat on", "Tom found a red ball", "Lily and her mom", "A big dog",
@@ -1845,7 +1845,8 @@ def test_decisions_made_ahead_stand_at_the_next_step_and_change_no_greedy_token(
     def run(overlap):
         eng = tiny_pair_engine(eagle=True)
         eng.overlap = overlap
-        eng.policy.spec_recheck_from, eng.policy.spec_rows = SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA
+        # half a row re-deciding a step (CUDA's cadence before the thirty-ninth round): many full decisions to check
+        eng.policy.spec_recheck_from, eng.policy.spec_rows = SPEC_RECHECK_FROM_CUDA, 0.5
         for table in eng.policy.step_times():
             table.observe = lambda method, b, k, seconds, real=table.observe: real(method, b, k, 1e-3 * (1 + 0.15 * k))
         eng.policy.observe_plain = lambda b, seconds, real=eng.policy.observe_plain: real(b, 1e-3)
