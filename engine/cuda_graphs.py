@@ -402,13 +402,17 @@ class GraphRunner:
         io, at = self._staging(), g.table.numel()
         inputs = 3 * g.slots.numel() if isinstance(g, _Graph) else g.start.numel() + g.slots.numel()
         host = torch.tensor(values, dtype=torch.long)
-        if at + len(values) <= io.numel():
+        if self._fits(at, len(values)):
             out = io[at: at + len(values)]
             out.copy_(host, non_blocking=True)
             return out
         out = host.to(self.device, non_blocking=True)
         io[at: at + inputs].copy_(out[:inputs])
         return out
+
+    def _fits(self, at: int, n: int) -> bool:
+        """Whether ``n`` values from ``at`` fit in the staging (``load``)."""
+        return at + n <= self._staging().numel()
 
     def replay(self, g: _Graph, rows: int, tokens: int, keep: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``g`` replayed over what ``load`` and the block tables (``DeviceBlockTables.read`` into ``g.table``) put in

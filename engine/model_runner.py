@@ -273,7 +273,9 @@ class ModelRunner:
         meta = (self.graphs.load(g, values) if g is not None
                 else torch.tensor(values, dtype=torch.long).to(dev, non_blocking=True))
         cells = rb * nt
-        input_ids = meta[:cells].view(rb, nt)
+        # a graph reads its own input (``meta`` is a view of it, or a copy where the values overflowed the staging: the
+        # draft's tail then goes to the graph's input all the same)
+        input_ids = g.input_ids if g is not None else meta[:cells].view(rb, nt)
         if tail is not None:
             at = 3 * cells
             _put_tail(input_ids[:b], tail, None if dst is None else meta[at: at + m], meta[at + m: at + 2 * m])

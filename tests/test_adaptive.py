@@ -829,7 +829,8 @@ def test_a_speculating_decision_stands_for_a_few_steps_at_batch_8_only():
 
     assert spec_recheck(1) == spec_recheck(4) == SPEC_RECHECK and spec_recheck(8) == 2 * SPEC_RECHECK
     assert spec_recheck(32) == 8 * SPEC_RECHECK
-    # with fewer rows re-deciding per step (as on a CUDA device, SPEC_ROWS_CUDA) from batch 4 on; small batches stay at it
+    # fewer rows re-deciding a step (a CUDA device's SPEC_ROWS_CUDA; here half a row) from batch 4 on: a decision stands
+    # longer there, and small batches stay at SPEC_RECHECK
     assert spec_recheck(1, 0.5) == spec_recheck(2, 0.5) == SPEC_RECHECK and spec_recheck(8, 0.5) == 4 * SPEC_RECHECK
     for batch, rows, expect_reuse in ((8, 1.0, True), (8, 0.5, True), (4, 1.0, True), (1, 1.0, False)):
         policy = _policy(1.0, 0.05, batch=batch)

@@ -170,11 +170,15 @@ DEMO = __import__("pathlib").Path(__file__).resolve().parents[1] / "resources" /
 
 
 @pytest.mark.skipif(not (DEMO / "demo-target" / "model.safetensors").exists(), reason="demo models absent")
-def test_an_engine_on_graph_paths_gives_the_eager_engines_tokens(standin, monkeypatch):
+@pytest.mark.parametrize("overflow", [False, True], ids=["staged", "overflowed"])
+def test_an_engine_on_graph_paths_gives_the_eager_engines_tokens(standin, monkeypatch, overflow):
     """The demo pair with the target's, the draft's and the EAGLE head's graphs stood in: seeded sampled requests (the
     coupling, with and without top-p) and unseeded ones (rejection sampling, their seeds fixed here), drafted by the
     draft model and by the head, plain and greedy ones, give the eager engine's tokens: sampled steps verified through
-    ``run_verify``, drafts drawn in chains (their first draw too)."""
+    ``run_verify``, drafts drawn in chains (their first draw too). ``overflowed``: every forward's values taken as not
+    fitting the graphs' staging (``GraphRunner.load``'s second copy), the drafts left on the device included."""
+    if overflow:
+        monkeypatch.setattr(cg.GraphRunner, "_fits", lambda self, at, n: False)
     import engine.sequence as sequence
     from engine.config import EngineConfig
     from engine.factory import build_engine
