@@ -281,19 +281,19 @@ class GraphRunner:
         self.capture_after = int(os.environ.get("HELIX_GRAPH_CAPTURE_AFTER", CAPTURE_AFTER))
         self.prefill_graphs = os.environ.get("HELIX_PREFILL_GRAPHS", "1") != "0"  # prompt chunks' graphs (0: eager)
 
-    def fits(self, rows: int, tokens: int, keys: int, aux_layers: tuple[int, ...] | None = None,
-             keep: int | None = None) -> bool:
-        """Whether this step replays (or now captures) a graph; False: run it eagerly. ``keep``: the logits each row
-        needs (its last ``keep`` positions; None: every token's); rows of more than MAX_TOKENS_PER_ROW tokens replay a
-        prompt chunk's graph only where one is enough."""
+    def graph_key(self, rows: int, tokens: int, keys: int, aux_layers: tuple[int, ...] | None = None,
+                  keep: int | None = None) -> tuple[int, int, int, tuple[int, ...] | None] | None:
+        """The key (rows, tokens, keys buckets, aux layers) of the graph this step replays (or now captures: ``graph``);
+        None: run it eagerly. ``keep``: the logits each row needs (its last ``keep`` positions; None: every token's);
+        rows of more than MAX_TOKENS_PER_ROW tokens replay a prompt chunk's graph only where one is enough."""
         r, t = bucket(rows, ROW_BUCKETS), bucket(keys, self.key_buckets)
         if self.failed is not None or r is None or t is None:
-            return False
+            return None
         m = self.tokens_bucket(r, tokens, t, keep)
         if m is None:
-            return False
+            return None
         key = (r, m, t, aux_layers)
-        return key in self.graphs or not self.not_yet(key)
+        return key if key in self.graphs or not self.not_yet(key) else None
 
     def tokens_bucket(self, r: int, tokens: int, t: int, keep: int | None = None) -> int | None:
         """The tokens bucket of rows of ``tokens`` tokens (``r`` rows bucket, ``t`` keys bucket) that need their last
@@ -306,16 +306,18 @@ class GraphRunner:
         m = bucket(tokens, PREFILL_TOKEN_BUCKETS)
         return m if m is not None and r * m <= PREFILL_GRAPH_TOKENS else None
 
-    def fits_chain(self, rows: int, steps: int, keys: int, vocab: int, mode: str = "greedy") -> bool:
-        """Whether a chain of ``steps`` drafting steps runs as one graph (``replay_chain``); False: the caller drafts
-        step by step. ``mode``: "greedy", or "sample" / "sample-cut" (top-p / top-k cuts), up to
-        MAX_SAMPLED_CHAIN_ROWS rows. Captured on the second use of a shape, as ``fits`` does."""
+    def chain_key(self, rows: int, steps: int, keys: int, vocab: int, mode: str = "greedy"
+                  ) -> tuple[int, int, int, int, str] | None:
+        """The key (rows bucket, steps, keys bucket, vocab, mode) of the graph a chain of ``steps`` drafting steps runs
+        as (``chain``, ``replay_chain``); None: the caller drafts step by step. ``mode``: "greedy", or "sample" /
+        "sample-cut" (top-p / top-k cuts), up to MAX_SAMPLED_CHAIN_ROWS rows. Captured on the second use of a shape,
+        as ``graph_key`` has it."""
         r, t = bucket(rows, ROW_BUCKETS), bucket(keys, self.key_buckets)
         if self.failed is not None or r is None or t is None or not 1 <= steps <= MAX_CHAIN_STEPS \
                 or (mode != "greedy" and r > MAX_SAMPLED_CHAIN_ROWS):
-            return False
+            return None
         key = (r, steps, t, vocab, mode)
-        return key in self.chains or not self.not_yet(key)
+        return key if key in self.chains or not self.not_yet(key) else None
 
     def not_yet(self, key: tuple) -> bool:
         """Counts a use of a shape that has no graph yet: True while it is still to run without one (its first
@@ -351,7 +353,7 @@ class GraphRunner:
     def _capture_all(self, keys) -> int:
         """Capture the forward graphs of ``keys`` not captured yet; returns how many were (``_graph`` stores each and
         records a failure in ``failed``: every step then runs eagerly)."""
-        return capture_missing(self, self.graphs, ((key, lambda key=key: self._graph(key)) for key in keys))
+        return capture_missing(self, self.graphs, ((key, lambda key=key: self.graph(key)) for key in keys))
 
     def prewarm_chains(self, max_rows: int, keys: int, vocab: int, modes: tuple[str, ...] = PREWARM_CHAIN_MODES) -> int:
         """``prewarm`` for the drafting chains (``replay_chain``) of every K: (rows bucket up to ``max_rows``, steps
@@ -363,18 +365,26 @@ class GraphRunner:
                                                      lambda r=r, steps=steps, mode=mode: self._capture_chain(r, steps, t, vocab, mode))
                                                     for r, steps, mode in chain_shapes(max_rows, modes)))
 
-    def _graph(self, key: tuple[int, int, int, tuple[int, ...] | None]) -> _Graph:
-        """The graph of ``key`` (rows, tokens, keys buckets, aux layers), captured now if it is not yet; a capture
-        that fails sets ``failed`` (the runner then stays eager) and raises."""
-        g = self.graphs.get(key)
-        if g is None:
+    def graph(self, key: tuple[int, int, int, tuple[int, ...] | None]) -> _Graph:
+        """The forward graph of ``key`` (``graph_key``), captured now if it is not yet; a capture that fails sets
+        ``failed`` (the runner then stays eager) and raises."""
+        return self._held(self.graphs, key, self._capture, "running eagerly")
+
+    def chain(self, key: tuple[int, int, int, int, str]) -> _Chain:
+        """The drafting chain graph of ``key`` (``chain_key``), captured now if it is not yet; a capture that fails
+        sets ``failed`` (chains then draft step by step) and raises."""
+        return self._held(self.chains, key, self._capture_chain, "drafting step by step")
+
+    def _held(self, store: dict, key: tuple, capture, fallback: str):
+        got = store.get(key)
+        if got is None:
             try:
-                g = self.graphs[key] = self._capture(*key)
-            except Exception as exc:  # an op that cannot be captured: stay eager from now on
+                got = store[key] = capture(*key)
+            except Exception as exc:  # an op that cannot be captured: no graphs from now on
                 self.failed = f"{type(exc).__name__}: {exc}"
-                logger.warning("CUDA graph capture failed, running eagerly: %s", self.failed)
+                logger.warning("CUDA graph capture failed, %s: %s", fallback, self.failed)
                 raise
-        return g
+        return got
 
     def _staging(self) -> torch.Tensor:
         """One buffer holding every forward graph's inputs (graphs replay one at a time): a graph of R rows, N tokens and
@@ -386,13 +396,6 @@ class GraphRunner:
             size = r * nb + 3 * max(r * MAX_TOKENS_PER_ROW, PREFILL_GRAPH_TOKENS) + IO_EXTRA
             self._io = torch.zeros(size, dtype=torch.long, device=self.device)
         return self._io
-
-    def graph_for(self, rows: int, tokens: int, keys: int, keep: int,
-                  aux_layers: tuple[int, ...] | None = None) -> _Graph:
-        """The graph a forward of ``rows`` x ``tokens`` over ``keys`` keys replays (``fits`` said it does); captured now
-        if it is not yet (a failed capture sets ``failed`` and raises)."""
-        r, t = bucket(rows, ROW_BUCKETS), bucket(keys, self.key_buckets)
-        return self._graph((r, self.tokens_bucket(r, tokens, t, keep), t, aux_layers))
 
     def load(self, g: _Graph | _Chain, values: list[int]) -> torch.Tensor:
         """A forward's ``values`` on the device: ``g``'s inputs (a forward graph's ids, positions and slots, ``[R, N]``
@@ -447,21 +450,6 @@ class GraphRunner:
         logger.debug("captured a CUDA graph: %d rows x %d tokens, %d keys%s", r, n, t, ", aux" if hidden is not None else "")
         return _Graph(graph, input_ids, positions, slots, table, logits, hidden)
 
-    def chain_for(self, rows: int, steps: int, keys: int, vocab: int, mode: str = "greedy") -> _Chain:
-        """The drafting chain graph of ``rows`` rows and ``steps`` steps over ``keys`` keys (``fits_chain`` said it
-        runs), captured now if it is not yet (a failed capture sets ``failed`` and raises)."""
-        r, t = bucket(rows, ROW_BUCKETS), bucket(keys, self.key_buckets)
-        key = (r, steps, t, vocab, mode)
-        c = self.chains.get(key)
-        if c is None:
-            try:
-                c = self.chains[key] = self._capture_chain(r, steps, t, vocab, mode)
-            except Exception as exc:
-                self.failed = f"{type(exc).__name__}: {exc}"
-                logger.warning("CUDA graph capture of a drafting chain failed, drafting step by step: %s", self.failed)
-                raise
-        return c
-
     def replay_chain(self, c: _Chain, first: torch.Tensor, vocab: int, sampling: ChainSampling | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A draft's K draws and its forwards 2..K in one replay, with no host round trip between them: row ``i``
@@ -495,7 +483,7 @@ class GraphRunner:
         ``logits`` ``[B, N, V]`` (N = K + 1), each row's draft tokens (up to K), ``settings`` (temperature, top_p,
         top_k, seeded), keys of its N draws and K acceptance tests (engine.rng.key; None: no row tests), the draft
         distributions ``q`` ``[B, K, V]`` (None: one-hot proposals). Returns each row's [accepted, tokens...] on the
-        host (the step's one copy), or None where no graph runs it yet (a shape's first use, as ``fits``; more rows
+        host (the step's one copy), or None where no graph runs it yet (a shape's first use, as ``graph_key``; more rows
         than the buckets): the caller verifies eagerly.
 
         Eagerly a sampled verification is ~40 small launches (probabilities, the race's noise, the acceptance tests),

@@ -240,9 +240,10 @@ class ModelRunner:
         keep = max(r.num_logits for r in rows)
         aux_layers = self.aux_layers if aux is not None else None
         g = None
-        if self.graphs is not None and self.graphs.fits(b, n, t_len, aux_layers, keep):
+        key = self.graphs.graph_key(b, n, t_len, aux_layers, keep) if self.graphs is not None else None
+        if key is not None:
             try:
-                g = self.graphs.graph_for(b, n, t_len, keep, aux_layers)
+                g = self.graphs.graph(key)
             except Exception:
                 if self.graphs.failed is None:
                     raise
@@ -323,11 +324,12 @@ class ModelRunner:
         starts = [self.cached_len(s) for s in seq_ids]
         from engine.cuda_graphs import ChainSampling
 
-        if not g.fits_chain(b, steps, max(starts) + steps, self.vocab_size, ChainSampling.mode(sampling)):
+        key = g.chain_key(b, steps, max(starts) + steps, self.vocab_size, ChainSampling.mode(sampling))
+        if key is None:
             return None
         grown: list[tuple[int, int]] = []
         try:
-            c = g.chain_for(b, steps, max(starts) + steps, self.vocab_size, ChainSampling.mode(sampling))
+            c = g.chain(key)
             r = c.start.shape[0]  # its rows bucket: padding rows at position 0, writing the scratch slot
             per_row: list[list[int]] = []
             table_rows: list[int] = []

@@ -19,7 +19,7 @@ from engine.cuda_graphs import (
 
 def _runner(monkeypatch, prefill: bool = True) -> GraphRunner:
     monkeypatch.setenv("HELIX_PREFILL_GRAPHS", "1" if prefill else "0")
-    pool = types.SimpleNamespace(device=torch.device("cpu"))  # fits() and tokens_bucket() never touch the device
+    pool = types.SimpleNamespace(device=torch.device("cpu"))  # graph_key() and tokens_bucket() never touch the device
     return GraphRunner(lean=None, pool=pool, max_keys=4096)
 
 
@@ -60,7 +60,7 @@ def test_warm_up_prompt_chunks_cover_requests_admitted_together(monkeypatch):
     shapes = set(prefill_shapes(8, 128))
     assert {r for r, _ in shapes} == {1, 2, 4, 8} and all(r * m <= PREFILL_GRAPH_TOKENS for r, m in shapes)
     for rows in range(1, 9):
-        r = next(b for b in (1, 2, 4, 8) if b >= rows)  # fits() buckets the rows first
+        r = next(b for b in (1, 2, 4, 8) if b >= rows)  # graph_key() buckets the rows first
         for n in range(MAX_TOKENS_PER_ROW + 1, 129):
             m = g.tokens_bucket(r, n, 256, keep=1)
             if m is not None:
@@ -81,7 +81,7 @@ def test_warm_up_captures_what_is_missing_and_stops_at_the_first_failure(monkeyp
         g.graphs[key] = object()
         return g.graphs[key]
 
-    g._graph = fake_graph
+    g.graph = fake_graph
     g.graphs[(1, 1, 256, None)] = held = object()
     keys = [(1, m, 256, None) for m in (1, 2, 3, 5)]
     assert g._capture_all(keys) == 1  # (1, 2) captured, (1, 3) failed, (1, 5) never tried
