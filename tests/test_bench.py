@@ -214,6 +214,33 @@ def test_each_round_samples_new_texts_that_every_method_of_the_round_shares():
     assert engine.target.blocks.num_free == engine.target.blocks.num_blocks
 
 
+def test_timed_passes_synchronise_nothing_and_the_cost_model_times_a_pass_of_its_own():
+    """A timed forward synchronises the device (on CUDA), and the host work a step overlaps with its verification
+    (adaptive K's decisions, deferred bookkeeping) then waits on it: the rounds' passes count drafts only, with no
+    forward shadowed, and the cost model's forward times come from one pass of their own that counts for no speed."""
+    from engine.bench import suite
+    from engine.bench.runs import Method
+
+    engine = tiny_engine()
+    prompts = [engine.tokenizer(p)["input_ids"] for p in load_prompts()[:2]]
+    methods = (Method("helix plain", "helix"), Method("helix spec K=2", "helix", True, 2))
+    tracked = [suite._Tracked(m, inst=Instrument(engine, forwards=False), cost=Instrument(engine)) for m in methods]
+    with tracked[1].inst:
+        assert not {"forward", "draft_chain"} & (set(vars(engine.target)) | set(vars(engine.draft)))
+    cfg = suite.BenchConfig(warmup_runs=1, repeats=1)
+    prog = suite._Progress(0, False)
+    suite._run_rounds(engine, prompts, tracked, 0.0, 12, cfg, {}, prog, rounds=1)
+    spec = tracked[1]
+    assert spec.inst.drafts and not spec.inst.forwards.times and not spec.cost.forwards.times
+    assert suite._cost_model(tracked)["by_method"] == {}  # nothing timed yet: no prediction
+    suite._run_rounds(engine, prompts[:1], tracked, 0.0, 12, cfg, {}, prog, rounds=1, record=False, costs=True)
+    assert [len(t.passes) for t in tracked] == [1, 1]  # the cost pass is no timed pass
+    assert spec.cost.forwards.select("draft") and tracked[0].cost.forwards.select("target", tokens=1)
+    model = suite._cost_model(tracked)["by_method"]["helix spec K=2"]
+    assert model["draft_step_ms"] > 0 and model["verify_step_ms"] > 0 and model["predicted_speedup"] > 0
+    assert engine.target.blocks.num_free == engine.target.blocks.num_blocks
+
+
 def test_concurrent_clients_send_their_next_request_when_the_last_finishes():
     """n clients, each sending its next request as its last finishes: every request runs to its end, never more
     than n at once, and the bench's rows say how many requests they timed."""

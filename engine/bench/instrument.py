@@ -3,7 +3,10 @@
 The engine is not edited: bound methods are shadowed by instance attributes (and a few
 module-level functions the engine calls are swapped) inside a ``with Instrument(engine):``
 block, then restored. Timers cost about a microsecond each; on CUDA the forward timers
-synchronise so a forward's time is its own.
+synchronise so a forward's time is its own, which also changes what they time: the host work a step overlaps with
+its verification (adaptive K's decisions, the bookkeeping deferred to it) then waits for the forward instead. Passes
+whose speed is reported run with ``forwards=False`` (drafts counted, nothing timed or synchronised); the forwards'
+times come from passes of their own.
 """
 
 from __future__ import annotations
@@ -62,9 +65,10 @@ class Instrument:
                   sampling/verification, scheduling and emitting; :meth:`phase_seconds` splits them.
     """
 
-    def __init__(self, engine, profile: bool = False):
+    def __init__(self, engine, profile: bool = False, forwards: bool = True):
         self.engine = engine
         self.profile = profile
+        self.timed = forwards or profile  # False: only the drafts are logged (no timers, no device synchronisation)
         self.forwards = ForwardLog()
         self.drafts: list[tuple[int, int]] = []
         # raw accumulators (seconds); phase_seconds() turns them into the PHASES split
@@ -90,14 +94,18 @@ class Instrument:
     def __enter__(self) -> "Instrument":
         eng = self.engine
         runners = [("target", eng.target)] + ([("draft", eng.draft)] if eng.draft is not None else [])
+        self._swap(llm_engine, "decode_step", self._logged_step(llm_engine.decode_step))
+        if not self.timed:
+            return self
         for role, runner in runners:
             self._shadow(runner, "forward", self._timed_forward(role, runner.forward))
+        if eng.draft is not None:  # on CUDA the draft's forwards 2..K run as one graph (``draft_chain``)
+            self._shadow(eng.draft, "draft_chain", self._timed_chain(eng.draft.draft_chain))
         eagle = getattr(eng, "proposers", {}).get("eagle")
         if eagle is not None:  # the head is no ModelRunner: time its whole proposal (K head steps) instead
             self._shadow(eagle, "propose", self._timed_proposal("eagle", eagle.propose))
         self._shadow(eng, "_prefill", self._staged("prefill", eng._prefill))
         self._shadow(eng, "_decode", self._staged("decode", eng._decode))
-        self._swap(llm_engine, "decode_step", self._logged_step(llm_engine.decode_step))
         if self.profile:
             self._shadow(eng, "step", self._phase("step", eng.step))
             for role, runner in runners:
@@ -133,6 +141,19 @@ class Instrument:
     def _timed_forward(self, role: str, fn):
         """A model runner's ``forward``, keyed by its rows and their most new tokens; books phases to ``role``."""
         return self._timed(role, fn, lambda rows: (len(rows), max(len(r.token_ids) for r in rows)), runs_model=True)
+
+    def _timed_chain(self, fn):
+        """The draft's chain (its draws and forwards 2..K in one graph replay), as role "draft_chain", keyed by its
+        rows and steps."""
+        def timed(seq_ids, first, steps, sampling=None):
+            self._sync()
+            t0 = time.perf_counter()
+            out = fn(seq_ids, first, steps, sampling)
+            self._sync()
+            if out is not None:
+                self.forwards.add("draft_chain", self._stage, len(seq_ids), steps, time.perf_counter() - t0)
+            return out
+        return timed
 
     def _timed_proposal(self, role: str, fn):
         """A proposer's ``propose`` as one entry per step, keyed by its rows and the most tokens asked of a row."""

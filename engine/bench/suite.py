@@ -5,6 +5,8 @@ temperature (what adaptive K starts from), one untimed warm-up pass per method, 
 ``repeats`` rounds in which every method runs once over the same prompts (round-robin, so
 load drift on a shared machine hits all methods alike). A method's tokens/s is the median
 over rounds. HF assisted generation at Helix's best K runs after the K sweep has found it.
+Last, one pass per Helix method over the first prompt times its forwards for the cost model (the predicted
+speed-up): timed forwards synchronise the device, so the rounds' passes count drafts only.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ QUICK = BenchConfig(lengths=(12,), ks=(1, 2), sweep_lengths=(12,), num_prompts=2
 class _Tracked:
     method: Method
     passes: list[PassResult] = field(default_factory=list)
-    inst: Instrument | None = None
+    inst: Instrument | None = None  # the timed passes' drafts (``Instrument(forwards=False)``: nothing synchronised)
+    cost: Instrument | None = None  # the forwards' times, from a pass of their own (``_scenario``)
 
 
 class _Progress:
@@ -108,7 +111,7 @@ def _count_passes(cfg: BenchConfig, num_prompts: int, eagle: bool = False) -> in
         n_hf = 3 if cfg.hf else 0
         warm = (n_helix + n_hf - (1 if cfg.hf else 0)) * cfg.warmup_runs * (num_prompts if sweep else 1) + (
             1 if cfg.hf else 0)
-        total += len(cfg.temperatures) * (warm + (n_helix + n_hf) * cfg.repeats * num_prompts)
+        total += len(cfg.temperatures) * (warm + (n_helix + n_hf) * cfg.repeats * num_prompts + n_helix)
     total += len(cfg.concurrency) * 2 * cfg.concurrency_repeats + 1
     if cfg.fixed_k_concurrency in cfg.concurrency:
         total += len(cfg.ks) * cfg.concurrency_repeats
@@ -174,32 +177,37 @@ ROUND_SEEDS = 1000  # a round's seeds: cfg.seed + ROUND_SEEDS x round + prompt. 
 
 
 def _run_one(engine, t: _Tracked, ids: list[int], index: int, temp: float, length: int, cfg: BenchConfig,
-             adaptive_state: dict, record: bool, round_no: int) -> PassResult:
-    """One prompt through one method; ``index`` and ``round_no`` keep the prompt's seed the same for every method of
-    a round, and new in every round (ROUND_SEEDS)."""
+             adaptive_state: dict, inst: Instrument | None, round_no: int) -> PassResult:
+    """One prompt through one method, inside ``inst`` where given; ``index`` and ``round_no`` keep the prompt's seed
+    the same for every method of a round, and new in every round (ROUND_SEEDS)."""
     m = t.method
     seed = cfg.seed + ROUND_SEEDS * round_no + index
     if m.backend == "hf":
         return hf_pass(engine, [ids], m, temp, length, seed, m.k)
     state = adaptive_state if (m.speculative and m.k is None) else None
-    if not record:
+    if inst is None:
         return helix_pass(engine, [ids], m, temp, length, seed, state)
-    with t.inst:
+    with inst:
         return helix_pass(engine, [ids], m, temp, length, seed, state)
 
 
 def _run_rounds(engine, prompts, tracked: list[_Tracked], temp: float, length: int, cfg: BenchConfig,
-                adaptive_state: dict, prog: _Progress, rounds: int, record: bool = True) -> list[dict[int, PassResult]]:
+                adaptive_state: dict, prog: _Progress, rounds: int, record: bool = True,
+                costs: bool = False) -> list[dict[int, PassResult]]:
     """``rounds`` passes of every method over ``prompts``, interleaved per prompt (and the method order
-    rotated each round) so that a change in machine load hits every method alike."""
+    rotated each round) so that a change in machine load hits every method alike. ``record``: the passes count
+    (``_Tracked.passes``, their drafts in ``inst``); ``costs``: they time the forwards (``_Tracked.cost``) and
+    count for nothing else."""
     out = []
     for r in range(rounds):
-        round_no = r + (cfg.warmup_runs if record else 0)  # warm-up rounds sample texts of their own
+        # warm-up rounds sample texts of their own, and so does the cost round
+        round_no = r + (cfg.warmup_runs if record else cfg.warmup_runs + cfg.repeats if costs else 0)
         acc = {id(t): PassResult() for t in tracked}
         order = tracked[r % len(tracked):] + tracked[: r % len(tracked)]
         for i, ids in enumerate(prompts):
             for t in order:
-                acc[id(t)].merge(_run_one(engine, t, ids, i, temp, length, cfg, adaptive_state, record, round_no))
+                inst = t.cost if costs else t.inst if record else None
+                acc[id(t)].merge(_run_one(engine, t, ids, i, temp, length, cfg, adaptive_state, inst, round_no))
                 prog.step(f"T={temp:g} n={length} {t.method.name}")
         if record:
             for t in tracked:
@@ -214,7 +222,7 @@ def _scenario(engine, prompts, temp: float, length: int, cfg: BenchConfig, repor
     adaptive_state = {"alpha_prior": report.alpha or engine.alpha_prior, "draft_cost": report.draft_cost,
                       "verify_cost": report.verify_cost, "t_target1": report.target_step_ms / 1e3}
     sweep = length in cfg.sweep_lengths or best_k is None
-    tracked = [_Tracked(m, inst=Instrument(engine))
+    tracked = [_Tracked(m, inst=Instrument(engine, forwards=False), cost=Instrument(engine))
                for m in _helix_methods(cfg.ks if sweep else [best_k], _has_eagle(engine))]
     if cfg.hf:
         tracked += [_Tracked(m) for m in _hf_methods(None)]
@@ -229,6 +237,8 @@ def _scenario(engine, prompts, temp: float, length: int, cfg: BenchConfig, repor
         _run_rounds(engine, prompts[:1], const, temp, length, cfg, adaptive_state, prog, rounds=1, record=False)
         tracked += const
     _run_rounds(engine, prompts, tracked, temp, length, cfg, adaptive_state, prog, rounds=cfg.repeats)
+    _run_rounds(engine, prompts[:1], [t for t in tracked if t.cost is not None], temp, length, cfg, adaptive_state,
+                prog, rounds=1, record=False, costs=True)
     methods = _summaries(tracked)
     fixed_rows = [m for m in methods if m["backend"] == "helix" and m["k"]]
     measured_best = max(fixed_rows, key=lambda m: m["tokens_per_second"])["k"] if fixed_rows else best_k
@@ -254,29 +264,30 @@ def _median_tps(passes: list[PassResult]) -> float:
 
 def _t1(tracked: list[_Tracked]) -> float | None:
     plain = next((t for t in tracked if t.method.name == "helix plain"), None)
-    return plain.inst.forwards.mean("target", tokens=1) if plain and plain.inst else None
+    return plain.cost.forwards.mean("target", tokens=1) if plain and plain.cost else None
 
 
 def _cost_model(tracked: list[_Tracked]) -> dict:
     t1 = _t1(tracked)
     out: dict = {"target_step_ms": None if t1 is None else round(t1 * 1e3, 4), "by_method": {}}
     for t in tracked:
-        if t.inst is None or not t.method.speculative or t1 is None:
+        if t.inst is None or t.cost is None or not t.method.speculative or t1 is None:
             continue
-        drafts = t.inst.drafts
+        drafts = t.inst.drafts  # the timed passes' (acceptance and mean K) ...
+        timed = sum(k for k, _a in t.cost.drafts)  # ... and the tokens the cost pass drafted, its forwards timed
         if not drafts:
             continue
         k_mean = sum(k for k, _a in drafts) / len(drafts)
         # means, not medians: the prediction should cost the forwards as this run paid for them, so that
-        # measured / predicted isolates what the cost model leaves out (sampling, scheduling, Python)
-        if t.method.draft_method == "eagle":  # one entry per proposal of about k_mean head steps
-            t_draft = (t.inst.forwards.mean("eagle") or 0.0) / k_mean
-        elif t.method.draft_method == "model" or (t.method.draft_method is None and t.method.k is not None):
-            t_draft = t.inst.forwards.mean("draft") or 0.0  # fixed K drafts with the draft model
-        else:  # auto mixes methods: all drafting time (head and draft model; n-gram costs none) per drafted token
-            spent = sum(t.inst.forwards.select("eagle")) + sum(t.inst.forwards.select("draft"))
-            t_draft = spent / sum(k for k, _a in drafts)
-        t_verify = t.inst.forwards.mean("target", min_tokens=2) or t1
+        # measured / predicted isolates what the cost model leaves out (sampling, scheduling, Python). Every
+        # method's drafting time per drafted token: the draft model's forwards and chains, the head's proposals
+        # (n-gram costs none)
+        f = t.cost.forwards
+        spent = sum(f.select("eagle")) + sum(f.select("draft")) + sum(f.select("draft_chain"))
+        if spent and not timed:
+            continue
+        t_draft = spent / timed if timed else 0.0  # n-gram's lookup found nothing to draft in the cost pass
+        t_verify = f.mean("target", min_tokens=2) or t1
         c = t_draft / t1
         gamma = max(0.0, (t_verify / t1 - 1.0) / k_mean)
         alpha = t.inst.alpha() or 0.0
