@@ -140,6 +140,13 @@ PACE_RATE = 1.0  # the pace's rate, in units of a step-time average's (1 - EMA);
 # of the two differed by ~10%, and the batch drafted K = 3 (901 tok/s in its steps) over K = 4 (1155). The pace and the
 # average both move by shares of one ratio, in logs, so neither walks under noise (a pace moved in logs beside an
 # average moved by a linear mean did: 5000 noisy steps at one K took plain's prediction to 0.27x)
+PACE_RATE_CUDA = 0.0  # ... and on a CUDA device, no pace: a GPU's speed holds (no VM phases), and with one K running,
+# the pace and that K's average are one product whose split nothing measures. Where a K's first timings came low (or at
+# a pace set high by another K's steps), the pace rose to carry the difference and raised every other K's prediction
+# with it: in a CPU emulation of the H100's batch-1 step times (demo pair, `scratch/emu.py`: the engine drafts and
+# decides, each step is charged a time by its plan, noise 3%) the pace rose to 1.05-1.09 while every step took its
+# true time, K = 3 and 5 were predicted 2-6% high while K = 4 ran, and the default settled on K = 4-5 at 0.95-0.97x
+# fixed K = 5 (0.98x with no pace)
 PACE_RUN = 0.02  # the rate at which the settled average of the K that runs on still moves (its steps move the pace)
 PACE_FROM = 3  # observations a K's average needs before its steps move the pace (a first timing is the K's, not the pace's)
 CTX_MEMORY = 0.995  # per timed step, the forgetting of the context slope's regression (``StepTimes``): ~200 steps
@@ -286,10 +293,10 @@ class StepTimes:
     so over a few waves of requests the slope is the context's (measured there: 0.13-0.28% a token of context).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pace_rate: float = PACE_RATE) -> None:
         self.avg: dict[tuple[str, int, int, int], float] = {}  # seconds / the bucket's pace at each observation
         self.pace: dict[int, float] = {}  # batch bucket -> the machine's pace there (1.0 at its first observation)
-        self.pace_rate = PACE_RATE
+        self.pace_rate = pace_rate
         self._last: dict[int, tuple[str, int, int, int]] = {}  # batch bucket -> the key its last step was timed at
         self.count: dict[tuple[str, int, int, int], int] = {}  # observations behind each average
         # the keys of ``avg`` per (method, batch bucket) and per batch bucket, in the order they came: a decision
@@ -900,12 +907,14 @@ class SpeedGuard:
 class Policy:
     """Engine-wide: step times, recent shared acceptance per method, the last decision."""
 
-    def __init__(self, spec_recheck_from: int = SPEC_RECHECK_FROM, spec_rows: float = 1.0) -> None:
+    def __init__(self, spec_recheck_from: int = SPEC_RECHECK_FROM, spec_rows: float = 1.0,
+                 pace_rate: float = PACE_RATE) -> None:
         self.spec_recheck_from = spec_recheck_from  # the batch bucket from which speculating decisions stand a few steps
         self.spec_rows = spec_rows  # ... and how many rows re-decide per step from batch SPEC_RECHECK_FROM on
         # step times of greedy steps and of steps with a sampled row (``tick`` selects the step's): a sampled row pays
-        # for its draws at every position it verifies, and on a GPU that is more launches a step
-        self._times = {False: StepTimes(), True: StepTimes()}
+        # for its draws at every position it verifies, and on a GPU that is more launches a step. ``pace_rate``: the
+        # tables' (``StepTimes``; PACE_RATE_CUDA on a CUDA device)
+        self._times = {False: StepTimes(pace_rate), True: StepTimes(pace_rate)}
         self._sampled = False  # which of them ``times`` is: the current step's (``tick``)
         # per (method, sampling class): recent shared acceptance, and the acceptance model against realized drafts
         self.shared: dict[tuple[str, str], RecentAcceptance] = {}

@@ -10,6 +10,7 @@ from engine.adaptive import (
     FIRST_REACH,
     GREEDY,
     GUARD_WINDOW,
+    PACE_RATE_CUDA,
     PROBE_FIRST,
     REACH,
     AdaptiveState,
@@ -335,6 +336,31 @@ def test_times_not_running_follow_the_machines_pace_without_walking():
         times.observe("model", 8, 2, 0.010)
     ratio = times.predict("model", 8, 4, 0.1) / times.predict("model", 8, 2, 0.1)
     assert 1.45 < ratio < 1.68, ratio  # 1.5 where both ran in one phase
+
+
+def test_on_a_cuda_device_a_k_that_runs_keeps_its_deviation_to_itself():
+    """With one K running, the pace and that K's average are one product: a K whose first timings came low (here 5%)
+    had the pace carry the difference, and every other K's prediction rose with it, so the batch stayed on the K it
+    ran. The CPU keeps the pace (a VM's slow phases move every K alike); on a CUDA device, whose speed holds, the
+    other K's predictions stand and the running K's average finds its time."""
+    def run(policy: Policy) -> tuple[float, float]:
+        times = policy.times
+        for _ in range(12):
+            times.observe("", 1, 0, 0.87e-3)
+            times.observe("model", 1, 5, 1.67e-3)
+            times.observe("model", 1, 6, 1.82e-3)
+        for _ in range(3):  # K = 4's first timings, 5% under its time
+            times.observe("model", 1, 4, 1.45e-3)
+        for _ in range(200):
+            times.observe("model", 1, 4, 1.52e-3)
+        return times.predict("model", 1, 4, 0.17), times.predict("model", 1, 5, 0.17)
+
+    cuda = Policy(pace_rate=PACE_RATE_CUDA)
+    assert all(t.pace_rate == 0.0 for t in cuda.step_times())
+    k4, k5 = run(cuda)
+    assert abs(k4 / 1.52e-3 - 1) < 0.02 and abs(k5 / 1.67e-3 - 1) < 0.02, (k4, k5)
+    k4, k5 = run(Policy())
+    assert abs(k4 / 1.52e-3 - 1) < 0.02 and k5 / 1.67e-3 > 1.03, (k4, k5)  # the CPU's pace moved K = 5 with K = 4
 
 
 def test_two_noisy_k_close_together_do_not_predict_a_flat_line():
