@@ -143,10 +143,11 @@ PACE_RATE = 1.0  # the pace's rate, in units of a step-time average's (1 - EMA);
 PACE_RATE_CUDA = 0.0  # ... and on a CUDA device, no pace: a GPU's speed holds (no VM phases), and with one K running,
 # the pace and that K's average are one product whose split nothing measures. Where a K's first timings came low (or at
 # a pace set high by another K's steps), the pace rose to carry the difference and raised every other K's prediction
-# with it: in a CPU emulation of the H100's batch-1 step times (demo pair, `scratch/emu.py`: the engine drafts and
+# with it: in a CPU emulation of the H100's batch-1 step times (demo pair, `engine/bench/emulate.py`: the engine drafts and
 # decides, each step is charged a time by its plan, noise 3%) the pace rose to 1.05-1.09 while every step took its
-# true time, K = 3 and 5 were predicted 2-6% high while K = 4 ran, and the default settled on K = 4-5 at 0.95-0.97x
-# fixed K = 5 (0.98x with no pace)
+# true time, K = 3 and 5 were predicted 2-6% high while K = 4 ran; the default ran 0.952-0.997x fixed K = 5 over eight
+# processes (mean 0.967), 0.970-0.984x (0.977) over four with no pace. A laptop GPU's clocks may move: explore steps and
+# plain decoding's refreshes (PLAIN_STALE) then re-time what does not run
 PACE_RUN = 0.02  # the rate at which the settled average of the K that runs on still moves (its steps move the pace)
 PACE_FROM = 3  # observations a K's average needs before its steps move the pace (a first timing is the K's, not the pace's)
 CTX_MEMORY = 0.995  # per timed step, the forgetting of the context slope's regression (``StepTimes``): ~200 steps

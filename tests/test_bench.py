@@ -503,3 +503,20 @@ def test_shape_targets_keep_gpu_speed_bars_off_a_cpu_run():
 
     assert "x5_today_1b" in targets("cuda") and "adaptive_vs_best_k" in targets("cuda")
     assert "x5_today_1b" not in targets("cpu") and {"adaptive_vs_best_k", "adaptive_vs_plain"} <= targets("cpu")
+
+
+def test_the_emulation_charges_each_decode_step_its_plans_device_time_and_restores_the_engine():
+    """``engine.bench.emulate``: the real engine drafts and decides, a virtual clock charges each decode step what its
+    plan costs on the emulated device. Without noise, plain decoding runs at one token per target step (the prefill's
+    token is free there), a fixed K drafts K, and the engine module is left as it was."""
+    from engine import llm_engine
+    from engine.bench.emulate import DeviceCosts, emulate
+
+    before = llm_engine.decode_step, llm_engine.time
+    costs = DeviceCosts(target_ms=1.0)
+    out = emulate(["plain", "k2"], rounds=1, prompts=1, tokens=17, costs=costs, noise=0.0)
+    assert abs(out["rates"]["plain"][0] - 17 / 16) < 1e-9  # 16 decode steps of 1 ms for 17 tokens
+    assert out["mix"]["plain"] == {"0": 1.0}
+    assert out["mix"]["k2"].get("m2", 0) > 0.7
+    assert 17 / (16 * costs.step_ms("model", 2)) < out["rates"]["k2"][0] < 17 / 6  # at most 3 tokens a step
+    assert (llm_engine.decode_step, llm_engine.time) == before

@@ -1,0 +1,164 @@
+"""A GPU's step times on any machine: the engine drafts, verifies and decides for real (demo pair, one request at a
+time), and a virtual clock charges every decode step the time its plan would take on the device, so adaptive K can be
+compared with fixed K at a GPU's costs where no GPU is lent. ``python -m engine.bench.emulate --help``.
+
+A step's charge: the target's step (``--target-ms``), plus per drafted token the verification's extra
+(``--verify-ms``) and the proposer's draft (``--draft-ms`` for the draft model, ``--eagle-ms`` for the EAGLE head,
+nothing for n-gram) and a drafting step's fixed cost (``--overhead-ms``), plus ``--catch-up-ms`` per token a proposer
+reads that it skipped, times log-normal noise (``--noise``). The defaults are an H100's with the demo pair in fp16
+(thirty-ninth round: fixed K = 2 / 4 / 6 / 8 took 1.23 / 1.49 / 1.77 / 2.07 ms a step). Prefill costs nothing here,
+and nothing the plan does not decide is charged (graph captures, host work): its numbers are the emulation's, not the
+product's. The engine runs with CUDA's adaptive settings (``--cpu-policy``: the CPU's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import random
+import statistics
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DeviceCosts:
+    target_ms: float = 0.87
+    verify_ms: float = 0.005
+    draft_ms: float = 0.145
+    eagle_ms: float = 0.27
+    overhead_ms: float = 0.05
+    catch_up_ms: float = 0.004
+
+    def step_ms(self, method: str, k: int) -> float:
+        """A batch-1 step of ``method`` at K (K = 0: plain)."""
+        if not k:
+            return self.target_ms
+        per = {"model": self.draft_ms, "eagle": self.eagle_ms}.get(method, 0.0)
+        return self.target_ms + self.overhead_ms + (self.verify_ms + per) * k
+
+
+class VirtualClock:
+    """Stands in for the ``time`` module of ``engine.llm_engine``: seconds the emulated device has spent."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 128, temperature: float = 0.0,
+            costs: DeviceCosts = DeviceCosts(), noise: float = 0.03, cuda_policy: bool = True,
+            constants: dict[str, float] | None = None, seed: int = 1) -> dict:
+    """Tokens per emulated millisecond of each mode (``default``: adaptive method and K; ``dmodel`` / ``deagle``:
+    adaptive K with one proposer; ``kN``: fixed K = N with the draft model; ``plain``), rounds rotated, and each mode's
+    share of steps per (method, K)."""
+    import torch
+
+    from engine import adaptive
+    from engine import llm_engine as le
+    from engine.bench.prompts import load_prompts
+    from engine.config import EngineConfig, SamplingParams
+    from engine.factory import build_engine
+
+    torch.set_num_threads(1)
+    saved = {name: getattr(adaptive, name) for name in (constants or {})}
+    real_decode, real_time = le.decode_step, le.time
+    clock, rng, mix = VirtualClock(), random.Random(seed), collections.Counter()
+
+    def decode(target, proposers, plan, *args, **kwargs):
+        results, timing = real_decode(target, proposers, plan, *args, **kwargs)
+        k, method = max(plan.values())
+        ms = costs.step_ms(method, k) + costs.catch_up_ms * sum(p.backlog for p in proposers.values())
+        clock.now += ms * math.exp(rng.gauss(0.0, noise)) / 1e3
+        mix[(method if k else "", k)] += 1
+        return results, timing
+
+    try:
+        for name, value in (constants or {}).items():
+            setattr(adaptive, name, type(getattr(adaptive, name))(value))
+        engine = build_engine(EngineConfig(device="cpu", dtype="float32", num_threads=1))
+        le.decode_step, le.time = decode, clock
+        if cuda_policy:
+            engine.overlap = True
+            engine.policy = adaptive.Policy(adaptive.SPEC_RECHECK_FROM_CUDA, adaptive.SPEC_ROWS_CUDA,
+                                            adaptive.PACE_RATE_CUDA)
+        else:
+            engine.policy = adaptive.Policy()
+        t1 = costs.step_ms("", 0) / 1e3  # what the warm-up measures, at the device's costs
+        engine.t_target1, engine.verify_cost = t1, costs.verify_ms / costs.target_ms
+        engine.draft_cost, engine.eagle_cost = costs.draft_ms / costs.target_ms, costs.eagle_ms / costs.target_ms
+        engine.observe_verify(1, t1, t1)
+        for times in engine.policy.step_times():
+            times.observe("", 1, 0, t1)
+            for method in ("ngram", "model", "eagle"):
+                times.observe(method, 1, 4, costs.step_ms(method, 4) / 1e3)
+        texts = load_prompts()[:prompts]
+
+        def params(mode: str, seed: int) -> SamplingParams:
+            common = dict(max_new_tokens=tokens, temperature=temperature, seed=seed, ignore_eos=True)
+            if mode == "plain":
+                return SamplingParams(speculative=False, **common)
+            if mode in ("default", "dmodel", "deagle"):
+                return SamplingParams(draft_method={"default": "auto", "dmodel": "model", "deagle": "eagle"}[mode],
+                                      **common)
+            return SamplingParams(num_draft_tokens=int(mode[1:]), draft_method="model", **common)
+
+        rates: dict[str, list[float]] = {m: [] for m in modes}
+        mixes: dict[str, collections.Counter] = {m: collections.Counter() for m in modes}
+        for r in range(rounds):
+            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+                mix.clear()
+                start, made = clock.now, 0
+                for i, text in enumerate(texts):
+                    made += len(engine.generate(text, params(mode, 1000 * r + i)).token_ids)
+                rates[mode].append(made / ((clock.now - start) * 1e3))
+                mixes[mode].update(mix)
+    finally:
+        le.decode_step, le.time = real_decode, real_time
+        for name, value in saved.items():
+            setattr(adaptive, name, value)
+    return {"rates": rates, "mix": {m: {f"{meth[:1]}{k}": n / max(1, sum(c.values())) for (meth, k), n in c.items()}
+                                    for m, c in mixes.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m engine.bench.emulate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--modes", default="default,dmodel,k4,k5,k6,k8")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=6)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--noise", type=float, default=0.03)
+    for field_name, value in DeviceCosts().__dict__.items():
+        p.add_argument(f"--{field_name.replace('_', '-')}", type=float, default=value)
+    p.add_argument("--cpu-policy", action="store_true", help="the CPU's adaptive settings, not CUDA's")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="an engine.adaptive constant for this run (e.g. K_MARGIN=1.0)")
+    args = p.parse_args(argv)
+    constants = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        from engine import adaptive
+
+        if not value or not hasattr(adaptive, name):
+            p.error(f"--set {item!r}: give NAME=VALUE with NAME a constant of engine.adaptive")
+        constants[name] = float(value)
+    costs = DeviceCosts(**{f: getattr(args, f) for f in DeviceCosts().__dict__})
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    out = emulate(modes, args.rounds, args.prompts, args.tokens, args.temperature, costs, args.noise,
+                  not args.cpu_policy, constants)
+    fixed = [statistics.median(v) for m, v in out["rates"].items() if m.startswith("k")]
+    best = max(fixed) if fixed else None
+    for mode, rates in out["rates"].items():
+        med = statistics.median(rates)
+        vs = f"  {med / best:.3f}x the best fixed K" if best else ""
+        print(f"{mode:8s} {med:.3f} tokens/ms ({' '.join(f'{x:.3f}' for x in rates)}){vs}")
+        top = sorted(out["mix"][mode].items(), key=lambda kv: -kv[1])[:8]
+        print("         steps: " + " ".join(f"{k}:{v:.2f}" for k, v in top))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
