@@ -146,8 +146,8 @@ PACE_RATE_CUDA = 0.0  # ... and on a CUDA device, no pace: a GPU's speed holds (
 # with it: in a CPU emulation of the H100's batch-1 step times (demo pair, `engine/bench/emulate.py`: the engine drafts and
 # decides, each step is charged a time by its plan, noise 3%) the pace rose to 1.05-1.09 while every step took its
 # true time, K = 3 and 5 were predicted 2-6% high while K = 4 ran; the default ran 0.952-0.997x fixed K = 5 over eight
-# processes (mean 0.967), 0.970-0.984x (0.977) over four with no pace. A laptop GPU's clocks may move: explore steps and
-# plain decoding's refreshes (PLAIN_STALE) then re-time what does not run
+# processes (mean 0.967), 0.970-0.984x (0.977) over four with no pace. A laptop GPU's clocks may move: the explore
+# steps re-time the K beside the one that runs, and plain decoding is re-timed where the gain is close (PLAIN_STALE)
 PACE_RUN = 0.02  # the rate at which the settled average of the K that runs on still moves (its steps move the pace)
 PACE_FROM = 3  # observations a K's average needs before its steps move the pace (a first timing is the K's, not the pace's)
 CTX_MEMORY = 0.995  # per timed step, the forgetting of the context slope's regression (``StepTimes``): ~200 steps
