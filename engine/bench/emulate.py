@@ -137,11 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="an engine.adaptive constant for this run (e.g. K_MARGIN=1.0)")
     args = p.parse_args(argv)
+    from engine import adaptive
+
     constants = {}
     for item in args.set:
         name, _, value = item.partition("=")
-        from engine import adaptive
-
         if not value or not hasattr(adaptive, name):
             p.error(f"--set {item!r}: give NAME=VALUE with NAME a constant of engine.adaptive")
         constants[name] = float(value)

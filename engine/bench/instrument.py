@@ -145,31 +145,27 @@ class Instrument:
     def _timed_chain(self, fn):
         """The draft's chain (its draws and forwards 2..K in one graph replay), as role "draft_chain", keyed by its
         rows and steps."""
-        def timed(seq_ids, first, steps, sampling=None):
-            self._sync()
-            t0 = time.perf_counter()
-            out = fn(seq_ids, first, steps, sampling)
-            self._sync()
-            if out is not None:
-                self.forwards.add("draft_chain", self._stage, len(seq_ids), steps, time.perf_counter() - t0)
-            return out
-        return timed
+        return self._timed("draft_chain", fn, lambda seq_ids, first, steps, *_: (len(seq_ids), steps),
+                           runs_model=False)
 
     def _timed_proposal(self, role: str, fn):
         """A proposer's ``propose`` as one entry per step, keyed by its rows and the most tokens asked of a row."""
         return self._timed(role, fn, lambda rows: (len(rows.reqs), max(rows.ks, default=0)), runs_model=False)
 
     def _timed(self, role: str, fn, shape, runs_model: bool):
-        def timed(rows, **kwargs):  # the profile syncs around every call (a forward's ``sync`` aside)
+        """``fn`` timed (the device synchronised around it) and logged under ``shape`` of its arguments; a call that
+        returns None ran nothing (a chain whose shape has no graph yet) and is not logged."""
+        def timed(*args, **kwargs):  # the profile syncs around every call (a forward's ``sync`` aside)
             if runs_model:
                 self._role = role
             self._sync()
             t0 = time.perf_counter()
-            out = fn(rows, **kwargs)
+            out = fn(*args, **kwargs)
             self._sync()
-            dt = time.perf_counter() - t0
-            self.forwards.add(role, self._stage, *shape(rows), dt)
-            self.raw[f"forward_{role}"] += dt
+            if out is not None:
+                dt = time.perf_counter() - t0
+                self.forwards.add(role, self._stage, *shape(*args), dt)
+                self.raw[f"forward_{role}"] += dt
             return out
         return timed
 
