@@ -51,6 +51,8 @@ from engine.warmup import warmup
 logger = logging.getLogger(__name__)
 
 EMA = 0.9
+EAGER_KEEP = 0.9  # per decode step, the weight of the past in ``method_share`` (~10 steps) ...
+EAGER_SHARE = 0.5  # ... above which a new adaptive request's prompt is read by that proposer in its prefill
 
 
 def _planned_key(plan, results, methods: set[str]) -> tuple[int, str] | None:
@@ -140,6 +142,7 @@ class LLMEngine:
         self.warmup_stats: dict | None = None  # set by warmup(): its seconds and the CUDA graphs it captured
         self.stopped = False
         self._prefilled_last = False
+        self.method_share = {"model": 0.0, "eagle": 0.0}  # adaptive rows drafting with each, moving shares over steps
         self._first_logits: dict[Request, torch.Tensor] = {}  # prompt's last logits until the draft catches up
         self.device_name = device_kind
         self.dtype_name = str(next(target_model.parameters()).dtype).removeprefix("torch.")
@@ -313,7 +316,22 @@ class LLMEngine:
                     self._finish(req, "error", msg)
 
     def _prefills_draft(self, req: Request) -> bool:
-        return req.use_draft and self.draft is not None and req.params.num_draft_tokens is not None
+        """Whether the draft model reads ``req``'s prompt in the prefill: with a fixed K, or where it is the proposer
+        an adaptive request will likely draft with (``_eager``)."""
+        return req.use_draft and self.draft is not None and (req.params.num_draft_tokens is not None
+                                                             or self._eager(req) == "model")
+
+    def _eager(self, req: Request) -> str:
+        """The proposer that reads an adaptive request's prompt in its prefill: the one most adaptive rows drafted
+        with lately, where over EAGER_SHARE of them did (``method_share``) and the request may use it; "" for none.
+        Decided at the request's first prefill chunk."""
+        if req.eager is None:
+            usable = {"model": req.use_draft and self.draft is not None, "eagle": req.use_eagle and "eagle" in self.proposers}
+            share, method = max((self.method_share[m], m) for m in usable if usable[m]) if any(usable.values()) \
+                else (0.0, "")
+            req.eager = method if req.params.speculative and req.params.num_draft_tokens is None \
+                and share > EAGER_SHARE else ""
+        return req.eager
 
     def _fault(self, stage: str, reqs: list[Request]) -> None:
         if self.fault_hook is not None:
@@ -323,10 +341,14 @@ class LLMEngine:
         """One chunk of every prefilling request (oldest first, CHUNK tokens per model); a request whose
         prompt is complete gets its first token, drawn as a decode step would draw it."""
         self._fault("prefill", reqs)
-        # the draft model reads a prompt here only for requests that draft with it from their first step (a fixed K);
-        # an adaptive request's draft reads it when the request first drafts with it (its catch-up, which a probe
-        # weighs): adaptive may never use it (plain, the EAGLE head, n-gram), and on an H200 with 1536-token prompts
-        # the draft's prefill alone made adaptive requests that stayed plain 4-10% slower than plain ones
+        # the draft model reads a prompt here for requests that draft with it from their first step (a fixed K) or
+        # are likely to (adaptive, while the adaptive rows draft with it: ``_eager``). Otherwise an adaptive
+        # request's draft reads it when the request first drafts with it (its catch-up, which a probe weighs):
+        # adaptive may never use it (plain, the EAGLE head, n-gram), and on an H200 with 1536-token prompts the
+        # draft's prefill alone made adaptive requests that stayed plain 4-10% slower than plain ones. Read in the
+        # decode step instead, a prompt's catch-up cost its whole batch: on an H100 at 8 clients (demo pair, fp16) a
+        # fifth of the default's steps caught up on a new request's prompt, at 4.1 ms against 3.1 ms (the EAGLE head,
+        # likewise, reads the prompt's features at the end of the prefill)
         drafting = [r for r in reqs if self._prefills_draft(r)]
         plans = [(self.target, prefill.plan_chunks(self.target, reqs, record_cached=True)),
                  (self.draft, prefill.plan_chunks(self.draft, drafting) if drafting else {})]
@@ -345,13 +367,18 @@ class LLMEngine:
         if plans[1][1]:
             prefill.run_chunks(self.draft, plans[1][1])
         self.threads.observe(threads, tokens, time.perf_counter() - t0, len(plans[0][1]))
+        done = []
         for req in reqs:
             if req.status is Status.RUNNING and prefill.complete(self.target, req) and \
                     (not self._prefills_draft(req) or prefill.complete(self.draft, req)):
                 req.prefilled = True
+                done.append(req)
                 logits = self._first_logits.pop(req, None)
                 if not req.output_ids and logits is not None:  # fresh request: its first token
                     self._emit(req, [first_token(req, logits)], logits[-1:], "target")
+        eager = [r for r in done if r.status is Status.RUNNING and self._eager(r) == "eagle"]
+        if eager:
+            self.proposers["eagle"].read_prompts(eager)
 
     # the plan of a decode step (engine.step_plan); tests replace these two to force a plan
     def _choose(self, req: Request, batch: int) -> tuple[int, str]:
@@ -411,6 +438,11 @@ class LLMEngine:
                                       while_device=self._while_device if self.overlap else None)
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}
+        adaptive_rows = [res for res in results if res.req.params.speculative and res.req.params.num_draft_tokens is None]
+        if adaptive_rows:
+            for m, share in self.method_share.items():
+                now = sum(1 for res in adaptive_rows if res.k and res.method == m) / len(adaptive_rows)
+                self.method_share[m] = EAGER_KEEP * share + (1 - EAGER_KEEP) * now
         # a step that paid a one-off is no timing for adaptive K: a CUDA graph captured (or a shape run eagerly before
         # its capture), a draft catching up on tokens it skipped while plain (a probe at batch 8 after 100 plain steps
         # read 800 tokens: 60 ms for a ~6 ms step, kept as that K's time until it was drafted again), or a thread

@@ -59,6 +59,8 @@ class Request:
     detok: IncrementalDetokenizer
     sink: EventSink | None = None
     use_draft: bool = False
+    eager: str | None = None  # the proposer that reads an adaptive request's prompt in its prefill ("": none; decided
+    # at its first chunk, ``LLMEngine._eager``)
     use_eagle: bool = False  # may draft with the EAGLE-3 head: its verify and prefill rows return the target's features
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)

@@ -2010,3 +2010,40 @@ def test_the_guard_judges_drafting_steps_against_plain_steps_at_their_own_contex
         policy.guard_observe(8, 15, cost(2, load))
     guard = policy.guard_holds(8)
     assert guard is not None and guard.ratio == pytest.approx(15 / 16, rel=0.03), guard and guard.ratio
+
+
+@pytest.mark.parametrize("method", ["model", "eagle"])
+def test_the_proposer_in_use_reads_a_new_requests_prompt_in_its_prefill(monkeypatch, method):
+    """While most adaptive rows draft with one proposer, a new adaptive request's prompt is read by it in the prefill
+    (the draft model's prefill, the EAGLE head's read of the prompt's features), not by a catch-up inside a decode step
+    that the whole batch waits for; while none does, the prompt waits for the request's first draft. Greedy output is
+    unchanged either way."""
+    from engine.proposers.draft_model import NORMAL_BEHIND
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine(eagle=True)
+    monkeypatch.setattr(eng, "_choose", lambda req, batch: (min(2, max(0, req.remaining - 1)), method))
+    prompt = "Once upon a time there was a little dog named Tom who"
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    first = eng.add_request(prompt, SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))
+    eng.step()  # the prefill: nothing drafted yet, so nothing reads the prompt ahead
+    assert first.eager == "" and eng.proposers[method].behind(first) > NORMAL_BEHIND
+    while eng.has_work():
+        eng.step()
+    assert eng.method_share[method] > 0.5 and eng.method_share[{"model": "eagle", "eagle": "model"}[method]] == 0
+    late = eng.add_request(prompt, params)
+    eng.step()
+    assert late.eager == method and late.prefilled
+    assert eng.proposers[method].behind(late) <= NORMAL_BEHIND  # its first drafting step reads no backlog
+    other = {"model": "eagle", "eagle": "model"}[method]
+    assert eng.proposers[other].behind(late) > NORMAL_BEHIND  # the proposer not in use still waits
+    eng.step()
+    assert eng.proposers[method].backlog == 0
+    while eng.has_work():
+        eng.step()
+    plain = eng.generate(prompt, SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True, speculative=False))
+    assert late.output_ids == first.output_ids[:12] == plain.token_ids
+    fixed = eng.add_request(prompt, SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True,
+                                                   num_draft_tokens=2, draft_method=method))
+    eng.step()
+    assert fixed.eager is None or fixed.eager == ""  # a fixed K reads as it always did (the draft: in the prefill)

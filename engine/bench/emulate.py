@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--noise", type=float, default=0.03)
+    p.add_argument("--seed", type=int, default=1, help="the step times' noise")
     for field_name, value in DeviceCosts().__dict__.items():
         p.add_argument(f"--{field_name.replace('_', '-')}", type=float, default=value)
     p.add_argument("--cpu-policy", action="store_true", help="the CPU's adaptive settings, not CUDA's")
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     costs = DeviceCosts(**{f: getattr(args, f) for f in DeviceCosts().__dict__})
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     out = emulate(modes, args.rounds, args.prompts, args.tokens, args.temperature, costs, args.noise,
-                  not args.cpu_policy, constants)
+                  not args.cpu_policy, constants, args.seed)
     fixed = [statistics.median(v) for m, v in out["rates"].items() if m.startswith("k")]
     best = max(fixed) if fixed else None
     for mode, rates in out["rates"].items():

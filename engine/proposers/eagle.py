@@ -347,6 +347,16 @@ class EagleProposer:
                 return
             self._forward(feed)
 
+    def read_prompts(self, reqs: list[Request]) -> None:
+        """Read the waiting pairs of just-prefilled requests but their last one (a drafting step's first forward reads
+        it), where the head's cache has room: their first drafting step then reads what a normal step does."""
+        reqs = [r for r in reqs if self._blocks_for(r.seq_id, r.num_tokens - 2 - self._cached(r.seq_id))
+                <= self.blocks.num_free]
+        self._catch_up(reqs, chunk=CATCH_UP)
+        feed = [(r.seq_id, *got) for r in reqs if (got := self._inputs(r, r.num_tokens - 3)) is not None]
+        if feed:
+            self._forward(feed)
+
     def _forward(self, rows: list[tuple[int, list[int], torch.Tensor]]) -> torch.Tensor:
         """Feed each row's real pairs (seq_id, tokens, the target's raw features) after its cached ones; return the
         pre-norm output at each row's last pair ``[B, D]``. The features are fused in one GEMM for all rows (the
