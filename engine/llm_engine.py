@@ -263,8 +263,9 @@ class LLMEngine:
         else:
             self._run_later()
 
-    def _defer(self, req: Request, work: Callable[[], None]) -> None:
-        """``req``'s bookkeeping that the next step does not need: run it while that step computes (``overlap``)."""
+    def _defer(self, req: Request | None, work: Callable[[], None]) -> None:
+        """``req``'s bookkeeping that the next step does not need (None: no request's): run it while that step computes
+        (``overlap``)."""
         if self.overlap:
             self._later.append((req, work))
         else:
@@ -474,6 +475,9 @@ class LLMEngine:
                 p.rollback(r, n + accepted)
             sources = ["draft"] * accepted + ["target" if accepted < k else ("bonus" if k else "target")]
             self._emit(r, res.tokens, res.logits, sources)
+        eagle = self.proposers.get("eagle")
+        if eagle is not None and eagle.reads_waiting:  # features piled up for rows drafting otherwise: read later
+            self._defer(None, eagle.read_waiting)
         self.spec_stats.draft_time_s += timing.propose_s
         self.spec_stats.target_time_s += timing.target_s
         # the step's time as adaptive K weighs it: from planning to the last row's tokens emitted. The host's share of a

@@ -217,13 +217,16 @@ def test_requests_sharing_a_prompt_share_the_heads_prompt_blocks():
     assert prop.blocks.num_free == prop.blocks.num_blocks and not prop._waiting
 
 
-def test_features_of_a_request_drafting_otherwise_are_read_as_they_pile_up(monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_features_of_a_request_drafting_otherwise_are_read_as_they_pile_up(monkeypatch, overlap):
     """An auto request the draft model drafts for still collects the target's features for the head; past
-    MAX_WAITING of them the head reads them between steps, so they never pile up for the whole request."""
+    MAX_WAITING of them the head reads them between steps (with ``overlap``, as deferred work while the next step
+    verifies), so they never pile up for the whole request."""
     import engine.proposers.eagle as eagle_proposer
 
     monkeypatch.setattr(eagle_proposer, "MAX_WAITING", 16)
     eng = tiny_pair_engine(eagle=True)
+    eng.overlap = overlap
     prop = eng.proposers["eagle"]
     req = eng.add_request("Lily loved to play in the park", SamplingParams(max_new_tokens=90, temperature=0,
                                                                           num_draft_tokens=3, ignore_eos=True))
