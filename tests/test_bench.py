@@ -520,3 +520,10 @@ def test_the_emulation_charges_each_decode_step_its_plans_device_time_and_restor
     assert out["mix"]["k2"].get("m2", 0) > 0.7
     assert 17 / (16 * costs.step_ms("model", 2)) < out["rates"]["k2"][0] < 17 / 6  # at most 3 tokens a step
     assert (llm_engine.decode_step, llm_engine.time) == before
+    # a seed repeats a run: the adaptive decisions read only the virtual clock and the device's cost ratios (the
+    # forwards' real timings once moved n-gram's position costs and the decisions with them)
+    runs = [emulate(["default"], rounds=1, prompts=1, tokens=40, costs=costs, noise=0.03, seed=3) for _ in range(2)]
+    assert runs[0] == runs[1]
+    ratios = runs[0]["ratios"]
+    assert ratios["draft"] == costs.draft_ms / costs.target_ms and ratios["verify"] == costs.verify_ms / costs.target_ms
+    assert abs(ratios["first"] - ratios["verify"]) < 1e-9

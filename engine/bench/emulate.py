@@ -89,7 +89,12 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
         t1 = costs.step_ms("", 0) / 1e3  # what the warm-up measures, at the device's costs
         engine.t_target1, engine.verify_cost = t1, costs.verify_ms / costs.target_ms
         engine.draft_cost, engine.eagle_cost = costs.draft_ms / costs.target_ms, costs.eagle_ms / costs.target_ms
+        engine._verify_s, engine._plain_s = {}, None  # the warm-up's forwards (this machine's) forgotten
         engine.observe_verify(1, t1, t1)
+        engine.observe_verify(2, t1 * (1.0 + engine.verify_cost))
+        # the cost ratios stay the device's: the forwards' own timings (this machine's, real time) would move them,
+        # and with them n-gram's position costs, so a seed would not repeat a run
+        engine._observe_times = lambda *args, **kwargs: None
         for times in engine.policy.step_times():
             times.observe("", 1, 0, t1)
             for method in ("ngram", "model", "eagle"):
@@ -119,8 +124,10 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
         le.decode_step, le.time = real_decode, real_time
         for name, value in saved.items():
             setattr(adaptive, name, value)
-    return {"rates": rates, "mix": {m: {f"{meth[:1]}{k}": n / max(1, sum(c.values())) for (meth, k), n in c.items()}
-                                    for m, c in mixes.items()}}
+    ratios = {"draft": engine.draft_cost, "verify": engine.verify_cost, "first": engine.first_cost}
+    return {"rates": rates, "ratios": ratios,
+            "mix": {m: {f"{meth[:1]}{k}": n / max(1, sum(c.values())) for (meth, k), n in c.items()}
+                    for m, c in mixes.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--noise", type=float, default=0.03)
-    p.add_argument("--seed", type=int, default=1, help="the step times' noise")
+    p.add_argument("--seed", type=int, default=1, help="the step times' noise (a seed repeats a run)")
     for field_name, value in DeviceCosts().__dict__.items():
         p.add_argument(f"--{field_name.replace('_', '-')}", type=float, default=value)
     p.add_argument("--cpu-policy", action="store_true", help="the CPU's adaptive settings, not CUDA's")
