@@ -8,7 +8,9 @@ nothing for n-gram) and a drafting step's fixed cost (``--overhead-ms``), plus `
 reads that it skipped, times log-normal noise (``--noise``). The defaults are an H100's with the demo pair in fp16
 (thirty-ninth round: fixed K = 2 / 4 / 6 / 8 took 1.23 / 1.49 / 1.77 / 2.07 ms a step). Prefill costs nothing here,
 and nothing the plan does not decide is charged (graph captures, host work): its numbers are the emulation's, not the
-product's. The engine runs with CUDA's adaptive settings (``--cpu-policy``: the CPU's).
+product's. The engine runs with CUDA's adaptive settings (``--cpu-policy``: the CPU's), and its cost ratios (a drafted
+token's, a verified one's, the first verified position's) are the device's throughout, never this machine's forwards':
+a seed (``--seed``, the noise) repeats a run.
 """
 
 from __future__ import annotations
