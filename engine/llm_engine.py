@@ -324,14 +324,12 @@ class LLMEngine:
 
     def _eager(self, req: Request) -> str:
         """The proposer that reads an adaptive request's prompt in its prefill: the one most adaptive rows drafted
-        with lately, where over EAGER_SHARE of them did (``method_share``) and the request may use it; "" for none.
-        Decided at the request's first prefill chunk."""
+        with lately, where over EAGER_SHARE of them did (``method_share``) and the request may use it
+        (``StepPlanner.methods``); "" for none. Decided at the request's first prefill chunk."""
         if req.eager is None:
-            usable = {"model": req.use_draft and self.draft is not None, "eagle": req.use_eagle and "eagle" in self.proposers}
-            share, method = max((self.method_share[m], m) for m in usable if usable[m]) if any(usable.values()) \
-                else (0.0, "")
-            req.eager = method if req.params.speculative and req.params.num_draft_tokens is None \
-                and share > EAGER_SHARE else ""
+            share, method = max(((self.method_share[m], m) for m in self.planner.methods(req) if m in self.method_share),
+                                default=(0.0, ""))
+            req.eager = method if req.params.num_draft_tokens is None and share > EAGER_SHARE else ""
         return req.eager
 
     def _fault(self, stage: str, reqs: list[Request]) -> None:
