@@ -527,3 +527,9 @@ def test_the_emulation_charges_each_decode_step_its_plans_device_time_and_restor
     ratios = runs[0]["ratios"]
     assert ratios["draft"] == costs.draft_ms / costs.target_ms and ratios["verify"] == costs.verify_ms / costs.target_ms
     assert abs(ratios["first"] - ratios["verify"]) < 1e-9
+    # a constant of n-gram's set for a run (the repeat prompts: its continuations repeat the prompt) and put back
+    from engine.proposers import ngram
+    weight = ngram.ORDER_PRIOR_WEIGHT
+    out = emulate(["plain"], rounds=1, prompts=1, tokens=5, costs=costs, noise=0.0, prompt_set="repeat",
+                  constants={"ORDER_PRIOR_WEIGHT": weight + 1})
+    assert out["mix"]["plain"] == {"0": 1.0} and ngram.ORDER_PRIOR_WEIGHT == weight

@@ -92,7 +92,7 @@ def test_ngram_expected_tokens_follow_the_match_found_now():
         prop.rollback(strong, strong.num_tokens + 8)
         prop.rollback(weak, weak.num_tokens)
     e4, e1 = prop.expected(strong), prop.expected(weak)
-    assert e4[8] > 8.0 and e1[1] < 1.1, (e4, e1)
+    assert e4[8] > 7.0 and e1[1] < 1.1, (e4, e1)  # the prior (0.5 a position) alone: 2.0
     assert prop.expected(row(strong.all_ids, 4, sampling="T0.8")) == pytest.approx(
         [1.0] + [1.0 + sum(0.5 ** (j + 1) for j in range(i + 1)) for i in range(8)])  # another class: the prior
     prop.position_cost = 0.5  # positions past the first whose survival is at most 0.5 are not drafted

@@ -52,7 +52,7 @@ class VirtualClock:
 
 def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 128, temperature: float = 0.0,
             costs: DeviceCosts = DeviceCosts(), noise: float = 0.03, cuda_policy: bool = True,
-            constants: dict[str, float] | None = None, seed: int = 1) -> dict:
+            constants: dict[str, float] | None = None, seed: int = 1, prompt_set: str = "default") -> dict:
     """Tokens per emulated millisecond of each mode (``default``: adaptive method and K; ``dmodel`` / ``deagle``:
     adaptive K with one proposer; ``kN``: fixed K = N with the draft model; ``plain``), rounds rotated, and each mode's
     share of steps per (method, K)."""
@@ -60,12 +60,17 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
 
     from engine import adaptive
     from engine import llm_engine as le
-    from engine.bench.prompts import load_prompts
+    from engine.bench.prompts import load_prompts, repeat_prompts
     from engine.config import EngineConfig, SamplingParams
     from engine.factory import build_engine
 
     torch.set_num_threads(1)
-    saved = {name: getattr(adaptive, name) for name in (constants or {})}
+    from engine.proposers import ngram
+
+    def home(name: str):
+        return adaptive if hasattr(adaptive, name) else ngram
+
+    saved = {name: getattr(home(name), name) for name in (constants or {})}
     real_decode, real_time = le.decode_step, le.time
     clock, rng, mix = VirtualClock(), random.Random(seed), collections.Counter()
 
@@ -79,7 +84,7 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
 
     try:
         for name, value in (constants or {}).items():
-            setattr(adaptive, name, type(getattr(adaptive, name))(value))
+            setattr(home(name), name, type(getattr(home(name), name))(value))
         engine = build_engine(EngineConfig(device="cpu", dtype="float32", num_threads=1))
         le.decode_step, le.time = decode, clock
         if cuda_policy:
@@ -101,7 +106,8 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
             times.observe("", 1, 0, t1)
             for method in ("ngram", "model", "eagle"):
                 times.observe(method, 1, 4, costs.step_ms(method, 4) / 1e3)
-        texts = load_prompts()[:prompts]
+        texts = load_prompts()
+        texts = (repeat_prompts(texts) if prompt_set == "repeat" else texts)[:prompts]
 
         def params(mode: str, seed: int) -> SamplingParams:
             common = dict(max_new_tokens=tokens, temperature=temperature, seed=seed, ignore_eos=True)
@@ -125,7 +131,7 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
     finally:
         le.decode_step, le.time = real_decode, real_time
         for name, value in saved.items():
-            setattr(adaptive, name, value)
+            setattr(home(name), name, value)
     ratios = {"draft": engine.draft_cost, "verify": engine.verify_cost, "first": engine.first_cost}
     return {"rates": rates, "ratios": ratios,
             "mix": {m: {f"{meth[:1]}{k}": n / max(1, sum(c.values())) for (meth, k), n in c.items()}
@@ -140,25 +146,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--noise", type=float, default=0.03)
+    p.add_argument("--prompt-set", choices=("default", "repeat"), default="default",
+                   help="the bench's prompts, or issue 16's set whose continuations repeat the prompt")
     p.add_argument("--seed", type=int, default=1, help="the step times' noise (a seed repeats a run)")
     for field_name, value in DeviceCosts().__dict__.items():
         p.add_argument(f"--{field_name.replace('_', '-')}", type=float, default=value)
     p.add_argument("--cpu-policy", action="store_true", help="the CPU's adaptive settings, not CUDA's")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="an engine.adaptive constant for this run (e.g. K_MARGIN=1.0)")
+                   help="a constant of engine.adaptive or engine.proposers.ngram for this run (e.g. K_MARGIN=1.0)")
     args = p.parse_args(argv)
     from engine import adaptive
+    from engine.proposers import ngram
 
     constants = {}
     for item in args.set:
         name, _, value = item.partition("=")
-        if not value or not hasattr(adaptive, name):
-            p.error(f"--set {item!r}: give NAME=VALUE with NAME a constant of engine.adaptive")
+        if not value or not (hasattr(adaptive, name) or hasattr(ngram, name)):
+            p.error(f"--set {item!r}: give NAME=VALUE with NAME a constant of engine.adaptive or engine.proposers.ngram")
         constants[name] = float(value)
     costs = DeviceCosts(**{f: getattr(args, f) for f in DeviceCosts().__dict__})
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     out = emulate(modes, args.rounds, args.prompts, args.tokens, args.temperature, costs, args.noise,
-                  not args.cpu_policy, constants, args.seed)
+                  not args.cpu_policy, constants, args.seed, args.prompt_set)
     fixed = [statistics.median(v) for m, v in out["rates"].items() if m.startswith("k")]
     best = max(fixed) if fixed else None
     for mode, rates in out["rates"].items():
