@@ -712,18 +712,12 @@ class RecentAcceptance:
     def observe_draft(self, k: int, accepted: int, rows: int = 1) -> None:
         """A draft of ``k`` tokens, ``accepted`` of them, one of ``rows`` drafts of its step."""
         self.version += 1
-        keep = 1.0 - 1.0 / SHARED_MEMORY
-        if rows > 1:
-            keep **= 1.0 / rows
-        drafts, accepts, reached, passed = (self.drafts_per_position, self.accepted_per_position,
-                                            self.reached_per_position, self.passed_per_position)
-        for i in range(MAX_DRAFT_TOKENS):  # runs for every drafting row of every step: in place, few comparisons
-            drafts[i] *= keep
-            accepts[i] *= keep
-        for i in range(k):
-            drafts[i] += 1.0
-        for i in range(accepted):
-            accepts[i] += 1.0
+        keep = _keep(rows)
+        # runs for every drafting row of every step: one comprehension per list (CPython runs it faster than a loop of
+        # item updates)
+        self.drafts_per_position = [x * keep + (i < k) for i, x in enumerate(self.drafts_per_position)]
+        self.accepted_per_position = [x * keep + (i < accepted) for i, x in enumerate(self.accepted_per_position)]
+        reached, passed = self.reached_per_position, self.passed_per_position
         for i in range(min(k, accepted + 1)):
             reached[i] = reached[i] * keep + 1.0
             passed[i] = passed[i] * keep + (i < accepted)
@@ -732,6 +726,20 @@ class RecentAcceptance:
     def acceptance_rate(self) -> float:
         drafted = sum(self.drafts_per_position)
         return sum(self.accepted_per_position) / drafted if drafted else 0.0
+
+
+def _keep(rows: int) -> float:
+    """The share of the past a draft keeps in ``RecentAcceptance``: 1 - 1/SHARED_MEMORY per step, its ``rows``-th root
+    per draft of a step of ``rows`` drafts (kept per SHARED_MEMORY, which a run may set: ``engine.bench.emulate``)."""
+    key = (SHARED_MEMORY, rows)
+    keep = _KEEPS.get(key)
+    if keep is None:
+        keep = 1.0 - 1.0 / SHARED_MEMORY
+        keep = _KEEPS[key] = keep ** (1.0 / rows) if rows > 1 else keep
+    return keep
+
+
+_KEEPS: dict[tuple[float, int], float] = {}
 
 
 def survival_chain(recent: RecentAcceptance | None, alpha: float, weight: float, fade: float,
@@ -942,6 +950,8 @@ class Policy:
         self.guards: dict[tuple[int, bool], SpeedGuard] = {}  # per (batch bucket, sampled steps): ``guard_holds``
         self._plain_walls: dict[tuple[int, bool], deque[float]] = {}  # per (batch, sampled): recent plain steps' walls
         self._plain_median: dict[tuple[int, bool], float] = {}  # ... and their median, from 3 of them on
+        # (len(_plain_median) when built, {(batch, sampled): the batch size of it that ``guard_observe`` reads or None})
+        self._yardstick_memo: list = [0, {}]
 
     def tick(self, context: int = 0, sampled: bool = False) -> None:
         """One decode step begins; its longest row attends over ``context`` positions (the step's context bucket, and
@@ -1056,10 +1066,15 @@ class Policy:
             return
         # plain decoding measured at this batch size, else at the nearest one of the bucket (a batch of 7 between waves
         # of 8 clients: plain rows finish together and rarely run it)
-        measured = [n for (n, sampled) in self._plain_median if sampled == self._sampled and bucket(n) == b]
-        if not measured:
+        memo = self._yardstick_memo
+        if memo[0] != len(self._plain_median):  # a batch size measured for the first time: look again
+            memo[0], memo[1] = len(self._plain_median), {}
+        n = memo[1].get((batch, self._sampled), -1)
+        if n == -1:
+            measured = [m for (m, sampled) in self._plain_median if sampled == self._sampled and bucket(m) == b]
+            n = memo[1][(batch, self._sampled)] = min(measured, key=lambda m: (abs(m - batch), -m)) if measured else None
+        if n is None:
             return
-        n = min(measured, key=lambda m: (abs(m - batch), -m))
         plain = self._plain_median[(n, self._sampled)]
         g = self.guards.get((b, self._sampled))
         if g is None:
@@ -1078,6 +1093,11 @@ class Policy:
     def step_times(self) -> list[StepTimes]:
         """Both tables of step times: greedy steps', then those of steps with a sampled row."""
         return [self._times[False], self._times[True]]
+
+    def plain_refresh_possible(self, batch: int) -> bool:
+        """Whether ``plain_refresh_due`` could be True at ``batch`` for some gain (without the rows' gains)."""
+        age = self.times.plain_age(batch)
+        return age is not None and (age >= PLAIN_STALE or (age >= PLAIN_SETTLE and not self.times.plain_settled(batch)))
 
     def plain_refresh_due(self, batch: int, best_gain: float) -> bool:
         """Whether a step planned to draft at ``batch`` for at most ``best_gain`` (predicted, over plain) runs plain

@@ -439,9 +439,12 @@ class LLMEngine:
         methods = {r.method for r in results if r.k}
         adaptive_rows = [res for res in results if res.req.params.speculative and res.req.params.num_draft_tokens is None]
         if adaptive_rows:
+            drafted = dict.fromkeys(self.method_share, 0)
+            for res in adaptive_rows:
+                if res.k and res.method in drafted:
+                    drafted[res.method] += 1
             for m, share in self.method_share.items():
-                now = sum(1 for res in adaptive_rows if res.k and res.method == m) / len(adaptive_rows)
-                self.method_share[m] = EAGER_KEEP * share + (1 - EAGER_KEEP) * now
+                self.method_share[m] = EAGER_KEEP * share + (1 - EAGER_KEEP) * drafted[m] / len(adaptive_rows)
         # a step that paid a one-off is no timing for adaptive K: a CUDA graph captured (or a shape run eagerly before
         # its capture), a draft catching up on tokens it skipped while plain (a probe at batch 8 after 100 plain steps
         # read 800 tokens: 60 ms for a ~6 ms step, kept as that K's time until it was drafted again), or a thread

@@ -1099,18 +1099,26 @@ def test_plain_decoding_is_timed_three_times_before_its_time_is_trusted():
 
     policy = Policy()
     times = policy.times
+    possible = []
+
+    def due(gain: float) -> bool:  # and the planner's shortcut (``plain_refresh_possible``) never hides a due refresh
+        possible.append(policy.plain_refresh_possible(8))
+        assert possible[-1] or not any(policy.plain_refresh_due(8, g) for g in (0.5, 1.0, 1.4, 3.0))
+        return policy.plain_refresh_due(8, gain)
+
     times.observe("", 8, 0, 0.0021)  # the batch's first plain step: cold
     for plain_s in (0.0015, 0.0016):
         for _ in range(PLAIN_SETTLE):
-            assert not policy.plain_refresh_due(8, 1.4)  # a clear gain: no refresh by PLAIN_STALE's rule
+            assert not due(1.4)  # a clear gain: no refresh by PLAIN_STALE's rule
             times.observe("model", 8, 2, 0.0035)
-        assert policy.plain_refresh_due(8, 1.4)  # not settled: due anyway
+        assert due(1.4)  # not settled: due anyway
         times.observe("", 8, 0, plain_s)
     assert times.count[("plain", 8, times.context, 0)] == PACE_FROM and times.plain_settled(8)
     assert abs(times.plain(8) - 0.0016) < 1e-12  # the median of 2.1, 1.5, 1.6 ms
     for _ in range(2 * PLAIN_SETTLE):
         times.observe("model", 8, 2, 0.0035)
-        assert not policy.plain_refresh_due(8, 1.4)  # settled: only PLAIN_STALE's rule
+        assert not due(1.4)  # settled: only PLAIN_STALE's rule
+    assert True in possible and False in possible
 
 
 def test_engine_runs_the_plain_refresh_and_stays_exact(monkeypatch):
@@ -1130,6 +1138,7 @@ def test_engine_runs_the_plain_refresh_and_stays_exact(monkeypatch):
     monkeypatch.setattr(eng.policy, "reuse", lambda *a: None)
     monkeypatch.setattr(eng.policy, "choose", choose)
     calls = []
+    monkeypatch.setattr(eng.policy, "plain_refresh_possible", lambda batch: True)
     monkeypatch.setattr(eng.policy, "plain_refresh_due", lambda batch, gain: calls.append(gain) or len(calls) % 2 == 1)
     seen = []
     real = eng.planner.refresh_plain
