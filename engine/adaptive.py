@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from engine.config import MAX_DRAFT_TOKENS
@@ -1007,25 +1007,43 @@ class Policy:
         return prior
 
     def observe(self, method: str, k: int, accepted: int, state: AdaptiveState | None = None,
-                sampling: str | None = None, rows: int = 1) -> None:
+                sampling: str | None = None, rows: int = 1, later: Callable[[Callable[[], None]], None] | None = None,
+                ) -> None:
         """A draft of ``k`` tokens with ``method``, ``accepted`` of them, of a request of ``sampling`` class (default:
         its ``state``'s, else greedy), one of ``rows`` drafts of its step (the shared estimate forgets by the step);
         with the adaptive ``state`` of its request, checked against what the acceptance model expected of it
-        (``Calibration``; call before ``state.observe``)."""
+        (``Calibration``; call before ``state.observe``: what it expected is taken now).
+
+        ``later``: where given, the shared estimate's and the calibration's updates are handed to it to run later (the
+        engine's deferred work, while the next step computes on the device): decisions then read them a step late,
+        which at a batch of rows that re-decide once in many steps changes nothing they decide, and the updates
+        (per row and step, in Python) leave the step's critical path."""
         self.drafts += 1
         key = (method, sampling or (state.sampling if state is not None else GREEDY))
         own = state.stats.get(method) if state is not None else None
+        cal = expected = None
         if k > 0 and own is not None and own.num_drafts >= PRIOR_WEIGHT:  # see Calibration: not a request's first drafts
             hit = state.expected_cache.get(method)
             if hit is not None:
+                expected = hit[3]
                 cal = self.calibration.get(key)
                 if cal is None:
                     cal = self.calibration[key] = Calibration()
-                cal.observe(hit[3], k, accepted)
         shared = self.shared.get(key)
         if shared is None:
             shared = self.shared[key] = RecentAcceptance()
-        shared.observe_draft(k, accepted, rows)
+        if later is None:
+            if cal is not None:
+                cal.observe(expected, k, accepted)
+            shared.observe_draft(k, accepted, rows)
+            return
+
+        def update() -> None:
+            if cal is not None:
+                cal.observe(expected, k, accepted)
+            shared.observe_draft(k, accepted, rows)
+
+        later(update)
 
     def guard_holds(self, batch: int) -> SpeedGuard | None:
         """The guard holding this step's adaptive rows plain (``SpeedGuard``; the step counts against its hold), or

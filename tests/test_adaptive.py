@@ -716,9 +716,9 @@ def test_shared_acceptance_forgets_by_the_step():
     seen = []
     real = eng.policy.observe
 
-    def spy(method, k, accepted, state=None, sampling=None, rows=1):
+    def spy(method, k, accepted, state=None, sampling=None, rows=1, later=None):
         seen.append(rows)
-        return real(method, k, accepted, state, sampling, rows)
+        return real(method, k, accepted, state, sampling, rows, later)
 
     eng.policy.observe = spy
     for prompt in ("Once", "The cat sat on the mat", "Tom found a red ball"):
@@ -736,6 +736,48 @@ def test_shared_acceptance_forgets_by_the_step():
         batch.observe_draft(3, 0, 8)
     assert one.drafts_per_position[0] == pytest.approx(1 + (1 - 1 / SHARED_MEMORY))
     assert batch.accepted_per_position[0] == pytest.approx(one.accepted_per_position[0])
+
+
+def test_from_four_rows_an_overlapping_engine_updates_the_shared_estimates_as_deferred_work():
+    """From SHARED_LATER_FROM rows, where the engine overlaps host work with the device, the engine-wide acceptance
+    estimates and the calibration are updated as deferred work (off the step's critical path), in the same order:
+    with fixed K the drafts are the same either way and the estimates end equal. Below that batch, or without
+    overlap, they are updated in the step. Fails if the updates are lost, reordered or never deferred."""
+    from engine.llm_engine import SHARED_LATER_FROM
+    from tests.tiny import tiny_pair_engine
+
+    prompts = ["Once upon a time", "The cat sat on the mat", "Tom found a red ball", "Lily and her dog", "A bird"]
+
+    def run(overlap: bool, rows: int):
+        eng = tiny_pair_engine()
+        eng.overlap = overlap
+        deferred, real = [], eng.policy.observe
+
+        def spy(method, k, accepted, state=None, sampling=None, rows=1, later=None):
+            deferred.append(later is not None)
+            return real(method, k, accepted, state, sampling, rows, later)
+
+        eng.policy.observe = spy
+        for prompt in prompts[:rows]:
+            eng.add_request(prompt, SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True,
+                                                   num_draft_tokens=3, draft_method="model"))
+        versions = []
+        while eng.has_work():
+            eng.step()
+            versions.append(eng.policy.shared[("model", GREEDY)].version if eng.policy.shared else 0)
+        eng._run_later()
+        shared = eng.policy.shared[("model", GREEDY)]
+        return deferred, versions, (shared.version, shared.drafts_per_position, shared.accepted_per_position,
+                                    shared.reached_per_position, shared.passed_per_position)
+
+    rows = SHARED_LATER_FROM
+    in_step, v_in, ref = run(False, rows)
+    later, v_later, got = run(True, rows)
+    assert not any(in_step) and any(later)
+    assert got[0] == ref[0] and all(a == pytest.approx(b) for a, b in zip(got[1:], ref[1:]))
+    assert any(b < a for a, b in zip(v_in, v_later))  # at some step the deferred estimate had not moved yet
+    small, _, _ = run(True, rows - 1)
+    assert small and not any(small)  # a smaller batch: in the step
 
 
 def test_a_pessimistic_prior_is_measured_before_it_rules_speculation_out():
@@ -1581,9 +1623,9 @@ def test_only_adaptive_drafts_check_the_acceptance_model(monkeypatch):
     calls = []
     real = engine.policy.observe
 
-    def spy(method, k, accepted, state=None, sampling=None, rows=1):
+    def spy(method, k, accepted, state=None, sampling=None, rows=1, later=None):
         calls.append((k, state is not None))
-        return real(method, k, accepted, state, sampling, rows)
+        return real(method, k, accepted, state, sampling, rows, later)
 
     monkeypatch.setattr(engine.policy, "observe", spy)
     engine.generate([1, 2, 3], SamplingParams(max_new_tokens=40, temperature=0.0, speculative=True,
