@@ -533,3 +533,7 @@ def test_the_emulation_charges_each_decode_step_its_plans_device_time_and_restor
     out = emulate(["plain"], rounds=1, prompts=1, tokens=5, costs=costs, noise=0.0, prompt_set="repeat",
                   constants={"ORDER_PRIOR_WEIGHT": weight + 1})
     assert out["mix"]["plain"] == {"0": 1.0} and ngram.ORDER_PRIOR_WEIGHT == weight
+    # a device's measured step times per K in place of the linear model (the draft model's; past them, linear)
+    shaped = DeviceCosts(target_ms=1.0, model_ms=(1.5, 1.6))
+    assert shaped.step_ms("model", 2) == 1.6 and shaped.step_ms("model", 3) == costs.step_ms("model", 3)
+    assert shaped.step_ms("eagle", 1) == costs.step_ms("eagle", 1) and shaped.step_ms("", 0) == 1.0

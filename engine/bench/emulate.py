@@ -31,11 +31,15 @@ class DeviceCosts:
     eagle_ms: float = 0.27
     overhead_ms: float = 0.05
     catch_up_ms: float = 0.004
+    model_ms: tuple[float, ...] = ()  # measured step times of the draft model's K = 1, 2, ... (a device's steps are not
+    # linear in K: an H100 took 1.77 ms at K = 6, 1.99 at K = 7, 2.10 at K = 8); past its end, the linear model
 
     def step_ms(self, method: str, k: int) -> float:
         """A batch-1 step of ``method`` at K (K = 0: plain)."""
         if not k:
             return self.target_ms
+        if method == "model" and k <= len(self.model_ms):
+            return self.model_ms[k - 1]
         per = {"model": self.draft_ms, "eagle": self.eagle_ms}.get(method, 0.0)
         return self.target_ms + self.overhead_ms + (self.verify_ms + per) * k
 
@@ -150,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the bench's prompts, or issue 16's set whose continuations repeat the prompt")
     p.add_argument("--seed", type=int, default=1, help="the step times' noise (a seed repeats a run)")
     for field_name, value in DeviceCosts().__dict__.items():
-        p.add_argument(f"--{field_name.replace('_', '-')}", type=float, default=value)
+        if field_name != "model_ms":
+            p.add_argument(f"--{field_name.replace('_', '-')}", type=float, default=value)
+    p.add_argument("--model-ms", default="", help="the draft model's step times at K = 1, 2, ..., comma-separated "
+                                                   "(ms; default: the linear model)")
     p.add_argument("--cpu-policy", action="store_true", help="the CPU's adaptive settings, not CUDA's")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a constant of engine.adaptive or engine.proposers.ngram for this run (e.g. K_MARGIN=1.0)")
@@ -164,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         if not value or not (hasattr(adaptive, name) or hasattr(ngram, name)):
             p.error(f"--set {item!r}: give NAME=VALUE with NAME a constant of engine.adaptive or engine.proposers.ngram")
         constants[name] = float(value)
-    costs = DeviceCosts(**{f: getattr(args, f) for f in DeviceCosts().__dict__})
+    try:
+        model_ms = tuple(float(x) for x in args.model_ms.split(",") if x.strip())
+    except ValueError:
+        p.error(f"--model-ms {args.model_ms!r}: give step times in ms, comma-separated")
+    costs = DeviceCosts(**{f: getattr(args, f) for f in DeviceCosts().__dict__ if f != "model_ms"}, model_ms=model_ms)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     out = emulate(modes, args.rounds, args.prompts, args.tokens, args.temperature, costs, args.noise,
                   not args.cpu_policy, constants, args.seed, args.prompt_set)
