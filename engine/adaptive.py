@@ -742,6 +742,14 @@ def _keep(rows: int) -> float:
 _KEEPS: dict[tuple[float, int], float] = {}
 
 
+def _record(cal: Calibration | None, expected: list[float] | None, shared: RecentAcceptance, k: int, accepted: int,
+            rows: int) -> None:
+    """``Policy.observe``'s updates: the calibration's (where the draft checks a prediction), the shared estimate's."""
+    if cal is not None:
+        cal.observe(expected, k, accepted)
+    shared.observe_draft(k, accepted, rows)
+
+
 def survival_chain(recent: RecentAcceptance | None, alpha: float, weight: float, fade: float,
                    carry_weight: float) -> list[float]:
     """s_i = c_0 ... c_i from conditional acceptance: c_i, the share of drafts reaching position i that accepted it
@@ -1033,17 +1041,9 @@ class Policy:
         if shared is None:
             shared = self.shared[key] = RecentAcceptance()
         if later is None:
-            if cal is not None:
-                cal.observe(expected, k, accepted)
-            shared.observe_draft(k, accepted, rows)
-            return
-
-        def update() -> None:
-            if cal is not None:
-                cal.observe(expected, k, accepted)
-            shared.observe_draft(k, accepted, rows)
-
-        later(update)
+            _record(cal, expected, shared, k, accepted, rows)
+        else:
+            later(lambda: _record(cal, expected, shared, k, accepted, rows))
 
     def guard_holds(self, batch: int) -> SpeedGuard | None:
         """The guard holding this step's adaptive rows plain (``SpeedGuard``; the step counts against its hold), or
