@@ -8,6 +8,7 @@ verification. Rows of both kinds share the same target forward pass.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -273,10 +274,6 @@ class LLMEngine:
         else:
             work()
 
-    def _defer_work(self, work: Callable[[], None]) -> None:
-        """``_defer`` of work no request's events wait for."""
-        self._later.append((None, work))
-
     def _while_device(self) -> None:
         """Host work that overlaps a decode step's verification (``overlap``): the step before's deferred bookkeeping,
         then the decisions adaptive K makes a step ahead (``StepPlanner.decide_ahead``)."""
@@ -472,10 +469,12 @@ class LLMEngine:
         share = 1.0 / max(1, len(results))
         drafting = sum(1 for res in results if res.k or plan[res.req][0])  # the step's drafts (the shared estimates
         # forget by the step)
+        # from SHARED_LATER_FROM rows, the engine-wide estimates' updates run as deferred work (``_learn_row``)
+        later = functools.partial(self._defer, None) if self.overlap and len(results) >= SHARED_LATER_FROM else None
         for res in results:
             r, k, accepted = res.req, res.k, res.accepted
             n = r.num_tokens
-            self._learn_row(res, plan[r], drafting, len(results))  # what the next step's decisions read: now
+            self._learn_row(res, plan[r], drafting, later)  # what the next step's decisions read: now
             self._defer(r, lambda res=res, planned=plan[r]: self._observe_row(res, planned, timing, share))
             self.target.truncate(r.seq_id, n + accepted)
             for p in self.proposers.values():
@@ -521,16 +520,16 @@ class LLMEngine:
             if charged is not None:
                 self.policy.guard_observe(len(results), sum(len(res.tokens) for res in results), charged)
 
-    def _learn_row(self, res, plan: tuple[int, str], rows: int = 1, batch: int = 1) -> None:
+    def _learn_row(self, res, plan: tuple[int, str], rows: int = 1,
+                   later: Callable[[Callable[[], None]], None] | None = None) -> None:
         """A row's acceptance evidence for adaptive K after a decode step (kept in step: the next step decides from it;
         deferred, the drafts of each step reached the decisions a step late, and the first steps of a request measured
         methods twice as often). From batch SHARED_LATER_FROM on, where the engine overlaps host work with the device,
-        the engine-wide estimates' updates are deferred (``Policy.observe``'s ``later``): there a row re-decides once
+        the engine-wide estimates' updates are handed to ``later`` (``_defer``; ``Policy.observe``): there a row re-decides once
         in many steps, and at 8 clients on an H100 (demo pair, fp16) adaptive's host work outside the device's step
         ran 0.08-0.15 ms over fixed K's, on steps of 2.2-3 ms."""
         r, k, accepted = res.req, res.k, res.accepted
         planned_k, planned = plan
-        later = self._defer_work if self.overlap and batch >= SHARED_LATER_FROM else None
         if planned_k and planned and (not k or res.method != planned) and r.params.num_draft_tokens is None:
             # planned to draft but the proposer found nothing (n-gram: no match): for adaptive K that is a
             # draft of which nothing was accepted, since the step cost what a drafting step costs (or the

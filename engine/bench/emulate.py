@@ -44,6 +44,14 @@ class DeviceCosts:
         return self.target_ms + self.overhead_ms + (self.verify_ms + per) * k
 
 
+def _home(name: str):
+    """The module whose constant ``name`` is (``engine.adaptive`` or ``engine.proposers.ngram``; None: neither)."""
+    from engine import adaptive
+    from engine.proposers import ngram
+
+    return next((m for m in (adaptive, ngram) if hasattr(m, name)), None)
+
+
 class VirtualClock:
     """Stands in for the ``time`` module of ``engine.llm_engine``: seconds the emulated device has spent."""
 
@@ -69,12 +77,7 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
     from engine.factory import build_engine
 
     torch.set_num_threads(1)
-    from engine.proposers import ngram
-
-    def home(name: str):
-        return adaptive if hasattr(adaptive, name) else ngram
-
-    saved = {name: getattr(home(name), name) for name in (constants or {})}
+    saved = {name: getattr(_home(name), name) for name in (constants or {})}
     real_decode, real_time = le.decode_step, le.time
     clock, rng, mix = VirtualClock(), random.Random(seed), collections.Counter()
 
@@ -88,7 +91,7 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
 
     try:
         for name, value in (constants or {}).items():
-            setattr(home(name), name, type(getattr(home(name), name))(value))
+            setattr(_home(name), name, type(getattr(_home(name), name))(value))
         engine = build_engine(EngineConfig(device="cpu", dtype="float32", num_threads=1))
         le.decode_step, le.time = decode, clock
         if cuda_policy:
@@ -135,7 +138,7 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
     finally:
         le.decode_step, le.time = real_decode, real_time
         for name, value in saved.items():
-            setattr(home(name), name, value)
+            setattr(_home(name), name, value)
     ratios = {"draft": engine.draft_cost, "verify": engine.verify_cost, "first": engine.first_cost}
     return {"rates": rates, "ratios": ratios,
             "mix": {m: {f"{meth[:1]}{k}": n / max(1, sum(c.values())) for (meth, k), n in c.items()}
@@ -162,13 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a constant of engine.adaptive or engine.proposers.ngram for this run (e.g. K_MARGIN=1.0)")
     args = p.parse_args(argv)
-    from engine import adaptive
-    from engine.proposers import ngram
-
     constants = {}
     for item in args.set:
         name, _, value = item.partition("=")
-        if not value or not (hasattr(adaptive, name) or hasattr(ngram, name)):
+        if not value or _home(name) is None:
             p.error(f"--set {item!r}: give NAME=VALUE with NAME a constant of engine.adaptive or engine.proposers.ngram")
         constants[name] = float(value)
     try:
