@@ -56,6 +56,7 @@ SHARED_LATER_FROM = 4  # the batch from which the engine-wide acceptance estimat
 # (``_learn_row``; where the engine overlaps host work with the device)
 EAGER_KEEP = 0.9  # per decode step, the weight of the past in ``method_share`` (~10 steps) ...
 EAGER_SHARE = 0.5  # ... above which a new adaptive request's prompt is read by that proposer in its prefill
+EAGER_METHODS = ("model", "eagle")  # the proposers that can read a prompt in its prefill
 
 
 def _planned_key(plan, results, methods: set[str]) -> tuple[int, str] | None:
@@ -145,7 +146,8 @@ class LLMEngine:
         self.warmup_stats: dict | None = None  # set by warmup(): its seconds and the CUDA graphs it captured
         self.stopped = False
         self._prefilled_last = False
-        self.method_share = {"model": 0.0, "eagle": 0.0}  # adaptive rows drafting with each, moving shares over steps
+        # draft_method -> proposer -> the share of that draft_method's adaptive rows drafting with it, moving over steps
+        self.method_share: dict[str, dict[str, float]] = {}
         self._first_logits: dict[Request, torch.Tensor] = {}  # prompt's last logits until the draft catches up
         self.device_name = device_kind
         self.dtype_name = str(next(target_model.parameters()).dtype).removeprefix("torch.")
@@ -326,12 +328,12 @@ class LLMEngine:
                                                              or self._eager(req) == "model")
 
     def _eager(self, req: Request) -> str:
-        """The proposer that reads an adaptive request's prompt in its prefill: the one most adaptive rows drafted
-        with lately, where over EAGER_SHARE of them did (``method_share``) and the request may use it
+        """The proposer that reads an adaptive request's prompt in its prefill: the one most adaptive rows of its
+        draft_method drafted with lately, where over EAGER_SHARE of them did (``method_share``) and the request may use it
         (``StepPlanner.methods``); "" for none. Decided at the request's first prefill chunk."""
         if req.eager is None:
-            share, method = max(((self.method_share[m], m) for m in self.planner.methods(req) if m in self.method_share),
-                                default=(0.0, ""))
+            shares = self.method_share.get(req.params.draft_method, {})
+            share, method = max(((shares[m], m) for m in self.planner.methods(req) if m in shares), default=(0.0, ""))
             req.eager = method if req.params.num_draft_tokens is None and share > EAGER_SHARE else ""
         return req.eager
 
@@ -442,12 +444,7 @@ class LLMEngine:
         methods = {r.method for r in results if r.k}
         adaptive_rows = [res for res in results if res.req.params.speculative and res.req.params.num_draft_tokens is None]
         if adaptive_rows:
-            drafted = dict.fromkeys(self.method_share, 0)
-            for res in adaptive_rows:
-                if res.k and res.method in drafted:
-                    drafted[res.method] += 1
-            for m, share in self.method_share.items():
-                self.method_share[m] = EAGER_KEEP * share + (1 - EAGER_KEEP) * drafted[m] / len(adaptive_rows)
+            self._count_methods(adaptive_rows)
         # a step that paid a one-off is no timing for adaptive K: a CUDA graph captured (or a shape run eagerly before
         # its capture), a draft catching up on tokens it skipped while plain (a probe at batch 8 after 100 plain steps
         # read 800 tokens: 60 ms for a ~6 ms step, kept as that K's time until it was drafted again), or a thread
@@ -519,6 +516,21 @@ class LLMEngine:
                 charged = None
             if charged is not None:
                 self.policy.guard_observe(len(results), sum(len(res.tokens) for res in results), charged)
+
+    def _count_methods(self, rows) -> None:
+        """``method_share`` after a step, by the rows' draft_method: a request held to one proposer says nothing of what
+        an "auto" request will draft. Pooled, the bench's n-gram and EAGLE passes (run between the default's requests,
+        one prompt at a time) had every default request's prompt read by the head in its prefill, and on an H100 (demo
+        pair, fp16) the default then drafted with the draft model, which read the prompt in its first decode steps:
+        its drafting steps took 6-20% longer than fixed K's at its mean K (g100-g107)."""
+        groups: dict[str, list] = {}
+        for res in rows:
+            groups.setdefault(res.req.params.draft_method, []).append(res)
+        for key, group in groups.items():
+            shares = self.method_share.setdefault(key, dict.fromkeys(EAGER_METHODS, 0.0))
+            for m, share in shares.items():
+                drafted = sum(1 for res in group if res.k and res.method == m)
+                shares[m] = EAGER_KEEP * share + (1 - EAGER_KEEP) * drafted / len(group)
 
     def _learn_row(self, res, plan: tuple[int, str], rows: int = 1,
                    later: Callable[[Callable[[], None]], None] | None = None) -> None:

@@ -2081,7 +2081,8 @@ def test_the_proposer_in_use_reads_a_new_requests_prompt_in_its_prefill(monkeypa
     assert first.eager == "" and eng.proposers[method].behind(first) > NORMAL_BEHIND
     while eng.has_work():
         eng.step()
-    assert eng.method_share[method] > 0.5 and eng.method_share[{"model": "eagle", "eagle": "model"}[method]] == 0
+    shares = eng.method_share["auto"]
+    assert shares[method] > 0.5 and shares[{"model": "eagle", "eagle": "model"}[method]] == 0
     late = eng.add_request(prompt, params)
     eng.step()
     assert late.eager == method and late.prefilled
@@ -2098,3 +2099,34 @@ def test_the_proposer_in_use_reads_a_new_requests_prompt_in_its_prefill(monkeypa
                                                    num_draft_tokens=2, draft_method=method))
     eng.step()
     assert fixed.eager is None or fixed.eager == ""  # a fixed K reads as it always did (the draft: in the prefill)
+
+
+def test_requests_held_to_one_proposer_leave_the_auto_requests_prefill_reader_alone(monkeypatch):
+    """``method_share`` is kept by draft_method: after "auto" requests drafted with the draft model, requests held to the
+    EAGLE head (as the bench runs them between the default's requests) do not make the next "auto" request's prompt
+    read by the head; pooled, they did, and the draft model then read that prompt in its first decode steps."""
+    from engine.proposers.draft_model import NORMAL_BEHIND
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine(eagle=True)
+    monkeypatch.setattr(eng, "_choose", lambda req, batch: (
+        min(2, max(0, req.remaining - 1)), "eagle" if req.params.draft_method == "eagle" else "model"))
+    prompt = "Once upon a time there was a little dog named Tom who"
+    eng.generate(prompt, SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))
+    assert eng.method_share["auto"]["model"] > 0.5
+    for _ in range(2):
+        eng.generate(prompt, SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True, draft_method="eagle"))
+    assert eng.method_share["eagle"]["eagle"] > 0.5 and eng.method_share["eagle"]["model"] == 0
+    assert eng.method_share["auto"]["model"] > 0.5  # the held requests' steps left it as it was
+    late = eng.add_request(prompt, SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True))
+    eng.step()
+    assert late.eager == "model" and late.prefilled and eng.proposers["model"].behind(late) <= NORMAL_BEHIND
+    held = eng.add_request(prompt, SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True,
+                                                  draft_method="eagle"))
+    while not held.prefilled:
+        eng.step()
+    assert held.eager == "eagle"
+    while eng.has_work():
+        eng.step()
+    plain = eng.generate(prompt, SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True, speculative=False))
+    assert late.output_ids == held.output_ids == plain.token_ids
