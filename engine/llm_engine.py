@@ -523,14 +523,17 @@ class LLMEngine:
         one prompt at a time) had every default request's prompt read by the head in its prefill, and on an H100 (demo
         pair, fp16) the default then drafted with the draft model, which read the prompt in its first decode steps:
         its drafting steps took 6-20% longer than fixed K's at its mean K (g100-g107)."""
-        groups: dict[str, list] = {}
-        for res in rows:
-            groups.setdefault(res.req.params.draft_method, []).append(res)
-        for key, group in groups.items():
+        rows_of: dict[str, int] = {}
+        drafted: dict[tuple[str, str], int] = {}
+        for res in rows:  # one pass: this runs at every step
+            key = res.req.params.draft_method
+            rows_of[key] = rows_of.get(key, 0) + 1
+            if res.k:
+                drafted[key, res.method] = drafted.get((key, res.method), 0) + 1
+        for key, n in rows_of.items():
             shares = self.method_share.setdefault(key, dict.fromkeys(EAGER_METHODS, 0.0))
             for m, share in shares.items():
-                drafted = sum(1 for res in group if res.k and res.method == m)
-                shares[m] = EAGER_KEEP * share + (1 - EAGER_KEEP) * drafted / len(group)
+                shares[m] = EAGER_KEEP * share + (1 - EAGER_KEEP) * drafted.get((key, m), 0) / n
 
     def _learn_row(self, res, plan: tuple[int, str], rows: int = 1,
                    later: Callable[[Callable[[], None]], None] | None = None) -> None:
