@@ -519,6 +519,7 @@ def test_the_emulation_charges_each_decode_step_its_plans_device_time_and_restor
     assert out["mix"]["plain"] == {"0": 1.0}
     assert out["mix"]["k2"].get("m2", 0) > 0.7
     assert 17 / (16 * costs.step_ms("model", 2)) < out["rates"]["k2"][0] < 17 / 6  # at most 3 tokens a step
+    k2 = out["rates"]["k2"]
     assert (llm_engine.decode_step, llm_engine.time) == before
     # a seed repeats a run: the adaptive decisions read only the virtual clock and the device's cost ratios (the
     # forwards' real timings once moved n-gram's position costs and the decisions with them)
@@ -537,3 +538,9 @@ def test_the_emulation_charges_each_decode_step_its_plans_device_time_and_restor
     shaped = DeviceCosts(target_ms=1.0, model_ms=(1.5, 1.6))
     assert shaped.step_ms("model", 2) == 1.6 and shaped.step_ms("model", 3) == costs.step_ms("model", 3)
     assert shaped.step_ms("eagle", 1) == costs.step_ms("eagle", 1) and shaped.step_ms("", 0) == 1.0
+    # the machine's phases, a random stream of their own: a slow phase adds phase_ms to a drafting step (a share of it
+    # to a plain one); a seed repeats them, and without phase_steps there are none
+    slow = DeviceCosts(target_ms=1.0, phase_ms=0.5)
+    phased = [emulate(["k2"], rounds=1, prompts=1, tokens=17, costs=slow, noise=0.0, phase_steps=2) for _ in range(2)]
+    assert phased[0] == phased[1] and phased[0]["rates"]["k2"][0] < k2[0]
+    assert abs(emulate(["k2"], rounds=1, prompts=1, tokens=17, costs=slow, noise=0.0)["rates"]["k2"][0] - k2[0]) < 1e-9

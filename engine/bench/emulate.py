@@ -5,7 +5,10 @@ compared with fixed K at a GPU's costs where no GPU is lent. ``python -m engine.
 A step's charge: the target's step (``--target-ms``), plus per drafted token the verification's extra
 (``--verify-ms``) and the proposer's draft (``--draft-ms`` for the draft model, ``--eagle-ms`` for the EAGLE head,
 nothing for n-gram) and a drafting step's fixed cost (``--overhead-ms``), plus ``--catch-up-ms`` per token a proposer
-reads that it skipped, times log-normal noise (``--noise``). The defaults are an H100's with the demo pair in fp16
+reads that it skipped, times log-normal noise (``--noise``), plus, in a slow phase of the machine (``--phase-steps``:
+their mean length in decode steps, the machine switching between a normal and a slow phase at random; 0 = none),
+``--phase-ms`` on every drafting step and PLAIN_PHASE_SHARE of it on a plain one (an H100 at 8 clients ran a whole
+bench repeat with its drafting steps ~0.4-0.5 ms slower and its plain steps ~0.2 ms slower: host-bound steps). The defaults are an H100's with the demo pair in fp16
 (thirty-ninth round: fixed K = 2 / 4 / 6 / 8 took 1.23 / 1.49 / 1.77 / 2.07 ms a step). Prefill costs nothing here,
 and nothing the plan does not decide is charged (graph captures, host work): its numbers are the emulation's, not the
 product's. The engine runs with CUDA's adaptive settings (``--cpu-policy``: the CPU's), and its cost ratios (a drafted
@@ -31,6 +34,7 @@ class DeviceCosts:
     eagle_ms: float = 0.27
     overhead_ms: float = 0.05
     catch_up_ms: float = 0.004
+    phase_ms: float = 0.0  # in a slow phase: added to each drafting step (PLAIN_PHASE_SHARE of it to a plain one)
     model_ms: tuple[float, ...] = ()  # measured step times of the draft model's K = 1, 2, ... (a device's steps are not
     # linear in K: an H100 took 1.77 ms at K = 6, 1.99 at K = 7, 2.10 at K = 8); past its end, the linear model
 
@@ -42,6 +46,9 @@ class DeviceCosts:
             return self.model_ms[k - 1]
         per = {"model": self.draft_ms, "eagle": self.eagle_ms}.get(method, 0.0)
         return self.target_ms + self.overhead_ms + (self.verify_ms + per) * k
+
+
+PLAIN_PHASE_SHARE = 0.4  # of ``phase_ms``, what a slow phase adds to a plain step
 
 
 def _home(name: str):
@@ -64,10 +71,11 @@ class VirtualClock:
 
 def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 128, temperature: float = 0.0,
             costs: DeviceCosts = DeviceCosts(), noise: float = 0.03, cuda_policy: bool = True,
-            constants: dict[str, float] | None = None, seed: int = 1, prompt_set: str = "default") -> dict:
+            constants: dict[str, float] | None = None, seed: int = 1, prompt_set: str = "default",
+            phase_steps: int = 0) -> dict:
     """Tokens per emulated millisecond of each mode (``default``: adaptive method and K; ``dmodel`` / ``deagle``:
     adaptive K with one proposer; ``kN``: fixed K = N with the draft model; ``plain``), rounds rotated, and each mode's
-    share of steps per (method, K)."""
+    share of steps per (method, K). ``phase_steps``: the mean length of the machine's phases (``costs.phase_ms``)."""
     import torch
 
     from engine import adaptive
@@ -80,11 +88,17 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
     saved = {name: getattr(_home(name), name) for name in (constants or {})}
     real_decode, real_time = le.decode_step, le.time
     clock, rng, mix = VirtualClock(), random.Random(seed), collections.Counter()
+    phases, slow = random.Random(seed + 7919), [False]  # the machine's phases: a stream of their own
 
     def decode(target, proposers, plan, *args, **kwargs):
         results, timing = real_decode(target, proposers, plan, *args, **kwargs)
         k, method = max(plan.values())
         ms = costs.step_ms(method, k) + costs.catch_up_ms * sum(p.backlog for p in proposers.values())
+        if phase_steps:
+            if phases.random() < 1.0 / phase_steps:
+                slow[0] = not slow[0]
+            if slow[0]:
+                ms += costs.phase_ms * (1.0 if k else PLAIN_PHASE_SHARE)
         clock.now += ms * math.exp(rng.gauss(0.0, noise)) / 1e3
         mix[(method if k else "", k)] += 1
         return results, timing
@@ -156,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-set", choices=("default", "repeat"), default="default",
                    help="the bench's prompts, or issue 16's set whose continuations repeat the prompt")
     p.add_argument("--seed", type=int, default=1, help="the step times' noise (a seed repeats a run)")
+    p.add_argument("--phase-steps", type=int, default=0,
+                   help="mean length of the machine's slow and normal phases in decode steps (0: no phases)")
     for field_name, value in DeviceCosts().__dict__.items():
-        if field_name != "model_ms":
+        if field_name != "model_ms":  # --phase-ms among them
             p.add_argument(f"--{field_name.replace('_', '-')}", type=float, default=value)
     p.add_argument("--model-ms", default="", help="the draft model's step times at K = 1, 2, ..., comma-separated "
                                                    "(ms; default: the linear model)")
@@ -176,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         p.error(f"--model-ms {args.model_ms!r}: give step times in ms, comma-separated")
     costs = DeviceCosts(**{f: getattr(args, f) for f in DeviceCosts().__dict__ if f != "model_ms"}, model_ms=model_ms)
+    if args.phase_steps < 0 or args.phase_ms < 0:
+        p.error("--phase-steps and --phase-ms must be >= 0")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     out = emulate(modes, args.rounds, args.prompts, args.tokens, args.temperature, costs, args.noise,
-                  not args.cpu_policy, constants, args.seed, args.prompt_set)
+                  not args.cpu_policy, constants, args.seed, args.prompt_set, args.phase_steps)
     fixed = [statistics.median(v) for m, v in out["rates"].items() if m.startswith("k")]
     best = max(fixed) if fixed else None
     for mode, rates in out["rates"].items():
