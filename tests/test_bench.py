@@ -543,4 +543,5 @@ def test_the_emulation_charges_each_decode_step_its_plans_device_time_and_restor
     slow = DeviceCosts(target_ms=1.0, phase_ms=0.5)
     phased = [emulate(["k2"], rounds=1, prompts=1, tokens=17, costs=slow, noise=0.0, phase_steps=2) for _ in range(2)]
     assert phased[0] == phased[1] and phased[0]["rates"]["k2"][0] < k2[0]
+    assert abs(phased[0]["clean_rates"]["k2"][0] - k2[0]) < 1e-9  # the same steps at the device's costs alone
     assert abs(emulate(["k2"], rounds=1, prompts=1, tokens=17, costs=slow, noise=0.0)["rates"]["k2"][0] - k2[0]) < 1e-9

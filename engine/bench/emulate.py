@@ -8,8 +8,10 @@ nothing for n-gram) and a drafting step's fixed cost (``--overhead-ms``), plus `
 reads that it skipped, times log-normal noise (``--noise``), plus, in a slow phase of the machine (``--phase-steps``:
 their mean length in decode steps, the machine switching between a normal and a slow phase at random; 0 = none),
 ``--phase-ms`` on every drafting step and PLAIN_PHASE_SHARE of it on a plain one (an H100 at 8 clients ran a whole
-bench repeat with its drafting steps ~0.4-0.5 ms slower and its plain steps ~0.2 ms slower: host-bound steps). The defaults are an H100's with the demo pair in fp16
-(thirty-ninth round: fixed K = 2 / 4 / 6 / 8 took 1.23 / 1.49 / 1.77 / 2.07 ms a step). Prefill costs nothing here,
+bench repeat with its drafting steps ~0.4-0.5 ms slower and its plain steps ~0.2 ms slower: host-bound steps). Each
+mode's rate is also given at the device's costs alone (its steps charged without noise and phases: what its decisions
+are worth, whichever phase its passes fell in). The defaults are an H100's with the demo pair in fp16 (thirty-ninth
+round: fixed K = 2 / 4 / 6 / 8 took 1.23 / 1.49 / 1.77 / 2.07 ms a step). Prefill costs nothing here,
 and nothing the plan does not decide is charged (graph captures, host work): its numbers are the emulation's, not the
 product's. The engine runs with CUDA's adaptive settings (``--cpu-policy``: the CPU's), and its cost ratios (a drafted
 token's, a verified one's, the first verified position's) are the device's throughout, never this machine's forwards':
@@ -89,11 +91,13 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
     real_decode, real_time = le.decode_step, le.time
     clock, rng, mix = VirtualClock(), random.Random(seed), collections.Counter()
     phases, slow = random.Random(seed + 7919), [False]  # the machine's phases: a stream of their own
+    clean = [0.0]  # ms of the steps at the device's costs alone (no noise, no phase): what the decisions are worth
 
     def decode(target, proposers, plan, *args, **kwargs):
         results, timing = real_decode(target, proposers, plan, *args, **kwargs)
         k, method = max(plan.values())
         ms = costs.step_ms(method, k) + costs.catch_up_ms * sum(p.backlog for p in proposers.values())
+        clean[0] += ms
         if phase_steps:
             if phases.random() < 1.0 / phase_steps:
                 slow[0] = not slow[0]
@@ -140,21 +144,23 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
             return SamplingParams(num_draft_tokens=int(mode[1:]), draft_method="model", **common)
 
         rates: dict[str, list[float]] = {m: [] for m in modes}
+        clean_rates: dict[str, list[float]] = {m: [] for m in modes}  # the same steps at the device's costs alone
         mixes: dict[str, collections.Counter] = {m: collections.Counter() for m in modes}
         for r in range(rounds):
             for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
                 mix.clear()
-                start, made = clock.now, 0
+                start, made, clean_start = clock.now, 0, clean[0]
                 for i, text in enumerate(texts):
                     made += len(engine.generate(text, params(mode, 1000 * r + i)).token_ids)
                 rates[mode].append(made / ((clock.now - start) * 1e3))
+                clean_rates[mode].append(made / (clean[0] - clean_start))
                 mixes[mode].update(mix)
     finally:
         le.decode_step, le.time = real_decode, real_time
         for name, value in saved.items():
             setattr(_home(name), name, value)
     ratios = {"draft": engine.draft_cost, "verify": engine.verify_cost, "first": engine.first_cost}
-    return {"rates": rates, "ratios": ratios,
+    return {"rates": rates, "clean_rates": clean_rates, "ratios": ratios,
             "mix": {m: {f"{meth[:1]}{k}": n / max(1, sum(c.values())) for (meth, k), n in c.items()}
                     for m, c in mixes.items()}}
 
@@ -199,9 +205,12 @@ def main(argv: list[str] | None = None) -> int:
                   not args.cpu_policy, constants, args.seed, args.prompt_set, args.phase_steps)
     fixed = [statistics.median(v) for m, v in out["rates"].items() if m.startswith("k")]
     best = max(fixed) if fixed else None
+    clean_best = max((statistics.median(v) for m, v in out["clean_rates"].items() if m.startswith("k")), default=None)
     for mode, rates in out["rates"].items():
         med = statistics.median(rates)
         vs = f"  {med / best:.3f}x the best fixed K" if best else ""
+        if clean_best and (args.noise or args.phase_steps):  # the decisions' worth at the device's costs alone
+            vs += f" ({statistics.median(out['clean_rates'][mode]) / clean_best:.3f}x without noise and phases)"
         print(f"{mode:8s} {med:.3f} tokens/ms ({' '.join(f'{x:.3f}' for x in rates)}){vs}")
         top = sorted(out["mix"][mode].items(), key=lambda kv: -kv[1])[:8]
         print("         steps: " + " ".join(f"{k}:{v:.2f}" for k, v in top))
