@@ -31,6 +31,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from engine.config import MAX_DRAFT_TOKENS
+from engine.level_filter import LevelFilter
 from engine.stats import SpecDecodingStats
 
 EMA = 0.8  # weight of the past in step-time averages
@@ -148,6 +149,9 @@ PACE_RATE_CUDA = 0.0  # ... and on a CUDA device, no pace: a GPU's speed holds (
 # true time, K = 3 and 5 were predicted 2-6% high while K = 4 ran; the default ran 0.952-0.997x fixed K = 5 over eight
 # processes (mean 0.967), 0.970-0.984x (0.977) over four with no pace. A laptop GPU's clocks may move: the explore
 # steps re-time the K beside the one that runs, and plain decoding is re-timed where the gain is close (PLAIN_STALE)
+LEVEL_FILTER_CUDA = True  # on a CUDA device, the pace is the level of a Kalman filter (``LevelFilter``) that tells the
+# machine's phases from the keys' costs by the steps where the key changes (the H100's hosts have phases of their own:
+# forty-third round); every key's average moves with the covariance, not by a moving average of its own steps
 PACE_RUN = 0.02  # the rate at which the settled average of the K that runs on still moves (its steps move the pace)
 PACE_FROM = 3  # observations a K's average needs before its steps move the pace (a first timing is the K's, not the pace's)
 CTX_MEMORY = 0.995  # per timed step, the forgetting of the context slope's regression (``StepTimes``): ~200 steps
@@ -294,10 +298,13 @@ class StepTimes:
     so over a few waves of requests the slope is the context's (measured there: 0.13-0.28% a token of context).
     """
 
-    def __init__(self, pace_rate: float = PACE_RATE) -> None:
+    def __init__(self, pace_rate: float = PACE_RATE, level_filter: bool = False) -> None:
         self.avg: dict[tuple[str, int, int, int], float] = {}  # seconds / the bucket's pace at each observation
         self.pace: dict[int, float] = {}  # batch bucket -> the machine's pace there (1.0 at its first observation)
         self.pace_rate = pace_rate
+        # batch bucket -> the Kalman filter of its level (the pace, in logs) and its keys' averages (``LevelFilter``):
+        # with ``level_filter``, in place of the pace's moving averages
+        self.filters: dict[int, LevelFilter] | None = {} if level_filter else None
         self._last: dict[int, tuple[str, int, int, int]] = {}  # batch bucket -> the key its last step was timed at
         self.count: dict[tuple[str, int, int, int], int] = {}  # observations behind each average
         # the keys of ``avg`` per (method, batch bucket) and per batch bucket, in the order they came: a decision
@@ -323,7 +330,11 @@ class StepTimes:
         self._ctx_fit: dict[tuple[str, int, int, int], list[float]] = {}  # key -> [weight, mean x, mean log t]
         self._ctx_sums: dict[tuple[int, int], list[float]] = {}  # (batch, context bucket) -> [Sxx, Sxy] within keys
 
-    def observe(self, method: str, batch: int, k: int, seconds: float) -> None:
+    def observe(self, method: str, batch: int, k: int, seconds: float,
+                later: Callable[[Callable[[], None]], None] | None = None) -> None:
+        """A step of ``method`` at K (0: plain) of ``batch`` rows took ``seconds``. ``later``: where given, a level
+        filter's update (``_filter``, ~10 us of numpy a step) is handed to it to run later (the engine's deferred work,
+        while the next step computes on the device)."""
         key = ("plain", bucket(batch), self.context, 0) if k == 0 else (method, bucket(batch), self.context, k)
         x = self._x()
         if x is not None:
@@ -356,6 +367,14 @@ class StepTimes:
             self.avg[key] = _robust_mean(first)
             if self.count[key] == PACE_FROM:
                 del self._first[key]
+                if self.filters is not None:
+                    self.filters.setdefault(b, LevelFilter()).add(key, math.log(self.avg[key]), PACE_FROM)
+            return
+        if self.filters is not None:
+            if later is None:
+                self._filter(b, key, seconds)
+            else:
+                later(lambda: self._filter(b, key, seconds))
             return
         if old is not None and self.count[key] > PACE_FROM and self.pace_rate:
             # a settled average: the step's ratio to its prediction (in logs, clamped) moves the pace where this K ran
@@ -368,6 +387,18 @@ class StepTimes:
                 self.avg[key] = old * math.exp((1 - weight) * dev)
         else:
             self.avg[key] = clamped_ema(old, seconds / pace, weight)
+
+    def _filter(self, b: int, key: tuple[str, int, int, int], seconds: float) -> None:
+        """A settled key's step into its bucket's ``LevelFilter``: the pace is its level, and every key's average
+        that the step moved (the filter's covariance moves keys beside the one timed) is read out; a method whose
+        keys moved predicts again (``predicted``)."""
+        f = self.filters[b]
+        f.observe(key, math.log(seconds))
+        self.pace[b] = math.exp(f.level)
+        for other, offset in f.moved():
+            self.avg[other] = math.exp(offset)
+            if other[:2] != key[:2]:
+                self._stamps[other[:2]] = self._stamps.get(other[:2], 0) + 1
 
     def _x(self) -> float | None:
         """The step's load relative to its context bucket: (load - the bucket's centre) / the bucket's width, within
@@ -925,13 +956,13 @@ class Policy:
     """Engine-wide: step times, recent shared acceptance per method, the last decision."""
 
     def __init__(self, spec_recheck_from: int = SPEC_RECHECK_FROM, spec_rows: float = 1.0,
-                 pace_rate: float = PACE_RATE) -> None:
+                 pace_rate: float = PACE_RATE, level_filter: bool = False) -> None:
         self.spec_recheck_from = spec_recheck_from  # the batch bucket from which speculating decisions stand a few steps
         self.spec_rows = spec_rows  # ... and how many rows re-decide per step from batch SPEC_RECHECK_FROM on
         # step times of greedy steps and of steps with a sampled row (``tick`` selects the step's): a sampled row pays
         # for its draws at every position it verifies, and on a GPU that is more launches a step. ``pace_rate``: the
         # tables' (``StepTimes``; PACE_RATE_CUDA on a CUDA device)
-        self._times = {False: StepTimes(pace_rate), True: StepTimes(pace_rate)}
+        self._times = {False: StepTimes(pace_rate, level_filter), True: StepTimes(pace_rate, level_filter)}
         self._sampled = False  # which of them ``times`` is: the current step's (``tick``)
         # per (method, sampling class): recent shared acceptance, and the acceptance model against realized drafts
         self.shared: dict[tuple[str, str], RecentAcceptance] = {}

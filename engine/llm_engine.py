@@ -22,6 +22,7 @@ import torch
 from engine import cleanup, observe, prefill
 from engine.adaptive import (
     GUARD_WINDOW,
+    LEVEL_FILTER_CUDA,
     PACE_RATE,
     PACE_RATE_CUDA,
     SPEC_RECHECK_FROM,
@@ -110,7 +111,7 @@ class LLMEngine:
             self.proposers["eagle"] = EagleProposer(eagle_head, self.target)
         cuda = self.target.device.type == "cuda"
         self.policy = Policy(SPEC_RECHECK_FROM_CUDA if cuda else SPEC_RECHECK_FROM, SPEC_ROWS_CUDA if cuda else 1.0,
-                             PACE_RATE_CUDA if cuda else PACE_RATE)
+                             PACE_RATE_CUDA if cuda else PACE_RATE, cuda and LEVEL_FILTER_CUDA)
         # on a device that computes asynchronously (CUDA, ROCm): what the next step needs of a step is done at once
         # (tokens appended, caches rolled back, finishes decided); its token events with their text and its statistics
         # wait in ``_later`` and run while the next step's verification computes on the device (``_run_later``).
@@ -488,7 +489,8 @@ class LLMEngine:
         # the 2-core CPU), so leaving it out made each extra step look cheaper than it is and favoured short K
         wall = time.perf_counter() - t_start
         if timed is not None:
-            self.policy.times.observe(timed[1], len(results), timed[0], wall)
+            deferred = functools.partial(self._defer, None) if self.overlap else None
+            self.policy.times.observe(timed[1], len(results), timed[0], wall, later=deferred)
             if timed == (0, ""):
                 self.policy.observe_plain(len(results), wall)
         predicted = None

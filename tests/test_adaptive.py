@@ -343,7 +343,7 @@ def test_on_a_cuda_device_a_k_that_runs_keeps_its_deviation_to_itself():
     had the pace carry the difference, and every other K's prediction rose with it, so the batch stayed on the K it
     ran. The CPU keeps the pace (a VM's slow phases move every K alike); on a CUDA device, whose speed holds, the
     other K's predictions stand and the running K's average finds its time."""
-    def run(policy: Policy) -> tuple[float, float]:
+    def run(policy: Policy, explore: bool = False) -> tuple[float, float]:
         times = policy.times
         for _ in range(12):
             times.observe("", 1, 0, 0.87e-3)
@@ -351,8 +351,10 @@ def test_on_a_cuda_device_a_k_that_runs_keeps_its_deviation_to_itself():
             times.observe("model", 1, 6, 1.82e-3)
         for _ in range(3):  # K = 4's first timings, 5% under its time
             times.observe("model", 1, 4, 1.45e-3)
-        for _ in range(200):
+        for i in range(200):
             times.observe("model", 1, 4, 1.52e-3)
+            if explore and i % 16 == 15:
+                times.observe("model", 1, 5, 1.67e-3)
         return times.predict("model", 1, 4, 0.17), times.predict("model", 1, 5, 0.17)
 
     cuda = Policy(pace_rate=PACE_RATE_CUDA)
@@ -361,6 +363,43 @@ def test_on_a_cuda_device_a_k_that_runs_keeps_its_deviation_to_itself():
     assert abs(k4 / 1.52e-3 - 1) < 0.02 and abs(k5 / 1.67e-3 - 1) < 0.02, (k4, k5)
     k4, k5 = run(Policy())
     assert abs(k4 / 1.52e-3 - 1) < 0.02 and k5 / 1.67e-3 > 1.03, (k4, k5)  # the CPU's pace moved K = 5 with K = 4
+    # the level filter (a CUDA engine's, ``LEVEL_FILTER_CUDA``) cannot tell either from K = 4's steps alone and splits
+    # the difference; an explore step at K = 5 every 16 steps tells them apart
+    k4, k5 = run(Policy(pace_rate=PACE_RATE_CUDA, level_filter=True))
+    assert abs(k4 / 1.52e-3 - 1) < 0.02 and abs(k5 / 1.67e-3 - 1) < 0.04, (k4, k5)
+    k4, k5 = run(Policy(pace_rate=PACE_RATE_CUDA, level_filter=True), explore=True)
+    assert abs(k4 / 1.52e-3 - 1) < 0.01 and abs(k5 / 1.67e-3 - 1) < 0.01, (k4, k5)
+
+
+def test_a_k_timed_in_a_slow_phase_is_not_taken_for_a_costlier_k():
+    """The machine's phases against the K each pass ran (an H100's host, forty-third round: drafting steps ~0.3 ms
+    slower, plain ones ~0.12, for a few hundred steps): a slow phase begins in K = 4's pass, K = 6's pass runs in it
+    throughout, it ends in K = 8's. Averages of each K's own steps put K = 4 and 6 ~15% above their times in the steps
+    that follow, and adaptive K compares them with K = 8 as if they were; the level filter keeps the phase in the level,
+    and every K's prediction is its time now."""
+    import math
+    import random
+
+    true = {0: 0.949e-3, 4: 1.544e-3, 6: 1.767e-3, 8: 2.10e-3}  # an H100's batch-1 steps, demo pair, fp16
+
+    def predicted(level_filter: bool) -> dict[int, float]:
+        times, rng = StepTimes(PACE_RATE_CUDA, level_filter), random.Random(1)
+
+        def run(k: int, steps: int, slow: bool) -> None:
+            for _ in range(steps):
+                extra = (0.3e-3 if k else 0.12e-3) if slow else 0.0
+                times.observe("model" if k else "", 1, k, (true[k] + extra) * math.exp(rng.gauss(0.0, 0.02)))
+
+        for _ in range(3):
+            for k in true:
+                run(k, 30, False)
+        run(4, 15, False), run(4, 15, True), run(6, 30, True), run(8, 15, True), run(8, 15, False)
+        times_now = times.predict_all("model", 1, 0.1)
+        return {k: times_now[k] / true[k] for k in true}
+
+    assert all(abs(r - 1) < 0.025 for r in predicted(True).values()), predicted(True)
+    averages = predicted(False)
+    assert averages[4] > 1.1 and averages[6] > 1.1, averages
 
 
 def test_two_noisy_k_close_together_do_not_predict_a_flat_line():
@@ -1926,7 +1965,8 @@ def test_decisions_made_ahead_stand_at_the_next_step_and_change_no_greedy_token(
         # half a row re-deciding a step (CUDA's cadence before the thirty-ninth round): many full decisions to check
         eng.policy.spec_recheck_from, eng.policy.spec_rows = SPEC_RECHECK_FROM_CUDA, 0.5
         for table in eng.policy.step_times():
-            table.observe = lambda method, b, k, seconds, real=table.observe: real(method, b, k, 1e-3 * (1 + 0.15 * k))
+            table.observe = lambda method, b, k, seconds, later=None, real=table.observe: real(
+                method, b, k, 1e-3 * (1 + 0.15 * k), later)
         eng.policy.observe_plain = lambda b, seconds, real=eng.policy.observe_plain: real(b, 1e-3)
         eng.policy.guard_observe = lambda b, tokens, seconds: None
         log = {"ahead": [], "full": [], "bucket": {}}  # bucket: clock -> the step's batch bucket

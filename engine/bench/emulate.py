@@ -54,11 +54,12 @@ PLAIN_PHASE_SHARE = 0.4  # of ``phase_ms``, what a slow phase adds to a plain st
 
 
 def _home(name: str):
-    """The module whose constant ``name`` is (``engine.adaptive`` or ``engine.proposers.ngram``; None: neither)."""
-    from engine import adaptive
+    """The module whose constant ``name`` is (``engine.adaptive``, ``engine.level_filter`` or
+    ``engine.proposers.ngram``; None: none of them)."""
+    from engine import adaptive, level_filter
     from engine.proposers import ngram
 
-    return next((m for m in (adaptive, ngram) if hasattr(m, name)), None)
+    return next((m for m in (adaptive, level_filter, ngram) if hasattr(m, name)), None)
 
 
 class VirtualClock:
@@ -115,7 +116,7 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
         if cuda_policy:
             engine.overlap = True
             engine.policy = adaptive.Policy(adaptive.SPEC_RECHECK_FROM_CUDA, adaptive.SPEC_ROWS_CUDA,
-                                            adaptive.PACE_RATE_CUDA)
+                                            adaptive.PACE_RATE_CUDA, adaptive.LEVEL_FILTER_CUDA)
         else:
             engine.policy = adaptive.Policy()
         t1 = costs.step_ms("", 0) / 1e3  # what the warm-up measures, at the device's costs
@@ -185,13 +186,15 @@ def main(argv: list[str] | None = None) -> int:
                                                    "(ms; default: the linear model)")
     p.add_argument("--cpu-policy", action="store_true", help="the CPU's adaptive settings, not CUDA's")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="a constant of engine.adaptive or engine.proposers.ngram for this run (e.g. K_MARGIN=1.0)")
+                   help="a constant of engine.adaptive, engine.level_filter or engine.proposers.ngram for this run "
+                        "(e.g. K_MARGIN=1.0)")
     args = p.parse_args(argv)
     constants = {}
     for item in args.set:
         name, _, value = item.partition("=")
         if not value or _home(name) is None:
-            p.error(f"--set {item!r}: give NAME=VALUE with NAME a constant of engine.adaptive or engine.proposers.ngram")
+            p.error(f"--set {item!r}: give NAME=VALUE with NAME a constant of engine.adaptive, engine.level_filter "
+                    "or engine.proposers.ngram")
         constants[name] = float(value)
     try:
         model_ms = tuple(float(x) for x in args.model_ms.split(",") if x.strip())
