@@ -391,14 +391,14 @@ class StepTimes:
     def _filter(self, b: int, key: tuple[str, int, int, int], seconds: float) -> None:
         """A settled key's step into its bucket's ``LevelFilter``: the pace is its level, and every key's average
         that the step moved (the filter's covariance moves keys beside the one timed) is read out; a method whose
-        keys moved predicts again (``predicted``)."""
+        keys moved predicts again (``predicted``; the timed key's own method too: this may run after ``observe``
+        counted the step, deferred, and a prediction made in between must not stand)."""
         f = self.filters[b]
         f.observe(key, math.log(seconds))
         self.pace[b] = math.exp(f.level)
         for other, offset in f.moved():
             self.avg[other] = math.exp(offset)
-            if other[:2] != key[:2]:
-                self._stamps[other[:2]] = self._stamps.get(other[:2], 0) + 1
+            self._stamps[other[:2]] = self._stamps.get(other[:2], 0) + 1
 
     def _x(self) -> float | None:
         """The step's load relative to its context bucket: (load - the bucket's centre) / the bucket's width, within

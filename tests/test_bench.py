@@ -545,3 +545,10 @@ def test_the_emulation_charges_each_decode_step_its_plans_device_time_and_restor
     assert phased[0] == phased[1] and phased[0]["rates"]["k2"][0] < k2[0]
     assert abs(phased[0]["clean_rates"]["k2"][0] - k2[0]) < 1e-9  # the same steps at the device's costs alone
     assert abs(emulate(["k2"], rounds=1, prompts=1, tokens=17, costs=slow, noise=0.0)["rates"]["k2"][0] - k2[0]) < 1e-9
+    # the bench's order (each prompt through every mode in turn): each mode is charged its own requests' steps, so
+    # without noise a fixed mode's rate does not depend on the order
+    passes, bench = (emulate(["plain", "k2"], rounds=1, prompts=2, tokens=17, costs=costs, noise=0.0, order=order)
+                     for order in ("passes", "bench"))
+    assert all(abs(passes["rates"][m][0] - bench["rates"][m][0]) < 1e-9 for m in ("plain", "k2")), (passes, bench)
+    with pytest.raises(ValueError, match="order"):
+        emulate(["plain"], rounds=1, prompts=1, tokens=5, order="interleaved")

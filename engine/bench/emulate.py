@@ -75,10 +75,15 @@ class VirtualClock:
 def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 128, temperature: float = 0.0,
             costs: DeviceCosts = DeviceCosts(), noise: float = 0.03, cuda_policy: bool = True,
             constants: dict[str, float] | None = None, seed: int = 1, prompt_set: str = "default",
-            phase_steps: int = 0) -> dict:
+            phase_steps: int = 0, order: str = "passes") -> dict:
     """Tokens per emulated millisecond of each mode (``default``: adaptive method and K; ``dmodel`` / ``deagle``:
     adaptive K with one proposer; ``kN``: fixed K = N with the draft model; ``plain``), rounds rotated, and each mode's
-    share of steps per (method, K). ``phase_steps``: the mean length of the machine's phases (``costs.phase_ms``)."""
+    share of steps per (method, K). ``phase_steps``: the mean length of the machine's phases (``costs.phase_ms``).
+    ``order``: ``passes``, each mode's prompts one after another in a round; ``bench``, each prompt through every mode
+    in turn, as the bench runs them (``engine.bench.suite._run_rounds``): the fixed-K passes a default request follows
+    then time their K a few dozen steps before it, not a whole round of prompts."""
+    if order not in ("passes", "bench"):
+        raise ValueError(f"order {order!r}: give 'passes' or 'bench'")
     import torch
 
     from engine import adaptive
@@ -148,14 +153,21 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
         clean_rates: dict[str, list[float]] = {m: [] for m in modes}  # the same steps at the device's costs alone
         mixes: dict[str, collections.Counter] = {m: collections.Counter() for m in modes}
         for r in range(rounds):
-            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+            rotated = modes[r % len(modes):] + modes[:r % len(modes)]
+            runs = ([(mode, i, text) for mode in rotated for i, text in enumerate(texts)] if order == "passes" else
+                    [(mode, i, text) for i, text in enumerate(texts) for mode in rotated])
+            made = dict.fromkeys(modes, 0)
+            spent = {m: [0.0, 0.0] for m in modes}  # emulated ms, and at the device's costs alone
+            for mode, i, text in runs:
                 mix.clear()
-                start, made, clean_start = clock.now, 0, clean[0]
-                for i, text in enumerate(texts):
-                    made += len(engine.generate(text, params(mode, 1000 * r + i)).token_ids)
-                rates[mode].append(made / ((clock.now - start) * 1e3))
-                clean_rates[mode].append(made / (clean[0] - clean_start))
+                start, clean_start = clock.now, clean[0]
+                made[mode] += len(engine.generate(text, params(mode, 1000 * r + i)).token_ids)
+                spent[mode][0] += (clock.now - start) * 1e3
+                spent[mode][1] += clean[0] - clean_start
                 mixes[mode].update(mix)
+            for mode in modes:
+                rates[mode].append(made[mode] / spent[mode][0])
+                clean_rates[mode].append(made[mode] / spent[mode][1])
     finally:
         le.decode_step, le.time = real_decode, real_time
         for name, value in saved.items():
@@ -177,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-set", choices=("default", "repeat"), default="default",
                    help="the bench's prompts, or issue 16's set whose continuations repeat the prompt")
     p.add_argument("--seed", type=int, default=1, help="the step times' noise (a seed repeats a run)")
+    p.add_argument("--order", choices=("passes", "bench"), default="passes",
+                   help="each mode's prompts in a row per round, or each prompt through every mode in turn (the bench's)")
     p.add_argument("--phase-steps", type=int, default=0,
                    help="mean length of the machine's slow and normal phases in decode steps (0: no phases)")
     for field_name, value in DeviceCosts().__dict__.items():
@@ -205,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--phase-steps and --phase-ms must be >= 0")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     out = emulate(modes, args.rounds, args.prompts, args.tokens, args.temperature, costs, args.noise,
-                  not args.cpu_policy, constants, args.seed, args.prompt_set, args.phase_steps)
+                  not args.cpu_policy, constants, args.seed, args.prompt_set, args.phase_steps, args.order)
     fixed = [statistics.median(v) for m, v in out["rates"].items() if m.startswith("k")]
     best = max(fixed) if fixed else None
     clean_best = max((statistics.median(v) for m, v in out["clean_rates"].items() if m.startswith("k")), default=None)
