@@ -341,8 +341,9 @@ def test_times_not_running_follow_the_machines_pace_without_walking():
 def test_on_a_cuda_device_a_k_that_runs_keeps_its_deviation_to_itself():
     """With one K running, the pace and that K's average are one product: a K whose first timings came low (here 5%)
     had the pace carry the difference, and every other K's prediction rose with it, so the batch stayed on the K it
-    ran. The CPU keeps the pace (a VM's slow phases move every K alike); on a CUDA device, whose speed holds, the
-    other K's predictions stand and the running K's average finds its time."""
+    ran. The CPU keeps the pace (a VM's slow phases move every K alike); with no pace (``PACE_RATE_CUDA``) the other K's
+    predictions stand and the running K's average finds its time; a CUDA engine's level filter (below) needs the
+    explore steps to tell the two apart."""
     def run(policy: Policy, explore: bool = False) -> tuple[float, float]:
         times = policy.times
         for _ in range(12):
