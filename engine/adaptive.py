@@ -368,7 +368,7 @@ class StepTimes:
             if self.count[key] == PACE_FROM:
                 del self._first[key]
                 if self.filters is not None:
-                    self.filters.setdefault(b, LevelFilter()).add(key, math.log(self.avg[key]), PACE_FROM)
+                    self.filters.setdefault(b, LevelFilter(_LOG_STALL)).add(key, math.log(self.avg[key]), PACE_FROM)
             return
         if self.filters is not None:
             if later is None:
@@ -960,8 +960,8 @@ class Policy:
         self.spec_recheck_from = spec_recheck_from  # the batch bucket from which speculating decisions stand a few steps
         self.spec_rows = spec_rows  # ... and how many rows re-decide per step from batch SPEC_RECHECK_FROM on
         # step times of greedy steps and of steps with a sampled row (``tick`` selects the step's): a sampled row pays
-        # for its draws at every position it verifies, and on a GPU that is more launches a step. ``pace_rate``: the
-        # tables' (``StepTimes``; PACE_RATE_CUDA on a CUDA device)
+        # for its draws at every position it verifies, and on a GPU that is more launches a step. ``pace_rate`` and
+        # ``level_filter``: the tables' (``StepTimes``; PACE_RATE_CUDA and LEVEL_FILTER_CUDA on a CUDA device)
         self._times = {False: StepTimes(pace_rate, level_filter), True: StepTimes(pace_rate, level_filter)}
         self._sampled = False  # which of them ``times`` is: the current step's (``tick``)
         # per (method, sampling class): recent shared acceptance, and the acceptance model against realized drafts

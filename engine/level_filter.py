@@ -20,8 +20,6 @@ context bucket), ~50 us with 240 (every context bucket); the engine runs it whil
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 LEVEL_DRIFT = 0.01  # the level's change per step (sd, log): a 17% phase is followed within ~10 steps
@@ -29,7 +27,6 @@ KEY_DRIFT = 0.001  # an offset's change per step (sd, log): a kind untimed for 1
 # weighed single explore steps more: in the emulation without phases its decisions were worth 0.986x fixed K = 6 on
 # average against 0.995x)
 STEP_NOISE = 0.03  # one step's time about its kind's (sd, log)
-OUTLIER = math.log(1.25)  # a step's surprise counts as at most this (a stall, a page fault; as STALL_CLAMP)
 WRITE_BACK = 1e-3  # an offset moved by more than this (log) since it was last read out is read out again
 
 
@@ -37,8 +34,10 @@ class LevelFilter:
     """Level and offsets of one batch bucket. ``add`` a kind once its first timings have set its offset, then
     ``observe`` its steps; ``level`` and ``moved`` read the estimates out."""
 
-    def __init__(self, level_drift: float | None = None, key_drift: float | None = None,
+    def __init__(self, outlier: float, level_drift: float | None = None, key_drift: float | None = None,
                  noise: float | None = None) -> None:
+        self.outlier = outlier  # a step's surprise counts as at most this, in logs (a stall, a page fault: the
+        # caller's clamp of a step time, ``engine.adaptive``'s STALL_CLAMP)
         # the module's constants as they are now (``engine.bench.emulate --set`` changes them for a run)
         level_drift = LEVEL_DRIFT if level_drift is None else level_drift
         key_drift = KEY_DRIFT if key_drift is None else key_drift
@@ -77,7 +76,7 @@ class LevelFilter:
         diagonal[0] += self._q_level * steps
         ph = cov[:, 0] + cov[:, i]  # cov @ h, with h picking the level and the kind
         s = float(ph[0] + ph[i]) + self._r
-        surprise = max(-OUTLIER, min(OUTLIER, log_seconds - float(x[0] + x[i])))
+        surprise = max(-self.outlier, min(self.outlier, log_seconds - float(x[0] + x[i])))
         gain = ph / s
         x += gain * surprise
         cov -= np.multiply.outer(gain, ph)
