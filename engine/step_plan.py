@@ -78,10 +78,11 @@ class StepPlanner:
 
     def choose(self, req: Request, batch: int) -> tuple[int, str]:
         """(K, method) for this request's next step; K 0 = plain."""
-        if req.params.num_draft_tokens is None:  # plain as decided: checked before the request's methods are listed
-            d = self.engine.policy.hold_plain(req.adaptive, batch)
+        if req.params.num_draft_tokens is None:  # as decided: checked before the request's methods are listed
+            policy = self.engine.policy
+            d = policy.standing(req.adaptive, batch) or policy.hold_plain(req.adaptive, batch)
             if d is not None:
-                return 0, d.method
+                return (min(d.k, self.room(req)), d.method) if d.k else (0, d.method)
         methods = self.methods(req)
         if not methods:
             return 0, ""
@@ -230,15 +231,21 @@ class StepPlanner:
             self._shared_k.clear()
             return plan
         groups: dict[str, list[Request]] = {}
-        for r in plan:
+        alike: dict[str, int | None] = {}  # per method: the K all its rows decided, unforced (None: they differ)
+        for r, (_k, m) in plan.items():
             d = r.adaptive.last
-            if r.params.num_draft_tokens is None and d is not None and d.gains and plan[r][1]:
-                groups.setdefault(d.method, []).append(r)
+            if m and d is not None and d.gains and r.params.num_draft_tokens is None:
+                rows = groups.get(d.method)
+                if rows is None:
+                    groups[d.method], alike[d.method] = [r], None if d.forced else d.k
+                else:
+                    rows.append(r)
+                    if alike[d.method] != d.k or d.forced:
+                        alike[d.method] = None
         for method, rows in groups.items():
-            ks = {r.adaptive.last.k for r in rows}
-            if len(rows) < 2 or (len(ks) == 1 and not any(r.adaptive.last.forced for r in rows)):
-                if len(ks) == 1:
-                    self._shared_k[method] = next(iter(ks))
+            if len(rows) < 2 or alike[method] is not None:
+                if alike[method] is not None or len({r.adaptive.last.k for r in rows}) == 1:
+                    self._shared_k[method] = rows[0].adaptive.last.k
                 continue  # one row, or all chose the same K: it maximises their summed gain too
             forced = [r.adaptive.last.k for r in rows if r.adaptive.last.forced]
             # a row that must measure, probe or explore sets the K: the batch pays for that step anyway, and
@@ -291,26 +298,28 @@ class StepPlanner:
 
     def refresh_plain(self, plan: Plan, batch: int) -> Plan:
         """Every row plain for this step where plain decoding's time at this batch size is stale and the drafting rows
-        were predicted a marginal gain (``Policy.plain_refresh_due``): nothing else times plain while a batch drafts.
+        were predicted a marginal gain (``Policy.plain_refresh_below``): nothing else times plain while a batch drafts.
         Not where a drafting row has a fixed K or must measure, probe or explore."""
         policy = self.engine.policy
-        if not policy.plain_refresh_possible(batch):
+        below = policy.plain_refresh_below(batch)
+        if not below:
             return plan  # the check below, per row and step, for a refresh due every PLAIN_STALE steps at most
-        gains = []
+        best = -1.0
         for r, (k, _m) in plan.items():
             if not k:
                 continue
             d = r.adaptive.last
             if r.params.num_draft_tokens is not None or d is None or d.forced:
                 return plan
-            gains.append(d.gains.get(k, 0.0))
-        if not gains:
-            return plan
-        if not policy.plain_refresh_due(batch, max(gains)):
+            gain = d.gains.get(k, 0.0)
+            if gain >= below:  # no refresh whatever the other rows (a stale plain time, a clear gain: most steps)
+                return plan
+            best = max(best, gain)
+        if best < 0:
             return plan
         policy.decision = Decision(0, policy.decision.method, f"timing plain decoding again at batch {batch}: its "
                                    f"time is {policy.times.plain_age(batch)} steps old and drafting was predicted "
-                                   f"{max(gains):.2f}x plain at most", forced=True)
+                                   f"{best:.2f}x plain at most", forced=True)
         return {r: (0, m) for r, (_k, m) in plan.items()}
 
     def fallbacks(self, plan: Plan, batch: int) -> Plan:

@@ -2,6 +2,7 @@
 speculation does not pay, with rare probes; the decision and its reason in the snapshot."""
 
 import copy
+import math
 
 import pytest
 
@@ -1168,7 +1169,7 @@ def test_a_stale_plain_time_is_measured_again_where_drafting_gains_little():
     before = times.plain(8)
     times.observe("", 8, 0, 0.0042)  # the refresh: an old average counts less
     stale = times.plain(8)
-    assert stale < before and times.plain_age(8) == 0 and not policy.plain_refresh_due(8, 1.0)
+    assert stale < before and times.plain_age(8) == 0 and policy.plain_refresh_below(8) == 0.0
     times.observe("", 8, 0, 0.0042)  # a fresh average: the usual weight, a smaller step
     assert stale / before < times.plain(8) / stale < 1.0
 
@@ -1177,16 +1178,15 @@ def test_plain_decoding_is_timed_three_times_before_its_time_is_trusted():
     """A batch that drafts from its first decision times plain decoding in one step, often a cold one: plain's first
     PACE_FROM timings at a batch size are taken PLAIN_SETTLE steps apart whatever drafting is predicted to gain (the
     refresh), and their median is its time (not a moving average the cold one seeds)."""
-    from engine.adaptive import PACE_FROM, PLAIN_SETTLE
+    from engine.adaptive import PACE_FROM, PLAIN_SETTLE, PLAIN_STALE, REFRESH_BELOW
 
     policy = Policy()
     times = policy.times
-    possible = []
+    bars = []
 
-    def due(gain: float) -> bool:  # and the planner's shortcut (``plain_refresh_possible``) never hides a due refresh
-        possible.append(policy.plain_refresh_possible(8))
-        assert possible[-1] or not any(policy.plain_refresh_due(8, g) for g in (0.5, 1.0, 1.4, 3.0))
-        return policy.plain_refresh_due(8, gain)
+    def due(gain: float) -> bool:
+        bars.append(policy.plain_refresh_below(8))
+        return gain < bars[-1]
 
     times.observe("", 8, 0, 0.0021)  # the batch's first plain step: cold
     for plain_s in (0.0015, 0.0016):
@@ -1200,7 +1200,10 @@ def test_plain_decoding_is_timed_three_times_before_its_time_is_trusted():
     for _ in range(2 * PLAIN_SETTLE):
         times.observe("model", 8, 2, 0.0035)
         assert not due(1.4)  # settled: only PLAIN_STALE's rule
-    assert True in possible and False in possible
+    while times.plain_age(8) < PLAIN_STALE:
+        times.observe("model", 8, 2, 0.0035)
+    assert due(1.1) and not due(1.4)  # stale: a marginal gain runs a step plain, a clear one does not
+    assert 0.0 in bars and math.inf in bars and REFRESH_BELOW in bars
 
 
 def test_engine_runs_the_plain_refresh_and_stays_exact(monkeypatch):
@@ -1220,8 +1223,8 @@ def test_engine_runs_the_plain_refresh_and_stays_exact(monkeypatch):
     monkeypatch.setattr(eng.policy, "reuse", lambda *a: None)
     monkeypatch.setattr(eng.policy, "choose", choose)
     calls = []
-    monkeypatch.setattr(eng.policy, "plain_refresh_possible", lambda batch: True)
-    monkeypatch.setattr(eng.policy, "plain_refresh_due", lambda batch, gain: calls.append(gain) or len(calls) % 2 == 1)
+    monkeypatch.setattr(eng.policy, "plain_refresh_below",
+                        lambda batch: calls.append(batch) or (math.inf if len(calls) % 2 == 1 else 0.0))
     seen = []
     real = eng.planner.refresh_plain
     monkeypatch.setattr(eng.planner, "refresh_plain",
@@ -2009,6 +2012,70 @@ def test_decisions_made_ahead_stand_at_the_next_step_and_change_no_greedy_token(
     full_after = {(c - 1, s) for c, s in log["full"] if log["bucket"][c] == log["bucket"].get(c - 1)}
     assert not full_after & set(log["ahead"])  # decided ahead at clock c: nothing decided for that row at c + 1
     assert len(full_after) > 10  # (full decisions at unchanged buckets happen: the check above checks something)
+
+
+def test_a_standing_decision_is_what_reuse_would_answer():
+    """``Policy.standing`` answers a speculating row in O(1) where ``reuse`` would keep its decision: with it the engine
+    plans the same K and method for every row at every step, explores and probes on the same clocks and decides the
+    same rows ahead as with ``reuse`` alone, and it answers many rows (16 rows, CUDA's cadence and overlap forced on
+    the CPU, set step times as in the test above)."""
+    from engine.adaptive import SPEC_RECHECK_FROM_CUDA
+    from tests.tiny import tiny_pair_engine
+
+    prompts = ["Once upon a time", "The cat sat on", "Tom found a red ball", "Lily and her mom", "A big dog",
+               "The sun was", "One day a bird", "Sam had a"]
+    params = SamplingParams(max_new_tokens=96, temperature=0, ignore_eos=True)
+
+    def run(standing: bool):
+        eng = tiny_pair_engine(eagle=True, big_step_threads=0)  # no thread count tried: no step left untimed
+        eng.overlap = True
+        # two rows re-deciding a step: decisions made ahead within the requests' lengths (at SPEC_ROWS_CUDA a row's
+        # decision stands ~1000 steps at 8 rows)
+        eng.policy.spec_recheck_from, eng.policy.spec_rows = SPEC_RECHECK_FROM_CUDA, 2.0
+        for table in eng.policy.step_times():
+            table.observe = lambda method, b, k, seconds, later=None, real=table.observe: real(
+                method, b, k, 1e-3 * (1 + 0.15 * k), later)
+        eng.policy.observe_plain = lambda b, seconds, real=eng.policy.observe_plain: real(b, 1e-3)
+        eng.policy.guard_observe = lambda b, tokens, seconds: None
+        eng._observe_times = lambda *a: None  # the cost slopes stay the engine's priors: no decision reads a clock
+        eng.policy.observe_catch_up = lambda method, seconds, tokens: None
+        answered = []
+        real_standing = eng.policy.standing
+
+        def stand(state, batch):
+            d = real_standing(state, batch) if standing else None
+            answered.append(d is not None)
+            return d
+
+        eng.policy.standing = stand
+        plans = []
+        real_choose = eng._choose
+
+        def choose(req, batch):
+            k, m = real_choose(req, batch)
+            d = req.adaptive.last
+            plans.append((eng.policy.clock, req.seq_id, k, m, d.reason if d is not None else "",
+                          req.adaptive.spec_steps, tuple(sorted(eng.policy.explores.every.items())),
+                          tuple(sorted(eng.policy.method_probes.every.items())), len(eng.planner._ahead)))
+            return k, m
+
+        eng._choose = choose
+        outs = {}
+        for i, p in enumerate(prompts + [p + " and" for p in prompts]):
+            eng.add_request(p, params, sink=lambda ev, i=i: outs.__setitem__(i, ev.token_ids)
+                            if isinstance(ev, FinishEvent) else None)
+        while eng.has_work():
+            eng.step()
+        return [outs[i] for i in sorted(outs)], plans, answered
+
+    ref, ref_plans, none = run(False)
+    got, plans, answered = run(True)
+    assert not any(none)
+    assert got == ref
+    assert plans == ref_plans
+    assert sum(answered) > len(answered) / 4, (sum(answered), len(answered))
+    assert any("exploring" in p[4] for p in plans)  # explore steps ran (on the clocks ``standing`` steps aside for)
+    assert any(p[-1] for p in plans)  # and rows were decided ahead (the step before a re-decision is ``reuse``'s)
 
 
 def test_ngram_is_decided_by_the_lookups_match_at_batch_1_only():
