@@ -444,8 +444,8 @@ class LLMEngine:
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}
         adaptive_rows = [res for res in results if res.req.params.speculative and res.req.params.num_draft_tokens is None]
-        if adaptive_rows:
-            self._count_methods(adaptive_rows)
+        if adaptive_rows:  # read by the next new request's prefill (``_eager``): it may read it a step late
+            self._defer(None, functools.partial(self._count_methods, adaptive_rows))
         # a step that paid a one-off is no timing for adaptive K: a CUDA graph captured (or a shape run eagerly before
         # its capture), a draft catching up on tokens it skipped while plain (a probe at batch 8 after 100 plain steps
         # read 800 tokens: 60 ms for a ~6 ms step, kept as that K's time until it was drafted again), or a thread
@@ -516,8 +516,9 @@ class LLMEngine:
                 charged = min(wall, predicted)
             else:
                 charged = None
-            if charged is not None:
-                self.policy.guard_observe(len(results), sum(len(res.tokens) for res in results), charged)
+            if charged is not None:  # a hold it starts may start a step late: deferred where the device overlaps
+                self._defer(None, functools.partial(self.policy.guard_observe, len(results),
+                                                    sum(len(res.tokens) for res in results), charged))
 
     def _count_methods(self, rows) -> None:
         """``method_share`` after a step, by the rows' draft_method: a request held to one proposer says nothing of what
