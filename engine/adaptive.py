@@ -978,7 +978,7 @@ class Policy:
         self.drafts = 0  # drafts observed so far, of any method and row (``hold_plain``)
         self.decision = Decision()
         self.clock = 0  # decode steps so far (the engine ticks once per step)
-        self._quiet = False  # no explore step or probe of a proposer can be due at this clock (``standing``)
+        self._quiet_at = -1  # the clock if no explore step or probe of a proposer can be due at it (``tick``)
         # per method: the probe interval failed probes have reached on this engine. A new request starts there,
         # not at PROBE_FIRST, so a useless draft is not re-probed from scratch by every request (at batch 8
         # a probe costs the whole batch a drafting step plus the draft's catch-up on what it skipped)
@@ -1007,7 +1007,7 @@ class Policy:
         with the step times of such steps)."""
         self._sampled = sampled
         self.clock += 1
-        self._quiet = self.explores.quiet(self.clock) and self.method_probes.quiet(self.clock)
+        self._quiet_at = self.clock if self.explores.quiet(self.clock) and self.method_probes.quiet(self.clock) else -1
         self.times.context = ctx_bucket(context)
         self.times.load = context
         self.method_probes.advance()
@@ -1247,16 +1247,16 @@ class Policy:
             return None
         if not last.k:
             return self.hold_plain(state, batch)
-        if state.spec_steps % spec_recheck(state.bucket, self.spec_rows) and last.method in methods \
-                and bucket(batch) == state.bucket >= self.spec_recheck_from:
+        every = spec_recheck(state.bucket, self.spec_rows)
+        if state.spec_steps % every and last.method in methods and bucket(batch) == state.bucket >= self.spec_recheck_from:
             state.spec_steps += 1  # speculating as decided a few steps ago (acceptance moves slowly)
-            explore = self._probe_method(last) or self._explore(last.method, last.k, last.gains)  # as a full decision
-            # would
+            explore = None if self._quiet_at == self.clock else \
+                self._probe_method(last) or self._explore(last.method, last.k, last.gains)  # as a full decision would
             if explore is not None:
                 state.resume, last, state.tried_steps = last, explore, 0
                 state.last = last
             else:  # the steps ``standing`` may repeat it: up to the one before its re-decision (``expires_next``)
-                every, done = spec_recheck(state.bucket, self.spec_rows), state.spec_steps
+                done = state.spec_steps
                 state.stands, state.stand_batch = last, batch
                 state.stand_to = (done // every + 1) * every - 1 if done % every else 0
             self.decision = last
@@ -1271,7 +1271,7 @@ class Policy:
         on the 2-core CPU (CUDA's settings) ``reuse``'s checks, ``expires_next`` and the rest of a standing row's
         path cost ~4 us a row against fixed K's ~1.5."""
         last = state.last
-        if last is None or last is not state.stands or batch != state.stand_batch or not self._quiet \
+        if last is None or last is not state.stands or batch != state.stand_batch or self._quiet_at != self.clock \
                 or state.spec_steps >= state.stand_to:
             return None
         state.spec_steps += 1
