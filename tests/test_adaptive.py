@@ -2078,6 +2078,57 @@ def test_a_standing_decision_is_what_reuse_would_answer():
     assert any(p[-1] for p in plans)  # and rows were decided ahead (the step before a re-decision is ``reuse``'s)
 
 
+def test_a_new_row_takes_the_batchs_standing_decision_and_decides_its_own_ahead():
+    """A request joining a batch whose rows' decisions stand (CUDA's cadence, ``overlap``) drafts its first step with a
+    standing decision of a row of its draft_method and sampling class, and its own full decision is made while that
+    step computes: none on the step's path. A sampled request beside greedy rows has no such row: it decides in full."""
+    from engine.adaptive import SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine(eagle=True, big_step_threads=0)
+    eng.overlap = True
+    eng.policy.spec_recheck_from, eng.policy.spec_rows = SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA
+    for table in eng.policy.step_times():
+        table.observe = lambda method, b, k, seconds, later=None, real=table.observe: real(
+            method, b, k, 1e-3 * (1 + 0.15 * k), later)
+    eng.policy.observe_plain = lambda b, seconds, real=eng.policy.observe_plain: real(b, 1e-3)
+    eng.policy.guard_observe = lambda b, tokens, seconds: None
+    decided, planned = [], {}
+    real_decide, real_choose = eng.planner._decide, eng._choose
+
+    def decide(req, methods, batch, ahead=False):
+        decided.append((req, ahead))
+        return real_decide(req, methods, batch, ahead)
+
+    def choose(req, batch):
+        out = real_choose(req, batch)
+        planned.setdefault(req, (out, req.adaptive.last))  # its first step's plan, and the decision it drafted by
+        return out
+
+    eng.planner._decide, eng._choose = decide, choose
+    greedy = SamplingParams(max_new_tokens=80, temperature=0, ignore_eos=True)
+    rows = [eng.add_request(p, greedy) for p in ["Once upon a time", "The cat sat on", "Tom found a red ball",
+                                                 "Lily and her mom", "A big dog", "The sun was"]]  # 6, then 8: bucket 8
+    for _ in range(200):  # until every row's decision stands
+        eng.step()
+        if all(r.adaptive.stands is not None and r.adaptive.stands is r.adaptive.last for r in rows):
+            break
+    assert all(r.adaptive.stands is r.adaptive.last for r in rows)
+    standing = [r.adaptive.last for r in rows]
+    new = eng.add_request("Sam had a", greedy)
+    sampled = eng.add_request("Sam had a", SamplingParams(max_new_tokens=80, temperature=0.8, seed=1, ignore_eos=True))
+    while new not in planned or sampled not in planned:
+        eng.step()
+    (k, method), first = planned[new]
+    assert any(first is d for d in standing) and (k, method) == (min(first.k, eng.planner.room(new)), first.method)
+    assert (new, False) not in decided and (new, True) in decided  # its own decision: ahead, off the step's path
+    assert (sampled, False) in decided  # no greedy row speaks for a sampled one
+    while eng.has_work():
+        eng.step()
+    assert new.adaptive.last is not first
+    assert eng.target.blocks.num_free == eng.target.blocks.num_blocks  # every row's blocks back
+
+
 def test_ngram_is_decided_by_the_lookups_match_at_batch_1_only():
     """At batch 1 a full decision reads n-gram's expected tokens from the lookup's match now (1 token at every K where
     nothing matches); in a batch the request's pooled estimate stays."""
