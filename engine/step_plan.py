@@ -45,6 +45,8 @@ class StepPlanner:
         self._shared_k: dict[str, int] = {}  # per method: the K its adaptive rows last shared (``one_k_per_method``)
         self._summed_memo: dict[str, tuple[list, int]] = {}  # per method: (the rows' decisions, the K they shared)
         self._ahead: list[tuple[Request, int]] = []  # (row, batch): decided while this step computes (``decide_ahead``)
+        self._recent: dict[tuple[str, str, int], Decision] = {}  # (draft_method, sampling class, batch bucket): the
+        # last decision that stood a step (``_join``)
 
     def methods(self, req: Request) -> list[str]:
         """Proposers this request may use, by its draft_method and what is loaded (listed once per request and
@@ -90,39 +92,59 @@ class StepPlanner:
             return min(req.params.num_draft_tokens, self.room(req)), methods[0]
         policy = self.engine.policy
         d = policy.reuse(req.adaptive, methods, batch)
-        if d is not None and self.engine.overlap and policy.expires_next(req.adaptive):
-            self._ahead.append((req, batch))
+        if d is not None and self.engine.overlap:
+            if policy.expires_next(req.adaptive):
+                self._ahead.append((req, batch))
+            if d.k and not d.forced:  # a decision that stood: what a new row of its kind drafts first (``_join``)
+                self._recent[req.params.draft_method, req.adaptive.sampling, req.adaptive.bucket] = d
         if d is None:
-            d = self._join(req, methods, batch) or self._decide(req, methods, batch)
+            d = self._carry(req, methods, batch) or self._join(req, methods, batch) or self._decide(req, methods, batch)
         req.adaptive.fallback_k = d.fallback_k if "model" in methods else 0
         # plain for now: the draft keeps its cache, so a later probe only catches up the tokens since
         # (a released cache would make every probe re-read the whole context)
         return min(d.k, self.room(req)), d.method
 
-    def _join(self, req: Request, methods: list[str], batch: int) -> Decision | None:
-        """A new adaptive row's first step in a batch (the engine's ``overlap``): the standing decision of a row of the
-        batch of its draft_method and sampling class (``AdaptiveState.stands``, at this batch bucket), where the row
-        may draft with its method without a catch-up first; the row's own full decision is made while that step
-        computes (``decide_ahead``) and stands from the next step (None from it: the next step decides in full). The
-        batch shares one K per method anyway (``one_k_per_method``); a new row's full decision on the step's path cost
-        ~0.3 ms of host time at 8 clients on the 2-core CPU (CUDA's settings), in one step of ten. None: no such row,
-        or batch 1."""
-        state = req.adaptive
-        if not self.engine.overlap or batch < 2 or state.last is not None:
+    def _carry(self, req: Request, methods: list[str], batch: int) -> Decision | None:
+        """A speculating row's standing decision for one step more where the batch moved to another bucket (rows
+        finished or joined; the engine's ``overlap``): its full decision at the new bucket is made while that step
+        computes (``decide_ahead``). Every row of a batch re-decides at a new bucket, and on the step's path that was
+        a row's ~0.1-0.3 ms of host time each, at every wave's first and last steps. None where the decision is not one
+        to draft on as decided (plain, forced, resumed), or its proposer would catch up first."""
+        state, policy = req.adaptive, self.engine.policy
+        last = state.last
+        if not self.engine.overlap or last is None or not last.k or last.forced or state.resume is not None \
+                or last.method not in methods or bucket(batch) == state.bucket or self._behind(req, last.method):
             return None
-        key, at = (req.params.draft_method, state.sampling), bucket(batch)
+        policy.decision = last
+        self._ahead.append((req, batch))
+        return last
+
+    def _join(self, req: Request, methods: list[str], batch: int) -> Decision | None:
+        """A new adaptive row's first step (the engine's ``overlap``): the standing decision of a row of the batch of
+        its draft_method and sampling class (``AdaptiveState.stands``; at another bucket that row drafts it this step
+        too, ``_carry``), else the last decision of its kind that stood a step at this batch bucket (a request before
+        it), where the row may draft with its method without a catch-up first. The row's own full decision is made
+        while that step computes (``decide_ahead``) and stands from the next step (None from it: the next step decides
+        in full). The batch shares one K per method anyway (``one_k_per_method``); a new row's full decision on the
+        step's path cost ~0.3 ms of host time at 8 clients on the 2-core CPU (CUDA's settings), in one step of ten,
+        and a batch that starts together decided every row there. None: nothing of its kind stood yet."""
+        state = req.adaptive
+        if not self.engine.overlap or state.last is not None:
+            return None
+        key = (req.params.draft_method, state.sampling)
+        join = self._recent.get((*key, bucket(batch))) if batch > 1 else None
         for r in self.engine.scheduler.running:
             a = r.adaptive
             d = a.stands
-            if d is None or d is not a.last or r is req or bucket(a.stand_batch) != at or d.method not in methods \
-                    or r.params.num_draft_tokens is not None or (r.params.draft_method, a.sampling) != key:
-                continue
-            if self._behind(req, d.method):
-                return None
-            state.last = d
-            self._ahead.append((req, batch))
-            return d
-        return None
+            if d is not None and d is a.last and r is not req and d.method in methods \
+                    and r.params.num_draft_tokens is None and (r.params.draft_method, a.sampling) == key:
+                join = d
+                break
+        if join is None or join.method not in methods or self._behind(req, join.method):
+            return None
+        state.last = join
+        self._ahead.append((req, batch))
+        return join
 
     def _match(self, req: Request, methods: list[str], batch: int) -> None:
         """Before a full decision at batch 1: what n-gram's lookup would draft for ``req`` now

@@ -2129,6 +2129,86 @@ def test_a_new_row_takes_the_batchs_standing_decision_and_decides_its_own_ahead(
     assert eng.target.blocks.num_free == eng.target.blocks.num_blocks  # every row's blocks back
 
 
+def test_a_request_after_another_drafts_its_first_step_as_that_one_stood():
+    """With ``overlap`` (CUDA) a request's first step at batch 1 drafts with the last decision of its kind that stood at
+    batch 1 (the request before it), and its own decision is made while that step computes."""
+    from engine.adaptive import SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine(eagle=True, big_step_threads=0)
+    eng.overlap = True
+    eng.policy.spec_recheck_from, eng.policy.spec_rows = SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA
+    for table in eng.policy.step_times():
+        table.observe = lambda method, b, k, seconds, later=None, real=table.observe: real(
+            method, b, k, 1e-3 * (1 + 0.15 * k), later)
+    eng.policy.observe_plain = lambda b, seconds, real=eng.policy.observe_plain: real(b, 1e-3)
+    eng.policy.guard_observe = lambda b, tokens, seconds: None
+    decided = []
+    real_decide = eng.planner._decide
+    eng.planner._decide = lambda req, methods, batch, ahead=False: decided.append((req, ahead)) or real_decide(
+        req, methods, batch, ahead)
+    greedy = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    firsts = []  # each request's first decision: made ahead?
+    for p in ["Once upon a time", "The cat sat on", "Tom found a red ball", "Lily and her mom", "A big dog",
+              "The sun was", "One day a bird", "Sam had a"]:
+        req = eng.add_request(p, greedy)
+        while eng.has_work():
+            eng.step()
+        firsts.append(next(ahead for r, ahead in decided if r is req))
+    assert not firsts[0]  # the first of its kind decides in full
+    assert all(firsts[-3:]), firsts  # once the engine measured its proposers, each request's first decision is made
+    # ahead, while its first step (drafted as the request before it stood) computes
+    sampled = eng.add_request("Tom found", SamplingParams(max_new_tokens=8, temperature=0.8, seed=3, ignore_eos=True))
+    while eng.has_work():
+        eng.step()
+    assert (sampled, False) in decided  # none of its sampling class stood yet
+
+
+def test_a_batch_at_a_new_bucket_drafts_one_step_as_decided_and_decides_ahead():
+    """Where rows finish and the batch moves to another bucket, every row re-decides; with ``overlap`` (CUDA) a
+    speculating row drafts one step more as decided, and its decision at the new bucket is made while that step
+    computes: no full decision on the step's path."""
+    from engine.adaptive import SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA, bucket
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine(eagle=True, big_step_threads=0)
+    eng.overlap = True
+    eng.policy.spec_recheck_from, eng.policy.spec_rows = SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA
+    for table in eng.policy.step_times():
+        table.observe = lambda method, b, k, seconds, later=None, real=table.observe: real(
+            method, b, k, 1e-3 * (1 + 0.15 * k), later)
+    eng.policy.observe_plain = lambda b, seconds, real=eng.policy.observe_plain: real(b, 1e-3)
+    eng.policy.guard_observe = lambda b, tokens, seconds: None
+    for _ in range(3):  # batch 2 timed already: the decisions there draft (an untimed batch is measured in full)
+        for k in range(9):
+            for method in ("model", "eagle") if k else ("",):
+                eng.policy.times.observe(method, 2, k, 0.0)
+    decided = []
+    real_decide = eng.planner._decide
+    eng.planner._decide = lambda req, methods, batch, ahead=False: decided.append((req, ahead, batch)) or real_decide(
+        req, methods, batch, ahead)
+    greedy = SamplingParams(max_new_tokens=80, temperature=0, ignore_eos=True)
+    rows = [eng.add_request(p, greedy) for p in ["Once upon a time", "The cat sat on", "Tom found a red ball",
+                                                 "Lily and her mom", "A big dog", "The sun was"]]
+    for _ in range(200):  # until every row's decision stands at bucket 8
+        eng.step()
+        if all(r.adaptive.stands is not None and r.adaptive.stands is r.adaptive.last for r in rows):
+            break
+    kept = rows[:2]
+    assert all(r.adaptive.bucket == bucket(6) for r in kept)
+    before = {r: r.adaptive.last for r in kept}
+    for r in rows[2:]:
+        eng.abort(r.request_id)
+    decided.clear()
+    eng.step()  # the batch of 2: bucket 2
+    assert not [d for d in decided if not d[1]]  # no full decision on the step's path
+    assert {d[0] for d in decided} == set(kept) and all(d[2] == 2 for d in decided)  # both decided ahead, at 2
+    assert all(r.adaptive.bucket == bucket(2) and r.adaptive.last is not before[r] for r in kept)
+    while eng.has_work():
+        eng.step()
+    assert eng.target.blocks.num_free == eng.target.blocks.num_blocks
+
+
 def test_ngram_is_decided_by_the_lookups_match_at_batch_1_only():
     """At batch 1 a full decision reads n-gram's expected tokens from the lookup's match now (1 token at every K where
     nothing matches); in a batch the request's pooled estimate stays."""
