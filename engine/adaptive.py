@@ -869,6 +869,8 @@ class _Backoff:
     each step that tried it, from ``first`` up to ``cap``, and starts again from ``first`` on ``reset``."""
 
     def __init__(self, first: int, cap: int) -> None:
+        if cap % first:  # ``quiet`` reads every interval as a multiple of ``first``
+            raise ValueError(f"a try's interval cap ({cap}) must be a multiple of its first interval ({first})")
         self.first, self.cap = first, cap
         self.every: dict[str, int] = {}  # per proposer, where it is not ``first``
         self._tried: set[str] = set()  # proposers tried at the current clock
@@ -881,8 +883,8 @@ class _Backoff:
         return False
 
     def quiet(self, clock: int) -> bool:
-        """Whether no proposer can be tried at ``clock``: every interval is ``first`` doubled, so none is due off
-        multiples of ``first``."""
+        """Whether no proposer can be tried at ``clock``: every interval is ``first`` doubled (capped at a multiple
+        of it), so none is due off multiples of ``first``."""
         return bool(clock % self.first)
 
     def advance(self) -> None:
