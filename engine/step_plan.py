@@ -115,8 +115,9 @@ class StepPlanner:
         if not self.engine.overlap or last is None or not last.k or last.forced or state.resume is not None \
                 or last.method not in methods or bucket(batch) == state.bucket or self._behind(req, last.method):
             return None
-        state.spec_steps = 0  # no standing at the new bucket: where the decision ahead is none (to measure, to decode
-        # plain), the next step decides in full (``Policy.reuse`` re-decides at a multiple of ``spec_recheck``)
+        state.spec_steps, state.stands = 0, None  # no standing at the new bucket: where the decision ahead is none (to
+        # measure, to decode plain), the next step decides in full (``Policy.reuse`` re-decides at a multiple of
+        # ``spec_recheck``), also where the batch is back at its old size (``Policy.standing``)
         policy.decision = last
         self._ahead.append((req, batch))
         return last
