@@ -1943,6 +1943,17 @@ def test_a_batch_whose_drafting_loses_decodes_plain_for_a_hold(monkeypatch):
             eng.step()
 
 
+def _outputs(eng, prompts: list[str], params: SamplingParams) -> list[list[int]]:
+    """Every prompt's tokens, the requests all submitted at once and stepped to the end."""
+    outs = {}
+    for i, p in enumerate(prompts):
+        eng.add_request(p, params, sink=lambda ev, i=i: outs.__setitem__(i, ev.token_ids)
+                        if isinstance(ev, FinishEvent) else None)
+    while eng.has_work():
+        eng.step()
+    return [outs[i] for i in sorted(outs)]
+
+
 def test_decisions_made_ahead_stand_at_the_next_step_and_change_no_greedy_token():
     """With ``overlap`` (CUDA; here forced on the CPU with the CUDA policy's re-decision cadence) the full decision of a
     row whose standing decision ends at the next step is made while the step before verifies: at the next step that
@@ -1997,13 +2008,7 @@ def test_decisions_made_ahead_stand_at_the_next_step_and_change_no_greedy_token(
             return real_gains(state, *a, **kw)
 
         eng.policy.choose, eng.policy.gains = choose, gains
-        outs = {}
-        for i, p in enumerate(prompts + [p + " and" for p in prompts]):
-            eng.add_request(p, params, sink=lambda ev, i=i: outs.__setitem__(i, ev.token_ids)
-                            if isinstance(ev, FinishEvent) else None)
-        while eng.has_work():
-            eng.step()
-        return [outs[i] for i in sorted(outs)], log
+        return _outputs(eng, prompts + [p + " and" for p in prompts], params), log
 
     ref, plain_log = run(False)
     got, log = run(True)
@@ -2014,31 +2019,40 @@ def test_decisions_made_ahead_stand_at_the_next_step_and_change_no_greedy_token(
     assert len(full_after) > 10  # (full decisions at unchanged buckets happen: the check above checks something)
 
 
+def _cuda_cadence_engine(spec_rows: float | None = None):
+    """The tiny pair with the EAGLE head, as on a CUDA device: overlap, CUDA's decision cadence (``spec_rows`` rows
+    re-deciding a step from batch 4; default SPEC_ROWS_CUDA), and nothing a decision reads from a clock: a K-step costs
+    1 + 0.15 K plain steps, the cost slopes stay the priors, no speed guard, no thread count tried."""
+    from engine.adaptive import SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA
+    from tests.tiny import tiny_pair_engine
+
+    eng = tiny_pair_engine(eagle=True, big_step_threads=0)
+    eng.overlap = True
+    eng.policy.spec_recheck_from = SPEC_RECHECK_FROM_CUDA
+    eng.policy.spec_rows = SPEC_ROWS_CUDA if spec_rows is None else spec_rows
+    for table in eng.policy.step_times():
+        table.observe = lambda method, b, k, seconds, later=None, real=table.observe: real(
+            method, b, k, 1e-3 * (1 + 0.15 * k), later)
+    eng.policy.observe_plain = lambda b, seconds, real=eng.policy.observe_plain: real(b, 1e-3)
+    eng.policy.guard_observe = lambda b, tokens, seconds: None
+    eng._observe_times = lambda *a: None
+    eng.policy.observe_catch_up = lambda method, seconds, tokens: None
+    return eng
+
+
 def test_a_standing_decision_is_what_reuse_would_answer():
     """``Policy.standing`` answers a speculating row in O(1) where ``reuse`` would keep its decision: with it the engine
     plans the same K and method for every row at every step, explores and probes on the same clocks and decides the
     same rows ahead as with ``reuse`` alone, and it answers many rows (16 rows, CUDA's cadence and overlap forced on
     the CPU, set step times as in the test above)."""
-    from engine.adaptive import SPEC_RECHECK_FROM_CUDA
-    from tests.tiny import tiny_pair_engine
-
     prompts = ["Once upon a time", "The cat sat on", "Tom found a red ball", "Lily and her mom", "A big dog",
                "The sun was", "One day a bird", "Sam had a"]
     params = SamplingParams(max_new_tokens=96, temperature=0, ignore_eos=True)
 
     def run(standing: bool):
-        eng = tiny_pair_engine(eagle=True, big_step_threads=0)  # no thread count tried: no step left untimed
-        eng.overlap = True
         # two rows re-deciding a step: decisions made ahead within the requests' lengths (at SPEC_ROWS_CUDA a row's
         # decision stands ~1000 steps at 8 rows)
-        eng.policy.spec_recheck_from, eng.policy.spec_rows = SPEC_RECHECK_FROM_CUDA, 2.0
-        for table in eng.policy.step_times():
-            table.observe = lambda method, b, k, seconds, later=None, real=table.observe: real(
-                method, b, k, 1e-3 * (1 + 0.15 * k), later)
-        eng.policy.observe_plain = lambda b, seconds, real=eng.policy.observe_plain: real(b, 1e-3)
-        eng.policy.guard_observe = lambda b, tokens, seconds: None
-        eng._observe_times = lambda *a: None  # the cost slopes stay the engine's priors: no decision reads a clock
-        eng.policy.observe_catch_up = lambda method, seconds, tokens: None
+        eng = _cuda_cadence_engine(spec_rows=2.0)
         answered = []
         real_standing = eng.policy.standing
 
@@ -2060,13 +2074,7 @@ def test_a_standing_decision_is_what_reuse_would_answer():
             return k, m
 
         eng._choose = choose
-        outs = {}
-        for i, p in enumerate(prompts + [p + " and" for p in prompts]):
-            eng.add_request(p, params, sink=lambda ev, i=i: outs.__setitem__(i, ev.token_ids)
-                            if isinstance(ev, FinishEvent) else None)
-        while eng.has_work():
-            eng.step()
-        return [outs[i] for i in sorted(outs)], plans, answered
+        return _outputs(eng, prompts + [p + " and" for p in prompts], params), plans, answered
 
     ref, ref_plans, none = run(False)
     got, plans, answered = run(True)
@@ -2082,17 +2090,8 @@ def test_a_new_row_takes_the_batchs_standing_decision_and_decides_its_own_ahead(
     """A request joining a batch whose rows' decisions stand (CUDA's cadence, ``overlap``) drafts its first step with a
     standing decision of a row of its draft_method and sampling class, and its own full decision is made while that
     step computes: none on the step's path. A sampled request beside greedy rows has no such row: it decides in full."""
-    from engine.adaptive import SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA
-    from tests.tiny import tiny_pair_engine
 
-    eng = tiny_pair_engine(eagle=True, big_step_threads=0)
-    eng.overlap = True
-    eng.policy.spec_recheck_from, eng.policy.spec_rows = SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA
-    for table in eng.policy.step_times():
-        table.observe = lambda method, b, k, seconds, later=None, real=table.observe: real(
-            method, b, k, 1e-3 * (1 + 0.15 * k), later)
-    eng.policy.observe_plain = lambda b, seconds, real=eng.policy.observe_plain: real(b, 1e-3)
-    eng.policy.guard_observe = lambda b, tokens, seconds: None
+    eng = _cuda_cadence_engine()
     decided, planned = [], {}
     real_decide, real_choose = eng.planner._decide, eng._choose
 
@@ -2134,19 +2133,8 @@ def test_requests_after_others_draft_their_first_step_as_those_stood_except_at_b
     their kind that stood at that bucket (requests before them), and their own decisions are made while that step
     computes. At batch 1 a request decides its first step in full (there the emulation's decisions lost ~1% with the
     join)."""
-    from engine.adaptive import SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA
-    from tests.tiny import tiny_pair_engine
 
-    eng = tiny_pair_engine(eagle=True, big_step_threads=0)
-    eng.overlap = True
-    eng.policy.spec_recheck_from, eng.policy.spec_rows = SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA
-    for table in eng.policy.step_times():
-        table.observe = lambda method, b, k, seconds, later=None, real=table.observe: real(
-            method, b, k, 1e-3 * (1 + 0.15 * k), later)
-    eng.policy.observe_plain = lambda b, seconds, real=eng.policy.observe_plain: real(b, 1e-3)
-    eng.policy.guard_observe = lambda b, tokens, seconds: None
-    eng._observe_times = lambda *a: None  # the cost slopes stay the engine's priors: no decision reads a clock
-    eng.policy.observe_catch_up = lambda method, seconds, tokens: None
+    eng = _cuda_cadence_engine()
     decided = []
     real_decide = eng.planner._decide
     eng.planner._decide = lambda req, methods, batch, ahead=False: decided.append((req, ahead)) or real_decide(
@@ -2178,17 +2166,9 @@ def test_a_batch_at_a_new_bucket_drafts_one_step_as_decided_and_decides_ahead(ti
     speculating row drafts one step more as decided, and its decision at the new bucket is made while that step
     computes: no full decision on the step's path. Where that decision is none (the new batch size is not timed yet:
     the rows must measure it), the next step decides in full, not the carried decision."""
-    from engine.adaptive import SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA, bucket
-    from tests.tiny import tiny_pair_engine
+    from engine.adaptive import bucket
 
-    eng = tiny_pair_engine(eagle=True, big_step_threads=0)
-    eng.overlap = True
-    eng.policy.spec_recheck_from, eng.policy.spec_rows = SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA
-    for table in eng.policy.step_times():
-        table.observe = lambda method, b, k, seconds, later=None, real=table.observe: real(
-            method, b, k, 1e-3 * (1 + 0.15 * k), later)
-    eng.policy.observe_plain = lambda b, seconds, real=eng.policy.observe_plain: real(b, 1e-3)
-    eng.policy.guard_observe = lambda b, tokens, seconds: None
+    eng = _cuda_cadence_engine()
     for _ in range(3 if timed else 0):  # batch 2 timed already: the decisions there draft
         for k in range(9):
             for method in ("model", "eagle") if k else ("",):
