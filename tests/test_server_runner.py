@@ -92,8 +92,8 @@ def test_non_loopback_bind_needs_an_api_key(host):
 
 def test_on_request_hook_sees_every_finished_request(runner):
     before = len(runner.log)  # earlier tests' entries are already there
-    httpx.post(f"{runner.url}/generate", json={"prompt": "Once", "max_new_tokens": 3},
-               headers={"X-Request-ID": "hook-1"})
+    httpx.post(f"{runner.url}/generate", json={"prompt": "Once", "max_new_tokens": 3, "ignore_eos": True},
+               headers={"X-Request-ID": "hook-1"})  # (sampled at the default temperature: an EOS could end it early)
     httpx.post(f"{runner.url}/generate", json={"prompt": ""})
     deadline = time.monotonic() + 5
     while len(runner.log) < before + 2 and time.monotonic() < deadline:
