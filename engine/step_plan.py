@@ -294,8 +294,7 @@ class StepPlanner:
                         alike[d.method] = None
         for method, rows in groups.items():
             if len(rows) < 2 or alike[method] is not None:
-                if alike[method] is not None or len({r.adaptive.last.k for r in rows}) == 1:
-                    self._shared_k[method] = rows[0].adaptive.last.k
+                self._shared_k[method] = rows[0].adaptive.last.k
                 continue  # one row, or all chose the same K: it maximises their summed gain too
             forced = [r.adaptive.last.k for r in rows if r.adaptive.last.forced]
             # a row that must measure, probe or explore sets the K: the batch pays for that step anyway, and
