@@ -552,3 +552,36 @@ def test_the_emulation_charges_each_decode_step_its_plans_device_time_and_restor
     assert all(abs(passes["rates"][m][0] - bench["rates"][m][0]) < 1e-9 for m in ("plain", "k2")), (passes, bench)
     with pytest.raises(ValueError, match="order"):
         emulate(["plain"], rounds=1, prompts=1, tokens=5, order="interleaved")
+
+
+def test_the_greedy_replay_counts_the_engines_own_decode_steps_for_every_fixed_k():
+    """``engine.bench.replay``: one plain greedy run and one forward of the draft over it say where every draft stops,
+    so a fixed K replayed over the text takes exactly the decode steps the engine takes with that K (the demo pair,
+    greedy, batch 1); the best pair of K by where a step starts is at least the best fixed K, and the bound at least
+    that."""
+    from engine.bench.replay import greedy_misses, replay, summary
+    from engine.config import EngineConfig, SamplingParams
+    from engine.factory import build_engine
+
+    engine = build_engine(EngineConfig(device="cpu", dtype="float32"))
+    text = load_prompts()[0]
+    misses = greedy_misses(engine, [text], 40)
+    assert len(misses[0]) == 40 and 0 < sum(misses[0]) < 40  # the draft follows the text in part
+    steps = [0]
+    decode = engine._decode
+
+    def counted(reqs):
+        steps[0] += 1
+        decode(reqs)
+
+    engine._decode = counted
+    for k in (1, 3, 6, 8):
+        steps[0] = 0
+        final = engine.generate(text, SamplingParams(max_new_tokens=40, temperature=0.0, num_draft_tokens=k,
+                                                     draft_method="model", ignore_eos=True))
+        assert len(final.token_ids) == 40
+        assert sum(replay(misses[0], lambda p, full, k=k: k).values()) == steps[0], k
+    out = summary(misses, [1.0] + [1.0 + 0.1 * k for k in range(1, 9)])
+    best = out["fixed"][out["best_k"]]
+    assert out["fixed"][0] == 39 / 39 and best > 1.0
+    assert out["pair_rate"] >= best - 1e-12 and out["knows_the_run"] >= out["pair_rate"] - 1e-12
