@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-MAX_K = 8
+from engine.config import MAX_DRAFT_TOKENS
+
 Policy = Callable[[int, bool], int]  # (output position, the step before was a fully accepted draft) -> K
 
 
@@ -62,46 +63,46 @@ def replay(misses: Sequence[bool], policy: Policy) -> dict[int, int]:
     return steps
 
 
+def _ms(misses: Sequence[bool], policy: Policy, step_ms: Sequence[float]) -> float:
+    """Milliseconds of one request's decode steps under ``policy``."""
+    return sum(step_ms[k] * n for k, n in replay(misses, policy).items())
+
+
 def rate(all_misses: Sequence[Sequence[bool]], policy: Policy, step_ms: Sequence[float]) -> float:
     """Tokens per millisecond of decode steps over every request (the prefill's first token not counted)."""
-    tokens = sum(len(m) - 1 for m in all_misses)
-    ms = sum(step_ms[k] * n for m in all_misses for k, n in replay(m, policy).items())
-    return tokens / ms
+    return sum(len(m) - 1 for m in all_misses) / sum(_ms(m, policy, step_ms) for m in all_misses)
 
 
 def knows_the_run(all_misses: Sequence[Sequence[bool]], step_ms: Sequence[float]) -> float:
     """The bound: each step drafts the K that makes the most tokens per ms of that step, knowing where its run of
     accepted drafts ends."""
-    tokens = ms = 0.0
-    for misses in all_misses:
-        n, p = len(misses), 1
-        while p < n:
+    def policy_for(misses: Sequence[bool]) -> Policy:
+        def policy(p: int, _full: bool) -> int:
             run = 0
-            while p + run < n and not misses[p + run]:
+            while p + run < len(misses) and not misses[p + run]:
                 run += 1
-            top = max(0, min(MAX_K, n - p - 1))
-            k = max(range(top + 1), key=lambda kk: (min(run, kk) + 1) / step_ms[kk])
-            a = min(run, k)
-            p += a + 1
-            tokens += a + 1
-            ms += step_ms[k]
-    return tokens / ms
+            top = max(0, min(MAX_DRAFT_TOKENS, len(misses) - p - 1))
+            return max(range(top + 1), key=lambda k: (min(run, k) + 1) / step_ms[k])
+        return policy
+
+    return sum(len(m) - 1 for m in all_misses) / sum(_ms(m, policy_for(m), step_ms) for m in all_misses)
 
 
 def summary(all_misses: Sequence[Sequence[bool]], step_ms: Sequence[float]) -> dict:
     """Fixed K's rates, each prompt's best K, the best pair of K by where a step starts, and the bound."""
-    fixed = {k: rate(all_misses, lambda p, f, k=k: k, step_ms) for k in range(MAX_K + 1)}
+    ks = range(1, MAX_DRAFT_TOKENS + 1)
+    fixed = {k: rate(all_misses, lambda p, f, k=k: k, step_ms) for k in range(MAX_DRAFT_TOKENS + 1)}
     best = max(fixed, key=fixed.get)
-    per_prompt = []
+    per_prompt, best_ms = [], 0.0
     for m in all_misses:
-        r = {k: rate([m], lambda p, f, k=k: k, step_ms) for k in range(1, MAX_K + 1)}
-        per_prompt.append(max(r, key=r.get))
-    by_prompt = sum(len(m) - 1 for m in all_misses) / sum(
-        step_ms[k] * n for m, kk in zip(all_misses, per_prompt) for k, n in replay(m, lambda p, f, kk=kk: kk).items())
-    pairs = {(a, b): rate(all_misses, lambda p, f, a=a, b=b: b if f else a, step_ms)
-             for a in range(1, MAX_K + 1) for b in range(1, MAX_K + 1)}
+        ms = {k: _ms(m, lambda p, f, k=k: k, step_ms) for k in ks}
+        k = min(ms, key=ms.get)  # one request's tokens are the same at every K: the fastest K is its best
+        per_prompt.append(k)
+        best_ms += ms[k]
+    pairs = {(a, b): rate(all_misses, lambda p, f, a=a, b=b: b if f else a, step_ms) for a in ks for b in ks}
     pair = max(pairs, key=pairs.get)
-    return {"fixed": fixed, "best_k": best, "per_prompt_k": per_prompt, "per_prompt": by_prompt,
+    return {"fixed": fixed, "best_k": best, "per_prompt_k": per_prompt,
+            "per_prompt": sum(len(m) - 1 for m in all_misses) / best_ms,
             "pair": pair, "pair_rate": pairs[pair], "knows_the_run": knows_the_run(all_misses, step_ms)}
 
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         model_ms = [float(x) for x in args.model_ms.split(",")]
     except ValueError:
         p.error(f"--model-ms {args.model_ms!r}: give step times in ms, comma-separated")
-    if len(model_ms) != MAX_K or min(model_ms + [args.target_ms]) <= 0 or args.prompts < 1 or args.tokens < 2:
+    if len(model_ms) != MAX_DRAFT_TOKENS or min(model_ms + [args.target_ms]) <= 0 or args.prompts < 1 or args.tokens < 2:
         p.error("give 8 positive step times (K = 1..8), a positive --target-ms, --prompts >= 1 and --tokens >= 2")
     from engine.bench.prompts import load_prompts
     from engine.config import EngineConfig
