@@ -552,6 +552,13 @@ def test_the_emulation_charges_each_decode_step_its_plans_device_time_and_restor
     assert all(abs(passes["rates"][m][0] - bench["rates"][m][0]) < 1e-9 for m in ("plain", "k2")), (passes, bench)
     with pytest.raises(ValueError, match="order"):
         emulate(["plain"], rounds=1, prompts=1, tokens=5, order="interleaved")
+    # a shape with random weights and its truncated self-draft in place of the demo pair (the shape bench's pair): the
+    # same clock, its random prompts; a fixed K's tokens a step rise as eps shrinks (the draft follows the target)
+    k4 = [emulate(["k4"], rounds=1, prompts=1, tokens=30, costs=costs, noise=0.0, shape="tiny", eps=eps)
+          for eps in (1.0, 0.01)]
+    assert k4[0]["mix"]["k4"].get("m4", 0) > 0.7 and k4[1]["rates"]["k4"][0] > 1.5 * k4[0]["rates"]["k4"][0], k4
+    with pytest.raises(ValueError, match="shape"):
+        emulate(["plain"], rounds=1, prompts=1, tokens=5, shape="no-such-shape")
 
 
 def test_the_greedy_replay_counts_the_engines_own_decode_steps_for_every_fixed_k():

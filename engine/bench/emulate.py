@@ -75,13 +75,15 @@ class VirtualClock:
 def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 128, temperature: float = 0.0,
             costs: DeviceCosts = DeviceCosts(), noise: float = 0.03, cuda_policy: bool = True,
             constants: dict[str, float] | None = None, seed: int = 1, prompt_set: str = "default",
-            phase_steps: int = 0, order: str = "passes") -> dict:
+            phase_steps: int = 0, order: str = "passes", shape: str | None = None, eps: float = 0.0316) -> dict:
     """Tokens per emulated millisecond of each mode (``default``: adaptive method and K; ``dmodel`` / ``deagle``:
     adaptive K with one proposer; ``kN``: fixed K = N with the draft model; ``plain``), rounds rotated, and each mode's
     share of steps per (method, K). ``phase_steps``: the mean length of the machine's phases (``costs.phase_ms``).
     ``order``: ``passes``, each mode's prompts one after another in a round; ``bench``, each prompt through every mode
     in turn, as the bench runs them (``engine.bench.suite._run_rounds``): the fixed-K passes a default request follows
-    then time their K a few dozen steps before it, not a whole round of prompts."""
+    then time their K a few dozen steps before it, not a whole round of prompts. ``shape``: a real shape with random
+    weights and its truncated self-draft at ``eps`` (``engine.bench.shapes``; the shape bench's pair, in float32 on this
+    CPU, its 32-token random prompts) in place of the demo pair."""
     if order not in ("passes", "bench"):
         raise ValueError(f"order {order!r}: give 'passes' or 'bench'")
     import torch
@@ -116,7 +118,10 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
     try:
         for name, value in (constants or {}).items():
             setattr(_home(name), name, type(getattr(_home(name), name))(value))
-        engine = build_engine(EngineConfig(device="cpu", dtype="float32", num_threads=1))
+        if shape is None:
+            engine = build_engine(EngineConfig(device="cpu", dtype="float32", num_threads=1))
+        else:
+            engine, texts = _shape_engine(shape, eps, prompts)
         le.decode_step, le.time = decode, clock
         if cuda_policy:
             engine.overlap = True
@@ -137,8 +142,9 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
             times.observe("", 1, 0, t1)
             for method in ("ngram", "model", "eagle"):
                 times.observe(method, 1, 4, costs.step_ms(method, 4) / 1e3)
-        texts = load_prompts()
-        texts = (repeat_prompts(texts) if prompt_set == "repeat" else texts)[:prompts]
+        if shape is None:
+            texts = load_prompts()
+            texts = (repeat_prompts(texts) if prompt_set == "repeat" else texts)[:prompts]
 
         def params(mode: str, seed: int) -> SamplingParams:
             common = dict(max_new_tokens=tokens, temperature=temperature, seed=seed, ignore_eos=True)
@@ -178,6 +184,23 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
                     for m, c in mixes.items()}}
 
 
+def _shape_engine(name: str, eps: float, prompts: int):
+    """The shape bench's engine for ``name`` (float32, this CPU, both cores) with its draft's acceptance set by ``eps``,
+    and ``prompts`` of its 32-token random prompts."""
+    import torch
+
+    from engine.bench import shapes
+    from engine.bench.shape_bench import ShapeConfig, _build
+
+    if name not in shapes.SHAPES:
+        raise ValueError(f"shape {name!r}: give one of {', '.join(shapes.SHAPES)}")
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    shape, _layers, _target, engine, knob = _build(name, ShapeConfig(device="cpu", concurrency=1),
+                                                   torch.device("cpu"), torch.float32, 32 + 512)
+    knob.set(eps)
+    return engine, shapes.random_prompts(shape.vocab, 32, prompts, seed=32)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.bench.emulate", description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", default="default,dmodel,k4,k5,k6,k8")
@@ -198,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(f"--{field_name.replace('_', '-')}", type=float, default=value)
     p.add_argument("--model-ms", default="", help="the draft model's step times at K = 1, 2, ..., comma-separated "
                                                    "(ms; default: the linear model)")
+    p.add_argument("--shape", default=None, help="a shape of engine.bench.shapes with random weights and its truncated "
+                                                 "self-draft in place of the demo pair (e.g. tinyllama-1.1b)")
+    p.add_argument("--eps", type=float, default=0.0316, help="with --shape: the deeper layers' scale (acceptance "
+                                                             "~0.5 at K = 4 at 0.0316)")
     p.add_argument("--cpu-policy", action="store_true", help="the CPU's adaptive settings, not CUDA's")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a constant of engine.adaptive, engine.level_filter or engine.proposers.ngram for this run "
@@ -219,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--phase-steps and --phase-ms must be >= 0")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     out = emulate(modes, args.rounds, args.prompts, args.tokens, args.temperature, costs, args.noise,
-                  not args.cpu_policy, constants, args.seed, args.prompt_set, args.phase_steps, args.order)
+                  not args.cpu_policy, constants, args.seed, args.prompt_set, args.phase_steps, args.order,
+                  args.shape, args.eps)
     fixed = [statistics.median(v) for m, v in out["rates"].items() if m.startswith("k")]
     best = max(fixed) if fixed else None
     clean_best = max((statistics.median(v) for m, v in out["clean_rates"].items() if m.startswith("k")), default=None)
