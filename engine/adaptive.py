@@ -49,6 +49,11 @@ K_MARGIN = 1.03  # predicted gain another K needs over the K a drafting request 
 # costs: on an H200 (TinyLlama shape, acceptance ~0.5, batch 1) steps alternating K = 4 and 6 took 0.1-0.19 ms longer
 # than the same K's steps in a fixed-K run (4-5 ms steps); adaptive, moving between K = 4..7 by the step, ran 0.93-0.95x
 # fixed K = 4, whose tokens per step it matched
+K_MARGIN_CUDA = 1.10  # ... and on a CUDA device, where a move costs what the step-time model does not see (the first
+# steps at another K run other graphs and another draft chain; the emulation, which charges a step its K's time alone,
+# found no margin between 1.03 and 1.25 better than another). On an H100 at batch 1 (demo pair, fp16, six rotated
+# rounds, 2026-12-06) the default ran 0.957x fixed K = 6 greedy and 0.960x K = 4 at T = 0.8 with 1.03, 0.964x and
+# 0.987x with 1.10, 0.967x and 0.976x with 1.25
 PRIOR_WEIGHT = 8.0  # pseudo-drafts of the shared prior in a request's acceptance estimate
 ALPHA_WEIGHT = 2.0  # pseudo-drafts of the α prior in the shared estimate: engine-wide evidence wins fast ...
 ALPHA_FADE = 32.0  # ... and after this many recent drafts of the method, alone: the recent counts saturate near
@@ -621,10 +626,10 @@ def best_drafting_k(gains: dict[int, float]) -> int:
     return max((k for k in gains if k), key=gains.get, default=0)
 
 
-def keep_settled(gains: dict[int, float], best: int, held: int) -> int:
-    """``held``, the K settled on, unless ``best`` is predicted K_MARGIN better (or ``held`` is not predicted): the
+def keep_settled(gains: dict[int, float], best: int, held: int, margin: float = K_MARGIN) -> int:
+    """``held``, the K settled on, unless ``best`` is predicted ``margin`` better (or ``held`` is not predicted): the
     predictions of neighbouring K differ by less than their noise, and each move between K costs."""
-    return held if held and held in gains and gains[best] < K_MARGIN * gains[held] else best
+    return held if held and held in gains and gains[best] < margin * gains[held] else best
 
 
 def _at(times: list[float | None], k: int) -> float:
@@ -966,7 +971,8 @@ class Policy:
     """Engine-wide: step times, recent shared acceptance per method, the last decision."""
 
     def __init__(self, spec_recheck_from: int = SPEC_RECHECK_FROM, spec_rows: float = 1.0,
-                 pace_rate: float = PACE_RATE, level_filter: bool = False) -> None:
+                 pace_rate: float = PACE_RATE, level_filter: bool = False, k_margin: float = K_MARGIN) -> None:
+        self.k_margin = k_margin  # ``keep_settled``'s margin (K_MARGIN_CUDA on a CUDA device)
         self.spec_recheck_from = spec_recheck_from  # the batch bucket from which speculating decisions stand a few steps
         self.spec_rows = spec_rows  # ... and how many rows re-decide per step from batch SPEC_RECHECK_FROM on
         # step times of greedy steps and of steps with a sampled row (``tick`` selects the step's): a sampled row pays
@@ -1514,7 +1520,7 @@ class Policy:
                 self.method_probes.reset(last.method)  # a switch: the proposer left is looked at again soon
             held = state.settled
             if k and held is not None and held[:2] == (method, bucket(batch)):
-                k = keep_settled(gains, k, held[2])
+                k = keep_settled(gains, k, held[2], self.k_margin)
                 if k != held[2]:
                     self.explores.reset(method)  # a move: what lies past the new K is explored soon
                     self._explored_below.pop(method, None)

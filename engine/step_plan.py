@@ -313,7 +313,7 @@ class StepPlanner:
                     summed = {kk: sum(d.gains.get(kk, 0.0) for d in decisions) for kk in decisions[0].gains}
                     # the K the batch shared last stands unless another clearly beats it (as a row's, Policy.choose)
                     k = self._shared_k[method] = keep_settled(summed, max(summed, key=summed.get),
-                                                              self._shared_k.get(method, 0))
+                                                              self._shared_k.get(method, 0), self.engine.policy.k_margin)
                     self._summed_memo[method] = (decisions, k)
             for r in rows:
                 plan[r] = (min(k, self.room(r)), method)

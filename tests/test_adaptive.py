@@ -1448,6 +1448,14 @@ def test_a_settled_k_moves_only_for_a_clear_predicted_gain():
     gains.update({3: 2.03})
     assert decide() == 4
     assert decide(batch=8) == 3  # batch 8 settles on its own K
+    # on a CUDA device the margin is K_MARGIN_CUDA (a move costs there what the step-time model does not see): a gain
+    # that moves a CPU policy's request holds a CUDA policy's
+    from engine.adaptive import K_MARGIN_CUDA, Policy, keep_settled
+
+    assert K_MARGIN_CUDA > K_MARGIN and Policy(k_margin=K_MARGIN_CUDA).k_margin == K_MARGIN_CUDA
+    between = {4: 2.0, 3: 2.0 * (K_MARGIN + K_MARGIN_CUDA) / 2}
+    assert keep_settled(between, 3, 4) == 3 and keep_settled(between, 3, 4, K_MARGIN_CUDA) == 4
+    assert keep_settled({4: 2.0, 3: 2.0 * (K_MARGIN_CUDA + 0.02)}, 3, 4, K_MARGIN_CUDA) == 3
 
 
 def test_an_explore_step_from_a_standing_decision_resumes_it():

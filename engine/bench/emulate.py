@@ -126,7 +126,8 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
         if cuda_policy:
             engine.overlap = True
             engine.policy = adaptive.Policy(adaptive.SPEC_RECHECK_FROM_CUDA, adaptive.SPEC_ROWS_CUDA,
-                                            adaptive.PACE_RATE_CUDA, adaptive.LEVEL_FILTER_CUDA)
+                                            adaptive.PACE_RATE_CUDA, adaptive.LEVEL_FILTER_CUDA,
+                                            adaptive.K_MARGIN_CUDA)
         else:
             engine.policy = adaptive.Policy()
         t1 = costs.step_ms("", 0) / 1e3  # what the warm-up measures, at the device's costs
