@@ -509,10 +509,12 @@ def test_the_emulation_charges_each_decode_step_its_plans_device_time_and_restor
     """``engine.bench.emulate``: the real engine drafts and decides, a virtual clock charges each decode step what its
     plan costs on the emulated device. Without noise, plain decoding runs at one token per target step (the prefill's
     token is free there), a fixed K drafts K, and the engine module is left as it was."""
+    import torch
+
     from engine import llm_engine
     from engine.bench.emulate import DeviceCosts, emulate
 
-    before = llm_engine.decode_step, llm_engine.time
+    before, threads = (llm_engine.decode_step, llm_engine.time), torch.get_num_threads()
     costs = DeviceCosts(target_ms=1.0)
     out = emulate(["plain", "k2"], rounds=1, prompts=1, tokens=17, costs=costs, noise=0.0)
     assert abs(out["rates"]["plain"][0] - 17 / 16) < 1e-9  # 16 decode steps of 1 ms for 17 tokens
@@ -520,7 +522,7 @@ def test_the_emulation_charges_each_decode_step_its_plans_device_time_and_restor
     assert out["mix"]["k2"].get("m2", 0) > 0.7
     assert 17 / (16 * costs.step_ms("model", 2)) < out["rates"]["k2"][0] < 17 / 6  # at most 3 tokens a step
     k2 = out["rates"]["k2"]
-    assert (llm_engine.decode_step, llm_engine.time) == before
+    assert (llm_engine.decode_step, llm_engine.time) == before and torch.get_num_threads() == threads
     # a seed repeats a run: the adaptive decisions read only the virtual clock and the device's cost ratios (the
     # forwards' real timings once moved n-gram's position costs and the decisions with them)
     runs = [emulate(["default"], rounds=1, prompts=1, tokens=40, costs=costs, noise=0.03, seed=3) for _ in range(2)]
@@ -559,6 +561,7 @@ def test_the_emulation_charges_each_decode_step_its_plans_device_time_and_restor
     assert k4[0]["mix"]["k4"].get("m4", 0) > 0.7 and k4[1]["rates"]["k4"][0] > 1.5 * k4[0]["rates"]["k4"][0], k4
     with pytest.raises(ValueError, match="shape"):
         emulate(["plain"], rounds=1, prompts=1, tokens=5, shape="no-such-shape")
+    assert torch.get_num_threads() == threads  # the shape's two threads put back too
 
 
 def test_the_greedy_replay_counts_the_engines_own_decode_steps_for_every_fixed_k():

@@ -83,7 +83,7 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
     in turn, as the bench runs them (``engine.bench.suite._run_rounds``): the fixed-K passes a default request follows
     then time their K a few dozen steps before it, not a whole round of prompts. ``shape``: a real shape with random
     weights and its truncated self-draft at ``eps`` (``engine.bench.shapes``; the shape bench's pair, in float32 on this
-    CPU, its 32-token random prompts) in place of the demo pair."""
+    CPU's first two cores, its 32-token random prompts) in place of the demo pair."""
     if order not in ("passes", "bench"):
         raise ValueError(f"order {order!r}: give 'passes' or 'bench'")
     import torch
@@ -94,6 +94,7 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
     from engine.config import EngineConfig, SamplingParams
     from engine.factory import build_engine
 
+    threads = torch.get_num_threads()  # put back at the end, as the constants are
     torch.set_num_threads(1)
     saved = {name: getattr(_home(name), name) for name in (constants or {})}
     real_decode, real_time = le.decode_step, le.time
@@ -177,6 +178,7 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
                 clean_rates[mode].append(made[mode] / spent[mode][1])
     finally:
         le.decode_step, le.time = real_decode, real_time
+        torch.set_num_threads(threads)
         for name, value in saved.items():
             setattr(_home(name), name, value)
     ratios = {"draft": engine.draft_cost, "verify": engine.verify_cost, "first": engine.first_cost}
@@ -186,8 +188,10 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
 
 
 def _shape_engine(name: str, eps: float, prompts: int):
-    """The shape bench's engine for ``name`` (float32, this CPU, both cores) with its draft's acceptance set by ``eps``,
+    """The shape bench's engine for ``name`` (float32, this CPU, up to two threads) with its draft's acceptance set by ``eps``,
     and ``prompts`` of its 32-token random prompts."""
+    import os
+
     import torch
 
     from engine.bench import shapes
@@ -195,7 +199,7 @@ def _shape_engine(name: str, eps: float, prompts: int):
 
     if name not in shapes.SHAPES:
         raise ValueError(f"shape {name!r}: give one of {', '.join(shapes.SHAPES)}")
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # emulate() set one thread for the demo pair
     shape, _layers, _target, engine, knob = _build(name, ShapeConfig(device="cpu", concurrency=1),
                                                    torch.device("cpu"), torch.float32, 32 + 512)
     knob.set(eps)
