@@ -1498,7 +1498,7 @@ def test_the_rows_of_a_batch_keep_the_k_they_shared_unless_another_clearly_wins(
     from engine.adaptive import K_MARGIN, Decision
     from engine.step_plan import StepPlanner
 
-    planner = StepPlanner(SimpleNamespace(max_context=4096))
+    planner = StepPlanner(SimpleNamespace(max_context=4096, policy=SimpleNamespace(k_margin=K_MARGIN)))
     planner.room = lambda r: 8
 
     def rows(gains_a: dict, gains_b: dict) -> dict:
