@@ -188,8 +188,8 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
 
 
 def _shape_engine(name: str, eps: float, prompts: int):
-    """The shape bench's engine for ``name`` (float32, this CPU, up to two threads) with its draft's acceptance set by ``eps``,
-    and ``prompts`` of its 32-token random prompts."""
+    """The shape bench's engine for ``name`` (float32, this CPU, up to two threads) with its draft's acceptance set by
+    ``eps``, and ``prompts`` of its 32-token random prompts."""
     import os
 
     import torch
