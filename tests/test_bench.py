@@ -561,6 +561,8 @@ def test_the_emulation_charges_each_decode_step_its_plans_device_time_and_restor
     assert k4[0]["mix"]["k4"].get("m4", 0) > 0.7 and k4[1]["rates"]["k4"][0] > 1.5 * k4[0]["rates"]["k4"][0], k4
     with pytest.raises(ValueError, match="shape"):
         emulate(["plain"], rounds=1, prompts=1, tokens=5, shape="no-such-shape")
+    with pytest.raises(ValueError, match="prompt_set"):  # the repeat set is the demo pair's text
+        emulate(["plain"], rounds=1, prompts=1, tokens=5, shape="tiny", prompt_set="repeat")
     assert torch.get_num_threads() == threads  # the shape's two threads put back too
 
 

@@ -86,6 +86,8 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
     CPU's first two cores, its 32-token random prompts) in place of the demo pair."""
     if order not in ("passes", "bench"):
         raise ValueError(f"order {order!r}: give 'passes' or 'bench'")
+    if shape is not None and prompt_set != "default":
+        raise ValueError(f"prompt_set {prompt_set!r} is the demo pair's: a shape runs its own random prompts")
     import torch
 
     from engine import adaptive
@@ -122,7 +124,7 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
         if shape is None:
             engine = build_engine(EngineConfig(device="cpu", dtype="float32", num_threads=1))
         else:
-            engine, texts = _shape_engine(shape, eps, prompts)
+            engine, texts = _shape_engine(shape, eps, prompts, tokens)
         le.decode_step, le.time = decode, clock
         if cuda_policy:
             engine.overlap = True
@@ -187,9 +189,9 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
                     for m, c in mixes.items()}}
 
 
-def _shape_engine(name: str, eps: float, prompts: int):
+def _shape_engine(name: str, eps: float, prompts: int, tokens: int):
     """The shape bench's engine for ``name`` (float32, this CPU, up to two threads) with its draft's acceptance set by
-    ``eps``, and ``prompts`` of its 32-token random prompts."""
+    ``eps``, and ``prompts`` of its 32-token random prompts, room for ``tokens`` more each."""
     import os
 
     import torch
@@ -201,7 +203,7 @@ def _shape_engine(name: str, eps: float, prompts: int):
         raise ValueError(f"shape {name!r}: give one of {', '.join(shapes.SHAPES)}")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # emulate() set one thread for the demo pair
     shape, _layers, _target, engine, knob = _build(name, ShapeConfig(device="cpu", concurrency=1),
-                                                   torch.device("cpu"), torch.float32, 32 + 512)
+                                                   torch.device("cpu"), torch.float32, 32 + tokens + 16)
     knob.set(eps)
     return engine, shapes.random_prompts(shape.vocab, 32, prompts, seed=32)
 

@@ -91,18 +91,18 @@ def knows_the_run(all_misses: Sequence[Sequence[bool]], step_ms: Sequence[float]
 def summary(all_misses: Sequence[Sequence[bool]], step_ms: Sequence[float]) -> dict:
     """Fixed K's rates, each prompt's best K, the best pair of K by where a step starts, and the bound."""
     ks = range(1, MAX_DRAFT_TOKENS + 1)
-    fixed = {k: rate(all_misses, lambda p, f, k=k: k, step_ms) for k in range(MAX_DRAFT_TOKENS + 1)}
+    tokens = sum(len(m) - 1 for m in all_misses)
+    # each prompt's milliseconds at each fixed K (0: plain), replayed once: fixed K's rates and each prompt's best K
+    ms = [{k: _ms(m, lambda p, f, k=k: k, step_ms) for k in range(MAX_DRAFT_TOKENS + 1)} for m in all_misses]
+    fixed = {k: tokens / sum(one[k] for one in ms) for k in range(MAX_DRAFT_TOKENS + 1)}
     best = max(fixed, key=fixed.get)
-    per_prompt, best_ms = [], 0.0
-    for m in all_misses:
-        ms = {k: _ms(m, lambda p, f, k=k: k, step_ms) for k in ks}
-        k = min(ms, key=ms.get)  # one request's tokens are the same at every K: the fastest K is its best
-        per_prompt.append(k)
-        best_ms += ms[k]
+    # one request's tokens are the same at every K: the fastest K is its best
+    per_prompt = [min(ks, key=one.get) for one in ms]
+    best_ms = sum(one[k] for one, k in zip(ms, per_prompt))
     pairs = {(a, b): rate(all_misses, lambda p, f, a=a, b=b: b if f else a, step_ms) for a in ks for b in ks}
     pair = max(pairs, key=pairs.get)
     return {"fixed": fixed, "best_k": best, "per_prompt_k": per_prompt,
-            "per_prompt": sum(len(m) - 1 for m in all_misses) / best_ms,
+            "per_prompt": tokens / best_ms,
             "pair": pair, "pair_rate": pairs[pair], "knows_the_run": knows_the_run(all_misses, step_ms)}
 
 
