@@ -171,6 +171,8 @@ CAL_MEMORY = 512  # drafts a position's calibration remembers (``Calibration``):
 # (accepted up to some point), so the ratios are noisy; 600 drafts of a right model put E[8] within ~3% (1 sd)
 CAL_WEIGHT = 8.0  # predicted accepts of pseudo-evidence, at the ratio of the position before, in a position's ratio
 CAL_RANGE = (0.25, 2.0)  # a ratio never leaves this range
+CAL_FROM_ROWS = 2  # drafting rows a step needs for its drafts to count in the calibration (``Calibration``: one row
+# alone drafts the K its own estimate chose)
 _CAL_KEEP = 1.0 - 1.0 / CAL_MEMORY
 _LOG_STALL = math.log(STALL_CLAMP)
 GUARD_FROM = 4  # the batch bucket from which a batch's drafting is judged by the speed it realized (``SpeedGuard``):
@@ -825,6 +827,16 @@ class Calibration:
     drafted K = 4-5 at 0.97x. A position with little evidence follows the ratio of the position before it
     (CAL_WEIGHT), so a K first tried inherits what the shallower positions showed.
 
+    Only the drafts of steps where two or more rows draft count (CAL_FROM_ROWS): there the batch's K is chosen for all
+    of them (``StepPlanner.one_k_per_method``), not by one row's estimate. A row drafting alone drafts deep only where
+    its own estimate runs high, so the positions past its usual K are drafted on exactly the steps they are predicted
+    too high on: on an H200 at batch 1 (the same shape) the model before calibration predicted K = 5's tokens over K = 4's
+    to the digit, and the ratios of positions 5-8, read from the 18 steps in 281 that drafted K = 5, were 0.69 and held
+    every request at K = 4 (0.982x fixed K = 4; on an H100 0.961x fixed K = 5). At batch 1, without a lone row's
+    drafts: the demo pair's emulation at an H100's step times 0.989x fixed K = 6 against 0.973x (five seeds), the demo
+    pair on the 2-core CPU +2.8% greedy and +0.7% at T = 0.8 (paired passes), the shape's emulation -0.5% and -1.2%
+    (two seeds): not measured on a GPU yet.
+
     A request's first PRIOR_WEIGHT drafts of a method are not counted: until its own drafts outweigh the shared prior,
     the prediction follows the engine's recent workload, not the request's text, and after a change of workload (a
     useless draft after a good one) those drafts would charge the model with its lag, a shortfall that persists
@@ -1079,7 +1091,8 @@ class Policy:
         key = (method, sampling or (state.sampling if state is not None else GREEDY))
         own = state.stats.get(method) if state is not None else None
         cal = expected = None
-        if k > 0 and own is not None and own.num_drafts >= PRIOR_WEIGHT:  # see Calibration: not a request's first drafts
+        if k > 0 and own is not None and own.num_drafts >= PRIOR_WEIGHT and rows >= CAL_FROM_ROWS:
+            # see Calibration: not a request's first drafts, nor a row's that drafts alone
             hit = state.expected_cache.get(method)
             if hit is not None:
                 expected = hit[3]

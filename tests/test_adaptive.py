@@ -1591,7 +1591,7 @@ def test_drafts_that_realize_less_than_predicted_move_k_back():
         assert first.k >= 7, first
         rng = random.Random(seed)
         for _ in range(600):
-            policy.observe("model", 8, _draw_accepted(truth, rng.random()), state)
+            policy.observe("model", 8, _draw_accepted(truth, rng.random()), state, rows=2)
         after = policy.choose(_state_with_acceptance(0.85), {"model": 0.3}, 1, alpha=0.6)
         return after.k, policy.expected(state, "model", 0.6), policy.calibration[("model", GREEDY)].ratios()
 
@@ -1606,6 +1606,21 @@ def test_drafts_that_realize_less_than_predicted_move_k_back():
     assert k <= 4, (k, expected)
     assert all(abs(e - t) < 0.1 * t for e, t in zip(expected, true_tokens)), (expected, true_tokens)
     assert all(0.85 < r < 1.15 for r in ratios[:3]) and ratios[5] < 0.5, ratios
+
+
+def test_a_row_drafting_alone_does_not_calibrate_the_model():
+    """A row that drafts alone chose its K by its own estimate: it drafts past its usual K where that estimate runs
+    high, so what those positions realize is the selection's shortfall, not the model's (an H200 at batch 1 read 0.69x
+    at positions 5-8 where the model was right). Its drafts leave the calibration alone; the same drafts in a step of
+    two drafting rows (the batch's K) are counted."""
+    policy = _policy(1.0, 0.1)
+    state = _state_with_acceptance(0.85)
+    policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
+    for _ in range(50):
+        policy.observe("model", 8, 1, state)
+    assert ("model", GREEDY) not in policy.calibration
+    policy.observe("model", 8, 1, state, rows=2)
+    assert policy.calibration[("model", GREEDY)].predicted[0] > 0
 
 
 def test_acceptance_is_learnt_per_sampling_class():
@@ -1702,10 +1717,10 @@ def test_a_requests_first_drafts_do_not_charge_the_model_with_its_lag():
     state.stats["model"].num_drafts = 0
     policy.choose(state, {"model": 0.3}, 1, alpha=0.85)  # predicts from the shared prior
     for _ in range(int(PRIOR_WEIGHT)):
-        policy.observe("model", 8, 0, state)  # the workload changed: nothing is accepted
+        policy.observe("model", 8, 0, state, rows=2)  # the workload changed: nothing is accepted
         state.observe("model", 8, 0)
     assert ("model", GREEDY) not in policy.calibration
-    policy.observe("model", 8, 0, state)
+    policy.observe("model", 8, 0, state, rows=2)
     assert policy.calibration[("model", GREEDY)].predicted[0] > 0
 
 
