@@ -982,6 +982,14 @@ class SpeedGuard:
 class Policy:
     """Engine-wide: step times, recent shared acceptance per method, the last decision."""
 
+    @classmethod
+    def for_device(cls, cuda: bool) -> Policy:
+        """The engine's policy on a CUDA device or elsewhere, from the module's constants as they are now (the
+        emulation's ``--set`` changes them for a run)."""
+        if cuda:
+            return cls(SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA, PACE_RATE_CUDA, LEVEL_FILTER_CUDA, K_MARGIN_CUDA)
+        return cls(SPEC_RECHECK_FROM, 1.0, PACE_RATE, False, K_MARGIN)
+
     def __init__(self, spec_recheck_from: int = SPEC_RECHECK_FROM, spec_rows: float = 1.0,
                  pace_rate: float = PACE_RATE, level_filter: bool = False, k_margin: float = K_MARGIN) -> None:
         self.k_margin = k_margin  # ``keep_settled``'s margin (K_MARGIN_CUDA on a CUDA device)

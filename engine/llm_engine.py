@@ -22,14 +22,6 @@ import torch
 from engine import cleanup, observe, prefill
 from engine.adaptive import (
     GUARD_WINDOW,
-    K_MARGIN,
-    K_MARGIN_CUDA,
-    LEVEL_FILTER_CUDA,
-    PACE_RATE,
-    PACE_RATE_CUDA,
-    SPEC_RECHECK_FROM,
-    SPEC_RECHECK_FROM_CUDA,
-    SPEC_ROWS_CUDA,
     Decision,
     Policy,
     best_k,
@@ -112,9 +104,7 @@ class LLMEngine:
 
             self.proposers["eagle"] = EagleProposer(eagle_head, self.target)
         cuda = self.target.device.type == "cuda"
-        self.policy = Policy(SPEC_RECHECK_FROM_CUDA if cuda else SPEC_RECHECK_FROM, SPEC_ROWS_CUDA if cuda else 1.0,
-                             PACE_RATE_CUDA if cuda else PACE_RATE, cuda and LEVEL_FILTER_CUDA,
-                             K_MARGIN_CUDA if cuda else K_MARGIN)
+        self.policy = Policy.for_device(cuda)
         # on a device that computes asynchronously (CUDA, ROCm): what the next step needs of a step is done at once
         # (tokens appended, caches rolled back, finishes decided); its token events with their text and its statistics
         # wait in ``_later`` and run while the next step's verification computes on the device (``_run_later``).

@@ -1453,6 +1453,7 @@ def test_a_settled_k_moves_only_for_a_clear_predicted_gain():
     from engine.adaptive import K_MARGIN_CUDA, Policy, keep_settled
 
     assert K_MARGIN_CUDA > K_MARGIN and Policy(k_margin=K_MARGIN_CUDA).k_margin == K_MARGIN_CUDA
+    assert (Policy.for_device(True).k_margin, Policy.for_device(False).k_margin) == (K_MARGIN_CUDA, K_MARGIN)
     between = {4: 2.0, 3: 2.0 * (K_MARGIN + K_MARGIN_CUDA) / 2}
     assert keep_settled(between, 3, 4) == 3 and keep_settled(between, 3, 4, K_MARGIN_CUDA) == 4
     assert keep_settled({4: 2.0, 3: 2.0 * (K_MARGIN_CUDA + 0.02)}, 3, 4, K_MARGIN_CUDA) == 3

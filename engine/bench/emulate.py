@@ -128,11 +128,7 @@ def emulate(modes: list[str], rounds: int = 3, prompts: int = 6, tokens: int = 1
         le.decode_step, le.time = decode, clock
         if cuda_policy:
             engine.overlap = True
-            engine.policy = adaptive.Policy(adaptive.SPEC_RECHECK_FROM_CUDA, adaptive.SPEC_ROWS_CUDA,
-                                            adaptive.PACE_RATE_CUDA, adaptive.LEVEL_FILTER_CUDA,
-                                            adaptive.K_MARGIN_CUDA)
-        else:
-            engine.policy = adaptive.Policy()
+        engine.policy = adaptive.Policy.for_device(cuda_policy)
         t1 = costs.step_ms("", 0) / 1e3  # what the warm-up measures, at the device's costs
         engine.t_target1, engine.verify_cost = t1, costs.verify_ms / costs.target_ms
         engine.draft_cost, engine.eagle_cost = costs.draft_ms / costs.target_ms, costs.eagle_ms / costs.target_ms
