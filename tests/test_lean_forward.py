@@ -1,9 +1,10 @@
 """The lean Llama-family forward gives transformers' logits (fp32, within 1e-4) on the paged cache:
-every supported family, GQA, rope scalings, ragged batches, shared prefixes and rollback."""
+every supported family, GQA, rope scalings (LongRoPE on both sides of its switch), a partial rotary factor, ragged
+batches, shared prefixes and rollback."""
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 from engine.block_manager import BlockManager
 from engine.kv_pool import KVPool, KVShape
@@ -14,6 +15,7 @@ VOCAB = 101
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512)
 TOL = 1e-4
+PHI_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi3Config's defaults lie past VOCAB
 
 CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON),
@@ -29,7 +31,18 @@ CONFIGS = {
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=4096),
     "qwen2": lambda: Qwen2Config(**COMMON),
     "qwen3": lambda: Qwen3Config(**COMMON, head_dim=32),
+    "phi3": lambda: Phi3Config(**COMMON, **PHI_IDS),
+    # Phi-3.5 / Phi-4-mini: LongRoPE (short table below the pretraining context) and Phi-4-mini's partial rotary
+    "phi3-longrope-partial": lambda: _phi3_longrope(256),
 }
+
+
+def _phi3_longrope(original_max: int) -> Phi3Config:
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,  # 12 of 16 head dims
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.5, 2.0, 3.0, 4.0, 6.0, 8.0]}
+    # transformers 5.13 reads the partial factor from the config itself, later ones from the rope parameters
+    return Phi3Config(**COMMON, **PHI_IDS, original_max_position_embeddings=original_max, rope_parameters=rope,
+                      partial_rotary_factor=0.75)
 
 
 def _make_model(name: str):
@@ -62,7 +75,7 @@ def test_lean_logits_match_transformers_on_ragged_batches(arch):
     _check_ragged(arch)
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-mha-tied", "llama-bias", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama-mha-tied", "llama-bias", "qwen3", "phi3-longrope-partial"])
 def test_packed_cpu_gemms_match_transformers(arch, monkeypatch):
     """Every weight packed for oneDNN (the tiny models are below the size threshold otherwise): the
     multi-row GEMMs of prefill, verification rows and the head run packed and still match."""
@@ -233,6 +246,45 @@ def test_lean_single_row_decode_matches_transformers_over_long_context():
         _assert_close(out_l, out_r, "decode")
         tok = int(out_r[0][-1].argmax())
         out_l, out_r = lean.forward([RowInput(0, [tok], 1)]), ref.forward([RowInput(0, [tok], 1)])
+
+
+def test_longrope_switches_tables_per_position_as_token_at_a_time_decoding_does():
+    """A LongRoPE model (Phi-3.5, Phi-4-mini) rotates positions past its pretraining context with its long table:
+    forwards of 1-3 tokens across that switch (verifications) give the logits transformers gives decoding the same
+    tokens one at a time, so how tokens are split into forwards, or batched, never changes the keys written; the
+    long table is really used (a forward of several tokens past the switch in transformers' own path, which picks
+    one table per forward, differs at the positions before it)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_phi3_longrope(24), attn_implementation="sdpa").float().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    lean, ref = _runner(model, True), _runner(model, False)
+    assert lean.forward_path == "lean" and lean.lean.rot_dim == 12 and lean.lean.original_max == 24
+    gen = torch.Generator().manual_seed(5)
+    seq = torch.randint(3, VOCAB, (20,), generator=gen).tolist()
+    _assert_close(lean.forward([RowInput(0, seq, 1)]), ref.forward([RowInput(0, seq, 1)]), "prompt")
+    for step in range(12):  # positions 20 .. ~45
+        n = 1 + step % 3
+        toks = torch.randint(3, VOCAB, (n,), generator=gen).tolist()
+        got = lean.forward([RowInput(0, toks, n)])[0]
+        want = torch.cat([ref.forward([RowInput(0, [t], 1)])[0] for t in toks])
+        _assert_close([got], [want], f"longrope step {step} ({n} tokens from position {lean.cached_len(0) - n})")
+    assert lean.cached_len(0) > 24 + 8
+    # a short row beside the long one keeps the short table: its logits alone
+    short = torch.randint(3, VOCAB, (6,), generator=gen).tolist()
+    alone = ref.forward([RowInput(1, short, 1)])
+    both = lean.forward([RowInput(0, [7], 1), RowInput(1, short, 1)])
+    _assert_close(both[1:], alone, "short row beside a long one")
+    # transformers' one-table-per-forward: a forward of 4 tokens from position 22 rotates 22-23 long there
+    across = torch.randint(3, VOCAB, (4,), generator=gen).tolist()
+    for r in (lean, ref):
+        r.free(0)
+        r.free(1)
+        r.forward([RowInput(0, seq + seq[:2], 1)])  # 22 tokens: positions 0-21
+    got, theirs = lean.forward([RowInput(0, across, 4)])[0], ref.forward([RowInput(0, across, 4)])[0]
+    assert (got - theirs).abs().max() > 1e-3
+    for r in (lean, ref):
+        r.free(0)
 
 
 def test_shared_prefix_copy_on_write_matches_transformers():

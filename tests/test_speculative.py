@@ -90,6 +90,39 @@ def test_greedy_exact_across_architectures():
     _assert_all_free(eng)
 
 
+@pytest.mark.parametrize("method", ["model", "ngram", "auto"])
+def test_greedy_exact_on_a_longrope_phi3_pair_past_its_switch(method):
+    """Phi-3.5 / Phi-4-mini's shape on the lean forward (fused QKV and gate/up, a partial rotary factor, LongRoPE):
+    greedy speculation equals plain decoding as the rows cross the pretraining context, where the rope table
+    changes, and verification forwards straddle it."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from tests.tiny import truncated_draft
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(11)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0, 1.2, 1.5, 2.0, 2.5, 3.0], "long_factor": [2.0, 3.0, 4.0, 6.0, 8.0, 12.0]}
+    target = Phi3ForCausalLM(Phi3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=256, original_max_position_embeddings=24,
+                                        rope_parameters=rope, partial_rotary_factor=0.75, pad_token_id=2,
+                                        bos_token_id=0, eos_token_id=0)).eval()
+    with torch.no_grad():
+        target.lm_head.weight.mul_(8.0)
+        for layer in target.model.layers[1:]:  # so the 1-layer draft agrees often enough to draft deep
+            layer.mlp.down_proj.weight.mul_(0.3)
+            layer.self_attn.o_proj.weight.mul_(0.3)
+    eng = LLMEngine(target, tok, truncated_draft(target), EngineConfig(target="phi", draft="phi-1",
+                                                                       kv_cache_tokens=2048), max_context=256)
+    assert eng.target.forward_path == eng.draft.forward_path == "lean"
+    plain = _run_all(eng, PROMPTS, _greedy(None, speculative=False, n=48))
+    spec = _run_all(eng, PROMPTS, _greedy(4 if method != "auto" else None, n=48, method=method))
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert method == "ngram" or all(r.stats.num_accepted_tokens > 0 for r in spec)
+    _assert_all_free(eng)
+
+
 def test_provenance_counts_agree_with_stats(pair):
     events = []
     pair.add_request(PROMPTS[1], SamplingParams(max_new_tokens=60, temperature=0.8, seed=1, num_draft_tokens=4,

@@ -1,5 +1,5 @@
-"""A lean forward for the Llama family (Llama, Mistral, Qwen2, Qwen3, and so TinyLlama, SmolLM
-and the demo pair), owned by the engine and reading the paged KV cache in place.
+"""A lean forward for the Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3, and so TinyLlama, SmolLM,
+Phi-3.5 / Phi-4-mini and the demo pair), owned by the engine and reading the paged KV cache in place.
 
 Shape after gpt-fast's ``model.py`` and nano-vllm's ``models/qwen3.py``: fused QKV and
 gate/up projections, RMSNorm, rotary embeddings from the config, GQA without
@@ -25,8 +25,9 @@ from engine.models import packed
 
 logger = logging.getLogger(__name__)
 _HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
-FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
+FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}  # phi3: QKV and gate/up come fused in the checkpoint
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
+ROPE_TYPES = STATIC_ROPE | {"longrope"}  # longrope: two tables, chosen per row (``LeanCausalLM._long_rope``)
 
 
 def unsupported_reason(model) -> str | None:
@@ -38,8 +39,10 @@ def unsupported_reason(model) -> str | None:
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act!r} (lean forward implements silu)"
     rope = _rope_parameters(cfg)
-    if rope.get("rope_type", "default") not in STATIC_ROPE:
+    if rope.get("rope_type", "default") not in ROPE_TYPES:
         return f"rope type {rope.get('rope_type')!r} depends on sequence length"
+    if rope.get("rope_type") == "longrope" and _original_max(cfg) is None:
+        return "longrope without original_max_position_embeddings"
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         return "unexpected module layout"
@@ -48,11 +51,28 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def _original_max(cfg) -> int | None:
+    """The pretraining context a longrope model switches tables at (its rope parameters', or the config's)."""
+    n = _rope_parameters(cfg).get("original_max_position_embeddings") or getattr(
+        cfg, "original_max_position_embeddings", None)
+    return int(n) if n else None
+
+
 def _rope_parameters(cfg) -> dict:
     params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if isinstance(params, dict) and "rope_type" not in params and "type" in params:
         params = {**params, "rope_type": params["type"]}
     return params if isinstance(params, dict) else {}
+
+
+def _long_inv_freq(model, rotary, original_max: int) -> torch.Tensor:
+    """A longrope model's long-context inv_freq, from transformers' own rope code (its table past
+    ``original_max`` positions)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = getattr(rotary, "config", None) or model.config
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](cfg, None, seq_len=original_max + 1)
+    return inv_freq.detach().float().clone()
 
 
 def _fuse(mods: list[torch.nn.Linear], transposed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -78,6 +98,15 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     """``sin`` with the first half of its last dim negated: the table ``rotate`` takes."""
     half = sin.shape[-1] // 2
     return torch.cat((-sin[..., :half], sin[..., half:]), -1)
+
+
+def rotate_part(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """``rotate`` over the first ``cos.shape[-1]`` dims of ``x``, the rest passed through (a partial rotary factor,
+    Phi-4-mini's 0.75: HF's apply_rotary_pos_emb with a shorter cos/sin)."""
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return rotate(x, cos, sin_signed)
+    return torch.cat((rotate(x[..., :rd], cos, sin_signed), x[..., rd:]), -1)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -149,9 +178,13 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed
 class _Layer:
     def __init__(self, hf_layer, n_heads: int, n_kv: int, head_dim: int, transposed: bool):
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
-        self.qkv_w, self.qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], transposed)
+        qkv, gate_up = getattr(attn, "qkv_proj", None), getattr(mlp, "gate_up_proj", None)  # Phi-3: fused already,
+        # in the same order ([q; k; v] and [gate; up] rows)
+        self.qkv_w, self.qkv_b = _fuse([qkv] if qkv is not None else [attn.q_proj, attn.k_proj, attn.v_proj],
+                                       transposed)
         self.o_w, self.o_b = _fuse([attn.o_proj], transposed)
-        self.gate_up_w, self.gate_up_b = _fuse([mlp.gate_proj, mlp.up_proj], transposed)
+        self.gate_up_w, self.gate_up_b = _fuse([gate_up] if gate_up is not None else [mlp.gate_proj, mlp.up_proj],
+                                               transposed)
         self.down_w, self.down_b = _fuse([mlp.down_proj], transposed)
         self.in_norm = hf_layer.input_layernorm.weight
         self.post_norm = hf_layer.post_attention_layernorm.weight
@@ -159,7 +192,7 @@ class _Layer:
         self.k_norm = getattr(getattr(attn, "k_norm", None), "weight", None)
         self.qk = (n_heads + n_kv) * head_dim
         self.v = n_kv * head_dim
-        self.inter = mlp.gate_proj.weight.shape[0]
+        self.inter = gate_up.weight.shape[0] // 2 if gate_up is not None else mlp.gate_proj.weight.shape[0]
         self.qkv_p = self.o_p = self.gate_up_p = self.down_p = None  # oneDNN-packed copies (CPU)
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -195,8 +228,17 @@ class LeanCausalLM:
         if self.embed_t is not None:
             self.embed = None
         rotary = inner.rotary_emb
-        self.inv_freq = rotary.inv_freq.detach().float().clone()
+        # transformers updates a dynamic rope's inv_freq in place as it runs; original_inv_freq is the one it started
+        # from (longrope's short table)
+        self.inv_freq = getattr(rotary, "original_inv_freq", rotary.inv_freq).detach().float().clone()
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        self.rot_dim = 2 * self.inv_freq.numel()  # under head_dim with a partial rotary factor
+        if self.rot_dim > self.head_dim:
+            raise ValueError(f"rotary dims {self.rot_dim} exceed the head dim {self.head_dim}")
+        self.long_inv_freq, self.original_max = None, None
+        if _rope_parameters(cfg).get("rope_type") == "longrope":
+            self.original_max = _original_max(cfg)
+            self.long_inv_freq = _long_inv_freq(model, rotary, self.original_max)
         self.dtype = self.lm_head.dtype
         self.device = self.lm_head.device
         self._cos = self._sin = None
@@ -223,13 +265,33 @@ class LeanCausalLM:
 
     # ------------------------------------------------------------------ rotary
     def _grow_rope(self, n: int) -> None:
-        """cos/sin for positions 0..n-1 (``rope_tables``), in the model dtype."""
+        """cos/sin for positions 0..n-1 (``rope_tables``), in the model dtype; a longrope model's long table
+        follows the short one's n rows in the same tensors (``_long_rope``)."""
         self._cos, self._sin = rope_tables(self.inv_freq, self.rope_scaling, n, self.dtype, self.device)
+        if self.long_inv_freq is not None:
+            cos, sin = rope_tables(self.long_inv_freq, self.rope_scaling, n, self.dtype, self.device)
+            self._cos, self._sin = torch.cat((self._cos, cos)), torch.cat((self._sin, sin))
+
+    def _long_rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rows into the tables of a longrope model: a position past the pretraining context
+        (``original_max_position_embeddings``) is rotated by the long table, one before it by the short table.
+
+        transformers picks one table for a whole forward, the long one where its longest position reaches past the
+        pretraining context: decoding a token at a time, that is this rule exactly. In a forward of several tokens
+        (a verification, a prompt chunk, a batch) its choice would depend on how the tokens were split into
+        forwards and what ran beside them: a verification reaching past the switch would write its earlier tokens'
+        keys with the long table where plain decoding wrote them with the short one, and greedy speculation would
+        differ from plain decoding there. Per position, every split and batch writes the same keys. (A prompt
+        longer than the pretraining context read in one forward is rotated long throughout by transformers, and
+        here short up to the switch, as a token-at-a-time read of it would be.)"""
+        n = self._cos.shape[0] // 2
+        return positions + (positions >= self.original_max) * n
 
     def ensure_positions(self, n: int) -> None:
         """Grow the rotary table to cover positions < ``n`` (call outside graph capture)."""
-        if n > self._cos.shape[0]:
-            self._grow_rope(max(n, 2 * self._cos.shape[0]))
+        have = self._cos.shape[0] // (2 if self.long_inv_freq is not None else 1)
+        if n > have:
+            self._grow_rope(max(n, 2 * have))
 
     # ------------------------------------------------------------------ forward
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -247,8 +309,9 @@ class LeanCausalLM:
             x = F.embedding(ids, self.embed)  # [B*N, H]: every GEMM is 2-D
         else:
             x = self.embed_t.index_select(1, ids).t().contiguous()
-        cos = self._cos[positions].view(b, n, 1, d)
-        sin = self._sin[positions].view(b, n, 1, d)
+        rows = positions if self.long_inv_freq is None else self._long_rope(positions)
+        cos = self._cos[rows].view(b, n, 1, self.rot_dim)
+        sin = self._sin[rows].view(b, n, 1, self.rot_dim)
         for i, layer in enumerate(self.layers):
             if aux_layers is not None and i in aux_layers:
                 saved[i] = x  # never written in place: later layers make new tensors
@@ -256,11 +319,11 @@ class LeanCausalLM:
             qk = qkv[:, : layer.qk].view(b, n, hq + hkv, d)
             v = qkv[:, layer.qk:].view(b, n, hkv, d)
             if layer.q_norm is None:
-                qk = rotate(qk, cos, sin)  # q and k in one go
+                qk = rotate_part(qk, cos, sin)  # q and k in one go
                 q, k = qk[:, :, :hq], qk[:, :, hq:]
             else:  # Qwen3 normalises q and k per head before the rotation
-                q = rotate(self._norm(qk[:, :, :hq], layer.q_norm), cos, sin)
-                k = rotate(self._norm(qk[:, :, hq:], layer.k_norm), cos, sin)
+                q = rotate_part(self._norm(qk[:, :, :hq], layer.q_norm), cos, sin)
+                k = rotate_part(self._norm(qk[:, :, hq:], layer.k_norm), cos, sin)
             attn = paged_attention(q, k, v, pool.keys[i], pool.values[i], batch, self.scale)  # [B, N, Hq*D]
             x = _linear(attn.view(b * n, hq * d), layer.o_w, layer.o_b, tr, residual=x, pk=layer.o_p)
             gate_up = _linear(self._norm(x, layer.post_norm), layer.gate_up_w, layer.gate_up_b, tr,
