@@ -17,7 +17,7 @@ import torch
 
 @dataclass(frozen=True)
 class Shape:
-    family: str  # "llama" | "qwen2"
+    family: str  # "llama" | "qwen2" | "phi3"
     vocab: int
     hidden: int
     intermediate: int
@@ -27,6 +27,7 @@ class Shape:
     rope_theta: float = 10000.0
     tie: bool = False
     rope_scaling: dict | None = None
+    partial_rotary: float = 1.0  # phi3: the share of each head's dims rotated
 
     @property
     def head_dim(self) -> int:
@@ -39,6 +40,12 @@ SHAPES = {
     "llama-3.1-8b": Shape("llama", 128256, 4096, 14336, 32, 32, 8, rope_theta=5e5,
                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # Phi-4-mini: 24 heads of 128 over 8 KV heads, 3/4 of each head rotated, LongRoPE past 4096 positions (factors
+    # of the right length, not the checkpoint's: random weights)
+    "phi-4-mini": Shape("phi3", 200064, 3072, 8192, 32, 24, 8, rope_theta=1e4, tie=True, partial_rotary=0.75,
+                        rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 48,
+                                      "long_factor": [1.0 + i for i in range(48)],
+                                      "original_max_position_embeddings": 4096}),
     "tiny": Shape("llama", 512, 64, 128, 4, 4, 2),  # for CPU tests
 }
 
@@ -56,6 +63,12 @@ def hf_config(shape: Shape, max_positions: int):
         from transformers import Qwen2Config
 
         cfg = Qwen2Config(**common)
+    elif shape.family == "phi3":
+        from transformers import Phi3Config
+
+        original = (shape.rope_scaling or {}).get("original_max_position_embeddings", max_positions)
+        rope = dict(rope, partial_rotary_factor=shape.partial_rotary)
+        cfg = Phi3Config(**common, original_max_position_embeddings=original, partial_rotary_factor=shape.partial_rotary)
     else:
         from transformers import LlamaConfig
 
