@@ -429,6 +429,31 @@ def test_truncated_draft_shares_the_targets_weights():
     assert sh.weight_bytes(target) < sum(p.numel() * 4 for p in target.parameters()) + 1  # shared counted once
 
 
+def test_phi_4_mini_shape_runs_on_the_lean_forward():
+    """The phi-4-mini shape (its head dim, rotary share and LongRoPE; fewer heads, layers and tokens here) builds a
+    Phi-3 model the lean forward runs, with the long table past 4096 positions; its draft and knob work as the
+    Llama shapes' do."""
+    from dataclasses import replace
+
+    import torch
+
+    from engine.bench import shapes as sh
+    from engine.models import lean_model_for
+
+    shape = replace(sh.SHAPES["phi-4-mini"], vocab=512, hidden=256, intermediate=256, layers=3, heads=2, kv_heads=1)
+    target = sh.build_target(shape, torch.device("cpu"), torch.float32, max_positions=8192)
+    assert type(target).__name__ == "Phi3ForCausalLM"
+    lean, why = lean_model_for(target)
+    assert why is None and lean.rot_dim == 96 and lean.head_dim == 128 and lean.original_max == 4096
+    assert lean.long_inv_freq is not None and not torch.equal(lean.long_inv_freq, lean.inv_freq)
+    draft = sh.truncated_draft(target, 1)
+    assert draft.model.layers[0].self_attn.qkv_proj.weight is target.model.layers[0].self_attn.qkv_proj.weight
+    w = target.model.layers[2].mlp.down_proj.weight
+    before = w.detach().clone()
+    sh.AcceptanceKnob(target, 1).set(0.5)
+    assert (w - before * 0.5).abs().max() < 1e-6
+
+
 @pytest.mark.parametrize("args,message", [
     (["--shape", "gpt-9"], "unknown shape 'gpt-9'"),
     (["--shape", "tiny", "--draft-layers", "9"], "--draft-layers must be in 1..3"),
