@@ -77,14 +77,19 @@ def model_id(name: str) -> str:
 def max_context_of(config) -> int:
     """Longest sequence the paged cache serves correctly for this model.
 
-    Our attention mask is full causal, so a sliding-window model is limited to its window
-    (beyond it the model would attend differently): a clear limit, never wrong output.
+    transformers' path masks a sliding-window model's keys per layer as its own code does
+    (``ModelRunner._sliding``: Gemma 2 / 3 serve their whole context); the lean forward attends over
+    every key, so a family it runs (Mistral, Phi-3-mini-4k) is limited to its window: a clear limit,
+    never wrong output.
     """
+    from engine.model_runner import sliding_window_of
+    from engine.models.llama import FAMILIES
+
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
-    window = getattr(cfg, "sliding_window", None)
-    if window and getattr(cfg, "use_sliding_window", True):
-        limit = min(limit, int(window))
+    window, _ = sliding_window_of(cfg)
+    if window and getattr(cfg, "model_type", None) in FAMILIES and os.environ.get("HELIX_LEAN", "1") != "0":
+        limit = min(limit, window)
     return int(limit)
 
 
@@ -147,7 +152,14 @@ def load_model(
 def _load_weights(auto_cls, source: str, dtype: torch.dtype, attn_implementation: str, kw: dict, role: str,
                   name: str, config):
     try:
-        return auto_cls.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **kw)
+        try:
+            return auto_cls.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **kw)
+        except ValueError as exc:  # Gemma 2 (attention soft-capping) has no SDPA path in transformers: eager it is
+            if attn_implementation != "sdpa" or "does not support an attention implementation" not in str(exc):
+                raise
+            logger.info("%s model '%s' (%s): no SDPA attention in transformers, loading with eager attention",
+                        role, name, config.model_type)
+            return auto_cls.from_pretrained(source, dtype=dtype, attn_implementation="eager", **kw)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc) or "not a causal" in str(exc).lower():
             raise ModelLoadError(

@@ -39,6 +39,20 @@ class RowInput:
     tail: int = 0  # the last ``tail`` token_ids are placeholders for tokens on the device (``ModelRunner.forward``)
 
 
+def sliding_window_of(config) -> tuple[int | None, bool]:
+    """(the window, whether only some layers slide) of a model whose attention slides, else (None, False):
+    ``layer_types`` where the config lists them (Gemma 2 / 3, Qwen2), else ``sliding_window`` unless
+    ``use_sliding_window`` is off (Mistral, Phi-3)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return None, False
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return (int(window), True) if "sliding_attention" in types else (None, False)
+    return (int(window), False) if getattr(cfg, "use_sliding_window", True) else (None, False)
+
+
 def _tail_index(rows: list[RowInput], n: int, k: int) -> tuple[list[int] | None, list[int] | None]:
     """Where ``ModelRunner.forward``'s ``tail`` goes in the left-padded ``[B, n]`` input: (None, None) where every row
     holds ``k`` placeholders (the last ``k`` columns), else the flat input indices and the flat tail indices."""
@@ -76,6 +90,9 @@ class ModelRunner:
         self.vocab_size = vocab_size  # logits past the tokenizer's vocabulary are dropped
         self.last_forward_s = 0.0
         self.lean = self._build_lean(model, lean)
+        # transformers' path masks a sliding-window model's keys as its modeling code would (``_sliding``); the lean
+        # forward has no windows, so the loader limits its families' context to the window (loader.max_context_of)
+        self.window, self.window_layered = sliding_window_of(model.config)
         self.forward_path = "lean" if self.lean is not None else "transformers"
         if self.lean is not None:
             pool.allocate(self.lean.n_kv, self.lean.head_dim)
@@ -213,6 +230,8 @@ class ModelRunner:
         mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         mask = mask[:, None, :, :]  # [B, 1, N, T]
+        if self.window is not None:
+            mask = self._sliding(mask, allowed, positions, k_pos, real_q)
 
         self.cache.batch = ForwardBatch(write_rows, write_slots, gather, all_real, t_len)
         keep = max(r.num_logits for r in rows)
@@ -228,6 +247,17 @@ class ModelRunner:
             logits = out
         logits = logits[..., : self.vocab_size].float()  # [B, keep, V]
         return [logits[i, keep - r.num_logits :] for i, r in enumerate(rows)]
+
+    def _sliding(self, mask: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor, k_pos: torch.Tensor,
+                 real_q: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The mask of a sliding-window model: a query sees the keys of the last ``window`` positions, its own
+        included (transformers' ``kv_idx > q_idx - sliding_window``). A model whose layers differ (Gemma 2 / 3,
+        Qwen2 with some sliding layers) takes the mapping its modeling code builds itself from layer types, so each
+        layer reads its own; one whose every layer slides (Mistral, Phi-3) takes the one mask. Padding queries
+        keep seeing their one harmless key."""
+        near = (k_pos[None, None, :] > positions[:, :, None] - self.window) | ~real_q[:, :, None]
+        sliding = torch.zeros_like(mask).masked_fill_(~(allowed & near)[:, None], torch.finfo(mask.dtype).min)
+        return {"full_attention": mask, "sliding_attention": sliding} if self.window_layered else sliding
 
     def _run_lean(self, rows: list[RowInput], starts: list[int], bs: int, aux: list | None = None,
                   tail: torch.Tensor | None = None) -> list[torch.Tensor]:

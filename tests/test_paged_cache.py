@@ -9,6 +9,8 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
+    Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
     LlamaConfig,
@@ -34,14 +36,22 @@ CONFIGS = {
     "phi3": lambda: Phi3Config(**COMMON, pad_token_id=0),
     "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    # sliding windows far shorter than the contexts below (up to 87 tokens): every layer (Mistral), or some
+    # (Gemma 2 with its soft-capping, Gemma 3, Qwen2 past max_window_layers)
+    "mistral-window": lambda: MistralConfig(**COMMON, sliding_window=8),
+    "gemma2-window": lambda: Gemma2Config(**COMMON, head_dim=16, sliding_window=8),
+    "gemma3-window": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=8,
+                                              layer_types=["sliding_attention", "full_attention"]),
+    "qwen2-window": lambda: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=1),
 }
 
 
 def _make_model(name: str):
     torch.manual_seed(0)
     cfg = CONFIGS[name]()
-    cfg._attn_implementation = "sdpa"
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float().eval()
+    attn = "eager" if cfg.model_type == "gemma2" else "sdpa"  # Gemma 2's soft-capping has no SDPA path
+    cfg._attn_implementation = attn
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).float().eval()
 
 
 def _make_runner(model, blocks: int = 64, block_size: int = 16) -> ModelRunner:
@@ -101,11 +111,35 @@ def test_ragged_verification_rows_match_single_rows():
     assert torch.allclose(got_b, solo_b, atol=1e-5)
 
 
-def test_sliding_window_models_are_limited_to_their_window():
-    cfg = MistralConfig(**{**COMMON, "max_position_embeddings": 4096}, sliding_window=128)
-    assert max_context_of(cfg) == 128
-    cfg = Qwen2Config(**COMMON, use_sliding_window=False, sliding_window=32)
-    assert max_context_of(cfg) == 256
+def test_sliding_window_models_are_limited_to_their_window_only_on_the_lean_forward(monkeypatch):
+    """The lean forward attends over every key, so the families it runs are limited to their window; transformers'
+    path masks each layer's window (the matches above), so Gemma 2 / 3 serve their whole context."""
+    monkeypatch.delenv("HELIX_LEAN", raising=False)
+    mistral = MistralConfig(**{**COMMON, "max_position_embeddings": 4096}, sliding_window=128)
+    assert max_context_of(mistral) == 128
+    assert max_context_of(Qwen2Config(**COMMON, use_sliding_window=False, sliding_window=32)) == 256
+    gemma3 = Gemma3TextConfig(**{**COMMON, "max_position_embeddings": 4096}, head_dim=16, sliding_window=128)
+    assert max_context_of(gemma3) == 4096
+    assert max_context_of(Gemma2Config(**COMMON, head_dim=16, sliding_window=8)) == 256
+    monkeypatch.setenv("HELIX_LEAN", "0")  # every model on transformers' path
+    assert max_context_of(mistral) == 4096
+
+
+def test_a_gemma2_checkpoint_loads_with_eager_attention(tmp_path):
+    """transformers has no SDPA attention for Gemma 2: the loader falls back to eager instead of failing."""
+    from engine.devices import DeviceInfo
+    from engine.loader import load_model
+    from tests.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Gemma2Config(**{**COMMON, "vocab_size": len(tok)}, head_dim=16,
+                                                          sliding_window=8, pad_token_id=2, bos_token_id=0,
+                                                          eos_token_id=0), attn_implementation="eager")
+    model.save_pretrained(tmp_path / "gemma2")
+    tok.save_pretrained(tmp_path / "gemma2")
+    loaded = load_model(str(tmp_path / "gemma2"), DeviceInfo("cpu", torch.device("cpu"), "test cpu", "test"))
+    assert loaded.model.config._attn_implementation == "eager" and loaded.max_context == 256
 
 
 def test_truncate_rewrites_only_the_kept_prefix():

@@ -123,6 +123,34 @@ def test_greedy_exact_on_a_longrope_phi3_pair_past_its_switch(method):
     _assert_all_free(eng)
 
 
+def test_greedy_exact_on_a_sliding_window_gemma3_pair_past_its_window():
+    """Gemma 3 (transformers' path): its sliding layers see the last 8 positions here, its full layer all of them;
+    greedy speculation equals plain decoding far past the window, and the model serves its whole context."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from engine.loader import max_context_of
+    from tests.tiny import truncated_draft
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(13)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                           sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                           pad_token_id=2, bos_token_id=0, eos_token_id=0)
+    target = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        target.lm_head.weight.mul_(8.0)
+    assert max_context_of(cfg) == 256
+    eng = LLMEngine(target, tok, truncated_draft(target), EngineConfig(target="gemma", draft="gemma-1",
+                                                                       kv_cache_tokens=2048), max_context=256)
+    assert eng.target.forward_path == "transformers" and eng.target.window == 8
+    plain = _run_all(eng, PROMPTS, _greedy(None, speculative=False, n=48))
+    spec = _run_all(eng, PROMPTS, _greedy(4, n=48, method="model"))
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert all(r.stats.num_accepted_tokens > 0 for r in spec)
+    _assert_all_free(eng)
+
+
 def test_provenance_counts_agree_with_stats(pair):
     events = []
     pair.add_request(PROMPTS[1], SamplingParams(max_new_tokens=60, temperature=0.8, seed=1, num_draft_tokens=4,
