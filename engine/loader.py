@@ -175,7 +175,10 @@ def _check_causal(config, role: str, name: str) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     archs = getattr(config, "architectures", None) or []
-    causal_arch = any("CausalLM" in a or "LMHead" in a for a in archs)
+    # Gemma 3 from 4B on ships as Gemma3ForConditionalGeneration (text and images): AutoModelForCausalLM loads that
+    # class for it, and Helix runs its text side
+    causal_arch = any("CausalLM" in a or "LMHead" in a or a == MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+                      for a in archs)
     if (config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False)
             or (archs and not causal_arch)):
         raise ModelLoadError(

@@ -43,7 +43,20 @@ CONFIGS = {
     "gemma3-window": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=8,
                                               layer_types=["sliding_attention", "full_attention"]),
     "qwen2-window": lambda: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    "gemma3-multimodal": lambda: _gemma3_multimodal(),  # Gemma 3 4B+: the text side of a text-and-image model
 }
+
+
+def _gemma3_multimodal(vocab: int = VOCAB):
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    text = Gemma3TextConfig(**{**COMMON, "vocab_size": vocab}, head_dim=16, sliding_window=8,
+                            layer_types=["sliding_attention", "full_attention"])
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    cfg.architectures = ["Gemma3ForConditionalGeneration"]
+    return cfg
 
 
 def _make_model(name: str):
@@ -125,8 +138,24 @@ def test_sliding_window_models_are_limited_to_their_window_only_on_the_lean_forw
     assert max_context_of(mistral) == 4096
 
 
+def test_a_gemma3_text_and_image_checkpoint_loads_and_serves_its_context(tmp_path):
+    """Gemma 3 from 4B on is a Gemma3ForConditionalGeneration checkpoint: the loader takes it as the causal LM
+    transformers' AutoModelForCausalLM makes of it, with its whole context."""
+    from engine.devices import DeviceInfo
+    from engine.loader import load_model
+    from tests.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_gemma3_multimodal(len(tok))).save_pretrained(tmp_path / "gemma3")
+    tok.save_pretrained(tmp_path / "gemma3")
+    loaded = load_model(str(tmp_path / "gemma3"), DeviceInfo("cpu", torch.device("cpu"), "test cpu", "test"))
+    assert type(loaded.model).__name__ == "Gemma3ForConditionalGeneration" and loaded.max_context == 256
+
+
 def test_a_gemma2_checkpoint_loads_with_eager_attention(tmp_path):
-    """transformers has no SDPA attention for Gemma 2: the loader falls back to eager instead of failing."""
+    """transformers (5.24 here; 5.13 still ran it on SDPA) has no SDPA attention for Gemma 2: the loader falls back
+    to eager instead of failing."""
     from engine.devices import DeviceInfo
     from engine.loader import load_model
     from tests.tiny import tiny_tokenizer
@@ -139,7 +168,8 @@ def test_a_gemma2_checkpoint_loads_with_eager_attention(tmp_path):
     model.save_pretrained(tmp_path / "gemma2")
     tok.save_pretrained(tmp_path / "gemma2")
     loaded = load_model(str(tmp_path / "gemma2"), DeviceInfo("cpu", torch.device("cpu"), "test cpu", "test"))
-    assert loaded.model.config._attn_implementation == "eager" and loaded.max_context == 256
+    sdpa = type(loaded.model)._supports_sdpa  # transformers 5.13 still ran Gemma 2 on SDPA
+    assert loaded.model.config._attn_implementation == ("sdpa" if sdpa else "eager") and loaded.max_context == 256
 
 
 def test_truncate_rewrites_only_the_kept_prefix():
