@@ -4,7 +4,15 @@ batches, shared prefixes and rollback."""
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+    SmolLM3Config,
+)
 
 from engine.block_manager import BlockManager
 from engine.kv_pool import KVPool, KVShape
@@ -34,6 +42,7 @@ CONFIGS = {
     "phi3": lambda: Phi3Config(**COMMON, **PHI_IDS),
     # Phi-3.5 / Phi-4-mini: LongRoPE (short table below the pretraining context) and Phi-4-mini's partial rotary
     "phi3-longrope-partial": lambda: _phi3_longrope(256),
+    "smollm3": lambda: SmolLM3Config(**COMMON, no_rope_layer_interval=2, **PHI_IDS),  # layer 1 without rope
 }
 
 

@@ -1,4 +1,4 @@
-"""A lean forward for the Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3, and so TinyLlama, SmolLM,
+"""A lean forward for the Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, and so TinyLlama, SmolLM,
 Phi-3.5 / Phi-4-mini and the demo pair), owned by the engine and reading the paged KV cache in place.
 
 Shape after gpt-fast's ``model.py`` and nano-vllm's ``models/qwen3.py``: fused QKV and
@@ -25,7 +25,8 @@ from engine.models import packed
 
 logger = logging.getLogger(__name__)
 _HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
-FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}  # phi3: QKV and gate/up come fused in the checkpoint
+# phi3: QKV and gate/up come fused in the checkpoint; smollm3: every fourth layer without rotary embeddings (NoPE)
+FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3"}
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 ROPE_TYPES = STATIC_ROPE | {"longrope"}  # longrope: two tables, chosen per row (``LeanCausalLM._long_rope``)
 
@@ -188,6 +189,7 @@ class _Layer:
         self.down_w, self.down_b = _fuse([mlp.down_proj], transposed)
         self.in_norm = hf_layer.input_layernorm.weight
         self.post_norm = hf_layer.post_attention_layernorm.weight
+        self.rope = bool(getattr(attn, "use_rope", True))  # SmolLM3's NoPE layers rotate nothing
         self.q_norm = getattr(getattr(attn, "q_norm", None), "weight", None)  # Qwen3
         self.k_norm = getattr(getattr(attn, "k_norm", None), "weight", None)
         self.qk = (n_heads + n_kv) * head_dim
@@ -319,7 +321,8 @@ class LeanCausalLM:
             qk = qkv[:, : layer.qk].view(b, n, hq + hkv, d)
             v = qkv[:, layer.qk:].view(b, n, hkv, d)
             if layer.q_norm is None:
-                qk = rotate_part(qk, cos, sin)  # q and k in one go
+                if layer.rope:
+                    qk = rotate_part(qk, cos, sin)  # q and k in one go
                 q, k = qk[:, :, :hq], qk[:, :, hq:]
             else:  # Qwen3 normalises q and k per head before the rotation
                 q = rotate_part(self._norm(qk[:, :, :hq], layer.q_norm), cos, sin)
