@@ -28,7 +28,7 @@ _HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 # phi3: QKV and gate/up come fused in the checkpoint; smollm3: every fourth layer without rotary embeddings (NoPE)
 FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3"}
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
-ROPE_TYPES = STATIC_ROPE | {"longrope"}  # longrope: two tables, chosen per row (``LeanCausalLM._long_rope``)
+ROPE_TYPES = STATIC_ROPE | {"longrope"}  # longrope: two tables, chosen per position (``LeanCausalLM._long_rope``)
 
 
 def unsupported_reason(model) -> str | None:
