@@ -57,6 +57,43 @@ CAPTURE_AFTER = 1  # eager uses of a shape before its graph is captured (HELIX_G
 # Captured lazily, an adaptive batch met them as it tried K: on an H200 at 8 clients (demo pair, T = 0.8) steps of
 # 16-23 ms against ~4.5 ms, and a pass of ~0.8 s with a few of them ran at half the speed of the next
 PREWARM_CHAIN_MODES = ("greedy", "sample")
+# A graph holds its own memory, so graphs are captured only while the device keeps this share of its memory free (and
+# at least GRAPH_FREE_MIN bytes) for eager steps: a prompt chunk, a batch's logits, a shape no graph covers. Measured on
+# an H100 (80 GB), the phi-4-mini shape (3.8B parameters, a 200k vocabulary, bf16): the warm-up's decode graphs took
+# 10.5 GB and its prompt chunks' 58 GB, the next capture failed out of memory, and every request then failed too.
+GRAPH_FREE_FRACTION = 0.10
+GRAPH_FREE_MIN = 2 << 30
+
+
+def memory_for_graphs(device: torch.device | None) -> bool:
+    """Whether ``device`` has room for another graph (GRAPH_FREE_FRACTION / GRAPH_FREE_MIN of it free, counting what
+    torch's allocator holds unused); always on other devices (the tests' stand-ins)."""
+    if device is None or device.type != "cuda":
+        return True
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free >= max(GRAPH_FREE_MIN, GRAPH_FREE_FRACTION * total)
+
+
+def release_graphs(owner, why: str) -> None:
+    """``owner``'s graphs, after a capture failed (``why``: it runs eagerly from now on): every one dropped, so their
+    memory serves the eager steps (captured graphs no longer replay; kept, a capture that ran out of memory left the
+    steps none)."""
+    owner.failed = why
+    device = getattr(owner, "device", None)
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        with contextlib.suppress(Exception):  # a capture's own error may surface here again
+            torch.cuda.synchronize(device)  # no replay still reading what is dropped
+    for name in ("graphs", "chains", "verifies", "_chain_io", "_verify_io"):
+        store = getattr(owner, name, None)
+        if isinstance(store, dict):
+            store.clear()
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 IO_EXTRA = 4096  # the forward graphs' staging past the largest graph's inputs: a forward's rows, the block tables'
 # changes and a draft's tail indices (``GraphRunner.load``; more than fits takes a second copy)
 
@@ -128,15 +165,21 @@ def prefill_shapes(max_rows: int, max_tokens: int = PREWARM_PREFILL_TOKENS):
 
 def capture_missing(owner, store: dict, captures) -> int:
     """Warm-up's captures (forward graphs, drafting chains): ``store[key] = capture()`` for each ``(key, capture)`` of
-    ``captures`` whose key ``store`` lacks; returns how many were captured. The first that fails is recorded in
-    ``owner.failed`` (its steps run eagerly, its chains step by step, from then on) and stops it."""
+    ``captures`` whose key ``store`` lacks, while the device has room for them (``memory_for_graphs``: the rest are
+    captured as steps meet them, where there is room then); returns how many were captured. The first that fails is
+    recorded in ``owner.failed`` (its steps run eagerly, its chains step by step, from then on; ``release_graphs``)
+    and stops it."""
     done = 0
     for key, fn in captures:
         if key not in store:
+            if not memory_for_graphs(getattr(owner, "device", None)):
+                logger.info("CUDA graphs: warm-up stopped after %d captures, to keep device memory for eager steps", done)
+                return done
             try:
                 store[key] = fn()
             except Exception as exc:  # noqa: BLE001 - recorded in owner.failed
-                owner.failed = f"{type(exc).__name__}: {exc}"
+                release_graphs(owner, f"{type(exc).__name__}: {exc}")
+                logger.warning("CUDA graph capture failed at warm-up, running eagerly: %s", owner.failed)
                 return done
             done += 1
     return done
@@ -293,7 +336,9 @@ class GraphRunner:
         if m is None:
             return None
         key = (r, m, t, aux_layers)
-        return key if key in self.graphs or not self.not_yet(key) else None
+        if key in self.graphs:
+            return key
+        return key if not self.not_yet(key) and memory_for_graphs(self.device) else None
 
     def tokens_bucket(self, r: int, tokens: int, t: int, keep: int | None = None) -> int | None:
         """The tokens bucket of rows of ``tokens`` tokens (``r`` rows bucket, ``t`` keys bucket) that need their last
@@ -317,7 +362,9 @@ class GraphRunner:
                 or (mode != "greedy" and r > MAX_SAMPLED_CHAIN_ROWS):
             return None
         key = (r, steps, t, vocab, mode)
-        return key if key in self.chains or not self.not_yet(key) else None
+        if key in self.chains:
+            return key
+        return key if not self.not_yet(key) and memory_for_graphs(self.device) else None
 
     def not_yet(self, key: tuple) -> bool:
         """Counts a use of a shape that has no graph yet: True while it is still to run without one (its first
@@ -380,8 +427,8 @@ class GraphRunner:
         if got is None:
             try:
                 got = store[key] = capture(*key)
-            except Exception as exc:  # an op that cannot be captured: no graphs from now on
-                self.failed = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # an op that cannot be captured, or no memory left: no graphs from now on
+                release_graphs(self, f"{type(exc).__name__}: {exc}")
                 logger.warning("CUDA graph capture failed, %s: %s", fallback, self.failed)
                 raise
         return got
@@ -496,12 +543,12 @@ class GraphRunner:
         key = (r, m, v, logits.dtype, truncate, q is not None)
         g = self.verifies.get(key)
         if g is None:
-            if self.not_yet(key):
+            if self.not_yet(key) or not memory_for_graphs(self.device):
                 return None
             try:
                 g = self.verifies[key] = self._capture_verify(*key)
             except Exception as exc:
-                self.failed = f"{type(exc).__name__}: {exc}"
+                release_graphs(self, f"{type(exc).__name__}: {exc}")
                 logger.warning("CUDA graph capture of a verification failed, running eagerly: %s", self.failed)
                 return None
         km = m - 1  # each row: its drafts padded with -1, their count, its sample keys, its accept keys (or 0s)

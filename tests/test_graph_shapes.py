@@ -5,6 +5,7 @@ import types
 
 import torch
 
+import engine.cuda_graphs as cg
 from engine.cuda_graphs import (
     MAX_TOKENS_PER_ROW,
     PREFILL_GRAPH_TOKENS,
@@ -68,9 +69,43 @@ def test_warm_up_prompt_chunks_cover_requests_admitted_together(monkeypatch):
     assert max(m for r, m in shapes if r == 8) == 64 and max(m for r, m in shapes if r == 1) == 128
 
 
+def test_graphs_are_captured_only_while_the_device_keeps_room_for_eager_steps(monkeypatch):
+    """Graphs hold their own memory: the warm-up stops capturing, and a step met for the second time runs eagerly
+    instead of capturing, once the device's free memory falls under the reserve (``memory_for_graphs``); graphs
+    already held keep replaying. The reserve reads CUDA's free memory plus what torch's allocator holds unused."""
+    g = _runner(monkeypatch)
+    room = {"left": 2}
+
+    def fake_graph(key):
+        g.graphs[key] = object()
+        room["left"] -= 1
+        return g.graphs[key]
+
+    g.graph = fake_graph
+    monkeypatch.setattr(cg, "memory_for_graphs", lambda device: room["left"] > 0)
+    assert g._capture_all([(1, m, 256, None) for m in (1, 2, 3, 5)]) == 2  # then no room: the rest stay eager
+    assert set(g.graphs) == {(1, 1, 256, None), (1, 2, 256, None)} and g.failed is None
+    assert g.graph_key(1, 2, 200) == (1, 2, 256, None)  # held: replays
+    g.capture_after = 0
+    assert g.graph_key(1, 3, 200) is None  # not held, no room: eager, and nothing recorded as failed
+    room["left"] = 1
+    assert g.graph_key(1, 3, 200) == (1, 3, 256, None)  # room again: captured as steps meet it
+    # the reserve itself: 10% of the device, at least 2 GiB, counting the allocator's unused cache as free
+    monkeypatch.undo()
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 12 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * gib)
+    assert cg.memory_for_graphs(torch.device("cuda")) is False  # 7 GiB free of 80: under the 8 GiB reserve
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 8 * gib)
+    assert cg.memory_for_graphs(torch.device("cuda")) is True  # 9 GiB
+    assert cg.memory_for_graphs(torch.device("cpu")) is True
+
+
 def test_warm_up_captures_what_is_missing_and_stops_at_the_first_failure(monkeypatch):
     """``capture_missing`` (forward graphs, both proposers' drafting chains): keys already held are not captured again;
-    the first capture that raises is recorded in ``failed`` and no later one runs."""
+    the first capture that raises is recorded in ``failed``, no later one runs, and the graphs held are dropped (the
+    runner is eager from then on: their memory serves its steps)."""
     g = _runner(monkeypatch)
     calls = []
 
@@ -85,8 +120,8 @@ def test_warm_up_captures_what_is_missing_and_stops_at_the_first_failure(monkeyp
     g.graphs[(1, 1, 256, None)] = held = object()
     keys = [(1, m, 256, None) for m in (1, 2, 3, 5)]
     assert g._capture_all(keys) == 1  # (1, 2) captured, (1, 3) failed, (1, 5) never tried
-    assert calls == [(1, 2, 256, None), (1, 3, 256, None)] and g.graphs[(1, 1, 256, None)] is held
-    assert g.failed == "RuntimeError: cannot capture"
+    assert calls == [(1, 2, 256, None), (1, 3, 256, None)] and held is not None and g.graphs == {}
+    assert g.failed == "RuntimeError: cannot capture" and g.graph_key(1, 1, 200) is None
     store = {}
     owner = types.SimpleNamespace(failed=None)
     assert capture_missing(owner, store, [("a", lambda: 1), ("a", lambda: 2), ("b", lambda: 3)]) == 2

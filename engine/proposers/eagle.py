@@ -561,18 +561,20 @@ class _HeadChains:
         self._io: dict[int, torch.Tensor] = {}  # rows bucket -> sampled chains' q
         self.failed: str | None = None
         self.replays = 0
+        self.device = proposer.device
         self.stream = torch.cuda.Stream(proposer.device)
         self.mempool = torch.cuda.graph_pool_handle()
 
     def key(self, rows: int, steps: int, keys: int, mode: str = "greedy") -> tuple[int, int, int, str] | None:
         """The graph of this chain, when it is captured or is now met the second time (None: run step by step)."""
-        from engine.cuda_graphs import MAX_CHAIN_STEPS, ROW_BUCKETS, bucket
+        from engine.cuda_graphs import MAX_CHAIN_STEPS, ROW_BUCKETS, bucket, memory_for_graphs
 
         r, t = bucket(rows, ROW_BUCKETS), bucket(keys, self.key_buckets)
         if r is None or t is None or not 1 <= steps <= MAX_CHAIN_STEPS:
             return None
         key = (r, steps, t, mode)
-        if key not in self.graphs and self.p.target.graphs.not_yet(("eagle chain", *key)):  # the target's count
+        if key not in self.graphs and (self.p.target.graphs.not_yet(("eagle chain", *key))  # the target's count
+                                       or not memory_for_graphs(self.device)):
             return None
         return key
 
@@ -593,10 +595,12 @@ class _HeadChains:
             keys: torch.Tensor, sampling=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         g = self.graphs.get(key)
         if g is None:
+            from engine.cuda_graphs import release_graphs
+
             try:
                 g = self.graphs[key] = self._capture(*key)
             except Exception as exc:
-                self.failed = f"{type(exc).__name__}: {exc}"
+                release_graphs(self, f"{type(exc).__name__}: {exc}")
                 logger.warning("CUDA graph capture of an EAGLE drafting chain failed, drafting step by step: %s",
                                self.failed)
                 raise
