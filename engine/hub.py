@@ -148,14 +148,31 @@ def _hub_call(what: str, fn):
 
 
 def search(query: str, limit: int = 20) -> list[HubModel]:
-    """Text-generation models matching ``query``, most downloaded first (size estimated from parameters)."""
+    """Text-generation models matching ``query``, most downloaded first (size estimated from parameters), and the
+    text-and-image models whose text side Helix runs (Gemma 3 from 4B on, tagged image-text-to-text on the hub:
+    ``causal_text_and_image``)."""
     expand = ["config", "cardData", "downloads", "gated", "safetensors", "tags"]
 
     def run():
-        return [_model(m) for m in _api().list_models(search=query.strip() or None, pipeline_tag="text-generation",
-                                                      sort="downloads", limit=limit, expand=expand)]
+        found: dict[str, tuple[int, HubModel]] = {}
+        for tag in ("text-generation", "image-text-to-text"):
+            for m in _api().list_models(search=query.strip() or None, pipeline_tag=tag, sort="downloads",
+                                        limit=limit, expand=expand):
+                if tag == "text-generation" or causal_text_and_image(m.config or {}):
+                    found.setdefault(m.id, (len(found), _model(m)))
+        ranked = sorted(found.values(), key=lambda pair: (-pair[1].downloads, pair[0]))
+        return [model for _, model in ranked[:limit]]
 
     return _hub_call(f"searching the hub for '{query}'", run)
+
+
+def causal_text_and_image(config: dict) -> bool:
+    """Whether a text-and-image model's config is one transformers' AutoModelForCausalLM loads (its text side:
+    Gemma 3's Gemma3ForConditionalGeneration), as the loader then takes it (``engine.loader``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
+    return cls is not None and cls in (config.get("architectures") or [cls])
 
 
 def details(repo_id: str, revision: str | None = None) -> HubModel:

@@ -41,8 +41,8 @@ def _num_parameters(path: Path) -> int:
 
 
 class Repo:
-    def __init__(self, repo_id: str, folder: Path, licence: str = "apache-2.0"):
-        self.repo_id, self.folder, self.licence = repo_id, Path(folder), licence
+    def __init__(self, repo_id: str, folder: Path, licence: str = "apache-2.0", pipeline: str = "text-generation"):
+        self.repo_id, self.folder, self.licence, self.pipeline = repo_id, Path(folder), licence, pipeline
         self.sha = hashlib.sha1(repo_id.encode()).hexdigest()
         self.files = {p.name: p.read_bytes() for p in sorted(self.folder.iterdir()) if p.is_file()}
         self.config = json.loads(self.files["config.json"])
@@ -57,7 +57,7 @@ class Repo:
 
     def summary(self) -> dict:
         return {"id": self.repo_id, "modelId": self.repo_id, "sha": self.sha, "downloads": 1234, "likes": 5,
-                "gated": False, "private": False, "pipeline_tag": "text-generation", "library_name": "transformers",
+                "gated": False, "private": False, "pipeline_tag": self.pipeline, "library_name": "transformers",
                 "tags": ["transformers", "safetensors", "llama", "text-generation", f"license:{self.licence}"],
                 "config": {"architectures": self.config.get("architectures"), "model_type": self.config["model_type"]},
                 "cardData": {"license": self.licence}, "safetensors": {"parameters": {"F16": self.params},
@@ -79,7 +79,7 @@ class StandInHub:
     """``with StandInHub({"helix/demo-target": folder}) as hub:`` then ``HF_ENDPOINT=hub.url``."""
 
     def __init__(self, repos: dict[str, Path], slow_bytes_per_s: float | None = None, drop_once_at: int | None = None):
-        self.repos = {rid: Repo(rid, folder) for rid, folder in repos.items()}
+        self.repos = {rid: folder if isinstance(folder, Repo) else Repo(rid, folder) for rid, folder in repos.items()}
         self.slow_bytes_per_s = slow_bytes_per_s
         self.drop_once_at = drop_once_at  # the first full GET of an LFS file breaks off after this many bytes
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
@@ -118,7 +118,9 @@ class StandInHub:
         self.requests.append((h.command, path, h.headers.get("Range")))
         if path == "/api/models":
             term = (query.get("search") or [""])[0].lower()
-            found = [r.summary() for r in self.repos.values() if term in r.repo_id.lower()]
+            tag = (query.get("pipeline_tag") or [None])[0]
+            found = [r.summary() for r in self.repos.values()
+                     if term in r.repo_id.lower() and tag in (None, r.pipeline)]
             return self._json(h, found[: int((query.get("limit") or ["1000"])[0])])
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
         if m:

@@ -34,6 +34,28 @@ def test_search_shows_size_architecture_and_licence(stand_in):
     assert hub.search("no-such-thing") == []
 
 
+def test_search_lists_text_and_image_models_whose_text_side_helix_runs(tmp_path, monkeypatch):
+    """Gemma 3 from 4B on is tagged image-text-to-text on the hub: search lists it (the loader runs its text side), but
+    not a text-and-image model transformers' AutoModelForCausalLM cannot load (LLaVA)."""
+    import json
+
+    from tests.hub_stand_in import Repo
+
+    gemma, llava = tmp_path / "gemma", tmp_path / "llava"
+    for folder, config in ((gemma, {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}),
+                           (llava, {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]})):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+    repos = {"helix/demo-target": DEMO_TARGET,
+             "google/gemma-3-4b-it": Repo("google/gemma-3-4b-it", gemma, pipeline="image-text-to-text"),
+             "llava-hf/llava-1.5-7b-hf": Repo("llava-hf/llava-1.5-7b-hf", llava, pipeline="image-text-to-text")}
+    with StandInHub(repos) as server:
+        point_hub_at(server, tmp_path / "hub-cache", monkeypatch)
+        assert {m.repo_id for m in hub.search("")} == {"helix/demo-target", "google/gemma-3-4b-it"}
+        assert [m.repo_id for m in hub.search("gemma")] == ["google/gemma-3-4b-it"]
+        assert hub.search("gemma")[0].architecture == "Gemma3ForConditionalGeneration"
+
+
 def test_details_list_the_files_and_drafts_match_by_tokenizer(stand_in):
     target, draft = hub.details("helix/demo-target"), hub.details("helix/demo-draft")
     assert {f.name for f in target.files} == {p.name for p in DEMO_TARGET.iterdir() if p.is_file()}
