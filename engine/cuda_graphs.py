@@ -58,21 +58,44 @@ CAPTURE_AFTER = 1  # eager uses of a shape before its graph is captured (HELIX_G
 # 16-23 ms against ~4.5 ms, and a pass of ~0.8 s with a few of them ran at half the speed of the next
 PREWARM_CHAIN_MODES = ("greedy", "sample")
 # A graph holds its own memory, so graphs are captured only while the device keeps this share of its memory free (and
-# at least GRAPH_FREE_MIN bytes) for eager steps: a prompt chunk, a batch's logits, a shape no graph covers. Measured on
-# an H100 (80 GB), the phi-4-mini shape (3.8B parameters, a 200k vocabulary, bf16): the warm-up's decode graphs took
-# 10.5 GB and its prompt chunks' 58 GB, the next capture failed out of memory, and every request then failed too.
+# at least GRAPH_FREE_MIN bytes) for eager steps, a prompt chunk, a batch's logits, a shape no graph covers, after the
+# capture too: its size is predicted from the largest growth per token a capture of the runner has shown. Measured on
+# an H100 (80 GB), the phi-4-mini shape (3.8B parameters, a 200k vocabulary, bf16): each graph held 12-22 MB per
+# padded token (1.6 GB for 8 rows x 9 tokens, 6.7 GB for a prompt chunk of 8 x 64), the warm-up's decode graphs 10.5
+# GB and its prompt chunks' 58 GB; the next capture failed out of memory, and every request then failed too.
 GRAPH_FREE_FRACTION = 0.10
 GRAPH_FREE_MIN = 2 << 30
 
 
-def memory_for_graphs(device: torch.device | None) -> bool:
-    """Whether ``device`` has room for another graph (GRAPH_FREE_FRACTION / GRAPH_FREE_MIN of it free, counting what
-    torch's allocator holds unused); always on other devices (the tests' stand-ins)."""
+def memory_for_graphs(device: torch.device | None, need: float = 0.0) -> bool:
+    """Whether ``device`` has room for a graph that takes ``need`` bytes and still leaves GRAPH_FREE_FRACTION /
+    GRAPH_FREE_MIN of it free (counting what torch's allocator holds unused); always on other devices (the tests'
+    stand-ins)."""
     if device is None or device.type != "cuda":
         return True
     free, total = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return free >= max(GRAPH_FREE_MIN, GRAPH_FREE_FRACTION * total)
+    return free >= max(GRAPH_FREE_MIN, GRAPH_FREE_FRACTION * total) + need
+
+
+def graph_need(owner, key: tuple) -> float:
+    """The bytes a capture of ``key`` is predicted to take: its rows x tokens (or steps), ``key[0] * key[1]`` in
+    every store's keys, at the largest growth per token ``owner``'s captures showed (``measured``; 0 before any)."""
+    per_token = getattr(owner, "bytes_per_token", 0.0)
+    return per_token * key[0] * key[1] if per_token else 0.0
+
+
+def measured(owner, key: tuple, capture):
+    """``capture()``, with the device memory it took per token of ``key`` kept as ``owner.bytes_per_token`` where
+    it is the largest so far (``graph_need``)."""
+    device = getattr(owner, "device", None)
+    if device is None or device.type != "cuda":
+        return capture()
+    before = torch.cuda.memory_allocated(device)
+    out = capture()
+    grew = (torch.cuda.memory_allocated(device) - before) / max(1, key[0] * key[1])
+    owner.bytes_per_token = max(getattr(owner, "bytes_per_token", 0.0), grew)
+    return out
 
 
 def release_graphs(owner, why: str) -> None:
@@ -172,11 +195,11 @@ def capture_missing(owner, store: dict, captures) -> int:
     done = 0
     for key, fn in captures:
         if key not in store:
-            if not memory_for_graphs(getattr(owner, "device", None)):
+            if not memory_for_graphs(getattr(owner, "device", None), graph_need(owner, key)):
                 logger.info("CUDA graphs: warm-up stopped after %d captures, to keep device memory for eager steps", done)
                 return done
             try:
-                store[key] = fn()
+                store[key] = measured(owner, key, fn)
             except Exception as exc:  # noqa: BLE001 - recorded in owner.failed
                 release_graphs(owner, f"{type(exc).__name__}: {exc}")
                 logger.warning("CUDA graph capture failed at warm-up, running eagerly: %s", owner.failed)
@@ -317,6 +340,7 @@ class GraphRunner:
         self.mempool = None
         self.stream = None
         self.failed: str | None = None
+        self.bytes_per_token = 0.0  # the largest device memory a capture took per token of its key (``measured``)
         self.replays = 0
         self.chain_replays = 0
         self.verify_replays = 0
@@ -338,7 +362,7 @@ class GraphRunner:
         key = (r, m, t, aux_layers)
         if key in self.graphs:
             return key
-        return key if not self.not_yet(key) and memory_for_graphs(self.device) else None
+        return key if not self.not_yet(key) and memory_for_graphs(self.device, graph_need(self, key)) else None
 
     def tokens_bucket(self, r: int, tokens: int, t: int, keep: int | None = None) -> int | None:
         """The tokens bucket of rows of ``tokens`` tokens (``r`` rows bucket, ``t`` keys bucket) that need their last
@@ -364,7 +388,7 @@ class GraphRunner:
         key = (r, steps, t, vocab, mode)
         if key in self.chains:
             return key
-        return key if not self.not_yet(key) and memory_for_graphs(self.device) else None
+        return key if not self.not_yet(key) and memory_for_graphs(self.device, graph_need(self, key)) else None
 
     def not_yet(self, key: tuple) -> bool:
         """Counts a use of a shape that has no graph yet: True while it is still to run without one (its first
@@ -426,7 +450,7 @@ class GraphRunner:
         got = store.get(key)
         if got is None:
             try:
-                got = store[key] = capture(*key)
+                got = store[key] = measured(self, key, lambda: capture(*key))
             except Exception as exc:  # an op that cannot be captured, or no memory left: no graphs from now on
                 release_graphs(self, f"{type(exc).__name__}: {exc}")
                 logger.warning("CUDA graph capture failed, %s: %s", fallback, self.failed)
@@ -543,10 +567,10 @@ class GraphRunner:
         key = (r, m, v, logits.dtype, truncate, q is not None)
         g = self.verifies.get(key)
         if g is None:
-            if self.not_yet(key) or not memory_for_graphs(self.device):
+            if self.not_yet(key) or not memory_for_graphs(self.device, graph_need(self, key)):
                 return None
             try:
-                g = self.verifies[key] = self._capture_verify(*key)
+                g = self.verifies[key] = measured(self, key, lambda: self._capture_verify(*key))
             except Exception as exc:
                 release_graphs(self, f"{type(exc).__name__}: {exc}")
                 logger.warning("CUDA graph capture of a verification failed, running eagerly: %s", self.failed)

@@ -82,7 +82,7 @@ def test_graphs_are_captured_only_while_the_device_keeps_room_for_eager_steps(mo
         return g.graphs[key]
 
     g.graph = fake_graph
-    monkeypatch.setattr(cg, "memory_for_graphs", lambda device: room["left"] > 0)
+    monkeypatch.setattr(cg, "memory_for_graphs", lambda device, need=0.0: room["left"] > 0)
     assert g._capture_all([(1, m, 256, None) for m in (1, 2, 3, 5)]) == 2  # then no room: the rest stay eager
     assert set(g.graphs) == {(1, 1, 256, None), (1, 2, 256, None)} and g.failed is None
     assert g.graph_key(1, 2, 200) == (1, 2, 256, None)  # held: replays
@@ -99,7 +99,17 @@ def test_graphs_are_captured_only_while_the_device_keeps_room_for_eager_steps(mo
     assert cg.memory_for_graphs(torch.device("cuda")) is False  # 7 GiB free of 80: under the 8 GiB reserve
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 8 * gib)
     assert cg.memory_for_graphs(torch.device("cuda")) is True  # 9 GiB
+    assert cg.memory_for_graphs(torch.device("cuda"), need=2 * gib) is False  # ... but not after a 2 GiB capture
     assert cg.memory_for_graphs(torch.device("cpu")) is True
+    # the capture's size: the largest growth per token (rows x tokens of its key) a capture of the runner showed
+    runner = types.SimpleNamespace(device=torch.device("cuda"), bytes_per_token=0.0)
+    sizes = iter([10 * gib, 10 * gib + 72 * (20 << 20), 11 * gib, 11 * gib + 16 * (5 << 20)])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: next(sizes))
+    assert cg.graph_need(runner, (8, 9, 256, None)) == 0.0  # nothing measured yet
+    assert cg.measured(runner, (8, 9, 256, None), lambda: "graph") == "graph"
+    assert runner.bytes_per_token == 20 << 20  # 72 tokens took 1.4 GiB
+    cg.measured(runner, (1, 16, 256, None), lambda: "graph")  # 5 MiB a token: the largest stays
+    assert cg.graph_need(runner, (8, 64, 256, None)) == 512 * (20 << 20)
 
 
 def test_warm_up_captures_what_is_missing_and_stops_at_the_first_failure(monkeypatch):

@@ -562,19 +562,20 @@ class _HeadChains:
         self.failed: str | None = None
         self.replays = 0
         self.device = proposer.device
+        self.bytes_per_token = 0.0  # ``cuda_graphs.measured``
         self.stream = torch.cuda.Stream(proposer.device)
         self.mempool = torch.cuda.graph_pool_handle()
 
     def key(self, rows: int, steps: int, keys: int, mode: str = "greedy") -> tuple[int, int, int, str] | None:
         """The graph of this chain, when it is captured or is now met the second time (None: run step by step)."""
-        from engine.cuda_graphs import MAX_CHAIN_STEPS, ROW_BUCKETS, bucket, memory_for_graphs
+        from engine.cuda_graphs import MAX_CHAIN_STEPS, ROW_BUCKETS, bucket, graph_need, memory_for_graphs
 
         r, t = bucket(rows, ROW_BUCKETS), bucket(keys, self.key_buckets)
         if r is None or t is None or not 1 <= steps <= MAX_CHAIN_STEPS:
             return None
         key = (r, steps, t, mode)
         if key not in self.graphs and (self.p.target.graphs.not_yet(("eagle chain", *key))  # the target's count
-                                       or not memory_for_graphs(self.device)):
+                                       or not memory_for_graphs(self.device, graph_need(self, key))):
             return None
         return key
 
@@ -595,10 +596,10 @@ class _HeadChains:
             keys: torch.Tensor, sampling=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         g = self.graphs.get(key)
         if g is None:
-            from engine.cuda_graphs import release_graphs
+            from engine.cuda_graphs import measured, release_graphs
 
             try:
-                g = self.graphs[key] = self._capture(*key)
+                g = self.graphs[key] = measured(self, key, lambda: self._capture(*key))
             except Exception as exc:
                 release_graphs(self, f"{type(exc).__name__}: {exc}")
                 logger.warning("CUDA graph capture of an EAGLE drafting chain failed, drafting step by step: %s",
