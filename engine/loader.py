@@ -133,7 +133,7 @@ def load_model(
     model = _load_weights(AutoModelForCausalLM, source, dtype, attn_implementation, kw, role, name, config)
     report(f"{role}: moving to {device.kind}", 0.8)
     model.to(device.device)
-    model.eval()
+    model.eval().requires_grad_(False)  # served, never trained: no forward records a backward's saved tensors
     if check_fp16:
         problem = fp16_overflow(model, len(tokenizer))
         if problem is not None:
@@ -143,7 +143,7 @@ def load_model(
             dtype = torch.float32
             model = _load_weights(AutoModelForCausalLM, source, dtype, attn_implementation, kw, role, name, config)
             model.to(device.device)
-            model.eval()
+            model.eval().requires_grad_(False)
     report(f"{role}: ready", 1.0)
     logger.info("loaded %s model %s (%s, %s) on %s", role, name, config.model_type, dtype, device.kind)
     return LoadedModel(model_id(name), model, tokenizer, max_context_of(config), dtype)

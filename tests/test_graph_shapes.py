@@ -1,6 +1,7 @@
 """Which steps replay which CUDA graph shapes: the bucket logic of engine.cuda_graphs, checked on any machine (the
 graphs themselves are tested on CUDA in test_cuda_graphs.py)."""
 
+import contextlib
 import types
 
 import torch
@@ -137,3 +138,30 @@ def test_warm_up_captures_what_is_missing_and_stops_at_the_first_failure(monkeyp
     assert capture_missing(owner, store, [("a", lambda: 1), ("a", lambda: 2), ("b", lambda: 3)]) == 2
     assert store == {"a": 1, "b": 3} and owner.failed is None
 
+
+
+def test_a_capture_records_no_backward(monkeypatch):
+    """A model's weights are parameters that require grad: a forward captured with autograd on keeps every tensor it
+    saves for a backward alive as long as the graph's static output lives (for good). ``capture`` runs the warm-up
+    calls and the capture without autograd, whatever mode its caller is in (the engine's warm-up captures outside the
+    runner's inference mode). The CUDA calls are stood in for here; test_cuda_graphs.py measures the memory on CUDA."""
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    modes = []
+
+    class Graph:
+        pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None, stream=None: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    layer = torch.nn.Linear(8, 8)
+    assert layer.weight.requires_grad and torch.is_grad_enabled()
+
+    def fn():
+        modes.append(torch.is_grad_enabled())
+        return torch.relu(layer(torch.ones(2, 8))) * 2
+
+    graph, out = cg.capture(fn, torch.device("cpu"), stream, None, keys=256)
+    assert isinstance(graph, Graph) and modes == [False, False, False]  # two warm-up calls, then the capture
+    assert out.grad_fn is None and not out.requires_grad
