@@ -96,6 +96,20 @@ class AttnBatch:
         return self.folded
 
 
+def sliding_window_of(config) -> tuple[int | None, bool]:
+    """(the window, whether only some layers slide) of a model whose attention slides, else (None, False):
+    ``layer_types`` where the config lists them (Gemma 2 / 3, Qwen2), else ``sliding_window`` unless
+    ``use_sliding_window`` is off (Mistral, Phi-3)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return None, False
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return (int(window), True) if "sliding_attention" in types else (None, False)
+    return (int(window), False) if getattr(cfg, "use_sliding_window", True) else (None, False)
+
+
 def key_slots(table: torch.Tensor, num_keys: int, block_size: int) -> torch.Tensor:
     """``[B, blocks]`` block table -> ``[B, num_keys]`` pool slot of each key position."""
     b = table.shape[0]
@@ -104,10 +118,15 @@ def key_slots(table: torch.Tensor, num_keys: int, block_size: int) -> torch.Tens
     return slots.view(b, nb * block_size)[:, :num_keys]
 
 
-def causal_mask(positions: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """``[B, N]`` query positions -> ``[B, 1, N, T]`` bool: key ``t`` is visible iff ``t <= position``."""
+def causal_mask(positions: torch.Tensor, num_keys: int, window: int | None = None) -> torch.Tensor:
+    """``[B, N]`` query positions -> ``[B, 1, N, T]`` bool: key ``t`` is visible iff ``t <= position``, and with a
+    sliding ``window`` iff also ``t > position - window`` (transformers' ``kv_idx > q_idx - sliding_window``: the
+    last ``window`` positions, the query's own included)."""
     keys = torch.arange(num_keys, device=positions.device)
-    return (keys[None, None, :] <= positions[:, :, None])[:, None]
+    visible = keys[None, None, :] <= positions[:, :, None]
+    if window is not None:
+        visible &= keys[None, None, :] > positions[:, :, None] - window
+    return visible[:, None]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,

@@ -518,7 +518,8 @@ class GraphRunner:
         def step():
             # the rows' key slots and mask from the static table and positions, in the graph: built eagerly they were
             # ~8 launches of every replay, on the host of a launch-bound step
-            batch = AttnBatch(slots, key_slots(table, t, self.pool.block_size).reshape(-1), causal_mask(positions, t), t)
+            batch = AttnBatch(slots, key_slots(table, t, self.pool.block_size).reshape(-1),
+                              causal_mask(positions, t, self.lean.window), t)
             return self.lean.forward(input_ids, positions, batch, self.pool, keep, aux_layers)
 
         graph, out = capture(step, self.device, *self._stream(), keys=t)
@@ -662,7 +663,7 @@ class GraphRunner:
             out = [cur]
             for s in range(steps):
                 pos = (start + s).view(r, 1)
-                batch = AttnBatch(slots[s], gather, causal_mask(pos, t), t)
+                batch = AttnBatch(slots[s], gather, causal_mask(pos, t, self.lean.window), t)
                 logits = self.lean.forward(cur.view(r, 1), pos, batch, self.pool, 1)[:, 0, :vocab]  # [R, V]
                 cur = logits.argmax(-1)
                 if cs is not None:

@@ -75,21 +75,11 @@ def model_id(name: str) -> str:
 
 
 def max_context_of(config) -> int:
-    """Longest sequence the paged cache serves correctly for this model.
-
-    transformers' path masks a sliding-window model's keys per layer as its own code does
-    (``ModelRunner._sliding``: Gemma 2 / 3 serve their whole context); the lean forward attends over
-    every key, so a family it runs (Mistral, Phi-3-mini-4k) is limited to its window: a clear limit,
-    never wrong output.
-    """
-    from engine.model_runner import sliding_window_of
-    from engine.models.llama import FAMILIES
-
+    """Longest sequence the paged cache serves correctly for this model: its position limit. A sliding-window
+    model serves all of it: both forwards mask each layer's window as transformers' own code does (the lean forward
+    every layer's, ``ModelRunner``; transformers' path per layer, ``ModelRunner._sliding``)."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
-    window, _ = sliding_window_of(cfg)
-    if window and getattr(cfg, "model_type", None) in FAMILIES and os.environ.get("HELIX_LEAN", "1") != "0":
-        limit = min(limit, window)
     return int(limit)
 
 

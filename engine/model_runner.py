@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttnBatch, causal_mask, eager_attention, key_slots
+from engine.attention import AttnBatch, causal_mask, eager_attention, key_slots, sliding_window_of
 from engine.block_manager import BlockManager
 from engine.block_tables import DeviceBlockTables
 from engine.compat import forward_with_cache
@@ -37,20 +37,6 @@ class RowInput:
     num_logits: int = 1
     aux: bool = False  # deliver this row's aux hidden states to ``ModelRunner.aux_sink`` (an EAGLE-3 head's)
     tail: int = 0  # the last ``tail`` token_ids are placeholders for tokens on the device (``ModelRunner.forward``)
-
-
-def sliding_window_of(config) -> tuple[int | None, bool]:
-    """(the window, whether only some layers slide) of a model whose attention slides, else (None, False):
-    ``layer_types`` where the config lists them (Gemma 2 / 3, Qwen2), else ``sliding_window`` unless
-    ``use_sliding_window`` is off (Mistral, Phi-3)."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(cfg, "sliding_window", None)
-    if not window:
-        return None, False
-    types = getattr(cfg, "layer_types", None)
-    if types:
-        return (int(window), True) if "sliding_attention" in types else (None, False)
-    return (int(window), False) if getattr(cfg, "use_sliding_window", True) else (None, False)
 
 
 def _tail_index(rows: list[RowInput], n: int, k: int) -> tuple[list[int] | None, list[int] | None]:
@@ -91,7 +77,7 @@ class ModelRunner:
         self.last_forward_s = 0.0
         self.lean = self._build_lean(model, lean)
         # transformers' path masks a sliding-window model's keys as its modeling code would (``_sliding``); the lean
-        # forward has no windows, so the loader limits its families' context to the window (loader.max_context_of)
+        # forward runs models whose every layer slides, and masks them itself (``LeanCausalLM.window``)
         self.window, self.window_layered = sliding_window_of(model.config)
         self.forward_path = "lean" if self.lean is not None else "transformers"
         if self.lean is not None:
@@ -323,9 +309,11 @@ class ModelRunner:
                 aux.append(hidden)
         if logits is None:
             mask = None
-            causal = b == 1 and n > 1 and starts[0] == 0
-            if not causal and (n > 1 or min(ends) < t_len):  # a lone decode row (or equal-length rows) sees every key
-                mask = causal_mask(pos_t, t_len)
+            window = self.lean.window if self.lean.window is not None and t_len > self.lean.window else None
+            causal = b == 1 and n > 1 and starts[0] == 0 and window is None
+            if not causal and (n > 1 or min(ends) < t_len or window is not None):  # a lone decode row (or rows of
+                # equal length) sees every key, within its window
+                mask = causal_mask(pos_t, t_len, window)
             run = self.tables.run_slot(rows[0].seq_id, t_len, bs) if b == 1 else None
             gather = key_slots(table, t_len, bs).reshape(-1) if run is None else None
             batch = AttnBatch(slot_t, gather, mask, t_len, causal, run=run)

@@ -43,6 +43,7 @@ CONFIGS = {
     "gemma3-window": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=8,
                                               layer_types=["sliding_attention", "full_attention"]),
     "qwen2-window": lambda: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    "phi3-window": lambda: Phi3Config(**COMMON, pad_token_id=0, sliding_window=8),  # Phi-3-mini-4k's kind
     "gemma3-multimodal": lambda: _gemma3_multimodal(),  # Gemma 3 4B+: the text side of a text-and-image model
 }
 
@@ -67,10 +68,10 @@ def _make_model(name: str):
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).float().eval()
 
 
-def _make_runner(model, blocks: int = 64, block_size: int = 16) -> ModelRunner:
+def _make_runner(model, blocks: int = 64, block_size: int = 16, lean: bool = False) -> ModelRunner:
     shape = KVShape.from_config(model.config)
     pool = KVPool(blocks, block_size, shape, torch.float32, torch.device("cpu"))
-    return ModelRunner(model, pool, BlockManager(blocks, block_size), VOCAB, lean=False)
+    return ModelRunner(model, pool, BlockManager(blocks, block_size), VOCAB, lean=lean)
 
 
 @torch.inference_mode()
@@ -91,11 +92,33 @@ def _reference_logits(model, prompt: list[int], steps: int) -> tuple[list[torch.
 @pytest.mark.parametrize("arch", list(CONFIGS))
 @pytest.mark.parametrize("batch", [1, 3])
 def test_paged_logits_match_dynamic_cache(arch, batch):
+    _match_dynamic_cache(arch, batch, lean=False)
+
+
+@pytest.mark.parametrize("arch", ["mistral-window", "phi3-window"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_lean_forward_masks_every_layers_sliding_window(arch, batch):
+    """Mistral 7B v0.1 and Phi-3-mini-4k slide on every layer: the lean forward hides the keys before each query's
+    window (a lone prompt's prefill, decode rows, ragged batches), so they serve their whole context on it."""
+    _match_dynamic_cache(arch, batch, lean=True)
+
+
+def test_a_window_on_some_layers_only_runs_transformers_code():
+    """Qwen2 past ``max_window_layers`` slides on some layers: the lean forward (one window for every layer) refuses
+    it and transformers' path masks each layer (the matches above)."""
+    runner = _make_runner(_make_model("qwen2-window"))
+    assert ModelRunner(runner.model, runner.pool, runner.blocks, VOCAB).forward_path == "transformers"
+    with pytest.raises(ValueError, match="sliding window on some layers"):
+        _make_runner(runner.model, lean=True)
+
+
+def _match_dynamic_cache(arch: str, batch: int, lean: bool) -> None:
     model = _make_model(arch)
     steps = 64
     prompts = [[(7 * i + 3 * b) % VOCAB for i in range(5 + 9 * b)] for b in range(batch)]  # 5, 14, 23 tokens
     refs = [_reference_logits(model, p, steps) for p in prompts]
-    runner = _make_runner(model)
+    runner = _make_runner(model, lean=lean)
+    assert runner.forward_path == ("lean" if lean else "transformers")
     got = runner.forward([RowInput(b, p, 1) for b, p in enumerate(prompts)])
     for step in range(steps + 1):
         for b in range(batch):
@@ -124,18 +147,14 @@ def test_ragged_verification_rows_match_single_rows():
     assert torch.allclose(got_b, solo_b, atol=1e-5)
 
 
-def test_sliding_window_models_are_limited_to_their_window_only_on_the_lean_forward(monkeypatch):
-    """The lean forward attends over every key, so the families it runs are limited to their window; transformers'
-    path masks each layer's window (the matches above), so Gemma 2 / 3 serve their whole context."""
-    monkeypatch.delenv("HELIX_LEAN", raising=False)
+def test_sliding_window_models_serve_their_whole_context():
+    """Both forwards mask the window (the matches above), so a sliding-window model's limit is its position limit."""
     mistral = MistralConfig(**{**COMMON, "max_position_embeddings": 4096}, sliding_window=128)
-    assert max_context_of(mistral) == 128
+    assert max_context_of(mistral) == 4096
     assert max_context_of(Qwen2Config(**COMMON, use_sliding_window=False, sliding_window=32)) == 256
     gemma3 = Gemma3TextConfig(**{**COMMON, "max_position_embeddings": 4096}, head_dim=16, sliding_window=128)
     assert max_context_of(gemma3) == 4096
     assert max_context_of(Gemma2Config(**COMMON, head_dim=16, sliding_window=8)) == 256
-    monkeypatch.setenv("HELIX_LEAN", "0")  # every model on transformers' path
-    assert max_context_of(mistral) == 4096
 
 
 def test_a_gemma3_text_and_image_checkpoint_loads_and_serves_its_context(tmp_path):

@@ -20,7 +20,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttnBatch, paged_attention
+from engine.attention import AttnBatch, paged_attention, sliding_window_of
 from engine.models import packed
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ def unsupported_reason(model) -> str | None:
         return "unexpected module layout"
     if getattr(cfg, "pretraining_tp", 1) not in (1, None):
         return "pretraining_tp > 1"
+    if sliding_window_of(cfg)[1]:
+        return "a sliding window on some layers only (the lean forward's window is every layer's)"
     return None
 
 
@@ -216,6 +218,9 @@ class LeanCausalLM:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim ** -0.5
+        # every layer's sliding window (Mistral 7B v0.1, Phi-3-mini-4k; None: full attention): the callers' masks
+        # (``attention.causal_mask``) hide the keys before it
+        self.window = sliding_window_of(cfg)[0]
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
         # On the CPU a GEMM over a [in, out] weight streams it about twice as fast as over [out, in]
