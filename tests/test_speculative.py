@@ -96,7 +96,8 @@ def test_greedy_exact_on_a_longrope_phi3_pair_past_its_switch(method, window):
     """Phi-3.5 / Phi-4-mini's shape on the lean forward (fused QKV and gate/up, a partial rotary factor, LongRoPE):
     greedy speculation equals plain decoding as the rows cross the pretraining context, where the rope table
     changes, and verification forwards straddle it; with a sliding window on every layer (Phi-3-mini-4k's kind,
-    8 positions here) far past the window too."""
+    8 positions here) far past the window too (the lean forward's window against transformers' own logits:
+    test_paged_cache)."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
     from tests.tiny import truncated_draft
@@ -119,11 +120,6 @@ def test_greedy_exact_on_a_longrope_phi3_pair_past_its_switch(method, window):
                                                                        kv_cache_tokens=2048), max_context=256)
     assert eng.target.forward_path == eng.draft.forward_path == "lean" and eng.target.lean.window == window
     plain = _run_all(eng, PROMPTS, _greedy(None, speculative=False, n=48))
-    if window:  # plain decoding is transformers' own greedy text, windowed, far past the window
-        ids = torch.tensor([tok(PROMPTS[0], add_special_tokens=True)["input_ids"]])
-        with torch.inference_mode():
-            ref = target.generate(ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1]:].tolist()
-        assert plain[0].token_ids == ref[:len(plain[0].token_ids)] and len(plain[0].token_ids) > 3 * window
     spec = _run_all(eng, PROMPTS, _greedy(4 if method != "auto" else None, n=48, method=method))
     assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
     assert method == "ngram" or all(r.stats.num_accepted_tokens > 0 for r in spec)
