@@ -102,10 +102,12 @@ def test_graphs_are_captured_only_while_the_device_keeps_room_for_eager_steps(mo
     assert cg.memory_for_graphs(torch.device("cuda")) is True  # 9 GiB
     assert cg.memory_for_graphs(torch.device("cuda"), need=2 * gib) is False  # ... but not after a 2 GiB capture
     assert cg.memory_for_graphs(torch.device("cpu")) is True
-    # the capture's size: the largest growth per token (rows x tokens of its key) a capture of the runner showed
+    # the capture's size: the largest growth per token (rows x tokens of its key) a capture of the runner showed, but
+    # its first (which also allocates the side stream's workspace and the inputs' staging, for every later one)
     runner = types.SimpleNamespace(device=torch.device("cuda"), bytes_per_token=0.0)
     sizes = iter([10 * gib, 10 * gib + 72 * (20 << 20), 11 * gib, 11 * gib + 16 * (5 << 20)])
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: next(sizes))
+    assert cg.measured(runner, (1, 1, 256, None), lambda: "first") == "first" and runner.bytes_per_token == 0.0
     assert cg.graph_need(runner, (8, 9, 256, None)) == 0.0  # nothing measured yet
     assert cg.measured(runner, (8, 9, 256, None), lambda: "graph") == "graph"
     assert runner.bytes_per_token == 20 << 20  # 72 tokens took 1.4 GiB
