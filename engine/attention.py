@@ -74,6 +74,8 @@ class AttnBatch:
     causal:       a fresh prompt (N == T): plain causal attention, which picks the fused kernels
     run:          B == 1 only: the pool slot of key position 0 when positions 0..T-1 are consecutive slots
                   (``gather`` is then unused and may be None)
+    window_mask:  [B, 1, N, T] bool for the sliding layers of a model whose other layers attend to every key (Gemma 3,
+                  Qwen2 past ``max_window_layers``); None where no key lies outside a window
     """
 
     slot_mapping: torch.Tensor
@@ -83,17 +85,27 @@ class AttnBatch:
     causal: bool = False
     folded: torch.Tensor | None = None  # the mask as the layers use it, built by the first layer only
     run: int | None = None
+    window_mask: torch.Tensor | None = None
+    folded_window: torch.Tensor | None = None
 
-    def layer_mask(self, groups: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """``mask`` as an additive ``[B, 1, G * N, T]`` bias (G query heads per KV head folded into
-        the query dimension), made once per forward instead of once per layer."""
+    def layer_mask(self, groups: int, dtype: torch.dtype, sliding: bool = False) -> torch.Tensor | None:
+        """``mask`` (``window_mask`` for a ``sliding`` layer) as an additive ``[B, 1, G * N, T]`` bias (G query heads
+        per KV head folded into the query dimension), made once per forward instead of once per layer."""
+        if sliding and self.window_mask is not None:
+            if self.folded_window is None:
+                self.folded_window = _fold(self.window_mask, groups, dtype)
+            return self.folded_window
         if self.mask is None:
             return None
         if self.folded is None:
-            b, _, n, t = self.mask.shape
-            m = self.mask if groups == 1 else self.mask.expand(b, groups, n, t).reshape(b, 1, groups * n, t)
-            self.folded = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+            self.folded = _fold(self.mask, groups, dtype)
         return self.folded
+
+
+def _fold(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    b, _, n, t = mask.shape
+    m = mask if groups == 1 else mask.expand(b, groups, n, t).reshape(b, 1, groups * n, t)
+    return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
 
 
 def sliding_window_of(config) -> tuple[int | None, bool]:
@@ -130,9 +142,11 @@ def causal_mask(positions: torch.Tensor, num_keys: int, window: int | None = Non
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                    batch: AttnBatch, scale: float) -> torch.Tensor:
+                    batch: AttnBatch, scale: float, sliding: bool = False) -> torch.Tensor:
     """q: [B, N, Hq, D]; k, v: [B, Nk, Hkv, D] (new tokens; N = Nk, or fewer queries: the last N of each row's new
-    tokens, with ``batch.mask`` theirs); pools: [slots, Hkv, D]. Returns [B, N, Hq * D]."""
+    tokens, with ``batch.mask`` theirs); pools: [slots, Hkv, D]. Returns [B, N, Hq * D]. ``sliding``: a layer that
+    reads ``batch.window_mask`` where the batch has one."""
+    windowed = sliding and batch.window_mask is not None
     b, n, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
@@ -145,7 +159,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     else:
         keys = k_pool.index_select(0, batch.gather).view(b, t, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
         values = v_pool.index_select(0, batch.gather).view(b, t, hkv, d).transpose(1, 2)
-    if batch.causal:  # prefill from position 0: share K/V across the group by a view, not a copy per head
+    if batch.causal and not windowed:  # prefill from position 0: share K/V across the group by a view, not a copy per head
         if g > 1:
             keys = keys[:, :, None].expand(b, hkv, g, t, d).reshape(b, hq, t, d)
             values = values[:, :, None].expand(b, hkv, g, t, d).reshape(b, hq, t, d)
@@ -155,7 +169,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
         qh = q.transpose(1, 2)  # [B, H, N, D]
     else:  # fold the G query heads of each KV head into the query dimension
         qh = q.view(b, n, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * n, d)
-    out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=batch.layer_mask(g, q.dtype), scale=scale)
+    out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=batch.layer_mask(g, q.dtype, windowed),
+                                         scale=scale)
     if g == 1:
         return out.transpose(1, 2).reshape(b, n, hq * d)
     return out.view(b, hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, hq * d)

@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
     LlamaConfig,
     MistralConfig,
     Phi3Config,
@@ -43,6 +45,19 @@ CONFIGS = {
     # Phi-3.5 / Phi-4-mini: LongRoPE (short table below the pretraining context) and Phi-4-mini's partial rotary
     "phi3-longrope-partial": lambda: _phi3_longrope(256),
     "smollm3": lambda: SmolLM3Config(**COMMON, no_rope_layer_interval=2, **PHI_IDS),  # layer 1 without rope
+    # sliding windows shorter than the rows below (up to ~100 tokens): every layer (Mistral 7B v0.1), some (Qwen2
+    # past max_window_layers)
+    "mistral-window": lambda: MistralConfig(**COMMON, sliding_window=8),
+    "qwen2-window": lambda: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
+    # Gemma 3: sliding and full layers with a rope each (4B+: linear scaling on the full layers), q/k norms, the
+    # norms around attention and MLP, tied embeddings scaled by sqrt(hidden)
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                                       layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+    "gemma3-4b-rope": lambda: Gemma3TextConfig(
+        **COMMON, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
 }
 
 
@@ -60,7 +75,7 @@ def _make_model(name: str):
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float().eval()
     with torch.no_grad():  # random init is nearly uniform; make the logits (and greedy choices) decisive
         for p in model.parameters():
-            if p.dim() == 1 and p.shape[0] != cfg.hidden_size:
+            if p.dim() == 1 and (p.shape[0] != cfg.hidden_size or "gemma" in cfg.model_type):  # Gemma's norms: 1 + w
                 p.normal_(0, 0.5)
         model.lm_head.weight.mul_(4.0)
     return model
@@ -323,6 +338,8 @@ def test_unsupported_families_fall_back_with_a_reason():
     model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)).eval()
     built, reason = lean_model_for(model)
     assert built is None and "gpt2" in reason
+    capped = AutoModelForCausalLM.from_config(Gemma3TextConfig(**COMMON, head_dim=16, final_logit_softcapping=30.0))
+    assert "final_logit_softcapping" in lean_model_for(capped)[1]
     assert _runner(model, None).forward_path == "transformers"
     with pytest.raises(ValueError, match="lean forward cannot run"):
         _runner(model, True)

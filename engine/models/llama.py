@@ -1,5 +1,5 @@
-"""A lean forward for the Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, and so TinyLlama, SmolLM,
-Phi-3.5 / Phi-4-mini and the demo pair), owned by the engine and reading the paged KV cache in place.
+"""A lean forward for the Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Gemma and Gemma 3, and so
+TinyLlama, SmolLM, Phi-3.5 / Phi-4-mini and the demo pair), owned by the engine and reading the paged KV cache in place.
 
 Shape after gpt-fast's ``model.py`` and nano-vllm's ``models/qwen3.py``: fused QKV and
 gate/up projections, RMSNorm, rotary embeddings from the config, GQA without
@@ -20,38 +20,66 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttnBatch, paged_attention, sliding_window_of
+from engine.attention import AttnBatch, causal_mask, paged_attention, sliding_window_of
 from engine.models import packed
 
 logger = logging.getLogger(__name__)
 _HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
-# phi3: QKV and gate/up come fused in the checkpoint; smollm3: every fourth layer without rotary embeddings (NoPE)
-FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3"}
+# phi3: QKV and gate/up come fused in the checkpoint; smollm3: every fourth layer without rotary embeddings (NoPE);
+# gemma / gemma3_text: embeddings scaled by sqrt(hidden), RMSNorm weights as 1 + w, gated tanh-GELU; Gemma 3 adds norms
+# after attention and MLP, q/k norms, a window on 5 of 6 layers and a rope of its own for those (``GEMMA``)
+FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gemma", "gemma3_text"}
+GEMMA = {"gemma", "gemma3_text"}
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 ROPE_TYPES = STATIC_ROPE | {"longrope"}  # longrope: two tables, chosen per position (``LeanCausalLM._long_rope``)
 
 
+def text_config(model):
+    """The config of ``model``'s language model (a text-and-image checkpoint's text side: Gemma 3 4B+)."""
+    cfg = getattr(model, "config", None)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def text_model(model):
+    """The decoder stack (embeddings, layers, rotary embedding, final norm) of ``model``."""
+    inner = getattr(model, "model", None)
+    return getattr(inner, "language_model", None) or inner
+
+
+def activation_of(cfg) -> str:
+    return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+
+
 def unsupported_reason(model) -> str | None:
     """Why ``model`` cannot run on the lean forward (None: it can)."""
-    cfg = getattr(model, "config", None)
+    cfg = text_config(model)
     mtype = getattr(cfg, "model_type", None)
     if mtype not in FAMILIES:
         return f"model type {mtype!r} is not in the lean families {sorted(FAMILIES)}"
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"activation {cfg.hidden_act!r} (lean forward implements silu)"
-    rope = _rope_parameters(cfg)
-    if rope.get("rope_type", "default") not in ROPE_TYPES:
-        return f"rope type {rope.get('rope_type')!r} depends on sequence length"
-    if rope.get("rope_type") == "longrope" and _original_max(cfg) is None:
-        return "longrope without original_max_position_embeddings"
-    inner = getattr(model, "model", None)
+    if activation_of(cfg) not in ACTIVATIONS:
+        return f"activation {activation_of(cfg)!r} (lean forward implements {sorted(ACTIVATIONS)})"
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(cfg, cap, None):
+            return f"{cap} (Gemma 2's tanh soft-capping)"
+    params = _rope_parameters(cfg)
+    for rope in _per_layer_type(params):
+        if rope.get("rope_type", "default") not in ROPE_TYPES:
+            return f"rope type {rope.get('rope_type')!r} depends on sequence length"
+        if rope.get("rope_type") == "longrope" and (_original_max(cfg) is None or params is not rope):
+            return "longrope without original_max_position_embeddings" if params is rope else "longrope per layer type"
+    inner = text_model(model)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         return "unexpected module layout"
     if getattr(cfg, "pretraining_tp", 1) not in (1, None):
         return "pretraining_tp > 1"
-    if sliding_window_of(cfg)[1]:
-        return "a sliding window on some layers only (the lean forward's window is every layer's)"
     return None
+
+
+def _per_layer_type(params: dict) -> list[dict]:
+    """A config's rope parameters: one dict, or Gemma 3's one per layer type (``{"full_attention": {...}, ...}``)."""
+    nested = [v for v in params.values() if isinstance(v, dict)]
+    return nested if nested and len(nested) == len(params) else [params]
 
 
 def _original_max(cfg) -> int | None:
@@ -66,6 +94,16 @@ def _rope_parameters(cfg) -> dict:
     if isinstance(params, dict) and "rope_type" not in params and "type" in params:
         params = {**params, "rope_type": params["type"]}
     return params if isinstance(params, dict) else {}
+
+
+def _inv_freq(rotary, prefix: str) -> tuple[torch.Tensor, float]:
+    """A rotary embedding's inv_freq and attention scaling (``prefix``: a layer type's, Gemma 3). transformers updates
+    a dynamic rope's inv_freq in place as it runs; ``original_inv_freq`` is the one it started from (longrope's short
+    table)."""
+    inv = getattr(rotary, f"{prefix}original_inv_freq", None)
+    if inv is None:
+        inv = getattr(rotary, f"{prefix}inv_freq")
+    return inv.detach().float().clone(), float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
 
 
 def _long_inv_freq(model, rotary, original_max: int) -> torch.Tensor:
@@ -178,8 +216,17 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed
     return out if b is None else out + b
 
 
+def norm_weight(module, gemma: bool) -> torch.Tensor | None:
+    """An RMSNorm's weight as ``rms_norm`` multiplies by: Gemma's ``1 + w`` (in fp32, as its norm computes), others' own."""
+    w = getattr(module, "weight", None)
+    if w is None or not gemma:
+        return w
+    return (1.0 + w.detach().float()).contiguous()
+
+
 class _Layer:
-    def __init__(self, hf_layer, n_heads: int, n_kv: int, head_dim: int, transposed: bool):
+    def __init__(self, hf_layer, n_heads: int, n_kv: int, head_dim: int, transposed: bool, gemma: bool = False,
+                 sliding: bool = False):
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         qkv, gate_up = getattr(attn, "qkv_proj", None), getattr(mlp, "gate_up_proj", None)  # Phi-3: fused already,
         # in the same order ([q; k; v] and [gate; up] rows)
@@ -189,11 +236,19 @@ class _Layer:
         self.gate_up_w, self.gate_up_b = _fuse([gate_up] if gate_up is not None else [mlp.gate_proj, mlp.up_proj],
                                                transposed)
         self.down_w, self.down_b = _fuse([mlp.down_proj], transposed)
-        self.in_norm = hf_layer.input_layernorm.weight
-        self.post_norm = hf_layer.post_attention_layernorm.weight
+        self.in_norm = norm_weight(hf_layer.input_layernorm, gemma)
+        # Gemma 3 normalises the attention's and the MLP's outputs before each residual add, and names its norm
+        # before the MLP ``pre_feedforward_layernorm`` (its ``post_attention_layernorm`` is the first of those)
+        sandwich = getattr(hf_layer, "pre_feedforward_layernorm", None) is not None
+        self.attn_out_norm = norm_weight(hf_layer.post_attention_layernorm, gemma) if sandwich else None
+        self.mlp_out_norm = norm_weight(hf_layer.post_feedforward_layernorm, gemma) if sandwich else None
+        self.post_norm = norm_weight(hf_layer.pre_feedforward_layernorm if sandwich
+                                     else hf_layer.post_attention_layernorm, gemma)
         self.rope = bool(getattr(attn, "use_rope", True))  # SmolLM3's NoPE layers rotate nothing
-        self.q_norm = getattr(getattr(attn, "q_norm", None), "weight", None)  # Qwen3
-        self.k_norm = getattr(getattr(attn, "k_norm", None), "weight", None)
+        self.q_norm = norm_weight(getattr(attn, "q_norm", None), gemma)  # Qwen3, Gemma 3
+        self.k_norm = norm_weight(getattr(attn, "k_norm", None), gemma)
+        self.sliding = sliding  # reads the batch's window mask (a model whose other layers see every key)
+        self.local_rope = False  # rotated by the model's sliding layers' table (Gemma 3)
         self.qk = (n_heads + n_kv) * head_dim
         self.v = n_kv * head_dim
         self.inter = gate_up.weight.shape[0] // 2 if gate_up is not None else mlp.gate_proj.weight.shape[0]
@@ -210,24 +265,32 @@ class LeanCausalLM:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
-        cfg = model.config
-        inner = model.model
+        cfg = text_config(model)
+        inner = text_model(model)
         self.config = cfg
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.eps = cfg.rms_norm_eps
-        self.scale = self.head_dim ** -0.5
-        # every layer's sliding window (Mistral 7B v0.1, Phi-3-mini-4k; None: full attention): the callers' masks
-        # (``attention.causal_mask``) hide the keys before it
-        self.window = sliding_window_of(cfg)[0]
+        self.gemma = cfg.model_type in GEMMA
+        self.scale = (getattr(cfg, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5 if self.gemma \
+            else self.head_dim ** -0.5
+        self.act = ACTIVATIONS[activation_of(cfg)]
+        # the sliding window (None: full attention) of every layer (Mistral 7B v0.1, Phi-3-mini-4k), or, with
+        # ``window_layered``, of the layers ``layer_types`` names sliding (Gemma 3, Qwen2 past max_window_layers): the
+        # callers' masks hide the keys before it (``masks``)
+        self.window, self.window_layered = sliding_window_of(cfg)
+        types = list(getattr(cfg, "layer_types", None) or [])
+        sliding = [self.window_layered and i < len(types) and types[i] == "sliding_attention"
+                   for i in range(len(inner.layers))]
         self.embed = inner.embed_tokens.weight
-        self.norm = inner.norm.weight
+        self.norm = norm_weight(inner.norm, self.gemma)
         # On the CPU a GEMM over a [in, out] weight streams it about twice as fast as over [out, in]
         # (measured on the 2-core EPYC here: 51 vs 98 us for a 256x768 fp32 weight at one row), and the
         # decode step is bound by streaming the weights. GPUs keep the usual layout.
         self.transposed = self.embed.device.type == "cpu"
-        self.layers = [_Layer(layer, self.n_heads, self.n_kv, self.head_dim, self.transposed) for layer in inner.layers]
+        self.layers = [_Layer(layer, self.n_heads, self.n_kv, self.head_dim, self.transposed, self.gemma, s)
+                       for layer, s in zip(inner.layers, sliding)]
         tied = model.lm_head.weight.data_ptr() == self.embed.data_ptr()
         self.lm_head, _ = _fuse([model.lm_head], self.transposed)
         # a tied embedding is the head's storage: rows are then read as columns of the [H, V] matrix
@@ -235,13 +298,20 @@ class LeanCausalLM:
         if self.embed_t is not None:
             self.embed = None
         rotary = inner.rotary_emb
-        # transformers updates a dynamic rope's inv_freq in place as it runs; original_inv_freq is the one it started
-        # from (longrope's short table)
-        self.inv_freq = getattr(rotary, "original_inv_freq", rotary.inv_freq).detach().float().clone()
-        self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        # Gemma 3 rotates its sliding layers by a table of their own (a base of 10k against the full layers' 1M and,
+        # from 4B on, their linear scaling): transformers keeps one inv_freq per layer type
+        kinds = [k for k in ("full_attention_", "sliding_attention_") if hasattr(rotary, f"{k}inv_freq")]
+        self.inv_freq, self.rope_scaling = _inv_freq(rotary, kinds[0] if kinds else "")
+        self.local_inv_freq, self.local_scaling = _inv_freq(rotary, kinds[1]) if len(kinds) == 2 else (None, 1.0)
+        for layer, t in zip(self.layers, types if self.local_inv_freq is not None else []):
+            layer.local_rope = t == "sliding_attention"
         self.rot_dim = 2 * self.inv_freq.numel()  # under head_dim with a partial rotary factor
         if self.rot_dim > self.head_dim:
             raise ValueError(f"rotary dims {self.rot_dim} exceed the head dim {self.head_dim}")
+        if self.local_inv_freq is not None and 2 * self.local_inv_freq.numel() != self.rot_dim:
+            raise ValueError("the sliding layers' rotary dims differ from the full layers'")
+        # Gemma scales the embeddings by sqrt(hidden), rounded to the weights' dtype as its code does
+        self.embed_scale = float(torch.tensor(cfg.hidden_size ** 0.5, dtype=self.lm_head.dtype)) if self.gemma else None
         self.long_inv_freq, self.original_max = None, None
         if _rope_parameters(cfg).get("rope_type") == "longrope":
             self.original_max = _original_max(cfg)
@@ -278,6 +348,9 @@ class LeanCausalLM:
         if self.long_inv_freq is not None:
             cos, sin = rope_tables(self.long_inv_freq, self.rope_scaling, n, self.dtype, self.device)
             self._cos, self._sin = torch.cat((self._cos, cos)), torch.cat((self._sin, sin))
+        if self.local_inv_freq is not None:
+            self._cos_local, self._sin_local = rope_tables(self.local_inv_freq, self.local_scaling, n, self.dtype,
+                                                           self.device)
 
     def _long_rope(self, positions: torch.Tensor) -> torch.Tensor:
         """Rows into the tables of a longrope model: a position past the pretraining context
@@ -300,8 +373,20 @@ class LeanCausalLM:
         if n > have:
             self._grow_rope(max(n, 2 * have))
 
+    def masks(self, positions: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mask, window mask) of queries at ``positions`` ``[B, N]`` over ``num_keys`` keys (``AttnBatch.mask`` and
+        ``window_mask``): causal, within the window where every layer slides; the sliding layers' own where only
+        some do."""
+        if self.window is None:
+            return causal_mask(positions, num_keys), None
+        if not self.window_layered:
+            return causal_mask(positions, num_keys, self.window), None
+        return causal_mask(positions, num_keys), causal_mask(positions, num_keys, self.window)
+
     # ------------------------------------------------------------------ forward
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.gemma and x.dtype != torch.float32:  # Gemma multiplies by 1 + w in fp32, then casts
+            return rms_norm(x.float(), w, self.eps).to(x.dtype)
         return rms_norm(x, w, self.eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttnBatch, pool, keep: int,
@@ -316,10 +401,15 @@ class LeanCausalLM:
             x = F.embedding(ids, self.embed)  # [B*N, H]: every GEMM is 2-D
         else:
             x = self.embed_t.index_select(1, ids).t().contiguous()
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         rows = positions if self.long_inv_freq is None else self._long_rope(positions)
-        cos = self._cos[rows].view(b, n, 1, self.rot_dim)
-        sin = self._sin[rows].view(b, n, 1, self.rot_dim)
+        tables = {False: (self._cos[rows].view(b, n, 1, self.rot_dim), self._sin[rows].view(b, n, 1, self.rot_dim))}
+        if self.local_inv_freq is not None:
+            tables[True] = (self._cos_local[rows].view(b, n, 1, self.rot_dim),
+                            self._sin_local[rows].view(b, n, 1, self.rot_dim))
         for i, layer in enumerate(self.layers):
+            cos, sin = tables[layer.local_rope]
             if aux_layers is not None and i in aux_layers:
                 saved[i] = x  # never written in place: later layers make new tensors
             qkv = _linear(self._norm(x, layer.in_norm), layer.qkv_w, layer.qkv_b, tr, pk=layer.qkv_p)  # [B*N, (Hq+2Hkv)*D]
@@ -332,12 +422,20 @@ class LeanCausalLM:
             else:  # Qwen3 normalises q and k per head before the rotation
                 q = rotate_part(self._norm(qk[:, :, :hq], layer.q_norm), cos, sin)
                 k = rotate_part(self._norm(qk[:, :, hq:], layer.k_norm), cos, sin)
-            attn = paged_attention(q, k, v, pool.keys[i], pool.values[i], batch, self.scale)  # [B, N, Hq*D]
-            x = _linear(attn.view(b * n, hq * d), layer.o_w, layer.o_b, tr, residual=x, pk=layer.o_p)
+            attn = paged_attention(q, k, v, pool.keys[i], pool.values[i], batch, self.scale, layer.sliding)  # [B, N, Hq*D]
+            if layer.attn_out_norm is None:
+                x = _linear(attn.view(b * n, hq * d), layer.o_w, layer.o_b, tr, residual=x, pk=layer.o_p)
+            else:  # Gemma 3: the output normalised before the residual add
+                x = x + self._norm(_linear(attn.view(b * n, hq * d), layer.o_w, layer.o_b, tr, pk=layer.o_p),
+                                   layer.attn_out_norm)
             gate_up = _linear(self._norm(x, layer.post_norm), layer.gate_up_w, layer.gate_up_b, tr,
                               pk=layer.gate_up_p)
             gate, up = gate_up.split(layer.inter, dim=-1)
-            x = _linear(F.silu(gate) * up, layer.down_w, layer.down_b, tr, residual=x, pk=layer.down_p)
+            if layer.mlp_out_norm is None:
+                x = _linear(self.act(gate) * up, layer.down_w, layer.down_b, tr, residual=x, pk=layer.down_p)
+            else:
+                x = x + self._norm(_linear(self.act(gate) * up, layer.down_w, layer.down_b, tr, pk=layer.down_p),
+                                   layer.mlp_out_norm)
         x = x.view(b, n, -1)[:, n - keep:].reshape(b * keep, -1)
         x = self._norm(x, self.norm)
         logits = _linear(x, self.lm_head, None, tr, pk=self.lm_head_p).view(b, keep, -1)  # [B, keep, V]
