@@ -142,10 +142,11 @@ def causal_mask(positions: torch.Tensor, num_keys: int, window: int | None = Non
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                    batch: AttnBatch, scale: float, sliding: bool = False) -> torch.Tensor:
+                    batch: AttnBatch, scale: float, sliding: bool = False, softcap: float | None = None) -> torch.Tensor:
     """q: [B, N, Hq, D]; k, v: [B, Nk, Hkv, D] (new tokens; N = Nk, or fewer queries: the last N of each row's new
     tokens, with ``batch.mask`` theirs); pools: [slots, Hkv, D]. Returns [B, N, Hq * D]. ``sliding``: a layer that
-    reads ``batch.window_mask`` where the batch has one."""
+    reads ``batch.window_mask`` where the batch has one; ``softcap``: scores squashed to ``cap * tanh(s / cap)`` before
+    the mask and softmax (Gemma 2), computed here as transformers' eager attention does (no SDPA kernel has it)."""
     windowed = sliding and batch.window_mask is not None
     b, n, hq, d = q.shape
     hkv = k.shape[2]
@@ -159,6 +160,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     else:
         keys = k_pool.index_select(0, batch.gather).view(b, t, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
         values = v_pool.index_select(0, batch.gather).view(b, t, hkv, d).transpose(1, 2)
+    if softcap is not None:
+        return _softcapped(q, keys, values, batch, scale, softcap, windowed)
     if batch.causal and not windowed:  # prefill from position 0: share K/V across the group by a view, not a copy per head
         if g > 1:
             keys = keys[:, :, None].expand(b, hkv, g, t, d).reshape(b, hq, t, d)
@@ -173,4 +176,23 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
                                          scale=scale)
     if g == 1:
         return out.transpose(1, 2).reshape(b, n, hq * d)
+    return out.view(b, hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, hq * d)
+
+
+def _softcapped(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: AttnBatch, scale: float, cap: float,
+                windowed: bool) -> torch.Tensor:
+    """``paged_attention`` with soft-capped scores, the G query heads of a KV head folded into the query dimension:
+    (q k^T * scale / cap).tanh() * cap, plus the mask, softmax in fp32, times v."""
+    b, n, hq, d = q.shape
+    hkv, t = keys.shape[1], keys.shape[2]
+    g = hq // hkv
+    qh = q.view(b, n, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * n, d)
+    scores = torch.matmul(qh, keys.transpose(2, 3)).mul_(scale).div_(cap).tanh_().mul_(cap)  # [B, Hkv, G*N, T]
+    mask = batch.layer_mask(g, scores.dtype, windowed)
+    if mask is None and batch.causal:
+        mask = _fold(torch.ones(n, t, dtype=torch.bool, device=q.device).tril_(t - n)[None, None], g, scores.dtype)
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, values)  # [B, Hkv, G*N, D]
     return out.view(b, hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, hq * d)

@@ -15,17 +15,20 @@ VOCAB = 101
 
 def _model(dtype, arch: str = "llama"):
     """A tiny Llama; "mistral-window": a window of 24 on every layer; "gemma3": Gemma 3 with a window of 24 on two of
-    its three layers (their own rope, q/k norms, the norms around attention and MLP)."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig
+    its three layers (their own rope, q/k norms, the norms around attention and MLP); "gemma2": Gemma 2 (a window on
+    every other layer, soft-capped scores and logits)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig
 
     torch.manual_seed(0)
     kw = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
     cfg = {"llama": lambda: LlamaConfig(**kw), "mistral-window": lambda: MistralConfig(**kw, sliding_window=24),
            "gemma3": lambda: Gemma3TextConfig(**kw, head_dim=16, sliding_window=24,
-                                              layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-           }[arch]()
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to("cuda", dtype).eval()
+                                              layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+           "gemma2": lambda: Gemma2Config(**kw, head_dim=16, sliding_window=24, attn_logit_softcapping=5.0,
+                                          final_logit_softcapping=3.0)}[arch]()
+    attn = "eager" if arch == "gemma2" else "sdpa"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).to("cuda", dtype).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     return model
@@ -59,7 +62,8 @@ def test_a_shape_is_captured_on_its_second_use(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype,arch", [(torch.float32, "llama"), (torch.bfloat16, "llama"),
-                                        (torch.float32, "mistral-window"), (torch.float32, "gemma3")])
+                                        (torch.float32, "mistral-window"), (torch.float32, "gemma3"),
+                                        (torch.float32, "gemma2")])
 def test_graph_replay_matches_eager_on_ragged_decode_and_verify(dtype, arch, monkeypatch):
     """Rows of 1-5 new tokens at different lengths (up to ~450 keys), as a speculative batch meets them; also with
     sliding windows (Mistral 7B v0.1's on every layer, Gemma 3's on some; 24 positions here: the graphs mask them as

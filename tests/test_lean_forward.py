@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
     LlamaConfig,
@@ -50,6 +51,9 @@ CONFIGS = {
     "mistral-window": lambda: MistralConfig(**COMMON, sliding_window=8),
     "qwen2-window": lambda: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=1),
     "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
+    # Gemma 2: scores and logits soft-capped (tanh; caps low enough here to bite), a window on every other layer
+    "gemma2": lambda: Gemma2Config(**COMMON, head_dim=16, sliding_window=8, attn_logit_softcapping=2.0,
+                                   final_logit_softcapping=3.0),
     # Gemma 3: sliding and full layers with a rope each (4B+: linear scaling on the full layers), q/k norms, the
     # norms around attention and MLP, tied embeddings scaled by sqrt(hidden)
     "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
@@ -72,12 +76,17 @@ def _phi3_longrope(original_max: int) -> Phi3Config:
 def _make_model(name: str):
     torch.manual_seed(0)
     cfg = CONFIGS[name]()
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float().eval()
+    attn = "eager" if cfg.model_type == "gemma2" else "sdpa"  # transformers has no SDPA for Gemma 2's soft-capping
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).float().eval()
     with torch.no_grad():  # random init is nearly uniform; make the logits (and greedy choices) decisive
         for p in model.parameters():
             if p.dim() == 1 and (p.shape[0] != cfg.hidden_size or "gemma" in cfg.model_type):  # Gemma's norms: 1 + w
                 p.normal_(0, 0.5)
         model.lm_head.weight.mul_(4.0)
+        if cfg.model_type == "gemma2":  # scores large enough for the soft-cap to bite
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(8.0)
+                layer.self_attn.k_proj.weight.mul_(8.0)
     return model
 
 
@@ -338,8 +347,6 @@ def test_unsupported_families_fall_back_with_a_reason():
     model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)).eval()
     built, reason = lean_model_for(model)
     assert built is None and "gpt2" in reason
-    capped = AutoModelForCausalLM.from_config(Gemma3TextConfig(**COMMON, head_dim=16, final_logit_softcapping=30.0))
-    assert "final_logit_softcapping" in lean_model_for(capped)[1]
     assert _runner(model, None).forward_path == "transformers"
     with pytest.raises(ValueError, match="lean forward cannot run"):
         _runner(model, True)

@@ -95,24 +95,15 @@ def test_paged_logits_match_dynamic_cache(arch, batch):
     _match_dynamic_cache(arch, batch, lean=False)
 
 
-@pytest.mark.parametrize("arch", ["mistral-window", "phi3-window", "qwen2-window", "gemma3-window",
+@pytest.mark.parametrize("arch", ["mistral-window", "phi3-window", "qwen2-window", "gemma2-window", "gemma3-window",
                                   "gemma3-multimodal"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_the_lean_forward_masks_sliding_windows(arch, batch):
-    """Mistral 7B v0.1 and Phi-3-mini-4k slide on every layer, Gemma 3 (text, and the text side of its text-and-image
-    checkpoints) and Qwen2 past ``max_window_layers`` on some: the lean forward hides the keys before each query's
+    """Mistral 7B v0.1 and Phi-3-mini-4k slide on every layer, Gemma 2, Gemma 3 (text, and the text side of its
+    text-and-image checkpoints) and Qwen2 past ``max_window_layers`` on some: the lean forward hides the keys before each query's
     window on those layers (a lone prompt's prefill, decode rows, ragged batches), so they serve their whole context
     on it."""
     _match_dynamic_cache(arch, batch, lean=True)
-
-
-def test_gemma2_runs_transformers_code():
-    """Gemma 2 soft-caps its attention scores (tanh), which the lean forward's attention does not: transformers' path
-    runs it (the matches above)."""
-    runner = _make_runner(_make_model("gemma2-window"))
-    assert ModelRunner(runner.model, runner.pool, runner.blocks, VOCAB).forward_path == "transformers"
-    with pytest.raises(ValueError, match="'gemma2' is not in the lean families"):
-        _make_runner(runner.model, lean=True)
 
 
 def _match_dynamic_cache(arch: str, batch: int, lean: bool) -> None:

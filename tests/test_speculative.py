@@ -127,22 +127,24 @@ def test_greedy_exact_on_a_longrope_phi3_pair_past_its_switch(method, window):
 
 
 @pytest.mark.parametrize("method", ["model", "ngram", "auto"])
-def test_greedy_exact_on_a_sliding_window_gemma3_pair_past_its_window(method):
-    """Gemma 3 on the lean forward: its sliding layers see the last 8 positions here, its full layer all of them;
-    greedy speculation equals plain decoding far past the window (every drafting method), and the model serves its
-    whole context."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+def test_greedy_exact_on_a_sliding_window_gemma_pair_past_its_window(family, method):
+    """Gemma 3 and Gemma 2 (soft-capped) on the lean forward: their sliding layers see the last 8 positions here, the
+    full layer all of them; greedy speculation equals plain decoding far past the window (every drafting method), and
+    the model serves its whole context."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig
 
     from engine.loader import max_context_of
     from tests.tiny import truncated_draft
 
     tok = tiny_tokenizer()
     torch.manual_seed(13)
-    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                           sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                           pad_token_id=2, bos_token_id=0, eos_token_id=0)
-    target = Gemma3ForCausalLM(cfg).eval()
+    kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=8,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"], pad_token_id=2,
+              bos_token_id=0, eos_token_id=0)
+    cfg = Gemma3TextConfig(**kw) if family == "gemma3" else Gemma2Config(**kw, attn_logit_softcapping=2.0)
+    target = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager" if family == "gemma2" else "sdpa").eval()
     with torch.no_grad():
         target.lm_head.weight.mul_(8.0)
     assert max_context_of(cfg) == 256

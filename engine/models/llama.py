@@ -26,10 +26,11 @@ from engine.models import packed
 logger = logging.getLogger(__name__)
 _HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 # phi3: QKV and gate/up come fused in the checkpoint; smollm3: every fourth layer without rotary embeddings (NoPE);
-# gemma / gemma3_text: embeddings scaled by sqrt(hidden), RMSNorm weights as 1 + w, gated tanh-GELU; Gemma 3 adds norms
-# after attention and MLP, q/k norms, a window on 5 of 6 layers and a rope of its own for those (``GEMMA``)
-FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gemma", "gemma3_text"}
-GEMMA = {"gemma", "gemma3_text"}
+# gemma / gemma2 / gemma3_text: embeddings scaled by sqrt(hidden), RMSNorm weights as 1 + w, gated tanh-GELU; Gemma 2 / 3
+# add norms after attention and MLP and a window on some layers, Gemma 2 soft-caps its attention scores and logits,
+# Gemma 3 has q/k norms and a rope of its own for its sliding layers (``GEMMA``)
+FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gemma", "gemma2", "gemma3_text"}
+GEMMA = {"gemma", "gemma2", "gemma3_text"}
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 ROPE_TYPES = STATIC_ROPE | {"longrope"}  # longrope: two tables, chosen per position (``LeanCausalLM._long_rope``)
@@ -59,9 +60,6 @@ def unsupported_reason(model) -> str | None:
         return f"model type {mtype!r} is not in the lean families {sorted(FAMILIES)}"
     if activation_of(cfg) not in ACTIVATIONS:
         return f"activation {activation_of(cfg)!r} (lean forward implements {sorted(ACTIVATIONS)})"
-    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(cfg, cap, None):
-            return f"{cap} (Gemma 2's tanh soft-capping)"
     params = _rope_parameters(cfg)
     for rope in _per_layer_type(params):
         if rope.get("rope_type", "default") not in ROPE_TYPES:
@@ -276,6 +274,9 @@ class LeanCausalLM:
         self.scale = (getattr(cfg, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5 if self.gemma \
             else self.head_dim ** -0.5
         self.act = ACTIVATIONS[activation_of(cfg)]
+        # Gemma 2: scores and logits squashed to cap * tanh(x / cap)
+        self.attn_softcap = getattr(cfg, "attn_logit_softcapping", None) or None
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None) or None
         # the sliding window (None: full attention) of every layer (Mistral 7B v0.1, Phi-3-mini-4k), or, with
         # ``window_layered``, of the layers ``layer_types`` names sliding (Gemma 3, Qwen2 past max_window_layers): the
         # callers' masks hide the keys before it (``masks``)
@@ -422,10 +423,11 @@ class LeanCausalLM:
             else:  # Qwen3 normalises q and k per head before the rotation
                 q = rotate_part(self._norm(qk[:, :, :hq], layer.q_norm), cos, sin)
                 k = rotate_part(self._norm(qk[:, :, hq:], layer.k_norm), cos, sin)
-            attn = paged_attention(q, k, v, pool.keys[i], pool.values[i], batch, self.scale, layer.sliding)  # [B, N, Hq*D]
+            attn = paged_attention(q, k, v, pool.keys[i], pool.values[i], batch, self.scale, layer.sliding,
+                                   self.attn_softcap)  # [B, N, Hq*D]
             if layer.attn_out_norm is None:
                 x = _linear(attn.view(b * n, hq * d), layer.o_w, layer.o_b, tr, residual=x, pk=layer.o_p)
-            else:  # Gemma 3: the output normalised before the residual add
+            else:  # Gemma 2 / 3: the output normalised before the residual add
                 x = x + self._norm(_linear(attn.view(b * n, hq * d), layer.o_w, layer.o_b, tr, pk=layer.o_p),
                                    layer.attn_out_norm)
             gate_up = _linear(self._norm(x, layer.post_norm), layer.gate_up_w, layer.gate_up_b, tr,
@@ -439,6 +441,8 @@ class LeanCausalLM:
         x = x.view(b, n, -1)[:, n - keep:].reshape(b * keep, -1)
         x = self._norm(x, self.norm)
         logits = _linear(x, self.lm_head, None, tr, pk=self.lm_head_p).view(b, keep, -1)  # [B, keep, V]
+        if self.final_softcap is not None:
+            logits = (logits / self.final_softcap).tanh_().mul_(self.final_softcap)
         if aux_layers is None:
             return logits
         return logits, torch.cat([saved[i] for i in aux_layers], -1).view(b, n, -1)
