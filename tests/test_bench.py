@@ -454,6 +454,44 @@ def test_phi_4_mini_shape_runs_on_the_lean_forward():
     assert (w - before * 0.5).abs().max() < 1e-6
 
 
+def test_gemma_3_1b_shape_runs_on_the_lean_forward_and_its_knob_reaches_it():
+    """The gemma-3-1b shape (one KV head of 256, five sliding layers to a full one, the norms around attention and
+    MLP; fewer layers, smaller widths here) builds a Gemma 3 model the lean forward runs; its knob scales the deeper
+    layers' output norms (1 + w), and the lean forward's copies of them follow once renewed: its logits then equal
+    transformers' again, and the draft (the first layers) is untouched."""
+    from dataclasses import replace
+
+    import torch
+
+    from engine.bench import shapes as sh
+    from engine.block_manager import BlockManager
+    from engine.kv_pool import KVPool, KVShape
+    from engine.model_runner import ModelRunner, RowInput
+
+    shape = replace(sh.SHAPES["gemma-3-1b"], vocab=512, hidden=64, intermediate=96, layers=7, head_dim_=32, window=8)
+    target = sh.build_target(shape, torch.device("cpu"), torch.float32, max_positions=1024)
+    assert type(target).__name__ == "Gemma3ForCausalLM" and target.config.layer_types[5] == "full_attention"
+    draft = sh.truncated_draft(target, 2)
+    assert draft.config.layer_types == ["sliding_attention"] * 2
+
+    def runner(lean):
+        pool = KVPool(32, 16, KVShape.from_config(target.config), torch.float32, torch.device("cpu"))
+        return ModelRunner(target, pool, BlockManager(32, 16), 512, lean=lean)
+
+    fast = runner(True)
+    assert fast.forward_path == "lean" and fast.lean.window == 8 and fast.lean.local_inv_freq is not None
+    knob = sh.AcceptanceKnob(target, 2)
+    knob.on_change.append(fast.lean.refresh_copies)
+    norm = target.model.layers[3].post_feedforward_layernorm.weight
+    before = norm.detach().clone()
+    knob.set(0.25)
+    assert (1 + norm - 0.25 * (1 + before)).abs().max() < 1e-6
+    assert torch.equal(target.model.layers[1].post_feedforward_layernorm.weight, torch.zeros_like(norm))
+    rows = [RowInput(0, list(range(3, 40)), 3)]
+    got, want = fast.forward(rows)[0], runner(False).forward(rows)[0]
+    assert (got - want).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("args,message", [
     (["--shape", "gpt-9"], "unknown shape 'gpt-9'"),
     (["--shape", "tiny", "--draft-layers", "9"], "--draft-layers must be in 1..3"),

@@ -49,7 +49,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--draft-random", action="store_true", help="give the draft random weights of its own shape (a "
                    "useless draft: adaptive K should fall back to plain)")
     shp = b.add_argument_group("real shapes with random weights (GPU; no download)")
-    shp.add_argument("--shape", metavar="NAME[,NAME]", help="tinyllama-1.1b, qwen2.5-1.5b, llama-3.1-8b, phi-4-mini, tiny (CPU "
+    shp.add_argument("--shape", metavar="NAME[,NAME]", help="tinyllama-1.1b, qwen2.5-1.5b, llama-3.1-8b, phi-4-mini, gemma-3-1b, tiny (CPU "
                      "tests) or 'gpu' (tinyllama-1.1b,llama-3.1-8b): Helix vs HF generate() eager, static cache and "
                      "assisted, at acceptance ~0/0.5/0.8, prompts of --shape-prompts tokens, batch 1 and "
                      "--concurrency; the draft is the target's first layers")

@@ -113,8 +113,8 @@ def _build(name: str, cfg: ShapeConfig, device, dtype, max_ctx: int):
     engine.dtype_name = str(dtype).removeprefix("torch.")
     if device.type == "cuda":  # elsewhere the engine's own name, its device type
         engine.device_name = torch.cuda.get_device_name(device)
-    if engine.target.lean is not None:  # the target's packed copies (CPU) follow the knob
-        knob.on_change.append(engine.target.lean.refresh_packed)
+    if engine.target.lean is not None:  # the target's packed copies (CPU) and Gemma's norm weights follow the knob
+        knob.on_change.append(engine.target.lean.refresh_copies)
     engine.warmup()
     return shape, layers, target, engine, knob
 

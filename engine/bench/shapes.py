@@ -17,7 +17,7 @@ import torch
 
 @dataclass(frozen=True)
 class Shape:
-    family: str  # "llama" | "qwen2" | "phi3"
+    family: str  # "llama" | "qwen2" | "phi3" | "gemma3"
     vocab: int
     hidden: int
     intermediate: int
@@ -28,10 +28,13 @@ class Shape:
     tie: bool = False
     rope_scaling: dict | None = None
     partial_rotary: float = 1.0  # phi3: the share of each head's dims rotated
+    head_dim_: int | None = None  # where it is not hidden / heads (Gemma 3)
+    window: int | None = None  # gemma3: the sliding layers' window (every sixth layer attends to every key)
+    local_rope_theta: float = 10000.0  # gemma3: the sliding layers' rope base
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_dim_ or self.hidden // self.heads
 
 
 SHAPES = {
@@ -46,6 +49,9 @@ SHAPES = {
                         rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 48,
                                       "long_factor": [1.0 + i for i in range(48)],
                                       "original_max_position_embeddings": 4096}),
+    # Gemma 3 1B: 4 heads of 256 over one KV head, five sliding layers (a window of 512) to each full one, the
+    # norms around attention and MLP, a 262k vocabulary, tied embeddings
+    "gemma-3-1b": Shape("gemma3", 262144, 1152, 6912, 26, 4, 1, rope_theta=1e6, tie=True, head_dim_=256, window=512),
     "tiny": Shape("llama", 512, 64, 128, 4, 4, 2),  # for CPU tests
 }
 
@@ -63,6 +69,16 @@ def hf_config(shape: Shape, max_positions: int):
         from transformers import Qwen2Config
 
         cfg = Qwen2Config(**common)
+    elif shape.family == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(shape.layers)]
+        cfg = Gemma3TextConfig(**common, head_dim=shape.head_dim, sliding_window=shape.window, layer_types=types,
+                               query_pre_attn_scalar=shape.head_dim,
+                               rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": shape.rope_theta},
+                                                "sliding_attention": {"rope_type": "default",
+                                                                      "rope_theta": shape.local_rope_theta}})
+        return cfg
     elif shape.family == "phi3":
         from transformers import Phi3Config
 
@@ -110,6 +126,8 @@ def truncated_draft(target, layers: int):
 
     cfg = copy.deepcopy(target.config)
     cfg.num_hidden_layers = layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:layers]
     cls = type(target)
     with torch.device("meta"):
         draft = cls(cfg)
@@ -134,7 +152,11 @@ class AcceptanceKnob:
     def __init__(self, target, draft_layers: int):
         self.mods = []
         for layer in target.model.layers[draft_layers:]:
-            self.mods += [layer.self_attn.o_proj, layer.mlp.down_proj]
+            if getattr(layer, "post_feedforward_layernorm", None) is not None:  # Gemma 2 / 3 normalise what the
+                # attention and the MLP add: their output norms scale it (weights as 1 + w)
+                self.mods += [layer.post_attention_layernorm, layer.post_feedforward_layernorm]
+            else:
+                self.mods += [layer.self_attn.o_proj, layer.mlp.down_proj]
         self.eps = 1.0
         self.on_change: list = []
 
@@ -144,7 +166,11 @@ class AcceptanceKnob:
             raise ValueError("epsilon must be > 0")
         factor = eps / self.eps
         for m in self.mods:
-            m.weight.mul_(factor)  # the lean forward and CUDA graphs read these same bytes
+            if "RMSNorm" in type(m).__name__:  # Gemma's, 1 + w' = factor * (1 + w): the lean forward reads a copy,
+                # which its ``refresh_copies`` renews (``on_change``)
+                m.weight.mul_(factor).add_(factor - 1.0)
+            else:
+                m.weight.mul_(factor)  # the lean forward and CUDA graphs read these same bytes
         self.eps = eps
         for fn in self.on_change:
             fn()

@@ -215,11 +215,14 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed
 
 
 def norm_weight(module, gemma: bool) -> torch.Tensor | None:
-    """An RMSNorm's weight as ``rms_norm`` multiplies by: Gemma's ``1 + w`` (in fp32, as its norm computes), others' own."""
+    """An RMSNorm's weight as ``rms_norm`` multiplies by: Gemma's ``1 + w`` (in fp32, as its norm computes: a copy,
+    which ``LeanCausalLM.refresh_copies`` renews), others' own."""
     w = getattr(module, "weight", None)
     if w is None or not gemma:
         return w
-    return (1.0 + w.detach().float()).contiguous()
+    copy = (1.0 + w.detach().float()).contiguous()
+    copy.source = w  # the weight it was made from
+    return copy
 
 
 class _Layer:
@@ -332,6 +335,19 @@ class LeanCausalLM:
         self._packed_slots = [s for s in slots if getattr(s[0], s[1]) is not None]
         logger.info("lean forward, CPU GEMMs of several rows: %s", why)
         return why
+
+    def refresh_copies(self) -> int:
+        """``refresh_packed``, and Gemma's ``1 + w`` norm weights renewed in place (CUDA graphs read the same bytes)
+        from the weights they were made from, after those were changed in place; returns how many tensors were."""
+        copies = [w for layer in self.layers for w in (layer.in_norm, layer.post_norm, layer.attn_out_norm,
+                                                        layer.mlp_out_norm, layer.q_norm, layer.k_norm)]
+        renewed = 0
+        with torch.no_grad():
+            for w in copies + [self.norm]:
+                if w is not None and getattr(w, "source", None) is not None:
+                    w.copy_(1.0 + w.source.float())
+                    renewed += 1
+        return renewed + self.refresh_packed()
 
     def refresh_packed(self) -> int:
         """Pack again every weight that has a packed copy, after its values were changed in place (the packed
