@@ -74,8 +74,9 @@ class AttnBatch:
     causal:       a fresh prompt (N == T): plain causal attention, which picks the fused kernels
     run:          B == 1 only: the pool slot of key position 0 when positions 0..T-1 are consecutive slots
                   (``gather`` is then unused and may be None)
-    window_mask:  [B, 1, N, T] bool for the sliding layers of a model whose other layers attend to every key (Gemma 3,
-                  Qwen2 past ``max_window_layers``); None where no key lies outside a window
+    window_gather: [B * W] pool slot of each key the sliding layers read (``window_keys``: the last W positions a
+                  row's queries can see, W = window + N - 1), with ``window_mask`` ``[B, 1, N, W]`` theirs; None where no
+                  key lies outside a window (those layers then read ``gather`` under ``mask`` like the others)
     """
 
     slot_mapping: torch.Tensor
@@ -85,6 +86,7 @@ class AttnBatch:
     causal: bool = False
     folded: torch.Tensor | None = None  # the mask as the layers use it, built by the first layer only
     run: int | None = None
+    window_gather: torch.Tensor | None = None
     window_mask: torch.Tensor | None = None
     folded_window: torch.Tensor | None = None
 
@@ -122,6 +124,25 @@ def sliding_window_of(config) -> tuple[int | None, bool]:
     return (int(window), False) if getattr(cfg, "use_sliding_window", True) else (None, False)
 
 
+def window_keys(table: torch.Tensor, positions: torch.Tensor, window: int, num_keys: int, block_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys a sliding layer reads, for rows of ``[B, N]`` query ``positions`` (left-padded: the last column is
+    each row's last token) over ``[B, blocks]`` block ``table``s of ``num_keys`` keys: the W = min(window + N - 1,
+    num_keys) positions from ``lo = max(0, last - W + 1)``, every key any of the row's queries can see. Returns (their
+    pool slots ``[B * W]``, the mask ``[B, 1, N, W]``: key ``lo + j`` is visible to a query at ``q`` iff
+    ``q - window < lo + j <= q``; a padding query before ``lo`` sees key ``lo`` alone). Tensor ops only: CUDA graphs
+    capture it with their static positions and tables."""
+    b, n = positions.shape
+    w = min(window + n - 1, num_keys)
+    lo = (positions[:, -1] - (w - 1)).clamp_(min=0)  # [B]
+    kp = lo[:, None] + torch.arange(w, device=positions.device)  # [B, W] key positions
+    slots = table.gather(1, kp // block_size) * block_size + kp % block_size
+    q = positions[:, :, None]  # [B, N, 1]
+    visible = (kp[:, None, :] <= q) & (kp[:, None, :] > q - window)
+    visible[:, :, :1] |= q < lo[:, None, None]
+    return slots.reshape(-1), visible[:, None]
+
+
 def key_slots(table: torch.Tensor, num_keys: int, block_size: int) -> torch.Tensor:
     """``[B, blocks]`` block table -> ``[B, num_keys]`` pool slot of each key position."""
     b = table.shape[0]
@@ -154,7 +175,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     t = batch.num_keys
     k_pool.index_copy_(0, batch.slot_mapping, k.reshape(-1, hkv, d))
     v_pool.index_copy_(0, batch.slot_mapping, v.reshape(-1, hkv, d))
-    if batch.run is not None:  # one row in consecutive slots: read in place
+    if windowed and batch.window_gather is not None:  # a sliding layer: the keys of its window only
+        w = batch.window_gather.numel() // b
+        keys = k_pool.index_select(0, batch.window_gather).view(b, w, hkv, d).transpose(1, 2)  # [B, Hkv, W, D]
+        values = v_pool.index_select(0, batch.window_gather).view(b, w, hkv, d).transpose(1, 2)
+    elif batch.run is not None:  # one row in consecutive slots: read in place
         keys = k_pool.narrow(0, batch.run, t).view(b, t, hkv, d).transpose(1, 2)  # [1, Hkv, T, D]
         values = v_pool.narrow(0, batch.run, t).view(b, t, hkv, d).transpose(1, 2)
     else:

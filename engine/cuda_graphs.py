@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import CUDNN_MIN_KEYS, AttnBatch, cudnn_attention, key_slots
+from engine.attention import CUDNN_MIN_KEYS, AttnBatch, causal_mask, cudnn_attention, key_slots
 from engine.config import MAX_DRAFT_TOKENS
 from engine.devices import to_device
 
@@ -524,9 +524,8 @@ class GraphRunner:
         def step():
             # the rows' key slots and mask from the static table and positions, in the graph: built eagerly they were
             # ~8 launches of every replay, on the host of a launch-bound step
-            mask, window_mask = self.lean.masks(positions, t)
-            batch = AttnBatch(slots, key_slots(table, t, self.pool.block_size).reshape(-1), mask, t,
-                              window_mask=window_mask)
+            batch = AttnBatch(slots, key_slots(table, t, self.pool.block_size).reshape(-1), causal_mask(positions, t), t)
+            batch = self.lean.window_batch(batch, table, positions, self.pool.block_size)
             return self.lean.forward(input_ids, positions, batch, self.pool, keep, aux_layers)
 
         graph, out = capture(step, self.device, *self._stream(), keys=t)
@@ -670,8 +669,8 @@ class GraphRunner:
             out = [cur]
             for s in range(steps):
                 pos = (start + s).view(r, 1)
-                mask, window_mask = self.lean.masks(pos, t)
-                batch = AttnBatch(slots[s], gather, mask, t, window_mask=window_mask)
+                batch = self.lean.window_batch(AttnBatch(slots[s], gather, causal_mask(pos, t), t), table, pos,
+                                               self.pool.block_size)
                 logits = self.lean.forward(cur.view(r, 1), pos, batch, self.pool, 1)[:, 0, :vocab]  # [R, V]
                 cur = logits.argmax(-1)
                 if cs is not None:

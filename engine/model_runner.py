@@ -309,18 +309,13 @@ class ModelRunner:
                 aux.append(hidden)
         if logits is None:
             mask = None
-            lean = self.lean
-            past = lean.window is not None and t_len > lean.window  # some key lies outside a window
-            uniform = past and not lean.window_layered  # ... of every layer (Mistral 7B v0.1, Phi-3-mini-4k)
-            causal = b == 1 and n > 1 and starts[0] == 0 and not uniform
-            if not causal and (n > 1 or min(ends) < t_len or uniform):  # a lone decode row (or rows of equal
-                # length) sees every key, within its window
-                mask = causal_mask(pos_t, t_len, lean.window if uniform else None)
-            # the sliding layers' own mask where the others see every key (Gemma 3)
-            window_mask = causal_mask(pos_t, t_len, lean.window) if past and lean.window_layered else None
+            causal = b == 1 and n > 1 and starts[0] == 0
+            if not causal and (n > 1 or min(ends) < t_len):  # a lone decode row (or equal-length rows) sees every key
+                mask = causal_mask(pos_t, t_len)
             run = self.tables.run_slot(rows[0].seq_id, t_len, bs) if b == 1 else None
             gather = key_slots(table, t_len, bs).reshape(-1) if run is None else None
-            batch = AttnBatch(slot_t, gather, mask, t_len, causal, run=run, window_mask=window_mask)
+            # a sliding-window model's sliding layers read their window's keys only
+            batch = self.lean.window_batch(AttnBatch(slot_t, gather, mask, t_len, causal, run=run), table, pos_t, bs)
             if aux is None:
                 logits = self.lean.forward(input_ids, pos_t, batch, self.pool, keep)
             else:

@@ -496,3 +496,23 @@ def test_a_forward_that_fails_after_syncing_its_tables_leaves_the_next_ones_righ
             for r in (lean, ref):
                 r.truncate(0, 30)
                 r.truncate(1, 14)
+
+
+def test_sliding_layers_read_the_keys_of_their_window_only():
+    """Past its window a sliding layer gathers window + N - 1 keys a row (every key any of the row's N queries can
+    see), not the whole context: key ``lo + j`` of a row is visible to a query at ``q`` iff ``q - window < lo + j <= q``,
+    and a padding query (before ``lo``) sees one key. The logits are checked against transformers above."""
+    from engine.attention import AttnBatch
+
+    lean = _runner(_make_model("gemma3"), True).lean  # a window of 8
+    pos = torch.tensor([[100, 101, 102], [0, 40, 41]])  # the second row left-padded
+    table = torch.arange(16).view(2, 8)  # row 0: blocks 0..7, row 1: blocks 8..15
+    batch = lean.window_batch(AttnBatch(None, None, None, 103), table, pos, 16)
+    assert batch.window_gather.tolist() == list(range(93, 103)) + [8 * 16 + p for p in range(32, 42)]
+    m = batch.window_mask[:, 0]  # [B, N, 10]
+    assert m[0, 0].tolist() == [True] * 8 + [False] * 2  # q = 100 sees 93..100
+    assert m[0, 2].tolist() == [False] * 2 + [True] * 8  # q = 102 sees 95..102
+    assert m[1, 0].tolist() == [True] + [False] * 9  # the padding query: one key
+    assert m[1, 1].tolist() == [False] + [True] * 8 + [False]  # q = 40 sees 33..40 (32 is 8 back: hidden)
+    short = lean.window_batch(AttnBatch(None, None, None, 8), table, pos[:, -1:].clamp(max=7), 16)
+    assert short.window_gather is None and short.window_mask is None  # no key outside the window

@@ -20,7 +20,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttnBatch, causal_mask, paged_attention, sliding_window_of
+from engine.attention import AttnBatch, paged_attention, sliding_window_of, window_keys
 from engine.models import packed
 
 logger = logging.getLogger(__name__)
@@ -281,11 +281,12 @@ class LeanCausalLM:
         self.attn_softcap = getattr(cfg, "attn_logit_softcapping", None) or None
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None) or None
         # the sliding window (None: full attention) of every layer (Mistral 7B v0.1, Phi-3-mini-4k), or, with
-        # ``window_layered``, of the layers ``layer_types`` names sliding (Gemma 3, Qwen2 past max_window_layers): the
-        # callers' masks hide the keys before it (``masks``)
+        # ``window_layered``, of the layers ``layer_types`` names sliding (Gemma 2 / 3, Qwen2 past max_window_layers):
+        # those layers read the keys of their window only (``window_batch``)
         self.window, self.window_layered = sliding_window_of(cfg)
         types = list(getattr(cfg, "layer_types", None) or [])
-        sliding = [self.window_layered and i < len(types) and types[i] == "sliding_attention"
+        sliding = [self.window is not None and (not self.window_layered or (i < len(types)
+                                                                             and types[i] == "sliding_attention"))
                    for i in range(len(inner.layers))]
         self.embed = inner.embed_tokens.weight
         self.norm = norm_weight(inner.norm, self.gemma)
@@ -390,15 +391,14 @@ class LeanCausalLM:
         if n > have:
             self._grow_rope(max(n, 2 * have))
 
-    def masks(self, positions: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(mask, window mask) of queries at ``positions`` ``[B, N]`` over ``num_keys`` keys (``AttnBatch.mask`` and
-        ``window_mask``): causal, within the window where every layer slides; the sliding layers' own where only
-        some do."""
-        if self.window is None:
-            return causal_mask(positions, num_keys), None
-        if not self.window_layered:
-            return causal_mask(positions, num_keys, self.window), None
-        return causal_mask(positions, num_keys), causal_mask(positions, num_keys, self.window)
+    def window_batch(self, batch: AttnBatch, table: torch.Tensor, positions: torch.Tensor, block_size: int
+                     ) -> AttnBatch:
+        """``batch`` with the keys and mask its sliding layers read (``attention.window_keys``), where some of its
+        ``num_keys`` keys may lie before a query's window; as it was otherwise."""
+        if self.window is not None and batch.num_keys > self.window:
+            batch.window_gather, batch.window_mask = window_keys(table, positions, self.window, batch.num_keys,
+                                                                 block_size)
+        return batch
 
     # ------------------------------------------------------------------ forward
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
