@@ -51,6 +51,7 @@ CONFIGS = {
     "mistral-window": lambda: MistralConfig(**COMMON, sliding_window=8),
     "qwen2-window": lambda: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=1),
     "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
+    "gemma-exact-gelu": lambda: GemmaConfig(**COMMON, head_dim=16, hidden_act="gelu"),  # early Gemma configs
     # Gemma 2: scores and logits soft-capped (tanh; caps low enough here to bite), a window on every other layer
     "gemma2": lambda: Gemma2Config(**COMMON, head_dim=16, sliding_window=8, attn_logit_softcapping=2.0,
                                    final_logit_softcapping=3.0),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import statistics
 import time
 
 import httpx
@@ -297,10 +298,14 @@ def test_tokenizing_a_huge_prompt_does_not_stall_other_requests(client):
             pings.append((sent, time.monotonic()))
         response, finished = slow.result()
     _assert_error(response, 400, "256")
-    during = [answered - sent for sent, answered in pings if answered < finished]
-    assert during, "no /ping was answered before the huge request finished"
-    # tokenizing on the event loop would hold a ping for about the whole request; on a helper thread it does not
-    assert max(during) < 0.5 * (finished - t0), (max(during), finished - t0)
+    during = [answered - sent for sent, answered in pings if sent < finished]  # a ping held by the tokenizing is
+    # answered after the huge request's 400: it counts too
+    assert len(during) > 1, "no /ping was answered before the huge request finished"
+    # tokenizing on the event loop would hold a ping for about the whole request, and few pings would be answered
+    # around it; on a helper thread most pings come back at once (one may wait out a GIL-bound stretch: 0.55 s of a
+    # 1.08 s request in one CI run on the 2-core VM)
+    took = finished - t0
+    assert statistics.median(during) < 0.25 * took and max(during) < 0.75 * took, (sorted(during), took)
 
 
 def test_malformed_bodies_are_4xx_not_500(client):

@@ -1,5 +1,6 @@
-"""A lean forward for the Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Gemma and Gemma 3, and so
-TinyLlama, SmolLM, Phi-3.5 / Phi-4-mini and the demo pair), owned by the engine and reading the paged KV cache in place.
+"""A lean forward for the Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Gemma, Gemma 2 and Gemma 3, and
+so TinyLlama, SmolLM, Phi-3.5 / Phi-4-mini and the demo pair), owned by the engine and reading the paged KV cache in
+place.
 
 Shape after gpt-fast's ``model.py`` and nano-vllm's ``models/qwen3.py``: fused QKV and
 gate/up projections, RMSNorm, rotary embeddings from the config, GQA without
@@ -31,7 +32,7 @@ _HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 # Gemma 3 has q/k norms and a rope of its own for its sliding layers (``GEMMA``)
 FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gemma", "gemma2", "gemma3_text"}
 GEMMA = {"gemma", "gemma2", "gemma3_text"}
-ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 ROPE_TYPES = STATIC_ROPE | {"longrope"}  # longrope: two tables, chosen per position (``LeanCausalLM._long_rope``)
 
@@ -49,7 +50,11 @@ def text_model(model):
 
 
 def activation_of(cfg) -> str:
-    return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+    """The MLP's activation as transformers' code picks it: Gemma 2 / 3 read ``hidden_activation``, the others
+    (Gemma's first generation too) ``hidden_act``."""
+    if getattr(cfg, "model_type", None) in ("gemma2", "gemma3_text"):
+        return getattr(cfg, "hidden_activation", None) or "gelu_pytorch_tanh"
+    return getattr(cfg, "hidden_act", None) or "silu"
 
 
 def unsupported_reason(model) -> str | None:
@@ -238,8 +243,8 @@ class _Layer:
                                                transposed)
         self.down_w, self.down_b = _fuse([mlp.down_proj], transposed)
         self.in_norm = norm_weight(hf_layer.input_layernorm, gemma)
-        # Gemma 3 normalises the attention's and the MLP's outputs before each residual add, and names its norm
-        # before the MLP ``pre_feedforward_layernorm`` (its ``post_attention_layernorm`` is the first of those)
+        # Gemma 2 / 3 normalise the attention's and the MLP's outputs before each residual add, and name their norm
+        # before the MLP ``pre_feedforward_layernorm`` (their ``post_attention_layernorm`` is the first of those)
         sandwich = getattr(hf_layer, "pre_feedforward_layernorm", None) is not None
         self.attn_out_norm = norm_weight(hf_layer.post_attention_layernorm, gemma) if sandwich else None
         self.mlp_out_norm = norm_weight(hf_layer.post_feedforward_layernorm, gemma) if sandwich else None
@@ -248,7 +253,7 @@ class _Layer:
         self.rope = bool(getattr(attn, "use_rope", True))  # SmolLM3's NoPE layers rotate nothing
         self.q_norm = norm_weight(getattr(attn, "q_norm", None), gemma)  # Qwen3, Gemma 3
         self.k_norm = norm_weight(getattr(attn, "k_norm", None), gemma)
-        self.sliding = sliding  # reads the batch's window mask (a model whose other layers see every key)
+        self.sliding = sliding  # reads the keys of its window only (``AttnBatch.window_gather``)
         self.local_rope = False  # rotated by the model's sliding layers' table (Gemma 3)
         self.qk = (n_heads + n_kv) * head_dim
         self.v = n_kv * head_dim
