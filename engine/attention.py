@@ -130,7 +130,8 @@ def window_keys(table: torch.Tensor, positions: torch.Tensor, window: int, num_k
     each row's last token) over ``[B, blocks]`` block ``table``s of ``num_keys`` keys: the W = min(window + N - 1,
     num_keys) positions from ``lo = max(0, last - W + 1)``, every key any of the row's queries can see. Returns (their
     pool slots ``[B * W]``, the mask ``[B, 1, N, W]``: key ``lo + j`` is visible to a query at ``q`` iff
-    ``q - window < lo + j <= q``; a padding query before ``lo`` sees key ``lo`` alone). Tensor ops only: CUDA graphs
+    ``q - window < lo + j <= q``, transformers' ``kv_idx > q_idx - sliding_window``; a padding query before ``lo``
+    sees key ``lo`` alone). Tensor ops only: CUDA graphs
     capture it with their static positions and tables."""
     b, n = positions.shape
     w = min(window + n - 1, num_keys)
@@ -151,15 +152,11 @@ def key_slots(table: torch.Tensor, num_keys: int, block_size: int) -> torch.Tens
     return slots.view(b, nb * block_size)[:, :num_keys]
 
 
-def causal_mask(positions: torch.Tensor, num_keys: int, window: int | None = None) -> torch.Tensor:
-    """``[B, N]`` query positions -> ``[B, 1, N, T]`` bool: key ``t`` is visible iff ``t <= position``, and with a
-    sliding ``window`` iff also ``t > position - window`` (transformers' ``kv_idx > q_idx - sliding_window``: the
-    last ``window`` positions, the query's own included)."""
+def causal_mask(positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """``[B, N]`` query positions -> ``[B, 1, N, T]`` bool: key ``t`` is visible iff ``t <= position`` (a sliding
+    layer's window: ``window_keys``)."""
     keys = torch.arange(num_keys, device=positions.device)
-    visible = keys[None, None, :] <= positions[:, :, None]
-    if window is not None:
-        visible &= keys[None, None, :] > positions[:, :, None] - window
-    return visible[:, None]
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,

@@ -77,7 +77,7 @@ class ModelRunner:
         self.last_forward_s = 0.0
         self.lean = self._build_lean(model, lean)
         # transformers' path masks a sliding-window model's keys as its modeling code would (``_sliding``); the lean
-        # forward masks them itself (``LeanCausalLM.masks``)
+        # forward reads a sliding layer's window only (``LeanCausalLM.window_batch``)
         self.window, self.window_layered = sliding_window_of(model.config)
         self.forward_path = "lean" if self.lean is not None else "transformers"
         if self.lean is not None:
