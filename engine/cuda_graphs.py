@@ -57,12 +57,12 @@ CAPTURE_AFTER = 1  # eager uses of a shape before its graph is captured (HELIX_G
 # Captured lazily, an adaptive batch met them as it tried K: on an H200 at 8 clients (demo pair, T = 0.8) steps of
 # 16-23 ms against ~4.5 ms, and a pass of ~0.8 s with a few of them ran at half the speed of the next
 PREWARM_CHAIN_MODES = ("greedy", "sample")
-# A graph holds its own memory, so graphs are captured only while the device keeps this share of its memory free (and
-# at least GRAPH_FREE_MIN bytes) for eager steps, a prompt chunk, a batch's logits, a shape no graph covers, after the
-# capture too: its size is predicted from the largest growth per token a capture of the runner has shown. Measured on
-# an H100 (80 GB), the phi-4-mini shape (3.8B parameters, a 200k vocabulary, bf16): each graph held 12-22 MB per
-# padded token (1.6 GB for 8 rows x 9 tokens, 6.7 GB for a prompt chunk of 8 x 64), the warm-up's decode graphs 10.5
-# GB and its prompt chunks' 58 GB; the next capture failed out of memory, and every request then failed too.
+# A graph holds its own outputs (a decode graph's logits: ~0.4 MB a token at a 200k vocabulary), so graphs are captured
+# only while the device keeps this share of its memory free (and at least GRAPH_FREE_MIN bytes) for eager steps, a
+# prompt chunk, a batch's logits, a shape no graph covers, after the capture too: its size is predicted from the largest
+# growth per token a capture of the runner has shown. On an H100 (80 GB) the phi-4-mini shape's captures, recorded for
+# a backward before ``capture`` turned autograd off, held 12-22 MB per padded token and 68 GB in all; the next capture
+# failed out of memory, and every request then failed too. Without autograd the same 46 graphs take 190 MB.
 GRAPH_FREE_FRACTION = 0.10
 GRAPH_FREE_MIN = 2 << 30
 

@@ -76,8 +76,9 @@ def model_id(name: str) -> str:
 
 def max_context_of(config) -> int:
     """Longest sequence the paged cache serves correctly for this model: its position limit. A sliding-window
-    model serves all of it: both forwards mask each layer's window as transformers' own code does (the lean forward
-    every layer's, ``ModelRunner``; transformers' path per layer, ``ModelRunner._sliding``)."""
+    model serves all of it: both forwards keep each sliding layer to its window as transformers' own code does (the
+    lean forward by reading its window's keys only, ``LeanCausalLM.window_batch``; transformers' path by its masks,
+    ``ModelRunner._sliding``)."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
     return int(limit)

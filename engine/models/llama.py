@@ -69,8 +69,10 @@ def unsupported_reason(model) -> str | None:
     for rope in _per_layer_type(params):
         if rope.get("rope_type", "default") not in ROPE_TYPES:
             return f"rope type {rope.get('rope_type')!r} depends on sequence length"
-        if rope.get("rope_type") == "longrope" and (_original_max(cfg) is None or params is not rope):
-            return "longrope without original_max_position_embeddings" if params is rope else "longrope per layer type"
+        if rope.get("rope_type") == "longrope" and params is not rope:
+            return "longrope per layer type"
+        if rope.get("rope_type") == "longrope" and _original_max(cfg) is None:
+            return "longrope without original_max_position_embeddings"
     inner = text_model(model)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         return "unexpected module layout"
