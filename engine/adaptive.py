@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
+from engine.acceptance_runs import RunLengths, RunSums, expected_from_runs
 from engine.config import MAX_DRAFT_TOKENS
 from engine.level_filter import LevelFilter
 from engine.stats import SpecDecodingStats
@@ -167,6 +168,12 @@ REFRESH_BELOW = 1.15  # a clear gain is not overturned by a plain time some perc
 STALE_WEIGHT = 0.5  # the weight of the past in a plain average measured again after PLAIN_STALE steps
 FIRST_REACH = 4  # the largest K a method may run at a batch size before any of its K was timed there ...
 REACH = 1  # ... and how far past its largest timed K: a prediction is trusted near what was measured only
+REPLAYED = frozenset({"model"})  # methods whose expected tokens come from the runs of their accepted tokens
+# (``engine.acceptance_runs``): a position's outcome is the same whatever K drafts it. Not calibrated (``Calibration``
+# corrects the per-position model's shape, which the runs do not share)
+RUN_SHARED = 8.0  # runs the shared runs of a method count as at most, beside a request's own ...
+RUN_ALPHA = 2.0  # ... and geometric pseudo-runs at the α prior ...
+RUN_FADE = 16.0  # ... fading to nothing as the runs measured (own and shared) reach this
 CAL_MEMORY = 512  # drafts a position's calibration remembers (``Calibration``): a draft's positions are one outcome
 # (accepted up to some point), so the ratios are noisy; 600 drafts of a right model put E[8] within ~3% (1 sd)
 CAL_WEIGHT = 8.0  # predicted accepts of pseudo-evidence, at the ratio of the position before, in a position's ratio
@@ -685,6 +692,7 @@ class AdaptiveState:
     quiet_since: int = -1  # while plain and far below: ``Policy.drafts`` at the full decision (``hold_plain``)
     hold_ends_recheck: bool = False  # while plain: the hold ends at a re-evaluation, not at a probe
     expected_cache: dict[str, tuple] = field(default_factory=dict)  # Policy._expected's, per method
+    runs: RunLengths | None = None  # the runs of the draft model's accepted tokens in this request (``Policy.observe_runs``)
     sampling: str = GREEDY  # the request's sampling class (``sampling_class``): the shared estimates it reads and feeds
     ngram_now: list[float] | None = None  # n-gram's expected tokens by the lookup's match at the last full decision at
     # batch 1 (``NgramProposer.expected``; ``StepPlanner._match``): used for n-gram in place of the pooled estimate
@@ -784,11 +792,16 @@ _KEEPS: dict[tuple[float, int], float] = {}
 
 
 def _record(cal: Calibration | None, expected: list[float] | None, shared: RecentAcceptance, k: int, accepted: int,
-            rows: int) -> None:
-    """``Policy.observe``'s updates: the calibration's (where the draft checks a prediction), the shared estimate's."""
+            rows: int, runs: RunSums | None = None, closed: list[tuple[int, float]] | None = None) -> None:
+    """``Policy.observe``'s updates: the calibration's (where the draft checks a prediction), the shared estimate's,
+    the shared runs' (the runs the draft ``closed``)."""
     if cal is not None:
         cal.observe(expected, k, accepted)
     shared.observe_draft(k, accepted, rows)
+    if runs is not None:
+        runs.count(k, accepted, _keep(rows))
+        for length, w in closed:
+            runs.add(length, w)
 
 
 def survival_chain(recent: RecentAcceptance | None, alpha: float, weight: float, fade: float,
@@ -1003,6 +1016,8 @@ class Policy:
         # per (method, sampling class): recent shared acceptance, and the acceptance model against realized drafts
         self.shared: dict[tuple[str, str], RecentAcceptance] = {}
         self.calibration: dict[tuple[str, str], Calibration] = {}
+        self.shared_runs: dict[tuple[str, str], RunSums] = {}  # ... and the runs of REPLAYED methods' accepted tokens
+        self._stream_runs: dict[tuple[str, str], RunLengths] = {}  # ``observe``'s drafts without a request's state
         self.drafts = 0  # drafts observed so far, of any method and row (``hold_plain``)
         self.decision = Decision()
         self.clock = 0  # decode steps so far (the engine ticks once per step)
@@ -1085,11 +1100,13 @@ class Policy:
 
     def observe(self, method: str, k: int, accepted: int, state: AdaptiveState | None = None,
                 sampling: str | None = None, rows: int = 1, later: Callable[[Callable[[], None]], None] | None = None,
-                ) -> None:
+                at: int | None = None) -> None:
         """A draft of ``k`` tokens with ``method``, ``accepted`` of them, of a request of ``sampling`` class (default:
         its ``state``'s, else greedy), one of ``rows`` drafts of its step (the shared estimate forgets by the step);
         with the adaptive ``state`` of its request, checked against what the acceptance model expected of it
-        (``Calibration``; call before ``state.observe``: what it expected is taken now).
+        (``Calibration``; call before ``state.observe``: what it expected is taken now). For a REPLAYED method, with
+        the ``state`` of any request (fixed K too), the request's runs of accepted tokens, the draft from its position
+        ``at`` (None: where its last draft's tokens ended).
 
         ``later``: where given, the shared estimate's and the calibration's updates are handed to it to run later (the
         engine's deferred work, while the next step computes on the device): decisions then read them a step late,
@@ -1099,7 +1116,8 @@ class Policy:
         key = (method, sampling or (state.sampling if state is not None else GREEDY))
         own = state.stats.get(method) if state is not None else None
         cal = expected = None
-        if k > 0 and own is not None and own.num_drafts >= PRIOR_WEIGHT and rows >= CAL_FROM_ROWS:
+        if k > 0 and own is not None and own.num_drafts >= PRIOR_WEIGHT and rows >= CAL_FROM_ROWS \
+                and method not in REPLAYED:
             # see Calibration: not a request's first drafts, nor a row's that drafts alone
             hit = state.expected_cache.get(method)
             if hit is not None:
@@ -1110,10 +1128,43 @@ class Policy:
         shared = self.shared.get(key)
         if shared is None:
             shared = self.shared[key] = RecentAcceptance()
+        runs = closed = None
+        if method in REPLAYED:
+            runs = self.shared_runs.get(key)
+            if runs is None:
+                runs = self.shared_runs[key] = RunSums()
+            if state is None:  # no request's state: the drafts are one stream's
+                own_runs = self._stream_runs.get(key)
+                if own_runs is None:
+                    own_runs = self._stream_runs[key] = RunLengths()
+            else:
+                if state.runs is None:
+                    state.runs = RunLengths()
+                own_runs = state.runs
+            closed = own_runs.observe(k, accepted, at, own_runs.rate(0.5))  # not the shared rate: its updates may be
+            # deferred, and the runs closed now would depend on when they ran
         if later is None:
-            _record(cal, expected, shared, k, accepted, rows)
+            _record(cal, expected, shared, k, accepted, rows, runs, closed)
         else:
-            later(lambda: _record(cal, expected, shared, k, accepted, rows))
+            later(lambda: _record(cal, expected, shared, k, accepted, rows, runs, closed))
+
+    def cut_runs(self, state: AdaptiveState, later: Callable[[Callable[[], None]], None] | None = None) -> None:
+        """The request of ``state`` stopped drafting with the draft model for now (plain, another proposer, finished):
+        its open run of accepted tokens is closed as ``RunLengths.cut`` has it, and the shared runs take it."""
+        if state.runs is None or not state.runs.pending:
+            return
+        shared = self.shared_runs.get(("model", state.sampling))
+        closed = state.runs.cut(state.runs.rate(0.5))
+        if shared is None:
+            return
+
+        def record() -> None:
+            for length, w in closed:
+                shared.add(length, w)
+        if later is None:
+            record()
+        else:
+            later(record)
 
     def guard_holds(self, batch: int) -> SpeedGuard | None:
         """The guard holding this step's adaptive rows plain (``SpeedGuard``; the step counts against its hold), or
@@ -1217,6 +1268,8 @@ class Policy:
         what its lookup's match predicts where the planner gave it (``AdaptiveState.ngram_now``)."""
         if method == "ngram" and state.ngram_now is not None:
             return state.ngram_now
+        if method in REPLAYED:
+            return self._replayed(state, method, alpha)
         return self._calibrated(method, state.sampling,
                                 self._expected(state, method, alpha, self._shared_prior(method, state.sampling, alpha)))
 
@@ -1236,6 +1289,18 @@ class Policy:
         for s in survival(own, prior, PRIOR_WEIGHT, follow=True):
             out.append(out[-1] + s)
         state.expected_cache[method] = (own, key, prior, out)  # the objects themselves: compared by identity
+        return out
+
+    def _replayed(self, state: AdaptiveState, method: str, alpha: float) -> list[float]:
+        """``expected`` from the runs of accepted tokens (``engine.acceptance_runs``): the request's, the shared ones
+        of its sampling class, and the α prior while few runs were measured; kept until one of them changes."""
+        own, shared = state.runs, self.shared_runs.get((method, state.sampling))
+        key = (own.version if own is not None else -1, shared.version if shared is not None else -1, alpha)
+        hit = state.expected_cache.get(method)
+        if hit is not None and hit[0] is own and hit[2] is shared and hit[1] == key:
+            return hit[3]
+        out = expected_from_runs(own, shared, alpha, RUN_SHARED, RUN_ALPHA, RUN_FADE)
+        state.expected_cache[method] = (own, key, shared, out)  # the objects themselves: compared by identity
         return out
 
     def step_cap(self, rows: list[tuple[AdaptiveState, str, int, float]], others: int, batch: int,

@@ -22,6 +22,7 @@ import torch
 from engine import cleanup, observe, prefill
 from engine.adaptive import (
     GUARD_WINDOW,
+    REPLAYED,
     Decision,
     Policy,
     best_k,
@@ -549,11 +550,15 @@ class LLMEngine:
             r.adaptive.observe(planned, planned_k, 0)
         if k:
             adaptive = r.params.num_draft_tokens is None  # a fixed K's drafts check no prediction
-            self.policy.observe(res.method, k, accepted, r.adaptive if adaptive else None, r.adaptive.sampling, rows,
-                                later)
+            # the draft model's runs are the request's whatever its K (``Policy.observe``)
+            self.policy.observe(res.method, k, accepted, r.adaptive if adaptive or res.method in REPLAYED else None,
+                                r.adaptive.sampling, rows, later, at=r.num_tokens)
             r.adaptive.observe(res.method, k, accepted)
             if adaptive:
                 self.alpha_prior = EMA * self.alpha_prior + (1 - EMA) * (accepted / k)
+        runs = r.adaptive.runs
+        if runs is not None and runs.pending and not (k and res.method in REPLAYED):
+            self.policy.cut_runs(r.adaptive, later)  # it stopped drafting with the model: its open run ends unseen
 
     def _observe_row(self, res, plan: tuple[int, str], timing: StepTiming, share: float) -> None:
         """A row's statistics after a decode step (deferred, ``_defer``): its method's, the request's, the engine's."""
@@ -651,6 +656,10 @@ class LLMEngine:
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         self._run_later(req)  # its deferred token events and statistics come first
+        # the draft model's open run of accepted tokens ends unseen; deferred as the step's other updates of the shared
+        # estimates are (``_learn_row``: the step's rows are the running ones), so they keep their order
+        self.policy.cut_runs(req.adaptive, functools.partial(self._defer, None)
+                             if self.overlap and len(self.scheduler.running) >= SHARED_LATER_FROM else None)
         self.scheduler.remove(req)
         self._release_proposers(req)
         self._first_logits.pop(req, None)

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from engine import SamplingParams
+from engine.acceptance_runs import RunLengths
 from engine.adaptive import (
     FIRST_REACH,
     GREEDY,
@@ -14,6 +15,7 @@ from engine.adaptive import (
     PACE_RATE_CUDA,
     PROBE_FIRST,
     REACH,
+    REPLAYED,
     AdaptiveState,
     Decision,
     Policy,
@@ -43,6 +45,10 @@ def _state_with_acceptance(alpha: float, drafts: int = 400, k: int = 8, method: 
         stats.accepted_per_position[pos] = round(drafts * alpha ** (pos + 1))
     stats.num_drafts = drafts
     state.stats[method] = stats
+    if method in REPLAYED:  # the same independent acceptance as runs of accepted tokens (``engine.acceptance_runs``)
+        state.runs = RunLengths()
+        for length in range(200):
+            state.runs.add(length, drafts * (1 - alpha) * alpha ** length)
     return state
 
 
@@ -215,7 +221,8 @@ def test_a_close_call_probes_on_its_own_interval_not_the_engines():
         policy.tick()
         assert not policy.choose(state, {"model": 0.3}, 1, alpha=0.6).k
     assert state.probe_every >= 256
-    state.stats = _state_with_acceptance(0.26, drafts=40).stats
+    fresh = _state_with_acceptance(0.26, drafts=40)
+    state.stats, state.runs = fresh.stats, fresh.runs
     state.last = None  # decided again at the next step (as after a re-evaluation)
     assert 0 < steps_to_probe(policy, state) <= 2 * PROBE_FIRST
 
@@ -757,9 +764,9 @@ def test_shared_acceptance_forgets_by_the_step():
     seen = []
     real = eng.policy.observe
 
-    def spy(method, k, accepted, state=None, sampling=None, rows=1, later=None):
+    def spy(method, k, accepted, state=None, sampling=None, rows=1, later=None, at=None):
         seen.append(rows)
-        return real(method, k, accepted, state, sampling, rows, later)
+        return real(method, k, accepted, state, sampling, rows, later, at)
 
     eng.policy.observe = spy
     for prompt in ("Once", "The cat sat on the mat", "Tom found a red ball"):
@@ -794,9 +801,9 @@ def test_from_four_rows_an_overlapping_engine_updates_the_shared_estimates_as_de
         eng.overlap = overlap
         deferred, real = [], eng.policy.observe
 
-        def spy(method, k, accepted, state=None, sampling=None, rows=1, later=None):
+        def spy(method, k, accepted, state=None, sampling=None, rows=1, later=None, at=None):
             deferred.append(later is not None)
-            return real(method, k, accepted, state, sampling, rows, later)
+            return real(method, k, accepted, state, sampling, rows, later, at)
 
         eng.policy.observe = spy
         for prompt in prompts[:rows]:
@@ -807,9 +814,10 @@ def test_from_four_rows_an_overlapping_engine_updates_the_shared_estimates_as_de
             eng.step()
             versions.append(eng.policy.shared[("model", GREEDY)].version if eng.policy.shared else 0)
         eng._run_later()
-        shared = eng.policy.shared[("model", GREEDY)]
+        shared, runs = eng.policy.shared[("model", GREEDY)], eng.policy.shared_runs[("model", GREEDY)]
         return deferred, versions, (shared.version, shared.drafts_per_position, shared.accepted_per_position,
-                                    shared.reached_per_position, shared.passed_per_position)
+                                    shared.reached_per_position, shared.passed_per_position,
+                                    runs.steps, [runs.runs, runs.positions, runs.reached, runs.passed])
 
     rows = SHARED_LATER_FROM
     in_step, v_in, ref = run(False, rows)
@@ -1586,15 +1594,15 @@ def test_drafts_that_realize_less_than_predicted_move_k_back():
     import random
 
     def run(truth: list[float], seed: int) -> tuple[int, list[float], list[float]]:
-        policy = _policy(1.0, 0.1)
-        state = _state_with_acceptance(0.85)  # the model: s_i = 0.85^(i+1), K = 7-8 best
-        first = policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
+        policy = _policy(1.0, 0.1, method="eagle")
+        state = _state_with_acceptance(0.85, method="eagle")  # the model: s_i = 0.85^(i+1), K = 7-8 best
+        first = policy.choose(state, {"eagle": 0.3}, 1, alpha=0.6)
         assert first.k >= 7, first
         rng = random.Random(seed)
         for _ in range(600):
-            policy.observe("model", 8, _draw_accepted(truth, rng.random()), state, rows=2)
-        after = policy.choose(_state_with_acceptance(0.85), {"model": 0.3}, 1, alpha=0.6)
-        return after.k, policy.expected(state, "model", 0.6), policy.calibration[("model", GREEDY)].ratios()
+            policy.observe("eagle", 8, _draw_accepted(truth, rng.random()), state, rows=2)
+        after = policy.choose(_state_with_acceptance(0.85, method="eagle"), {"eagle": 0.3}, 1, alpha=0.6)
+        return after.k, policy.expected(state, "eagle", 0.6), policy.calibration[("eagle", GREEDY)].ratios()
 
     model = [0.85 ** (i + 1) for i in range(8)]
     k, expected, ratios = run(model, 1)  # the model is right: nothing moves beyond the draws' noise
@@ -1609,19 +1617,19 @@ def test_drafts_that_realize_less_than_predicted_move_k_back():
     assert all(0.85 < r < 1.15 for r in ratios[:3]) and ratios[5] < 0.5, ratios
 
 
-def test_a_row_drafting_alone_does_not_calibrate_the_model():
+def test_a_row_drafting_alone_does_not_calibrate_the_acceptance_model():
     """A row that drafts alone chose its K by its own estimate: it drafts past its usual K where that estimate runs
     high, so what those positions realize is the selection's shortfall, not the model's (an H200 at batch 1 read 0.69x
     at positions 5-8 where the model was right). Its drafts leave the calibration alone; the same drafts in a step of
     two drafting rows (the batch's K) are counted."""
-    policy = _policy(1.0, 0.1)
-    state = _state_with_acceptance(0.85)
-    policy.choose(state, {"model": 0.3}, 1, alpha=0.6)
+    policy = _policy(1.0, 0.1, method="eagle")
+    state = _state_with_acceptance(0.85, method="eagle")
+    policy.choose(state, {"eagle": 0.3}, 1, alpha=0.6)
     for _ in range(50):
-        policy.observe("model", 8, 1, state)
-    assert ("model", GREEDY) not in policy.calibration
-    policy.observe("model", 8, 1, state, rows=2)
-    assert policy.calibration[("model", GREEDY)].predicted[0] > 0
+        policy.observe("eagle", 8, 1, state)
+    assert ("eagle", GREEDY) not in policy.calibration
+    policy.observe("eagle", 8, 1, state, rows=2)
+    assert policy.calibration[("eagle", GREEDY)].predicted[0] > 0
 
 
 def test_acceptance_is_learnt_per_sampling_class():
@@ -1685,26 +1693,32 @@ def test_a_requests_drafts_feed_the_estimates_of_its_sampling_class():
 
 def test_only_adaptive_drafts_check_the_acceptance_model(monkeypatch):
     """Fixed-K requests predict nothing, so the engine hands their drafts to the policy without a request state (the
-    calibration is left alone); adaptive requests hand theirs with it."""
+    calibration is left alone), except the draft model's: its runs of accepted tokens are the request's whatever its K
+    (``engine.acceptance_runs``), and it is not calibrated. Adaptive requests hand theirs with it."""
     engine = tiny_engine()
     calls = []
     real = engine.policy.observe
 
-    def spy(method, k, accepted, state=None, sampling=None, rows=1, later=None):
-        calls.append((k, state is not None))
-        return real(method, k, accepted, state, sampling, rows, later)
+    def spy(method, k, accepted, state=None, sampling=None, rows=1, later=None, at=None):
+        calls.append((method, state is not None))
+        return real(method, k, accepted, state, sampling, rows, later, at)
 
     monkeypatch.setattr(engine.policy, "observe", spy)
     engine.generate([1, 2, 3], SamplingParams(max_new_tokens=40, temperature=0.0, speculative=True,
                                                draft_method="model", ignore_eos=True))
     assert calls and all(with_state for _, with_state in calls)
-    cal = engine.policy.calibration.get(("model", GREEDY))
-    before = (list(cal.predicted), list(cal.realized)) if cal is not None else None
     calls.clear()
     engine.generate([1, 2, 3], SamplingParams(max_new_tokens=24, temperature=0.0, speculative=True,
                                                num_draft_tokens=3, draft_method="model", ignore_eos=True))
+    assert calls and all(with_state for _, with_state in calls)
+    assert engine.policy.shared_runs[("model", GREEDY)].runs > 0 and not engine.policy.calibration
+    calls.clear()
+    cal = engine.policy.calibration.get(("ngram", GREEDY))
+    before = (list(cal.predicted), list(cal.realized)) if cal is not None else None
+    engine.generate([1, 2, 3, 4] * 3, SamplingParams(max_new_tokens=24, temperature=0.0, speculative=True,
+                                                      num_draft_tokens=3, draft_method="ngram", ignore_eos=True))
     assert calls and not any(with_state for _, with_state in calls)
-    cal = engine.policy.calibration.get(("model", GREEDY))
+    cal = engine.policy.calibration.get(("ngram", GREEDY))
     assert before == ((list(cal.predicted), list(cal.realized)) if cal is not None else None)
 
 
@@ -1713,16 +1727,16 @@ def test_a_requests_first_drafts_do_not_charge_the_model_with_its_lag():
     what it promised. They are not counted; drafts after the request's own evidence outweighs the prior are."""
     from engine.adaptive import PRIOR_WEIGHT
 
-    policy = _policy(1.0, 0.1)
-    state = _state_with_acceptance(0.85, drafts=0)  # a new request: no drafts of its own yet
-    state.stats["model"].num_drafts = 0
-    policy.choose(state, {"model": 0.3}, 1, alpha=0.85)  # predicts from the shared prior
+    policy = _policy(1.0, 0.1, method="eagle")
+    state = _state_with_acceptance(0.85, drafts=0, method="eagle")  # a new request: no drafts of its own yet
+    state.stats["eagle"].num_drafts = 0
+    policy.choose(state, {"eagle": 0.3}, 1, alpha=0.85)  # predicts from the shared prior
     for _ in range(int(PRIOR_WEIGHT)):
-        policy.observe("model", 8, 0, state, rows=2)  # the workload changed: nothing is accepted
-        state.observe("model", 8, 0)
-    assert ("model", GREEDY) not in policy.calibration
-    policy.observe("model", 8, 0, state, rows=2)
-    assert policy.calibration[("model", GREEDY)].predicted[0] > 0
+        policy.observe("eagle", 8, 0, state, rows=2)  # the workload changed: nothing is accepted
+        state.observe("eagle", 8, 0)
+    assert ("eagle", GREEDY) not in policy.calibration
+    policy.observe("eagle", 8, 0, state, rows=2)
+    assert policy.calibration[("eagle", GREEDY)].predicted[0] > 0
 
 
 def test_a_cold_first_timing_does_not_set_a_ks_average():
