@@ -1647,21 +1647,34 @@ class Policy:
                 # count: after a bad phase the engine stayed plain for good (on an H200 at 8 clients x 128 tokens,
                 # T = 0.8: two passes without a probe). The first row due probes; the others of that step wait on
                 # their own counts, so short requests probe one row at a time
-                waited = max(state.plain_steps, self.clock - self._probed_at.get(method, self.clock))
+                # the method the next probe looks at: of those that could beat plain with every draft accepted, the
+                # one probed longest ago (the best predicted first). Probing the best predicted alone, a method whose
+                # estimate an old phase had set at nothing was never looked at again: on an H100 after the TinyLlama
+                # shape's useless-draft level, n-gram's prior crumbs (1.02 tokens a step) kept every probe for n-gram,
+                # and the draft model (now accepted at ~0.5, 2x plain) stayed unprobed for five passes
+                probed = min((m for m in options if m == method or self._could_pay(state, m, options[m], batch, alpha,
+                                                                                      1.0)),
+                             key=lambda m: (self._probed_at.get(m, -1), m != method))
+                if probed != method:
+                    probe_gains = options[probed]
+                    probe_best = best_drafting_k(probe_gains)
+                else:
+                    probe_gains, probe_best = gains, best
+                waited = max(state.plain_steps, self.clock - self._probed_at.get(probed, self.clock))
                 if waited > state.plain_steps:
-                    self._raise_to_floor(state, method)
-                wait = self._catch_up_wait(state, method, batch, (catch_up or {}).get(method, 0.0), waited)
+                    self._raise_to_floor(state, probed)
+                wait = self._catch_up_wait(state, probed, batch, (catch_up or {}).get(probed, 0.0), waited)
                 if wait:
                     state.probe_after = waited + wait
                 if not wait and self._probe_due(state, waited):  # look again: acceptance or timings may have changed
-                    self._probed_at[method] = self.clock
+                    self._probed_at[probed] = self.clock
                     state.plain_steps = state.probe_after = 0
                     state.probe_every = min(PROBE_MAX, state.probe_every * 2)
-                    self.probe_floor[method] = max(self.probe_floor.get(method, PROBE_FIRST), state.probe_every // 2)
+                    self.probe_floor[probed] = max(self.probe_floor.get(probed, PROBE_FIRST), state.probe_every // 2)
                     state.probing = True
-                    k = self._probe_k(method, best, gains)
-                    d = Decision(k, method, f"probing {method} K={k} (predicted {gains[k]:.2f}x plain; best predicted "
-                                            f"K={best})", gains, forced=True)
+                    k = self._probe_k(probed, probe_best, probe_gains)
+                    d = Decision(k, probed, f"probing {probed} K={k} (predicted {probe_gains[k]:.2f}x plain; best "
+                                            f"predicted K={probe_best})", probe_gains, forced=True)
                 else:
                     d = Decision(0, method, f"plain: best is {method} K={best}, predicted {gains[best]:.2f}x plain "
                                             f"at batch {batch}; next probe in {self._steps_to_probe(state, waited)} "

@@ -178,3 +178,47 @@ def test_after_a_useless_drafts_phase_probes_bring_drafting_back():
         policy.cut_runs(state)  # ... and at the request's end
         drafted.append(sum(steps) / len(steps))
     assert drafted[-1] > 0.8, drafted
+
+
+def test_a_proposer_an_old_phase_wrote_off_is_probed_again_beside_a_better_predicted_one():
+    """From plain decoding, probes go to the method probed longest ago that could beat plain, not always to the best
+    predicted: n-gram's crumbs of prior acceptance (a step of 1.02 tokens) beside the draft model's runs of nothing
+    from an old phase kept every probe for n-gram on an H100, and the draft model, now accepted at ~0.5, was never
+    drafted again."""
+    policy = Policy()
+    plain = 1.0
+    policy.times.observe("", 1, 0, plain)
+    for method, per_token in (("model", 0.1), ("ngram", 0.02)):
+        for k in range(1, 9):
+            for _ in range(3):
+                policy.times.observe(method, 1, k, plain + per_token * k)
+    old = AdaptiveState()
+    for x in range(0, 3000, 5):  # the old phase: neither proposer's drafts accepted
+        policy.tick()
+        policy.observe("model", 4, 0, old, at=x)
+        policy.observe("ngram", 2, 0, old)
+    rng = random.Random(7)
+    drafted = []
+    for _ in range(6):  # requests of 256 tokens on a text the draft model now predicts at 0.7; n-gram finds nothing
+        text = [rng.random() < 0.7 for _ in range(300)]
+        state, x, model_steps, steps = AdaptiveState(), 0, 0, 0
+        while x < 256:
+            policy.tick()
+            d = policy.choose(state, {"model": 0.1, "ngram": 0.02}, 1, alpha=0.1)
+            steps += 1
+            if d.k and d.method == "model":
+                a = 0
+                while a < d.k and text[x + a]:
+                    a += 1
+                policy.observe("model", d.k, a, state, at=x)
+                state.observe("model", d.k, a)
+                x, model_steps = x + a + 1, model_steps + 1
+                continue
+            if d.k:
+                policy.observe("ngram", d.k, 0, state)
+                state.observe("ngram", d.k, 0)
+            policy.cut_runs(state)
+            x += 1
+        policy.cut_runs(state)
+        drafted.append(model_steps / steps)
+    assert max(drafted[-2:]) > 0.8, drafted
