@@ -792,16 +792,20 @@ _KEEPS: dict[tuple[float, int], float] = {}
 
 
 def _record(cal: Calibration | None, expected: list[float] | None, shared: RecentAcceptance, k: int, accepted: int,
-            rows: int, runs: RunSums | None = None, closed: list[tuple[int, float]] | None = None) -> None:
-    """``Policy.observe``'s updates: the calibration's (where the draft checks a prediction), the shared estimate's,
-    the shared runs' (the runs the draft ``closed``)."""
+            rows: int, runs: tuple[RunLengths, RunSums, int | None] | None = None) -> None:
+    """``Policy.observe``'s updates: the calibration's (where the draft checks a prediction), the shared estimate's;
+    for a REPLAYED method, ``runs``: (the request's runs, the shared runs, the draft's position)."""
     if cal is not None:
         cal.observe(expected, k, accepted)
     shared.observe_draft(k, accepted, rows)
     if runs is not None:
-        runs.count(k, accepted, _keep(rows))
+        own, shared_runs, at = runs
+        # the conditional acceptance a bonus continues with: the request's own (the shared one's updates may be
+        # deferred, and the runs closed would depend on when they ran)
+        closed = own.observe(k, accepted, at, own.rate(0.5))
+        shared_runs.count(k, accepted, _keep(rows))
         for length, w in closed:
-            runs.add(length, w)
+            shared_runs.add(length, w)
 
 
 def survival_chain(recent: RecentAcceptance | None, alpha: float, weight: float, fade: float,
@@ -1128,11 +1132,12 @@ class Policy:
         shared = self.shared.get(key)
         if shared is None:
             shared = self.shared[key] = RecentAcceptance()
-        runs = closed = None
-        if method in REPLAYED:
-            runs = self.shared_runs.get(key)
-            if runs is None:
-                runs = self.shared_runs[key] = RunSums()
+        runs = None
+        if method in REPLAYED:  # the request's runs too go with ``later``: read by its decisions only, which at the
+            # batch sizes that defer stand many steps
+            shared_runs = self.shared_runs.get(key)
+            if shared_runs is None:
+                shared_runs = self.shared_runs[key] = RunSums()
             if state is None:  # no request's state: the drafts are one stream's
                 own_runs = self._stream_runs.get(key)
                 if own_runs is None:
@@ -1141,26 +1146,25 @@ class Policy:
                 if state.runs is None:
                     state.runs = RunLengths()
                 own_runs = state.runs
-            closed = own_runs.observe(k, accepted, at, own_runs.rate(0.5))  # not the shared rate: its updates may be
-            # deferred, and the runs closed now would depend on when they ran
+            runs = (own_runs, shared_runs, at)
         if later is None:
-            _record(cal, expected, shared, k, accepted, rows, runs, closed)
+            _record(cal, expected, shared, k, accepted, rows, runs)
         else:
-            later(lambda: _record(cal, expected, shared, k, accepted, rows, runs, closed))
+            later(lambda: _record(cal, expected, shared, k, accepted, rows, runs))
 
     def cut_runs(self, state: AdaptiveState, later: Callable[[Callable[[], None]], None] | None = None) -> None:
         """The request of ``state`` stopped drafting with the draft model for now (plain, another proposer, finished):
         its open run of accepted tokens is closed as ``RunLengths.cut`` has it, and the shared runs take it."""
-        if state.runs is None or not state.runs.pending:
+        own = state.runs
+        if own is None or not own.pending:
             return
         shared = self.shared_runs.get(("model", state.sampling))
-        closed = state.runs.cut(state.runs.rate(0.5))
-        if shared is None:
-            return
 
         def record() -> None:
-            for length, w in closed:
-                shared.add(length, w)
+            closed = own.cut(own.rate(0.5))
+            if shared is not None:
+                for length, w in closed:
+                    shared.add(length, w)
         if later is None:
             record()
         else:
