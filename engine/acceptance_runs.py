@@ -158,17 +158,19 @@ def geometric_sums(alpha: float) -> tuple[float, list[float]]:
 
 
 def expected_from_runs(own: RunSums | None, shared: RunSums | None, alpha: float, shared_runs: float,
-                       alpha_runs: float, fade: float) -> list[float]:
+                       alpha_positions: float, fade: float) -> list[float]:
     """Expected tokens of one step at K = 0..MAX_DRAFT_TOKENS: the request's runs, the shared ones counting as at most
-    ``shared_runs`` runs, and ``alpha_runs`` geometric runs at ``alpha`` fading to nothing as the runs measured reach
+    ``shared_runs`` runs, and geometric runs at ``alpha`` worth ``alpha_positions`` positions (whatever alpha: as runs,
+    an optimistic prior's long runs outweighed what the drafts showed), fading to nothing as the runs measured reach
     ``fade``."""
     n_own = own.runs if own is not None else 0.0
     n_shared = shared.runs if shared is not None else 0.0
     w_shared = min(1.0, shared_runs / n_shared) if n_shared > 0 else 0.0
-    w_alpha = alpha_runs * max(0.0, 1.0 - (n_own + n_shared) / fade)
     positions, steps = 0.0, [0.0] * MAX_DRAFT_TOKENS
-    if w_alpha > 0:
+    fading = max(0.0, 1.0 - (n_own + n_shared) / fade)
+    if fading > 0 and alpha_positions > 0:
         pos_a, steps_a = geometric_sums(alpha)
+        w_alpha = alpha_positions * fading / pos_a
         positions, steps = w_alpha * pos_a, [w_alpha * s for s in steps_a]
     if n_own > 0:
         positions += own.positions
