@@ -34,6 +34,17 @@ def _walk(text: list[bool], k: int, start: int = 0, stop: int | None = None) -> 
     return out
 
 
+def _timed_policy(per_token: dict[str, float], plain: float = 1.0) -> Policy:
+    """A policy whose step times at batch 1 are plain + per_token x K for each method, each K timed three times."""
+    policy = Policy()
+    policy.times.observe("", 1, 0, plain)
+    for method, cost in per_token.items():
+        for k in range(1, 9):
+            for _ in range(3):
+                policy.times.observe(method, 1, k, plain + cost * k)
+    return policy
+
+
 def _realized(text: list[bool], k: int) -> float:
     steps = _walk(text, k)
     return sum(a + 1 for _, _, a in steps) / len(steps)
@@ -123,12 +134,8 @@ def test_the_policy_picks_the_k_the_runs_say_realizes_most():
     """Adaptive K on a text whose stretches make a middle K the fastest by the runs, where per-position acceptance of
     the same drafts favours the longest K: the policy's expected tokens for the draft model are the runs'."""
     text = _bursty_text(20000, 1)
-    policy = Policy()
     plain, per_token = 1.0, 0.12
-    policy.times.observe("", 1, 0, plain)
-    for k in range(1, 9):
-        for _ in range(3):
-            policy.times.observe("model", 1, k, plain + per_token * k)
+    policy = _timed_policy({"model": per_token}, plain)
     state = AdaptiveState()
     for x, k, a in _walk(text, 8, stop=6000):
         policy.observe("model", k, a, state, at=x)
@@ -143,14 +150,9 @@ def test_the_policy_picks_the_k_the_runs_say_realizes_most():
 
 def test_after_a_useless_drafts_phase_probes_bring_drafting_back():
     """Requests after a phase where nothing was accepted decode plain and probe; on a text the draft now predicts
-    well, their probes' runs must win drafting back (cut runs dropped, they never did: an H100's TinyLlama shape stayed
-    plain at acceptance ~0.5 after the acceptance-0 level)."""
-    policy = Policy()
-    plain, per_token = 1.0, 0.1
-    policy.times.observe("", 1, 0, plain)
-    for k in range(1, 9):
-        for _ in range(3):
-            policy.times.observe("model", 1, k, plain + per_token * k)
+    well, their probes' runs (cut where plain steps follow them) win drafting back."""
+    per_token = 0.1
+    policy = _timed_policy({"model": per_token})
     rng = random.Random(5)
     useless = AdaptiveState()
     for x in range(0, 3000, 5):  # the old phase: every draft rejected at once
@@ -185,13 +187,7 @@ def test_a_proposer_an_old_phase_wrote_off_is_probed_again_beside_a_better_predi
     predicted: n-gram's crumbs of prior acceptance (a step of 1.02 tokens) beside the draft model's runs of nothing
     from an old phase kept every probe for n-gram on an H100, and the draft model, now accepted at ~0.5, was never
     drafted again."""
-    policy = Policy()
-    plain = 1.0
-    policy.times.observe("", 1, 0, plain)
-    for method, per_token in (("model", 0.1), ("ngram", 0.02)):
-        for k in range(1, 9):
-            for _ in range(3):
-                policy.times.observe(method, 1, k, plain + per_token * k)
+    policy = _timed_policy({"model": 0.1, "ngram": 0.02})
     old = AdaptiveState()
     for x in range(0, 3000, 5):  # the old phase: neither proposer's drafts accepted
         policy.tick()
