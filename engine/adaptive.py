@@ -692,7 +692,7 @@ class AdaptiveState:
     quiet_since: int = -1  # while plain and far below: ``Policy.drafts`` at the full decision (``hold_plain``)
     hold_ends_recheck: bool = False  # while plain: the hold ends at a re-evaluation, not at a probe
     expected_cache: dict[str, tuple] = field(default_factory=dict)  # Policy._expected's, per method
-    runs: RunLengths | None = None  # the runs of the draft model's accepted tokens in this request (``Policy.observe_runs``)
+    runs: RunLengths | None = None  # the runs of the draft model's accepted tokens in this request (``Policy.observe``)
     sampling: str = GREEDY  # the request's sampling class (``sampling_class``): the shared estimates it reads and feeds
     ngram_now: list[float] | None = None  # n-gram's expected tokens by the lookup's match at the last full decision at
     # batch 1 (``NgramProposer.expected``; ``StepPlanner._match``): used for n-gram in place of the pooled estimate
@@ -1156,11 +1156,13 @@ class Policy:
         """The request of ``state`` stopped drafting with the draft model for now (plain, another proposer, finished):
         its open run of accepted tokens is closed as ``RunLengths.cut`` has it, and the shared runs take it."""
         own = state.runs
-        if own is None or not own.pending:
+        if own is None or (later is None and not own.pending):  # deferred, the draft before may be too: look then
             return
         shared = self.shared_runs.get(("model", state.sampling))
 
         def record() -> None:
+            if not own.pending:
+                return
             closed = own.cut(own.rate(0.5))
             if shared is not None:
                 for length, w in closed:
@@ -1299,7 +1301,9 @@ class Policy:
         """``expected`` from the runs of accepted tokens (``engine.acceptance_runs``): the request's, the shared ones
         of its sampling class, and the α prior while few runs were measured; kept until one of them changes."""
         own, shared = state.runs, self.shared_runs.get((method, state.sampling))
-        key = (own.version if own is not None else -1, shared.version if shared is not None else -1, alpha)
+        measured = (own.runs if own is not None else 0.0) + (shared.runs if shared is not None else 0.0)
+        key = (own.version if own is not None else -1, shared.version if shared is not None else -1,
+               alpha if measured < RUN_FADE else None)  # alpha no longer counts once faded
         hit = state.expected_cache.get(method)
         if hit is not None and hit[0] is own and hit[2] is shared and hit[1] == key:
             return hit[3]
