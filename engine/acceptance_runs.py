@@ -27,7 +27,10 @@ from __future__ import annotations
 
 from engine.config import MAX_DRAFT_TOKENS
 
-PRUNE = 0.01  # an open run's branch with less weight than this is dropped
+PRUNE = 0.01  # an open run's branch with less weight than this is dropped ...
+OPEN_MAX = 8  # ... and past this many branches the lightest go, their weight to the longest kept (a stretch of drafts
+# accepted in full at a conditional acceptance near 1 added a branch a draft: 460 at 0.99, each draft's work growing)
+TAIL_MAX = 24  # branches of a run cut at unknown positions (``_tail``); what is left of its weight ends past them
 _STEPS: list[tuple[int, ...]] = []  # _STEPS[L]: the steps a run of L right positions and the wrong one take at K = 1..MAX
 
 
@@ -132,6 +135,10 @@ class RunLengths(RunSums):
                 nxt[0] += w * (1.0 - p)
                 if w * p >= PRUNE:
                     nxt[length + k + 1] = w * p
+            if len(nxt) > OPEN_MAX:
+                kept = dict(sorted(nxt.items(), key=lambda lw: lw[1], reverse=True)[:OPEN_MAX])
+                kept[max(kept)] += sum(nxt.values()) - sum(kept.values())
+                nxt = kept
             self.open, self._pending = nxt, True
         for length, w in closed:
             self.add(length, w)
@@ -143,7 +150,7 @@ def _tail(length: int, weight: float, p: float) -> list[tuple[int, float]]:
     each with chance ``p`` (the branches up to where what is left of ``weight`` falls under PRUNE)."""
     out, w = [], weight
     p = min(max(p, 0.0), 0.99)
-    while w * p >= PRUNE:
+    while w * p >= PRUNE and len(out) < TAIL_MAX:
         out.append((length, w * (1.0 - p)))
         length, w = length + 1, w * p
     out.append((length, w))
