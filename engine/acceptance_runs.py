@@ -63,6 +63,11 @@ class RunSums:
         self.steps = [s + weight * n for s, n in zip(self.steps, run_steps(length))]
         self.version += 1
 
+    def add_runs(self, runs: list[tuple[int, float]]) -> None:
+        """Runs as (length, weight) pairs (what ``RunLengths.observe`` and ``cut`` return)."""
+        for length, weight in runs:
+            self.add(length, weight)
+
     def count(self, k: int, accepted: int, keep: float = 1.0) -> None:
         """A draft of ``k`` tokens, ``accepted`` of them; the past kept at ``keep`` (a shared estimate forgets)."""
         if keep < 1.0:
@@ -83,18 +88,13 @@ class RunSums:
 class RunLengths(RunSums):
     """A request's runs with the draft model: the closed ones' sums, and the open run as branches (length -> weight)."""
 
-    __slots__ = ("open", "next_at", "_pending")
+    __slots__ = ("open", "next_at", "pending")
 
     def __init__(self) -> None:
         super().__init__()
         self.open: dict[int, float] = {0: 1.0}
         self.next_at: int | None = None  # the position the next draft starts at if the run goes on
-        self._pending = False
-
-    @property
-    def pending(self) -> bool:
-        """Whether the open run holds accepted positions (a draft accepted in full last)."""
-        return self._pending
+        self.pending = False  # whether the open run holds accepted positions (a draft accepted in full last)
 
     def cut(self, p: float) -> list[tuple[int, float]]:
         """The request stopped drafting with the model here (plain, another proposer, finished): its open run goes on
@@ -107,9 +107,8 @@ class RunLengths(RunSums):
         for length, w in self.open.items():
             if length > 0:
                 closed += _tail(length, w, p)
-        self.open, self.next_at, self._pending = {0: 1.0}, None, False
-        for length, w in closed:
-            self.add(length, w)
+        self.open, self.next_at, self.pending = {0: 1.0}, None, False
+        self.add_runs(closed)
         return closed
 
     def observe(self, k: int, accepted: int, at: int | None, p: float) -> list[tuple[int, float]]:
@@ -119,7 +118,7 @@ class RunLengths(RunSums):
         before: list[tuple[int, float]] = []
         if at is None:
             at = self.next_at or 0
-        elif self.next_at != at and self._pending:  # positions since the last draft are unknown (``cut``)
+        elif self.next_at != at and self.pending:  # positions since the last draft are unknown (``cut``)
             before = self.cut(p)
         self.next_at = at + accepted + 1
         self.count(k, accepted)
@@ -127,7 +126,7 @@ class RunLengths(RunSums):
         if accepted < k:
             for length, w in self.open.items():
                 closed.append((length + accepted, w))
-            self.open, self._pending = {0: 1.0}, False
+            self.open, self.pending = {0: 1.0}, False
         else:  # the bonus: right (the run goes on past it) or wrong (a run ends there, a new one starts after it)
             nxt: dict[int, float] = {0: 0.0}
             for length, w in self.open.items():
@@ -139,9 +138,8 @@ class RunLengths(RunSums):
                 kept = dict(sorted(nxt.items(), key=lambda lw: lw[1], reverse=True)[:OPEN_MAX])
                 kept[max(kept)] += sum(nxt.values()) - sum(kept.values())
                 nxt = kept
-            self.open, self._pending = nxt, True
-        for length, w in closed:
-            self.add(length, w)
+            self.open, self.pending = nxt, True
+        self.add_runs(closed)
         return before + closed
 
 

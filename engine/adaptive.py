@@ -804,8 +804,7 @@ def _record(cal: Calibration | None, expected: list[float] | None, shared: Recen
         # deferred, and the runs closed would depend on when they ran)
         closed = own.observe(k, accepted, at, own.rate(0.5))
         shared_runs.count(k, accepted, _keep(rows))
-        for length, w in closed:
-            shared_runs.add(length, w)
+        shared_runs.add_runs(closed)
 
 
 def survival_chain(recent: RecentAcceptance | None, alpha: float, weight: float, fade: float,
@@ -1165,8 +1164,7 @@ class Policy:
                 return
             closed = own.cut(own.rate(0.5))
             if shared is not None:
-                for length, w in closed:
-                    shared.add(length, w)
+                shared.add_runs(closed)
         if later is None:
             record()
         else:
