@@ -688,7 +688,9 @@ class AdaptiveState:
     stand_batch: int = 0  # ... at this batch size ...
     stand_to: int = 0  # ... while ``spec_steps`` is below this
     far_below: bool = False  # while plain: the best drafting option was predicted below FAR_BELOW x plain
-    close: bool = False  # while plain: ... at CLOSE_CALL x plain or more (its probe interval is its own)
+    close: str = ""  # while plain: the method predicted at CLOSE_CALL x plain or more, if any (its probes run on the
+    # request's own interval)
+    probe_method: str = ""  # while plain: the method the request's next probe looks at (``choose``)
     quiet_since: int = -1  # while plain and far below: ``Policy.drafts`` at the full decision (``hold_plain``)
     hold_ends_recheck: bool = False  # while plain: the hold ends at a re-evaluation, not at a probe
     expected_cache: dict[str, tuple] = field(default_factory=dict)  # Policy._expected's, per method
@@ -1059,21 +1061,20 @@ class Policy:
         self.method_probes.advance()
         self.explores.advance()
 
-    def _raise_to_floor(self, state: AdaptiveState, method: str | None = None) -> None:
-        """A request's probe interval is at least the one failed probes of its method (default: its last decision's)
-        reached engine-wide, except a close call's (``AdaptiveState.close``): its own failed probes double it."""
-        if state.close:
-            return
-        if method is None and state.last is not None:
-            method = state.last.method
-        if method:
-            state.probe_every = max(state.probe_every, self.probe_floor.get(method, 0))
+    def _interval(self, state: AdaptiveState, method: str = "") -> int:
+        """The request's probe interval for a probe of ``method`` (default: the one its next probe looks at, else its
+        last decision's): at least the one failed probes of that method reached engine-wide (``probe_floor``), except
+        for the method of a close call (``AdaptiveState.close``), whose probes run on the request's own interval."""
+        if not method:
+            method = state.probe_method or (state.last.method if state.last is not None else "")
+        if state.close and state.close == method:
+            return state.probe_every
+        return max(state.probe_every, self.probe_floor.get(method, 0))
 
     def _probe_due(self, state: AdaptiveState, plain_steps: int) -> bool:
         """Probe at a step that is a multiple of the interval (so the rows of a batch probe together),
         once half the interval has passed; at twice the interval whatever the clock says."""
-        self._raise_to_floor(state)
-        every = state.probe_every
+        every = self._interval(state)
         if plain_steps < state.probe_after:
             return False
         return (plain_steps >= every // 2 and self.clock and self.clock % every == 0) or plain_steps >= 2 * every
@@ -1081,8 +1082,7 @@ class Policy:
     def _steps_to_probe(self, state: AdaptiveState, plain_steps: int | None = None) -> int:
         """Steps until ``_probe_due`` holds, with the clock and the plain steps (default: the request's) both advanced
         (closed form)."""
-        self._raise_to_floor(state)
-        every, done = state.probe_every, state.plain_steps if plain_steps is None else plain_steps
+        every, done = self._interval(state), state.plain_steps if plain_steps is None else plain_steps
         first = max(1, every // 2 - done, state.probe_after - done)
         on_clock = first + (-(self.clock + first)) % every
         return min(on_clock, max(1, 2 * every - done, state.probe_after - done))
@@ -1641,15 +1641,15 @@ class Policy:
                 gains = options[method]
                 state.far_below = gains[best] < FAR_BELOW
                 close = gains[best] >= CLOSE_CALL
-                if close and not state.close:  # a close call now: its interval, raised to the engine's while it was
-                    state.probe_every = min(state.probe_every, PROBE_FIRST)  # not, starts again at its own
-                state.close = close
+                if close and state.close != method:  # a close call now: its interval, raised to the engine's while it
+                    state.probe_every = min(state.probe_every, PROBE_FIRST)  # was not, starts again at its own
+                state.close = method if close else ""
                 state.quiet_since = self.drafts
                 if state.last is not None and state.last.k and not state.last.forced and gains[best] >= CLOSE_CALL:
                     state.probe_every = PROBE_SOON  # it just stopped drafting on a close call: look again soon
                 # a probe's wait runs engine-wide too: the steps since the method's last probe by any row count where
                 # they exceed the request's own. A request starts at the interval its method's failed probes reached
-                # (``probe_floor``, up to PROBE_MAX / 2), and one shorter than half of it never probed on its own
+                # (``probe_floor``, up to PROBE_MAX), and one shorter than half of it never probed on its own
                 # count: after a bad phase the engine stayed plain for good (on an H200 at 8 clients x 128 tokens,
                 # T = 0.8: two passes without a probe). The first row due probes; the others of that step wait on
                 # their own counts, so short requests probe one row at a time
@@ -1666,17 +1666,24 @@ class Policy:
                     probe_best = best_drafting_k(probe_gains)
                 else:
                     probe_gains, probe_best = gains, best
+                state.probe_method = probed
                 waited = max(state.plain_steps, self.clock - self._probed_at.get(probed, self.clock))
-                if waited > state.plain_steps:
-                    self._raise_to_floor(state, probed)
                 wait = self._catch_up_wait(state, probed, batch, (catch_up or {}).get(probed, 0.0), waited)
                 if wait:
                     state.probe_after = waited + wait
                 if not wait and self._probe_due(state, waited):  # look again: acceptance or timings may have changed
                     self._probed_at[probed] = self.clock
                     state.plain_steps = state.probe_after = 0
-                    state.probe_every = min(PROBE_MAX, state.probe_every * 2)
-                    self.probe_floor[probed] = max(self.probe_floor.get(probed, PROBE_FIRST), state.probe_every // 2)
+                    # a probe that fails doubles the method's interval engine-wide (the next decision to draft drops
+                    # it): requests shorter than the interval met the floor, probed once each and left it where it
+                    # was (floor = half the doubled interval), and on an H100 at the TinyLlama shape's useless draft
+                    # every 128-token request probed the draft model once (15 probes of 1.3-1.5 ms over a 2.3 ms
+                    # step in 1280 tokens, 0.7% of the time). A close call's own interval doubles only with probes
+                    # of its own method: a probe of another (the rotation above) leaves it short
+                    doubled = min(PROBE_MAX, 2 * self._interval(state, probed))
+                    if not state.close or state.close == probed:
+                        state.probe_every = doubled
+                    self.probe_floor[probed] = max(self.probe_floor.get(probed, PROBE_FIRST), doubled)
                     state.probing = True
                     k = self._probe_k(probed, probe_best, probe_gains)
                     d = Decision(k, probed, f"probing {probed} K={k} (predicted {probe_gains[k]:.2f}x plain; best "
