@@ -1649,7 +1649,7 @@ class Policy:
                     state.probe_every = PROBE_SOON  # it just stopped drafting on a close call: look again soon
                 # a probe's wait runs engine-wide too: the steps since the method's last probe by any row count where
                 # they exceed the request's own. A request starts at the interval its method's failed probes reached
-                # (``probe_floor``, up to PROBE_MAX), and one shorter than half of it never probed on its own
+                # (``probe_floor``, up to PROBE_MAX / 2), and one shorter than half of it never probed on its own
                 # count: after a bad phase the engine stayed plain for good (on an H200 at 8 clients x 128 tokens,
                 # T = 0.8: two passes without a probe). The first row due probes; the others of that step wait on
                 # their own counts, so short requests probe one row at a time
@@ -1674,16 +1674,19 @@ class Policy:
                 if not wait and self._probe_due(state, waited):  # look again: acceptance or timings may have changed
                     self._probed_at[probed] = self.clock
                     state.plain_steps = state.probe_after = 0
-                    # a probe that fails doubles the method's interval engine-wide (the next decision to draft drops
-                    # it): requests shorter than the interval met the floor, probed once each and left it where it
-                    # was (floor = half the doubled interval), and on an H100 at the TinyLlama shape's useless draft
-                    # every 128-token request probed the draft model once (15 probes of 1.3-1.5 ms over a 2.3 ms
-                    # step in 1280 tokens, 0.7% of the time). A close call's own interval doubles only with probes
-                    # of its own method: a probe of another (the rotation above) leaves it short
+                    # the floor: the interval a probe of the method failed at (the next decision to draft drops it).
+                    # Short requests meet it and probe about once each: at the TinyLlama shape's useless draft on an
+                    # H100, one probe of the draft model per 128-token request (1.3-1.5 ms over a 2.3 ms step, 0.7%
+                    # of the time). Doubled by every failed probe instead (up to PROBE_MAX), that cost halved, but
+                    # drafting did not come back when the draft paid again: one probe per 512 steps never outweighed
+                    # the shared runs of the useless phase (the policy alone, 24 requests of 128 steps at acceptance
+                    # 0 then 8 at 0.7: the last four drafted in 19-34% of their steps against 77-100%). A close
+                    # call's own interval doubles only with probes of its own method: a probe of another (the
+                    # rotation above) leaves it short
                     doubled = min(PROBE_MAX, 2 * self._interval(state, probed))
                     if not state.close or state.close == probed:
                         state.probe_every = doubled
-                    self.probe_floor[probed] = max(self.probe_floor.get(probed, PROBE_FIRST), doubled)
+                    self.probe_floor[probed] = max(self.probe_floor.get(probed, PROBE_FIRST), doubled // 2)
                     state.probing = True
                     k = self._probe_k(probed, probe_best, probe_gains)
                     d = Decision(k, probed, f"probing {probed} K={k} (predicted {probe_gains[k]:.2f}x plain; best "
