@@ -6,7 +6,7 @@ import random
 import pytest
 
 from engine.acceptance_runs import RunLengths, RunSums, expected_from_runs, geometric_sums, run_steps
-from engine.adaptive import GREEDY, AdaptiveState, Policy, expected_tokens, survival
+from engine.adaptive import GREEDY, PROBE_FIRST, AdaptiveState, Policy, expected_tokens, survival
 from engine.stats import SpecDecodingStats
 
 
@@ -43,6 +43,28 @@ def _timed_policy(per_token: dict[str, float], plain: float = 1.0) -> Policy:
             for _ in range(3):
                 policy.times.observe(method, 1, k, plain + cost * k)
     return policy
+
+
+def _request(policy: Policy, text: list[bool], length: int, per_token: float) -> float:
+    """One request of ``length`` tokens over ``text`` (True where the draft model's token is accepted), decided by
+    ``policy`` as the engine does (runs cut at plain steps and at the end); the share of its steps that drafted."""
+    state, x, drafting, steps = AdaptiveState(), 0, 0, 0
+    while x < length:
+        policy.tick()
+        d = policy.choose(state, {"model": per_token}, 1, alpha=0.1)
+        steps += 1
+        if d.k:
+            a = 0
+            while a < d.k and text[x + a]:
+                a += 1
+            policy.observe("model", d.k, a, state, at=x)
+            state.observe("model", d.k, a)
+            x, drafting = x + a + 1, drafting + 1
+        else:
+            policy.cut_runs(state)  # as the engine does at a step that did not draft with the model
+            x += 1
+    policy.cut_runs(state)  # ... and at the request's end
+    return drafting / steps
 
 
 def _realized(text: list[bool], k: int) -> float:
@@ -159,27 +181,25 @@ def test_after_a_useless_drafts_phase_probes_bring_drafting_back():
         policy.tick()
         policy.observe("model", 4, 0, useless, at=x)
         useless.observe("model", 4, 0)
-    drafted = []
-    for _ in range(4):  # requests of 256 tokens on a text accepted at 0.7
-        text = [rng.random() < 0.7 for _ in range(300)]
-        state, x, steps = AdaptiveState(), 0, []
-        while x < 256:
-            policy.tick()
-            d = policy.choose(state, {"model": per_token}, 1, alpha=0.1)
-            if d.k:
-                a = 0
-                while a < d.k and text[x + a]:
-                    a += 1
-                policy.observe("model", d.k, a, state, at=x)
-                state.observe("model", d.k, a)
-                x += a + 1
-            else:
-                policy.cut_runs(state)  # as the engine does at a step that did not draft with the model
-                x += 1
-            steps.append(bool(d.k))
-        policy.cut_runs(state)  # ... and at the request's end
-        drafted.append(sum(steps) / len(steps))
+    # requests of 256 tokens on a text accepted at 0.7
+    drafted = [_request(policy, [rng.random() < 0.7 for _ in range(300)], 256, per_token) for _ in range(4)]
     assert drafted[-1] > 0.8, drafted
+
+
+def test_after_short_requests_failed_their_probes_drafting_comes_back():
+    """Requests of 128 steps with a useless draft probe and fail (the engine-wide floor rises); when the draft pays
+    again (acceptance 0.7) drafting comes back within a few requests. With every failed probe doubling the floor up to
+    PROBE_MAX (tried: it halved the useless phase's probes), one probe per 512 steps never outweighed the shared runs
+    of the useless phase: the last of eight good requests drafted in a third of its steps."""
+    shares = []
+    for seed in range(3):
+        policy, rng = _timed_policy({"model": 0.1}), random.Random(seed)
+        useless = [_request(policy, [False] * 150, 128, 0.1) for _ in range(24)]
+        assert max(useless[1:]) < 0.05  # after the first request (the prior), probes only
+        assert policy.probe_floor["model"] >= 4 * PROBE_FIRST
+        shares.append([_request(policy, [rng.random() < 0.7 for _ in range(150)], 128, 0.1) for _ in range(8)])
+    assert min(s[-1] for s in shares) > 0.8, shares
+    assert sum(sum(s[-4:]) for s in shares) / 12 > 0.7, shares
 
 
 def test_a_proposer_an_old_phase_wrote_off_is_probed_again_beside_a_better_predicted_one():

@@ -4,7 +4,6 @@ speculation does not pay, with rare probes; the decision and its reason in the s
 import collections
 import copy
 import math
-import random
 
 import pytest
 
@@ -268,45 +267,6 @@ def test_rows_probe_on_the_same_steps():
     together = set().union(*probes)
     assert all(step % PROBE_FIRST == 0 for step in together)
     assert len(together) < sum(len(p) for p in probes) - 6  # most probe steps are shared by the rows
-
-
-def _request_of_128(policy: Policy, rng: random.Random, p_accept: float, per_token: float) -> float:
-    """One request of 128 tokens on a text whose drafts are accepted at ``p_accept`` (independent positions), decided
-    by ``policy`` as the engine does; the share of its steps that drafted."""
-    text = [rng.random() < p_accept for _ in range(150)]
-    state, x, drafting, steps = AdaptiveState(), 0, 0, 0
-    while x < 128:
-        policy.tick()
-        d = policy.choose(state, {"model": per_token}, 1, alpha=0.1)
-        steps += 1
-        if d.k:
-            a = 0
-            while a < d.k and text[x + a]:
-                a += 1
-            policy.observe("model", d.k, a, state, at=x)
-            state.observe("model", d.k, a)
-            x, drafting = x + a + 1, drafting + 1
-        else:
-            policy.cut_runs(state)  # as the engine does at a step that did not draft with the model
-            x += 1
-    policy.cut_runs(state)
-    return drafting / steps
-
-
-def test_after_short_requests_failed_their_probes_drafting_comes_back():
-    """Requests of 128 steps with a useless draft probe and fail (the engine-wide floor rises); when the draft pays again
-    (acceptance 0.7) drafting comes back within a few requests. With every failed probe doubling the floor up to
-    PROBE_MAX (tried: it halved the useless phase's probes), one probe per 512 steps never outweighed the shared runs
-    of the useless phase: the last of eight good requests drafted in a third of its steps."""
-    shares = []
-    for seed in range(3):
-        policy, rng = _policy(1.0, 0.1), random.Random(seed)
-        useless = [_request_of_128(policy, rng, 0.0, 0.1) for _ in range(24)]
-        assert max(useless[1:]) < 0.05  # after the first request (the prior), probes only
-        assert policy.probe_floor["model"] >= 4 * PROBE_FIRST
-        shares.append([_request_of_128(policy, rng, 0.7, 0.1) for _ in range(8)])
-    assert min(s[-1] for s in shares) > 0.8, shares
-    assert sum(sum(s[-4:]) for s in shares) / 12 > 0.7, shares
 
 
 def test_k_is_chosen_per_batch_size():
