@@ -45,25 +45,29 @@ def _timed_policy(per_token: dict[str, float], plain: float = 1.0) -> Policy:
     return policy
 
 
-def _request(policy: Policy, text: list[bool], length: int, per_token: float) -> float:
-    """One request of ``length`` tokens over ``text`` (True where the draft model's token is accepted), decided by
-    ``policy`` as the engine does (runs cut at plain steps and at the end); the share of its steps that drafted."""
+def _request(policy: Policy, text: list[bool], length: int, methods: dict[str, float]) -> float:
+    """One request of ``length`` tokens over ``text`` (True where the draft model's token is accepted; every other
+    proposer's drafts are rejected), decided by ``policy`` as the engine does (the draft model's runs cut at steps
+    that did not draft with it and at the end); the share of its steps that drafted with the draft model."""
     state, x, drafting, steps = AdaptiveState(), 0, 0, 0
     while x < length:
         policy.tick()
-        d = policy.choose(state, {"model": per_token}, 1, alpha=0.1)
+        d = policy.choose(state, methods, 1, alpha=0.1)
         steps += 1
-        if d.k:
+        if d.k and d.method == "model":
             a = 0
             while a < d.k and text[x + a]:
                 a += 1
             policy.observe("model", d.k, a, state, at=x)
             state.observe("model", d.k, a)
             x, drafting = x + a + 1, drafting + 1
-        else:
-            policy.cut_runs(state)  # as the engine does at a step that did not draft with the model
-            x += 1
-    policy.cut_runs(state)  # ... and at the request's end
+            continue
+        if d.k:
+            policy.observe(d.method, d.k, 0, state)
+            state.observe(d.method, d.k, 0)
+        policy.cut_runs(state)
+        x += 1
+    policy.cut_runs(state)
     return drafting / steps
 
 
@@ -182,7 +186,7 @@ def test_after_a_useless_drafts_phase_probes_bring_drafting_back():
         policy.observe("model", 4, 0, useless, at=x)
         useless.observe("model", 4, 0)
     # requests of 256 tokens on a text accepted at 0.7
-    drafted = [_request(policy, [rng.random() < 0.7 for _ in range(300)], 256, per_token) for _ in range(4)]
+    drafted = [_request(policy, [rng.random() < 0.7 for _ in range(300)], 256, {"model": per_token}) for _ in range(4)]
     assert drafted[-1] > 0.8, drafted
 
 
@@ -194,10 +198,10 @@ def test_after_short_requests_failed_their_probes_drafting_comes_back():
     shares = []
     for seed in range(3):
         policy, rng = _timed_policy({"model": 0.1}), random.Random(seed)
-        useless = [_request(policy, [False] * 150, 128, 0.1) for _ in range(24)]
+        useless = [_request(policy, [False] * 150, 128, {"model": 0.1}) for _ in range(24)]
         assert max(useless[1:]) < 0.05  # after the first request (the prior), probes only
         assert policy.probe_floor["model"] >= 4 * PROBE_FIRST
-        shares.append([_request(policy, [rng.random() < 0.7 for _ in range(150)], 128, 0.1) for _ in range(8)])
+        shares.append([_request(policy, [rng.random() < 0.7 for _ in range(150)], 128, {"model": 0.1}) for _ in range(8)])
     assert min(s[-1] for s in shares) > 0.8, shares
     assert sum(sum(s[-4:]) for s in shares) / 12 > 0.7, shares
 
@@ -214,27 +218,7 @@ def test_a_proposer_an_old_phase_wrote_off_is_probed_again_beside_a_better_predi
         policy.observe("model", 4, 0, old, at=x)
         policy.observe("ngram", 2, 0, old)
     rng = random.Random(7)
-    drafted = []
-    for _ in range(6):  # requests of 256 tokens on a text the draft model now predicts at 0.7; n-gram finds nothing
-        text = [rng.random() < 0.7 for _ in range(300)]
-        state, x, model_steps, steps = AdaptiveState(), 0, 0, 0
-        while x < 256:
-            policy.tick()
-            d = policy.choose(state, {"model": 0.1, "ngram": 0.02}, 1, alpha=0.1)
-            steps += 1
-            if d.k and d.method == "model":
-                a = 0
-                while a < d.k and text[x + a]:
-                    a += 1
-                policy.observe("model", d.k, a, state, at=x)
-                state.observe("model", d.k, a)
-                x, model_steps = x + a + 1, model_steps + 1
-                continue
-            if d.k:
-                policy.observe("ngram", d.k, 0, state)
-                state.observe("ngram", d.k, 0)
-            policy.cut_runs(state)
-            x += 1
-        policy.cut_runs(state)
-        drafted.append(model_steps / steps)
+    # requests of 256 tokens on a text the draft model now predicts at 0.7; n-gram finds nothing
+    drafted = [_request(policy, [rng.random() < 0.7 for _ in range(300)], 256, {"model": 0.1, "ngram": 0.02})
+               for _ in range(6)]
     assert max(drafted[-2:]) > 0.8, drafted
