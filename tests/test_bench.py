@@ -67,6 +67,13 @@ def test_quick_bench_json_has_every_field(quick_results):
         assert {"alpha", "alpha_per_position", "recommended_k", "draft_cost", "verify_cost"} <= set(scen["calibration"])
     assert {(c["concurrency"], c["mode"]) for c in r["concurrency"]} == {
         (n, mode) for n in QUICK.concurrency for mode in ("plain", "speculative")}
+    for c in r["concurrency"]:  # each repeat's drafts by proposer (none for plain) and graphs captured (none on the CPU)
+        assert len(c["drafts_by_method_runs"]) == len(c["graph_captures_runs"]) == len(c["tokens_per_second_runs"])
+        assert all(set(d) <= {"model", "ngram", "eagle"} and all(n > 0 for n in d.values())
+                   for d in c["drafts_by_method_runs"])
+        if c["mode"] == "plain":
+            assert not any(c["drafts_by_method_runs"])
+        assert set(c["graph_captures_runs"]) == {0}
     mem = r["memory"]
     assert mem["contiguous_max_length_bytes"] > mem["peak_paged_bytes"] > 0
     assert 0 <= mem["peak_fragmentation"] < 1
@@ -91,6 +98,11 @@ def test_tables_name_every_target_with_pass_or_miss(quick_results):
     assert "| method |" in format_results(quick_results, markdown=True)
     rounds = len(quick_results["concurrency"][0]["tokens_per_second_runs"])  # the rounds the medians are over
     assert ("one round" if rounds == 1 else f"median of {rounds} rounds") in text
+    for c in quick_results["concurrency"]:  # an adaptive row's repeats, with what they drafted with
+        if c["mode"] == "speculative":
+            drafts = ", ".join(f"{m} {n}" for m, n in c["drafts_by_method_runs"][0].items()) or "no drafts"
+            assert f"adaptive at {c['concurrency']} concurrent, each repeat: tokens/s (drafts by proposer): " \
+                   f"{c['tokens_per_second_runs'][0]:.0f} ({drafts}" in text
 
 
 def test_targets_say_miss_plainly():
@@ -660,3 +672,22 @@ def test_the_greedy_replay_counts_the_engines_own_decode_steps_for_every_fixed_k
     best = out["fixed"][out["best_k"]]
     assert out["fixed"][0] == 1.0 and best > 1.0  # plain: one token a 1 ms step
     assert out["pair_rate"] >= best - 1e-12 and out["knows_the_run"] >= out["pair_rate"] - 1e-12
+
+
+def test_a_concurrency_pass_counts_its_drafts_by_proposer():
+    """A concurrency pass's drafts by proposer (the bench's per-repeat record, ``drafts_by_method_runs``) are its
+    requests' own counts: a fixed-K pass drafts with the draft model alone, as many drafts as its requests made, and
+    a pass merged into another adds them up."""
+    from engine.bench.runs import helix_concurrent
+
+    engine = tiny_engine()
+    prompts = [engine.tokenizer(p)["input_ids"] for p in load_prompts()[:2]]
+    fixed = helix_concurrent(engine, prompts, 2, True, 0.0, 12, 0, k=2, requests=4, draft_method="model")
+    assert fixed.num_drafts > 0 and fixed.drafts_by_method == {"model": fixed.num_drafts}
+    assert fixed.graph_captures == 0
+    plain = helix_concurrent(engine, prompts, 2, False, 0.0, 12, 0, requests=2)
+    assert plain.drafts_by_method == {}
+    plain.merge(fixed)
+    plain.merge(fixed)
+    assert plain.drafts_by_method == {"model": 2 * fixed.num_drafts}
+    assert engine.target.blocks.num_free == engine.target.blocks.num_blocks

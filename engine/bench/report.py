@@ -254,6 +254,22 @@ def targets_table(targets: list[dict], markdown: bool = False) -> str:
     return _table(["target", "where", "measured", "goal", "result"], rows, markdown)
 
 
+def _repeats_line(row: dict) -> str | None:
+    """An adaptive concurrency row's repeats: tokens/s, drafts by proposer and CUDA graphs captured mid-pass (None for
+    plain rows and results saved before these were kept)."""
+    mix = row.get("drafts_by_method_runs")
+    if row.get("mode") != "speculative" or not mix:
+        return None
+    caps = row.get("graph_captures_runs") or [0] * len(mix)
+    runs = []
+    for tps, drafts, cap in zip(row["tokens_per_second_runs"], mix, caps):
+        what = ", ".join(f"{m} {n}" for m, n in drafts.items()) or "no drafts"
+        runs.append(f"{tps:.0f} ({what}" + (f"; {cap} graph captures" if cap else "") + ")")
+    temp = f", T = {row['temperature']:g}" if row.get("temperature") else ""
+    return f"adaptive at {row['concurrency']} concurrent{temp}, each repeat: tokens/s (drafts by proposer): " \
+        + ", ".join(runs)
+
+
 def format_results(results: dict, markdown: bool = False) -> str:
     h = "### " if markdown else "== "
     mach = results["machine"]
@@ -277,6 +293,7 @@ def format_results(results: dict, markdown: bool = False) -> str:
                      f"new tokens each, {waves} request(s) per client back to back, {_rounds(c0)}, throughput in "
                      "tokens/s)")
         parts += [concurrency_table(results["concurrency"], markdown), ""]
+        parts += [line for r in results["concurrency"] if (line := _repeats_line(r))]
         fixed = results.get("concurrency_fixed_k")
         if fixed:
             parts += [f"fixed K (draft model) at {fixed[0]['concurrency']} concurrent, tokens/s: "
@@ -287,7 +304,8 @@ def format_results(results: dict, markdown: bool = False) -> str:
                   "tokens/s: " + ", ".join(
                       f"{'adaptive' if r['mode'] == 'speculative' else r['mode']} {r['tokens_per_second']:.1f}"
                       + (f" (accept length {_fmt(r['mean_acceptance_length'], '.2f')})" if r["mode"] != "plain" else "")
-                      for r in rows), ""]
+                      for r in rows)]
+        parts += [line for r in rows if (line := _repeats_line(r))] + [""]
     if results.get("memory"):
         parts += [f"{h}KV memory (mixed batch)", memory_table(results["memory"], markdown), ""]
     if results.get("profile"):

@@ -48,7 +48,8 @@ class PassResult:
     accepted_per_position: list[int] = field(default_factory=list)
     drafts_per_position: list[int] = field(default_factory=list)
     draft_time_s: float = 0.0
-    graph_captures: int = 0  # CUDA graphs captured inside the pass (set by the shape bench)
+    graph_captures: int = 0  # CUDA graphs captured inside the pass (the shape bench's, the concurrency passes')
+    drafts_by_method: dict[str, int] = field(default_factory=dict)  # an adaptive pass's drafts by proposer
     passes: list[float] | None = None  # the shape bench's median pass: every pass's tok/s, in round order
     target_time_s: float = 0.0
     target_calls: int = 0  # HF: target forward passes (iterations of assisted generation)
@@ -67,6 +68,9 @@ class PassResult:
         self.add_stats(other)
         self.target_calls += other.target_calls
         self.draft_calls += other.draft_calls
+        self.graph_captures += other.graph_captures
+        for name, drafts in other.drafts_by_method.items():
+            self.drafts_by_method[name] = self.drafts_by_method.get(name, 0) + drafts
 
     def add_stats(self, stats) -> None:
         self.num_drafts += stats.num_drafts
@@ -79,6 +83,8 @@ class PassResult:
                 mine[i] += v
         self.draft_time_s += stats.draft_time_s
         self.target_time_s += stats.target_time_s
+        for name, counts in getattr(stats, "by_method", {}).items():  # a request's: [drafts, drafted, accepted]
+            self.drafts_by_method[name] = self.drafts_by_method.get(name, 0) + counts[0]
 
 
 def supports_draft_method() -> bool:
@@ -127,8 +133,11 @@ def helix_concurrent(engine, prompts: list[list[int]], n: int, speculative: bool
     one finishes (vLLM's ``benchmark_serving --max-concurrency``). One request each measures a closed batch,
     whose time is set by its slowest row: under speculation rows finish steps apart, and the last steps run a few
     rows at a fraction of the batch's speed."""
+    from engine.cuda_graphs import GraphRunner
+
     res = PassResult()
     done: list[FinishEvent] = []
+    captured = GraphRunner.captures
     method = Method("concurrent", "helix", speculative=speculative, k=k if speculative else None,
                     draft_method=draft_method)
     total = n if requests is None else max(n, requests)
@@ -150,6 +159,7 @@ def helix_concurrent(engine, prompts: list[list[int]], n: int, speculative: bool
         if on_step is not None:
             on_step(engine)
     res.seconds = time.perf_counter() - t0
+    res.graph_captures = GraphRunner.captures - captured
     for final in done:
         _check(final)
         res.tokens += len(final.token_ids)

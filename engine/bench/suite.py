@@ -383,7 +383,12 @@ def _concurrency(engine, prompts, cfg: BenchConfig, prog: _Progress) -> tuple[li
                 "ttft_ms": round(statistics.median(x for p in passes for x in p.ttft_s) * 1e3, 3),
                 "mean_acceptance_length": round(1 + sum(p.num_accepted_tokens for p in passes) / drafts, 4)
                 if drafts else None,
-                "temperature": temp, "max_new_tokens": cfg.concurrency_tokens, "requests": n * cfg.concurrency_waves}
+                "temperature": temp, "max_new_tokens": cfg.concurrency_tokens, "requests": n * cfg.concurrency_waves,
+                # what each repeat of an adaptive row drafted with, and the CUDA graphs it captured mid-pass: the
+                # repeats' spread (on an H100, 8 clients greedy: 8189-12553 tok/s against fixed K = 4's 12915-13427)
+                # said nothing of why
+                "drafts_by_method_runs": [dict(sorted(p.drafts_by_method.items())) for p in passes],
+                "graph_captures_runs": [p.graph_captures for p in passes]}
 
     def vs_plain(temp: float, n: int, passes: list[PassResult]) -> float | None:
         """Over plain, paired by repeat (both ran back to back): the median of the ratios."""
