@@ -89,8 +89,9 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     ks = [plan[r][0] for r in reqs]
     explored = False
     modelled = [i for i in range(len(reqs)) if ks[i] > 0 and used[i] != "ngram"]  # rows a model drafts for
+    drafter = "+".join(sorted({used[i] for i in modelled}))  # the proposer(s) whose forwards the draft phase runs
     if threads is not None:
-        n_draft = threads.choose(len(modelled), len(modelled), "draft")
+        n_draft = threads.choose(len(modelled), len(modelled), "draft", drafter)
         explored = threads.exploring
     # n-gram first: where it finds no match, an auto row may draft with the model or the head in the same step
     for name in sorted(proposers, key=lambda n: n != "ngram"):
@@ -120,7 +121,7 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
         # proposer first caught up on a prompt or on tokens it skipped (a first EAGLE step reads the prompt's pairs)
         if drafted and not any(p.backlog for p in proposers.values()):
             threads.observe(n_draft, len(modelled), t1 - t0, len(modelled), "draft",
-                            per_tokens=sum(len(lists[i]) for i in drafted))
+                            per_tokens=sum(len(lists[i]) for i in drafted), kind=drafter)
         n_verify = threads.choose(tokens, len(reqs), "verify")
         explored = explored or threads.exploring
     # rows that may draft with the EAGLE head bring back the target's features of what it verified

@@ -54,18 +54,20 @@ class StepThreads:
         return cls(small, setting or os.cpu_count() or small)
 
     @staticmethod
-    def _bucket(tokens: int, rows: int = 1, phase: str = "prefill") -> tuple[str, int, int]:
-        """(phase, tokens, rows), the counts rounded down to powers of two (8-15 -> 8, ...): 8 rows of one token and
-        one row verifying 8 are different steps, and may prefer different counts."""
-        return phase, 1 << max(0, tokens.bit_length() - 1), 1 << max(0, rows.bit_length() - 1)
+    def _bucket(tokens: int, rows: int = 1, phase: str = "prefill", kind: str = "") -> tuple[str, int, int]:
+        """(phase and kind, tokens, rows), the counts rounded down to powers of two (8-15 -> 8, ...): 8 rows of one
+        token and one row verifying 8 are different steps, and may prefer different counts. ``kind``: what runs the
+        phase where that changes its cost (a draft phase's proposer: the draft model's forwards and the EAGLE head's
+        are different work, and each drafting row's time per token differs by which one drafted)."""
+        return f"{phase}:{kind}" if kind else phase, 1 << max(0, tokens.bit_length() - 1), 1 << max(0, rows.bit_length() - 1)
 
-    def choose(self, tokens: int, rows: int = 1, phase: str = "prefill") -> int:
+    def choose(self, tokens: int, rows: int = 1, phase: str = "prefill", kind: str = "") -> int:
         """Threads for a forward (or, for ``draft``, each forward of a chain) over ``tokens`` tokens in ``rows`` rows;
         sets torch's count when it changes."""
         n = self.small
         self.exploring = False
         if self.enabled and tokens >= MIN_TOKENS[phase]:
-            b = self._bucket(tokens, rows, phase)
+            b = self._bucket(tokens, rows, phase, kind)
             seen = self.count.get(b, 0)
             self.count[b] = seen + 1
             fast = {c: self.avg.get((b, c)) for c in (self.small, self.big)}
@@ -86,12 +88,12 @@ class StepThreads:
         return n
 
     def observe(self, threads: int, tokens: int, seconds: float, rows: int = 1, phase: str = "prefill",
-                per_tokens: int | None = None) -> None:
-        """The forward(s) chosen for by ``choose(tokens, rows, phase)`` took ``seconds``; ``per_tokens``: the tokens
-        the time is divided by (default ``tokens``; a draft phase divides by every token it drafted)."""
+                per_tokens: int | None = None, kind: str = "") -> None:
+        """The forward(s) chosen for by ``choose(tokens, rows, phase, kind)`` took ``seconds``; ``per_tokens``: the
+        tokens the time is divided by (default ``tokens``; a draft phase divides by every token it drafted)."""
         if not self.enabled or tokens < MIN_TOKENS[phase] or seconds <= 0:
             return
-        key = (self._bucket(tokens, rows, phase), threads)
+        key = (self._bucket(tokens, rows, phase, kind), threads)
         per = seconds / max(1, per_tokens or tokens)
         old = self.avg.get(key)
         self.avg[key] = per if old is None else EMA * old + (1 - EMA) * per
