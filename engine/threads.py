@@ -18,7 +18,8 @@ per drafting row each) and the target's verification (one forward over every row
 verification of 5-8 tokens gains from the second core (oneDNN's packed GEMMs at 5 rows stream the weights at ~5
 GB/s on one core here, ~8 on two) while the one-row draft steps lose; choosing for the whole step gave both one
 count. Measured on the 2-core EPYC (demo pair, EAGLE head at batch 1, in process, interleaved runs of 4 prompts):
-197 tok/s with one thread for the whole step, 211 with two for the verification alone.
+197 tok/s with one thread for the whole step, 211 with two for the verification alone. The drafting phase is chosen
+per proposer too: the draft model's forwards and the EAGLE head's cost different times a token (``_bucket``'s kind).
 """
 
 from __future__ import annotations
