@@ -89,8 +89,10 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
     ks = [plan[r][0] for r in reqs]
     explored = False
     modelled = [i for i in range(len(reqs)) if ks[i] > 0 and used[i] != "ngram"]  # rows a model drafts for
-    drafter = "+".join(sorted({used[i] for i in modelled}))  # the proposer(s) whose forwards the draft phase runs
+    drafter = ""  # the proposer(s) whose forwards the draft phase runs (the CPU's thread count is chosen per proposer)
     if threads is not None:
+        if threads.enabled:
+            drafter = "+".join(sorted({used[i] for i in modelled}))
         n_draft = threads.choose(len(modelled), len(modelled), "draft", drafter)
         explored = threads.exploring
     # n-gram first: where it finds no match, an auto row may draft with the model or the head in the same step

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import SamplingParams
+from engine.cuda_graphs import GraphRunner
 from engine.sequence import FinishEvent
 
 
@@ -133,8 +134,6 @@ def helix_concurrent(engine, prompts: list[list[int]], n: int, speculative: bool
     one finishes (vLLM's ``benchmark_serving --max-concurrency``). One request each measures a closed batch,
     whose time is set by its slowest row: under speculation rows finish steps apart, and the last steps run a few
     rows at a fraction of the batch's speed."""
-    from engine.cuda_graphs import GraphRunner
-
     res = PassResult()
     done: list[FinishEvent] = []
     captured = GraphRunner.captures
