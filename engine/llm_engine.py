@@ -433,7 +433,9 @@ class LLMEngine:
         # measured per position: left uncut)
         ngram = self.proposers["ngram"]
         ngram.position_cost, ngram.first_cost = (self.verify_cost, self.first_cost) if len(plan) == 1 else (0.0, 0.0)
-        results, timing = decode_step(self.target, self.proposers, plan, self._fallbacks(plan, len(reqs)), self.threads,
+        fallback = self._fallbacks(plan, len(reqs))
+        self.planner.features(plan, fallback)
+        results, timing = decode_step(self.target, self.proposers, plan, fallback, self.threads,
                                       while_device=self._while_device if self.overlap else None)
         kmax = max(r.k for r in results)
         methods = {r.method for r in results if r.k}

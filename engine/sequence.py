@@ -62,6 +62,7 @@ class Request:
     eager: str | None = None  # the proposer that reads an adaptive request's prompt in its prefill ("": none; decided
     # at its first chunk, ``LLMEngine._eager``)
     use_eagle: bool = False  # may draft with the EAGLE-3 head: its verify and prefill rows return the target's features
+    features: bool = True  # a use_eagle row's verification returns them this step (``StepPlanner.features``)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None

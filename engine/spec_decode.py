@@ -126,9 +126,11 @@ def decode_step(target: ModelRunner, proposers: dict[str, Proposer], plan: dict[
                             per_tokens=sum(len(lists[i]) for i in drafted), kind=drafter)
         n_verify = threads.choose(tokens, len(reqs), "verify")
         explored = explored or threads.exploring
-    # rows that may draft with the EAGLE head bring back the target's features of what it verified
+    # rows that may draft with the EAGLE head bring back the target's features of what it verified, while the head is
+    # in play for them (``StepPlanner.features``)
     held = set(drafters)
-    rows_in = [RowInput(r.seq_id, r.all_ids[target.cached_len(r.seq_id):] + lists[i], len(lists[i]) + 1, r.use_eagle,
+    rows_in = [RowInput(r.seq_id, r.all_ids[target.cached_len(r.seq_id):] + lists[i], len(lists[i]) + 1,
+                        r.use_eagle and r.features,
                         len(lists[i]) if i in held else 0) for i, r in enumerate(reqs)]
     # on a GPU the verification's launches overlap the forward (not synced): the target's time then runs to the
     # verified tokens' copy to the host, which waits for both

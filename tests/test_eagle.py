@@ -217,21 +217,71 @@ def test_requests_sharing_a_prompt_share_the_heads_prompt_blocks():
     assert prop.blocks.num_free == prop.blocks.num_blocks and not prop._waiting
 
 
+def test_rows_ask_for_features_only_while_the_head_is_in_play(monkeypatch):
+    """A row drafting with the draft model where the head could not gain (its decision's ``others``), and a fixed-K row
+    drafting with the model, ask the target for no features; a row whose decision lists the head among the proposers
+    it may probe does. When the head is then to draft for a row that asked for none, that step decodes plain and
+    brings them, and the head drafts from the next step: the output stays the target's greedy output."""
+    from engine.adaptive import Decision
+
+    eng = tiny_pair_engine(eagle=True)
+    prop = eng.proposers["eagle"]
+    got: list[int] = []
+    real_receive = prop.receive
+    monkeypatch.setattr(eng.target, "aux_sink", lambda sid, start, aux: (got.append(sid), real_receive(sid, start, aux)))
+    plan = {"method": "model"}
+    monkeypatch.setattr(eng, "_choose", lambda r, b: (min(2, max(0, r.remaining - 1)), plan["method"]))
+    prompt = "Lily loved to play in the park"
+    params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    req = eng.add_request(prompt, params)
+    fixed = eng.add_request(prompt, SamplingParams(**{**params.__dict__, "num_draft_tokens": 2}))
+    while not (req.prefilled and fixed.prefilled):
+        eng.step()
+    req.adaptive.last = Decision(2, "model", "drafting with the draft model", {0: 1.0, 2: 1.5})
+    got.clear()
+    for _ in range(4):
+        eng.step()
+    assert not req.features and not fixed.features and not got
+    assert set(req.stats.by_method) == {"model"}
+    req.adaptive.last = Decision(2, "model", "drafting with the draft model", {0: 1.0, 2: 1.5}, others={"eagle": 2})
+    eng.step()
+    assert req.features and got == [req.seq_id]
+    req.adaptive.last = Decision(2, "model", "drafting with the draft model", {0: 1.0, 2: 1.5})
+    eng.step()  # the head out of play again
+    plan["method"] = "eagle"
+    monkeypatch.setattr(eng, "_choose", lambda r, b: (min(2, max(0, r.remaining - 1)), "eagle" if r is req else "model"))
+    drafts = req.stats.num_drafts
+    got.clear()
+    eng.step()  # the head lacks the features of the last pair: a plain step that brings them
+    assert req.stats.num_drafts == drafts and "eagle" not in req.stats.by_method and got == [req.seq_id]
+    assert "eagle" not in req.adaptive.stats  # no draft of the head that found nothing to read counts against it
+    eng.step()
+    assert req.stats.by_method["eagle"][0] == 1
+    while eng.has_work():
+        eng.step()
+    plain = eng.generate(prompt, SamplingParams(max_new_tokens=40, temperature=0, speculative=False, ignore_eos=True))
+    assert req.output_ids == plain.token_ids == fixed.output_ids
+    assert prop.blocks.num_free == prop.blocks.num_blocks and not prop._waiting
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_features_of_a_request_drafting_otherwise_are_read_as_they_pile_up(monkeypatch, overlap):
-    """An auto request the draft model drafts for still collects the target's features for the head; past
-    MAX_WAITING of them the head reads them between steps (with ``overlap``, as deferred work while the next step
-    verifies), so they never pile up for the whole request."""
+    """An adaptive request the draft model drafts for, while the head is in play for it (here: it has no decision of
+    its own yet), still collects the target's features for the head; past MAX_WAITING of them the head reads them
+    between steps (with ``overlap``, as deferred work while the next step verifies), so they never pile up for the
+    whole request."""
     import engine.proposers.eagle as eagle_proposer
 
     monkeypatch.setattr(eagle_proposer, "MAX_WAITING", 16)
     eng = tiny_pair_engine(eagle=True)
     eng.overlap = overlap
+    monkeypatch.setattr(eng, "_choose", lambda r, b: (min(3, max(0, r.remaining - 1)), "model"))
     prop = eng.proposers["eagle"]
     req = eng.add_request("Lily loved to play in the park", SamplingParams(max_new_tokens=90, temperature=0,
-                                                                          num_draft_tokens=3, ignore_eos=True))
-    while req.num_tokens < 80:  # auto at a fixed K drafts with the first method, the draft model
+                                                                          ignore_eos=True))
+    while req.num_tokens < 80:
         eng.step()
+        assert req.features
     assert req.stats.num_drafts > 0 and prop._cached(req.seq_id) >= req.num_tokens - 1 - 16 - 9
     assert prop._waiting[req.seq_id].n <= 16 + 9
     assert torch.allclose(_next_logits(eng, req), _fresh_logits(eng, req), atol=1e-4)

@@ -229,6 +229,16 @@ class EagleProposer:
     def behind(self, req: Request) -> int:
         return max(0, req.num_tokens - 1 - self._cached(req.seq_id))
 
+    def ready(self, req: Request) -> bool:
+        """Whether the head can draft for ``req`` now: it holds the target's features of the pair it reads last (the
+        verification before produced them), or has read every pair. A request that asked for no features (its rows
+        drafted with another proposer, ``StepPlanner.features``) gets them back with its next verification."""
+        upto = req.num_tokens - 2
+        if upto < self._cached(req.seq_id):
+            return True
+        held = self._waiting.get(req.seq_id)
+        return held is not None and held.first <= upto < held.first + held.n
+
     def rollback(self, req: Request, num_tokens: int) -> None:
         """Keep pairs and features of the verified tokens (position < num_tokens - 1 for pairs, < num_tokens
         for features); list the request for ``read_waiting`` where its features piled up while it decoded otherwise."""
