@@ -178,6 +178,41 @@ class ModelRunner:
         self.last_forward_s = time.perf_counter() - t0
         return logits
 
+    @torch.inference_mode()
+    def cached_features(self, seq_id: int, start: int, token_ids: list[int]) -> torch.Tensor:
+        """The aux hidden states (``aux_layers``: an EAGLE-3 head's features) of ``token_ids``, which this sequence's
+        cache already holds at positions ``start``.., computed again by a forward that reads every key and value from
+        the cache as it was written and writes none (its new K/V go to the scratch slot): the features of tokens the
+        target read without handing them over (a prompt prefix found in the prefix cache, steps whose rows asked for
+        none). ``[n, len(aux_layers) * hidden]``; eager, one row."""
+        n, bs, dev = len(token_ids), self.blocks.block_size, self.device
+        end = start + n
+        table = self.blocks.tables[seq_id]
+        if self.aux_layers is None or end > table.num_tokens:
+            raise ValueError(f"no features of positions {start}..{end - 1}: the cache holds {table.num_tokens} tokens")
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=dev)
+        positions = torch.arange(start, end, device=dev)[None]
+        blocks = torch.tensor([table.blocks[: -(-end // bs)]], dtype=torch.long, device=dev)
+        gather = key_slots(blocks, end, bs)  # [1, T]
+        scratch = torch.full((n,), self.pool.scratch_slot, dtype=torch.long, device=dev)
+        with eager_attention(dev):
+            if self.lean is not None:
+                batch = self.lean.window_batch(AttnBatch(scratch, gather.reshape(-1), causal_mask(positions, end), end),
+                                               blocks, positions, bs)
+                return self.lean.forward(input_ids, positions, batch, self.pool, 1, self.aux_layers)[1][0]
+            k_pos = torch.arange(end, device=dev)
+            allowed = k_pos[None, None, :] <= positions[:, :, None]  # [1, N, T]
+            mask = torch.zeros(allowed.shape, dtype=self.pool.dtype, device=dev)
+            mask = mask.masked_fill_(~allowed, torch.finfo(self.pool.dtype).min)[:, None]
+            if self.window is not None:
+                mask = self._sliding(mask, allowed, positions, k_pos, torch.ones_like(positions, dtype=torch.bool))
+            self.cache.batch = ForwardBatch(torch.arange(n, device=dev), scratch, gather, True, end)
+            try:
+                _, hidden = forward_with_cache(self.model, input_ids, positions, mask, self.cache, 1, hidden_states=True)
+            finally:
+                self.cache.batch = None
+            return torch.cat([hidden[i] for i in self.aux_layers], -1)[0]
+
     def _run(self, rows: list[RowInput], starts: list[int], bs: int, aux: list | None = None,
              tail: torch.Tensor | None = None) -> list[torch.Tensor]:
         dev = self.device

@@ -400,23 +400,15 @@ class StepPlanner:
         those that draft with the head now or may soon, not those drafting with another proposer where the head could
         not gain (``Decision.others``). The features cost the target's forward a graph with the aux outputs and their
         hand-over to the head: on an H100 at 8 clients (demo pair, fp16) the default's K = 4 steps with the draft model
-        took 2.41 ms against fixed K = 4's 2.20, the rows asking for features the head never read. A row the head is to
-        draft for without the features of its last pair (it asked for none last step) decodes plain this step, asking
-        for them, and drafts with the head from the next: the head's first draw reads that pair, and a zero feature in
-        its place would make the draft, and adaptive's evidence of the head, worse than the head is."""
-        eagle = self.engine.proposers.get("eagle")
-        if eagle is None:
+        took 2.41 ms against fixed K = 4's 2.20, the rows asking for features the head never read. Where the head
+        drafts again for such a row, the target first computes the features it skipped from its cache (the head's
+        catch-up, ``EagleProposer._inputs``)."""
+        if "eagle" not in self.engine.proposers:
             return
-        for r, (k, m) in plan.items():
-            if not r.use_eagle:
-                continue
-            if k and m == "eagle" and not eagle.ready(r):
-                plan[r] = (0, m)
-            back = fallback.get(r)
-            if back is not None and back[1] == "eagle" and not eagle.ready(r):
-                del fallback[r]
-                back = None
-            r.features = m == "eagle" or back is not None or self._head_in_play(r)
+        for r, (_k, m) in plan.items():
+            if r.use_eagle:
+                back = fallback.get(r)
+                r.features = m == "eagle" or (back is not None and back[1] == "eagle") or self._head_in_play(r)
 
     @staticmethod
     def _head_in_play(r: Request) -> bool:

@@ -220,8 +220,8 @@ def test_requests_sharing_a_prompt_share_the_heads_prompt_blocks():
 def test_rows_ask_for_features_only_while_the_head_is_in_play(monkeypatch):
     """A row drafting with the draft model where the head could not gain (its decision's ``others``), and a fixed-K row
     drafting with the model, ask the target for no features; a row whose decision lists the head among the proposers
-    it may probe does. When the head is then to draft for a row that asked for none, that step decodes plain and
-    brings them, and the head drafts from the next step: the output stays the target's greedy output."""
+    it may probe does. When the head then drafts for a row that asked for none, the target first computes the
+    features it skipped from its cache: the head drafts in that step, and the output stays the target's greedy output."""
     from engine.adaptive import Decision
 
     eng = tiny_pair_engine(eagle=True)
@@ -229,8 +229,13 @@ def test_rows_ask_for_features_only_while_the_head_is_in_play(monkeypatch):
     got: list[int] = []
     real_receive = prop.receive
     monkeypatch.setattr(eng.target, "aux_sink", lambda sid, start, aux: (got.append(sid), real_receive(sid, start, aux)))
-    plan = {"method": "model"}
-    monkeypatch.setattr(eng, "_choose", lambda r, b: (min(2, max(0, r.remaining - 1)), plan["method"]))
+    computed: list[tuple[int, int, int]] = []
+    real_cached = eng.target.cached_features
+    monkeypatch.setattr(eng.target, "cached_features", lambda sid, start, ids: (
+        computed.append((sid, start, len(ids))), real_cached(sid, start, ids))[1])
+    plan = {"eagle": None}
+    monkeypatch.setattr(eng, "_choose", lambda r, b: (min(2, max(0, r.remaining - 1)),
+                                                      "eagle" if r is plan["eagle"] else "model"))
     prompt = "Lily loved to play in the park"
     params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
     req = eng.add_request(prompt, params)
@@ -248,20 +253,56 @@ def test_rows_ask_for_features_only_while_the_head_is_in_play(monkeypatch):
     assert req.features and got == [req.seq_id]
     req.adaptive.last = Decision(2, "model", "drafting with the draft model", {0: 1.0, 2: 1.5})
     eng.step()  # the head out of play again
-    plan["method"] = "eagle"
-    monkeypatch.setattr(eng, "_choose", lambda r, b: (min(2, max(0, r.remaining - 1)), "eagle" if r is req else "model"))
-    drafts = req.stats.num_drafts
-    got.clear()
-    eng.step()  # the head lacks the features of the last pair: a plain step that brings them
-    assert req.stats.num_drafts == drafts and "eagle" not in req.stats.by_method and got == [req.seq_id]
-    assert "eagle" not in req.adaptive.stats  # no draft of the head that found nothing to read counts against it
-    eng.step()
+    assert not computed
+    plan["eagle"] = req
+    n = req.num_tokens
+    eng.step()  # the head drafts at once, over the features the target computes again
     assert req.stats.by_method["eagle"][0] == 1
+    assert computed and computed[0][0] == req.seq_id and computed[-1][1] + computed[-1][2] == n - 1
     while eng.has_work():
         eng.step()
     plain = eng.generate(prompt, SamplingParams(max_new_tokens=40, temperature=0, speculative=False, ignore_eos=True))
     assert req.output_ids == plain.token_ids == fixed.output_ids
     assert prop.blocks.num_free == prop.blocks.num_blocks and not prop._waiting
+
+
+def test_the_features_computed_again_from_the_cache_are_those_the_forward_handed_over():
+    """``ModelRunner.cached_features`` on tokens a forward read with aux outputs returns what that forward handed over,
+    on the lean forward and on transformers' modeling code alike, and writes nothing to the cache."""
+    for lean in (True, False):
+        eng = tiny_pair_engine(eagle=True)
+        runner = eng.target
+        if not lean:
+            runner.lean = None
+        handed: dict[int, torch.Tensor] = {}
+        runner.aux_sink = lambda sid, start, aux, handed=handed: handed.__setitem__(start, aux.clone())
+        ids = list(range(5, 45))
+        runner.forward([RowInput(7, ids[:30], 1, True)])
+        runner.forward([RowInput(7, ids[30:], 3, True)])
+        want = torch.cat([handed[0], handed[30]])
+        before = [t.clone() for t in runner.pool.keys]
+        again = runner.cached_features(7, 12, ids[12:40])
+        assert torch.allclose(again, want[12:40], atol=1e-4), lean
+        keep = torch.ones(before[0].shape[0], dtype=torch.bool)
+        keep[runner.pool.scratch_slot] = False  # where a forward's padding and discarded K/V go
+        assert all(torch.equal(a[keep], b[keep]) for a, b in zip(before, runner.pool.keys))
+        with pytest.raises(ValueError, match="holds 40 tokens"):
+            runner.cached_features(7, 35, ids[35:] + [1])
+
+
+def test_a_prompt_prefix_the_target_cached_reaches_the_head_with_its_real_features():
+    """A request whose prompt prefix the target found in its prefix cache (read before by a request that drafted with
+    the draft model, whose rows asked for no features) drafts with the head exactly as on an engine that read the
+    whole prompt: the head reads the prefix's features computed again, not zeros."""
+    common = [(i * 7 + 3) % 50 + 5 for i in range(40)]
+    params = SamplingParams(max_new_tokens=30, temperature=0, draft_method="eagle", num_draft_tokens=3, ignore_eos=True)
+    fresh = tiny_pair_engine(eagle=True).generate(common + [9, 8], params)
+    eng = tiny_pair_engine(eagle=True)
+    eng.generate(common + [4], SamplingParams(max_new_tokens=3, temperature=0, draft_method="model"))
+    again = eng.generate(common + [9, 8], params)
+    assert again.stats.num_cached_prompt_tokens == 32 and fresh.stats.num_cached_prompt_tokens == 0
+    assert again.token_ids == fresh.token_ids
+    assert again.stats.by_method["eagle"] == fresh.stats.by_method["eagle"]
 
 
 @pytest.mark.parametrize("overlap", [False, True])
