@@ -179,39 +179,58 @@ class ModelRunner:
         return logits
 
     @torch.inference_mode()
-    def cached_features(self, seq_id: int, start: int, token_ids: list[int]) -> torch.Tensor:
-        """The aux hidden states (``aux_layers``: an EAGLE-3 head's features) of ``token_ids``, which this sequence's
-        cache already holds at positions ``start``.., computed again by a forward that reads every key and value from
-        the cache as it was written and writes none (its new K/V go to the scratch slot): the features of tokens the
-        target read without handing them over (a prompt prefix found in the prefix cache, steps whose rows asked for
-        none). ``[n, len(aux_layers) * hidden]``; eager, one row."""
-        n, bs, dev = len(token_ids), self.blocks.block_size, self.device
-        end = start + n
-        table = self.blocks.tables[seq_id]
-        if self.aux_layers is None or end > table.num_tokens:
-            raise ValueError(f"no features of positions {start}..{end - 1}: the cache holds {table.num_tokens} tokens")
-        input_ids = torch.tensor([token_ids], dtype=torch.long, device=dev)
-        positions = torch.arange(start, end, device=dev)[None]
-        blocks = torch.tensor([table.blocks[: -(-end // bs)]], dtype=torch.long, device=dev)
-        gather = key_slots(blocks, end, bs)  # [1, T]
-        scratch = torch.full((n,), self.pool.scratch_slot, dtype=torch.long, device=dev)
+    def cached_features(self, rows: list[tuple[int, int, list[int]]]) -> list[torch.Tensor]:
+        """The aux hidden states (``aux_layers``: an EAGLE-3 head's features) of each row's ``token_ids``, which the
+        cache of ``seq_id`` already holds at positions ``start``.. (rows of ``(seq_id, start, token_ids)``), computed
+        again by one forward that reads every key and value from the cache as it was written and writes none (its new
+        K/V go to the scratch slot): the features of tokens the target read without handing them over (a prompt prefix
+        found in the prefix cache, steps whose rows asked for none). One ``[n, len(aux_layers) * hidden]`` per row;
+        eager, the rows left-padded as in a forward."""
+        bs, dev = self.blocks.block_size, self.device
+        lens = [len(ids) for _, _, ids in rows]
+        n = max(lens)
+        ends = [start + k for (_, start, _), k in zip(rows, lens)]
+        t_len = max(ends)
+        nb = -(-t_len // bs)
+        ids, pos, tables = [], [], []
+        for (seq_id, start, toks), end in zip(rows, ends):
+            table = self.blocks.tables[seq_id]
+            if self.aux_layers is None or end > table.num_tokens:
+                raise ValueError(f"no features of positions {start}..{end - 1}: the cache holds {table.num_tokens} tokens")
+            pad = n - len(toks)
+            ids.append([0] * pad + toks)
+            pos.append([0] * pad + list(range(start, end)))  # padding queries see key 0 alone
+            blocks = table.blocks[:nb]
+            tables.append(blocks + [blocks[0]] * (nb - len(blocks)))  # keys past a row's end are masked
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        table_t = torch.tensor(tables, dtype=torch.long, device=dev)
+        gather = key_slots(table_t, t_len, bs).contiguous()  # [B, T]
+        scratch = torch.full((len(rows) * n,), self.pool.scratch_slot, dtype=torch.long, device=dev)
         with eager_attention(dev):
             if self.lean is not None:
-                batch = self.lean.window_batch(AttnBatch(scratch, gather.reshape(-1), causal_mask(positions, end), end),
-                                               blocks, positions, bs)
-                return self.lean.forward(input_ids, positions, batch, self.pool, 1, self.aux_layers)[1][0]
-            k_pos = torch.arange(end, device=dev)
-            allowed = k_pos[None, None, :] <= positions[:, :, None]  # [1, N, T]
-            mask = torch.zeros(allowed.shape, dtype=self.pool.dtype, device=dev)
-            mask = mask.masked_fill_(~allowed, torch.finfo(self.pool.dtype).min)[:, None]
-            if self.window is not None:
-                mask = self._sliding(mask, allowed, positions, k_pos, torch.ones_like(positions, dtype=torch.bool))
-            self.cache.batch = ForwardBatch(torch.arange(n, device=dev), scratch, gather, True, end)
-            try:
-                _, hidden = forward_with_cache(self.model, input_ids, positions, mask, self.cache, 1, hidden_states=True)
-            finally:
-                self.cache.batch = None
-            return torch.cat([hidden[i] for i in self.aux_layers], -1)[0]
+                batch = self.lean.window_batch(AttnBatch(scratch, gather.reshape(-1), causal_mask(positions, t_len),
+                                                         t_len), table_t, positions, bs)
+                hidden = self.lean.forward(input_ids, positions, batch, self.pool, 1, self.aux_layers)[1]
+            else:
+                real_q = torch.tensor([[j >= n - k for j in range(n)] for k in lens], device=dev)
+                k_pos = torch.arange(t_len, device=dev)
+                allowed = (k_pos[None, None, :] <= positions[:, :, None]) & real_q[:, :, None]  # [B, N, T]
+                allowed[:, :, 0] |= ~real_q
+                dtype = self.pool.dtype
+                mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, torch.finfo(dtype).min)
+                mask = mask[:, None]
+                if self.window is not None:
+                    mask = self._sliding(mask, allowed, positions, k_pos, real_q)
+                write_rows = real_q.reshape(-1).nonzero().squeeze(1)
+                self.cache.batch = ForwardBatch(write_rows, scratch[: write_rows.numel()], gather, min(lens) == n, t_len)
+                try:
+                    _, states = forward_with_cache(self.model, input_ids, positions, mask, self.cache, 1,
+                                                   hidden_states=True)
+                finally:
+                    self.cache.batch = None
+                hidden = torch.cat([states[i] for i in self.aux_layers], -1)
+        return [hidden[i, n - k:] for i, k in enumerate(lens)]
 
     def _run(self, rows: list[RowInput], starts: list[int], bs: int, aux: list | None = None,
              tail: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -231,8 +231,8 @@ def test_rows_ask_for_features_only_while_the_head_is_in_play(monkeypatch):
     monkeypatch.setattr(eng.target, "aux_sink", lambda sid, start, aux: (got.append(sid), real_receive(sid, start, aux)))
     computed: list[tuple[int, int, int]] = []
     real_cached = eng.target.cached_features
-    monkeypatch.setattr(eng.target, "cached_features", lambda sid, start, ids: (
-        computed.append((sid, start, len(ids))), real_cached(sid, start, ids))[1])
+    monkeypatch.setattr(eng.target, "cached_features", lambda rows: (
+        computed.extend((sid, start, len(ids)) for sid, start, ids in rows), real_cached(rows))[1])
     plan = {"eagle": None}
     monkeypatch.setattr(eng, "_choose", lambda r, b: (min(2, max(0, r.remaining - 1)),
                                                       "eagle" if r is plan["eagle"] else "model"))
@@ -266,28 +266,65 @@ def test_rows_ask_for_features_only_while_the_head_is_in_play(monkeypatch):
     assert prop.blocks.num_free == prop.blocks.num_blocks and not prop._waiting
 
 
+def test_rows_coming_back_to_the_head_have_their_features_computed_in_one_forward(monkeypatch):
+    """Rows that drafted with the draft model without features and then draft with the head in one step have the
+    skipped features computed again in one target forward for all of them; the output stays the target's greedy one."""
+    from engine.adaptive import Decision
+
+    eng = tiny_pair_engine(eagle=True)
+    calls: list[int] = []
+    real_cached = eng.target.cached_features
+    monkeypatch.setattr(eng.target, "cached_features", lambda rows: (calls.append(len(rows)), real_cached(rows))[1])
+    method = {"name": "model"}
+    monkeypatch.setattr(eng, "_choose", lambda r, b: (min(2, max(0, r.remaining - 1)), method["name"]))
+    params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    prompts = ["Lily loved to play in the park", "Tom saw a big red ball"]
+    reqs = [eng.add_request(p, params) for p in prompts]
+    while not all(r.prefilled for r in reqs):
+        eng.step()
+    for r in reqs:
+        r.adaptive.last = Decision(2, "model", "drafting with the draft model", {0: 1.0, 2: 1.5})
+    for _ in range(3):
+        eng.step()
+    assert not any(r.features for r in reqs) and not calls
+    method["name"] = "eagle"
+    eng.step()
+    assert calls == [2] and all(r.stats.by_method["eagle"][0] == 1 for r in reqs)
+    while eng.has_work():
+        eng.step()
+    for p, r in zip(prompts, reqs):
+        plain = eng.generate(p, SamplingParams(max_new_tokens=30, temperature=0, speculative=False, ignore_eos=True))
+        assert r.output_ids == plain.token_ids
+
+
 def test_the_features_computed_again_from_the_cache_are_those_the_forward_handed_over():
-    """``ModelRunner.cached_features`` on tokens a forward read with aux outputs returns what that forward handed over,
-    on the lean forward and on transformers' modeling code alike, and writes nothing to the cache."""
+    """``ModelRunner.cached_features`` on tokens forwards read with aux outputs returns what they handed over, for rows
+    of different lengths and positions in one call, on the lean forward and on transformers' modeling code alike,
+    and writes nothing to the cache."""
     for lean in (True, False):
         eng = tiny_pair_engine(eagle=True)
         runner = eng.target
         if not lean:
             runner.lean = None
-        handed: dict[int, torch.Tensor] = {}
-        runner.aux_sink = lambda sid, start, aux, handed=handed: handed.__setitem__(start, aux.clone())
+        handed: dict[tuple[int, int], torch.Tensor] = {}
+        runner.aux_sink = lambda sid, start, aux, handed=handed: handed.__setitem__((sid, start), aux.clone())
         ids = list(range(5, 45))
-        runner.forward([RowInput(7, ids[:30], 1, True)])
-        runner.forward([RowInput(7, ids[30:], 3, True)])
-        want = torch.cat([handed[0], handed[30]])
+        other = [(i * 5) % 60 + 3 for i in range(23)]
+        runner.forward([RowInput(7, ids[:30], 1, True), RowInput(8, other[:9], 1, True)])
+        runner.forward([RowInput(7, ids[30:], 3, True), RowInput(8, other[9:], 1, True)])
+        want7 = torch.cat([handed[7, 0], handed[7, 30]])
+        want8 = torch.cat([handed[8, 0], handed[8, 9]])
         before = [t.clone() for t in runner.pool.keys]
-        again = runner.cached_features(7, 12, ids[12:40])
-        assert torch.allclose(again, want[12:40], atol=1e-4), lean
+        got7, got8, alone = runner.cached_features([(7, 12, ids[12:40]), (8, 20, other[20:23]), (8, 0, other[:5])])
+        assert got7.shape[0] == 28 and got8.shape[0] == 3 and alone.shape[0] == 5
+        assert torch.allclose(got7, want7[12:40], atol=1e-4), lean
+        assert torch.allclose(got8, want8[20:23], atol=1e-4), lean
+        assert torch.allclose(alone, want8[:5], atol=1e-4), lean
         keep = torch.ones(before[0].shape[0], dtype=torch.bool)
         keep[runner.pool.scratch_slot] = False  # where a forward's padding and discarded K/V go
         assert all(torch.equal(a[keep], b[keep]) for a, b in zip(before, runner.pool.keys))
         with pytest.raises(ValueError, match="holds 40 tokens"):
-            runner.cached_features(7, 35, ids[35:] + [1])
+            runner.cached_features([(7, 35, ids[35:] + [1])])
 
 
 def test_a_prompt_prefix_the_target_cached_reaches_the_head_with_its_real_features():

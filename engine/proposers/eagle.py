@@ -164,7 +164,8 @@ class EagleProposer:
             return Proposal(lists, None)
         self.backlog = sum(max(0, self.behind(r) - NORMAL_BEHIND) for r in rows.reqs)
         self._catch_up(rows.reqs)
-        inputs = {i: self._inputs(r) for i, r in enumerate(rows.reqs) if rows.ks[i] > 0}
+        drafting = [i for i in range(b) if rows.ks[i] > 0]
+        inputs = dict(zip(drafting, self._inputs_many([(rows.reqs[i], None, None) for i in drafting])))
         self._share_prompts([rows.reqs[i] for i, got in inputs.items() if got is not None])
         ready = [i for i, got in inputs.items() if got is not None]
         sampled = [i for i in ready if not rows.reqs[i].params.greedy]
@@ -321,40 +322,56 @@ class EagleProposer:
 
     def _inputs(self, req: Request, upto: int | None = None, chunk: int | None = None):
         """(tokens, raw features) of the pairs the head has not read, up to pair ``upto`` (default: the last pair,
-        N - 2); None where the target has not read those tokens yet. Features the target did not hand over (a prompt
-        prefix it found in its prefix cache, steps whose rows asked for none: ``StepPlanner.features``) are computed
-        again from its cache (``ModelRunner.cached_features``). Read with zero features in their place, such a gap cut
-        the head's acceptance for the rest of the request: on the 2-core CPU (demo pair, greedy, K = 4) from 0.68 to
-        0.13 after 64 tokens drafted with the draft model without features, and from 0.70 to 0.31 after a 32-48 token
-        prompt prefix the target had cached."""
-        self._attach(req)
-        upto = req.num_tokens - 2 if upto is None else upto
-        h = self._cached(req.seq_id)
-        if chunk is not None:
-            upto = min(upto, h + chunk - 1)
-        if upto < h:
-            return None
-        ids = req.all_ids[h + 1: upto + 2]
-        held = self._waiting.get(req.seq_id)
-        if held is not None and held.first <= h and upto < held.first + held.n:
-            return ids, held.rows()[h - held.first: upto + 1 - held.first]  # the common case: a view
-        if self.target.cached_len(req.seq_id) <= upto:
-            return None
-        # positions h..upto: the waiting features where they lie among them, the rest computed again
-        lo, hi = h, upto + 1
-        a = b = hi  # the waiting features' share of lo..hi - 1: positions a..b - 1
-        have = None
-        if held is not None and held.first < hi and held.first + held.n > lo:
-            a, b = max(lo, held.first), min(hi, held.first + held.n)
-            have = held.rows()[a - held.first: b - held.first]
-        parts = []
-        if a > lo:
-            parts.append(self.target.cached_features(req.seq_id, lo, req.all_ids[lo:a]))
-        if have is not None:
-            parts.append(have)
-        if hi > b:
-            parts.append(self.target.cached_features(req.seq_id, b, req.all_ids[b:hi]))
-        return ids, torch.cat(parts) if len(parts) > 1 else parts[0]
+        N - 2); None where the target has not read those tokens yet (``_inputs_many`` for one request)."""
+        return self._inputs_many([(req, upto, chunk)])[0]
+
+    def _inputs_many(self, wanted: list[tuple[Request, int | None, int | None]]) -> list:
+        """``_inputs`` of each (request, upto, chunk). Features the target did not hand over (a prompt prefix it found
+        in its prefix cache, steps whose rows asked for none: ``StepPlanner.features``) are computed again from its
+        cache, every row's in one forward (``ModelRunner.cached_features``). Read with zero features in their place,
+        such a gap cut the head's acceptance for the rest of the request: on the 2-core CPU (demo pair, greedy, K = 4)
+        from 0.68 to 0.13 after 64 tokens drafted with the draft model without features, and from 0.70 to 0.31 after a
+        32-48 token prompt prefix the target had cached."""
+        out: list = []
+        parts: list[list] = []  # per request: its feature pieces, tensors or indices into ``missing``
+        missing: list[tuple[int, int, list[int]]] = []  # (seq_id, start, token ids) to compute again
+        for req, upto, chunk in wanted:
+            self._attach(req)
+            upto = req.num_tokens - 2 if upto is None else upto
+            h = self._cached(req.seq_id)
+            if chunk is not None:
+                upto = min(upto, h + chunk - 1)
+            held = self._waiting.get(req.seq_id)
+            if upto < h or ((held is None or held.first > h or upto >= held.first + held.n)
+                            and self.target.cached_len(req.seq_id) <= upto):
+                out.append(None)
+                parts.append([])
+                continue
+            out.append(req.all_ids[h + 1: upto + 2])
+            if held is not None and held.first <= h and upto < held.first + held.n:
+                parts.append([held.rows()[h - held.first: upto + 1 - held.first]])  # the common case: a view
+                continue
+            # positions h..upto: the waiting features where they lie among them (a..b - 1), the rest computed again
+            lo, hi = h, upto + 1
+            a = b = hi
+            have = None
+            if held is not None and held.first < hi and held.first + held.n > lo:
+                a, b = max(lo, held.first), min(hi, held.first + held.n)
+                have = held.rows()[a - held.first: b - held.first]
+            pieces: list = []
+            for first, last in ((lo, a), (b, hi)):
+                if last > first:
+                    missing.append((req.seq_id, first, req.all_ids[first:last]))
+                    pieces.append(len(missing) - 1)
+                if have is not None and first == lo:
+                    pieces.append(have)
+            parts.append(pieces)
+        computed = self.target.cached_features(missing) if missing else []
+        for n, pieces in enumerate(parts):
+            if out[n] is not None:
+                feats = [computed[p] if isinstance(p, int) else p for p in pieces]
+                out[n] = (out[n], feats[0] if len(feats) == 1 else torch.cat(feats))
+        return out
 
     def _consume(self, seq_id: int, upto: int) -> None:
         """Features of positions <= upto are in the head's cache now: drop them."""
@@ -366,13 +383,9 @@ class EagleProposer:
         """Read long runs of waiting pairs (a prompt) in forwards of at most ``chunk`` pairs, so that the
         draft's first forward reads no more than that either."""
         while True:
-            feed = []
-            for r in reqs:
-                last = r.num_tokens - 2 if upto is None else upto
-                if last - self._cached(r.seq_id) + 1 > chunk:
-                    got = self._inputs(r, last, chunk)
-                    if got is not None:
-                        feed.append((r.seq_id, *got))
+            due = [(r, last, chunk) for r in reqs
+                   if (last := r.num_tokens - 2 if upto is None else upto) - self._cached(r.seq_id) + 1 > chunk]
+            feed = [(r.seq_id, *got) for (r, _, _), got in zip(due, self._inputs_many(due)) if got is not None]
             if not feed:
                 return
             self._forward(feed)
@@ -383,7 +396,8 @@ class EagleProposer:
         reqs = [r for r in reqs if self._blocks_for(r.seq_id, r.num_tokens - 2 - self._cached(r.seq_id))
                 <= self.blocks.num_free]
         self._catch_up(reqs, chunk=CATCH_UP)
-        feed = [(r.seq_id, *got) for r in reqs if (got := self._inputs(r, r.num_tokens - 3)) is not None]
+        got = self._inputs_many([(r, r.num_tokens - 3, None) for r in reqs])
+        feed = [(r.seq_id, *g) for r, g in zip(reqs, got) if g is not None]
         if feed:
             self._forward(feed)
 
