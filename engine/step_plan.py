@@ -402,7 +402,7 @@ class StepPlanner:
         hand-over to the head: on an H100 at 8 clients (demo pair, fp16) the default's K = 4 steps with the draft model
         took 2.41 ms against fixed K = 4's 2.20, the rows asking for features the head never read. Where the head
         drafts again for such a row, the target first computes the features it skipped from its cache (the head's
-        catch-up, ``EagleProposer._inputs``)."""
+        catch-up, ``EagleProposer._inputs_many``)."""
         if "eagle" not in self.engine.proposers:
             return
         for r, (_k, m) in plan.items():

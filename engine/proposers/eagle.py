@@ -14,7 +14,7 @@ Shared prompts. The head's cache shares full blocks of prompt pairs between requ
 shares prompt blocks (keyed by the pairs' tokens). Where the target found a prefix in its cache that
 the head did not (a prompt first read by a request that did not draft with the head), no features
 were made for it: the head has the target compute them again from its cache when it reads those pairs
-(``_inputs``), as it does for the tokens of steps whose rows asked for none (``StepPlanner.features``).
+(``_inputs_many``), as it does for the tokens of steps whose rows asked for none (``StepPlanner.features``).
 Exactness never depends on the head; only acceptance does.
 """
 
