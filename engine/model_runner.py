@@ -214,14 +214,7 @@ class ModelRunner:
                 hidden = self.lean.forward(input_ids, positions, batch, self.pool, 1, self.aux_layers)[1]
             else:
                 real_q = torch.tensor([[j >= n - k for j in range(n)] for k in lens], device=dev)
-                k_pos = torch.arange(t_len, device=dev)
-                allowed = (k_pos[None, None, :] <= positions[:, :, None]) & real_q[:, :, None]  # [B, N, T]
-                allowed[:, :, 0] |= ~real_q
-                dtype = self.pool.dtype
-                mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, torch.finfo(dtype).min)
-                mask = mask[:, None]
-                if self.window is not None:
-                    mask = self._sliding(mask, allowed, positions, k_pos, real_q)
+                mask = self._mask(positions, real_q, torch.arange(t_len, device=dev))
                 write_rows = real_q.reshape(-1).nonzero().squeeze(1)
                 self.cache.batch = ForwardBatch(write_rows, scratch[: write_rows.numel()], gather, min(lens) == n, t_len)
                 try:
@@ -264,14 +257,7 @@ class ModelRunner:
         write_rows = real_q.reshape(-1).nonzero().squeeze(1)
         write_slots = flat_slots.reshape(-1).index_select(0, write_rows)
 
-        allowed = (k_pos[None, None, :] <= positions[:, :, None]) & real_q[:, :, None]  # [B, N, T]
-        allowed[:, :, 0] |= ~real_q  # padding queries see one harmless key, never a fully masked row
-        dtype = self.pool.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        mask = mask[:, None, :, :]  # [B, 1, N, T]
-        if self.window is not None:
-            mask = self._sliding(mask, allowed, positions, k_pos, real_q)
+        mask = self._mask(positions, real_q, k_pos)
 
         self.cache.batch = ForwardBatch(write_rows, write_slots, gather, all_real, t_len)
         keep = max(r.num_logits for r in rows)
@@ -287,6 +273,21 @@ class ModelRunner:
             logits = out
         logits = logits[..., : self.vocab_size].float()  # [B, keep, V]
         return [logits[i, keep - r.num_logits :] for i, r in enumerate(rows)]
+
+    def _mask(self, positions: torch.Tensor, real_q: torch.Tensor, k_pos: torch.Tensor
+              ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """transformers' additive mask ``[B, 1, N, T]`` for queries at ``positions`` ``[B, N]`` (``real_q``: False on
+        padding) over key positions ``k_pos``: a query sees the keys up to its own position; a sliding-window model's
+        as ``_sliding`` makes it."""
+        allowed = (k_pos[None, None, :] <= positions[:, :, None]) & real_q[:, :, None]  # [B, N, T]
+        allowed[:, :, 0] |= ~real_q  # padding queries see one harmless key, never a fully masked row
+        dtype = self.pool.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        mask = mask[:, None, :, :]  # [B, 1, N, T]
+        if self.window is not None:
+            mask = self._sliding(mask, allowed, positions, k_pos, real_q)
+        return mask
 
     def _sliding(self, mask: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor, k_pos: torch.Tensor,
                  real_q: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:

@@ -162,7 +162,7 @@ def test_state_after_verified_steps_equals_a_fresh_read(steps):
         eng.step()
     assert req.stats.num_drafts == steps
     assert steps < 8 or 0 < req.stats.num_accepted_tokens < 3 * steps  # both outcomes happened
-    tokens, _ = prop._inputs(req)
+    tokens, _ = prop._inputs_many([(req, None, None)])[0]
     assert prop._cached(req.seq_id) + len(tokens) == req.num_tokens - 1
     assert torch.allclose(_next_logits(eng, req), _fresh_logits(eng, req), atol=1e-4)
     eng.abort(req.request_id)
@@ -182,7 +182,7 @@ def _fresh_logits(eng: LLMEngine, req) -> torch.Tensor:
 
 def _next_logits(eng: LLMEngine, req) -> torch.Tensor:
     prop = eng.proposers["eagle"]
-    tokens, feats = prop._inputs(req)
+    tokens, feats = prop._inputs_many([(req, None, None)])[0]
     return prop.head.logits(prop._forward([(req.seq_id, tokens, feats)]))[0]
 
 

@@ -320,13 +320,10 @@ class EagleProposer:
                 self.blocks.register_prefix(sid, self._pair_keys(req.prompt_ids))
                 self._shared.add(sid)
 
-    def _inputs(self, req: Request, upto: int | None = None, chunk: int | None = None):
-        """(tokens, raw features) of the pairs the head has not read, up to pair ``upto`` (default: the last pair,
-        N - 2); None where the target has not read those tokens yet (``_inputs_many`` for one request)."""
-        return self._inputs_many([(req, upto, chunk)])[0]
-
     def _inputs_many(self, wanted: list[tuple[Request, int | None, int | None]]) -> list:
-        """``_inputs`` of each (request, upto, chunk). Features the target did not hand over (a prompt prefix it found
+        """For each (request, upto, chunk): (tokens, raw features) of the pairs the head has not read, up to pair
+        ``upto`` (default: the last pair, N - 2) and at most ``chunk`` of them; None where the target has not read
+        those tokens yet. Features the target did not hand over (a prompt prefix it found
         in its prefix cache, steps whose rows asked for none: ``StepPlanner.features``) are computed again from its
         cache, every row's in one forward (``ModelRunner.cached_features``). Read with zero features in their place,
         such a gap cut the head's acceptance for the rest of the request: on the 2-core CPU (demo pair, greedy, K = 4)
@@ -342,13 +339,13 @@ class EagleProposer:
             if chunk is not None:
                 upto = min(upto, h + chunk - 1)
             held = self._waiting.get(req.seq_id)
-            if upto < h or ((held is None or held.first > h or upto >= held.first + held.n)
-                            and self.target.cached_len(req.seq_id) <= upto):
+            covered = held is not None and held.first <= h and upto < held.first + held.n
+            if upto < h or (not covered and self.target.cached_len(req.seq_id) <= upto):
                 out.append(None)
                 parts.append([])
                 continue
             out.append(req.all_ids[h + 1: upto + 2])
-            if held is not None and held.first <= h and upto < held.first + held.n:
+            if covered:
                 parts.append([held.rows()[h - held.first: upto + 1 - held.first]])  # the common case: a view
                 continue
             # positions h..upto: the waiting features where they lie among them (a..b - 1), the rest computed again
