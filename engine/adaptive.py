@@ -139,7 +139,8 @@ PLAIN_SETTLE = 4  # ... and, until plain decoding has PACE_FROM timings at a bat
 # timed steps whatever the gain: a batch that drafts from its first decision times plain in one step only. On an H200 at
 # 8 clients (demo pair, T = 0.8) that step took 2.1 ms where plain steps took 1.5: K = 2 was predicted 1.36x plain (its
 # steps ran at plain's speed), the refresh never came (a clear gain), and the batch drafted K = 2 for two passes
-PACE_RATE = 1.0  # the pace's rate, in units of a step-time average's (1 - EMA); 0 turns the pace off (``StepTimes``).
+PACE_RATE = 1.0  # the pace's rate, in units of a step-time average's (1 - EMA); 0 turns the pace off (``StepTimes``
+# without ``level_filter``: the engine's tables run the filter since the fifty-fifth round, LEVEL_FILTER).
 # A step of the K that runs on moves the pace, and its own average only as a long mean would (PACE_RUN); the first step
 # of a K after another K's is compared with that pace, and moves the K's average alone. An earlier form split every
 # deviation equally between the pace and the K's average: the K running through a slow phase kept half of it, so on the
@@ -158,6 +159,12 @@ PACE_RATE_CUDA = 0.0  # ... and on a CUDA device, no pace: a GPU's speed holds (
 LEVEL_FILTER_CUDA = True  # on a CUDA device, the pace is the level of a Kalman filter (``LevelFilter``) that tells the
 # machine's phases from the keys' costs by the steps where the key changes (the H100's hosts have phases of their own:
 # forty-third round); every key's average moves with the covariance, not by a moving average of its own steps
+LEVEL_FILTER = True  # ... and elsewhere (the CPU) too. Fed one stream of steps (2-core CPU, demo pair, batch 1, T = 0.8:
+# plain, fixed K = 1-8 and the default rotated), the draft model's step times over plain's read at the default's
+# decisions were off by 0.080-0.107 (rms, logs) with the filter, 0.117-0.155 with the pace's moving averages (which read
+# every K 2-15% cheaper than its steps took: every gain over plain high), and alike at 8 clients (0.043-0.049). The
+# default reading one or the other, both fed every step, ran 1.039x faster with the filter at batch 1 T = 0.8 (seven
+# of eight rounds), 1.034x greedy, 1.033x / 1.053x at 8 clients T = 0.8 / greedy (medians; fifty-fifth round)
 PACE_RUN = 0.02  # the rate at which the settled average of the K that runs on still moves (its steps move the pace)
 PACE_FROM = 3  # observations a K's average needs before its steps move the pace (a first timing is the K's, not the pace's)
 CTX_MEMORY = 0.995  # per timed step, the forgetting of the context slope's regression (``StepTimes``): ~200 steps
@@ -1006,7 +1013,7 @@ class Policy:
         emulation's ``--set`` changes them for a run)."""
         if cuda:
             return cls(SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA, PACE_RATE_CUDA, LEVEL_FILTER_CUDA, K_MARGIN_CUDA)
-        return cls(SPEC_RECHECK_FROM, 1.0, PACE_RATE, False, K_MARGIN)
+        return cls(SPEC_RECHECK_FROM, 1.0, PACE_RATE, LEVEL_FILTER, K_MARGIN)
 
     def __init__(self, spec_recheck_from: int = SPEC_RECHECK_FROM, spec_rows: float = 1.0,
                  pace_rate: float = PACE_RATE, level_filter: bool = False, k_margin: float = K_MARGIN) -> None:
@@ -1015,7 +1022,7 @@ class Policy:
         self.spec_rows = spec_rows  # ... and how many rows re-decide per step from batch SPEC_RECHECK_FROM on
         # step times of greedy steps and of steps with a sampled row (``tick`` selects the step's): a sampled row pays
         # for its draws at every position it verifies, and on a GPU that is more launches a step. ``pace_rate`` and
-        # ``level_filter``: the tables' (``StepTimes``; PACE_RATE_CUDA and LEVEL_FILTER_CUDA on a CUDA device)
+        # ``level_filter``: the tables' (``StepTimes``; the engine's: ``for_device``)
         self._times = {False: StepTimes(pace_rate, level_filter), True: StepTimes(pace_rate, level_filter)}
         self._sampled = False  # which of them ``times`` is: the current step's (``tick``)
         # per (method, sampling class): recent shared acceptance, and the acceptance model against realized drafts

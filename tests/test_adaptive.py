@@ -373,9 +373,9 @@ def test_times_not_running_follow_the_machines_pace_without_walking():
 def test_on_a_cuda_device_a_k_that_runs_keeps_its_deviation_to_itself():
     """With one K running, the pace and that K's average are one product: a K whose first timings came low (here 5%)
     had the pace carry the difference, and every other K's prediction rose with it, so the batch stayed on the K it
-    ran. The CPU keeps the pace (a VM's slow phases move every K alike); with no pace (``PACE_RATE_CUDA``) the other K's
-    predictions stand and the running K's average finds its time; a CUDA engine's level filter (below) needs the
-    explore steps to tell the two apart."""
+    ran. With no pace (``PACE_RATE_CUDA``) the other K's predictions stand and the running K's average finds its time;
+    the level filter (below), which every engine's step times run (CUDA and, since the fifty-fifth round, the CPU:
+    ``LEVEL_FILTER``), needs the explore steps to tell the two apart."""
     def run(policy: Policy, explore: bool = False) -> tuple[float, float]:
         times = policy.times
         for _ in range(12):
@@ -390,13 +390,14 @@ def test_on_a_cuda_device_a_k_that_runs_keeps_its_deviation_to_itself():
                 times.observe("model", 1, 5, 1.67e-3)
         return times.predict("model", 1, 4, 0.17), times.predict("model", 1, 5, 0.17)
 
+    assert all(t.filters is not None for cuda in (False, True) for t in Policy.for_device(cuda).step_times())
     cuda = Policy(pace_rate=PACE_RATE_CUDA)
     assert all(t.pace_rate == 0.0 for t in cuda.step_times())
     k4, k5 = run(cuda)
     assert abs(k4 / 1.52e-3 - 1) < 0.02 and abs(k5 / 1.67e-3 - 1) < 0.02, (k4, k5)
     k4, k5 = run(Policy())
-    assert abs(k4 / 1.52e-3 - 1) < 0.02 and k5 / 1.67e-3 > 1.03, (k4, k5)  # the CPU's pace moved K = 5 with K = 4
-    # the level filter (a CUDA engine's, ``LEVEL_FILTER_CUDA``) cannot tell either from K = 4's steps alone and splits
+    assert abs(k4 / 1.52e-3 - 1) < 0.02 and k5 / 1.67e-3 > 1.03, (k4, k5)  # the pace moved K = 5 with K = 4
+    # the level filter (an engine's, ``LEVEL_FILTER_CUDA`` / ``LEVEL_FILTER``) cannot tell either from K = 4's steps alone and splits
     # the difference; an explore step at K = 5 every 16 steps tells them apart
     k4, k5 = run(Policy(pace_rate=PACE_RATE_CUDA, level_filter=True))
     assert abs(k4 / 1.52e-3 - 1) < 0.02 and abs(k5 / 1.67e-3 - 1) < 0.04, (k4, k5)
