@@ -165,6 +165,11 @@ LEVEL_FILTER = True  # ... and elsewhere (the CPU) too. Fed one stream of steps 
 # every K 2-15% cheaper than its steps took: every gain over plain high), and alike at 8 clients (0.043-0.049). The
 # default reading one or the other, both fed every step, ran 1.039x faster with the filter at batch 1 T = 0.8 (seven
 # of eight rounds), 1.034x greedy, 1.033x / 1.053x at 8 clients T = 0.8 / greedy (medians; fifty-fifth round)
+LEVEL_NOISE = 0.1  # ... the CPU filters' step noise (sd, log; the GPU's: ``engine.level_filter.STEP_NOISE``, 0.03): a
+# 2-core VM's steps scatter far more. Fed one stream of steps, the draft model's step times over plain's at the
+# default's decisions were off by 0.074 / 0.059 (rms, logs; batch 1 / 8 clients, T = 0.8) at 0.1 against 0.123 /
+# 0.127 at 0.03 (0.097 / 0.087 at 0.06); the default at 0.1 over 0.03, both fed every step: 1.018x / 1.052x at T =
+# 0.8, 1.001x / 1.015x greedy (medians of 8 / 4 rounds)
 PACE_RUN = 0.02  # the rate at which the settled average of the K that runs on still moves (its steps move the pace)
 PACE_FROM = 3  # observations a K's average needs before its steps move the pace (a first timing is the K's, not the pace's)
 CTX_MEMORY = 0.995  # per timed step, the forgetting of the context slope's regression (``StepTimes``): ~200 steps
@@ -319,13 +324,14 @@ class StepTimes:
     so over a few waves of requests the slope is the context's (measured there: 0.13-0.28% a token of context).
     """
 
-    def __init__(self, pace_rate: float = PACE_RATE, level_filter: bool = False) -> None:
+    def __init__(self, pace_rate: float = PACE_RATE, level_filter: bool = False, step_noise: float | None = None) -> None:
         self.avg: dict[tuple[str, int, int, int], float] = {}  # seconds / the bucket's pace at each observation
         self.pace: dict[int, float] = {}  # batch bucket -> the machine's pace there (1.0 at its first observation)
         self.pace_rate = pace_rate
         # batch bucket -> the Kalman filter of its level (the pace, in logs) and its keys' averages (``LevelFilter``):
         # with ``level_filter``, in place of the pace's moving averages
         self.filters: dict[int, LevelFilter] | None = {} if level_filter else None
+        self.step_noise = step_noise  # the filters' step noise (None: ``engine.level_filter.STEP_NOISE``)
         self._last: dict[int, tuple[str, int, int, int]] = {}  # batch bucket -> the key its last step was timed at
         self.count: dict[tuple[str, int, int, int], int] = {}  # observations behind each average
         # the keys of ``avg`` per (method, batch bucket) and per batch bucket, in the order they came: a decision
@@ -389,7 +395,10 @@ class StepTimes:
             if self.count[key] == PACE_FROM:
                 del self._first[key]
                 if self.filters is not None:
-                    self.filters.setdefault(b, LevelFilter(_LOG_STALL)).add(key, math.log(self.avg[key]), PACE_FROM)
+                    f = self.filters.get(b)
+                    if f is None:
+                        f = self.filters[b] = LevelFilter(_LOG_STALL, noise=self.step_noise)
+                    f.add(key, math.log(self.avg[key]), PACE_FROM)
             return
         if self.filters is not None:
             if later is None:
@@ -1013,17 +1022,19 @@ class Policy:
         emulation's ``--set`` changes them for a run)."""
         if cuda:
             return cls(SPEC_RECHECK_FROM_CUDA, SPEC_ROWS_CUDA, PACE_RATE_CUDA, LEVEL_FILTER_CUDA, K_MARGIN_CUDA)
-        return cls(SPEC_RECHECK_FROM, 1.0, PACE_RATE, LEVEL_FILTER, K_MARGIN)
+        return cls(SPEC_RECHECK_FROM, 1.0, PACE_RATE, LEVEL_FILTER, K_MARGIN, LEVEL_NOISE)
 
     def __init__(self, spec_recheck_from: int = SPEC_RECHECK_FROM, spec_rows: float = 1.0,
-                 pace_rate: float = PACE_RATE, level_filter: bool = False, k_margin: float = K_MARGIN) -> None:
+                 pace_rate: float = PACE_RATE, level_filter: bool = False, k_margin: float = K_MARGIN,
+                 step_noise: float | None = None) -> None:
         self.k_margin = k_margin  # ``keep_settled``'s margin (K_MARGIN_CUDA on a CUDA device)
         self.spec_recheck_from = spec_recheck_from  # the batch bucket from which speculating decisions stand a few steps
         self.spec_rows = spec_rows  # ... and how many rows re-decide per step from batch SPEC_RECHECK_FROM on
         # step times of greedy steps and of steps with a sampled row (``tick`` selects the step's): a sampled row pays
         # for its draws at every position it verifies, and on a GPU that is more launches a step. ``pace_rate`` and
         # ``level_filter``: the tables' (``StepTimes``; the engine's: ``for_device``)
-        self._times = {False: StepTimes(pace_rate, level_filter), True: StepTimes(pace_rate, level_filter)}
+        self._times = {False: StepTimes(pace_rate, level_filter, step_noise),
+                       True: StepTimes(pace_rate, level_filter, step_noise)}
         self._sampled = False  # which of them ``times`` is: the current step's (``tick``)
         # per (method, sampling class): recent shared acceptance, and the acceptance model against realized drafts
         self.shared: dict[tuple[str, str], RecentAcceptance] = {}

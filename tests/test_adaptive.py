@@ -391,6 +391,14 @@ def test_on_a_cuda_device_a_k_that_runs_keeps_its_deviation_to_itself():
         return times.predict("model", 1, 4, 0.17), times.predict("model", 1, 5, 0.17)
 
     assert all(t.filters is not None for cuda in (False, True) for t in Policy.for_device(cuda).step_times())
+    from engine.adaptive import LEVEL_NOISE
+    from engine.level_filter import STEP_NOISE
+
+    cpu = Policy.for_device(False)  # the CPU's filters take a VM's step noise, CUDA's the module's
+    for _ in range(4):
+        cpu.times.observe("", 1, 0, 0.005)
+    assert LEVEL_NOISE > STEP_NOISE and cpu.times.filters[1]._r == pytest.approx(LEVEL_NOISE ** 2)
+    assert all(t.step_noise is None for t in Policy.for_device(True).step_times())
     cuda = Policy(pace_rate=PACE_RATE_CUDA)
     assert all(t.pace_rate == 0.0 for t in cuda.step_times())
     k4, k5 = run(cuda)
