@@ -355,13 +355,15 @@ class EagleProposer:
             if held is not None and held.first < hi and held.first + held.n > lo:
                 a, b = max(lo, held.first), min(hi, held.first + held.n)
                 have = held.rows()[a - held.first: b - held.first]
-            pieces: list = []
-            for first, last in ((lo, a), (b, hi)):
-                if last > first:
-                    missing.append((req.seq_id, first, req.all_ids[first:last]))
-                    pieces.append(len(missing) - 1)
-                if have is not None and first == lo:
-                    pieces.append(have)
+            pieces: list = []  # in position order: a missing front, the waiting part, a missing back
+            if a > lo:
+                missing.append((req.seq_id, lo, req.all_ids[lo:a]))
+                pieces.append(len(missing) - 1)
+            if have is not None:
+                pieces.append(have)
+            if hi > b:
+                missing.append((req.seq_id, b, req.all_ids[b:hi]))
+                pieces.append(len(missing) - 1)
             parts.append(pieces)
         computed = self.target.cached_features(missing) if missing else []
         for n, pieces in enumerate(parts):
