@@ -397,12 +397,12 @@ class StepPlanner:
 
     def features(self, plan: Plan, fallback: Plan) -> None:
         """Which rows that may draft with the EAGLE head ask the target for its features this step (``Request.features``):
-        those that draft with the head now or may soon, not those drafting with another proposer where the head could
-        not gain (``Decision.others``). The features cost the target's forward a graph with the aux outputs and their
-        hand-over to the head: on an H100 at 8 clients (demo pair, fp16) the default's K = 4 steps with the draft model
-        took 2.41 ms against fixed K = 4's 2.20, the rows asking for features the head never read. Where the head
-        drafts again for such a row, the target first computes the features it skipped from its cache (the head's
-        catch-up, ``EagleProposer._inputs_many``)."""
+        those that draft with the head now or may soon, not those drafting with another proposer. The features cost the
+        target's forward a graph with the aux outputs and their hand-over to the head: on an H100 at 8 clients (demo
+        pair, fp16) the default's K = 4 steps with the draft model took 2.41 ms against fixed K = 4's 2.20, the rows
+        asking for features the head never read. Where the head drafts again for such a row (a probe of it, a switch),
+        the target first computes the features it skipped from its cache (the head's catch-up,
+        ``EagleProposer._inputs_many``), which a probe weighs (``Policy._others``)."""
         if "eagle" not in self.engine.proposers:
             return
         for r, (_k, m) in plan.items():
@@ -413,15 +413,17 @@ class StepPlanner:
     @staticmethod
     def _head_in_play(r: Request) -> bool:
         """Whether an adaptive row not drafting with the EAGLE head this step may draft with it soon: it is still
-        deciding, decodes plain (a probe may pick the head), measures, or drafts with another proposer where the head
-        could gain (``Decision.others``, which its probes of other proposers read). A fixed-K row drafts with its own."""
+        deciding, decodes plain (a probe may pick the head) or measures. Not a row drafting with another proposer, even
+        where the head could gain (``Decision.others``, which it may probe): at 8 clients on an H100 (demo pair, fp16)
+        such rows asked for the features at every step, the head drafted in none of them, and the default ran 0.81x
+        fixed K = 6 greedy (g157; 0.71x K = 4 in g147). A fixed-K row drafts with its own."""
         if r.params.num_draft_tokens is not None:
             return False
         state = r.adaptive
         d = state.last
         if d is not None and d.forced and state.resume is not None:
             d = state.resume  # an explore step: the decision it interrupted
-        return d is None or not d.k or d.forced or d.method == "eagle" or "eagle" in d.others
+        return d is None or not d.k or d.forced or d.method == "eagle"
 
     def _behind(self, r: Request, method: str) -> bool:
         """Whether ``method``'s proposer would first catch up on ``r`` (more unread tokens than a verification
