@@ -415,9 +415,9 @@ class StepPlanner:
         """Whether an adaptive row not drafting with the EAGLE head this step may draft with it soon: it is still
         deciding, decodes plain (a probe may pick the head) or measures. Not a row drafting with another proposer, even
         where the head could gain (``Decision.others``, which it may probe): at 8 clients on an H100 (demo pair, fp16)
-        such rows' features cost their steps +9.5% (the fifty-third round), the head drafted in four of the default's
-        five greedy repeats not once, and the default ran 0.81x fixed K = 6 (g157; 0.71x K = 4 in g147). A fixed-K row
-        drafts with its own."""
+        such rows' features cost their steps +9.5% (the fifty-third round); in g157 the head drafted in none of four of
+        the default's five greedy repeats there, and the default ran 0.81x fixed K = 6 (0.71x K = 4 in g147). A fixed-K
+        row drafts with its own."""
         if r.params.num_draft_tokens is not None:
             return False
         state = r.adaptive

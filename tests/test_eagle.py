@@ -221,9 +221,8 @@ def test_rows_ask_for_features_only_while_the_head_is_in_play(monkeypatch):
     """A row drafting with the draft model, and a fixed-K row drafting with the model, ask the target for no features,
     also where the row's decision lists the head among the proposers it may probe (its ``others``: on an H100 the
     features cost such rows' steps +9.5% while the head drafted for none); a row that decodes plain does (a probe may
-    pick the head). When
-    the head then drafts for a row that asked for none, the target first computes the features it skipped from its
-    cache: the head drafts in that step, and the output stays the target's greedy output."""
+    pick the head). When the head then drafts for a row that asked for none, the target first computes the features it
+    skipped from its cache: the head drafts in that step, and the output stays the target's greedy output."""
     from engine.adaptive import Decision
 
     eng = tiny_pair_engine(eagle=True)
